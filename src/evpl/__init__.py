@@ -1,0 +1,59 @@
+"""evpl: high-performance event-driven networking for Python.
+
+One sockets-like, asynchronous API over very different I/O paths (kernel
+sockets over epoll today; io_uring and AF_XDP behind the same contract),
+pooled zero-copy buffers, and framing in the native engine.
+"""
+
+from evpl import framing
+from evpl._native.buffers import Buffer, Pool
+from evpl._native.engine import Bind, Deferral, Doorbell, FdWatch, Listener, Timer
+from evpl.core.backends import BackendInfo, backends, select
+from evpl.core.handler import Handler
+from evpl.core.loop import Loop, default_pool
+from evpl.errors import (
+    BackendUnavailable,
+    ConfigError,
+    ConnectionRefused,
+    ConnectionReset,
+    EvplError,
+    FramingError,
+    PoolExhausted,
+    ProtocolError,
+    SendQueueFull,
+    TimeoutError,
+    TransportError,
+    Unreachable,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendInfo",
+    "BackendUnavailable",
+    "Bind",
+    "Buffer",
+    "ConfigError",
+    "ConnectionRefused",
+    "ConnectionReset",
+    "Deferral",
+    "Doorbell",
+    "EvplError",
+    "FdWatch",
+    "FramingError",
+    "Handler",
+    "Listener",
+    "Loop",
+    "Pool",
+    "PoolExhausted",
+    "ProtocolError",
+    "SendQueueFull",
+    "TimeoutError",
+    "TransportError",
+    "Timer",
+    "Unreachable",
+    "backends",
+    "default_pool",
+    "framing",
+    "select",
+]

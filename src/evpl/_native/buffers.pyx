@@ -1,0 +1,273 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Buffer pool: slabs allocated once, cut into equal buffers, handed out as
+refcounted chunks.
+
+A chunk's refcount counts the engine's own holds (the loop's receive cursor, a
+Bind's partial message) plus one per live :class:`Buffer` that slices it. A
+Buffer releases its hold when Python drops the last reference to it, so Python
+object lifetime is the ownership model and nothing needs an explicit free.
+Messages larger than one buffer are carried by exact-size heap chunks that
+count against the same memory limit.
+"""
+
+from cpython.buffer cimport PyBuffer_FillInfo, PyBUF_WRITABLE
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+cimport cython
+
+from evpl.errors import ConfigError, PoolExhausted
+
+cdef extern from "<sys/mman.h>":
+    void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset) nogil
+    int munmap(void* addr, size_t length) nogil
+    int madvise(void* addr, size_t length, int advice) nogil
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_HUGETLB, MADV_HUGEPAGE
+    void* MAP_FAILED
+
+
+cdef class _Slab:
+    """One mmap'd region and the chunk descriptors that cut it up."""
+    cdef char* base
+    cdef size_t size
+    cdef Chunk* descs
+
+    def __dealloc__(self):
+        if self.base != NULL:
+            munmap(self.base, self.size)
+        if self.descs != NULL:
+            PyMem_Free(self.descs)
+
+
+cdef class Pool:
+    """A pool of equal buffers carved from slabs that are allocated on demand.
+
+    ``slab_size`` bytes are mapped at a time (with ``huge_pages`` the slab is
+    asked for with MAP_HUGETLB and falls back to transparent huge pages), up
+    to ``max_bytes`` in total, slabs plus heap chunks. Slabs are kept once
+    mapped: that is what lets backends register them with the kernel.
+    """
+
+    def __init__(self, *, size_t slab_size=64 << 20, size_t buffer_size=2 << 20,
+                 size_t max_bytes=1 << 30, bint huge_pages=False):
+        if buffer_size < 4096 or buffer_size % 4096:
+            raise ConfigError(f"buffer_size must be a multiple of 4096, got {buffer_size}")
+        if slab_size < buffer_size or slab_size % buffer_size:
+            raise ConfigError(
+                f"slab_size ({slab_size}) must be a multiple of buffer_size ({buffer_size})")
+        if max_bytes < slab_size:
+            raise ConfigError(f"max_bytes ({max_bytes}) must be at least slab_size ({slab_size})")
+        self.buffer_size = buffer_size
+        self.slab_size = slab_size
+        self.max_bytes = max_bytes
+        self.huge_pages = huge_pages
+        self._slabs = []
+
+    cdef int _grow(self) noexcept:
+        cdef size_t n, i
+        cdef void* p
+        cdef _Slab slab
+        if (self.nslabs + 1) * self.slab_size + self.heap_bytes > self.max_bytes:
+            return -1
+        p = MAP_FAILED
+        if self.huge_pages:
+            p = mmap(NULL, self.slab_size, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
+            if p != MAP_FAILED:
+                self.huge_used = True
+        if p == MAP_FAILED:
+            p = mmap(NULL, self.slab_size, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            if p == MAP_FAILED:
+                return -1
+            if self.huge_pages:
+                madvise(p, self.slab_size, MADV_HUGEPAGE)
+        n = self.slab_size // self.buffer_size
+        try:
+            slab = _Slab.__new__(_Slab)
+        except MemoryError:
+            munmap(p, self.slab_size)
+            return -1
+        slab.base = <char*>p
+        slab.size = self.slab_size
+        slab.descs = <Chunk*>PyMem_Malloc(n * sizeof(Chunk))
+        if slab.descs == NULL:
+            return -1
+        for i in range(n):
+            slab.descs[i].data = slab.base + i * self.buffer_size
+            slab.descs[i].size = self.buffer_size
+            slab.descs[i].refs = 0
+            slab.descs[i].heap = 0
+            slab.descs[i].next_free = self.free_list
+            self.free_list = &slab.descs[i]
+        try:
+            self._slabs.append(slab)
+        except MemoryError:
+            return -1
+        self.nslabs += 1
+        self.nbuffers += n
+        return 0
+
+    cdef Chunk* get(self) noexcept:
+        """One pool buffer with refcount 1, or NULL when the limit is reached."""
+        cdef Chunk* c = self.free_list
+        if c == NULL:
+            if self._grow() < 0:
+                self.exhausted += 1
+                return NULL
+            c = self.free_list
+        self.free_list = c.next_free
+        c.refs = 1
+        self.in_use += 1
+        return c
+
+    cdef Chunk* get_heap(self, size_t size) noexcept:
+        """An exact-size chunk for a message larger than one buffer."""
+        cdef Chunk* c
+        if self.nslabs * self.slab_size + self.heap_bytes + size > self.max_bytes:
+            self.exhausted += 1
+            return NULL
+        c = <Chunk*>malloc(sizeof(Chunk) + size)
+        if c == NULL:
+            self.exhausted += 1
+            return NULL
+        c.data = (<char*>c) + sizeof(Chunk)
+        c.size = size
+        c.refs = 1
+        c.heap = 1
+        c.next_free = NULL
+        self.heap_in_use += 1
+        self.heap_bytes += size
+        return c
+
+    cdef Chunk* get_size(self, size_t size) noexcept:
+        if size <= self.buffer_size:
+            return self.get()
+        return self.get_heap(size)
+
+    cdef void put(self, Chunk* c) noexcept:
+        self.releases += 1
+        if c.heap:
+            self.heap_in_use -= 1
+            self.heap_bytes -= c.size
+            free(c)
+            return
+        c.next_free = self.free_list
+        self.free_list = c
+        self.in_use -= 1
+
+    def allocate(self, Py_ssize_t size) -> Buffer:
+        """A writable Buffer of ``size`` bytes, to build a message in place
+        and send it without a copy. Raises PoolExhausted at the limit."""
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        cdef Chunk* c = self.get_size(<size_t>size if size else 1)
+        if c == NULL:
+            raise PoolExhausted(f"buffer pool limit reached ({self.max_bytes} bytes)")
+        cdef Buffer b = make_buffer(self, c, c.data, size)
+        chunk_unref(self, c)
+        b.writable = True
+        return b
+
+    def stats(self) -> dict:
+        """Counters: slabs, buffers, buffers_in_use, heap_in_use, bytes..."""
+        return {
+            "slabs": self.nslabs,
+            "buffers": self.nbuffers,
+            "buffers_in_use": self.in_use,
+            "heap_in_use": self.heap_in_use,
+            "heap_bytes": self.heap_bytes,
+            "slab_bytes": self.nslabs * self.slab_size,
+            "buffer_size": self.buffer_size,
+            "max_bytes": self.max_bytes,
+            "exhausted": self.exhausted,
+            "huge_pages": bool(self.huge_used),
+        }
+
+    def __repr__(self):
+        return (f"<evpl.Pool slabs={self.nslabs} buffers={self.nbuffers} "
+                f"in_use={self.in_use} heap_in_use={self.heap_in_use}>")
+
+
+cdef Buffer make_buffer(Pool pool, Chunk* c, char* ptr, Py_ssize_t n):
+    cdef Buffer b = Buffer.__new__(Buffer)
+    b.pool = pool
+    b.chunk = c
+    b.ptr = ptr
+    b.length = n
+    c.refs += 1
+    return b
+
+
+@cython.freelist(256)
+@cython.final
+cdef class Buffer:
+    """A slice of pooled memory, with the buffer protocol and no copy.
+
+    ``memoryview(buf)``, ``bytes(buf)``, ``struct.unpack_from(fmt, buf)`` and
+    slicing (which shares the memory) all work. Received buffers are
+    read-only; :meth:`Pool.allocate` hands out writable ones. The memory goes
+    back to the pool when the last reference to the Buffer (or to a
+    memoryview of it) is dropped.
+    """
+
+    def __cinit__(self):
+        self.chunk = NULL
+
+    def __dealloc__(self):
+        if self.chunk != NULL:
+            chunk_unref(self.pool, self.chunk)
+            self.chunk = NULL
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        if (flags & PyBUF_WRITABLE) and not self.writable:
+            raise BufferError("evpl.Buffer is read-only")
+        PyBuffer_FillInfo(view, self, self.ptr, self.length, not self.writable, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer* view):
+        self.exports -= 1
+
+    def __len__(self):
+        return self.length
+
+    def __bytes__(self):
+        return self.ptr[:self.length]
+
+    def __getitem__(self, idx):
+        cdef Py_ssize_t start, stop, step, n, i
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(self.length)
+            if step != 1:
+                return bytes(self)[idx]
+            n = stop - start if stop > start else 0
+            b = make_buffer(self.pool, self.chunk, self.ptr + start, n)
+            (<Buffer>b).writable = self.writable
+            return b
+        i = idx
+        if i < 0:
+            i += self.length
+        if i < 0 or i >= self.length:
+            raise IndexError("evpl.Buffer index out of range")
+        return <unsigned char>self.ptr[i]
+
+    def __eq__(self, other):
+        try:
+            return memoryview(self) == memoryview(other)
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None
+
+    @property
+    def readonly(self) -> bool:
+        return not self.writable
+
+    def tobytes(self) -> bytes:
+        """A copy of the contents as ``bytes``."""
+        return self.ptr[:self.length]
+
+    def __repr__(self):
+        if self.length <= 32:
+            return f"<evpl.Buffer {self.length} bytes {self.tobytes()!r}>"
+        return f"<evpl.Buffer {self.length} bytes {self.ptr[:32]!r}...>"

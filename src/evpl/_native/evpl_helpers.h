@@ -1,0 +1,68 @@
+/* Small C helpers for the evpl native engine: atomics, byte order, and the
+ * syscalls glibc or Debian's headers do not wrap in the form we need. */
+#ifndef EVPL_HELPERS_H
+#define EVPL_HELPERS_H
+
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <sys/epoll.h>
+#include <signal.h>
+
+static inline int evpl_xchg(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
+static inline int evpl_load(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void evpl_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+static inline int64_t evpl_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Read an unsigned integer of `size` bytes (1, 2, 4 or 8). */
+static inline uint64_t evpl_load_uint(const unsigned char *p, int size, int big) {
+    uint64_t v = 0;
+    int i;
+    if (big) {
+        for (i = 0; i < size; i++) v = (v << 8) | p[i];
+    } else {
+        for (i = size - 1; i >= 0; i--) v = (v << 8) | p[i];
+    }
+    return v;
+}
+
+static inline void evpl_store_uint(unsigned char *p, int size, int big, uint64_t v) {
+    int i;
+    if (big) {
+        for (i = size - 1; i >= 0; i--) { p[i] = (unsigned char)v; v >>= 8; }
+    } else {
+        for (i = 0; i < size; i++) { p[i] = (unsigned char)v; v >>= 8; }
+    }
+}
+
+/* epoll_pwait2 gives nanosecond timeouts (Linux 5.11); fall back to
+ * epoll_wait with the timeout rounded up to whole milliseconds, so timers are
+ * never early. timeout_ns < 0 waits forever. */
+static int evpl_have_pwait2 = 1;
+static inline int evpl_epoll_wait_ns(int epfd, struct epoll_event *ev, int max, int64_t timeout_ns) {
+#ifdef SYS_epoll_pwait2
+    if (evpl_have_pwait2) {
+        struct timespec ts, *tsp = NULL;
+        if (timeout_ns >= 0) {
+            ts.tv_sec = timeout_ns / 1000000000LL;
+            ts.tv_nsec = timeout_ns % 1000000000LL;
+            tsp = &ts;
+        }
+        long r = syscall(SYS_epoll_pwait2, epfd, ev, max, tsp, NULL, (size_t)(_NSIG / 8));
+        if (r >= 0 || errno != ENOSYS) return (int)r;
+        evpl_have_pwait2 = 0;
+    }
+#endif
+    int ms = timeout_ns < 0 ? -1 : (int)((timeout_ns + 999999) / 1000000);
+    return epoll_wait(epfd, ev, max, ms);
+}
+
+#endif

@@ -1,0 +1,1 @@
+"""The evpl core API (Python face of the native engine)."""

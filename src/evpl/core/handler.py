@@ -1,0 +1,50 @@
+"""The callbacks a Bind delivers, with do-nothing defaults."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from evpl._native.engine import Bind
+    from evpl._native.buffers import Buffer
+    from evpl.errors import EvplError
+
+__all__ = ["Handler"]
+
+
+class Handler:
+    """Subclass and override what you need.
+
+    A handler instance may serve one Bind or many: every callback receives
+    the Bind it is about. Callbacks run on the loop's thread and must not
+    block. An exception escaping a callback is reported (``Loop.exception_handler``
+    or the ``evpl`` logger) and closes that Bind.
+    """
+
+    def on_connected(self, bind: Bind) -> None:
+        """The connection is established (accepted or connected)."""
+
+    def on_data(self, bind: Bind, data: Buffer) -> None:
+        """Stream bytes arrived on a Bind without framing."""
+
+    def on_message(self, bind: Bind, msg: Buffer) -> None:
+        """One whole message arrived on a framed Bind (header stripped)."""
+
+    def on_datagram(self, bind: Bind, data: Buffer, addr: Any) -> None:
+        """One datagram arrived from ``addr``."""
+
+    def on_paused(self, bind: Bind) -> None:
+        """The send queue went above its high-water mark: stop sending."""
+
+    def on_writable(self, bind: Bind) -> None:
+        """After a pause, the send queue drained below its low-water mark."""
+
+    def on_sent(self, bind: Bind) -> None:
+        """The send queue became empty (called only if overridden)."""
+
+    def on_eof(self, bind: Bind) -> None:
+        """The peer shut down its sending side. By default: finish and close."""
+        bind.finish()
+
+    def on_closed(self, bind: Bind, error: EvplError | None) -> None:
+        """The Bind is closed; ``error`` says why, ``None`` for a clean close."""

@@ -1,0 +1,205 @@
+"""``evpl.Loop``: the native loop plus configuration checks and socket set-up.
+
+Sockets are created and bound with Python's ``socket`` module (clear errors,
+every address family), then handed to the engine as file descriptors; all
+per-message work happens in the engine.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+from typing import Any, Literal
+
+from evpl._native.buffers import Pool
+from evpl._native.engine import Bind, Framer, Listener, LoopCore
+from evpl.core import backends as _backends
+from evpl.core.handler import Handler
+from evpl.errors import ConfigError, transport_error
+
+__all__ = ["Loop", "default_pool"]
+
+_default_pool: Pool | None = None
+
+_OPTIONS = {"high_water", "low_water", "hard_limit", "max_datagram", "nodelay", "reuseport",
+            "rcvbuf", "sndbuf"}
+
+
+def default_pool() -> Pool:
+    """The process-wide buffer pool used by Loops that are not given one."""
+    global _default_pool
+    if _default_pool is None:
+        _default_pool = Pool()
+    return _default_pool
+
+
+def _handler(handler: Any) -> tuple[Callable[[], Handler] | None, Handler | None]:
+    if isinstance(handler, Handler):
+        return None, handler
+    if callable(handler):
+        return handler, None
+    raise ConfigError(f"handler must be a Handler or a callable returning one, got {handler!r}")
+
+
+def _make_handler(handler: Any) -> Handler:
+    factory, shared = _handler(handler)
+    h = shared if shared is not None else factory()  # type: ignore[misc]
+    if not isinstance(h, Handler):
+        raise ConfigError(f"handler factory returned {h!r}, not an evpl.Handler")
+    return h
+
+
+def _limits(options: dict[str, Any]) -> tuple[int, int, int, int]:
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    high = options.get("high_water", 1 << 20)
+    low = options.get("low_water", high // 4)
+    hard = options.get("hard_limit", 16 * high)
+    max_dgram = options.get("max_datagram", 65507)
+    for name, v in (("high_water", high), ("low_water", low), ("hard_limit", hard),
+                    ("max_datagram", max_dgram)):
+        if not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{name} must be a non-negative int, got {v!r}")
+    if not low <= high <= hard:
+        raise ConfigError(f"need low_water ({low}) <= high_water ({high}) <= hard_limit ({hard})")
+    if not 1 <= max_dgram <= 65507:
+        raise ConfigError(f"max_datagram must be in 1..65507, got {max_dgram}")
+    return high, low, hard, max_dgram
+
+
+def _framer(framing: Framer | None) -> Framer | None:
+    if framing is not None and not isinstance(framing, Framer):
+        raise ConfigError("framing must come from evpl.framing (length_prefix, record_marking, "
+                          f"callable), got {framing!r}")
+    return framing
+
+
+def _sockaddr(info: _backends.BackendInfo, address: Any, kind: int) -> tuple[int, Any]:
+    """(family, sockaddr) for an address given to listen/connect/bind."""
+    if info.family == socket.AF_UNIX:
+        if not isinstance(address, str | bytes | os.PathLike):
+            raise ConfigError(f"{info.name} addresses are paths, got {address!r}")
+        return socket.AF_UNIX, os.fsdecode(address) if not isinstance(address, bytes) else address
+    if not (isinstance(address, tuple) and len(address) >= 2):
+        raise ConfigError(f"{info.name} addresses are (host, port) tuples, got {address!r}")
+    host, port = address[0], address[1]
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"port must be an int in 0..65535, got {port!r}")
+    try:
+        ai = socket.getaddrinfo(host or None, port, type=kind, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    family, _, _, _, sa = ai[0]
+    if family == socket.AF_INET6 and len(address) > 2:
+        sa = (sa[0], sa[1], *address[2:4])
+    return family, sa
+
+
+class Loop(LoopCore):
+    """One event loop per thread (see docs/api.md).
+
+    ``poll_mode``: ``"hybrid"`` polls while busy and sleeps after ``spin_ns``
+    of quiet; ``"event"`` always sleeps when idle; ``"always"`` never sleeps.
+    """
+
+    def __init__(self, *, spin_ns: int = 50_000,
+                 poll_mode: Literal["hybrid", "event", "always"] = "hybrid",
+                 pool: Pool | None = None) -> None:
+        if poll_mode not in ("hybrid", "event", "always"):
+            raise ConfigError(f"poll_mode must be 'hybrid', 'event' or 'always', got {poll_mode!r}")
+        if not isinstance(spin_ns, int) or spin_ns < 0:
+            raise ConfigError(f"spin_ns must be a non-negative int, got {spin_ns!r}")
+        if poll_mode == "event":
+            spin_ns = 0
+        super().__init__(pool if pool is not None else default_pool(), spin_ns=spin_ns,
+                         poll_always=poll_mode == "always", base_handler=Handler)
+
+    @property
+    def poll_mode(self) -> str:
+        if self.poll_always:
+            return "always"
+        return "hybrid" if self.spin_ns else "event"
+
+    def _socket(self, info: _backends.BackendInfo, address: Any, kind: int,
+                options: dict[str, Any]) -> tuple[socket.socket, Any]:
+        family, sa = _sockaddr(info, address, kind)
+        sock = socket.socket(family, kind)
+        try:
+            sock.setblocking(False)
+            if "rcvbuf" in options:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options["rcvbuf"])
+            if "sndbuf" in options:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options["sndbuf"])
+        except BaseException:
+            sock.close()
+            raise
+        return sock, sa
+
+    def _bind_socket(self, sock: socket.socket, sa: Any, options: dict[str, Any]) -> None:
+        try:
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if options.get("reuseport"):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(sa)
+        except OSError as exc:
+            sock.close()
+            raise transport_error(exc.errno or errno.EINVAL, f"bind {sa!r}") from None
+
+    def listen(self, backend: str, address: Any, handler: Any, *,
+               framing: Framer | None = None, backlog: int = 1024,
+               **options: Any) -> Listener:
+        """Accept connections on ``address``; each gets a Bind and a handler
+        (``handler`` is a Handler, shared, or a factory called per connection)."""
+        info = _backends.get(backend, "stream")
+        limits = _limits(options)
+        framing = _framer(framing)
+        factory, shared = _handler(handler)
+        sock, sa = self._socket(info, address, socket.SOCK_STREAM, options)
+        self._bind_socket(sock, sa, options)
+        try:
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            raise transport_error(exc.errno or errno.EINVAL, f"listen {sa!r}") from None
+        bound = sock.getsockname()
+        nodelay = bool(options.get("nodelay", True)) and sock.family != socket.AF_UNIX
+        return self._add_listener(sock.detach(), info.name, factory, shared, framing, limits,
+                                  nodelay, bound)
+
+    def connect(self, backend: str, address: Any, handler: Any, *,
+                framing: Framer | None = None, **options: Any) -> Bind:
+        """Connect to ``address``; ``on_connected`` or ``on_closed(bind, error)``
+        reports the outcome."""
+        info = _backends.get(backend, "stream")
+        limits = _limits(options)
+        framing = _framer(framing)
+        h = _make_handler(handler)
+        sock, sa = self._socket(info, address, socket.SOCK_STREAM, options)
+        if sock.family != socket.AF_UNIX and options.get("nodelay", True):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(sa)
+        connecting = err in (errno.EINPROGRESS, errno.EAGAIN) and sock.family != socket.AF_UNIX
+        if err == errno.EAGAIN and sock.family == socket.AF_UNIX:
+            err = errno.ECONNREFUSED  # the listener's backlog is full
+        connect_errno = 0 if err in (0, errno.EINPROGRESS) else err
+        return self._add_stream(sock.detach(), info.name, h, framing, limits, connecting,
+                                sa, connect_errno)
+
+    def bind(self, backend: str, address: Any, handler: Any, **options: Any) -> Bind:
+        """A datagram socket bound to ``address`` (port 0 picks a free port)."""
+        info = _backends.get(backend, "datagram")
+        limits = _limits(options)
+        h = _make_handler(handler)
+        sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)
+        self._bind_socket(sock, sa, options)
+        return self._add_datagram(sock.detach(), info.name, h, limits)
+
+    def __enter__(self) -> Loop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
