@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -98,6 +99,16 @@ def _sockaddr(info: _backends.BackendInfo, address: Any, kind: int) -> tuple[int
     return family, sa
 
 
+def _remove_stale_socket(path: str) -> None:
+    """Remove a unix socket file left behind by an earlier server (as asyncio
+    does); any other kind of file is left alone and bind reports the clash."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class Loop(LoopCore):
     """One event loop per thread (see docs/api.md).
 
@@ -140,6 +151,8 @@ class Loop(LoopCore):
 
     def _bind_socket(self, sock: socket.socket, sa: Any, options: dict[str, Any]) -> None:
         try:
+            if sock.family == socket.AF_UNIX and isinstance(sa, str) and not sa.startswith("\0"):
+                _remove_stale_socket(sa)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if options.get("reuseport"):

@@ -1,0 +1,1 @@
+"""The ``evpl`` command line: perf, info."""

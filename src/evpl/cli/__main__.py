@@ -1,0 +1,35 @@
+"""``evpl``: measure this machine's I/O paths and inspect evpl's backends.
+
+    evpl perf                 side-by-side of every available backend on loopback
+    evpl perf server          run the perf server (for two machines/namespaces)
+    evpl perf client HOST     run the perf loads against a remote perf server
+    evpl info                 which backends work here, and why not
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from evpl.cli import info, perf
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``evpl`` console script."""
+    parser = argparse.ArgumentParser(
+        prog="evpl",
+        description="evpl: high-performance networking for Python.",
+        epilog="Run 'evpl COMMAND --help' for the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    perf.add_parser(sub)
+    info.add_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
