@@ -77,7 +77,7 @@ class Unreachable(TransportError):
     """The network or host is unreachable."""
 
 
-class TimeoutError(TransportError, builtins.TimeoutError):  # noqa: A001
+class TimeoutError(TransportError, builtins.TimeoutError):
     """An operation did not complete in time."""
 
 

@@ -57,7 +57,7 @@ def record_marking(*, max_message: int | None = None) -> Framer:
     return Framer(_RECORD, 4, True, False, min(_max(max_message), 0x7FFFFFFF))
 
 
-def callable(  # noqa: A001 - the name reads well as evpl.framing.callable
+def callable(
     fn: Callable[[memoryview], int], *, max_message: int | None = None
 ) -> Framer:
     """Frame with ``fn(peek) -> n``: the length of the next whole message in
