@@ -36,11 +36,11 @@ from evpl.errors import ProtocolError
 __all__ = [
     "BOOL_DEC",
     "BOOL_ENC",
+    "UNBOUNDED",
     "Caller",
     "EnumMap",
     "Packer",
     "Procedure",
-    "UNBOUNDED",
     "Unpacker",
     "XdrError",
     "as_view",
