@@ -4,6 +4,7 @@
     evpl perf server          run the perf server (for two machines/namespaces)
     evpl perf client HOST     run the perf loads against a remote perf server
     evpl info                 which backends work here, and why not
+    evpl xdrgen FILE.x        compile an XDR/RPC .x file to a Python module
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     perf.add_parser(sub)
     info.add_parser(sub)
+    sub.add_parser("xdrgen", add_help=False, help="compile a .x file to Python (rpc2)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["xdrgen"]:
+        from evpl.rpc2 import xdrgen    # it has its own argument parser
+
+        return xdrgen.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
