@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("xdrgen", add_help=False, help="compile a .x file to Python (rpc2)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["xdrgen"]:
-        from evpl.rpc2 import xdrgen    # it has its own argument parser
+        from evpl.rpc2 import xdrgen  # it has its own argument parser
 
         return xdrgen.main(argv[1:])
     args = parser.parse_args(argv)
