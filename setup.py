@@ -12,11 +12,28 @@ if os.environ.get("EVPL_ASAN"):
 LDFLAGS = ["-fsanitize=address"] if os.environ.get("EVPL_ASAN") else []
 
 
+def _liburing() -> tuple[list[tuple[str, str]], list[str]]:
+    """Link liburing statically when its headers are installed (Debian's
+    liburing-dev); without it the io_uring backends report themselves
+    unavailable instead of failing the build."""
+    for libdir in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib",
+                   "/usr/local/lib"):
+        static = os.path.join(libdir, "liburing.a")
+        if os.path.exists("/usr/include/liburing.h") and os.path.exists(static):
+            return [("EVPL_HAVE_LIBURING", "1")], [static]
+    return [], []
+
+
+URING_MACROS, URING_OBJECTS = _liburing()
+
+
 def ext(name: str) -> Extension:
     return Extension(
         f"evpl._native.{name}",
         [f"{NATIVE}/{name}.pyx"],
         include_dirs=[NATIVE],
+        define_macros=URING_MACROS if name == "engine" else [],
+        extra_objects=URING_OBJECTS if name == "engine" else [],
         extra_compile_args=CFLAGS,
         extra_link_args=LDFLAGS,
     )

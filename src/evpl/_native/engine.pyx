@@ -33,6 +33,37 @@ from posix.uio cimport iovec
 from evpl._native.buffers cimport Pool, Buffer, Chunk, make_buffer, chunk_unref
 from evpl._native.sys cimport *
 
+cdef extern from "evpl_uring.h" nogil:
+    ctypedef struct evpl_uring:
+        pass
+    ctypedef struct evpl_cqe:
+        uint64_t user_data
+        int res
+        uint32_t flags
+    int evpl_uring_built()
+    evpl_uring* evpl_uring_new(unsigned entries, int* err)
+    void evpl_uring_free(evpl_uring* u)
+    int evpl_uring_register_eventfd(evpl_uring* u, int fd)
+    int evpl_uring_setup_bufring(evpl_uring* u, unsigned entries, int bgid)
+    void evpl_uring_buf_add(evpl_uring* u, void* addr, unsigned len, unsigned short bid)
+    void evpl_uring_buf_commit(evpl_uring* u)
+    int evpl_uring_recv_multishot(evpl_uring* u, int fd, uint64_t ud, int bgid)
+    int evpl_uring_accept_multishot(evpl_uring* u, int fd, uint64_t ud)
+    int evpl_uring_sendmsg(evpl_uring* u, int fd, const msghdr* mh, uint64_t ud, int zc)
+    int evpl_uring_cancel(evpl_uring* u, uint64_t target, uint64_t ud)
+    int evpl_uring_submit(evpl_uring* u)
+    int evpl_uring_pending_sqes(evpl_uring* u)
+    int evpl_uring_reap(evpl_uring* u, evpl_cqe* out, int max)
+    unsigned evpl_uring_flags(evpl_uring* u)
+    int evpl_uring_wait(evpl_uring* u, long long timeout_ns)
+    const char* evpl_uring_probe()
+    uint32_t EVPL_CQE_F_BUF_MORE, EVPL_CQE_F_MORE, EVPL_CQE_F_BUFFER, EVPL_CQE_F_NOTIF
+
+cdef extern from "<errno.h>":
+    int ENOBUFS_ "ENOBUFS"
+    int EBUSY_ "EBUSY"
+    int ECANCELED, ENOENT, EALREADY
+
 import heapq
 import logging
 
@@ -44,6 +75,22 @@ DEF MAX_EVENTS = 256
 DEF MAX_IOV = 1024
 DEF MAX_MMSG = 64
 DEF READ_BUDGET = 16
+DEF UR_ENTRIES = 1024
+DEF UR_BUFS = 16
+DEF UR_CQES = 256
+
+# io_uring operations, in the low bits of user_data (objects are 16-aligned)
+cdef enum:
+    OP_RECV = 1
+    OP_SEND = 2
+    OP_ACCEPT = 3
+    OP_CANCEL = 4
+
+
+def uring_unavailable_reason():
+    """None if io_uring networking works here, else why not."""
+    cdef const char* why = evpl_uring_probe()
+    return None if why == NULL else why.decode()
 
 # kinds of epoll sources
 cdef enum:
@@ -390,6 +437,14 @@ cdef class Bind(_Source):
     cdef socklen_t rx_salen
     cdef object close_error
     cdef object _peer
+    # io_uring state
+    cdef bint ur
+    cdef bint ur_recv_armed
+    cdef bint ur_send_inflight
+    cdef bint ur_send_zc
+    cdef iovec* ur_iov
+    cdef msghdr ur_mh
+    cdef list ur_zc_hold
 
     def __dealloc__(self):
         self._drop_queue()
@@ -399,6 +454,9 @@ cdef class Bind(_Source):
         if self.txq != NULL:
             PyMem_Free(self.txq)
             self.txq = NULL
+        if self.ur_iov != NULL:
+            PyMem_Free(self.ur_iov)
+            self.ur_iov = NULL
 
     # ---- configuration --------------------------------------------------
 
@@ -542,12 +600,20 @@ cdef class Bind(_Source):
             self._mark_dirty()
 
     def pause_reading(self) -> None:
-        """Stop delivering received data until ``resume_reading``."""
+        """Stop reading until ``resume_reading`` (data already received in
+        the current batch is still delivered)."""
         self.reading_paused = True
+        if self.ur_recv_armed and self.state == S_OPEN:
+            evpl_uring_cancel(self.loop.ur, (<uint64_t><void*>self) | OP_RECV, OP_CANCEL)
+            self.loop.ur_submit = True
 
     def resume_reading(self) -> None:
         self.reading_paused = False
-        if self.state == S_OPEN and self.rx_ready:
+        if self.state != S_OPEN:
+            return
+        if self.ur:
+            self._ur_arm_recv()
+        elif self.rx_ready:
             self.loop._queue_read(self)
 
     @property
@@ -676,14 +742,25 @@ cdef class Bind(_Source):
         self.queued_bytes = 0
 
     cdef int _flush(self) except -1:
-        """Write as much of the queue as the socket takes (writev/sendmmsg)."""
+        """Write as much of the queue as the socket takes (writev/sendmmsg,
+        or one io_uring sendmsg in flight per Bind)."""
         if self.state != S_OPEN:
             return 0
-        if self.tx_head != self.tx_tail and not self.tx_blocked:
+        if self.ur:
+            if self.ur_send_inflight:
+                return 0
+            if self.tx_head != self.tx_tail:
+                self._ur_send()
+                return 0
+        elif self.tx_head != self.tx_tail and not self.tx_blocked:
             if self.stream:
                 self._flush_stream()
             else:
                 self._flush_dgram()
+        return self._after_flush()
+
+    cdef int _after_flush(self) except -1:
+        """Backpressure and drain events once the queue has shrunk."""
         if self.state != S_OPEN:
             return 0
         if self.paused and self.queued_bytes <= self.low_water:
@@ -708,30 +785,10 @@ cdef class Bind(_Source):
         cdef iovec* iov = self.loop.iov
         cdef msghdr mh
         cdef int cnt
-        cdef size_t i, skip, left
         cdef ssize_t n
-        cdef TxEntry* e
         memset(&mh, 0, sizeof(mh))
         while self.tx_head != self.tx_tail:
-            cnt = 0
-            skip = self.tx_off
-            i = self.tx_head
-            while i != self.tx_tail and cnt < MAX_IOV - 1:
-                e = &self.txq[i]
-                if e.hdrlen:
-                    if skip < e.hdrlen:
-                        iov[cnt].iov_base = e.hdr + skip
-                        iov[cnt].iov_len = e.hdrlen - skip
-                        cnt += 1
-                        skip = 0
-                    else:
-                        skip -= e.hdrlen
-                if e.len > skip:
-                    iov[cnt].iov_base = e.ptr + skip
-                    iov[cnt].iov_len = e.len - skip
-                    cnt += 1
-                skip = 0
-                i += 1
+            cnt = self._gather(iov, NULL)
             mh.msg_iov = iov
             mh.msg_iovlen = cnt
             n = sendmsg(self.fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT)
@@ -743,21 +800,160 @@ cdef class Bind(_Source):
                     continue
                 self._close(transport_error(errno, "send"))
                 return
-            self.loop.stat_bytes_out += n
-            self.queued_bytes -= n
-            # retire fully written entries
-            left = <size_t>n + self.tx_off
-            while self.tx_head != self.tx_tail:
-                e = &self.txq[self.tx_head]
-                if left < e.len + e.hdrlen:
-                    break
-                left -= e.len + e.hdrlen
-                Py_DECREF(<object>e.owner)
-                self.tx_head += 1
-            self.tx_off = left
+            self._retire(n, None)
             if self.tx_head == self.tx_tail:
-                self.tx_head = self.tx_tail = self.tx_off = 0
                 return
+
+    cdef void _retire(self, size_t n, list hold):
+        """Drop ``n`` sent bytes from the head of the queue. Owners of fully
+        sent entries are released, or moved to ``hold`` (zero-copy sends keep
+        them until the kernel's notification)."""
+        cdef size_t left
+        cdef TxEntry* e
+        self.loop.stat_bytes_out += n
+        self.queued_bytes -= n
+        left = n + self.tx_off
+        while self.tx_head != self.tx_tail:
+            e = &self.txq[self.tx_head]
+            if left < e.len + e.hdrlen:
+                break
+            left -= e.len + e.hdrlen
+            if hold is not None:
+                hold.append(<object>e.owner)
+            Py_DECREF(<object>e.owner)
+            self.tx_head += 1
+        self.tx_off = left
+        if self.tx_head == self.tx_tail:
+            self.tx_head = self.tx_tail = self.tx_off = 0
+
+    cdef int _gather(self, iovec* iov, size_t* total):
+        """Fill ``iov`` from the queue head (framing headers included)."""
+        cdef int cnt = 0
+        cdef size_t i = self.tx_head, skip = self.tx_off, sum = 0
+        cdef TxEntry* e
+        while i != self.tx_tail and cnt < MAX_IOV - 1:
+            e = &self.txq[i]
+            if e.hdrlen:
+                if skip < e.hdrlen:
+                    iov[cnt].iov_base = e.hdr + skip
+                    iov[cnt].iov_len = e.hdrlen - skip
+                    sum += iov[cnt].iov_len
+                    cnt += 1
+                    skip = 0
+                else:
+                    skip -= e.hdrlen
+            if e.len > skip:
+                iov[cnt].iov_base = e.ptr + skip
+                iov[cnt].iov_len = e.len - skip
+                sum += iov[cnt].iov_len
+                cnt += 1
+            skip = 0
+            i += 1
+        if total != NULL:
+            total[0] = sum
+        return cnt
+
+    # ---- io_uring ----------------------------------------------------------
+
+    cdef int _ur_arm_recv(self) except -1:
+        if self.ur_recv_armed or self.state != S_OPEN:
+            return 0
+        if evpl_uring_recv_multishot(self.loop.ur, self.fd, (<uint64_t><void*>self) | OP_RECV,
+                                     0) < 0:
+            raise OSError(EBUSY_, "io_uring submission queue full")
+        Py_INCREF(self)
+        self.ur_recv_armed = True
+        self.loop.ur_submit = True
+        return 0
+
+    cdef int _ur_send(self) except -1:
+        """Hand the queue (up to 1024 pieces) to one io_uring sendmsg."""
+        cdef size_t total = 0
+        cdef int cnt
+        cdef bint zc
+        if self.ur_iov == NULL:
+            self.ur_iov = <iovec*>PyMem_Malloc(MAX_IOV * sizeof(iovec))
+            if self.ur_iov == NULL:
+                raise MemoryError()
+        cnt = self._gather(self.ur_iov, &total)
+        memset(&self.ur_mh, 0, sizeof(msghdr))
+        self.ur_mh.msg_iov = self.ur_iov
+        self.ur_mh.msg_iovlen = cnt
+        zc = self.loop.zc_threshold > 0 and total >= self.loop.zc_threshold
+        if evpl_uring_sendmsg(self.loop.ur, self.fd, &self.ur_mh,
+                              (<uint64_t><void*>self) | OP_SEND, zc) < 0:
+            raise OSError(EBUSY_, "io_uring submission queue full")
+        Py_INCREF(self)
+        self.ur_send_inflight = True
+        self.ur_send_zc = zc
+        self.loop.ur_submit = True
+        if zc:
+            self.loop.stat_zc_sends += 1
+        return 0
+
+    cdef void _ur_sent(self, int res, uint32_t flags):
+        """Completion of a sendmsg (or its zero-copy notification)."""
+        cdef list hold
+        if flags & EVPL_CQE_F_NOTIF:
+            # the kernel no longer reads the buffers of the oldest zc send
+            if self.ur_zc_hold:
+                self.ur_zc_hold.pop(0)
+            return
+        self.ur_send_inflight = False
+        if self.ur_send_zc and flags & EVPL_CQE_F_MORE:
+            hold = []
+            if self.ur_zc_hold is None:
+                self.ur_zc_hold = []
+            self.ur_zc_hold.append(hold)
+        else:
+            hold = None
+        if self.state == S_CLOSED:
+            self._drop_queue()
+            return
+        if res < 0:
+            if res != -ECANCELED:
+                self._close(transport_error(-res, "send"))
+            else:
+                self._close(None)
+            return
+        self._retire(<size_t>res, hold)
+        if self.tx_head != self.tx_tail:
+            self._ur_send()
+        else:
+            self._after_flush()
+
+    cdef void _ur_recv(self, int res, uint32_t flags):
+        """Completion of the multishot receive."""
+        cdef LoopCore loop = self.loop
+        cdef unsigned bid
+        cdef Chunk* c = NULL
+        cdef char* p = NULL
+        if flags & EVPL_CQE_F_BUFFER:
+            bid = flags >> 16
+            c = loop.ur_bufs[bid]
+            p = c.data + loop.ur_off[bid]
+            if res > 0:
+                loop.ur_off[bid] += res
+            c.refs += 1                 # hold it across the callbacks
+            if not flags & EVPL_CQE_F_BUF_MORE:
+                loop._ur_buf_done(bid)
+        if not flags & EVPL_CQE_F_MORE:
+            self.ur_recv_armed = False
+        if res > 0 and self.state == S_OPEN and c != NULL:
+            loop.stat_bytes_in += res
+            self._arrived(c, p, res)
+        if c != NULL:
+            chunk_unref(loop.pool, c)
+        if not flags & EVPL_CQE_F_MORE and self.state == S_OPEN:
+            if res == 0:
+                self._on_eof()
+            elif res == -ENOBUFS_:
+                loop.stat_starved += 1
+                loop.ur_rearm.append(self)
+            elif res < 0 and res != -ECANCELED:
+                self._close(transport_error(-res, "receive"))
+            elif not self.reading_paused and not self.eof:
+                self._ur_arm_recv()
 
     cdef void _flush_dgram(self):
         cdef mmsghdr* mm = self.loop.mmsg
@@ -807,8 +1003,12 @@ cdef class Bind(_Source):
         self.state = S_CLOSED
         if self._peer is None and self.stream:
             self.peer_address  # remember it for on_closed handlers
+        if self.ur_recv_armed:
+            evpl_uring_cancel(self.loop.ur, (<uint64_t><void*>self) | OP_RECV, OP_CANCEL)
+            self.loop.ur_submit = True
         c_close(self.fd)
-        self._drop_queue()
+        if not self.ur_send_inflight:       # else the send's completion drops it
+            self._drop_queue()
         if self.part_chunk != NULL:
             chunk_unref(self.loop.pool, self.part_chunk)
             self.part_chunk = NULL
@@ -825,6 +1025,8 @@ cdef class Bind(_Source):
             self.loop._callback_error(exc, self)
         if self.tx_head != self.tx_tail:
             self._mark_dirty()          # sends queued while connecting
+        if self.ur and self.state == S_OPEN:
+            self._ur_arm_recv()
 
     cdef void _event(self, uint32_t events):
         cdef int err = 0
@@ -838,8 +1040,11 @@ cdef class Bind(_Source):
             if err:
                 self._close(transport_error(err, f"connect to {self._peer!r}"))
                 return
+            if self.ur:
+                # connected: from now on io_uring, not epoll, serves this socket
+                epoll_ctl(self.loop.epfd, EPOLL_CTL_DEL, self.fd, NULL)
             self._connected()
-            if self.state != S_OPEN:
+            if self.state != S_OPEN or self.ur:
                 return
             events |= EPOLLOUT
         if events & EPOLLOUT and self.tx_blocked:
@@ -1159,6 +1364,70 @@ cdef class Bind(_Source):
         chunk_unref(self.loop.pool, c)
         return 0
 
+    cdef void _arrived(self, Chunk* c, char* p, size_t n):
+        """Bytes the kernel already placed at ``p`` in chunk ``c`` (io_uring
+        provided buffers): deliver whole messages, keep the partial."""
+        cdef LoopCore loop = self.loop
+        cdef Buffer buf
+        cdef size_t total, consumed = 0, k, cap
+        cdef char* base
+        cdef Chunk* bc
+        cdef bint owned
+        cdef int need
+        if self.fr_kind == F_NONE:
+            buf = make_buffer(loop.pool, c, p, n)
+            try:
+                self.cb_data(self, buf)
+            except Exception as exc:
+                loop._callback_error(exc, self)
+            return
+        while n > 0 and self.state == S_OPEN:
+            if self.part_asm:
+                cap = self.part_chunk.size - <size_t>(self.part_ptr - self.part_chunk.data)
+                k = (self.part_need - self.part_len) if self.part_need else cap - self.part_len
+                if k > n:
+                    k = n
+                memcpy(self.part_ptr + self.part_len, p, k)
+                self.part_len += k
+                p += k
+                n -= k
+                if self._after_asm_read() < 0:
+                    return
+                continue
+            owned = False
+            if self.part_len and self.part_chunk == c and self.part_ptr + self.part_len == p:
+                base = self.part_ptr          # still contiguous in the same buffer
+                bc = c
+                total = self.part_len + n
+            elif self.part_len:
+                total = self.part_len + n
+                bc = loop.pool.get_size(total)
+                if bc == NULL:
+                    self._close(FramingError("buffer pool exhausted while joining a message"))
+                    return
+                owned = True
+                memcpy(bc.data, self.part_ptr, self.part_len)
+                memcpy(bc.data + self.part_len, p, n)
+                base = bc.data
+                loop.stat_partial_copies += 1
+            else:
+                base = p
+                bc = c
+                total = n
+            n = 0
+            self._clear_partial()
+            need = self._deliver(bc, base, total, &consumed)
+            if need >= 0 and consumed < total:
+                self._set_partial(bc, base + consumed, total - consumed, need)
+                if need > 0 and <size_t>need >= loop.asm_threshold:
+                    if self._to_assembly(need) < 0:
+                        self._close(FramingError("buffer pool exhausted for a large message"))
+                elif need == 0 and self.part_len >= loop.asm_threshold:
+                    if self._to_assembly(min(self.part_len * 2, self.max_message + 16)) < 0:
+                        self._close(FramingError("buffer pool exhausted for a large message"))
+            if owned:
+                chunk_unref(loop.pool, bc)
+
     cdef void _read_dgram(self):
         cdef LoopCore loop = self.loop
         cdef mmsghdr* mm = loop.mmsg
@@ -1242,11 +1511,16 @@ cdef class Listener(_Source):
     cdef bint active
     cdef readonly object address
     cdef size_t accepted
+    cdef bint ur
+    cdef bint ur_armed
 
     def close(self) -> None:
         """Stop accepting; connections already accepted stay open."""
         if self.active:
             self.active = False
+            if self.ur_armed:
+                evpl_uring_cancel(self.loop.ur, (<uint64_t><void*>self) | OP_ACCEPT, OP_CANCEL)
+                self.loop.ur_submit = True
             c_close(self.fd)
             self.loop.sources.discard(self)
 
@@ -1261,9 +1535,8 @@ cdef class Listener(_Source):
         return f"<evpl.Listener {self.backend} {self.address!r}>"
 
     cdef void _event(self, uint32_t events):
-        cdef int fd, one = 1
+        cdef int fd
         cdef int budget = 64
-        cdef Bind b
         while budget > 0 and self.active:
             budget -= 1
             fd = accept4(self.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -1275,21 +1548,52 @@ cdef class Listener(_Source):
                     # out of descriptors: back off instead of spinning on the backlog
                     self.loop._pause_listener(self)
                 return
-            self.accepted += 1
-            if self.nodelay:
-                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
-            try:
-                handler = self.shared if self.shared is not None else self.factory()
-                b = self.loop._new_bind(fd, self.backend, True, handler, self.framer, self.limits)
-            except Exception as exc:
-                c_close(fd)
-                self.loop._callback_error(exc, None)
-                continue
-            b._connected()
-            if b.state == S_OPEN:
-                # data may already be waiting: the ET registration will not report it
-                b.rx_ready = True
-                self.loop._queue_read(b)
+            self._accepted(fd)
+
+    cdef void _accepted(self, int fd):
+        cdef int one = 1
+        cdef Bind b
+        self.accepted += 1
+        if self.nodelay:
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        try:
+            handler = self.shared if self.shared is not None else self.factory()
+            b = self.loop._new_bind(fd, self.backend, True, handler, self.framer, self.limits,
+                                    self.ur, False)
+        except Exception as exc:
+            c_close(fd)
+            self.loop._callback_error(exc, None)
+            return
+        b._connected()
+        if b.state == S_OPEN and not b.ur:
+            # data may already be waiting: the ET registration will not report it
+            b.rx_ready = True
+            self.loop._queue_read(b)
+
+    cdef int _ur_arm(self) except -1:
+        if evpl_uring_accept_multishot(self.loop.ur, self.fd,
+                                       (<uint64_t><void*>self) | OP_ACCEPT) < 0:
+            raise OSError(EBUSY_, "io_uring submission queue full")
+        Py_INCREF(self)
+        self.ur_armed = True
+        self.loop.ur_submit = True
+        return 0
+
+    cdef void _ur_accept(self, int res, uint32_t flags):
+        if not flags & EVPL_CQE_F_MORE:
+            self.ur_armed = False
+        if res >= 0:
+            if self.active:
+                self._accepted(res)
+            else:
+                c_close(res)
+        elif res != -ECANCELED:
+            self.loop.stat_accept_errors += 1
+        if self.active and not self.ur_armed:
+            if res == -EMFILE or res == -ENFILE or res == -ENOBUFS_ or res == -ENOMEM:
+                self.loop.call_later(0.1, self.loop._rearm_listener, self)
+            else:
+                self._ur_arm()
 
 
 cdef class LoopCore:
@@ -1329,11 +1633,24 @@ cdef class LoopCore:
     cdef size_t stat_iterations, stat_sleeps, stat_events, stat_bytes_in, stat_bytes_out
     cdef size_t stat_messages_in, stat_datagrams_in, stat_datagrams_out, stat_dgram_errors
     cdef size_t stat_truncated, stat_partial_copies, stat_callback_errors, stat_paused
-    cdef size_t stat_accept_errors, stat_starved, stat_timers_fired
+    cdef size_t stat_accept_errors, stat_starved, stat_timers_fired, stat_zc_sends
+    cdef size_t stat_cqes
+    # io_uring (created on first use)
+    cdef evpl_uring* ur
+    cdef int ur_evfd
+    cdef Chunk** ur_bufs
+    cdef size_t* ur_off
+    cdef unsigned short* ur_free
+    cdef int ur_nfree
+    cdef evpl_cqe* cqes
+    cdef bint ur_submit
+    cdef list ur_rearm
+    cdef public size_t zc_threshold
 
     def __cinit__(self):
         self.epfd = -1
         self.wakefd = -1
+        self.ur_evfd = -1
 
     def __init__(self, Pool pool, *, int64_t spin_ns=50_000, bint poll_always=False,
                  base_handler=None):
@@ -1351,6 +1668,8 @@ cdef class LoopCore:
         self.timers = []
         self.doorbells = []
         self.sources = set()
+        self.ur_rearm = []
+        self.zc_threshold = 0
         self.base_on_sent = base_handler.on_sent if base_handler is not None else None
         self.events = <epoll_event*>PyMem_Malloc(MAX_EVENTS * sizeof(epoll_event))
         self.iov = <iovec*>PyMem_Malloc(MAX_IOV * sizeof(iovec))
@@ -1375,6 +1694,7 @@ cdef class LoopCore:
         if self.rx_chunk != NULL and self.pool is not None:
             chunk_unref(self.pool, self.rx_chunk)
             self.rx_chunk = NULL
+        self._ur_teardown()
         if self.epfd >= 0:
             c_close(self.epfd)
         if self.wakefd >= 0:
@@ -1441,43 +1761,48 @@ cdef class LoopCore:
     # ---- sources ----------------------------------------------------------
 
     cdef Bind _new_bind(self, int fd, str backend, bint stream, handler, Framer framer,
-                        tuple limits):
+                        tuple limits, bint ur, bint connecting):
         cdef epoll_event ev
         cdef Bind b = Bind.__new__(Bind)
         b._setup(self, fd, backend, stream, handler, framer, limits[0], limits[1], limits[2],
                  limits[3])
         b.state = S_CONNECTING
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-        ev.data.ptr = <void*>b
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-            raise OSError(errno, "epoll_ctl(ADD)")
+        b.ur = ur
+        if ur:
+            self._ur_setup()
+        if not ur or connecting:
+            ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+            ev.data.ptr = <void*>b
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl(ADD)")
         self.sources.add(b)
         return b
 
     def _add_stream(self, int fd, str backend, handler, Framer framer, tuple limits,
-                    bint connecting, peer, int connect_errno=0) -> Bind:
+                    bint connecting, peer, int connect_errno=0, bint uring=False) -> Bind:
         """Adopt a connected or connecting stream socket (nonblocking)."""
-        cdef Bind b = self._new_bind(fd, backend, True, handler, framer, limits)
+        cdef Bind b = self._new_bind(fd, backend, True, handler, framer, limits, uring,
+                                     connecting)
         b._peer = peer
         if connect_errno:
             b._close(transport_error(connect_errno, f"connect to {peer!r}"))
         elif not connecting:
             b._connected()
-            if b.state == S_OPEN:
+            if b.state == S_OPEN and not uring:
                 b.rx_ready = True
                 self._queue_read(b)
         return b
 
     def _add_datagram(self, int fd, str backend, handler, tuple limits) -> Bind:
         """Adopt a bound datagram socket (nonblocking)."""
-        cdef Bind b = self._new_bind(fd, backend, False, handler, None, limits)
+        cdef Bind b = self._new_bind(fd, backend, False, handler, None, limits, False, False)
         b.state = S_OPEN
         b.rx_ready = True
         self._queue_read(b)
         return b
 
     def _add_listener(self, int fd, str backend, factory, shared, Framer framer,
-                      tuple limits, bint nodelay, address) -> Listener:
+                      tuple limits, bint nodelay, address, bint uring=False) -> Listener:
         cdef epoll_event ev
         cdef Listener li = Listener.__new__(Listener)
         li.kind = K_LISTENER
@@ -1491,12 +1816,161 @@ cdef class LoopCore:
         li.nodelay = nodelay
         li.address = address
         li.active = True
-        ev.events = EPOLLIN
-        ev.data.ptr = <void*>li
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-            raise OSError(errno, "epoll_ctl(ADD listener)")
+        li.ur = uring
+        if uring:
+            self._ur_setup()
+            li._ur_arm()
+        else:
+            ev.events = EPOLLIN
+            ev.data.ptr = <void*>li
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl(ADD listener)")
         self.sources.add(li)
         return li
+
+    def _rearm_listener(self, Listener li):
+        if li.active and not li.ur_armed:
+            li._ur_arm()
+
+    # ---- io_uring ----------------------------------------------------------
+
+    cdef int _ur_setup(self) except -1:
+        """Create this loop's ring, its eventfd and its provided buffer ring."""
+        cdef int err = 0, i
+        cdef epoll_event ev
+        if self.ur != NULL:
+            return 0
+        self.ur = evpl_uring_new(UR_ENTRIES, &err)
+        if self.ur == NULL:
+            from evpl.errors import BackendUnavailable
+            raise BackendUnavailable(f"io_uring_setup failed: {OSError(err, '').strerror}")
+        self.ur_bufs = <Chunk**>PyMem_Malloc(UR_BUFS * sizeof(Chunk*))
+        self.ur_off = <size_t*>PyMem_Malloc(UR_BUFS * sizeof(size_t))
+        self.ur_free = <unsigned short*>PyMem_Malloc(UR_BUFS * sizeof(unsigned short))
+        self.cqes = <evpl_cqe*>PyMem_Malloc(UR_CQES * sizeof(evpl_cqe))
+        if not self.ur_bufs or not self.ur_off or not self.ur_free or not self.cqes:
+            self._ur_teardown()
+            raise MemoryError()
+        for i in range(UR_BUFS):
+            self.ur_bufs[i] = NULL
+            self.ur_free[i] = i
+        self.ur_nfree = UR_BUFS
+        err = evpl_uring_setup_bufring(self.ur, UR_BUFS, 0)
+        if err < 0:
+            self._ur_teardown()
+            raise OSError(-err, "io_uring provided buffer ring")
+        self.ur_evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.ur_evfd < 0 or evpl_uring_register_eventfd(self.ur, self.ur_evfd) < 0:
+            self._ur_teardown()
+            raise OSError(errno, "io_uring eventfd")
+        ev.events = EPOLLIN
+        ev.data.ptr = <void*>1
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.ur_evfd, &ev) < 0:
+            self._ur_teardown()
+            raise OSError(errno, "epoll_ctl(io_uring eventfd)")
+        self._ur_refill()
+        return 0
+
+    cdef void _ur_teardown(self):
+        cdef int i
+        if self.ur != NULL:
+            evpl_uring_free(self.ur)
+            self.ur = NULL
+        if self.ur_bufs != NULL:
+            for i in range(UR_BUFS):
+                if self.ur_bufs[i] != NULL and self.pool is not None:
+                    chunk_unref(self.pool, self.ur_bufs[i])
+            PyMem_Free(self.ur_bufs)
+            self.ur_bufs = NULL
+        PyMem_Free(self.ur_off)
+        self.ur_off = NULL
+        PyMem_Free(self.ur_free)
+        self.ur_free = NULL
+        PyMem_Free(self.cqes)
+        self.cqes = NULL
+        if self.ur_evfd >= 0:
+            c_close(self.ur_evfd)
+            self.ur_evfd = -1
+
+    cdef void _ur_buf_done(self, unsigned bid):
+        """The kernel finished with buffer ``bid``: drop the ring's hold."""
+        cdef Chunk* c = self.ur_bufs[bid]
+        self.ur_bufs[bid] = NULL
+        self.ur_free[self.ur_nfree] = bid
+        self.ur_nfree += 1
+        chunk_unref(self.pool, c)
+
+    cdef void _ur_refill(self):
+        """Give the kernel fresh pool buffers for every slot it used up."""
+        cdef Chunk* c
+        cdef unsigned short bid
+        cdef int added = 0
+        cdef Bind b
+        while self.ur_nfree > 0:
+            c = self.pool.get()
+            if c == NULL:
+                break
+            self.ur_nfree -= 1
+            bid = self.ur_free[self.ur_nfree]
+            self.ur_bufs[bid] = c
+            self.ur_off[bid] = 0
+            evpl_uring_buf_add(self.ur, c.data, <unsigned>c.size, bid)
+            added += 1
+        if added:
+            evpl_uring_buf_commit(self.ur)
+            if self.ur_rearm:
+                batch = self.ur_rearm
+                self.ur_rearm = []
+                for b in batch:
+                    if b.state == S_OPEN and not b.reading_paused:
+                        b._ur_arm_recv()
+
+    cdef int _ur_process(self) except -1:
+        """Reap and dispatch every completion that is ready."""
+        cdef int n, i, total = 0
+        cdef uint64_t ud
+        cdef uint32_t flags
+        cdef int op, res
+        cdef Bind b
+        cdef Listener li
+        while True:
+            n = evpl_uring_reap(self.ur, self.cqes, UR_CQES)
+            for i in range(n):
+                ud = self.cqes[i].user_data
+                res = self.cqes[i].res
+                flags = self.cqes[i].flags
+                op = ud & 7
+                if op == OP_RECV:
+                    b = <Bind><PyObject*><void*>(ud & ~(<uint64_t>7))
+                    b._ur_recv(res, flags)
+                    if not flags & EVPL_CQE_F_MORE:
+                        Py_DECREF(b)
+                elif op == OP_SEND:
+                    b = <Bind><PyObject*><void*>(ud & ~(<uint64_t>7))
+                    b._ur_sent(res, flags)
+                    if not flags & EVPL_CQE_F_MORE:
+                        Py_DECREF(b)
+                elif op == OP_ACCEPT:
+                    li = <Listener><PyObject*><void*>(ud & ~(<uint64_t>7))
+                    li._ur_accept(res, flags)
+                    if not flags & EVPL_CQE_F_MORE:
+                        Py_DECREF(li)
+            b = None
+            li = None
+            total += n
+            if n < UR_CQES:
+                break
+        self.stat_cqes += total
+        if self.ur_nfree:
+            self._ur_refill()
+        return total
+
+    cdef int _ur_poll(self) except -1:
+        cdef uint64_t v
+        c_read(self.ur_evfd, &v, 8)
+        evpl_uring_submit(self.ur)
+        self.ur_submit = False
+        return self._ur_process()
 
     cdef void _pause_listener(self, Listener li):
         cdef epoll_event ev
@@ -1676,6 +2150,9 @@ cdef class LoopCore:
             if self.events[i].data.ptr == NULL:
                 self._ring_doorbells()
                 continue
+            if self.events[i].data.ptr == <void*>1:
+                self._ur_poll()
+                continue
             src = <_Source>self.events[i].data.ptr
             if src.kind == K_BIND:
                 (<Bind>src)._event(self.events[i].events)
@@ -1718,6 +2195,10 @@ cdef class LoopCore:
                     b._flush()
             if self.closing:
                 self._run_closing()
+        if self.ur_submit and self.ur != NULL:
+            # sends and re-arms of this iteration go to the kernel in one call
+            self.ur_submit = False
+            evpl_uring_submit(self.ur)
         if self.dirty or self.closing or self.deferred:
             # callbacks keep producing work: finish it next iteration
             self.last_active = evpl_now_ns()
@@ -1860,6 +2341,16 @@ cdef class LoopCore:
         self.deferred = []
         self.pending_read = []
         self.starved = []
+        self.ur_rearm = []
+        if self.ur != NULL:
+            # let cancellations and in-flight sends complete, so every Bind
+            # and buffer they hold is released, then drop the ring
+            for _ in range(100):
+                if evpl_uring_wait(self.ur, 10_000_000) < 0 and not evpl_uring_pending_sqes(self.ur):
+                    if self._ur_process() == 0:
+                        break
+                self._ur_process()
+            self._ur_teardown()
         if self.rx_chunk != NULL:
             chunk_unref(self.pool, self.rx_chunk)
             self.rx_chunk = NULL
@@ -1883,5 +2374,7 @@ cdef class LoopCore:
             "accept_errors": self.stat_accept_errors,
             "starved": self.stat_starved,
             "timers_fired": self.stat_timers_fired,
+            "zc_sends": self.stat_zc_sends,
+            "completions": self.stat_cqes,
             "sources": len(self.sources),
         }

@@ -92,6 +92,34 @@ register(_Backend(
 ))
 
 
+def _probe_uring(family: int) -> Callable[[], str | None]:
+    def probe() -> str | None:
+        from evpl._native.engine import uring_unavailable_reason
+
+        try:
+            with open("/proc/sys/kernel/io_uring_disabled") as f:
+                if f.read().strip() == "2":
+                    return "io_uring is disabled (kernel.io_uring_disabled = 2)"
+        except OSError:
+            pass
+        return uring_unavailable_reason() or _probe_socket(family, socket.SOCK_STREAM)()
+
+    return probe
+
+
+_URING_CAPS = {"stream", "io_uring", "multishot", "provided_buffers", "zero_copy_send"}
+register(_Backend(
+    "io_uring_tcp", "stream", socket.AF_INET, frozenset(_URING_CAPS | {"inet", "inet6"}),
+    "TCP over io_uring: multishot accept/recv into pool buffers, batched sendmsg, SEND_ZC",
+    _probe_uring(socket.AF_INET),
+))
+register(_Backend(
+    "io_uring_unix", "stream", socket.AF_UNIX, frozenset(_URING_CAPS | {"local"}),
+    "Unix domain stream sockets over io_uring",
+    _probe_uring(socket.AF_UNIX),
+))
+
+
 def backends() -> list[BackendInfo]:
     """Every known backend, available or not (with the reason)."""
     return [b.info() for b in _REGISTRY.values()]

@@ -114,19 +114,24 @@ class Loop(LoopCore):
 
     ``poll_mode``: ``"hybrid"`` polls while busy and sleeps after ``spin_ns``
     of quiet; ``"event"`` always sleeps when idle; ``"always"`` never sleeps.
+    ``zc_threshold``: io_uring backends send messages of at least this many
+    bytes with SEND_ZC (0 = never; on loopback the kernel copies anyway).
     """
 
     def __init__(self, *, spin_ns: int = 50_000,
                  poll_mode: Literal["hybrid", "event", "always"] = "hybrid",
-                 pool: Pool | None = None) -> None:
+                 pool: Pool | None = None, zc_threshold: int = 0) -> None:
         if poll_mode not in ("hybrid", "event", "always"):
             raise ConfigError(f"poll_mode must be 'hybrid', 'event' or 'always', got {poll_mode!r}")
         if not isinstance(spin_ns, int) or spin_ns < 0:
             raise ConfigError(f"spin_ns must be a non-negative int, got {spin_ns!r}")
         if poll_mode == "event":
             spin_ns = 0
+        if not isinstance(zc_threshold, int) or zc_threshold < 0:
+            raise ConfigError(f"zc_threshold must be a non-negative int, got {zc_threshold!r}")
         super().__init__(pool if pool is not None else default_pool(), spin_ns=spin_ns,
                          poll_always=poll_mode == "always", base_handler=Handler)
+        self.zc_threshold = zc_threshold
 
     @property
     def poll_mode(self) -> str:
@@ -181,7 +186,7 @@ class Loop(LoopCore):
         bound = sock.getsockname()
         nodelay = bool(options.get("nodelay", True)) and sock.family != socket.AF_UNIX
         return self._add_listener(sock.detach(), info.name, factory, shared, framing, limits,
-                                  nodelay, bound)
+                                  nodelay, bound, "io_uring" in info.capabilities)
 
     def connect(self, backend: str, address: Any, handler: Any, *,
                 framing: Framer | None = None, **options: Any) -> Bind:
@@ -200,7 +205,7 @@ class Loop(LoopCore):
             err = errno.ECONNREFUSED  # the listener's backlog is full
         connect_errno = 0 if err in (0, errno.EINPROGRESS) else err
         return self._add_stream(sock.detach(), info.name, h, framing, limits, connecting,
-                                sa, connect_errno)
+                                sa, connect_errno, "io_uring" in info.capabilities)
 
     def bind(self, backend: str, address: Any, handler: Any, **options: Any) -> Bind:
         """A datagram socket bound to ``address`` (port 0 picks a free port)."""

@@ -1,0 +1,260 @@
+/* The io_uring side of the evpl engine: a thin layer over liburing, so the
+ * Cython engine sees plain functions and a plain completion array.
+ *
+ * Built with liburing when setup.py finds it (EVPL_HAVE_LIBURING); without it
+ * every function reports ENOSYS and the io_uring backends say why they are
+ * unavailable. Features newer than Debian's 6.1 headers are defined here and
+ * probed at run time. */
+#ifndef EVPL_URING_H
+#define EVPL_URING_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+
+typedef struct evpl_cqe {
+    uint64_t user_data;
+    int32_t res;
+    uint32_t flags;
+} evpl_cqe;
+
+/* newer than the 6.1 headers */
+#define EVPL_IOU_PBUF_RING_INC   2u          /* incremental buffer consumption (6.12) */
+#define EVPL_CQE_F_BUF_MORE      (1u << 4)   /* buffer partially consumed, more to come */
+#define EVPL_CQE_F_MORE          (1u << 1)
+#define EVPL_CQE_F_BUFFER        (1u << 0)
+#define EVPL_CQE_F_NOTIF         (1u << 3)
+
+#ifdef EVPL_HAVE_LIBURING
+#include <liburing.h>
+
+typedef struct evpl_uring {
+    struct io_uring ring;
+    int evfd;
+    struct io_uring_buf_ring *br;
+    size_t br_size;
+    unsigned br_entries;
+    unsigned br_mask;
+    int br_pending;
+    unsigned setup_flags;
+} evpl_uring;
+
+static inline int evpl_uring_built(void) { return 1; }
+
+/* Create a ring; try SINGLE_ISSUER | DEFER_TASKRUN, then plainer set-ups. */
+static evpl_uring *evpl_uring_new(unsigned entries, int *err) {
+    static const unsigned tries[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_COOP_TASKRUN,
+        0,
+    };
+    evpl_uring *u = calloc(1, sizeof(*u));
+    unsigned i;
+    int r = -EINVAL;
+    if (!u) { *err = ENOMEM; return NULL; }
+    for (i = 0; i < sizeof(tries) / sizeof(tries[0]); i++) {
+        struct io_uring_params p;
+        memset(&p, 0, sizeof(p));
+        p.flags = tries[i] | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_CQSIZE;
+        p.cq_entries = entries * 4;
+        r = io_uring_queue_init_params(entries, &u->ring, &p);
+        if (r == 0) { u->setup_flags = p.flags; break; }
+    }
+    if (r < 0) { free(u); *err = -r; return NULL; }
+    u->evfd = -1;
+    *err = 0;
+    return u;
+}
+
+static void evpl_uring_free(evpl_uring *u) {
+    if (!u) return;
+    io_uring_queue_exit(&u->ring);
+    if (u->br) munmap(u->br, u->br_size);
+    free(u);
+}
+
+static int evpl_uring_register_eventfd(evpl_uring *u, int fd) {
+    int r = io_uring_register_eventfd(&u->ring, fd);
+    if (r == 0) u->evfd = fd;
+    return r;
+}
+
+/* A provided-buffer ring with incremental consumption (one large buffer
+ * serves many receives, each continuing where the last one ended). */
+static int evpl_uring_setup_bufring(evpl_uring *u, unsigned entries, int bgid) {
+    struct io_uring_buf_reg reg;
+    int r;
+    u->br_size = entries * sizeof(struct io_uring_buf);
+    if (u->br_size < 4096) u->br_size = 4096;
+    u->br = mmap(NULL, u->br_size, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (u->br == MAP_FAILED) { u->br = NULL; return -errno; }
+    io_uring_buf_ring_init(u->br);
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (unsigned long)u->br;
+    reg.ring_entries = entries;
+    reg.bgid = (unsigned short)bgid;
+    reg.pad = EVPL_IOU_PBUF_RING_INC;      /* 'flags' in newer headers */
+    r = io_uring_register_buf_ring(&u->ring, &reg, 0);
+    if (r < 0) { munmap(u->br, u->br_size); u->br = NULL; return r; }
+    u->br_entries = entries;
+    u->br_mask = io_uring_buf_ring_mask(entries);
+    u->br_pending = 0;
+    return 0;
+}
+
+static inline void evpl_uring_buf_add(evpl_uring *u, void *addr, unsigned len, unsigned short bid) {
+    io_uring_buf_ring_add(u->br, addr, len, bid, u->br_mask, u->br_pending++);
+}
+
+static inline void evpl_uring_buf_commit(evpl_uring *u) {
+    if (u->br_pending) {
+        io_uring_buf_ring_advance(u->br, u->br_pending);
+        u->br_pending = 0;
+    }
+}
+
+static inline struct io_uring_sqe *evpl_uring_sqe(evpl_uring *u) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+    if (!sqe) {
+        io_uring_submit(&u->ring);
+        sqe = io_uring_get_sqe(&u->ring);
+    }
+    return sqe;
+}
+
+static int evpl_uring_recv_multishot(evpl_uring *u, int fd, uint64_t ud, int bgid) {
+    struct io_uring_sqe *sqe = evpl_uring_sqe(u);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_recv_multishot(sqe, fd, NULL, 0, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = (unsigned short)bgid;
+    io_uring_sqe_set_data64(sqe, ud);
+    return 0;
+}
+
+static int evpl_uring_accept_multishot(evpl_uring *u, int fd, uint64_t ud) {
+    struct io_uring_sqe *sqe = evpl_uring_sqe(u);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    io_uring_sqe_set_data64(sqe, ud);
+    return 0;
+}
+
+static int evpl_uring_sendmsg(evpl_uring *u, int fd, const struct msghdr *mh, uint64_t ud,
+                              int zc) {
+    struct io_uring_sqe *sqe = evpl_uring_sqe(u);
+    if (!sqe) return -EBUSY;
+    if (zc)
+        io_uring_prep_sendmsg_zc(sqe, fd, mh, MSG_NOSIGNAL | MSG_WAITALL);
+    else
+        io_uring_prep_sendmsg(sqe, fd, mh, MSG_NOSIGNAL | MSG_WAITALL);
+    io_uring_sqe_set_data64(sqe, ud);
+    return 0;
+}
+
+static int evpl_uring_cancel(evpl_uring *u, uint64_t target, uint64_t ud) {
+    struct io_uring_sqe *sqe = evpl_uring_sqe(u);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_cancel64(sqe, target, IORING_ASYNC_CANCEL_ALL);
+    io_uring_sqe_set_data64(sqe, ud);
+    return 0;
+}
+
+/* Submit what is queued and run deferred completion work (one syscall). */
+static inline int evpl_uring_submit(evpl_uring *u) {
+    return io_uring_submit_and_get_events(&u->ring);
+}
+
+static inline int evpl_uring_pending_sqes(evpl_uring *u) {
+    return io_uring_sq_ready(&u->ring) > 0;
+}
+
+/* Copy up to max completions out of the ring and mark them seen. */
+static inline int evpl_uring_reap(evpl_uring *u, evpl_cqe *out, int max) {
+    struct io_uring_cqe *cqe;
+    unsigned head;
+    int n = 0;
+    io_uring_for_each_cqe(&u->ring, head, cqe) {
+        if (n == max) break;
+        out[n].user_data = cqe->user_data;
+        out[n].res = cqe->res;
+        out[n].flags = cqe->flags;
+        n++;
+    }
+    if (n) io_uring_cq_advance(&u->ring, (unsigned)n);
+    return n;
+}
+
+static inline unsigned evpl_uring_flags(evpl_uring *u) { return u->setup_flags; }
+
+/* Submit and wait up to timeout_ns for at least one completion. */
+static inline int evpl_uring_wait(evpl_uring *u, long long timeout_ns) {
+    struct io_uring_cqe *cqe;
+    struct __kernel_timespec ts;
+    ts.tv_sec = timeout_ns / 1000000000LL;
+    ts.tv_nsec = timeout_ns % 1000000000LL;
+    return io_uring_submit_and_wait_timeout(&u->ring, &cqe, 1, &ts, NULL);
+}
+
+/* Why io_uring networking cannot be used here, or NULL if it can. */
+static const char *evpl_uring_probe(void) {
+    static char why[160];
+    struct io_uring_probe *p;
+    evpl_uring *u;
+    int err, r;
+    u = evpl_uring_new(8, &err);
+    if (!u) {
+        snprintf(why, sizeof(why), "io_uring_setup failed: %s%s", strerror(err),
+                 err == EPERM ? " (kernel.io_uring_disabled or seccomp)" : "");
+        return why;
+    }
+    p = io_uring_get_probe_ring(&u->ring);
+    if (!p) { evpl_uring_free(u); return "io_uring opcode probe failed"; }
+    if (!io_uring_opcode_supported(p, IORING_OP_SENDMSG_ZC) ||
+        !io_uring_opcode_supported(p, IORING_OP_RECV) ||
+        !io_uring_opcode_supported(p, IORING_OP_ACCEPT)) {
+        io_uring_free_probe(p);
+        evpl_uring_free(u);
+        return "kernel lacks IORING_OP_SENDMSG_ZC/RECV/ACCEPT (needs Linux 6.1)";
+    }
+    io_uring_free_probe(p);
+    r = evpl_uring_setup_bufring(u, 8, 0);
+    evpl_uring_free(u);
+    if (r < 0) {
+        snprintf(why, sizeof(why),
+                 "incremental provided buffer rings unsupported (%s; needs Linux 6.12)",
+                 strerror(-r));
+        return why;
+    }
+    return NULL;
+}
+
+#else  /* no liburing at build time */
+
+typedef struct evpl_uring { int unused; } evpl_uring;
+static inline int evpl_uring_built(void) { return 0; }
+static evpl_uring *evpl_uring_new(unsigned e, int *err) { (void)e; *err = ENOSYS; return NULL; }
+static void evpl_uring_free(evpl_uring *u) { (void)u; }
+static int evpl_uring_register_eventfd(evpl_uring *u, int fd) { (void)u; (void)fd; return -ENOSYS; }
+static int evpl_uring_setup_bufring(evpl_uring *u, unsigned e, int g) { (void)u; (void)e; (void)g; return -ENOSYS; }
+static inline void evpl_uring_buf_add(evpl_uring *u, void *a, unsigned l, unsigned short b) { (void)u; (void)a; (void)l; (void)b; }
+static inline void evpl_uring_buf_commit(evpl_uring *u) { (void)u; }
+static int evpl_uring_recv_multishot(evpl_uring *u, int f, uint64_t d, int g) { (void)u; (void)f; (void)d; (void)g; return -ENOSYS; }
+static int evpl_uring_accept_multishot(evpl_uring *u, int f, uint64_t d) { (void)u; (void)f; (void)d; return -ENOSYS; }
+static int evpl_uring_sendmsg(evpl_uring *u, int f, const struct msghdr *m, uint64_t d, int z) { (void)u; (void)f; (void)m; (void)d; (void)z; return -ENOSYS; }
+static int evpl_uring_cancel(evpl_uring *u, uint64_t t, uint64_t d) { (void)u; (void)t; (void)d; return -ENOSYS; }
+static inline int evpl_uring_submit(evpl_uring *u) { (void)u; return -ENOSYS; }
+static inline int evpl_uring_pending_sqes(evpl_uring *u) { (void)u; return 0; }
+static inline int evpl_uring_reap(evpl_uring *u, evpl_cqe *o, int m) { (void)u; (void)o; (void)m; return 0; }
+static inline unsigned evpl_uring_flags(evpl_uring *u) { (void)u; return 0; }
+static inline int evpl_uring_wait(evpl_uring *u, long long t) { (void)u; (void)t; return -ENOSYS; }
+static const char *evpl_uring_probe(void) {
+    return "evpl was built without liburing (install liburing-dev and reinstall evpl)";
+}
+#endif
+
+#endif
