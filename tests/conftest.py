@@ -1,0 +1,140 @@
+"""Shared fixtures for the evpl test suite.
+
+Every behaviour test runs against every backend that ``evpl.backends()``
+reports as available, so a new backend (io_uring, AF_XDP...) is tested by the
+same tests without editing them.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import evpl
+
+STREAM_BACKENDS = [b.name for b in evpl.backends() if b.available and b.kind == "stream"]
+DATAGRAM_BACKENDS = [b.name for b in evpl.backends() if b.available and b.kind == "datagram"]
+
+_names = itertools.count()
+
+
+def backend_info(name: str) -> evpl.BackendInfo:
+    for b in evpl.backends():
+        if b.name == name:
+            return b
+    raise LookupError(name)
+
+
+def _short_dir(tmp_path: Any) -> str:
+    """A directory whose socket paths fit in sun_path (108 bytes)."""
+    path = str(tmp_path)
+    if len(path) > 80:
+        path = tempfile.mkdtemp(prefix="evpl-", dir="/tmp")
+    return path
+
+
+class LoopErrors(list):
+    """Callback exceptions a loop reported: (exc, bind) pairs.
+
+    The traceback is kept as text (``.tracebacks``) and dropped from the
+    exception: it references the callback's frame and so the received Buffers,
+    which must not end up in reference cycles (see test_buffers.py,
+    test_buffer_in_reference_cycle).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracebacks: list[str] = []
+
+    def __call__(self, loop: Any, exc: BaseException, bind: Any) -> None:
+        self.tracebacks.append("".join(traceback.format_exception(exc)))
+        self.append((exc.with_traceback(None), bind))
+
+    def clear(self) -> None:
+        super().clear()
+        self.tracebacks.clear()
+
+
+class Loops:
+    """Creates Loops and checks at teardown that each one is clean."""
+
+    def __init__(self) -> None:
+        self.loops: list[evpl.Loop] = []
+        self.pools: list[evpl.Pool] = []
+
+    def make(self, **kwargs: Any) -> evpl.Loop:
+        loop = evpl.Loop(**kwargs)
+        loop.callback_errors = LoopErrors()  # type: ignore[attr-defined]
+        loop.exception_handler = loop.callback_errors  # type: ignore[attr-defined]
+        self.loops.append(loop)
+        if kwargs.get("pool") is not None:
+            self.pools.append(kwargs["pool"])
+        return loop
+
+    def finish(self) -> None:
+        errors = []
+        for loop in self.loops:
+            loop.close()
+            errors.extend(loop.callback_errors)  # type: ignore[attr-defined]
+        tracebacks = [t for loop in self.loops for t in loop.callback_errors.tracebacks]
+        self.loops.clear()
+        assert not errors, "callback exceptions were reported:\n" + "\n".join(tracebacks)
+        gc.collect()
+        for pool in [evpl.default_pool(), *self.pools]:
+            check_pool(pool)
+
+
+def check_pool(pool: evpl.Pool) -> None:
+    """Nothing leaked: every buffer and heap chunk went back to ``pool``."""
+    gc.collect()
+    stats = pool.stats()
+    assert stats["buffers_in_use"] == 0, f"leaked pool buffers: {stats}"
+    assert stats["heap_in_use"] == 0, f"leaked heap chunks: {stats}"
+
+
+@pytest.fixture
+def make_loop():
+    """Factory for extra Loops (own pool, poll mode...), checked like ``loop``."""
+    loops = Loops()
+    yield loops.make
+    loops.finish()
+
+
+@pytest.fixture
+def loop(make_loop):
+    """An evpl.Loop whose callback exceptions are recorded in
+    ``loop.callback_errors`` (a test that expects some must clear them)."""
+    return make_loop()
+
+
+@pytest.fixture(params=STREAM_BACKENDS)
+def stream_backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=DATAGRAM_BACKENDS)
+def datagram_backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def address(tmp_path) -> Callable[[str], Any]:
+    """``address(backend)``: a fresh address to listen/bind on for ``backend``."""
+    base = _short_dir(tmp_path)
+
+    def make(backend: str) -> Any:
+        caps = backend_info(backend).capabilities
+        if "local" in caps:
+            return os.path.join(base, f"s{next(_names)}.sock")
+        if "inet" in caps:
+            return ("127.0.0.1", 0)
+        pytest.skip(f"no address recipe for backend {backend!r} ({sorted(caps)})")
+
+    return make

@@ -1,0 +1,135 @@
+"""Helpers shared by the core behaviour tests (plain-socket peers, threads)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import evpl
+
+# generous bound for every run_until: tests never rely on it, it only turns a
+# hang into a failure
+TIMEOUT = 10.0
+
+STREAM_BACKENDS = [b.name for b in evpl.backends() if b.available and b.kind == "stream"]
+DATAGRAM_BACKENDS = [b.name for b in evpl.backends() if b.available and b.kind == "datagram"]
+
+
+def backend_info(name: str) -> evpl.BackendInfo:
+    for b in evpl.backends():
+        if b.name == name:
+            return b
+    raise LookupError(name)
+
+
+def check_pool(pool: evpl.Pool) -> None:
+    """Nothing leaked: every buffer and heap chunk went back to ``pool``."""
+    import gc
+    gc.collect()
+    stats = pool.stats()
+    assert stats["buffers_in_use"] == 0, f"leaked pool buffers: {stats}"
+    assert stats["heap_in_use"] == 0, f"leaked heap chunks: {stats}"
+
+
+def raw_family(backend: str) -> int:
+    """The socket family a plain Python peer uses to talk to ``backend``."""
+    caps = backend_info(backend).capabilities
+    if "local" in caps:
+        return socket.AF_UNIX
+    return socket.AF_INET
+
+
+def raw_connect(backend: str, addr: Any, *, rcvbuf: int | None = None) -> socket.socket:
+    """A blocking plain-socket client connected to an evpl listener."""
+    family = socket.AF_UNIX if isinstance(addr, str | bytes) else (
+        socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+    s = socket.socket(family, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(TIMEOUT)
+    s.connect(addr)
+    return s
+
+
+def raw_listener(backend: str, address_factory: Callable[[str], Any],
+                 *, rcvbuf: int | None = None) -> tuple[socket.socket, Any]:
+    """A plain-socket listener evpl can connect to: (socket, address)."""
+    addr = address_factory(backend)
+    s = socket.socket(raw_family(backend), socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.bind(addr)
+    s.listen(16)
+    s.settimeout(TIMEOUT)
+    return s, s.getsockname()
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    """Read until EOF (blocking, bounded by the socket timeout)."""
+    chunks = []
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        data = sock.recv(min(n, 1 << 20))
+        if not data:
+            raise EOFError(f"EOF with {n} bytes still expected")
+        chunks.append(data)
+        n -= len(data)
+    return b"".join(chunks)
+
+
+class InThread:
+    """Run ``fn`` in a thread; ring a doorbell of ``loop`` when it is done, so
+    ``loop.run_until(t.done)`` wakes up without polling."""
+
+    def __init__(self, loop: evpl.Loop, fn: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self._bell = loop.doorbell(lambda: None)
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:  # reported by get()
+            self.error = exc
+        finally:
+            self.finished = True
+            self._bell.ring()
+
+    def done(self) -> bool:
+        return self.finished
+
+    def get(self) -> Any:
+        self._thread.join(TIMEOUT)
+        assert self.finished, "helper thread did not finish"
+        self._bell.close()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Ticker:
+    """A periodic timer that keeps the loop iterating (for predicates that
+    depend on things outside the loop, like a plain socket's kernel state)."""
+
+    def __init__(self, loop: evpl.Loop, period: float = 0.001) -> None:
+        self.count = 0
+        self.timer = loop.call_every(period, self._tick)
+
+    def _tick(self) -> None:
+        self.count += 1
+
+    def cancel(self) -> None:
+        self.timer.cancel()

@@ -1,0 +1,209 @@
+"""Datagram Bind behaviour, the same for every available datagram backend."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import pytest
+
+import evpl
+
+from .helpers import TIMEOUT, backend_info
+
+
+class DgramEcho(evpl.Handler):
+    def __init__(self):
+        self.addrs = []
+
+    def on_datagram(self, bind, buf, addr):
+        self.addrs.append(addr)
+        bind.sendto(buf, addr)          # the received Buffer goes back out
+
+
+class DgramRecorder(evpl.Handler):
+    def __init__(self):
+        self.got: list[tuple[bytes, object]] = []
+        self.closed: list[object] = []
+
+    def on_datagram(self, bind, buf, addr):
+        self.got.append((bytes(buf), addr))
+
+    def on_closed(self, bind, error):
+        self.closed.append(error)
+
+
+def pair(loop, backend, address, host="127.0.0.1"):
+    addr = address(backend)
+    if isinstance(addr, tuple):
+        addr = (host, 0)
+    echo = DgramEcho()
+    server = loop.bind(backend, addr, echo)
+    rec = DgramRecorder()
+    client = loop.bind(backend, addr, rec)
+    return server, echo, client, rec
+
+
+def test_echo_many_datagrams(loop, datagram_backend, address):
+    server, echo, client, rec = pair(loop, datagram_backend, address)
+    n, window = 2000, 32
+    payloads = [b"%06d:" % i + random.randbytes(random.randrange(0, 1400)) for i in range(n)]
+    sent = 0
+    while len(rec.got) < n:
+        # a bounded window in flight: loopback UDP is lossless while buffers suffice
+        while sent < n and sent - len(rec.got) < window:
+            client.sendto(payloads[sent], server.local_address)
+            sent += 1
+        target = min(sent, len(rec.got) + 1)
+        loop.run_until(lambda t=target: len(rec.got) >= t, timeout=TIMEOUT)
+    assert sorted(p for p, _ in rec.got) == sorted(payloads)
+    assert {a for _, a in rec.got} == {server.local_address}
+    assert set(echo.addrs) == {client.local_address}
+    stats = loop.stats()
+    assert stats["datagrams_in"] >= 2 * n
+    assert stats["datagrams_out"] >= 2 * n
+
+
+def test_addresses(loop, datagram_backend, address):
+    server, echo, client, rec = pair(loop, datagram_backend, address)
+    la = server.local_address
+    assert la[0] == "127.0.0.1" and la[1] > 0
+    assert client.local_address[1] not in (0, la[1])
+    assert server.backend == datagram_backend
+    assert not server.framed
+    client.sendto(b"hi", la)
+    loop.run_until(lambda: rec.got, timeout=TIMEOUT)
+    assert rec.got == [(b"hi", la)]
+    assert echo.addrs == [client.local_address]
+
+
+def test_largest_datagram(loop, datagram_backend, address):
+    server, echo, client, rec = pair(loop, datagram_backend, address)
+    big = random.randbytes(65507)
+    client.sendto(big, server.local_address)
+    client.sendto(b"", server.local_address)
+    loop.run_until(lambda: len(rec.got) >= 2, timeout=TIMEOUT)
+    assert sorted(len(p) for p, _ in rec.got) == [0, 65507]
+    assert big in [p for p, _ in rec.got]
+
+
+def test_oversize_sendto_raises(loop, datagram_backend, address):
+    server, echo, client, rec = pair(loop, datagram_backend, address)
+    with pytest.raises(ValueError):
+        client.sendto(b"x" * 65508, server.local_address)
+    with pytest.raises(ValueError):
+        client.sendto(bytearray(100_000), server.local_address)
+    assert client.queued_bytes == 0
+    client.sendto(b"after", server.local_address)   # the Bind is still usable
+    loop.run_until(lambda: rec.got, timeout=TIMEOUT)
+    assert rec.got[0][0] == b"after"
+
+
+def test_sendto_to_nobody(loop, datagram_backend, address):
+    """Nobody listens on the port: no crash, the datagram is accounted for."""
+    server, echo, client, rec = pair(loop, datagram_backend, address)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()
+    s.close()
+    before = loop.stats()
+    for _ in range(10):
+        client.sendto(b"void", dead)
+    client.sendto(b"x", ("127.0.0.1", 0))            # port 0: the kernel refuses it
+    client.sendto(b"alive", server.local_address)
+    loop.run_until(lambda: rec.got, timeout=TIMEOUT)
+    after = loop.stats()
+    assert rec.got == [(b"alive", server.local_address)]
+    accounted = (after["datagrams_out"] - before["datagrams_out"]
+                 + after["datagram_errors"] - before["datagram_errors"])
+    assert accounted >= 12 + 1           # 12 from the client, 1 echo
+    assert after["datagram_errors"] > before["datagram_errors"]
+    assert not client.closed and not rec.closed
+    # ICMP errors that come back must not break the receive side either
+    client.sendto(b"again", server.local_address)
+    loop.run_until(lambda: len(rec.got) >= 2, timeout=TIMEOUT)
+    assert rec.got[1][0] == b"again"
+
+
+def test_sendto_bad_address(loop, datagram_backend, address):
+    server, echo, client, rec = pair(loop, datagram_backend, address)
+    with pytest.raises((TypeError, ValueError)):
+        client.sendto(b"x", "not an address")
+    with pytest.raises((TypeError, ValueError)):
+        client.sendto(b"x", ("not-a-numeric-ip", 9))
+    with pytest.raises((TypeError, ValueError, OverflowError)):
+        client.sendto(b"x", ("127.0.0.1", 70000))
+    assert client.queued_bytes == 0
+
+
+def test_stream_calls_on_datagram_bind(loop, datagram_backend, address):
+    server, echo, client, rec = pair(loop, datagram_backend, address)
+    with pytest.raises(evpl.EvplError):
+        client.send(b"x")
+    client.close()
+    with pytest.raises(evpl.EvplError):
+        client.sendto(b"x", server.local_address)
+    loop.run_until(lambda: rec.closed, timeout=TIMEOUT)
+    assert rec.closed == [None]
+
+
+def test_max_datagram_truncation_counted(loop, datagram_backend, address):
+    addr = address(datagram_backend)
+    rec = DgramRecorder()
+    small = loop.bind(datagram_backend, addr, rec, max_datagram=100)
+    sender = loop.bind(datagram_backend, addr, DgramRecorder())
+    before = loop.stats()["truncated"]
+    sender.sendto(b"y" * 500, small.local_address)
+    sender.sendto(b"z" * 100, small.local_address)
+    loop.run_until(lambda: rec.got, timeout=TIMEOUT)
+    loop.run_until(lambda: loop.stats()["truncated"] > before, timeout=TIMEOUT)
+    assert rec.got == [(b"z" * 100, sender.local_address)]
+
+
+def test_received_datagram_buffers_outlive_the_batch(loop, datagram_backend, address):
+    """Buffers kept from on_datagram stay valid while later datagrams arrive."""
+
+    class Keep(evpl.Handler):
+        def __init__(self):
+            self.bufs = []
+
+        def on_datagram(self, bind, buf, addr):
+            self.bufs.append(buf)
+
+    keep = Keep()
+    addr = address(datagram_backend)
+    rx = loop.bind(datagram_backend, addr, keep)
+    tx = loop.bind(datagram_backend, addr, DgramRecorder())
+    payloads = [bytes([i]) * (1000 + i) for i in range(200)]
+    for i, p in enumerate(payloads):
+        tx.sendto(p, rx.local_address)
+        if i % 20 == 19:
+            loop.run_until(lambda i=i: len(keep.bufs) > i, timeout=TIMEOUT)
+    loop.run_until(lambda: len(keep.bufs) >= len(payloads), timeout=TIMEOUT)
+    assert [bytes(b) for b in keep.bufs] == payloads
+    assert all(b.readonly for b in keep.bufs)
+    keep.bufs.clear()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+def test_ipv6(loop, datagram_backend, address):
+    if "inet6" not in backend_info(datagram_backend).capabilities:
+        pytest.skip("backend has no IPv6")
+    server, echo, client, rec = pair(loop, datagram_backend, address, host="::1")
+    la = server.local_address
+    assert la[0] == "::1"
+    for i in range(50):
+        client.sendto(b"v6-%d" % i, la)
+    loop.run_until(lambda: len(rec.got) >= 50, timeout=TIMEOUT)
+    assert sorted(p for p, _ in rec.got) == sorted(b"v6-%d" % i for i in range(50))
+    assert all(a[:2] == la[:2] for _, a in rec.got)
+    assert echo.addrs[0][:2] == client.local_address[:2]
