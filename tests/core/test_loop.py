@@ -465,8 +465,6 @@ def test_bad_bind_options(loop, stream_backend, datagram_backend, address, optio
     assert loop.stats()["sources"] == 0        # nothing was left half-made
 
 
-@pytest.mark.xfail(reason="bug in evpl.core.loop._limits: high_water is used (high // 4) "
-                          "before it is type-checked, so TypeError escapes", strict=True)
 def test_non_int_high_water_is_config_error(loop, stream_backend, address):
     with pytest.raises(evpl.ConfigError):
         loop.listen(stream_backend, address(stream_backend), evpl.Handler, high_water="big")

@@ -26,6 +26,7 @@ cdef class Pool:
     cdef bint huge_used
     cdef Chunk* get(self) noexcept
     cdef Chunk* get_heap(self, size_t size) noexcept
+    cdef Chunk* get_heap_forced(self, size_t size) noexcept
     cdef Chunk* get_size(self, size_t size) noexcept
     cdef void put(self, Chunk* c) noexcept
     cdef int _grow(self) noexcept

@@ -123,10 +123,15 @@ cdef class Pool:
 
     cdef Chunk* get_heap(self, size_t size) noexcept:
         """An exact-size chunk for a message larger than one buffer."""
-        cdef Chunk* c
         if self.nslabs * self.slab_size + self.heap_bytes + size > self.max_bytes:
             self.exhausted += 1
             return NULL
+        return self.get_heap_forced(size)
+
+    cdef Chunk* get_heap_forced(self, size_t size) noexcept:
+        """An exact-size chunk even past ``max_bytes``: only for completing one
+        message whose parts already sit in pool memory (progress guarantee)."""
+        cdef Chunk* c
         c = <Chunk*>malloc(sizeof(Chunk) + size)
         if c == NULL:
             self.exhausted += 1
@@ -201,6 +206,7 @@ cdef Buffer make_buffer(Pool pool, Chunk* c, char* ptr, Py_ssize_t n):
 
 @cython.freelist(256)
 @cython.final
+@cython.no_gc_clear
 cdef class Buffer:
     """A slice of pooled memory, with the buffer protocol and no copy.
 

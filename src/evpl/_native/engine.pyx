@@ -387,6 +387,7 @@ cdef inline Py_ssize_t _scan_record(Framer f, const unsigned char* p, size_t ava
 
 
 @cython.final
+@cython.no_gc_clear
 cdef class Bind(_Source):
     """One connection or datagram socket, whatever the backend.
 
@@ -408,6 +409,7 @@ cdef class Bind(_Source):
     cdef size_t part_len
     cdef size_t part_need
     cdef bint part_asm
+    cdef bint part_own
     cdef bint rx_ready
     cdef bint rx_queued
     cdef bint reading_paused
@@ -445,6 +447,9 @@ cdef class Bind(_Source):
     cdef iovec* ur_iov
     cdef msghdr ur_mh
     cdef list ur_zc_hold
+    cdef list ur_backlog
+    cdef bint eof_pending
+    cdef bint hup
 
     def __dealloc__(self):
         self._drop_queue()
@@ -612,6 +617,7 @@ cdef class Bind(_Source):
         if self.state != S_OPEN:
             return
         if self.ur:
+            self._ur_drain()
             self._ur_arm_recv()
         elif self.rx_ready:
             self.loop._queue_read(self)
@@ -856,7 +862,7 @@ cdef class Bind(_Source):
     # ---- io_uring ----------------------------------------------------------
 
     cdef int _ur_arm_recv(self) except -1:
-        if self.ur_recv_armed or self.state != S_OPEN:
+        if self.ur_recv_armed or self.state != S_OPEN or self.reading_paused or self.eof:
             return 0
         if evpl_uring_recv_multishot(self.loop.ur, self.fd, (<uint64_t><void*>self) | OP_RECV,
                                      0) < 0:
@@ -941,12 +947,15 @@ cdef class Bind(_Source):
             self.ur_recv_armed = False
         if res > 0 and self.state == S_OPEN and c != NULL:
             loop.stat_bytes_in += res
-            self._arrived(c, p, res)
+            self._ur_take(c, p, res)
         if c != NULL:
             chunk_unref(loop.pool, c)
         if not flags & EVPL_CQE_F_MORE and self.state == S_OPEN:
             if res == 0:
-                self._on_eof()
+                if self.ur_backlog:
+                    self.eof_pending = True     # after the kept bytes
+                else:
+                    self._on_eof()
             elif res == -ENOBUFS_:
                 loop.stat_starved += 1
                 loop.ur_rearm.append(self)
@@ -1006,9 +1015,21 @@ cdef class Bind(_Source):
         if self.ur_recv_armed:
             evpl_uring_cancel(self.loop.ur, (<uint64_t><void*>self) | OP_RECV, OP_CANCEL)
             self.loop.ur_submit = True
-        c_close(self.fd)
-        if not self.ur_send_inflight:       # else the send's completion drops it
+        if self.ur_send_inflight:
+            # the kernel still reads the queue: the send's completion drops it
+            evpl_uring_cancel(self.loop.ur, (<uint64_t><void*>self) | OP_SEND, OP_CANCEL)
+            self.loop.ur_submit = True
+            self.queued_bytes = 0
+        else:
             self._drop_queue()
+        self.ur_backlog = None
+        if self.ur:
+            # in-flight requests hold the file: shut the socket down now so
+            # the peer sees the close even before the cancellations complete
+            shutdown(self.fd, SHUT_RDWR)
+            self.loop.ur_submit = False
+            evpl_uring_submit(self.loop.ur)
+        c_close(self.fd)
         if self.part_chunk != NULL:
             chunk_unref(self.loop.pool, self.part_chunk)
             self.part_chunk = NULL
@@ -1054,11 +1075,17 @@ cdef class Bind(_Source):
                 return
         if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             self.rx_ready = True
+            if events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                # the peer's FIN (or an error) may sit behind the data: a
+                # short read no longer means "drained", read until EOF/EAGAIN
+                self.hup = True
             if not self.reading_paused:
                 self._read()
 
     cdef void _read(self):
-        if self.stream:
+        if self.ur:
+            self._ur_drain()
+        elif self.stream:
             if self.fr_kind == F_NONE:
                 self._read_raw()
             else:
@@ -1119,7 +1146,7 @@ cdef class Bind(_Source):
             except Exception as exc:
                 loop._callback_error(exc, self)
             buf = None
-            if <size_t>n < space:
+            if <size_t>n < space and not self.hup:
                 self.rx_ready = False
                 return
         if self.rx_ready and self.state == S_OPEN and not self.reading_paused and not self.eof:
@@ -1134,6 +1161,7 @@ cdef class Bind(_Source):
         self.part_len = n
         self.part_need = need
         self.part_asm = False
+        self.part_own = False
 
     cdef void _clear_partial(self):
         if self.part_chunk != NULL:
@@ -1142,6 +1170,7 @@ cdef class Bind(_Source):
         self.part_len = 0
         self.part_need = 0
         self.part_asm = False
+        self.part_own = False
 
     cdef int _to_assembly(self, size_t cap):
         """Move the partial message into a chunk of its own of ``cap`` bytes."""
@@ -1324,7 +1353,7 @@ cdef class Bind(_Source):
                     if self._to_assembly(min(self.part_len * 2, self.max_message + 16)) < 0:
                         loop._starve(self)
                         return
-            if <size_t>n < space:
+            if <size_t>n < space and not self.hup:
                 self.rx_ready = False
                 return
         if self.rx_ready and self.state == S_OPEN and not self.reading_paused and not self.eof:
@@ -1364,15 +1393,20 @@ cdef class Bind(_Source):
         chunk_unref(self.loop.pool, c)
         return 0
 
-    cdef void _arrived(self, Chunk* c, char* p, size_t n):
+    cdef size_t _arrived(self, Chunk* c, char* p, size_t n):
         """Bytes the kernel already placed at ``p`` in chunk ``c`` (io_uring
-        provided buffers): deliver whole messages, keep the partial."""
+        provided buffers): deliver whole messages, keep the partial. Returns
+        how many trailing bytes could not be taken (pool exhausted, or the
+        Bind paused): the caller keeps them for later.
+
+        A message split across two receives is completed by copying just the
+        missing bytes after its first part (in a chunk of the Bind's own);
+        everything after it is delivered in place again."""
         cdef LoopCore loop = self.loop
         cdef Buffer buf
         cdef size_t total, consumed = 0, k, cap
         cdef char* base
         cdef Chunk* bc
-        cdef bint owned
         cdef int need
         if self.fr_kind == F_NONE:
             buf = make_buffer(loop.pool, c, p, n)
@@ -1380,8 +1414,10 @@ cdef class Bind(_Source):
                 self.cb_data(self, buf)
             except Exception as exc:
                 loop._callback_error(exc, self)
-            return
+            return 0
         while n > 0 and self.state == S_OPEN:
+            if self.reading_paused:
+                return n
             if self.part_asm:
                 cap = self.part_chunk.size - <size_t>(self.part_ptr - self.part_chunk.data)
                 k = (self.part_need - self.part_len) if self.part_need else cap - self.part_len
@@ -1392,41 +1428,94 @@ cdef class Bind(_Source):
                 p += k
                 n -= k
                 if self._after_asm_read() < 0:
-                    return
+                    return 0
                 continue
-            owned = False
-            if self.part_len and self.part_chunk == c and self.part_ptr + self.part_len == p:
-                base = self.part_ptr          # still contiguous in the same buffer
-                bc = c
-                total = self.part_len + n
-            elif self.part_len:
-                total = self.part_len + n
-                bc = loop.pool.get_size(total)
-                if bc == NULL:
-                    self._close(FramingError("buffer pool exhausted while joining a message"))
-                    return
-                owned = True
-                memcpy(bc.data, self.part_ptr, self.part_len)
-                memcpy(bc.data + self.part_len, p, n)
-                base = bc.data
+            if self.part_len and not (self.part_chunk == c and self.part_ptr + self.part_len == p):
+                # complete the partial: copy only what it still needs
+                k = n
+                if self.part_need > self.part_len and self.part_need - self.part_len < n:
+                    k = self.part_need - self.part_len
+                cap = self.part_chunk.size - <size_t>(self.part_ptr - self.part_chunk.data)
+                if not (self.part_own and cap - self.part_len >= k):
+                    bc = loop.pool.get_size(self.part_len + k)
+                    if bc == NULL:
+                        # the pool is exhausted, largely by buffers the ring
+                        # filled: one message may go past the limit to progress
+                        bc = loop.pool.get_heap_forced(self.part_len + k)
+                        if bc == NULL:
+                            return n          # retried when buffers come back
+                    memcpy(bc.data, self.part_ptr, self.part_len)
+                    self._set_partial(bc, bc.data, self.part_len, self.part_need)
+                    chunk_unref(loop.pool, bc)        # the partial holds it now
+                    self.part_own = True
+                memcpy(self.part_ptr + self.part_len, p, k)
+                self.part_len += k
                 loop.stat_partial_copies += 1
+                p += k
+                n -= k
+                bc = self.part_chunk
+                base = self.part_ptr
+                total = self.part_len
+            elif self.part_len:
+                bc = c                         # still contiguous in the same buffer
+                base = self.part_ptr
+                total = self.part_len + n
+                n = 0
             else:
-                base = p
                 bc = c
+                base = p
                 total = n
-            n = 0
+                n = 0
+            bc.refs += 1
+            own = self.part_own and bc == self.part_chunk
             self._clear_partial()
             need = self._deliver(bc, base, total, &consumed)
             if need >= 0 and consumed < total:
                 self._set_partial(bc, base + consumed, total - consumed, need)
+                self.part_own = own
+                # a large message gets a chunk of its own (if the pool has
+                # none, the partial stays put and is joined later)
                 if need > 0 and <size_t>need >= loop.asm_threshold:
-                    if self._to_assembly(need) < 0:
-                        self._close(FramingError("buffer pool exhausted for a large message"))
+                    self._to_assembly(need)
                 elif need == 0 and self.part_len >= loop.asm_threshold:
-                    if self._to_assembly(min(self.part_len * 2, self.max_message + 16)) < 0:
-                        self._close(FramingError("buffer pool exhausted for a large message"))
-            if owned:
-                chunk_unref(loop.pool, bc)
+                    self._to_assembly(min(self.part_len * 2, self.max_message + 16))
+            chunk_unref(loop.pool, bc)
+        return 0
+
+    cdef void _ur_take(self, Chunk* c, char* p, size_t n):
+        """Deliver received bytes in order, keeping what cannot be taken yet."""
+        cdef size_t left
+        if self.ur_backlog or self.reading_paused:
+            self._ur_keep(c, p, n, False)
+            return
+        left = self._arrived(c, p, n)
+        if left and self.state == S_OPEN:
+            self._ur_keep(c, p + (n - left), left, False)
+
+    cdef void _ur_keep(self, Chunk* c, char* p, size_t n, bint front):
+        buf = make_buffer(self.loop.pool, c, p, n)
+        if self.ur_backlog is None:
+            self.ur_backlog = []
+        if front:
+            self.ur_backlog.insert(0, buf)
+        else:
+            self.ur_backlog.append(buf)
+        if not self.reading_paused:
+            self.loop._starve(self)
+
+    cdef void _ur_drain(self):
+        """Feed kept bytes through framing once the Bind may take them."""
+        cdef Buffer buf
+        cdef size_t left
+        while self.ur_backlog and self.state == S_OPEN and not self.reading_paused:
+            buf = self.ur_backlog.pop(0)
+            left = self._arrived(buf.chunk, buf.ptr, buf.length)
+            if left and self.state == S_OPEN:
+                self._ur_keep(buf.chunk, buf.ptr + (buf.length - left), left, True)
+                return
+        if self.eof_pending and not self.ur_backlog and self.state == S_OPEN:
+            self.eof_pending = False
+            self._on_eof()
 
     cdef void _read_dgram(self):
         cdef LoopCore loop = self.loop
@@ -1520,7 +1609,8 @@ cdef class Listener(_Source):
             self.active = False
             if self.ur_armed:
                 evpl_uring_cancel(self.loop.ur, (<uint64_t><void*>self) | OP_ACCEPT, OP_CANCEL)
-                self.loop.ur_submit = True
+                shutdown(self.fd, SHUT_RDWR)
+                evpl_uring_submit(self.loop.ur)
             c_close(self.fd)
             self.loop.sources.discard(self)
 
@@ -1645,6 +1735,7 @@ cdef class LoopCore:
     cdef evpl_cqe* cqes
     cdef bint ur_submit
     cdef list ur_rearm
+    cdef size_t ur_mark
     cdef public size_t zc_threshold
 
     def __cinit__(self):
@@ -1906,7 +1997,11 @@ cdef class LoopCore:
         cdef unsigned short bid
         cdef int added = 0
         cdef Bind b
-        while self.ur_nfree > 0:
+        # the ring may hold at most half the pool, so that joining a message
+        # split across two ring buffers always finds memory
+        cdef int limit = <int>min(<size_t>UR_BUFS,
+                                  max(<size_t>1, self.pool.max_bytes // self.pool.buffer_size // 2))
+        while self.ur_nfree > 0 and UR_BUFS - self.ur_nfree < limit:
             c = self.pool.get()
             if c == NULL:
                 break
@@ -2097,7 +2192,7 @@ cdef class LoopCore:
             if wait < 0 or t < wait:
                 wait = t
             break
-        if self.starved and (wait < 0 or wait > 1_000_000):
+        if (self.starved or self.ur_rearm) and (wait < 0 or wait > 1_000_000):
             wait = 1_000_000
         return wait
 
@@ -2106,6 +2201,10 @@ cdef class LoopCore:
         cdef int n, i
         cdef bint poll
         cdef _Source src
+        if self.ur_submit and self.ur != NULL:
+            # io_uring work queued outside an iteration (listen, connect...)
+            self.ur_submit = False
+            evpl_uring_submit(self.ur)
         wait = self._wait_budget(max_wait)
         now = evpl_now_ns()
         poll = self.poll_always or (self.spin_ns > 0 and now - self.last_active < self.spin_ns)
@@ -2174,6 +2273,9 @@ cdef class LoopCore:
                 b.rx_queued = False
                 if b.state == S_OPEN and b.rx_ready and not b.reading_paused:
                     b._read()
+        if self.ur_rearm and self.ur_nfree and self.pool.releases != self.ur_mark:
+            self.ur_mark = self.pool.releases
+            self._ur_refill()          # buffers came back: the ring can take them
         if self.starved and self.pool.releases != self.starved_mark:
             self.starved_mark = self.pool.releases
             batch = self.starved
@@ -2376,5 +2478,8 @@ cdef class LoopCore:
             "timers_fired": self.stat_timers_fired,
             "zc_sends": self.stat_zc_sends,
             "completions": self.stat_cqes,
+            "ring_buffers": (UR_BUFS - self.ur_nfree) if self.ur != NULL else 0,
+            "ring_rearm": len(self.ur_rearm),
+            "starved_binds": len(self.starved),
             "sources": len(self.sources),
         }

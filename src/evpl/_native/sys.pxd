@@ -62,7 +62,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int getpeername(int fd, sockaddr* addr, socklen_t* len)
     int shutdown(int fd, int how)
     int SOL_SOCKET, SO_ERROR, MSG_NOSIGNAL, MSG_DONTWAIT, MSG_TRUNC
-    int SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, AF_INET, AF_INET6, AF_UNIX
+    int SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, SHUT_RDWR, AF_INET, AF_INET6, AF_UNIX
 
 cdef extern from "<netinet/in.h>" nogil:
     struct in_addr:

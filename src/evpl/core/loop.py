@@ -56,14 +56,14 @@ def _limits(options: dict[str, Any]) -> tuple[int, int, int, int]:
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    for name in ("high_water", "low_water", "hard_limit", "max_datagram"):
+        v = options.get(name, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{name} must be a non-negative int, got {v!r}")
     high = options.get("high_water", 1 << 20)
     low = options.get("low_water", high // 4)
     hard = options.get("hard_limit", 16 * high)
     max_dgram = options.get("max_datagram", 65507)
-    for name, v in (("high_water", high), ("low_water", low), ("hard_limit", hard),
-                    ("max_datagram", max_dgram)):
-        if not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{name} must be a non-negative int, got {v!r}")
     if not low <= high <= hard:
         raise ConfigError(f"need low_water ({low}) <= high_water ({high}) <= hard_limit ({hard})")
     if not 1 <= max_dgram <= 65507:
