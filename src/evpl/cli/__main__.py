@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from evpl.cli import info, perf
+from evpl.errors import EvplError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except EvplError as exc:          # bad options or an unavailable backend: no traceback
+        print(f"evpl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

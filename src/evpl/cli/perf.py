@@ -339,7 +339,7 @@ def _measure(backend: evpl.BackendInfo, mode: str, load: str, echo: Any, sink: A
                 cpu0 = _cpu_seconds(server_pid) or 0.0
             return run.done
 
-        run.begin(min(0.2, args.duration / 4))
+        run.begin(min(0.1, args.duration / 4))
         loop.run_until(measuring, timeout=args.duration + 10)
         cpu1 = _cpu_seconds(server_pid)
         if run.error is not None:
@@ -445,16 +445,20 @@ def _format(r: Result) -> str:
     if r.error:
         return f"error: {r.error}"
     if r.unit == "Gbit/s":
-        return f"{r.value:.2f} Gbit/s"
-    return f"{r.value:,.0f} {r.unit}"
+        return f"{r.value:.1f} Gbit/s"
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if r.value >= scale:
+            return f"{r.value / scale:.2f}{suffix} {r.unit}"
+    return f"{r.value:.0f} {r.unit}"
 
 
 def _table(results: list[Result]) -> Any:
     from rich.table import Table
 
     table = Table(title="evpl perf (loopback; server and client on separate cores)")
-    for col in ("backend", "mode", "load", "result", "p50 µs", "p99 µs", "server CPU µs/op"):
-        table.add_column(col, justify="right" if col not in ("backend", "mode", "load") else "left")
+    for col in ("backend", "mode", "load", "result", "p50 µs", "p99 µs", "srv µs/op"):
+        table.add_column(col, justify="right" if col not in ("backend", "mode", "load") else "left",
+                         no_wrap=True)
     for r in results:
         table.add_row(r.backend, r.mode, r.load, _format(r),
                       f"{r.p50_us:.1f}" if r.p50_us is not None else "",
@@ -543,8 +547,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="connections for the rate load (default 32; udp uses <= 8)")
     common.add_argument("--depth", type=int, default=16,
                         help="messages in flight per connection for rate (default 16)")
-    common.add_argument("--duration", type=float, default=0.5,
-                        help="seconds measured per backend/mode/load (default 0.5)")
+    common.add_argument("--duration", type=float, default=0.25,
+                        help="seconds measured per backend/mode/load (default 0.25)")
     common.add_argument("--cpu", metavar="SERVER,CLIENT",
                         help="pin server and client to these CPUs (default: the first two "
                              "allowed; 'none' disables pinning)")

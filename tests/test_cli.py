@@ -1,0 +1,65 @@
+"""The ``evpl`` command line, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import evpl
+
+
+def evpl_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "evpl.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def test_help_lists_commands():
+    out = evpl_cli("--help")
+    assert out.returncode == 0
+    for command in ("perf", "info", "xdrgen"):
+        assert command in out.stdout
+
+
+def test_info_json_matches_registry():
+    out = evpl_cli("info", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    for b in evpl.backends():
+        assert rows[b.name]["available"] == b.available
+        assert rows[b.name]["kind"] == b.kind
+        if not b.available:
+            assert rows[b.name]["reason"]
+
+
+def test_info_table():
+    out = evpl_cli("info")
+    assert out.returncode == 0
+    assert "tcp" in out.stdout and "udp" in out.stdout
+
+
+def test_perf_json_runs_every_load():
+    out = evpl_cli("perf", "--backend", "tcp,udp", "--duration", "0.05", "--json",
+                   "--cpu", "none", timeout=120)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    seen = {(r["backend"], r["mode"], r["load"]) for r in results}
+    for mode in ("event", "poll"):
+        for load in ("pingpong", "rate", "bulk"):
+            assert ("tcp", mode, load) in seen
+        assert ("udp", mode, "pingpong") in seen
+        assert ("udp", mode, "bulk") not in seen     # bulk is for streams
+    for r in results:
+        assert r["error"] is None
+        assert r["value"] > 0 and r["ops"] > 0
+        if r["load"] == "pingpong":
+            assert 0 < r["p50_us"] <= r["p99_us"]
+
+
+def test_perf_rejects_unknown_backend_and_load():
+    out = evpl_cli("perf", "--backend", "nope", "--json")
+    assert out.returncode == 2
+    assert out.stderr.startswith("evpl: error: unknown backend")
+    out = evpl_cli("perf", "--backend", "tcp", "--mode", "sideways", "--json")
+    assert out.returncode == 2
+    assert "unknown load" in out.stderr and "Traceback" not in out.stderr
