@@ -86,15 +86,16 @@ class Loops:
         tracebacks = [t for loop in self.loops for t in loop.callback_errors.tracebacks]
         self.loops.clear()
         assert not errors, "callback exceptions were reported:\n" + "\n".join(tracebacks)
-        gc.collect()
         for pool in [evpl.default_pool(), *self.pools]:
             check_pool(pool)
 
 
 def check_pool(pool: evpl.Pool) -> None:
     """Nothing leaked: every buffer and heap chunk went back to ``pool``."""
-    gc.collect()
     stats = pool.stats()
+    if stats["buffers_in_use"] or stats["heap_in_use"]:
+        gc.collect()                # only then: a full collection is slow
+        stats = pool.stats()
     assert stats["buffers_in_use"] == 0, f"leaked pool buffers: {stats}"
     assert stats["heap_in_use"] == 0, f"leaked heap chunks: {stats}"
 

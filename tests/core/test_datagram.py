@@ -78,7 +78,7 @@ def test_addresses(loop, datagram_backend, address):
 
 
 def test_largest_datagram(loop, datagram_backend, address):
-    server, echo, client, rec = pair(loop, datagram_backend, address)
+    server, _echo, client, rec = pair(loop, datagram_backend, address)
     big = random.randbytes(65507)
     client.sendto(big, server.local_address)
     client.sendto(b"", server.local_address)
@@ -88,7 +88,7 @@ def test_largest_datagram(loop, datagram_backend, address):
 
 
 def test_oversize_sendto_raises(loop, datagram_backend, address):
-    server, echo, client, rec = pair(loop, datagram_backend, address)
+    server, _echo, client, rec = pair(loop, datagram_backend, address)
     with pytest.raises(ValueError):
         client.sendto(b"x" * 65508, server.local_address)
     with pytest.raises(ValueError):
@@ -101,7 +101,7 @@ def test_oversize_sendto_raises(loop, datagram_backend, address):
 
 def test_sendto_to_nobody(loop, datagram_backend, address):
     """Nobody listens on the port: no crash, the datagram is accounted for."""
-    server, echo, client, rec = pair(loop, datagram_backend, address)
+    server, _echo, client, rec = pair(loop, datagram_backend, address)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     dead = s.getsockname()
@@ -126,7 +126,7 @@ def test_sendto_to_nobody(loop, datagram_backend, address):
 
 
 def test_sendto_bad_address(loop, datagram_backend, address):
-    server, echo, client, rec = pair(loop, datagram_backend, address)
+    _server, _echo, client, _rec = pair(loop, datagram_backend, address)
     with pytest.raises((TypeError, ValueError)):
         client.sendto(b"x", "not an address")
     with pytest.raises((TypeError, ValueError)):
@@ -137,7 +137,7 @@ def test_sendto_bad_address(loop, datagram_backend, address):
 
 
 def test_stream_calls_on_datagram_bind(loop, datagram_backend, address):
-    server, echo, client, rec = pair(loop, datagram_backend, address)
+    server, _echo, client, rec = pair(loop, datagram_backend, address)
     with pytest.raises(evpl.EvplError):
         client.send(b"x")
     client.close()

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 import evpl
 
-from .helpers import TIMEOUT, STREAM_BACKENDS, backend_info, check_pool, raw_connect
+from .helpers import STREAM_BACKENDS, TIMEOUT, backend_info, check_pool, raw_connect
 
 MAX = 1000          # max_message of the framers under test (where settable)
+WAIT = 5.0          # per wait; a failing example must not take long (hypothesis shrinks)
 
 
 def call_fn(peek: memoryview) -> int:
@@ -144,13 +145,13 @@ def feed(backend: str, tmp_dir: str, name: str, data: bytes, cut: int) -> None:
                     want = loop.stats()["bytes_in"] + len(part)
                     peer.sendall(part)
                     loop.run_until(lambda w=want: loop.stats()["bytes_in"] >= w or server.closed,
-                                   timeout=TIMEOUT)
+                                   timeout=WAIT)
                     if server.closed:
                         break
                 peer.shutdown(socket.SHUT_WR)
             except OSError:
                 pass                     # the server hung up first: expected for bad streams
-            loop.run_until(lambda: server.closed, timeout=TIMEOUT)
+            loop.run_until(lambda: server.closed, timeout=WAIT)
         expected, status = reference(name, framer, data)
         assert server.msgs == expected
         assert len(server.closed) == 1
@@ -161,7 +162,6 @@ def feed(backend: str, tmp_dir: str, name: str, data: bytes, cut: int) -> None:
         assert not errors
     finally:
         loop.close()
-        del server
         check_pool(pool)
 
 

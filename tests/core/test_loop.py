@@ -358,8 +358,8 @@ def test_poll_modes_deliver(make_loop, stream_backend, address, mode):
     for i in range(200):                       # ping-pong
         msg = b"ping %d;" % i
         bind.send(msg)
-        loop.run_until(lambda n=len(client.data) + len(msg): len(client.data) >= n,
-                       timeout=TIMEOUT)
+        want = len(client.data) + len(msg)
+        loop.run_until(lambda w=want: len(client.data) >= w, timeout=TIMEOUT)
     assert client.data == b"".join(b"ping %d;" % i for i in range(200))
     fired = []
     loop.call_later(0.001, fired.append, 1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
 import random
 import select
 import socket
@@ -21,7 +20,6 @@ from .helpers import (
     InThread,
     Ticker,
     backend_info,
-    check_pool,
     raw_connect,
     raw_listener,
     recv_all,
@@ -243,10 +241,11 @@ def test_many_connections(loop, stream_backend, address):
 
     client = Client()
     binds = []
-    for start in range(0, n, 100):       # ramp up, but keep every one open
+    for _ in range(0, n, 100):           # ramp up, but keep every one open
         binds += [loop.connect(stream_backend, listener.address, client)
                   for _ in range(100)]
-        loop.run_until(lambda: client.connected >= len(binds), timeout=TIMEOUT)
+        opened = len(binds)
+        loop.run_until(lambda k=opened: client.connected >= k, timeout=TIMEOUT)
     assert not client.closed
     assert len({b.fileno() for b in binds}) == n
     for i, b in enumerate(binds):
@@ -294,7 +293,7 @@ def test_messages_larger_than_a_buffer(make_loop, stream_backend, address, spec)
 
 
 def test_unframed_bulk_with_small_buffers(make_loop, stream_backend, address):
-    loop, pool = small_buffer_loop(make_loop)
+    loop, _pool = small_buffer_loop(make_loop)
     listener = loop.listen(stream_backend, address(stream_backend), Echo)
     client = Recorder()
     bind = loop.connect(stream_backend, listener.address, client)
@@ -305,7 +304,7 @@ def test_unframed_bulk_with_small_buffers(make_loop, stream_backend, address):
 
 
 def test_large_multifragment_record(make_loop, stream_backend, address):
-    loop, pool = small_buffer_loop(make_loop)
+    loop, _pool = small_buffer_loop(make_loop)
     server = Recorder()
     listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
                            framing=evpl.framing.record_marking())
@@ -347,15 +346,15 @@ def test_framing_split_at_every_offset(loop, stream_backend, address, spec):
         for cut in range(1, len(wire)):
             base = loop.stats()["bytes_in"]
             peer.sendall(wire[:cut])
-            loop.run_until(lambda: loop.stats()["bytes_in"] >= base + cut, timeout=TIMEOUT)
+            loop.run_until(lambda w=base + cut: loop.stats()["bytes_in"] >= w, timeout=TIMEOUT)
             peer.sendall(wire[cut:])
             received += len(expected)
-            loop.run_until(lambda: len(server.msgs) >= received, timeout=TIMEOUT)
+            loop.run_until(lambda r=received: len(server.msgs) >= r, timeout=TIMEOUT)
         # and one byte at a time
         for i in range(len(wire)):
             base = loop.stats()["bytes_in"]
             peer.sendall(wire[i:i + 1])
-            loop.run_until(lambda: loop.stats()["bytes_in"] > base, timeout=TIMEOUT)
+            loop.run_until(lambda b=base: loop.stats()["bytes_in"] > b, timeout=TIMEOUT)
         received += len(expected)
         loop.run_until(lambda: len(server.msgs) >= received, timeout=TIMEOUT)
     assert server.msgs == expected * len(wire)
