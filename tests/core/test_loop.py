@@ -516,11 +516,24 @@ def test_bad_addresses(loop, stream_backend, address):
 
 
 def test_listen_on_busy_address(loop, stream_backend, address):
-    if isinstance(address(stream_backend), str):
-        pytest.skip("a unix socket file is replaced on listen (asyncio semantics)")
     listener = loop.listen(stream_backend, address(stream_backend), evpl.Handler)
     with pytest.raises(evpl.TransportError):
         loop.listen(stream_backend, listener.address, evpl.Handler)
+
+
+def test_listen_replaces_only_a_stale_unix_socket(make_loop, tmp_path):
+    """A socket file whose server is gone is reused; anything else is not."""
+    path = str(tmp_path / "s.sock")
+    first = make_loop()
+    first.listen("unix", path, evpl.Handler)
+    first.close()                              # leaves the file behind
+    second = make_loop()
+    second.listen("unix", path, evpl.Handler)  # stale: replaced
+    regular = tmp_path / "plain-file"
+    regular.write_bytes(b"keep me")
+    with pytest.raises(evpl.TransportError):
+        second.listen("unix", str(regular), evpl.Handler)
+    assert regular.read_bytes() == b"keep me"
 
 
 def test_backends_registry():

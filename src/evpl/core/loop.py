@@ -100,13 +100,23 @@ def _sockaddr(info: _backends.BackendInfo, address: Any, kind: int) -> tuple[int
 
 
 def _remove_stale_socket(path: str) -> None:
-    """Remove a unix socket file left behind by an earlier server (as asyncio
-    does); any other kind of file is left alone and bind reports the clash."""
+    """Remove a unix socket file left behind by a server that is gone. A
+    socket somebody still listens on, or any other kind of file, is left
+    alone and bind reports the clash."""
     try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
     except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)              # nobody listens: stale
+    except OSError:
         pass
+    finally:
+        probe.close()
 
 
 class Loop(LoopCore):
