@@ -21,12 +21,14 @@ cdef class Pool:
     cdef size_t in_use
     cdef size_t heap_in_use
     cdef size_t heap_bytes
+    cdef size_t forced_bytes
     cdef size_t exhausted
     cdef size_t releases
     cdef bint huge_used
     cdef Chunk* get(self) noexcept
     cdef Chunk* get_heap(self, size_t size) noexcept
-    cdef Chunk* get_heap_forced(self, size_t size) noexcept
+    cdef Chunk* get_heap_forced(self, size_t size, size_t credit=*) noexcept
+    cdef Chunk* _heap(self, size_t size, int kind) noexcept
     cdef Chunk* get_size(self, size_t size) noexcept
     cdef void put(self, Chunk* c) noexcept
     cdef int _grow(self) noexcept

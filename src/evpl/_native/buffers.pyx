@@ -111,6 +111,9 @@ cdef class Pool:
     cdef Chunk* get(self) noexcept:
         """One pool buffer with refcount 1, or NULL when the limit is reached."""
         cdef Chunk* c = self.free_list
+        if (self.in_use + 1) * self.buffer_size + self.heap_bytes > self.max_bytes:
+            self.exhausted += 1         # heap chunks count against the limit too
+            return NULL
         if c == NULL:
             if self._grow() < 0:
                 self.exhausted += 1
@@ -122,15 +125,29 @@ cdef class Pool:
         return c
 
     cdef Chunk* get_heap(self, size_t size) noexcept:
-        """An exact-size chunk for a message larger than one buffer."""
-        if self.nslabs * self.slab_size + self.heap_bytes + size > self.max_bytes:
+        """An exact-size chunk for a message larger than one buffer. The limit
+        counts memory held (buffers in use plus heap chunks), not slabs that
+        are mapped but free."""
+        if self.in_use * self.buffer_size + self.heap_bytes + size > self.max_bytes:
             self.exhausted += 1
             return NULL
-        return self.get_heap_forced(size)
+        return self._heap(size, 1)
 
-    cdef Chunk* get_heap_forced(self, size_t size) noexcept:
-        """An exact-size chunk even past ``max_bytes``: only for completing one
-        message whose parts already sit in pool memory (progress guarantee)."""
+    cdef Chunk* get_heap_forced(self, size_t size, size_t credit=0) noexcept:
+        """An exact-size chunk past ``max_bytes``, to complete one message
+        whose parts already sit in pool memory (a progress guarantee). Such
+        chunks together stay under max(2 buffers, max_bytes / 8), except that
+        one such chunk of any size is always allowed (one message at a time
+        can always be completed). ``credit``: forced bytes the caller is about
+        to free (the chunk this one replaces)."""
+        cdef size_t cap = max(2 * self.buffer_size, self.max_bytes // 8)
+        cdef size_t held = self.forced_bytes - min(credit, self.forced_bytes)
+        if held and held + size > cap:
+            self.exhausted += 1
+            return NULL
+        return self._heap(size, 2)
+
+    cdef Chunk* _heap(self, size_t size, int kind) noexcept:
         cdef Chunk* c
         c = <Chunk*>malloc(sizeof(Chunk) + size)
         if c == NULL:
@@ -139,10 +156,12 @@ cdef class Pool:
         c.data = (<char*>c) + sizeof(Chunk)
         c.size = size
         c.refs = 1
-        c.heap = 1
+        c.heap = kind
         c.next_free = NULL
         self.heap_in_use += 1
         self.heap_bytes += size
+        if kind == 2:
+            self.forced_bytes += size
         return c
 
     cdef Chunk* get_size(self, size_t size) noexcept:
@@ -155,6 +174,8 @@ cdef class Pool:
         if c.heap:
             self.heap_in_use -= 1
             self.heap_bytes -= c.size
+            if c.heap == 2:
+                self.forced_bytes -= c.size
             free(c)
             return
         c.next_free = self.free_list
@@ -182,6 +203,7 @@ cdef class Pool:
             "buffers_in_use": self.in_use,
             "heap_in_use": self.heap_in_use,
             "heap_bytes": self.heap_bytes,
+            "forced_bytes": self.forced_bytes,
             "slab_bytes": self.nslabs * self.slab_size,
             "buffer_size": self.buffer_size,
             "max_bytes": self.max_bytes,

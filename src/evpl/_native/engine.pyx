@@ -62,6 +62,7 @@ cdef extern from "evpl_uring.h" nogil:
 cdef extern from "<errno.h>":
     int ENOBUFS_ "ENOBUFS"
     int EBUSY_ "EBUSY"
+    int EOPNOTSUPP_ "EOPNOTSUPP"
     int ECANCELED, ENOENT, EALREADY
 
 import heapq
@@ -449,6 +450,8 @@ cdef class Bind(_Source):
     cdef list ur_zc_hold
     cdef list ur_backlog
     cdef bint eof_pending
+    cdef bint no_zc
+    cdef bint ur_draining
     cdef bint hup
 
     def __dealloc__(self):
@@ -740,9 +743,11 @@ cdef class Bind(_Source):
             self.dirty = True
             self.loop.dirty.append(self)
 
-    cdef void _drop_queue(self):
+    cdef void _drop_queue(self, list hold=None):
         cdef size_t i
         for i in range(self.tx_head, self.tx_tail):
+            if hold is not None:
+                hold.append(<object>self.txq[i].owner)
             Py_DECREF(<object>self.txq[i].owner)
         self.tx_head = self.tx_tail = self.tx_off = 0
         self.queued_bytes = 0
@@ -885,7 +890,8 @@ cdef class Bind(_Source):
         memset(&self.ur_mh, 0, sizeof(msghdr))
         self.ur_mh.msg_iov = self.ur_iov
         self.ur_mh.msg_iovlen = cnt
-        zc = self.loop.zc_threshold > 0 and total >= self.loop.zc_threshold
+        zc = (self.loop.zc_threshold > 0 and total >= self.loop.zc_threshold
+              and not self.no_zc)
         if evpl_uring_sendmsg(self.loop.ur, self.fd, &self.ur_mh,
                               (<uint64_t><void*>self) | OP_SEND, zc) < 0:
             raise OSError(EBUSY_, "io_uring submission queue full")
@@ -914,7 +920,12 @@ cdef class Bind(_Source):
         else:
             hold = None
         if self.state == S_CLOSED:
-            self._drop_queue()
+            self._drop_queue(hold)         # zero-copy: kept until the notification
+            return
+        if res == -EOPNOTSUPP_ and self.ur_send_zc:
+            # this socket type (AF_UNIX) has no zero-copy send: plain from now on
+            self.no_zc = True
+            self._ur_send()
             return
         if res < 0:
             if res != -ECANCELED:
@@ -1404,7 +1415,7 @@ cdef class Bind(_Source):
         everything after it is delivered in place again."""
         cdef LoopCore loop = self.loop
         cdef Buffer buf
-        cdef size_t total, consumed = 0, k, cap
+        cdef size_t total, consumed = 0, k, cap, want
         cdef char* base
         cdef Chunk* bc
         cdef int need
@@ -1437,11 +1448,15 @@ cdef class Bind(_Source):
                     k = self.part_need - self.part_len
                 cap = self.part_chunk.size - <size_t>(self.part_ptr - self.part_chunk.data)
                 if not (self.part_own and cap - self.part_len >= k):
-                    bc = loop.pool.get_size(self.part_len + k)
+                    # room for the whole message when its length is known
+                    want = max(self.part_len + k, self.part_need)
+                    bc = loop.pool.get_size(want)
                     if bc == NULL:
                         # the pool is exhausted, largely by buffers the ring
                         # filled: one message may go past the limit to progress
-                        bc = loop.pool.get_heap_forced(self.part_len + k)
+                        bc = loop.pool.get_heap_forced(
+                            want, self.part_chunk.size
+                            if self.part_own and self.part_chunk.heap == 2 else 0)
                         if bc == NULL:
                             return n          # retried when buffers come back
                     memcpy(bc.data, self.part_ptr, self.part_len)
@@ -1507,12 +1522,18 @@ cdef class Bind(_Source):
         """Feed kept bytes through framing once the Bind may take them."""
         cdef Buffer buf
         cdef size_t left
-        while self.ur_backlog and self.state == S_OPEN and not self.reading_paused:
-            buf = self.ur_backlog.pop(0)
-            left = self._arrived(buf.chunk, buf.ptr, buf.length)
-            if left and self.state == S_OPEN:
-                self._ur_keep(buf.chunk, buf.ptr + (buf.length - left), left, True)
-                return
+        if self.ur_draining:
+            return                    # resumed from a callback of this drain
+        self.ur_draining = True
+        try:
+            while self.ur_backlog and self.state == S_OPEN and not self.reading_paused:
+                buf = self.ur_backlog.pop(0)
+                left = self._arrived(buf.chunk, buf.ptr, buf.length)
+                if left and self.state == S_OPEN:
+                    self._ur_keep(buf.chunk, buf.ptr + (buf.length - left), left, True)
+                    return
+        finally:
+            self.ur_draining = False
         if self.eof_pending and not self.ur_backlog and self.state == S_OPEN:
             self.eof_pending = False
             self._on_eof()
