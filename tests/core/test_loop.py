@@ -19,16 +19,24 @@ from .helpers import TIMEOUT, Ticker
 
 def test_timers_fire_in_deadline_order_never_early(loop):
     fired = []
-    # distinct delays in µs, far enough apart that scheduling them one after
-    # another cannot reorder their deadlines
-    delays = random.sample(range(0, 40_000, 500), 60)
+    timers = []
+    delays = random.sample(range(0, 40_000, 500), 60)       # µs, in random order
     for d in delays:
-        deadline = loop.now_ns() + d * 1000
-        loop.call_later(d / 1e6, lambda d=d, dl=deadline: fired.append((d, dl, loop.now_ns())))
+        earliest = loop.now_ns() + d * 1000
+        i = len(timers)
+        timers.append((d, earliest, loop.call_later(
+            d / 1e6, lambda i=i: fired.append((i, loop.now_ns())))))
     loop.run_until(lambda: len(fired) == len(delays), timeout=TIMEOUT)
-    assert [d for d, _, _ in fired] == sorted(delays)
-    for d, deadline, now in fired:
-        assert now >= deadline, f"timer of {d} µs fired {deadline - now} ns early"
+    # the order is the deadlines' order (as scheduled: a slow machine may take
+    # longer than 500 µs between two call_later calls, so compare deadlines)
+    deadlines = [timers[i][2].deadline_ns for i, _ in fired]
+    assert deadlines == sorted(deadlines)
+    assert sorted(i for i, _ in fired) == list(range(len(delays)))
+    for i, now in fired:
+        d, earliest, timer = timers[i]
+        assert timer.deadline_ns >= earliest
+        assert now >= timer.deadline_ns, f"timer of {d} µs fired {timer.deadline_ns - now} ns early"
+        assert not timer.active
 
 
 def test_timer_cancel(loop):

@@ -26,7 +26,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint16_t, uint8_t
-from libc.string cimport memcpy, memcmp, memset, strlen
+from libc.string cimport memcpy, memcmp, memmove, memset, strlen
 from posix.unistd cimport close as c_close, read as c_read, write as c_write
 from posix.uio cimport iovec
 
@@ -644,7 +644,7 @@ cdef class Bind(_Source):
         if self.tx_tail == self.tx_cap:
             if self.tx_head > 0:
                 n = self.tx_tail - self.tx_head
-                memcpy(self.txq, &self.txq[self.tx_head], n * sizeof(TxEntry))
+                memmove(self.txq, &self.txq[self.tx_head], n * sizeof(TxEntry))
                 self.tx_head = 0
                 self.tx_tail = n
             else:
