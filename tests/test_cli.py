@@ -63,3 +63,27 @@ def test_perf_rejects_unknown_backend_and_load():
     out = evpl_cli("perf", "--backend", "tcp", "--mode", "sideways", "--json")
     assert out.returncode == 2
     assert "unknown load" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_perf_server_and_client_roles():
+    """The two ends run apart (as on two machines): server prints where it
+    listens, the client measures against it."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "evpl.cli", "perf", "server", "--port", "0", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        info = json.loads(server.stdout.readline())
+        host, port = info["echo"]["tcp"]
+        sink_port = info["sink"]["tcp"][1]
+        out = evpl_cli("perf", "client", host, "--port", str(port), "--backend", "tcp",
+                       "--mode", "pingpong,rate", "--duration", "0.05", "--json", timeout=60)
+        assert out.returncode == 0, out.stderr
+        results = json.loads(out.stdout)
+        assert {(r["mode"], r["load"]) for r in results} == {
+            (m, ld) for m in ("event", "poll") for ld in ("pingpong", "rate")}
+        assert all(r["error"] is None and r["value"] > 0 for r in results)
+        assert sink_port != port
+    finally:
+        server.terminate()
+        assert server.wait(10) is not None

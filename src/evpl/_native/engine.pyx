@@ -451,6 +451,7 @@ cdef class Bind(_Source):
     cdef list ur_backlog
     cdef bint eof_pending
     cdef bint no_zc
+    cdef object finish_error
     cdef bint ur_draining
     cdef bint hup
 
@@ -784,7 +785,7 @@ cdef class Bind(_Source):
             if self.finishing:
                 if self.stream:
                     shutdown(self.fd, SHUT_WR)
-                self._close(None)
+                self._close(self.finish_error)
             elif self.cb_sent is not None:
                 try:
                     self.cb_sent(self)
@@ -1290,7 +1291,20 @@ cdef class Bind(_Source):
             msg = f"framing callable reported a bad stream ({r})"
         else:
             msg = "length prefix smaller than its own header"
-        self._close(FramingError(msg))
+        # answers to the good messages before the bad one may be queued:
+        # read nothing more, send them, then close with the error
+        self._clear_partial()
+        self.reading_paused = True
+        self.eof = True
+        if self.ur_recv_armed:
+            evpl_uring_cancel(self.loop.ur, (<uint64_t><void*>self) | OP_RECV, OP_CANCEL)
+            self.loop.ur_submit = True
+        self.finish_error = FramingError(msg)
+        if self.tx_head == self.tx_tail and not self.ur_send_inflight:
+            self._close(self.finish_error)
+        else:
+            self.finishing = True
+            self._mark_dirty()
 
     cdef void _read_framed(self):
         cdef LoopCore loop = self.loop

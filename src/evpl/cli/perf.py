@@ -68,11 +68,19 @@ class ServerAddresses:
     sink: dict[str, Any] = field(default_factory=dict)
 
 
-def _serve(loop: evpl.Loop, host: str, port: int, unix_dir: str | None) -> ServerAddresses:
+def _serve(loop: evpl.Loop, host: str, port: int, unix_dir: str | None,
+           only: set[str] | None = None) -> ServerAddresses:
+    """Listen on every available backend (or those in ``only``). With a fixed
+    port only the first inet backend of each kind can have it."""
     addrs = ServerAddresses()
+    taken: set[str] = set()
     for b in evpl.backends():
-        if not b.available:
+        if not b.available or (only is not None and b.name not in only):
             continue
+        if port and "inet" in b.capabilities:
+            if b.kind in taken:
+                continue
+            taken.add(b.kind)
         if "local" in b.capabilities:
             if unix_dir is None:
                 continue
@@ -97,7 +105,8 @@ def run_server(args: argparse.Namespace) -> int:
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     loop = evpl.Loop(poll_mode=_POLL_MODE[args.poll])
-    addrs = _serve(loop, args.host, args.port, args.unix_dir)
+    only = set(args.backend.split(",")) if args.backend else None
+    addrs = _serve(loop, args.host, args.port, args.unix_dir, only)
     print(json.dumps({"pid": os.getpid(), **asdict(addrs)}), flush=True)
     if not args.quiet:
         print(f"evpl perf server ({args.poll} mode) listening: {addrs.echo}", file=sys.stderr)
@@ -561,6 +570,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ps.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ps.add_argument("--port", type=int, default=7700, help="echo port; sink is PORT+1")
     ps.add_argument("--unix-dir", help="directory for unix-socket listeners (default: none)")
+    ps.add_argument("--backend", metavar="NAMES",
+                    help="comma-separated backends to serve (default: all available; with a "
+                         "fixed --port the first inet stream and datagram backend)")
     ps.add_argument("--poll", default="event", choices=MODES, help="loop mode (default event)")
     ps.add_argument("--cpu", type=int, help="pin the server to this CPU")
     ps.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
