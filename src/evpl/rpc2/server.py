@@ -88,6 +88,8 @@ from evpl.rpc2.wire import (
 __all__ = ["DEFER", "CallContext", "Server", "current_call"]
 
 _log = logging.getLogger("evpl.rpc2")
+_AUTH_NONE = int(AuthFlavor.AUTH_NONE)
+_AUTH_SYS = int(AuthFlavor.AUTH_SYS)
 
 DEFER: Any = type("_Defer", (), {"__repr__": lambda self: "DEFER"})()
 """Return this from a handler to reply later with ``ctx.reply()``."""
@@ -430,6 +432,7 @@ class Server:
         self.max_in_flight = max_in_flight
         self.drc_entries = drc_entries
         self._programs: dict[int, dict[int, dict[int, _Proc]]] = {}
+        self._authsys: dict[bytes, AuthSys] = {}   # decoded AUTH_SYS bodies (bounded)
         self._listeners: list[Any] = []
         self._udp: list[_DatagramConn] = []
         self._conns: set[_StreamConn] = set()
@@ -518,13 +521,21 @@ class Server:
         xid = call.xid
         cred: AuthSys | OpaqueAuth = call.cred
         flavor = cred.flavor
-        if flavor == AuthFlavor.AUTH_SYS:
-            try:
-                cred = AuthSys.from_auth(call.cred)
-            except XdrError:
-                conn.send_reply(encode_auth_error(xid, AuthStat.AUTH_BADCRED), peer, key)
-                return True
-        elif flavor != AuthFlavor.AUTH_NONE:
+        if flavor == _AUTH_SYS:
+            # clients send the same credentials call after call: decode once
+            body = call.cred.body
+            cached = self._authsys.get(body)
+            if cached is None:
+                try:
+                    cached = AuthSys.from_auth(call.cred)
+                except XdrError:
+                    conn.send_reply(encode_auth_error(xid, AuthStat.AUTH_BADCRED), peer, key)
+                    return True
+                if len(self._authsys) >= 1024:
+                    self._authsys.clear()
+                self._authsys[body] = cached
+            cred = cached
+        elif flavor != _AUTH_NONE:
             conn.send_reply(encode_auth_error(xid, AuthStat.AUTH_REJECTEDCRED), peer, key)
             return True
         versions = self._programs.get(call.prog)

@@ -243,6 +243,13 @@ _REPLY_HEAD = struct.Struct(">III")  # xid, REPLY, reply_stat
 _ACCEPTED_NONE = struct.Struct(">IIIIII")  # xid, REPLY, ACCEPTED, AUTH_NONE, 0, accept_stat
 
 
+# plain ints for the per-call paths (enum attribute lookups cost more than the work)
+_CALL = int(MsgType.CALL)
+_REPLY = int(MsgType.REPLY)
+_ACCEPTED = int(ReplyStat.MSG_ACCEPTED)
+_SUCCESS = int(AcceptStat.SUCCESS)
+
+
 def _pack_auth(buf: bytearray, auth: OpaqueAuth) -> None:
     buf += UINT.pack(auth.flavor)
     pack_opaque(buf, auth.body, MAX_AUTH_BYTES)
@@ -278,14 +285,14 @@ def encode_call(xid: int, prog: int, vers: int, proc: int, args: Any = b"",
     return bytes(buf)
 
 
-def pack_accepted_header(buf: bytearray, xid: int, stat: AcceptStat = AcceptStat.SUCCESS,
+def pack_accepted_header(buf: bytearray, xid: int, stat: AcceptStat | int = _SUCCESS,
                          verf: OpaqueAuth = AUTH_NONE) -> None:
     """Append an accepted-reply header; SUCCESS results (or mismatch info) follow it."""
     try:
         if verf is AUTH_NONE:
-            buf += _ACCEPTED_NONE.pack(xid, MsgType.REPLY, ReplyStat.MSG_ACCEPTED, 0, 0, stat)
+            buf += _ACCEPTED_NONE.pack(xid, _REPLY, _ACCEPTED, 0, 0, stat)
             return
-        buf += _REPLY_HEAD.pack(xid, MsgType.REPLY, ReplyStat.MSG_ACCEPTED)
+        buf += _REPLY_HEAD.pack(xid, _REPLY, _ACCEPTED)
     except struct.error as e:
         raise XdrError(f"cannot encode reply header: {e}") from None
     _pack_auth(buf, verf)
@@ -323,16 +330,22 @@ def decode_call(data: Any) -> Call:
     if len(mv) < _CALL_HEAD.size:
         raise XdrError(f"call of {len(mv)} bytes is shorter than a call header")
     xid, mtype, rpcvers, prog, vers, proc, flavor, n = _CALL_HEAD.unpack_from(mv, 0)
-    if mtype != MsgType.CALL:
+    if mtype != _CALL:
         raise XdrError(f"message {xid:#x} is not a call (type {mtype})")
     if rpcvers != RPC_VERSION:
         raise RpcVersionError(xid, rpcvers)
     if n > MAX_AUTH_BYTES:
         raise XdrError(f"credential body of {n} bytes exceeds {MAX_AUTH_BYTES}")
     off = _CALL_HEAD.size + n + (-n & 3)
-    if off > len(mv):
+    size = len(mv)
+    if off > size:
         raise XdrError("truncated credentials")
-    cred = OpaqueAuth(flavor, bytes(mv[_CALL_HEAD.size:_CALL_HEAD.size + n]))
+    if flavor == 0 and n == 0:
+        cred = AUTH_NONE                       # the common cases skip the dataclass
+    else:
+        cred = OpaqueAuth(flavor, bytes(mv[_CALL_HEAD.size:_CALL_HEAD.size + n]))
+    if off + 8 <= size and _AUTH_HEAD.unpack_from(mv, off) == (0, 0):
+        return Call(xid, prog, vers, proc, cred, AUTH_NONE, mv, off + 8)
     verf, off = _unpack_auth(mv, off)
     return Call(xid, prog, vers, proc, cred, verf, mv, off)
 
