@@ -48,6 +48,11 @@ cdef extern from "evpl_uring.h" nogil:
     void evpl_uring_buf_add(evpl_uring* u, void* addr, unsigned len, unsigned short bid)
     void evpl_uring_buf_commit(evpl_uring* u)
     int evpl_uring_recv_multishot(evpl_uring* u, int fd, uint64_t ud, int bgid)
+    int evpl_uring_setup_bufring1(evpl_uring* u, unsigned entries, int bgid)
+    void evpl_uring_buf1_add(evpl_uring* u, void* addr, unsigned len, unsigned short bid)
+    void evpl_uring_buf1_commit(evpl_uring* u)
+    int evpl_uring_recvmsg_multishot(evpl_uring* u, int fd, msghdr* mh, uint64_t ud, int bgid)
+    int evpl_uring_sendmsg_dgram(evpl_uring* u, int fd, const msghdr* mh, uint64_t ud)
     int evpl_uring_accept_multishot(evpl_uring* u, int fd, uint64_t ud)
     int evpl_uring_sendmsg(evpl_uring* u, int fd, const msghdr* mh, uint64_t ud, int zc)
     int evpl_uring_cancel(evpl_uring* u, uint64_t target, uint64_t ud)
@@ -86,6 +91,13 @@ cdef enum:
     OP_SEND = 2
     OP_ACCEPT = 3
     OP_CANCEL = 4
+    OP_DGSEND = 5       # user_data = UrDgSend* | OP_DGSEND
+
+DEF UR_DG_CHUNKS = 8        # pool buffers carved into datagram slots (bgid 1)
+DEF UR_DG_PER = 64          # at most this many slots per pool buffer
+DEF UR_DG_SLOT = 65600      # recvmsg_out (16) + sockaddr_in6 (28) + 65507, rounded
+DEF UR_DG_HDR = 44          # sizeof(io_uring_recvmsg_out) + sizeof(sockaddr_in6)
+DEF UR_DG_INFLIGHT = 64     # sendmsg requests in flight per datagram Bind
 
 
 def uring_unavailable_reason():
@@ -129,6 +141,16 @@ cdef struct TxEntry:
     uint8_t hdrlen
     socklen_t salen
     sockaddr_in6 sa
+
+
+cdef struct UrDgSend:
+    msghdr mh
+    iovec iov
+    PyObject* owner
+    PyObject* bind
+    size_t len
+    sockaddr_in6 sa
+    int busy
 
 
 cdef inline object _sa_to_py(sockaddr* sa, socklen_t salen):
@@ -454,6 +476,8 @@ cdef class Bind(_Source):
     cdef object finish_error
     cdef bint ur_draining
     cdef bint hup
+    cdef UrDgSend* ur_dg
+    cdef int ur_dg_inflight
 
     def __dealloc__(self):
         self._drop_queue()
@@ -466,6 +490,9 @@ cdef class Bind(_Source):
         if self.ur_iov != NULL:
             PyMem_Free(self.ur_iov)
             self.ur_iov = NULL
+        if self.ur_dg != NULL:
+            PyMem_Free(self.ur_dg)
+            self.ur_dg = NULL
 
     # ---- configuration --------------------------------------------------
 
@@ -602,7 +629,7 @@ cdef class Bind(_Source):
         """Close once everything queued has been sent."""
         if self.state == S_CLOSED:
             return
-        if self.tx_head == self.tx_tail:
+        if self.tx_head == self.tx_tail and self.ur_dg_inflight == 0:
             self._close(None)
         else:
             self.finishing = True
@@ -759,6 +786,9 @@ cdef class Bind(_Source):
         if self.state != S_OPEN:
             return 0
         if self.ur:
+            if not self.stream:
+                self._ur_send_dgram()
+                return 0
             if self.ur_send_inflight:
                 return 0
             if self.tx_head != self.tx_tail:
@@ -781,7 +811,7 @@ cdef class Bind(_Source):
                 self.cb_writable(self)
             except Exception as exc:
                 self.loop._callback_error(exc, self)
-        if self.tx_head == self.tx_tail and self.state == S_OPEN:
+        if self.tx_head == self.tx_tail and self.state == S_OPEN and self.ur_dg_inflight == 0:
             if self.finishing:
                 if self.stream:
                     shutdown(self.fd, SHUT_WR)
@@ -870,8 +900,17 @@ cdef class Bind(_Source):
     cdef int _ur_arm_recv(self) except -1:
         if self.ur_recv_armed or self.state != S_OPEN or self.reading_paused or self.eof:
             return 0
-        if evpl_uring_recv_multishot(self.loop.ur, self.fd, (<uint64_t><void*>self) | OP_RECV,
-                                     0) < 0:
+        cdef int r
+        if self.stream:
+            r = evpl_uring_recv_multishot(self.loop.ur, self.fd,
+                                          (<uint64_t><void*>self) | OP_RECV, 0)
+        else:
+            # the kernel reads this msghdr for every shot: it lives in the Bind
+            memset(&self.ur_mh, 0, sizeof(msghdr))
+            self.ur_mh.msg_namelen = sizeof(sockaddr_in6)
+            r = evpl_uring_recvmsg_multishot(self.loop.ur, self.fd, &self.ur_mh,
+                                             (<uint64_t><void*>self) | OP_RECV, 1)
+        if r < 0:
             raise OSError(EBUSY_, "io_uring submission queue full")
         Py_INCREF(self)
         self.ur_recv_armed = True
@@ -940,12 +979,118 @@ cdef class Bind(_Source):
         else:
             self._after_flush()
 
+    cdef int _ur_send_dgram(self) except -1:
+        """One sendmsg per queued datagram, at most UR_DG_INFLIGHT in flight;
+        each request owns its msghdr, iovec, address and data owner."""
+        cdef UrDgSend* s
+        cdef TxEntry* e
+        cdef int i = 0
+        if self.ur_dg == NULL:
+            self.ur_dg = <UrDgSend*>PyMem_Malloc(UR_DG_INFLIGHT * sizeof(UrDgSend))
+            if self.ur_dg == NULL:
+                raise MemoryError()
+            memset(self.ur_dg, 0, UR_DG_INFLIGHT * sizeof(UrDgSend))
+        while self.tx_head != self.tx_tail and self.ur_dg_inflight < UR_DG_INFLIGHT:
+            while self.ur_dg[i].busy:
+                i += 1
+            s = &self.ur_dg[i]
+            e = &self.txq[self.tx_head]
+            memcpy(&s.sa, &e.sa, e.salen)
+            memset(&s.mh, 0, sizeof(msghdr))
+            s.iov.iov_base = e.ptr
+            s.iov.iov_len = e.len
+            s.mh.msg_name = &s.sa
+            s.mh.msg_namelen = e.salen
+            s.mh.msg_iov = &s.iov
+            s.mh.msg_iovlen = 1
+            if evpl_uring_sendmsg_dgram(self.loop.ur, self.fd, &s.mh,
+                                        (<uint64_t><void*>s) | OP_DGSEND) < 0:
+                raise OSError(EBUSY_, "io_uring submission queue full")
+            s.owner = e.owner               # the queue's reference moves here
+            s.len = e.len
+            s.bind = <PyObject*>self
+            Py_INCREF(self)
+            s.busy = 1
+            self.ur_dg_inflight += 1
+            self.tx_head += 1
+            self.loop.ur_submit = True
+        if self.tx_head == self.tx_tail:
+            self.tx_head = self.tx_tail = 0
+        return 0
+
+    cdef void _ur_dgram(self, Chunk* c, char* p):
+        """Deliver one datagram laid out as io_uring_recvmsg_out + name + payload."""
+        cdef LoopCore loop = self.loop
+        cdef uint32_t namelen, payloadlen, oflags
+        cdef sockaddr* name = <sockaddr*>(p + 16)
+        cdef object addr
+        memcpy(&namelen, p, 4)
+        memcpy(&payloadlen, p + 8, 4)
+        memcpy(&oflags, p + 12, 4)
+        loop.stat_datagrams_in += 1
+        if oflags & MSG_TRUNC or payloadlen > self.max_datagram:
+            loop.stat_truncated += 1
+            return
+        if namelen > sizeof(sockaddr_in6):
+            namelen = sizeof(sockaddr_in6)
+        loop.stat_bytes_in += payloadlen
+        if (self.rx_addr is not None and namelen == self.rx_salen
+                and memcmp(name, &self.rx_sa, namelen) == 0):
+            addr = self.rx_addr
+        else:
+            addr = _sa_to_py(name, namelen)
+            self.rx_addr = addr
+            self.rx_salen = namelen
+            memcpy(&self.rx_sa, name, namelen)
+        buf = make_buffer(loop.pool, c, p + UR_DG_HDR, payloadlen)
+        if self.reading_paused or self.ur_backlog:
+            if self.ur_backlog is None:
+                self.ur_backlog = []
+            self.ur_backlog.append((buf, addr))
+            return
+        try:
+            self.cb_datagram(self, buf, addr)
+        except Exception as exc:
+            loop._callback_error(exc, self)
+
+    cdef void _ur_recv_dgram(self, int res, uint32_t flags):
+        """Completion of the multishot recvmsg (one datagram per slot)."""
+        cdef LoopCore loop = self.loop
+        cdef unsigned bid, ci
+        cdef Chunk* c = NULL
+        cdef char* p = NULL
+        if flags & EVPL_CQE_F_BUFFER:
+            bid = flags >> 16
+            ci = bid // UR_DG_PER
+            c = loop.dg_bufs[ci]
+            p = c.data + (bid % UR_DG_PER) * loop.dg_slot
+            c.refs += 1                 # hold it across the callback
+            loop._ur_dg_slot_done(ci)
+        if not flags & EVPL_CQE_F_MORE:
+            self.ur_recv_armed = False
+        if res >= UR_DG_HDR and c != NULL and self.state == S_OPEN:
+            self._ur_dgram(c, p)
+        if c != NULL:
+            chunk_unref(loop.pool, c)
+        if not flags & EVPL_CQE_F_MORE and self.state == S_OPEN:
+            if res == -ENOBUFS_:
+                loop.stat_starved += 1
+                loop.ur_rearm.append(self)
+            elif res < 0 and res != -ECANCELED:
+                loop.stat_dgram_errors += 1     # ICMP errors (refused...): go on
+                self._ur_arm_recv()
+            elif not self.reading_paused:
+                self._ur_arm_recv()
+
     cdef void _ur_recv(self, int res, uint32_t flags):
         """Completion of the multishot receive."""
         cdef LoopCore loop = self.loop
         cdef unsigned bid
         cdef Chunk* c = NULL
         cdef char* p = NULL
+        if not self.stream:
+            self._ur_recv_dgram(res, flags)
+            return
         if flags & EVPL_CQE_F_BUFFER:
             bid = flags >> 16
             c = loop.ur_bufs[bid]
@@ -1019,6 +1164,7 @@ cdef class Bind(_Source):
 
     cdef void _close(self, error):
         """Close the socket now; on_closed is delivered at iteration end."""
+        cdef int i
         if self.state == S_CLOSED:
             return
         self.state = S_CLOSED
@@ -1034,6 +1180,13 @@ cdef class Bind(_Source):
             self.queued_bytes = 0
         else:
             self._drop_queue()
+        if self.ur_dg_inflight:
+            for i in range(UR_DG_INFLIGHT):
+                if self.ur_dg[i].busy:
+                    evpl_uring_cancel(self.loop.ur, (<uint64_t><void*>&self.ur_dg[i]) | OP_DGSEND,
+                                      OP_CANCEL)
+            self.loop.ur_submit = True
+            self.queued_bytes = 0
         self.ur_backlog = None
         if self.ur:
             # in-flight requests hold the file: shut the socket down now so
@@ -1539,6 +1692,18 @@ cdef class Bind(_Source):
         if self.ur_draining:
             return                    # resumed from a callback of this drain
         self.ur_draining = True
+        if not self.stream:
+            try:
+                while self.ur_backlog and self.state == S_OPEN and not self.reading_paused:
+                    item = self.ur_backlog.pop(0)
+                    try:
+                        self.cb_datagram(self, item[0], item[1])
+                    except Exception as exc:
+                        self.loop._callback_error(exc, self)
+                    item = None
+            finally:
+                self.ur_draining = False
+            return
         try:
             while self.ur_backlog and self.state == S_OPEN and not self.reading_paused:
                 buf = self.ur_backlog.pop(0)
@@ -1621,6 +1786,28 @@ cdef class Bind(_Source):
                 return
         if self.rx_ready and self.state == S_OPEN and not self.reading_paused:
             loop._queue_read(self)
+
+
+cdef void _ur_dg_done(LoopCore loop, UrDgSend* s, int res):
+    """Completion of one datagram sendmsg: release its owner, count it."""
+    cdef Bind b = <Bind>s.bind
+    Py_DECREF(<object>s.owner)
+    s.owner = NULL
+    s.busy = 0
+    b.ur_dg_inflight -= 1
+    if b.state != S_CLOSED:
+        b.queued_bytes -= s.len
+    if res >= 0:
+        loop.stat_datagrams_out += 1
+        loop.stat_bytes_out += s.len
+    elif res != -ECANCELED:
+        loop.stat_dgram_errors += 1        # unreachable, refused, bad address...
+    if b.state == S_OPEN:
+        if b.tx_head != b.tx_tail:
+            b._ur_send_dgram()
+        elif b.ur_dg_inflight == 0:
+            b._after_flush()
+    Py_DECREF(b)                           # the request's reference
 
 
 @cython.final
@@ -1772,6 +1959,12 @@ cdef class LoopCore:
     cdef list ur_rearm
     cdef size_t ur_mark
     cdef public size_t zc_threshold
+    # datagram slot ring (bgid 1), created with the first io_uring_udp Bind
+    cdef Chunk** dg_bufs
+    cdef int* dg_left
+    cdef size_t dg_slot
+    cdef int dg_per
+    cdef int dg_nfree
 
     def __cinit__(self):
         self.epfd = -1
@@ -1919,12 +2112,20 @@ cdef class LoopCore:
                 self._queue_read(b)
         return b
 
-    def _add_datagram(self, int fd, str backend, handler, tuple limits) -> Bind:
+    def _add_datagram(self, int fd, str backend, handler, tuple limits,
+                      bint uring=False) -> Bind:
         """Adopt a bound datagram socket (nonblocking)."""
-        cdef Bind b = self._new_bind(fd, backend, False, handler, None, limits, False, False)
+        cdef Bind b
+        if uring:
+            self._ur_setup()
+            self._ur_dg_setup()
+        b = self._new_bind(fd, backend, False, handler, None, limits, uring, False)
         b.state = S_OPEN
-        b.rx_ready = True
-        self._queue_read(b)
+        if uring:
+            b._ur_arm_recv()
+        else:
+            b.rx_ready = True
+            self._queue_read(b)
         return b
 
     def _add_listener(self, int fd, str backend, factory, shared, Framer framer,
@@ -1997,11 +2198,85 @@ cdef class LoopCore:
         self._ur_refill()
         return 0
 
+    cdef int _ur_dg_setup(self) except -1:
+        """The datagram slot ring: pool buffers cut into fixed slots, one
+        datagram each (a plain, non-incremental provided buffer ring)."""
+        cdef int err, i
+        if self.dg_bufs != NULL:
+            return 0
+        self.dg_slot = min(<size_t>UR_DG_SLOT, self.pool.buffer_size)
+        self.dg_per = <int>min(<size_t>UR_DG_PER, self.pool.buffer_size // self.dg_slot)
+        self.dg_bufs = <Chunk**>PyMem_Malloc(UR_DG_CHUNKS * sizeof(Chunk*))
+        self.dg_left = <int*>PyMem_Malloc(UR_DG_CHUNKS * sizeof(int))
+        if not self.dg_bufs or not self.dg_left:
+            PyMem_Free(self.dg_bufs)
+            PyMem_Free(self.dg_left)
+            self.dg_bufs = NULL
+            self.dg_left = NULL
+            raise MemoryError()
+        for i in range(UR_DG_CHUNKS):
+            self.dg_bufs[i] = NULL
+            self.dg_left[i] = 0
+        self.dg_nfree = UR_DG_CHUNKS
+        err = evpl_uring_setup_bufring1(self.ur, UR_DG_CHUNKS * UR_DG_PER, 1)
+        if err < 0:
+            PyMem_Free(self.dg_bufs)
+            PyMem_Free(self.dg_left)
+            self.dg_bufs = NULL
+            self.dg_left = NULL
+            raise OSError(-err, "io_uring datagram buffer ring")
+        self._ur_dg_refill()
+        return 0
+
+    cdef void _ur_dg_slot_done(self, unsigned ci):
+        """The kernel used one more slot of pool buffer ``ci``."""
+        self.dg_left[ci] -= 1
+        if self.dg_left[ci] == 0:
+            chunk_unref(self.pool, self.dg_bufs[ci])
+            self.dg_bufs[ci] = NULL
+            self.dg_nfree += 1
+
+    cdef int _ur_dg_refill(self):
+        """Carve fresh pool buffers into slots for every buffer used up."""
+        cdef Chunk* c
+        cdef int ci, k, added = 0
+        cdef int limit
+        if self.dg_bufs == NULL:
+            return 0
+        limit = <int>min(<size_t>UR_DG_CHUNKS,
+                         max(<size_t>1, self.pool.max_bytes // self.pool.buffer_size // 4))
+        for ci in range(UR_DG_CHUNKS):
+            if self.dg_bufs[ci] != NULL:
+                continue
+            if UR_DG_CHUNKS - self.dg_nfree >= limit:
+                break
+            c = self.pool.get()
+            if c == NULL:
+                break
+            self.dg_bufs[ci] = c
+            self.dg_left[ci] = self.dg_per
+            self.dg_nfree -= 1
+            for k in range(self.dg_per):
+                evpl_uring_buf1_add(self.ur, c.data + k * self.dg_slot, <unsigned>self.dg_slot,
+                                    <unsigned short>(ci * UR_DG_PER + k))
+            added += 1
+        if added:
+            evpl_uring_buf1_commit(self.ur)
+        return added
+
     cdef void _ur_teardown(self):
         cdef int i
         if self.ur != NULL:
             evpl_uring_free(self.ur)
             self.ur = NULL
+        if self.dg_bufs != NULL:
+            for i in range(UR_DG_CHUNKS):
+                if self.dg_bufs[i] != NULL and self.pool is not None:
+                    chunk_unref(self.pool, self.dg_bufs[i])
+            PyMem_Free(self.dg_bufs)
+            self.dg_bufs = NULL
+            PyMem_Free(self.dg_left)
+            self.dg_left = NULL
         if self.ur_bufs != NULL:
             for i in range(UR_BUFS):
                 if self.ur_bufs[i] != NULL and self.pool is not None:
@@ -2048,6 +2323,9 @@ cdef class LoopCore:
             added += 1
         if added:
             evpl_uring_buf_commit(self.ur)
+        if self.dg_nfree:
+            added += self._ur_dg_refill()
+        if added:
             if self.ur_rearm:
                 batch = self.ur_rearm
                 self.ur_rearm = []
@@ -2080,6 +2358,8 @@ cdef class LoopCore:
                     b._ur_sent(res, flags)
                     if not flags & EVPL_CQE_F_MORE:
                         Py_DECREF(b)
+                elif op == OP_DGSEND:
+                    _ur_dg_done(self, <UrDgSend*><void*>(ud & ~(<uint64_t>7)), res)
                 elif op == OP_ACCEPT:
                     li = <Listener><PyObject*><void*>(ud & ~(<uint64_t>7))
                     li._ur_accept(res, flags)
@@ -2091,7 +2371,7 @@ cdef class LoopCore:
             if n < UR_CQES:
                 break
         self.stat_cqes += total
-        if self.ur_nfree:
+        if self.ur_nfree or self.dg_nfree:
             self._ur_refill()
         return total
 
@@ -2308,7 +2588,8 @@ cdef class LoopCore:
                 b.rx_queued = False
                 if b.state == S_OPEN and b.rx_ready and not b.reading_paused:
                     b._read()
-        if self.ur_rearm and self.ur_nfree and self.pool.releases != self.ur_mark:
+        if (self.ur_rearm and (self.ur_nfree or self.dg_nfree)
+                and self.pool.releases != self.ur_mark):
             self.ur_mark = self.pool.releases
             self._ur_refill()          # buffers came back: the ring can take them
         if self.starved and self.pool.releases != self.starved_mark:

@@ -40,6 +40,11 @@ typedef struct evpl_uring {
     unsigned br_entries;
     unsigned br_mask;
     int br_pending;
+    /* second ring (bgid 1): fixed datagram slots, whole-buffer consumption */
+    struct io_uring_buf_ring *br1;
+    size_t br1_size;
+    unsigned br1_mask;
+    int br1_pending;
     unsigned setup_flags;
 } evpl_uring;
 
@@ -74,6 +79,7 @@ static void evpl_uring_free(evpl_uring *u) {
     if (!u) return;
     io_uring_queue_exit(&u->ring);
     if (u->br) munmap(u->br, u->br_size);
+    if (u->br1) munmap(u->br1, u->br1_size);
     free(u);
 }
 
@@ -117,6 +123,39 @@ static inline void evpl_uring_buf_commit(evpl_uring *u) {
     }
 }
 
+/* A plain (non-incremental) provided-buffer ring for datagram slots: with
+ * incremental consumption a datagram landing at the tail of a buffer is cut
+ * to the bytes left there (MSG_TRUNC), so datagrams use whole fixed slots. */
+static int evpl_uring_setup_bufring1(evpl_uring *u, unsigned entries, int bgid) {
+    struct io_uring_buf_reg reg;
+    int r;
+    u->br1_size = entries * sizeof(struct io_uring_buf);
+    if (u->br1_size < 4096) u->br1_size = 4096;
+    u->br1 = mmap(NULL, u->br1_size, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (u->br1 == MAP_FAILED) { u->br1 = NULL; return -errno; }
+    io_uring_buf_ring_init(u->br1);
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (unsigned long)u->br1;
+    reg.ring_entries = entries;
+    reg.bgid = (unsigned short)bgid;
+    r = io_uring_register_buf_ring(&u->ring, &reg, 0);
+    if (r < 0) { munmap(u->br1, u->br1_size); u->br1 = NULL; return r; }
+    u->br1_mask = io_uring_buf_ring_mask(entries);
+    u->br1_pending = 0;
+    return 0;
+}
+
+static inline void evpl_uring_buf1_add(evpl_uring *u, void *addr, unsigned len, unsigned short bid) {
+    io_uring_buf_ring_add(u->br1, addr, len, bid, u->br1_mask, u->br1_pending++);
+}
+
+static inline void evpl_uring_buf1_commit(evpl_uring *u) {
+    if (u->br1_pending) {
+        io_uring_buf_ring_advance(u->br1, u->br1_pending);
+        u->br1_pending = 0;
+    }
+}
+
 static inline struct io_uring_sqe *evpl_uring_sqe(evpl_uring *u) {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
     if (!sqe) {
@@ -132,6 +171,25 @@ static int evpl_uring_recv_multishot(evpl_uring *u, int fd, uint64_t ud, int bgi
     io_uring_prep_recv_multishot(sqe, fd, NULL, 0, 0);
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = (unsigned short)bgid;
+    io_uring_sqe_set_data64(sqe, ud);
+    return 0;
+}
+
+static int evpl_uring_recvmsg_multishot(evpl_uring *u, int fd, struct msghdr *mh,
+                                        uint64_t ud, int bgid) {
+    struct io_uring_sqe *sqe = evpl_uring_sqe(u);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_recvmsg_multishot(sqe, fd, mh, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = (unsigned short)bgid;
+    io_uring_sqe_set_data64(sqe, ud);
+    return 0;
+}
+
+static int evpl_uring_sendmsg_dgram(evpl_uring *u, int fd, const struct msghdr *mh, uint64_t ud) {
+    struct io_uring_sqe *sqe = evpl_uring_sqe(u);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_sendmsg(sqe, fd, mh, MSG_NOSIGNAL);
     io_uring_sqe_set_data64(sqe, ud);
     return 0;
 }
@@ -243,6 +301,11 @@ static int evpl_uring_register_eventfd(evpl_uring *u, int fd) { (void)u; (void)f
 static int evpl_uring_setup_bufring(evpl_uring *u, unsigned e, int g) { (void)u; (void)e; (void)g; return -ENOSYS; }
 static inline void evpl_uring_buf_add(evpl_uring *u, void *a, unsigned l, unsigned short b) { (void)u; (void)a; (void)l; (void)b; }
 static inline void evpl_uring_buf_commit(evpl_uring *u) { (void)u; }
+static int evpl_uring_setup_bufring1(evpl_uring *u, unsigned e, int g) { (void)u; (void)e; (void)g; return -ENOSYS; }
+static inline void evpl_uring_buf1_add(evpl_uring *u, void *a, unsigned l, unsigned short b) { (void)u; (void)a; (void)l; (void)b; }
+static inline void evpl_uring_buf1_commit(evpl_uring *u) { (void)u; }
+static int evpl_uring_recvmsg_multishot(evpl_uring *u, int f, struct msghdr *m, uint64_t d, int g) { (void)u; (void)f; (void)m; (void)d; (void)g; return -ENOSYS; }
+static int evpl_uring_sendmsg_dgram(evpl_uring *u, int f, const struct msghdr *m, uint64_t d) { (void)u; (void)f; (void)m; (void)d; return -ENOSYS; }
 static int evpl_uring_recv_multishot(evpl_uring *u, int f, uint64_t d, int g) { (void)u; (void)f; (void)d; (void)g; return -ENOSYS; }
 static int evpl_uring_accept_multishot(evpl_uring *u, int f, uint64_t d) { (void)u; (void)f; (void)d; return -ENOSYS; }
 static int evpl_uring_sendmsg(evpl_uring *u, int f, const struct msghdr *m, uint64_t d, int z) { (void)u; (void)f; (void)m; (void)d; (void)z; return -ENOSYS; }

@@ -114,6 +114,12 @@ register(_Backend(
     _probe_uring(socket.AF_INET),
 ))
 register(_Backend(
+    "io_uring_udp", "datagram", socket.AF_INET,
+    frozenset({"datagram", "io_uring", "multishot", "provided_buffers", "inet", "inet6"}),
+    "UDP over io_uring: multishot recvmsg into pool buffer slots, one sendmsg per datagram",
+    _probe_uring(socket.AF_INET),
+))
+register(_Backend(
     "io_uring_unix", "stream", socket.AF_UNIX, frozenset(_URING_CAPS | {"local"}),
     "Unix domain stream sockets over io_uring",
     _probe_uring(socket.AF_UNIX),

@@ -224,7 +224,8 @@ class Loop(LoopCore):
         h = _make_handler(handler)
         sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)
         self._bind_socket(sock, sa, options)
-        return self._add_datagram(sock.detach(), info.name, h, limits)
+        return self._add_datagram(sock.detach(), info.name, h, limits,
+                                  "io_uring" in info.capabilities)
 
     def __enter__(self) -> Loop:
         return self
