@@ -464,8 +464,9 @@ def _format(r: Result) -> str:
 def _table(results: list[Result]) -> Any:
     from rich.table import Table
 
-    table = Table(title="evpl perf (loopback; server and client on separate cores)")
-    for col in ("backend", "mode", "load", "result", "p50 µs", "p99 µs", "srv µs/op"):
+    table = Table(title="evpl perf (loopback; server and client on separate cores)",
+                  caption="p50µs/p99µs: round-trip latency; srv µs: server CPU per op")
+    for col in ("backend", "mode", "load", "result", "p50µs", "p99µs", "srv µs"):
         table.add_column(col, justify="right" if col not in ("backend", "mode", "load") else "left",
                          no_wrap=True)
     for r in results:
