@@ -58,6 +58,7 @@ cdef extern from "evpl_uring.h" nogil:
     int evpl_uring_cancel(evpl_uring* u, uint64_t target, uint64_t ud)
     int evpl_uring_submit(evpl_uring* u)
     int evpl_uring_pending_sqes(evpl_uring* u)
+    int evpl_uring_cq_ready(evpl_uring* u)
     int evpl_uring_reap(evpl_uring* u, evpl_cqe* out, int max)
     unsigned evpl_uring_flags(evpl_uring* u)
     int evpl_uring_wait(evpl_uring* u, long long timeout_ns)
@@ -2515,6 +2516,8 @@ cdef class LoopCore:
         cdef int64_t wait, now, spin_end
         cdef int n, i
         cdef bint poll
+        cdef bint ur_hit = False
+        cdef evpl_uring* ur = self.ur
         cdef _Source src
         if self.ur_submit and self.ur != NULL:
             # io_uring work queued outside an iteration (listen, connect...)
@@ -2536,10 +2539,17 @@ cdef class LoopCore:
                     n = evpl_epoll_wait_ns(self.epfd, self.events, MAX_EVENTS, 0)
                     if n != 0:
                         break
+                    # io_uring completions, without the eventfd round trip
+                    if ur != NULL and evpl_uring_cq_ready(ur):
+                        ur_hit = True
+                        break
                     now = evpl_now_ns()
                     if now >= spin_end:
                         break
-            if n == 0 and not self.poll_always:
+            if ur_hit:
+                self.last_active = evpl_now_ns()
+                self._ur_process()
+            elif n == 0 and not self.poll_always:
                 wait = self._wait_budget(max_wait)
                 if wait != 0:
                     self.stat_sleeps += 1

@@ -227,6 +227,14 @@ static inline int evpl_uring_submit(evpl_uring *u) {
     return io_uring_submit_and_get_events(&u->ring);
 }
 
+/* Run pending completion work (DEFER_TASKRUN posts completions only when
+ * asked) and say whether completions wait in the CQ ring. */
+static inline int evpl_uring_cq_ready(evpl_uring *u) {
+    if (io_uring_cq_ready(&u->ring) > 0) return 1;
+    io_uring_get_events(&u->ring);
+    return io_uring_cq_ready(&u->ring) > 0;
+}
+
 static inline int evpl_uring_pending_sqes(evpl_uring *u) {
     return io_uring_sq_ready(&u->ring) > 0;
 }
@@ -312,6 +320,7 @@ static int evpl_uring_sendmsg(evpl_uring *u, int f, const struct msghdr *m, uint
 static int evpl_uring_cancel(evpl_uring *u, uint64_t t, uint64_t d) { (void)u; (void)t; (void)d; return -ENOSYS; }
 static inline int evpl_uring_submit(evpl_uring *u) { (void)u; return -ENOSYS; }
 static inline int evpl_uring_pending_sqes(evpl_uring *u) { (void)u; return 0; }
+static inline int evpl_uring_cq_ready(evpl_uring *u) { (void)u; return 0; }
 static inline int evpl_uring_reap(evpl_uring *u, evpl_cqe *o, int m) { (void)u; (void)o; (void)m; return 0; }
 static inline unsigned evpl_uring_flags(evpl_uring *u) { (void)u; return 0; }
 static inline int evpl_uring_wait(evpl_uring *u, long long t) { (void)u; (void)t; return -ENOSYS; }
