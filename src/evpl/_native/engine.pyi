@@ -5,6 +5,8 @@ from typing import Any
 
 from evpl._native.buffers import Pool
 
+def uring_unavailable_reason() -> str | None: ...
+
 class Framer:
     kind: int
     size: int
@@ -80,6 +82,7 @@ class LoopCore:
     exception_handler: Callable[[LoopCore, BaseException, Bind | None], Any] | None
     spin_ns: int
     poll_always: bool
+    zc_threshold: int
     def __init__(self, pool: Pool, *, spin_ns: int = ..., poll_always: bool = ...,
                  base_handler: Any = ...) -> None: ...
     @property
@@ -100,9 +103,9 @@ class LoopCore:
     def stats(self) -> dict[str, int]: ...
     def _add_stream(self, fd: int, backend: str, handler: Any, framer: Framer | None,
                     limits: tuple[int, int, int, int], connecting: bool, peer: Any,
-                    connect_errno: int = ...) -> Bind: ...
+                    connect_errno: int = ..., uring: bool = ...) -> Bind: ...
     def _add_datagram(self, fd: int, backend: str, handler: Any,
-                      limits: tuple[int, int, int, int]) -> Bind: ...
+                      limits: tuple[int, int, int, int], uring: bool = ...) -> Bind: ...
     def _add_listener(self, fd: int, backend: str, factory: Any, shared: Any,
                       framer: Framer | None, limits: tuple[int, int, int, int], nodelay: bool,
-                      address: Any) -> Listener: ...
+                      address: Any, uring: bool = ...) -> Listener: ...
