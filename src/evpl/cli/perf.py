@@ -23,13 +23,13 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import evpl
 
 LOADS = ("pingpong", "rate", "bulk")
 MODES = ("event", "poll")
-_POLL_MODE = {"event": "event", "poll": "always"}
+_POLL_MODE: dict[str, Literal["event", "always"]] = {"event": "event", "poll": "always"}
 _FRAMING = evpl.framing.length_prefix(4, "big")
 
 

@@ -520,7 +520,7 @@ class Server:
             return self._bad_header(conn, data, peer, key)
         xid = call.xid
         cred: AuthSys | OpaqueAuth = call.cred
-        flavor = cred.flavor
+        flavor = call.cred.flavor
         if flavor == _AUTH_SYS:
             # clients send the same credentials call after call: decode once
             body = call.cred.body

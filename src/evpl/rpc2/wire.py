@@ -318,7 +318,7 @@ def encode_rpc_mismatch(xid: int, low: int = RPC_VERSION, high: int = RPC_VERSIO
                        RejectStat.RPC_MISMATCH, low, high)
 
 
-def encode_auth_error(xid: int, stat: AuthStat) -> bytes:
+def encode_auth_error(xid: int, stat: AuthStat | int) -> bytes:
     """A denied reply: authentication failed with ``stat``."""
     return struct.pack(">IIIII", xid, MsgType.REPLY, ReplyStat.MSG_DENIED,
                        RejectStat.AUTH_ERROR, stat)
