@@ -30,11 +30,10 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (
     CLIENT_CORE,
     SERVER_CORE,
+    Result,
     SkipStack,
+    fmt_count,
     fmt_pct,
     machine_info,
+    print_plain_table,
     proc_stat,
+    render_markdown,
     running,
     stat_delta,
     wait_for_quiet,
@@ -57,6 +60,7 @@ RPC_SRC = HERE / "rpc"
 RPC_BUILD = BUILD / "rpc"
 PYTHON = sys.executable
 TIRPC_INCLUDE = "/usr/include/tirpc"
+BENCH_COMMON_H = HERE / "c" / "bench_common.h"  # shared by the C programs
 
 
 # ------------------------------------------------------------------- loads
@@ -113,28 +117,6 @@ STACKS: dict[str, Stack] = {s.name: s for s in [
 REFERENCE = {"server": "libtirpc", "client": "libtirpc-clnt"}
 
 
-@dataclass
-class Result:
-    """All repetitions of one (load, stack) pair."""
-
-    load: str
-    stack: str
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    skipped: str | None = None
-    errors: list[str] = field(default_factory=list)
-
-    def median(self, key: str) -> float | None:
-        values = [r[key] for r in self.runs if r.get(key) is not None]
-        return statistics.median(values) if values else None
-
-    def spread(self, key: str) -> float | None:
-        values = [r[key] for r in self.runs if r.get(key) is not None]
-        med = statistics.median(values) if values else 0
-        if len(values) < 2 or not med:
-            return None
-        return (max(values) - min(values)) / med
-
-
 # ------------------------------------------------------------------- build
 def _stale(out: Path, *sources: Path) -> bool:
     return not out.exists() or any(s.stat().st_mtime > out.stat().st_mtime for s in sources)
@@ -149,8 +131,9 @@ def build() -> None:
     """rpcload, and the rpcgen/libtirpc server and client, into build/."""
     BUILD.mkdir(exist_ok=True)
     src = HERE / "c" / "rpcload.c"
-    if _stale(BUILD / "rpcload", src):
-        _run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(BUILD / "rpcload"), str(src)])
+    if _stale(BUILD / "rpcload", src, BENCH_COMMON_H):
+        _run(["gcc", "-O2", "-Wall", "-Wextra", f"-I{HERE / 'c'}", "-o", str(BUILD / "rpcload"),
+              str(src)])
     for tool in ("rpcgen", "gcc"):
         if shutil.which(tool) is None:
             raise SkipStack(f"{tool} is not installed (Debian: rpcsvc-proto, gcc)")
@@ -163,14 +146,14 @@ def build() -> None:
         for flag, out in (("-h", "bench.h"), ("-c", "bench_xdr.c"), ("-m", "bench_svc.c")):
             (RPC_BUILD / out).unlink(missing_ok=True)
             _run(["rpcgen", flag, "bench.x", "-o", out], cwd=RPC_BUILD)
-    cc = ["gcc", "-O2", f"-I{TIRPC_INCLUDE}", f"-I{RPC_BUILD}"]
+    cc = ["gcc", "-O2", f"-I{TIRPC_INCLUDE}", f"-I{RPC_BUILD}", f"-I{HERE / 'c'}"]
     # rpcgen's own output is not -Wextra clean (unused variables, xdr_void casts)
     generated = [str(RPC_BUILD / "bench_xdr.c"), "-w"]
     for prog, extra in (("bench_server", [str(RPC_BUILD / "bench_svc.c")]),
                         ("bench_client", [])):
         main_c = RPC_SRC / f"{prog}.c"
         out = RPC_BUILD / prog
-        if _stale(out, main_c, x):
+        if _stale(out, main_c, x, BENCH_COMMON_H):
             obj = RPC_BUILD / f"{prog}.o"
             _run([*cc, "-Wall", "-Wextra", "-c", "-o", str(obj), str(main_c)])
             _run([*cc, "-o", str(out), str(obj), *extra, *generated, "-ltirpc"])
@@ -284,7 +267,7 @@ def run_all(opts: argparse.Namespace) -> dict[tuple[str, str], Result]:
                 print(f"{label}: ERROR {exc}", file=sys.stderr)
                 continue
             res.runs.append(rec)
-            print(f"{label}: {fmt_rate(rec['value'])} calls/s"
+            print(f"{label}: {fmt_count(rec['value'])} calls/s"
                   f"  server {fmt_pct(rec.get('server_cpu'))}"
                   f"  client {fmt_pct(rec.get('client_cpu'))}"
                   + ("  (machine busy with other work)" if rec["noisy"] else ""),
@@ -293,16 +276,6 @@ def run_all(opts: argparse.Namespace) -> dict[tuple[str, str], Result]:
 
 
 # ----------------------------------------------------------------- reports
-def fmt_rate(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    if value >= 1e3:
-        return f"{value / 1e3:.1f}k"
-    return f"{value:.0f}"
-
-
 def summarize(results: dict[tuple[str, str], Result]) -> list[dict[str, Any]]:
     """One row per (load, stack): medians and the ratio to libtirpc."""
     rows = []
@@ -342,54 +315,28 @@ def table_cells(row: dict[str, Any]) -> list[str]:
     lat = (f"{row['lat_p50_us']:.0f} / {row['lat_p99_us']:.0f}"
            if row["lat_p50_us"] is not None else "")
     cpu = row["server_us_per_call"] if row["side"] == "server" else row["client_us_per_call"]
-    return [row["load"], row["stack"], f"{fmt_rate(row['value'])}{spread}", ratio, lat,
+    return [row["load"], row["stack"], f"{fmt_count(row['value'])}{spread}", ratio, lat,
             "-" if cpu is None else f"{cpu:.2f}",
             fmt_pct(row["server_cpu"]), fmt_pct(row["client_cpu"])]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cells = [table_cells(r) for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(HEADERS)]
-    print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    prev = None
-    for c in cells:
-        if prev is not None and c[0] != prev:
-            print()
-        prev = c[0]
-        print("  ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)))
+    print_plain_table(HEADERS, [table_cells(r) for r in rows], blank_between_loads=True)
 
 
 def markdown(rows: list[dict[str, Any]], opts: argparse.Namespace, info: dict[str, Any]) -> str:
     """The report as Markdown (for docs/benchmarks.md)."""
-    out = [
-        "## ONC RPC: evpl rpc2 vs rpcgen/libtirpc",
-        "",
+    intro = (
         f"Measured {info['date']} on {info.get('cpu', '?')}, {info['cpus']} cores, "
         f"Linux {info['kernel']}, Python {info['python']}, evpl {info['evpl']}. "
         f"Server on core {SERVER_CORE}, load on core {CLIENT_CORE}; median of "
         f"{opts.repeat} runs of {opts.duration:g} s (after {opts.warmup:g} s warm-up), "
         "TCP over loopback. Server loads: `benchmarks/c/rpcload.c` against each server; "
         "client loads: each client against the libtirpc server. CPU µs/call is the "
-        "server's for server loads and the client's for client loads.",
-        "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join(["---"] * 2 + ["--:"] * (len(HEADERS) - 2)) + "|",
-    ]
-    for row in rows:
-        out.append("| " + " | ".join(c.replace("|", "/") for c in table_cells(row)) + " |")
-    out += ["", "Loads:", ""]
-    for name in dict.fromkeys(r["load"] for r in rows):
-        out.append(f"- `{name}`: {LOADS[name].title}")
-    notes = [f"- `{s}`: {STACKS[s].note}" for s in dict.fromkeys(r["stack"] for r in rows)
-             if STACKS[s].note]
-    if notes:
-        out += ["", "Stacks:", "", *notes]
-    noisy = sum(r["noisy_runs"] for r in rows)
-    if noisy:
-        out += ["", f"{noisy} run(s) were disturbed by other work on the machine "
-                    "(kept after retries)."]
-    return "\n".join(out) + "\n"
+        "server's for server loads and the client's for client loads."
+    )
+    return render_markdown("ONC RPC: evpl rpc2 vs rpcgen/libtirpc", intro, HEADERS,
+                           [table_cells(r) for r in rows], rows, LOADS, STACKS)
 
 
 # -------------------------------------------------------------------- main

@@ -141,9 +141,10 @@ def build(verbose: bool = True) -> None:
     for name in ("loadgen", "echo_epoll"):
         src = HERE / "c" / f"{name}.c"
         out = BUILD / name
-        if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        header = HERE / "c" / "bench_common.h"  # shared by the C programs
+        if out.exists() and all(out.stat().st_mtime >= f.stat().st_mtime for f in (src, header)):
             continue
-        cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)]
+        cmd = ["gcc", "-O2", "-Wall", "-Wextra", f"-I{HERE / 'c'}", "-o", str(out), str(src)]
         if verbose:
             print("building:", " ".join(cmd), file=sys.stderr)
         subprocess.run(cmd, check=True)
@@ -481,6 +482,13 @@ def fmt_value(value: float | None, load: Load) -> str:
         return "-"
     if load.metric == "gbit":
         return f"{value:.1f}"
+    return fmt_count(value)
+
+
+def fmt_count(value: float | None) -> str:
+    """A count per second, human sized (1.23M, 45.6k, 789)."""
+    if value is None:
+        return "-"
     if value >= 1e6:
         return f"{value / 1e6:.2f}M"
     if value >= 1e3:
@@ -570,11 +578,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(HEADERS)]
-        print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)))
-        print("  ".join("-" * w for w in widths))
-        for c in cells:
-            print("  ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)))
+        print_plain_table(HEADERS, cells)
         return
     table = Table(title="evpl benchmarks (medians)")
     for h in HEADERS:
@@ -612,28 +616,27 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def markdown(rows: list[dict[str, Any]], opts: argparse.Namespace, info: dict[str, Any]) -> str:
-    """The report as Markdown (for docs/benchmarks.md)."""
+def render_markdown(title: str, intro: str, headers: list[str], cells: list[list[str]],
+                    rows: list[dict[str, Any]], loads: dict[str, Any],
+                    stacks: dict[str, Any]) -> str:
+    """A Markdown report: heading, intro paragraph, the table of ``cells``, then the
+    titles of the loads and the notes of the stacks in ``rows`` (shared by run.py and
+    rpc_bench.py)."""
     out = [
-        "## Results",
+        f"## {title}",
         "",
-        f"Measured {info['date']} on {info.get('cpu', '?')}, {info['cpus']} cores, "
-        f"Linux {info['kernel']}, Python {info['python']}, uvloop {info['uvloop']}, "
-        f"evpl {info['evpl']}. Server on core {SERVER_CORE}, load generator on core "
-        f"{CLIENT_CORE}; median of {opts.repeat} runs of {opts.duration:g} s "
-        f"(after {opts.warmup:g} s warm-up). Ratios are against uvloop and the C epoll "
-        "server measured in the same run (spinning stacks against the spinning C server).",
+        intro,
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join(["---"] * 2 + ["--:"] * (len(HEADERS) - 2)) + "|",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(["---"] * 2 + ["--:"] * (len(headers) - 2)) + "|",
     ]
-    for row in rows:
-        out.append("| " + " | ".join(c.replace("|", "/") for c in table_cells(row)) + " |")
+    for c in cells:
+        out.append("| " + " | ".join(x.replace("|", "/") for x in c) + " |")
     out += ["", "Loads:", ""]
     for name in dict.fromkeys(r["load"] for r in rows):
-        out.append(f"- `{name}`: {LOADS[name].title}")
-    notes = [f"- `{s}`: {STACKS[s].note}" for s in dict.fromkeys(r["stack"] for r in rows)
-             if STACKS[s].note]
+        out.append(f"- `{name}`: {loads[name].title}")
+    notes = [f"- `{s}`: {stacks[s].note}" for s in dict.fromkeys(r["stack"] for r in rows)
+             if stacks[s].note]
     if notes:
         out += ["", "Stacks:", "", *notes]
     noisy = sum(r["noisy_runs"] for r in rows)
@@ -641,6 +644,34 @@ def markdown(rows: list[dict[str, Any]], opts: argparse.Namespace, info: dict[st
         out += ["", f"{noisy} run(s) were disturbed by other work on the machine "
                     "(kept after retries)."]
     return "\n".join(out) + "\n"
+
+
+def markdown(rows: list[dict[str, Any]], opts: argparse.Namespace, info: dict[str, Any]) -> str:
+    """The report as Markdown (for docs/benchmarks.md)."""
+    intro = (
+        f"Measured {info['date']} on {info.get('cpu', '?')}, {info['cpus']} cores, "
+        f"Linux {info['kernel']}, Python {info['python']}, uvloop {info['uvloop']}, "
+        f"evpl {info['evpl']}. Server on core {SERVER_CORE}, load generator on core "
+        f"{CLIENT_CORE}; median of {opts.repeat} runs of {opts.duration:g} s "
+        f"(after {opts.warmup:g} s warm-up). Ratios are against uvloop and the C epoll "
+        "server measured in the same run (spinning stacks against the spinning C server)."
+    )
+    return render_markdown("Results", intro, HEADERS, [table_cells(r) for r in rows], rows,
+                           LOADS, STACKS)
+
+
+def print_plain_table(headers: list[str], cells: list[list[str]],
+                      blank_between_loads: bool = False) -> None:
+    """Print ``cells`` under ``headers`` as left-aligned plain-text columns."""
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    prev = None
+    for c in cells:
+        if blank_between_loads and prev is not None and c[0] != prev:
+            print()
+        prev = c[0]
+        print("  ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)))
 
 
 # --------------------------------------------------------------------- main

@@ -47,6 +47,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#define BENCH_NAME "loadgen"
+#include "bench_common.h"
+
 enum mode { M_PINGPONG, M_PIPELINE, M_RAW, M_BULK, M_UDP };
 static const char *mode_names[] = {"pingpong", "pipeline", "raw", "bulk", "udp"};
 
@@ -78,17 +81,6 @@ static struct {
     .verify = 1,
     .udp_timeout = 0.1,
 };
-
-static void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-static void die(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "loadgen: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
-    va_end(ap);
-    exit(1);
-}
 
 /* Report a misbehaving peer as a JSON error line and exit with status 2. */
 static void peer_fail(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
@@ -127,20 +119,6 @@ static void usage(void) {
     exit(1);
 }
 
-static double parse_double(const char *s, const char *what) {
-    char *end;
-    double v = strtod(s, &end);
-    if (*s == '\0' || *end != '\0' || v < 0) die("bad %s: %s", what, s);
-    return v;
-}
-
-static long parse_long(const char *s, const char *what, long min, long max) {
-    char *end;
-    long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || v < min || v > max) die("bad %s: %s", what, s);
-    return v;
-}
-
 static void parse_args(int argc, char **argv) {
     static const struct option longopts[] = {
         {"host", required_argument, 0, 'h'},
@@ -173,17 +151,17 @@ static void parse_args(int argc, char **argv) {
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
         case 'h': opt.host = optarg; break;
-        case 'p': opt.port = (int)parse_long(optarg, "port", 1, 65535); break;
+        case 'p': opt.port = (int)parse_ll(optarg, "port", 1, 65535, 10); break;
         case 'u': opt.unix_path = optarg; break;
-        case 'c': opt.conns = (int)parse_long(optarg, "conns", 1, 10000); break;
-        case 'd': opt.depth = (int)parse_long(optarg, "depth", 1, 100000); break;
-        case 's': opt.size = (int)parse_long(optarg, "size", 5, 16 << 20); break;
-        case 'w': opt.write_size = parse_long(optarg, "write-size", 1, 1L << 30); break;
+        case 'c': opt.conns = (int)parse_ll(optarg, "conns", 1, 10000, 10); break;
+        case 'd': opt.depth = (int)parse_ll(optarg, "depth", 1, 100000, 10); break;
+        case 's': opt.size = (int)parse_ll(optarg, "size", 5, 16 << 20, 10); break;
+        case 'w': opt.write_size = parse_ll(optarg, "write-size", 1, 1L << 30, 10); break;
         case 't': opt.duration = parse_double(optarg, "duration"); break;
         case 'W': opt.warmup = parse_double(optarg, "warmup"); break;
         case 'S': opt.spin = 1; break;
         case 'V': opt.verify = 0; break;
-        case 'P': opt.server_pid = (int)parse_long(optarg, "server-pid", 1, 1 << 30); break;
+        case 'P': opt.server_pid = (int)parse_ll(optarg, "server-pid", 1, 1 << 30, 10); break;
         case 'T': opt.udp_timeout = parse_double(optarg, "udp-timeout"); break;
         default: usage();
         }
@@ -197,81 +175,6 @@ static void parse_args(int argc, char **argv) {
     if (opt.mode == M_PINGPONG && opt.depth != 1) die("pingpong has one message in flight");
     if (opt.mode == M_UDP && opt.size > 65507) die("udp size must be <= 65507");
     if (opt.mode == M_UDP && opt.unix_path) die("--unix is for TCP modes");
-}
-
-/* ------------------------------------------------------------------- time */
-static inline uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static double self_cpu_s(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-}
-
-/* utime + stime of a process in seconds, from /proc/PID/stat; -1 if gone. */
-static double proc_cpu_s(int pid) {
-    char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return -1;
-    buf[n] = '\0';
-    char *p = strrchr(buf, ')'); /* comm may contain spaces */
-    if (!p) return -1;
-    unsigned long utime = 0, stime = 0;
-    /* after ")": state(3) ppid pgrp session tty tpgid flags minflt cminflt
-     * majflt cmajflt utime(14) stime(15) */
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
-               &utime, &stime) != 2)
-        return -1;
-    return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
-}
-
-/* -------------------------------------------- log-linear latency histogram */
-#define SUB_BITS 7
-#define SUB_COUNT (1 << SUB_BITS)
-#define HIST_BUCKETS (64 * SUB_COUNT)
-static uint64_t hist[HIST_BUCKETS];
-static uint64_t hist_n;
-static double hist_sum;
-
-static inline int hist_index(uint64_t v) {
-    if (v < SUB_COUNT) return (int)v;
-    int msb = 63 - __builtin_clzll(v);
-    int shift = msb - SUB_BITS;
-    return (shift + 1) * SUB_COUNT + (int)((v >> shift) & (SUB_COUNT - 1));
-}
-
-static inline uint64_t hist_value(int idx) { /* bucket midpoint */
-    if (idx < SUB_COUNT) return (uint64_t)idx;
-    int shift = idx / SUB_COUNT - 1;
-    uint64_t base = ((uint64_t)SUB_COUNT + (uint64_t)(idx % SUB_COUNT)) << shift;
-    return base + ((1ull << shift) >> 1);
-}
-
-static inline void hist_add(uint64_t v, uint64_t count) {
-    hist[hist_index(v)] += count;
-    hist_n += count;
-    hist_sum += (double)v * (double)count;
-}
-
-static double hist_pct_us(double pct) {
-    if (hist_n == 0) return 0;
-    uint64_t rank = (uint64_t)(pct / 100.0 * (double)hist_n);
-    if (rank >= hist_n) rank = hist_n - 1;
-    uint64_t seen = 0;
-    for (int i = 0; i < HIST_BUCKETS; i++) {
-        seen += hist[i];
-        if (seen > rank) return (double)hist_value(i) / 1000.0;
-    }
-    return 0;
 }
 
 /* ---------------------------------------------------------------- sockets */
@@ -294,6 +197,7 @@ static unsigned char *tmpl;  /* (depth + 1) framed messages back to back */
 static size_t tmpl_len;
 static unsigned char *rbuf;
 static size_t rbuf_len;
+static struct hist hist; /* latencies of the measured interval */
 static int measuring;
 
 /* counters; snapshotted when the measured interval starts and ends */
@@ -452,7 +356,7 @@ static void stream_readable(int idx) {
             uint64_t t = now_ns();
             for (uint64_t i = 0; i < done; i++) {
                 uint64_t t0 = c->stamps[(c->head++) % (uint64_t)opt.depth];
-                if (measuring) hist_add(t - t0, 1);
+                if (measuring) hist_add(&hist, t - t0, 1);
             }
             n_units += done;
             n_bytes += done * (uint64_t)opt.size;
@@ -667,11 +571,7 @@ int main(int argc, char **argv) {
 
     double dt = (double)(t1 - t0) / 1e9;
     double cpu = self_cpu_s() - cpu0;
-    double srv = -1;
-    if (opt.server_pid) {
-        double s1 = proc_cpu_s(opt.server_pid);
-        if (srv0 >= 0 && s1 >= 0) srv = s1 - srv0;
-    }
+    double srv = proc_cpu_since(opt.server_pid, srv0);
     uint64_t units = n_units - units0;
     uint64_t bytes = n_bytes - bytes0;
     const char *unit = opt.mode == M_PINGPONG ? "rtt" : opt.mode == M_BULK ? "byte"
@@ -686,18 +586,8 @@ int main(int argc, char **argv) {
            opt.mode == M_BULK ? opt.write_size : 0L, opt.spin ? "true" : "false", dt,
            unit, (unsigned long long)units, (double)units / dt,
            (unsigned long long)bytes, (double)bytes * 8.0 / dt / 1e9);
-    if (opt.mode != M_BULK && opt.mode != M_UDP && hist_n > 0)
-        printf("\"lat_p50_us\": %.2f, \"lat_p99_us\": %.2f, \"lat_p999_us\": %.2f, "
-               "\"lat_mean_us\": %.2f, ",
-               hist_pct_us(50), hist_pct_us(99), hist_pct_us(99.9),
-               hist_sum / (double)hist_n / 1000.0);
+    if (opt.mode != M_BULK && opt.mode != M_UDP) json_latency(&hist);
     if (opt.mode == M_UDP) printf("\"losses\": %llu, ", (unsigned long long)(n_losses - losses0));
-    printf("\"syscalls\": {\"reads\": %llu, \"writes\": %llu, \"waits\": %llu}, ",
-           (unsigned long long)n_reads, (unsigned long long)n_writes,
-           (unsigned long long)n_waits);
-    printf("\"client_cpu\": %.4f, ", cpu / dt);
-    if (srv >= 0) printf("\"server_cpu_s\": %.4f, \"server_cpu\": %.4f, ", srv, srv / dt);
-    printf("\"interrupted\": %s}\n", interrupted ? "true" : "false");
-    fflush(stdout);
+    json_tail(n_reads, n_writes, n_waits, cpu, srv, dt, interrupted);
     return 0;
 }

@@ -43,6 +43,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#define BENCH_NAME "rpcload"
+#include "bench_common.h"
+
 #define MAX_DEPTH 65536 /* the slot is the low 16 bits of the xid */
 
 static struct {
@@ -69,17 +72,6 @@ static struct {
     .duration = 3.0,
     .warmup = 1.0,
 };
-
-static void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-static void die(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "rpcload: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
-    va_end(ap);
-    exit(1);
-}
 
 /* Report a misbehaving server as a JSON error line and exit with status 2. */
 static void peer_fail(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
@@ -111,20 +103,6 @@ static void usage(void) {
     exit(1);
 }
 
-static double parse_double(const char *s, const char *what) {
-    char *end;
-    double v = strtod(s, &end);
-    if (*s == '\0' || *end != '\0' || v < 0) die("bad %s: %s", what, s);
-    return v;
-}
-
-static long long parse_ll(const char *s, const char *what, long long min, long long max) {
-    char *end;
-    long long v = strtoll(s, &end, 0);
-    if (*s == '\0' || *end != '\0' || v < min || v > max) die("bad %s: %s", what, s);
-    return v;
-}
-
 static void parse_args(int argc, char **argv) {
     static const struct option longopts[] = {
         {"host", required_argument, 0, 'h'},
@@ -145,94 +123,21 @@ static void parse_args(int argc, char **argv) {
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
         case 'h': opt.host = optarg; break;
-        case 'p': opt.port = (int)parse_ll(optarg, "port", 1, 65535); break;
-        case 'c': opt.conns = (int)parse_ll(optarg, "conns", 1, 10000); break;
-        case 'd': opt.depth = (int)parse_ll(optarg, "depth", 1, MAX_DEPTH); break;
-        case 'r': opt.proc = (uint32_t)parse_ll(optarg, "proc", 0, 1); break;
-        case 's': opt.size = (uint32_t)parse_ll(optarg, "size", 0, 1 << 24); break;
-        case 'g': opt.prog = (uint32_t)parse_ll(optarg, "prog", 0, 0xFFFFFFFFll); break;
-        case 'v': opt.vers = (uint32_t)parse_ll(optarg, "vers", 0, 0xFFFFFFFFll); break;
+        case 'p': opt.port = (int)parse_ll(optarg, "port", 1, 65535, 0); break;
+        case 'c': opt.conns = (int)parse_ll(optarg, "conns", 1, 10000, 0); break;
+        case 'd': opt.depth = (int)parse_ll(optarg, "depth", 1, MAX_DEPTH, 0); break;
+        case 'r': opt.proc = (uint32_t)parse_ll(optarg, "proc", 0, 1, 0); break;
+        case 's': opt.size = (uint32_t)parse_ll(optarg, "size", 0, 1 << 24, 0); break;
+        case 'g': opt.prog = (uint32_t)parse_ll(optarg, "prog", 0, 0xFFFFFFFFll, 0); break;
+        case 'v': opt.vers = (uint32_t)parse_ll(optarg, "vers", 0, 0xFFFFFFFFll, 0); break;
         case 't': opt.duration = parse_double(optarg, "duration"); break;
         case 'W': opt.warmup = parse_double(optarg, "warmup"); break;
-        case 'P': opt.server_pid = (int)parse_ll(optarg, "server-pid", 1, 1 << 30); break;
+        case 'P': opt.server_pid = (int)parse_ll(optarg, "server-pid", 1, 1 << 30, 0); break;
         default: usage();
         }
     }
     if (optind != argc || opt.port == 0) usage();
     if (opt.duration <= 0) die("duration must be > 0");
-}
-
-/* ------------------------------------------------------------------- time */
-static inline uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static double self_cpu_s(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-}
-
-/* utime + stime of a process in seconds, from /proc/PID/stat; -1 if gone. */
-static double proc_cpu_s(int pid) {
-    char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return -1;
-    buf[n] = '\0';
-    char *p = strrchr(buf, ')'); /* comm may contain spaces */
-    if (!p) return -1;
-    unsigned long utime = 0, stime = 0;
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
-               &utime, &stime) != 2)
-        return -1;
-    return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
-}
-
-/* -------------------------------------------- log-linear latency histogram */
-#define SUB_BITS 7
-#define SUB_COUNT (1 << SUB_BITS)
-#define HIST_BUCKETS (64 * SUB_COUNT)
-static uint64_t hist[HIST_BUCKETS];
-static uint64_t hist_n;
-static double hist_sum;
-
-static inline int hist_index(uint64_t v) {
-    if (v < SUB_COUNT) return (int)v;
-    int msb = 63 - __builtin_clzll(v);
-    int shift = msb - SUB_BITS;
-    return (shift + 1) * SUB_COUNT + (int)((v >> shift) & (SUB_COUNT - 1));
-}
-
-static inline uint64_t hist_value(int idx) { /* bucket midpoint */
-    if (idx < SUB_COUNT) return (uint64_t)idx;
-    int shift = idx / SUB_COUNT - 1;
-    uint64_t base = ((uint64_t)SUB_COUNT + (uint64_t)(idx % SUB_COUNT)) << shift;
-    return base + ((1ull << shift) >> 1);
-}
-
-static inline void hist_add(uint64_t v) {
-    hist[hist_index(v)]++;
-    hist_n++;
-    hist_sum += (double)v;
-}
-
-static double hist_pct_us(double pct) {
-    if (hist_n == 0) return 0;
-    uint64_t rank = (uint64_t)(pct / 100.0 * (double)hist_n);
-    if (rank >= hist_n) rank = hist_n - 1;
-    uint64_t seen = 0;
-    for (int i = 0; i < HIST_BUCKETS; i++) {
-        seen += hist[i];
-        if (seen > rank) return (double)hist_value(i) / 1000.0;
-    }
-    return 0;
 }
 
 /* ----------------------------------------------------------- connections */
@@ -262,6 +167,7 @@ static size_t call_len;
 static uint64_t reply_len; /* expected record length */
 static unsigned char *rbuf;
 static const size_t rbuf_len = 256 * 1024;
+static struct hist hist; /* latencies of the measured interval */
 static int measuring;
 static uint64_t n_calls, n_bytes, n_reads, n_writes, n_waits;
 
@@ -382,7 +288,7 @@ static void reply_done(int idx, struct conn *c, uint64_t t) {
                   (unsigned long long)c->rec_len, (unsigned long long)reply_len);
     if (opt.proc == 1 && get32(h + 24) != opt.size)
         peer_fail("conn %d: xid %#x: opaque of %u bytes", idx, xid, get32(h + 24));
-    if (measuring) hist_add(t - c->stamp[slot]);
+    if (measuring) hist_add(&hist, t - c->stamp[slot], 1);
     n_calls++;
     n_bytes += c->rec_len;
     queue_call(c, slot, t);
@@ -519,11 +425,7 @@ int main(int argc, char **argv) {
 
     double dt = (double)(t1 - t0) / 1e9;
     double cpu = self_cpu_s() - cpu0;
-    double srv = -1;
-    if (opt.server_pid) {
-        double s1 = proc_cpu_s(opt.server_pid);
-        if (srv0 >= 0 && s1 >= 0) srv = s1 - srv0;
-    }
+    double srv = proc_cpu_since(opt.server_pid, srv0);
     uint64_t calls = n_calls - calls0;
     printf("{\"mode\": \"rpc\", \"prog\": %u, \"proc\": %u, \"size\": %u, \"conns\": %d, "
            "\"depth\": %d, \"duration_s\": %.6f, \"unit\": \"call\", \"count\": %llu, "
@@ -531,17 +433,7 @@ int main(int argc, char **argv) {
            opt.prog, opt.proc, opt.proc == 1 ? opt.size : 0, opt.conns, opt.depth, dt,
            (unsigned long long)calls, (double)calls / dt,
            (unsigned long long)(n_bytes - bytes0));
-    if (hist_n > 0)
-        printf("\"lat_p50_us\": %.2f, \"lat_p99_us\": %.2f, \"lat_p999_us\": %.2f, "
-               "\"lat_mean_us\": %.2f, ",
-               hist_pct_us(50), hist_pct_us(99), hist_pct_us(99.9),
-               hist_sum / (double)hist_n / 1000.0);
-    printf("\"syscalls\": {\"reads\": %llu, \"writes\": %llu, \"waits\": %llu}, ",
-           (unsigned long long)n_reads, (unsigned long long)n_writes,
-           (unsigned long long)n_waits);
-    printf("\"client_cpu\": %.4f, ", cpu / dt);
-    if (srv >= 0) printf("\"server_cpu_s\": %.4f, \"server_cpu\": %.4f, ", srv, srv / dt);
-    printf("\"interrupted\": %s}\n", interrupted ? "true" : "false");
-    fflush(stdout);
+    json_latency(&hist);
+    json_tail(n_reads, n_writes, n_waits, cpu, srv, dt, interrupted);
     return 0;
 }

@@ -16,26 +16,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
-#include <time.h>
 
 #include "bench.h"
 
+#define BENCH_NAME "bench_client"
+#include "bench_common.h" /* benchmarks/c */
+
 /* xdr_void is declared without parameters: cast through void (*)(void) */
 #define XDR_VOID ((xdrproc_t)(void (*)(void))xdr_void)
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static double self_cpu_s(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-}
 
 static const char *arg(int argc, char **argv, const char *name, const char *def) {
     for (int i = 1; i + 1 < argc; i++)
