@@ -399,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     rows = summarize(results)
+    if not rows:
+        print("nothing to measure: no stack in --stacks serves a load in --loads "
+              "(server stacks take server loads, client stacks client loads)", file=sys.stderr)
+        return 2
     info = machine_info()
     print_table(rows)
     if opts.json:
