@@ -222,6 +222,22 @@ def test_sendv_is_one_message(loop, stream_backend, address, spec):
     assert server.msgs == [whole, user_message(spec, b"z")]
 
 
+def test_sendv_is_all_or_nothing(loop, stream_backend, address):
+    """A piece that is not bytes-like fails the whole sendv: nothing of it is
+    queued or sent, and the Bind goes on working."""
+    framing = evpl.framing.length_prefix(4)
+    server = Recorder()
+    listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
+                           framing=framing)
+    bind = loop.connect(stream_backend, listener.address, Recorder(), framing=framing)
+    with pytest.raises(TypeError):
+        bind.sendv([b"first", b"second", 42])
+    assert bind.queued_bytes == 0
+    bind.send(b"after")
+    loop.run_until(lambda: server.msgs, timeout=TIMEOUT)
+    assert server.msgs == [b"after"]
+
+
 def test_many_connections(loop, stream_backend, address):
     """1000 connections open at once, each doing one echo round trip."""
     n = 1000

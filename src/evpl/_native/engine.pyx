@@ -566,11 +566,7 @@ cdef class Bind(_Source):
         """Queue ``data`` (a message on a framed Bind) for sending at the end
         of this loop iteration. Raises SendQueueFull past the hard limit."""
         cdef TxEntry* e
-        cdef uint64_t n
-        if self.state == S_CLOSED or self.finishing:
-            raise EvplError("send on a closed Bind")
-        if not self.stream:
-            raise EvplError("datagram Bind: use sendto(data, addr)")
+        self._can_send()
         e = self._push(data)
         if self.fr_kind == F_LENGTH or self.fr_kind == F_RECORD:
             self._frame(e, e.len)
@@ -578,17 +574,18 @@ cdef class Bind(_Source):
 
     def sendv(self, pieces) -> None:
         """Queue several pieces as one message (one header on a framed Bind)."""
-        cdef TxEntry* first = NULL
         cdef size_t total = 0, start
         cdef TxEntry* e
-        if self.state == S_CLOSED or self.finishing:
-            raise EvplError("send on a closed Bind")
-        if not self.stream:
-            raise EvplError("datagram Bind: use sendto(data, addr)")
+        self._can_send()
         start = self.tx_tail
-        for p in pieces:
-            e = self._push(p)
-            total += e.len
+        try:
+            for p in pieces:
+                e = self._push(p)
+                total += e.len
+        except BaseException:
+            if start != self.tx_tail:      # all or nothing: drop the pieces queued
+                self._unpush_from(&self.txq[start])
+            raise
         if start == self.tx_tail:
             if self.fr_kind != F_LENGTH and self.fr_kind != F_RECORD:
                 return
@@ -596,6 +593,13 @@ cdef class Bind(_Source):
         if self.fr_kind == F_LENGTH or self.fr_kind == F_RECORD:
             self._frame(&self.txq[start], total)
         self._queued(total + self.txq[start].hdrlen)
+
+    cdef int _can_send(self) except -1:
+        if self.state == S_CLOSED or self.finishing:
+            raise EvplError("send on a closed Bind")
+        if not self.stream:
+            raise EvplError("datagram Bind: use sendto(data, addr)")
+        return 0
 
     def sendto(self, data, addr) -> None:
         """Queue one datagram to ``addr``; sent with the iteration's batch."""
@@ -1338,6 +1342,20 @@ cdef class Bind(_Source):
         self.part_asm = False
         self.part_own = False
 
+    cdef int _keep_rest(self, Chunk* c, char* p, size_t n, int need, bint own,
+                        size_t room):
+        """Keep the incomplete tail of a read as the partial message. One that
+        is large (or known not to fit in ``room``, the bytes the next read
+        can land in after it) moves to a chunk of its own; -1 if the pool had
+        none."""
+        self._set_partial(c, p, n, need)
+        self.part_own = own
+        if need > 0 and (<size_t>need >= self.loop.asm_threshold or <size_t>need > room):
+            return self._to_assembly(need)
+        if need == 0 and n >= self.loop.asm_threshold:
+            return self._to_assembly(min(n * 2, self.max_message + 16))
+        return 0
+
     cdef int _to_assembly(self, size_t cap):
         """Move the partial message into a chunk of its own of ``cap`` bytes."""
         cdef Chunk* c = self.loop.pool.get_size(cap)
@@ -1521,17 +1539,11 @@ cdef class Bind(_Source):
             need = self._deliver(loop.rx_chunk, base, total, &consumed)
             if need < 0:
                 return
-            if consumed < total:
-                self._set_partial(loop.rx_chunk, base + consumed, total - consumed, need)
-                if need > 0 and (<size_t>need >= loop.asm_threshold
-                                 or <size_t>need > loop.rx_chunk.size - loop.rx_used):
-                    if self._to_assembly(need) < 0:
-                        loop._starve(self)
-                        return
-                elif need == 0 and self.part_len >= loop.asm_threshold:
-                    if self._to_assembly(min(self.part_len * 2, self.max_message + 16)) < 0:
-                        loop._starve(self)
-                        return
+            if consumed < total and self._keep_rest(
+                    loop.rx_chunk, base + consumed, total - consumed, need, False,
+                    loop.rx_chunk.size - loop.rx_used) < 0:
+                loop._starve(self)
+                return
             if <size_t>n < space and not self.hup:
                 self.rx_ready = False
                 return
@@ -1654,14 +1666,10 @@ cdef class Bind(_Source):
             self._clear_partial()
             need = self._deliver(bc, base, total, &consumed)
             if need >= 0 and consumed < total:
-                self._set_partial(bc, base + consumed, total - consumed, need)
-                self.part_own = own
-                # a large message gets a chunk of its own (if the pool has
-                # none, the partial stays put and is joined later)
-                if need > 0 and <size_t>need >= loop.asm_threshold:
-                    self._to_assembly(need)
-                elif need == 0 and self.part_len >= loop.asm_threshold:
-                    self._to_assembly(min(self.part_len * 2, self.max_message + 16))
+                # if the pool has no chunk for a large message, the partial
+                # stays put and is joined later
+                self._keep_rest(bc, base + consumed, total - consumed, need, own,
+                                <size_t>-1)
             chunk_unref(loop.pool, bc)
         return 0
 
