@@ -7,7 +7,6 @@ same tests without editing them.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import os
 import tempfile
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from core.helpers import check_pool
 
 import evpl
 
@@ -88,16 +88,6 @@ class Loops:
         assert not errors, "callback exceptions were reported:\n" + "\n".join(tracebacks)
         for pool in [evpl.default_pool(), *self.pools]:
             check_pool(pool)
-
-
-def check_pool(pool: evpl.Pool) -> None:
-    """Nothing leaked: every buffer and heap chunk went back to ``pool``."""
-    stats = pool.stats()
-    if stats["buffers_in_use"] or stats["heap_in_use"]:
-        gc.collect()                # only then: a full collection is slow
-        stats = pool.stats()
-    assert stats["buffers_in_use"] == 0, f"leaked pool buffers: {stats}"
-    assert stats["heap_in_use"] == 0, f"leaked heap chunks: {stats}"
 
 
 @pytest.fixture

@@ -28,6 +28,15 @@ def backend_info(name: str) -> evpl.BackendInfo:
     raise LookupError(name)
 
 
+def close_loop_clean(loop: evpl.Loop) -> None:
+    """Let closes already issued run their course, close the loop, and check
+    that no buffer of the default pool is still in use."""
+    for _ in range(5):
+        loop.run_once(0.01)
+    loop.close()
+    check_pool(evpl.default_pool())
+
+
 def check_pool(pool: evpl.Pool) -> None:
     """Nothing leaked: every buffer and heap chunk went back to ``pool``."""
     stats = pool.stats()

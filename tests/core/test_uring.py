@@ -322,16 +322,21 @@ def zc_pair(make_loop, rcvbuf: int = 4096, srv: Server | None = None):
     return loop, srv, li, peer, srv.binds.pop()
 
 
-def test_zc_buffer_held_until_notification(make_loop):
-    loop, srv, li, peer, bind = zc_pair(make_loop)
-    spool = send_pool()
-    k, n = 32, 256 << 10
-    expected = b"".join(pattern(i, n) for i in range(k))
+def send_patterns(bind: evpl.Bind, spool: evpl.Pool, k: int, n: int) -> bytes:
+    """Send ``k`` pool Buffers of ``n`` pattern bytes; the send queue keeps
+    the only references to them. Returns what the peer must receive."""
     for i in range(k):
         buf = spool.allocate(n)
         memoryview(buf)[:] = pattern(i, n)
         bind.send(buf)
-    del buf                                   # the send queue holds the only references
+    return b"".join(pattern(i, n) for i in range(k))
+
+
+def test_zc_buffer_held_until_notification(make_loop):
+    loop, srv, li, peer, bind = zc_pair(make_loop)
+    spool = send_pool()
+    k, n = 32, 256 << 10
+    expected = send_patterns(bind, spool, k, n)
     assert spool.stats()["buffers_in_use"] == k
 
     # the peer does not read: the send is in flight and holds every buffer
@@ -419,12 +424,7 @@ def test_zc_close_in_flight_keeps_buffers(make_loop):
     loop, srv, li, peer, bind = zc_pair(make_loop)
     spool = send_pool()
     k, n = 32, 256 << 10
-    expected = b"".join(pattern(i, n) for i in range(k))
-    for i in range(k):
-        buf = spool.allocate(n)
-        memoryview(buf)[:] = pattern(i, n)
-        bind.send(buf)
-    del buf
+    expected = send_patterns(bind, spool, k, n)
     run_ticks(loop, 20)
     assert loop.stats()["zc_sends"] > 0 and bind.queued_bytes > 0
     bind.close()

@@ -23,7 +23,6 @@ well-formed reply, and the server keeps serving.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import socket
 import struct
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from core.helpers import close_loop_clean
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -196,12 +196,7 @@ class Harness:
         """Close everything (the loop too); no pool buffer may still be in use."""
         self.client.close()
         self.server.close()
-        for _ in range(5):
-            self.loop.run_once(0.01)
-        self.loop.close()
-        gc.collect()
-        stats = evpl.default_pool().stats()
-        assert stats["buffers_in_use"] == 0 and stats["heap_in_use"] == 0, stats
+        close_loop_clean(self.loop)
 
 
 def exchange(loop: evpl.Loop, addr: Any, data: bytes) -> tuple[list[bytes], bytes]:

@@ -9,10 +9,11 @@ deferred replies sent out of order.
 
 from __future__ import annotations
 
-import gc
 import struct
 from pathlib import Path
 from typing import Any
+
+from core.helpers import close_loop_clean
 
 import evpl
 from evpl.rpc2 import DEFER, Client, Server, load_x
@@ -81,12 +82,7 @@ class Pair:
         (the ``loop`` fixture checks again at teardown)."""
         self.client.close()
         self.server.close()
-        for _ in range(5):
-            self.loop.run_once(0.01)
-        self.loop.close()
-        gc.collect()
-        stats = evpl.default_pool().stats()
-        assert stats["buffers_in_use"] == 0 and stats["heap_in_use"] == 0, stats
+        close_loop_clean(self.loop)
 
 
 def test_pipelined(loop, stream_backend: str, address) -> None:
