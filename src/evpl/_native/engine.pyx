@@ -2760,6 +2760,7 @@ cdef class LoopCore:
     def close(self) -> None:
         """Close every Bind, Listener and watch of this loop and deliver the
         ``on_closed`` callbacks."""
+        cdef bint timed_out
         for src in list(self.sources):
             if isinstance(src, Bind):
                 (<Bind>src)._close(None)
@@ -2781,11 +2782,10 @@ cdef class LoopCore:
         if self.ur != NULL:
             # let cancellations and in-flight sends complete, so every Bind
             # and buffer they hold is released, then drop the ring
-            for _ in range(100):
-                if evpl_uring_wait(self.ur, 10_000_000) < 0 and not evpl_uring_pending_sqes(self.ur):
-                    if self._ur_process() == 0:
-                        break
-                self._ur_process()
+            for _ in range(100):            # at most ~1 s
+                timed_out = evpl_uring_wait(self.ur, 10_000_000) < 0
+                if self._ur_process() == 0 and timed_out:
+                    break                      # nothing completed for 10 ms
             self._ur_teardown()
         if self.rx_chunk != NULL:
             chunk_unref(self.pool, self.rx_chunk)
