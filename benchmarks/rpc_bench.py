@@ -43,6 +43,7 @@ from run import (
     SERVER_CORE,
     Result,
     SkipStack,
+    check_selection,
     fmt_count,
     fmt_pct,
     machine_info,
@@ -365,17 +366,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         opts.repeat, opts.duration, opts.warmup = 1, 1.0, 0.5
     if opts.quiet_limit is None:
         opts.quiet_limit = 0.0 if opts.quick else 0.25
-    opts.stacks = [s.strip() for s in opts.stacks.split(",") if s.strip()]
-    opts.loads = [s.strip() for s in opts.loads.split(",") if s.strip()]
-    for s in opts.stacks:
-        if s not in STACKS:
-            p.error(f"unknown stack {s!r}; choose from {', '.join(STACKS)}")
-    for ld in opts.loads:
-        if ld not in LOADS:
-            p.error(f"unknown load {ld!r}; choose from {', '.join(LOADS)}")
-    if opts.repeat < 1 or opts.duration <= 0 or opts.warmup < 0:
-        p.error("--repeat must be >= 1, --duration > 0, --warmup >= 0")
-    return opts
+    return check_selection(p, opts, STACKS, LOADS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -702,14 +702,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     if opts.quick:
         opts.repeat, opts.duration, opts.warmup = 1, 1.0, 0.5
+    return check_selection(p, opts, STACKS, LOADS)
+
+
+def check_selection(p: argparse.ArgumentParser, opts: argparse.Namespace,
+                    stacks: dict[str, Any], loads: dict[str, Any]) -> argparse.Namespace:
+    """Split --stacks/--loads into lists and reject unknown names and bad timings
+    (shared by run.py and rpc_bench.py)."""
     opts.stacks = [s.strip() for s in opts.stacks.split(",") if s.strip()]
     opts.loads = [s.strip() for s in opts.loads.split(",") if s.strip()]
     for s in opts.stacks:
-        if s not in STACKS:
-            p.error(f"unknown stack {s!r}; choose from {', '.join(STACKS)}")
+        if s not in stacks:
+            p.error(f"unknown stack {s!r}; choose from {', '.join(stacks)}")
     for ld in opts.loads:
-        if ld not in LOADS:
-            p.error(f"unknown load {ld!r}; choose from {', '.join(LOADS)}")
+        if ld not in loads:
+            p.error(f"unknown load {ld!r}; choose from {', '.join(loads)}")
     if opts.repeat < 1 or opts.duration <= 0 or opts.warmup < 0:
         p.error("--repeat must be >= 1, --duration > 0, --warmup >= 0")
     return opts
@@ -718,7 +725,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Build, measure, report."""
     opts = parse_args(argv)
-    if os.cpu_count() is not None and (os.cpu_count() or 0) < 2:
+    if (os.cpu_count() or 0) < 2:
         print("warning: fewer than 2 CPUs; server and client share a core", file=sys.stderr)
     if not shutil.which("taskset"):
         print("taskset not found (util-linux)", file=sys.stderr)
