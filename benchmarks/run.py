@@ -72,6 +72,9 @@ LOADS: dict[str, Load] = {
              ["bulk", "--conns", "1", "--write-size", str(1 << 20)], "Gbit", "gbit"),
         Load("udp", "UDP echo, 8 sockets x 32 in flight, 64 B", "udp",
              ["udp", "--conns", "8", "--depth", "32", "--size", "64"], "datagram", "rate"),
+        Load("udp-gso", "UDP echo as udp, client sends GSO trains and reads with UDP_GRO",
+             "udp", ["udp", "--conns", "8", "--depth", "32", "--size", "64", "--gso", "--gro"],
+             "datagram", "rate"),
     ]
 }
 
@@ -523,7 +526,7 @@ def summarize(results: dict[tuple[str, str], Result]) -> list[dict[str, Any]]:
             "cpu_unit": "µs/MiB" if load.metric == "gbit" else f"µs/{load.unit}",
             "lat_p50_us": res.median("lat_p50_us") if load.latency else None,
             "lat_p99_us": res.median("lat_p99_us") if load.latency else None,
-            "losses": res.median("losses") if load_name == "udp" else None,
+            "losses": res.median("losses") if load_name.startswith("udp") else None,
             "noisy_runs": sum(1 for r in res.runs if r.get("noisy")),
         }
         for base in ("uvloop", "c"):

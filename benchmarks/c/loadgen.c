@@ -33,6 +33,7 @@
 #include <getopt.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <netinet/udp.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -67,6 +68,8 @@ static struct {
     double warmup;
     int spin;
     int verify;
+    int gso;          /* udp: send each window as UDP GSO trains */
+    int gro;          /* udp: let the kernel coalesce received trains (UDP_GRO) */
     int server_pid;
     double udp_timeout;
 } opt = {
@@ -115,7 +118,11 @@ static void usage(void) {
             "  --no-verify       do not check the echoed bytes\n"
             "  --server-pid PID  report that process's CPU time over the interval\n"
             "  --udp-timeout SEC resend a UDP window after this long without\n"
-            "                    progress (default 0.1)\n");
+            "                    progress (default 0.1)\n"
+            "  --gso             udp: send each window as UDP GSO trains (one\n"
+            "                    sendmsg per up to 64 datagrams)\n"
+            "  --gro             udp: set UDP_GRO, so trains the server sent with GSO\n"
+            "                    arrive as one buffer\n");
     exit(1);
 }
 
@@ -134,6 +141,8 @@ static void parse_args(int argc, char **argv) {
         {"no-verify", no_argument, 0, 'V'},
         {"server-pid", required_argument, 0, 'P'},
         {"udp-timeout", required_argument, 0, 'T'},
+        {"gso", no_argument, 0, 'G'},
+        {"gro", no_argument, 0, 'R'},
         {"help", no_argument, 0, '?'},
         {0, 0, 0, 0},
     };
@@ -163,6 +172,8 @@ static void parse_args(int argc, char **argv) {
         case 'V': opt.verify = 0; break;
         case 'P': opt.server_pid = (int)parse_ll(optarg, "server-pid", 1, 1 << 30, 10); break;
         case 'T': opt.udp_timeout = parse_double(optarg, "udp-timeout"); break;
+        case 'G': opt.gso = 1; break;
+        case 'R': opt.gro = 1; break;
         default: usage();
         }
     }
@@ -175,6 +186,7 @@ static void parse_args(int argc, char **argv) {
     if (opt.mode == M_PINGPONG && opt.depth != 1) die("pingpong has one message in flight");
     if (opt.mode == M_UDP && opt.size > 65507) die("udp size must be <= 65507");
     if (opt.mode == M_UDP && opt.unix_path) die("--unix is for TCP modes");
+    if ((opt.gso || opt.gro) && opt.mode != M_UDP) die("--gso/--gro are for udp");
 }
 
 /* ---------------------------------------------------------------- sockets */
@@ -387,24 +399,54 @@ static void bulk_writable(int idx) {
 static struct mmsghdr umsgs[UDP_BATCH];
 static struct iovec uiov[UDP_BATCH];
 
+/* A window as GSO trains: one sendmsg carries up to 64 datagrams (and at
+ * most 65507 bytes), which the kernel cuts into datagrams of opt.size. */
+static int udp_send_gso(int fd, int k) {
+    int per = 65507 / opt.size;
+    if (per > 64) per = 64;
+    if (per > k) per = k;
+    for (int i = 0; i < per; i++) {
+        uiov[i].iov_base = tmpl;
+        uiov[i].iov_len = (size_t)opt.size;
+    }
+    union { char buf[CMSG_SPACE(sizeof(uint16_t))]; struct cmsghdr align; } ctl;
+    struct msghdr mh = {.msg_iov = uiov, .msg_iovlen = (size_t)per};
+    if (per > 1) {
+        mh.msg_control = ctl.buf;
+        mh.msg_controllen = sizeof ctl.buf;
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        cm->cmsg_level = IPPROTO_UDP;
+        cm->cmsg_type = UDP_SEGMENT;
+        cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        uint16_t seg = (uint16_t)opt.size;
+        memcpy(CMSG_DATA(cm), &seg, sizeof seg);
+    }
+    return sendmsg(fd, &mh, MSG_DONTWAIT) < 0 ? -1 : per;
+}
+
 static void udp_send(int idx, int k, uint64_t t) {
     struct conn *c = &conns[idx];
     while (k > 0) {
         int batch = k < UDP_BATCH ? k : UDP_BATCH;
-        for (int i = 0; i < batch; i++) {
-            uiov[i].iov_base = tmpl;
-            uiov[i].iov_len = (size_t)opt.size;
-            memset(&umsgs[i].msg_hdr, 0, sizeof umsgs[i].msg_hdr);
-            umsgs[i].msg_hdr.msg_iov = &uiov[i];
-            umsgs[i].msg_hdr.msg_iovlen = 1;
+        int n;
+        if (opt.gso) {
+            n = udp_send_gso(c->fd, batch);
+        } else {
+            for (int i = 0; i < batch; i++) {
+                uiov[i].iov_base = tmpl;
+                uiov[i].iov_len = (size_t)opt.size;
+                memset(&umsgs[i].msg_hdr, 0, sizeof umsgs[i].msg_hdr);
+                umsgs[i].msg_hdr.msg_iov = &uiov[i];
+                umsgs[i].msg_hdr.msg_iovlen = 1;
+            }
+            n = sendmmsg(c->fd, umsgs, (unsigned)batch, MSG_DONTWAIT);
         }
-        int n = sendmmsg(c->fd, umsgs, (unsigned)batch, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNREFUSED ||
                 errno == ENOBUFS)
                 return; /* the timeout refills the window */
             if (errno == EINTR) continue;
-            peer_fail("sendmmsg: %s", strerror(errno));
+            peer_fail("%s: %s", opt.gso ? "sendmsg(UDP_SEGMENT)" : "sendmmsg", strerror(errno));
         }
         c->inflight += n;
         k -= n;
@@ -432,11 +474,15 @@ static void udp_readable(int idx) {
             peer_fail("recvmmsg: %s", strerror(errno));
         }
         for (int i = 0; i < n; i++) {
-            if (opt.verify && (umsgs[i].msg_len != (unsigned)opt.size ||
-                               memcmp(uiov[i].iov_base, tmpl, (size_t)opt.size) != 0))
-                peer_fail("bad echoed datagram (%u bytes)", umsgs[i].msg_len);
+            /* with --gro one message may hold a train of opt.size datagrams */
+            unsigned len = umsgs[i].msg_len;
+            if (len == 0 || len % (unsigned)opt.size != 0)
+                peer_fail("bad echoed datagram (%u bytes)", len);
+            for (unsigned off = 0; opt.verify && off < len; off += (unsigned)opt.size)
+                if (memcmp((char *)uiov[i].iov_base + off, tmpl, (size_t)opt.size) != 0)
+                    peer_fail("bad echoed datagram (%u bytes)", len);
+            got += (int)(len / (unsigned)opt.size);
         }
-        got += n;
         if (n < UDP_BATCH) break;
     }
     if (got == 0) return;
@@ -495,6 +541,9 @@ int main(int argc, char **argv) {
     for (int i = 0; i < opt.conns; i++) {
         struct conn *c = &conns[i];
         c->fd = make_socket(opt.mode == M_UDP ? SOCK_DGRAM : SOCK_STREAM);
+        int one = 1;
+        if (opt.gro && setsockopt(c->fd, IPPROTO_UDP, UDP_GRO, &one, sizeof one) < 0)
+            die("setsockopt(UDP_GRO): %s", strerror(errno));
         set_nonblock(c->fd);
         c->stamps = calloc((size_t)opt.depth, sizeof *c->stamps);
         if (!c->stamps) die("out of memory");

@@ -68,6 +68,9 @@ cdef extern from "evpl_uring.h" nogil:
 cdef extern from "<errno.h>":
     int ENOBUFS_ "ENOBUFS"
     int EBUSY_ "EBUSY"
+    int EIO_ "EIO"
+    int EINVAL_ "EINVAL"
+    int EMSGSIZE_ "EMSGSIZE"
     int EOPNOTSUPP_ "EOPNOTSUPP"
     int ECANCELED, ENOENT, EALREADY
 
@@ -99,6 +102,8 @@ DEF UR_DG_PER = 64          # at most this many slots per pool buffer
 DEF UR_DG_SLOT = 65600      # recvmsg_out (16) + sockaddr_in6 (28) + 65507, rounded
 DEF UR_DG_HDR = 44          # sizeof(io_uring_recvmsg_out) + sizeof(sockaddr_in6)
 DEF UR_DG_INFLIGHT = 64     # sendmsg requests in flight per datagram Bind
+DEF GSO_SEGS = 64           # datagrams per UDP GSO send (UDP_MAX_SEGMENTS >= 64)
+DEF GSO_BYTES = 65507       # payload per UDP GSO send (one IPv4 datagram's worth)
 
 
 def uring_unavailable_reason():
@@ -146,11 +151,15 @@ cdef struct TxEntry:
 
 cdef struct UrDgSend:
     msghdr mh
-    iovec iov
-    PyObject* owner
+    iovec* iov          # n entries: &iov1 for one datagram, else a heap block
+    PyObject** owners   # n data owners, laid out like iov
+    iovec iov1
+    PyObject* owner1
+    int n
     PyObject* bind
     size_t len
     sockaddr_in6 sa
+    uint64_t ctl[3]     # the UDP_SEGMENT control message (EVPL_GSO_CTL bytes)
     int busy
 
 
@@ -479,6 +488,7 @@ cdef class Bind(_Source):
     cdef bint hup
     cdef UrDgSend* ur_dg
     cdef int ur_dg_inflight
+    cdef size_t gso_limit
 
     def __dealloc__(self):
         self._drop_queue()
@@ -985,11 +995,12 @@ cdef class Bind(_Source):
             self._after_flush()
 
     cdef int _ur_send_dgram(self) except -1:
-        """One sendmsg per queued datagram, at most UR_DG_INFLIGHT in flight;
-        each request owns its msghdr, iovec, address and data owner."""
+        """One sendmsg per queued datagram, or per GSO train of them (see
+        _dg_group), at most UR_DG_INFLIGHT in flight; each request owns its
+        msghdr, iovecs, address and data owners."""
         cdef UrDgSend* s
         cdef TxEntry* e
-        cdef int i = 0
+        cdef int i = 0, k, n
         if self.ur_dg == NULL:
             self.ur_dg = <UrDgSend*>PyMem_Malloc(UR_DG_INFLIGHT * sizeof(UrDgSend))
             if self.ur_dg == NULL:
@@ -1000,25 +1011,42 @@ cdef class Bind(_Source):
                 i += 1
             s = &self.ur_dg[i]
             e = &self.txq[self.tx_head]
-            memcpy(&s.sa, &e.sa, e.salen)
+            n = self._dg_group(self.tx_head)
             memset(&s.mh, 0, sizeof(msghdr))
-            s.iov.iov_base = e.ptr
-            s.iov.iov_len = e.len
+            if n == 1:
+                s.iov = &s.iov1
+                s.owners = &s.owner1
+            else:
+                s.iov = <iovec*>PyMem_Malloc(n * (sizeof(iovec) + sizeof(PyObject*)))
+                if s.iov == NULL:
+                    raise MemoryError()
+                s.owners = <PyObject**>(s.iov + n)
+                evpl_set_gso(&s.mh, s.ctl, e.len)
+            memcpy(&s.sa, &e.sa, e.salen)
             s.mh.msg_name = &s.sa
             s.mh.msg_namelen = e.salen
-            s.mh.msg_iov = &s.iov
-            s.mh.msg_iovlen = 1
+            s.mh.msg_iov = s.iov
+            s.mh.msg_iovlen = n
+            s.len = 0
+            for k in range(n):
+                s.iov[k].iov_base = e[k].ptr
+                s.iov[k].iov_len = e[k].len
+                s.owners[k] = e[k].owner      # the queue's reference moves here
+                s.len += e[k].len
             if evpl_uring_sendmsg_dgram(self.loop.ur, self.fd, &s.mh,
                                         (<uint64_t><void*>s) | OP_DGSEND) < 0:
+                if n > 1:
+                    PyMem_Free(s.iov)
                 raise OSError(EBUSY_, "io_uring submission queue full")
-            s.owner = e.owner               # the queue's reference moves here
-            s.len = e.len
+            s.n = n
             s.bind = <PyObject*>self
             Py_INCREF(self)
             s.busy = 1
             self.ur_dg_inflight += 1
-            self.tx_head += 1
+            self.tx_head += n
             self.loop.ur_submit = True
+            if n > 1:
+                self.loop.stat_gso_sends += 1
         if self.tx_head == self.tx_tail:
             self.tx_head = self.tx_tail = 0
         return 0
@@ -1126,23 +1154,80 @@ cdef class Bind(_Source):
             elif not self.reading_paused and not self.eof:
                 self._ur_arm_recv()
 
+    cdef int _dg_group(self, size_t i) noexcept:
+        """How many queued datagrams from txq[i] on leave as one UDP GSO send:
+        same address, same size (a shorter one may end the train), at most
+        GSO_SEGS of them and GSO_BYTES in all. One if GSO is off or the size
+        is at or above what this Bind's path accepted."""
+        cdef TxEntry* first = &self.txq[i]
+        cdef TxEntry* e
+        cdef size_t seg = first.len, total = first.len
+        cdef int n = 1
+        if seg == 0 or seg >= self.gso_limit:
+            return 1
+        while n < GSO_SEGS and i + n != self.tx_tail:
+            e = &self.txq[i + n]
+            if (e.len == 0 or e.len > seg or total + e.len > GSO_BYTES or e.salen != first.salen
+                    or memcmp(&e.sa, &first.sa, e.salen) != 0):
+                break
+            total += e.len
+            n += 1
+            if e.len < seg:
+                break
+        return n
+
+    cdef bint _gso_refused(self, int err, size_t seg) noexcept:
+        """Whether a failed send of a GSO train failed because of GSO; if so,
+        lower this Bind's limit so such trains are not built again (EINVAL,
+        EMSGSIZE: the segment exceeds the path MTU; EIO: the device cannot
+        checksum, so GSO is off)."""
+        if err == EIO_:
+            self.gso_limit = 0
+            return True
+        if err == EINVAL_ or err == EMSGSIZE_:
+            if seg < self.gso_limit:
+                self.gso_limit = seg
+            return True
+        return False
+
+    cdef void _sent_one(self, ssize_t r, size_t n) noexcept:
+        """Count the outcome of sending one datagram of n bytes."""
+        if r >= 0:
+            self.loop.stat_datagrams_out += 1
+            self.loop.stat_bytes_out += n
+        else:
+            self.loop.stat_dgram_errors += 1
+
     cdef void _flush_dgram(self):
-        cdef mmsghdr* mm = self.loop.mmsg
-        cdef iovec* iov = self.loop.iov
-        cdef unsigned int cnt, k
+        """Send the queue with sendmmsg: one message per datagram, or per GSO
+        train of datagrams to one peer (see _dg_group)."""
+        cdef LoopCore loop = self.loop
+        cdef mmsghdr* mm = loop.mmsg
+        cdef iovec* iov = loop.iov
+        cdef unsigned int cnt, k, nio, g, j
+        cdef size_t i
         cdef int n
         cdef TxEntry* e
         while self.tx_head != self.tx_tail:
             cnt = 0
-            while self.tx_head + cnt != self.tx_tail and cnt < MAX_MMSG:
-                e = &self.txq[self.tx_head + cnt]
-                iov[cnt].iov_base = e.ptr
-                iov[cnt].iov_len = e.len
+            nio = 0
+            i = self.tx_head
+            while i != self.tx_tail and cnt < MAX_MMSG and nio + GSO_SEGS <= MAX_IOV:
+                g = self._dg_group(i)
+                e = &self.txq[i]
                 memset(&mm[cnt].msg_hdr, 0, sizeof(msghdr))
-                mm[cnt].msg_hdr.msg_iov = &iov[cnt]
-                mm[cnt].msg_hdr.msg_iovlen = 1
+                for j in range(g):
+                    iov[nio + j].iov_base = e[j].ptr
+                    iov[nio + j].iov_len = e[j].len
+                mm[cnt].msg_hdr.msg_iov = &iov[nio]
+                mm[cnt].msg_hdr.msg_iovlen = g
                 mm[cnt].msg_hdr.msg_name = &e.sa
                 mm[cnt].msg_hdr.msg_namelen = e.salen
+                if g > 1:
+                    evpl_set_gso(&mm[cnt].msg_hdr, &loop.dg_ctl[cnt * 3], e.len)
+                loop.dg_group[cnt] = g
+                nio += g
+                i += g
                 cnt += 1
             n = sendmmsg(self.fd, mm, cnt, MSG_NOSIGNAL | MSG_DONTWAIT)
             if n < 0:
@@ -1151,19 +1236,31 @@ cdef class Bind(_Source):
                     return
                 if errno == EINTR:
                     continue
+                if loop.dg_group[0] > 1 and self._gso_refused(errno, self.txq[self.tx_head].len):
+                    continue                # again, without that train
                 # this datagram cannot be sent (unreachable, bad address...):
                 # drop it, count it, go on with the rest
-                self.loop.stat_dgram_errors += 1
-                n = 1
-            else:
-                self.loop.stat_datagrams_out += n
+                loop.stat_dgram_errors += loop.dg_group[0]
+                self._dg_retire(loop.dg_group[0])
+                continue
             for k in range(<unsigned int>n):
-                e = &self.txq[self.tx_head]
-                self.queued_bytes -= e.len
-                self.loop.stat_bytes_out += e.len
-                Py_DECREF(<object>e.owner)
-                self.tx_head += 1
+                g = loop.dg_group[k]
+                if g > 1:
+                    loop.stat_gso_sends += 1
+                loop.stat_datagrams_out += g
+                self._dg_retire(g)
         self.tx_head = self.tx_tail = 0
+
+    cdef void _dg_retire(self, unsigned int g):
+        """Drop the first g datagrams of the queue (sent or failed)."""
+        cdef TxEntry* e
+        cdef unsigned int k
+        for k in range(g):
+            e = &self.txq[self.tx_head]
+            self.queued_bytes -= e.len
+            self.loop.stat_bytes_out += e.len
+            Py_DECREF(<object>e.owner)
+            self.tx_head += 1
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -1798,19 +1895,32 @@ cdef class Bind(_Source):
 
 
 cdef void _ur_dg_done(LoopCore loop, UrDgSend* s, int res):
-    """Completion of one datagram sendmsg: release its owner, count it."""
+    """Completion of one datagram (or GSO train) sendmsg: count it, release
+    its owners. A train the path refuses to segment is sent again one
+    datagram at a time, and this Bind stops building such trains."""
     cdef Bind b = <Bind>s.bind
-    Py_DECREF(<object>s.owner)
-    s.owner = NULL
+    cdef int k
     s.busy = 0
     b.ur_dg_inflight -= 1
     if b.state != S_CLOSED:
         b.queued_bytes -= s.len
-    if res >= 0:
-        loop.stat_datagrams_out += 1
+    if res < 0 and s.n > 1 and b.state == S_OPEN and b._gso_refused(-res, s.iov[0].iov_len):
+        for k in range(s.n):
+            s.mh.msg_iov = &s.iov[k]
+            s.mh.msg_iovlen = 1
+            s.mh.msg_control = NULL
+            s.mh.msg_controllen = 0
+            b._sent_one(sendmsg(b.fd, &s.mh, MSG_NOSIGNAL | MSG_DONTWAIT), s.iov[k].iov_len)
+    elif res >= 0:
+        loop.stat_datagrams_out += s.n
         loop.stat_bytes_out += s.len
     elif res != -ECANCELED:
-        loop.stat_dgram_errors += 1        # unreachable, refused, bad address...
+        loop.stat_dgram_errors += s.n      # unreachable, refused, bad address...
+    for k in range(s.n):
+        Py_DECREF(<object>s.owners[k])
+    if s.n > 1:
+        PyMem_Free(s.iov)
+    s.n = 0
     if b.state == S_OPEN:
         if b.tx_head != b.tx_tail:
             b._ur_send_dgram()
@@ -1955,7 +2065,9 @@ cdef class LoopCore:
     cdef size_t stat_messages_in, stat_datagrams_in, stat_datagrams_out, stat_dgram_errors
     cdef size_t stat_truncated, stat_partial_copies, stat_callback_errors, stat_paused
     cdef size_t stat_accept_errors, stat_starved, stat_timers_fired, stat_zc_sends
-    cdef size_t stat_cqes
+    cdef size_t stat_cqes, stat_gso_sends
+    cdef uint64_t dg_ctl[MAX_MMSG * 3]        # UDP_SEGMENT control messages
+    cdef unsigned int dg_group[MAX_MMSG]      # datagrams in each sendmmsg message
     # io_uring (created on first use)
     cdef evpl_uring* ur
     cdef int ur_evfd
@@ -2122,13 +2234,15 @@ cdef class LoopCore:
         return b
 
     def _add_datagram(self, int fd, str backend, handler, tuple limits,
-                      bint uring=False) -> Bind:
-        """Adopt a bound datagram socket (nonblocking)."""
+                      bint uring=False, bint gso=False) -> Bind:
+        """Adopt a bound datagram socket (nonblocking); ``gso``: send trains
+        of datagrams to one peer with UDP GSO (UDP sockets only)."""
         cdef Bind b
         if uring:
             self._ur_setup()
             self._ur_dg_setup()
         b = self._new_bind(fd, backend, False, handler, None, limits, uring, False)
+        b.gso_limit = 65536 if gso else 0
         b.state = S_OPEN
         if uring:
             b._ur_arm_recv()
@@ -2811,6 +2925,7 @@ cdef class LoopCore:
             "starved": self.stat_starved,
             "timers_fired": self.stat_timers_fired,
             "zc_sends": self.stat_zc_sends,
+            "gso_sends": self.stat_gso_sends,
             "completions": self.stat_cqes,
             "ring_buffers": (UR_BUFS - self.ur_nfree) if self.ur != NULL else 0,
             "ring_rearm": len(self.ur_rearm),

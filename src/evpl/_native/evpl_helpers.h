@@ -11,6 +11,12 @@
 #include <sys/syscall.h>
 #include <sys/epoll.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
 
 static inline int evpl_xchg(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
 static inline int evpl_load(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -63,6 +69,21 @@ static inline int evpl_epoll_wait_ns(int epfd, struct epoll_event *ev, int max, 
 #endif
     int ms = timeout_ns < 0 ? -1 : (int)((timeout_ns + 999999) / 1000000);
     return epoll_wait(epfd, ev, max, ms);
+}
+
+/* UDP GSO: a control message asking the kernel to cut the payload of one
+ * sendmsg into datagrams of `seg` bytes (the last may be shorter). `ctl` must
+ * hold EVPL_GSO_CTL bytes, 8-byte aligned. */
+#define EVPL_GSO_CTL 24
+static inline void evpl_set_gso(struct msghdr *mh, void *ctl, uint16_t seg) {
+    struct cmsghdr *cm = (struct cmsghdr *)ctl;
+    memset(ctl, 0, EVPL_GSO_CTL);
+    cm->cmsg_level = IPPROTO_UDP;
+    cm->cmsg_type = UDP_SEGMENT;
+    cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+    memcpy(CMSG_DATA(cm), &seg, sizeof(seg));
+    mh->msg_control = ctl;
+    mh->msg_controllen = CMSG_SPACE(sizeof(uint16_t));
 }
 
 #endif

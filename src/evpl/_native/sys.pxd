@@ -64,6 +64,9 @@ cdef extern from "<sys/socket.h>" nogil:
     int SOL_SOCKET, SO_ERROR, MSG_NOSIGNAL, MSG_DONTWAIT, MSG_TRUNC
     int SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, SHUT_RDWR, AF_INET, AF_INET6, AF_UNIX
 
+cdef extern from "evpl_helpers.h" nogil:
+    void evpl_set_gso(msghdr* mh, void* ctl, uint16_t seg)
+
 cdef extern from "<netinet/in.h>" nogil:
     struct in_addr:
         uint32_t s_addr

@@ -25,7 +25,7 @@ __all__ = ["Loop", "default_pool"]
 _default_pool: Pool | None = None
 
 _OPTIONS = {"high_water", "low_water", "hard_limit", "max_datagram", "nodelay", "reuseport",
-            "rcvbuf", "sndbuf"}
+            "rcvbuf", "sndbuf", "gso"}
 
 
 def default_pool() -> Pool:
@@ -218,14 +218,22 @@ class Loop(LoopCore):
                                 sa, connect_errno, "io_uring" in info.capabilities)
 
     def bind(self, backend: str, address: Any, handler: Any, **options: Any) -> Bind:
-        """A datagram socket bound to ``address`` (port 0 picks a free port)."""
+        """A datagram socket bound to ``address`` (port 0 picks a free port).
+
+        ``gso`` (default True): datagrams queued in one iteration for the same
+        peer with the same size leave as one UDP GSO send, which the kernel
+        cuts into ordinary datagrams; the receiver sees no difference."""
         info = _backends.get(backend, "datagram")
         limits = _limits(options)
+        gso = options.get("gso", True)
+        if not isinstance(gso, bool):
+            raise ConfigError(f"gso must be a bool, got {gso!r}")
         h = _make_handler(handler)
         sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)
         self._bind_socket(sock, sa, options)
         return self._add_datagram(sock.detach(), info.name, h, limits,
-                                  "io_uring" in info.capabilities)
+                                  "io_uring" in info.capabilities,
+                                  gso and sock.family != socket.AF_UNIX)
 
     def __enter__(self) -> Loop:
         return self
