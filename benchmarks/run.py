@@ -311,6 +311,8 @@ def server_command(stack: Stack, load: Load, opts: argparse.Namespace) -> list[s
         cmd += ["--backend", backend]
         if opts.evpl_spin_ns is not None and "--poll" not in stack.args:
             cmd += ["--spin-ns", str(opts.evpl_spin_ns)]
+        if opts.evpl_sqpoll_cpu is not None:
+            cmd += ["--sqpoll-cpu", str(opts.evpl_sqpoll_cpu)]
         return cmd
     if stack.kind == "c":
         return [str(BUILD / "echo_epoll"), *stack.args,
@@ -695,6 +697,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--evpl-udp-backend", default="udp", help="evpl datagram backend")
     p.add_argument("--evpl-spin-ns", type=int, default=None,
                    help="spin_ns for the (hybrid) evpl server; default: evpl's default")
+    p.add_argument("--evpl-sqpoll-cpu", type=int, default=None,
+                   help="io_uring backends: give the evpl server's ring an SQPOLL thread "
+                        "pinned to this CPU")
     p.add_argument("--quiet-limit", type=float, default=0.25,
                    help="before each run wait until the machine uses fewer cores than "
                         "this (0 disables)")
@@ -749,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "settings": {k: getattr(opts, k) for k in
                          ("stacks", "loads", "repeat", "duration", "warmup",
-                          "evpl_backend", "evpl_udp_backend", "evpl_spin_ns")},
+                          "evpl_backend", "evpl_udp_backend", "evpl_spin_ns",
+                                    "evpl_sqpoll_cpu")},
             "summary": rows,
             "runs": {f"{k[0]}/{k[1]}": r.runs for k, r in results.items()},
         }

@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", action="store_true", help='poll_mode="always" (burns a core)')
     parser.add_argument("--spin-ns", type=int, default=None,
                         help="hybrid mode: keep polling this long after activity")
+    parser.add_argument("--sqpoll-cpu", type=int, default=None,
+                        help="io_uring backends: SQPOLL thread pinned to this CPU")
     args = parser.parse_args(argv)
 
     backend = args.backend or ("udp" if args.mode == "udp" else "tcp")
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         loop_kwargs["poll_mode"] = "always"
     if args.spin_ns is not None:
         loop_kwargs["spin_ns"] = args.spin_ns
+    if args.sqpoll_cpu is not None:
+        loop_kwargs.update(sqpoll=True, sqpoll_cpu=args.sqpoll_cpu)
 
     try:
         loop = evpl.Loop(**loop_kwargs)

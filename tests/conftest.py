@@ -70,6 +70,9 @@ class Loops:
         self.pools: list[evpl.Pool] = []
 
     def make(self, **kwargs: Any) -> evpl.Loop:
+        if os.environ.get("EVPL_TEST_SQPOLL"):
+            # scripts/test runs the io_uring behaviour tests again this way
+            kwargs.setdefault("sqpoll", True)
         loop = evpl.Loop(**kwargs)
         loop.callback_errors = LoopErrors()  # type: ignore[attr-defined]
         loop.exception_handler = loop.callback_errors  # type: ignore[attr-defined]

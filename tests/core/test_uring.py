@@ -932,3 +932,80 @@ def test_paused_bind_leaves_data_in_the_kernel(make_loop, address, backend):
     bind.close()
     peer.close()
     li.close()
+
+
+# ---------------------------------------------------------------- SQPOLL
+
+
+@pytest.mark.parametrize("backend", URING_BACKENDS)
+def test_sqpoll_ring(make_loop, backend, address):
+    """Loop(sqpoll=True) gives the ring a kernel submission thread; the Bind
+    contract is the same (test_behaviour_suite_on_sqpoll runs all of it)."""
+    loop = make_loop(sqpoll=True)
+    assert loop.sqpoll and loop.io_uring_setup is None      # the ring comes with first use
+    srv = Server(echo=True)
+    li = loop.listen(backend, address(backend), srv, framing=LP4)
+    assert loop.io_uring_setup == "sqpoll"
+    peer = raw_connect(backend, li.address)
+    peer.sendall(struct.pack(">I", 3) + b"abc")
+    reply = InThread(loop, lambda: recv_exactly(peer, 7))
+    loop.run_until(reply.done, timeout=TIMEOUT)
+    assert reply.get() == struct.pack(">I", 3) + b"abc"
+    peer.close()
+    loop.run_until(lambda: srv.closed, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("backend", URING_BACKENDS)
+def test_default_ring_defers_task_work(make_loop, backend, address):
+    loop = make_loop(sqpoll=False)
+    loop.listen(backend, address(backend), Server(echo=True))
+    assert loop.io_uring_setup == "defer_taskrun"
+
+
+def test_sqpoll_options_checked():
+    with pytest.raises(evpl.ConfigError, match="sqpoll must be a bool"):
+        evpl.Loop(sqpoll=1)
+    with pytest.raises(evpl.ConfigError, match="needs sqpoll=True"):
+        evpl.Loop(sqpoll_cpu=0)
+    with pytest.raises(evpl.ConfigError, match="sqpoll_cpu must be a CPU number"):
+        evpl.Loop(sqpoll=True, sqpoll_cpu=4096)
+
+
+@pytest.mark.parametrize("backend", URING_BACKENDS)
+def test_sqpoll_thread_pinned(make_loop, backend, address):
+    cpu = min(os.sched_getaffinity(0))
+    loop = make_loop(sqpoll=True, sqpoll_cpu=cpu)
+    srv = Server(echo=True)
+    loop.listen(backend, address(backend), srv)
+    assert loop.io_uring_setup == "sqpoll"
+
+    def pinned_sq_thread() -> bool:
+        # the kernel starts the thread asynchronously, and threads of rings
+        # closed by earlier tests may still be exiting: look for ours
+        for t in os.listdir(f"/proc/{os.getpid()}/task"):
+            try:
+                if (open(f"/proc/{os.getpid()}/task/{t}/comm").read().startswith("iou-sqp")
+                        and os.sched_getaffinity(int(t)) == {cpu}):
+                    return True
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return False
+
+    ticker = Ticker(loop)
+    loop.run_until(pinned_sq_thread, timeout=TIMEOUT)
+    ticker.cancel()
+
+
+def test_behaviour_suite_on_sqpoll():
+    """The generic stream and datagram suites and the io_uring tests, with
+    every Loop on an SQPOLL ring (conftest honours EVPL_TEST_SQPOLL)."""
+    here = os.path.dirname(__file__)
+    files = [os.path.join(here, f) for f in ("test_stream.py", "test_datagram.py",
+                                             "test_gso.py", "test_uring.py",
+                                             "test_uring_udp.py")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "-k", "io_uring and not sqpoll", *files],
+                          env={**os.environ, "EVPL_TEST_SQPOLL": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout

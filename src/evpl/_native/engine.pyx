@@ -41,9 +41,11 @@ cdef extern from "evpl_uring.h" nogil:
         int res
         uint32_t flags
     int evpl_uring_built()
-    evpl_uring* evpl_uring_new(unsigned entries, int* err)
+    evpl_uring* evpl_uring_new(unsigned entries, int sqpoll, int sqpoll_cpu, unsigned idle_ms,
+                               int* err)
     void evpl_uring_free(evpl_uring* u)
     int evpl_uring_register_eventfd(evpl_uring* u, int fd)
+    void evpl_uring_evfd_enable(evpl_uring* u, int on)
     int evpl_uring_setup_bufring(evpl_uring* u, unsigned entries, int bgid)
     void evpl_uring_buf_add(evpl_uring* u, void* addr, unsigned len, unsigned short bid)
     void evpl_uring_buf_commit(evpl_uring* u)
@@ -60,7 +62,7 @@ cdef extern from "evpl_uring.h" nogil:
     int evpl_uring_pending_sqes(evpl_uring* u)
     int evpl_uring_cq_ready(evpl_uring* u)
     int evpl_uring_reap(evpl_uring* u, evpl_cqe* out, int max)
-    unsigned evpl_uring_flags(evpl_uring* u)
+    const char* evpl_uring_mode(evpl_uring* u)
     int evpl_uring_wait(evpl_uring* u, long long timeout_ns)
     const char* evpl_uring_probe()
     uint32_t EVPL_CQE_F_BUF_MORE, EVPL_CQE_F_MORE, EVPL_CQE_F_BUFFER, EVPL_CQE_F_NOTIF
@@ -102,6 +104,7 @@ DEF UR_DG_PER = 64          # at most this many slots per pool buffer
 DEF UR_DG_SLOT = 65600      # recvmsg_out (16) + sockaddr_in6 (28) + 65507, rounded
 DEF UR_DG_HDR = 44          # sizeof(io_uring_recvmsg_out) + sizeof(sockaddr_in6)
 DEF UR_DG_INFLIGHT = 64     # sendmsg requests in flight per datagram Bind
+DEF SQPOLL_IDLE_MS = 20      # an SQPOLL thread sleeps after this long without work
 DEF GSO_SEGS = 64           # datagrams per UDP GSO send (UDP_MAX_SEGMENTS >= 64)
 DEF GSO_BYTES = 65507       # payload per UDP GSO send (one IPv4 datagram's worth)
 
@@ -223,6 +226,7 @@ cdef class LoopCore
 
 
 cdef class _Source:
+    cdef bint in_epoll      # registered in the loop's epoll set (LoopCore._ep_add)
     """Anything registered with the loop's epoll instance."""
     cdef int kind
     cdef int fd
@@ -331,7 +335,7 @@ cdef class FdWatch(_Source):
         """Stop watching; the fd itself is left open (it is not ours)."""
         if self.active:
             self.active = False
-            epoll_ctl(self.loop.epfd, EPOLL_CTL_DEL, self.fd, NULL)
+            self.loop._ep_del(self, True)
             self.loop.sources.discard(self)
 
     def fileno(self) -> int:
@@ -488,6 +492,7 @@ cdef class Bind(_Source):
     cdef bint hup
     cdef UrDgSend* ur_dg
     cdef int ur_dg_inflight
+    cdef size_t ur_arm_adds     # LoopCore.ur_adds when the receive was armed
     cdef size_t gso_limit
 
     def __dealloc__(self):
@@ -917,8 +922,10 @@ cdef class Bind(_Source):
             return 0
         cdef int r
         if self.stream:
+            # SQPOLL: the slot ring, see _ur_recv
             r = evpl_uring_recv_multishot(self.loop.ur, self.fd,
-                                          (<uint64_t><void*>self) | OP_RECV, 0)
+                                          (<uint64_t><void*>self) | OP_RECV,
+                                          1 if self.loop.sqpoll else 0)
         else:
             # the kernel reads this msghdr for every shot: it lives in the Bind
             memset(&self.ur_mh, 0, sizeof(msghdr))
@@ -929,7 +936,19 @@ cdef class Bind(_Source):
             raise OSError(EBUSY_, "io_uring submission queue full")
         Py_INCREF(self)
         self.ur_recv_armed = True
+        self.ur_arm_adds = self.loop.ur_adds
         self.loop.ur_submit = True
+        return 0
+
+    cdef int _ur_starved(self) except -1:
+        """The multishot receive ended with ENOBUFS (the ring was empty).
+        Re-arm when buffers are added; at once if some were added since it
+        was armed: with SQPOLL the kernel thread may have found the ring
+        empty before that refill, and no later refill would wake us."""
+        if self.loop.ur_adds != self.ur_arm_adds:
+            self._ur_arm_recv()
+        else:
+            self.loop.ur_rearm.append(self)
         return 0
 
     cdef int _ur_send(self) except -1:
@@ -1108,7 +1127,7 @@ cdef class Bind(_Source):
         if not flags & EVPL_CQE_F_MORE and self.state == S_OPEN:
             if res == -ENOBUFS_:
                 loop.stat_starved += 1
-                loop.ur_rearm.append(self)
+                self._ur_starved()
             elif res < 0 and res != -ECANCELED:
                 loop.stat_dgram_errors += 1     # ICMP errors (refused...): go on
                 self._ur_arm_recv()
@@ -1118,13 +1137,24 @@ cdef class Bind(_Source):
     cdef void _ur_recv(self, int res, uint32_t flags):
         """Completion of the multishot receive."""
         cdef LoopCore loop = self.loop
-        cdef unsigned bid
+        cdef unsigned bid, ci
         cdef Chunk* c = NULL
         cdef char* p = NULL
         if not self.stream:
             self._ur_recv_dgram(res, flags)
             return
-        if flags & EVPL_CQE_F_BUFFER:
+        if flags & EVPL_CQE_F_BUFFER and loop.sqpoll:
+            # An SQPOLL thread may post completions in another order than it
+            # consumed an incremental buffer (seen on 6.18: a stream got
+            # bytes of another), so there each completion has a whole slot
+            # of the slot ring to itself.
+            bid = flags >> 16
+            ci = bid // UR_DG_PER
+            c = loop.dg_bufs[ci]
+            p = c.data + (bid % UR_DG_PER) * loop.dg_slot
+            c.refs += 1                 # hold it across the callbacks
+            loop._ur_dg_slot_done(ci)
+        elif flags & EVPL_CQE_F_BUFFER:
             bid = flags >> 16
             c = loop.ur_bufs[bid]
             p = c.data + loop.ur_off[bid]
@@ -1148,7 +1178,7 @@ cdef class Bind(_Source):
                     self._on_eof()
             elif res == -ENOBUFS_:
                 loop.stat_starved += 1
-                loop.ur_rearm.append(self)
+                self._ur_starved()
             elif res < 0 and res != -ECANCELED:
                 self._close(transport_error(-res, "receive"))
             elif not self.reading_paused and not self.eof:
@@ -1296,6 +1326,7 @@ cdef class Bind(_Source):
             shutdown(self.fd, SHUT_RDWR)
             self.loop.ur_submit = False
             evpl_uring_submit(self.loop.ur)
+        self.loop._ep_del(self, False)          # closing the fd removes it
         c_close(self.fd)
         if self.part_chunk != NULL:
             chunk_unref(self.loop.pool, self.part_chunk)
@@ -1330,7 +1361,7 @@ cdef class Bind(_Source):
                 return
             if self.ur:
                 # connected: from now on io_uring, not epoll, serves this socket
-                epoll_ctl(self.loop.epfd, EPOLL_CTL_DEL, self.fd, NULL)
+                self.loop._ep_del(self, True)
             self._connected()
             if self.state != S_OPEN or self.ur:
                 return
@@ -1952,6 +1983,7 @@ cdef class Listener(_Source):
                 evpl_uring_cancel(self.loop.ur, (<uint64_t><void*>self) | OP_ACCEPT, OP_CANCEL)
                 shutdown(self.fd, SHUT_RDWR)
                 evpl_uring_submit(self.loop.ur)
+            self.loop._ep_del(self, False)
             c_close(self.fd)
             self.loop.sources.discard(self)
 
@@ -2032,6 +2064,10 @@ cdef class LoopCore:
     cdef int epfd
     cdef int wakefd
     cdef int wake_pending
+    cdef int n_epoll            # Binds, Listeners and FdWatches in the epoll set
+    cdef bint ur_evfd_off       # the ring's eventfd is off while the loop polls
+    cdef readonly bint sqpoll   # the ring (made on first use) gets an SQPOLL thread
+    cdef int sqpoll_cpu
     cdef int stop_flag
     cdef readonly Pool pool
     cdef Chunk* rx_chunk
@@ -2078,6 +2114,7 @@ cdef class LoopCore:
     cdef evpl_cqe* cqes
     cdef bint ur_submit
     cdef list ur_rearm
+    cdef size_t ur_adds         # refills of the provided buffer rings so far
     cdef size_t ur_mark
     cdef public size_t zc_threshold
     # datagram slot ring (bgid 1), created with the first io_uring_udp Bind
@@ -2093,9 +2130,11 @@ cdef class LoopCore:
         self.ur_evfd = -1
 
     def __init__(self, Pool pool, *, int64_t spin_ns=50_000, bint poll_always=False,
-                 base_handler=None):
+                 base_handler=None, bint sqpoll=False, int sqpoll_cpu=-1):
         cdef epoll_event ev
         self.pool = pool
+        self.sqpoll = sqpoll
+        self.sqpoll_cpu = sqpoll_cpu
         self.spin_ns = spin_ns
         self.poll_always = poll_always
         self.min_space = min(<size_t>65536, pool.buffer_size // 4)
@@ -2147,6 +2186,15 @@ cdef class LoopCore:
     # ---- configuration ---------------------------------------------------
 
     @property
+    def io_uring_setup(self):
+        """How this loop's ring was set up (``"defer_taskrun"``,
+        ``"coop_taskrun"``, ``"plain"`` or ``"sqpoll"``); None before an
+        io_uring backend first used it."""
+        if self.ur == NULL:
+            return None
+        return evpl_uring_mode(self.ur).decode()
+
+    @property
     def spin_ns(self) -> int:
         return self.spin_ns
 
@@ -2169,6 +2217,28 @@ cdef class LoopCore:
         return self.running
 
     # ---- receive memory ------------------------------------------------------
+
+    cdef int _ep_add(self, _Source src, int fd, uint32_t events) except -1:
+        """Register a Bind, Listener or FdWatch in the epoll set, counted in
+        n_epoll (the spin skips epoll_wait while nothing but io_uring and
+        doorbells can have work)."""
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.ptr = <void*>src
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, f"epoll_ctl(ADD) of fd {fd}")
+        src.in_epoll = True
+        self.n_epoll += 1
+        return 0
+
+    cdef void _ep_del(self, _Source src, bint ctl) noexcept:
+        """Forget ``src`` in the epoll set; ``ctl``: remove its fd too (not
+        needed when the fd is about to be closed)."""
+        if src.in_epoll:
+            src.in_epoll = False
+            self.n_epoll -= 1
+            if ctl:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, src.fd, NULL)
 
     cdef int _rx_reserve(self, size_t space) noexcept:
         """Make sure the receive chunk has ``space`` free bytes."""
@@ -2211,10 +2281,7 @@ cdef class LoopCore:
         if ur:
             self._ur_setup()
         if not ur or connecting:
-            ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-            ev.data.ptr = <void*>b
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl(ADD)")
+            self._ep_add(b, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
         self.sources.add(b)
         return b
 
@@ -2271,10 +2338,7 @@ cdef class LoopCore:
             self._ur_setup()
             li._ur_arm()
         else:
-            ev.events = EPOLLIN
-            ev.data.ptr = <void*>li
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-                raise OSError(errno, "epoll_ctl(ADD listener)")
+            self._ep_add(li, fd, EPOLLIN)
         self.sources.add(li)
         return li
 
@@ -2290,10 +2354,11 @@ cdef class LoopCore:
         cdef epoll_event ev
         if self.ur != NULL:
             return 0
-        self.ur = evpl_uring_new(UR_ENTRIES, &err)
+        self.ur = evpl_uring_new(UR_ENTRIES, self.sqpoll, self.sqpoll_cpu, SQPOLL_IDLE_MS, &err)
         if self.ur == NULL:
             from evpl.errors import BackendUnavailable
-            raise BackendUnavailable(f"io_uring_setup failed: {OSError(err, '').strerror}")
+            what = "io_uring_setup with SQPOLL" if self.sqpoll else "io_uring_setup"
+            raise BackendUnavailable(f"{what} failed: {OSError(err, '').strerror}")
         self.ur_bufs = <Chunk**>PyMem_Malloc(UR_BUFS * sizeof(Chunk*))
         self.ur_off = <size_t*>PyMem_Malloc(UR_BUFS * sizeof(size_t))
         self.ur_free = <unsigned short*>PyMem_Malloc(UR_BUFS * sizeof(unsigned short))
@@ -2319,6 +2384,8 @@ cdef class LoopCore:
             self._ur_teardown()
             raise OSError(errno, "epoll_ctl(io_uring eventfd)")
         self._ur_refill()
+        if self.sqpoll:
+            self._ur_dg_setup()         # stream receives use the slot ring too
         return 0
 
     cdef int _ur_dg_setup(self) except -1:
@@ -2434,7 +2501,8 @@ cdef class LoopCore:
         # split across two ring buffers always finds memory
         cdef int limit = <int>min(<size_t>UR_BUFS,
                                   max(<size_t>1, self.pool.max_bytes // self.pool.buffer_size // 2))
-        while self.ur_nfree > 0 and UR_BUFS - self.ur_nfree < limit:
+        # (with SQPOLL nothing reads from this ring: see _ur_recv)
+        while not self.sqpoll and self.ur_nfree > 0 and UR_BUFS - self.ur_nfree < limit:
             c = self.pool.get()
             if c == NULL:
                 break
@@ -2449,6 +2517,7 @@ cdef class LoopCore:
         if self.dg_nfree:
             added += self._ur_dg_refill()
         if added:
+            self.ur_adds += 1
             if self.ur_rearm:
                 batch = self.ur_rearm
                 self.ur_rearm = []
@@ -2498,6 +2567,20 @@ cdef class LoopCore:
             self._ur_refill()
         return total
 
+    cdef int _ur_before_sleep(self) except -1:
+        """Turn the ring's eventfd back on before the loop sleeps; true if
+        completions arrived while it was off (then the loop must not sleep:
+        their eventfd signal was never sent)."""
+        if self.ur == NULL or not self.ur_evfd_off:
+            return 0
+        evpl_uring_evfd_enable(self.ur, 1)
+        self.ur_evfd_off = False
+        if evpl_uring_cq_ready(self.ur):
+            self._ur_process()
+            self.last_active = evpl_now_ns()
+            return 1
+        return 0
+
     cdef int _ur_poll(self) except -1:
         cdef uint64_t v
         c_read(self.ur_evfd, &v, 8)
@@ -2529,11 +2612,8 @@ cdef class LoopCore:
         w.fd = fd
         w.on_readable = on_readable
         w.on_writable = on_writable
-        ev.events = (EPOLLIN if on_readable is not None else 0) | \
-                    (EPOLLOUT if on_writable is not None else 0)
-        ev.data.ptr = <void*>w
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-            raise OSError(errno, f"cannot watch fd {fd}")
+        self._ep_add(w, fd, (EPOLLIN if on_readable is not None else 0) |
+                     (EPOLLOUT if on_writable is not None else 0))
         w.active = True
         self.sources.add(w)
         return w
@@ -2656,15 +2736,25 @@ cdef class LoopCore:
                 spin_end = self.last_active + self.spin_ns
             if wait > 0 and now + wait < spin_end:
                 spin_end = now + wait
+            if ur != NULL and not self.ur_evfd_off and not self.sqpoll:
+                # the spin reaps the CQ itself: no eventfd signal per completion.
+                # Not with SQPOLL: its thread posts completions concurrently,
+                # and re-enabling before a sleep could race with it.
+                evpl_uring_evfd_enable(ur, 0)
+                self.ur_evfd_off = True
+            n = 0
             with nogil:
                 while True:
-                    n = evpl_epoll_wait_ns(self.epfd, self.events, MAX_EVENTS, 0)
-                    if n != 0:
-                        break
                     # io_uring completions, without the eventfd round trip
                     if ur != NULL and evpl_uring_cq_ready(ur):
                         ur_hit = True
                         break
+                    # epoll only when something can be there: an epoll
+                    # source, or a doorbell / stop() (the wake flag says)
+                    if ur == NULL or self.n_epoll > 0 or evpl_load(&self.wake_pending):
+                        n = evpl_epoll_wait_ns(self.epfd, self.events, MAX_EVENTS, 0)
+                        if n != 0:
+                            break
                     now = evpl_now_ns()
                     if now >= spin_end:
                         break
@@ -2673,11 +2763,13 @@ cdef class LoopCore:
                 self._ur_process()
             elif n == 0 and not self.poll_always:
                 wait = self._wait_budget(max_wait)
-                if wait != 0:
+                if wait != 0 and not self._ur_before_sleep():
                     self.stat_sleeps += 1
                     with nogil:
                         n = evpl_epoll_wait_ns(self.epfd, self.events, MAX_EVENTS, wait)
         else:
+            if wait != 0 and self._ur_before_sleep():
+                wait = 0
             if wait != 0:
                 self.stat_sleeps += 1
             with nogil:

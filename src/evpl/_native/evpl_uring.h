@@ -31,6 +31,7 @@ typedef struct evpl_cqe {
 
 #ifdef EVPL_HAVE_LIBURING
 #include <liburing.h>
+#include <sched.h>
 
 typedef struct evpl_uring {
     struct io_uring ring;
@@ -46,30 +47,48 @@ typedef struct evpl_uring {
     unsigned br1_mask;
     int br1_pending;
     unsigned setup_flags;
+    int sqpoll;         /* a kernel thread submits: no enter to submit or reap */
 } evpl_uring;
 
 static inline int evpl_uring_built(void) { return 1; }
 
-/* Create a ring; try SINGLE_ISSUER | DEFER_TASKRUN, then plainer set-ups. */
-static evpl_uring *evpl_uring_new(unsigned entries, int *err) {
+/* Create a ring; try SINGLE_ISSUER | DEFER_TASKRUN, then plainer set-ups.
+ * With sqpoll, a kernel thread (bound to sqpoll_cpu if >= 0) submits and
+ * runs completion work; it sleeps after idle_ms without submissions. */
+static evpl_uring *evpl_uring_new(unsigned entries, int sqpoll, int sqpoll_cpu,
+                                  unsigned idle_ms, int *err) {
     static const unsigned tries[] = {
         IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
         IORING_SETUP_COOP_TASKRUN,
         0,
     };
+    static const unsigned sq_tries[] = {
+        IORING_SETUP_SQPOLL | IORING_SETUP_SINGLE_ISSUER,
+        IORING_SETUP_SQPOLL,
+    };
+    const unsigned *flags = sqpoll ? sq_tries : tries;
+    unsigned n = sqpoll ? 2 : 3;
     evpl_uring *u = calloc(1, sizeof(*u));
     unsigned i;
     int r = -EINVAL;
     if (!u) { *err = ENOMEM; return NULL; }
-    for (i = 0; i < sizeof(tries) / sizeof(tries[0]); i++) {
+    for (i = 0; i < n; i++) {
         struct io_uring_params p;
         memset(&p, 0, sizeof(p));
-        p.flags = tries[i] | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_CQSIZE;
+        p.flags = flags[i] | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_CQSIZE;
         p.cq_entries = entries * 4;
+        if (sqpoll) {
+            p.sq_thread_idle = idle_ms;
+            if (sqpoll_cpu >= 0) {
+                p.flags |= IORING_SETUP_SQ_AFF;
+                p.sq_thread_cpu = (unsigned)sqpoll_cpu;
+            }
+        }
         r = io_uring_queue_init_params(entries, &u->ring, &p);
         if (r == 0) { u->setup_flags = p.flags; break; }
     }
     if (r < 0) { free(u); *err = -r; return NULL; }
+    u->sqpoll = sqpoll;
     u->evfd = -1;
     *err = 0;
     return u;
@@ -87,6 +106,12 @@ static int evpl_uring_register_eventfd(evpl_uring *u, int fd) {
     int r = io_uring_register_eventfd(&u->ring, fd);
     if (r == 0) u->evfd = fd;
     return r;
+}
+
+/* Turn the eventfd notification on or off (a flag in the shared CQ ring, no
+ * syscall): off while the loop polls the CQ itself, on before it sleeps. */
+static inline void evpl_uring_evfd_enable(evpl_uring *u, int on) {
+    io_uring_cq_eventfd_toggle(&u->ring, on != 0);
 }
 
 /* A provided-buffer ring with incremental consumption (one large buffer
@@ -160,6 +185,8 @@ static inline struct io_uring_sqe *evpl_uring_sqe(evpl_uring *u) {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
     if (!sqe) {
         io_uring_submit(&u->ring);
+        /* an SQPOLL thread takes entries at its own pace: wait for room */
+        if (u->sqpoll) io_uring_sqring_wait(&u->ring);
         sqe = io_uring_get_sqe(&u->ring);
     }
     return sqe;
@@ -214,7 +241,25 @@ static int evpl_uring_sendmsg(evpl_uring *u, int fd, const struct msghdr *mh, ui
     return 0;
 }
 
+/* Cancel every request with user_data `target`. On an SQPOLL ring this is
+ * synchronous (IORING_REGISTER_SYNC_CANCEL, after the thread has taken what
+ * is queued), so that, as after the next submit on other rings, the request
+ * is gone when the loop goes on: a paused Bind reads no more, a closed
+ * listener accepts no more. */
 static int evpl_uring_cancel(evpl_uring *u, uint64_t target, uint64_t ud) {
+    if (u->sqpoll) {
+        struct io_uring_sync_cancel_reg reg;
+        io_uring_submit(&u->ring);
+        while (io_uring_sq_ready(&u->ring) > 0)
+            sched_yield();
+        memset(&reg, 0, sizeof(reg));
+        reg.addr = target;
+        reg.flags = IORING_ASYNC_CANCEL_ALL;
+        reg.timeout.tv_sec = -1;
+        reg.timeout.tv_nsec = -1;
+        io_uring_register_sync_cancel(&u->ring, &reg);
+        return 0;
+    }
     struct io_uring_sqe *sqe = evpl_uring_sqe(u);
     if (!sqe) return -EBUSY;
     io_uring_prep_cancel64(sqe, target, IORING_ASYNC_CANCEL_ALL);
@@ -224,13 +269,14 @@ static int evpl_uring_cancel(evpl_uring *u, uint64_t target, uint64_t ud) {
 
 /* Submit what is queued and run deferred completion work (one syscall). */
 static inline int evpl_uring_submit(evpl_uring *u) {
+    if (u->sqpoll) return io_uring_submit(&u->ring);   /* enters only to wake the thread */
     return io_uring_submit_and_get_events(&u->ring);
 }
 
 /* Run pending completion work (DEFER_TASKRUN posts completions only when
  * asked) and say whether completions wait in the CQ ring. */
 static inline int evpl_uring_cq_ready(evpl_uring *u) {
-    if (io_uring_cq_ready(&u->ring) > 0) return 1;
+    if (io_uring_cq_ready(&u->ring) > 0 || u->sqpoll) return io_uring_cq_ready(&u->ring) > 0;
     io_uring_get_events(&u->ring);
     return io_uring_cq_ready(&u->ring) > 0;
 }
@@ -255,7 +301,13 @@ static inline int evpl_uring_reap(evpl_uring *u, evpl_cqe *out, int max) {
     return n;
 }
 
-static inline unsigned evpl_uring_flags(evpl_uring *u) { return u->setup_flags; }
+/* How the ring was set up, for Loop.io_uring_setup. */
+static inline const char *evpl_uring_mode(evpl_uring *u) {
+    if (u->setup_flags & IORING_SETUP_SQPOLL) return "sqpoll";
+    if (u->setup_flags & IORING_SETUP_DEFER_TASKRUN) return "defer_taskrun";
+    if (u->setup_flags & IORING_SETUP_COOP_TASKRUN) return "coop_taskrun";
+    return "plain";
+}
 
 /* Submit and wait up to timeout_ns for at least one completion. */
 static inline int evpl_uring_wait(evpl_uring *u, long long timeout_ns) {
@@ -272,7 +324,7 @@ static const char *evpl_uring_probe(void) {
     struct io_uring_probe *p;
     evpl_uring *u;
     int err, r;
-    u = evpl_uring_new(8, &err);
+    u = evpl_uring_new(8, 0, -1, 0, &err);
     if (!u) {
         snprintf(why, sizeof(why), "io_uring_setup failed: %s%s", strerror(err),
                  err == EPERM ? " (kernel.io_uring_disabled or seccomp)" : "");
@@ -303,9 +355,12 @@ static const char *evpl_uring_probe(void) {
 
 typedef struct evpl_uring { int unused; } evpl_uring;
 static inline int evpl_uring_built(void) { return 0; }
-static evpl_uring *evpl_uring_new(unsigned e, int *err) { (void)e; *err = ENOSYS; return NULL; }
+static evpl_uring *evpl_uring_new(unsigned e, int s, int c, unsigned i, int *err) {
+    (void)e; (void)s; (void)c; (void)i; *err = ENOSYS; return NULL;
+}
 static void evpl_uring_free(evpl_uring *u) { (void)u; }
 static int evpl_uring_register_eventfd(evpl_uring *u, int fd) { (void)u; (void)fd; return -ENOSYS; }
+static inline void evpl_uring_evfd_enable(evpl_uring *u, int on) { (void)u; (void)on; }
 static int evpl_uring_setup_bufring(evpl_uring *u, unsigned e, int g) { (void)u; (void)e; (void)g; return -ENOSYS; }
 static inline void evpl_uring_buf_add(evpl_uring *u, void *a, unsigned l, unsigned short b) { (void)u; (void)a; (void)l; (void)b; }
 static inline void evpl_uring_buf_commit(evpl_uring *u) { (void)u; }
@@ -322,7 +377,7 @@ static inline int evpl_uring_submit(evpl_uring *u) { (void)u; return -ENOSYS; }
 static inline int evpl_uring_pending_sqes(evpl_uring *u) { (void)u; return 0; }
 static inline int evpl_uring_cq_ready(evpl_uring *u) { (void)u; return 0; }
 static inline int evpl_uring_reap(evpl_uring *u, evpl_cqe *o, int m) { (void)u; (void)o; (void)m; return 0; }
-static inline unsigned evpl_uring_flags(evpl_uring *u) { (void)u; return 0; }
+static inline const char *evpl_uring_mode(evpl_uring *u) { (void)u; return "none"; }
 static inline int evpl_uring_wait(evpl_uring *u, long long t) { (void)u; (void)t; return -ENOSYS; }
 static const char *evpl_uring_probe(void) {
     return "evpl was built without liburing (install liburing-dev and reinstall evpl)";

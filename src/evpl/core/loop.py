@@ -126,11 +126,15 @@ class Loop(LoopCore):
     of quiet; ``"event"`` always sleeps when idle; ``"always"`` never sleeps.
     ``zc_threshold``: io_uring backends send messages of at least this many
     bytes with SEND_ZC (0 = never; on loopback the kernel copies anyway).
+    ``sqpoll``: the io_uring ring gets a kernel thread that submits and
+    completes requests, so neither costs a syscall (it spins on a core of its
+    own while busy; ``sqpoll_cpu`` pins it). Off by default.
     """
 
     def __init__(self, *, spin_ns: int = 50_000,
                  poll_mode: Literal["hybrid", "event", "always"] = "hybrid",
-                 pool: Pool | None = None, zc_threshold: int = 0) -> None:
+                 pool: Pool | None = None, zc_threshold: int = 0,
+                 sqpoll: bool = False, sqpoll_cpu: int | None = None) -> None:
         if poll_mode not in ("hybrid", "event", "always"):
             raise ConfigError(f"poll_mode must be 'hybrid', 'event' or 'always', got {poll_mode!r}")
         if not isinstance(spin_ns, int) or spin_ns < 0:
@@ -139,8 +143,19 @@ class Loop(LoopCore):
             spin_ns = 0
         if not isinstance(zc_threshold, int) or zc_threshold < 0:
             raise ConfigError(f"zc_threshold must be a non-negative int, got {zc_threshold!r}")
+        if not isinstance(sqpoll, bool):
+            raise ConfigError(f"sqpoll must be a bool, got {sqpoll!r}")
+        if sqpoll_cpu is not None:
+            if not sqpoll:
+                raise ConfigError("sqpoll_cpu needs sqpoll=True")
+            ncpu = os.cpu_count() or 1
+            if (not isinstance(sqpoll_cpu, int) or isinstance(sqpoll_cpu, bool)
+                    or not 0 <= sqpoll_cpu < ncpu):
+                raise ConfigError(f"sqpoll_cpu must be a CPU number in 0..{ncpu - 1}, "
+                                  f"got {sqpoll_cpu!r}")
         super().__init__(pool if pool is not None else default_pool(), spin_ns=spin_ns,
-                         poll_always=poll_mode == "always", base_handler=Handler)
+                         poll_always=poll_mode == "always", base_handler=Handler,
+                         sqpoll=sqpoll, sqpoll_cpu=-1 if sqpoll_cpu is None else sqpoll_cpu)
         self.zc_threshold = zc_threshold
 
     @property
