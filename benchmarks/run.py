@@ -313,6 +313,8 @@ def server_command(stack: Stack, load: Load, opts: argparse.Namespace) -> list[s
             cmd += ["--spin-ns", str(opts.evpl_spin_ns)]
         if opts.evpl_sqpoll_cpu is not None:
             cmd += ["--sqpoll-cpu", str(opts.evpl_sqpoll_cpu)]
+        if opts.evpl_no_gso:
+            cmd += ["--no-gso"]
         return cmd
     if stack.kind == "c":
         return [str(BUILD / "echo_epoll"), *stack.args,
@@ -697,6 +699,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--evpl-udp-backend", default="udp", help="evpl datagram backend")
     p.add_argument("--evpl-spin-ns", type=int, default=None,
                    help="spin_ns for the (hybrid) evpl server; default: evpl's default")
+    p.add_argument("--evpl-no-gso", action="store_true",
+                   help="evpl UDP server: bind(..., gso=False)")
     p.add_argument("--evpl-sqpoll-cpu", type=int, default=None,
                    help="io_uring backends: give the evpl server's ring an SQPOLL thread "
                         "pinned to this CPU")
@@ -755,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: getattr(opts, k) for k in
                          ("stacks", "loads", "repeat", "duration", "warmup",
                           "evpl_backend", "evpl_udp_backend", "evpl_spin_ns",
-                                    "evpl_sqpoll_cpu")},
+                          "evpl_sqpoll_cpu", "evpl_no_gso")},
             "summary": rows,
             "runs": {f"{k[0]}/{k[1]}": r.runs for k, r in results.items()},
         }

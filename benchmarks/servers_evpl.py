@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", action="store_true", help='poll_mode="always" (burns a core)')
     parser.add_argument("--spin-ns", type=int, default=None,
                         help="hybrid mode: keep polling this long after activity")
+    parser.add_argument("--no-gso", action="store_true", help="--mode udp: bind(..., gso=False)")
     parser.add_argument("--sqpoll-cpu", type=int, default=None,
                         help="io_uring backends: SQPOLL thread pinned to this CPU")
     args = parser.parse_args(argv)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     unix_path: str | None = None
     try:
         if args.mode == "udp":
-            bind = loop.bind(backend, (args.host, args.port), UdpEcho())
+            bind = loop.bind(backend, (args.host, args.port), UdpEcho(), gso=not args.no_gso)
             ready = str(bind.local_address[1])
         else:
             address: Any

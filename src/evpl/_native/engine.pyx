@@ -102,7 +102,8 @@ cdef enum:
 DEF UR_DG_CHUNKS = 8        # pool buffers carved into datagram slots (bgid 1)
 DEF UR_DG_PER = 64          # at most this many slots per pool buffer
 DEF UR_DG_SLOT = 65600      # recvmsg_out (16) + sockaddr_in6 (28) + 65507, rounded
-DEF UR_DG_HDR = 44          # sizeof(io_uring_recvmsg_out) + sizeof(sockaddr_in6)
+DEF UR_DG_CTL = 44          # sizeof(io_uring_recvmsg_out) + sizeof(sockaddr_in6)
+DEF UR_DG_HDR = 68          # ... + EVPL_GRO_CTL bytes of control: the payload starts here
 DEF UR_DG_INFLIGHT = 64     # sendmsg requests in flight per datagram Bind
 DEF SQPOLL_IDLE_MS = 20      # an SQPOLL thread sleeps after this long without work
 DEF GSO_SEGS = 64           # datagrams per UDP GSO send (UDP_MAX_SEGMENTS >= 64)
@@ -494,6 +495,7 @@ cdef class Bind(_Source):
     cdef int ur_dg_inflight
     cdef size_t ur_arm_adds     # LoopCore.ur_adds when the receive was armed
     cdef size_t gso_limit
+    cdef bint gro              # UDP_GRO is on: a receive may be a train of datagrams
 
     def __dealloc__(self):
         self._drop_queue()
@@ -930,6 +932,7 @@ cdef class Bind(_Source):
             # the kernel reads this msghdr for every shot: it lives in the Bind
             memset(&self.ur_mh, 0, sizeof(msghdr))
             self.ur_mh.msg_namelen = sizeof(sockaddr_in6)
+            self.ur_mh.msg_controllen = UR_DG_HDR - UR_DG_CTL     # for UDP_GRO
             r = evpl_uring_recvmsg_multishot(self.loop.ur, self.fd, &self.ur_mh,
                                              (<uint64_t><void*>self) | OP_RECV, 1)
         if r < 0:
@@ -1071,39 +1074,72 @@ cdef class Bind(_Source):
         return 0
 
     cdef void _ur_dgram(self, Chunk* c, char* p):
-        """Deliver one datagram laid out as io_uring_recvmsg_out + name + payload."""
+        """Deliver what one recvmsg shot received, laid out as
+        io_uring_recvmsg_out + name + control + payload."""
         cdef LoopCore loop = self.loop
-        cdef uint32_t namelen, payloadlen, oflags
+        cdef uint32_t namelen, controllen, payloadlen, oflags
         cdef sockaddr* name = <sockaddr*>(p + 16)
         cdef object addr
+        cdef size_t seg = 0
         memcpy(&namelen, p, 4)
+        memcpy(&controllen, p + 4, 4)
         memcpy(&payloadlen, p + 8, 4)
         memcpy(&oflags, p + 12, 4)
-        loop.stat_datagrams_in += 1
-        if oflags & MSG_TRUNC or payloadlen > self.max_datagram:
+        if oflags & MSG_TRUNC:
+            loop.stat_datagrams_in += 1
             loop.stat_truncated += 1
             return
+        if self.gro and controllen:
+            seg = evpl_gro_size(p + UR_DG_CTL, min(controllen, <uint32_t>(UR_DG_HDR - UR_DG_CTL)))
         if namelen > sizeof(sockaddr_in6):
             namelen = sizeof(sockaddr_in6)
-        loop.stat_bytes_in += payloadlen
+        addr = self._rx_address(name, namelen)
+        self._datagrams(c, p + UR_DG_HDR, payloadlen, seg, addr)
+
+    cdef object _rx_address(self, sockaddr* name, socklen_t namelen):
+        """The Python address of a sender (the last one is cached)."""
         if (self.rx_addr is not None and namelen == self.rx_salen
                 and memcmp(name, &self.rx_sa, namelen) == 0):
-            addr = self.rx_addr
-        else:
-            addr = _sa_to_py(name, namelen)
-            self.rx_addr = addr
-            self.rx_salen = namelen
-            memcpy(&self.rx_sa, name, namelen)
-        buf = make_buffer(loop.pool, c, p + UR_DG_HDR, payloadlen)
-        if self.reading_paused or self.ur_backlog:
-            if self.ur_backlog is None:
-                self.ur_backlog = []
-            self.ur_backlog.append((buf, addr))
-            return
-        try:
-            self.cb_datagram(self, buf, addr)
-        except Exception as exc:
-            loop._callback_error(exc, self)
+            return self.rx_addr
+        addr = _sa_to_py(name, namelen)
+        self.rx_addr = addr
+        self.rx_salen = namelen
+        memcpy(&self.rx_sa, name, namelen)
+        return addr
+
+    cdef void _datagrams(self, Chunk* c, char* p, size_t n, size_t seg, addr):
+        """Deliver a received datagram, or a train of them that the kernel
+        coalesced (UDP GRO: ``seg`` bytes each, the last may be shorter), each
+        as its own Buffer. On io_uring a paused Bind keeps them for later."""
+        cdef LoopCore loop = self.loop
+        cdef size_t off = 0, k
+        cdef Buffer buf
+        if seg == 0 or seg > n:
+            seg = n
+        elif seg < n:
+            loop.stat_gro_receives += 1
+        while True:
+            k = min(seg, n - off)
+            loop.stat_datagrams_in += 1
+            if k > self.max_datagram:
+                loop.stat_truncated += 1
+            else:
+                loop.stat_bytes_in += k
+                buf = make_buffer(loop.pool, c, p + off, k)
+                if self.ur and (self.reading_paused or self.ur_backlog):
+                    if self.ur_backlog is None:
+                        self.ur_backlog = []
+                    self.ur_backlog.append((buf, addr))
+                else:
+                    try:
+                        self.cb_datagram(self, buf, addr)
+                    except Exception as exc:
+                        loop._callback_error(exc, self)
+                    if self.state != S_OPEN:
+                        return
+            off += k
+            if off >= n:
+                return
 
     cdef void _ur_recv_dgram(self, int res, uint32_t flags):
         """Completion of the multishot recvmsg (one datagram per slot)."""
@@ -1863,8 +1899,8 @@ cdef class Bind(_Source):
         cdef int n
         cdef int budget = READ_BUDGET
         cdef size_t stride = self.stride
+        cdef size_t seg
         cdef char* base
-        cdef Buffer buf
         cdef object addr
         while budget > 0 and self.state == S_OPEN and not self.reading_paused:
             budget -= 1
@@ -1877,13 +1913,18 @@ cdef class Bind(_Source):
                 vlen = MAX_MMSG
             for i in range(vlen):
                 iov[i].iov_base = base + i * stride
-                iov[i].iov_len = self.max_datagram
+                # with GRO a train may fill the whole slot
+                iov[i].iov_len = stride if self.gro else self.max_datagram
                 mm[i].msg_hdr.msg_iov = &iov[i]
                 mm[i].msg_hdr.msg_iovlen = 1
                 mm[i].msg_hdr.msg_name = &names[i]
                 mm[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
-                mm[i].msg_hdr.msg_control = NULL
-                mm[i].msg_hdr.msg_controllen = 0
+                if self.gro:
+                    mm[i].msg_hdr.msg_control = &loop.dg_rctl[i * 3]
+                    mm[i].msg_hdr.msg_controllen = EVPL_GRO_CTL
+                else:
+                    mm[i].msg_hdr.msg_control = NULL
+                    mm[i].msg_hdr.msg_controllen = 0
                 mm[i].msg_hdr.msg_flags = 0
             n = recvmmsg(self.fd, mm, vlen, MSG_DONTWAIT, NULL)
             if n <= 0:
@@ -1896,26 +1937,16 @@ cdef class Bind(_Source):
                 self.rx_ready = False
                 return
             loop.rx_used += (n - 1) * stride + mm[n - 1].msg_len
-            loop.stat_datagrams_in += n
             for i in range(<unsigned int>n):
                 if mm[i].msg_hdr.msg_flags & MSG_TRUNC:
+                    loop.stat_datagrams_in += 1
                     loop.stat_truncated += 1
                     continue
-                loop.stat_bytes_in += mm[i].msg_len
-                if (self.rx_addr is not None and mm[i].msg_hdr.msg_namelen == self.rx_salen
-                        and memcmp(&names[i], &self.rx_sa, self.rx_salen) == 0):
-                    addr = self.rx_addr
-                else:
-                    addr = _sa_to_py(<sockaddr*>&names[i], mm[i].msg_hdr.msg_namelen)
-                    self.rx_addr = addr
-                    self.rx_salen = mm[i].msg_hdr.msg_namelen
-                    memcpy(&self.rx_sa, &names[i], self.rx_salen)
-                buf = make_buffer(loop.pool, loop.rx_chunk, base + i * stride, mm[i].msg_len)
-                try:
-                    self.cb_datagram(self, buf, addr)
-                except Exception as exc:
-                    loop._callback_error(exc, self)
-                buf = None
+                seg = 0
+                if self.gro and mm[i].msg_hdr.msg_controllen:
+                    seg = evpl_gro_size(&loop.dg_rctl[i * 3], mm[i].msg_hdr.msg_controllen)
+                addr = self._rx_address(<sockaddr*>&names[i], mm[i].msg_hdr.msg_namelen)
+                self._datagrams(loop.rx_chunk, base + i * stride, mm[i].msg_len, seg, addr)
                 if self.state != S_OPEN:
                     return
             if <unsigned int>n < vlen:
@@ -2101,9 +2132,10 @@ cdef class LoopCore:
     cdef size_t stat_messages_in, stat_datagrams_in, stat_datagrams_out, stat_dgram_errors
     cdef size_t stat_truncated, stat_partial_copies, stat_callback_errors, stat_paused
     cdef size_t stat_accept_errors, stat_starved, stat_timers_fired, stat_zc_sends
-    cdef size_t stat_cqes, stat_gso_sends
+    cdef size_t stat_cqes, stat_gso_sends, stat_gro_receives
     cdef uint64_t dg_ctl[MAX_MMSG * 3]        # UDP_SEGMENT control messages
     cdef unsigned int dg_group[MAX_MMSG]      # datagrams in each sendmmsg message
+    cdef uint64_t dg_rctl[MAX_MMSG * 3]       # recvmmsg control space (UDP_GRO)
     # io_uring (created on first use)
     cdef evpl_uring* ur
     cdef int ur_evfd
@@ -2272,7 +2304,6 @@ cdef class LoopCore:
 
     cdef Bind _new_bind(self, int fd, str backend, bint stream, handler, Framer framer,
                         tuple limits, bint ur, bint connecting):
-        cdef epoll_event ev
         cdef Bind b = Bind.__new__(Bind)
         b._setup(self, fd, backend, stream, handler, framer, limits[0], limits[1], limits[2],
                  limits[3])
@@ -2303,13 +2334,18 @@ cdef class LoopCore:
     def _add_datagram(self, int fd, str backend, handler, tuple limits,
                       bint uring=False, bint gso=False) -> Bind:
         """Adopt a bound datagram socket (nonblocking); ``gso``: send trains
-        of datagrams to one peer with UDP GSO (UDP sockets only)."""
+        of datagrams to one peer with UDP GSO, accept them with UDP GRO (UDP
+        sockets only)."""
         cdef Bind b
+        cdef int one = 1
         if uring:
             self._ur_setup()
             self._ur_dg_setup()
         b = self._new_bind(fd, backend, False, handler, None, limits, uring, False)
         b.gso_limit = 65536 if gso else 0
+        # accept trains (UDP GRO) when every receive slot holds a whole one
+        if gso and (self.dg_slot - UR_DG_HDR >= 65535 - 8 if uring else b.stride >= 65536):
+            b.gro = setsockopt(fd, IPPROTO_UDP, UDP_GRO, &one, sizeof(one)) == 0
         b.state = S_OPEN
         if uring:
             b._ur_arm_recv()
@@ -2320,7 +2356,6 @@ cdef class LoopCore:
 
     def _add_listener(self, int fd, str backend, factory, shared, Framer framer,
                       tuple limits, bint nodelay, address, bint uring=False) -> Listener:
-        cdef epoll_event ev
         cdef Listener li = Listener.__new__(Listener)
         li.kind = K_LISTENER
         li.loop = self
@@ -2605,7 +2640,6 @@ cdef class LoopCore:
     def watch_fd(self, int fd, on_readable=None, on_writable=None) -> FdWatch:
         """Call ``on_readable()`` / ``on_writable()`` (level-triggered) while
         the foreign descriptor ``fd`` is ready. The fd stays the caller's."""
-        cdef epoll_event ev
         cdef FdWatch w = FdWatch.__new__(FdWatch)
         w.kind = K_WATCH
         w.loop = self
@@ -3018,6 +3052,7 @@ cdef class LoopCore:
             "timers_fired": self.stat_timers_fired,
             "zc_sends": self.stat_zc_sends,
             "gso_sends": self.stat_gso_sends,
+            "gro_receives": self.stat_gro_receives,
             "completions": self.stat_cqes,
             "ring_buffers": (UR_BUFS - self.ur_nfree) if self.ur != NULL else 0,
             "ring_rearm": len(self.ur_rearm),

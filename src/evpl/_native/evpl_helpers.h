@@ -17,6 +17,9 @@
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
 #endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
 
 static inline int evpl_xchg(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
 static inline int evpl_load(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -84,6 +87,30 @@ static inline void evpl_set_gso(struct msghdr *mh, void *ctl, uint16_t seg) {
     memcpy(CMSG_DATA(cm), &seg, sizeof(seg));
     mh->msg_control = ctl;
     mh->msg_controllen = CMSG_SPACE(sizeof(uint16_t));
+}
+
+/* UDP GRO: the segment size of a received train the kernel coalesced, from
+ * the control bytes of one recvmsg (copied, so any alignment will do); 0 for
+ * a plain datagram. Receive control space: EVPL_GRO_CTL bytes. */
+#define EVPL_GRO_CTL 24
+static inline unsigned evpl_gro_size(const void *ctl, size_t len) {
+    uint64_t buf[8];
+    struct msghdr mh;
+    struct cmsghdr *cm;
+    if (len > sizeof(buf)) len = sizeof(buf);
+    memcpy(buf, ctl, len);
+    memset(&mh, 0, sizeof(mh));
+    mh.msg_control = buf;
+    mh.msg_controllen = len;
+    for (cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+        if (cm->cmsg_level == IPPROTO_UDP && cm->cmsg_type == UDP_GRO &&
+            cm->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int v;
+            memcpy(&v, CMSG_DATA(cm), sizeof(v));
+            return v > 0 ? (unsigned)v : 0;
+        }
+    }
+    return 0;
 }
 
 #endif

@@ -66,6 +66,8 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef extern from "evpl_helpers.h" nogil:
     void evpl_set_gso(msghdr* mh, void* ctl, uint16_t seg)
+    unsigned evpl_gro_size(const void* ctl, size_t len)
+    int UDP_GRO, EVPL_GRO_CTL
 
 cdef extern from "<netinet/in.h>" nogil:
     struct in_addr:
@@ -86,7 +88,7 @@ cdef extern from "<netinet/in.h>" nogil:
     uint16_t htons(uint16_t)
     uint32_t ntohl(uint32_t)
     uint32_t htonl(uint32_t)
-    int IPPROTO_TCP
+    int IPPROTO_TCP, IPPROTO_UDP
 
 cdef extern from "<netinet/tcp.h>" nogil:
     int TCP_NODELAY

@@ -237,7 +237,9 @@ class Loop(LoopCore):
 
         ``gso`` (default True): datagrams queued in one iteration for the same
         peer with the same size leave as one UDP GSO send, which the kernel
-        cuts into ordinary datagrams; the receiver sees no difference."""
+        cuts into ordinary datagrams; the receiver sees no difference. Trains
+        that arrive whole are accepted too (UDP GRO) and still delivered one
+        ``on_datagram`` per datagram."""
         info = _backends.get(backend, "datagram")
         limits = _limits(options)
         gso = options.get("gso", True)
