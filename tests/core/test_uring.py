@@ -64,6 +64,15 @@ def run_ticks(loop: evpl.Loop, n: int) -> None:
         ticker.cancel()
 
 
+def assert_echo(loop, peer: socket.socket, payload: bytes) -> None:
+    """Send one LP4 message from a plain socket; the evpl server echoes it."""
+    msg = struct.pack(">I", len(payload)) + payload
+    peer.sendall(msg)
+    reply = InThread(loop, lambda: recv_exactly(peer, len(msg)))
+    loop.run_until(reply.done, timeout=TIMEOUT)
+    assert reply.get() == msg
+
+
 def connect_error(backend: str, addr) -> str:
     """The name of the error connecting to ``addr`` raises ("" if it connects)."""
     s = socket.socket(family(backend), socket.SOCK_STREAM)
@@ -530,10 +539,7 @@ def test_listener_close_cancels_multishot_accept(make_loop, address, backend):
     loop.run_until(lambda: sys.getrefcount(li) == 2, timeout=TIMEOUT)
     assert loop.stats()["sources"] == 1      # only the connection accepted before
     # which still works
-    old.sendall(struct.pack(">I", 5) + b"hello")
-    reply = InThread(loop, lambda: recv_exactly(old, 9))
-    loop.run_until(reply.done, timeout=TIMEOUT)
-    assert reply.get() == struct.pack(">I", 5) + b"hello"
+    assert_echo(loop, old, b"hello")
     old.close()
     loop.run_until(lambda: srv.closed, timeout=TIMEOUT)
     assert srv.closed == [None]
@@ -947,10 +953,7 @@ def test_sqpoll_ring(make_loop, backend, address):
     li = loop.listen(backend, address(backend), srv, framing=LP4)
     assert loop.io_uring_setup == "sqpoll"
     peer = raw_connect(backend, li.address)
-    peer.sendall(struct.pack(">I", 3) + b"abc")
-    reply = InThread(loop, lambda: recv_exactly(peer, 7))
-    loop.run_until(reply.done, timeout=TIMEOUT)
-    assert reply.get() == struct.pack(">I", 3) + b"abc"
+    assert_echo(loop, peer, b"abc")
     peer.close()
     loop.run_until(lambda: srv.closed, timeout=TIMEOUT)
 

@@ -1144,16 +1144,10 @@ cdef class Bind(_Source):
     cdef void _ur_recv_dgram(self, int res, uint32_t flags):
         """Completion of the multishot recvmsg (one datagram per slot)."""
         cdef LoopCore loop = self.loop
-        cdef unsigned bid, ci
         cdef Chunk* c = NULL
         cdef char* p = NULL
         if flags & EVPL_CQE_F_BUFFER:
-            bid = flags >> 16
-            ci = bid // UR_DG_PER
-            c = loop.dg_bufs[ci]
-            p = c.data + (bid % UR_DG_PER) * loop.dg_slot
-            c.refs += 1                 # hold it across the callback
-            loop._ur_dg_slot_done(ci)
+            c = loop._ur_slot(flags >> 16, &p)
         if not flags & EVPL_CQE_F_MORE:
             self.ur_recv_armed = False
         if res >= UR_DG_HDR and c != NULL and self.state == S_OPEN:
@@ -1173,7 +1167,7 @@ cdef class Bind(_Source):
     cdef void _ur_recv(self, int res, uint32_t flags):
         """Completion of the multishot receive."""
         cdef LoopCore loop = self.loop
-        cdef unsigned bid, ci
+        cdef unsigned bid
         cdef Chunk* c = NULL
         cdef char* p = NULL
         if not self.stream:
@@ -1184,12 +1178,7 @@ cdef class Bind(_Source):
             # consumed an incremental buffer (seen on 6.18: a stream got
             # bytes of another), so there each completion has a whole slot
             # of the slot ring to itself.
-            bid = flags >> 16
-            ci = bid // UR_DG_PER
-            c = loop.dg_bufs[ci]
-            p = c.data + (bid % UR_DG_PER) * loop.dg_slot
-            c.refs += 1                 # hold it across the callbacks
-            loop._ur_dg_slot_done(ci)
+            c = loop._ur_slot(flags >> 16, &p)
         elif flags & EVPL_CQE_F_BUFFER:
             bid = flags >> 16
             c = loop.ur_bufs[bid]
@@ -2452,6 +2441,17 @@ cdef class LoopCore:
             raise OSError(-err, "io_uring datagram buffer ring")
         self._ur_dg_refill()
         return 0
+
+    cdef Chunk* _ur_slot(self, unsigned bid, char** p) noexcept:
+        """The pool buffer of slot ``bid`` of the slot ring, which a
+        completion filled, held for the caller (who unrefs it); the slot's
+        address goes to ``p``."""
+        cdef unsigned ci = bid // UR_DG_PER
+        cdef Chunk* c = self.dg_bufs[ci]
+        p[0] = c.data + (bid % UR_DG_PER) * self.dg_slot
+        c.refs += 1
+        self._ur_dg_slot_done(ci)
+        return c
 
     cdef void _ur_dg_slot_done(self, unsigned ci):
         """The kernel used one more slot of pool buffer ``ci``."""
