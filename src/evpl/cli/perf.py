@@ -95,7 +95,7 @@ def _serve(loop: evpl.Loop, host: str, port: int, unix_dir: str | None,
             li = loop.listen(b.name, sink_addr, _Sink, framing=_FRAMING)
             addrs.sink[b.name] = li.address
         else:
-            bd = loop.bind(b.name, echo_addr, _Echo(), max_datagram=2048)
+            bd = loop.bind(b.name, echo_addr, _Echo())
             addrs.echo[b.name] = bd.local_address
     return addrs
 
@@ -310,7 +310,7 @@ def _measure(backend: evpl.BackendInfo, mode: str, load: str, echo: Any, sink: A
             if stream:
                 binds.append(loop.connect(backend.name, echo, h, framing=_FRAMING))
             else:
-                b = loop.bind(backend.name, ("0.0.0.0", 0), h, max_datagram=2048)
+                b = loop.bind(backend.name, ("0.0.0.0", 0), h)
                 binds.append(b)
                 h.on_connected(b)
         elif load == "rate":
@@ -322,7 +322,7 @@ def _measure(backend: evpl.BackendInfo, mode: str, load: str, echo: Any, sink: A
                     binds.append(loop.connect(backend.name, echo, h, framing=_FRAMING,
                                               high_water=4 << 20))
                 else:
-                    b = loop.bind(backend.name, ("0.0.0.0", 0), h, max_datagram=2048)
+                    b = loop.bind(backend.name, ("0.0.0.0", 0), h)
                     binds.append(b)
                     h.on_connected(b)
             if not stream:
