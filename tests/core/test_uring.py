@@ -10,6 +10,7 @@ suite (test_stream.py...); this module tests what only io_uring has.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import random
 import resource
@@ -1012,3 +1013,32 @@ def test_behaviour_suite_on_sqpoll():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+# ---------------------------------------------------------------- disabled io_uring
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/proc/sys/kernel/io_uring_disabled"),
+                    reason="needs root and kernel.io_uring_disabled to switch io_uring off")
+def test_disabled_io_uring_is_reported_unavailable():
+    """With kernel.io_uring_disabled=2, `evpl info` lists every io_uring
+    backend as unavailable, with the reason, and the others as available.
+    The setting is machine-wide: it is restored at once (tests run one at a
+    time, and rings that exist already are not affected)."""
+    path = "/proc/sys/kernel/io_uring_disabled"
+    with open(path) as f:
+        before = f.read().strip()
+    try:
+        with open(path, "w") as f:
+            f.write("2")
+        proc = subprocess.run([sys.executable, "-m", "evpl.cli", "info", "--json"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        with open(path, "w") as f:
+            f.write(before)
+    assert proc.returncode == 0, proc.stderr
+    info = {b["name"]: b for b in json.loads(proc.stdout)}
+    for name in ("io_uring_tcp", "io_uring_unix", "io_uring_udp"):
+        assert not info[name]["available"]
+        assert "io_uring_disabled" in info[name]["reason"]
+    assert info["tcp"]["available"] and info["udp"]["available"]

@@ -86,8 +86,8 @@ register(_Backend(
 ))
 register(_Backend(
     "udp", "datagram", socket.AF_INET, frozenset({"datagram", "epoll", "inet", "inet6",
-                                                  "recvmmsg", "sendmmsg"}),
-    "UDP over kernel sockets and epoll (recvmmsg/sendmmsg batching)",
+                                                  "recvmmsg", "sendmmsg", "gso"}),
+    "UDP over kernel sockets and epoll (recvmmsg/sendmmsg batching, GSO/GRO trains)",
     _probe_socket(socket.AF_INET, socket.SOCK_DGRAM),
 ))
 
@@ -115,8 +115,9 @@ register(_Backend(
 ))
 register(_Backend(
     "io_uring_udp", "datagram", socket.AF_INET,
-    frozenset({"datagram", "io_uring", "multishot", "provided_buffers", "inet", "inet6"}),
-    "UDP over io_uring: multishot recvmsg into pool buffer slots, one sendmsg per datagram",
+    frozenset({"datagram", "io_uring", "multishot", "provided_buffers", "inet", "inet6", "gso"}),
+    "UDP over io_uring: multishot recvmsg into pool buffer slots, one sendmsg per datagram "
+    "or GSO train",
     _probe_uring(socket.AF_INET),
 ))
 register(_Backend(
