@@ -115,18 +115,19 @@ class Scribbler:
         self.pool = pool
         self.count = count
         self.rounds = 0
+        self.size = pool.stats()["buffer_size"]
+        self.fill = b"\xee" * self.size
         self.timer = loop.call_every(0.0005, self.scribble)
 
     def scribble(self) -> None:
         bufs = []
-        size = self.pool.stats()["buffer_size"]
         for _ in range(self.count):
             try:
-                bufs.append(self.pool.allocate(size))
+                bufs.append(self.pool.allocate(self.size))
             except evpl.PoolExhausted:
                 break
         for b in bufs:
-            memoryview(b)[:] = b"\xee" * size
+            memoryview(b)[:] = self.fill
         self.rounds += 1
 
     def cancel(self) -> None:
