@@ -139,13 +139,14 @@ class Collect(evpl.Handler):
         self.got.append((bytes(buf), addr))
 
 
-def test_trains_received_as_datagrams(make_loop, datagram_backend):
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_trains_received_as_datagrams(make_loop, datagram_backend, host):
     """An evpl sender's trains arrive at an evpl receiver as one buffer each
     (UDP GRO) and are delivered datagram by datagram, intact and in order."""
     loop = make_loop()
     rec = Collect()
-    rx = loop.bind(datagram_backend, ("127.0.0.1", 0), rec)
-    tx = loop.bind(datagram_backend, ("127.0.0.1", 0), evpl.Handler())
+    rx = loop.bind(datagram_backend, (host, 0), rec)
+    tx = loop.bind(datagram_backend, (host, 0), evpl.Handler())
     payloads = [b"%04d" % i + bytes([i % 256]) * 96 for i in range(150)] + [b"tail"]
     for p in payloads:
         tx.sendto(p, rx.local_address)
