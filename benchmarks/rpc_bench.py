@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -47,9 +46,12 @@ from run import (
     fmt_count,
     fmt_pct,
     machine_info,
+    machine_ready,
     print_plain_table,
     proc_stat,
     render_markdown,
+    report,
+    run_interruptibly,
     running,
     stat_delta,
     wait_for_quiet,
@@ -372,22 +374,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Build, measure, report."""
     opts = parse_args(argv)
-    if (os.cpu_count() or 0) < 2:
-        print("warning: fewer than 2 CPUs; server and client share a core", file=sys.stderr)
-    if not shutil.which("taskset"):
-        print("taskset not found (util-linux)", file=sys.stderr)
+    if not machine_ready():
         return 1
     try:
         build()
     except SkipStack as exc:
         print(f"cannot build the rpcgen programs: {exc}", file=sys.stderr)
         return 1
-    # SIGTERM -> KeyboardInterrupt so the servers are killed by the finally blocks
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        results = run_all(opts)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    results = run_interruptibly(run_all, opts)
+    if results is None:
         return 130
     rows = summarize(results)
     if not rows:
@@ -396,23 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = machine_info()
     print_table(rows)
-    if opts.json:
-        doc = {
-            "machine": info,
-            "settings": {k: getattr(opts, k) for k in
-                         ("stacks", "loads", "repeat", "duration", "warmup", "quiet_limit")},
-            "summary": rows,
-            "runs": {f"{k[0]}/{k[1]}": r.runs for k, r in results.items()},
-        }
-        text = json.dumps(doc, indent=2, default=str)
-        if opts.json == "-":
-            print(text)
-        else:
-            Path(opts.json).write_text(text + "\n")
-    if opts.markdown:
-        Path(opts.markdown).write_text(markdown(rows, opts, info))
-    failed = any(r["errors"] and r["value"] is None and not r["skipped"] for r in rows)
-    return 1 if failed else 0
+    return report(opts, results, rows, info,
+                  ("stacks", "loads", "repeat", "duration", "warmup", "quiet_limit"),
+                  lambda: markdown(rows, opts, info))
 
 
 if __name__ == "__main__":

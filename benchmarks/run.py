@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -734,32 +734,36 @@ def check_selection(p: argparse.ArgumentParser, opts: argparse.Namespace,
     return opts
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Build, measure, report."""
-    opts = parse_args(argv)
+def machine_ready() -> bool:
+    """Warn on one CPU; refuse without taskset (every run is pinned)."""
     if (os.cpu_count() or 0) < 2:
         print("warning: fewer than 2 CPUs; server and client share a core", file=sys.stderr)
     if not shutil.which("taskset"):
         print("taskset not found (util-linux)", file=sys.stderr)
-        return 1
-    build()
-    # SIGTERM -> KeyboardInterrupt so the servers are killed by the finally blocks
+        return False
+    return True
+
+
+def run_interruptibly(run: Callable[[argparse.Namespace], dict[tuple[str, str], Result]],
+                      opts: argparse.Namespace) -> dict[tuple[str, str], Result] | None:
+    """``run(opts)``, with SIGTERM turned into KeyboardInterrupt so the
+    servers' finally blocks kill them; None when interrupted."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        results = run_all(opts)
+        return run(opts)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
-    rows = summarize(results)
-    info = machine_info()
-    print_table(rows)
+        return None
+
+
+def report(opts: argparse.Namespace, results: dict[tuple[str, str], Result],
+           rows: list[dict[str, Any]], info: dict[str, Any], settings: tuple[str, ...],
+           markdown_text: Callable[[], str]) -> int:
+    """Write --json and --markdown; exit status 1 if a measurement failed."""
     if opts.json:
         doc = {
             "machine": info,
-            "settings": {k: getattr(opts, k) for k in
-                         ("stacks", "loads", "repeat", "duration", "warmup",
-                          "evpl_backend", "evpl_udp_backend", "evpl_spin_ns",
-                          "evpl_sqpoll_cpu", "evpl_no_gso")},
+            "settings": {k: getattr(opts, k) for k in settings},
             "summary": rows,
             "runs": {f"{k[0]}/{k[1]}": r.runs for k, r in results.items()},
         }
@@ -769,9 +773,27 @@ def main(argv: list[str] | None = None) -> int:
         else:
             Path(opts.json).write_text(text + "\n")
     if opts.markdown:
-        Path(opts.markdown).write_text(markdown(rows, opts, info))
+        Path(opts.markdown).write_text(markdown_text())
     failed = any(r["errors"] and r["value"] is None and not r["skipped"] for r in rows)
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build, measure, report."""
+    opts = parse_args(argv)
+    if not machine_ready():
+        return 1
+    build()
+    results = run_interruptibly(run_all, opts)
+    if results is None:
+        return 130
+    rows = summarize(results)
+    info = machine_info()
+    print_table(rows)
+    return report(opts, results, rows, info,
+                  ("stacks", "loads", "repeat", "duration", "warmup", "evpl_backend",
+                   "evpl_udp_backend", "evpl_spin_ns", "evpl_sqpoll_cpu", "evpl_no_gso"),
+                  lambda: markdown(rows, opts, info))
 
 
 if __name__ == "__main__":
