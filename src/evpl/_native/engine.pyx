@@ -1067,8 +1067,6 @@ cdef class Bind(_Source):
             self.ur_dg_inflight += 1
             self.tx_head += n
             self.loop.ur_submit = True
-            if n > 1:
-                self.loop.stat_gso_sends += 1
         if self.tx_head == self.tx_tail:
             self.tx_head = self.tx_tail = 0
         return 0
@@ -1238,12 +1236,12 @@ cdef class Bind(_Source):
         checksum, so GSO is off)."""
         if err == EIO_:
             self.gso_limit = 0
-            return True
-        if err == EINVAL_ or err == EMSGSIZE_:
-            if seg < self.gso_limit:
-                self.gso_limit = seg
-            return True
-        return False
+        elif err == EINVAL_ or err == EMSGSIZE_:
+            self.gso_limit = min(self.gso_limit, seg)
+        else:
+            return False
+        self.loop.stat_gso_refused += 1
+        return True
 
     cdef void _sent_one(self, ssize_t r, size_t n) noexcept:
         """Count the outcome of sending one datagram of n bytes."""
@@ -1965,6 +1963,8 @@ cdef void _ur_dg_done(LoopCore loop, UrDgSend* s, int res):
     elif res >= 0:
         loop.stat_datagrams_out += s.n
         loop.stat_bytes_out += s.len
+        if s.n > 1:
+            loop.stat_gso_sends += 1
     elif res != -ECANCELED:
         loop.stat_dgram_errors += s.n      # unreachable, refused, bad address...
     for k in range(s.n):
@@ -2121,7 +2121,7 @@ cdef class LoopCore:
     cdef size_t stat_messages_in, stat_datagrams_in, stat_datagrams_out, stat_dgram_errors
     cdef size_t stat_truncated, stat_partial_copies, stat_callback_errors, stat_paused
     cdef size_t stat_accept_errors, stat_starved, stat_timers_fired, stat_zc_sends
-    cdef size_t stat_cqes, stat_gso_sends, stat_gro_receives
+    cdef size_t stat_cqes, stat_gso_sends, stat_gso_refused, stat_gro_receives
     cdef uint64_t dg_ctl[MAX_MMSG * 3]        # UDP_SEGMENT control messages
     cdef unsigned int dg_group[MAX_MMSG]      # datagrams in each sendmmsg message
     cdef uint64_t dg_rctl[MAX_MMSG * 3]       # recvmmsg control space (UDP_GRO)
@@ -3052,6 +3052,7 @@ cdef class LoopCore:
             "timers_fired": self.stat_timers_fired,
             "zc_sends": self.stat_zc_sends,
             "gso_sends": self.stat_gso_sends,
+            "gso_refused": self.stat_gso_refused,
             "gro_receives": self.stat_gro_receives,
             "completions": self.stat_cqes,
             "ring_buffers": (UR_BUFS - self.ur_nfree) if self.ur != NULL else 0,
