@@ -65,6 +65,18 @@ def run_ticks(loop: evpl.Loop, n: int) -> None:
         ticker.cancel()
 
 
+def assert_received(h, expected: list[bytes] | bytes) -> None:
+    """Everything arrived intact and in order: the messages of a framed
+    Bind (a list), or the bytes of a raw one (lengths first, for short
+    failure messages)."""
+    if isinstance(expected, list):
+        assert len(h.msgs) == len(expected)
+        assert h.msgs == expected
+    else:
+        assert len(h.data) == len(expected)
+        assert bytes(h.data) == expected
+
+
 def assert_echo(loop, peer: socket.socket, payload: bytes) -> None:
     """Send one LP4 message from a plain socket; the evpl server echoes it."""
     msg = struct.pack(">I", len(payload)) + payload
@@ -264,12 +276,7 @@ def test_ring_exhaustion_slow_consumer(make_loop, address, backend, framed):
     loop.run_until(lambda: h.closed, timeout=TIMEOUT)
     sender.get()
     assert h.closed == [None] and h.eofs == 1
-    if framed:
-        assert len(h.msgs) == len(msgs)
-        assert h.msgs == msgs
-    else:
-        assert len(h.data) == len(payload)
-        assert bytes(h.data) == payload
+    assert_received(h, msgs if framed else payload)
     assert loop.stats()["bytes_in"] == len(payload)
     peer.close()
     li.close()
@@ -898,12 +905,7 @@ def test_pause_resume_while_data_arrives(make_loop, address, backend, framed, mo
     assert h.closed == [None]
     assert h.pauses > 10
     assert h.violations == 0
-    if framed:
-        assert len(h.msgs) == len(sent)
-        assert h.msgs == sent
-    else:
-        assert len(h.data) == len(sent)
-        assert bytes(h.data) == sent
+    assert_received(h, sent)
 
 
 def test_resume_from_callback_during_backlog_drain(make_loop, address):
