@@ -233,10 +233,10 @@ def test_hostile_explicit(backend, tmp_path, name, data):
     feed(backend, _short(tmp_path), name, data, len(data) // 2)
 
 
-def test_callable_framer_raising(loop, stream_backend, address):
-    def fn(peek):
-        raise ValueError("framer exploded")
-
+def close_by_callable_framer(loop, stream_backend, address, fn) -> list:
+    """Send a few bytes to a server whose callable framer is ``fn``; the
+    Bind must close with an EvplError and deliver nothing. Returns the
+    types of the callback errors the loop reported (and clears them)."""
     server = Server()
     listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
                            framing=evpl.framing.callable(fn))
@@ -246,19 +246,18 @@ def test_callable_framer_raising(loop, stream_backend, address):
         loop.run_until(lambda: server.closed, timeout=TIMEOUT)
     assert server.msgs == []
     assert isinstance(server.closed[0], evpl.EvplError)
-    assert [type(e) for e, _ in loop.callback_errors] == [ValueError]
+    errors = [type(e) for e, _ in loop.callback_errors]
     loop.callback_errors.clear()
+    return errors
+
+
+def test_callable_framer_raising(loop, stream_backend, address):
+    def fn(peek):
+        raise ValueError("framer exploded")
+
+    assert close_by_callable_framer(loop, stream_backend, address, fn) == [ValueError]
 
 
 def test_callable_framer_returning_nonsense(loop, stream_backend, address):
-    server = Server()
-    listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
-                           framing=evpl.framing.callable(lambda peek: "ten"))
-    peer = raw_connect(stream_backend, listener.address)
-    with peer:
-        peer.sendall(b"anything")
-        loop.run_until(lambda: server.closed, timeout=TIMEOUT)
-    assert server.msgs == []
-    assert isinstance(server.closed[0], evpl.EvplError)
-    assert len(loop.callback_errors) == 1
-    loop.callback_errors.clear()
+    errors = close_by_callable_framer(loop, stream_backend, address, lambda peek: "ten")
+    assert len(errors) == 1
