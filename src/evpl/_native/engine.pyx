@@ -46,13 +46,10 @@ cdef extern from "evpl_uring.h" nogil:
     void evpl_uring_free(evpl_uring* u)
     int evpl_uring_register_eventfd(evpl_uring* u, int fd)
     void evpl_uring_evfd_enable(evpl_uring* u, int on)
-    int evpl_uring_setup_bufring(evpl_uring* u, unsigned entries, int bgid)
-    void evpl_uring_buf_add(evpl_uring* u, void* addr, unsigned len, unsigned short bid)
-    void evpl_uring_buf_commit(evpl_uring* u)
+    int evpl_uring_setup_bufring(evpl_uring* u, unsigned entries, int bgid, int inc)
+    void evpl_uring_buf_add(evpl_uring* u, int bgid, void* addr, unsigned len, unsigned short bid)
+    void evpl_uring_buf_commit(evpl_uring* u, int bgid)
     int evpl_uring_recv_multishot(evpl_uring* u, int fd, uint64_t ud, int bgid)
-    int evpl_uring_setup_bufring1(evpl_uring* u, unsigned entries, int bgid)
-    void evpl_uring_buf1_add(evpl_uring* u, void* addr, unsigned len, unsigned short bid)
-    void evpl_uring_buf1_commit(evpl_uring* u)
     int evpl_uring_recvmsg_multishot(evpl_uring* u, int fd, msghdr* mh, uint64_t ud, int bgid)
     int evpl_uring_sendmsg_dgram(evpl_uring* u, int fd, const msghdr* mh, uint64_t ud)
     int evpl_uring_accept_multishot(evpl_uring* u, int fd, uint64_t ud)
@@ -2394,7 +2391,7 @@ cdef class LoopCore:
             self.ur_bufs[i] = NULL
             self.ur_free[i] = i
         self.ur_nfree = UR_BUFS
-        err = evpl_uring_setup_bufring(self.ur, UR_BUFS, 0)
+        err = evpl_uring_setup_bufring(self.ur, UR_BUFS, 0, 1)
         if err < 0:
             self._ur_teardown()
             raise OSError(-err, "io_uring provided buffer ring")
@@ -2432,7 +2429,7 @@ cdef class LoopCore:
             self.dg_bufs[i] = NULL
             self.dg_left[i] = 0
         self.dg_nfree = UR_DG_CHUNKS
-        err = evpl_uring_setup_bufring1(self.ur, UR_DG_CHUNKS * UR_DG_PER, 1)
+        err = evpl_uring_setup_bufring(self.ur, UR_DG_CHUNKS * UR_DG_PER, 1, 0)
         if err < 0:
             PyMem_Free(self.dg_bufs)
             PyMem_Free(self.dg_left)
@@ -2482,11 +2479,11 @@ cdef class LoopCore:
             self.dg_left[ci] = self.dg_per
             self.dg_nfree -= 1
             for k in range(self.dg_per):
-                evpl_uring_buf1_add(self.ur, c.data + k * self.dg_slot, <unsigned>self.dg_slot,
-                                    <unsigned short>(ci * UR_DG_PER + k))
+                evpl_uring_buf_add(self.ur, 1, c.data + k * self.dg_slot, <unsigned>self.dg_slot,
+                                   <unsigned short>(ci * UR_DG_PER + k))
             added += 1
         if added:
-            evpl_uring_buf1_commit(self.ur)
+            evpl_uring_buf_commit(self.ur, 1)
         return added
 
     cdef void _ur_teardown(self):
@@ -2545,10 +2542,10 @@ cdef class LoopCore:
             bid = self.ur_free[self.ur_nfree]
             self.ur_bufs[bid] = c
             self.ur_off[bid] = 0
-            evpl_uring_buf_add(self.ur, c.data, <unsigned>c.size, bid)
+            evpl_uring_buf_add(self.ur, 0, c.data, <unsigned>c.size, bid)
             added += 1
         if added:
-            evpl_uring_buf_commit(self.ur)
+            evpl_uring_buf_commit(self.ur, 0)
         if self.dg_nfree:
             added += self._ur_dg_refill()
         if added:

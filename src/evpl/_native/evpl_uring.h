@@ -33,19 +33,20 @@ typedef struct evpl_cqe {
 #include <liburing.h>
 #include <sched.h>
 
+/* One provided-buffer ring; its group id is its index in evpl_uring.br. */
+typedef struct evpl_bufring {
+    struct io_uring_buf_ring *ring;
+    size_t size;
+    unsigned mask;
+    int pending;        /* added, not yet made visible to the kernel */
+} evpl_bufring;
+
 typedef struct evpl_uring {
     struct io_uring ring;
     int evfd;
-    struct io_uring_buf_ring *br;
-    size_t br_size;
-    unsigned br_entries;
-    unsigned br_mask;
-    int br_pending;
-    /* second ring (bgid 1): fixed datagram slots, whole-buffer consumption */
-    struct io_uring_buf_ring *br1;
-    size_t br1_size;
-    unsigned br1_mask;
-    int br1_pending;
+    /* bgid 0: incremental consumption (stream receives);
+     * bgid 1: fixed slots, whole-buffer consumption (datagrams) */
+    evpl_bufring br[2];
     unsigned setup_flags;
     int sqpoll;         /* a kernel thread submits: no enter to submit or reap */
 } evpl_uring;
@@ -97,8 +98,8 @@ static evpl_uring *evpl_uring_new(unsigned entries, int sqpoll, int sqpoll_cpu,
 static void evpl_uring_free(evpl_uring *u) {
     if (!u) return;
     io_uring_queue_exit(&u->ring);
-    if (u->br) munmap(u->br, u->br_size);
-    if (u->br1) munmap(u->br1, u->br1_size);
+    for (int g = 0; g < 2; g++)
+        if (u->br[g].ring) munmap(u->br[g].ring, u->br[g].size);
     free(u);
 }
 
@@ -114,70 +115,43 @@ static inline void evpl_uring_evfd_enable(evpl_uring *u, int on) {
     io_uring_cq_eventfd_toggle(&u->ring, on != 0);
 }
 
-/* A provided-buffer ring with incremental consumption (one large buffer
- * serves many receives, each continuing where the last one ended). */
-static int evpl_uring_setup_bufring(evpl_uring *u, unsigned entries, int bgid) {
+/* Provided-buffer ring `bgid` (0 or 1). With `inc`, consumption is
+ * incremental: one large buffer serves many receives, each continuing where
+ * the last one ended. Without, each completion takes a whole buffer: for
+ * datagram slots, because with incremental consumption a datagram landing at
+ * the tail of a buffer is cut to the bytes left there (MSG_TRUNC). */
+static int evpl_uring_setup_bufring(evpl_uring *u, unsigned entries, int bgid, int inc) {
+    evpl_bufring *b = &u->br[bgid];
     struct io_uring_buf_reg reg;
     int r;
-    u->br_size = entries * sizeof(struct io_uring_buf);
-    if (u->br_size < 4096) u->br_size = 4096;
-    u->br = mmap(NULL, u->br_size, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
-    if (u->br == MAP_FAILED) { u->br = NULL; return -errno; }
-    io_uring_buf_ring_init(u->br);
+    b->size = entries * sizeof(struct io_uring_buf);
+    if (b->size < 4096) b->size = 4096;
+    b->ring = mmap(NULL, b->size, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (b->ring == MAP_FAILED) { b->ring = NULL; return -errno; }
+    io_uring_buf_ring_init(b->ring);
     memset(&reg, 0, sizeof(reg));
-    reg.ring_addr = (unsigned long)u->br;
+    reg.ring_addr = (unsigned long)b->ring;
     reg.ring_entries = entries;
     reg.bgid = (unsigned short)bgid;
-    reg.pad = EVPL_IOU_PBUF_RING_INC;      /* 'flags' in newer headers */
+    if (inc) reg.pad = EVPL_IOU_PBUF_RING_INC;     /* 'flags' in newer headers */
     r = io_uring_register_buf_ring(&u->ring, &reg, 0);
-    if (r < 0) { munmap(u->br, u->br_size); u->br = NULL; return r; }
-    u->br_entries = entries;
-    u->br_mask = io_uring_buf_ring_mask(entries);
-    u->br_pending = 0;
+    if (r < 0) { munmap(b->ring, b->size); b->ring = NULL; return r; }
+    b->mask = io_uring_buf_ring_mask(entries);
+    b->pending = 0;
     return 0;
 }
 
-static inline void evpl_uring_buf_add(evpl_uring *u, void *addr, unsigned len, unsigned short bid) {
-    io_uring_buf_ring_add(u->br, addr, len, bid, u->br_mask, u->br_pending++);
+static inline void evpl_uring_buf_add(evpl_uring *u, int bgid, void *addr, unsigned len,
+                                      unsigned short bid) {
+    evpl_bufring *b = &u->br[bgid];
+    io_uring_buf_ring_add(b->ring, addr, len, bid, b->mask, b->pending++);
 }
 
-static inline void evpl_uring_buf_commit(evpl_uring *u) {
-    if (u->br_pending) {
-        io_uring_buf_ring_advance(u->br, u->br_pending);
-        u->br_pending = 0;
-    }
-}
-
-/* A plain (non-incremental) provided-buffer ring for datagram slots: with
- * incremental consumption a datagram landing at the tail of a buffer is cut
- * to the bytes left there (MSG_TRUNC), so datagrams use whole fixed slots. */
-static int evpl_uring_setup_bufring1(evpl_uring *u, unsigned entries, int bgid) {
-    struct io_uring_buf_reg reg;
-    int r;
-    u->br1_size = entries * sizeof(struct io_uring_buf);
-    if (u->br1_size < 4096) u->br1_size = 4096;
-    u->br1 = mmap(NULL, u->br1_size, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
-    if (u->br1 == MAP_FAILED) { u->br1 = NULL; return -errno; }
-    io_uring_buf_ring_init(u->br1);
-    memset(&reg, 0, sizeof(reg));
-    reg.ring_addr = (unsigned long)u->br1;
-    reg.ring_entries = entries;
-    reg.bgid = (unsigned short)bgid;
-    r = io_uring_register_buf_ring(&u->ring, &reg, 0);
-    if (r < 0) { munmap(u->br1, u->br1_size); u->br1 = NULL; return r; }
-    u->br1_mask = io_uring_buf_ring_mask(entries);
-    u->br1_pending = 0;
-    return 0;
-}
-
-static inline void evpl_uring_buf1_add(evpl_uring *u, void *addr, unsigned len, unsigned short bid) {
-    io_uring_buf_ring_add(u->br1, addr, len, bid, u->br1_mask, u->br1_pending++);
-}
-
-static inline void evpl_uring_buf1_commit(evpl_uring *u) {
-    if (u->br1_pending) {
-        io_uring_buf_ring_advance(u->br1, u->br1_pending);
-        u->br1_pending = 0;
+static inline void evpl_uring_buf_commit(evpl_uring *u, int bgid) {
+    evpl_bufring *b = &u->br[bgid];
+    if (b->pending) {
+        io_uring_buf_ring_advance(b->ring, b->pending);
+        b->pending = 0;
     }
 }
 
@@ -340,7 +314,7 @@ static const char *evpl_uring_probe(void) {
         return "kernel lacks IORING_OP_SENDMSG_ZC/RECV/ACCEPT (needs Linux 6.1)";
     }
     io_uring_free_probe(p);
-    r = evpl_uring_setup_bufring(u, 8, 0);
+    r = evpl_uring_setup_bufring(u, 8, 0, 1);
     evpl_uring_free(u);
     if (r < 0) {
         snprintf(why, sizeof(why),
@@ -361,12 +335,9 @@ static evpl_uring *evpl_uring_new(unsigned e, int s, int c, unsigned i, int *err
 static void evpl_uring_free(evpl_uring *u) { (void)u; }
 static int evpl_uring_register_eventfd(evpl_uring *u, int fd) { (void)u; (void)fd; return -ENOSYS; }
 static inline void evpl_uring_evfd_enable(evpl_uring *u, int on) { (void)u; (void)on; }
-static int evpl_uring_setup_bufring(evpl_uring *u, unsigned e, int g) { (void)u; (void)e; (void)g; return -ENOSYS; }
-static inline void evpl_uring_buf_add(evpl_uring *u, void *a, unsigned l, unsigned short b) { (void)u; (void)a; (void)l; (void)b; }
-static inline void evpl_uring_buf_commit(evpl_uring *u) { (void)u; }
-static int evpl_uring_setup_bufring1(evpl_uring *u, unsigned e, int g) { (void)u; (void)e; (void)g; return -ENOSYS; }
-static inline void evpl_uring_buf1_add(evpl_uring *u, void *a, unsigned l, unsigned short b) { (void)u; (void)a; (void)l; (void)b; }
-static inline void evpl_uring_buf1_commit(evpl_uring *u) { (void)u; }
+static int evpl_uring_setup_bufring(evpl_uring *u, unsigned e, int g, int i) { (void)u; (void)e; (void)g; (void)i; return -ENOSYS; }
+static inline void evpl_uring_buf_add(evpl_uring *u, int g, void *a, unsigned l, unsigned short b) { (void)u; (void)g; (void)a; (void)l; (void)b; }
+static inline void evpl_uring_buf_commit(evpl_uring *u, int g) { (void)u; (void)g; }
 static int evpl_uring_recvmsg_multishot(evpl_uring *u, int f, struct msghdr *m, uint64_t d, int g) { (void)u; (void)f; (void)m; (void)d; (void)g; return -ENOSYS; }
 static int evpl_uring_sendmsg_dgram(evpl_uring *u, int f, const struct msghdr *m, uint64_t d) { (void)u; (void)f; (void)m; (void)d; return -ENOSYS; }
 static int evpl_uring_recv_multishot(evpl_uring *u, int f, uint64_t d, int g) { (void)u; (void)f; (void)d; (void)g; return -ENOSYS; }
