@@ -42,7 +42,8 @@ from run import (
     SERVER_CORE,
     Result,
     SkipStack,
-    check_selection,
+    add_run_options,
+    finish_options,
     fmt_count,
     fmt_pct,
     machine_info,
@@ -345,30 +346,8 @@ def markdown(rows: list[dict[str, Any]], opts: argparse.Namespace, info: dict[st
 # -------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stacks", default=",".join(STACKS),
-                   help=f"comma-separated, from: {', '.join(STACKS)}")
-    p.add_argument("--loads", default=",".join(LOADS),
-                   help=f"comma-separated, from: {', '.join(LOADS)}")
-    p.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
-    p.add_argument("--duration", type=float, default=3.0, help="measured seconds per run")
-    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per run")
-    p.add_argument("--quick", action="store_true",
-                   help="1 run of 1 s, 0.5 s warm-up, no waiting for a quiet machine")
-    p.add_argument("--json", metavar="PATH", help="write all runs and the summary as JSON")
-    p.add_argument("--markdown", metavar="PATH", help="write the summary as Markdown")
-    p.add_argument("--quiet-limit", type=float, default=None,
-                   help="before each run wait until the machine uses fewer cores than "
-                        "this (0 disables; default 0.25, --quick 0)")
-    p.add_argument("--quiet-wait", type=float, default=20.0,
-                   help="give up waiting for quiet after this many seconds")
-    p.add_argument("--noise-retries", type=int, default=2,
-                   help="redo a run disturbed by other work up to this many times")
-    opts = p.parse_args(argv)
-    if opts.quick:
-        opts.repeat, opts.duration, opts.warmup = 1, 1.0, 0.5
-    if opts.quiet_limit is None:
-        opts.quiet_limit = 0.0 if opts.quick else 0.25
-    return check_selection(p, opts, STACKS, LOADS)
+    add_run_options(p, STACKS, LOADS)
+    return finish_options(p, p.parse_args(argv), STACKS, LOADS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -685,16 +685,7 @@ def print_plain_table(headers: list[str], cells: list[list[str]],
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line."""
     p = argparse.ArgumentParser(description="evpl vs asyncio, uvloop, C epoll and iperf3.")
-    p.add_argument("--stacks", default=",".join(STACKS),
-                   help=f"comma-separated, from: {', '.join(STACKS)}")
-    p.add_argument("--loads", default=",".join(LOADS),
-                   help=f"comma-separated, from: {', '.join(LOADS)}")
-    p.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
-    p.add_argument("--duration", type=float, default=3.0, help="measured seconds per run")
-    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per run")
-    p.add_argument("--quick", action="store_true", help="1 run of 1 s, 0.5 s warm-up")
-    p.add_argument("--json", metavar="PATH", help="write all runs and the summary as JSON")
-    p.add_argument("--markdown", metavar="PATH", help="write the summary as Markdown")
+    add_run_options(p, STACKS, LOADS)
     p.add_argument("--evpl-backend", default="tcp", help="evpl stream backend (default tcp)")
     p.add_argument("--evpl-udp-backend", default="udp", help="evpl datagram backend")
     p.add_argument("--evpl-spin-ns", type=int, default=None,
@@ -704,17 +695,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--evpl-sqpoll-cpu", type=int, default=None,
                    help="io_uring backends: give the evpl server's ring an SQPOLL thread "
                         "pinned to this CPU")
-    p.add_argument("--quiet-limit", type=float, default=0.25,
+    return finish_options(p, p.parse_args(argv), STACKS, LOADS)
+
+
+def add_run_options(p: argparse.ArgumentParser, stacks: dict[str, Any],
+                    loads: dict[str, Any]) -> None:
+    """The options every benchmark driver here takes: what to run, how long,
+    how often, where to write, and how to keep other work out of the runs."""
+    p.add_argument("--stacks", default=",".join(stacks),
+                   help=f"comma-separated, from: {', '.join(stacks)}")
+    p.add_argument("--loads", default=",".join(loads),
+                   help=f"comma-separated, from: {', '.join(loads)}")
+    p.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
+    p.add_argument("--duration", type=float, default=3.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per run")
+    p.add_argument("--quick", action="store_true",
+                   help="1 run of 1 s, 0.5 s warm-up, no waiting for a quiet machine")
+    p.add_argument("--json", metavar="PATH", help="write all runs and the summary as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the summary as Markdown")
+    p.add_argument("--quiet-limit", type=float, default=None,
                    help="before each run wait until the machine uses fewer cores than "
-                        "this (0 disables)")
+                        "this (0 disables; default 0.25, --quick 0)")
     p.add_argument("--quiet-wait", type=float, default=20.0,
                    help="give up waiting for quiet after this many seconds")
     p.add_argument("--noise-retries", type=int, default=2,
                    help="redo a run disturbed by other work up to this many times")
-    opts = p.parse_args(argv)
+
+
+def finish_options(p: argparse.ArgumentParser, opts: argparse.Namespace,
+                   stacks: dict[str, Any], loads: dict[str, Any]) -> argparse.Namespace:
+    """Apply --quick and the quiet-limit default, then check the selection."""
     if opts.quick:
         opts.repeat, opts.duration, opts.warmup = 1, 1.0, 0.5
-    return check_selection(p, opts, STACKS, LOADS)
+    if opts.quiet_limit is None:
+        opts.quiet_limit = 0.0 if opts.quick else 0.25
+    return check_selection(p, opts, stacks, loads)
 
 
 def check_selection(p: argparse.ArgumentParser, opts: argparse.Namespace,
