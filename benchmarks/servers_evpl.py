@@ -138,9 +138,6 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    # Python runs signal handlers only between bytecodes: a slow timer makes
-    # sure the interpreter gets control even while the loop sleeps.
-    loop.call_every(0.1, lambda: None)
 
     print(f"ready {ready}", flush=True)
     try:

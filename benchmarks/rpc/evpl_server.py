@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    loop.call_every(0.1, lambda: None)  # lets Python run the signal handler
     print(f"ready {listener.address[1]}", flush=True)
     try:
         loop.run()
