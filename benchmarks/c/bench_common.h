@@ -163,4 +163,49 @@ static inline void json_tail(uint64_t reads, uint64_t writes, uint64_t waits, do
     fflush(stdout);
 }
 
+/* The measured interval: `warmup` seconds after `start`, then `duration`
+ * seconds, with the client's (and, given its pid, the server's) CPU time
+ * over exactly that interval. */
+struct window {
+    uint64_t t_measure, t_end, t0, t1;
+    double cpu0, srv0;
+    int server_pid;
+};
+
+enum { WIN_START = 1, WIN_END = 2 };
+
+static inline void window_init(struct window *w, uint64_t start, double warmup,
+                               double duration, int server_pid) {
+    memset(w, 0, sizeof(*w));
+    w->t_measure = start + (uint64_t)(warmup * 1e9);
+    w->t_end = w->t_measure + (uint64_t)(duration * 1e9);
+    w->server_pid = server_pid;
+}
+
+/* Call once per round of events at time `t`. WIN_START: the interval begins
+ * now (snapshot the counters); WIN_END: stop (also when interrupted). */
+static inline int window_tick(struct window *w, int *measuring, uint64_t t, int interrupted) {
+    int r = 0;
+    if (!*measuring && t >= w->t_measure) {
+        *measuring = 1;
+        w->t0 = t;
+        w->cpu0 = self_cpu_s();
+        if (w->server_pid) w->srv0 = proc_cpu_s(w->server_pid);
+        r |= WIN_START;
+    }
+    if ((*measuring && t >= w->t_end) || interrupted) {
+        w->t1 = t;
+        r |= WIN_END;
+    }
+    return r;
+}
+
+/* After the run: the seconds measured, and the CPU seconds spent in them by
+ * this process (`cpu`) and the server (`srv`, < 0 when unknown). */
+static inline double window_finish(const struct window *w, double *cpu, double *srv) {
+    *cpu = self_cpu_s() - w->cpu0;
+    *srv = proc_cpu_since(w->server_pid, w->srv0);
+    return (double)(w->t1 - w->t0) / 1e9;
+}
+
 #endif /* BENCH_COMMON_H */

@@ -561,11 +561,9 @@ int main(int argc, char **argv) {
         }
     }
 
-    uint64_t t_measure = t_start + (uint64_t)(opt.warmup * 1e9);
-    uint64_t t_end = t_measure + (uint64_t)(opt.duration * 1e9);
+    struct window win;
+    window_init(&win, t_start, opt.warmup, opt.duration, opt.server_pid);
     uint64_t units0 = 0, bytes0 = 0, losses0 = 0;
-    double cpu0 = 0, srv0 = 0;
-    uint64_t t0 = 0, t1 = 0;
     struct epoll_event events[256];
 
     for (;;) {
@@ -601,26 +599,19 @@ int main(int argc, char **argv) {
         }
         uint64_t t = now_ns();
         if (opt.mode == M_UDP) udp_check_timeouts(t);
-        if (!measuring && t >= t_measure) {
-            measuring = 1;
-            t0 = t;
+        int w = window_tick(&win, &measuring, t, interrupted);
+        if (w & WIN_START) {
             units0 = n_units;
             bytes0 = n_bytes;
             losses0 = n_losses;
             n_reads = n_writes = n_waits = 0;
-            cpu0 = self_cpu_s();
-            if (opt.server_pid) srv0 = proc_cpu_s(opt.server_pid);
         }
-        if ((measuring && t >= t_end) || interrupted) {
-            t1 = t;
-            break;
-        }
+        if (w & WIN_END) break;
     }
     if (!measuring) peer_fail("interrupted during warm-up");
 
-    double dt = (double)(t1 - t0) / 1e9;
-    double cpu = self_cpu_s() - cpu0;
-    double srv = proc_cpu_since(opt.server_pid, srv0);
+    double cpu, srv;
+    double dt = window_finish(&win, &cpu, &srv);
     uint64_t units = n_units - units0;
     uint64_t bytes = n_bytes - bytes0;
     const char *unit = opt.mode == M_PINGPONG ? "rtt" : opt.mode == M_BULK ? "byte"

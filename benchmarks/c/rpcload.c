@@ -389,10 +389,9 @@ int main(int argc, char **argv) {
         flush(i);
     }
 
-    uint64_t t_measure = t_start + (uint64_t)(opt.warmup * 1e9);
-    uint64_t t_end = t_measure + (uint64_t)(opt.duration * 1e9);
-    uint64_t calls0 = 0, bytes0 = 0, t0 = 0, t1 = 0;
-    double cpu0 = 0, srv0 = 0;
+    struct window win;
+    window_init(&win, t_start, opt.warmup, opt.duration, opt.server_pid);
+    uint64_t calls0 = 0, bytes0 = 0;
     struct epoll_event events[256];
     for (;;) {
         int nev = epoll_wait(epfd, events, 256, 10);
@@ -407,25 +406,18 @@ int main(int argc, char **argv) {
             if ((events[e].events & EPOLLOUT) && conns[idx].out_len > 0) flush(idx);
         }
         uint64_t t = now_ns();
-        if (!measuring && t >= t_measure) {
-            measuring = 1;
-            t0 = t;
+        int w = window_tick(&win, &measuring, t, interrupted);
+        if (w & WIN_START) {
             calls0 = n_calls;
             bytes0 = n_bytes;
             n_reads = n_writes = n_waits = 0;
-            cpu0 = self_cpu_s();
-            if (opt.server_pid) srv0 = proc_cpu_s(opt.server_pid);
         }
-        if ((measuring && t >= t_end) || interrupted) {
-            t1 = t;
-            break;
-        }
+        if (w & WIN_END) break;
     }
     if (!measuring) peer_fail("interrupted during warm-up");
 
-    double dt = (double)(t1 - t0) / 1e9;
-    double cpu = self_cpu_s() - cpu0;
-    double srv = proc_cpu_since(opt.server_pid, srv0);
+    double cpu, srv;
+    double dt = window_finish(&win, &cpu, &srv);
     uint64_t calls = n_calls - calls0;
     printf("{\"mode\": \"rpc\", \"prog\": %u, \"proc\": %u, \"size\": %u, \"conns\": %d, "
            "\"depth\": %d, \"duration_s\": %.6f, \"unit\": \"call\", \"count\": %llu, "
