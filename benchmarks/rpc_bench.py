@@ -52,6 +52,7 @@ from run import (
     proc_stat,
     render_markdown,
     report,
+    run_interleaved,
     run_interruptibly,
     running,
     stat_delta,
@@ -251,31 +252,9 @@ def run_all(opts: argparse.Namespace) -> dict[tuple[str, str], Result]:
     """Every (load, stack, repetition), interleaved by repetition."""
     results = {(ld, st): Result(ld, st) for ld in opts.loads for st in opts.stacks
                if LOADS[ld].side == STACKS[st].side}
-    total, done = len(results) * opts.repeat, 0
-    for rep in range(opts.repeat):
-        for key, res in results.items():
-            done += 1
-            if res.skipped:
-                continue
-            load, stack = LOADS[key[0]], STACKS[key[1]]
-            label = f"[{done}/{total}] {load.name:12s} {stack.name:15s} rep {rep + 1}"
-            try:
-                rec = measure_quietly(stack, load, opts)
-            except SkipStack as exc:
-                res.skipped = str(exc)
-                print(f"{label}: skipped: {exc}", file=sys.stderr)
-                continue
-            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError,
-                    KeyError, OSError) as exc:
-                res.errors.append(str(exc))
-                print(f"{label}: ERROR {exc}", file=sys.stderr)
-                continue
-            res.runs.append(rec)
-            print(f"{label}: {fmt_count(rec['value'])} calls/s"
-                  f"  server {fmt_pct(rec.get('server_cpu'))}"
-                  f"  client {fmt_pct(rec.get('client_cpu'))}"
-                  + ("  (machine busy with other work)" if rec["noisy"] else ""),
-                  file=sys.stderr)
+    run_interleaved(results, opts.repeat,
+                    lambda ld, st: measure_quietly(STACKS[st], LOADS[ld], opts),
+                    lambda ld, rec: f"{fmt_count(rec['value'])} calls/s")
     return results
 
 

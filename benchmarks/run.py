@@ -433,29 +433,40 @@ def measure_quietly(stack: Stack, load: Load,
 def run_all(opts: argparse.Namespace) -> dict[tuple[str, str], Result]:
     """Run every (load, stack, repetition), interleaved; return the results."""
     results: dict[tuple[str, str], Result] = {}
-    skipped: dict[tuple[str, str], str] = {}  # (load, stack) -> reason
     for load_name in opts.loads:
         for stack_name in opts.stacks:
             if load_name in STACKS[stack_name].loads:
-                results[(load_name, stack_name)] = Result(load_name, stack_name)
+                res = results[(load_name, stack_name)] = Result(load_name, stack_name)
                 if stack_name == "iperf3" and not shutil.which("iperf3"):
-                    skipped[(load_name, stack_name)] = (
-                        "iperf3 not installed (apt-get install -y iperf3)")
-    total = len(results) * opts.repeat
-    done = 0
-    for rep in range(opts.repeat):
-        for key, res in results.items():
-            load_name, stack_name = key
+                    res.skipped = "iperf3 not installed (apt-get install -y iperf3)"
+
+    def measure_one(load_name: str, stack_name: str) -> dict[str, Any]:
+        rec, busy = measure_quietly(STACKS[stack_name], LOADS[load_name], opts)
+        rec["busy_before"] = round(busy, 3)
+        return rec
+
+    run_interleaved(results, opts.repeat, measure_one,
+                    lambda ld, rec: f"{fmt_value(rec['value'], LOADS[ld])} {unit_label(LOADS[ld])}")
+    return results
+
+
+def run_interleaved(results: dict[tuple[str, str], Result], repeat: int,
+                    measure: Callable[[str, str], dict[str, Any]],
+                    describe: Callable[[str, dict[str, Any]], str]) -> None:
+    """Measure every (load, stack) of ``results`` ``repeat`` times, one
+    repetition of each in turn (so slow drifts of the machine hit every stack
+    alike), reporting progress on stderr. A stack that cannot run is skipped
+    for good; a failed run is recorded as an error and the others go on."""
+    total, done = len(results) * repeat, 0
+    for rep in range(repeat):
+        for (load_name, stack_name), res in results.items():
             done += 1
-            if key in skipped:
-                res.skipped = skipped[key]
+            if res.skipped:
                 continue
-            load, stack = LOADS[load_name], STACKS[stack_name]
             label = f"[{done}/{total}] {load_name:9s} {stack_name:10s} rep {rep + 1}"
             try:
-                rec, busy = measure_quietly(stack, load, opts)
+                rec = measure(load_name, stack_name)
             except SkipStack as exc:
-                skipped[key] = str(exc)
                 res.skipped = str(exc)
                 print(f"{label}: skipped: {exc}", file=sys.stderr)
                 continue
@@ -464,20 +475,14 @@ def run_all(opts: argparse.Namespace) -> dict[tuple[str, str], Result]:
                 res.errors.append(str(exc))
                 print(f"{label}: ERROR {exc}", file=sys.stderr)
                 continue
-            rec["busy_before"] = round(busy, 3)
             res.runs.append(rec)
-            print(f"{label}: {fmt_value(rec['value'], load)} {unit_label(load)}"
+            print(f"{label}: {describe(load_name, rec)}"
                   f"  server {fmt_pct(rec.get('server_cpu'))}"
                   f"  client {fmt_pct(rec.get('client_cpu'))}"
                   + ("  (machine busy with other work)" if rec["noisy"] else ""),
                   file=sys.stderr)
-    for key, res in results.items():
-        if key in skipped and not res.runs:
-            res.skipped = skipped[key]
-    return results
 
 
-# ------------------------------------------------------------------ reports
 def unit_label(load: Load) -> str:
     """Unit of the headline number."""
     return "Gbit/s" if load.metric == "gbit" else f"{load.unit}/s"
