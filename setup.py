@@ -26,14 +26,18 @@ def _liburing() -> tuple[list[tuple[str, str]], list[str]]:
 
 URING_MACROS, URING_OBJECTS = _liburing()
 
+# one module per concern (docs/engine.md): buffers, framing and the send
+# queue, the loop core, the Bind/Listener bases, then one per I/O mechanism
+MODULES = ["buffers", "framing", "txqueue", "loop", "bind", "epoll", "uring"]
+
 
 def ext(name: str) -> Extension:
     return Extension(
         f"evpl._native.{name}",
         [f"{NATIVE}/{name}.pyx"],
         include_dirs=[NATIVE],
-        define_macros=URING_MACROS if name == "engine" else [],
-        extra_objects=URING_OBJECTS if name == "engine" else [],
+        define_macros=URING_MACROS if name == "uring" else [],
+        extra_objects=URING_OBJECTS if name == "uring" else [],
         extra_compile_args=CFLAGS,
         extra_link_args=LDFLAGS,
     )
@@ -41,7 +45,7 @@ def ext(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [ext("buffers"), ext("engine")],
+        [ext(name) for name in MODULES],
         compiler_directives={"language_level": "3", "embedsignature": True},
         include_path=["src"],
     ),

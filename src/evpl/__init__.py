@@ -1,13 +1,14 @@
 """evpl: high-performance event-driven networking for Python.
 
 One sockets-like, asynchronous API over very different I/O paths (kernel
-sockets over epoll today; io_uring and AF_XDP behind the same contract),
+sockets over epoll, io_uring; AF_XDP next, behind the same contract),
 pooled zero-copy buffers, and framing in the native engine.
 """
 
 from evpl import framing
+from evpl._native.bind import Bind, Limits, Listener
 from evpl._native.buffers import Buffer, Pool
-from evpl._native.engine import Bind, Deferral, Doorbell, FdWatch, Listener, Timer
+from evpl._native.loop import Deferral, Doorbell, FdWatch, Timer
 from evpl.core.backends import BackendInfo, backends, select
 from evpl.core.handler import Handler
 from evpl.core.loop import Loop, default_pool
@@ -42,6 +43,7 @@ __all__ = [
     "FdWatch",
     "FramingError",
     "Handler",
+    "Limits",
     "Listener",
     "Loop",
     "Pool",

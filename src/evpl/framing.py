@@ -11,7 +11,7 @@ import builtins
 from collections.abc import Callable
 from typing import Literal
 
-from evpl._native.engine import Framer
+from evpl._native.framing import Framer
 from evpl.errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_MESSAGE", "Framer", "callable", "length_prefix", "record_marking"]

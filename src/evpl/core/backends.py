@@ -3,18 +3,24 @@
 Each backend is named (``"tcp"``, ``"udp"``, ``"unix"``, ...), has a kind
 (stream or datagram) and capabilities, and is probed once on first use so
 that ``evpl info`` can say why a backend is unavailable on this machine.
+Each also names the native module that implements it (``evpl._native.epoll``,
+``evpl._native.uring``): ``evpl.Loop`` hands the sockets it creates to that
+module's ``stream``, ``datagram`` and ``listener`` functions, which make the
+backend's Bind and Listener types (see docs/engine.md, "How to add a
+backend").
 """
 
 from __future__ import annotations
 
+import importlib
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from evpl.errors import BackendUnavailable, ConfigError
 
-__all__ = ["BackendInfo", "backends", "get", "select"]
+__all__ = ["BackendInfo", "backends", "get", "native", "select"]
 
 Kind = Literal["stream", "datagram"]
 
@@ -40,6 +46,7 @@ class _Backend:
     capabilities: frozenset[str]
     description: str
     probe: Callable[[], str | None]
+    module: str
     _result: BackendInfo | None = field(default=None, repr=False)
 
     def info(self) -> BackendInfo:
@@ -77,24 +84,24 @@ def register(backend: _Backend) -> None:
 register(_Backend(
     "tcp", "stream", socket.AF_INET, frozenset({"stream", "epoll", "inet", "inet6"}),
     "TCP over kernel sockets and epoll (writev batching)",
-    _probe_socket(socket.AF_INET, socket.SOCK_STREAM),
+    _probe_socket(socket.AF_INET, socket.SOCK_STREAM), "evpl._native.epoll",
 ))
 register(_Backend(
     "unix", "stream", socket.AF_UNIX, frozenset({"stream", "epoll", "local"}),
     "Unix domain stream sockets over epoll",
-    _probe_socket(socket.AF_UNIX, socket.SOCK_STREAM),
+    _probe_socket(socket.AF_UNIX, socket.SOCK_STREAM), "evpl._native.epoll",
 ))
 register(_Backend(
     "udp", "datagram", socket.AF_INET, frozenset({"datagram", "epoll", "inet", "inet6",
                                                   "recvmmsg", "sendmmsg", "gso"}),
     "UDP over kernel sockets and epoll (recvmmsg/sendmmsg batching, GSO/GRO trains)",
-    _probe_socket(socket.AF_INET, socket.SOCK_DGRAM),
+    _probe_socket(socket.AF_INET, socket.SOCK_DGRAM), "evpl._native.epoll",
 ))
 
 
 def _probe_uring(family: int) -> Callable[[], str | None]:
     def probe() -> str | None:
-        from evpl._native.engine import uring_unavailable_reason
+        from evpl._native.uring import uring_unavailable_reason
 
         try:
             with open("/proc/sys/kernel/io_uring_disabled") as f:
@@ -111,19 +118,19 @@ _URING_CAPS = {"stream", "io_uring", "multishot", "provided_buffers", "zero_copy
 register(_Backend(
     "io_uring_tcp", "stream", socket.AF_INET, frozenset(_URING_CAPS | {"inet", "inet6"}),
     "TCP over io_uring: multishot accept/recv into pool buffers, batched sendmsg, SEND_ZC",
-    _probe_uring(socket.AF_INET),
+    _probe_uring(socket.AF_INET), "evpl._native.uring",
 ))
 register(_Backend(
     "io_uring_udp", "datagram", socket.AF_INET,
     frozenset({"datagram", "io_uring", "multishot", "provided_buffers", "inet", "inet6", "gso"}),
     "UDP over io_uring: multishot recvmsg into pool buffer slots, one sendmsg per datagram "
     "or GSO train",
-    _probe_uring(socket.AF_INET),
+    _probe_uring(socket.AF_INET), "evpl._native.uring",
 ))
 register(_Backend(
     "io_uring_unix", "stream", socket.AF_UNIX, frozenset(_URING_CAPS | {"local"}),
     "Unix domain stream sockets over io_uring",
-    _probe_uring(socket.AF_UNIX),
+    _probe_uring(socket.AF_UNIX), "evpl._native.uring",
 ))
 
 
@@ -148,9 +155,15 @@ def get(name: str, kind: Kind | None = None) -> BackendInfo:
 
 def select(*, stream: bool = True, require: frozenset[str] | set[str] = frozenset()) -> str:
     """The first available backend of the given kind with every capability in
-    ``require`` (e.g. ``select(stream=True, require={"zero_copy"})``)."""
+    ``require`` (e.g. ``select(stream=True, require={"zero_copy_send"})``)."""
     kind = "stream" if stream else "datagram"
     for b in backends():
         if b.available and b.kind == kind and set(require) <= b.capabilities:
             return b.name
     raise BackendUnavailable(f"no available {kind} backend offers {sorted(require)}")
+
+
+def native(name: str) -> Any:
+    """The native module that implements backend ``name`` (its ``stream``,
+    ``datagram`` and ``listener`` functions adopt sockets into Binds)."""
+    return importlib.import_module(_REGISTRY[name].module)

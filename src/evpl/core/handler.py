@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from evpl._native.bind import Bind
     from evpl._native.buffers import Buffer
-    from evpl._native.engine import Bind
     from evpl.errors import EvplError
 
 __all__ = ["Handler"]

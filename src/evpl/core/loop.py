@@ -14,8 +14,10 @@ import stat
 from collections.abc import Callable
 from typing import Any, Literal
 
+from evpl._native.bind import Bind, Limits, Listener
 from evpl._native.buffers import Pool
-from evpl._native.engine import Bind, Framer, Listener, LoopCore
+from evpl._native.framing import Framer
+from evpl._native.loop import LoopCore
 from evpl.core import backends as _backends
 from evpl.core.handler import Handler
 from evpl.errors import ConfigError, transport_error
@@ -25,7 +27,7 @@ __all__ = ["Loop", "default_pool"]
 _default_pool: Pool | None = None
 
 _OPTIONS = {"high_water", "low_water", "hard_limit", "max_datagram", "nodelay", "reuseport",
-            "rcvbuf", "sndbuf", "gso"}
+            "rcvbuf", "sndbuf", "gso", "idle_timeout", "message_timeout"}
 
 
 def default_pool() -> Pool:
@@ -52,7 +54,8 @@ def _make_handler(handler: Any) -> Handler:
     return h
 
 
-def _limits(options: dict[str, Any]) -> tuple[int, int, int, int]:
+def _limits(options: dict[str, Any]) -> Limits:
+    """The per-Bind limits in ``options``, checked (see docs/api.md)."""
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
@@ -60,6 +63,11 @@ def _limits(options: dict[str, Any]) -> tuple[int, int, int, int]:
         v = options.get(name, 0)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"{name} must be a non-negative int, got {v!r}")
+    for name in ("idle_timeout", "message_timeout"):
+        v = options.get(name)
+        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v < 0):
+            raise ConfigError(f"{name} must be None or a non-negative number of seconds, "
+                              f"got {v!r}")
     high = options.get("high_water", 1 << 20)
     low = options.get("low_water", high // 4)
     hard = options.get("hard_limit", 16 * high)
@@ -68,7 +76,8 @@ def _limits(options: dict[str, Any]) -> tuple[int, int, int, int]:
         raise ConfigError(f"need low_water ({low}) <= high_water ({high}) <= hard_limit ({hard})")
     if not 1 <= max_dgram <= 65507:
         raise ConfigError(f"max_datagram must be in 1..65507, got {max_dgram}")
-    return high, low, hard, max_dgram
+    return Limits(high, low, hard, max_dgram, options.get("idle_timeout") or 0,
+                  options.get("message_timeout") or 0)
 
 
 def _framer(framing: Framer | None) -> Framer | None:
@@ -97,6 +106,13 @@ def _sockaddr(info: _backends.BackendInfo, address: Any, kind: int) -> tuple[int
     if family == socket.AF_INET6 and len(address) > 2:
         sa = (sa[0], sa[1], *address[2:4])
     return family, sa
+
+
+def _gso(options: dict[str, Any]) -> bool:
+    gso = options.get("gso", True)
+    if not isinstance(gso, bool):
+        raise ConfigError(f"gso must be a bool, got {gso!r}")
+    return gso
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -210,15 +226,24 @@ class Loop(LoopCore):
             raise transport_error(exc.errno or errno.EINVAL, f"listen {sa!r}") from None
         bound = sock.getsockname()
         nodelay = bool(options.get("nodelay", True)) and sock.family != socket.AF_UNIX
-        return self._add_listener(sock.detach(), info.name, factory, shared, framing, limits,
-                                  nodelay, bound, "io_uring" in info.capabilities)
+        return _backends.native(info.name).listener(self, sock.detach(), info.name, factory,
+                                                     shared, framing, limits, nodelay, bound)
 
     def connect(self, backend: str, address: Any, handler: Any, *,
                 framing: Framer | None = None, **options: Any) -> Bind:
         """Connect to ``address``; ``on_connected`` or ``on_closed(bind, error)``
-        reports the outcome."""
-        info = _backends.get(backend, "stream")
+        reports the outcome.
+
+        With a datagram backend the Bind is a connected datagram socket:
+        ``send(data)`` sends a datagram to ``address``, only its datagrams
+        are received, and a peer that refuses them (ICMP port unreachable)
+        closes the Bind with ``ConnectionRefused``."""
+        info = _backends.get(backend)
         limits = _limits(options)
+        if info.kind == "datagram":
+            if framing is not None:
+                raise ConfigError("datagram Binds carry no framing")
+            return self._connect_datagram(info, address, handler, limits, options)
         framing = _framer(framing)
         h = _make_handler(handler)
         sock, sa = self._socket(info, address, socket.SOCK_STREAM, options)
@@ -229,8 +254,21 @@ class Loop(LoopCore):
         if err == errno.EAGAIN and sock.family == socket.AF_UNIX:
             err = errno.ECONNREFUSED  # the listener's backlog is full
         connect_errno = 0 if err in (0, errno.EINPROGRESS) else err
-        return self._add_stream(sock.detach(), info.name, h, framing, limits, connecting,
-                                sa, connect_errno, "io_uring" in info.capabilities)
+        return _backends.native(info.name).stream(self, sock.detach(), info.name, h, framing,
+                                                  limits, connecting, sa, connect_errno)
+
+    def _connect_datagram(self, info: _backends.BackendInfo, address: Any, handler: Any,
+                          limits: Limits, options: dict[str, Any]) -> Bind:
+        gso = _gso(options)
+        h = _make_handler(handler)
+        sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)
+        try:
+            sock.connect(sa)
+        except OSError as exc:
+            sock.close()
+            raise transport_error(exc.errno or errno.EINVAL, f"connect {sa!r}") from None
+        return _backends.native(info.name).datagram(self, sock.detach(), info.name, h, limits,
+                                                    gso and sock.family != socket.AF_UNIX, sa)
 
     def bind(self, backend: str, address: Any, handler: Any, **options: Any) -> Bind:
         """A datagram socket bound to ``address`` (port 0 picks a free port).
@@ -242,15 +280,12 @@ class Loop(LoopCore):
         ``on_datagram`` per datagram."""
         info = _backends.get(backend, "datagram")
         limits = _limits(options)
-        gso = options.get("gso", True)
-        if not isinstance(gso, bool):
-            raise ConfigError(f"gso must be a bool, got {gso!r}")
+        gso = _gso(options)
         h = _make_handler(handler)
         sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)
         self._bind_socket(sock, sa, options)
-        return self._add_datagram(sock.detach(), info.name, h, limits,
-                                  "io_uring" in info.capabilities,
-                                  gso and sock.family != socket.AF_UNIX)
+        return _backends.native(info.name).datagram(self, sock.detach(), info.name, h, limits,
+                                                    gso and sock.family != socket.AF_UNIX)
 
     def __enter__(self) -> Loop:
         return self

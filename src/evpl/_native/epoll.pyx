@@ -1,0 +1,416 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The epoll backends: ``tcp``, ``unix`` (streams) and ``udp`` (datagrams)
+over kernel sockets.
+
+The loop's own epoll set is this backend's driver: every socket is
+registered edge-triggered, and an event makes the Bind read until the socket
+is drained (or a budget of reads, so one busy connection cannot starve the
+others) and write what was blocked. Receives land in the loop's receive
+chunk (a pool buffer shared by all epoll Binds of the loop): each read
+becomes zero-copy Buffer slices of it, handed to the shared reassembler
+(``Bind._take``). A message larger than a quarter of a buffer is read
+straight into a chunk of its own. Sends are gathered from the queue with
+writev (streams) or sendmmsg (datagrams; GSO trains for same-size datagrams
+to one peer) once per iteration.
+"""
+
+cimport cython
+from cpython.ref cimport PyObject
+from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
+from libc.stdint cimport uint32_t
+from libc.string cimport memset
+from posix.unistd cimport close as c_close
+from posix.uio cimport iovec
+
+from evpl._native.bind cimport Bind, Listener, Limits, S_CONNECTING, S_OPEN, S_CLOSED
+from evpl._native.buffers cimport Chunk
+from evpl._native.framing cimport Framer, F_NONE
+from evpl._native.loop cimport LoopCore, MAX_IOV, MAX_MMSG, READ_BUDGET
+from evpl._native.sys cimport *
+from evpl._native.txqueue cimport *
+
+from evpl.errors import transport_error
+
+
+cdef class EpollBind(Bind):
+    """What epoll stream and datagram Binds share: the event handler and
+    the write-blocked state."""
+    cdef bint tx_blocked
+
+    cdef void _read_socket(self):
+        pass
+
+    cdef void _write(self):
+        pass
+
+    cdef void _opened(self):
+        # data may already be waiting: the ET registration will not report it
+        self.rx_ready = True
+        self.loop._queue_read(self)
+
+    cdef int _send_queued(self) except -1:
+        if not txq_empty(&self.txq) and not self.tx_blocked:
+            self._write()
+        return 1
+
+    cdef int _arm_reading(self) except -1:
+        if self.rx_ready:
+            self.loop._queue_read(self)
+        return 0
+
+    cdef void _release(self):
+        txq_drop(&self.txq, None)
+        self.queued_bytes = 0
+        self.loop._ep_del(self, False)          # closing the fd removes it
+        c_close(self.fd)
+
+    cdef void _read(self):
+        if self.state != S_OPEN or self.reading_paused:
+            return
+        if self.backlog or self.eof_pending:
+            self._drain()
+            if self.backlog or self.state != S_OPEN or self.reading_paused:
+                return
+        if self.rx_ready and not self.eof:
+            self._read_socket()
+
+    cdef void _event(self, uint32_t events):
+        cdef int err = 0
+        cdef socklen_t elen = sizeof(err)
+        if self.state == S_CLOSED:
+            return
+        if self.state == S_CONNECTING:
+            if not events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                return
+            getsockopt(self.fd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            if err:
+                self._close(transport_error(err, f"connect to {self._peer!r}"))
+                return
+            self._connected()
+            if self.state != S_OPEN:
+                return
+            events |= EPOLLOUT
+        if events & EPOLLOUT and self.tx_blocked:
+            self.tx_blocked = False
+            self._flush()
+            if self.state != S_OPEN:
+                return
+        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            self.rx_ready = True
+            if events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                # the peer's FIN (or an error) may sit behind the data: a
+                # short read no longer means "drained", read until EOF/EAGAIN
+                self.hup = True
+            self._read()
+
+    cdef bint _rx_error(self, ssize_t n):
+        """Handle a failed or zero read; True if reading must stop."""
+        if n == 0:
+            self.rx_ready = False
+            self._on_eof()
+            return True
+        if errno == EAGAIN:
+            self.rx_ready = False
+            return True
+        if errno == EINTR:
+            return False
+        self.rx_ready = False
+        self._close(transport_error(errno, "receive"))
+        return True
+
+
+@cython.final
+cdef class EpollStream(EpollBind):
+    """A ``tcp`` or ``unix`` connection."""
+
+    cdef void _read_socket(self):
+        cdef LoopCore loop = self.loop
+        cdef int budget = READ_BUDGET
+        cdef ssize_t n
+        cdef size_t space, want, cap, part0, m0
+        cdef char* p
+        cdef bint timed = self.idle_ns or self.msg_ns
+        while budget > 0 and self.state == S_OPEN and not self.reading_paused and not self.eof:
+            budget -= 1
+            part0 = self.part_len
+            m0 = loop.stat_messages_in
+            if self.part_asm:
+                # a large message read straight into its own chunk
+                cap = self.part_chunk.size - <size_t>(self.part_ptr - self.part_chunk.data)
+                want = (self.part_need - self.part_len) if self.part_need else cap - self.part_len
+                n = recv(self.fd, self.part_ptr + self.part_len, want, MSG_DONTWAIT)
+                if n <= 0:
+                    if self._rx_error(n):
+                        return
+                    continue
+                loop.stat_bytes_in += n
+                self.part_len += n
+                if timed:
+                    self._timestamps(part0, m0)
+                if self._after_asm_read() < 0:
+                    return
+                if <size_t>n < want and not self.hup:
+                    self.rx_ready = False
+                    return
+                continue
+            if self.part_len >= loop.asm_threshold and self.fr_kind != F_NONE:
+                # a big partial left behind by an earlier pool shortage
+                if self._to_assembly(max(self.part_need, min(self.part_len * 2,
+                                                             self.max_message + 16))) < 0:
+                    loop._starve(self)
+                    return
+                continue
+            if loop._rx_reserve(loop.min_space) < 0:
+                loop._starve(self)
+                return
+            p = loop.rx_chunk.data + loop.rx_used
+            space = loop.rx_chunk.size - loop.rx_used
+            n = recv(self.fd, p, space, MSG_DONTWAIT)
+            if n <= 0:
+                if self._rx_error(n):
+                    return
+                continue
+            loop.rx_used += n
+            loop.stat_bytes_in += n
+            self._arrived(loop.rx_chunk, p, n, loop.rx_chunk.size - loop.rx_used)
+            if timed:
+                self._timestamps(part0, m0)
+            if <size_t>n < space and not self.hup:
+                self.rx_ready = False
+                return
+        if self.rx_ready and self.state == S_OPEN and not self.reading_paused and not self.eof:
+            loop._queue_read(self)
+
+    cdef void _write(self):
+        cdef iovec* iov = self.loop.iov
+        cdef msghdr mh
+        cdef int cnt
+        cdef ssize_t n
+        memset(&mh, 0, sizeof(mh))
+        while not txq_empty(&self.txq):
+            cnt = txq_gather(&self.txq, iov, MAX_IOV, NULL)
+            mh.msg_iov = iov
+            mh.msg_iovlen = cnt
+            n = sendmsg(self.fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if n < 0:
+                if errno == EAGAIN:
+                    self.tx_blocked = True
+                    return
+                if errno == EINTR:
+                    continue
+                self._close(transport_error(errno, "send"))
+                return
+            self.loop.stat_bytes_out += n
+            self.queued_bytes -= txq_retire(&self.txq, n, None)
+
+
+@cython.final
+cdef class EpollDatagram(EpollBind):
+    """A ``udp`` socket: recvmmsg/sendmmsg batches, GSO/GRO trains."""
+
+    cdef void _read_socket(self):
+        cdef LoopCore loop = self.loop
+        cdef mmsghdr* mm = loop.mmsg
+        cdef iovec* iov = loop.iov
+        cdef sockaddr_in6* names = loop.names
+        cdef unsigned int vlen, i
+        cdef int n
+        cdef int budget = READ_BUDGET
+        cdef size_t stride = self.stride
+        cdef size_t seg
+        cdef char* base
+        cdef object addr
+        while budget > 0 and self.state == S_OPEN and not self.reading_paused:
+            budget -= 1
+            if loop._rx_reserve(stride) < 0:
+                loop._starve(self)
+                return
+            base = loop.rx_chunk.data + loop.rx_used
+            vlen = (loop.rx_chunk.size - loop.rx_used) // stride
+            if vlen > MAX_MMSG:
+                vlen = MAX_MMSG
+            for i in range(vlen):
+                iov[i].iov_base = base + i * stride
+                # with GRO a train may fill the whole slot
+                iov[i].iov_len = stride if self.gro else self.max_datagram
+                mm[i].msg_hdr.msg_iov = &iov[i]
+                mm[i].msg_hdr.msg_iovlen = 1
+                mm[i].msg_hdr.msg_name = &names[i]
+                mm[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
+                if self.gro:
+                    mm[i].msg_hdr.msg_control = &loop.dg_rctl[i * 3]
+                    mm[i].msg_hdr.msg_controllen = EVPL_GRO_CTL
+                else:
+                    mm[i].msg_hdr.msg_control = NULL
+                    mm[i].msg_hdr.msg_controllen = 0
+                mm[i].msg_hdr.msg_flags = 0
+            n = recvmmsg(self.fd, mm, vlen, MSG_DONTWAIT, NULL)
+            if n <= 0:
+                if n < 0 and errno == EINTR:
+                    continue
+                if n < 0 and errno != EAGAIN:
+                    # ICMP errors (port unreachable) surface here
+                    self._dgram_error(errno)
+                    continue
+                self.rx_ready = False
+                return
+            loop.rx_used += (n - 1) * stride + mm[n - 1].msg_len
+            for i in range(<unsigned int>n):
+                if mm[i].msg_hdr.msg_flags & MSG_TRUNC:
+                    loop.stat_datagrams_in += 1
+                    loop.stat_truncated += 1
+                    continue
+                seg = 0
+                if self.gro and mm[i].msg_hdr.msg_controllen:
+                    seg = evpl_gro_size(&loop.dg_rctl[i * 3], mm[i].msg_hdr.msg_controllen)
+                addr = self._rx_address(<sockaddr*>&names[i], mm[i].msg_hdr.msg_namelen)
+                self._datagrams(loop.rx_chunk, base + i * stride, mm[i].msg_len, seg, addr)
+                if self.state != S_OPEN:
+                    return
+            if <unsigned int>n < vlen:
+                self.rx_ready = False
+                return
+        if self.rx_ready and self.state == S_OPEN and not self.reading_paused:
+            loop._queue_read(self)
+
+    cdef void _write(self):
+        """Send the queue with sendmmsg: one message per datagram, or per GSO
+        train of datagrams to one peer (see txq_dg_group)."""
+        cdef LoopCore loop = self.loop
+        cdef mmsghdr* mm = loop.mmsg
+        cdef iovec* iov = loop.iov
+        cdef unsigned int cnt, k, nio, g, j
+        cdef size_t i
+        cdef int n, err
+        cdef TxEntry* e
+        cdef TxQueue* q = &self.txq
+        while not txq_empty(q):
+            cnt = 0
+            nio = 0
+            i = q.head
+            while i != q.tail and cnt < MAX_MMSG and nio + GSO_SEGS <= MAX_IOV:
+                g = txq_dg_group(q, i, self.gso_limit)
+                e = &q.e[i]
+                memset(&mm[cnt].msg_hdr, 0, sizeof(msghdr))
+                for j in range(g):
+                    iov[nio + j].iov_base = e[j].ptr
+                    iov[nio + j].iov_len = e[j].len
+                mm[cnt].msg_hdr.msg_iov = &iov[nio]
+                mm[cnt].msg_hdr.msg_iovlen = g
+                if e.salen:
+                    mm[cnt].msg_hdr.msg_name = &e.sa
+                    mm[cnt].msg_hdr.msg_namelen = e.salen
+                if g > 1:
+                    evpl_set_gso(&mm[cnt].msg_hdr, &loop.dg_ctl[cnt * 3], e.len)
+                loop.dg_group[cnt] = g
+                nio += g
+                i += g
+                cnt += 1
+            n = sendmmsg(self.fd, mm, cnt, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if n < 0:
+                if errno == EAGAIN or errno == ENOBUFS:
+                    self.tx_blocked = True
+                    return
+                if errno == EINTR:
+                    continue
+                if loop.dg_group[0] > 1 and self._gso_refused(errno, q.e[q.head].len):
+                    continue                # again, without that train
+                # this datagram cannot be sent (unreachable, bad address...):
+                # drop it, count it, go on with the rest
+                err = errno
+                loop.stat_dgram_errors += loop.dg_group[0] - 1
+                self._retire(loop.dg_group[0])
+                self._dgram_error(err)
+                if self.state != S_OPEN:
+                    return
+                continue
+            for k in range(<unsigned int>n):
+                g = loop.dg_group[k]
+                if g > 1:
+                    loop.stat_gso_sends += 1
+                loop.stat_datagrams_out += g
+                self._retire(g)
+        q.head = q.tail = 0
+
+    cdef void _retire(self, unsigned int g):
+        cdef size_t n = txq_dg_retire(&self.txq, g)
+        self.queued_bytes -= n
+        self.loop.stat_bytes_out += n
+
+
+@cython.final
+cdef class EpollListener(Listener):
+    """A listening ``tcp`` or ``unix`` socket."""
+
+    cdef Bind _new_conn(self, int fd, handler):
+        cdef EpollStream b = EpollStream.__new__(EpollStream)
+        b._setup(self.loop, fd, self.backend, True, handler, self.framer, self.limits)
+        self.loop._ep_add(b, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+        return b
+
+    cdef void _release(self):
+        self.loop._ep_del(self, False)
+        c_close(self.fd)
+
+    cdef void _event(self, uint32_t events):
+        cdef int fd
+        cdef int budget = 64
+        while budget > 0 and self.active:
+            budget -= 1
+            fd = accept4(self.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    return
+                self.loop.stat_accept_errors += 1
+                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                    # out of descriptors: back off instead of spinning on the backlog
+                    self._pause()
+                return
+            self._accepted(fd)
+
+    cdef void _pause(self):
+        cdef epoll_event ev
+        ev.events = 0
+        ev.data.ptr = <void*>self
+        epoll_ctl(self.loop.epfd, EPOLL_CTL_MOD, self.fd, &ev)
+        self.loop.call_later(0.1, self._resume)
+
+    def _resume(self):
+        cdef epoll_event ev
+        if self.active:
+            ev.events = EPOLLIN
+            ev.data.ptr = <void*>self
+            epoll_ctl(self.loop.epfd, EPOLL_CTL_MOD, self.fd, &ev)
+
+
+# ---- adoption: evpl.Loop hands sockets it created to these ----------------
+
+def stream(LoopCore loop, int fd, str backend, handler, Framer framer, Limits limits,
+           bint connecting, peer, int connect_errno=0):
+    """A Bind for a connected or connecting stream socket (nonblocking)."""
+    cdef EpollStream b = EpollStream.__new__(EpollStream)
+    b._setup(loop, fd, backend, True, handler, framer, limits)
+    loop._ep_add(b, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+    b._adopt_stream(peer, connecting, connect_errno)
+    return b
+
+
+def datagram(LoopCore loop, int fd, str backend, handler, Limits limits, bint gso=False,
+             peer=None):
+    """A Bind for a bound datagram socket (nonblocking); ``gso``: send trains
+    of datagrams to one peer with UDP GSO, accept them with UDP GRO (UDP
+    sockets only); ``peer``: the socket is connected to it."""
+    cdef EpollDatagram b = EpollDatagram.__new__(EpollDatagram)
+    b._setup(loop, fd, backend, False, handler, None, limits)
+    loop._ep_add(b, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+    b._adopt_datagram(gso, peer, b.stride >= 65536)
+    return b
+
+
+def listener(LoopCore loop, int fd, str backend, factory, shared, Framer framer, Limits limits,
+             bint nodelay, address):
+    """A Listener for a listening stream socket."""
+    cdef EpollListener li = EpollListener.__new__(EpollListener)
+    li._setup(loop, fd, backend, factory, shared, framer, limits, nodelay, address)
+    loop._ep_add(li, fd, EPOLLIN)
+    return li

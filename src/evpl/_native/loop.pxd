@@ -1,0 +1,133 @@
+# cython: language_level=3
+"""The loop core: iteration, timers, deferrals, doorbells, fd watches and the
+Drivers it polls and sleeps through (see loop.pyx)."""
+
+from libc.stdint cimport int64_t, uint64_t, uint32_t
+from posix.uio cimport iovec
+from evpl._native.buffers cimport Pool, Chunk
+from evpl._native.sys cimport epoll_event, mmsghdr, sockaddr_in6
+
+cdef enum:
+    MAX_EVENTS = 256
+    MAX_IOV = 1024
+    MAX_MMSG = 64
+    READ_BUDGET = 16        # reads per Bind per turn before others get theirs
+    MAX_DRIVERS = 4
+
+# A Driver's "has work" check, called without the GIL while the loop spins.
+ctypedef int (*ready_fn)(void* ctx) noexcept nogil
+
+
+cdef class LoopCore
+
+
+cdef class _Source:
+    """Anything the loop dispatches to: registered in its epoll set, queued
+    for a read, flushed at the end of an iteration, or closed with it."""
+    cdef bint in_epoll      # registered in the loop's epoll set (LoopCore._ep_add)
+    cdef bint rx_queued     # in LoopCore.pending_read
+    cdef int fd
+    cdef LoopCore loop
+    cdef void _event(self, uint32_t events)
+    cdef void _read(self)
+    cdef int _flush(self) except -1
+    cdef void _fail(self, error)
+    cdef void _shutdown(self)
+    cdef void _report_closed(self)
+
+
+cdef class Driver(_Source):
+    """An I/O mechanism the loop polls while it spins and sleeps through (its
+    fd in the loop's epoll set): io_uring today, AF_XDP rings and shared
+    memory rings later. Its ``_event`` runs when that fd signals."""
+    cdef readonly str name
+    cdef int _spin_start(self) except -1
+    cdef int _process(self) except -1
+    cdef int _before_sleep(self) except -1
+    cdef int _submit(self) except -1
+    cdef bint _waiting(self)
+    cdef int _after_events(self) except -1
+    cdef void _close(self)
+    cdef void _stats(self, dict d)
+
+
+cdef class Timer:
+    cdef LoopCore loop
+    cdef int64_t deadline
+    cdef int64_t period
+    cdef object fn
+    cdef tuple args
+    cdef bint cancelled
+    cdef bint fired
+
+
+cdef class LoopCore:
+    cdef int epfd
+    cdef int wakefd
+    cdef int wake_pending
+    cdef int n_epoll            # Binds, Listeners and FdWatches in the epoll set
+    cdef readonly bint sqpoll   # io_uring rings get an SQPOLL thread
+    cdef readonly int sqpoll_cpu
+    cdef int stop_flag
+    cdef readonly Pool pool
+    # receive memory for backends that read into the loop's chunk (epoll)
+    cdef Chunk* rx_chunk
+    cdef size_t rx_used
+    cdef size_t min_space
+    cdef size_t asm_threshold
+    # scratch arrays for one system call at a time
+    cdef epoll_event* events
+    cdef iovec* iov
+    cdef mmsghdr* mmsg
+    cdef sockaddr_in6* names
+    cdef uint64_t dg_ctl[MAX_MMSG * 3]        # UDP_SEGMENT control messages
+    cdef unsigned int dg_group[MAX_MMSG]      # datagrams in each sendmmsg message
+    cdef uint64_t dg_rctl[MAX_MMSG * 3]       # recvmmsg control space (UDP_GRO)
+    cdef int64_t spin_ns
+    cdef bint poll_always
+    cdef int64_t last_active
+    cdef bint running
+    cdef bint closed
+    cdef list dirty
+    cdef list pending_read
+    cdef list starved
+    cdef size_t starved_mark
+    cdef list closing
+    cdef list deferred
+    cdef list timers
+    cdef size_t timer_seq
+    cdef size_t timers_cancelled
+    cdef list doorbells
+    cdef set sources
+    cdef readonly dict drivers
+    cdef list drv_list          # the Drivers, in the order they were added
+    cdef ready_fn drv_ready[MAX_DRIVERS]
+    cdef void* drv_ctx[MAX_DRIVERS]
+    cdef int ndrv
+    cdef readonly object base_on_sent
+    cdef public object exception_handler
+    cdef public size_t zc_threshold
+    # counters
+    cdef size_t stat_iterations, stat_sleeps, stat_events, stat_bytes_in, stat_bytes_out
+    cdef size_t stat_messages_in, stat_datagrams_in, stat_datagrams_out, stat_dgram_errors
+    cdef size_t stat_truncated, stat_partial_copies, stat_callback_errors, stat_paused
+    cdef size_t stat_accept_errors, stat_starved, stat_timers_fired, stat_zc_sends
+    cdef size_t stat_gso_sends, stat_gso_refused, stat_gro_receives, stat_timeouts
+
+    cdef int add_driver(self, Driver d, ready_fn ready, void* ctx) except -1
+    cdef int _ep_add(self, _Source src, int fd, uint32_t events) except -1
+    cdef void _ep_del(self, _Source src, bint ctl) noexcept
+    cdef int _rx_reserve(self, size_t space) noexcept
+    cdef void _starve(self, _Source b)
+    cdef void _queue_read(self, _Source b)
+    cdef void _wake(self) noexcept
+    cdef Timer _timer(self, int64_t delay_ns, int64_t period_ns, fn, tuple args)
+    cdef int64_t _wait_budget(self, int64_t max_wait) except? -2
+    cdef int _iterate(self, int64_t max_wait) except -1
+    cdef void _after_events(self) except *
+    cdef void _run_timers(self) except *
+    cdef void _run_deferred(self) except *
+    cdef void _run_closing(self) except *
+    cdef void _ring_doorbells(self) except *
+    cdef int _drivers_process(self) except -1
+    cdef int _drivers_before_sleep(self) except -1

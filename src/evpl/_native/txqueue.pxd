@@ -1,0 +1,46 @@
+# cython: language_level=3
+"""The send queue every Bind carries (see txqueue.pyx)."""
+
+from cpython.ref cimport PyObject
+from libc.stdint cimport uint8_t
+from posix.uio cimport iovec
+from evpl._native.sys cimport socklen_t, sockaddr_in6
+from evpl._native.framing cimport Framer
+
+cdef enum:
+    GSO_SEGS = 64           # datagrams per UDP GSO send (UDP_MAX_SEGMENTS >= 64)
+    GSO_BYTES = 65507       # payload per UDP GSO send (one IPv4 datagram's worth)
+
+
+cdef struct TxEntry:
+    PyObject* owner         # the object whose memory is sent (a reference is held)
+    char* ptr
+    size_t len
+    unsigned char hdr[8]    # framing header sent before ptr[0:len]
+    uint8_t hdrlen
+    socklen_t salen         # datagrams: the destination
+    sockaddr_in6 sa
+
+
+cdef struct TxQueue:
+    TxEntry* e
+    size_t cap
+    size_t head             # first entry not fully sent
+    size_t tail             # one past the last entry
+    size_t off              # bytes of e[head] (header included) already sent
+
+
+cdef TxEntry* txq_push(TxQueue* q, object data) except NULL
+cdef int txq_frame(TxQueue* q, TxEntry* e, Framer f, size_t total) except -1
+cdef void txq_unpush_from(TxQueue* q, TxEntry* e) noexcept
+cdef void txq_unpush_bytes(TxQueue* q, size_t n) noexcept
+cdef void txq_drop(TxQueue* q, list hold) noexcept
+cdef void txq_free(TxQueue* q) noexcept
+cdef size_t txq_retire(TxQueue* q, size_t n, list hold) noexcept
+cdef int txq_gather(TxQueue* q, iovec* iov, int max_iov, size_t* total) noexcept
+cdef int txq_dg_group(TxQueue* q, size_t i, size_t gso_limit) noexcept
+cdef size_t txq_dg_retire(TxQueue* q, unsigned int g) noexcept
+
+
+cdef inline bint txq_empty(TxQueue* q) noexcept:
+    return q.head == q.tail

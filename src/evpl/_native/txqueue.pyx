@@ -1,0 +1,220 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The send queue: an array of entries that reference the memory to send.
+
+Every backend queues the same way: ``Bind.send`` pushes an entry that holds a
+reference to the sent object (a Buffer or bytes is sent from where it lies;
+mutable or foreign memory is copied once so the caller may reuse it), a
+framed Bind adds the header to the first entry of a message, and the backend
+gathers entries into iovecs, retires what the kernel took and releases the
+owners. Datagram entries carry their destination; consecutive same-size
+datagrams to one peer are grouped into UDP GSO trains.
+
+Byte accounting and watermarks (pause/writable events) belong to the Bind,
+which knows the callbacks; the queue only moves entries.
+"""
+
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.mem cimport PyMem_Realloc, PyMem_Free
+from libc.string cimport memcmp, memmove
+
+from evpl._native.buffers cimport Buffer
+from evpl._native.framing cimport F_LENGTH
+from evpl._native.sys cimport evpl_store_uint
+
+from evpl.errors import FramingError
+
+
+cdef TxEntry* txq_push(TxQueue* q, object data) except NULL:
+    """Append one entry that references (or copies) ``data``."""
+    cdef TxEntry* e
+    cdef Buffer b
+    cdef Py_buffer view
+    cdef size_t cap, n
+    if q.tail == q.cap:
+        if q.head > 0:
+            n = q.tail - q.head
+            memmove(q.e, &q.e[q.head], n * sizeof(TxEntry))
+            q.head = 0
+            q.tail = n
+        else:
+            cap = q.cap * 2 if q.cap else 16
+            e = <TxEntry*>PyMem_Realloc(q.e, cap * sizeof(TxEntry))
+            if e == NULL:
+                raise MemoryError()
+            q.e = e
+            q.cap = cap
+    e = &q.e[q.tail]
+    if type(data) is Buffer:
+        b = <Buffer>data
+        e.ptr = b.ptr
+        e.len = b.length
+        e.owner = <PyObject*>data
+        Py_INCREF(data)
+    elif PyBytes_CheckExact(data):
+        e.ptr = PyBytes_AS_STRING(data)
+        e.len = PyBytes_GET_SIZE(data)
+        e.owner = <PyObject*>data
+        Py_INCREF(data)
+    else:
+        # mutable or foreign memory: copy, so the caller may reuse it
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            copy = (<char*>view.buf)[:view.len]
+        finally:
+            PyBuffer_Release(&view)
+        e.ptr = PyBytes_AS_STRING(copy)
+        e.len = PyBytes_GET_SIZE(copy)
+        e.owner = <PyObject*>copy
+        Py_INCREF(copy)
+    e.hdrlen = 0
+    q.tail += 1
+    return e
+
+
+cdef int txq_frame(TxQueue* q, TxEntry* e, Framer f, size_t total) except -1:
+    """Put the framing header of a ``total``-byte message (entries from ``e``
+    on) into ``e``; on error the message's entries are dropped."""
+    if total > f.max_message:
+        txq_unpush_from(q, e)
+        raise FramingError(f"message of {total} bytes exceeds max_message ({f.max_message})")
+    if f.kind == F_LENGTH:
+        if f.includes_header:
+            total += f.size
+        if f.size < 8 and total >> (8 * f.size):
+            txq_unpush_from(q, e)
+            raise FramingError(f"message of {total} bytes does not fit a "
+                               f"{f.size}-byte length prefix")
+        evpl_store_uint(e.hdr, f.size, f.big, total)
+        e.hdrlen = f.size
+    else:
+        if total > 0x7fffffff:
+            txq_unpush_from(q, e)
+            raise FramingError("record larger than 2 GiB - 1")
+        evpl_store_uint(e.hdr, 4, 1, total | 0x80000000)
+        e.hdrlen = 4
+    return 0
+
+
+cdef void txq_unpush_from(TxQueue* q, TxEntry* e) noexcept:
+    """Drop the entries from ``e`` to the tail (not yet counted as queued)."""
+    cdef size_t i = e - q.e
+    cdef size_t j
+    for j in range(i, q.tail):
+        Py_DECREF(<object>q.e[j].owner)
+    q.tail = i
+
+
+cdef void txq_unpush_bytes(TxQueue* q, size_t n) noexcept:
+    """Drop the last entries, ``n`` bytes of them (headers included)."""
+    cdef size_t got = 0
+    cdef TxEntry* e
+    while got < n and q.tail > q.head:
+        e = &q.e[q.tail - 1]
+        got += e.len + e.hdrlen
+        Py_DECREF(<object>e.owner)
+        q.tail -= 1
+
+
+cdef void txq_drop(TxQueue* q, list hold) noexcept:
+    """Drop every entry; their owners go to ``hold`` if given (zero-copy
+    sends keep them alive until the kernel's notification)."""
+    cdef size_t i
+    for i in range(q.head, q.tail):
+        if hold is not None:
+            hold.append(<object>q.e[i].owner)
+        Py_DECREF(<object>q.e[i].owner)
+    q.head = q.tail = q.off = 0
+
+
+cdef void txq_free(TxQueue* q) noexcept:
+    txq_drop(q, None)
+    PyMem_Free(q.e)
+    q.e = NULL
+    q.cap = 0
+
+
+cdef size_t txq_retire(TxQueue* q, size_t n, list hold) noexcept:
+    """Drop ``n`` sent bytes from the head. Owners of fully sent entries are
+    released, or moved to ``hold``."""
+    cdef size_t left = n + q.off
+    cdef TxEntry* e
+    while q.head != q.tail:
+        e = &q.e[q.head]
+        if left < e.len + e.hdrlen:
+            break
+        left -= e.len + e.hdrlen
+        if hold is not None:
+            hold.append(<object>e.owner)
+        Py_DECREF(<object>e.owner)
+        q.head += 1
+    q.off = left
+    if q.head == q.tail:
+        q.head = q.tail = q.off = 0
+    return n
+
+
+cdef int txq_gather(TxQueue* q, iovec* iov, int max_iov, size_t* total) noexcept:
+    """Fill ``iov`` (at most ``max_iov`` entries) from the queue head,
+    framing headers included; the byte count goes to ``total`` if given."""
+    cdef int cnt = 0
+    cdef size_t i = q.head, skip = q.off, sum = 0
+    cdef TxEntry* e
+    while i != q.tail and cnt < max_iov - 1:
+        e = &q.e[i]
+        if e.hdrlen:
+            if skip < e.hdrlen:
+                iov[cnt].iov_base = e.hdr + skip
+                iov[cnt].iov_len = e.hdrlen - skip
+                sum += iov[cnt].iov_len
+                cnt += 1
+                skip = 0
+            else:
+                skip -= e.hdrlen
+        if e.len > skip:
+            iov[cnt].iov_base = e.ptr + skip
+            iov[cnt].iov_len = e.len - skip
+            sum += iov[cnt].iov_len
+            cnt += 1
+        skip = 0
+        i += 1
+    if total != NULL:
+        total[0] = sum
+    return cnt
+
+
+cdef int txq_dg_group(TxQueue* q, size_t i, size_t gso_limit) noexcept:
+    """How many queued datagrams from e[i] on leave as one UDP GSO send:
+    same address, same size (a shorter one may end the train), at most
+    GSO_SEGS of them and GSO_BYTES in all. One if the size is at or above
+    ``gso_limit`` (0: GSO off; lowered when a path refused a train)."""
+    cdef TxEntry* first = &q.e[i]
+    cdef TxEntry* e
+    cdef size_t seg = first.len, total = first.len
+    cdef int n = 1
+    if seg == 0 or seg >= gso_limit:
+        return 1
+    while n < GSO_SEGS and i + n != q.tail:
+        e = &q.e[i + n]
+        if (e.len == 0 or e.len > seg or total + e.len > GSO_BYTES or e.salen != first.salen
+                or memcmp(&e.sa, &first.sa, e.salen) != 0):
+            break
+        total += e.len
+        n += 1
+        if e.len < seg:
+            break
+    return n
+
+
+cdef size_t txq_dg_retire(TxQueue* q, unsigned int g) noexcept:
+    """Drop the first ``g`` datagrams (sent or failed); returns their bytes."""
+    cdef TxEntry* e
+    cdef unsigned int k
+    cdef size_t n = 0
+    for k in range(g):
+        e = &q.e[q.head]
+        n += e.len
+        Py_DECREF(<object>e.owner)
+        q.head += 1
+    return n

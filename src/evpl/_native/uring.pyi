@@ -1,0 +1,3 @@
+"""Type stubs for the io_uring backends (their Bind types are private)."""
+
+def uring_unavailable_reason() -> str | None: ...
