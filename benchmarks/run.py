@@ -98,6 +98,7 @@ STACKS: dict[str, Stack] = {
         Stack("asyncio", "py", ("--stack", "asyncio")),
         Stack("uvloop", "py", ("--stack", "uvloop")),
         Stack("evpl", "evpl"),
+        Stack("evpl-base", "evpl", note="evpl run by --evpl-base-python (an A/B baseline build)"),
         Stack("evpl-poll", "evpl", ("--poll",), loads=("pingpong",), client_spin=True,
               note='poll_mode="always"; client spins too'),
         Stack("c", "c"),
@@ -305,7 +306,12 @@ def server_command(stack: Stack, load: Load, opts: argparse.Namespace) -> list[s
         return [PYTHON, str(HERE / "servers_py.py"), *stack.args,
                 "--mode", load.server_mode, "--port", "0"]
     if stack.kind == "evpl":
-        cmd = [PYTHON, str(HERE / "servers_evpl.py"), *stack.args,
+        python = PYTHON
+        if stack.name == "evpl-base":
+            if not opts.evpl_base_python:
+                raise SystemExit("the evpl-base stack needs --evpl-base-python")
+            python = opts.evpl_base_python
+        cmd = [python, str(HERE / "servers_evpl.py"), *stack.args,
                "--mode", load.server_mode, "--port", "0"]
         backend = opts.evpl_udp_backend if load.server_mode == "udp" else opts.evpl_backend
         cmd += ["--backend", backend]
@@ -693,6 +699,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_run_options(p, STACKS, LOADS)
     p.add_argument("--evpl-backend", default="tcp", help="evpl stream backend (default tcp)")
     p.add_argument("--evpl-udp-backend", default="udp", help="evpl datagram backend")
+    p.add_argument("--evpl-base-python", metavar="PATH", default=None,
+                   help="the Python of a venv with another evpl build: the evpl-base stack "
+                        "runs its server with it (compare two engine builds in one run)")
     p.add_argument("--evpl-spin-ns", type=int, default=None,
                    help="spin_ns for the (hybrid) evpl server; default: evpl's default")
     p.add_argument("--evpl-no-gso", action="store_true",
@@ -707,7 +716,7 @@ def add_run_options(p: argparse.ArgumentParser, stacks: dict[str, Any],
                     loads: dict[str, Any]) -> None:
     """The options every benchmark driver here takes: what to run, how long,
     how often, where to write, and how to keep other work out of the runs."""
-    p.add_argument("--stacks", default=",".join(stacks),
+    p.add_argument("--stacks", default=",".join(s for s in stacks if not s.endswith("-base")),
                    help=f"comma-separated, from: {', '.join(stacks)}")
     p.add_argument("--loads", default=",".join(loads),
                    help=f"comma-separated, from: {', '.join(loads)}")
