@@ -39,6 +39,8 @@ cdef class Bind(_Source):
     cdef readonly object handler
     cdef object cb_connected, cb_data, cb_message, cb_datagram
     cdef object cb_paused, cb_writable, cb_sent, cb_eof, cb_closed
+    cdef object cb_messages, cb_datagrams     # batch delivery, when the handler has them
+    cdef list dg_batch          # datagrams of the current read batch (on_datagrams)
     # framing and reassembly (stream Binds)
     cdef Framer framer
     cdef int fr_kind
@@ -116,6 +118,7 @@ cdef class Bind(_Source):
                           int* nfrag) except? -100
     cdef Buffer _message(self, Chunk* c, char* p, Py_ssize_t r, size_t payload, int nfrag)
     cdef int _deliver(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2
+    cdef int _deliver_batch(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2
     cdef void _framing_failed(self, Py_ssize_t r)
     cdef int _after_asm_read(self) except -2
     cdef void _arrived(self, Chunk* c, char* p, size_t n, size_t room)

@@ -36,7 +36,8 @@ from posix.unistd cimport close as c_close
 
 from evpl._native.buffers cimport Pool, Buffer, Chunk, make_buffer, chunk_unref
 from evpl._native.framing cimport (Framer, scan_length, scan_record, F_NONE, F_LENGTH,
-                                   F_RECORD, F_CALLABLE, E_OVERSIZE, E_FRAGMENTS, MAX_FRAGMENTS)
+                                   F_RECORD, F_CALLABLE, F_FIXED, E_OVERSIZE, E_FRAGMENTS,
+                                   MAX_FRAGMENTS)
 from evpl._native.loop cimport _Source, LoopCore, Timer
 from evpl._native.sys cimport *
 from evpl._native.txqueue cimport *
@@ -185,6 +186,13 @@ cdef class Bind(_Source):
         self.cb_eof = handler.on_eof
         self.cb_closed = handler.on_closed
         self.cb_sent = handler.on_sent if type(handler).on_sent is not loop.base_on_sent else None
+        # batch delivery when the handler's class overrides the batch callbacks
+        base = loop.base_handler
+        cls = type(handler)
+        if base is not None and getattr(cls, "on_messages", None) is not base.on_messages:
+            self.cb_messages = handler.on_messages
+        if base is not None and getattr(cls, "on_datagrams", None) is not base.on_datagrams:
+            self.cb_datagrams = handler.on_datagrams
         self.framer = framer
         self.fr_kind = framer.kind if framer is not None else F_NONE
         self.max_message = framer.max_message if framer is not None else 0
@@ -264,7 +272,7 @@ cdef class Bind(_Source):
         cdef TxEntry* e
         self._can_send()
         e = txq_push(&self.txq, data)
-        if self.fr_kind == F_LENGTH or self.fr_kind == F_RECORD:
+        if self.fr_kind >= F_LENGTH and self.fr_kind != F_CALLABLE:
             txq_frame(&self.txq, e, self.framer, e.len)
         elif not self.stream:
             if e.len > 65507:
@@ -290,12 +298,41 @@ cdef class Bind(_Source):
                 txq_unpush_from(&self.txq, &self.txq.e[start])
             raise
         if start == self.txq.tail:
-            if self.fr_kind != F_LENGTH and self.fr_kind != F_RECORD:
+            if self.fr_kind == F_NONE or self.fr_kind == F_CALLABLE:
                 return
             txq_push(&self.txq, b"")
-        if self.fr_kind == F_LENGTH or self.fr_kind == F_RECORD:
+        if self.fr_kind != F_NONE and self.fr_kind != F_CALLABLE:
             txq_frame(&self.txq, &self.txq.e[start], self.framer, total)
         self._queued(total + self.txq.e[start].hdrlen)
+
+    def send_messages(self, msgs) -> None:
+        """Queue each item of ``msgs`` as one message (its own header on a
+        framed Bind; one datagram each on a connected datagram Bind): the
+        reply batch to an ``on_messages`` batch, in one call. All or
+        nothing: if one item is refused, none is queued."""
+        cdef size_t start, total = 0
+        cdef TxEntry* e
+        cdef bint frame = self.fr_kind != F_NONE and self.fr_kind != F_CALLABLE
+        self._can_send()
+        start = self.txq.tail
+        try:
+            for m in msgs:
+                e = txq_push(&self.txq, m)
+                if frame:
+                    txq_frame(&self.txq, e, self.framer, e.len)
+                elif not self.stream:
+                    if e.len > 65507:
+                        txq_unpush_from(&self.txq, e)
+                        raise ValueError(f"datagram of {e.len} bytes exceeds the UDP maximum "
+                                         f"(65507)")
+                    e.salen = 0
+                total += e.len + e.hdrlen
+        except BaseException:
+            if start != self.txq.tail:
+                txq_unpush_from(&self.txq, &self.txq.e[start])
+            raise
+        if total or start != self.txq.tail:
+            self._queued(total)
 
     cdef int _can_send(self) except -1:
         if self.state == S_CLOSED or self.finishing:
@@ -597,6 +634,12 @@ cdef class Bind(_Source):
             return r
         if self.fr_kind == F_RECORD:
             return scan_record(f, <unsigned char*>p, avail, hint, payload, nfrag)
+        if self.fr_kind == F_FIXED:
+            payload[0] = f.size
+            if avail < <size_t>f.size:
+                hint[0] = f.size
+                return 0
+            return f.size
         # callable framer: it sees the buffered bytes, returns a length
         peek = make_buffer(self.loop.pool, c, p, avail)
         r = f.fn(memoryview(peek))
@@ -617,7 +660,7 @@ cdef class Bind(_Source):
         cdef Buffer b
         if self.fr_kind == F_LENGTH:
             return make_buffer(self.loop.pool, c, p + self.framer.size, payload)
-        if self.fr_kind == F_CALLABLE:
+        if self.fr_kind == F_CALLABLE or self.fr_kind == F_FIXED:
             return make_buffer(self.loop.pool, c, p, r)
         if nfrag == 1:
             return make_buffer(self.loop.pool, c, p + 4, payload)
@@ -642,6 +685,8 @@ cdef class Bind(_Source):
         cdef int nfrag = 1
         cdef Py_ssize_t r
         cdef Buffer msg
+        if self.cb_messages is not None:
+            return self._deliver_batch(c, base, total, consumed)
         while off < total:
             try:
                 r = self._scan(c, base + off, total - off, &hint, &payload, &nfrag)
@@ -670,6 +715,47 @@ cdef class Bind(_Source):
             if self.reading_paused and off < total:
                 consumed[0] = off
                 return D_PAUSED
+        consumed[0] = off
+        return <int>min(hint, <size_t>0x7fffffff)
+
+    cdef int _deliver_batch(self, Chunk* c, char* base, size_t total,
+                            size_t* consumed) except -2:
+        """``_deliver`` for a handler with ``on_messages``: every whole
+        message of the bytes goes to one call. A bad frame after good ones
+        fails the stream after the good ones were delivered."""
+        cdef size_t off = 0, hint = 0, payload = 0
+        cdef int nfrag = 1
+        cdef Py_ssize_t r = 0
+        cdef Buffer msg
+        cdef list batch = []
+        while off < total:
+            try:
+                r = self._scan(c, base + off, total - off, &hint, &payload, &nfrag)
+            except Exception as exc:
+                self.loop._callback_error(exc, self)
+                return -1
+            if r <= 0:
+                break
+            msg = self._message(c, base + off, r, payload, nfrag)
+            if msg is None:
+                self._close(FramingError("buffer pool exhausted while reassembling a record"))
+                return -1
+            batch.append(msg)
+            off += r
+            hint = 0
+        if batch:
+            self.loop.stat_messages_in += len(batch)
+            msg = None
+            try:
+                self.cb_messages(self, batch)
+            except Exception as exc:
+                self.loop._callback_error(exc, self)
+            batch = None
+            if self.state != S_OPEN:
+                return -1
+        if r < 0:
+            self._framing_failed(r)
+            return -1
         consumed[0] = off
         return <int>min(hint, <size_t>0x7fffffff)
 
@@ -869,6 +955,13 @@ cdef class Bind(_Source):
                         buf = <Buffer>item
                         self._arrived(buf.chunk, buf.ptr, buf.length, <size_t>-1)
                         buf = None
+                    elif self.cb_datagrams is not None:
+                        rest = pending[i - 1:]      # this one and the rest, as one batch
+                        i = cnt
+                        try:
+                            self.cb_datagrams(self, rest)
+                        except Exception as exc:
+                            self.loop._callback_error(exc, self)
                     else:
                         try:
                             self.cb_datagram(self, item[0], item[1])
@@ -924,6 +1017,13 @@ cdef class Bind(_Source):
                     if self.backlog is None:
                         self.backlog = []
                     self.backlog.append((buf, addr))
+                elif self.cb_datagrams is not None:
+                    # delivered with the rest of the read batch (_flush_batch)
+                    if self.dg_batch is None:
+                        self.dg_batch = []
+                    if not self.dg_batch:
+                        loop.batches.append(self)
+                    self.dg_batch.append((buf, addr))
                 else:
                     try:
                         self.cb_datagram(self, buf, addr)
@@ -934,6 +1034,19 @@ cdef class Bind(_Source):
             off += k
             if off >= n:
                 return
+
+    cdef void _flush_batch(self):
+        """End of a read batch: hand the datagrams collected for
+        ``on_datagrams`` over in one call."""
+        batch = self.dg_batch
+        if not batch or self.state != S_OPEN:
+            self.dg_batch = None
+            return
+        self.dg_batch = []
+        try:
+            self.cb_datagrams(self, batch)
+        except Exception as exc:
+            self.loop._callback_error(exc, self)
 
     cdef bint _gso_refused(self, int err, size_t seg) noexcept:
         """Whether a failed send of a GSO train failed because of GSO; if so,

@@ -10,6 +10,7 @@ cdef enum:
     F_LENGTH = 1
     F_RECORD = 2
     F_CALLABLE = 3
+    F_FIXED = 4
 
 # scan results below zero
 cdef enum:

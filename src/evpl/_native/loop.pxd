@@ -34,6 +34,7 @@ cdef class _Source:
     cdef void _fail(self, error)
     cdef void _shutdown(self)
     cdef void _report_closed(self)
+    cdef void _flush_batch(self)
 
 
 cdef class Driver(_Source):
@@ -105,6 +106,8 @@ cdef class LoopCore:
     cdef void* drv_ctx[MAX_DRIVERS]
     cdef int ndrv
     cdef readonly object base_on_sent
+    cdef readonly object base_handler
+    cdef list batches           # sources with a read batch to hand over (_flush_batch)
     cdef public object exception_handler
     cdef public size_t zc_threshold
     # counters
@@ -125,6 +128,7 @@ cdef class LoopCore:
     cdef int64_t _wait_budget(self, int64_t max_wait) except? -2
     cdef int _iterate(self, int64_t max_wait) except -1
     cdef void _after_events(self) except *
+    cdef void _flush_batches(self) except *
     cdef void _run_timers(self) except *
     cdef void _run_deferred(self) except *
     cdef void _run_closing(self) except *

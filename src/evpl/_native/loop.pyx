@@ -67,6 +67,11 @@ cdef class _Source:
         """Deliver the close to the user (queued in ``LoopCore.closing``)."""
         pass
 
+    cdef void _flush_batch(self):
+        """Hand over what was collected in this read batch (queued in
+        ``LoopCore.batches``)."""
+        pass
+
 
 cdef class Driver(_Source):
     """Base of the I/O mechanisms a loop polls (see loop.pxd)."""
@@ -254,6 +259,8 @@ cdef class LoopCore:
         self.drv_list = []
         self.zc_threshold = 0
         self.base_on_sent = base_handler.on_sent if base_handler is not None else None
+        self.base_handler = base_handler
+        self.batches = []
         self.events = <epoll_event*>PyMem_Malloc(MAX_EVENTS * sizeof(epoll_event))
         self.iov = <iovec*>PyMem_Malloc(MAX_IOV * sizeof(iovec))
         self.mmsg = <mmsghdr*>PyMem_Malloc(MAX_MMSG * sizeof(mmsghdr))
@@ -596,12 +603,16 @@ cdef class LoopCore:
         cdef Driver d
         cdef list batch
         cdef int rounds = 0
+        if self.batches:
+            self._flush_batches()
         if self.pending_read:
             batch = self.pending_read
             self.pending_read = []
             for b in batch:
                 b.rx_queued = False
                 b._read()
+            if self.batches:
+                self._flush_batches()
         for d in self.drv_list:
             d._after_events()
         if self.starved and self.pool.releases != self.starved_mark:
@@ -610,6 +621,8 @@ cdef class LoopCore:
             self.starved = []
             for b in batch:
                 b._read()
+            if self.batches:
+                self._flush_batches()
         if self.timers:
             self._run_timers()
         while rounds < 8 and (self.deferred or self.closing or self.dirty):
@@ -628,6 +641,13 @@ cdef class LoopCore:
         if self.dirty or self.closing or self.deferred:
             # callbacks keep producing work: finish it next iteration
             self.last_active = evpl_now_ns()
+
+    cdef void _flush_batches(self) except *:
+        cdef _Source b
+        cdef list batch = self.batches
+        self.batches = []
+        for b in batch:
+            b._flush_batch()
 
     cdef void _run_timers(self) except *:
         cdef int64_t now = evpl_now_ns()
@@ -761,6 +781,7 @@ cdef class LoopCore:
         self.deferred = []
         self.pending_read = []
         self.starved = []
+        self.batches = []
         for d in self.drv_list:
             d._close()
         self.ndrv = 0               # a later Bind makes a new one

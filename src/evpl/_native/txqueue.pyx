@@ -20,7 +20,7 @@ from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from libc.string cimport memcmp, memmove
 
 from evpl._native.buffers cimport Buffer
-from evpl._native.framing cimport F_LENGTH
+from evpl._native.framing cimport F_LENGTH, F_FIXED
 from evpl._native.sys cimport evpl_store_uint
 
 from evpl.errors import FramingError
@@ -75,7 +75,13 @@ cdef TxEntry* txq_push(TxQueue* q, object data) except NULL:
 
 cdef int txq_frame(TxQueue* q, TxEntry* e, Framer f, size_t total) except -1:
     """Put the framing header of a ``total``-byte message (entries from ``e``
-    on) into ``e``; on error the message's entries are dropped."""
+    on) into ``e`` (a fixed-size framer only checks the size); on error the
+    message's entries are dropped."""
+    if f.kind == F_FIXED:
+        if total != <size_t>f.size:
+            txq_unpush_from(q, e)
+            raise FramingError(f"message of {total} bytes on a fixed({f.size}) framer")
+        return 0
     if total > f.max_message:
         txq_unpush_from(q, e)
         raise FramingError(f"message of {total} bytes exceeds max_message ({f.max_message})")

@@ -33,6 +33,21 @@ class Handler:
     def on_datagram(self, bind: Bind, data: Buffer, addr: Any) -> None:
         """One datagram arrived from ``addr``."""
 
+    def on_messages(self, bind: Bind, msgs: list[Buffer]) -> None:
+        """Every whole message of one read, in order, in one call: override
+        it instead of ``on_message`` to save a Python call per message (reply
+        with one ``bind.send_messages(replies)``). Called only if overridden;
+        this default hands each message to ``on_message``."""
+        for msg in msgs:
+            self.on_message(bind, msg)
+
+    def on_datagrams(self, bind: Bind, datagrams: list[tuple[Buffer, Any]]) -> None:
+        """Every datagram of one read batch as ``(data, addr)`` pairs, in one
+        call. Called only if overridden; this default hands each to
+        ``on_datagram``."""
+        for data, addr in datagrams:
+            self.on_datagram(bind, data, addr)
+
     def on_paused(self, bind: Bind) -> None:
         """The send queue went above its high-water mark: stop sending."""
 

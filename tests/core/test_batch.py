@@ -1,0 +1,223 @@
+"""Batch delivery on every backend: ``on_messages`` / ``on_datagrams`` get a
+whole read batch in one call, ``send_messages`` queues a reply batch in one
+call, and the fixed-size framer cuts messages without calling Python."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import pytest
+
+import evpl
+from core.helpers import TIMEOUT, InThread, Ticker, raw_connect, recv_exactly
+
+FRAMERS = {
+    "length_prefix": (evpl.framing.length_prefix(4),
+                      lambda m: len(m).to_bytes(4, "big") + m),
+    "record_marking": (evpl.framing.record_marking(),
+                       lambda m: (len(m) | 0x80000000).to_bytes(4, "big") + m),
+    "fixed": (evpl.framing.fixed(16), lambda m: m),
+}
+
+
+class Batcher(evpl.Handler):
+    """Echoes every batch with one send_messages; records the batches."""
+
+    def __init__(self, pause_after: int | None = None, raise_at: int | None = None) -> None:
+        self.batches: list[list[bytes]] = []
+        self.binds: list[evpl.Bind] = []
+        self.closed: list[object] = []
+        self.pause_after = pause_after
+        self.raise_at = raise_at
+        self.singles = 0
+
+    def on_connected(self, bind):
+        self.binds.append(bind)
+
+    def on_message(self, bind, msg):
+        self.singles += 1                  # never: on_messages takes them all
+
+    def on_messages(self, bind, msgs):
+        assert all(type(m) is evpl.Buffer for m in msgs)
+        self.batches.append([bytes(m) for m in msgs])
+        if self.raise_at is not None and len(self.batches) == self.raise_at:
+            raise RuntimeError("batch refused")
+        bind.send_messages(msgs)
+        if self.pause_after is not None and len(self.batches) == self.pause_after:
+            bind.pause_reading()
+
+    def on_closed(self, bind, error):
+        self.closed.append(error)
+
+    @property
+    def messages(self) -> list[bytes]:
+        return [m for b in self.batches for m in b]
+
+
+def _messages(n: int, fixed: bool) -> list[bytes]:
+    rnd = random.Random(n)
+    if fixed:
+        return [b"%016d" % i for i in range(n)]
+    return [rnd.randbytes(rnd.randint(0, 300)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("framing", list(FRAMERS))
+def test_on_messages_gets_read_batches_and_send_messages_replies(loop, stream_backend,
+                                                                  address, framing):
+    framer, encode = FRAMERS[framing]
+    server = Batcher()
+    listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
+                           framing=framer)
+    msgs = _messages(2000, framing == "fixed")
+    wire = b"".join(encode(m) for m in msgs)
+    with raw_connect(stream_backend, listener.address) as peer:
+
+        def send() -> None:
+            # in random pieces, so that messages are cut by reads
+            rnd = random.Random(7)
+            i = 0
+            while i < len(wire):
+                k = rnd.randint(1, 9000)
+                peer.sendall(wire[i:i + k])
+                i += k
+
+        sender = InThread(loop, send)      # the echo flows back meanwhile
+        reply = _read_all(loop, peer, len(wire))
+        sender.get()
+    assert server.messages == msgs
+    assert server.singles == 0
+    assert len(server.batches) < len(msgs)          # many messages per call
+    assert reply == wire                             # each reply framed on its own
+    assert loop.stats()["messages_in"] == len(msgs)
+
+
+def _read_all(loop: evpl.Loop, peer: socket.socket, n: int) -> bytes:
+    """Read ``n`` bytes from a plain socket while the loop keeps sending."""
+    data = bytearray()
+
+    def more() -> None:
+        while len(data) < n:
+            chunk = peer.recv(1 << 20)
+            if not chunk:
+                break
+            data.extend(chunk)
+
+    reader = InThread(loop, more)
+    loop.run_until(reader.done, timeout=TIMEOUT)
+    reader.get()
+    return bytes(data)
+
+
+def test_pause_inside_on_messages(loop, stream_backend, address):
+    """After a batch pauses reading, no further batch is delivered until
+    resume_reading; then everything arrives in order."""
+    server = Batcher(pause_after=1)
+    listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
+                           framing=evpl.framing.length_prefix(4))
+    msgs = _messages(50, False)
+    with raw_connect(stream_backend, listener.address) as peer:
+        peer.sendall(b"".join(len(m).to_bytes(4, "big") + m for m in msgs[:10]))
+        loop.run_until(lambda: server.batches, timeout=TIMEOUT)
+        first = len(server.messages)
+        peer.sendall(b"".join(len(m).to_bytes(4, "big") + m for m in msgs[10:]))
+        ticker = Ticker(loop)
+        loop.run_until(lambda: ticker.count >= 10, timeout=TIMEOUT)
+        ticker.cancel()
+        assert len(server.batches) == 1 and len(server.messages) == first
+        server.binds[0].resume_reading()
+        loop.run_until(lambda: len(server.messages) >= len(msgs), timeout=TIMEOUT)
+    assert server.messages == msgs
+
+
+def test_exception_in_on_messages_closes_the_bind(loop, stream_backend, address):
+    server = Batcher(raise_at=1)
+    listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
+                           framing=evpl.framing.length_prefix(4))
+    with raw_connect(stream_backend, listener.address) as peer:
+        peer.sendall(b"".join(len(m).to_bytes(4, "big") + m for m in _messages(30, False)))
+        loop.run_until(lambda: server.closed, timeout=TIMEOUT)
+    assert isinstance(server.closed[0], evpl.EvplError)
+    errors = list(loop.callback_errors)
+    loop.callback_errors.clear()
+    assert [type(e) for e, _ in errors] == [RuntimeError]
+
+
+def test_bad_frame_after_good_ones_in_a_batch(loop, stream_backend, address):
+    """The good messages before a bad frame are delivered (and answered)
+    before the Bind closes with FramingError."""
+    server = Batcher()
+    listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
+                           framing=evpl.framing.length_prefix(4, max_message=100))
+    good = [b"a" * 10, b"b" * 20]
+    wire = b"".join(len(m).to_bytes(4, "big") + m for m in good) + (1000).to_bytes(4, "big")
+    with raw_connect(stream_backend, listener.address) as peer:
+        peer.sendall(wire)
+        loop.run_until(lambda: server.closed, timeout=TIMEOUT)
+        reply = recv_exactly(peer, 38)
+    assert server.messages == good
+    assert isinstance(server.closed[0], evpl.FramingError)
+    assert reply == wire[:38]
+
+
+def test_send_messages_is_all_or_nothing(loop, stream_backend, address):
+    server = Batcher()
+    listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
+                           framing=evpl.framing.fixed(4))
+    client = evpl.Handler()
+    bind = loop.connect(stream_backend, listener.address, client,
+                        framing=evpl.framing.fixed(4))
+    with pytest.raises(evpl.FramingError):
+        bind.send_messages([b"abcd", b"abc", b"wxyz"])
+    assert bind.queued_bytes == 0
+    with pytest.raises(evpl.FramingError):
+        bind.send(b"toolong")
+    bind.send_messages([b"abcd", b"wxyz"])
+    assert bind.queued_bytes == 8
+    loop.run_until(lambda: len(server.messages) == 2, timeout=TIMEOUT)
+    assert server.messages == [b"abcd", b"wxyz"]
+
+
+@pytest.mark.parametrize("size", [0, -1, True, "4"])
+def test_fixed_framer_rejects_bad_sizes(size):
+    with pytest.raises(evpl.ConfigError):
+        evpl.framing.fixed(size)
+
+
+def test_on_datagrams_gets_read_batches(loop, datagram_backend):
+    class Dgrams(evpl.Handler):
+        def __init__(self):
+            self.batches = []
+            self.singles = 0
+
+        def on_datagram(self, bind, buf, addr):
+            self.singles += 1
+
+        def on_datagrams(self, bind, datagrams):
+            self.batches.append([(bytes(b), a) for b, a in datagrams])
+            if len(self.batches) == 1:
+                bind.pause_reading()
+
+    server = Dgrams()
+    bind = loop.bind(datagram_backend, ("127.0.0.1", 0), server)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", 0))
+        sent = [b"d%03d" % i for i in range(40)]
+        for d in sent[:20]:
+            peer.sendto(d, bind.local_address)
+        loop.run_until(lambda: server.batches, timeout=TIMEOUT)
+        first = sum(map(len, server.batches))
+        for d in sent[20:]:
+            peer.sendto(d, bind.local_address)
+        ticker = Ticker(loop)
+        loop.run_until(lambda: ticker.count >= 10, timeout=TIMEOUT)
+        ticker.cancel()
+        assert sum(map(len, server.batches)) == first      # paused: nothing delivered
+        bind.resume_reading()
+        loop.run_until(lambda: sum(map(len, server.batches)) >= 40, timeout=TIMEOUT)
+        me = peer.getsockname()
+    got = [d for b in server.batches for d in b]
+    assert [d for d, _ in got] == sent
+    assert all(a == me for _, a in got)
+    assert server.singles == 0
+    assert len(server.batches) < 40
