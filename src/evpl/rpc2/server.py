@@ -28,7 +28,7 @@ a tuple ``(fn, unpack_args, pack_result)`` with generated-style codecs where
 
 A handler may also return :data:`DEFER` (same as calling ``ctx.defer()``)
 and reply later with ``ctx.reply(value)``; replies may go out in any order.
-Raising :class:`~evpl.rpc2.client.GarbageArgs`, :class:`ProcUnavail`,
+Raising :class:`~evpl.rpc2.errors.GarbageArgs`, :class:`ProcUnavail`,
 :class:`SystemErr`, :class:`ProgUnavail` or :class:`AuthError` answers with
 that error; any other exception answers SYSTEM_ERR (and is logged).
 
@@ -60,8 +60,7 @@ from typing import Any
 from evpl import framing
 from evpl.core.handler import Handler
 from evpl.errors import ConfigError, EvplError
-from evpl.rpc2.client import (
-    DEFAULT_MAX_RECORD,
+from evpl.rpc2.errors import (
     AuthError,
     GarbageArgs,
     ProcUnavail,
@@ -70,6 +69,7 @@ from evpl.rpc2.client import (
     SystemErr,
 )
 from evpl.rpc2.wire import (
+    DEFAULT_MAX_RECORD,
     AcceptStat,
     AuthFlavor,
     AuthStat,
