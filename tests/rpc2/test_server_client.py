@@ -3,6 +3,7 @@ that send hostile records and retransmissions."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from pathlib import Path
@@ -188,6 +189,21 @@ def test_errors(setup: Setup) -> None:
     assert ae.value.stat is AuthStat.AUTH_TOOWEAK
     # after all that the server still serves this client
     assert s.wait(s.stub.CALC_ADD(calc.pair(1, 1))) == 2
+
+
+def test_unencodable_result_is_logged_as_a_result(setup: Setup,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    s = setup
+    caplog.set_level(logging.ERROR, logger="evpl.rpc2")
+    with pytest.raises(SystemErr):
+        s.wait(s.stub.CALC_ADD(calc.pair(2**31 - 1, 1)))  # 2**31 does not fit an int
+    [record] = [r for r in caplog.records if r.name == "evpl.rpc2"]
+    first_line = record.getMessage().splitlines()[0]
+    assert first_line.startswith("rpc2: cannot encode the result of <CallContext")
+    assert first_line.endswith("(answering SYSTEM_ERR): cannot encode int: "
+                               "'i' format requires -2147483648 <= number <= 2147483647")
+    assert "argument" not in record.getMessage()
+    assert s.server.stats["system_err"] == 1
 
 
 def test_auth(setup: Setup) -> None:

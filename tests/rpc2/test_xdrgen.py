@@ -388,6 +388,27 @@ def test_multi_argument_procedures(demo: types.ModuleType) -> None:
     assert demo.DEMO == 0x20000001
 
 
+def test_anonymous_codec_errors_name_the_type() -> None:
+    """A codec of an unnamed argument/result type is shared by arguments and
+    results, so its errors name the XDR type, never "procedure argument"."""
+    mod = load_x("""
+        program P { version V {
+            int ADD(int) = 1;
+            unsigned hyper BIG(string) = 2;
+        } = 1; } = 0x20000002;""")
+    add, big = mod.VServer.PROCEDURES[1], mod.VServer.PROCEDURES[2]
+    for proc, bad, spelled in ((add, 2**31, "int"), (big, -1, "unsigned hyper")):
+        with pytest.raises(XdrError, match=rf"^cannot encode {spelled}: ") as exc:
+            proc.pack_result(bytearray(), bad)  # what the server does with a result
+        assert "argument" not in str(exc.value)
+    with pytest.raises(XdrError, match=r"^cannot encode int: "):
+        mod.VClient(RecordingCaller(b"")).ADD(-(2**31) - 1)  # an argument
+    with pytest.raises(XdrError, match=r"^cannot decode int: "):
+        add.unpack_args(memoryview(b"\0\0"), 0)
+    with pytest.raises(XdrError, match=r"^cannot decode unsigned hyper: "):
+        mod.VClient(RecordingCaller(b"\0\0\0\0")).BIG(b"x")
+
+
 def test_opaque_views_option() -> None:
     mod = load_x("struct blob { opaque data<>; opaque fixed[6]; };", opaque_views=True)
     raw = bytearray(mod.encode_blob(mod.blob(b"abc", b"123456")))

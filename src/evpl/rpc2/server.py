@@ -220,8 +220,13 @@ class CallContext:
                 buf += result if result is not None else b""
             else:
                 self._pack(buf, result)
-        except Exception:
-            _log.error("rpc2: cannot encode the result of %r\n%s", self, traceback.format_exc())
+        except Exception as exc:
+            # the handler ran; its return value does not fit the procedure's
+            # result type (an int out of range, a string over its bound...).
+            # Text only: the exception's frames reach the received buffer.
+            self._conn.server.stats["system_err"] += 1
+            _log.error("rpc2: cannot encode the result of %r (answering SYSTEM_ERR): %s\n%s",
+                       self, str(exc), traceback.format_exc())
             self._send(encode_accepted(self.xid, AcceptStat.SYSTEM_ERR))
             return
         self._send(buf)
