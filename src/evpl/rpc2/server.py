@@ -55,6 +55,7 @@ import traceback
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from evpl import framing
@@ -101,14 +102,26 @@ _EMPTY_REPLY_ERRORS: dict[type[RpcError], AcceptStat] = {
     ProgUnavail: AcceptStat.PROG_UNAVAIL,
 }
 
-_current: CallContext | None = None
+# The call whose handler is running, per thread (one Loop per thread) and per
+# asyncio task: a ContextVar, set only around the handler call.
+_current: ContextVar[CallContext | None] = ContextVar("evpl.rpc2.current_call", default=None)
+_current_get = _current.get
+_current_set = _current.set
+_current_reset = _current.reset
 
 
 def current_call() -> CallContext:
-    """The :class:`CallContext` of the call whose handler is running now."""
-    if _current is None:
+    """The :class:`CallContext` of the call whose handler is running now.
+
+    For code deep inside a handler that was not handed the context.  Each
+    thread (each running its own Loop) sees its own call.  Raises
+    ``EvplError`` outside a handler, including in a later callback that
+    answers a deferred call: keep the context (``ctx``) for that.
+    """
+    ctx = _current_get()
+    if ctx is None:
         raise EvplError("current_call() is only valid inside an RPC handler")
-    return _current
+    return ctx
 
 
 def _void_result(buf: bytearray, value: Any) -> None:
@@ -514,7 +527,6 @@ class Server:
 
     def _dispatch(self, conn: _Conn, data: Any, peer: Any, key: Any) -> bool:
         """Serve one call; False if its header is unparseable (nothing was answered)."""
-        global _current
         self.stats["calls"] += 1
         try:
             call = decode_call(data)
@@ -570,8 +582,7 @@ class Server:
                 self.stats["garbage_args"] += 1
                 ctx.reply_error(AcceptStat.GARBAGE_ARGS)
                 return True
-        previous = _current
-        _current = ctx
+        token = _current_set(ctx)
         try:
             result = proc.fn(ctx, *args) if proc.with_ctx else proc.fn(*args)
         except AuthError as exc:
@@ -589,7 +600,7 @@ class Server:
             ctx.reply_error(AcceptStat.SYSTEM_ERR)
             return True
         finally:
-            _current = previous
+            _current_reset(token)
         if result is DEFER or ctx.deferred:
             ctx.deferred = True
         else:
