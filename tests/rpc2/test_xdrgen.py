@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
 import sys
 import types
 from collections.abc import Callable
@@ -497,6 +498,23 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     assert "evpl xdrgen" in capsys.readouterr().out
+
+
+def test_python_dash_m_prints_no_warning(tmp_path: Path) -> None:
+    """``python -m evpl.rpc2.xdrgen`` runs without runpy's RuntimeWarning about the
+    module being in sys.modules already (it used to be imported twice)."""
+    out = tmp_path / "calc_xdr.py"
+    cmd = [sys.executable, "-W", "always", "-m", "evpl.rpc2.xdrgen",
+           str(DATA / "calc.x"), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert "CALC_PROG = 536871203" in out.read_text()
+    # errors still go to stderr with status 1
+    res = subprocess.run([*cmd[:-3], str(tmp_path / "missing.x")], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.startswith("evpl xdrgen: ") and "Warning" not in res.stderr
 
 
 def test_generated_source_is_straight_line(nfs3: types.ModuleType) -> None:

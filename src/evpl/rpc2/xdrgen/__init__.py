@@ -1819,6 +1819,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(code)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
