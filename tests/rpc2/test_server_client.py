@@ -432,6 +432,21 @@ def test_connection_refused_and_reset(loop, address) -> None:
         s2.wait(rpc)
 
 
+def test_unix_connection_refused_fails_the_call(loop, address) -> None:
+    """A unix socket nobody listens on refuses the connect at once: the call
+    fails with ConnectionRefused (it used to raise "send on a closed Bind")."""
+    path = address("unix")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # the file stays, nobody listens
+    client = Client(loop, "unix", path, timeout=5)
+    rpc = client.call(PROG, VERS, 0)
+    with pytest.raises(evpl.ConnectionRefused):
+        client.wait(rpc, TIMEOUT)
+    with pytest.raises(evpl.ConnectionRefused):  # later calls fail the same way
+        client.call(PROG, VERS, 0).result()
+
+
 # -- UDP specifics ------------------------------------------------------------
 
 @pytest.fixture
@@ -540,3 +555,4 @@ def test_portmap_client_and_server(loop, backend: str) -> None:
         parse_uaddr("nonsense")
     pc.close()
     pmap.close()
+

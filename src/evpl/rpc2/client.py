@@ -312,7 +312,11 @@ class Client:
             buf += args
             now = self.loop.now()
             if self.stream:
-                self.bind.send(buf)
+                # a connect that failed at once (a unix socket nobody listens
+                # on) closed the Bind already; on_closed, due at the end of
+                # this iteration, fails the call with the connect error
+                if not self.bind.closed:
+                    self.bind.send(buf)
             else:
                 rpc.message = bytes(buf)
                 self.bind.sendto(rpc.message, self.address)
