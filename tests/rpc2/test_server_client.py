@@ -4,6 +4,7 @@ that send hostile records and retransmissions."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from pathlib import Path
@@ -29,6 +30,7 @@ from evpl.rpc2 import (
     Server,
     SystemErr,
     load_x,
+    portmap,
 )
 from evpl.rpc2.client import reply_error
 from evpl.rpc2.portmap import PortmapClient, PortmapServer, parse_uaddr, uaddr
@@ -556,3 +558,60 @@ def test_portmap_client_and_server(loop, backend: str) -> None:
     pc.close()
     pmap.close()
 
+
+@pytest.fixture
+def local_pmap(loop, address, monkeypatch) -> Any:
+    """An embedded portmapper listening where portmap looks for rpcbind's local
+    socket (RPCBIND_SOCKET, pointed at a temporary path)."""
+    path = address("unix")
+    monkeypatch.setattr(portmap, "RPCBIND_SOCKET", path)
+    pmap = PortmapServer(loop)
+    pmap.server.listen("unix", path)
+    yield pmap
+    pmap.close()
+
+
+def test_portmap_helpers_use_the_local_socket(loop, local_pmap, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="evpl.rpc2.portmap")
+    assert portmap.local_rpcbind() == ("unix", portmap.RPCBIND_SOCKET)
+    assert portmap.register(loop, PROG, 1, "tcp", 5000) is True
+    entry = local_pmap.registry.get(PROG, 1, "tcp")
+    assert (entry.addr, entry.owner) == ("0.0.0.0.19.136", str(os.geteuid()))
+    assert portmap.getport(loop, PROG, 1, "tcp") == 5000
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    # refused: the log says what is registered, and how to replace it
+    assert portmap.register(loop, PROG, 1, "tcp", 6000) is False
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    msg = warning.getMessage()
+    assert warning.name == "evpl.rpc2.portmap"
+    assert msg.startswith(f"rpcbind (local socket {portmap.RPCBIND_SOCKET}) refused to "
+                          f"register program {PROG} version 1 on tcp at 0.0.0.0.23.112: ")
+    assert f"already maps it to 0.0.0.0.19.136 (owner '{os.geteuid()}')" in msg
+    assert f"portmap.unregister(loop, {PROG}, 1)" in msg
+    caplog.clear()
+
+    assert portmap.unregister(loop, PROG, 1) is True
+    assert portmap.register(loop, PROG, 1, "tcp", 6000) is True
+    assert portmap.getport(loop, PROG, 1, "tcp") == 6000
+    assert portmap.unregister(loop, PROG, 1, "tcp") is True
+    # nothing left: False, and not worth a warning
+    assert portmap.unregister(loop, PROG, 1) is False
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_portmap_client_address_forms(loop, local_pmap, monkeypatch, tmp_path) -> None:
+    pc = PortmapClient(loop)  # the local socket
+    assert (pc.backend, pc.address) == ("unix", portmap.RPCBIND_SOCKET)
+    assert pc.wait(pc.null(), TIMEOUT) is None
+    pc.close()
+    pc = PortmapClient(loop, portmap.RPCBIND_SOCKET)  # a path: unix
+    assert pc.backend == "unix"
+    assert pc.wait(pc.set(PROG, 2, "udp", 7000), TIMEOUT) is True
+    pc.close()
+    # no socket there (missing, or a plain file): TCP to 127.0.0.1:111
+    monkeypatch.setattr(portmap, "RPCBIND_SOCKET", str(tmp_path / "missing.sock"))
+    assert portmap.local_rpcbind() == ("tcp", ("127.0.0.1", 111))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(portmap, "RPCBIND_SOCKET", str(tmp_path / "file"))
+    assert portmap.local_rpcbind() == ("tcp", ("127.0.0.1", 111))
