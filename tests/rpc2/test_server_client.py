@@ -34,6 +34,7 @@ from evpl.rpc2 import (
 )
 from evpl.rpc2.client import reply_error
 from evpl.rpc2.portmap import PortmapClient, PortmapServer, parse_uaddr, uaddr
+from evpl.rpc2.server import DRC_ENTRY_OVERHEAD
 from evpl.rpc2.wire import (
     RecordReader,
     decode_reply,
@@ -494,6 +495,105 @@ def test_udp_retransmission_while_in_progress(udp: Setup) -> None:
     assert len(s.impl.held) == 1  # retransmissions did not run the handler again
     s.impl.held[0][0].reply(70)
     assert client.wait(rpc, TIMEOUT) == 70
+
+
+class UdpPeer:
+    """A raw UDP socket that sends calls to a server and collects the replies."""
+
+    def __init__(self, loop: evpl.Loop, addr: Any) -> None:
+        self.loop = loop
+        self.addr = addr
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.replies: list[bytes] = []
+
+    def exchange(self, *messages: bytes) -> list[bytes]:
+        """Send ``messages``; run the loop until as many replies came back."""
+        want = len(self.replies) + len(messages)
+        for m in messages:
+            self.sock.sendto(m, self.addr)
+
+        def pump() -> bool:
+            while True:
+                try:
+                    self.replies.append(self.sock.recv(65536))
+                except BlockingIOError:
+                    return len(self.replies) >= want
+
+        self.loop.run_until(pump, TIMEOUT)
+        return self.replies[want - len(messages):]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def add_call(xid: int, a: int = 1, b: int = 2) -> bytes:
+    return call_bytes(xid, calc.CALC_ADD, calc.encode_pair(calc.pair(a, b)))
+
+
+def test_udp_drc_outlives_a_burst_of_other_calls(loop, address) -> None:
+    """A call is remembered for a time, not for a number of calls: 3000 other
+    calls in between (more than the old 1024-entry LRU held) do not make its
+    retransmission run again."""
+    s = Setup(loop, "udp", address)
+    peer = UdpPeer(loop, s.addr)
+    [first] = peer.exchange(add_call(7))
+    for chunk in range(30):
+        peer.exchange(*(call_bytes(1000 + chunk * 100 + i, 0) for i in range(100)))
+    assert s.server.drc_stats()["drc_entries"] == 3001
+    assert peer.exchange(add_call(7)) == [first]
+    assert s.impl.calls == 1
+    stats = s.server.drc_stats()
+    assert (stats["drc_hits"], stats["drc_expired"], stats["drc_evicted"]) == (1, 0, 0)
+    assert stats["drc_bytes"] >= 3001 * DRC_ENTRY_OVERHEAD
+    peer.close()
+
+
+def test_udp_drc_forgets_after_its_window(loop, address) -> None:
+    s = Setup(loop, "udp", address, drc_window=0.05)
+    peer = UdpPeer(loop, s.addr)
+    [first] = peer.exchange(add_call(8))
+    assert peer.exchange(add_call(8)) == [first] and s.impl.calls == 1
+    # let the window pass (the behaviour under test is time), then retransmit
+    passed: list[bool] = []
+    loop.call_later(0.06, passed.append, True)
+    loop.run_until(lambda: bool(passed), TIMEOUT)
+    peer.exchange(add_call(8))
+    assert s.impl.calls == 2  # forgotten: it ran again
+    stats = s.server.drc_stats()
+    assert stats["drc_expired"] == 1 and stats["drc_entries"] == 1
+    peer.close()
+
+
+def test_udp_drc_byte_bound_drops_the_oldest(loop, address) -> None:
+    bound = 10 * (DRC_ENTRY_OVERHEAD + 32)
+    s = Setup(loop, "udp", address, drc_max_bytes=bound)
+    peer = UdpPeer(loop, s.addr)
+    first = peer.exchange(*(add_call(100 + i) for i in range(30)))
+    stats = s.server.drc_stats()
+    assert stats["drc_bytes"] <= bound and stats["drc_evicted"] >= 20
+    assert stats["drc_entries"] == 30 - stats["drc_evicted"]
+    assert peer.exchange(add_call(129)) == [first[29]]  # newest: still cached
+    assert s.impl.calls == 30
+    peer.exchange(add_call(100))  # oldest: dropped early, so it runs again
+    assert s.impl.calls == 31
+    peer.close()
+
+
+def test_udp_drc_can_be_turned_off(loop, address) -> None:
+    s = Setup(loop, "udp", address, drc_window=0)
+    peer = UdpPeer(loop, s.addr)
+    peer.exchange(add_call(9), add_call(9))
+    assert s.impl.calls == 2
+    assert s.server.drc_stats()["drc_entries"] == 0
+    peer.close()
+
+
+@pytest.mark.parametrize("kw", [{"drc_window": -1}, {"drc_window": float("nan")},
+                                {"drc_max_bytes": 100}])
+def test_drc_configuration_is_checked(loop, kw: dict[str, Any]) -> None:
+    with pytest.raises(evpl.ConfigError):
+        Server(loop, **kw)
 
 
 class DropFirst(evpl.Handler):

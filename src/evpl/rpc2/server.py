@@ -42,8 +42,10 @@ closes a stream connection and is dropped on UDP.
 
 Limits: ``max_record`` (largest call record; a bigger one closes the
 connection), ``max_in_flight`` (calls executing per connection; beyond it
-the connection stops reading until replies go out), ``drc_entries``
-(duplicate request cache entries per UDP socket, LRU).
+the connection stops reading until replies go out), ``drc_window`` and
+``drc_max_bytes`` (how long, in seconds, each UDP socket's duplicate request
+cache remembers a call after its last copy arrived, and the memory bound
+that may cut that short: see :class:`_DatagramConn` and docs/rpc2.md).
 """
 
 from __future__ import annotations
@@ -86,11 +88,27 @@ from evpl.rpc2.wire import (
     pack_accepted_header,
 )
 
-__all__ = ["DEFER", "CallContext", "Server", "current_call"]
+__all__ = [
+    "DEFAULT_DRC_MAX_BYTES",
+    "DEFAULT_DRC_WINDOW",
+    "DEFER",
+    "DRC_ENTRY_OVERHEAD",
+    "CallContext",
+    "Server",
+    "current_call",
+]
 
 _log = logging.getLogger("evpl.rpc2")
 _AUTH_NONE = int(AuthFlavor.AUTH_NONE)
 _AUTH_SYS = int(AuthFlavor.AUTH_SYS)
+
+DEFAULT_DRC_WINDOW = 120.0
+"""Seconds a UDP call is remembered after its last copy arrived: longer than
+clients retransmit (evpl's Client: ``timeout`` 30 s; rpcgen stubs: 25 s;
+Linux's knfsd keeps its entries 120 s too)."""
+DEFAULT_DRC_MAX_BYTES = 64 << 20
+"""Bound of one UDP socket's duplicate request cache: 64 MiB, about 120 000
+small calls, so the window holds at up to ~1000 calls/s (see docs/rpc2.md)."""
 
 DEFER: Any = type("_Defer", (), {"__repr__": lambda self: "DEFER"})()
 """Return this from a handler to reply later with ``ctx.reply()``."""
@@ -366,54 +384,112 @@ class _StreamConn(_Conn):
 
 _IN_PROGRESS = object()
 
+DRC_ENTRY_OVERHEAD = 512
+"""Bytes a duplicate request cache entry is counted for, on top of its reply:
+the key (peer address, xid, checksum), the timestamp and the cache's own
+bookkeeping (about 420 bytes measured on CPython 3.11 x86-64, rounded up)."""
+
 
 class _DatagramConn(_Conn):
     """A UDP socket with a duplicate request cache (DRC).
 
-    The cache maps (peer, xid, crc32 of the call) to the reply sent, or to
-    "in progress" while the handler runs; a retransmitted call gets the
+    The cache maps (peer, xid, crc32 of the whole call) to the reply sent, or
+    to "in progress" while the handler runs; a retransmitted call gets the
     cached reply (or nothing, if still in progress) without being executed
-    again.  It is an LRU of ``drc_entries`` entries.
+    again.  An entry is kept ``window`` seconds after the last copy of its
+    call arrived, so a client that keeps retransmitting keeps it alive; that
+    must cover the clients' retransmission time (their call timeout), or a
+    call whose replies were all lost runs again.  The cache is bounded by
+    ``max_bytes`` (each entry counted as its reply plus
+    :data:`DRC_ENTRY_OVERHEAD`): beyond it the oldest entries go early, which
+    ``stats["drc_evicted"]`` counts.  Entries are kept in the order their
+    calls last arrived (an OrderedDict), so aging and eviction pop the front.
     """
 
-    __slots__ = ("bind", "drc", "drc_entries", "in_flight", "read_paused", "server", "stats")
+    __slots__ = ("bind", "drc", "drc_bytes", "expire_at", "in_flight", "max_bytes",
+                 "read_paused", "server", "stats", "window")
 
-    def __init__(self, server: Server, drc_entries: int) -> None:
+    def __init__(self, server: Server, window: float, max_bytes: int) -> None:
         self.server = server
         self.bind: Any = None
-        self.drc: OrderedDict[Any, Any] = OrderedDict()
-        self.drc_entries = drc_entries
+        # key -> (time the call last arrived, reply bytes or _IN_PROGRESS)
+        self.drc: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
+        self.window = window
+        self.max_bytes = max_bytes
+        self.drc_bytes = 0
+        self.expire_at = 0.0          # when the oldest entry is due: nothing to do before
         self.in_flight = 0
         self.read_paused = False
-        self.stats = {"calls": 0, "drc_hits": 0, "drc_in_progress": 0}
+        self.stats = {"calls": 0, "drc_hits": 0, "drc_in_progress": 0, "drc_expired": 0,
+                      "drc_evicted": 0}
 
     def on_datagram(self, bind: Any, data: Any, addr: Any) -> None:
         self.bind = bind
         key = None
-        if self.drc_entries and len(data) >= 4:
-            key = (addr, bytes(data[:4]), zlib.crc32(data))
-            cached = self.drc.get(key)
+        if self.window and len(data) >= 4:
+            now = self.server.loop.now()
+            if now >= self.expire_at:
+                self._expire(now)
+            drc = self.drc
+            key = (addr, int.from_bytes(data[:4], "big") << 32 | zlib.crc32(data))
+            cached = drc.get(key)
             if cached is not None:
-                self.drc.move_to_end(key)
-                if cached is _IN_PROGRESS:
+                # a retransmission: refresh the entry, answer from the cache
+                reply = cached[1]
+                drc[key] = (now, reply)
+                drc.move_to_end(key)
+                if reply is _IN_PROGRESS:
                     self.stats["drc_in_progress"] += 1
                 else:
                     self.stats["drc_hits"] += 1
-                    bind.sendto(cached, addr)
+                    bind.sendto(reply, addr)
                 return
-            self.drc[key] = _IN_PROGRESS
-            if len(self.drc) > self.drc_entries:
-                self.drc.popitem(last=False)
+            if not drc:
+                self.expire_at = now + self.window
+            drc[key] = (now, _IN_PROGRESS)
+            self.drc_bytes += DRC_ENTRY_OVERHEAD
+            if self.drc_bytes > self.max_bytes:
+                self._evict()
         self.stats["calls"] += 1
         self.in_flight += 1
         if not self.server._dispatch(self, data, addr, key):
             self.in_flight -= 1
-            if key is not None:
-                self.drc.pop(key, None)
+            if key is not None and self.drc.pop(key, None) is not None:
+                self.drc_bytes -= DRC_ENTRY_OVERHEAD
             return
         if self.in_flight >= self.server.max_in_flight * 16 and not self.read_paused:
             self.read_paused = True
             bind.pause_reading()
+
+    def _expire(self, now: float) -> None:
+        """Drop the entries whose calls last arrived more than ``window`` ago.
+
+        A call still in progress is not forgotten (its retransmissions must
+        not run it again): it moves to the back as if it had just arrived."""
+        drc = self.drc
+        cutoff = now - self.window
+        while drc:
+            key = next(iter(drc))
+            t, reply = drc[key]
+            if t > cutoff:
+                self.expire_at = t + self.window
+                return
+            if reply is _IN_PROGRESS:
+                drc[key] = (now, reply)
+                drc.move_to_end(key)
+                continue
+            del drc[key]
+            self.drc_bytes -= DRC_ENTRY_OVERHEAD + len(reply)
+            self.stats["drc_expired"] += 1
+        self.expire_at = now + self.window
+
+    def _evict(self) -> None:
+        """Over ``max_bytes``: drop the oldest entries, within their window."""
+        drc = self.drc
+        while self.drc_bytes > self.max_bytes and len(drc) > 1:
+            _, (_, reply) = drc.popitem(last=False)
+            self.drc_bytes -= DRC_ENTRY_OVERHEAD + (0 if reply is _IN_PROGRESS else len(reply))
+            self.stats["drc_evicted"] += 1
 
     def send_reply(self, data: Any, peer: Any, key: Any) -> None:
         self.in_flight -= 1
@@ -421,8 +497,13 @@ class _DatagramConn(_Conn):
         if bind.closed:
             return
         data = bytes(data)
-        if key is not None and key in self.drc:
-            self.drc[key] = data
+        if key is not None:
+            cached = self.drc.get(key)
+            if cached is not None and cached[1] is _IN_PROGRESS:
+                self.drc[key] = (cached[0], data)  # keeps its place
+                self.drc_bytes += len(data)
+                if self.drc_bytes > self.max_bytes:
+                    self._evict()
         try:
             bind.sendto(data, peer)
         except (EvplError, ValueError) as exc:
@@ -438,17 +519,22 @@ class Server:
     """Serves registered RPC programs on stream listeners and UDP sockets of ``loop``."""
 
     def __init__(self, loop: Any, *, max_record: int = DEFAULT_MAX_RECORD,
-                 max_in_flight: int = 128, drc_entries: int = 1024) -> None:
+                 max_in_flight: int = 128, drc_window: float = DEFAULT_DRC_WINDOW,
+                 drc_max_bytes: int = DEFAULT_DRC_MAX_BYTES) -> None:
         if max_record < 64:
             raise ConfigError(f"max_record must be >= 64, got {max_record!r}")
         if max_in_flight < 1:
             raise ConfigError("max_in_flight must be >= 1")
-        if drc_entries < 0:
-            raise ConfigError("drc_entries must be >= 0")
+        if not drc_window >= 0:
+            raise ConfigError(f"drc_window must be >= 0 seconds, got {drc_window!r}")
+        if drc_max_bytes < DRC_ENTRY_OVERHEAD:
+            raise ConfigError(f"drc_max_bytes must be >= {DRC_ENTRY_OVERHEAD}, "
+                              f"got {drc_max_bytes!r}")
         self.loop = loop
         self.max_record = max_record
         self.max_in_flight = max_in_flight
-        self.drc_entries = drc_entries
+        self.drc_window = float(drc_window)
+        self.drc_max_bytes = drc_max_bytes
         self._programs: dict[int, dict[int, dict[int, _Proc]]] = {}
         self._authsys: dict[bytes, AuthSys] = {}   # decoded AUTH_SYS bodies (bounded)
         self._listeners: list[Any] = []
@@ -495,7 +581,7 @@ class Server:
 
     def bind_udp(self, address: Any, backend: str = "udp", **options: Any) -> Any:
         """Serve calls arriving as datagrams on ``address``; returns the ``Bind``."""
-        conn = _DatagramConn(self, self.drc_entries)
+        conn = _DatagramConn(self, self.drc_window, self.drc_max_bytes)
         bind = self.loop.bind(backend, address, conn, **options)
         conn.bind = bind
         self._udp.append(conn)
@@ -516,11 +602,22 @@ class Server:
         self._udp.clear()
 
     def drc_stats(self) -> dict[str, int]:
-        """Duplicate request cache counters summed over the UDP sockets."""
-        total = {"calls": 0, "drc_hits": 0, "drc_in_progress": 0}
+        """Duplicate request cache counters summed over the UDP sockets.
+
+        ``calls`` executed, ``drc_hits`` retransmissions answered from the
+        cache, ``drc_in_progress`` retransmissions dropped while their call
+        ran, ``drc_expired`` entries aged out after ``drc_window``,
+        ``drc_evicted`` entries dropped early by ``drc_max_bytes`` (a
+        retransmission of those would run again: raise the bound if this
+        grows), ``drc_entries`` and ``drc_bytes`` held now.
+        """
+        total = {"calls": 0, "drc_hits": 0, "drc_in_progress": 0, "drc_expired": 0,
+                 "drc_evicted": 0, "drc_entries": 0, "drc_bytes": 0}
         for u in self._udp:
             for k, v in u.stats.items():
                 total[k] += v
+            total["drc_entries"] += len(u.drc)
+            total["drc_bytes"] += u.drc_bytes
         return total
 
     # -- dispatch --
