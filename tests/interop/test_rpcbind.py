@@ -104,6 +104,15 @@ while True:
 """
 
 
+def python_env() -> dict[str, str]:
+    """The environment for a script that imports evpl from wherever this test does."""
+    import evpl
+    env = dict(os.environ)
+    src = str(Path(evpl.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    return env
+
+
 class Rpcbind:
     """rpcbind -f in a fresh namespace; ``script(...)`` starts the evpl script."""
 
@@ -128,10 +137,7 @@ class Rpcbind:
         return [r for r in rows if r[0] == PROG]
 
     def script(self, *, uid: int | None = None) -> subprocess.Popen[str]:
-        import evpl
-        env = dict(os.environ)
-        src = str(Path(evpl.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+        env = python_env()
         cmd = [sys.executable, "-c", SCRIPT]
         if uid is not None:
             cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
@@ -280,3 +286,53 @@ def test_stale_local_socket_falls_back_to_tcp(rpcbind: Rpcbind, interop: Any) ->
     assert rpcbind.entries() == []
     finish(proc)
 
+
+
+# docs/rpc2.md's shutdown recipe, with a dict-registered program
+RECIPE = r"""
+import signal
+import evpl
+from evpl.rpc2 import Server, portmap
+
+PROG, VERS = 0x20000123, 1
+loop = evpl.Loop()
+server = Server(loop)
+server.register(PROG, VERS, {})
+tcp = server.listen("tcp", ("0.0.0.0", 0)).address[1]
+udp = server.bind_udp(("0.0.0.0", 0)).local_address[1]
+portmap.unregister(loop, PROG, VERS)   # left by an earlier run
+ok = [portmap.register(loop, PROG, VERS, "tcp", tcp),
+      portmap.register(loop, PROG, VERS, "udp", udp)]
+if not all(ok):
+    raise SystemExit("rpcbind refused the registration (see the log)")
+
+def on_signal(signum, frame):
+    loop.stop()
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+print("ready", tcp, udp, flush=True)
+try:
+    loop.run()
+finally:
+    print("unregistered", portmap.unregister(loop, PROG, VERS), flush=True)
+    server.close()
+    loop.close()
+"""
+
+
+def test_documented_shutdown_recipe(rpcbind: Rpcbind, stale_entries: Any,
+                                    interop: Any) -> None:
+    """Starts over the entries of a killed rpcgen server, registers, serves,
+    and on SIGTERM stops the loop, unregisters and exits 0."""
+    proc = rpcbind.ns.popen([sys.executable, "-c", RECIPE], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=python_env(), cwd="/")
+    _, tcp, udp = interop.read_line(proc, 20).split()
+    assert sorted(e[3] for e in rpcbind.entries()) == sorted(
+        f"0.0.0.0.{int(p) >> 8}.{int(p) & 255}" for p in (tcp, udp))
+    res = rpcbind.ns.run(["rpcinfo", "-u", "127.0.0.1", str(PROG), "1"], timeout=10)
+    assert "ready and waiting" in res.stdout, res
+    proc.send_signal(signal.SIGTERM)  # reaches python: nsenter execs it
+    assert interop.read_line(proc, 20) == "unregistered True\n"
+    assert proc.wait(15) == 0, proc.stderr.read() if proc.stderr else ""
+    assert rpcbind.entries() == []

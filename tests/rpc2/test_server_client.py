@@ -42,6 +42,7 @@ from evpl.rpc2.wire import (
     encode_call,
     record_mark,
 )
+from evpl.rpc2.xdr import XdrError
 
 calc = load_x(Path(__file__).parent / "data" / "calc.x", name="calc_x")
 
@@ -207,6 +208,22 @@ def test_unencodable_result_is_logged_as_a_result(setup: Setup,
                                "'i' format requires -2147483648 <= number <= 2147483647")
     assert "argument" not in record.getMessage()
     assert s.server.stats["system_err"] == 1
+
+
+def test_trailing_bytes_after_arguments_are_ignored(setup: Setup) -> None:
+    """As libtirpc does (docs/rpc2.md, differences from rpcgen)."""
+    s = setup
+    args = calc.encode_pair(calc.pair(20, 22)) + b"\0\0\0\7extra..."
+    assert s.wait(s.client.call(PROG, VERS, calc.CALC_ADD, args,
+                                lambda b: struct.unpack(">i", b)[0])) == 42
+
+
+def test_unknown_enum_argument_is_garbage_args(setup: Setup) -> None:
+    """rpcgen's xdr_enum would accept 3 and run the procedure."""
+    s = setup
+    with pytest.raises(GarbageArgs):
+        s.wait(s.client.call(PROG, VERS, calc.CALC_CALC, struct.pack(">iqq", 3, 1, 2)))
+    assert s.wait(s.stub.CALC_CALC(calc.calc_args(calc.OP_ADD, 1, 2))).value == 3
 
 
 def test_auth(setup: Setup) -> None:
@@ -609,6 +626,27 @@ class DropFirst(evpl.Handler):
             reply = encode_accepted(xid, results=struct.pack(">i", 99))
             bind.sendto(reply, addr)
             bind.sendto(reply, addr)  # a duplicate reply: ignored by the client
+
+
+class Answer(evpl.Handler):
+    """A fake UDP server that answers every call with SUCCESS and ``results``."""
+
+    def __init__(self, results: bytes) -> None:
+        self.results = results
+
+    def on_datagram(self, bind: Any, data: Any, addr: Any) -> None:
+        xid = struct.unpack_from(">I", data)[0]
+        bind.sendto(encode_accepted(xid, results=self.results), addr)
+
+
+def test_client_rejects_bytes_after_the_results(loop) -> None:
+    """libtirpc would ignore them; evpl's client says the reply is malformed."""
+    bind = loop.bind("udp", ("127.0.0.1", 0), Answer(struct.pack(">i", 5) + b"\0\0\0\0"))
+    client = Client(loop, "udp", bind.local_address, timeout=5)
+    with pytest.raises(XdrError, match="4 unexpected bytes after the value"):
+        client.wait(calc.CALC_VERSClient(client).CALC_ADD(calc.pair(1, 2)), TIMEOUT)
+    client.close()
+    bind.close()
 
 
 def test_udp_client_retransmits(loop) -> None:

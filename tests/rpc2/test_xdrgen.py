@@ -162,6 +162,15 @@ def test_unknown_enum_value_rejected(nfs3: types.ModuleType) -> None:
         nfs3.encode_fattr3(bad)
 
 
+def test_unknown_enum_discriminant_rejected_even_with_a_default_arm() -> None:
+    """rpcgen's C would take the default arm (docs/rpc2.md, differences)."""
+    mod = load_x("enum color { RED = 0, GREEN = 1 };\n"
+                 "union u switch (color c) { case RED: int r; default: void; };")
+    assert mod.decode_u(b"\0\0\0\1") == mod.u(mod.GREEN)  # known, default arm
+    with pytest.raises(XdrError, match="invalid color value 7"):
+        mod.decode_u(b"\0\0\0\7")
+
+
 def test_mount_v3(nfs3: types.ModuleType) -> None:
     ok = nfs3.mountres3(nfs3.MNT3_OK, nfs3.mountres3_ok(b"\x01" * 32, [0, 1]))
     round_trip(nfs3, "mountres3", ok)
