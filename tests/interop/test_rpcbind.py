@@ -291,6 +291,7 @@ def test_stale_local_socket_falls_back_to_tcp(rpcbind: Rpcbind, interop: Any) ->
 # docs/rpc2.md's shutdown recipe, with a dict-registered program
 RECIPE = r"""
 import signal
+import socket
 import evpl
 from evpl.rpc2 import Server, portmap
 
@@ -311,6 +312,11 @@ def on_signal(signum, frame):
 
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
+wake_r, wake_w = socket.socketpair()
+wake_r.setblocking(False)
+wake_w.setblocking(False)
+signal.set_wakeup_fd(wake_w.fileno())
+loop.watch_fd(wake_r.fileno(), on_readable=lambda: wake_r.recv(512))
 print("ready", tcp, udp, flush=True)
 try:
     loop.run()
@@ -324,7 +330,8 @@ finally:
 def test_documented_shutdown_recipe(rpcbind: Rpcbind, stale_entries: Any,
                                     interop: Any) -> None:
     """Starts over the entries of a killed rpcgen server, registers, serves,
-    and on SIGTERM stops the loop, unregisters and exits 0."""
+    and on SIGTERM (sent right after a reply, when the loop is about to
+    sleep) stops the loop, unregisters and exits 0."""
     proc = rpcbind.ns.popen([sys.executable, "-c", RECIPE], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=python_env(), cwd="/")
     _, tcp, udp = interop.read_line(proc, 20).split()
