@@ -45,7 +45,7 @@ connection), ``max_in_flight`` (calls executing per connection; beyond it
 the connection stops reading until replies go out), ``drc_window`` and
 ``drc_max_bytes`` (how long, in seconds, each UDP socket's duplicate request
 cache remembers a call after its last copy arrived, and the memory bound
-that may cut that short: see :class:`_DatagramConn` and docs/rpc2.md).
+that may cut that short; see docs/rpc2.md for how to size them).
 """
 
 from __future__ import annotations
