@@ -244,11 +244,16 @@ def _run(cmd: Sequence[str], cwd: Path) -> None:
 
 
 class RpcgenCalc:
-    """Paths of the C server and client built from calc.x."""
+    """Paths of the C programs built from calc.x: ``server`` (our main, no
+    rpcbind), ``client``, and ``registering_server``, rpcgen's own generated
+    main, which unsets then registers CALC with rpcbind (through libtirpc:
+    over rpcbind's local socket, so as "superuser" when run as root) and
+    serves TCP and UDP on ports the kernel picks until it is killed."""
 
-    def __init__(self, server: Path, client: Path) -> None:
+    def __init__(self, server: Path, client: Path, registering_server: Path) -> None:
         self.server = server
         self.client = client
+        self.registering_server = registering_server
 
 
 @pytest.fixture(scope="session")
@@ -269,7 +274,10 @@ def rpcgen_calc(tmp_path_factory) -> RpcgenCalc:
           "calc_xdr.c", "-ltirpc"], d)
     _run([*cc, "-o", "calc_client", "calc_client.c", "calc_clnt.c", "calc_xdr.c",
           "-ltirpc"], d)
-    return RpcgenCalc(d / "calc_server", d / "calc_client")
+    _run(["rpcgen", "-s", "tcp", "-s", "udp", "calc.x", "-o", "calc_regsvc.c"], d)
+    _run([*cc, "-o", "calc_regserver", "calc_regsvc.c", "calc_impl.c", "calc_xdr.c",
+          "-ltirpc"], d)
+    return RpcgenCalc(d / "calc_server", d / "calc_client", d / "calc_regserver")
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float = 10.0) -> str:

@@ -24,6 +24,7 @@ from evpl.rpc2 import Server, portmap
 
 mode = sys.argv[1]
 PROG, PROG2 = 0x20000123, 0x20000124
+RPCBIND = ("127.0.0.1", 111)
 loop = evpl.Loop()
 server = Server(loop)
 server.register(PROG, 1, {})
@@ -37,10 +38,12 @@ if mode == "embedded":
     pmap.add_server(server, "tcp", tcp)
     pmap.add_server(server, "udp", udp)
 else:
-    # rpcbind v4 SET for tcp, portmapper v2 SET for udp
+    # rpcbind v4 SET for tcp, portmapper v2 SET for udp; over TCP explicitly:
+    # rpcbind's local socket is in its own private /run, and the host's (if
+    # any) must not be used (test_rpcbind.py covers the local socket)
     for prog, vers in server.registrations:
-        assert portmap.register(loop, prog, vers, "tcp", tcp, version=4)
-        assert portmap.register(loop, prog, vers, "udp", udp, version=2)
+        assert portmap.register(loop, prog, vers, "tcp", tcp, version=4, address=RPCBIND)
+        assert portmap.register(loop, prog, vers, "udp", udp, version=2, address=RPCBIND)
 print("ready", tcp, udp, flush=True)
 
 lines = []
@@ -56,8 +59,8 @@ while True:
     if not data:
         break
     if data.strip() == b"unregister":
-        ok = [portmap.unregister(loop, PROG, 1, version=4),
-              portmap.unregister(loop, PROG2, 1, version=2)]
+        ok = [portmap.unregister(loop, PROG, 1, version=4, address=RPCBIND),
+              portmap.unregister(loop, PROG2, 1, version=2, address=RPCBIND)]
         print("unregistered", *ok, flush=True)
 """
 

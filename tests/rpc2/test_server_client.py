@@ -3,6 +3,8 @@ that send hostile records and retransmissions."""
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import struct
 from pathlib import Path
@@ -28,9 +30,11 @@ from evpl.rpc2 import (
     Server,
     SystemErr,
     load_x,
+    portmap,
 )
 from evpl.rpc2.client import reply_error
 from evpl.rpc2.portmap import PortmapClient, PortmapServer, parse_uaddr, uaddr
+from evpl.rpc2.server import DRC_ENTRY_OVERHEAD
 from evpl.rpc2.wire import (
     RecordReader,
     decode_reply,
@@ -38,6 +42,7 @@ from evpl.rpc2.wire import (
     encode_call,
     record_mark,
 )
+from evpl.rpc2.xdr import XdrError
 
 calc = load_x(Path(__file__).parent / "data" / "calc.x", name="calc_x")
 
@@ -188,6 +193,37 @@ def test_errors(setup: Setup) -> None:
     assert ae.value.stat is AuthStat.AUTH_TOOWEAK
     # after all that the server still serves this client
     assert s.wait(s.stub.CALC_ADD(calc.pair(1, 1))) == 2
+
+
+def test_unencodable_result_is_logged_as_a_result(setup: Setup,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    s = setup
+    caplog.set_level(logging.ERROR, logger="evpl.rpc2")
+    with pytest.raises(SystemErr):
+        s.wait(s.stub.CALC_ADD(calc.pair(2**31 - 1, 1)))  # 2**31 does not fit an int
+    [record] = [r for r in caplog.records if r.name == "evpl.rpc2"]
+    first_line = record.getMessage().splitlines()[0]
+    assert first_line.startswith("rpc2: cannot encode the result of <CallContext")
+    assert first_line.endswith("(answering SYSTEM_ERR): cannot encode int: "
+                               "'i' format requires -2147483648 <= number <= 2147483647")
+    assert "argument" not in record.getMessage()
+    assert s.server.stats["system_err"] == 1
+
+
+def test_trailing_bytes_after_arguments_are_ignored(setup: Setup) -> None:
+    """As libtirpc does (docs/rpc2.md, differences from rpcgen)."""
+    s = setup
+    args = calc.encode_pair(calc.pair(20, 22)) + b"\0\0\0\7extra..."
+    assert s.wait(s.client.call(PROG, VERS, calc.CALC_ADD, args,
+                                lambda b: struct.unpack(">i", b)[0])) == 42
+
+
+def test_unknown_enum_argument_is_garbage_args(setup: Setup) -> None:
+    """rpcgen's xdr_enum would accept 3 and run the procedure."""
+    s = setup
+    with pytest.raises(GarbageArgs):
+        s.wait(s.client.call(PROG, VERS, calc.CALC_CALC, struct.pack(">iqq", 3, 1, 2)))
+    assert s.wait(s.stub.CALC_CALC(calc.calc_args(calc.OP_ADD, 1, 2))).value == 3
 
 
 def test_auth(setup: Setup) -> None:
@@ -416,6 +452,21 @@ def test_connection_refused_and_reset(loop, address) -> None:
         s2.wait(rpc)
 
 
+def test_unix_connection_refused_fails_the_call(loop, address) -> None:
+    """A unix socket nobody listens on refuses the connect at once: the call
+    fails with ConnectionRefused (it used to raise "send on a closed Bind")."""
+    path = address("unix")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # the file stays, nobody listens
+    client = Client(loop, "unix", path, timeout=5)
+    rpc = client.call(PROG, VERS, 0)
+    with pytest.raises(evpl.ConnectionRefused):
+        client.wait(rpc, TIMEOUT)
+    with pytest.raises(evpl.ConnectionRefused):  # later calls fail the same way
+        client.call(PROG, VERS, 0).result()
+
+
 # -- UDP specifics ------------------------------------------------------------
 
 @pytest.fixture
@@ -463,6 +514,105 @@ def test_udp_retransmission_while_in_progress(udp: Setup) -> None:
     assert client.wait(rpc, TIMEOUT) == 70
 
 
+class UdpPeer:
+    """A raw UDP socket that sends calls to a server and collects the replies."""
+
+    def __init__(self, loop: evpl.Loop, addr: Any) -> None:
+        self.loop = loop
+        self.addr = addr
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.replies: list[bytes] = []
+
+    def exchange(self, *messages: bytes) -> list[bytes]:
+        """Send ``messages``; run the loop until as many replies came back."""
+        want = len(self.replies) + len(messages)
+        for m in messages:
+            self.sock.sendto(m, self.addr)
+
+        def pump() -> bool:
+            while True:
+                try:
+                    self.replies.append(self.sock.recv(65536))
+                except BlockingIOError:
+                    return len(self.replies) >= want
+
+        self.loop.run_until(pump, TIMEOUT)
+        return self.replies[want - len(messages):]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def add_call(xid: int, a: int = 1, b: int = 2) -> bytes:
+    return call_bytes(xid, calc.CALC_ADD, calc.encode_pair(calc.pair(a, b)))
+
+
+def test_udp_drc_outlives_a_burst_of_other_calls(loop, address) -> None:
+    """A call is remembered for a time, not for a number of calls: 3000 other
+    calls in between (more than the old 1024-entry LRU held) do not make its
+    retransmission run again."""
+    s = Setup(loop, "udp", address)
+    peer = UdpPeer(loop, s.addr)
+    [first] = peer.exchange(add_call(7))
+    for chunk in range(30):
+        peer.exchange(*(call_bytes(1000 + chunk * 100 + i, 0) for i in range(100)))
+    assert s.server.drc_stats()["drc_entries"] == 3001
+    assert peer.exchange(add_call(7)) == [first]
+    assert s.impl.calls == 1
+    stats = s.server.drc_stats()
+    assert (stats["drc_hits"], stats["drc_expired"], stats["drc_evicted"]) == (1, 0, 0)
+    assert stats["drc_bytes"] >= 3001 * DRC_ENTRY_OVERHEAD
+    peer.close()
+
+
+def test_udp_drc_forgets_after_its_window(loop, address) -> None:
+    s = Setup(loop, "udp", address, drc_window=0.05)
+    peer = UdpPeer(loop, s.addr)
+    [first] = peer.exchange(add_call(8))
+    assert peer.exchange(add_call(8)) == [first] and s.impl.calls == 1
+    # let the window pass (the behaviour under test is time), then retransmit
+    passed: list[bool] = []
+    loop.call_later(0.06, passed.append, True)
+    loop.run_until(lambda: bool(passed), TIMEOUT)
+    peer.exchange(add_call(8))
+    assert s.impl.calls == 2  # forgotten: it ran again
+    stats = s.server.drc_stats()
+    assert stats["drc_expired"] == 1 and stats["drc_entries"] == 1
+    peer.close()
+
+
+def test_udp_drc_byte_bound_drops_the_oldest(loop, address) -> None:
+    bound = 10 * (DRC_ENTRY_OVERHEAD + 32)
+    s = Setup(loop, "udp", address, drc_max_bytes=bound)
+    peer = UdpPeer(loop, s.addr)
+    first = peer.exchange(*(add_call(100 + i) for i in range(30)))
+    stats = s.server.drc_stats()
+    assert stats["drc_bytes"] <= bound and stats["drc_evicted"] >= 20
+    assert stats["drc_entries"] == 30 - stats["drc_evicted"]
+    assert peer.exchange(add_call(129)) == [first[29]]  # newest: still cached
+    assert s.impl.calls == 30
+    peer.exchange(add_call(100))  # oldest: dropped early, so it runs again
+    assert s.impl.calls == 31
+    peer.close()
+
+
+def test_udp_drc_can_be_turned_off(loop, address) -> None:
+    s = Setup(loop, "udp", address, drc_window=0)
+    peer = UdpPeer(loop, s.addr)
+    peer.exchange(add_call(9), add_call(9))
+    assert s.impl.calls == 2
+    assert s.server.drc_stats()["drc_entries"] == 0
+    peer.close()
+
+
+@pytest.mark.parametrize("kw", [{"drc_window": -1}, {"drc_window": float("nan")},
+                                {"drc_max_bytes": 100}])
+def test_drc_configuration_is_checked(loop, kw: dict[str, Any]) -> None:
+    with pytest.raises(evpl.ConfigError):
+        Server(loop, **kw)
+
+
 class DropFirst(evpl.Handler):
     """A fake UDP server that ignores the first copy of each call."""
 
@@ -476,6 +626,27 @@ class DropFirst(evpl.Handler):
             reply = encode_accepted(xid, results=struct.pack(">i", 99))
             bind.sendto(reply, addr)
             bind.sendto(reply, addr)  # a duplicate reply: ignored by the client
+
+
+class Answer(evpl.Handler):
+    """A fake UDP server that answers every call with SUCCESS and ``results``."""
+
+    def __init__(self, results: bytes) -> None:
+        self.results = results
+
+    def on_datagram(self, bind: Any, data: Any, addr: Any) -> None:
+        xid = struct.unpack_from(">I", data)[0]
+        bind.sendto(encode_accepted(xid, results=self.results), addr)
+
+
+def test_client_rejects_bytes_after_the_results(loop) -> None:
+    """libtirpc would ignore them; evpl's client says the reply is malformed."""
+    bind = loop.bind("udp", ("127.0.0.1", 0), Answer(struct.pack(">i", 5) + b"\0\0\0\0"))
+    client = Client(loop, "udp", bind.local_address, timeout=5)
+    with pytest.raises(XdrError, match="4 unexpected bytes after the value"):
+        client.wait(calc.CALC_VERSClient(client).CALC_ADD(calc.pair(1, 2)), TIMEOUT)
+    client.close()
+    bind.close()
 
 
 def test_udp_client_retransmits(loop) -> None:
@@ -524,3 +695,61 @@ def test_portmap_client_and_server(loop, backend: str) -> None:
         parse_uaddr("nonsense")
     pc.close()
     pmap.close()
+
+
+@pytest.fixture
+def local_pmap(loop, address, monkeypatch) -> Any:
+    """An embedded portmapper listening where portmap looks for rpcbind's local
+    socket (RPCBIND_SOCKET, pointed at a temporary path)."""
+    path = address("unix")
+    monkeypatch.setattr(portmap, "RPCBIND_SOCKET", path)
+    pmap = PortmapServer(loop)
+    pmap.server.listen("unix", path)
+    yield pmap
+    pmap.close()
+
+
+def test_portmap_helpers_use_the_local_socket(loop, local_pmap, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="evpl.rpc2.portmap")
+    assert portmap.local_rpcbind() == ("unix", portmap.RPCBIND_SOCKET)
+    assert portmap.register(loop, PROG, 1, "tcp", 5000) is True
+    entry = local_pmap.registry.get(PROG, 1, "tcp")
+    assert (entry.addr, entry.owner) == ("0.0.0.0.19.136", str(os.geteuid()))
+    assert portmap.getport(loop, PROG, 1, "tcp") == 5000
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    # refused: the log says what is registered, and how to replace it
+    assert portmap.register(loop, PROG, 1, "tcp", 6000) is False
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    msg = warning.getMessage()
+    assert warning.name == "evpl.rpc2.portmap"
+    assert msg.startswith(f"rpcbind (local socket {portmap.RPCBIND_SOCKET}) refused to "
+                          f"register program {PROG} version 1 on tcp at 0.0.0.0.23.112: ")
+    assert f"already maps it to 0.0.0.0.19.136 (owner '{os.geteuid()}')" in msg
+    assert f"portmap.unregister(loop, {PROG}, 1)" in msg
+    caplog.clear()
+
+    assert portmap.unregister(loop, PROG, 1) is True
+    assert portmap.register(loop, PROG, 1, "tcp", 6000) is True
+    assert portmap.getport(loop, PROG, 1, "tcp") == 6000
+    assert portmap.unregister(loop, PROG, 1, "tcp") is True
+    # nothing left: False, and not worth a warning
+    assert portmap.unregister(loop, PROG, 1) is False
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_portmap_client_address_forms(loop, local_pmap, monkeypatch, tmp_path) -> None:
+    pc = PortmapClient(loop)  # the local socket
+    assert (pc.backend, pc.address) == ("unix", portmap.RPCBIND_SOCKET)
+    assert pc.wait(pc.null(), TIMEOUT) is None
+    pc.close()
+    pc = PortmapClient(loop, portmap.RPCBIND_SOCKET)  # a path: unix
+    assert pc.backend == "unix"
+    assert pc.wait(pc.set(PROG, 2, "udp", 7000), TIMEOUT) is True
+    pc.close()
+    # no socket there (missing, or a plain file): TCP to 127.0.0.1:111
+    monkeypatch.setattr(portmap, "RPCBIND_SOCKET", str(tmp_path / "missing.sock"))
+    assert portmap.local_rpcbind() == ("tcp", ("127.0.0.1", 111))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(portmap, "RPCBIND_SOCKET", str(tmp_path / "file"))
+    assert portmap.local_rpcbind() == ("tcp", ("127.0.0.1", 111))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
 import sys
 import types
 from collections.abc import Callable
@@ -159,6 +160,15 @@ def test_unknown_enum_value_rejected(nfs3: types.ModuleType) -> None:
         bad = fattr(nfs3)
         bad.type = 99
         nfs3.encode_fattr3(bad)
+
+
+def test_unknown_enum_discriminant_rejected_even_with_a_default_arm() -> None:
+    """rpcgen's C would take the default arm (docs/rpc2.md, differences)."""
+    mod = load_x("enum color { RED = 0, GREEN = 1 };\n"
+                 "union u switch (color c) { case RED: int r; default: void; };")
+    assert mod.decode_u(b"\0\0\0\1") == mod.u(mod.GREEN)  # known, default arm
+    with pytest.raises(XdrError, match="invalid color value 7"):
+        mod.decode_u(b"\0\0\0\7")
 
 
 def test_mount_v3(nfs3: types.ModuleType) -> None:
@@ -388,6 +398,27 @@ def test_multi_argument_procedures(demo: types.ModuleType) -> None:
     assert demo.DEMO == 0x20000001
 
 
+def test_anonymous_codec_errors_name_the_type() -> None:
+    """A codec of an unnamed argument/result type is shared by arguments and
+    results, so its errors name the XDR type, never "procedure argument"."""
+    mod = load_x("""
+        program P { version V {
+            int ADD(int) = 1;
+            unsigned hyper BIG(string) = 2;
+        } = 1; } = 0x20000002;""")
+    add, big = mod.VServer.PROCEDURES[1], mod.VServer.PROCEDURES[2]
+    for proc, bad, spelled in ((add, 2**31, "int"), (big, -1, "unsigned hyper")):
+        with pytest.raises(XdrError, match=rf"^cannot encode {spelled}: ") as exc:
+            proc.pack_result(bytearray(), bad)  # what the server does with a result
+        assert "argument" not in str(exc.value)
+    with pytest.raises(XdrError, match=r"^cannot encode int: "):
+        mod.VClient(RecordingCaller(b"")).ADD(-(2**31) - 1)  # an argument
+    with pytest.raises(XdrError, match=r"^cannot decode int: "):
+        add.unpack_args(memoryview(b"\0\0"), 0)
+    with pytest.raises(XdrError, match=r"^cannot decode unsigned hyper: "):
+        mod.VClient(RecordingCaller(b"\0\0\0\0")).BIG(b"x")
+
+
 def test_opaque_views_option() -> None:
     mod = load_x("struct blob { opaque data<>; opaque fixed[6]; };", opaque_views=True)
     raw = bytearray(mod.encode_blob(mod.blob(b"abc", b"123456")))
@@ -476,6 +507,23 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     assert "evpl xdrgen" in capsys.readouterr().out
+
+
+def test_python_dash_m_prints_no_warning(tmp_path: Path) -> None:
+    """``python -m evpl.rpc2.xdrgen`` runs without runpy's RuntimeWarning about the
+    module being in sys.modules already (it used to be imported twice)."""
+    out = tmp_path / "calc_xdr.py"
+    cmd = [sys.executable, "-W", "always", "-m", "evpl.rpc2.xdrgen",
+           str(DATA / "calc.x"), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert "CALC_PROG = 536871203" in out.read_text()
+    # errors still go to stderr with status 1
+    res = subprocess.run([*cmd[:-3], str(tmp_path / "missing.x")], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.startswith("evpl xdrgen: ") and "Warning" not in res.stderr
 
 
 def test_generated_source_is_straight_line(nfs3: types.ModuleType) -> None:

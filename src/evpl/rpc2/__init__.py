@@ -3,6 +3,7 @@
 * :mod:`evpl.rpc2.xdr`, :mod:`evpl.rpc2.wire`: the sans-I/O core (XDR codecs,
   call and reply messages, record marking).
 * :mod:`evpl.rpc2.xdrgen`: the ``.x`` compiler (``load_x``, ``compile_x``).
+* :mod:`evpl.rpc2.errors`: the exceptions (also exported here).
 * :class:`Server`, :class:`Client`: bindings over evpl Binds (stream backends
   with record marking, UDP with retransmission and a duplicate request cache).
 * :mod:`evpl.rpc2.portmap`: portmapper/rpcbind client and an embedded portmapper.
@@ -10,15 +11,14 @@
 See docs/rpc2.md.
 """
 
-from evpl.rpc2.client import (
+from evpl.rpc2.client import Client, RpcCall
+from evpl.rpc2.errors import (
     AuthError,
-    Client,
     ClientClosed,
     GarbageArgs,
     ProcUnavail,
     ProgMismatch,
     ProgUnavail,
-    RpcCall,
     RpcError,
     RpcMismatch,
     RpcTimeout,

@@ -6,9 +6,19 @@ objects; :func:`register`, :func:`unregister` and :func:`getport` are
 blocking conveniences for scripts (they run the loop, so they cannot be
 used inside a loop callback)::
 
-    portmap.register(loop, PROG, VERS, "tcp", 5000)   # rpcbind v4 SET, then v2 SET
+    portmap.register(loop, PROG, VERS, "tcp", 5000)   # rpcbind v4 SET
     ...
     portmap.unregister(loop, PROG, VERS)
+
+By default they talk to this host's rpcbind the way libtirpc does: over its
+local socket (:data:`RPCBIND_SOCKET`) when it exists, where rpcbind knows
+the caller's uid, else over TCP to 127.0.0.1:111, where every caller is
+"unknown" to it and may not unset entries that others (a libtirpc server
+running as root: "superuser") registered.  rpcbind refuses to SET a
+program/version/transport that is registered already at another address,
+so a server restarting after a crash unregisters first (as rpcgen's
+generated servers do).  A refused SET or UNSET returns False and logs why,
+and what to do, on the ``evpl.rpc2.portmap`` logger.
 
 Server side: :class:`PortmapServer` is a small portmapper for hosts without
 rpcbind (or for tests in a network namespace): it answers v2 NULL, SET,
@@ -23,13 +33,17 @@ being ``p1 * 256 + p2``; see :func:`uaddr` and :func:`parse_uaddr`.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import stat
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
-from evpl.errors import ConfigError, EvplError
+from evpl.errors import ConfigError, EvplError, TransportError
 from evpl.rpc2.client import Client, RpcCall
+from evpl.rpc2.errors import RpcError
 from evpl.rpc2.server import Server
 from evpl.rpc2.xdrgen import load_x
 
@@ -38,11 +52,13 @@ __all__ = [
     "IPPROTO_UDP",
     "PMAP_PORT",
     "PMAP_PROG",
+    "RPCBIND_SOCKET",
     "Mapping",
     "PortmapClient",
     "PortmapServer",
     "Rpcb",
     "getport",
+    "local_rpcbind",
     "parse_uaddr",
     "register",
     "uaddr",
@@ -105,6 +121,12 @@ program PMAP_PROG {
 } = 100000;
 """
 
+RPCBIND_SOCKET = "/run/rpcbind.sock"
+"""rpcbind's local (unix) socket, where it sees the caller's uid (libtirpc's
+``_PATH_RPCBINDSOCK``; ``/var/run`` is ``/run`` on current systems)."""
+
+_log = logging.getLogger("evpl.rpc2.portmap")
+
 pm: Any = load_x(PORTMAP_X, name="evpl.rpc2._portmap_x")
 """The compiled portmap/rpcbind types and stubs (``pm.mapping``, ``pm.rpcb``...)."""
 
@@ -153,15 +175,31 @@ def parse_uaddr(addr: str | bytes) -> tuple[str, int]:
 # -- client --------------------------------------------------------------------
 
 class PortmapClient:
-    """Calls a portmapper / rpcbind at ``address`` (default 127.0.0.1:111).
+    """Calls a portmapper / rpcbind at ``address``.
+
+    ``address`` ``None`` (the default) is this host's rpcbind, as libtirpc
+    finds it: its local socket :data:`RPCBIND_SOCKET` if that exists, else
+    TCP to 127.0.0.1:111 (see :func:`local_rpcbind`).  A ``str`` is a unix
+    socket path, a ``(host, port)`` tuple a TCP address (``backend="udp"``
+    for UDP).  Over the local socket rpcbind knows the caller's uid and
+    records it as the owner of what it registers ("superuser" for root);
+    over the network every caller is "unknown", which may not unset entries
+    of another owner.
 
     Every method returns an :class:`~evpl.rpc2.RpcCall`; ``v2`` methods use
     the portmapper protocol, ``rpcb_*`` ones rpcbind ``version`` 3 or 4.
     """
 
-    def __init__(self, loop: Any, address: Any = ("127.0.0.1", PMAP_PORT), *,
-                 backend: str = "tcp", timeout: float = 5.0, **options: Any) -> None:
+    def __init__(self, loop: Any, address: str | tuple[str, int] | None = None, *,
+                 backend: str | None = None, timeout: float = 5.0, **options: Any) -> None:
+        if address is None:
+            default_backend, address = local_rpcbind()
+            backend = backend or default_backend
+        elif backend is None:
+            backend = "unix" if isinstance(address, str | bytes) else "tcp"
         self.loop = loop
+        self.backend = backend
+        self.address = address
         self.client = Client(loop, backend, address, timeout=timeout, **options)
         self.v2 = pm.PMAP_VERSClient(self.client)
         self.v3 = pm.RPCBVERSClient(self.client)
@@ -237,47 +275,198 @@ class PortmapClient:
         return self._rpcb(version).RPCBPROC_DUMP()
 
 
+def local_rpcbind() -> tuple[str, Any]:
+    """``(backend, address)`` of this host's rpcbind, chosen as libtirpc does:
+    the local socket :data:`RPCBIND_SOCKET` when it exists (rpcbind then
+    knows the caller's uid), else TCP to 127.0.0.1:111."""
+    try:
+        if stat.S_ISSOCK(os.stat(RPCBIND_SOCKET).st_mode):
+            return "unix", RPCBIND_SOCKET
+    except OSError:
+        pass
+    return "tcp", ("127.0.0.1", PMAP_PORT)
+
+
 def _owner() -> str:
+    """The r_owner we send; rpcbind ignores it and records who it sees calling."""
     return str(os.geteuid())
 
 
+def _caller_as_seen(backend: str) -> str:
+    """The owner rpcbind records for us: the uid it reads from a local socket
+    ("superuser" for root), "unknown" over the network."""
+    if backend != "unix":
+        return "unknown"
+    uid = os.geteuid()
+    return "superuser" if uid == 0 else str(uid)
+
+
+def _with_rpcbind(loop: Any, address: str | tuple[str, int] | None, timeout: float,
+                  fn: Callable[[PortmapClient], Any]) -> Any:
+    """Run ``fn(client)`` against ``address`` (``None``: :func:`local_rpcbind`).
+
+    Like libtirpc, when the local socket was chosen by default but cannot be
+    connected to (a socket file left by a stopped rpcbind), try TCP to
+    127.0.0.1:111 instead."""
+    chosen = address is None
+    backend, target = local_rpcbind() if chosen else (None, address)
+    try:
+        with PortmapClient(loop, target, backend=backend, timeout=timeout) as pc:
+            return fn(pc)
+    except TransportError as exc:
+        if not chosen or backend != "unix" or exc.errno not in (errno.ECONNREFUSED,
+                                                                 errno.ENOENT):
+            raise
+        _log.debug("rpc2: rpcbind's local socket %s does not answer (%s); trying "
+                   "127.0.0.1:%d over TCP", target, exc, PMAP_PORT)
+    with PortmapClient(loop, ("127.0.0.1", PMAP_PORT), timeout=timeout) as pc:
+        return fn(pc)
+
+
+class _Found(NamedTuple):
+    netid: str
+    addr: str
+    owner: str
+
+
+def _registered(pc: PortmapClient, prog: int, vers: int, netid: str) -> list[_Found] | None:
+    """What the portmapper has for ``prog``/``vers`` (one netid, or all if empty),
+    to explain a refusal; ``None`` if it cannot be asked."""
+    try:
+        found = [_Found(_text(m.r_netid), _text(m.r_addr), _text(m.r_owner))
+                 for m in (e.rpcb_map for e in pc.wait(pc.rpcb_dump(4)))
+                 if m.r_prog == prog and m.r_vers == vers]
+    except RpcError:  # a portmapper without rpcbind v4: v2 has no owners
+        try:
+            found = [_Found(_PROT_NETID.get(m.prot, str(m.prot)), uaddr("0.0.0.0", m.port), "")
+                     for m in pc.wait(pc.dump()) if m.prog == prog and m.vers == vers]
+        except EvplError:
+            return None
+    except EvplError:
+        return None
+    return [f for f in found if not netid or f.netid == netid]
+
+
+def _where(pc: PortmapClient) -> str:
+    if pc.backend == "unix":
+        return f"rpcbind (local socket {pc.address})"
+    return f"the portmapper at {pc.address!r} ({pc.backend})"
+
+
+def _unset_hint(pc: PortmapClient, owner: str) -> str:
+    """Why we may not be able to unset an entry of ``owner``, and what to do."""
+    me = _caller_as_seen(pc.backend)
+    if not owner or me in ("superuser", owner):
+        return ""
+    rule = f" rpcbind lets only the entry's owner ({owner!r}) or root unset it"
+    if owner == "unknown":  # registered over the network; we are a non-root uid
+        return (f"{rule}, and you are uid {os.geteuid()} on its local socket: unset it "
+                f"as root, or over TCP (address=('127.0.0.1', {PMAP_PORT})) where every "
+                f"caller is 'unknown'.")
+    who = "root" if owner == "superuser" else f"root (or as uid {owner})"
+    if pc.backend != "unix":
+        return (f"{rule}, and tells callers apart only on its local socket "
+                f"{RPCBIND_SOCKET}: over {pc.backend} every caller is 'unknown'.  Run this "
+                f"as {who} on the rpcbind host and leave address= at its default, so that "
+                f"the local socket is used.")
+    return f"{rule}, and you are uid {os.geteuid()}: run this as {who}."
+
+
+def _explain_set(pc: PortmapClient, prog: int, vers: int, netid: str, addr: str) -> str:
+    what = f"program {prog} version {vers} on {netid} at {addr}"
+    found = _registered(pc, prog, vers, netid)
+    if found is None:
+        return f"{_where(pc)} refused to register {what} (and could not be asked why)."
+    if not found:
+        return (f"{_where(pc)} refused to register {what} though it has no entry for it: "
+                f"rpcbind accepts SET and UNSET only from its own host (loopback or "
+                f"{RPCBIND_SOCKET}).")
+    e = found[0]
+    owner = f" (owner {e.owner!r})" if e.owner else ""
+    return (f"{_where(pc)} refused to register {what}: it already maps it to {e.addr}"
+            f"{owner}, and keeps the first registration until it is unset.  If that "
+            f"server is gone (it exited without unregistering), unregister first with "
+            f"portmap.unregister(loop, {prog}, {vers}), as rpcgen servers do when they "
+            f"start.{_unset_hint(pc, e.owner)}")
+
+
 def register(loop: Any, prog: int, vers: int, protocol: str | int, port: int, *,
-             address: Any = ("127.0.0.1", PMAP_PORT), host: str = "0.0.0.0",
-             version: int = 4, timeout: float = 5.0) -> bool:
+             address: str | tuple[str, int] | None = None, host: str = "0.0.0.0", version: int = 4,
+             timeout: float = 5.0) -> bool:
     """Register ``prog``/``vers`` at ``port`` with the portmapper at ``address``.
 
-    ``version`` 4 or 3 uses rpcbind SET (netid ``"tcp"``/``"udp"``, universal
-    address built from ``host`` and ``port``); 2 uses portmapper SET.
-    Returns the server's answer (False: already registered by someone).
+    ``address`` ``None``: this host's rpcbind, over its local socket if it
+    exists (see :func:`local_rpcbind`); a path or a ``(host, port)`` as for
+    :class:`PortmapClient`.  ``version`` 4 or 3 uses rpcbind SET (netid
+    ``"tcp"``/``"udp"``, universal address built from ``host`` and
+    ``port``); 2 uses portmapper SET.  Returns the portmapper's answer:
+    True if registered (or already registered at this same address), False
+    if refused; a refusal is logged on ``evpl.rpc2.portmap`` (WARNING) with
+    what is registered instead, by whom, and how to replace it.
     Blocking: runs the loop; not for use inside a loop callback.
     """
     netid = _netid(protocol)
-    with PortmapClient(loop, address, timeout=timeout) as pc:
+
+    def run(pc: PortmapClient) -> bool:
         if version == 2:
-            return bool(pc.wait(pc.set(prog, vers, netid, port)))
-        return bool(pc.wait(pc.rpcb_set(prog, vers, netid, uaddr(host, port), _owner(),
-                                        version)))
+            ok = bool(pc.wait(pc.set(prog, vers, netid, port)))
+            addr = uaddr("0.0.0.0", port)
+        else:
+            addr = uaddr(host, port)
+            ok = bool(pc.wait(pc.rpcb_set(prog, vers, netid, addr, _owner(), version)))
+        if not ok:
+            _log.warning("%s", _explain_set(pc, prog, vers, netid, addr))
+        return ok
+
+    return bool(_with_rpcbind(loop, address, timeout, run))
 
 
 def unregister(loop: Any, prog: int, vers: int, protocol: str | int | None = None, *,
-               address: Any = ("127.0.0.1", PMAP_PORT), version: int = 4,
+               address: str | tuple[str, int] | None = None, version: int = 4,
                timeout: float = 5.0) -> bool:
-    """Remove the registration(s) of ``prog``/``vers`` (one protocol, or all).
+    """Remove the registration(s) of ``prog``/``vers`` (one protocol, or all;
+    portmapper ``version`` 2 always removes all).
 
-    Blocking like :func:`register`.
+    Returns the portmapper's answer: True if the registrations are gone
+    (rpcbind also answers True when there were none), False if refused
+    (rpcbind lets only an entry's owner or root unset it, and knows the
+    caller only on its local socket; the embedded :class:`PortmapServer`
+    answers False when there was nothing to remove).  A refusal is logged
+    on ``evpl.rpc2.portmap`` (WARNING) with the owner and what to do.
+    ``address`` and blocking as for :func:`register`.
     """
-    with PortmapClient(loop, address, timeout=timeout) as pc:
+    netid = "" if protocol is None or version == 2 else _netid(protocol)
+
+    def run(pc: PortmapClient) -> bool:
         if version == 2:
-            return bool(pc.wait(pc.unset(prog, vers)))
-        netid = "" if protocol is None else _netid(protocol)
-        return bool(pc.wait(pc.rpcb_unset(prog, vers, netid, _owner(), version)))
+            ok = bool(pc.wait(pc.unset(prog, vers)))
+        else:
+            ok = bool(pc.wait(pc.rpcb_unset(prog, vers, netid, _owner(), version)))
+        if not ok:
+            found = _registered(pc, prog, vers, netid)
+            if found:
+                owners = sorted({f.owner for f in found})
+                entries = ", ".join(f"{f.netid} {f.addr}" for f in found)
+                _log.warning("%s refused to unregister program %d version %d (%s, owner "
+                             "%s).%s", _where(pc), prog, vers, entries,
+                             " and ".join(repr(o) for o in owners),
+                             "".join(_unset_hint(pc, o) for o in owners[:1]))
+            else:
+                _log.debug("rpc2: program %d version %d was not registered with %s",
+                           prog, vers, _where(pc))
+        return ok
+
+    return bool(_with_rpcbind(loop, address, timeout, run))
 
 
 def getport(loop: Any, prog: int, vers: int, protocol: str | int = "tcp", *,
-            address: Any = ("127.0.0.1", PMAP_PORT), timeout: float = 5.0) -> int:
-    """The port ``prog``/``vers`` is registered at (0: none), by v2 GETPORT. Blocking."""
-    with PortmapClient(loop, address, timeout=timeout) as pc:
-        return int(pc.wait(pc.getport(prog, vers, protocol)))
+            address: str | tuple[str, int] | None = None, timeout: float = 5.0) -> int:
+    """The port ``prog``/``vers`` is registered at (0: none), by v2 GETPORT.
+
+    ``address`` as for :func:`register`.  Blocking.
+    """
+    return int(_with_rpcbind(loop, address, timeout,
+                             lambda pc: pc.wait(pc.getport(prog, vers, protocol))))
 
 
 # -- embedded server -----------------------------------------------------------

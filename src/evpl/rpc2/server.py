@@ -28,7 +28,7 @@ a tuple ``(fn, unpack_args, pack_result)`` with generated-style codecs where
 
 A handler may also return :data:`DEFER` (same as calling ``ctx.defer()``)
 and reply later with ``ctx.reply(value)``; replies may go out in any order.
-Raising :class:`~evpl.rpc2.client.GarbageArgs`, :class:`ProcUnavail`,
+Raising :class:`~evpl.rpc2.errors.GarbageArgs`, :class:`ProcUnavail`,
 :class:`SystemErr`, :class:`ProgUnavail` or :class:`AuthError` answers with
 that error; any other exception answers SYSTEM_ERR (and is logged).
 
@@ -42,8 +42,10 @@ closes a stream connection and is dropped on UDP.
 
 Limits: ``max_record`` (largest call record; a bigger one closes the
 connection), ``max_in_flight`` (calls executing per connection; beyond it
-the connection stops reading until replies go out), ``drc_entries``
-(duplicate request cache entries per UDP socket, LRU).
+the connection stops reading until replies go out), ``drc_window`` and
+``drc_max_bytes`` (how long, in seconds, each UDP socket's duplicate request
+cache remembers a call after its last copy arrived, and the memory bound
+that may cut that short; see docs/rpc2.md for how to size them).
 """
 
 from __future__ import annotations
@@ -55,13 +57,13 @@ import traceback
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from evpl import framing
 from evpl.core.handler import Handler
 from evpl.errors import ConfigError, EvplError
-from evpl.rpc2.client import (
-    DEFAULT_MAX_RECORD,
+from evpl.rpc2.errors import (
     AuthError,
     GarbageArgs,
     ProcUnavail,
@@ -70,6 +72,7 @@ from evpl.rpc2.client import (
     SystemErr,
 )
 from evpl.rpc2.wire import (
+    DEFAULT_MAX_RECORD,
     AcceptStat,
     AuthFlavor,
     AuthStat,
@@ -85,11 +88,27 @@ from evpl.rpc2.wire import (
     pack_accepted_header,
 )
 
-__all__ = ["DEFER", "CallContext", "Server", "current_call"]
+__all__ = [
+    "DEFAULT_DRC_MAX_BYTES",
+    "DEFAULT_DRC_WINDOW",
+    "DEFER",
+    "DRC_ENTRY_OVERHEAD",
+    "CallContext",
+    "Server",
+    "current_call",
+]
 
 _log = logging.getLogger("evpl.rpc2")
 _AUTH_NONE = int(AuthFlavor.AUTH_NONE)
 _AUTH_SYS = int(AuthFlavor.AUTH_SYS)
+
+DEFAULT_DRC_WINDOW = 120.0
+"""Seconds a UDP call is remembered after its last copy arrived: longer than
+clients retransmit (evpl's Client: ``timeout`` 30 s; rpcgen stubs: 25 s;
+Linux's knfsd keeps its entries 120 s too)."""
+DEFAULT_DRC_MAX_BYTES = 64 << 20
+"""Bound of one UDP socket's duplicate request cache: 64 MiB, about 120 000
+small calls, so the window holds at up to ~1000 calls/s (see docs/rpc2.md)."""
 
 DEFER: Any = type("_Defer", (), {"__repr__": lambda self: "DEFER"})()
 """Return this from a handler to reply later with ``ctx.reply()``."""
@@ -101,14 +120,26 @@ _EMPTY_REPLY_ERRORS: dict[type[RpcError], AcceptStat] = {
     ProgUnavail: AcceptStat.PROG_UNAVAIL,
 }
 
-_current: CallContext | None = None
+# The call whose handler is running, per thread (one Loop per thread) and per
+# asyncio task: a ContextVar, set only around the handler call.
+_current: ContextVar[CallContext | None] = ContextVar("evpl.rpc2.current_call", default=None)
+_current_get = _current.get
+_current_set = _current.set
+_current_reset = _current.reset
 
 
 def current_call() -> CallContext:
-    """The :class:`CallContext` of the call whose handler is running now."""
-    if _current is None:
+    """The :class:`CallContext` of the call whose handler is running now.
+
+    For code deep inside a handler that was not handed the context.  Each
+    thread (each running its own Loop) sees its own call.  Raises
+    ``EvplError`` outside a handler, including in a later callback that
+    answers a deferred call: keep the context (``ctx``) for that.
+    """
+    ctx = _current_get()
+    if ctx is None:
         raise EvplError("current_call() is only valid inside an RPC handler")
-    return _current
+    return ctx
 
 
 def _void_result(buf: bytearray, value: Any) -> None:
@@ -220,8 +251,13 @@ class CallContext:
                 buf += result if result is not None else b""
             else:
                 self._pack(buf, result)
-        except Exception:
-            _log.error("rpc2: cannot encode the result of %r\n%s", self, traceback.format_exc())
+        except Exception as exc:
+            # the handler ran; its return value does not fit the procedure's
+            # result type (an int out of range, a string over its bound...).
+            # Text only: the exception's frames reach the received buffer.
+            self._conn.server.stats["system_err"] += 1
+            _log.error("rpc2: cannot encode the result of %r (answering SYSTEM_ERR): %s\n%s",
+                       self, str(exc), traceback.format_exc())
             self._send(encode_accepted(self.xid, AcceptStat.SYSTEM_ERR))
             return
         self._send(buf)
@@ -348,54 +384,112 @@ class _StreamConn(_Conn):
 
 _IN_PROGRESS = object()
 
+DRC_ENTRY_OVERHEAD = 512
+"""Bytes a duplicate request cache entry is counted for, on top of its reply:
+the key (peer address, xid, checksum), the timestamp and the cache's own
+bookkeeping (about 420 bytes measured on CPython 3.11 x86-64, rounded up)."""
+
 
 class _DatagramConn(_Conn):
     """A UDP socket with a duplicate request cache (DRC).
 
-    The cache maps (peer, xid, crc32 of the call) to the reply sent, or to
-    "in progress" while the handler runs; a retransmitted call gets the
+    The cache maps (peer, xid, crc32 of the whole call) to the reply sent, or
+    to "in progress" while the handler runs; a retransmitted call gets the
     cached reply (or nothing, if still in progress) without being executed
-    again.  It is an LRU of ``drc_entries`` entries.
+    again.  An entry is kept ``window`` seconds after the last copy of its
+    call arrived, so a client that keeps retransmitting keeps it alive; that
+    must cover the clients' retransmission time (their call timeout), or a
+    call whose replies were all lost runs again.  The cache is bounded by
+    ``max_bytes`` (each entry counted as its reply plus
+    :data:`DRC_ENTRY_OVERHEAD`): beyond it the oldest entries go early, which
+    ``stats["drc_evicted"]`` counts.  Entries are kept in the order their
+    calls last arrived (an OrderedDict), so aging and eviction pop the front.
     """
 
-    __slots__ = ("bind", "drc", "drc_entries", "in_flight", "read_paused", "server", "stats")
+    __slots__ = ("bind", "drc", "drc_bytes", "expire_at", "in_flight", "max_bytes",
+                 "read_paused", "server", "stats", "window")
 
-    def __init__(self, server: Server, drc_entries: int) -> None:
+    def __init__(self, server: Server, window: float, max_bytes: int) -> None:
         self.server = server
         self.bind: Any = None
-        self.drc: OrderedDict[Any, Any] = OrderedDict()
-        self.drc_entries = drc_entries
+        # key -> (time the call last arrived, reply bytes or _IN_PROGRESS)
+        self.drc: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
+        self.window = window
+        self.max_bytes = max_bytes
+        self.drc_bytes = 0
+        self.expire_at = 0.0          # when the oldest entry is due: nothing to do before
         self.in_flight = 0
         self.read_paused = False
-        self.stats = {"calls": 0, "drc_hits": 0, "drc_in_progress": 0}
+        self.stats = {"calls": 0, "drc_hits": 0, "drc_in_progress": 0, "drc_expired": 0,
+                      "drc_evicted": 0}
 
     def on_datagram(self, bind: Any, data: Any, addr: Any) -> None:
         self.bind = bind
         key = None
-        if self.drc_entries and len(data) >= 4:
-            key = (addr, bytes(data[:4]), zlib.crc32(data))
-            cached = self.drc.get(key)
+        if self.window and len(data) >= 4:
+            now = self.server.loop.now()
+            if now >= self.expire_at:
+                self._expire(now)
+            drc = self.drc
+            key = (addr, int.from_bytes(data[:4], "big") << 32 | zlib.crc32(data))
+            cached = drc.get(key)
             if cached is not None:
-                self.drc.move_to_end(key)
-                if cached is _IN_PROGRESS:
+                # a retransmission: refresh the entry, answer from the cache
+                reply = cached[1]
+                drc[key] = (now, reply)
+                drc.move_to_end(key)
+                if reply is _IN_PROGRESS:
                     self.stats["drc_in_progress"] += 1
                 else:
                     self.stats["drc_hits"] += 1
-                    bind.sendto(cached, addr)
+                    bind.sendto(reply, addr)
                 return
-            self.drc[key] = _IN_PROGRESS
-            if len(self.drc) > self.drc_entries:
-                self.drc.popitem(last=False)
+            if not drc:
+                self.expire_at = now + self.window
+            drc[key] = (now, _IN_PROGRESS)
+            self.drc_bytes += DRC_ENTRY_OVERHEAD
+            if self.drc_bytes > self.max_bytes:
+                self._evict()
         self.stats["calls"] += 1
         self.in_flight += 1
         if not self.server._dispatch(self, data, addr, key):
             self.in_flight -= 1
-            if key is not None:
-                self.drc.pop(key, None)
+            if key is not None and self.drc.pop(key, None) is not None:
+                self.drc_bytes -= DRC_ENTRY_OVERHEAD
             return
         if self.in_flight >= self.server.max_in_flight * 16 and not self.read_paused:
             self.read_paused = True
             bind.pause_reading()
+
+    def _expire(self, now: float) -> None:
+        """Drop the entries whose calls last arrived more than ``window`` ago.
+
+        A call still in progress is not forgotten (its retransmissions must
+        not run it again): it moves to the back as if it had just arrived."""
+        drc = self.drc
+        cutoff = now - self.window
+        while drc:
+            key = next(iter(drc))
+            t, reply = drc[key]
+            if t > cutoff:
+                self.expire_at = t + self.window
+                return
+            if reply is _IN_PROGRESS:
+                drc[key] = (now, reply)
+                drc.move_to_end(key)
+                continue
+            del drc[key]
+            self.drc_bytes -= DRC_ENTRY_OVERHEAD + len(reply)
+            self.stats["drc_expired"] += 1
+        self.expire_at = now + self.window
+
+    def _evict(self) -> None:
+        """Over ``max_bytes``: drop the oldest entries, within their window."""
+        drc = self.drc
+        while self.drc_bytes > self.max_bytes and len(drc) > 1:
+            _, (_, reply) = drc.popitem(last=False)
+            self.drc_bytes -= DRC_ENTRY_OVERHEAD + (0 if reply is _IN_PROGRESS else len(reply))
+            self.stats["drc_evicted"] += 1
 
     def send_reply(self, data: Any, peer: Any, key: Any) -> None:
         self.in_flight -= 1
@@ -403,8 +497,13 @@ class _DatagramConn(_Conn):
         if bind.closed:
             return
         data = bytes(data)
-        if key is not None and key in self.drc:
-            self.drc[key] = data
+        if key is not None:
+            cached = self.drc.get(key)
+            if cached is not None and cached[1] is _IN_PROGRESS:
+                self.drc[key] = (cached[0], data)  # keeps its place
+                self.drc_bytes += len(data)
+                if self.drc_bytes > self.max_bytes:
+                    self._evict()
         try:
             bind.sendto(data, peer)
         except (EvplError, ValueError) as exc:
@@ -420,17 +519,22 @@ class Server:
     """Serves registered RPC programs on stream listeners and UDP sockets of ``loop``."""
 
     def __init__(self, loop: Any, *, max_record: int = DEFAULT_MAX_RECORD,
-                 max_in_flight: int = 128, drc_entries: int = 1024) -> None:
+                 max_in_flight: int = 128, drc_window: float = DEFAULT_DRC_WINDOW,
+                 drc_max_bytes: int = DEFAULT_DRC_MAX_BYTES) -> None:
         if max_record < 64:
             raise ConfigError(f"max_record must be >= 64, got {max_record!r}")
         if max_in_flight < 1:
             raise ConfigError("max_in_flight must be >= 1")
-        if drc_entries < 0:
-            raise ConfigError("drc_entries must be >= 0")
+        if not drc_window >= 0:
+            raise ConfigError(f"drc_window must be >= 0 seconds, got {drc_window!r}")
+        if drc_max_bytes < DRC_ENTRY_OVERHEAD:
+            raise ConfigError(f"drc_max_bytes must be >= {DRC_ENTRY_OVERHEAD}, "
+                              f"got {drc_max_bytes!r}")
         self.loop = loop
         self.max_record = max_record
         self.max_in_flight = max_in_flight
-        self.drc_entries = drc_entries
+        self.drc_window = float(drc_window)
+        self.drc_max_bytes = drc_max_bytes
         self._programs: dict[int, dict[int, dict[int, _Proc]]] = {}
         self._authsys: dict[bytes, AuthSys] = {}   # decoded AUTH_SYS bodies (bounded)
         self._listeners: list[Any] = []
@@ -477,7 +581,7 @@ class Server:
 
     def bind_udp(self, address: Any, backend: str = "udp", **options: Any) -> Any:
         """Serve calls arriving as datagrams on ``address``; returns the ``Bind``."""
-        conn = _DatagramConn(self, self.drc_entries)
+        conn = _DatagramConn(self, self.drc_window, self.drc_max_bytes)
         bind = self.loop.bind(backend, address, conn, **options)
         conn.bind = bind
         self._udp.append(conn)
@@ -498,18 +602,28 @@ class Server:
         self._udp.clear()
 
     def drc_stats(self) -> dict[str, int]:
-        """Duplicate request cache counters summed over the UDP sockets."""
-        total = {"calls": 0, "drc_hits": 0, "drc_in_progress": 0}
+        """Duplicate request cache counters summed over the UDP sockets.
+
+        ``calls`` executed, ``drc_hits`` retransmissions answered from the
+        cache, ``drc_in_progress`` retransmissions dropped while their call
+        ran, ``drc_expired`` entries aged out after ``drc_window``,
+        ``drc_evicted`` entries dropped early by ``drc_max_bytes`` (a
+        retransmission of those would run again: raise the bound if this
+        grows), ``drc_entries`` and ``drc_bytes`` held now.
+        """
+        total = {"calls": 0, "drc_hits": 0, "drc_in_progress": 0, "drc_expired": 0,
+                 "drc_evicted": 0, "drc_entries": 0, "drc_bytes": 0}
         for u in self._udp:
             for k, v in u.stats.items():
                 total[k] += v
+            total["drc_entries"] += len(u.drc)
+            total["drc_bytes"] += u.drc_bytes
         return total
 
     # -- dispatch --
 
     def _dispatch(self, conn: _Conn, data: Any, peer: Any, key: Any) -> bool:
         """Serve one call; False if its header is unparseable (nothing was answered)."""
-        global _current
         self.stats["calls"] += 1
         try:
             call = decode_call(data)
@@ -565,8 +679,7 @@ class Server:
                 self.stats["garbage_args"] += 1
                 ctx.reply_error(AcceptStat.GARBAGE_ARGS)
                 return True
-        previous = _current
-        _current = ctx
+        token = _current_set(ctx)
         try:
             result = proc.fn(ctx, *args) if proc.with_ctx else proc.fn(*args)
         except AuthError as exc:
@@ -584,7 +697,7 @@ class Server:
             ctx.reply_error(AcceptStat.SYSTEM_ERR)
             return True
         finally:
-            _current = previous
+            _current_reset(token)
         if result is DEFER or ctx.deferred:
             ctx.deferred = True
         else:

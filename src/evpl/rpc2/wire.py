@@ -32,6 +32,7 @@ from evpl.rpc2.xdr import (
 
 __all__ = [
     "AUTH_NONE",
+    "DEFAULT_MAX_RECORD",
     "MAX_AUTH_BYTES",
     "RPC_VERSION",
     "AcceptStat",
@@ -68,6 +69,8 @@ MAX_MACHINENAME = 255
 MAX_GIDS = 16
 LAST_FRAGMENT = 0x80000000
 MAX_FRAGMENT = 0x7FFFFFFF
+DEFAULT_MAX_RECORD = 4 << 20
+"""Default largest record (call or reply) the rpc2 client and server accept on a stream."""
 
 
 class MsgType(IntEnum):

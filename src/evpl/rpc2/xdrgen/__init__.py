@@ -738,6 +738,7 @@ _PRIM_CODES = {"int": ("i", 4), "uint": ("I", 4), "hyper": ("q", 8), "uhyper": (
 _PRIM_PY = {"int": "int", "uint": "int", "hyper": "int", "uhyper": "int", "float": "float",
             "double": "float", "bool": "bool"}
 _MAX_FLAT_SLOTS = 96
+_PRIM_XDR = {"uint": "unsigned int", "uhyper": "unsigned hyper"}
 _UNPACK_DOC = '    """Decode a {} at ``off``; return it and the next offset."""'
 _MAX_UNROLL = 16
 
@@ -746,6 +747,37 @@ _MAX_UNROLL = 16
 class _Slot:
     code: str
     size: int
+
+
+def _spell(t: TypeExpr) -> str:
+    """``t`` as it is written in a .x file (``int``, ``opaque<16>``, ``entry *``...),
+    to name an anonymous type in error messages."""
+    def bound(b: Value) -> str:
+        return "" if b == UNBOUNDED else str(b)
+
+    if isinstance(t, Prim):
+        return _PRIM_XDR.get(t.kind, t.kind)
+    if isinstance(t, Ref):
+        return t.name
+    if isinstance(t, FOpaque):
+        return f"opaque[{t.size}]"
+    if isinstance(t, VOpaque):
+        return f"opaque<{bound(t.bound)}>"
+    if isinstance(t, String):
+        return f"string<{bound(t.bound)}>"
+    if isinstance(t, FArray):
+        return f"{_spell(t.elem)}[{t.size}]"
+    if isinstance(t, VArray):
+        return f"{_spell(t.elem)}<{bound(t.bound)}>"
+    if isinstance(t, Opt):
+        return f"{_spell(t.elem)} *"
+    return "void"
+
+
+def _fstring_text(text: str) -> str:
+    """``text`` escaped to sit verbatim inside a generated ``f"..."`` literal."""
+    return (text.replace("\\", "\\\\").replace('"', '\\"')
+            .replace("{", "{{").replace("}", "}}"))
 
 
 @dataclass
@@ -1264,8 +1296,8 @@ class _Generator:
         self.out.append("    try:")
         self.out += ["    " + line for line in fn.lines] or ["        pass"]
         self.out.append("    except _StructError as e:")
-        self.out.append(f"        raise _XdrError(f\"cannot {error_verb} {what}: {{e}}\") "
-                        "from None")
+        self.out.append(f"        raise _XdrError(f\"cannot {error_verb} "
+                        f"{_fstring_text(what)}: {{e}}\") from None")
         self.out += tail
         self.out.append("")
         self.out.append("")
@@ -1496,12 +1528,15 @@ class _Generator:
             py = self.pytype(t)
             fn = _Func()
             self.emit_pack(t, "v", fn, 1)
+            # one codec per type, shared by arguments and results: the messages
+            # name the type (the server says whether it was encoding a result)
+            what = _spell(t)
             self.function(f"def _pack_t{n}(buf: bytearray, v: {py}) -> None:", fn,
-                          "procedure argument", "encode", [])
+                          what, "encode", [])
             fn = _Func()
             self.emit_unpack(t, "v", fn, 1)
             self.function(f"def _unpack_t{n}(mv: memoryview, off: int) -> tuple[{py}, int]:",
-                          fn, "procedure result", "decode", ["    return v, off"])
+                          fn, what, "decode", ["    return v, off"])
             self.out.append(f"def _decode_t{n}(data: _Any) -> {py}:\n"
                             f"    return _decode_with(_unpack_t{n}, data)\n\n")
             self.anon[t] = (f"_pack_t{n}", f"_unpack_t{n}", f"_decode_t{n}")
@@ -1784,6 +1819,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(code)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
