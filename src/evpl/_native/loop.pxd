@@ -66,6 +66,9 @@ cdef class LoopCore:
     cdef int epfd
     cdef int wakefd
     cdef int wake_pending
+    cdef int sigfd_r            # signal wake-up pipe (signal.set_wakeup_fd)
+    cdef int sigfd_w
+    cdef char sigbuf[64]
     cdef int n_epoll            # Binds, Listeners and FdWatches in the epoll set
     cdef readonly bint sqpoll   # io_uring rings get an SQPOLL thread
     cdef readonly int sqpoll_cpu
@@ -124,6 +127,8 @@ cdef class LoopCore:
     cdef void _starve(self, _Source b)
     cdef void _queue_read(self, _Source b)
     cdef void _wake(self) noexcept
+    cdef object _enter(self)
+    cdef void _leave(self, old_wakeup) except *
     cdef Timer _timer(self, int64_t delay_ns, int64_t period_ns, fn, tuple args)
     cdef int64_t _wait_budget(self, int64_t max_wait) except? -2
     cdef int _iterate(self, int64_t max_wait) except -1

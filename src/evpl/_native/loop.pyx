@@ -33,6 +33,9 @@ from evpl._native.sys cimport *
 
 import heapq
 import logging
+import os
+import signal
+import threading
 
 from evpl.errors import EvplError
 
@@ -236,6 +239,8 @@ cdef class LoopCore:
     def __cinit__(self):
         self.epfd = -1
         self.wakefd = -1
+        self.sigfd_r = -1
+        self.sigfd_w = -1
 
     def __init__(self, Pool pool, *, int64_t spin_ns=50_000, bint poll_always=False,
                  base_handler=None, bint sqpoll=False, int sqpoll_cpu=-1):
@@ -278,6 +283,13 @@ cdef class LoopCore:
         ev.data.ptr = NULL
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wakefd, &ev) < 0:
             raise OSError(errno, "epoll_ctl(wake)")
+        # signals: while a loop runs on the main thread, Python's C handler
+        # writes a byte here (signal.set_wakeup_fd), so a signal that lands
+        # while the loop spins or is about to sleep still wakes it
+        self.sigfd_r, self.sigfd_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        ev.data.ptr = <void*>1
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.sigfd_r, &ev) < 0:
+            raise OSError(errno, "epoll_ctl(signal pipe)")
         self.last_active = evpl_now_ns()
 
     def __dealloc__(self):
@@ -289,6 +301,9 @@ cdef class LoopCore:
             c_close(self.epfd)
         if self.wakefd >= 0:
             c_close(self.wakefd)
+        if self.sigfd_r >= 0:
+            c_close(self.sigfd_r)
+            c_close(self.sigfd_w)
         PyMem_Free(self.events)
         PyMem_Free(self.iov)
         PyMem_Free(self.mmsg)
@@ -593,6 +608,10 @@ cdef class LoopCore:
         for i in range(n):
             if self.events[i].data.ptr == NULL:
                 self._ring_doorbells()
+            elif self.events[i].data.ptr == <void*>1:
+                while c_read(self.sigfd_r, self.sigbuf, sizeof(self.sigbuf)) > 0:
+                    pass
+                PyErr_CheckSignals()        # runs the handlers; raises what they raise
             else:
                 (<_Source>self.events[i].data.ptr)._event(self.events[i].events)
         self._after_events()
@@ -715,39 +734,51 @@ cdef class LoopCore:
 
     # ---- running ----------------------------------------------------------
 
-    def run(self) -> None:
-        """Run iterations until ``stop()``."""
+    cdef object _enter(self):
+        """Mark the loop running; on the main thread, route signal wake-ups
+        to this loop's pipe. Returns what ``_leave`` restores."""
         if self.running:
             raise EvplError("the loop is already running")
         self.running = True
+        if threading.current_thread() is threading.main_thread():
+            try:
+                return signal.set_wakeup_fd(self.sigfd_w, warn_on_full_buffer=False)
+            except ValueError:
+                pass
+        return None
+
+    cdef void _leave(self, old_wakeup) except *:
+        self.running = False
+        if old_wakeup is not None:
+            signal.set_wakeup_fd(old_wakeup)
+
+    def run(self) -> None:
+        """Run iterations until ``stop()``."""
+        old = self._enter()
         evpl_store(&self.stop_flag, 0)
         try:
             while not evpl_load(&self.stop_flag):
                 self._iterate(-1)
         finally:
-            self.running = False
+            self._leave(old)
             evpl_store(&self.stop_flag, 0)
 
     def run_once(self, timeout=None) -> None:
         """Run one iteration, waiting at most ``timeout`` seconds for events
         (None: until something happens)."""
-        if self.running:
-            raise EvplError("the loop is already running")
-        self.running = True
+        old = self._enter()
         try:
             self._iterate(-1 if timeout is None else <int64_t>(max(timeout, 0) * 1e9))
         finally:
-            self.running = False
+            self._leave(old)
 
     def run_until(self, predicate, timeout=None) -> None:
         """Run iterations until ``predicate()`` is true. Raises
         ``evpl.errors.TimeoutError`` after ``timeout`` seconds."""
         cdef int64_t deadline = -1, left
-        if self.running:
-            raise EvplError("the loop is already running")
         if timeout is not None:
             deadline = evpl_now_ns() + <int64_t>(timeout * 1e9)
-        self.running = True
+        old = self._enter()
         evpl_store(&self.stop_flag, 0)
         try:
             while not predicate():
@@ -761,7 +792,7 @@ cdef class LoopCore:
                         raise _Timeout(110, f"condition not reached within {timeout} s")
                 self._iterate(left)
         finally:
-            self.running = False
+            self._leave(old)
             evpl_store(&self.stop_flag, 0)
 
     def close(self) -> None:
