@@ -316,3 +316,37 @@ def test_fuzz_udp(loop) -> None:
     finally:
         sock.close()
     h.close()
+
+
+def test_slowloris_record_is_timed_out() -> None:
+    """A client that announces a record, sends part of it and stops is
+    disconnected after the server's message_timeout; a client that pipelines
+    whole calls on the same server is served meanwhile."""
+    loop = evpl.Loop()
+    server = Server(loop, message_timeout=0.3)
+    server.register(PROG, VERS, Calc())
+    listener = server.listen("tcp", ("127.0.0.1", 0))
+    slow = socket.create_connection(listener.address)
+    slow.sendall(record_mark(1000, True) + b"x" * 100)
+    good = Client(loop, "tcp", listener.address)
+    stub = calc.CALC_VERSClient(good)
+    assert good.wait(stub.CALC_ADD(calc.pair(2, 3)), timeout=10) == 5
+    slow.settimeout(10)
+    got = []
+
+    def hung_up() -> bool:
+        try:
+            got.append(slow.recv(100, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            got.append(b"")
+        return True
+
+    loop.run_until(lambda: loop.stats()["timeouts"] >= 1, timeout=10)
+    loop.run_until(hung_up, timeout=10)
+    assert got == [b""]                           # closed, nothing answered
+    assert good.wait(stub.CALC_ADD(calc.pair(4, 5)), timeout=10) == 9
+    slow.close()
+    good.close()
+    close_loop_clean(loop)

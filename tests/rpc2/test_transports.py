@@ -143,3 +143,21 @@ def test_out_of_order_async_replies(loop, stream_backend: str, address) -> None:
     assert order == expected
     assert [c.result() for c in calls] == [i * 100 for i in range(n)]
     p.close()
+
+
+def test_udp_call_to_a_dead_port_fails_at_once(loop, datagram_backend: str) -> None:
+    """The UDP client's socket is connected: ICMP port unreachable fails the
+    pending calls with ConnectionRefused, long before the call timeout."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()
+    client = Client(loop, datagram_backend, dead, timeout=60.0)
+    rpc = client.call(100000, 2, 0)
+    started = loop.now()
+    loop.run_until(lambda: rpc.done, timeout=TIMEOUT)
+    assert isinstance(rpc.exception(), evpl.ConnectionRefused)
+    assert loop.now() - started < 60.0      # not the call timeout
+    later = client.call(100000, 2, 0)       # the client is closed now
+    assert later.done and later.exception() is not None

@@ -18,7 +18,7 @@ cimport cython
 from cpython.ref cimport PyObject
 from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from libc.stdint cimport uint32_t
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from posix.unistd cimport close as c_close
 from posix.uio cimport iovec
 
@@ -160,10 +160,19 @@ cdef class EpollStream(EpollBind):
                     loop._starve(self)
                     return
                 continue
-            if loop._rx_reserve(loop.min_space) < 0:
+            if loop._rx_reserve(loop.min_space + self.part_len) < 0:
                 loop._starve(self)
                 return
             p = loop.rx_chunk.data + loop.rx_used
+            if self.part_len and not (self.part_chunk == loop.rx_chunk
+                                      and self.part_ptr + self.part_len == p):
+                # the partial (shorter than a quarter buffer) moves to the
+                # cursor, so this read completes it in place
+                memcpy(p, self.part_ptr, self.part_len)
+                self._set_partial(loop.rx_chunk, p, self.part_len, self.part_need)
+                loop.rx_used += self.part_len
+                loop.stat_partial_copies += 1
+                p += self.part_len
             space = loop.rx_chunk.size - loop.rx_used
             n = recv(self.fd, p, space, MSG_DONTWAIT)
             if n <= 0:

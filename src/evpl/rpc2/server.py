@@ -110,6 +110,14 @@ DEFAULT_DRC_MAX_BYTES = 64 << 20
 """Bound of one UDP socket's duplicate request cache: 64 MiB, about 120 000
 small calls, so the window holds at up to ~1000 calls/s (see docs/rpc2.md)."""
 
+DEFAULT_MESSAGE_TIMEOUT = 30.0
+"""Seconds a stream client may take to complete a record it has started to
+send; past it the connection closes (``evpl.TimeoutError``), so a client
+that sends half a record and stops (a slowloris) does not pin a connection
+and its buffers forever. A 4 MiB record (``max_record``) at 1 Mbit/s takes
+about 34 s: raise it for slower clients. Idle connections between records
+are not affected (``idle_timeout``, off by default, closes those)."""
+
 DEFER: Any = type("_Defer", (), {"__repr__": lambda self: "DEFER"})()
 """Return this from a handler to reply later with ``ctx.reply()``."""
 
@@ -292,13 +300,16 @@ class _Conn(Handler):
 class _StreamConn(_Conn):
     """One accepted connection.
 
-    At most ``max_in_flight`` calls execute at once; the engine may hand
-    over several records read together, so records beyond the limit wait
-    in ``backlog`` (bounded by one read) while reading is paused.
+    The engine hands over every record of a read in one ``on_messages``
+    call; they are served in order and the replies that are ready at the
+    end leave in one ``send_messages``. At most ``max_in_flight`` calls
+    execute at once (deferred replies count until they are sent): records of
+    the batch beyond the limit wait in ``backlog`` and reading pauses at
+    once, so the backlog never holds more than the rest of one read.
     """
 
     __slots__ = ("backlog", "bind", "draining", "in_flight", "peer", "read_paused",
-                 "send_paused", "server")
+                 "replies", "send_paused", "server")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -309,11 +320,41 @@ class _StreamConn(_Conn):
         self.send_paused = False
         self.draining = False
         self.backlog: deque[Any] = deque()
+        self.replies: list[Any] | None = None   # collecting the replies of a batch
 
     def on_connected(self, bind: Any) -> None:
         self.bind = bind
         self.peer = bind.peer_address
         self.server._conns.add(self)
+
+    def on_messages(self, bind: Any, msgs: list[Any]) -> None:
+        limit = self.server.max_in_flight
+        if self.backlog or self.in_flight + len(msgs) > limit:
+            for msg in msgs:
+                self.on_message(bind, msg)
+            return
+        replies = self.replies = []
+        dispatch = self.server._dispatch
+        peer = self.peer
+        try:
+            for msg in msgs:
+                self.in_flight += 1
+                if not dispatch(self, msg, peer, None):
+                    self.in_flight -= 1
+                    self.backlog.clear()
+                    bind.close()  # unparseable call header: the stream cannot be trusted
+                    return
+        finally:
+            self.replies = None
+        if replies and not bind.closed:
+            try:
+                bind.send_messages(replies)
+            except EvplError as exc:
+                _log.warning("rpc2: dropping connection %r: %s", self.peer, exc)
+                bind.close()
+                return
+        if self.read_paused or self.in_flight >= limit:
+            self._update_reading()
 
     def on_message(self, bind: Any, msg: Any) -> None:
         if self.in_flight >= self.server.max_in_flight or self.backlog:
@@ -343,6 +384,10 @@ class _StreamConn(_Conn):
 
     def send_reply(self, data: Any, peer: Any, key: Any) -> None:
         self.in_flight -= 1
+        replies = self.replies
+        if replies is not None:
+            replies.append(data)          # sent with the batch's other replies
+            return
         bind = self.bind
         if bind is None or bind.closed:
             return
@@ -520,7 +565,9 @@ class Server:
 
     def __init__(self, loop: Any, *, max_record: int = DEFAULT_MAX_RECORD,
                  max_in_flight: int = 128, drc_window: float = DEFAULT_DRC_WINDOW,
-                 drc_max_bytes: int = DEFAULT_DRC_MAX_BYTES) -> None:
+                 drc_max_bytes: int = DEFAULT_DRC_MAX_BYTES,
+                 message_timeout: float | None = DEFAULT_MESSAGE_TIMEOUT,
+                 idle_timeout: float | None = None) -> None:
         if max_record < 64:
             raise ConfigError(f"max_record must be >= 64, got {max_record!r}")
         if max_in_flight < 1:
@@ -530,7 +577,12 @@ class Server:
         if drc_max_bytes < DRC_ENTRY_OVERHEAD:
             raise ConfigError(f"drc_max_bytes must be >= {DRC_ENTRY_OVERHEAD}, "
                               f"got {drc_max_bytes!r}")
+        for name, t in (("message_timeout", message_timeout), ("idle_timeout", idle_timeout)):
+            if t is not None and not t > 0:
+                raise ConfigError(f"{name} must be None or > 0 seconds, got {t!r}")
         self.loop = loop
+        self.message_timeout = message_timeout
+        self.idle_timeout = idle_timeout
         self.max_record = max_record
         self.max_in_flight = max_in_flight
         self.drc_window = float(drc_window)
@@ -569,7 +621,13 @@ class Server:
     # -- transports --
 
     def listen(self, backend: str, address: Any, **options: Any) -> Any:
-        """Accept connections on a stream ``backend``; returns the ``Listener``."""
+        """Accept connections on a stream ``backend``; returns the ``Listener``.
+
+        Connections get the server's ``message_timeout`` (a client that
+        sends part of a record and stops is disconnected) and
+        ``idle_timeout`` unless ``options`` say otherwise."""
+        options.setdefault("message_timeout", self.message_timeout)
+        options.setdefault("idle_timeout", self.idle_timeout)
         listener = self.loop.listen(backend, address, self._new_conn,
                                     framing=framing.record_marking(max_message=self.max_record),
                                     **options)
