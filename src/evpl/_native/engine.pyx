@@ -1648,7 +1648,7 @@ cdef class Bind(_Source):
                 self.part_len += n
                 if self._after_asm_read() < 0:
                     return
-                if <size_t>n < want:
+                if <size_t>n < want and not self.hup:
                     self.rx_ready = False
                     return
                 continue
