@@ -22,7 +22,10 @@ import random
 import select
 import socket
 import struct
+import subprocess
+import sys
 import termios
+import textwrap
 
 import pytest
 
@@ -140,3 +143,69 @@ def test_hangup_while_assembling_large_message(loop, stream_backend, address, ha
         assert isinstance(server.closed[0], evpl.FramingError), server.closed
         assert "in the middle of a message" in str(server.closed[0])
     # the loop fixture then checks that no pool buffer is left in use
+
+
+# ------------------------------------------------------------ exit with a live Bind
+
+# A framed server Bind left exactly as the bug above left it: a large message
+# half assembled in a pool buffer of its own, the peer gone (reset), a
+# received message's Buffer still referenced, and the loop never closed.
+# Then either the interpreter exits ("exit": its final garbage collection
+# frees loop, Binds, Buffers and pool in whatever order), or everything is
+# dropped into a reference cycle and collected ("cycle").
+_EXIT_SCRIPT = textwrap.dedent("""
+    import gc, random, socket, struct, sys, threading
+    import evpl
+
+    backend, address, how = sys.argv[1], sys.argv[2], sys.argv[3]
+    loop = evpl.Loop()
+
+    class Server(evpl.Handler):
+        def __init__(self):
+            self.binds, self.msgs = [], []
+        def on_connected(self, bind):
+            self.binds.append(bind)
+        def on_message(self, bind, msg):
+            self.msgs.append(msg)
+
+    server = Server()
+    inet = address == "inet"
+    listener = loop.listen(backend, ("127.0.0.1", 0) if inet else address, lambda: server,
+                           framing=evpl.framing.length_prefix(4))
+    peer = socket.socket(socket.AF_INET if inet else socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.connect(listener.address)
+    loop.run_until(lambda: server.binds, timeout=10)
+    head = (8).to_bytes(4, "big") + b"complete" + (1 << 20).to_bytes(4, "big")
+    sender = threading.Thread(target=peer.sendall, args=(head + random.randbytes(600 << 10),))
+    sender.start()
+    loop.run_until(lambda: loop.stats()["bytes_in"] >= len(head) + (600 << 10), timeout=10)
+    sender.join()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    pool = evpl.default_pool()
+    assert len(server.msgs) == 1 and pool.stats()["buffers_in_use"] >= 2, pool.stats()
+    assert not server.binds[0].closed
+    if how == "cycle":
+        junk = [loop, server, listener]
+        junk.append(junk)
+        del loop, server, listener, junk, Server
+        gc.collect()
+        if "io_uring" not in backend:
+            # (an io_uring loop stays alive: its armed receives hold its Binds)
+            stats = pool.stats()
+            assert stats["buffers_in_use"] == 0 and stats["heap_in_use"] == 0, stats
+    print("done", flush=True)
+""")
+
+
+@pytest.mark.parametrize("how", ["exit", "cycle"])
+def test_live_framed_bind_at_exit_or_gc(stream_backend, address, how):
+    """The Bind above, never closed, freed at interpreter exit or by the
+    garbage collector: no crash (it was a segfault in Bind.__dealloc__, exit
+    code 139) and, when collected, every pool buffer goes back."""
+    inet = "inet" in backend_info(stream_backend).capabilities
+    where = "inet" if inet else address(stream_backend)
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, stream_backend, where, how],
+                          capture_output=True, text=True, timeout=TIMEOUT * 6)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-1000:], proc.stderr[-3000:])
+    assert proc.stdout.strip() == "done"

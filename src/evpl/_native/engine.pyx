@@ -493,11 +493,16 @@ cdef class Bind(_Source):
     cdef size_t ur_arm_adds     # LoopCore.ur_adds when the receive was armed
     cdef size_t gso_limit
     cdef bint gro              # UDP_GRO is on: a receive may be a train of datagrams
+    # The pool the partial message's chunk goes back to, held by the Bind
+    # itself so that __dealloc__ does not depend on the loop's attributes
+    # (when loop, Binds and Buffers are garbage together, e.g. at interpreter
+    # exit without Loop.close(), a collector-cleared loop.pool was None).
+    cdef Pool pool
 
     def __dealloc__(self):
         self._drop_queue()
-        if self.part_chunk != NULL and self.loop is not None:
-            chunk_unref(self.loop.pool, self.part_chunk)
+        if self.part_chunk != NULL and self.pool is not None:
+            chunk_unref(self.pool, self.part_chunk)
             self.part_chunk = NULL
         if self.txq != NULL:
             PyMem_Free(self.txq)
@@ -516,6 +521,7 @@ cdef class Bind(_Source):
                      size_t max_datagram):
         self.kind = K_BIND
         self.loop = loop
+        self.pool = loop.pool
         self.fd = fd
         self.backend = backend
         self.stream = stream
@@ -2076,8 +2082,14 @@ cdef class Listener(_Source):
                 self._ur_arm()
 
 
+@cython.no_gc_clear
 cdef class LoopCore:
-    """The native event loop. ``evpl.Loop`` adds the Python conveniences."""
+    """The native event loop. ``evpl.Loop`` adds the Python conveniences.
+
+    Not cleared by the garbage collector (no_gc_clear): its Binds (no_gc_clear
+    too) and its own __dealloc__ use ``pool`` and its C state until the very
+    end; cycles through a loop are broken at its lists, sets and handlers.
+    """
     cdef int epfd
     cdef int wakefd
     cdef int wake_pending
