@@ -6,6 +6,7 @@ import gc
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -146,3 +147,12 @@ class Ticker:
 
     def cancel(self) -> None:
         self.timer.cancel()
+
+
+def wait_until(predicate: Callable[[], Any], what: str) -> None:
+    """Poll ``predicate`` (kernel state the loop does not report, with the
+    loop deliberately not running) until it is true; fail after TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.0002)

@@ -144,6 +144,50 @@ def test_buffer_in_reference_cycle():
     assert proc.stdout.strip() == "ok"
 
 
+_POOL_IN_GARBAGE = """
+import gc, socket, sys, evpl
+pool = evpl.Pool(slab_size=1 << 20, buffer_size=1 << 16)
+# the Pool holds no Python object: the collector never clears it, so its
+# slabs live until the last Buffer, Bind or loop that uses them is gone
+assert not gc.is_tracked(pool)
+if sys.argv[1] == "buffers":
+    junk = [pool.allocate(10) for _ in range(3)]
+else:
+    loop = evpl.Loop(pool=pool)
+    class Keep(evpl.Handler):
+        def __init__(self):
+            self.msgs = []
+        def on_message(self, bind, msg):
+            self.msgs.append(msg)
+    keep = Keep()
+    listener = loop.listen("tcp", ("127.0.0.1", 0), lambda: keep,
+                           framing=evpl.framing.length_prefix(4))
+    peer = socket.create_connection(listener.address)
+    peer.sendall((5).to_bytes(4, "big") + b"hello")
+    loop.run_until(lambda: keep.msgs, timeout=10)
+    if sys.argv[1] == "closed-loop":
+        loop.close()
+    junk = [loop, keep, listener]
+    del loop, keep, listener
+junk.append(junk)
+del pool, junk
+gc.collect()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("what", ["buffers", "loop", "closed-loop"])
+def test_pool_and_its_buffers_in_one_garbage_cycle(what):
+    """A Pool that is garbage together with Buffers of it (and maybe the loop
+    that received them): the collector used to clear the Pool first, freeing
+    its slabs, and then the Buffers returned their chunks into freed memory
+    (a use-after-free that scripts/asan reports)."""
+    proc = subprocess.run([sys.executable, "-c", _POOL_IN_GARBAGE, what], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.strip() == "ok"
+
+
 def test_received_buffers_are_read_only(loop, stream_backend, address):
     class Keep(evpl.Handler):
         def __init__(self):

@@ -32,6 +32,10 @@ cdef class Limits:
 
 
 cdef class Bind(_Source):
+    # the pool the partial message's chunk goes back to, held by the Bind
+    # itself: its __dealloc__ must not depend on the loop's attributes (when
+    # a loop, its Binds and Buffers are garbage together)
+    cdef Pool pool
     cdef readonly str backend
     cdef bint stream
     cdef bint dgram_connected  # a datagram Bind with a fixed peer (send() works)

@@ -134,8 +134,8 @@ cdef class Bind(_Source):
 
     def __dealloc__(self):
         txq_free(&self.txq)
-        if self.part_chunk != NULL and self.loop is not None:
-            chunk_unref(self.loop.pool, self.part_chunk)
+        if self.part_chunk != NULL and self.pool is not None:
+            chunk_unref(self.pool, self.part_chunk)
             self.part_chunk = NULL
 
     # ---- overloads (a backend fills these) ----------------------------------
@@ -172,6 +172,7 @@ cdef class Bind(_Source):
     cdef void _setup(self, LoopCore loop, int fd, str backend, bint stream, handler,
                      Framer framer, Limits limits):
         self.loop = loop
+        self.pool = loop.pool
         self.fd = fd
         self.backend = backend
         self.stream = stream

@@ -9,12 +9,21 @@ cdef struct Chunk:
     Chunk* next_free
 
 
+cdef struct Slab:
+    char* base          # slab_size bytes, mmap'd
+    Chunk* descs        # the chunk descriptors that cut it up
+
+
 cdef class Pool:
     cdef readonly size_t buffer_size
     cdef readonly size_t slab_size
     cdef readonly size_t max_bytes
     cdef readonly bint huge_pages
-    cdef list _slabs
+    # A C array, not a list of objects: the Pool holds no Python object, so it
+    # is not tracked by the garbage collector, which therefore can never clear
+    # (unmap) its slabs while a Buffer, Bind or loop still uses their chunks.
+    # The slabs go only in __dealloc__, after the last holder is gone.
+    cdef Slab* slabs
     cdef Chunk* free_list
     cdef size_t nslabs
     cdef size_t nbuffers

@@ -11,7 +11,7 @@ count against the same memory limit.
 """
 
 from cpython.buffer cimport PyBuffer_FillInfo, PyBUF_WRITABLE
-from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 cimport cython
@@ -24,19 +24,6 @@ cdef extern from "<sys/mman.h>":
     int madvise(void* addr, size_t length, int advice) nogil
     int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_HUGETLB, MADV_HUGEPAGE
     void* MAP_FAILED
-
-
-cdef class _Slab:
-    """One mmap'd region and the chunk descriptors that cut it up."""
-    cdef char* base
-    cdef size_t size
-    cdef Chunk* descs
-
-    def __dealloc__(self):
-        if self.base != NULL:
-            munmap(self.base, self.size)
-        if self.descs != NULL:
-            PyMem_Free(self.descs)
 
 
 cdef class Pool:
@@ -61,14 +48,27 @@ cdef class Pool:
         self.slab_size = slab_size
         self.max_bytes = max_bytes
         self.huge_pages = huge_pages
-        self._slabs = []
+
+    def __dealloc__(self):
+        cdef size_t i
+        if self.slabs != NULL:
+            for i in range(self.nslabs):
+                munmap(self.slabs[i].base, self.slab_size)
+                PyMem_Free(self.slabs[i].descs)
+            PyMem_Free(self.slabs)
+            self.slabs = NULL
 
     cdef int _grow(self) noexcept:
         cdef size_t n, i
         cdef void* p
-        cdef _Slab slab
+        cdef Slab* slabs
+        cdef Chunk* descs
         if (self.nslabs + 1) * self.slab_size + self.heap_bytes > self.max_bytes:
             return -1
+        slabs = <Slab*>PyMem_Realloc(self.slabs, (self.nslabs + 1) * sizeof(Slab))
+        if slabs == NULL:
+            return -1
+        self.slabs = slabs
         p = MAP_FAILED
         if self.huge_pages:
             p = mmap(NULL, self.slab_size, PROT_READ | PROT_WRITE,
@@ -83,27 +83,19 @@ cdef class Pool:
             if self.huge_pages:
                 madvise(p, self.slab_size, MADV_HUGEPAGE)
         n = self.slab_size // self.buffer_size
-        try:
-            slab = _Slab.__new__(_Slab)
-        except MemoryError:
+        descs = <Chunk*>PyMem_Malloc(n * sizeof(Chunk))
+        if descs == NULL:
             munmap(p, self.slab_size)
             return -1
-        slab.base = <char*>p
-        slab.size = self.slab_size
-        slab.descs = <Chunk*>PyMem_Malloc(n * sizeof(Chunk))
-        if slab.descs == NULL:
-            return -1
         for i in range(n):
-            slab.descs[i].data = slab.base + i * self.buffer_size
-            slab.descs[i].size = self.buffer_size
-            slab.descs[i].refs = 0
-            slab.descs[i].heap = 0
-            slab.descs[i].next_free = self.free_list
-            self.free_list = &slab.descs[i]
-        try:
-            self._slabs.append(slab)
-        except MemoryError:
-            return -1
+            descs[i].data = <char*>p + i * self.buffer_size
+            descs[i].size = self.buffer_size
+            descs[i].refs = 0
+            descs[i].heap = 0
+            descs[i].next_free = self.free_list
+            self.free_list = &descs[i]
+        self.slabs[self.nslabs].base = <char*>p
+        self.slabs[self.nslabs].descs = descs
         self.nslabs += 1
         self.nbuffers += n
         return 0

@@ -234,7 +234,12 @@ cdef class FdWatch(_Source):
 
 @cython.no_gc_clear
 cdef class LoopCore:
-    """The native event loop. ``evpl.Loop`` adds the Python conveniences."""
+    """The native event loop. ``evpl.Loop`` adds the Python conveniences.
+
+    Not cleared by the garbage collector (no_gc_clear): its Binds (no_gc_clear
+    too) and its own __dealloc__ use ``pool`` and its C state until the very
+    end; cycles through a loop are broken at its lists, sets and handlers.
+    """
 
     def __cinit__(self):
         self.epfd = -1
