@@ -51,7 +51,7 @@ class Load:
 
     name: str
     title: str
-    server_mode: str  # raw | framed | sink | udp
+    server_mode: str  # raw | framed | fixed | sink | udp
     loadgen: list[str]  # loadgen mode and its options
     unit: str  # what the headline number counts
     metric: str  # "rate" (units/s) or "gbit" (Gbit/s)
@@ -66,6 +66,9 @@ LOADS: dict[str, Load] = {
         Load("framed", "32 conns x 16 pipelined 64 B msgs, per-message handler", "framed",
              ["pipeline", "--conns", "32", "--depth", "16", "--size", "64"], "msg", "rate",
              latency=True),
+        Load("fixed", "32 conns x 16 pipelined fixed 64 B records, per-message handler",
+             "fixed", ["pipeline", "--conns", "32", "--depth", "16", "--size", "64"], "msg",
+             "rate", latency=True),
         Load("raw", "32 conns x 16 pipelined 64 B, raw byte echo", "raw",
              ["raw", "--conns", "32", "--depth", "16", "--size", "64"], "msg", "rate"),
         Load("bulk", "bulk 1 MiB writes into a sink, 1 conn", "sink",
@@ -98,7 +101,11 @@ STACKS: dict[str, Stack] = {
         Stack("asyncio", "py", ("--stack", "asyncio")),
         Stack("uvloop", "py", ("--stack", "uvloop")),
         Stack("evpl", "evpl"),
-        Stack("evpl-base", "evpl", note="evpl run by --evpl-base-python (an A/B baseline build)"),
+        Stack("evpl-base", "evpl", ("--per-message",),
+              note="evpl run by --evpl-base-python (an A/B baseline build), per-message "
+                   "handlers (compare with evpl-msg)"),
+        Stack("evpl-msg", "evpl", ("--per-message",), loads=("framed", "fixed"),
+              note="on_message + send per message instead of on_messages batches"),
         Stack("evpl-poll", "evpl", ("--poll",), loads=("pingpong",), client_spin=True,
               note='poll_mode="always"; client spins too'),
         Stack("c", "c"),
@@ -323,8 +330,9 @@ def server_command(stack: Stack, load: Load, opts: argparse.Namespace) -> list[s
             cmd += ["--no-gso"]
         return cmd
     if stack.kind == "c":
-        return [str(BUILD / "echo_epoll"), *stack.args,
-                "--mode", load.server_mode, "--port", "0"]
+        # a byte echo answers fixed-size records as a record echo would
+        mode = "raw" if load.server_mode == "fixed" else load.server_mode
+        return [str(BUILD / "echo_epoll"), *stack.args, "--mode", mode, "--port", "0"]
     raise ValueError(stack.kind)
 
 

@@ -1,17 +1,20 @@
-"""evpl servers for the benchmarks: the same four servers as servers_py.py.
+"""evpl servers for the benchmarks: the same servers as servers_py.py.
 
-Written against the public API in docs/api.md and nothing else:
+Written against the public API in docs/api.md and nothing else, in the
+fastest idiomatic form:
 
 * ``raw``    - ``on_data``: send the received Buffer straight back.
 * ``framed`` - ``framing=evpl.framing.length_prefix(4, "big")``;
-  ``on_message`` is the per-message handler and echoes the message
-  (``bind.send`` adds the header back).
+  ``on_messages`` gets every message of a read and echoes them with one
+  ``send_messages`` (the framer adds each header back). ``--per-message``
+  uses ``on_message`` and ``send`` per message instead.
+* ``fixed``  - as ``framed`` with ``framing=evpl.framing.fixed(--size)``.
 * ``sink``   - ``on_data`` drops the Buffer.
 * ``udp``    - ``on_datagram``: ``bind.sendto(buf, addr)``.
 
 Usage::
 
-    python servers_evpl.py --mode raw|framed|sink|udp --port P
+    python servers_evpl.py --mode raw|framed|fixed|sink|udp --port P
         [--backend tcp|unix|io_uring_tcp|udp|io_uring_udp|...]
         [--poll] [--spin-ns N] [--path /tmp/x.sock]
 
@@ -53,6 +56,15 @@ class FramedEcho(evpl.Handler):
         bind.send(msg)
 
 
+class BatchEcho(evpl.Handler):
+    """Every message of a read in one call, the replies in one call: the
+    fastest idiomatic form of a message handler on evpl."""
+
+    def on_messages(self, bind: evpl.Bind, msgs: list[evpl.Buffer]) -> None:
+        """Echo the batch; the framer adds each message's header."""
+        bind.send_messages(msgs)
+
+
 class Sink(evpl.Handler):
     """Discard everything."""
 
@@ -73,7 +85,8 @@ class UdpEcho(evpl.Handler):
 
 STREAM_HANDLERS: dict[str, type[evpl.Handler]] = {
     "raw": RawEcho,
-    "framed": FramedEcho,
+    "framed": BatchEcho,
+    "fixed": BatchEcho,
     "sink": Sink,
 }
 
@@ -81,7 +94,11 @@ STREAM_HANDLERS: dict[str, type[evpl.Handler]] = {
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, start the server and run the loop until signalled."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["raw", "framed", "sink", "udp"], default="raw")
+    parser.add_argument("--mode", choices=["raw", "framed", "fixed", "sink", "udp"],
+                        default="raw")
+    parser.add_argument("--size", type=int, default=64, help="--mode fixed: record size")
+    parser.add_argument("--per-message", action="store_true",
+                        help="framed/fixed: on_message and send per message, not batches")
     parser.add_argument("--backend", default=None,
                         help="evpl backend name (default: tcp, or udp for --mode udp)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -125,9 +142,15 @@ def main(argv: list[str] | None = None) -> int:
                 address = unix_path
             else:
                 address = (args.host, args.port)
-            framing = evpl.framing.length_prefix(4, "big") if args.mode == "framed" else None
-            listener = loop.listen(backend, address, STREAM_HANDLERS[args.mode],
-                                   framing=framing)
+            framing = None
+            if args.mode == "framed":
+                framing = evpl.framing.length_prefix(4, "big")
+            elif args.mode == "fixed":
+                framing = evpl.framing.fixed(args.size)
+            handler = STREAM_HANDLERS[args.mode]
+            if args.per_message and framing is not None:
+                handler = FramedEcho
+            listener = loop.listen(backend, address, handler, framing=framing)
             ready = f"unix:{unix_path}" if unix_path else str(listener.address[1])
     except evpl.BackendUnavailable as exc:
         print(f"backend {backend!r} unavailable: {exc}", file=sys.stderr)

@@ -11,6 +11,9 @@ Modes:
   messages and call a per-message Python function for each whole message,
   which echoes it (header + payload). The writes of one ``data_received``
   go out together (``writelines``), as evpl flushes once per iteration.
+* ``fixed``  - split the stream into fixed-size records (``--size``, 64) and
+  call a per-message Python function for each, which echoes it; the replies
+  of one ``data_received`` leave with one ``writelines``.
 * ``sink``   - read and discard (BufferedProtocol into one reused buffer).
 * ``udp``    - DatagramProtocol that sends every datagram back to its sender.
 
@@ -89,6 +92,36 @@ class FramedEcho(asyncio.Protocol):
             self.out.clear()
 
 
+class FixedEcho(asyncio.Protocol):
+    """Fixed-size records with a per-message handler that echoes."""
+
+    size = 64
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Set up the reassembly buffer and the output batch."""
+        self.transport = cast(asyncio.Transport, transport)
+        self.pending = b""
+        self.out: list[bytes] = []
+        _nodelay(self.transport)
+
+    def on_message(self, msg: bytes) -> None:
+        """Handle one whole record: echo it."""
+        self.out.append(msg)
+
+    def data_received(self, data: bytes) -> None:
+        """Cut the stream into records and dispatch each one."""
+        buf = self.pending + data if self.pending else data
+        size = self.size
+        end = len(buf) - len(buf) % size
+        on_message = self.on_message
+        for off in range(0, end, size):
+            on_message(buf[off:off + size])
+        self.pending = buf[end:]
+        if self.out:
+            self.transport.writelines(self.out)
+            self.out.clear()
+
+
 class Sink(asyncio.BufferedProtocol):
     """Read into one reused buffer and throw the bytes away."""
 
@@ -134,6 +167,7 @@ def _nodelay(transport: asyncio.Transport) -> None:
 STREAM_PROTOCOLS: dict[str, Callable[[], asyncio.BaseProtocol]] = {
     "raw": RawEcho,
     "framed": FramedEcho,
+    "fixed": FixedEcho,
     "sink": Sink,
 }
 
@@ -163,10 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, pick the event loop and serve."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stack", choices=["asyncio", "uvloop"], default="asyncio")
-    parser.add_argument("--mode", choices=["raw", "framed", "sink", "udp"], default="raw")
+    parser.add_argument("--mode", choices=["raw", "framed", "fixed", "sink", "udp"],
+                        default="raw")
+    parser.add_argument("--size", type=int, default=64, help="--mode fixed: record size")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     args = parser.parse_args(argv)
+    FixedEcho.size = args.size
     if args.stack == "uvloop":
         try:
             import uvloop
