@@ -753,3 +753,32 @@ def test_portmap_client_address_forms(loop, local_pmap, monkeypatch, tmp_path) -
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(portmap, "RPCBIND_SOCKET", str(tmp_path / "file"))
     assert portmap.local_rpcbind() == ("tcp", ("127.0.0.1", 111))
+
+
+def test_current_call_defer_inside_a_pipelined_batch(loop, address) -> None:
+    """Handlers without ``ctx`` that take their context with current_call()
+    and answer later, mixed in one read batch with calls answered at once:
+    every call gets its own context and its own answer."""
+    from evpl.rpc2 import DEFER, current_call
+
+    seen: list[int] = []
+
+    class Mixed(Calc):
+        def CALC_ADD(self, p: Any) -> Any:
+            if p.a % 2 == 0:
+                return p.a + p.b
+            ctx = current_call()
+            seen.append(ctx.xid)
+            loop.call_later(0.001, ctx.reply, p.a + p.b)
+            return DEFER
+
+    server = Server(loop)
+    server.register(PROG, VERS, Mixed())
+    listener = server.listen("tcp", address("tcp"))
+    client = Client(loop, "tcp", listener.address)
+    stub = calc.CALC_VERSClient(client)
+    calls = [stub.CALC_ADD(calc.pair(i, 1000)) for i in range(300)]
+    loop.run_until(lambda: all(c.done for c in calls), TIMEOUT)
+    assert [c.result() for c in calls] == [i + 1000 for i in range(300)]
+    assert len(seen) == 150 and len(set(seen)) == 150
+    assert sorted(seen) == sorted(c.xid for c in calls[1::2])

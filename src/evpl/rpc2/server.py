@@ -53,6 +53,7 @@ from __future__ import annotations
 import inspect
 import logging
 import struct
+import sys
 import traceback
 import zlib
 from collections import OrderedDict, deque
@@ -72,6 +73,7 @@ from evpl.rpc2.errors import (
     SystemErr,
 )
 from evpl.rpc2.wire import (
+    AUTH_NONE,
     DEFAULT_MAX_RECORD,
     AcceptStat,
     AuthFlavor,
@@ -87,6 +89,7 @@ from evpl.rpc2.wire import (
     encode_rpc_mismatch,
     pack_accepted_header,
 )
+from evpl.rpc2.xdr import as_view
 
 __all__ = [
     "DEFAULT_DRC_MAX_BYTES",
@@ -99,6 +102,12 @@ __all__ = [
 ]
 
 _log = logging.getLogger("evpl.rpc2")
+# the batch fast path's view of the wire (RFC 5531): a call's fixed head
+# (xid, CALL, rpcvers, prog, vers, proc, cred flavor, cred length), an auth
+# head (flavor, length), an accepted reply's head with a null verifier
+_CALL_HEAD = struct.Struct(">IIIIIIII")
+_AUTH_HEAD = struct.Struct(">II")
+_ACCEPTED_NONE = struct.Struct(">IIIIII")
 _AUTH_NONE = int(AuthFlavor.AUTH_NONE)
 _AUTH_SYS = int(AuthFlavor.AUTH_SYS)
 
@@ -144,10 +153,33 @@ def current_call() -> CallContext:
     ``EvplError`` outside a handler, including in a later callback that
     answers a deferred call: keep the context (``ctx``) for that.
     """
-    ctx = _current_get()
-    if ctx is None:
+    cur = _current_get()
+    if cur is None:
         raise EvplError("current_call() is only valid inside an RPC handler")
-    return ctx
+    if type(cur) is _BatchCall:
+        return cur.context()
+    return cur
+
+
+class _BatchCall:
+    """The call being served by the batch fast path: what a CallContext
+    would hold, made into one only if the handler asks (``current_call()``),
+    so the common call (decode, run, encode) creates no context object and
+    sets the ContextVar once per batch instead of twice per call."""
+
+    __slots__ = ("conn", "cred", "ctx", "pack", "peer", "proc", "prog", "vers", "xid")
+
+    def __init__(self, conn: _Conn, peer: Any) -> None:
+        self.conn = conn
+        self.peer = peer
+        self.ctx: CallContext | None = None
+
+    def context(self) -> CallContext:
+        ctx = self.ctx
+        if ctx is None:
+            ctx = self.ctx = CallContext(self.conn, self.xid, self.prog, self.vers, self.proc,
+                                         self.cred, self.peer, self.pack, None)
+        return ctx
 
 
 def _void_result(buf: bytearray, value: Any) -> None:
@@ -334,16 +366,11 @@ class _StreamConn(_Conn):
                 self.on_message(bind, msg)
             return
         replies = self.replies = []
-        dispatch = self.server._dispatch
-        peer = self.peer
         try:
-            for msg in msgs:
-                self.in_flight += 1
-                if not dispatch(self, msg, peer, None):
-                    self.in_flight -= 1
-                    self.backlog.clear()
-                    bind.close()  # unparseable call header: the stream cannot be trusted
-                    return
+            if not self.server._serve_batch(self, msgs):
+                self.backlog.clear()
+                bind.close()  # unparseable call header: the stream cannot be trusted
+                return
         finally:
             self.replies = None
         if replies and not bind.closed:
@@ -680,6 +707,99 @@ class Server:
 
     # -- dispatch --
 
+    def _serve_batch(self, conn: _StreamConn, msgs: list[Any]) -> bool:
+        """Serve a read batch of calls of one connection, in order; False if
+        a call header is unparseable (the connection must close).
+
+        The fast path covers what nearly every call is: RPC version 2,
+        AUTH_NONE or an AUTH_SYS body seen before, a null verifier, a
+        registered procedure whose handler takes no ``ctx``, and arguments
+        and a result the codecs take. Anything else goes through
+        ``_dispatch``, which answers every error case."""
+        programs = self._programs
+        authsys = self._authsys
+        dispatch = self._dispatch
+        send_reply = conn.send_reply
+        head = _CALL_HEAD.unpack_from
+        auth_head = _AUTH_HEAD.unpack_from
+        accepted = _ACCEPTED_NONE.pack
+        peer = conn.peer
+        cur = _BatchCall(conn, peer)
+        self.stats["calls"] += len(msgs)
+        token = _current_set(cur)
+        try:
+            for msg in msgs:
+                conn.in_flight += 1
+                try:
+                    xid, mtype, rpcvers, prog, vers, procno, flavor, n = head(msg, 0)
+                    if mtype or rpcvers != 2 or n > 400:
+                        raise LookupError
+                    off = 32 + n + (-n & 3)
+                    if flavor == _AUTH_NONE and n == 0:
+                        cred: Any = AUTH_NONE
+                    elif flavor == _AUTH_SYS:
+                        cred = authsys[bytes(msg[32:32 + n])]
+                    else:
+                        raise LookupError
+                    if auth_head(msg, off) != (0, 0):
+                        raise LookupError
+                    proc = programs[prog][vers][procno]
+                    if proc.with_ctx or proc.raw:
+                        raise LookupError
+                    args, _ = proc.unpack_args(as_view(msg), off + 8)
+                except (LookupError, struct.error, XdrError, ValueError):
+                    self.stats["calls"] -= 1           # _dispatch counts it
+                    if not dispatch(conn, msg, peer, None):
+                        conn.in_flight -= 1
+                        return False
+                    continue
+                cur.xid = xid
+                cur.prog = prog
+                cur.vers = vers
+                cur.proc = procno
+                cur.cred = cred
+                pack = cur.pack = proc.pack_result
+                cur.ctx = None
+                try:
+                    result = proc.fn(*args)
+                except Exception:
+                    self._handler_raised(cur.context())
+                    continue
+                ctx = cur.ctx
+                if ctx is not None or result is DEFER:
+                    # the handler took its context (current_call()): it decides
+                    ctx = cur.context()
+                    if result is DEFER or ctx.deferred:
+                        ctx.deferred = True
+                    else:
+                        ctx.reply(result)
+                    continue
+                buf = bytearray(accepted(xid, 1, 0, 0, 0, 0))
+                try:
+                    pack(buf, result)
+                except Exception:
+                    cur.context().reply(result)       # logs, answers SYSTEM_ERR
+                    continue
+                send_reply(buf, peer, None)
+        finally:
+            _current_reset(token)
+        return True
+
+    def _handler_raised(self, ctx: CallContext) -> None:
+        """Answer the call whose handler raised (the exception being handled)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, AuthError):
+            ctx.reply_auth_error(exc.stat)
+        elif isinstance(exc, RpcError):
+            ctx.reply_error(_EMPTY_REPLY_ERRORS.get(type(exc), AcceptStat.SYSTEM_ERR))
+        else:
+            self.stats["system_err"] += 1
+            # a formatted traceback: exc_info would keep the frames (and the
+            # received buffer) alive as long as the log record lives
+            _log.error("rpc2: handler of %r raised\n%s", ctx, traceback.format_exc())
+            exc = None
+            ctx.reply_error(AcceptStat.SYSTEM_ERR)
+
     def _dispatch(self, conn: _Conn, data: Any, peer: Any, key: Any) -> bool:
         """Serve one call; False if its header is unparseable (nothing was answered)."""
         self.stats["calls"] += 1
@@ -740,19 +860,8 @@ class Server:
         token = _current_set(ctx)
         try:
             result = proc.fn(ctx, *args) if proc.with_ctx else proc.fn(*args)
-        except AuthError as exc:
-            ctx.reply_auth_error(exc.stat)
-            return True
-        except RpcError as exc:
-            stat = _EMPTY_REPLY_ERRORS.get(type(exc), AcceptStat.SYSTEM_ERR)
-            ctx.reply_error(stat)
-            return True
         except Exception:
-            self.stats["system_err"] += 1
-            # a formatted traceback: exc_info would keep the frames (and the
-            # received buffer) alive as long as the log record lives
-            _log.error("rpc2: handler of %r raised\n%s", ctx, traceback.format_exc())
-            ctx.reply_error(AcceptStat.SYSTEM_ERR)
+            self._handler_raised(ctx)
             return True
         finally:
             _current_reset(token)
