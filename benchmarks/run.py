@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import selectors
 import shutil
 import signal
@@ -73,6 +74,8 @@ LOADS: dict[str, Load] = {
              ["raw", "--conns", "32", "--depth", "16", "--size", "64"], "msg", "rate"),
         Load("bulk", "bulk 1 MiB writes into a sink, 1 conn", "sink",
              ["bulk", "--conns", "1", "--write-size", str(1 << 20)], "Gbit", "gbit"),
+        Load("bulk-socat", "bulk as bulk, the client is socat (1 MiB blocks from /dev/zero)",
+             "sink", ["socat"], "Gbit", "gbit"),
         Load("udp", "UDP echo, 8 sockets x 32 in flight, 64 B", "udp",
              ["udp", "--conns", "8", "--depth", "32", "--size", "64"], "datagram", "rate"),
         Load("udp-gso", "UDP echo as udp, client sends GSO trains and reads with UDP_GRO",
@@ -356,6 +359,8 @@ def measure(stack: Stack, load: Load, opts: argparse.Namespace) -> dict[str, Any
         return measure_iperf3(opts)
     with running(server_command(stack, load, opts)) as server:
         target = server.ready_line.split()[1]
+        if load.loadgen == ["socat"]:
+            return finish_record(measure_socat(server.pid, int(target), opts), load)
         addr = (["--unix", target[5:]] if target.startswith("unix:")
                 else ["--host", "127.0.0.1", "--port", target])
         args = [*load.loadgen, *addr, "--duration", str(opts.duration),
@@ -419,6 +424,50 @@ def measure_iperf3(opts: argparse.Namespace) -> dict[str, Any]:
         "server_cpu_s": cpu["remote_total"] / 100 * recv["seconds"],
     }
     return finish_record(data, LOADS["bulk"])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _bytes_received(port: int) -> int:
+    """bytes_received of the established connections to local ``port`` (ss -ti)."""
+    out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(m) for m in re.findall(r"bytes_received:(\d+)", out))
+
+
+def measure_socat(server_pid: int, port: int, opts: argparse.Namespace) -> dict[str, Any]:
+    """A second, independent bulk client: socat writing 1 MiB blocks of
+    /dev/zero; throughput from the server socket's byte counter (ss), server
+    CPU from /proc over the same interval."""
+    if not shutil.which("socat"):
+        raise SkipStack("socat not installed (apt-get install -y socat)")
+    cmd = ["taskset", "-c", CLIENT_CORE, "socat", "-u", "-b", str(1 << 20),
+           "OPEN:/dev/zero", f"TCP:127.0.0.1:{port}"]
+    client = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        time.sleep(opts.warmup)
+        if client.poll() is not None:
+            raise RuntimeError(f"socat exited: {client.stderr.read().decode().strip()}")
+        t0, b0, c0 = time.monotonic(), _bytes_received(port), _cpu_seconds(server_pid)
+        k0 = _cpu_seconds(client.pid)
+        time.sleep(opts.duration)
+        t1, b1, c1 = time.monotonic(), _bytes_received(port), _cpu_seconds(server_pid)
+        k1 = _cpu_seconds(client.pid)
+    finally:
+        client.kill()
+        client.wait()
+    secs = t1 - t0
+    moved = b1 - b0
+    return {"mode": "bulk-socat", "duration_s": secs, "bytes": moved, "count": moved,
+            "rate": moved / secs, "gbit_per_s": moved * 8 / secs / 1e9,
+            "server_cpu": (c1 - c0) / secs, "server_cpu_s": c1 - c0,
+            "client_cpu": (k1 - k0) / secs}
 
 
 # ------------------------------------------------------------------- driver
