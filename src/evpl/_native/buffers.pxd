@@ -7,6 +7,7 @@ cdef struct Chunk:
     int refs
     int heap
     Chunk* next_free
+    Chunk* prev_free        # the warm free list is doubly linked (trimmed from its tail)
 
 
 cdef struct Slab:
@@ -24,7 +25,18 @@ cdef class Pool:
     # (unmap) its slabs while a Buffer, Bind or loop still uses their chunks.
     # The slabs go only in __dealloc__, after the last holder is gone.
     cdef Slab* slabs
-    cdef Chunk* free_list
+    cdef readonly size_t keep_bytes
+    cdef size_t trim_above_bytes
+    cdef bint trim_above_set    # False: trim_above=None, no automatic trimming
+    cdef readonly bint pinned   # slab pages pinned by the kernel: never trim (see trim_idle)
+    cdef Chunk* free_list       # warm free buffers, most recently released first
+    cdef Chunk* free_tail       # ... and the coldest of them
+    cdef Chunk* clean_list      # free buffers whose pages were dropped or never touched
+    cdef size_t nwarm
+    cdef size_t nclean
+    cdef size_t auto_keep       # put() trims the warm list down to this many buffers
+    cdef size_t trimmed_bytes
+    cdef size_t trim_errors
     cdef size_t nslabs
     cdef size_t nbuffers
     cdef size_t in_use
@@ -41,6 +53,17 @@ cdef class Pool:
     cdef Chunk* get_size(self, size_t size) noexcept
     cdef void put(self, Chunk* c) noexcept
     cdef int _grow(self) noexcept
+    cdef size_t trim_idle(self, size_t keep_bytes) noexcept
+    cdef size_t _trim_to(self, size_t keep) noexcept
+    cdef tuple _residency(self)
+
+
+cdef inline bint pool_trim_wanted(Pool pool) noexcept:
+    """True when ``pool.trim_idle(pool.keep_bytes)`` would release something:
+    more than ``keep_bytes`` of free buffers may hold resident pages. Cheap
+    (no system call), for a loop deciding whether to wake up to trim."""
+    return (not pool.pinned and pool.nwarm > 0
+            and pool.nwarm * pool.buffer_size > pool.keep_bytes)
 
 
 cdef class Buffer:

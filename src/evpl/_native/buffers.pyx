@@ -8,10 +8,20 @@ Buffer releases its hold when Python drops the last reference to it, so Python
 object lifetime is the ownership model and nothing needs an explicit free.
 Messages larger than one buffer are carried by exact-size heap chunks that
 count against the same memory limit.
+
+Free buffers sit on one of two lists. The warm list (LIFO, so the buffers
+just released are reused first and stay in cache and in the page tables)
+holds buffers whose pages may be resident; the clean list holds buffers whose
+pages were dropped with madvise(MADV_DONTNEED), or never touched (a new
+slab). Trimming moves the coldest warm buffers to the clean list: their
+pages go back to the kernel, the mapping stays (backends register slab
+addresses with the kernel), and the next write to them faults in zeroed pages.
 """
 
 from cpython.buffer cimport PyBuffer_FillInfo, PyBUF_WRITABLE
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from libc.errno cimport errno
+from libc.stdint cimport SIZE_MAX
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 cimport cython
@@ -22,8 +32,14 @@ cdef extern from "<sys/mman.h>":
     void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset) nogil
     int munmap(void* addr, size_t length) nogil
     int madvise(void* addr, size_t length, int advice) nogil
+    int mincore(void* addr, size_t length, unsigned char* vec) nogil
     int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_HUGETLB, MADV_HUGEPAGE
+    int MADV_DONTNEED
     void* MAP_FAILED
+
+cdef extern from "<unistd.h>":
+    long sysconf(int name) nogil
+    int _SC_PAGESIZE
 
 
 cdef class Pool:
@@ -33,10 +49,18 @@ cdef class Pool:
     asked for with MAP_HUGETLB and falls back to transparent huge pages), up
     to ``max_bytes`` in total, slabs plus heap chunks. Slabs are kept once
     mapped: that is what lets backends register them with the kernel.
+
+    Idle memory is bounded: whenever free buffers that may hold resident
+    pages add up to more than ``trim_above`` bytes (None: never), ``put``
+    drops the pages of the coldest of them, so idle buffers never keep more
+    than ``trim_above`` bytes resident. :meth:`trim` drops the pages of every
+    free buffer beyond the ``keep_bytes`` most recently used; a loop calls it
+    once it has been idle for a while.
     """
 
     def __init__(self, *, size_t slab_size=64 << 20, size_t buffer_size=2 << 20,
-                 size_t max_bytes=1 << 30, bint huge_pages=False):
+                 size_t max_bytes=1 << 30, bint huge_pages=False,
+                 size_t keep_bytes=8 << 20, trim_above=64 << 20):
         if buffer_size < 4096 or buffer_size % 4096:
             raise ConfigError(f"buffer_size must be a multiple of 4096, got {buffer_size}")
         if slab_size < buffer_size or slab_size % buffer_size:
@@ -44,10 +68,26 @@ cdef class Pool:
                 f"slab_size ({slab_size}) must be a multiple of buffer_size ({buffer_size})")
         if max_bytes < slab_size:
             raise ConfigError(f"max_bytes ({max_bytes}) must be at least slab_size ({slab_size})")
+        if trim_above is not None:
+            if not isinstance(trim_above, int) or isinstance(trim_above, bool) or trim_above < 0:
+                raise ConfigError(f"trim_above must be None or an int >= 0, got {trim_above!r}")
+            if trim_above < keep_bytes:
+                raise ConfigError(
+                    f"trim_above ({trim_above}) must be at least keep_bytes ({keep_bytes})")
         self.buffer_size = buffer_size
         self.slab_size = slab_size
         self.max_bytes = max_bytes
         self.huge_pages = huge_pages
+        self.keep_bytes = keep_bytes
+        self.trim_above_set = trim_above is not None
+        self.trim_above_bytes = trim_above if trim_above is not None else 0
+        self.auto_keep = self.trim_above_bytes // buffer_size if self.trim_above_set else SIZE_MAX
+
+    @property
+    def trim_above(self):
+        """Idle bytes above which released buffers are trimmed at once (None:
+        never)."""
+        return self.trim_above_bytes if self.trim_above_set else None
 
     def __dealloc__(self):
         cdef size_t i
@@ -92,8 +132,10 @@ cdef class Pool:
             descs[i].size = self.buffer_size
             descs[i].refs = 0
             descs[i].heap = 0
-            descs[i].next_free = self.free_list
-            self.free_list = &descs[i]
+            descs[i].prev_free = NULL
+            descs[i].next_free = self.clean_list      # untouched: nothing resident
+            self.clean_list = &descs[i]
+        self.nclean += n
         self.slabs[self.nslabs].base = <char*>p
         self.slabs[self.nslabs].descs = descs
         self.nslabs += 1
@@ -101,17 +143,26 @@ cdef class Pool:
         return 0
 
     cdef Chunk* get(self) noexcept:
-        """One pool buffer with refcount 1, or NULL when the limit is reached."""
+        """One pool buffer with refcount 1, or NULL when the limit is reached.
+        Warm buffers (most recently released first) before clean ones."""
         cdef Chunk* c = self.free_list
         if (self.in_use + 1) * self.buffer_size + self.heap_bytes > self.max_bytes:
             self.exhausted += 1         # heap chunks count against the limit too
             return NULL
-        if c == NULL:
-            if self._grow() < 0:
+        if c != NULL:
+            self.free_list = c.next_free
+            if self.free_list != NULL:
+                self.free_list.prev_free = NULL
+            else:
+                self.free_tail = NULL
+            self.nwarm -= 1
+        else:
+            if self.clean_list == NULL and self._grow() < 0:
                 self.exhausted += 1
                 return NULL
-            c = self.free_list
-        self.free_list = c.next_free
+            c = self.clean_list
+            self.clean_list = c.next_free
+            self.nclean -= 1
         c.refs = 1
         self.in_use += 1
         return c
@@ -170,9 +221,72 @@ cdef class Pool:
                 self.forced_bytes -= c.size
             free(c)
             return
+        c.prev_free = NULL
         c.next_free = self.free_list
+        if self.free_list != NULL:
+            self.free_list.prev_free = c
+        else:
+            self.free_tail = c
         self.free_list = c
+        self.nwarm += 1
         self.in_use -= 1
+        if self.nwarm > self.auto_keep and not self.pinned:
+            self._trim_to(self.auto_keep)     # one buffer: the coldest
+
+    cdef size_t trim_idle(self, size_t keep_bytes) noexcept:
+        """Drop the pages of the free buffers beyond the ``keep_bytes`` most
+        recently released ones; the bytes released. For the loop, once it
+        has been idle for a while (see ``pool_trim_wanted``)."""
+        return self._trim_to(keep_bytes // self.buffer_size)
+
+    cdef size_t _trim_to(self, size_t keep) noexcept:
+        """Move the coldest warm buffers to the clean list until ``keep`` are
+        left, dropping their pages (the mapping stays). Safe only for pages
+        that nothing else writes to: a free buffer has no reader or writer
+        left, and the io_uring rings copy into the buffers they hold (not in
+        the free lists); memory the kernel pins (registered buffers, an AF_XDP
+        UMEM) must set ``pinned``, because dropping a pinned page would leave
+        the kernel's pin and our mapping on different pages."""
+        cdef Chunk* c
+        cdef size_t released = 0
+        if self.pinned:
+            return 0
+        while self.nwarm > keep:
+            c = self.free_tail
+            if madvise(c.data, c.size, MADV_DONTNEED) != 0:
+                # e.g. a MAP_HUGETLB slab with buffers smaller than its pages:
+                # such memory cannot be trimmed, stop trying on every put()
+                self.trim_errors += 1
+                self.auto_keep = SIZE_MAX
+                break
+            self.free_tail = c.prev_free
+            if self.free_tail != NULL:
+                self.free_tail.next_free = NULL
+            else:
+                self.free_list = NULL
+            self.nwarm -= 1
+            c.prev_free = NULL
+            c.next_free = self.clean_list
+            self.clean_list = c
+            self.nclean += 1
+            released += c.size
+        self.trimmed_bytes += released
+        return released
+
+    def trim(self, keep_bytes=None) -> int:
+        """Give the pages of idle buffers back to the kernel: every free
+        buffer beyond the ``keep_bytes`` (default: the pool's ``keep_bytes``)
+        most recently released ones. The slabs stay mapped; a trimmed buffer
+        is reused after the warm ones and costs page faults when next
+        written. Returns the bytes released (0 when the pool is ``pinned``)."""
+        cdef size_t keep
+        if keep_bytes is None:
+            keep = self.keep_bytes
+        elif keep_bytes < 0:
+            raise ValueError("keep_bytes must be >= 0")
+        else:
+            keep = keep_bytes
+        return self.trim_idle(keep)
 
     def allocate(self, Py_ssize_t size) -> Buffer:
         """A writable Buffer of ``size`` bytes, to build a message in place
@@ -187,12 +301,41 @@ cdef class Pool:
         b.writable = True
         return b
 
+    cdef tuple _residency(self):
+        """(resident bytes of every slab, resident bytes of free buffers),
+        from mincore()."""
+        cdef size_t page = <size_t>sysconf(_SC_PAGESIZE)
+        cdef size_t npages = self.slab_size // page, per = self.buffer_size // page
+        cdef size_t s, i, j, k, total = 0, idle = 0
+        cdef unsigned char* vec
+        if self.nslabs == 0:
+            return 0, 0
+        vec = <unsigned char*>PyMem_Malloc(npages)
+        if vec == NULL:
+            raise MemoryError()
+        try:
+            for s in range(self.nslabs):
+                if mincore(self.slabs[s].base, self.slab_size, vec) != 0:
+                    raise OSError(errno, "mincore of a pool slab")
+                for i in range(self.slab_size // self.buffer_size):
+                    k = 0
+                    for j in range(i * per, (i + 1) * per):
+                        k += vec[j] & 1
+                    total += k * page
+                    if self.slabs[s].descs[i].refs == 0:
+                        idle += k * page
+        finally:
+            PyMem_Free(vec)
+        return total, idle
+
     def stats(self) -> dict:
-        """Counters: slabs, buffers, buffers_in_use, heap_in_use, bytes..."""
+        """Counters and memory figures (see docs/api.md, "Buffers")."""
+        resident, idle = self._residency()
         return {
             "slabs": self.nslabs,
             "buffers": self.nbuffers,
             "buffers_in_use": self.in_use,
+            "bytes_in_use": self.in_use * self.buffer_size + self.heap_bytes,
             "heap_in_use": self.heap_in_use,
             "heap_bytes": self.heap_bytes,
             "forced_bytes": self.forced_bytes,
@@ -201,6 +344,12 @@ cdef class Pool:
             "max_bytes": self.max_bytes,
             "exhausted": self.exhausted,
             "huge_pages": bool(self.huge_used),
+            "idle_warm_bytes": self.nwarm * self.buffer_size,
+            "idle_clean_bytes": self.nclean * self.buffer_size,
+            "resident_bytes": resident,
+            "idle_resident_bytes": idle,
+            "trimmed_bytes": self.trimmed_bytes,
+            "trim_errors": self.trim_errors,
         }
 
     def __repr__(self):
