@@ -55,6 +55,7 @@ cdef class Pool:
     cdef int _grow(self) noexcept
     cdef size_t trim_idle(self, size_t keep_bytes) noexcept
     cdef size_t _trim_to(self, size_t keep) noexcept
+    cdef size_t trim_tail(self, Chunk* c, size_t offset) noexcept
     cdef tuple _residency(self)
 
 
@@ -62,7 +63,7 @@ cdef inline bint pool_trim_wanted(Pool pool) noexcept:
     """True when ``pool.trim_idle(pool.keep_bytes)`` would release something:
     more than ``keep_bytes`` of free buffers may hold resident pages. Cheap
     (no system call), for a loop deciding whether to wake up to trim."""
-    return (not pool.pinned and pool.nwarm > 0
+    return (not pool.pinned and pool.trim_errors == 0 and pool.nwarm > 0
             and pool.nwarm * pool.buffer_size > pool.keep_bytes)
 
 

@@ -273,6 +273,31 @@ cdef class Pool:
         self.trimmed_bytes += released
         return released
 
+    cdef size_t trim_tail(self, Chunk* c, size_t offset) noexcept:
+        """Drop the pages of pool buffer ``c`` (in use) from ``offset``,
+        rounded up to a page, to its end; the bytes released. For a buffer
+        handed to the kernel to fill from ``offset`` on (an io_uring provided
+        buffer), while it is certain that nothing writes into it concurrently:
+        the bytes before ``offset`` are kept, later writes fault in zeroed
+        pages. The io_uring stream ring's buffers at an idle point are the
+        use (docs/engine.md, "Returning memory")."""
+        cdef size_t page = <size_t>sysconf(_SC_PAGESIZE)
+        cdef size_t start = (offset + page - 1) // page * page
+        if self.pinned or c.heap or start >= c.size:
+            return 0
+        if madvise(c.data + start, c.size - start, MADV_DONTNEED) != 0:
+            self.trim_errors += 1
+            return 0
+        self.trimmed_bytes += c.size - start
+        return c.size - start
+
+    def _trim_tail(self, Buffer buf, size_t offset) -> int:
+        """Testing hook for ``trim_tail``: drop the pages of the pool buffer
+        under ``buf`` (allocated from this pool) from ``offset`` on."""
+        if buf.pool is not self or buf.chunk == NULL or buf.chunk.heap:
+            raise ValueError("not a buffer of this pool")
+        return self.trim_tail(buf.chunk, offset)
+
     def trim(self, keep_bytes=None) -> int:
         """Give the pages of idle buffers back to the kernel: every free
         buffer beyond the ``keep_bytes`` (default: the pool's ``keep_bytes``)
