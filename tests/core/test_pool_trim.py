@@ -261,3 +261,32 @@ def test_default_pool_bounds():
     pool = evpl.Pool()
     assert pool.keep_bytes == 8 << 20
     assert pool.trim_above == 64 << 20
+
+
+def test_idle_loop_gives_ring_and_pool_memory_back(make_loop, stream_backend, address):
+    """After a burst, a loop left idle gives back (once, by itself, about a
+    second later) the idle pool buffers beyond keep_bytes and the unwritten
+    parts of the buffers an io_uring ring still holds."""
+    bs = 256 << 10
+    pool = evpl.Pool(slab_size=64 * bs, buffer_size=bs, keep_bytes=0, trim_above=None)
+    loop = make_loop(pool=pool)
+
+    class Count(evpl.Handler):
+        n = 0
+
+        def on_data(self, bind, buf):
+            Count.n += len(buf)
+
+    listener = loop.listen(stream_backend, address(stream_backend), Count)
+    payload = random.randbytes(8 << 20)
+    with raw_connect(stream_backend, listener.address) as peer:
+        sender = InThread(loop, lambda: peer.sendall(payload))
+        loop.run_until(lambda: sender.done() and Count.n >= len(payload), timeout=TIMEOUT)
+        sender.get()
+        before = loop.stats()["idle_trims"]
+        # nothing else happens: the loop wakes up by itself to give memory back
+        loop.run_until(lambda: loop.stats()["idle_trims"] > before, timeout=TIMEOUT)
+        st = pool.stats()
+        assert st["idle_resident_bytes"] == 0
+        # at most the kernel-written parts of the buffers still in use stay
+        assert st["resident_bytes"] <= 2 * bs + (bs if "io_uring" in stream_backend else 0)

@@ -14,6 +14,8 @@ cdef enum:
     READ_BUDGET = 16        # reads per Bind per turn before others get theirs
     MAX_DRIVERS = 4
 
+# after this long without activity the loop gives idle memory back, once
+
 # A Driver's "has work" check, called without the GIL while the loop spins.
 ctypedef int (*ready_fn)(void* ctx) noexcept nogil
 
@@ -50,6 +52,7 @@ cdef class Driver(_Source):
     cdef int _after_events(self) except -1
     cdef void _close(self)
     cdef void _stats(self, dict d)
+    cdef void _trim_idle(self)
 
 
 cdef class Timer:
@@ -90,6 +93,7 @@ cdef class LoopCore:
     cdef int64_t spin_ns
     cdef bint poll_always
     cdef int64_t last_active
+    cdef int64_t trim_mark      # last_active when idle memory was last given back
     cdef bint running
     cdef bint closed
     cdef list dirty
@@ -119,6 +123,7 @@ cdef class LoopCore:
     cdef size_t stat_truncated, stat_partial_copies, stat_callback_errors, stat_paused
     cdef size_t stat_accept_errors, stat_starved, stat_timers_fired, stat_zc_sends
     cdef size_t stat_gso_sends, stat_gso_refused, stat_gro_receives, stat_timeouts
+    cdef size_t stat_idle_trims
 
     cdef int add_driver(self, Driver d, ready_fn ready, void* ctx) except -1
     cdef int _ep_add(self, _Source src, int fd, uint32_t events) except -1
@@ -139,4 +144,5 @@ cdef class LoopCore:
     cdef void _run_closing(self) except *
     cdef void _ring_doorbells(self) except *
     cdef int _drivers_process(self) except -1
+    cdef void _trim_idle(self)
     cdef int _drivers_before_sleep(self) except -1

@@ -28,11 +28,13 @@ from libc.string cimport memset
 from posix.unistd cimport close as c_close, read as c_read, write as c_write
 from posix.uio cimport iovec
 
-from evpl._native.buffers cimport Pool, Chunk, chunk_unref
+from evpl._native.buffers cimport Pool, Chunk, chunk_unref, pool_trim_wanted
 from evpl._native.sys cimport *
 
 import heapq
 import logging
+
+DEF TRIM_IDLE_NS = 1_000_000_000    # idle this long: give memory back, once per idle period
 import os
 import signal
 import threading
@@ -112,6 +114,11 @@ cdef class Driver(_Source):
 
     cdef void _stats(self, dict d):
         """Add its counters to ``LoopCore.stats()``."""
+        pass
+
+    cdef void _trim_idle(self):
+        """The loop has been idle a while: give back the pages of pool
+        memory it holds but has not written (e.g. buffer ring tails)."""
         pass
 
 
@@ -524,6 +531,13 @@ cdef class LoopCore:
             if wait < 0 or t < wait:
                 wait = t
             break
+        if self.trim_mark != self.last_active:
+            # wake up once when the loop has been idle for TRIM_IDLE_NS
+            t = self.last_active + TRIM_IDLE_NS - evpl_now_ns()
+            if t < 0:
+                t = 0
+            if wait < 0 or t < wait:
+                wait = t
         if wait < 0 or wait > 1_000_000:
             waiting = bool(self.starved)
             for d in self.drv_list:
@@ -531,6 +545,17 @@ cdef class LoopCore:
             if waiting:
                 wait = 1_000_000
         return wait
+
+    cdef void _trim_idle(self):
+        """Idle for TRIM_IDLE_NS: return the pool's idle pages beyond its
+        ``keep_bytes`` and the Drivers' unwritten ring memory, once."""
+        cdef Driver d
+        self.trim_mark = self.last_active
+        self.stat_idle_trims += 1
+        if pool_trim_wanted(self.pool):
+            self.pool.trim_idle(self.pool.keep_bytes)
+        for d in self.drv_list:
+            d._trim_idle()
 
     cdef int _drivers_process(self) except -1:
         cdef Driver d
@@ -625,6 +650,9 @@ cdef class LoopCore:
                 PyErr_CheckSignals()        # runs the handlers; raises what they raise
             else:
                 (<_Source>self.events[i].data.ptr)._event(self.events[i].events)
+        if (n == 0 and self.trim_mark != self.last_active
+                and evpl_now_ns() - self.last_active >= TRIM_IDLE_NS):
+            self._trim_idle()
         self._after_events()
         return 0
 
@@ -854,6 +882,7 @@ cdef class LoopCore:
             "starved": self.stat_starved,
             "timers_fired": self.stat_timers_fired,
             "timeouts": self.stat_timeouts,
+            "idle_trims": self.stat_idle_trims,
             "zc_sends": self.stat_zc_sends,
             "gso_sends": self.stat_gso_sends,
             "gso_refused": self.stat_gso_refused,

@@ -23,7 +23,7 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.errno cimport errno, EBUSY, EMFILE, ENFILE, ENOBUFS, ENOMEM, EOPNOTSUPP
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint16_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memset, strcmp
 from posix.unistd cimport close as c_close, read as c_read
 from posix.uio cimport iovec
 
@@ -33,6 +33,8 @@ from evpl._native.framing cimport Framer
 from evpl._native.loop cimport LoopCore, Driver, MAX_IOV
 from evpl._native.sys cimport *
 from evpl._native.txqueue cimport *
+
+import os
 
 from evpl.errors import BackendUnavailable, transport_error
 
@@ -131,6 +133,7 @@ cdef class UringDriver(Driver):
     cdef list rearm             # receives that ended for lack of buffers
     cdef size_t adds            # refills of the rings so far
     cdef size_t mark            # pool.releases at the last refill attempt
+    cdef size_t trim_adds       # adds when the ring's unwritten tails were last dropped
     cdef size_t stat_cqes
     # slot ring (bgid 1), made with the first datagram Bind (or SQPOLL)
     cdef Chunk** dg_bufs
@@ -161,7 +164,7 @@ cdef class UringDriver(Driver):
         self.ur = evpl_uring_new(UR_ENTRIES, loop.sqpoll, loop.sqpoll_cpu, SQPOLL_IDLE_MS, &err)
         if self.ur == NULL:
             what = "io_uring_setup with SQPOLL" if loop.sqpoll else "io_uring_setup"
-            raise BackendUnavailable(f"{what} failed: {OSError(err, '').strerror}")
+            raise BackendUnavailable(f"{what} failed: {os.strerror(err)}")
         self.bufs = <Chunk**>PyMem_Malloc(UR_BUFS * sizeof(Chunk*))
         self.off = <size_t*>PyMem_Malloc(UR_BUFS * sizeof(size_t))
         self.free_bids = <unsigned short*>PyMem_Malloc(UR_BUFS * sizeof(unsigned short))
@@ -441,6 +444,22 @@ cdef class UringDriver(Driver):
             if self._process() == 0 and timed_out:
                 break                      # nothing completed for 10 ms
         self._teardown()
+
+    cdef void _trim_idle(self):
+        """Drop the pages of the incremental ring's buffers past what the
+        kernel has written (it touched them all while they circulated).
+        Safe only with DEFER_TASKRUN, where the kernel writes into ring
+        buffers only inside this thread's io_uring_enter, and with every
+        completion reaped."""
+        cdef int bid
+        if (self.ur == NULL or self.sqpoll or self.submit_pending or self.adds == self.trim_adds
+                or strcmp(evpl_uring_mode(self.ur), b"defer_taskrun") != 0
+                or evpl_uring_cq_ready(self.ur)):
+            return
+        self.trim_adds = self.adds
+        for bid in range(UR_BUFS):
+            if self.bufs[bid] != NULL:
+                self.pool.trim_tail(self.bufs[bid], self.off[bid])
 
     cdef void _stats(self, dict d):
         d["completions"] = self.stat_cqes
