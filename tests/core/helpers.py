@@ -5,6 +5,9 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -156,3 +159,76 @@ def wait_until(predicate: Callable[[], Any], what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.0002)
+
+
+_PEER_READER = """
+import socket, sys
+fd, want, timeout = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+sock = socket.socket(fileno=fd)
+sock.settimeout(timeout)
+out = sys.stdout.buffer
+end = "count"
+try:
+    while want != 0:
+        data = sock.recv(1 << 20 if want < 0 else min(want, 1 << 20))
+        if not data:
+            end = "eof"
+            break
+        out.write(data)
+        if want > 0:
+            want -= len(data)
+except ConnectionResetError:
+    end = "reset"
+out.flush()
+sys.stderr.write(end)
+"""
+
+
+class PeerReader:
+    """Read a plain socket in a child process: ``nbytes`` bytes, or until EOF
+    or a reset when ``nbytes`` is -1.
+
+    The child has its own interpreter, so its progress does not depend on
+    winning this process's GIL: a reader thread here needs the GIL after
+    every ``recv`` (2 KB at a time from a 4 KiB receive buffer), and a loop
+    that keeps the GIL (a callback that runs long, a loop that never
+    sleeps) would starve it. The loop learns that the child exited from a
+    pidfd watch, so no thread of ours is involved either. Use as a context
+    manager: leaving it kills a child that is still running."""
+
+    def __init__(self, loop: evpl.Loop, sock: socket.socket, nbytes: int = -1) -> None:
+        self.finished = False
+        self._out = tempfile.TemporaryFile()
+        fd = sock.fileno()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _PEER_READER, str(fd), str(nbytes), str(TIMEOUT)],
+            stdout=self._out, stderr=subprocess.PIPE, pass_fds=(fd,))
+        self._pidfd = os.pidfd_open(self._proc.pid)
+        self._watch = loop.watch_fd(self._pidfd, on_readable=self._exited)
+
+    def _exited(self) -> None:
+        self.finished = True
+        self._watch.cancel()
+
+    def done(self) -> bool:
+        return self.finished
+
+    def get(self) -> tuple[bytes, str]:
+        """What the child read, and how it ended: "count", "eof" or "reset"."""
+        rc = self._proc.wait(TIMEOUT)
+        end = self._proc.stderr.read().decode(errors="replace")
+        assert rc == 0, f"peer reader failed (exit {rc}): {end}"
+        self._out.seek(0)
+        return self._out.read(), end
+
+    def __enter__(self) -> PeerReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait(TIMEOUT)
+        self._watch.cancel()
+        os.close(self._pidfd)
+        self._proc.stderr.close()
+        self._out.close()

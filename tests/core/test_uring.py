@@ -24,7 +24,16 @@ import pytest
 
 import evpl
 
-from .helpers import TIMEOUT, InThread, Ticker, backend_info, check_pool, raw_connect, recv_exactly
+from .helpers import (
+    TIMEOUT,
+    InThread,
+    PeerReader,
+    Ticker,
+    backend_info,
+    check_pool,
+    raw_connect,
+    recv_exactly,
+)
 
 URING_BACKENDS = [b.name for b in evpl.backends()
                   if b.available and "io_uring" in b.capabilities and b.kind == "stream"]
@@ -119,31 +128,61 @@ def pattern(i: int, n: int) -> bytes:
 
 
 class Scribbler:
-    """Takes buffers from ``pool``, fills them with 0xEE and drops them, on
-    every timer tick: a buffer the engine gave back to the pool too early is
-    overwritten while the kernel may still read it, and the peer sees 0xEE."""
+    """Overwrites every buffer that comes back to ``pool`` as soon as the loop
+    could hand it out again, and keeps it: a buffer the engine gave back too
+    early is overwritten with 0xEE while the kernel may still read it, and the
+    peer sees 0xEE.
 
-    def __init__(self, loop: evpl.Loop, pool: evpl.Pool, count: int = 16) -> None:
+    ``check()`` takes every free buffer of the pool (allocating until the pool
+    is exhausted), fills it and holds on to it. ``run_scribbling`` calls it
+    before every loop iteration and after the last, so a buffer is overwritten
+    in the iteration that gave it back (or before the first, for one given
+    back by a call like ``Bind.close()``). The work follows events, not a
+    timer: each buffer is written once, so the whole test does a bounded
+    amount of it whatever the machine's speed, and a check that finds nothing
+    costs one failed allocation.
+
+    The pool must be sized to the buffers the test sends (``exact_pool``) and
+    they must all be allocated before the first check, or the scribbler would
+    take the room the test needs."""
+
+    def __init__(self, pool: evpl.Pool) -> None:
         self.pool = pool
-        self.count = count
-        self.rounds = 0
         self.size = pool.stats()["buffer_size"]
         self.fill = b"\xee" * self.size
-        self.timer = loop.call_every(0.0005, self.scribble)
+        self.held: list[evpl.Buffer] = []
 
-    def scribble(self) -> None:
-        bufs = []
-        for _ in range(self.count):
+    def check(self) -> None:
+        while True:
             try:
-                bufs.append(self.pool.allocate(self.size))
+                buf = self.pool.allocate(self.size)
             except evpl.PoolExhausted:
-                break
-        for b in bufs:
-            memoryview(b)[:] = self.fill
-        self.rounds += 1
+                return
+            memoryview(buf)[:] = self.fill
+            self.held.append(buf)
 
-    def cancel(self) -> None:
-        self.timer.cancel()
+    def others(self) -> int:
+        """Buffers of the pool held by anyone else (the engine, the test)."""
+        return self.pool.stats()["buffers_in_use"] - len(self.held)
+
+
+def run_scribbling(loop: evpl.Loop, scribbler: Scribbler, until, each=None) -> None:
+    """``loop.run_until(until)`` with ``scribbler.check()`` (then ``each()``,
+    if given) before every iteration and after the last."""
+    def predicate() -> bool:
+        scribbler.check()
+        if each is not None:
+            each()
+        return until()
+
+    loop.run_until(predicate, timeout=TIMEOUT)
+
+
+def exact_pool(count: int) -> evpl.Pool:
+    """A pool of exactly ``count`` (a multiple of 4) 256 KiB buffers, for the
+    Buffers a test sends, separate from the loop's pool."""
+    assert count % 4 == 0
+    return evpl.Pool(slab_size=1 << 20, buffer_size=256 << 10, max_bytes=count * (256 << 10))
 
 
 class Server(evpl.Handler):
@@ -352,38 +391,43 @@ def send_patterns(bind: evpl.Bind, spool: evpl.Pool, k: int, n: int) -> bytes:
 
 def test_zc_buffer_held_until_notification(make_loop):
     loop, srv, li, peer, bind = zc_pair(make_loop)
-    spool = send_pool()
     k, n = 32, 256 << 10
+    spool = exact_pool(k)
     expected = send_patterns(bind, spool, k, n)
     assert spool.stats()["buffers_in_use"] == k
+    # from here on every buffer that comes back is overwritten at once
+    scribbler = Scribbler(spool)
 
     # the peer does not read: the send is in flight and holds every buffer
-    run_ticks(loop, 20)
+    ticker = Ticker(loop)
+    run_scribbling(loop, scribbler, lambda: ticker.count >= 20)
+    ticker.cancel()
     assert loop.stats()["zc_sends"] > 0
     assert bind.queued_bytes > 0
-    assert spool.stats()["buffers_in_use"] == k
+    assert scribbler.held == [] and scribbler.others() == k
 
-    # while the peer reads, buffers freed by anyone else are reused and
-    # overwritten at once; the invariant is sampled on every tick
-    scribbler = Scribbler(loop, spool)
+    # while the peer reads, the invariant is sampled before every iteration
     samples: list[tuple[int, int]] = []
-    sampler = loop.call_every(0.0005, lambda: samples.append(
-        (spool.stats()["buffers_in_use"], bind.queued_bytes)))
-    reader = InThread(loop, lambda: recv_exactly(peer, k * n))
-    loop.run_until(reader.done, timeout=TIMEOUT)
-    data = reader.get()
-    loop.run_until(lambda: spool.stats()["buffers_in_use"] == 0, timeout=TIMEOUT)
-    scribbler.cancel()
-    sampler.cancel()
-    assert scribbler.rounds > 0
+
+    def sample() -> None:
+        samples.append((scribbler.others(), bind.queued_bytes))
+
+    with PeerReader(loop, peer, k * n) as reader:
+        run_scribbling(loop, scribbler, reader.done, each=sample)
+        data, end = reader.get()
+    run_scribbling(loop, scribbler, lambda: scribbler.others() == 0, each=sample)
+    assert end == "count"
+    assert len(scribbler.held) == k        # every buffer came back, and was overwritten
     assert data.count(b"\xee") == 0, "the peer received bytes of a reused buffer"
     assert data == expected
     # the buffers went back only once the send had completed
-    assert all(queued == 0 for in_use, queued in samples if in_use == 0)
+    assert samples[-1] == (0, 0)
+    assert all(queued == 0 for others, queued in samples if others == 0)
     assert bind.queued_bytes == 0 and not srv.closed
     bind.close()
     peer.close()
     li.close()
+    scribbler.held.clear()
     check_pool(spool)
 
 
@@ -393,76 +437,84 @@ def test_zc_many_sends_in_order(make_loop):
             send_some(bind)
 
     loop, srv, li, peer, bind = zc_pair(make_loop, rcvbuf=65536, srv=Sender())
-    spool = send_pool()
     rng = random.Random(7)
     sizes = [rng.randrange(4096, 200_000) for _ in range(300)]
     total = sum(sizes)
     expected = b"".join(pattern(i, s) for i, s in enumerate(sizes))
-    state = {"next": 0, "batches": 0, "peak": 0, "waits": 0}
+    # one pool buffer per send, all filled before the scribbler starts
+    spool = exact_pool(len(sizes))
+    pending = []
+    for i, size in enumerate(sizes):
+        buf = spool.allocate(size)
+        memoryview(buf)[:] = pattern(i, size)
+        pending.append(buf)
+    del buf
+    pending.reverse()
+    batches = 0
 
     def send_some(b: evpl.Bind) -> None:
-        # 1..4 Buffers per sendmsg, the next batch once the queue is empty
-        i = state["next"]
-        if i == len(sizes) or b.closed:
+        # 1..4 Buffers per sendmsg, the next batch once the queue is empty;
+        # the queue keeps the only references to them
+        nonlocal batches
+        if not pending or b.closed:
             return
-        in_use = spool.stats()["buffers_in_use"]
-        state["peak"] = max(state["peak"], in_use)
-        if in_use > 64:
-            # zero-copy sends hold their buffers until the kernel's
-            # notification (delayed ACKs on loopback): wait for some to return
-            state["waits"] += 1
-            loop.call_later(0.0005, send_some, b)
-            return
-        for j in range(i, min(len(sizes), i + rng.randrange(1, 5))):
-            buf = spool.allocate(sizes[j])
-            memoryview(buf)[:] = pattern(j, sizes[j])
-            b.send(buf)
-            state["next"] = j + 1
-        state["batches"] += 1
+        for _ in range(min(len(pending), rng.randrange(1, 5))):
+            b.send(pending.pop())
+        batches += 1
 
-    scribbler = Scribbler(loop, spool, count=8)
-    reader = InThread(loop, lambda: recv_exactly(peer, total))
-    send_some(bind)
-    loop.run_until(reader.done, timeout=TIMEOUT)
-    data = reader.get()
-    loop.run_until(lambda: spool.stats()["buffers_in_use"] == 0, timeout=TIMEOUT)
-    scribbler.cancel()
-    assert state["next"] == len(sizes)
-    assert loop.stats()["zc_sends"] >= state["batches"] > 50
+    scribbler = Scribbler(spool)
+    with PeerReader(loop, peer, total) as reader:
+        send_some(bind)
+        run_scribbling(loop, scribbler, reader.done)
+        data, end = reader.get()
+    run_scribbling(loop, scribbler, lambda: scribbler.others() == 0)
+    assert end == "count"
+    assert not pending
+    assert len(scribbler.held) == len(sizes)   # every buffer came back, and was overwritten
+    assert loop.stats()["zc_sends"] >= batches > 50
     assert data.count(b"\xee") == 0, "the peer received bytes of a reused buffer"
     assert data == expected
     assert not srv.closed
     bind.close()
     peer.close()
     li.close()
+    scribbler.held.clear()
     check_pool(spool)
 
 
 def test_zc_close_in_flight_keeps_buffers(make_loop):
     loop, srv, li, peer, bind = zc_pair(make_loop)
-    spool = send_pool()
     k, n = 32, 256 << 10
+    spool = exact_pool(k)
     expected = send_patterns(bind, spool, k, n)
-    run_ticks(loop, 20)
+    scribbler = Scribbler(spool)
+    ticker = Ticker(loop)
+    run_scribbling(loop, scribbler, lambda: ticker.count >= 20)
     assert loop.stats()["zc_sends"] > 0 and bind.queued_bytes > 0
-    bind.close()
-    loop.run_until(lambda: srv.closed, timeout=TIMEOUT)
-    run_ticks(loop, 5)
+    assert scribbler.held == []
     # what the kernel has queued may still go out (orphaned socket): the
-    # memory behind it must not be handed out again
-    scribbler = Scribbler(loop, spool, count=64)
-    scribbler.scribble()
-    reader = InThread(loop, lambda: read_until_closed(peer))
-    loop.run_until(reader.done, timeout=TIMEOUT)
-    data, _ = reader.get()
-    loop.run_until(lambda: spool.stats()["buffers_in_use"] == 0, timeout=TIMEOUT)
-    scribbler.cancel()
+    # memory behind it must not be handed out again. Buffers that come back
+    # (from close() itself, or any iteration after it) are overwritten at once:
+    # harmless for those the kernel never had, fatal for the others.
+    bind.close()
+    run_scribbling(loop, scribbler, lambda: srv.closed)
+    start = ticker.count
+    run_scribbling(loop, scribbler, lambda: ticker.count >= start + 5)
+    ticker.cancel()
+    with PeerReader(loop, peer) as reader:
+        run_scribbling(loop, scribbler, reader.done)
+        data, end = reader.get()
+    run_scribbling(loop, scribbler, lambda: scribbler.others() == 0)
     peer.close()
     li.close()
     assert srv.closed == [None]
+    assert end in ("eof", "reset")
+    assert len(scribbler.held) == k        # every buffer came back, and was overwritten
     reused = data.count(b"\xee")
     assert reused == 0, f"the peer received {reused} bytes of reused buffers after close"
     assert data == expected[:len(data)]
+    scribbler.held.clear()
+    check_pool(spool)
 
 
 @pytest.mark.skipif("io_uring_unix" not in URING_BACKENDS, reason="io_uring_unix unavailable")
