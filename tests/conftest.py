@@ -16,8 +16,15 @@ from typing import Any
 
 import pytest
 from core.helpers import check_pool
+from hypothesis import HealthCheck, settings
 
 import evpl
+
+# No wall-clock limits on property tests: hypothesis's default 200 ms deadline
+# per example (and its too_slow health check) fail a correct test on a busy or
+# slow machine. Tests that set their own settings inherit this.
+settings.register_profile("evpl", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("evpl")
 
 STREAM_BACKENDS = [b.name for b in evpl.backends() if b.available and b.kind == "stream"]
 DATAGRAM_BACKENDS = [b.name for b in evpl.backends() if b.available and b.kind == "datagram"]
