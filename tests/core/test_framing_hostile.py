@@ -18,7 +18,7 @@ import evpl
 from .helpers import STREAM_BACKENDS, TIMEOUT, backend_info, check_pool, raw_connect
 
 MAX = 1000          # max_message of the framers under test (where settable)
-WAIT = 5.0          # per wait; a failing example must not take long (hypothesis shrinks)
+WAIT = TIMEOUT / 2  # per wait; a failing example must not take long (hypothesis shrinks)
 
 
 def call_fn(peek: memoryview) -> int:

@@ -788,7 +788,7 @@ def test_accept_when_the_loop_starts_late(loop, stream_backend, address):
     peer = raw_connect(stream_backend, listener.address)
     with peer:
         peer.sendall(b"early")
-        loop.run_until(lambda: server.data == b"early", timeout=2)
+        loop.run_until(lambda: server.data == b"early", timeout=TIMEOUT)
     assert server.connected == 1
 
 
