@@ -1073,24 +1073,49 @@ def test_behaviour_suite_on_sqpoll():
 # ---------------------------------------------------------------- disabled io_uring
 
 
+# In a child of a private mount namespace where /proc/sys/kernel/io_uring_disabled
+# reads "2": forbid io_uring_setup with EPERM, as the kernel then does, check
+# that it is refused, and run `evpl info --json`.
+_IO_URING_DISABLED = textwrap.dedent("""
+    import ctypes, errno, os, struct, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+    NR_IO_URING_SETUP = 425                  # x86_64 and the generic table alike
+    insns = [(0x20, 0, 0, 0),                # A = seccomp_data.nr
+             (0x15, 0, 1, NR_IO_URING_SETUP),
+             (0x06, 0, 0, 0x00050000 | errno.EPERM),     # SECCOMP_RET_ERRNO
+             (0x06, 0, 0, 0x7FFF0000)]                  # SECCOMP_RET_ALLOW
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in insns))
+    fprog = struct.pack("HxxxxxxQ", len(insns), ctypes.addressof(code))
+    fbuf = ctypes.create_string_buffer(fprog)
+    if (libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+            or libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fbuf), 0, 0)):
+        sys.exit(f"seccomp: {os.strerror(ctypes.get_errno())}")
+    if libc.syscall(NR_IO_URING_SETUP, 0, None) != -1 or ctypes.get_errno() != errno.EPERM:
+        sys.exit(f"io_uring_setup not refused: {os.strerror(ctypes.get_errno())}")
+    os.execv(sys.executable, [sys.executable, "-m", "evpl.cli", "info", "--json"])
+""")
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/proc/sys/kernel/io_uring_disabled"),
-                    reason="needs root and kernel.io_uring_disabled to switch io_uring off")
-def test_disabled_io_uring_is_reported_unavailable():
+                    reason="needs root (a mount namespace) and kernel.io_uring_disabled")
+def test_disabled_io_uring_is_reported_unavailable(tmp_path):
     """With kernel.io_uring_disabled=2, `evpl info` lists every io_uring
     backend as unavailable, with the reason, and the others as available.
-    The setting is machine-wide: it is restored at once (tests run one at a
-    time, and rings that exist already are not affected)."""
+
+    The setting is machine-wide, and switching it for a moment broke the
+    io_uring tests of any other test run on the machine: the child sees it
+    through a file mounted over the sysctl in its own mount namespace, and
+    io_uring_setup fails for it (a seccomp filter) as the kernel makes it
+    fail then. The machine's setting is not touched."""
     path = "/proc/sys/kernel/io_uring_disabled"
-    with open(path) as f:
-        before = f.read().strip()
-    try:
-        with open(path, "w") as f:
-            f.write("2")
-        proc = subprocess.run([sys.executable, "-m", "evpl.cli", "info", "--json"],
-                              capture_output=True, text=True, timeout=60)
-    finally:
-        with open(path, "w") as f:
-            f.write(before)
+    fake = tmp_path / "io_uring_disabled"
+    fake.write_text("2\n")
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           'mount --bind "$1" "$2" && exec "$3" -c "$4"', "sh",
+                           str(fake), path, sys.executable, _IO_URING_DISABLED],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     info = {b["name"]: b for b in json.loads(proc.stdout)}
     for name in ("io_uring_tcp", "io_uring_unix", "io_uring_udp"):
