@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import os
 import socket
@@ -10,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import evpl
@@ -232,3 +234,33 @@ class PeerReader:
         os.close(self._pidfd)
         self._proc.stderr.close()
         self._out.close()
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def private_netns() -> Iterator[bool]:
+    """Run the block with this thread (and the processes it starts) in a new
+    network namespace that has only ``lo``, up. Its ports and TIME_WAIT
+    entries are its own: thousands of connections to 127.0.0.1 then do not
+    depend on how many ephemeral ports the rest of the machine (other test
+    runs, earlier runs of the same test) holds. A socket stays in the
+    namespace it was made in: make both ends inside the block. Yields False,
+    and stays in the current namespace, where the thread may not make one
+    (not root)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            yield False
+            return
+        try:
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=TIMEOUT,
+                           capture_output=True)
+            yield True
+        finally:
+            if libc.setns(old, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the test's network namespace")
+    finally:
+        os.close(old)

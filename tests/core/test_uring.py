@@ -31,6 +31,7 @@ from .helpers import (
     Ticker,
     backend_info,
     check_pool,
+    private_netns,
     raw_connect,
     recv_exactly,
 )
@@ -699,91 +700,96 @@ def test_10k_connections(make_loop, nofile):
     Both ends in this process need 20,000+ descriptors; where the hard
     RLIMIT_NOFILE does not allow that (20,000 here, and it cannot be raised
     without CAP_SYS_RESOURCE) the clients run in a child process, plain
-    sockets in batches of 500. Measured: about 2 s here (2 CPUs)."""
+    sockets in batches of 500. Measured: about 2 s here (2 CPUs). Both ends are
+    in a network namespace of their own (where root may make one), so the
+    10,000 ephemeral ports do not depend on what the rest of the machine uses."""
     n = 10_000
     if nofile < n + 256:
         pytest.skip(f"RLIMIT_NOFILE hard limit {nofile} < {n + 256} descriptors")
     loop = make_loop()
     EchoCounter.connected = EchoCounter.echoed = EchoCounter.closed = 0
     EchoCounter.errors = []
-    li = loop.listen("io_uring_tcp", ("127.0.0.1", 0), EchoCounter, framing=LP4, backlog=4096)
-    host, port = li.address[:2]
-    proc = subprocess.Popen([sys.executable, "-c", _CLIENTS, host, str(port), str(n), "500"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        line = InThread(loop, proc.stdout.readline)
-        loop.run_until(line.done, timeout=30)
-        assert line.get().split() == ["ok", str(n)], f"clients failed (exit {proc.poll()})"
-        assert EchoCounter.connected == n and EchoCounter.echoed == n
-        assert loop.stats()["sources"] == n + 1
-        assert loop.stats()["accept_errors"] == 0
-        proc.stdin.write("close\n")
-        proc.stdin.flush()
-        loop.run_until(lambda: EchoCounter.closed == n, timeout=30)
-        assert EchoCounter.errors == []
-        assert loop.stats()["sources"] == 1
-    finally:
-        proc.stdin.close()
-        if EchoCounter.closed != n and proc.poll() is None:
-            proc.kill()
-        proc.wait(TIMEOUT)
-    li.close()
-    loop.run_until(lambda: sys.getrefcount(li) == 2, timeout=TIMEOUT)
-    assert loop.stats()["sources"] == 0
+    with private_netns():
+        li = loop.listen("io_uring_tcp", ("127.0.0.1", 0), EchoCounter, framing=LP4, backlog=4096)
+        host, port = li.address[:2]
+        proc = subprocess.Popen([sys.executable, "-c", _CLIENTS, host, str(port), str(n), "500"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            line = InThread(loop, proc.stdout.readline)
+            loop.run_until(line.done, timeout=30)
+            assert line.get().split() == ["ok", str(n)], f"clients failed (exit {proc.poll()})"
+            assert EchoCounter.connected == n and EchoCounter.echoed == n
+            assert loop.stats()["sources"] == n + 1
+            assert loop.stats()["accept_errors"] == 0
+            proc.stdin.write("close\n")
+            proc.stdin.flush()
+            loop.run_until(lambda: EchoCounter.closed == n, timeout=30)
+            assert EchoCounter.errors == []
+            assert loop.stats()["sources"] == 1
+        finally:
+            proc.stdin.close()
+            if EchoCounter.closed != n and proc.poll() is None:
+                proc.kill()
+            proc.wait(TIMEOUT)
+        li.close()
+        loop.run_until(lambda: sys.getrefcount(li) == 2, timeout=TIMEOUT)
+        assert loop.stats()["sources"] == 0
 
 
 def test_many_evpl_connects_same_loop(make_loop, nofile):
     """Clients are evpl io_uring_tcp Binds in the same Loop as the server:
     10,000 when RLIMIT_NOFILE allows both ends, as many as fit otherwise
-    (9,800 with the hard limit of 20,000 here; about 1.5 s)."""
+    (9,800 with the hard limit of 20,000 here; about 1.5 s); in a network
+    namespace of their own, like test_10k_connections."""
     n = min(10_000, (nofile - 400) // 2)
     if n < 1000:
         pytest.skip(f"RLIMIT_NOFILE hard limit {nofile} too low")
     loop = make_loop()
     EchoCounter.connected = EchoCounter.echoed = EchoCounter.closed = 0
     EchoCounter.errors = []
-    li = loop.listen("io_uring_tcp", ("127.0.0.1", 0), EchoCounter, framing=LP4, backlog=4096)
+    with private_netns():
+        li = loop.listen("io_uring_tcp", ("127.0.0.1", 0), EchoCounter, framing=LP4, backlog=4096)
 
-    class Client(evpl.Handler):
-        done = 0
-        closed = 0
-        errors: list[object] = []
+        class Client(evpl.Handler):
+            done = 0
+            closed = 0
+            errors: list[object] = []
 
-        def __init__(self, i: int) -> None:
-            self.token = struct.pack(">I", i)
-            self.ok = False
+            def __init__(self, i: int) -> None:
+                self.token = struct.pack(">I", i)
+                self.ok = False
 
-        def on_connected(self, bind):
-            bind.send(self.token)
+            def on_connected(self, bind):
+                bind.send(self.token)
 
-        def on_message(self, bind, msg):
-            self.ok = bytes(msg) == self.token
-            Client.done += 1
+            def on_message(self, bind, msg):
+                self.ok = bytes(msg) == self.token
+                Client.done += 1
 
-        def on_closed(self, bind, error):
-            Client.closed += 1
-            if error is not None:
-                Client.errors.append(error)
+            def on_closed(self, bind, error):
+                Client.closed += 1
+                if error is not None:
+                    Client.errors.append(error)
 
-    binds = []
-    for start in range(0, n, 500):
-        for i in range(start, min(n, start + 500)):
-            binds.append(loop.connect("io_uring_tcp", li.address, Client(i), framing=LP4))
-        loop.run_until(lambda: Client.done + len(Client.errors) >= len(binds), timeout=TIMEOUT)
-    assert Client.errors == []
-    bad = [(b.handler.token, b) for b in binds if not b.handler.ok]
-    assert Client.done == n and not bad, bad[:5]
-    assert EchoCounter.connected == n and EchoCounter.echoed == n
-    assert loop.stats()["sources"] == 2 * n + 1
-    for bind in binds:
-        bind.close()
-    del bind
-    loop.run_until(lambda: EchoCounter.closed == n, timeout=TIMEOUT)
-    assert Client.closed == n and Client.errors == [] and EchoCounter.errors == []
-    li.close()
-    loop.run_until(lambda: sys.getrefcount(li) == 2, timeout=TIMEOUT)
-    assert loop.stats()["sources"] == 0
-    assert all(sys.getrefcount(b) == 3 for b in binds)    # list, loop var, argument
+        binds = []
+        for start in range(0, n, 500):
+            for i in range(start, min(n, start + 500)):
+                binds.append(loop.connect("io_uring_tcp", li.address, Client(i), framing=LP4))
+            loop.run_until(lambda: Client.done + len(Client.errors) >= len(binds), timeout=TIMEOUT)
+        assert Client.errors == []
+        bad = [(b.handler.token, b) for b in binds if not b.handler.ok]
+        assert Client.done == n and not bad, bad[:5]
+        assert EchoCounter.connected == n and EchoCounter.echoed == n
+        assert loop.stats()["sources"] == 2 * n + 1
+        for bind in binds:
+            bind.close()
+        del bind
+        loop.run_until(lambda: EchoCounter.closed == n, timeout=TIMEOUT)
+        assert Client.closed == n and Client.errors == [] and EchoCounter.errors == []
+        li.close()
+        loop.run_until(lambda: sys.getrefcount(li) == 2, timeout=TIMEOUT)
+        assert loop.stats()["sources"] == 0
+        assert all(sys.getrefcount(b) == 3 for b in binds)    # list, loop var, argument
 
 
 # ------------------------------------------------------- mixed backends
