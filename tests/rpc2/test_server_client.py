@@ -570,13 +570,15 @@ def test_udp_drc_outlives_a_burst_of_other_calls(loop, address) -> None:
 
 
 def test_udp_drc_forgets_after_its_window(loop, address) -> None:
-    s = Setup(loop, "udp", address, drc_window=0.05)
+    # the retransmission right after the call must land inside the window
+    # even if the machine holds the process up for a while: 0.5 s, not 50 ms
+    s = Setup(loop, "udp", address, drc_window=0.5)
     peer = UdpPeer(loop, s.addr)
     [first] = peer.exchange(add_call(8))
     assert peer.exchange(add_call(8)) == [first] and s.impl.calls == 1
     # let the window pass (the behaviour under test is time), then retransmit
     passed: list[bool] = []
-    loop.call_later(0.06, passed.append, True)
+    loop.call_later(0.55, passed.append, True)
     loop.run_until(lambda: bool(passed), TIMEOUT)
     peer.exchange(add_call(8))
     assert s.impl.calls == 2  # forgotten: it ran again
