@@ -436,13 +436,21 @@ cdef class UringDriver(Driver):
         """Let cancellations and in-flight sends complete, so every Bind and
         buffer they hold is released, then drop the ring."""
         cdef bint timed_out
+        cdef int quiet = 0
+        # an SQPOLL thread that is not getting a CPU may take a while to
+        # post the last cancellations: wait for 100 ms of quiet, not 10
+        cdef int need_quiet = 10 if self.sqpoll else 1
         self.rearm = []
         if self.ur == NULL:
             return
-        for _ in range(100):            # at most ~1 s
+        for _ in range(200):            # at most ~2 s
             timed_out = evpl_uring_wait(self.ur, 10_000_000) < 0
             if self._process() == 0 and timed_out:
-                break                      # nothing completed for 10 ms
+                quiet += 1
+                if quiet >= need_quiet:
+                    break                  # nothing completed for a while
+            else:
+                quiet = 0
         self._teardown()
 
     cdef void _trim_idle(self):
