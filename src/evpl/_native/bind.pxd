@@ -16,6 +16,7 @@ cdef enum:
 
 cdef enum:
     D_PAUSED = -3           # _deliver: stopped because reading was paused
+    R_CLOSED = -100         # _next_message: the Bind was closed
 
 
 cdef object sa_to_py(sockaddr* sa, socklen_t salen)
@@ -121,6 +122,8 @@ cdef class Bind(_Source):
     cdef Py_ssize_t _scan(self, Chunk* c, char* p, size_t avail, size_t* hint, size_t* payload,
                           int* nfrag) except? -100
     cdef Buffer _message(self, Chunk* c, char* p, Py_ssize_t r, size_t payload, int nfrag)
+    cdef Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
+                              Py_ssize_t* r)
     cdef int _deliver(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2
     cdef int _deliver_batch(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2
     cdef void _framing_failed(self, Py_ssize_t r)

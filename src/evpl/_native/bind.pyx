@@ -651,6 +651,8 @@ cdef class Bind(_Source):
         if r > 0 and <size_t>r > avail:
             hint[0] = r
             return 0
+        if r < -99:
+            r = -99                     # bad stream; below is R_CLOSED's range
         payload[0] = r
         return r
 
@@ -677,31 +679,46 @@ cdef class Bind(_Source):
         chunk_unref(self.loop.pool, dst)
         return b
 
+    cdef Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
+                              Py_ssize_t* r):
+        """The next whole message at ``p`` (``r[0]``: its wire length), or
+        None: ``r[0]`` is then 0 (need more; ``hint`` as in _scan), negative
+        for a bad frame, or R_CLOSED if the Bind was closed (the framing
+        callable raised, the pool could not join a record's fragments)."""
+        cdef size_t payload = 0
+        cdef int nfrag = 1
+        cdef Buffer msg
+        try:
+            r[0] = self._scan(c, p, avail, hint, &payload, &nfrag)
+        except Exception as exc:
+            self.loop._callback_error(exc, self)
+            r[0] = R_CLOSED
+            return None
+        if r[0] <= 0:
+            return None
+        msg = self._message(c, p, r[0], payload, nfrag)
+        if msg is None:
+            self._close(FramingError("buffer pool exhausted while reassembling a record"))
+            r[0] = R_CLOSED
+        return msg
+
     cdef int _deliver(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2:
         """Deliver every whole message in ``base[0:total]``; returns the
         number of bytes needed for the next one (0 if unknown), -1 if the Bind
         was closed, D_PAUSED if a callback paused reading (``consumed`` says
         how far it got)."""
-        cdef size_t off = 0, hint = 0, payload = 0
-        cdef int nfrag = 1
+        cdef size_t off = 0, hint = 0
         cdef Py_ssize_t r
         cdef Buffer msg
         if self.cb_messages is not None:
             return self._deliver_batch(c, base, total, consumed)
         while off < total:
-            try:
-                r = self._scan(c, base + off, total - off, &hint, &payload, &nfrag)
-            except Exception as exc:
-                self.loop._callback_error(exc, self)
-                return -1
-            if r == 0:
-                break
-            if r < 0:
-                self._framing_failed(r)
-                return -1
-            msg = self._message(c, base + off, r, payload, nfrag)
+            msg = self._next_message(c, base + off, total - off, &hint, &r)
             if msg is None:
-                self._close(FramingError("buffer pool exhausted while reassembling a record"))
+                if r == 0:
+                    break
+                if r != R_CLOSED:
+                    self._framing_failed(r)
                 return -1
             off += r
             self.loop.stat_messages_in += 1
@@ -724,23 +741,16 @@ cdef class Bind(_Source):
         """``_deliver`` for a handler with ``on_messages``: every whole
         message of the bytes goes to one call. A bad frame after good ones
         fails the stream after the good ones were delivered."""
-        cdef size_t off = 0, hint = 0, payload = 0
-        cdef int nfrag = 1
+        cdef size_t off = 0, hint = 0
         cdef Py_ssize_t r = 0
         cdef Buffer msg
         cdef list batch = []
         while off < total:
-            try:
-                r = self._scan(c, base + off, total - off, &hint, &payload, &nfrag)
-            except Exception as exc:
-                self.loop._callback_error(exc, self)
-                return -1
-            if r <= 0:
-                break
-            msg = self._message(c, base + off, r, payload, nfrag)
+            msg = self._next_message(c, base + off, total - off, &hint, &r)
             if msg is None:
-                self._close(FramingError("buffer pool exhausted while reassembling a record"))
-                return -1
+                if r == R_CLOSED:
+                    return -1
+                break
             batch.append(msg)
             off += r
             hint = 0
