@@ -384,6 +384,11 @@ def measure(stack: Stack, load: Load, opts: argparse.Namespace) -> dict[str, Any
     if stats:
         with contextlib.suppress(ValueError):
             data["server_stats"] = json.loads(stats[-1][6:])
+            st = data["server_stats"]
+            units = st.get("messages_in") or st.get("datagrams_in")
+            if units and "receive_calls" in st:
+                # the engine's calls into Python per message received
+                data["py_calls_per_msg"] = st["receive_calls"] / units
     return finish_record(data, load)
 
 
@@ -542,6 +547,8 @@ def run_interleaved(results: dict[tuple[str, str], Result], repeat: int,
             print(f"{label}: {describe(load_name, rec)}"
                   f"  server {fmt_pct(rec.get('server_cpu'))}"
                   f"  client {fmt_pct(rec.get('client_cpu'))}"
+                  + (f"  receive calls/msg {rec['py_calls_per_msg']:.3f}"
+                     if rec.get("py_calls_per_msg") is not None else "")
                   + ("  (machine busy with other work)" if rec["noisy"] else ""),
                   file=sys.stderr)
 

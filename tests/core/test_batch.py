@@ -90,6 +90,8 @@ def test_on_messages_gets_read_batches_and_send_messages_replies(loop, stream_ba
     assert len(server.batches) < len(msgs)          # many messages per call
     assert reply == wire                             # each reply framed on its own
     assert loop.stats()["messages_in"] == len(msgs)
+    # one call into Python per batch, none per message
+    assert loop.stats()["receive_calls"] == len(server.batches)
 
 
 def _read_all(loop: evpl.Loop, peer: socket.socket, n: int) -> bytes:

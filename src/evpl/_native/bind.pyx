@@ -643,6 +643,7 @@ cdef class Bind(_Source):
             return f.size
         # callable framer: it sees the buffered bytes, returns a length
         peek = make_buffer(self.loop.pool, c, p, avail)
+        self.loop.stat_py_calls += 1
         r = f.fn(memoryview(peek))
         if r > 0 and <size_t>r > f.max_message:
             return E_OVERSIZE
@@ -723,6 +724,7 @@ cdef class Bind(_Source):
             off += r
             self.loop.stat_messages_in += 1
             try:
+                self.loop.stat_py_calls += 1
                 self.cb_message(self, msg)
             except Exception as exc:
                 self.loop._callback_error(exc, self)
@@ -758,6 +760,7 @@ cdef class Bind(_Source):
             self.loop.stat_messages_in += len(batch)
             msg = None
             try:
+                self.loop.stat_py_calls += 1
                 self.cb_messages(self, batch)
             except Exception as exc:
                 self.loop._callback_error(exc, self)
@@ -853,6 +856,7 @@ cdef class Bind(_Source):
         if self.fr_kind == F_NONE:
             buf = make_buffer(loop.pool, c, p, n)
             try:
+                self.loop.stat_py_calls += 1
                 self.cb_data(self, buf)
             except Exception as exc:
                 loop._callback_error(exc, self)
@@ -970,11 +974,13 @@ cdef class Bind(_Source):
                         rest = pending[i - 1:]      # this one and the rest, as one batch
                         i = cnt
                         try:
+                            self.loop.stat_py_calls += 1
                             self.cb_datagrams(self, rest)
                         except Exception as exc:
                             self.loop._callback_error(exc, self)
                     else:
                         try:
+                            self.loop.stat_py_calls += 1
                             self.cb_datagram(self, item[0], item[1])
                         except Exception as exc:
                             self.loop._callback_error(exc, self)
@@ -1037,6 +1043,7 @@ cdef class Bind(_Source):
                     self.dg_batch.append((buf, addr))
                 else:
                     try:
+                        self.loop.stat_py_calls += 1
                         self.cb_datagram(self, buf, addr)
                     except Exception as exc:
                         loop._callback_error(exc, self)
@@ -1055,6 +1062,7 @@ cdef class Bind(_Source):
             return
         self.dg_batch = []
         try:
+            self.loop.stat_py_calls += 1
             self.cb_datagrams(self, batch)
         except Exception as exc:
             self.loop._callback_error(exc, self)

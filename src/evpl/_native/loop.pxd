@@ -124,6 +124,7 @@ cdef class LoopCore:
     cdef size_t stat_accept_errors, stat_starved, stat_timers_fired, stat_zc_sends
     cdef size_t stat_gso_sends, stat_gso_refused, stat_gro_receives, stat_timeouts
     cdef size_t stat_idle_trims
+    cdef size_t stat_py_calls   # receive callbacks into Python (data, messages, datagrams, framer)
 
     cdef int add_driver(self, Driver d, ready_fn ready, void* ctx) except -1
     cdef int _ep_add(self, _Source src, int fd, uint32_t events) except -1

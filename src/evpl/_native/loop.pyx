@@ -871,6 +871,7 @@ cdef class LoopCore:
             "bytes_in": self.stat_bytes_in,
             "bytes_out": self.stat_bytes_out,
             "messages_in": self.stat_messages_in,
+            "receive_calls": self.stat_py_calls,
             "datagrams_in": self.stat_datagrams_in,
             "datagrams_out": self.stat_datagrams_out,
             "datagram_errors": self.stat_dgram_errors,
