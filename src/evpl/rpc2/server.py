@@ -103,9 +103,10 @@ __all__ = [
 
 _log = logging.getLogger("evpl.rpc2")
 # the batch fast path's view of the wire (RFC 5531): a call's fixed head
-# (xid, CALL, rpcvers, prog, vers, proc, cred flavor, cred length), an auth
-# head (flavor, length), an accepted reply's head with a null verifier
-_CALL_HEAD = struct.Struct(">IIIIIIII")
+# (xid, CALL, rpcvers, prog, vers, proc, cred flavor, cred length) followed,
+# when the credentials are empty, by the verifier's (flavor, length); an auth
+# head (flavor, length); an accepted reply's head with a null verifier
+_CALL_HEAD_NONE = struct.Struct(">IIIIIIIIII")   # ... and the verifier's head, for AUTH_NONE
 _AUTH_HEAD = struct.Struct(">II")
 _ACCEPTED_NONE = struct.Struct(">IIIIII")
 _AUTH_NONE = int(AuthFlavor.AUTH_NONE)
@@ -720,7 +721,7 @@ class Server:
         authsys = self._authsys
         dispatch = self._dispatch
         send_reply = conn.send_reply
-        head = _CALL_HEAD.unpack_from
+        head_none = _CALL_HEAD_NONE.unpack_from
         auth_head = _AUTH_HEAD.unpack_from
         accepted = _ACCEPTED_NONE.pack
         peer = conn.peer
@@ -731,22 +732,27 @@ class Server:
             for msg in msgs:
                 conn.in_flight += 1
                 try:
-                    xid, mtype, rpcvers, prog, vers, procno, flavor, n = head(msg, 0)
-                    if mtype or rpcvers != 2 or n > 400:
+                    mv = as_view(msg)
+                    # AUTH_NONE with a null verifier: the whole head in one unpack
+                    (xid, mtype, rpcvers, prog, vers, procno, flavor, n, vflavor,
+                     vlen) = head_none(mv, 0)
+                    if mtype or rpcvers != 2:
                         raise LookupError
-                    off = 32 + n + (-n & 3)
                     if flavor == _AUTH_NONE and n == 0:
                         cred: Any = AUTH_NONE
-                    elif flavor == _AUTH_SYS:
-                        cred = authsys[bytes(msg[32:32 + n])]
+                        off = 32
+                    elif flavor == _AUTH_SYS and n <= 400:
+                        cred = authsys[bytes(mv[32:32 + n])]
+                        off = 32 + n + (-n & 3)
+                        vflavor, vlen = auth_head(mv, off)
                     else:
                         raise LookupError
-                    if auth_head(msg, off) != (0, 0):
+                    if vflavor or vlen:
                         raise LookupError
                     proc = programs[prog][vers][procno]
                     if proc.with_ctx or proc.raw:
                         raise LookupError
-                    args, _ = proc.unpack_args(as_view(msg), off + 8)
+                    args, _ = proc.unpack_args(mv, off + 8)
                 except (LookupError, struct.error, XdrError, ValueError):
                     self.stats["calls"] -= 1           # _dispatch counts it
                     if not dispatch(conn, msg, peer, None):
