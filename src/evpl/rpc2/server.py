@@ -709,8 +709,9 @@ class Server:
     # -- dispatch --
 
     def _serve_batch(self, conn: _StreamConn, msgs: list[Any]) -> bool:
-        """Serve a read batch of calls of one connection, in order; False if
-        a call header is unparseable (the connection must close).
+        """Serve a read batch of calls of one connection, in order, adding
+        the immediate replies to ``conn.replies``; False if a call header is
+        unparseable (the connection must close).
 
         The fast path covers what nearly every call is: RPC version 2,
         AUTH_NONE or an AUTH_SYS body seen before, a null verifier, a
@@ -720,7 +721,7 @@ class Server:
         programs = self._programs
         authsys = self._authsys
         dispatch = self._dispatch
-        send_reply = conn.send_reply
+        replies = conn.replies
         head_none = _CALL_HEAD_NONE.unpack_from
         auth_head = _AUTH_HEAD.unpack_from
         accepted = _ACCEPTED_NONE.pack
@@ -730,7 +731,6 @@ class Server:
         token = _current_set(cur)
         try:
             for msg in msgs:
-                conn.in_flight += 1
                 try:
                     mv = as_view(msg)
                     # AUTH_NONE with a null verifier: the whole head in one unpack
@@ -755,6 +755,7 @@ class Server:
                     args, _ = proc.unpack_args(mv, off + 8)
                 except (LookupError, struct.error, XdrError, ValueError):
                     self.stats["calls"] -= 1           # _dispatch counts it
+                    conn.in_flight += 1                # its reply (send_reply) takes it off
                     if not dispatch(conn, msg, peer, None):
                         conn.in_flight -= 1
                         return False
@@ -769,11 +770,14 @@ class Server:
                 try:
                     result = proc.fn(*args)
                 except Exception:
+                    conn.in_flight += 1
                     self._handler_raised(cur.context())
                     continue
                 ctx = cur.ctx
                 if ctx is not None or result is DEFER:
-                    # the handler took its context (current_call()): it decides
+                    # the handler took its context (current_call()): it
+                    # decides; the call is in flight until ctx replies
+                    conn.in_flight += 1
                     ctx = cur.context()
                     if result is DEFER or ctx.deferred:
                         ctx.deferred = True
@@ -784,9 +788,10 @@ class Server:
                 try:
                     pack(buf, result)
                 except Exception:
+                    conn.in_flight += 1
                     cur.context().reply(result)       # logs, answers SYSTEM_ERR
                     continue
-                send_reply(buf, peer, None)
+                replies.append(buf)             # an immediate reply: never in flight
         finally:
             _current_reset(token)
         return True
