@@ -89,7 +89,6 @@ from evpl.rpc2.wire import (
     encode_rpc_mismatch,
     pack_accepted_header,
 )
-from evpl.rpc2.xdr import as_view
 
 __all__ = [
     "DEFAULT_DRC_MAX_BYTES",
@@ -732,7 +731,7 @@ class Server:
         try:
             for msg in msgs:
                 try:
-                    mv = as_view(msg)
+                    mv = memoryview(msg)            # the engine's Buffers: flat bytes
                     # AUTH_NONE with a null verifier: the whole head in one unpack
                     (xid, mtype, rpcvers, prog, vers, procno, flavor, n, vflavor,
                      vlen) = head_none(mv, 0)
