@@ -252,3 +252,27 @@ def test_connected_datagram_bind_reports_refusal(loop, datagram_backend):
     loop.run_until(lambda: client.closed, timeout=TIMEOUT)
     assert isinstance(client.closed[0], evpl.ConnectionRefused)
     assert bind.closed
+
+
+def test_connected_datagram_send_messages(loop, datagram_backend):
+    """send_messages on a connected datagram Bind sends one datagram per
+    item, all or nothing; sendv is refused (a datagram is one piece)."""
+
+    class Sink(evpl.Handler):
+        def __init__(self):
+            self.got = []
+
+        def on_datagrams(self, bind, datagrams):
+            self.got += [bytes(b) for b, _ in datagrams]
+
+    server = Sink()
+    sbind = loop.bind(datagram_backend, ("127.0.0.1", 0), server)
+    bind = loop.connect(datagram_backend, sbind.local_address, evpl.Handler())
+    with pytest.raises(ValueError):
+        bind.send_messages([b"ok", b"x" * 70000])
+    assert bind.queued_bytes == 0
+    with pytest.raises(evpl.EvplError):
+        bind.sendv([b"a", b"b"])
+    bind.send_messages([b"d%02d" % i for i in range(30)])
+    loop.run_until(lambda: len(server.got) == 30, timeout=TIMEOUT)
+    assert sorted(server.got) == [b"d%02d" % i for i in range(30)]
