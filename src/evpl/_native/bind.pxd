@@ -108,7 +108,10 @@ cdef class Bind(_Source):
     cdef void _adopt_stream(self, peer, bint connecting, int connect_errno)
     cdef void _adopt_datagram(self, bint gso, peer, bint gro_fits)
     cdef int _can_send(self) except -1
-    cdef int _queued(self, size_t n) except -1
+    cdef int _queued(self, size_t n, size_t start) except -1
+    cdef bint _frames_sends(self)
+    cdef TxEntry* _push_message(self, data) except NULL
+    cdef int _check_datagram(self, TxEntry* e) except -1
     cdef void _mark_dirty(self)
     cdef int _after_flush(self) except -1
     cdef void _close(self, error)
@@ -117,7 +120,7 @@ cdef class Bind(_Source):
     cdef void _timestamps(self, size_t part0, size_t m0)
     cdef void _set_partial(self, Chunk* c, char* p, size_t n, size_t need)
     cdef void _clear_partial(self)
-    cdef int _keep_rest(self, Chunk* c, char* p, size_t n, int need, bint own, size_t room)
+    cdef void _keep_rest(self, Chunk* c, char* p, size_t n, int need, bint own, size_t room)
     cdef int _to_assembly(self, size_t cap)
     cdef Py_ssize_t _scan(self, Chunk* c, char* p, size_t avail, size_t* hint, size_t* payload,
                           int* nfrag) except? -100
@@ -129,11 +132,12 @@ cdef class Bind(_Source):
     cdef void _framing_failed(self, Py_ssize_t r)
     cdef int _after_asm_read(self) except -2
     cdef void _arrived(self, Chunk* c, char* p, size_t n, size_t room)
-    cdef void _take(self, Chunk* c, char* p, size_t n, size_t room)
+    cdef void _take(self, Chunk* c, char* p, size_t n)
     cdef void _keep(self, Chunk* c, char* p, size_t n)
     cdef void _drain(self)
     cdef object _rx_address(self, sockaddr* name, socklen_t namelen)
     cdef void _datagrams(self, Chunk* c, char* p, size_t n, size_t seg, addr)
+    cdef void _call_datagrams(self, list batch)
     cdef bint _gso_refused(self, int err, size_t seg) noexcept
     cdef void _dgram_error(self, int err)
 

@@ -272,15 +272,8 @@ cdef class Bind(_Source):
         iteration. Raises SendQueueFull past the hard limit."""
         cdef TxEntry* e
         self._can_send()
-        e = txq_push(&self.txq, data)
-        if self.fr_kind >= F_LENGTH and self.fr_kind != F_CALLABLE:
-            txq_frame(&self.txq, e, self.framer, e.len)
-        elif not self.stream:
-            if e.len > 65507:
-                txq_unpush_from(&self.txq, e)
-                raise ValueError(f"datagram of {e.len} bytes exceeds the UDP maximum (65507)")
-            e.salen = 0                     # to the connected peer
-        self._queued(e.len + e.hdrlen)
+        e = self._push_message(data)
+        self._queued(e.len + e.hdrlen, e - self.txq.e)
 
     def sendv(self, pieces) -> None:
         """Queue several pieces as one message (one header on a framed Bind)."""
@@ -299,12 +292,12 @@ cdef class Bind(_Source):
                 txq_unpush_from(&self.txq, &self.txq.e[start])
             raise
         if start == self.txq.tail:
-            if self.fr_kind == F_NONE or self.fr_kind == F_CALLABLE:
+            if not self._frames_sends():
                 return
             txq_push(&self.txq, b"")
-        if self.fr_kind != F_NONE and self.fr_kind != F_CALLABLE:
+        if self._frames_sends():
             txq_frame(&self.txq, &self.txq.e[start], self.framer, total)
-        self._queued(total + self.txq.e[start].hdrlen)
+        self._queued(total + self.txq.e[start].hdrlen, start)
 
     def send_messages(self, msgs) -> None:
         """Queue each item of ``msgs`` as one message (its own header on a
@@ -313,27 +306,41 @@ cdef class Bind(_Source):
         nothing: if one item is refused, none is queued."""
         cdef size_t start, total = 0
         cdef TxEntry* e
-        cdef bint frame = self.fr_kind != F_NONE and self.fr_kind != F_CALLABLE
         self._can_send()
         start = self.txq.tail
         try:
             for m in msgs:
-                e = txq_push(&self.txq, m)
-                if frame:
-                    txq_frame(&self.txq, e, self.framer, e.len)
-                elif not self.stream:
-                    if e.len > 65507:
-                        txq_unpush_from(&self.txq, e)
-                        raise ValueError(f"datagram of {e.len} bytes exceeds the UDP maximum "
-                                         f"(65507)")
-                    e.salen = 0
+                e = self._push_message(m)
                 total += e.len + e.hdrlen
         except BaseException:
             if start != self.txq.tail:
                 txq_unpush_from(&self.txq, &self.txq.e[start])
             raise
-        if total or start != self.txq.tail:
-            self._queued(total)
+        if start != self.txq.tail:
+            self._queued(total, start)
+
+    cdef bint _frames_sends(self):
+        """Sends go through the framer: a header added (length prefix, record
+        mark) or the size checked (fixed); a callable framer sends as is."""
+        return self.fr_kind != F_NONE and self.fr_kind != F_CALLABLE
+
+    cdef TxEntry* _push_message(self, data) except NULL:
+        """Queue one message: with its framing, or on a connected datagram
+        Bind as one datagram to the peer."""
+        cdef TxEntry* e = txq_push(&self.txq, data)
+        if self._frames_sends():
+            txq_frame(&self.txq, e, self.framer, e.len)
+        elif not self.stream:
+            self._check_datagram(e)
+            e.salen = 0                     # to the connected peer
+        return e
+
+    cdef int _check_datagram(self, TxEntry* e) except -1:
+        """Refuse (and drop) a queued datagram larger than UDP allows."""
+        if e.len > 65507:
+            txq_unpush_from(&self.txq, e)
+            raise ValueError(f"datagram of {e.len} bytes exceeds the UDP maximum (65507)")
+        return 0
 
     cdef int _can_send(self) except -1:
         if self.state == S_CLOSED or self.finishing:
@@ -360,12 +367,10 @@ cdef class Bind(_Source):
                 self.tx_salen = salen
             self.tx_addr = addr
         e = txq_push(&self.txq, data)
-        if e.len > 65507:
-            txq_unpush_from(&self.txq, e)
-            raise ValueError(f"datagram of {e.len} bytes exceeds the UDP maximum (65507)")
+        self._check_datagram(e)
         memcpy(&e.sa, &self.tx_sa, self.tx_salen)
         e.salen = self.tx_salen
-        self._queued(e.len)
+        self._queued(e.len, e - self.txq.e)
 
     def close(self) -> None:
         """Close now; queued sends are dropped. ``on_closed(bind, None)``
@@ -413,10 +418,11 @@ cdef class Bind(_Source):
 
     # ---- send queue accounting ----------------------------------------------
 
-    cdef int _queued(self, size_t n) except -1:
+    cdef int _queued(self, size_t n, size_t start) except -1:
+        """Account ``n`` bytes just queued in entries ``start`` on."""
         if self.queued_bytes + n > self.hard_limit:
             # undo the entries just pushed: the caller ignored on_paused
-            txq_unpush_bytes(&self.txq, n)
+            txq_unpush_from(&self.txq, &self.txq.e[start])
             raise SendQueueFull(
                 f"send queue would exceed hard_limit ({self.hard_limit} bytes); "
                 f"wait for on_writable")
@@ -488,7 +494,7 @@ cdef class Bind(_Source):
             self.watchdog = None
         self._release()
         if self.part_chunk != NULL:
-            chunk_unref(self.loop.pool, self.part_chunk)
+            chunk_unref(self.pool, self.part_chunk)
             self.part_chunk = NULL
         self.part_len = 0
         self.paused = False
@@ -578,7 +584,7 @@ cdef class Bind(_Source):
     cdef void _set_partial(self, Chunk* c, char* p, size_t n, size_t need):
         c.refs += 1
         if self.part_chunk != NULL:
-            chunk_unref(self.loop.pool, self.part_chunk)
+            chunk_unref(self.pool, self.part_chunk)
         self.part_chunk = c
         self.part_ptr = p
         self.part_len = n
@@ -588,34 +594,33 @@ cdef class Bind(_Source):
 
     cdef void _clear_partial(self):
         if self.part_chunk != NULL:
-            chunk_unref(self.loop.pool, self.part_chunk)
+            chunk_unref(self.pool, self.part_chunk)
             self.part_chunk = NULL
         self.part_len = 0
         self.part_need = 0
         self.part_asm = False
         self.part_own = False
 
-    cdef int _keep_rest(self, Chunk* c, char* p, size_t n, int need, bint own, size_t room):
+    cdef void _keep_rest(self, Chunk* c, char* p, size_t n, int need, bint own, size_t room):
         """Keep the incomplete tail of a receive as the partial message. One
         that is large (or known not to fit in ``room``, the bytes the next
-        receive can land in after it) moves to a chunk of its own; -1 if the
-        pool had none (it then stays where it is)."""
+        receive can land in after it) moves to a chunk of its own; if the
+        pool has none, it stays where it is and is joined later."""
         self._set_partial(c, p, n, need)
         self.part_own = own
         if need > 0 and (<size_t>need >= self.loop.asm_threshold or <size_t>need > room):
-            return self._to_assembly(need)
-        if need == 0 and n >= self.loop.asm_threshold:
-            return self._to_assembly(min(n * 2, self.max_message + 16))
-        return 0
+            self._to_assembly(need)
+        elif need == 0 and n >= self.loop.asm_threshold:
+            self._to_assembly(min(n * 2, self.max_message + 16))
 
     cdef int _to_assembly(self, size_t cap):
         """Move the partial message into a chunk of its own of ``cap`` bytes."""
-        cdef Chunk* c = self.loop.pool.get_size(cap)
+        cdef Chunk* c = self.pool.get_size(cap)
         if c == NULL:
             return -1
         memcpy(c.data, self.part_ptr, self.part_len)
         if self.part_chunk != NULL:
-            chunk_unref(self.loop.pool, self.part_chunk)
+            chunk_unref(self.pool, self.part_chunk)
         self.part_chunk = c
         self.part_ptr = c.data
         self.part_asm = True
@@ -642,7 +647,7 @@ cdef class Bind(_Source):
                 return 0
             return f.size
         # callable framer: it sees the buffered bytes, returns a length
-        peek = make_buffer(self.loop.pool, c, p, avail)
+        peek = make_buffer(self.pool, c, p, avail)
         self.loop.stat_py_calls += 1
         r = f.fn(memoryview(peek))
         if r > 0 and <size_t>r > f.max_message:
@@ -663,12 +668,12 @@ cdef class Bind(_Source):
         cdef size_t off = 0, got = 0, flen
         cdef Buffer b
         if self.fr_kind == F_LENGTH:
-            return make_buffer(self.loop.pool, c, p + self.framer.size, payload)
+            return make_buffer(self.pool, c, p + self.framer.size, payload)
         if self.fr_kind == F_CALLABLE or self.fr_kind == F_FIXED:
-            return make_buffer(self.loop.pool, c, p, r)
+            return make_buffer(self.pool, c, p, r)
         if nfrag == 1:
-            return make_buffer(self.loop.pool, c, p + 4, payload)
-        dst = self.loop.pool.get_size(payload if payload else 1)
+            return make_buffer(self.pool, c, p + 4, payload)
+        dst = self.pool.get_size(payload if payload else 1)
         if dst == NULL:
             return None
         while got < payload:
@@ -676,8 +681,8 @@ cdef class Bind(_Source):
             memcpy(dst.data + got, p + off + 4, flen)
             got += flen
             off += 4 + flen
-        b = make_buffer(self.loop.pool, dst, dst.data, payload)
-        chunk_unref(self.loop.pool, dst)
+        b = make_buffer(self.pool, dst, dst.data, payload)
+        chunk_unref(self.pool, dst)
         return b
 
     cdef Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
@@ -811,12 +816,12 @@ cdef class Bind(_Source):
         self.part_own = False
         need = self._deliver(c, p, total, &consumed)
         if need == -1:
-            chunk_unref(self.loop.pool, c)
+            chunk_unref(self.pool, c)
             return -1
         left = total - consumed
         if need == D_PAUSED:
             self._keep(c, p + consumed, left)
-            chunk_unref(self.loop.pool, c)
+            chunk_unref(self.pool, c)
             return 0
         if left:
             # still incomplete (unknown length, or a longer record): keep it
@@ -833,7 +838,7 @@ cdef class Bind(_Source):
                     self._close(FramingError("buffer pool exhausted while assembling a message"))
                     return -1
             return 0
-        chunk_unref(self.loop.pool, c)
+        chunk_unref(self.pool, c)
         return 0
 
     cdef void _arrived(self, Chunk* c, char* p, size_t n, size_t room):
@@ -925,24 +930,22 @@ cdef class Bind(_Source):
             if need == D_PAUSED:
                 self._keep(bc, base + consumed, total - consumed)
             elif need >= 0 and consumed < total:
-                # if the pool has no chunk for a large message, the partial
-                # stays put and is joined later
                 self._keep_rest(bc, base + consumed, total - consumed, need, own,
                                 room if n == 0 else <size_t>-1)
             chunk_unref(loop.pool, bc)
 
-    cdef void _take(self, Chunk* c, char* p, size_t n, size_t room):
-        """A backend received ``n`` bytes at ``p``: deliver them in order
-        after anything kept."""
+    cdef void _take(self, Chunk* c, char* p, size_t n):
+        """A backend received ``n`` bytes at ``p`` (where the kernel chose):
+        deliver them in order after anything kept."""
         if self.backlog or self.reading_paused:
             self._keep(c, p, n)
         else:
-            self._arrived(c, p, n, room)
+            self._arrived(c, p, n, <size_t>-1)
 
     cdef void _keep(self, Chunk* c, char* p, size_t n):
         """Keep received bytes for later (a Buffer holds their memory). Not
         paused means the pool ran dry: read again when buffers return."""
-        buf = make_buffer(self.loop.pool, c, p, n)
+        buf = make_buffer(self.pool, c, p, n)
         if self.backlog is None:
             self.backlog = [buf]
         else:
@@ -963,6 +966,9 @@ cdef class Bind(_Source):
             self.backlog = None        # what is kept again lands in a new list
             cnt = len(pending)
             try:
+                if not self.stream and self.cb_datagrams is not None:
+                    i = cnt                     # one batch
+                    self._call_datagrams(pending)
                 while i < cnt and self.state == S_OPEN and not self.reading_paused:
                     item = pending[i]
                     i += 1
@@ -970,14 +976,6 @@ cdef class Bind(_Source):
                         buf = <Buffer>item
                         self._arrived(buf.chunk, buf.ptr, buf.length, <size_t>-1)
                         buf = None
-                    elif self.cb_datagrams is not None:
-                        rest = pending[i - 1:]      # this one and the rest, as one batch
-                        i = cnt
-                        try:
-                            self.loop.stat_py_calls += 1
-                            self.cb_datagrams(self, rest)
-                        except Exception as exc:
-                            self.loop._callback_error(exc, self)
                     else:
                         try:
                             self.loop.stat_py_calls += 1
@@ -1038,7 +1036,6 @@ cdef class Bind(_Source):
                     # delivered with the rest of the read batch (_flush_batch)
                     if self.dg_batch is None:
                         self.dg_batch = []
-                    if not self.dg_batch:
                         loop.batches.append(self)
                     self.dg_batch.append((buf, addr))
                 else:
@@ -1057,10 +1054,11 @@ cdef class Bind(_Source):
         """End of a read batch: hand the datagrams collected for
         ``on_datagrams`` over in one call."""
         batch = self.dg_batch
-        if not batch or self.state != S_OPEN:
-            self.dg_batch = None
-            return
-        self.dg_batch = []
+        self.dg_batch = None
+        if batch and self.state == S_OPEN:
+            self._call_datagrams(batch)
+
+    cdef void _call_datagrams(self, list batch):
         try:
             self.loop.stat_py_calls += 1
             self.cb_datagrams(self, batch)

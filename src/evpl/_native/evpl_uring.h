@@ -51,8 +51,6 @@ typedef struct evpl_uring {
     int sqpoll;         /* a kernel thread submits: no enter to submit or reap */
 } evpl_uring;
 
-static inline int evpl_uring_built(void) { return 1; }
-
 /* Create a ring; try SINGLE_ISSUER | DEFER_TASKRUN, then plainer set-ups.
  * With sqpoll, a kernel thread (bound to sqpoll_cpu if >= 0) submits and
  * runs completion work; it sleeps after idle_ms without submissions. */
@@ -255,10 +253,6 @@ static inline int evpl_uring_cq_ready(evpl_uring *u) {
     return io_uring_cq_ready(&u->ring) > 0;
 }
 
-static inline int evpl_uring_pending_sqes(evpl_uring *u) {
-    return io_uring_sq_ready(&u->ring) > 0;
-}
-
 /* Copy up to max completions out of the ring and mark them seen. */
 static inline int evpl_uring_reap(evpl_uring *u, evpl_cqe *out, int max) {
     struct io_uring_cqe *cqe;
@@ -328,7 +322,6 @@ static const char *evpl_uring_probe(void) {
 #else  /* no liburing at build time */
 
 typedef struct evpl_uring { int unused; } evpl_uring;
-static inline int evpl_uring_built(void) { return 0; }
 static evpl_uring *evpl_uring_new(unsigned e, int s, int c, unsigned i, int *err) {
     (void)e; (void)s; (void)c; (void)i; *err = ENOSYS; return NULL;
 }
@@ -345,7 +338,6 @@ static int evpl_uring_accept_multishot(evpl_uring *u, int f, uint64_t d) { (void
 static int evpl_uring_sendmsg(evpl_uring *u, int f, const struct msghdr *m, uint64_t d, int z) { (void)u; (void)f; (void)m; (void)d; (void)z; return -ENOSYS; }
 static int evpl_uring_cancel(evpl_uring *u, uint64_t t, uint64_t d) { (void)u; (void)t; (void)d; return -ENOSYS; }
 static inline int evpl_uring_submit(evpl_uring *u) { (void)u; return -ENOSYS; }
-static inline int evpl_uring_pending_sqes(evpl_uring *u) { (void)u; return 0; }
 static inline int evpl_uring_cq_ready(evpl_uring *u) { (void)u; return 0; }
 static inline int evpl_uring_reap(evpl_uring *u, evpl_cqe *o, int m) { (void)u; (void)o; (void)m; return 0; }
 static inline const char *evpl_uring_mode(evpl_uring *u) { (void)u; return "none"; }

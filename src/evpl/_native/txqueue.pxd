@@ -33,7 +33,6 @@ cdef struct TxQueue:
 cdef TxEntry* txq_push(TxQueue* q, object data) except NULL
 cdef int txq_frame(TxQueue* q, TxEntry* e, Framer f, size_t total) except -1
 cdef void txq_unpush_from(TxQueue* q, TxEntry* e) noexcept
-cdef void txq_unpush_bytes(TxQueue* q, size_t n) noexcept
 cdef void txq_drop(TxQueue* q, list hold) noexcept
 cdef void txq_free(TxQueue* q) noexcept
 cdef size_t txq_retire(TxQueue* q, size_t n, list hold) noexcept

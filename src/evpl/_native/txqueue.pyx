@@ -112,17 +112,6 @@ cdef void txq_unpush_from(TxQueue* q, TxEntry* e) noexcept:
     q.tail = i
 
 
-cdef void txq_unpush_bytes(TxQueue* q, size_t n) noexcept:
-    """Drop the last entries, ``n`` bytes of them (headers included)."""
-    cdef size_t got = 0
-    cdef TxEntry* e
-    while got < n and q.tail > q.head:
-        e = &q.e[q.tail - 1]
-        got += e.len + e.hdrlen
-        Py_DECREF(<object>e.owner)
-        q.tail -= 1
-
-
 cdef void txq_drop(TxQueue* q, list hold) noexcept:
     """Drop every entry; their owners go to ``hold`` if given (zero-copy
     sends keep them alive until the kernel's notification)."""

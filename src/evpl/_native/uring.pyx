@@ -685,7 +685,7 @@ cdef class UringStream(UringBind):
             loop.stat_bytes_in += res
             part0 = self.part_len
             m0 = loop.stat_messages_in
-            self._take(c, p, res, <size_t>-1)
+            self._take(c, p, res)
             if self.idle_ns or self.msg_ns:
                 self._timestamps(part0, m0)
         if c != NULL:
