@@ -133,7 +133,7 @@ cdef class LoopCore:
     cdef void _starve(self, _Source b)
     cdef void _queue_read(self, _Source b)
     cdef void _wake(self) noexcept
-    cdef object _enter(self)
+    cdef object _enter(self, bint may_sleep)
     cdef void _leave(self, old_wakeup) except *
     cdef Timer _timer(self, int64_t delay_ns, int64_t period_ns, fn, tuple args)
     cdef int64_t _wait_budget(self, int64_t max_wait) except? -2

@@ -773,13 +773,15 @@ cdef class LoopCore:
 
     # ---- running ----------------------------------------------------------
 
-    cdef object _enter(self):
+    cdef object _enter(self, bint may_sleep):
         """Mark the loop running; on the main thread, route signal wake-ups
-        to this loop's pipe. Returns what ``_leave`` restores."""
+        to this loop's pipe if it may sleep (a wait of 0 cannot miss one,
+        and setting the wake-up fd costs system calls). Returns what
+        ``_leave`` restores."""
         if self.running:
             raise EvplError("the loop is already running")
         self.running = True
-        if threading.current_thread() is threading.main_thread():
+        if may_sleep and threading.current_thread() is threading.main_thread():
             try:
                 return signal.set_wakeup_fd(self.sigfd_w, warn_on_full_buffer=False)
             except ValueError:
@@ -793,7 +795,7 @@ cdef class LoopCore:
 
     def run(self) -> None:
         """Run iterations until ``stop()``."""
-        old = self._enter()
+        old = self._enter(True)
         evpl_store(&self.stop_flag, 0)
         try:
             while not evpl_load(&self.stop_flag):
@@ -805,7 +807,7 @@ cdef class LoopCore:
     def run_once(self, timeout=None) -> None:
         """Run one iteration, waiting at most ``timeout`` seconds for events
         (None: until something happens)."""
-        old = self._enter()
+        old = self._enter(timeout is None or timeout > 0)
         try:
             self._iterate(-1 if timeout is None else <int64_t>(max(timeout, 0) * 1e9))
         finally:
@@ -817,7 +819,7 @@ cdef class LoopCore:
         cdef int64_t deadline = -1, left
         if timeout is not None:
             deadline = evpl_now_ns() + <int64_t>(timeout * 1e9)
-        old = self._enter()
+        old = self._enter(True)
         evpl_store(&self.stop_flag, 0)
         try:
             while not predicate():

@@ -220,12 +220,16 @@ cdef class UringDriver(Driver):
         self._dg_refill()
         return 0
 
-    cdef void _dg_free(self):
+    cdef void _unref_all(self, Chunk** bufs, int n):
+        """Drop the ring's hold on the pool buffers of ``bufs[0:n]``."""
         cdef int i
-        if self.dg_bufs != NULL:
-            for i in range(UR_DG_CHUNKS):
-                if self.dg_bufs[i] != NULL and self.pool is not None:
-                    chunk_unref(self.pool, self.dg_bufs[i])
+        if bufs != NULL and self.pool is not None:
+            for i in range(n):
+                if bufs[i] != NULL:
+                    chunk_unref(self.pool, bufs[i])
+
+    cdef void _dg_free(self):
+        self._unref_all(self.dg_bufs, UR_DG_CHUNKS)
         PyMem_Free(self.dg_bufs)
         self.dg_bufs = NULL
         PyMem_Free(self.dg_left)
@@ -275,17 +279,13 @@ cdef class UringDriver(Driver):
         return added
 
     cdef void _teardown(self):
-        cdef int i
         if self.ur != NULL:
             evpl_uring_free(self.ur)
             self.ur = NULL
         self._dg_free()
-        if self.bufs != NULL:
-            for i in range(UR_BUFS):
-                if self.bufs[i] != NULL and self.pool is not None:
-                    chunk_unref(self.pool, self.bufs[i])
-            PyMem_Free(self.bufs)
-            self.bufs = NULL
+        self._unref_all(self.bufs, UR_BUFS)
+        PyMem_Free(self.bufs)
+        self.bufs = NULL
         PyMem_Free(self.off)
         self.off = NULL
         PyMem_Free(self.free_bids)
