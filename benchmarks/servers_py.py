@@ -92,17 +92,10 @@ class FramedEcho(asyncio.Protocol):
             self.out.clear()
 
 
-class FixedEcho(asyncio.Protocol):
-    """Fixed-size records with a per-message handler that echoes."""
+class FixedEcho(FramedEcho):
+    """Fixed-size records (no header) with a per-message handler that echoes."""
 
     size = 64
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Set up the reassembly buffer and the output batch."""
-        self.transport = cast(asyncio.Transport, transport)
-        self.pending = b""
-        self.out: list[bytes] = []
-        _nodelay(self.transport)
 
     def on_message(self, msg: bytes) -> None:
         """Handle one whole record: echo it."""
