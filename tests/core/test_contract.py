@@ -164,7 +164,7 @@ def test_idle_timeout_is_reset_by_traffic(loop, stream_backend, address):
     """A peer that keeps sending is not idle; once it stops, the Bind closes."""
     server = Pauser(at=-1)
     listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
-                           framing=evpl.framing.length_prefix(4), idle_timeout=1.0)
+                           framing=evpl.framing.length_prefix(4), idle_timeout=2.0)
     with raw_connect(stream_backend, listener.address) as peer:
         ticks = []
 
@@ -173,12 +173,13 @@ def test_idle_timeout_is_reset_by_traffic(loop, stream_backend, address):
             peer.sendall(b"\0\0\0\x01x")
 
         timer = loop.call_every(0.05, tick)
-        loop.run_until(lambda: len(ticks) >= 40 or server.closed, timeout=TIMEOUT)
+        loop.run_until(lambda: len(ticks) >= 50 or server.closed, timeout=TIMEOUT)
         timer.cancel()
-        assert not server.closed        # 2 s of traffic, twice the timeout
+        assert not server.closed        # 2.5 s of traffic, longer than the timeout; a
+        # stall of the whole process for over 2 s would be needed to fail here
         loop.run_until(lambda: server.closed, timeout=TIMEOUT)
     assert isinstance(server.closed[0], evpl.TimeoutError)
-    assert len(server.got) >= 40
+    assert len(server.got) >= 50
 
 
 def test_message_timeout_closes_a_half_sent_message(loop, stream_backend, address):
