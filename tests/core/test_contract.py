@@ -217,6 +217,14 @@ def test_timeout_options_are_checked(loop, value):
         loop.listen("tcp", ("127.0.0.1", 0), evpl.Handler(), idle_timeout=value)
 
 
+def test_message_timeout_needs_framing(loop):
+    """A message timeout on a Bind that has no messages is refused when given."""
+    with pytest.raises(evpl.ConfigError, match="needs framing"):
+        loop.listen("tcp", ("127.0.0.1", 0), evpl.Handler(), message_timeout=1.0)
+    with pytest.raises(evpl.ConfigError, match="needs framing"):
+        loop.bind("udp", ("127.0.0.1", 0), evpl.Handler(), message_timeout=1.0)
+
+
 # -------------------------------------------------------- connected datagrams
 
 def test_connected_datagram_bind_echo(loop, datagram_backend):

@@ -54,8 +54,9 @@ def _make_handler(handler: Any) -> Handler:
     return h
 
 
-def _limits(options: dict[str, Any]) -> Limits:
-    """The per-Bind limits in ``options``, checked (see docs/api.md)."""
+def _limits(options: dict[str, Any], framed: bool) -> Limits:
+    """The per-Bind limits in ``options``, checked (see docs/api.md);
+    ``framed``: the Binds have a framer (message_timeout needs one)."""
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
@@ -68,6 +69,9 @@ def _limits(options: dict[str, Any]) -> Limits:
         if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v < 0):
             raise ConfigError(f"{name} must be None or a non-negative number of seconds, "
                               f"got {v!r}")
+    if options.get("message_timeout") and not framed:
+        raise ConfigError("message_timeout bounds the time to complete a framed message: "
+                          "it needs framing= (use idle_timeout for unframed Binds)")
     high = options.get("high_water", 1 << 20)
     low = options.get("low_water", high // 4)
     hard = options.get("hard_limit", 16 * high)
@@ -214,7 +218,7 @@ class Loop(LoopCore):
         """Accept connections on ``address``; each gets a Bind and a handler
         (``handler`` is a Handler, shared, or a factory called per connection)."""
         info = _backends.get(backend, "stream")
-        limits = _limits(options)
+        limits = _limits(options, framing is not None)
         framing = _framer(framing)
         factory, shared = _handler(handler)
         sock, sa = self._socket(info, address, socket.SOCK_STREAM, options)
@@ -239,7 +243,7 @@ class Loop(LoopCore):
         are received, and a peer that refuses them (ICMP port unreachable)
         closes the Bind with ``ConnectionRefused``."""
         info = _backends.get(backend)
-        limits = _limits(options)
+        limits = _limits(options, framing is not None)
         if info.kind == "datagram":
             if framing is not None:
                 raise ConfigError("datagram Binds carry no framing")
@@ -279,7 +283,7 @@ class Loop(LoopCore):
         that arrive whole are accepted too (UDP GRO) and still delivered one
         ``on_datagram`` per datagram."""
         info = _backends.get(backend, "datagram")
-        limits = _limits(options)
+        limits = _limits(options, False)
         gso = _gso(options)
         h = _make_handler(handler)
         sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)
