@@ -250,3 +250,38 @@ def test_decode_with_requires_whole_buffer() -> None:
     with pytest.raises(XdrError):
         xdr.decode_void(b"\0")
     assert xdr.encode_with(xdr.pack_void, None) == b""
+
+
+def test_scatter_buf_refers_to_large_bytes_and_copies_the_rest() -> None:
+    """Large immutable payloads stay references (sent next to their header
+    without a copy); small or mutable ones are copied; the pieces joined are
+    exactly the plain encoding."""
+    big = bytes(range(256)) * (xdr.SCATTER_MIN // 256)   # SCATTER_MIN bytes
+    small = b"abc"
+    fixed = big[:xdr.SCATTER_MIN + 1]
+    mutable = bytearray(big)
+
+    def encode(buf: bytearray) -> bytearray:
+        xdr.pack_opaque(buf, small)
+        xdr.pack_opaque(buf, big)
+        xdr.pack_string(buf, "tail")
+        xdr.pack_fopaque(buf, fixed, len(fixed))
+        xdr.pack_opaque(buf, mutable)
+        return buf
+
+    plain = bytes(encode(bytearray()))
+    sbuf = encode(xdr.ScatterBuf(b"HEAD"))
+    parts = sbuf.parts()
+    assert isinstance(parts, tuple)
+    assert b"".join(parts) == b"HEAD" + plain
+    # the two large bytes payloads are the very objects given, not copies
+    assert [p for p in parts if p is big or p is fixed] == [big, fixed]
+    assert all(type(p) is bytes for p in parts)
+    mutable[0] ^= 0xFF                              # copied: the encoding keeps its bytes
+    assert b"".join(parts) == b"HEAD" + plain
+
+
+def test_scatter_buf_without_large_payloads_is_itself() -> None:
+    sbuf = xdr.ScatterBuf()
+    xdr.pack_opaque(sbuf, b"x" * (xdr.SCATTER_MIN - 1))
+    assert sbuf.parts() is sbuf and sbuf.refs is None

@@ -89,6 +89,7 @@ from evpl.rpc2.wire import (
     encode_rpc_mismatch,
     pack_accepted_header,
 )
+from evpl.rpc2.xdr import ScatterBuf
 
 __all__ = [
     "DEFAULT_DRC_MAX_BYTES",
@@ -783,14 +784,16 @@ class Server:
                     else:
                         ctx.reply(result)
                     continue
-                buf = bytearray(accepted(xid, 1, 0, 0, 0, 0))
+                buf = ScatterBuf(accepted(xid, 1, 0, 0, 0, 0))
                 try:
                     pack(buf, result)
                 except Exception:
                     conn.in_flight += 1
                     cur.context().reply(result)       # logs, answers SYSTEM_ERR
                     continue
-                replies.append(buf)             # an immediate reply: never in flight
+                # an immediate reply, never in flight; a large payload stays
+                # a reference (parts()), sent next to its header
+                replies.append(buf if buf.refs is None else buf.parts())
         finally:
             _current_reset(token)
         return True
