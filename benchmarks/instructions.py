@@ -7,7 +7,10 @@ non-blocking socket client over a unix socket) and is run twice under
 ``valgrind --tool=callgrind``, with N and with 1 message; the difference
 divided by N-1 is the cost of one message, start-up excluded. The client's
 Python (a send per 16 messages, a recv per read) is included, the kernel is
-not (callgrind counts user space only).
+not (callgrind counts user space only). The rpc scenarios repeat within
+~2%; the echo ones move by up to ~15% between runs, because how many
+messages a read finds, and the loop's once-a-second housekeeping under
+valgrind's slow clock, change the per-read costs spread over a message.
 
 Scenarios:
   echo-batch  64-byte length-prefixed echo, ``on_messages`` + ``send_messages``
