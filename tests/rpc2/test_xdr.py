@@ -7,6 +7,7 @@ import struct
 import tracemalloc
 from collections.abc import Callable
 from enum import IntEnum
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -285,3 +286,28 @@ def test_scatter_buf_without_large_payloads_is_itself() -> None:
     sbuf = xdr.ScatterBuf()
     xdr.pack_opaque(sbuf, b"x" * (xdr.SCATTER_MIN - 1))
     assert sbuf.parts() is sbuf and sbuf.refs is None
+
+
+@given(st.binary(max_size=300), st.sampled_from(["bytes", "bytearray", "memoryview", "array"]))
+def test_native_counted_encoders_match_the_definition(data: bytes, kind: str) -> None:
+    """pack_opaque/pack_string (native) give XDR's definition of a counted
+    opaque for any bytes-like input: a length, the bytes, zeros to 4."""
+    value: Any = {"bytes": data, "bytearray": bytearray(data), "memoryview": memoryview(data),
+                  "array": array.array("B", data)}[kind]
+    expected = struct.pack(">I", len(data)) + data + b"\0" * (-len(data) & 3)
+    for pack in (xdr.pack_opaque, xdr.pack_string):
+        buf = bytearray(b"h")
+        pack(buf, value)
+        assert bytes(buf) == b"h" + expected
+
+
+def test_native_counted_encoders_refuse_what_they_cannot_encode() -> None:
+    with pytest.raises(XdrError, match="opaque of 5 bytes exceeds its bound 4"):
+        xdr.pack_opaque(bytearray(), b"12345", 4)
+    with pytest.raises(TypeError):
+        xdr.pack_opaque(bytearray(), "text is a string, not opaque data")
+    with pytest.raises(TypeError, match="bytearray"):
+        xdr.pack_opaque(b"immutable", b"x")
+    buf = bytearray()
+    xdr.pack_string(buf, "é")                         # str: UTF-8
+    assert bytes(buf) == b"\0\0\0\2\xc3\xa9\0\0"

@@ -19,10 +19,13 @@ reply itself.
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
+from cpython.unicode cimport PyUnicode_AsUTF8String
 from libc.stdint cimport uint32_t
+from libc.string cimport memcpy, memset
 
 cdef uint32_t AUTH_NONE_FLAVOR = 0
 cdef uint32_t AUTH_SYS_FLAVOR = 1
@@ -39,6 +42,81 @@ cdef inline void put32(char* p, uint32_t v) noexcept:
     p[2] = <char>(v >> 8)
     p[3] = <char>v
 
+
+# -- XDR's counted opaque and string encoders ---------------------------------
+# (evpl.rpc2.xdr's pack_opaque and pack_string: in C, because a reply that
+# carries data spends more on the Python frame of its encoder than on the copy)
+
+cdef object XdrError = None             # set by configure(): xdr imports this module
+cdef object ScatterBufType = None
+cdef Py_ssize_t scatter_min = 0
+
+
+def configure(xdr_error, scatter_buf, Py_ssize_t scatter_minimum):
+    """Hand over xdr's error type and ScatterBuf (xdr imports this module,
+    so this module cannot import them back)."""
+    global XdrError, ScatterBufType, scatter_min
+    XdrError = xdr_error
+    ScatterBufType = scatter_buf
+    scatter_min = scatter_minimum
+
+
+cdef char* _grow(object buf, Py_ssize_t n) except NULL:
+    """Append ``n`` bytes to ``buf`` (a bytearray); where they start."""
+    cdef Py_ssize_t old = PyByteArray_GET_SIZE(buf)
+    PyByteArray_Resize(buf, old + n)
+    return PyByteArray_AS_STRING(buf) + old
+
+
+cdef int _pack_counted(object buf, data, unsigned long long maxlen, str what) except -1:
+    cdef Py_buffer view
+    cdef Py_ssize_t n, pad
+    cdef char* q
+    if not isinstance(buf, bytearray):     # a ScatterBuf is one too
+        raise TypeError(f"XDR encodes into a bytearray, not {type(buf).__name__}")
+    if type(data) is bytes:
+        n = PyBytes_GET_SIZE(data)
+        if <unsigned long long>n > maxlen:
+            raise XdrError(f"{what} of {n} bytes exceeds its bound {maxlen}")
+        pad = -n & 3
+        if n >= scatter_min and type(buf) is ScatterBufType:
+            put32(_grow(buf, 4), <uint32_t>n)
+            buf.refer(data)             # sent by reference, next to the head
+            memset(_grow(buf, pad), 0, pad)
+            return 0
+        q = _grow(buf, 4 + n + pad)
+        put32(q, <uint32_t>n)
+        memcpy(q + 4, PyBytes_AS_STRING(data), n)
+        memset(q + 4 + n, 0, pad)
+        return 0
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        n = view.len
+        if <unsigned long long>n > maxlen:
+            raise XdrError(f"{what} of {n} bytes exceeds its bound {maxlen}")
+        pad = -n & 3
+        q = _grow(buf, 4 + n + pad)
+        put32(q, <uint32_t>n)
+        memcpy(q + 4, view.buf, n)
+        memset(q + 4 + n, 0, pad)
+    finally:
+        PyBuffer_Release(&view)
+    return 0
+
+
+def pack_opaque(buf, data, unsigned long long maxlen=0xFFFFFFFF):
+    """Encode ``opaque<maxlen>`` from any bytes-like object."""
+    _pack_counted(buf, data, maxlen, "opaque")
+
+
+def pack_string(buf, s, unsigned long long maxlen=0xFFFFFFFF):
+    """Encode ``string<maxlen>`` from ``str`` (UTF-8) or a bytes-like object."""
+    if isinstance(s, str):
+        s = PyUnicode_AsUTF8String(s)
+    _pack_counted(buf, s, maxlen, "string")
+
+
+# -- the batch loop ------------------------------------------------------------
 
 @cython.final
 cdef class Proc:

@@ -32,6 +32,7 @@ from enum import IntEnum
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from evpl.errors import ProtocolError
+from evpl.rpc2 import _fast
 
 __all__ = [
     "BOOL_DEC",
@@ -258,38 +259,6 @@ def pack_fopaque(buf: bytearray, data: Any, n: int) -> None:
         buf.refer(data)
     else:
         buf += data
-    buf += _PAD[n & 3]
-
-
-def pack_opaque(buf: bytearray, data: Any, maxlen: int = UNBOUNDED) -> None:
-    """Encode ``opaque<maxlen>`` from any bytes-like object."""
-    if not isinstance(data, (bytes, bytearray)):
-        data = as_view(data)
-    n = len(data)
-    if n > maxlen:
-        raise XdrError(f"opaque of {n} bytes exceeds its bound {maxlen}")
-    buf += UINT.pack(n)
-    if n >= SCATTER_MIN and type(buf) is ScatterBuf and type(data) is bytes:
-        buf.refer(data)
-    else:
-        buf += data
-    buf += _PAD[n & 3]
-
-
-def pack_string(buf: bytearray, s: Any, maxlen: int = UNBOUNDED) -> None:
-    """Encode ``string<maxlen>`` from ``str`` (UTF-8) or a bytes-like object."""
-    if isinstance(s, str):
-        s = s.encode()
-    elif not isinstance(s, (bytes, bytearray)):
-        s = as_view(s)
-    n = len(s)
-    if n > maxlen:
-        raise XdrError(f"string of {n} bytes exceeds its bound {maxlen}")
-    buf += UINT.pack(n)
-    if n >= SCATTER_MIN and type(buf) is ScatterBuf and type(s) is bytes:
-        buf.refer(s)
-    else:
-        buf += s
     buf += _PAD[n & 3]
 
 
@@ -560,3 +529,10 @@ class Unpacker:
         """Optional data ``T *x``."""
         return unpack_item() if self.unpack_bool() else None
 
+
+# the counted opaque and string encoders are native (a reply that carries data
+# spent more on their Python frames than on the copy); they raise XdrError and
+# refer to large payloads of a ScatterBuf like the rest of this module
+_fast.configure(XdrError, ScatterBuf, SCATTER_MIN)
+pack_opaque = _fast.pack_opaque
+pack_string = _fast.pack_string
