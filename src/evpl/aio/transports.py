@@ -64,6 +64,7 @@ class StreamTransport(Handler, transports.Transport):
     """
 
     _sendfile_compatible = constants._SendfileMode.FALLBACK
+    _start_tls_compatible = True
 
     def __init__(self, loop: EvplEventLoop, protocol: Any = None, *, sock: Any = None,
                  waiter: Any = None, extra: dict[str, Any] | None = None, server: Any = None,
@@ -146,7 +147,6 @@ class StreamTransport(Handler, transports.Transport):
                                             server_side=True, ssl_handshake_timeout=hs,
                                             ssl_shutdown_timeout=sd)
         self.set_protocol(ssl_protocol)
-        self._waiter = waiter
         waiter.add_done_callback(self._ssl_accept_done)
 
     def _ssl_accept_done(self, waiter: Any) -> None:
@@ -218,8 +218,8 @@ class StreamTransport(Handler, transports.Transport):
             self.close()
 
     def on_paused(self, bind: Bind) -> None:
-        if self._protocol_paused:
-            return
+        if self._protocol_paused or bind.queued_bytes <= self._high:
+            return      # (closing: the Bind's marks are 0, see close())
         self._protocol_paused = True
         try:
             self._protocol.pause_writing()
@@ -231,17 +231,18 @@ class StreamTransport(Handler, transports.Transport):
                 "transport": self, "protocol": self._protocol})
 
     def on_writable(self, bind: Bind) -> None:
-        if not self._protocol_paused:
-            return
-        self._protocol_paused = False
-        try:
-            self._protocol.resume_writing()
-        except (SystemExit, KeyboardInterrupt) as exc:
-            self._loop._stash(exc)
-        except BaseException as exc:
-            self._loop.call_exception_handler({
-                "message": "protocol.resume_writing() failed", "exception": exc,
-                "transport": self, "protocol": self._protocol})
+        if self._protocol_paused and bind.queued_bytes <= self._low:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                self._loop._stash(exc)
+            except BaseException as exc:
+                self._loop.call_exception_handler({
+                    "message": "protocol.resume_writing() failed", "exception": exc,
+                    "transport": self, "protocol": self._protocol})
+        if self._closing and not self._conn_lost and bind.queued_bytes == 0:
+            self._finish()
 
     def on_closed(self, bind: Bind, error: Any) -> None:
         loop = self._loop
@@ -320,8 +321,9 @@ class StreamTransport(Handler, transports.Transport):
         return self._closing
 
     def close(self) -> None:
-        """Close after everything written has been sent; ``connection_lost``
-        follows. No more data is delivered."""
+        """Close once everything written has been sent (what is written
+        meanwhile is sent too, as asyncio does); ``connection_lost`` follows.
+        No more data is delivered."""
         if self._closing:
             return
         self._closing = True
@@ -331,7 +333,23 @@ class StreamTransport(Handler, transports.Transport):
             self._loop.call_soon(self._call_connection_lost, None)
             return
         bind.pause_reading()
+        if bind.queued_bytes == 0:
+            self._finish()
+        else:
+            # on_writable fires when the queue is empty: close then
+            bind.set_write_limits(0, 0, _NO_LIMIT)
+
+    def _finish(self) -> None:
+        """Closing, nothing left to send: close the Bind (after sends still
+        in flight, if any); connection_lost comes next (as asyncio's, before
+        a task that yields once runs again)."""
+        bind = self._bind
+        assert bind is not None
         bind.finish()
+        if bind.closed:
+            self._release_socket()
+            self._conn_lost += 1
+            self._loop.call_soon(self._call_connection_lost, None)
 
     def abort(self) -> None:
         """Close now, dropping what was not sent yet."""
@@ -360,6 +378,8 @@ class StreamTransport(Handler, transports.Transport):
     # ---- protocol -----------------------------------------------------------
 
     def set_protocol(self, protocol: Any) -> None:
+        # a protocol that takes over (start_tls, sendfile) was never paused
+        self._protocol_paused = False
         self._protocol = protocol
         self._buffered = isinstance(protocol, protocols.BufferedProtocol)
         self._protocol_connected = True
@@ -424,8 +444,6 @@ class StreamTransport(Handler, transports.Transport):
                 logger.warning("socket.send() raised exception.")
             self._conn_lost += 1
             return
-        if self._closing:
-            return
         bind.send(data)
 
     def writelines(self, list_of_data: Any) -> None:
@@ -434,8 +452,6 @@ class StreamTransport(Handler, transports.Transport):
         bind = self._bind
         if self._conn_lost or bind is None or bind.closed:
             self._conn_lost += 1
-            return
-        if self._closing:
             return
         bind.sendv(list_of_data)
 
@@ -460,7 +476,7 @@ class StreamTransport(Handler, transports.Transport):
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._high, self._low = _water_marks(high, low)
-        if self._bind is not None and not self._bind.closed:
+        if self._bind is not None and not self._bind.closed and not self._closing:
             self._bind.set_write_limits(self._high, self._low, _NO_LIMIT)
 
     # ---- extra info -------------------------------------------------------------
