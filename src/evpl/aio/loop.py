@@ -159,6 +159,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
 
     def __init__(self, *, backend: str = "epoll", poll_mode: str = "hybrid",
                  spin_ns: int = 50_000, pool: Any = None) -> None:
+        self._closed = True             # until set up (BaseEventLoop.__del__ looks)
         if backend not in _BACKENDS:
             raise ConfigError(f"backend must be 'epoll' or 'io_uring', got {backend!r}")
         names = _BACKENDS[backend]
