@@ -92,7 +92,7 @@ class _FdEntry:
             if handle._cancelled:
                 self.loop._remove_reader(self.fd)
             else:
-                self.loop._ready.append(handle)
+                self.loop._run_inline(handle)
 
     def writable(self) -> None:
         handle = self.writer
@@ -100,7 +100,7 @@ class _FdEntry:
             if handle._cancelled:
                 self.loop._remove_writer(self.fd)
             else:
-                self.loop._ready.append(handle)
+                self.loop._run_inline(handle)
 
     def update(self) -> None:
         """Bring the engine watch in line with the handles."""
@@ -193,38 +193,57 @@ class EvplEventLoop(base_events.BaseEventLoop):
             self._stashed = exc
 
     def _run_once(self) -> None:
-        """One iteration: the engine waits (not at all if callbacks are
-        ready), dispatches I/O and timers and flushes sends; then the
-        callbacks that are ready now run, those they schedule wait for the
-        next iteration."""
+        """One iteration, in asyncio's order: the callbacks that were ready
+        run first; then the engine polls (without waiting if callbacks are
+        ready now, else until an event, a doorbell or the next timer),
+        dispatches I/O to the transports and fd watches, fires the timers
+        that are due and flushes every Bind's send queue. What those
+        callbacks schedule runs in the next iteration."""
         ready = self._ready
+        ntodo = len(ready)
+        if ntodo:
+            if self._debug:
+                for _ in range(ntodo):
+                    handle = ready.popleft()
+                    if not handle._cancelled:
+                        self._run_debug(handle)
+            else:
+                popleft = ready.popleft
+                for _ in range(ntodo):
+                    handle = popleft()
+                    if not handle._cancelled:
+                        handle._run()
         self._core.run_once(0 if (ready or self._stopping) else None)
         if self._stashed is not None:
             exc, self._stashed = self._stashed, None
             raise exc
-        ntodo = len(ready)
-        if self._debug:
-            for _ in range(ntodo):
-                handle = ready.popleft()
-                if handle._cancelled:
-                    continue
-                try:
-                    self._current_handle = handle
-                    t0 = self.time()
-                    handle._run()
-                    dt = self.time() - t0
-                    if dt >= self.slow_callback_duration:
-                        logger.warning("Executing %s took %.3f seconds",
-                                       base_events._format_handle(handle), dt)
-                finally:
-                    self._current_handle = None
-        else:
-            popleft = ready.popleft
-            for _ in range(ntodo):
-                handle = popleft()
-                if handle._cancelled:
-                    continue
+
+    def _run_debug(self, handle: events.Handle) -> None:
+        """Run ``handle``, warning if it takes longer than
+        ``slow_callback_duration`` (debug mode)."""
+        try:
+            self._current_handle = handle
+            t0 = self.time()
+            handle._run()
+            dt = self.time() - t0
+            if dt >= self.slow_callback_duration:
+                logger.warning("Executing %s took %.3f seconds",
+                               base_events._format_handle(handle), dt)
+        finally:
+            self._current_handle = None
+
+    def _run_inline(self, handle: events.Handle) -> None:
+        """Run a timer or fd-watch callback where the engine dispatches it
+        (asyncio's order: I/O, then timers, within one iteration).
+        SystemExit/KeyboardInterrupt leave run_forever after the engine's
+        iteration."""
+        try:
+            if self._debug:
+                self._run_debug(handle)
+            else:
                 handle._run()
+        except BaseException as exc:
+            self._stash(exc)
 
     def _write_to_self(self) -> None:
         self._doorbell.ring()
@@ -250,7 +269,8 @@ class EvplEventLoop(base_events.BaseEventLoop):
 
     def _timer_fired(self, timer: _TimerHandle) -> None:
         timer._scheduled = False
-        self._ready.append(timer)
+        if not timer._cancelled:
+            self._run_inline(timer)
 
     def _timer_handle_cancelled(self, handle: Any) -> None:
         if handle._scheduled:
@@ -383,9 +403,10 @@ class EvplEventLoop(base_events.BaseEventLoop):
         if debug and sock.gettimeout() != 0:
             raise ValueError("the socket must be non-blocking")
 
-    async def _sock_wait(self, sock: Any, writing: bool, fn: Any, *args: Any) -> Any:
-        """Run ``fn(*args)`` once the socket is ready (it raised
-        BlockingIOError on the first try, made by the caller)."""
+    async def _sock_wait(self, sock: Any, writing: bool, fn: Any) -> Any:
+        """Run ``fn()`` once the socket is ready (it raised BlockingIOError
+        on the first try, made by the caller); ``fn`` looks the socket's
+        method up each time, as asyncio's loops do."""
         fut = self.create_future()
         fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
@@ -394,7 +415,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
             if fut.done():
                 return
             try:
-                result = fn(*args)
+                result = fn()
             except (BlockingIOError, InterruptedError):
                 return
             except (SystemExit, KeyboardInterrupt):
@@ -425,7 +446,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
             return sock.recv(n)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, False, sock.recv, n)
+        return await self._sock_wait(sock, False, lambda: sock.recv(n))
 
     async def sock_recv_into(self, sock: Any, buf: Any) -> int:
         self._check_sock(sock, self._debug)
@@ -433,7 +454,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
             return sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, False, sock.recv_into, buf)
+        return await self._sock_wait(sock, False, lambda: sock.recv_into(buf))
 
     async def sock_recvfrom(self, sock: Any, bufsize: int) -> tuple[bytes, Any]:
         self._check_sock(sock, self._debug)
@@ -441,7 +462,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
             return sock.recvfrom(bufsize)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, False, sock.recvfrom, bufsize)
+        return await self._sock_wait(sock, False, lambda: sock.recvfrom(bufsize))
 
     async def sock_recvfrom_into(self, sock: Any, buf: Any, nbytes: int = 0) -> tuple[int, Any]:
         self._check_sock(sock, self._debug)
@@ -451,7 +472,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
             return sock.recvfrom_into(buf, nbytes)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, False, sock.recvfrom_into, buf, nbytes)
+        return await self._sock_wait(sock, False, lambda: sock.recvfrom_into(buf, nbytes))
 
     async def sock_sendto(self, sock: Any, data: Any, address: Any) -> int:
         self._check_sock(sock, self._debug)
@@ -459,7 +480,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
             return sock.sendto(data, address)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, True, sock.sendto, data, address)
+        return await self._sock_wait(sock, True, lambda: sock.sendto(data, 0, address))
 
     async def sock_sendall(self, sock: Any, data: Any) -> None:
         self._check_sock(sock, self._debug)
