@@ -151,7 +151,7 @@ def run_module_here(loop: str, module: str, out: str, verbose: bool) -> None:
     install_policy(loop)
     name = f"test.test_asyncio.{module}"
     suite = unittest.defaultTestLoader.loadTestsFromName(name)
-    stream = sys.stderr if verbose else open(os.devnull, "w")  # noqa: SIM115
+    stream = sys.stderr if verbose else open(os.devnull, "w")
     runner = unittest.TextTestRunner(stream=stream, resultclass=_Result,
                                      verbosity=2 if verbose else 0)
     result: Any = runner.run(suite)

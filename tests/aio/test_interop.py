@@ -171,7 +171,8 @@ def test_stdlib_client_against_streams_server(aio_loop: Any) -> None:
 
 
 def test_zmq_asyncio_against_plain_pyzmq(aio_loop: Any) -> None:
-    zmq = pytest.importorskip("zmq")
+    pytest.importorskip("zmq")
+    import zmq
     import zmq.asyncio
 
     ctx = zmq.asyncio.Context()

@@ -9,6 +9,7 @@ import functools
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 from typing import Any
@@ -397,10 +398,10 @@ def test_abort_and_peer_reset(aio_loop: Any) -> None:
             tr.abort()
             assert await proto.lost is None
             conn.close()
-            tr2, proto2 = await aio_loop.create_connection(Collect, *srv.getsockname())
+            _tr2, proto2 = await aio_loop.create_connection(Collect, *srv.getsockname())
             conn2, _ = await aio_loop.sock_accept(srv)
             # the peer resets: SO_LINGER 0
-            conn2.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn2.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn2.close()
             return await proto2.lost
 
@@ -416,7 +417,7 @@ def test_protocol_error_is_reported_and_closes(aio_loop: Any) -> None:
     async def main() -> Any:
         srv = socket.create_server(("127.0.0.1", 0))
         with srv:
-            tr, proto = await aio_loop.create_connection(Bad, *srv.getsockname())
+            _tr, proto = await aio_loop.create_connection(Bad, *srv.getsockname())
             conn, _ = await aio_loop.sock_accept(srv)
             with conn:
                 await aio_loop.sock_sendall(conn, b"x")

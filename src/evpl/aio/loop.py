@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import os
 import selectors
 import signal
@@ -31,7 +32,16 @@ import socket
 import stat
 import threading
 import weakref
-from asyncio import base_events, coroutines, events, selector_events, sslproto, tasks, unix_events
+from asyncio import (
+    base_events,
+    coroutines,
+    events,
+    exceptions,
+    selector_events,
+    sslproto,
+    tasks,
+    unix_events,
+)
 from asyncio.log import logger
 from typing import Any
 
@@ -198,8 +208,15 @@ class EvplEventLoop(base_events.BaseEventLoop):
         ready now, else until an event, a doorbell or the next timer),
         dispatches I/O to the transports and fd watches, fires the timers
         that are due and flushes every Bind's send queue. What those
-        callbacks schedule runs in the next iteration."""
+        callbacks schedule runs in the next iteration (after that poll, as
+        in asyncio, where the poll of iteration k+1 comes before them)."""
         ready = self._ready
+        core = self._core
+        if self._stopping:
+            # stop() came before this iteration: poll once without waiting
+            # (as asyncio does), run what is ready, leave
+            core.run_once(0)
+            self._raise_stashed()
         ntodo = len(ready)
         if ntodo:
             if self._debug:
@@ -213,7 +230,15 @@ class EvplEventLoop(base_events.BaseEventLoop):
                     handle = popleft()
                     if not handle._cancelled:
                         handle._run()
-        self._core.run_once(0 if (ready or self._stopping) else None)
+        if self._stopping:
+            # no more I/O for a loop that stops (asyncio polls before its
+            # callbacks, not after), but what they wrote is sent now
+            core.flush()
+            return
+        core.run_once(0 if ready else None)
+        self._raise_stashed()
+
+    def _raise_stashed(self) -> None:
         if self._stashed is not None:
             exc, self._stashed = self._stashed, None
             raise exc
@@ -227,7 +252,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
             handle._run()
             dt = self.time() - t0
             if dt >= self.slow_callback_duration:
-                logger.warning("Executing %s took %.3f seconds",
+                base_events.logger.warning("Executing %s took %.3f seconds",
                                base_events._format_handle(handle), dt)
         finally:
             self._current_handle = None
@@ -295,6 +320,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         for ent in self._watches.values():
             ent.reader = ent.writer = None
         self._watches.clear()
+        self._selector = None       # as asyncio's: stdlib transports' repr looks
         self._core.close()
         if self._sig_pipe is not None:
             for fd in self._sig_pipe:
@@ -536,6 +562,53 @@ class EvplEventLoop(base_events.BaseEventLoop):
         except (BlockingIOError, InterruptedError):
             pass
         return await self._sock_wait(sock, False, accept)
+
+    async def _sock_sendfile_native(self, sock: Any, file: Any, offset: int,
+                                    count: int | None) -> int:
+        """``sock_sendfile`` with ``os.sendfile`` (no copy through Python),
+        waiting on an fd watch while the socket is full."""
+        try:
+            fileno = file.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            raise exceptions.SendfileNotAvailableError("not a regular file") from None
+        try:
+            fsize = os.fstat(fileno).st_size
+        except OSError:
+            raise exceptions.SendfileNotAvailableError("not a regular file") from None
+        blocksize = count if count else fsize
+        if not blocksize:
+            return 0
+        total = 0
+
+        def send_some() -> int | None:
+            nonlocal total
+            while True:
+                want = blocksize - total if count else blocksize
+                if count and want <= 0:
+                    return total
+                try:
+                    n = os.sendfile(sock.fileno(), fileno, offset + total, want)
+                except (BlockingIOError, InterruptedError):
+                    raise
+                except OSError as exc:
+                    if total == 0 and exc.errno in (errno.ENOTSOCK, errno.EINVAL,
+                                                    errno.ENOTSUP, errno.EOPNOTSUPP):
+                        raise exceptions.SendfileNotAvailableError(
+                            "os.sendfile call failed") from exc
+                    raise
+                if n == 0:
+                    return total        # end of file
+                total += n
+
+        try:
+            try:
+                return send_some()      # type: ignore[return-value]
+            except (BlockingIOError, InterruptedError):
+                pass
+            return await self._sock_wait(sock, True, send_some)
+        finally:
+            if total > 0:
+                os.lseek(fileno, offset + total, os.SEEK_SET)
 
     # ---- transports ------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ def _water_marks(high: int | None, low: int | None) -> tuple[int, int]:
     return high, low
 
 
-class StreamTransport(Handler, transports.Transport):
+class StreamTransport(Handler, transports._FlowControlMixin):
     """``asyncio.Transport`` over one evpl stream Bind (see the module doc).
 
     Made in two ways: by the loop for a connected socket it adopts
@@ -71,8 +71,7 @@ class StreamTransport(Handler, transports.Transport):
                  protocol_factory: Any = None, sslcontext: Any = None,
                  ssl_handshake_timeout: float | None = None,
                  ssl_shutdown_timeout: float | None = None, family: int = socket.AF_INET) -> None:
-        transports.Transport.__init__(self, extra)
-        self._loop: Any = loop
+        transports._FlowControlMixin.__init__(self, extra, loop)
         self._bind: Bind | None = None
         self._sock = sock
         self._family = family
@@ -107,6 +106,12 @@ class StreamTransport(Handler, transports.Transport):
         loop = self._loop
         self._bind = bind
         bind.pause_reading()
+        extra = self._extra
+        # as asyncio's transports: known from the start, still there after close
+        if "sockname" not in extra:
+            extra["sockname"] = bind.local_address
+        if "peername" not in extra:
+            extra["peername"] = bind.peer_address
         try:
             loop._transports[bind.fileno()] = self
             if self._factory is not None:
