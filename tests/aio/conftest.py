@@ -51,7 +51,3 @@ def aio_loop(aio_backend: str) -> Iterator[evpl.aio.EvplEventLoop]:
         assert not errors, f"the exception handler was called: {errors!r}"
         check_pool(evpl.default_pool())
 
-
-def run(loop: asyncio.AbstractEventLoop, coro: Any, timeout: float = 30) -> Any:
-    """Run ``coro`` on ``loop`` with a generous timeout (a hang fails)."""
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))

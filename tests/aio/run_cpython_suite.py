@@ -149,8 +149,9 @@ class _Result(unittest.TextTestResult):
 def run_module_here(loop: str, module: str, out: str, verbose: bool) -> None:
     """In the child process: run one module with ``loop`` installed."""
     install_policy(loop)
-    name = f"test.test_asyncio.{module}"
-    suite = unittest.defaultTestLoader.loadTestsFromName(name)
+    # a module name, or test ids separated by commas
+    names = [n if n.startswith("test.") else f"test.test_asyncio.{n}" for n in module.split(",")]
+    suite = unittest.defaultTestLoader.loadTestsFromNames(names)
     stream = sys.stderr if verbose else open(os.devnull, "w")
     runner = unittest.TextTestRunner(stream=stream, resultclass=_Result,
                                      verbosity=2 if verbose else 0)

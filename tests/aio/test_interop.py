@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run
 
 import evpl
+from aio.helpers import run
 
 ROOT = Path(__file__).resolve().parents[2]
 

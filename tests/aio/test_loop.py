@@ -5,7 +5,6 @@ abort, extra info) and ownership of pool buffers."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import signal
 import socket
@@ -15,10 +14,10 @@ import threading
 from typing import Any
 
 import pytest
-from conftest import run
 
 import evpl
 import evpl.aio
+from aio.helpers import run
 
 # ---- scheduling ------------------------------------------------------------------
 
@@ -537,8 +536,11 @@ def test_signal_handler(aio_loop: Any) -> None:
             assert aio_loop.remove_signal_handler(signal.SIGUSR1)
 
     assert run(aio_loop, main()) == signal.SIGUSR1
+    async def coroutine_function() -> None:
+        pass
+
     with pytest.raises(TypeError):
-        aio_loop.add_signal_handler(signal.SIGUSR1, functools.partial(asyncio.sleep, 1)())
+        aio_loop.add_signal_handler(signal.SIGUSR1, coroutine_function)
 
 
 def test_shutdown_asyncgens_and_executor(aio_loop: Any) -> None:
