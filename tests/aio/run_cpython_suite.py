@@ -148,6 +148,11 @@ class _Result(unittest.TextTestResult):
 
 def run_module_here(loop: str, module: str, out: str, verbose: bool) -> None:
     """In the child process: run one module with ``loop`` installed."""
+    import signal
+
+    # started in the background by a shell, SIGINT may come in ignored; the
+    # suite's interrupt tests need Python's default handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     install_policy(loop)
     # a module name, or test ids separated by commas
     names = [n if n.startswith("test.") else f"test.test_asyncio.{n}" for n in module.split(",")]

@@ -276,12 +276,24 @@ class EvplEventLoop(base_events.BaseEventLoop):
     def _process_events(self, event_list: Any) -> None:
         """Not used: the engine dispatches events itself."""
 
+    def call_later(self, delay: float, callback: Any, *args: Any,
+                   context: Any = None) -> events.TimerHandle:
+        """Run ``callback(*args)`` after ``delay`` seconds, on an engine timer."""
+        if delay is None:
+            raise TypeError("delay must not be None")
+        return self._timer(self.time() + delay, delay, callback, args, context)
+
     def call_at(self, when: float, callback: Any, *args: Any,
                 context: Any = None) -> events.TimerHandle:
         """Run ``callback(*args)`` at loop time ``when``, on an engine timer."""
         if when is None:
             raise TypeError("when cannot be None")
-        self._check_closed()
+        return self._timer(when, when - self.time(), callback, args, context)
+
+    def _timer(self, when: float, delay: float, callback: Any, args: tuple[Any, ...],
+               context: Any) -> events.TimerHandle:
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
         if self._debug:
             self._check_thread()
             self._check_callback(callback, "call_at")
@@ -289,18 +301,17 @@ class EvplEventLoop(base_events.BaseEventLoop):
         if timer._source_traceback:
             del timer._source_traceback[-1]
         timer._scheduled = True
-        timer._evtimer = self._core.call_later(when - self.time(), self._timer_fired, timer)
+        # the engine runs the handle itself when it fires (no extra frame);
+        # in debug mode through _run_inline, which times it
+        timer._evtimer = self._core.call_later(
+            delay, self._run_inline if self._debug else timer._run,
+            *((timer,) if self._debug else ()))
         return timer
 
-    def _timer_fired(self, timer: _TimerHandle) -> None:
-        timer._scheduled = False
-        if not timer._cancelled:
-            self._run_inline(timer)
-
     def _timer_handle_cancelled(self, handle: Any) -> None:
-        if handle._scheduled:
-            handle._scheduled = False
-            handle._evtimer.cancel()
+        evtimer = handle._evtimer
+        if evtimer.active:
+            evtimer.cancel()
 
     def close(self) -> None:
         """Close the loop: signal handlers, the default executor, and every
