@@ -276,6 +276,17 @@ class EvplEventLoop(base_events.BaseEventLoop):
     def _process_events(self, event_list: Any) -> None:
         """Not used: the engine dispatches events itself."""
 
+    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> events.Handle:
+        """Run ``callback(*args)`` in the next iteration (asyncio's, with the
+        checks of debug mode only in debug mode)."""
+        if self._debug:
+            return super().call_soon(callback, *args, context=context)
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        handle = events.Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
     def call_later(self, delay: float, callback: Any, *args: Any,
                    context: Any = None) -> events.TimerHandle:
         """Run ``callback(*args)`` after ``delay`` seconds, on an engine timer."""

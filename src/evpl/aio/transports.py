@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from evpl._native.bind import Bind, Limits
 from evpl.core.handler import Handler
+from evpl.errors import EvplError
 
 if TYPE_CHECKING:
     from evpl.aio.loop import EvplEventLoop
@@ -444,12 +445,18 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if not data:
             return
         bind = self._bind
-        if self._conn_lost or bind is None or bind.closed:
-            if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
-                logger.warning("socket.send() raised exception.")
-            self._conn_lost += 1
-            return
-        bind.send(data)
+        if not self._conn_lost and bind is not None:
+            try:
+                bind.send(data)
+                return
+            except EvplError:
+                if not bind.closed and not self._closing:
+                    raise
+        # the connection is gone (or going): asyncio drops the data, and
+        # warns once a program keeps writing
+        if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+            logger.warning("socket.send() raised exception.")
+        self._conn_lost += 1
 
     def writelines(self, list_of_data: Any) -> None:
         if self._eof:
