@@ -64,7 +64,9 @@ class StreamTransport(Handler, transports._FlowControlMixin):
     called once the connection is there.
     """
 
-    _sendfile_compatible = constants._SendfileMode.FALLBACK
+    # no native sendfile on a Bind yet: asyncio says "not supported" and, if
+    # allowed, falls back to reading the file and writing it
+    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
     _start_tls_compatible = True
 
     def __init__(self, loop: EvplEventLoop, protocol: Any = None, *, sock: Any = None,
@@ -384,8 +386,13 @@ class StreamTransport(Handler, transports._FlowControlMixin):
     # ---- protocol -----------------------------------------------------------
 
     def set_protocol(self, protocol: Any) -> None:
-        # a protocol that takes over (start_tls, sendfile) was never paused
-        self._protocol_paused = False
+        # The paused state stays with the transport (asyncio's sendfile
+        # fallback takes it over and waits for resume_writing). But the TLS
+        # layer start_tls puts in was never paused, and asserts so: where
+        # asyncio's transports have sent the bytes already, ours may still
+        # hold them.
+        if isinstance(protocol, sslproto.SSLProtocol):
+            self._protocol_paused = False
         self._protocol = protocol
         self._buffered = isinstance(protocol, protocols.BufferedProtocol)
         self._protocol_connected = True
