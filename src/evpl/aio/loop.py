@@ -279,11 +279,14 @@ class EvplEventLoop(base_events.BaseEventLoop):
     def call_soon(self, callback: Any, *args: Any, context: Any = None) -> events.Handle:
         """Run ``callback(*args)`` in the next iteration (asyncio's, with the
         checks of debug mode only in debug mode)."""
-        if self._debug:
-            return super().call_soon(callback, *args, context=context)
         if self._closed:
             raise RuntimeError("Event loop is closed")
+        if self._debug:
+            self._check_thread()
+            self._check_callback(callback, "call_soon")
         handle = events.Handle(callback, args, self, context)
+        if handle._source_traceback:
+            del handle._source_traceback[-1]        # this frame: the caller's is last
         self._ready.append(handle)
         return handle
 
@@ -310,7 +313,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
             self._check_callback(callback, "call_at")
         timer = _TimerHandle(when, callback, args, self, context)
         if timer._source_traceback:
-            del timer._source_traceback[-1]
+            del timer._source_traceback[-2:]        # _timer, call_later/call_at
         timer._scheduled = True
         # the engine runs the handle itself when it fires (no extra frame);
         # in debug mode through _run_inline, which times it
