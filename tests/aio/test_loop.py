@@ -562,3 +562,28 @@ def test_shutdown_asyncgens_and_executor(aio_loop: Any) -> None:
     aio_loop.run_until_complete(aio_loop.shutdown_asyncgens())
     aio_loop.run_until_complete(aio_loop.shutdown_default_executor())
     assert closed == [True]
+
+
+def test_loops_in_threads() -> None:
+    """One evpl loop per thread, each serving and connecting at once."""
+    results: list[bytes] = []
+
+    async def main(i: int) -> None:
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(await r.readline())
+            w.close()
+
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        r, w = await asyncio.open_connection(*srv.sockets[0].getsockname())
+        w.write(b"thread %d\n" % i)
+        results.append(await r.readline())
+        w.close()
+        srv.close()
+        await srv.wait_closed()
+
+    threads = [threading.Thread(target=evpl.aio.run, args=(main(i),)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [b"thread 0\n", b"thread 1\n", b"thread 2\n"]
