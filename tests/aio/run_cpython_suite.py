@@ -177,9 +177,10 @@ def run_module(loop: str, module: str, timeout: float, verbose: bool = False) ->
     t0 = time.monotonic()
     try:
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", loop, module, out]
+            [sys.executable, os.path.abspath(__file__), "--child", loop, module, out]
             + (["--verbose"] if verbose else []),
-            timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=tempfile.gettempdir())  # the suite leaves @test_* files in its cwd
         status = "ok" if proc.returncode in (0,) else f"exit {proc.returncode}"
         tail = proc.stdout[-3000:]
     except subprocess.TimeoutExpired as exc:
