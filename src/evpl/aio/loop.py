@@ -78,9 +78,12 @@ def _noop() -> None:
 
 
 class _TimerHandle(events.TimerHandle):
-    """asyncio's TimerHandle, carrying the engine timer that fires it."""
+    """asyncio's TimerHandle, carrying the engine timer that fires it. The
+    engine timer calls the handle itself (no bound method per timer)."""
 
     __slots__ = ("_evtimer",)
+
+    __call__ = events.Handle._run
 
 
 class _FdEntry:
@@ -317,9 +320,10 @@ class EvplEventLoop(base_events.BaseEventLoop):
         timer._scheduled = True
         # the engine runs the handle itself when it fires (no extra frame);
         # in debug mode through _run_inline, which times it
-        timer._evtimer = self._core.call_later(
-            delay, self._run_inline if self._debug else timer._run,
-            *((timer,) if self._debug else ()))
+        if self._debug:
+            timer._evtimer = self._core.call_later(delay, self._run_inline, timer)
+        else:
+            timer._evtimer = self._core.call_later(delay, timer)
         return timer
 
     def _timer_handle_cancelled(self, handle: Any) -> None:
