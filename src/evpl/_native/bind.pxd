@@ -76,6 +76,7 @@ cdef class Bind(_Source):
     cdef bint dirty
     cdef bint finishing
     cdef object finish_error
+    cdef int shut_wr            # shutdown_write(): 1 = SHUT_WR once the queue drains, 2 = done
     # datagram addresses (the last one used is cached)
     cdef object tx_addr
     cdef sockaddr_in6 tx_sa

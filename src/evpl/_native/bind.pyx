@@ -358,7 +358,7 @@ cdef class Bind(_Source):
         return 0
 
     cdef int _can_send(self) except -1:
-        if self.state == S_CLOSED or self.finishing:
+        if self.state == S_CLOSED or self.finishing or self.shut_wr:
             raise EvplError("send on a closed Bind")
         if not self.stream and not self.dgram_connected:
             raise EvplError("datagram Bind: use sendto(data, addr)")
@@ -400,6 +400,39 @@ cdef class Bind(_Source):
             self._close(None)
         else:
             self.finishing = True
+            self._mark_dirty()
+
+    def set_write_limits(self, size_t high_water, size_t low_water, size_t hard_limit) -> None:
+        """Change the send queue's watermarks and hard limit while the Bind
+        is open (asyncio's ``set_write_buffer_limits``); needs
+        ``low_water <= high_water <= hard_limit``. Takes effect at the next
+        send or flush; a queue already above the new high-water mark
+        pauses at once (``on_paused``)."""
+        if not low_water <= high_water <= hard_limit:
+            raise ValueError(f"need low_water ({low_water}) <= high_water ({high_water}) "
+                             f"<= hard_limit ({hard_limit})")
+        self.high_water = high_water
+        self.low_water = low_water
+        self.hard_limit = hard_limit
+        if self.state == S_OPEN and not self.paused and self.queued_bytes > high_water:
+            self.paused = True
+            self.loop.stat_paused += 1
+            try:
+                self.cb_paused(self)
+            except Exception as exc:
+                self.loop._callback_error(exc, self)
+
+    def shutdown_write(self) -> None:
+        """Half-close a stream Bind: shut down its sending side (the peer
+        sees EOF) once everything queued has been sent, and keep receiving.
+        Sends after it raise."""
+        if self.state == S_CLOSED or not self.stream or self.shut_wr:
+            return
+        self.shut_wr = 1
+        if self.state == S_OPEN and txq_empty(&self.txq) and not self._send_busy():
+            self.shut_wr = 2
+            shutdown(self.fd, SHUT_WR)
+        else:
             self._mark_dirty()
 
     def pause_reading(self) -> None:
@@ -481,6 +514,14 @@ cdef class Bind(_Source):
                 if self.stream:
                     shutdown(self.fd, SHUT_WR)
                 self._close(self.finish_error)
+            elif self.shut_wr == 1 and self.stream:
+                self.shut_wr = 2
+                shutdown(self.fd, SHUT_WR)
+                if self.cb_sent is not None:
+                    try:
+                        self.cb_sent(self)
+                    except Exception as exc:
+                        self.loop._callback_error(exc, self)
             elif self.cb_sent is not None:
                 try:
                     self.cb_sent(self)
