@@ -28,6 +28,7 @@ _default_pool: Pool | None = None
 
 _OPTIONS = {"high_water", "low_water", "hard_limit", "max_datagram", "nodelay", "reuseport",
             "rcvbuf", "sndbuf", "gso", "idle_timeout", "message_timeout"}
+_OPTIONS |= {"interface"}       # xdp_udp: the interface whose frames it reads
 
 
 def default_pool() -> Pool:
@@ -286,6 +287,11 @@ class Loop(LoopCore):
         limits = _limits(options, False)
         gso = _gso(options)
         h = _make_handler(handler)
+        if "xdp" in info.capabilities:
+            from evpl.core import xdp
+            return xdp.bind(self, info.name, address, h, limits, options)
+        if "interface" in options:
+            raise ConfigError("interface= is an xdp_udp option")
         sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)
         self._bind_socket(sock, sa, options)
         return _backends.native(info.name).datagram(self, sock.detach(), info.name, h, limits,
