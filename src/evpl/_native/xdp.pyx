@@ -29,7 +29,7 @@ from libc.string cimport memcpy, memset
 from posix.unistd cimport close as c_close
 
 from evpl._native.bind cimport Bind, Limits, S_OPEN, S_CLOSED
-from evpl._native.buffers cimport Pool, Chunk, chunk_unref
+from evpl._native.buffers cimport Pool, Buffer, Chunk, chunk_unref, make_buffer
 from evpl._native.loop cimport LoopCore, Driver
 from evpl._native.sys cimport *
 from evpl._native.txqueue cimport *
@@ -86,9 +86,10 @@ cdef enum:
     BATCH = 64
     MAX_BINDS = 64          # Binds per interface and loop
     NEIGH = 256             # next-hop MAC cache entries (direct mapped)
-    NEIGH_TTL_NS = 5_000_000_000    # a cached MAC is looked up again after this
-    ARP_TIMEOUT_NS = 3_000_000_000  # datagrams to an unresolved neighbour are dropped after
-    SOLICIT_NS = 200_000_000        # ask the kernel to resolve again at most this often
+
+cdef int64_t NEIGH_TTL_NS = 5_000_000_000   # a cached MAC is looked up again after this
+cdef int64_t ARP_TIMEOUT_NS = 3_000_000_000  # datagrams to an unresolved neighbour: dropped
+cdef int64_t SOLICIT_NS = 200_000_000       # ask the kernel to resolve at most this often
 
 
 def xdp_unavailable_reason():
@@ -399,7 +400,7 @@ cdef class XdpDriver(Driver):
                         sin.sin_addr.s_addr = pkt.saddr
                         sin.sin_port = pkt.sport
                         addr = b._rx_address(<sockaddr*>&sin, sizeof(sockaddr_in))
-                        b._datagrams(c, self.base + a + pkt.off, pkt.len, 0, addr)
+                        b._deliver_one(c, self.base + a + pkt.off, pkt.len, addr)
                     b = None
                 if self.x == NULL:          # a callback closed the last Bind
                     return total
@@ -661,6 +662,35 @@ cdef class XdpDatagram(Bind):
 
     cdef bint _send_busy(self):
         return False
+
+    cdef void _deliver_one(self, Chunk* c, char* p, size_t n, addr):
+        """Deliver one received datagram (``Bind._datagrams`` without GRO
+        trains, its Buffer on the UMEM's pool)."""
+        cdef LoopCore loop = self.loop
+        cdef Buffer buf
+        if self.idle_ns:
+            self.last_rx = evpl_now_ns()
+        loop.stat_datagrams_in += 1
+        if n > self.max_datagram:
+            loop.stat_truncated += 1
+            return
+        loop.stat_bytes_in += n
+        buf = make_buffer(self.drv.upool, c, p, n)
+        if self.reading_paused or self.backlog:
+            if self.backlog is None:
+                self.backlog = []
+            self.backlog.append((buf, addr))
+        elif self.cb_datagrams is not None:
+            if self.dg_batch is None:           # handed over at the batch's end
+                self.dg_batch = []
+                loop.batches.append(self)
+            self.dg_batch.append((buf, addr))
+        else:
+            try:
+                loop.stat_py_calls += 1
+                self.cb_datagram(self, buf, addr)
+            except Exception as exc:
+                loop._callback_error(exc, self)
 
     cdef int _send_queued(self) except -1:
         """Write each queued datagram into a frame (its own when it can) and

@@ -135,9 +135,9 @@ register(_Backend(
 
 
 def _probe_xdp() -> str | None:
-    from evpl._native.xdp import xdp_unavailable_reason
+    from evpl.core.xdp import registry_reason
 
-    return xdp_unavailable_reason()
+    return registry_reason()
 
 
 register(_Backend(

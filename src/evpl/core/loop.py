@@ -283,13 +283,14 @@ class Loop(LoopCore):
         cuts into ordinary datagrams; the receiver sees no difference. Trains
         that arrive whole are accepted too (UDP GRO) and still delivered one
         ``on_datagram`` per datagram."""
+        if backend == "xdp_udp":           # available once given an interface
+            from evpl.core import xdp
+            return xdp.bind(self, backend, address, _make_handler(handler),
+                            _limits(options, False), options)
         info = _backends.get(backend, "datagram")
         limits = _limits(options, False)
         gso = _gso(options)
         h = _make_handler(handler)
-        if "xdp" in info.capabilities:
-            from evpl.core import xdp
-            return xdp.bind(self, info.name, address, h, limits, options)
         if "interface" in options:
             raise ConfigError("interface= is an xdp_udp option")
         sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)

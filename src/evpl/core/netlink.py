@@ -23,13 +23,14 @@ __all__ = ["Link", "Netlink", "NetlinkError"]
 
 NETLINK_ROUTE = 0
 RTM_GETLINK, RTM_NEWNEIGH, RTM_GETNEIGH, RTM_GETADDR, RTM_GETROUTE = 18, 28, 30, 22, 26
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x400
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x100, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_NUM_RX_QUEUES = 1, 3, 4, 32
 IFA_LOCAL = 2
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
 NDA_DST, NDA_LLADDR = 1, 2
-NTF_USE = 0x08
+NTF_USE = 0x01
+NUD_PERMANENT = 0x80
 # neighbour states whose link-layer address may be used
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
 
@@ -166,10 +167,12 @@ class Netlink:
 
     def solicit(self, ip: str, index: int) -> None:
         """Ask the kernel to resolve ``ip`` on interface ``index`` (ARP)."""
-        body = struct.pack("=BxxxiHBB", socket.AF_INET, index, 0, NTF_USE, 0)
+        # as `ip neigh replace IP dev DEV use` does: with NTF_USE the state
+        # given is not applied, but the kernel wants one
+        body = struct.pack("=BxxxiHBB", socket.AF_INET, index, NUD_PERMANENT, NTF_USE, 0)
         body += _attr(NDA_DST, socket.inet_aton(ip))
         try:
-            self._request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_ACK, body)
+            self._request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK, body)
         except NetlinkError:
             pass                            # the next lookup tells
 

@@ -14,30 +14,37 @@ from typing import Any
 
 from evpl._native.bind import Bind, Limits
 from evpl.core.netlink import Netlink, is_ipv4
-from evpl.errors import ConfigError, transport_error
+from evpl.errors import BackendUnavailable, ConfigError, transport_error
 
 __all__ = ["bind"]
 
 
-def _interface_of(nl: Netlink, host: str) -> str:
-    """The interface that holds IPv4 address ``host``."""
-    import struct
+ENV_INTERFACE = "EVPL_XDP_INTERFACE"
 
-    from evpl.core.netlink import IFA_LOCAL, RTM_GETADDR, NLM_F_DUMP, _attrs
 
-    body = struct.pack("=BBBBI", socket.AF_INET, 0, 0, 0, 0)
-    for _typ, payload in nl._request(RTM_GETADDR, NLM_F_DUMP, body):
-        a = _attrs(payload, 8)
-        if a.get(IFA_LOCAL) == socket.inet_aton(host):
-            index = struct.unpack_from("=I", payload, 4)[0]
-            return socket.if_indextoname(index)
-    raise ConfigError(f"no interface has the address {host}: give interface=")
+def unavailable_reason() -> str | None:
+    """Why xdp_udp cannot work in this process (not built with libxdp, no
+    CAP_NET_ADMIN / CAP_BPF), None if it can given an interface."""
+    from evpl._native.xdp import xdp_unavailable_reason
+
+    return xdp_unavailable_reason()
+
+
+def registry_reason() -> str | None:
+    """What ``evpl info`` says: also unavailable while no interface is given
+    (``EVPL_XDP_INTERFACE``), since every xdp_udp Bind needs one."""
+    why = unavailable_reason()
+    if why is None and not os.environ.get(ENV_INTERFACE):
+        why = (f"no interface given: pass interface= to Loop.bind (or set {ENV_INTERFACE}); "
+               "the backend works on that interface only")
+    return why
 
 
 def bind(loop: Any, backend: str, address: Any, handler: Any, limits: Limits,
          options: dict[str, Any]) -> Bind:
-    """An xdp_udp Bind on ``address`` (an IPv4 (host, port); host may be
-    "0.0.0.0" with ``interface=``)."""
+    """An xdp_udp Bind on ``address``, an IPv4 (host, port) of the interface
+    given as ``interface=`` (default: ``$EVPL_XDP_INTERFACE``); host may be
+    "0.0.0.0" (any address of the interface)."""
     from evpl._native import xdp
 
     if not (isinstance(address, tuple) and len(address) == 2):
@@ -47,15 +54,14 @@ def bind(loop: Any, backend: str, address: Any, handler: Any, limits: Limits,
         raise ConfigError(f"xdp_udp binds numeric IPv4 addresses, got {host!r}")
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ConfigError(f"port must be an int in 0..65535, got {port!r}")
-    interface = options.get("interface")
-    if interface is not None and not isinstance(interface, str):
-        raise ConfigError(f"interface must be an interface name, got {interface!r}")
+    why = unavailable_reason()
+    if why is not None:
+        raise BackendUnavailable(f"backend 'xdp_udp' is not available here: {why}")
+    interface = options.get("interface") or os.environ.get(ENV_INTERFACE)
+    if not interface or not isinstance(interface, str):
+        raise ConfigError(f"xdp_udp needs interface= (an interface name), got {interface!r}")
     nl = Netlink()
     try:
-        if interface is None:
-            if host == "0.0.0.0":
-                raise ConfigError("xdp_udp bound to 0.0.0.0 needs interface=")
-            interface = _interface_of(nl, host)
         try:
             link = nl.link(interface)
         except OSError as exc:
