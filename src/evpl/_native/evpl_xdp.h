@@ -569,18 +569,28 @@ static int evpl_xdp_tx(evpl_xdp *x, int q, uint64_t addr, uint32_t len)
     return 1;
 }
 
-/* Publish the frames queued on q and wake the kernel if it asks (copy mode
- * always does: the copy happens in this sendto). */
+/* Publish the frames queued on q and wake the kernel while it asks and has
+ * frames left to send: in copy mode each sendto sends a batch (32 frames
+ * by default), so a full ring takes several. Errors other than "try later"
+ * are returned (negative errno). */
 static int evpl_xdp_tx_flush(evpl_xdp *x, int q)
 {
+    struct xsk_ring_prod *tx = &x->q[q].tx;
+    int k;
     if (x->q[q].tx_pending) {
-        xsk_ring_prod__submit(&x->q[q].tx, x->q[q].tx_pending);
+        xsk_ring_prod__submit(tx, x->q[q].tx_pending);
         x->q[q].tx_pending = 0;
     }
-    if (x->tx_out && xsk_ring_prod__needs_wakeup(&x->q[q].tx)) {
+    for (k = 0; k < 128 && x->tx_out; k++) {
+        uint32_t before = xsk_prod_nb_free(tx, tx->size);
+        if (!xsk_ring_prod__needs_wakeup(tx) || before == tx->size)
+            break;                  /* the kernel sends on its own, or took everything */
+        /* EAGAIN: a batch was sent and more is left, or no room to complete */
         if (sendto(x->q[q].fd, NULL, 0, MSG_DONTWAIT, NULL, 0) < 0 && errno != EAGAIN
-                && errno != EBUSY && errno != ENOBUFS && errno != ENETDOWN)
+                && errno != EBUSY && errno != ENOBUFS && errno != EINTR)
             return -errno;
+        if (xsk_prod_nb_free(tx, tx->size) == before)
+            break;                  /* no progress: the device or the completion ring is full */
     }
     return 0;
 }

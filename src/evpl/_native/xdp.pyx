@@ -477,7 +477,7 @@ cdef class XdpDriver(Driver):
             self.nl.solicit(hop, self.link.index)
         return 0
 
-    cdef int _frame_for(self, TxEntry* e, uint32_t* fi_out) except -1:
+    cdef int _frame_for(self, TxEntry* e, uint32_t* fi_out) noexcept:
         """The frame to send ``e`` from: its own (1) when it is the payload of
         a received frame not already being sent, else a send frame (0) it
         must be copied into; -1 if none is free."""
@@ -573,12 +573,18 @@ cdef class XdpDriver(Driver):
         return 0
 
     cdef int _submit(self) except -1:
-        cdef int q
-        if self.x != NULL and self.tx_dirty:
+        """Hand this iteration's frames to the kernel, reap what it sent, and
+        let Binds that waited for frames send (a few rounds)."""
+        cdef int q, rounds = 0
+        while self.x != NULL and (self.tx_dirty or self.x.tx_out) and rounds < 4:
+            rounds += 1
             self.tx_dirty = False
             for q in range(self.x.nq):
                 evpl_xdp_tx_flush(self.x, q)
             self._complete()
+            if not self.blocked:
+                break
+            self._unblock()
         return 0
 
     cdef bint _waiting(self):
