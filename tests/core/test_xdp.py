@@ -457,3 +457,47 @@ def test_several_receive_queues(loop):
         for s in socks:
             s.close()
         loop.close()
+
+
+def _info(env_interface: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "EVPL_XDP_INTERFACE"}
+    if env_interface:
+        env["EVPL_XDP_INTERFACE"] = env_interface
+    out = subprocess.run([sys.executable, "-m", "evpl.cli", "info", "--json"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return {r["name"]: r for r in json.loads(out.stdout)}["xdp_udp"]
+
+
+def test_info_says_an_interface_is_needed():
+    row = _info(None)
+    assert row["available"] is False
+    assert "interface" in row["reason"]
+    assert _info("eth0")["available"] is True
+
+
+def test_sockperf_flood(loop, net):
+    """A kernel sender flooding (sockperf throughput): every datagram that
+    reaches evpl has a valid (partial) checksum and lands in on_datagram."""
+    import shutil
+
+    if shutil.which("sockperf") is None:
+        pytest.skip("sockperf is not installed")
+    count = [0]
+
+    class Count(evpl.Handler):
+        def on_datagram(self, bind, buf, addr):
+            count[0] += 1
+
+    b = xbind(loop, net, Count())
+    host, port = b.local_address
+    proc = net.popen("b", ["sockperf", "throughput", "-i", host, "-p", str(port), "-m", "64",
+                           "-t", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    loop.run_until(lambda: proc.poll() is not None, timeout=TIMEOUT * 3)
+    ticker = Ticker(loop)
+    loop.run_until(lambda: ticker.count >= 10, timeout=TIMEOUT)
+    ticker.cancel()
+    st = xstats(loop)
+    assert count[0] > 1000
+    assert st["rx_bad_checksum"] == 0 and st["rx_truncated"] == 0
+    assert loop.stats()["datagrams_in"] == count[0]

@@ -15,6 +15,7 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <linux/if_link.h>          /* XDP_ATTACHED_* (linux-libc-dev, always there) */
 
 #define EVPL_XDP_MAXQ 64
 #define EVPL_XDP_HDR 42             /* Ethernet 14 + IPv4 20 + UDP 8 */
@@ -182,7 +183,6 @@ static int evpl_xdp_drop_all(int fd)
 
 #ifdef EVPL_HAVE_LIBXDP
 
-#include <linux/if_link.h>
 #include <linux/if_xdp.h>
 #include <net/if.h>
 #include <bpf/bpf.h>
