@@ -90,6 +90,7 @@ cdef enum:
 cdef int64_t NEIGH_TTL_NS = 5_000_000_000   # a cached MAC is looked up again after this
 cdef int64_t ARP_TIMEOUT_NS = 3_000_000_000  # datagrams to an unresolved neighbour: dropped
 cdef int64_t SOLICIT_NS = 200_000_000       # ask the kernel to resolve at most this often
+cdef int64_t UNROUTABLE_TTL_NS = 1_000_000_000  # "no route through the interface" is kept
 
 
 def xdp_unavailable_reason():
@@ -175,6 +176,7 @@ cdef class XdpDriver(Driver):
     cdef uint32_t n_ip[NEIGH]
     cdef uint8_t n_mac[NEIGH][6]
     cdef int64_t n_exp[NEIGH]
+    cdef uint8_t n_bad[NEIGH]   # the entry says "not reachable through this interface"
     cdef dict arp_pending       # ip (network order) -> [first try, last solicit] (ns)
     cdef uint64_t scratch_a[BATCH]
     cdef uint32_t scratch_l[BATCH]
@@ -446,15 +448,20 @@ cdef class XdpDriver(Driver):
         cdef int h = <int>((ip ^ (ip >> 16)) & (NEIGH - 1))
         cdef int64_t now = evpl_now_ns()
         if self.n_ip[h] == ip and self.n_exp[h] > now:
+            if self.n_bad[h]:
+                self.st_unroutable += 1
+                return -1
             memcpy(out, self.n_mac[h], 6)
             return 1
         dst = socket.inet_ntoa(ip.to_bytes(4, "little"))
         try:
             hop, oif = self.nl.next_hop(dst)
         except OSError:
-            self.st_unroutable += 1
-            return -1
-        if oif != self.link.index:
+            oif = -1
+        if oif != self.link.index:          # remembered for a second
+            self.n_ip[h] = ip
+            self.n_exp[h] = now + UNROUTABLE_TTL_NS
+            self.n_bad[h] = 1
             self.st_unroutable += 1
             return -1
         mac = self.nl.neighbour(hop, self.link.index)
@@ -462,6 +469,7 @@ cdef class XdpDriver(Driver):
             self.arp_pending.pop(ip, None)
             self.n_ip[h] = ip
             self.n_exp[h] = now + NEIGH_TTL_NS
+            self.n_bad[h] = 0
             memcpy(self.n_mac[h], <char*>mac, 6)
             memcpy(out, self.n_mac[h], 6)
             return 1
