@@ -212,7 +212,7 @@ def test_fixed_framer_rejects_bad_sizes(size):
         evpl.framing.fixed(size)
 
 
-def test_on_datagrams_gets_read_batches(loop, datagram_backend):
+def test_on_datagrams_gets_read_batches(loop, dgram_net):
     class Dgrams(evpl.Handler):
         def __init__(self):
             self.batches = []
@@ -227,9 +227,8 @@ def test_on_datagrams_gets_read_batches(loop, datagram_backend):
                 bind.pause_reading()
 
     server = Dgrams()
-    bind = loop.bind(datagram_backend, ("127.0.0.1", 0), server)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
-        peer.bind(("127.0.0.1", 0))
+    bind = dgram_net.bind(loop, server, "a")
+    with dgram_net.peer_socket("b") as peer:
         sent = [b"d%03d" % i for i in range(40)]
         for d in sent[:20]:
             peer.sendto(d, bind.local_address)

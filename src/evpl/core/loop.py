@@ -28,6 +28,7 @@ _default_pool: Pool | None = None
 
 _OPTIONS = {"high_water", "low_water", "hard_limit", "max_datagram", "nodelay", "reuseport",
             "rcvbuf", "sndbuf", "gso", "idle_timeout", "message_timeout"}
+_OPTIONS |= {"interface"}       # xdp_udp: the interface whose frames it reads
 
 
 def default_pool() -> Pool:
@@ -282,10 +283,16 @@ class Loop(LoopCore):
         cuts into ordinary datagrams; the receiver sees no difference. Trains
         that arrive whole are accepted too (UDP GRO) and still delivered one
         ``on_datagram`` per datagram."""
+        if backend == "xdp_udp":           # available once given an interface
+            from evpl.core import xdp
+            return xdp.bind(self, backend, address, _make_handler(handler),
+                            _limits(options, False), options)
         info = _backends.get(backend, "datagram")
         limits = _limits(options, False)
         gso = _gso(options)
         h = _make_handler(handler)
+        if "interface" in options:
+            raise ConfigError("interface= is an xdp_udp option")
         sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)
         self._bind_socket(sock, sa, options)
         return _backends.native(info.name).datagram(self, sock.detach(), info.name, h, limits,
