@@ -14,6 +14,7 @@ from evpl.core.handler import Handler
 from evpl.core.loop import Loop, default_pool
 from evpl.errors import (
     BackendUnavailable,
+    Busy,
     ConfigError,
     ConnectionRefused,
     ConnectionReset,
@@ -22,6 +23,7 @@ from evpl.errors import (
     PoolExhausted,
     ProtocolError,
     SendQueueFull,
+    ShardError,
     TimeoutError,
     TransportError,
     Unreachable,
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendInfo",
     "BackendUnavailable",
+    "Busy",
     "Bind",
     "Buffer",
     "ConfigError",
@@ -50,6 +53,7 @@ __all__ = [
     "PoolExhausted",
     "ProtocolError",
     "SendQueueFull",
+    "ShardError",
     "TimeoutError",
     "Timer",
     "TransportError",
