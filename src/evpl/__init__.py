@@ -34,9 +34,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendInfo",
     "BackendUnavailable",
-    "Busy",
     "Bind",
     "Buffer",
+    "Busy",
     "ConfigError",
     "ConnectionRefused",
     "ConnectionReset",
