@@ -69,6 +69,7 @@ cdef class CallQueue(Driver):
     cdef bint closed_
     cdef object closed_error
     cdef size_t stat_calls, stat_batches, stat_rings, stat_refused
+    cdef readonly object fatal      # a BaseException a call raised (it stopped the loop)
 
     def __cinit__(self):
         self.efd = -1
@@ -131,7 +132,7 @@ cdef class CallQueue(Driver):
             c.fut = <void*>fut
         if evpl_mpsc_push(self.q, c):
             self.stat_rings += 1
-            c_write(self.efd, &one, 8)
+            c_write(self.efd, &one, 8)     # (the GIL is held: close() cannot run meanwhile)
         return 0
 
     def call_soon(self, fn, *args) -> None:
@@ -191,14 +192,17 @@ cdef class CallQueue(Driver):
             try:
                 result = fn(*args)
             except BaseException as exc:
-                fut.set_exception(exc)
                 _log.error("a call run on the loop's thread raised", exc_info=exc)
+                fut.set_exception(exc)
                 if not isinstance(exc, Exception):
                     escaped = exc
             else:
                 fut.set_result(result)
         if escaped is not None:
-            raise escaped           # KeyboardInterrupt, SystemExit: after the batch
+            # KeyboardInterrupt, SystemExit...: the loop stops after the
+            # batch, and its owner finds why in ``fatal``
+            self.fatal = escaped
+            self.loop.stop()
         return <int>n
 
     cdef void _event(self, uint32_t events):
@@ -207,7 +211,7 @@ cdef class CallQueue(Driver):
         evpl_mpsc_clear_rung(self.q)
         try:
             self._run()
-        except BaseException as exc:
+        except Exception as exc:
             self.loop._callback_error(exc, None)
 
     cdef int _spin_start(self) except -1:
@@ -252,8 +256,11 @@ cdef class CallQueue(Driver):
                 c = nxt
                 if fut is not None and fut.set_running_or_notify_cancel():
                     fut.set_exception(error)
-        if self.efd >= 0 and self.loop is not None:
-            epoll_ctl(self.loop.epfd, EPOLL_CTL_DEL, self.efd, NULL)
+        if self.efd >= 0:
+            if self.loop is not None:
+                epoll_ctl(self.loop.epfd, EPOLL_CTL_DEL, self.efd, NULL)
+            c_close(self.efd)
+            self.efd = -1
 
     cdef void _stats(self, dict d):
         d["calls"] = self.stat_calls

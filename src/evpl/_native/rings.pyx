@@ -336,12 +336,9 @@ cdef class ShardRings(Driver):
         cdef evpl_shard_ctl* peer
         cdef bytes data
         cdef uint32_t kind
+        cdef int epoch = evpl_load(self.ctx.epoch)
         if evpl_xchg(&self.ctx.ctl.room, 0):
             self._room()
-        if evpl_load(self.ctx.epoch) != self.ctx.seen_epoch:
-            self.ctx.seen_epoch = evpl_load(self.ctx.epoch)
-            if self.on_change is not None:
-                self.on_change()
         for i in range(self.ctx.n):
             r = self.ctx.rx[i]
             if r == NULL or not evpl_ring_ready(r):
@@ -376,6 +373,12 @@ cdef class ShardRings(Driver):
                     evpl_store(&peer.room, 1)
                     self._wake(i)
         self.stat_received += total
+        if epoch != self.ctx.seen_epoch:
+            # after the rings: what a shard wrote before it died is delivered
+            # before its pending requests fail
+            self.ctx.seen_epoch = epoch
+            if self.on_change is not None:
+                self.on_change()
         return total
 
     cdef void _room(self):

@@ -104,9 +104,11 @@ class LoopThread:
         loop.defer(self._running.set)
         try:
             loop.run()
+            if self._queue.fatal is not None:
+                raise self._queue.fatal
         except BaseException as exc:
             self._error = exc
-            _log.exception("%s: the loop died", self.name)
+            _log.error("%s: the loop died", self.name, exc_info=exc)
         finally:
             err = EvplError(f"{self.name} stopped before the call ran")
             if self._error is not None:

@@ -134,9 +134,8 @@ class WorkerPool:
         self.close()
 
 
-def _complete(outcome: tuple[Any, bool, Any]) -> None:
+def _complete(fut: concurrent.futures.Future[Any], ok: bool, value: Any) -> None:
     """On the loop's thread: complete the Future (its callbacks run here)."""
-    fut, ok, value = outcome
     if not fut.set_running_or_notify_cancel():
         return
     if ok:
@@ -150,6 +149,7 @@ class _Parked:
     and the Binds paused for them (touched on the loop's thread only)."""
 
     def __init__(self, workers: WorkerPool, calls: CallQueue) -> None:
+        self.key = (id(workers), id(calls))
         self.workers = workers
         self.calls = calls
         self.jobs: list[tuple[Any, ...]] = []
@@ -162,6 +162,8 @@ class _Parked:
                 self.workers._park(self.calls, self)
                 return
             self.jobs.pop(0)
+        if _parked.get(self.key) is self:
+            del _parked[self.key]           # nothing waits: hold no loop
         binds, self.binds = self.binds, []
         for b in binds:
             if not b.closed:
