@@ -80,6 +80,8 @@ class ShardGroup:
         self._pidfds: dict[int, int] = {}            # pidfd -> shard
         self._stopping = False
         self._kill_at: float | None = None
+        self._term = False                           # (in a shard) SIGTERM arrived
+        self._shard: Any = None                      # (in a shard) its Shard
         self._sockets: dict[str, tuple[str, list[socket.socket]]] = {}
         self._memfd = os.memfd_create("evpl-shards", os.MFD_CLOEXEC)
         self._efds: list[int] = []
@@ -128,17 +130,32 @@ class ShardGroup:
 
     def _fork(self, i: int) -> None:
         self.rings.set_state(i, _rings.STARTING)
-        pid = os.fork()
-        if pid == 0:
-            self._child(i)          # never returns
+        # a SIGTERM sent before the child installed its handler waits
+        # (blocked) instead of killing it half started
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(i)          # never returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.pids[i] = pid
         self._pidfds[os.pidfd_open(pid)] = i
 
     def _child(self, i: int) -> None:
         code = 1
         try:
+            self._term = False
+            self._shard = None
+
+            def terminate(signum: int, frame: Any) -> None:
+                self._term = True
+                if self._shard is not None:
+                    self._shard.stop()
+
             signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent stops us with SIGTERM
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, terminate)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             os.close(self._ready_r)
             for fd in self._pidfds:
                 os.close(fd)
@@ -175,41 +192,41 @@ class ShardGroup:
         options.setdefault("pool", Pool())          # allocated after pinning: local memory
         loop = Loop(**options)
         rs = _rings.RingSet(self._memfd, self.n, self.rings.ring_bytes)
-        shard = Shard(i, self.n, loop, cpu, rs, list(self._efds), sockets, self._max_backlog)
-
-        def terminate(signum: int, frame: Any) -> None:
+        shard = self._shard = Shard(i, self.n, loop, cpu, rs, list(self._efds), sockets,
+                                    self._max_backlog)
+        if self._term:
             shard.stop()
-
-        signal.signal(signal.SIGTERM, terminate)
         rs.set_state(i, _rings.RUNNING, os.getpid())
         self.main(shard)
-        os.write(self._ready_w, bytes([i]))
+        if self._ready_w >= 0:          # (a restarted shard has nobody waiting)
+            os.write(self._ready_w, bytes([i]))
         if not shard.stopping:
             loop.run()
         loop.close()
         return 0
 
     def _start(self) -> None:
+        """Fork every shard; return once each has run its ``main`` (or the
+        group gave up: a shard failed and was not restarted)."""
+        ready: set[int] = set()
         try:
             for i in range(self.n):
+                if self._stopping:
+                    break               # SIGTERM while starting (run's handler)
                 self._fork(i)
+            # the parent no longer needs the listening sockets, except to restart
+            if not self.restart:
+                self._close_sockets()
+            while len(ready) < self.n and self.running and not self._stopping:
+                r, _, _ = select.select([self._ready_r, *self._pidfds], [], [])
+                if self._ready_r in r:
+                    ready.update(os.read(self._ready_r, 64))
+                for fd in r:
+                    if fd in self._pidfds:
+                        self._reap(fd)
         finally:
-            os.close(self._ready_w)
+            os.close(self._ready_w)     # shards restarted later report to nobody
             self._ready_w = -1
-        # the parent no longer needs the listening sockets, except to restart
-        if not self.restart:
-            self._close_sockets()
-        ready = 0
-        while ready < self.n and self.running:
-            r, _, _ = select.select([self._ready_r, *self._pidfds], [], [])
-            if self._ready_r in r:
-                data = os.read(self._ready_r, 64)
-                ready += len(data)
-                if not data:
-                    break
-            for fd in r:
-                if fd in self._pidfds:
-                    self._reap(fd)
 
     @property
     def running(self) -> int:
@@ -332,21 +349,24 @@ def _check_main(main: Any, n: Any, cpus: Any) -> tuple[int, list[int]]:
     return n, numa.placement(n, cpus)
 
 
-def start(main: Callable[[Any], Any], n: int | None = None, cpus: Sequence[int] | None = None,
-          *, restart: bool = False, max_restarts: int = 5, ring_bytes: int = 1 << 20,
-          max_backlog: int = 65536, listen: dict[str, tuple[str, Any]] | None = None,
-          steer: bool = False, bind_memory: bool = True, **loop_options: Any) -> ShardGroup:
-    """Start ``n`` shard processes (default: one per CPU this process may
-    use), each pinned to its CPU (placed node by node), and call
-    ``main(shard)`` in each; returns once every ``main`` has returned (the
-    shards' loops then run until stopped). See ``run`` for the arguments.
-    """
+def _group(main: Callable[[Any], Any], n: int | None, cpus: Sequence[int] | None,
+           restart: bool = False, max_restarts: int = 5, ring_bytes: int = 1 << 20,
+           max_backlog: int = 65536, listen: dict[str, tuple[str, Any]] | None = None,
+           steer: bool = False, bind_memory: bool = True,
+           **loop_options: Any) -> ShardGroup:
     n, placed = _check_main(main, n, cpus)
     if listen is not None and not isinstance(listen, dict):
         raise ConfigError("listen must be a dict: name -> (backend, address)")
+    if not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ConfigError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+    if not isinstance(max_backlog, int) or max_backlog < 0:
+        raise ConfigError(f"max_backlog must be an int >= 0, got {max_backlog!r}")
     Loop(**{k: v for k, v in loop_options.items() if k != "pool"}).close()   # check options now
-    group = ShardGroup(main, n, placed, restart, max_restarts, ring_bytes, max_backlog,
-                       listen or {}, steer, bind_memory, loop_options)
+    return ShardGroup(main, n, placed, restart, max_restarts, ring_bytes, max_backlog,
+                      listen or {}, steer, bind_memory, loop_options)
+
+
+def _launch(group: ShardGroup) -> ShardGroup:
     try:
         group._start()
     except BaseException:
@@ -356,10 +376,21 @@ def start(main: Callable[[Any], Any], n: int | None = None, cpus: Sequence[int] 
     return group
 
 
+def start(main: Callable[[Any], Any], n: int | None = None, cpus: Sequence[int] | None = None,
+          **options: Any) -> ShardGroup:
+    """Start ``n`` shard processes (default: one per CPU this process may
+    use), each pinned to its CPU (placed node by node), and call
+    ``main(shard)`` in each; returns once every ``main`` has returned (the
+    shards' loops then run until stopped). The options are ``run``'s.
+    Signals are the caller's business here (``run`` handles them).
+    """
+    return _launch(_group(main, n, cpus, **options))
+
+
 def run(main: Callable[[Any], Any], n: int | None = None, cpus: Sequence[int] | None = None,
         **options: Any) -> list[int | None]:
     """Run ``main(shard)`` in ``n`` processes, one per CPU, and return their
-    exit statuses once all have exited.
+    exit statuses once all have exited (negative: killed by that signal).
 
     ``cpus``: the CPUs to use (default: the affinity mask), placed node by
     node. ``listen={"name": (backend, address)}``: a listener every shard
@@ -370,10 +401,11 @@ def run(main: Callable[[Any], Any], n: int | None = None, cpus: Sequence[int] | 
     failed shard stops the others. ``ring_bytes``: the size of each ring
     between two shards (a power of two; payloads up to a quarter of it);
     ``max_backlog``: requests per destination that may wait for room in a
-    full ring. SIGINT and SIGTERM stop every shard cleanly. The remaining
+    full ring. ``bind_memory``: each shard prefers its CPU's NUMA node for
+    its memory. SIGINT and SIGTERM stop every shard cleanly. The remaining
     options go to each shard's ``evpl.Loop``.
     """
-    group = start(main, n, cpus, **options)
+    group = _group(main, n, cpus, **options)
     previous = {}
 
     def stop(signum: int, frame: Any) -> None:
@@ -382,6 +414,7 @@ def run(main: Callable[[Any], Any], n: int | None = None, cpus: Sequence[int] | 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, stop)
     try:
+        _launch(group)
         return group.wait()
     finally:
         for sig, handler in previous.items():

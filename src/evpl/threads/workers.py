@@ -174,6 +174,16 @@ _default: WorkerPool | None = None
 _parked: dict[tuple[int, int], _Parked] = {}
 
 
+def _forget_after_fork() -> None:
+    """A forked child (a shard) has none of its parent's worker threads."""
+    global _default
+    _default = None
+    _parked.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def default_workers() -> WorkerPool:
     """The process-wide WorkerPool ``Loop.offload`` uses unless given one
     (made on first use: one worker per CPU, 1024 queued jobs)."""
