@@ -208,6 +208,15 @@ def test_shard_killed_mid_traffic(tmp_path):
     assert r["alive"] is False
 
 
+def test_stop_group():
+    """One shard ends the whole group; the others exit cleanly."""
+    def main(shard):
+        if shard.id == 2:
+            shard.loop.call_later(0, shard.stop_group)
+
+    assert shards.run(main, 3) == [0, 0, 0]
+
+
 def test_main_raises_stops_the_others(tmp_path):
     def main(shard):
         if shard.id == 1:

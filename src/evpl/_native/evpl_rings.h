@@ -39,8 +39,9 @@ typedef struct {
     uint64_t magic;
     uint64_t ring_bytes;
     int n;
-    int epoch;                  /* bumped by the parent when a shard comes or goes */
-    char pad[40];
+    int epoch;                  /* bumped when a shard comes or goes, or the group stops */
+    int stop;                   /* a shard asked the whole group to stop */
+    char pad[36];
 } evpl_rings_hdr;
 
 typedef struct {

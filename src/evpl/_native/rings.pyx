@@ -49,6 +49,7 @@ cdef extern from "evpl_rings.h" nogil:
         uint64_t ring_bytes
         int n
         int epoch
+        int stop
     ctypedef struct evpl_rec:
         uint32_t len
         uint32_t kind
@@ -144,6 +145,11 @@ cdef class RingSet:
     @property
     def epoch(self) -> int:
         return evpl_load(&(<evpl_rings_hdr*>self.base).epoch)
+
+    @property
+    def stop_requested(self) -> bool:
+        """A shard asked the whole group to stop (``Shard.stop_group``)."""
+        return bool(evpl_load(&(<evpl_rings_hdr*>self.base).stop))
 
     def bump_epoch(self) -> None:
         """A shard came or went: every shard's driver looks at the states."""
@@ -305,6 +311,18 @@ cdef class ShardRings(Driver):
     cdef inline void _mark(self, int dst):
         self.dirty[dst] = True
         self.ndirty += 1
+
+    def stop_group(self) -> None:
+        """Ask every shard of the group to stop: set the flag, bump the
+        epoch and wake them all."""
+        cdef int i
+        cdef uint64_t one = 1
+        evpl_store(&(<evpl_rings_hdr*>self.rs.base).stop, 1)
+        evpl_add(&(<evpl_rings_hdr*>self.rs.base).epoch, 1)
+        for i in range(self.ctx.n):
+            if i != self.me:
+                evpl_store(&evpl_rings_ctl(self.rs.base, i).rung, 1)
+                c_write(self.efds[i], &one, 8)
 
     cdef void _wake(self, int i) noexcept:
         """Shard i may be asleep: write its eventfd, once until it reads it."""

@@ -225,8 +225,10 @@ class Shard:
                 f"shard {src} failed the request: {bytes(payload).decode(errors='replace')}"))
 
     def _change(self) -> None:
-        """The parent reported a shard that came or went."""
+        """A shard came or went (the parent says), or the group stops."""
         rs = self._rs
+        if rs.stop_requested:
+            self.stop()
         for k in range(self.count):
             if k == self.id:
                 continue
@@ -279,6 +281,12 @@ class Shard:
         """Stop this shard's loop: its process exits with status 0."""
         self.stopping = True
         self.loop.stop()
+
+    def stop_group(self) -> None:
+        """Stop every shard of the group, this one included (each exits
+        with status 0 after its current loop iteration)."""
+        self._rings.stop_group()
+        self.stop()
 
     def __repr__(self) -> str:
         return f"<evpl.Shard {self.id}/{self.count} cpu={self.cpu}>"

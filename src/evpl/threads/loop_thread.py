@@ -47,6 +47,9 @@ class LoopThread:
     bounds the cross-thread call queue (``evpl.Busy`` beyond it).
     ``loop_options`` go to ``evpl.Loop`` (``spin_ns``, ``poll_mode``,
     ``pool``...); without ``pool`` the thread makes a Pool of its own.
+    Unlike a Loop, a LoopThread does not spin by default (``spin_ns=0``):
+    threads share the GIL and the CPUs, and a thread that polls takes a
+    CPU from the threads that run Python (docs/cores.md).
 
     Threads share the GIL: a LoopThread gives parallel waiting (many loops
     block in the kernel at once) and a place for blocking work, not parallel
@@ -59,6 +62,8 @@ class LoopThread:
             check_cpu(cpu)
         if not isinstance(queue_size, int) or queue_size < 1:
             raise ConfigError(f"queue_size must be a positive int, got {queue_size!r}")
+        if "poll_mode" not in loop_options:
+            loop_options.setdefault("spin_ns", 0)
         Loop(**{k: v for k, v in loop_options.items() if k != "pool"}).close()   # check options now
         self.name = name or f"evpl-loop-{id(self):x}"
         self.cpu = cpu
