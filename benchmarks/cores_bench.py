@@ -234,7 +234,7 @@ def bench_offload(opts: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- rings
-def _evpl_rings(mode: str, n_msgs: int, n_rt: int, out: Any) -> None:
+def _evpl_rings(mode: str, batched: bool, n_msgs: int, n_rt: int, out: Any) -> None:
     def main(shard: Any) -> None:
         loop = shard.loop
         if shard.id == 1:
@@ -244,7 +244,15 @@ def _evpl_rings(mode: str, n_msgs: int, n_rt: int, out: Any) -> None:
                 got[0] += 1
                 if got[0] == n_msgs:
                     shard.send_to(0, b"done")
-            shard.on_message = on_message
+
+            def on_messages(src: int, batch: list[bytes]) -> None:
+                got[0] += len(batch)
+                if got[0] == n_msgs:
+                    shard.send_to(0, b"done")
+            if batched:
+                shard.on_messages = on_messages
+            else:
+                shard.on_message = on_message
             shard.on_request = lambda src, p: p
             return
         finished = []
@@ -252,6 +260,13 @@ def _evpl_rings(mode: str, n_msgs: int, n_rt: int, out: Any) -> None:
         send = shard.send_to
         t = time.perf_counter()
         sent = 0
+        if batched:
+            chunk = [PAYLOAD] * 256
+            while sent < n_msgs:
+                n = shard.send_many(1, chunk if n_msgs - sent >= 256 else chunk[:n_msgs - sent])
+                sent += n
+                if n < 256:
+                    loop.run_once(0)
         while sent < n_msgs:
             try:
                 send(1, PAYLOAD)
@@ -279,11 +294,11 @@ def _evpl_rings(mode: str, n_msgs: int, n_rt: int, out: Any) -> None:
         raise RuntimeError(f"shards exited with {statuses}")
 
 
-def evpl_rings(mode: str, n_msgs: int, n_rt: int) -> dict[str, float]:
+def evpl_rings(mode: str, n_msgs: int, n_rt: int, batched: bool = False) -> dict[str, float]:
     r, w = os.pipe()
     # from a child process: this one may have threads, and shards fork
     p = multiprocessing.get_context("fork").Process(target=_evpl_rings,
-                                                    args=(mode, n_msgs, n_rt, w))
+                                                    args=(mode, batched, n_msgs, n_rt, w))
     p.start()
     p.join()
     os.close(w)
@@ -408,6 +423,8 @@ def bench_rings(opts: argparse.Namespace) -> list[dict[str, Any]]:
     stacks: dict[str, Callable[[], dict[str, float]]] = {
         "evpl shards, event mode": lambda: evpl_rings("event", n_msgs, n_rt),
         "evpl shards, poll mode": lambda: evpl_rings("always", n_msgs, n_rt),
+        "evpl shards, poll, send_many/on_messages":
+            lambda: evpl_rings("always", n_msgs, n_rt, True),
         "multiprocessing.Pipe": lambda: mp_pipe(n_msgs, n_rt),
         "multiprocessing.Queue": lambda: mp_queue(n_msgs, n_rt),
         "pyzmq ipc:// PAIR": lambda: zmq_ipc(n_msgs, n_rt),

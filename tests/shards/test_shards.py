@@ -208,6 +208,33 @@ def test_shard_killed_mid_traffic(tmp_path):
     assert r["alive"] is False
 
 
+def test_batched_messages(tmp_path):
+    """send_many and on_messages: the batch API carries every message once,
+    in order, through a ring much smaller than the traffic."""
+    path = str(tmp_path)
+    N = 50_000
+
+    def main(shard):
+        if shard.id == 1:
+            got = []
+            shard.on_messages = lambda src, batch: got.extend(batch)
+            shard.loop.run_until(lambda: len(got) == N, timeout=TIMEOUT * 3)
+            ok = got == [b"%d" % i for i in range(N)]
+            _finish(shard, path, ok=ok)
+            return
+        payloads = [b"%d" % i for i in range(N)]
+        sent = 0
+        while sent < N:
+            n = shard.send_many(1, payloads[sent:sent + 1000])
+            sent += n
+            if n == 0:
+                shard.loop.run_once(0)
+        _finish(shard, path, sent=sent)
+
+    assert shards.run(main, 2, ring_bytes=8192) == [0, 0]
+    assert _read(path, 1)["ok"] is True and _read(path, 0)["sent"] == N
+
+
 def test_stop_group():
     """One shard ends the whole group; the others exit cleanly."""
     def main(shard):

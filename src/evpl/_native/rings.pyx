@@ -228,6 +228,7 @@ cdef class ShardRings(Driver):
     cdef uint64_t size
     cdef uint32_t max_payload
     cdef public object on_message
+    cdef public object on_messages   # if set: one call per ring batch of one-way messages
     cdef public object on_request
     cdef public object on_reply
     cdef public object on_change
@@ -308,6 +309,41 @@ cdef class ShardRings(Driver):
             self._mark(dst)
         return True
 
+    def send_many(self, int dst, int kind, payloads, Py_ssize_t start=0) -> int:
+        """Copy ``payloads[start:]`` into shard ``dst``'s ring, one record
+        each, until it is full; returns how many were written."""
+        cdef Py_buffer view
+        cdef int ok
+        cdef Py_ssize_t i, n
+        cdef evpl_ring_hdr* r
+        cdef list items = payloads if type(payloads) is list else list(payloads)
+        if not 0 <= dst < self.ctx.n or dst == self.me:
+            raise ValueError(f"no other shard {dst} (this is shard {self.me} of {self.ctx.n})")
+        r = self.tx[dst]
+        n = len(items)
+        i = start
+        while i < n:
+            PyObject_GetBuffer(items[i], &view, PyBUF_SIMPLE)
+            try:
+                if <size_t>view.len > self.max_payload:
+                    raise ValueError(f"payload of {view.len} bytes is larger than a quarter "
+                                     f"of the ring ({self.max_payload} bytes)")
+                ok = evpl_ring_put(r, self.size, kind, 0, view.buf, <uint32_t>view.len)
+                if not ok:
+                    evpl_store(&r.want_room, 1)
+                    evpl_fence()
+                    ok = evpl_ring_put(r, self.size, kind, 0, view.buf, <uint32_t>view.len)
+            finally:
+                PyBuffer_Release(&view)
+            if not ok:
+                self.stat_full += 1
+                break
+            i += 1
+        self.stat_sent += i - start
+        if i > start and not self.dirty[dst]:
+            self._mark(dst)
+        return i - start
+
     cdef inline void _mark(self, int dst):
         self.dirty[dst] = True
         self.ndirty += 1
@@ -354,6 +390,8 @@ cdef class ShardRings(Driver):
         cdef evpl_shard_ctl* peer
         cdef bytes data
         cdef uint32_t kind
+        cdef list batch = None
+        cdef object on_messages = self.on_messages
         cdef int epoch = evpl_load(self.ctx.epoch)
         if evpl_xchg(&self.ctx.ctl.room, 0):
             self._room()
@@ -375,14 +413,26 @@ cdef class ShardRings(Driver):
                     kind = h.kind
                     total += 1
                     if kind & 0xff == KM_MESSAGE:
-                        self.on_message(i, pickle.loads(data) if kind & KM_PICKLED else data)
-                    elif kind & 0xff == KM_REQUEST:
+                        if on_messages is not None:
+                            if batch is None:
+                                batch = []
+                            batch.append(pickle.loads(data) if kind & KM_PICKLED else data)
+                        else:
+                            self.on_message(i, pickle.loads(data) if kind & KM_PICKLED else data)
+                        continue
+                    if batch:           # keep the order of messages and requests
+                        on_messages(i, batch)
+                        batch = None
+                    if kind & 0xff == KM_REQUEST:
                         self.on_request(i, h.id, data, bool(kind & KM_PICKLED))
                     elif kind & 0xff == KM_REPLY:
                         self.on_reply(i, h.id, True,
                                       pickle.loads(data) if kind & KM_PICKLED else data)
                     elif kind & 0xff == KM_ERROR:
                         self.on_reply(i, h.id, False, data)
+                if batch:
+                    on_messages(i, batch)
+                    batch = None
             finally:
                 # everything up to pos is consumed, even if a handler raised
                 evpl_store_u64(&r.head, pos)

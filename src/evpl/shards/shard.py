@@ -130,6 +130,30 @@ class Shard:
         if self._backlog[k] or not self._rings.send(k, kind, 0, payload):
             raise Busy(f"the ring to shard {k} is full")
 
+    def send_many(self, k: int, payloads: Any, *, pickle: bool = False) -> int:
+        """One-way messages to shard ``k``, as many of ``payloads`` (a list)
+        as its ring takes now, in one native call; returns how many were
+        sent (the caller keeps the rest and retries, e.g. on the next loop
+        iteration). Raises ``ShardError`` if ``k`` is gone."""
+        self._check(k)
+        kind = _rings.K_MESSAGE
+        if pickle:
+            payloads, kind = [_dumps(p) for p in payloads], kind | _rings.K_PICKLED
+        if self._backlog[k]:
+            return 0
+        return self._rings.send_many(k, kind, payloads)
+
+    @property
+    def on_messages(self) -> Callable[[int, list[Any]], Any] | None:
+        """``fn(src, payloads)``: every one-way message of one ring batch
+        from shard ``src`` in one call (instead of ``on_message`` per
+        message), as a handler's ``on_messages`` does for a Bind."""
+        return self._rings.on_messages
+
+    @on_messages.setter
+    def on_messages(self, fn: Callable[[int, list[Any]], Any] | None) -> None:
+        self._rings.on_messages = fn
+
     def submit_to(self, k: int, payload: Any, *, pickle: bool = False) -> ShardFuture:
         """Send a request to shard ``k``; the future gets the reply of its
         ``on_request``. A full ring delays the request (up to

@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from evpl import numa
 from evpl._native.framing import Framer
 from evpl.core import backends as _backends
 from evpl.core.handler import Handler
@@ -174,7 +175,7 @@ def _counted(inner: Handler, lt: LoopThread) -> _Counted:
 
 class ThreadPool:
     """``n`` LoopThreads (default: one per CPU this process may use), pinned
-    to ``cpus`` if given (one CPU per thread, reused round robin); the
+    to ``cpus`` if given (placed node by node, reused round robin); the
     ``loop_options`` go to every Loop. Start with ``start()`` or ``with``.
 
     The GIL lets one thread run Python at a time: a pool spreads waiting and
@@ -190,8 +191,9 @@ class ThreadPool:
             n = len(cpus) if cpus else len(os.sched_getaffinity(0))
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"n must be a positive int, got {n!r}")
-        self.threads = [LoopThread(name=f"evpl-pool-{i}", cpu=cpus[i % len(cpus)] if cpus else None,
-                                   **loop_options) for i in range(n)]
+        placed = numa.placement(n, cpus) if cpus else [None] * n     # node by node
+        self.threads = [LoopThread(name=f"evpl-pool-{i}", cpu=placed[i], **loop_options)
+                        for i in range(n)]
         self._listeners: list[PoolListener] = []
         self._started = False
 
