@@ -13,7 +13,7 @@ import struct
 import threading
 
 import pytest
-from core.helpers import STREAM_BACKENDS, TIMEOUT, backend_info
+from core.helpers import STREAM_BACKENDS, TIMEOUT, backend_info, check_pool
 
 import evpl
 from evpl.threads import LoopThread, ThreadPool, WorkerPool
@@ -224,6 +224,59 @@ def test_pool_echo_across_loops(backend, mode, tmp_path, no_leaks):
         per_loop = li.accepted
         assert sum(per_loop) == 24
         assert all(n > 0 for n in per_loop), per_loop     # both loops served connections
+    for lt in pool.threads:                                 # stopped: loops closed
+        check_pool(lt.loop.pool)
+
+
+class Flood(evpl.Handler):
+    """Sends TOTAL bytes as fast as the send queue allows, pausing on
+    on_paused and going on at on_writable; then finishes."""
+    TOTAL = 16 << 20
+    CHUNK = bytes(64 << 10)
+    paused = threading.Event()
+
+    def on_connected(self, bind):
+        self.sent = 0
+        self.pauses = 0
+        self.push(bind)
+
+    def push(self, bind):
+        while self.sent < self.TOTAL and not bind.paused:
+            bind.send(self.CHUNK)
+            self.sent += len(self.CHUNK)
+        if self.sent >= self.TOTAL:
+            bind.finish()
+
+    def on_paused(self, bind):
+        self.pauses += 1
+        Flood.paused.set()
+
+    def on_writable(self, bind):
+        self.push(bind)
+
+
+@pytest.mark.parametrize("backend", STREAM_BACKENDS)
+def test_pool_backpressure(backend, tmp_path, no_leaks):
+    """A client that does not read: the loop's send queue pauses the handler
+    (on_paused); once the client reads, every byte arrives, in full."""
+    Flood.paused = threading.Event()
+    with ThreadPool(2) as pool:
+        li = pool.listen(backend, _address(backend, tmp_path), Flood, mode="acceptor",
+                         high_water=256 << 10)
+        s = socket.socket(_family(backend))
+        s.settimeout(TIMEOUT)
+        s.connect(li.address)
+        assert Flood.paused.wait(TIMEOUT)   # nothing read yet: the queue filled up
+        got = 0
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            got += len(data)
+        s.close()
+        assert got == Flood.TOTAL
+    for lt in pool.threads:
+        check_pool(lt.loop.pool)
 
 
 def test_reuseport_spreads_over_loops(no_leaks):
