@@ -100,6 +100,8 @@ class LoopThread:
             loop = Loop(**options)
             self._queue = call_queue(loop, self._queue_size)
             self._loop = loop
+            # one-way calls go straight to the native queue: no Python frame
+            self.call_soon = self._queue.call_soon  # type: ignore[method-assign]
         except BaseException as exc:
             self._error = exc
             _log.exception("%s: the loop could not be created", self.name)
