@@ -264,7 +264,12 @@ def test_restart(tmp_path):
             open(marker, "w").close()
             os._exit(7)
         if shard.id == 1:
-            _report(path, shard, restarted=True)
+            # the restarted shard reaches shard 0, which took it back
+            fut = shard.submit_to(0, b"ping")
+            shard.loop.run_until(fut.done, timeout=TIMEOUT)
+            _report(path, shard, restarted=True, reply=fut.result().decode())
+        else:
+            shard.on_request = lambda src, p: b"pong"
 
     group = shards.start(main, 2, restart=True, max_restarts=2)
     # the restarted shard reports once its main ran
@@ -273,7 +278,7 @@ def test_restart(tmp_path):
     group.stop()
     assert group.wait(TIMEOUT) == [0, 0]
     assert group.failed == [(1, 7)] and group.restarts == [0, 1]
-    assert _read(path, 1)["restarted"] is True
+    assert _read(path, 1) == {"restarted": True, "reply": "pong"}
 
 
 class WhoAmI(evpl.Handler):

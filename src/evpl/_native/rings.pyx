@@ -164,8 +164,8 @@ cdef class RingSet:
         cdef evpl_shard_ctl* c = evpl_rings_ctl(self.base, i)
         if pid:
             c.pid = pid
-        if state == RUNNING:
-            c.generation += 1
+        if state == STARTING:
+            c.generation += 1       # a new process: the others take it back
         evpl_store(&c.state, state)
 
     def generation(self, int i) -> int:

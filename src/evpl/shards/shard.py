@@ -177,8 +177,8 @@ class Shard:
         return fut
 
     def _send_reply(self, k: int, kind: int, rid: int, payload: Any) -> None:
-        if k in self._down:
-            return
+        if k in self._down and self._rs.state(k) == _rings.GONE:
+            return              # (a restarted shard may ask before we saw it come back)
         backlog = self._backlog[k]
         if backlog or not self._rings.send(k, kind, rid, payload):
             backlog.append((kind, rid, bytes(payload)))
