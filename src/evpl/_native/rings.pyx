@@ -22,7 +22,7 @@ from posix.unistd cimport read as c_read, write as c_write
 from evpl._native.loop cimport Driver, LoopCore
 from evpl._native.sys cimport epoll_event, epoll_ctl, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN
 
-import pickle
+import pickle as _pickle
 
 from evpl.errors import Busy, ConfigError, ShardError
 
@@ -223,6 +223,8 @@ cdef class ShardRings(Driver):
     cdef evpl_ring_hdr* tx[MAX_SHARDS]
     cdef int efds[MAX_SHARDS]
     cdef bint dirty[MAX_SHARDS]
+    cdef bint down[MAX_SHARDS]          # gone, as far as this shard knows
+    cdef bint backlogged[MAX_SHARDS]    # requests or replies wait for room (Python side)
     cdef int ndirty
     cdef readonly int me
     cdef uint64_t size
@@ -253,6 +255,8 @@ cdef class ShardRings(Driver):
         for i in range(rs.n):
             self.efds[i] = efds[i]
             self.dirty[i] = False
+            self.down[i] = False
+            self.backlogged[i] = False
             if i == me:
                 self.ctx.rx[i] = NULL
                 self.tx[i] = NULL
@@ -308,6 +312,33 @@ cdef class ShardRings(Driver):
         if not self.dirty[dst]:
             self._mark(dst)
         return True
+
+    def set_down(self, int k, bint down) -> None:
+        self._check(k)
+        self.down[k] = down
+
+    def set_backlogged(self, int k, bint backlogged) -> None:
+        self._check(k)
+        self.backlogged[k] = backlogged
+
+    cdef int _check(self, int k) except -1:
+        if not 0 <= k < self.ctx.n or k == self.me:
+            raise ValueError(f"no other shard {k} (this is shard {self.me} of {self.ctx.n})")
+        return 0
+
+    def send_to(self, int dst, payload, *, bint pickle=False) -> None:
+        """``Shard.send_to``: one message to shard ``dst``, or ``Busy`` if
+        its ring is full (or requests to it wait for room: order is kept),
+        ``ShardError`` if it is gone."""
+        cdef int kind = KM_MESSAGE
+        self._check(dst)
+        if self.down[dst]:
+            raise ShardError(f"shard {dst} is gone")
+        if pickle:
+            payload = _pickle.dumps(payload, protocol=_pickle.HIGHEST_PROTOCOL)
+            kind |= KM_PICKLED
+        if self.backlogged[dst] or not self.send(dst, kind, 0, payload):
+            raise Busy(f"the ring to shard {dst} is full")
 
     def send_many(self, int dst, int kind, payloads, Py_ssize_t start=0) -> int:
         """Copy ``payloads[start:]`` into shard ``dst``'s ring, one record
@@ -416,9 +447,9 @@ cdef class ShardRings(Driver):
                         if on_messages is not None:
                             if batch is None:
                                 batch = []
-                            batch.append(pickle.loads(data) if kind & KM_PICKLED else data)
+                            batch.append(_pickle.loads(data) if kind & KM_PICKLED else data)
                         else:
-                            self.on_message(i, pickle.loads(data) if kind & KM_PICKLED else data)
+                            self.on_message(i, _pickle.loads(data) if kind & KM_PICKLED else data)
                         continue
                     if batch:           # keep the order of messages and requests
                         on_messages(i, batch)
@@ -427,7 +458,7 @@ cdef class ShardRings(Driver):
                         self.on_request(i, h.id, data, bool(kind & KM_PICKLED))
                     elif kind & 0xff == KM_REPLY:
                         self.on_reply(i, h.id, True,
-                                      pickle.loads(data) if kind & KM_PICKLED else data)
+                                      _pickle.loads(data) if kind & KM_PICKLED else data)
                     elif kind & 0xff == KM_ERROR:
                         self.on_reply(i, h.id, False, data)
                 if batch:

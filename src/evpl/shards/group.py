@@ -201,6 +201,9 @@ class ShardGroup:
         if self._ready_w >= 0:          # (a restarted shard has nobody waiting)
             os.write(self._ready_w, bytes([i]))
         if not shard.stopping:
+            # run() clears a stop() that came before it: a SIGTERM handled
+            # between this check and run() is seen by this deferred call
+            loop.defer(lambda: shard.stopping and loop.stop())
             loop.run()
         loop.close()
         return 0

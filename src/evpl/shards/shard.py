@@ -109,6 +109,8 @@ class Shard:
         rings.on_reply = self._reply
         rings.on_change = self._change
         rings.on_room_cb = self._room
+        # one-way messages go straight to the native send: no Python frame
+        self.send_to = rings.send_to  # type: ignore[method-assign]
         self._change()
 
     # ---- sending --------------------------------------------------------
@@ -122,13 +124,9 @@ class Shard:
     def send_to(self, k: int, payload: Any, *, pickle: bool = False) -> None:
         """One-way message to shard ``k`` (its ``on_message``). Raises
         ``evpl.Busy`` if the ring to ``k`` is full, ``ShardError`` if ``k``
-        is gone."""
-        self._check(k)
-        kind = _rings.K_MESSAGE
-        if pickle:
-            payload, kind = _dumps(payload), kind | _rings.K_PICKLED
-        if self._backlog[k] or not self._rings.send(k, kind, 0, payload):
-            raise Busy(f"the ring to shard {k} is full")
+        is gone. (A started Shard replaces this method with the native one
+        it describes: no Python frame per message.)"""
+        self._rings.send_to(k, payload, pickle=pickle)
 
     def send_many(self, k: int, payloads: Any, *, pickle: bool = False) -> int:
         """One-way messages to shard ``k``, as many of ``payloads`` (a list)
@@ -171,7 +169,10 @@ class Shard:
                 raise Busy(f"{len(backlog)} requests to shard {k} wait for room in its ring")
             backlog.append((kind, rid, bytes(payload)))
         elif not self._rings.send(k, kind, rid, payload):
+            if self._max_backlog == 0:
+                raise Busy(f"the ring to shard {k} is full")
             backlog.append((kind, rid, bytes(payload)))
+            self._rings.set_backlogged(k, True)
         fut = ShardFuture()
         self._pending[rid] = (k, fut)
         return fut
@@ -182,16 +183,21 @@ class Shard:
         backlog = self._backlog[k]
         if backlog or not self._rings.send(k, kind, rid, payload):
             backlog.append((kind, rid, bytes(payload)))
+            self._rings.set_backlogged(k, True)
 
     def _room(self) -> None:
         """A ring we wait on has room: send what waits, in order."""
         for k, backlog in enumerate(self._backlog):
             send = self._rings.send
+            if not backlog:
+                continue
             while backlog:
                 kind, rid, payload = backlog[0]
                 if not send(k, kind, rid, payload):
                     break
                 backlog.popleft()
+            if not backlog:
+                self._rings.set_backlogged(k, False)
 
     # ---- receiving --------------------------------------------------------
 
@@ -260,7 +266,9 @@ class Shard:
             generation = rs.generation(k)
             if gone and k not in self._down:
                 self._down.add(k)
+                self._rings.set_down(k, True)
                 self._backlog[k].clear()
+                self._rings.set_backlogged(k, False)
                 error = ShardError(f"shard {k} is gone")
                 for rid, (dst, fut) in list(self._pending.items()):
                     if dst == k:
@@ -268,6 +276,7 @@ class Shard:
                         fut._finish(False, error)
             elif not gone and k in self._down and generation != self._generation[k]:
                 self._down.discard(k)           # restarted
+                self._rings.set_down(k, False)
             self._generation[k] = generation
 
     # ---- the rest -------------------------------------------------------
