@@ -335,8 +335,10 @@ def test_steering_to_the_cpu_that_received():
 def test_sigterm_to_the_parent(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "run_shards.py")
     proc = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
     try:
-        pids = [int(proc.stdout.readline().split()[1]) for _ in range(2)]
+        for _ in range(2):
+            pids.append(int(proc.stdout.readline().split()[1]))
         proc.send_signal(signal.SIGTERM)
         out = proc.stdout.read()
         assert proc.wait(TIMEOUT) == 0
@@ -344,6 +346,9 @@ def test_sigterm_to_the_parent(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pid in pids:            # a failed run leaves no shard behind either
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
     assert "statuses [0, 0]" in out
     assert all(_gone(p) for p in pids)
 
