@@ -63,6 +63,7 @@ XDP_MACROS, XDP_LIBS, XDP_INCLUDES = _libxdp()
 # queue, the loop core, the Bind/Listener bases, then one per I/O mechanism
 MODULES = ["buffers", "framing", "txqueue", "loop", "bind", "epoll", "uring"]
 MODULES += ["xdp"]
+MODULES += ["mpsc", "rings"]    # cross-thread calls; shared-memory rings between shards
 
 
 def ext(name: str) -> Extension:

@@ -298,6 +298,20 @@ class Loop(LoopCore):
         return _backends.native(info.name).datagram(self, sock.detach(), info.name, h, limits,
                                                     gso and sock.family != socket.AF_UNIX)
 
+    def offload(self, fn: Callable[..., Any], *args: Any, workers: Any = None,
+                on_full: Literal["raise", "pause"] = "raise",
+                bind: Bind | None = None) -> Any:
+        """Run ``fn(*args)`` on a worker thread (``workers``, an
+        ``evpl.threads.WorkerPool``; default: the process-wide one) and
+        return a ``concurrent.futures.Future`` that this loop completes on
+        its own thread: its done callbacks run here and may use Binds.
+        When the pool's queue is full, ``on_full="raise"`` raises
+        ``evpl.Busy``; ``"pause"`` accepts the job, pauses reading on
+        ``bind`` and resumes it when the job got into the queue (see
+        docs/cores.md)."""
+        from evpl.threads.workers import offload
+        return offload(self, fn, *args, workers=workers, on_full=on_full, bind=bind)
+
     def __enter__(self) -> Loop:
         return self
 
