@@ -25,7 +25,7 @@ from evpl.zmtp.wire import (
     Command,
     decode_metadata,
     encode_command,
-    encode_message,
+    encode_frame,
     encode_metadata,
     ready,
     z85_decode,
@@ -330,8 +330,8 @@ class Curve(Mechanism):
     # -- traffic
     def encode_frames(self, frames: Sequence[Any], command: bool = False) -> Any:
         """An outgoing message's wire form: each frame boxed in a MESSAGE
-        (flags byte inside the box: MORE, COMMAND), sent as data frames with
-        the message's MORE bits, as libzmq does."""
+        (flags byte inside the box: MORE, COMMAND), each sent as a frame of
+        its own without flags, as libzmq does."""
         bodies = []
         last = len(frames) - 1
         afternm = self._nb.crypto_box_afternm
@@ -341,7 +341,7 @@ class Curve(Mechanism):
             flags = (1 if i < last else 0) | (2 if command else 0)
             bodies.append(b"\x07MESSAGE" + short
                           + afternm(bytes((flags,)) + bytes(f), prefix + short, self._shared))
-        return encode_message(bodies)
+        return b"".join(encode_frame(b) for b in bodies)
 
     def decode_frame(self, data: bytes) -> tuple[int, bytes]:
         """Open one MESSAGE command's data: ``(flags, frame)``."""

@@ -271,16 +271,21 @@ class _Peer(evpl.Handler):
         return len(self.out) >= self.sock._hwm_out
 
     # -- sending
-    def put(self, wire_: Any) -> None:
-        """Queue one encoded message (the caller checked ``full``)."""
+    def put(self, frames: Sequence[Any], wire_: Any = None) -> None:
+        """Send one message now, or queue its frames (the caller checked
+        ``full``); they are encoded when they leave, so a message queued
+        before a CURVE handshake is boxed like the rest. ``wire_``: its
+        encoding when the caller has it (PUB encodes once for all peers)."""
         b = self.bind
         if self.state == 2 and b is not None and not b.paused and not self.out:
+            if wire_ is None:
+                wire_ = self.encode(frames)
             if type(wire_) is bytes:
                 b.send(wire_)
             else:
                 b.sendv(wire_)
         else:
-            self.out.append(wire_)
+            self.out.append(frames)
 
     def put_now(self, wire_: Any) -> None:
         b = self.bind
@@ -299,7 +304,7 @@ class _Peer(evpl.Handler):
         b = self.bind
         out = self.out
         while out and b is not None and not b.paused and self.state == 2:
-            w = out.popleft()
+            w = self.encode(out.popleft())
             if type(w) is bytes:
                 b.send(w)
             else:
@@ -1119,7 +1124,7 @@ class Socket:
                 self._rr = i + 1
                 p = peers[i]
                 if not p.full():
-                    p.put(p.encode(frames))
+                    p.put(frames)
                     return DONE
             return self._blocked(frames, flags)
         if st == "REQ":
@@ -1160,11 +1165,11 @@ class Socket:
                 if p.full():
                     continue                # PUB drops for a peer at its HWM
                 if p.curve:
-                    p.put(p.encode(frames))
+                    p.put(frames)
                 else:
                     if wire_ is None:
                         wire_ = _nz.encode(frames)
-                    p.put(wire_)
+                    p.put(frames, wire_)
 
     def _send_req(self, frames: Sequence[Any], flags: int) -> Any:
         if self._req_peer is not None:
@@ -1182,7 +1187,7 @@ class Socket:
                     env = [self._req_id.to_bytes(4, "big"), b""]
                 else:
                     env = [b""]
-                p.put(p.encode(env + list(frames)))
+                p.put(env + list(frames))
                 self._req_peer = p
                 return DONE
         return self._blocked(frames, flags)
@@ -1194,7 +1199,7 @@ class Socket:
         self._rep_current = None
         p, env = cur
         if (p.state == 2 or p.connector is not None) and not p.full():
-            p.put(p.encode(env + list(frames)))     # a gone peer's reply is dropped
+            p.put(env + list(frames))     # a gone peer's reply is dropped
         self.loop.defer(self._rep_pump)
         return DONE
 
@@ -1211,7 +1216,7 @@ class Socket:
             if self._opts["router_mandatory"]:
                 raise Again(f"peer {ident!r} is at its high-water mark")
             return DONE
-        p.put(p.encode(frames[1:]))
+        p.put(frames[1:])
         return DONE
 
     def _send_xsub(self, frames: Sequence[Any]) -> None:
@@ -1221,7 +1226,7 @@ class Socket:
             return
         for p in self._peers:
             if p.state == 2 and not p.full():
-                p.put(p.encode(frames))
+                p.put(frames)
 
     def __repr__(self) -> str:
         return (f"<evpl.zmtp.Socket {self.socket_type} peers={len(self._peers)} "
