@@ -12,12 +12,26 @@ import evpl
 TIMEOUT = 15.0 * (10 if os.environ.get("EVPL_SLOW") else 1)
 
 
+POKE: list[Any] = []
+"""pyzmq sockets to poke on every tick: libzmq attaches a new connection
+(and sends a SUB's subscriptions on it) only when the application thread
+touches the socket."""
+
+
+def _poke() -> None:
+    import zmq
+    for z in POKE:
+        if not z.closed:
+            z.getsockopt(zmq.EVENTS)
+
+
 def until(loop: evpl.Loop, pred: Callable[[], Any], timeout: float = TIMEOUT) -> None:
     """Run ``loop`` until ``pred()`` is true. The peer may be libzmq, whose
     progress does not wake the evpl loop: a 2 ms tick re-checks ``pred``
-    (a poll interval, not a synchronisation sleep); evpl.TimeoutError after
+    (a poll interval, not a synchronisation sleep) and lets the pyzmq
+    sockets in ``POKE`` process their commands; evpl.TimeoutError after
     ``timeout``."""
-    tick = loop.call_every(0.002, lambda: None)
+    tick = loop.call_every(0.002, _poke)
     try:
         loop.run_until(pred, timeout)
     finally:
