@@ -12,6 +12,7 @@ def zctx():
     """A pyzmq context; its sockets are dropped at teardown without lingering."""
     from zmtp.zhelpers import POKE
     ctx = zmq.Context()
+    ctx.linger = 0              # a socket closed by the garbage collector must not wait
     yield ctx
     POKE.clear()
     ctx.destroy(linger=0)

@@ -150,6 +150,11 @@ def encode_command(name: str, data: bytes = b"") -> bytes:
 def parse_command(body: bytes | memoryview) -> Command:
     """Decode a command frame's body into its name and data."""
     b = bytes(body)
+    if b[1:5] == b"RROR" and len(b) >= 6 and b[0] != 5 and len(b) == 6 + b[5]:
+        # libzmq 4.3 (at least 4.3.5) sends the ERROR a ZAP refusal causes
+        # without its name-length byte (seen on the wire: "^RROR\x03400"):
+        # read it as the ERROR it is
+        return Command("ERROR", b[5:])
     if not b or len(b) < 1 + b[0] or b[0] == 0:
         raise ProtocolError("malformed command frame (bad name length)")
     try:
