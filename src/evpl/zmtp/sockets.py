@@ -534,6 +534,8 @@ class _Peer(evpl.Handler):
         s = self.sock
         if 0 <= was < 2 and self.failure is None and error is not None and self.connected:
             s._event(Event.HANDSHAKE_FAILED_PROTOCOL, self.endpoint, str(error))
+        if isinstance(error, evpl.TimeoutError) and s._opts["heartbeat_ivl"]:
+            self.failure = f"heartbeat timeout: {error.strerror}"
         if self.connected:
             s._event(Event.DISCONNECTED, self.endpoint, self.failure or
                      (str(error) if error else None))
