@@ -14,10 +14,10 @@ import textwrap
 
 import pytest
 import zmq
-from zmtp.zhelpers import POKE, tobytes, until, zrecv
 
 import evpl
 import evpl.zmtp as ez
+from zmtp.zhelpers import POKE, tobytes, until, zrecv
 
 
 def _zsock(zctx, kind):

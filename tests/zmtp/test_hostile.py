@@ -9,10 +9,10 @@ import socket
 import struct
 
 import pytest
-from zmtp.zhelpers import tobytes, until
 
 import evpl.zmtp as ez
 from evpl.zmtp import wire
+from zmtp.zhelpers import tobytes, until
 
 
 def _serve(loop, stype="PULL", **opts):
@@ -125,7 +125,7 @@ def test_truncated_frame_then_eof(loop):
 def test_command_flood_stays_bounded(loop):
     """100,000 PINGs without reading the PONGs: the connection survives,
     the socket answers only while its send queue has room."""
-    s, raw, got, ev = _after_handshake(loop, b"", sndbuf=4096)
+    s, raw, got, _ev = _after_handshake(loop, b"", sndbuf=4096)
     flood = wire.ping(0, b"ctx") * 100_000
     view = memoryview(flood)
     sent = 0
@@ -195,8 +195,8 @@ def test_zmtp30_peer_gets_subscription_messages(loop):
 
 
 def test_zmtp30_subscriber_to_evpl_pub(loop):
-    s, raw, got, ev = _serve(loop, "PUB")
-    g, rest = _handshake(raw, loop, b"SUB", minor=0)
+    s, raw, _got, _ev = _serve(loop, "PUB")
+    _g, rest = _handshake(raw, loop, b"SUB", minor=0)
     raw.sendall(wire.encode_message([b"\x01ab"]))
     peer = []
     until(loop, lambda: (peer.extend(p for p in s._peers if p.subs.counts) or peer))

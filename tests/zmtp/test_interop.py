@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import zmq
-from zmtp.zhelpers import POKE, tobytes, until
 
 import evpl.zmtp as ez
+from zmtp.zhelpers import POKE, tobytes, until
 
 _n = itertools.count()
 
@@ -88,19 +88,19 @@ def converse(a: Side, b: Side, ta: str, tb: str) -> None:
         elif (ta, tb) == ("REQ", "ROUTER"):
             a.send(q)
             got = b.recv()
-            assert got[1:] == [b""] + q
-            b.send([got[0], b""] + r)
+            assert got[1:] == [b"", *q]
+            b.send([got[0], b"", *r])
             assert a.recv() == r
         elif (ta, tb) == ("DEALER", "REP"):
-            a.send([b""] + q)
+            a.send([b"", *q])
             assert b.recv() == q
             b.send(r)
-            assert a.recv() == [b""] + r
+            assert a.recv() == [b"", *r]
         elif (ta, tb) == ("DEALER", "ROUTER"):
             a.send(q)
             got = b.recv()
             assert got[1:] == q
-            b.send([got[0]] + r)
+            b.send([got[0], *r])
             assert a.recv() == r
         elif (ta, tb) in (("DEALER", "DEALER"), ("PAIR", "PAIR")):
             a.send(q)
@@ -118,7 +118,7 @@ def converse(a: Side, b: Side, ta: str, tb: str) -> None:
                 # the subscription travels while we publish: send until one arrives
                 got: list[list[bytes]] = []
 
-                def published() -> bool:
+                def published(q: list[bytes] = q, got: list[list[bytes]] = got) -> bool:
                     a.send([b"x-filtered", b"no"])
                     a.send(q)
                     try:

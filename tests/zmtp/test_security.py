@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import zmq
-from zmtp.zhelpers import POKE, tobytes, until, zrecv
 
 import evpl.zmtp as ez
+from zmtp.zhelpers import POKE, tobytes, until, zrecv
 
 
 def _events(sock: ez.Socket) -> list[tuple[ez.Event, object]]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from zmtp.zhelpers import tobytes
 
 import evpl
 from evpl._native import zmtp as nz
 from evpl.errors import ProtocolError
 from evpl.zmtp import wire
+from zmtp.zhelpers import tobytes
 
 frames_st = st.lists(st.binary(max_size=600), min_size=1, max_size=6)
 
