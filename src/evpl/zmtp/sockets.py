@@ -624,7 +624,7 @@ class Socket:
             raise ConfigError(f"unknown socket type {socket_type!r}; one of {SOCKET_TYPES}")
         if backend not in ("epoll", "io_uring"):
             raise ConfigError(f"backend must be 'epoll' or 'io_uring', got {backend!r}")
-        object.__setattr__(self, "_opts", {k: v[0] for k, v in _OPTIONS.items()})
+        self._opts = {k: v[0] for k, v in _OPTIONS.items()}
         self.loop = loop
         self.socket_type = st
         self.backend = backend
@@ -655,32 +655,33 @@ class Socket:
         self._rep_delivering = False
         self._hwm_out = 1000
         for k, v in options.items():
-            setattr(self, k, v)
+            self.set(k, v)
 
-    # -- options
-    def __getattr__(self, name: str) -> Any:
-        opts = self.__dict__.get("_opts")
+    # -- options (each is also a property: see _option below)
+    def set(self, name: str, value: Any) -> None:
+        """Set option ``name`` (libzmq's name, lower case; ``identity`` is
+        ``routing_id``, ``hwm`` both HWMs); checked when given."""
         key = _ALIASES.get(name, name)
-        if opts is not None and key in opts:
-            return opts[key]
-        raise AttributeError(f"{type(self).__name__} has no option or attribute {name!r}")
+        if key == "hwm":
+            self.set("sndhwm", value)
+            self.set("rcvhwm", value)
+            return
+        if key not in _OPTIONS:
+            raise ConfigError(f"unknown option {name!r}; one of {sorted(_OPTIONS)}")
+        if isinstance(value, str) and key in ("routing_id", "plain_username", "plain_password"):
+            value = value.encode()
+        if not _OPTIONS[key][1](value):
+            raise ConfigError(f"bad value for option {name}: {value!r}")
+        self._opts[key] = value
+        if key == "sndhwm":
+            self._hwm_out = value or (1 << 62)
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def get(self, name: str) -> Any:
+        """The value of option ``name``."""
         key = _ALIASES.get(name, name)
-        if key in _OPTIONS:
-            if isinstance(value, str) and key in ("routing_id", "plain_username",
-                                                  "plain_password"):
-                value = value.encode()
-            if not _OPTIONS[key][1](value):
-                raise ConfigError(f"bad value for option {name}: {value!r}")
-            self._opts[key] = value
-            if key == "sndhwm":
-                object.__setattr__(self, "_hwm_out", value or (1 << 62))
-            return
-        if name == "hwm":
-            self.sndhwm = self.rcvhwm = value
-            return
-        object.__setattr__(self, name, value)
+        if key not in _OPTIONS:
+            raise ConfigError(f"unknown option {name!r}")
+        return self._opts[key]
 
     @property
     def _mechanism(self) -> tuple[str, bool]:
@@ -1121,6 +1122,19 @@ class Socket:
         if st in ("PUSH", "DEALER", "PAIR"):
             peers = self._peers
             n = len(peers)
+            if n:
+                # the common case, inline: the next peer is up and has room
+                i = self._rr % n
+                p = peers[i]
+                b = p.bind
+                if p.state == 2 and not p.out and not b.paused and not p.curve:
+                    self._rr = i + 1
+                    w = _nz.encode(frames)
+                    if type(w) is bytes:
+                        b.send(w)
+                    else:
+                        b.sendv(w)
+                    return DONE
             for _ in range(n):
                 i = self._rr % n
                 self._rr = i + 1
@@ -1233,6 +1247,22 @@ class Socket:
     def __repr__(self) -> str:
         return (f"<evpl.zmtp.Socket {self.socket_type} peers={len(self._peers)} "
                 f"{'closed' if self.closed else 'open'}>")
+
+
+def _option(name: str) -> property:
+    def fget(self: Socket) -> Any:
+        return self._opts[name]
+
+    def fset(self: Socket, value: Any) -> None:
+        self.set(name, value)
+    return property(fget, fset, doc=f"Socket option {name} (libzmq's ZMQ_{name.upper()}).")
+
+
+for _name in _OPTIONS:
+    setattr(Socket, _name, _option(_name))
+Socket.identity = _option("routing_id")  # type: ignore[attr-defined]
+Socket.hwm = property(lambda self: self._opts["sndhwm"],  # type: ignore[attr-defined]
+                      lambda self, v: self.set("hwm", v), doc="sndhwm and rcvhwm at once")
 
 
 def _close_all(binds: list[evpl.Bind]) -> None:
