@@ -287,3 +287,25 @@ def test_awaitable_recv_and_send(loop, zctx):
     assert asyncio.run(main()) == [b"question"]
     assert zrecv(loop, z) == [b"", b"answer"]
     rep.close()
+
+
+def test_send_messages_batches_keep_round_robin_and_filters(loop, zctx):
+    pulls = [_zsock(zctx, zmq.PULL) for _ in range(2)]
+    push = ez.Socket(loop, "PUSH")
+    for z in pulls:
+        push.connect(f"tcp://127.0.0.1:{z.bind_to_random_port('tcp://127.0.0.1')}")
+    until(loop, lambda: sum(p.ready for p in push._peers) == 2)
+    push.send_messages([[b"%d" % i, b"tail"] for i in range(10)])
+    got = [[zrecv(loop, z)[0] for _ in range(5)] for z in pulls]
+    assert sorted(got) == [[b"0", b"2", b"4", b"6", b"8"], [b"1", b"3", b"5", b"7", b"9"]]
+    push.close()
+
+    pub = ez.Socket(loop, "PUB")
+    ep = pub.bind("tcp://127.0.0.1:0")
+    sub = _zsock(zctx, zmq.SUB)
+    sub.subscribe(b"b")
+    sub.connect(ep)
+    until(loop, lambda: pub._peers and pub._peers[0].subs.counts)
+    pub.send_messages([[b"a1"], [b"b1", b"x"], [b"a2"], [b"b2"]])
+    assert [zrecv(loop, sub), zrecv(loop, sub)] == [[b"b1", b"x"], [b"b2"]]
+    pub.close()

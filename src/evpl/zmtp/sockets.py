@@ -1155,10 +1155,41 @@ class Socket:
         raise StateError(f"a {st} socket does not send")
 
     def send_messages(self, messages: Iterable[Sequence[Any]]) -> None:
-        """Send many messages in one call (PUSH, DEALER, PAIR, PUB, XPUB): the
-        batch counterpart of ``on_messages``. A message no peer can take
-        raises ``Again`` (those before it were sent)."""
-        for m in messages:
+        """Send many messages in one call: the batch counterpart of
+        ``on_messages``. On PUSH, DEALER and PAIR (round-robin kept message
+        by message) and on PUB/XPUB, the messages for one peer are encoded
+        together into one buffer and queued as one entry. A message no peer
+        can take raises ``Again`` (those before it were sent)."""
+        msgs = messages if isinstance(messages, list) else list(messages)
+        st = self.socket_type
+        if st in ("PUSH", "DEALER", "PAIR"):
+            peers = self._peers
+            n = len(peers)
+            ready = [p for p in peers if p.state == 2 and not p.out and not p.curve
+                     and not p.bind.paused]
+            if n and len(ready) == n:
+                start = self._rr % n
+                self._rr = start + len(msgs)
+                for k in range(n):
+                    part = msgs[k::n] if n > 1 else msgs
+                    if part:
+                        peers[(start + k) % n].bind.send(_nz.encode_many(part))
+                return
+        elif st in ("PUB", "XPUB"):
+            for p in self._peers:
+                if p.state != 2 or p.full():
+                    continue                 # PUB drops for a peer at its HWM
+                if p.curve:
+                    for m in msgs:
+                        if p.subs.match(m[0] if type(m[0]) is bytes else bytes(m[0])):
+                            p.put(m)
+                    continue
+                mine = msgs if p.subs.all else [
+                    m for m in msgs if p.subs.match(m[0] if type(m[0]) is bytes else bytes(m[0]))]
+                if mine:
+                    p.bind.send(_nz.encode_many(mine))
+            return
+        for m in msgs:
             self.send_multipart(m, NOBLOCK)
 
     def _blocked(self, frames: Sequence[Any], flags: int) -> Any:
