@@ -69,7 +69,8 @@ def test_native_encode_matches_wire(frames):
     enc = nz.encode(frames)
     data = enc if isinstance(enc, bytes) else b"".join(bytes(p) for p in enc)
     assert data == wire.encode_message(frames)
-    assert nz.encode_one(frames[0]) == wire.encode_frame(frames[0])
+    assert nz.encode_many([frames, [frames[0]]]) == data + wire.encode_frame(frames[0])
+    assert nz.encode(memoryview(frames[0])) == wire.encode_frame(frames[0])
 
 
 def test_native_encode_large_frames_are_not_copied():

@@ -10,9 +10,10 @@ form of an outgoing message in one call, so the per-frame work never runs
 in Python.
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytes cimport (PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE,
+                            PyBytes_CheckExact)
 from cpython.list cimport PyList_GET_SIZE, PyList_GET_ITEM
-from cpython.ref cimport PyObject
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 
@@ -85,117 +86,103 @@ cdef inline size_t _hdr(unsigned char* h, size_t n, unsigned char more) noexcept
     return 9
 
 
+cdef inline Py_ssize_t _size(object f) except -1:
+    """The byte length of one frame (bytes fast, any buffer otherwise)."""
+    cdef Py_buffer pb
+    if PyBytes_CheckExact(f):
+        return PyBytes_GET_SIZE(f)
+    if isinstance(f, str):
+        raise TypeError("ZMTP frames are bytes-like, not str (encode it first)")
+    PyObject_GetBuffer(f, &pb, PyBUF_SIMPLE)
+    n = pb.len
+    PyBuffer_Release(&pb)
+    return n
+
+
+cdef inline size_t _put(char* dst, object f, unsigned char more) except? 0:
+    """Write one frame (header and body) at ``dst``; its wire length."""
+    cdef Py_buffer pb
+    cdef size_t hl, ln
+    if PyBytes_CheckExact(f):
+        ln = <size_t>PyBytes_GET_SIZE(f)
+        hl = _hdr(<unsigned char*>dst, ln, more)
+        if ln:
+            memcpy(dst + hl, PyBytes_AS_STRING(f), ln)
+        return hl + ln
+    PyObject_GetBuffer(f, &pb, PyBUF_SIMPLE)
+    ln = <size_t>pb.len
+    hl = _hdr(<unsigned char*>dst, ln, more)
+    if ln:
+        memcpy(dst + hl, pb.buf, ln)
+    PyBuffer_Release(&pb)
+    return hl + ln
+
+
+cdef inline tuple _as_frames(msg):
+    if isinstance(msg, (bytes, bytearray, memoryview, Buffer)):
+        return (msg,)
+    return tuple(msg)
+
+
 def encode(frames, bint command=False):
     """The wire form of one multipart message (``frames``: a sequence of
     buffer-protocol objects; ``command``: one command frame). A small
     message comes back as one ``bytes``; a large one as a list of pieces
     (headers and the frames themselves, not copied) for ``Bind.sendv``."""
-    cdef Py_ssize_t i, n
+    cdef tuple fr = _as_frames(frames)
+    cdef Py_ssize_t i, n = len(fr), ln
     cdef size_t total = 0, off = 0
-    cdef list views = []
-    cdef list pieces
-    cdef const unsigned char[::1] v
+    cdef unsigned char flag = 4 if command else 0
     cdef unsigned char h[9]
-    cdef unsigned char flag
-    cdef size_t hl, ln
+    cdef size_t hl
     cdef bytes out
     cdef char* dst
-    if isinstance(frames, (bytes, bytearray, memoryview, Buffer)):
-        frames = (frames,)
-    for f in frames:
-        if isinstance(f, str):
-            raise TypeError("ZMTP frames are bytes-like, not str (encode it first)")
-        v = memoryview(f).cast("B") if not isinstance(f, bytes) else f
-        views.append(v)
-        total += <size_t>v.shape[0] + (9 if v.shape[0] >= 256 else 2)
-    n = len(views)
+    cdef list pieces
     if n == 0:
         raise ValueError("a ZMTP message has at least one frame")
     if command and n != 1:
         raise ValueError("a command is one frame")
-    flag = 4 if command else 0
+    for i in range(n):
+        ln = _size(fr[i])
+        total += <size_t>ln + (9 if ln >= 256 else 2)
     if total <= COPY_BELOW:
         out = PyBytes_FromStringAndSize(NULL, total)
         dst = PyBytes_AS_STRING(out)
         for i in range(n):
-            v = views[i]
-            ln = <size_t>v.shape[0]
-            hl = _hdr(<unsigned char*>dst + off, ln, flag | (1 if i < n - 1 else 0))
-            off += hl
-            if ln:
-                memcpy(dst + off, &v[0], ln)
-            off += ln
+            off += _put(dst + off, fr[i], flag | (1 if i < n - 1 else 0))
         return out
     pieces = []
-    i = 0
-    for f in frames:
-        v = views[i]
-        ln = <size_t>v.shape[0]
-        hl = _hdr(h, ln, flag | (1 if i < n - 1 else 0))
+    for i in range(n):
+        f = fr[i]
+        ln = _size(f)
+        hl = _hdr(h, <size_t>ln, flag | (1 if i < n - 1 else 0))
         pieces.append(PyBytes_FromStringAndSize(<char*>h, hl))
         if ln:
             pieces.append(f if isinstance(f, (bytes, Buffer)) else bytes(f))
-        i += 1
     return pieces
-
-
-def encode_one(data, bint more=False):
-    """The wire form of one frame (``encode`` for the single-frame case),
-    always one ``bytes`` up to COPY_BELOW, else ``[header, data]``."""
-    cdef const unsigned char[::1] v = data if isinstance(data, bytes) else memoryview(data).cast("B")
-    cdef size_t ln = <size_t>v.shape[0]
-    cdef unsigned char h[9]
-    cdef size_t hl = _hdr(h, ln, 1 if more else 0)
-    cdef bytes out
-    cdef char* dst
-    if ln + hl <= COPY_BELOW:
-        out = PyBytes_FromStringAndSize(NULL, ln + hl)
-        dst = PyBytes_AS_STRING(out)
-        memcpy(dst, h, hl)
-        if ln:
-            memcpy(dst + hl, &v[0], ln)
-        return out
-    return [PyBytes_FromStringAndSize(<char*>h, hl),
-            data if isinstance(data, (bytes, Buffer)) else bytes(data)]
 
 
 def encode_many(messages):
     """The wire form of many messages (each a sequence of frames) as one
     ``bytes``: the send side of a batch, one Python call and one send-queue
     entry for all of them (every frame is copied once)."""
-    cdef size_t total = 0, off = 0, ln
-    cdef Py_ssize_t i, n
-    cdef list views = []
-    cdef list counts = []
-    cdef const unsigned char[::1] v
+    cdef list msgs = [_as_frames(msg) for msg in messages]
+    cdef size_t total = 0, off = 0
+    cdef Py_ssize_t i, j, m, ln
+    cdef tuple fr
     cdef bytes out
     cdef char* dst
-    cdef Py_ssize_t k = 0, m, j
-    for msg in messages:
-        if isinstance(msg, (bytes, bytearray, memoryview, Buffer)):
-            msg = (msg,)
-        m = 0
-        for f in msg:
-            if isinstance(f, str):
-                raise TypeError("ZMTP frames are bytes-like, not str (encode it first)")
-            v = f if isinstance(f, bytes) else memoryview(f).cast("B")
-            views.append(v)
-            total += <size_t>v.shape[0] + (9 if v.shape[0] >= 256 else 2)
-            m += 1
+    for fr in msgs:
+        m = len(fr)
         if m == 0:
             raise ValueError("a ZMTP message has at least one frame")
-        counts.append(m)
+        for j in range(m):
+            ln = _size(fr[j])
+            total += <size_t>ln + (9 if ln >= 256 else 2)
     out = PyBytes_FromStringAndSize(NULL, total)
     dst = PyBytes_AS_STRING(out)
-    n = len(counts)
-    for i in range(n):
-        m = counts[i]
+    for fr in msgs:
+        m = len(fr)
         for j in range(m):
-            v = views[k]
-            k += 1
-            ln = <size_t>v.shape[0]
-            off += _hdr(<unsigned char*>dst + off, ln, 1 if j < m - 1 else 0)
-            if ln:
-                memcpy(dst + off, &v[0], ln)
-            off += ln
+            off += _put(dst + off, fr[j], 1 if j < m - 1 else 0)
     return out
