@@ -11,7 +11,11 @@ other side on core 1, pinned with taskset):
 
 Every number is the median of ``--repeat`` runs, interleaved (run 1 of every
 stack, then run 2...), and is printed with its ratio to pyzmq (blocking) and
-to libzmq C measured in the same invocation.
+to libzmq C measured in the same invocation, and with the CPU time the
+measuring side (receiver, or REQ client) spent per message: on a machine
+shared with other work the rates follow the CPU share each process gets
+(pyzmq and libzmq run two threads, an evpl process one), the CPU per message
+does not.
 
   flock /tmp/evpl-bench.lock python benchmarks/zmtp_bench.py
   python benchmarks/zmtp_bench.py --scenarios pushpull,reqrep --repeat 5 --duration 3
@@ -46,6 +50,12 @@ def _emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj), flush=True)
 
 
+def _cpu() -> float:
+    """CPU seconds of this process, every thread (user + system)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def role_evpl(role: str, ep: str, size: int, warmup: float, duration: float,
               poll: bool) -> None:
     import evpl
@@ -62,11 +72,13 @@ def role_evpl(role: str, ep: str, size: int, warmup: float, duration: float,
     def begin() -> None:
         state["n"] = 0
         state["t0"] = loop.now()
+        state["cpu"] = _cpu()
         state["counting"] = True
         loop.call_later(duration, finish)
 
     def finish() -> None:
-        _emit({"msgs": state["n"], "secs": loop.now() - state["t0"]})
+        _emit({"msgs": state["n"], "secs": loop.now() - state["t0"],
+               "cpu": _cpu() - state["cpu"]})
         state["done"] = True
         loop.stop()
 
@@ -154,6 +166,7 @@ def role_pyzmq(role: str, ep: str, size: int, warmup: float, duration: float) ->
             recv()
     n = 0
     t0 = time.monotonic()
+    c0 = _cpu()
     t_end = t0 + duration
     while True:
         for _ in range(256):
@@ -163,7 +176,7 @@ def role_pyzmq(role: str, ep: str, size: int, warmup: float, duration: float) ->
         n += 256
         if time.monotonic() >= t_end:
             break
-    _emit({"msgs": n, "secs": time.monotonic() - t0})
+    _emit({"msgs": n, "secs": time.monotonic() - t0, "cpu": _cpu() - c0})
     os._exit(0)
 
 
@@ -201,6 +214,7 @@ def role_pyzmq_asyncio(role: str, ep: str, size: int, warmup: float, duration: f
             await s.recv()
         n = 0
         t0 = time.monotonic()
+        c0 = _cpu()
         t_end = t0 + duration
         while True:
             for _ in range(64):
@@ -210,7 +224,7 @@ def role_pyzmq_asyncio(role: str, ep: str, size: int, warmup: float, duration: f
             n += 64
             if time.monotonic() >= t_end:
                 break
-        _emit({"msgs": n, "secs": time.monotonic() - t0})
+        _emit({"msgs": n, "secs": time.monotonic() - t0, "cpu": _cpu() - c0})
         os._exit(0)
     asyncio.run(main())
 
@@ -263,7 +277,7 @@ def pinned(core: str, cmd: list[str]) -> list[str]:
     return ["taskset", "-c", core, *cmd] if shutil.which("taskset") else cmd
 
 
-def run_once(stack: str, sc: dict[str, Any], opts: argparse.Namespace) -> float:
+def run_once(stack: str, sc: dict[str, Any], opts: argparse.Namespace) -> tuple[float, float]:
     """One measurement: the binding side first, then the others; the
     measuring processes print a JSON line each. Returns the rate (summed over
     the measuring processes)."""
@@ -290,6 +304,7 @@ def run_once(stack: str, sc: dict[str, Any], opts: argparse.Namespace) -> float:
         procs.extend(others)
         measuring = [first] if measure_binds else others
         total = 0.0
+        cpu = msgs = 0.0
         limit = time.monotonic() + opts.warmup + opts.duration + 30
         for p in measuring:
             out = p.stdout.readline()                  # type: ignore[union-attr]
@@ -297,9 +312,11 @@ def run_once(stack: str, sc: dict[str, Any], opts: argparse.Namespace) -> float:
                 raise RuntimeError(f"{stack}: a {sc['measure']} process gave no result")
             r = json.loads(out)
             total += r["msgs"] / r["secs"]
+            cpu += r.get("cpu", 0.0)
+            msgs += r["msgs"]
         if sc["size"] >= 1 << 20:
             total = total * sc["size"] / 1e6
-        return total
+        return total, cpu * 1e6 / max(msgs, 1)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -337,6 +354,7 @@ def main() -> None:
         sys.exit("zmtp_bench needs at least 2 cores (sender and receiver pinned apart)")
     have_c = c_binary() is not None
     results: dict[str, dict[str, list[float]]] = {}
+    cpus: dict[str, dict[str, list[float]]] = {}
     names = [s for s in opts.scenarios.split(",") if s]
     for name in names:
         if name not in SCENARIOS:
@@ -345,10 +363,13 @@ def main() -> None:
         sc = SCENARIOS[name]
         stacks = [s for s in sc["stacks"] if s != "libzmq-c" or have_c]
         results[name] = {s: [] for s in stacks}
+        cpus[name] = {s: [] for s in stacks}
         for rep in range(opts.repeat):
             for st in stacks:
                 try:
-                    results[name][st].append(run_once(st, sc, opts))
+                    rate, us = run_once(st, sc, opts)
+                    results[name][st].append(rate)
+                    cpus[name][st].append(us)
                 except RuntimeError as exc:
                     print(f"  {name}/{st} run {rep + 1} failed: {exc}", file=sys.stderr)
         print(f"\n{name} ({sc['unit']}; median of {opts.repeat}; "
@@ -360,12 +381,14 @@ def main() -> None:
             runs = ", ".join(f"{x:,.0f}" for x in results[name][st])
             r1 = f"{v / base:5.2f}x pyzmq" if base else ""
             r2 = f"{v / cref:5.2f}x libzmq-C" if cref else ""
-            print(f"  {st:14s} {v:14,.0f}   {r1}  {r2}   [{runs}]")
+            us = statistics.median(cpus[name][st])
+            print(f"  {st:14s} {v:14,.0f}   {r1}  {r2}   {us:8.2f} us CPU/msg ({sc['measure']})"
+                  f"   [{runs}]")
         if not have_c:
             print("  libzmq-c: skipped (needs gcc and libzmq3-dev)")
     if opts.json:
         with open(opts.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"rates": results, "cpu_us_per_msg": cpus}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
  *
  * Roles that bind print "ready ENDPOINT" (the endpoint as bound) and those
  * that measure (pull, sub, req) print one JSON line:
- *   {"msgs": N, "secs": T}
+ *   {"msgs": N, "secs": T, "cpu": CPU_SECONDS_OF_THIS_PROCESS}
  * counted from WARMUP_S after their first message for DURATION_S.
  * push, pub and rep run until killed.
  *
@@ -19,6 +19,13 @@
 #include "bench_common.h"
 
 #include <zmq.h>
+
+static double cpu_s(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec
+         + ru.ru_stime.tv_usec * 1e-6;
+}
 
 static double now_s(void) {
     struct timespec ts;
@@ -71,7 +78,7 @@ int main(int argc, char **argv) {
     }
     /* measuring roles: pull, sub, req */
     long long count = 0;
-    double start = 0, end = 0, t;
+    double start = 0, end = 0, t, cpu0 = 0;
     int counting = 0;
     for (;;) {
         if (type == ZMQ_REQ && zmq_send(s, buf, size, 0) < 0)
@@ -89,11 +96,13 @@ int main(int argc, char **argv) {
         } else if ((count++ & 255) == 0 && now_s() >= start) {
             counting = 1;
             count = 0;
+            cpu0 = cpu_s();
             start = now_s();
             end = start + duration;
         }
     }
-    printf("{\"msgs\": %lld, \"secs\": %.6f}\n", count, now_s() - start);
+    printf("{\"msgs\": %lld, \"secs\": %.6f, \"cpu\": %.6f}\n", count, now_s() - start,
+           cpu_s() - cpu0);
     fflush(stdout);
     _exit(0);   /* do not linger on the context */
 }
