@@ -309,3 +309,43 @@ def test_send_messages_batches_keep_round_robin_and_filters(loop, zctx):
     pub.send_messages([[b"a1"], [b"b1", b"x"], [b"a2"], [b"b2"]])
     assert [zrecv(loop, sub), zrecv(loop, sub)] == [[b"b1", b"x"], [b"b2"]]
     pub.close()
+
+
+def test_close_lingers_until_queued_messages_left(loop, zctx):
+    z = _zsock(zctx, zmq.PULL)
+    port = z.bind_to_random_port("tcp://127.0.0.1")
+    push = ez.Socket(loop, "PUSH", sndbuf=64 * 1024)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    until(loop, lambda: push._peers[0].ready)
+    for i in range(500):
+        push.send_multipart([b"%d" % i, b"x" * 1000], ez.NOBLOCK)
+    peer = push._peers[0]
+    assert peer.out                                  # some wait above the engine's queue
+    push.close()                                     # linger -1: all of them still leave
+    assert [zrecv(loop, z)[0] for _ in range(500)] == [b"%d" % i for i in range(500)]
+    until(loop, lambda: peer.bind is None)           # then the connection closed
+
+    dropped = ez.Socket(loop, "PUSH")
+    dropped.connect(f"tcp://127.0.0.1:{port}")
+    until(loop, lambda: dropped._peers[0].ready)
+    dropped.close(linger=0)
+    with pytest.raises(ez.ZMTPError):
+        dropped.send(b"after close")
+
+
+def test_xpub_reports_each_topic_once_unless_verbose(loop, zctx):
+    for verbose in (False, True):
+        xpub = ez.Socket(loop, "XPUB", xpub_verbose=verbose)
+        ep = xpub.bind("tcp://127.0.0.1:0")
+        subs = [_zsock(zctx, zmq.SUB) for _ in range(2)]
+        for z in subs:
+            z.subscribe(b"a")
+            z.connect(ep)
+        seen = []
+        xpub.on_message = lambda m, seen=seen: seen.append(tobytes(m))
+        until(loop, lambda xpub=xpub: sum(len(p.subs) for p in xpub._peers) == 2)
+        assert seen == [[b"\x01a"]] * (2 if verbose else 1)
+        for z in subs:
+            z.close()
+        until(loop, lambda seen=seen: [b"\x00a"] in seen)
+        xpub.close()

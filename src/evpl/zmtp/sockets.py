@@ -310,6 +310,10 @@ class _Peer(evpl.Handler):
             else:
                 b.sendv(w)
         if not out:
+            if self.sock.closed:
+                if b is not None and not b.closed:
+                    b.finish()          # lingering: the last queued message left
+                return
             self.sock._peer_writable(self)
 
     def _raw(self, data: bytes) -> None:
@@ -799,8 +803,7 @@ class Socket:
             if ln == 0 or p.state != 2:
                 b.close()
                 continue
-            p._flush()
-            b.finish()
+            p._flush()                  # finishes the Bind once its queue left
             binds.append(b)
         if binds and ln > 0:
             self.loop.call_later(ln / 1000, _close_all, binds)
@@ -1113,12 +1116,12 @@ class Socket:
         that blocks (PUSH, DEALER, REQ, PAIR): ``NOBLOCK`` raises ``Again``;
         otherwise it is an asyncio Future that completes once the message is
         queued (needs a running asyncio loop, else ``Again``)."""
+        if self.closed:
+            raise ZMTPError("socket is closed")
         st = self.socket_type
         if st == "PUB" or st == "XPUB":
             self._publish(frames)
             return DONE
-        if self.closed:
-            raise ZMTPError("socket is closed")
         if st in ("PUSH", "DEALER", "PAIR"):
             peers = self._peers
             n = len(peers)
