@@ -6,7 +6,7 @@ other side on core 1, pinned with taskset):
 
   pushpull   PUSH -> PULL, 64-byte messages, one connection: msg/s
   pubsub     PUB -> 8 SUB processes, 64-byte messages: delivered msg/s
-  reqrep     REQ <-> REP round trips/s (evpl in event and in poll mode)
+  reqrep     REQ <-> REP round trips/s (evpl hybrid, event and poll mode)
   large      PUSH -> PULL, 1 MiB messages: MB/s
 
 Every number is the median of ``--repeat`` runs, interleaved (run 1 of every
@@ -57,10 +57,10 @@ def _cpu() -> float:
 
 
 def role_evpl(role: str, ep: str, size: int, warmup: float, duration: float,
-              poll: bool) -> None:
+              mode: str) -> None:
     import evpl
     import evpl.zmtp as ez
-    loop = evpl.Loop(poll_mode="always" if poll else "event")
+    loop = evpl.Loop(poll_mode=mode)      # type: ignore[arg-type]
     msg = b"x" * size
     frames = [msg]
     state = {"n": 0, "t0": 0.0, "counting": False, "done": False}
@@ -232,8 +232,9 @@ def role_pyzmq_asyncio(role: str, ep: str, size: int, warmup: float, duration: f
 # ---------------------------------------------------------------- driver -------
 
 STACKS = {
-    "evpl": ["--stack", "evpl"],
-    "evpl-poll": ["--stack", "evpl", "--poll"],
+    "evpl": ["--stack", "evpl"],                                  # hybrid: spin 50 us, then sleep
+    "evpl-event": ["--stack", "evpl", "--mode", "event"],         # sleep at once when idle
+    "evpl-poll": ["--stack", "evpl", "--mode", "always"],         # never sleep
     "pyzmq": ["--stack", "pyzmq"],
     "pyzmq-asyncio": ["--stack", "pyzmq-asyncio"],
     "libzmq-c": None,
@@ -244,7 +245,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "pubsub": {"measure": "sub", "peer": "pub", "size": 64, "peers": 8,
                "stacks": ["evpl", "pyzmq", "libzmq-c"], "unit": "msg/s delivered"},
     "reqrep": {"measure": "req", "peer": "rep", "size": 64, "peers": 1,
-               "stacks": ["evpl", "evpl-poll", "pyzmq", "pyzmq-asyncio", "libzmq-c"],
+               "stacks": ["evpl", "evpl-event", "evpl-poll", "pyzmq", "pyzmq-asyncio",
+                          "libzmq-c"],
                "unit": "round trips/s"},
     "large": {"measure": "pull", "peer": "push", "size": 1 << 20, "peers": 1,
               "stacks": ["evpl", "pyzmq", "libzmq-c"], "unit": "MB/s"},
@@ -338,12 +340,12 @@ def main() -> None:
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     ap.add_argument("--stack", help=argparse.SUPPRESS)
-    ap.add_argument("--poll", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="hybrid", help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.role:
         if opts.stack == "evpl":
             role_evpl(opts.role, opts.endpoint, opts.size, opts.warmup, opts.duration,
-                      opts.poll)
+                      opts.mode)
         elif opts.stack == "pyzmq":
             role_pyzmq(opts.role, opts.endpoint, opts.size, opts.warmup, opts.duration)
         else:

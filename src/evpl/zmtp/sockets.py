@@ -1250,7 +1250,7 @@ class Socket:
         p, env = cur
         if (p.state == 2 or p.connector is not None) and not p.full():
             p.put(env + list(frames))     # a gone peer's reply is dropped
-        self.loop.defer(self._rep_pump)
+        self._rep_pump()                # no-op inside a delivery: its loop goes on
         return DONE
 
     def _send_router(self, frames: Sequence[Any]) -> Any:
