@@ -349,3 +349,19 @@ def test_xpub_reports_each_topic_once_unless_verbose(loop, zctx):
             z.close()
         until(loop, lambda seen=seen: [b"\x00a"] in seen)
         xpub.close()
+
+
+def test_pub_send_messages_to_a_slow_peer_drops_at_hwm(loop, zctx):
+    zsub = _zsock(zctx, zmq.SUB)
+    zsub.subscribe(b"")
+    pub = ez.Socket(loop, "PUB", sndhwm=7, sndbuf=4096)
+    ep = pub.bind("tcp://127.0.0.1:0")
+    zsub.connect(ep)
+    until(loop, lambda: pub._peers and pub._peers[0].subs.all)
+    batch = [[b"m", b"y" * 100]] * 1000
+    for _ in range(50):                              # far past every limit: never raises
+        pub.send_messages(batch)
+    peer = pub._peers[0]
+    assert len(peer.out) == 7
+    assert peer.bind.queued_bytes < peer.bind.high_water + len(batch) * 110
+    pub.close(linger=0)

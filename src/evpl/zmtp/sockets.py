@@ -54,7 +54,6 @@ COMPATIBLE = {
     "PUB": {"SUB", "XSUB"}, "XPUB": {"SUB", "XSUB"}, "SUB": {"PUB", "XPUB"},
     "XSUB": {"PUB", "XPUB"}, "PUSH": {"PULL"}, "PULL": {"PUSH"}, "PAIR": {"PAIR"},
 }
-_CAN_SEND = {"PAIR", "PUB", "REQ", "REP", "DEALER", "ROUTER", "PUSH", "XPUB", "XSUB"}
 _CAN_RECV = {"PAIR", "SUB", "REQ", "REP", "DEALER", "ROUTER", "PULL", "XPUB", "XSUB"}
 
 
@@ -1172,25 +1171,33 @@ class Socket:
                      and not p.bind.paused]
             if n and len(ready) == n:
                 start = self._rr % n
-                self._rr = start + len(msgs)
-                for k in range(n):
-                    part = msgs[k::n] if n > 1 else msgs
-                    if part:
-                        peers[(start + k) % n].bind.send(_nz.encode_many(part))
-                return
+                parts = [(peers[(start + k) % n], _nz.encode_many(msgs[k::n] if n > 1 else msgs))
+                         for k in range(min(n, len(msgs)))]
+                if all(_fits(p.bind, len(w)) for p, w in parts):
+                    self._rr = start + len(msgs)
+                    for p, w in parts:
+                        p.bind.send(w)
+                    return
         elif st in ("PUB", "XPUB"):
             for p in self._peers:
-                if p.state != 2 or p.full():
-                    continue                 # PUB drops for a peer at its HWM
-                if p.curve:
-                    for m in msgs:
-                        if p.subs.match(m[0] if type(m[0]) is bytes else bytes(m[0])):
-                            p.put(m)
+                if p.state != 2:
                     continue
-                mine = msgs if p.subs.all else [
-                    m for m in msgs if p.subs.match(m[0] if type(m[0]) is bytes else bytes(m[0]))]
-                if mine:
-                    p.bind.send(_nz.encode_many(mine))
+                b = p.bind
+                subs = p.subs
+                if not p.curve and not p.out and b is not None and not b.paused:
+                    mine = msgs if subs.all else [
+                        m for m in msgs if subs.match(m[0] if type(m[0]) is bytes
+                                                      else bytes(m[0]))]
+                    w = _nz.encode_many(mine) if mine else b""
+                    if _fits(b, len(w)):
+                        if w:
+                            b.send(w)
+                        continue
+                for m in msgs:              # a slow peer: queue up to its HWM, drop the rest
+                    if subs.match(m[0] if type(m[0]) is bytes else bytes(m[0])):
+                        if p.full():
+                            break
+                        p.put(m)
             return
         for m in msgs:
             self.send_multipart(m, NOBLOCK)
@@ -1297,6 +1304,12 @@ for _name in _OPTIONS:
 Socket.identity = _option("routing_id")  # type: ignore[attr-defined]
 Socket.hwm = property(lambda self: self._opts["sndhwm"],  # type: ignore[attr-defined]
                       lambda self, v: self.set("hwm", v), doc="sndhwm and rcvhwm at once")
+
+
+def _fits(b: evpl.Bind, n: int) -> bool:
+    """``n`` more bytes stay under the Bind's hard limit (16 x its high-water
+    mark, the engine's default, which peers' Binds keep)."""
+    return b.queued_bytes + n <= 16 * b.high_water
 
 
 def _close_all(binds: list[evpl.Bind]) -> None:

@@ -52,7 +52,6 @@ GREETING_SIZE = 64
 SIGNATURE = b"\xff" + b"\x00" * 7 + b"\x01\x7f"
 """What libzmq sends: 0xFF, padding (a ZMTP 1.0 length of 1), 0x7F."""
 VERSION = (3, 1)
-MAX_FRAME = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
