@@ -365,3 +365,28 @@ def test_pub_send_messages_to_a_slow_peer_drops_at_hwm(loop, zctx):
     assert len(peer.out) == 7
     assert peer.bind.queued_bytes < peer.bind.high_water + len(batch) * 110
     pub.close(linger=0)
+
+
+def test_rcvhwm_holds_the_peer_back_until_the_application_reads(loop, zctx):
+    pull = ez.Socket(loop, "PULL", rcvhwm=10)
+    ep = pull.bind("tcp://127.0.0.1:0")
+    z = _zsock(zctx, zmq.PUSH)
+    z.connect(ep)
+    for i in range(500):                             # below libzmq's own HWM: never blocks
+        z.send(b"%d" % i)
+    until(loop, lambda: pull._rx_paused)
+    held = len(pull._rxq)
+    assert held >= 10
+    loop.run_once(0.05)
+    assert len(pull._rxq) == held                    # reading stopped: the queue is bounded
+    got = []
+
+    def read_all():
+        while True:
+            try:
+                got.append(bytes(pull.recv_multipart(ez.NOBLOCK)[0]))
+            except ez.Again:
+                return len(got) == 500
+    until(loop, read_all)
+    assert got == [b"%d" % i for i in range(500)]
+    pull.close()
