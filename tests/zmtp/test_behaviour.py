@@ -390,3 +390,26 @@ def test_rcvhwm_holds_the_peer_back_until_the_application_reads(loop, zctx):
     until(loop, read_all)
     assert got == [b"%d" % i for i in range(500)]
     pull.close()
+
+
+def test_configuration_is_checked_when_given(loop):
+    with pytest.raises(evpl.ConfigError, match="socket type"):
+        ez.Socket(loop, "BOGUS")
+    with pytest.raises(evpl.ConfigError, match="sndhwm"):
+        ez.Socket(loop, "PUSH", sndhwm=-1)
+    with pytest.raises(evpl.ConfigError, match="unknown option"):
+        ez.Socket(loop, "PUSH", sndhwn=10)
+    s = ez.Socket(loop, "DEALER", identity="me", hwm=5)
+    assert (s.routing_id, s.sndhwm, s.rcvhwm) == (b"me", 5, 5)
+    for bad in ("tcp://127.0.0.1", "udp://x:1", "nothing", "tcp://h:99999", "ipc://"):
+        with pytest.raises(evpl.ConfigError):
+            s.connect(bad)
+    with pytest.raises(ez.StateError):
+        ez.Socket(loop, "PUSH").recv_multipart(ez.NOBLOCK)
+    with pytest.raises(ez.StateError):
+        ez.Socket(loop, "PULL").send(b"x")
+    with pytest.raises(evpl.ConfigError):
+        ez.Socket(loop, "PUB").subscribe(b"x")
+    s.close()
+    with pytest.raises(ez.ZMTPError):
+        s.connect("tcp://127.0.0.1:1")
