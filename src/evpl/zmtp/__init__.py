@@ -5,7 +5,12 @@ libzmq program (pyzmq, czmq, ...) or another evpl.zmtp socket. See
 docs/zmtp.md for the API, the options and how it maps to pyzmq.
 """
 
-from evpl.zmtp.mechanisms import HandshakeError, curve_keypair, curve_public
+from evpl.zmtp.mechanisms import (
+    AuthenticationError,
+    HandshakeError,
+    curve_keypair,
+    curve_public,
+)
 from evpl.zmtp.sockets import (
     NOBLOCK,
     SNDMORE,
@@ -24,6 +29,7 @@ __all__ = [
     "SNDMORE",
     "SOCKET_TYPES",
     "Again",
+    "AuthenticationError",
     "Event",
     "HandshakeError",
     "HostUnreachable",

@@ -33,6 +33,7 @@ from evpl.zmtp.wire import (
 )
 
 __all__ = [
+    "AuthenticationError",
     "Authenticator",
     "Curve",
     "HandshakeError",
@@ -48,8 +49,12 @@ Authenticator = Callable[[str, tuple[bytes, ...]], bool]
 
 
 class HandshakeError(ProtocolError):
-    """The security handshake failed: the peer sent ERROR, broke the
-    mechanism's rules, or was refused by the authenticator."""
+    """The security handshake failed: the peer broke the mechanism's rules."""
+
+
+class AuthenticationError(HandshakeError):
+    """The authenticator refused the peer's credentials, or the peer refused
+    ours (it sent ERROR)."""
 
 
 class Mechanism:
@@ -82,7 +87,7 @@ class Mechanism:
         if cmd.name == "ERROR":
             d = cmd.data
             reason = d[1:1 + d[0]].decode("utf-8", "replace") if d else ""
-            return HandshakeError(f"peer refused the handshake: {reason or '(no reason)'}")
+            return AuthenticationError(f"peer refused the handshake: {reason or '(no reason)'}")
         return HandshakeError(f"unexpected {cmd.name} command during the handshake")
 
 
@@ -134,7 +139,7 @@ class Plain(Mechanism):
             ok = self.authenticator is None or bool(self.authenticator("PLAIN", (user, pw)))
             if not ok:
                 self._state = "failed"
-                raise HandshakeError("PLAIN credentials refused")
+                raise AuthenticationError("PLAIN credentials refused")
             self.user_id = user
             self._state = "initiate"
             return [encode_command("WELCOME")]
@@ -318,7 +323,7 @@ class Curve(Mechanism):
                 raise HandshakeError("CURVE vouch does not match the connection")
             if self.authenticator is not None and not self.authenticator("CURVE", (client_pk,)):
                 self._state = "failed"
-                raise HandshakeError("CURVE client key refused")
+                raise AuthenticationError("CURVE client key refused")
             self.user_id = client_pk
             self._peer_ready(meta)
             rshort = self._next_nonce()

@@ -28,7 +28,7 @@ import evpl
 from evpl._native import zmtp as _nz
 from evpl.errors import ConfigError, EvplError, ProtocolError
 from evpl.zmtp import wire
-from evpl.zmtp.mechanisms import HandshakeError, Mechanism, make_mechanism
+from evpl.zmtp.mechanisms import AuthenticationError, Mechanism, make_mechanism
 
 __all__ = [
     "NOBLOCK",
@@ -391,7 +391,7 @@ class _Peer(evpl.Handler):
                 self._handshake(units[i])
                 i += 1
         except (ProtocolError, ValueError) as exc:
-            auth = isinstance(exc, HandshakeError) and "refused" in str(exc)
+            auth = isinstance(exc, AuthenticationError)
             self._fail(str(exc), Event.HANDSHAKE_FAILED_AUTH if auth
                        else Event.HANDSHAKE_FAILED_PROTOCOL,
                        tell=auth and self.mech is not None and self.mech.as_server)
@@ -417,11 +417,7 @@ class _Peer(evpl.Handler):
         cmd = wire.parse_command(_body(data))
         mech = self.mech
         assert mech is not None
-        try:
-            replies = mech.on_command(cmd)
-        except HandshakeError:
-            raise
-        for r in replies:
+        for r in mech.on_command(cmd):
             self._raw(r)
         if mech.done:
             self._ready(mech)
