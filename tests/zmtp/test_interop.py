@@ -22,11 +22,18 @@ class Side:
     def __init__(self, loop: Any, zctx: Any, kind: str, stype: str) -> None:
         self.loop = loop
         self.kind = kind
+        self.ident = b"router-" + kind.encode()
         if kind == "evpl":
             self.s = ez.Socket(loop, stype)
+            if stype == "ROUTER":       # ROUTER to ROUTER: known identities, no silent drops
+                self.s.routing_id = self.ident
+                self.s.router_mandatory = True
         else:
             self.s = zctx.socket(getattr(zmq, stype))
             self.s.linger = 0
+            if stype == "ROUTER":
+                self.s.setsockopt(zmq.ROUTING_ID, self.ident)
+                self.s.setsockopt(zmq.ROUTER_MANDATORY, 1)
             POKE.append(self.s)
 
     def bind(self, endpoint: str) -> str:
@@ -46,7 +53,11 @@ class Side:
     def _try_send(self, frames: list[bytes]) -> bool:
         try:
             self.s.send_multipart(frames, ez.NOBLOCK if self.kind == "evpl" else zmq.NOBLOCK)
-        except (ez.Again, zmq.Again):
+        except (ez.Again, zmq.Again, ez.HostUnreachable):
+            return False                # not connected yet (a ROUTER's peer): retry
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
             return False
         return True
 
@@ -102,6 +113,11 @@ def converse(a: Side, b: Side, ta: str, tb: str) -> None:
             assert got[1:] == q
             b.send([got[0], *r])
             assert a.recv() == r
+        elif (ta, tb) == ("ROUTER", "ROUTER"):
+            a.send([b.ident, *q])
+            assert b.recv() == [a.ident, *q]
+            b.send([a.ident, *r])
+            assert a.recv() == [b.ident, *r]
         elif (ta, tb) in (("DEALER", "DEALER"), ("PAIR", "PAIR")):
             a.send(q)
             assert b.recv() == q
@@ -141,8 +157,8 @@ def converse(a: Side, b: Side, ta: str, tb: str) -> None:
 
 
 PAIRS = [("PUSH", "PULL"), ("REQ", "REP"), ("REQ", "ROUTER"), ("DEALER", "REP"),
-         ("DEALER", "ROUTER"), ("DEALER", "DEALER"), ("PAIR", "PAIR"), ("PUB", "SUB"),
-         ("XPUB", "SUB"), ("PUB", "XSUB"), ("XPUB", "XSUB")]
+         ("DEALER", "ROUTER"), ("DEALER", "DEALER"), ("ROUTER", "ROUTER"), ("PAIR", "PAIR"),
+         ("PUB", "SUB"), ("XPUB", "SUB"), ("PUB", "XSUB"), ("XPUB", "XSUB")]
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
