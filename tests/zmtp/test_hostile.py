@@ -217,3 +217,31 @@ def test_zmtp30_subscriber_to_evpl_pub(loop):
     assert [e.frames for e in events if isinstance(e, wire.Message)] == [[b"abc", b"kept"]]
     raw.close()
     s.close()
+
+
+def test_peer_ping_ttl_closes_a_silent_peer(loop):
+    """A PING with a TTL (spec 37) makes a silent peer a dead one after the
+    TTL, without any heartbeat option on this side; the PING is answered."""
+    s, raw, got, ev = _serve(loop)
+    _, rest = _handshake(raw, loop)
+    raw.sendall(wire.encode_message([b"good"]) + wire.ping(0.3, b"hb"))
+    dec = wire.Decoder()
+    dec.feed(wire.encode_greeting())
+    data = bytearray(rest)
+
+    def closed() -> bool:
+        try:
+            chunk = raw.recv(65536)
+        except BlockingIOError:
+            return False
+        data.extend(chunk)
+        return chunk == b""
+    until(loop, closed)
+    events = dec.feed(bytes(data))
+    assert wire.Command("PONG", b"hb") in events
+    until(loop, lambda: any(e is ez.Event.DISCONNECTED for e, _ in ev))
+    reason = next(d for e, d in ev if e is ez.Event.DISCONNECTED)
+    assert str(reason).startswith("heartbeat TTL")
+    assert got == [[b"good"]]
+    raw.close()
+    s.close()

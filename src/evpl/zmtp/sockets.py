@@ -255,6 +255,9 @@ class _Peer(evpl.Handler):
         self.props: dict[str, bytes] = {}
         self.ping_timer: Any = None
         self.hs_timer: Any = None
+        self.ttl_timer: Any = None          # the peer's PING TTL, when it sent one
+        self.ttl = 0.0
+        self.last_rx = 0.0
         self.failure: str | None = None
         self.subs = _Prefixes()
         self.curve_frames: list[bytes] = []     # a CURVE message's frames so far
@@ -372,6 +375,8 @@ class _Peer(evpl.Handler):
                 b.close()
 
     def on_messages(self, bind: evpl.Bind, units: list[Any]) -> None:
+        if self.ttl_timer is not None:
+            self.last_rx = self.sock.loop.now()
         if self.state == 2:
             if self.curve:
                 self._curve_units(units)
@@ -503,6 +508,9 @@ class _Peer(evpl.Handler):
         if name == "PING":
             if len(cmd.data) < 2:
                 raise ProtocolError("malformed PING")
+            ttl = int.from_bytes(cmd.data[:2], "big") / 10
+            if ttl and ttl != self.ttl:
+                self._watch_ttl(ttl)
             b = self.bind
             if b is not None and not b.paused:       # a PING flood gets no PONG flood
                 self.command(wire.pong(cmd.data[2:18]))
@@ -517,6 +525,21 @@ class _Peer(evpl.Handler):
         else:
             raise ProtocolError(f"unexpected command {name!r}")
 
+    def _watch_ttl(self, ttl: float) -> None:
+        """The peer's PING says: no traffic for ``ttl`` seconds means it is
+        gone (spec 37). A timer checks at a tenth of it."""
+        loop = self.sock.loop
+        self.ttl = ttl
+        self.last_rx = loop.now()
+        if self.ttl_timer is not None:
+            self.ttl_timer.cancel()
+        self.ttl_timer = loop.call_every(max(ttl / 10, 0.01), self._check_ttl)
+
+    def _check_ttl(self) -> None:
+        if self.sock.loop.now() - self.last_rx > self.ttl:
+            self.failure = f"heartbeat TTL: nothing received for {self.ttl:g} s"
+            self._fail(self.failure, Event.DISCONNECTED)
+
     def on_paused(self, bind: evpl.Bind) -> None:
         pass
 
@@ -526,10 +549,10 @@ class _Peer(evpl.Handler):
     def on_closed(self, bind: evpl.Bind, error: EvplError | None) -> None:
         was = self.state
         self.state = 3
-        for t in (self.ping_timer, self.hs_timer):
+        for t in (self.ping_timer, self.hs_timer, self.ttl_timer):
             if t is not None:
                 t.cancel()
-        self.ping_timer = self.hs_timer = None
+        self.ping_timer = self.hs_timer = self.ttl_timer = None
         s = self.sock
         if 0 <= was < 2 and self.failure is None and error is not None and self.connected:
             s._event(Event.HANDSHAKE_FAILED_PROTOCOL, self.endpoint, str(error))
