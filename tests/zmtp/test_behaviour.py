@@ -281,11 +281,18 @@ def test_awaitable_recv_and_send(loop, zctx):
         z.send_multipart([b"", b"question"])
         msg = await asyncio.wait_for(rep.recv_multipart(), 15)
         await rep.send(b"answer")
+        z.send_multipart([b"", b"part 1", b"part 2"])
+        first = await asyncio.wait_for(rep.recv(), 15)       # frame by frame, as pyzmq
+        more = rep.rcvmore
+        second = await rep.recv()
+        await rep.send(b"two", ez.SNDMORE)
+        await rep.send(b"parts")
         stop = True
         await driver
-        return tobytes(msg)
-    assert asyncio.run(main()) == [b"question"]
+        return tobytes(msg), bytes(first), more, bytes(second), rep.rcvmore
+    assert asyncio.run(main()) == ([b"question"], b"part 1", True, b"part 2", False)
     assert zrecv(loop, z) == [b"", b"answer"]
+    assert zrecv(loop, z) == [b"", b"two", b"parts"]
     rep.close()
 
 
