@@ -1198,16 +1198,21 @@ class Socket:
                         p.bind.send(w)
                     return
         elif st in ("PUB", "XPUB"):
+            every: bytes | None = None      # the whole batch, encoded once for all
             for p in self._peers:
                 if p.state != 2:
                     continue
                 b = p.bind
                 subs = p.subs
                 if not p.curve and not p.out and b is not None and not b.paused:
-                    mine = msgs if subs.all else [
-                        m for m in msgs if subs.match(m[0] if type(m[0]) is bytes
-                                                      else bytes(m[0]))]
-                    w = _nz.encode_many(mine) if mine else b""
+                    if subs.all:
+                        if every is None:
+                            every = _nz.encode_many(msgs)
+                        w = every
+                    else:
+                        mine = [m for m in msgs if subs.match(m[0] if type(m[0]) is bytes
+                                                              else bytes(m[0]))]
+                        w = _nz.encode_many(mine) if mine else b""
                     if _fits(b, len(w)):
                         if w:
                             b.send(w)
