@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -117,9 +118,11 @@ def test_pub_drops_at_hwm_push_blocks(loop, zctx):
     push = ez.Socket(loop, "PUSH", sndhwm=5)
     with pytest.raises(ez.Again):
         push.send(b"no peer at all", ez.NOBLOCK)
-    probe = _zsock(zctx, zmq.PULL)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close()                                    # nobody listens there now
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()                                    # nobody listens there now (a plain
+    # socket: a libzmq one closes later, in its I/O thread, and could still accept)
     ev = []
     push.monitor(lambda e, ep_, d: ev.append(e))
     push.connect(f"tcp://127.0.0.1:{port}")
@@ -191,6 +194,11 @@ def test_reconnect_after_peer_restarts(loop, zctx):
     assert zrecv(loop, z) == [b"before"]
     z.close()
     until(loop, lambda: ez.Event.DISCONNECTED in ev and ez.Event.CONNECT_RETRIED in ev)
+
+    def port_free() -> bool:            # libzmq closes its listener later, in its I/O thread
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) != 0
+    until(loop, port_free)
     push.send(b"during", ez.NOBLOCK)                 # queued for the connection to come
     z2 = _zsock(zctx, zmq.PULL)
     z2.bind(f"tcp://127.0.0.1:{port}")
