@@ -251,6 +251,11 @@ def test_io_uring_backend_with_libzmq(loop, zctx):
     until(loop, lambda: len(got) == 1000)
     assert [tobytes(m) for m in got] == [[b"%d" % i, b"y" * (i % 300)] for i in range(1000)]
     got.clear()
+    big = bytes(range(256)) * 8192                   # 2 MiB: assembled across receives
+    z.send_multipart([b"big", big, b"end"])
+    until(loop, lambda: got)
+    assert tobytes(got[0]) == [b"big", big, b"end"]
+    got.clear()
     pull.close()
 
 
