@@ -44,9 +44,18 @@ def ext(name: str) -> Extension:
     )
 
 
+# protocol hot paths that are not engine: rpc2's batch loop
+PROTOCOL_MODULES = ["evpl.rpc2._fast"]
+
+
+def protocol_ext(dotted: str) -> Extension:
+    return Extension(dotted, ["src/" + dotted.replace(".", "/") + ".pyx"],
+                     extra_compile_args=CFLAGS, extra_link_args=LDFLAGS)
+
+
 setup(
     ext_modules=cythonize(
-        [ext(name) for name in MODULES],
+        [ext(name) for name in MODULES] + [protocol_ext(m) for m in PROTOCOL_MODULES],
         compiler_directives={"language_level": "3", "embedsignature": True},
         include_path=["src"],
     ),

@@ -277,47 +277,62 @@ cdef class Bind(_Source):
 
     def sendv(self, pieces) -> None:
         """Queue several pieces as one message (one header on a framed Bind)."""
-        cdef size_t total = 0, start
-        cdef TxEntry* e
+        cdef size_t start
+        cdef Py_ssize_t total
         self._can_send()
-        if not self.stream:
-            raise EvplError("datagram Bind: send one datagram at a time")
         start = self.txq.tail
         try:
-            for p in pieces:
-                e = txq_push(&self.txq, p)
-                total += e.len
+            total = self._push_pieces(pieces)
         except BaseException:
             if start != self.txq.tail:      # all or nothing: drop the pieces queued
                 txq_unpush_from(&self.txq, &self.txq.e[start])
             raise
-        if start == self.txq.tail:
-            if not self._frames_sends():
-                return
-            txq_push(&self.txq, b"")
-        if self._frames_sends():
-            txq_frame(&self.txq, &self.txq.e[start], self.framer, total)
-        self._queued(total + self.txq.e[start].hdrlen, start)
+        if start != self.txq.tail:
+            self._queued(total, start)
 
     def send_messages(self, msgs) -> None:
         """Queue each item of ``msgs`` as one message (its own header on a
         framed Bind; one datagram each on a connected datagram Bind): the
-        reply batch to an ``on_messages`` batch, in one call. All or
-        nothing: if one item is refused, none is queued."""
+        reply batch to an ``on_messages`` batch, in one call. On a stream
+        Bind an item may be a tuple of pieces, sent as one message (as
+        ``sendv`` would), so a reply can carry a large payload by reference
+        next to its header. All or nothing: if one item is refused, none is
+        queued."""
         cdef size_t start, total = 0
         cdef TxEntry* e
         self._can_send()
         start = self.txq.tail
         try:
             for m in msgs:
-                e = self._push_message(m)
-                total += e.len + e.hdrlen
+                if type(m) is tuple:
+                    total += self._push_pieces(m)
+                else:
+                    e = self._push_message(m)
+                    total += e.len + e.hdrlen
         except BaseException:
             if start != self.txq.tail:
                 txq_unpush_from(&self.txq, &self.txq.e[start])
             raise
         if start != self.txq.tail:
             self._queued(total, start)
+
+    cdef Py_ssize_t _push_pieces(self, pieces) except -1:
+        """Queue ``pieces`` as one stream message (its header in the first
+        entry on a framed Bind); the bytes queued, header included. The
+        caller drops the entries if this raises."""
+        cdef size_t start = self.txq.tail, total = 0
+        cdef TxEntry* e
+        if not self.stream:
+            raise EvplError("datagram Bind: send one datagram at a time")
+        for p in pieces:
+            e = txq_push(&self.txq, p)
+            total += e.len
+        if self._frames_sends():
+            if start == self.txq.tail:
+                txq_push(&self.txq, b"")    # an empty message still has its header
+            txq_frame(&self.txq, &self.txq.e[start], self.framer, total)
+            total += self.txq.e[start].hdrlen
+        return total
 
     cdef bint _frames_sends(self):
         """Sends go through the framer: a header added (length prefix, record
