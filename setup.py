@@ -64,6 +64,7 @@ XDP_MACROS, XDP_LIBS, XDP_INCLUDES = _libxdp()
 MODULES = ["buffers", "framing", "txqueue", "loop", "bind", "epoll", "uring"]
 MODULES += ["xdp"]
 MODULES += ["mpsc", "rings"]    # cross-thread calls; shared-memory rings between shards
+MODULES += ["zmtp"]        # ZMTP frame split/encode (evpl.zmtp)
 
 
 def ext(name: str) -> Extension:

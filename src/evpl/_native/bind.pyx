@@ -37,7 +37,7 @@ from posix.unistd cimport close as c_close
 from evpl._native.buffers cimport Pool, Buffer, Chunk, make_buffer, chunk_unref
 from evpl._native.framing cimport (Framer, scan_length, scan_record, F_NONE, F_LENGTH,
                                    F_RECORD, F_CALLABLE, F_FIXED, E_OVERSIZE, E_FRAGMENTS,
-                                   MAX_FRAGMENTS)
+                                   MAX_FRAGMENTS, F_ZMTP, scan_zmtp, ZMTP_MAX_FRAMES)
 from evpl._native.loop cimport _Source, LoopCore, Timer
 from evpl._native.sys cimport *
 from evpl._native.txqueue cimport *
@@ -337,7 +337,7 @@ cdef class Bind(_Source):
     cdef bint _frames_sends(self):
         """Sends go through the framer: a header added (length prefix, record
         mark) or the size checked (fixed); a callable framer sends as is."""
-        return self.fr_kind != F_NONE and self.fr_kind != F_CALLABLE
+        return self.fr_kind != F_NONE and self.fr_kind != F_CALLABLE and self.fr_kind != F_ZMTP
 
     cdef TxEntry* _push_message(self, data) except NULL:
         """Queue one message: with its framing, or on a connected datagram
@@ -696,6 +696,10 @@ cdef class Bind(_Source):
             return r
         if self.fr_kind == F_RECORD:
             return scan_record(f, <unsigned char*>p, avail, hint, payload, nfrag)
+        if self.fr_kind == F_ZMTP:
+            r = scan_zmtp(f, <unsigned char*>p, avail, hint, nfrag)
+            payload[0] = r
+            return r
         if self.fr_kind == F_FIXED:
             payload[0] = f.size
             if avail < <size_t>f.size:
@@ -725,7 +729,7 @@ cdef class Bind(_Source):
         cdef Buffer b
         if self.fr_kind == F_LENGTH:
             return make_buffer(self.pool, c, p + self.framer.size, payload)
-        if self.fr_kind == F_CALLABLE or self.fr_kind == F_FIXED:
+        if self.fr_kind == F_CALLABLE or self.fr_kind == F_FIXED or self.fr_kind == F_ZMTP:
             return make_buffer(self.pool, c, p, r)
         if nfrag == 1:
             return make_buffer(self.pool, c, p + 4, payload)
@@ -837,8 +841,12 @@ cdef class Bind(_Source):
     cdef void _framing_failed(self, Py_ssize_t r):
         if r == E_OVERSIZE:
             msg = f"message exceeds max_message ({self.max_message} bytes)"
+        elif r == E_FRAGMENTS and self.fr_kind == F_ZMTP:
+            msg = f"ZMTP message has more than {ZMTP_MAX_FRAMES} frames"
         elif r == E_FRAGMENTS:
             msg = f"record has more than {MAX_FRAGMENTS} fragments"
+        elif self.fr_kind == F_ZMTP:
+            msg = "malformed ZMTP frame (reserved flag bits, or a command with MORE)"
         elif self.fr_kind == F_CALLABLE:
             msg = f"framing callable reported a bad stream ({r})"
         else:
