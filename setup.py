@@ -28,7 +28,7 @@ URING_MACROS, URING_OBJECTS = _liburing()
 
 # one module per concern (docs/engine.md): buffers, framing and the send
 # queue, the loop core, the Bind/Listener bases, then one per I/O mechanism
-MODULES = ["buffers", "framing", "txqueue", "loop", "bind", "epoll", "uring"]
+MODULES = ["buffers", "framing", "txqueue", "loop", "bind", "epoll", "uring", "wheel"]
 
 
 def ext(name: str) -> Extension:
