@@ -33,7 +33,7 @@ from evpl.drpc.session import ClientSession, PeerDead, SessionClosed
 from evpl.drpc.wire import HEADER_SIZE
 from evpl.errors import ConfigError, EvplError
 
-__all__ = ["KERNEL_TIMELY", "Call", "Client", "loop_wheel"]
+__all__ = ["KERNEL_TIMELY", "Call", "Client", "loop_wheel", "message_allocator"]
 
 _PENDING = object()
 
@@ -97,11 +97,24 @@ class Call:
         return f"<drpc.Call {state}>"
 
 
+def message_allocator(pool: Any) -> Callable[[int], Any]:
+    """Where multi-packet messages are assembled: a pool Buffer for a large
+    one (a quarter of a pool buffer or more, so it does not pin a whole
+    buffer for a few kilobytes), a bytearray otherwise."""
+    threshold = pool.buffer_size // 4
+    allocate = pool.allocate
+
+    def alloc(n: int) -> Any:
+        return allocate(n) if n >= threshold else bytearray(n)
+
+    return alloc
+
+
 def loop_wheel(loop: Any) -> TimingWheel:
     """The pacing wheel every drpc client of ``loop`` shares (made on first use)."""
     wheel = getattr(loop, "_drpc_wheel", None)
     if wheel is None:
-        wheel = TimingWheel(loop)
+        wheel = TimingWheel(loop, slot_ns=2000, nslots=16384)     # 2 us slots, 32 ms
         loop._drpc_wheel = wheel
     return wheel
 
@@ -165,7 +178,7 @@ class Client:
             self._out, client_session=random.getrandbits(32) or 1, window=window,
             credits=credits, max_message=max_message, max_datagram=max_datagram,
             rto_ns=int(rto * 1e9), peer_timeout_ns=int(peer_timeout * 1e9), cc=timely_cc,
-            alloc=loop.pool.allocate)
+            alloc=message_allocator(loop.pool))
         self.bind = loop.connect(backend, address, _Handler(self), max_datagram=max_datagram,
                                  **options)
         self._send = self.bind.send
@@ -258,7 +271,8 @@ class Client:
         err = self.session.tick(self._now())
         if err is not None:
             self._stop(err)
-        elif self.session.busy == 0 and self._ticker is not None:
+        elif (self.session.busy == 0 and not self.session.backlog and not self._connecting
+              and self._ticker is not None):
             self._ticker.cancel()
             self._ticker = None
 

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from evpl.core.handler import Handler
+from evpl.drpc.client import message_allocator
 from evpl.drpc.session import ServerEndpoint, ServerSession, ServerSlot
 from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE
 from evpl.errors import ConfigError, EvplError
@@ -125,12 +126,11 @@ class Server:
         self.handler_errors = 0
         self.closed = False
         self._now = loop.now_ns
-        pool = loop.pool
         self._endpoint = ServerEndpoint(
             self._send, self._dispatch, window=window, credits=credits,
             max_message=max_message, max_datagram=max_datagram, max_sessions=max_sessions,
             session_timeout_ns=int(session_timeout * 1e9), max_assembly=max_assembly,
-            alloc=pool.allocate)
+            alloc=message_allocator(loop.pool))
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
         self._sendto = self.bind.sendto
@@ -185,7 +185,9 @@ class Server:
 
     def _failed(self, req: Request, exc: BaseException) -> None:
         self.handler_errors += 1
-        _log.warning("drpc handler for request type %d raised %r", req.req_type, exc)
+        # a text, not the exception: a log record that kept its traceback would
+        # keep the request (and its packet buffer) alive
+        _log.warning("drpc handler for request type %d raised %s", req.req_type, repr(exc))
         self._endpoint.respond(req._sess, req._slot, req.req_num,
                                f"handler for request type {req.req_type} raised "
                                f"{type(exc).__name__}: {exc}".encode(), FLAG_ERROR)

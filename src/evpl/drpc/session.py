@@ -184,6 +184,7 @@ class ClientSession:
         self.stale = 0
         self.out_of_order = 0
         self.malformed = 0
+        self.no_memory = 0
         self.bad_session = 0
         self.bad_type = 0
         self.rtt_ns = 0
@@ -405,7 +406,12 @@ class ClientSession:
             if n == 1:
                 slot.resp = buf[HEADER_SIZE:]           # zero copy: a slice of the packet
             else:
-                slot.resp = self.alloc(msg_size)
+                try:
+                    slot.resp = self.alloc(msg_size)
+                except (EvplError, MemoryError):
+                    self.no_memory += 1         # dropped: retransmitted after the RTO
+                    slot.n_resp = 0
+                    return True
                 memoryview(slot.resp)[:length] = memoryview(buf)[HEADER_SIZE:]
             return False
         if msg_size != slot.resp_size or (flags ^ slot.resp_flags) & FLAG_ERROR or \
@@ -507,6 +513,7 @@ class ClientSession:
             "stale": self.stale,
             "out_of_order": self.out_of_order,
             "malformed": self.malformed,
+            "no_memory": self.no_memory,
             "bad_session": self.bad_session,
             "bad_type": self.bad_type,
             "rtt_us": self.rtt_ns / 1000,
@@ -701,13 +708,18 @@ class ServerEndpoint:
                 if self.assembling + msg_size > self.max_assembly:
                     c["assembly_full"] += 1     # the client retransmits later
                     continue
+                try:
+                    asm = self.alloc(msg_size)
+                except (EvplError, MemoryError):
+                    c["assembly_full"] += 1     # out of memory: the client retransmits
+                    continue
                 self.assembling += msg_size
                 slot.req_num = req_num
                 slot.req_type = req_type
                 slot.req_size = msg_size
                 slot.n_req = -(-msg_size // sess.payload)
                 slot.resp = None
-                slot.asm = self.alloc(msg_size)
+                slot.asm = asm
                 memoryview(slot.asm)[:length] = memoryview(buf)[HEADER_SIZE:]
                 slot.num_rx = 1
                 slot.state = RECEIVING
