@@ -156,7 +156,7 @@ def _incast(loop, backend: str, port: int, cc: bool) -> tuple[float, list[dict]]
         for _ in range(24):
             c.call(1, rnd.randbytes(48_000), lambda r, e: done.append(e))
     loop.run_until(lambda: len(done) == 8 * 24, timeout=TIMEOUT * 12)
-    assert done == [None] * (8 * 24)
+    assert [e for e in done if e is not None] == []
     stats = [c.stats() for c in clients]
     for c in clients:
         c.close()

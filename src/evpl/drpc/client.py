@@ -22,6 +22,7 @@ and one read batch reaches the protocol core in one Python call.
 from __future__ import annotations
 
 import random
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -30,12 +31,13 @@ from evpl._native.wheel import TimingWheel
 from evpl.core.handler import Handler
 from evpl.drpc.cc import Timely
 from evpl.drpc.session import ClientSession, PeerDead, SessionClosed
-from evpl.drpc.wire import HEADER_SIZE
+from evpl.drpc.wire import HEADER_SIZE, TS_OFFSET
 from evpl.errors import ConfigError, EvplError
 
 __all__ = ["KERNEL_TIMELY", "Call", "Client", "loop_wheel", "message_allocator"]
 
 _PENDING = object()
+_TS = struct.Struct(">I")
 
 # Timely thresholds for kernel-socket paths: eRPC's (T_low 50 us, T_high 1 ms,
 # minimum RTT 2 us) assume a NIC driven from user space; through the kernel,
@@ -265,7 +267,13 @@ class Client:
         if when_ns == 0:
             self._send(data)
         else:
-            self._wheel.insert(when_ns, self._send, data, tag)  # type: ignore[union-attr]
+            # stamped again when it leaves: the RTT must not count pacing
+            self._wheel.insert(when_ns, self._send_paced, bytearray(data),  # type: ignore[union-attr]
+                               tag)
+
+    def _send_paced(self, pkt: bytearray) -> None:
+        _TS.pack_into(pkt, TS_OFFSET, (self._now() // 1000) & 0xFFFFFFFF)
+        self._send(pkt)
 
     def _tick(self) -> None:
         err = self.session.tick(self._now())

@@ -126,14 +126,14 @@ class Server:
         self.handler_errors = 0
         self.closed = False
         self._now = loop.now_ns
+        self.bind: Any = None
         self._endpoint = ServerEndpoint(
-            self._send, self._dispatch, window=window, credits=credits,
+            self._sendto, self._dispatch, window=window, credits=credits,
             max_message=max_message, max_datagram=max_datagram, max_sessions=max_sessions,
             session_timeout_ns=int(session_timeout * 1e9), max_assembly=max_assembly,
             alloc=message_allocator(loop.pool))
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
-        self._sendto = self.bind.sendto
         self._expiry = loop.call_every(min(1.0, session_timeout / 4), self._expire)
 
     @property
@@ -159,7 +159,9 @@ class Server:
 
     # -- the path of a request --
 
-    def _send(self, data: Any, addr: Any) -> None:
+    def _sendto(self, data: Any, addr: Any) -> None:
+        self._sendto = self.bind.sendto     # the Bind's own method from now on
+        self._endpoint.out = self._sendto
         self._sendto(data, addr)
 
     def _dispatch(self, sess: ServerSession, slot: ServerSlot, req_type: int, req_num: int,

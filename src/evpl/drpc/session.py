@@ -51,7 +51,6 @@ from evpl.drpc.wire import (
     PacketType,
     RejectReason,
     check_data_packet,
-    packets,
 )
 from evpl.errors import EvplError, ProtocolError
 
@@ -174,6 +173,7 @@ class ClientSession:
         self.free: list[ClientSlot] = []
         self.backlog: deque[tuple[int, Any, Done]] = deque()
         self.busy = 0
+        self.starved = False                # a slot waits for credits
         self.last_rx = 0
         self.next_tx = 0
         # counters
@@ -288,18 +288,22 @@ class ClientSession:
                 t = self.next_tx if self.next_tx > now_ns else now_ns
                 self.next_tx = t + int(len(data) * 8e9 / cc.rate)
                 self.out(data, slot, 0 if t <= now_ns else t)
+        if slot.num_tx < total:
+            self.starved = True             # out of credits: pump() when they return
         inflight = self.credits_total - self.credits
         if inflight > self.max_inflight:
             self.max_inflight = inflight
 
     def pump(self, now_ns: int) -> None:
-        """Let every slot send what the returned credits allow."""
-        if self.credits and self.busy:
+        """Let the slots that ran out of credits send what the returned
+        credits allow."""
+        if self.starved and self.credits:
+            self.starved = False
             for slot in self.slots:
                 if slot.busy:
+                    # (also once the credits are gone: _push marks the
+                    # session starved again if the slot has more to send)
                     self._push(slot, now_ns)
-                    if not self.credits:
-                        break
 
     # -- receiving --
 
@@ -387,7 +391,7 @@ class ClientSession:
                 self.stale += 1
             else:
                 self.bad_type += 1
-        if self.credits and self.busy:
+        if self.starved and self.credits:
             self.pump(now_ns)
 
     def _response(self, slot: ClientSlot, flags: int, msg_size: int, pkt_num: int,
@@ -395,6 +399,12 @@ class ClientSession:
         """Take a response packet that is next in order; True if it is
         malformed (dropped)."""
         length = len(buf) - HEADER_SIZE
+        if pkt_num == 0 and msg_size == length and msg_size <= self.payload:
+            slot.n_resp = 1                             # the common case: one packet
+            slot.resp_size = msg_size
+            slot.resp_flags = flags
+            slot.resp = buf[HEADER_SIZE:]               # zero copy: a slice of the packet
+            return False
         if pkt_num == 0:
             why = check_data_packet(msg_size, 0, length, self.payload, self.max_message)
             if why is not None:
@@ -468,6 +478,7 @@ class ClientSession:
                 slot.progress = now_ns
                 rolled = True
         if rolled:
+            self.starved = True
             self.pump(now_ns)
         return None
 
@@ -699,7 +710,9 @@ class ServerEndpoint:
                     slot.ts = ts
                     sess.requests += 1
                     c["requests"] += 1
-                    self._run(sess, slot, req_num, buf[HEADER_SIZE:])
+                    self._dispatching = slot
+                    self.dispatch(sess, slot, req_type, req_num, buf[HEADER_SIZE:])
+                    self._dispatching = None
                     continue
                 why = check_data_packet(msg_size, 0, length, sess.payload, sess.max_message)
                 if why is not None:
@@ -875,7 +888,7 @@ class ServerEndpoint:
         slot.resp = data
         slot.resp_size = size
         slot.flags = flags
-        slot.n_resp = packets(size, sess.payload)
+        slot.n_resp = 1 if size <= sess.payload else -(-size // sess.payload)
         slot.state = DONE
         self.c["responses"] += 1
         self._send_first(sess, slot, self._dispatching is slot)
