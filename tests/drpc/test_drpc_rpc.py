@@ -127,6 +127,27 @@ def test_many_sessions_respect_window_and_credits(loop, datagram_backend) -> Non
     server.close()
 
 
+def test_thousands_of_requests_in_flight(loop, datagram_backend) -> None:
+    """64 sessions with 40 calls each submitted at once (2560 in flight,
+    512 of them in the windows): every response correct."""
+    server = serve(loop, datagram_backend)
+    clients = [Client(loop, datagram_backend, server.address) for _ in range(64)]
+    got: dict[tuple[int, int], bytes | None] = {}
+    for ci, c in enumerate(clients):
+        for k in range(40):
+            c.call(ECHO, b"%d/%d" % (ci, k),
+                   lambda r, e, key=(ci, k): got.__setitem__(key, bytes(r) if e is None
+                                                           else None))
+    assert sum(c.outstanding for c in clients) + sum(c.stats()["backlog"] for c in clients) \
+        == 64 * 40
+    loop.run_until(lambda: len(got) == 64 * 40, timeout=TIMEOUT * 6)
+    assert all(v == b"%d/%d" % k for k, v in got.items())
+    assert server.stats()["requests"] >= 64 * 40
+    for c in clients:
+        c.close()
+    server.close()
+
+
 def test_late_and_out_of_order_responses(loop, datagram_backend) -> None:
     pending: list = []
     server = serve(loop, datagram_backend)

@@ -85,3 +85,36 @@ def test_control_payloads() -> None:
         ConnectOk.unpack(ConnectOk(1, 1, 1472, 0, 32).pack())
     with pytest.raises(ProtocolError, match="unusable"):
         ConnectOk.unpack(ConnectOk(1, 1, 20, 8, 32).pack())
+
+
+# -- the server core fed hostile datagrams (sans-I/O) ------------------------------
+
+_FIELDS = st.tuples(st.integers(0, 12), st.integers(0, 255), st.integers(0, 3),
+                    st.sampled_from([0, 1, 0xFFFFFFFF]), st.integers(0, 2**64 - 1),
+                    st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+
+
+@given(st.lists(st.one_of(
+    st.binary(max_size=80),
+    st.tuples(_FIELDS, st.binary(max_size=64)).map(
+        lambda f: wire.HEADER.pack(wire.MAGIC, f[0][0], f[0][1], f[0][2], f[0][3], f[0][4],
+                                   f[0][5], f[0][6], 0) + f[1])), max_size=30))
+def test_server_core_survives_fuzzed_packets(packets_: list[bytes]) -> None:
+    """Random datagrams and random headers (a session number 1 that exists)
+    never raise, never run a handler for a malformed request, and every
+    datagram is counted once as a packet."""
+    from evpl.drpc.session import ServerEndpoint
+
+    sent: list[tuple[bytes, object]] = []
+    ran: list[int] = []
+    ep = ServerEndpoint(lambda d, a: sent.append((bytes(d), a)),
+                        lambda s, sl, t, n, body: ran.append(len(body)), max_message=4096)
+    peer = ("10.0.0.1", 5)
+    ep.receive([(pack_header(PacketType.CONNECT, 0, 0, 1) + Connect(9, 4096, 1472, 8, 32).pack(),
+                 peer)], 0)
+    (number,) = ep.sessions
+    ep.sessions[1] = ep.sessions.pop(number)
+    ep.sessions[1].number = 1
+    ep.receive([(p, peer) for p in packets_], 1)
+    assert ep.stats()["packets"] == len(packets_) + 1
+    assert all(n <= 4096 for n in ran)
