@@ -176,14 +176,15 @@ class Client:
         self._connecting = True
         self._wheel: TimingWheel | None = loop_wheel(loop) if cc else None
         timely_cc = Timely(link_rate, **{**KERNEL_TIMELY, **(timely or {})}) if cc else None
-        self.session = ClientSession(
-            self._out, client_session=random.getrandbits(32) or 1, window=window,
-            credits=credits, max_message=max_message, max_datagram=max_datagram,
-            rto_ns=int(rto * 1e9), peer_timeout_ns=int(peer_timeout * 1e9), cc=timely_cc,
-            alloc=message_allocator(loop.pool))
+        # the socket first (nothing arrives before the loop runs), then the session
         self.bind = loop.connect(backend, address, _Handler(self), max_datagram=max_datagram,
                                  **options)
         self._send = self.bind.send
+        self.session = ClientSession(
+            self.bind.send, self._out, client_session=random.getrandbits(32) or 1,
+            window=window, credits=credits, max_message=max_message, max_datagram=max_datagram,
+            rto_ns=int(rto * 1e9), peer_timeout_ns=int(peer_timeout * 1e9), cc=timely_cc,
+            alloc=message_allocator(loop.pool))
         self._submit = self.session.submit
         self._started = self._now()
         self._connect_wait = max(rto, 0.01)
@@ -264,12 +265,9 @@ class Client:
     # -- internals --
 
     def _out(self, data: Any, tag: Any, when_ns: int) -> None:
-        if when_ns == 0:
-            self._send(data)
-        else:
-            # stamped again when it leaves: the RTT must not count pacing
-            self._wheel.insert(when_ns, self._send_paced, bytearray(data),  # type: ignore[union-attr]
-                               tag)
+        # stamped again when it leaves: the RTT must not count pacing
+        self._wheel.insert(when_ns, self._send_paced, bytearray(data),  # type: ignore[union-attr]
+                           tag)
 
     def _send_paced(self, pkt: bytearray) -> None:
         _TS.pack_into(pkt, TS_OFFSET, (self._now() // 1000) & 0xFFFFFFFF)

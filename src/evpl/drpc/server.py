@@ -165,25 +165,24 @@ class Server:
         self._sendto(data, addr)
 
     def _dispatch(self, sess: ServerSession, slot: ServerSlot, req_type: int, req_num: int,
-                  body: Any) -> None:
+                  body: Any) -> Any:
+        """Run the handler; returns the response if it answered at once."""
         entry = self._handlers.get(req_type)
         if entry is None:
             self._endpoint.respond(sess, slot, req_num,
                                    f"no handler for request type {req_type}".encode(),
                                    FLAG_ERROR)
-            return
+            return None
         handler, background = entry
         req = Request(self, sess, slot, req_type, req_num, body)
         if background:
             self._background(handler, req)
-            return
+            return None
         try:
-            resp = handler(req)
+            return handler(req)
         except Exception as exc:
             self._failed(req, exc)
-            return
-        if resp is not None:
-            self._endpoint.respond(sess, slot, req_num, resp)
+            return None
 
     def _failed(self, req: Request, exc: BaseException) -> None:
         self.handler_errors += 1

@@ -139,18 +139,20 @@ class ClientSlot:
 class ClientSession:
     """The client end of one session.
 
-    ``out(packet, tag, when_ns)`` sends a packet now (``when_ns == 0``) or
-    paces it to leave at ``when_ns`` (``tag`` is the request slot, whose
+    ``send_now(packet)`` sends a packet; ``out(packet, tag, when_ns)`` paces
+    one to leave at ``when_ns`` (``tag`` is the request slot, whose
     ``queued`` the pacer maintains). ``alloc(n)`` returns a writable buffer
     of ``n`` bytes for a multi-packet response. ``cc`` is the session's
     Timely (``None``: no congestion control).
     """
 
-    def __init__(self, out: Callable[[Any, Any, int], Any], *, client_session: int,
+    def __init__(self, send_now: Callable[[Any], Any], out: Callable[[Any, Any, int], Any], *,
+                 client_session: int,
                  window: int = 8, credits: int = 32, max_message: int = 8 << 20,
                  max_datagram: int = 1472, rto_ns: int = 5_000_000,
                  peer_timeout_ns: int = 1_000_000_000, cc: Timely | None = None,
                  alloc: Callable[[int], Any] = bytearray) -> None:
+        self.send_now = send_now
         self.out = out
         self.alloc = alloc
         self.client_session = client_session
@@ -283,11 +285,14 @@ class ClientSession:
             self.credits -= 1
             cc = self.cc
             if cc is None or cc.rate >= cc.link_rate:
-                self.out(data, None, 0)
+                self.send_now(data)
             else:
                 t = self.next_tx if self.next_tx > now_ns else now_ns
                 self.next_tx = t + int(len(data) * 8e9 / cc.rate)
-                self.out(data, slot, 0 if t <= now_ns else t)
+                if t <= now_ns:
+                    self.send_now(data)
+                else:
+                    self.out(data, slot, t)
         if slot.num_tx < total:
             self.starved = True             # out of credits: pump() when they return
         inflight = self.credits_total - self.credits
@@ -345,8 +350,15 @@ class ClientSession:
                     else:
                         self.out_of_order += 1
                     continue
-                if ptype == RESP and self._response(slot, flags, msg_size, pkt_num, buf):
-                    continue
+                if ptype == RESP:
+                    if pkt_num == 0 and msg_size <= self.payload and \
+                            len(buf) - HEADER_SIZE == msg_size:
+                        slot.n_resp = 1                 # the common case: one packet
+                        slot.resp_size = msg_size
+                        slot.resp_flags = flags
+                        slot.resp = buf[HEADER_SIZE:]   # zero copy: a slice of the packet
+                    elif self._response(slot, flags, msg_size, pkt_num, buf):
+                        continue
                 self.last_rx = now_ns
                 # an answer: its credit comes back, the RTT is sampled
                 if j < slot.num_tx:
@@ -364,7 +376,11 @@ class ClientSession:
                         self.min_rtt_ns = rtt
                     cc = self.cc
                     if cc is not None:
-                        cc.sample(rtt * 1e-9, now_ns * 1e-9)
+                        if rtt < cc.t_low * 1e9 and cc.rate >= cc.link_rate:
+                            cc.skipped += 1     # uncongested: Timely is skipped (eRPC)
+                            cc.prev_rtt = rtt * 1e-9
+                        else:
+                            cc.update(rtt * 1e-9, now_ns * 1e-9)
                 if slot.n_resp and slot.num_rx == slot.n_req + slot.n_resp - 1:
                     self._complete(slot, now_ns)
                 elif self.credits:
@@ -611,8 +627,9 @@ class ServerEndpoint:
     """The server end of every session of one socket.
 
     ``out(packet, addr)`` sends a datagram. ``dispatch(session, slot,
-    req_type, req_num, body)`` runs the handler of a complete request (the
-    binding answers with :meth:`respond`). ``alloc(n)`` returns a writable
+    req_type, req_num, body)`` runs the handler of a complete request and
+    returns its response if it answered at once, else ``None`` (the
+    binding answers later with :meth:`respond`). ``alloc(n)`` returns a writable
     buffer for a multi-packet request.
     """
 
@@ -636,7 +653,6 @@ class ServerEndpoint:
         self.sessions: dict[int, ServerSession] = {}
         self.by_client: dict[tuple[Any, int], ServerSession] = {}
         self.closing = False
-        self._dispatching: ServerSlot | None = None
         self.c = dict.fromkeys(
             ("packets", "requests", "responses", "truncated", "bad_magic", "bad_type",
              "bad_session", "malformed", "out_of_window", "stale", "out_of_order", "duplicates",
@@ -710,9 +726,22 @@ class ServerEndpoint:
                     slot.ts = ts
                     sess.requests += 1
                     c["requests"] += 1
-                    self._dispatching = slot
-                    self.dispatch(sess, slot, req_type, req_num, buf[HEADER_SIZE:])
-                    self._dispatching = None
+                    resp = self.dispatch(sess, slot, req_type, req_num, buf[HEADER_SIZE:])
+                    if resp is None:
+                        continue                # answered later (or already, with an error)
+                    size = len(resp)
+                    if size <= sess.payload and slot.state == RUNNING:
+                        # answered at once, in one packet: the common case, inline
+                        slot.resp = resp
+                        slot.resp_size = size
+                        slot.flags = 0
+                        slot.n_resp = 1
+                        slot.state = DONE
+                        c["responses"] += 1
+                        out(_pack(MAGIC, RESP, req_type, 0, sess.client_session, req_num, size,
+                                  0, ts) + resp, addr)
+                    else:
+                        self.respond(sess, slot, req_num, resp, 0, True)
                     continue
                 why = check_data_packet(msg_size, 0, length, sess.payload, sess.max_message)
                 if why is not None:
@@ -802,14 +831,11 @@ class ServerEndpoint:
             c["in_progress"] += 1
 
     def _run(self, sess: ServerSession, slot: ServerSlot, req_num: int, body: Any) -> None:
-        """Hand a complete request to the handler; a response given before
-        this returns echoes the request's timestamp (an RTT sample for the
-        client), a later one is flagged as no sample."""
-        self._dispatching = slot
-        try:
-            self.dispatch(sess, slot, slot.req_type, req_num, body)
-        finally:
-            self._dispatching = None
+        """Hand a complete request to the handler (``dispatch`` returns the
+        response if it answered at once)."""
+        resp = self.dispatch(sess, slot, slot.req_type, req_num, body)
+        if resp is not None:
+            self.respond(sess, slot, req_num, resp, 0, True)
 
     def _connect(self, buf: Any, addr: Any, nonce: int, now_ns: int) -> None:
         c = self.c
@@ -871,11 +897,13 @@ class ServerEndpoint:
     # -- responses --
 
     def respond(self, sess: ServerSession, slot: ServerSlot, req_num: int, data: Any,
-                flags: int = 0) -> bool:
+                flags: int = 0, at_once: bool = False) -> bool:
         """Send the response to request ``req_num`` (its first packet now,
         the others when the client asks for them) and keep it for
         retransmissions; False if the request is no longer there (the
-        session closed)."""
+        session closed). ``at_once``: the handler answered while it was
+        dispatched, so the first packet echoes the request's timestamp (an
+        RTT sample for the client); a later answer is flagged NO_RTT."""
         if sess.closed or slot.req_num != req_num or slot.state != RUNNING:
             self.c["late_responses"] += 1
             return False
@@ -891,7 +919,7 @@ class ServerEndpoint:
         slot.n_resp = 1 if size <= sess.payload else -(-size // sess.payload)
         slot.state = DONE
         self.c["responses"] += 1
-        self._send_first(sess, slot, self._dispatching is slot)
+        self._send_first(sess, slot, at_once)
         return True
 
     def _send_first(self, sess: ServerSession, slot: ServerSlot, sample: bool) -> None:
