@@ -42,7 +42,7 @@ def exchange(seed: int, loss: float, dup: float, late: float, sizes: list[int],
 
     client = ClientSession(to_server, paced, client_session=7, window=window, credits=credits,
                            max_datagram=28 + 100, rto_ns=RTO, peer_timeout_ns=10**15)
-    server = ServerEndpoint(to_client, dispatch, max_datagram=28 + 100)
+    server = ServerEndpoint(to_client, dispatch, lambda req, exc: None, max_datagram=28 + 100)
     now = 1
     wire.append(("s", client.connect_packet(now)))
     got: dict[int, bytes] = {}
@@ -78,7 +78,7 @@ def exchange(seed: int, loss: float, dup: float, late: float, sizes: list[int],
     return got, runs, client
 
 
-@settings(max_examples=60)
+@settings(max_examples=150)
 @given(seed=st.integers(0, 2**32), loss=st.sampled_from([0.0, 0.1, 0.3]),
        dup=st.sampled_from([0.0, 0.2]), late=st.sampled_from([0.0, 0.2]),
        sizes=st.lists(st.integers(0, 600), min_size=1, max_size=12),

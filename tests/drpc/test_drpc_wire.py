@@ -108,7 +108,8 @@ def test_server_core_survives_fuzzed_packets(packets_: list[bytes]) -> None:
     sent: list[tuple[bytes, object]] = []
     ran: list[int] = []
     ep = ServerEndpoint(lambda d, a: sent.append((bytes(d), a)),
-                        lambda s, sl, t, n, body: ran.append(len(body)), max_message=4096)
+                        lambda s, sl, t, n, body: ran.append(len(body)),
+                        lambda req, exc: None, max_message=4096)
     peer = ("10.0.0.1", 5)
     ep.receive([(pack_header(PacketType.CONNECT, 0, 0, 1) + Connect(9, 4096, 1472, 8, 32).pack(),
                  peer)], 0)

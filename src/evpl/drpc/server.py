@@ -31,43 +31,13 @@ from typing import Any
 
 from evpl.core.handler import Handler
 from evpl.drpc.client import message_allocator
-from evpl.drpc.session import ServerEndpoint, ServerSession, ServerSlot
+from evpl.drpc.session import Request, ServerEndpoint, ServerSession, ServerSlot
 from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE
 from evpl.errors import ConfigError, EvplError
 
 __all__ = ["Request", "Server"]
 
 _log = logging.getLogger("evpl.drpc")
-
-
-class Request:
-    """One request being served: ``req_type``, ``body`` (an ``evpl.Buffer``
-    or a writable buffer for an assembled multi-packet request), ``peer``
-    (the client's address); ``respond(data)`` answers it once."""
-
-    __slots__ = ("_server", "_sess", "_slot", "body", "req_num", "req_type")
-
-    def __init__(self, server: Server, sess: ServerSession, slot: ServerSlot, req_type: int,
-                 req_num: int, body: Any) -> None:
-        self._server = server
-        self._sess = sess
-        self._slot = slot
-        self.req_type = req_type
-        self.req_num = req_num
-        self.body = body
-
-    @property
-    def peer(self) -> Any:
-        return self._sess.peer
-
-    def respond(self, data: Any) -> bool:
-        """Send the response (bytes-like). Returns False if the session is
-        gone (the client disconnected or was expired) or it was answered
-        already; the response is then dropped."""
-        return self._server._endpoint.respond(self._sess, self._slot, self.req_num, data)
-
-    def __repr__(self) -> str:
-        return f"<drpc.Request type={self.req_type} num={self.req_num} {len(self.body)} B>"
 
 
 class _Handler(Handler):
@@ -128,7 +98,7 @@ class Server:
         self._now = loop.now_ns
         self.bind: Any = None
         self._endpoint = ServerEndpoint(
-            self._sendto, self._dispatch, window=window, credits=credits,
+            self._sendto, self._dispatch, self._failed, window=window, credits=credits,
             max_message=max_message, max_datagram=max_datagram, max_sessions=max_sessions,
             session_timeout_ns=int(session_timeout * 1e9), max_assembly=max_assembly,
             alloc=message_allocator(loop.pool))
@@ -156,6 +126,8 @@ class Server:
         if req_type in self._handlers:
             raise ConfigError(f"request type {req_type} already has a handler")
         self._handlers[req_type] = (handler, background)
+        if not background:
+            self._endpoint.handlers[req_type] = handler     # run by the core itself
 
     # -- the path of a request --
 
@@ -166,32 +138,25 @@ class Server:
 
     def _dispatch(self, sess: ServerSession, slot: ServerSlot, req_type: int, req_num: int,
                   body: Any) -> Any:
-        """Run the handler; returns the response if it answered at once."""
+        """A request the core has no dispatch handler for: a background
+        handler's, or an unknown type (answered with an error)."""
         entry = self._handlers.get(req_type)
         if entry is None:
             self._endpoint.respond(sess, slot, req_num,
                                    f"no handler for request type {req_type}".encode(),
                                    FLAG_ERROR)
             return None
-        handler, background = entry
-        req = Request(self, sess, slot, req_type, req_num, body)
-        if background:
-            self._background(handler, req)
-            return None
-        try:
-            return handler(req)
-        except Exception as exc:
-            self._failed(req, exc)
-            return None
+        self._background(entry[0], Request(self._endpoint, sess, slot, req_type, req_num, body))
+        return None
 
     def _failed(self, req: Request, exc: BaseException) -> None:
         self.handler_errors += 1
         # a text, not the exception: a log record that kept its traceback would
         # keep the request (and its packet buffer) alive
         _log.warning("drpc handler for request type %d raised %s", req.req_type, repr(exc))
-        self._endpoint.respond(req._sess, req._slot, req.req_num,
-                               f"handler for request type {req.req_type} raised "
-                               f"{type(exc).__name__}: {exc}".encode(), FLAG_ERROR)
+        req._endpoint.respond(req._sess, req._slot, req.req_num,
+                              f"handler for request type {req.req_type} raised "
+                              f"{type(exc).__name__}: {exc}".encode(), FLAG_ERROR)
 
     def _background(self, handler: Callable[[Request], Any], req: Request) -> None:
         if self._pool is None:

@@ -59,6 +59,7 @@ __all__ = [
     "DrpcError",
     "PeerDead",
     "RemoteError",
+    "Request",
     "ServerEndpoint",
     "ServerSession",
     "SessionClosed",
@@ -236,10 +237,37 @@ class ClientSession:
         if not 0 <= req_type <= 255:
             raise ValueError(f"request type must be in 0..255, got {req_type}")
         self.requests += 1
-        if self.free:
-            self._start(self.free.pop(), req_type, payload, done, now_ns)
-        else:
+        free = self.free
+        if not free:
             self.backlog.append((req_type, payload, done))
+            return
+        cc = self.cc
+        if size > self.payload or not self.credits or self.busy == 0 or \
+                (cc is not None and cc.rate < cc.link_rate):
+            self._start(free.pop(), req_type, payload, done, now_ns)
+            return
+        # the common case, inline: a one-packet request, a credit, no pacing
+        slot = free.pop()
+        self.busy = busy = self.busy + 1
+        if busy > self.max_busy:
+            self.max_busy = busy
+        slot.busy = True
+        slot.req_num = req_num = slot.req_num + self.window
+        slot.req_type = req_type
+        slot.req = payload
+        slot.req_size = size
+        slot.n_req = 1
+        slot.n_resp = 0
+        slot.num_rx = 0
+        slot.num_tx = 1
+        slot.progress = now_ns
+        slot.done = done
+        self.credits -= 1
+        self.send_now(_pack(MAGIC, REQ, req_type, 0, self.server_session, req_num, size, 0,
+                            (now_ns // 1000) & U32) + payload)
+        inflight = self.credits_total - self.credits
+        if inflight > self.max_inflight:
+            self.max_inflight = inflight
 
     def _start(self, slot: ClientSlot, req_type: int, payload: Any, done: Done,
                now_ns: int) -> None:
@@ -259,8 +287,7 @@ class ClientSession:
         slot.num_tx = slot.num_rx = 0
         slot.progress = now_ns
         slot.done = done
-        if self.credits:
-            self._push(slot, now_ns)
+        self._push(slot, now_ns)            # without credits: marks the session starved
 
     def _push(self, slot: ClientSlot, now_ns: int) -> None:
         """Send what the slot may send with the credits left."""
@@ -382,7 +409,20 @@ class ClientSession:
                         else:
                             cc.update(rtt * 1e-9, now_ns * 1e-9)
                 if slot.n_resp and slot.num_rx == slot.n_req + slot.n_resp - 1:
-                    self._complete(slot, now_ns)
+                    if flags or self.backlog:
+                        self._complete(slot, now_ns)
+                        continue
+                    # complete, nothing queued behind it: inline
+                    done = slot.done
+                    resp = slot.resp
+                    slot.busy = False
+                    slot.done = None
+                    slot.req = b""
+                    slot.resp = None
+                    self.busy -= 1
+                    self.completed += 1
+                    self.free.append(slot)
+                    done(resp, None)
                 elif self.credits:
                     self._push(slot, now_ns)
             elif ptype == CONNECT_OK:
@@ -623,24 +663,61 @@ class ServerSession:
         self.closed = False
 
 
+class Request:
+    """One request being served: ``req_type``, ``body`` (an ``evpl.Buffer``
+    slicing the packet for a one-packet request, the assembled message
+    otherwise), ``peer`` (the client's address); ``respond(data)`` answers
+    it once."""
+
+    __slots__ = ("_endpoint", "_sess", "_slot", "body", "req_num", "req_type")
+
+    def __init__(self, endpoint: ServerEndpoint, sess: ServerSession, slot: ServerSlot,
+                 req_type: int, req_num: int, body: Any) -> None:
+        self._endpoint = endpoint
+        self._sess = sess
+        self._slot = slot
+        self.req_type = req_type
+        self.req_num = req_num
+        self.body = body
+
+    @property
+    def peer(self) -> Any:
+        return self._sess.peer
+
+    def respond(self, data: Any) -> bool:
+        """Send the response (bytes-like). Returns False if the session is
+        gone (the client disconnected or was expired) or it was answered
+        already; the response is then dropped."""
+        return self._endpoint.respond(self._sess, self._slot, self.req_num, data)
+
+    def __repr__(self) -> str:
+        return f"<drpc.Request type={self.req_type} num={self.req_num} {len(self.body)} B>"
+
+
 class ServerEndpoint:
     """The server end of every session of one socket.
 
-    ``out(packet, addr)`` sends a datagram. ``dispatch(session, slot,
-    req_type, req_num, body)`` runs the handler of a complete request and
-    returns its response if it answered at once, else ``None`` (the
-    binding answers later with :meth:`respond`). ``alloc(n)`` returns a writable
+    ``out(packet, addr)`` sends a datagram. ``handlers`` maps request types
+    to the handlers the core runs itself (``handler(Request)`` returns the
+    response, or ``None`` and calls ``Request.respond`` later); a request
+    of another type goes to ``dispatch(session, slot, req_type, req_num,
+    body)``, which returns the response or ``None`` (answered later with
+    :meth:`respond`). ``failed(request, exc)`` is told when a handler
+    raises (it answers with an error). ``alloc(n)`` returns a writable
     buffer for a multi-packet request.
     """
 
     def __init__(self, out: Callable[[Any, Any], Any],
-                 dispatch: Callable[[ServerSession, ServerSlot, int, int, Any], Any], *,
+                 dispatch: Callable[[ServerSession, ServerSlot, int, int, Any], Any],
+                 failed: Callable[[Request, BaseException], Any], *,
                  window: int = 8, credits: int = 32, max_message: int = 8 << 20,
                  max_datagram: int = 1472, max_sessions: int = 4096,
                  session_timeout_ns: int = 60_000_000_000, max_assembly: int = 256 << 20,
                  alloc: Callable[[int], Any] = bytearray) -> None:
         self.out = out
         self.dispatch = dispatch
+        self.failed = failed
+        self.handlers: dict[int, Callable[[Request], Any]] = {}
         self.alloc = alloc
         self.window = window
         self.credits = credits
@@ -726,7 +803,16 @@ class ServerEndpoint:
                     slot.ts = ts
                     sess.requests += 1
                     c["requests"] += 1
-                    resp = self.dispatch(sess, slot, req_type, req_num, buf[HEADER_SIZE:])
+                    handler = self.handlers.get(req_type)
+                    if handler is None:
+                        resp = self.dispatch(sess, slot, req_type, req_num, buf[HEADER_SIZE:])
+                    else:
+                        req = Request(self, sess, slot, req_type, req_num, buf[HEADER_SIZE:])
+                        try:
+                            resp = handler(req)
+                        except Exception as exc:
+                            self.failed(req, exc)
+                            continue
                     if resp is None:
                         continue                # answered later (or already, with an error)
                     size = len(resp)
@@ -831,9 +917,17 @@ class ServerEndpoint:
             c["in_progress"] += 1
 
     def _run(self, sess: ServerSession, slot: ServerSlot, req_num: int, body: Any) -> None:
-        """Hand a complete request to the handler (``dispatch`` returns the
-        response if it answered at once)."""
-        resp = self.dispatch(sess, slot, slot.req_type, req_num, body)
+        """Hand a complete (multi-packet) request to its handler."""
+        handler = self.handlers.get(slot.req_type)
+        if handler is None:
+            resp = self.dispatch(sess, slot, slot.req_type, req_num, body)
+        else:
+            req = Request(self, sess, slot, slot.req_type, req_num, body)
+            try:
+                resp = handler(req)
+            except Exception as exc:
+                self.failed(req, exc)
+                return
         if resp is not None:
             self.respond(sess, slot, req_num, resp, 0, True)
 
