@@ -39,11 +39,14 @@ __all__ = ["KERNEL_TIMELY", "Call", "Client", "loop_wheel", "message_allocator"]
 _PENDING = object()
 _TS = struct.Struct(">I")
 
-# Timely thresholds for kernel-socket paths: eRPC's (T_low 50 us, T_high 1 ms,
-# minimum RTT 2 us) assume a NIC driven from user space; through the kernel,
-# a Python server and a 2-core VM the floor RTT is tens of microseconds and
-# noisy, and eRPC's values would read that noise as congestion.
-KERNEL_TIMELY: dict[str, Any] = {"t_low": 250e-6, "t_high": 2.5e-3, "min_rtt": 50e-6}
+# Timely for kernel-socket paths. eRPC's constants (T_low 50 us, T_high 1 ms,
+# minimum RTT 2 us, 5 Mbit/s steps) assume a NIC driven from user space.
+# Through the kernel and a Python peer the floor RTT is tens of microseconds
+# (25 times eRPC's) and noisy, and a window of large datagrams alone takes a
+# millisecond: the thresholds and the additive step are scaled up alike, and
+# the floor rate keeps a paced 64 KB datagram within about one RTO.
+KERNEL_TIMELY: dict[str, Any] = {"t_low": 500e-6, "t_high": 5e-3, "min_rtt": 50e-6,
+                                 "add_rate": 100e6, "min_rate": 100e6}
 
 
 class Call:
@@ -151,7 +154,9 @@ class Client:
     ``link_rate`` (bits/s) is the rate of an uncongested session, and
     ``timely`` passes :class:`~evpl.drpc.cc.Timely` parameters (``t_low``,
     ``t_high``, ``min_rtt``...; defaults: ``KERNEL_TIMELY``, eRPC's
-    thresholds scaled to kernel sockets). Other keyword options go to
+    thresholds scaled to kernel sockets). ``rcvbuf`` defaults to twice
+    what ``credits`` packets of ``max_datagram`` bytes take (the kernel caps
+    it at ``net.core.rmem_max``). Other keyword options go to
     ``Loop.connect``.
     """
 
@@ -176,7 +181,12 @@ class Client:
         self._connecting = True
         self._wheel: TimingWheel | None = loop_wheel(loop) if cc else None
         timely_cc = Timely(link_rate, **{**KERNEL_TIMELY, **(timely or {})}) if cc else None
-        # the socket first (nothing arrives before the loop runs), then the session
+        # the socket first (nothing arrives before the loop runs), then the
+        # session; its receive buffer holds a window's worth of answers
+        # (each packet in flight can bring one back), else the kernel drops
+        # them and the session waits for its retransmission timeout
+        options.setdefault("rcvbuf", min(max(256 << 10, 2 * credits * (max_datagram + 1024)),
+                                         16 << 20))
         self.bind = loop.connect(backend, address, _Handler(self), max_datagram=max_datagram,
                                  **options)
         self._send = self.bind.send
