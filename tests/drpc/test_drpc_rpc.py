@@ -347,3 +347,25 @@ def test_bad_configuration(loop) -> None:
     with pytest.raises(evpl.ConfigError, match=r"0\.\.255"):
         server.register(256, lambda r: b"")
     server.close()
+
+
+def test_unconnected_client_socket(loop, datagram_backend) -> None:
+    """``local_address=``: the client sends with sendto from a bound socket
+    (the mode for backends without connected datagram Binds, e.g. xdp_udp)
+    and drops what comes from anywhere but the server."""
+    server = serve(loop, datagram_backend)
+    client = Client(loop, datagram_backend, ("localhost", server.address[1]),
+                    local_address=("127.0.0.1", 0))
+    msg = random.Random(4).randbytes(5000)
+    assert bytes(client.wait(client.call(REVERSE, msg), TIMEOUT)) == msg[::-1]
+    foreign = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        foreign.sendto(pack_header(PacketType.RESP, 0, client.session.client_session, 0, 1, 0)
+                       + b"x", client.bind.local_address)
+    finally:
+        foreign.close()
+    loop.run_until(lambda: client.stats()["bad_session"] == 1, timeout=TIMEOUT)
+    assert bytes(client.wait(client.call(ECHO, b"fine"), TIMEOUT)) == b"fine"
+    assert client.stats()["stale"] == 0
+    client.close()
+    server.close()

@@ -22,6 +22,7 @@ and one read batch reaches the protocol core in one Python call.
 from __future__ import annotations
 
 import random
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -115,6 +116,18 @@ def message_allocator(pool: Any) -> Callable[[int], Any]:
     return alloc
 
 
+def _numeric(address: Any) -> Any:
+    """``address`` with its host as a numeric IP (what received datagrams
+    carry): a name is resolved once, now."""
+    if not (isinstance(address, tuple) and len(address) >= 2):
+        raise ConfigError(f"drpc addresses are (host, port) tuples, got {address!r}")
+    try:
+        info = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve {address[0]!r}: {exc.strerror}") from None
+    return info[0][4][:2]
+
+
 def loop_wheel(loop: Any) -> TimingWheel:
     """The pacing wheel every drpc client of ``loop`` shares (made on first use)."""
     wheel = getattr(loop, "_drpc_wheel", None)
@@ -156,15 +169,18 @@ class Client:
     ``t_high``, ``min_rtt``...; defaults: ``KERNEL_TIMELY``, eRPC's
     thresholds scaled to kernel sockets). ``rcvbuf`` defaults to twice
     what ``credits`` packets of ``max_datagram`` bytes take (the kernel caps
-    it at ``net.core.rmem_max``). Other keyword options go to
-    ``Loop.connect``.
+    it at ``net.core.rmem_max``. ``local_address``: use an unconnected
+    socket bound there (``Loop.bind``) and ``sendto`` instead of a connected
+    one (``Loop.connect``), for backends without connected datagram Binds
+    (``xdp_udp``); packets from any other address are dropped. Other
+    keyword options go to ``Loop.connect`` (or ``Loop.bind``).
     """
 
     def __init__(self, loop: Any, backend: str, address: Any, *, window: int = 8,
                  credits: int = 32, max_message: int = 8 << 20, max_datagram: int = 1472,
                  rto: float = 0.005, peer_timeout: float = 1.0, cc: bool = True,
                  link_rate: float = 10e9, timely: dict[str, Any] | None = None,
-                 **options: Any) -> None:
+                 local_address: Any = None, **options: Any) -> None:
         for name, v, lo, hi in (("window", window, 1, 1024), ("credits", credits, 1, 65535),
                                 ("max_message", max_message, 0, 0xFFFFFFFF),
                                 ("max_datagram", max_datagram, HEADER_SIZE + 1, 65507)):
@@ -187,11 +203,22 @@ class Client:
         # them and the session waits for its retransmission timeout
         options.setdefault("rcvbuf", min(max(256 << 10, 2 * credits * (max_datagram + 1024)),
                                          16 << 20))
-        self.bind = loop.connect(backend, address, _Handler(self), max_datagram=max_datagram,
-                                 **options)
-        self._send = self.bind.send
+        if local_address is None:
+            self.bind = loop.connect(backend, address, _Handler(self),
+                                     max_datagram=max_datagram, **options)
+            self._send = self.bind.send
+            peer = None
+        else:
+            # an unconnected socket (for backends without connected datagram
+            # Binds, e.g. xdp_udp): sent to with sendto, and the session
+            # drops what comes from anywhere but the server
+            peer = _numeric(address)
+            self.bind = loop.bind(backend, local_address, _Handler(self),
+                                  max_datagram=max_datagram, **options)
+            sendto = self.bind.sendto
+            self._send = lambda data: sendto(data, peer)
         self.session = ClientSession(
-            self.bind.send, self._out, client_session=random.getrandbits(32) or 1,
+            self._send, self._out, peer=peer, client_session=random.getrandbits(32) or 1,
             window=window, credits=credits, max_message=max_message, max_datagram=max_datagram,
             rto_ns=int(rto * 1e9), peer_timeout_ns=int(peer_timeout * 1e9), cc=timely_cc,
             alloc=message_allocator(loop.pool))

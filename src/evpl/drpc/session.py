@@ -144,7 +144,9 @@ class ClientSession:
     one to leave at ``when_ns`` (``tag`` is the request slot, whose
     ``queued`` the pacer maintains). ``alloc(n)`` returns a writable buffer
     of ``n`` bytes for a multi-packet response. ``cc`` is the session's
-    Timely (``None``: no congestion control).
+    Timely (``None``: no congestion control). ``peer``: the server's
+    address, for a socket that may receive from others (packets from
+    anywhere else are dropped as ``bad_session``).
     """
 
     def __init__(self, send_now: Callable[[Any], Any], out: Callable[[Any, Any, int], Any], *,
@@ -152,7 +154,8 @@ class ClientSession:
                  window: int = 8, credits: int = 32, max_message: int = 8 << 20,
                  max_datagram: int = 1472, rto_ns: int = 5_000_000,
                  peer_timeout_ns: int = 1_000_000_000, cc: Timely | None = None,
-                 alloc: Callable[[int], Any] = bytearray) -> None:
+                 alloc: Callable[[int], Any] = bytearray, peer: Any = None) -> None:
+        self.peer = peer                    # not None: drop packets from other addresses
         self.send_now = send_now
         self.out = out
         self.alloc = alloc
@@ -344,7 +347,11 @@ class ClientSession:
         slots = self.slots
         window = self.window
         now_us = (now_ns // 1000) & U32
-        for buf, _addr in batch:
+        peer = self.peer
+        for buf, addr in batch:
+            if peer is not None and addr is not peer and addr != peer:
+                self.bad_session += 1       # not from the server
+                continue
             try:
                 magic, ptype, _rt, flags, sid, req_num, msg_size, pkt_num, ts = _unpack(buf)
             except _struct_error:
