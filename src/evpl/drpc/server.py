@@ -32,7 +32,7 @@ from typing import Any
 from evpl.core.handler import Handler
 from evpl.drpc.client import message_allocator
 from evpl.drpc.session import Request, ServerEndpoint, ServerSession, ServerSlot
-from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE
+from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE, MAX_REQ_TYPE
 from evpl.errors import ConfigError, EvplError
 
 __all__ = ["Request", "Server"]
@@ -119,8 +119,9 @@ class Server:
         must not block; it returns the response, or ``None`` and calls
         ``request.respond(data)`` later. ``background=True``: it runs on a
         worker thread and returns the response (blocking is fine there)."""
-        if not isinstance(req_type, int) or not 0 <= req_type <= 255:
-            raise ConfigError(f"request type must be an int in 0..255, got {req_type!r}")
+        if not isinstance(req_type, int) or not 0 <= req_type <= MAX_REQ_TYPE:
+            raise ConfigError(f"request type must be an int in 0..{MAX_REQ_TYPE}, "
+                              f"got {req_type!r}")
         if not callable(handler):
             raise ConfigError(f"handler must be callable, got {handler!r}")
         if req_type in self._handlers:

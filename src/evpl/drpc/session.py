@@ -45,6 +45,7 @@ from evpl.drpc.wire import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
+    MAX_REQ_TYPE,
     Connect,
     ConnectOk,
     ConnectReject,
@@ -237,8 +238,8 @@ class ClientSession:
         size = len(payload)
         if size > self.max_message:
             raise ValueError(f"request of {size} bytes exceeds max_message ({self.max_message})")
-        if not 0 <= req_type <= 255:
-            raise ValueError(f"request type must be in 0..255, got {req_type}")
+        if not 0 <= req_type <= MAX_REQ_TYPE:
+            raise ValueError(f"request type must be in 0..{MAX_REQ_TYPE}, got {req_type}")
         self.requests += 1
         free = self.free
         if not free:
@@ -410,8 +411,9 @@ class ClientSession:
                         self.min_rtt_ns = rtt
                     cc = self.cc
                     if cc is not None:
+                        # Timely.sample, inline: skipped while uncongested (eRPC)
                         if rtt < cc.t_low * 1e9 and cc.rate >= cc.link_rate:
-                            cc.skipped += 1     # uncongested: Timely is skipped (eRPC)
+                            cc.skipped += 1
                             cc.prev_rtt = rtt * 1e-9
                         else:
                             cc.update(rtt * 1e-9, now_ns * 1e-9)

@@ -79,9 +79,6 @@ class PacketType(IntEnum):
     DISCONNECT_OK = 9   # server -> client: closed (also for an unknown session)
 
 
-DATA_TYPES = frozenset({PacketType.REQ, PacketType.RESP, PacketType.RFR, PacketType.CR})
-
-
 def pack_header(ptype: int, req_type: int, session: int, req_num: int, msg_size: int = 0,
                 pkt_num: int = 0, ts: int = 0, flags: int = 0) -> bytes:
     """The 28 header bytes (raises ``struct.error`` for out-of-range fields)."""
