@@ -369,3 +369,18 @@ def test_unconnected_client_socket(loop, datagram_backend) -> None:
     assert client.stats()["stale"] == 0
     client.close()
     server.close()
+
+
+def test_idle_client_connects_again_after_the_server_forgot_it(loop, datagram_backend) -> None:
+    """The server forgets sessions silent for session_timeout and tells
+    clients that timeout: a client idle for half of it connects again
+    before its next call, which then succeeds."""
+    server = serve(loop, datagram_backend, session_timeout=1.0)
+    client = Client(loop, datagram_backend, server.address)
+    assert bytes(client.wait(client.call(ECHO, b"one"), TIMEOUT)) == b"one"
+    loop.run_until(lambda: server.stats()["sessions_expired"] == 1, timeout=TIMEOUT)
+    assert server.stats()["sessions"] == 0
+    assert bytes(client.wait(client.call(ECHO, b"two"), TIMEOUT)) == b"two"
+    assert client.stats()["reconnects"] == 1 and server.stats()["sessions"] == 1
+    client.close()
+    server.close()

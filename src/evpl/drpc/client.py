@@ -251,7 +251,10 @@ class Client:
         call = None
         if callback is None:
             callback = call = Call()
-        self._submit(req_type, payload, callback, self._now())
+        now = self._now()
+        if self.session.stale_session(now):
+            self._reconnect(now)
+        self._submit(req_type, payload, callback, now)
         if self._ticker is None and not self.closed:
             self._ticker = self.loop.call_every(self.rto / 2, self._tick)
         return call
@@ -318,6 +321,15 @@ class Client:
               and self._ticker is not None):
             self._ticker.cancel()
             self._ticker = None
+
+    def _reconnect(self, now: int) -> None:
+        """Idle past half the server's session timeout: connect again."""
+        self.session.reconnect()
+        self._connecting = True
+        self._started = now
+        self._connect_wait = max(self.rto, 0.01)
+        self._send(self.session.connect_packet(now))
+        self._connect_timer = self.loop.call_later(self._connect_wait, self._retry_connect)
 
     def _retry_connect(self) -> None:
         if self.closed or not self._connecting:

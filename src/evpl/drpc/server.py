@@ -63,8 +63,9 @@ class Server:
     ``max_message`` bytes per request or response (eRPC: 8 MiB),
     ``max_datagram`` bytes per packet including the 28-byte header (1472
     fits a 1500-byte Ethernet MTU; up to 65507 on loopback or jumbo paths).
-    ``max_sessions`` bounds the session table; ``session_timeout`` (seconds)
-    forgets a session that sent nothing for that long; ``max_assembly``
+    ``max_sessions`` bounds the session table; ``session_timeout`` (seconds,
+    at least 1) forgets a session that sent nothing for that long (clients
+    are told, and connect again after half of it idle); ``max_assembly``
     bounds the memory of multi-packet requests being received (beyond it
     new ones are dropped and retransmitted by their clients). ``workers``:
     threads of the pool that runs background handlers. ``rcvbuf`` (default
@@ -85,8 +86,8 @@ class Server:
                                 ("workers", workers, 1, 1024)):
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ConfigError(f"{name} must be an int in {lo}..{hi}, got {v!r}")
-        if not session_timeout > 0:
-            raise ConfigError(f"session_timeout must be > 0 seconds, got {session_timeout!r}")
+        if not session_timeout >= 1:
+            raise ConfigError(f"session_timeout must be >= 1 second, got {session_timeout!r}")
         self.loop = loop
         self.workers = workers
         self._handlers: dict[int, tuple[Callable[[Request], Any], bool]] = {}

@@ -180,6 +180,8 @@ class ClientSession:
         self.free: list[ClientSlot] = []
         self.backlog: deque[tuple[int, Any, Done]] = deque()
         self.busy = 0
+        self.session_timeout_ns = 0
+        self.reconnects = 0
         self.starved = False                # a slot waits for credits
         self.last_rx = 0
         self.next_tx = 0
@@ -222,10 +224,29 @@ class ClientSession:
         self.slots = [ClientSlot(i, ok.window) for i in range(ok.window)]
         self.free = list(reversed(self.slots))
         self.state = "connected"
+        self.session_timeout_ns = ok.session_timeout * 1_000_000_000
         self.last_rx = now_ns
         while self.backlog and self.free:
             req_type, payload, done = self.backlog.popleft()
             self._start(self.free.pop(), req_type, payload, done, now_ns)
+
+    def stale_session(self, now_ns: int) -> bool:
+        """True if the session sat idle so long that the server may have
+        forgotten it (half its ``session_timeout``): connect again first."""
+        return (self.state == "connected" and self.busy == 0 and self.session_timeout_ns > 0
+                and now_ns - self.last_rx >= self.session_timeout_ns // 2)
+
+    def reconnect(self) -> None:
+        """Start over with a new CONNECT (a new nonce, the same client
+        session number: the server replaces the old session). Only while
+        nothing is outstanding; calls made meanwhile wait for the session."""
+        self.state = "connecting"
+        self.nonce = random.getrandbits(63)
+        self.slots = []
+        self.free = []
+        self.credits = 0
+        self.starved = False
+        self.reconnects += 1
 
     # -- calls --
 
@@ -584,6 +605,7 @@ class ClientSession:
             "backlog": len(self.backlog),
             "requests": self.requests,
             "completed": self.completed,
+            "reconnects": self.reconnects,
             "retransmits": self.retransmits,
             "duplicates": self.duplicates,
             "stale": self.stale,
@@ -983,7 +1005,7 @@ class ServerEndpoint:
 
     def _send_ok(self, sess: ServerSession, addr: Any) -> None:
         ok = ConnectOk(sess.number, sess.max_message, sess.max_datagram, sess.window,
-                       sess.credits)
+                       sess.credits, self.session_timeout_ns // 1_000_000_000)
         self.out(_pack(MAGIC, CONNECT_OK, 0, 0, sess.client_session, sess.nonce, 0, 0, 0) +
                  ok.pack(), addr)
 

@@ -162,28 +162,31 @@ class ConnectOk:
     """CONNECT_OK payload: the server's session number (the client puts it in
     every packet it sends) and the session's limits, which the client must
     respect: request window, credits (packets in flight), largest message
-    (both directions) and datagram size (header included)."""
+    (both directions) and datagram size (header included); and after how
+    many seconds of silence the server forgets the session (0: never), so
+    that a client idle that long connects again before its next call."""
 
     server_session: int
     max_message: int
     max_datagram: int
     window: int
     credits: int
+    session_timeout: int = 0
 
     def pack(self) -> bytes:
         return _CONNECT_OK.pack(self.server_session, self.max_message, self.max_datagram,
-                                self.window, self.credits, 0)
+                                self.window, self.credits, min(self.session_timeout, 0xFFFF))
 
     @classmethod
     def unpack(cls, data: object) -> ConnectOk:
         try:
-            ss, mm, md, w, c, _ = _CONNECT_OK.unpack_from(data)  # type: ignore[arg-type]
+            ss, mm, md, w, c, t = _CONNECT_OK.unpack_from(data)  # type: ignore[arg-type]
         except struct.error:
             raise ProtocolError("truncated CONNECT_OK payload") from None
         if w < 1 or c < 1 or md <= HEADER_SIZE:
             raise ProtocolError(f"CONNECT_OK with unusable limits (window {w}, credits {c}, "
                                 f"datagram {md})")
-        return cls(ss, mm, md, w, c)
+        return cls(ss, mm, md, w, c, t)
 
 
 class RejectReason(IntEnum):
