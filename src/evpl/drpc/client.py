@@ -252,7 +252,7 @@ class Client:
         if callback is None:
             callback = call = Call()
         now = self._now()
-        if self.session.stale_session(now):
+        if self.session.busy == 0 and self.session.stale_session(now):
             self._reconnect(now)
         self._submit(req_type, payload, callback, now)
         if self._ticker is None and not self.closed:
