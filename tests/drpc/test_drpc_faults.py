@@ -34,6 +34,9 @@ sys.path.insert(0, str(HERE.parent / "interop"))
 from netns import NetNS, netns_unavailable_reason  # noqa: E402
 
 SCRIPT = HERE / "drpc_fault_script.py"
+# eRPC's floor and step: eight senders at the kernel default's 100 Mbit/s floor
+# still overrun one Python server
+INCAST_TIMELY = {"min_rate": 15e6, "add_rate": 5e6}
 RELAY = HERE / "udp_relay.py"
 pytestmark = pytest.mark.timeout(180)
 
@@ -149,7 +152,8 @@ def test_duplication() -> None:
 def _incast(loop, backend: str, port: int, cc: bool) -> tuple[float, list[dict]]:
     """Eight clients, 24 requests of 48 KB each, all at once; returns the
     clients' mean RTT (us) and their stats."""
-    clients = [Client(loop, backend, ("127.0.0.1", port), cc=cc) for _ in range(8)]
+    clients = [Client(loop, backend, ("127.0.0.1", port), cc=cc, timely=INCAST_TIMELY)
+               for _ in range(8)]
     rnd = random.Random(9)
     done: list = []
     for c in clients:
@@ -165,9 +169,11 @@ def _incast(loop, backend: str, port: int, cc: bool) -> tuple[float, list[dict]]
 
 def test_incast_with_timely(loop, datagram_backend) -> None:
     """Eight clients send 48 KB requests to one server (a process of its
-    own) at once. With Timely the clients slow down when the RTT climbs as
-    the server's socket queue fills: the mean RTT of a run without and one
-    with Timely is printed; every request completes either way."""
+    own) at once. With Timely (eRPC's floor and step, INCAST_TIMELY) the
+    clients slow down when the RTT climbs as the server's socket queue
+    fills: the mean RTT of a run without and one with Timely is printed (a
+    measurement, not asserted: on the shared VM it moves 2x between runs);
+    every request completes either way."""
     server = subprocess.Popen([sys.executable, str(HERE / "drpc_server_script.py"),
                                "--backend", datagram_backend], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
