@@ -52,8 +52,8 @@ KERNEL_TIMELY: dict[str, Any] = {"t_low": 500e-6, "t_high": 5e-3, "min_rtt": 50e
 
 class Call:
     """A call in flight (what :meth:`Client.call` returns without a
-    callback): ``done``, ``result()`` (the response Buffer, or raises the
-    call's error), ``exception()``, ``add_done_callback(fn)``."""
+    callback): ``done``, ``result()`` (the response, or raises the call's
+    error), ``exception()``, ``add_done_callback(fn)``."""
 
     __slots__ = ("_callbacks", "_exc", "_value")
 
@@ -77,7 +77,7 @@ class Call:
         return self._value is not _PENDING or self._exc is not None
 
     def result(self) -> Any:
-        """The response (an ``evpl.Buffer``); raises the call's error."""
+        """The response (see :meth:`Client.call`); raises the call's error."""
         if self._exc is not None:
             raise self._exc
         if self._value is _PENDING:
@@ -169,7 +169,7 @@ class Client:
     ``t_high``, ``min_rtt``...; defaults: ``KERNEL_TIMELY``, eRPC's
     thresholds scaled to kernel sockets). ``rcvbuf`` defaults to twice
     what ``credits`` packets of ``max_datagram`` bytes take (the kernel caps
-    it at ``net.core.rmem_max``. ``local_address``: use an unconnected
+    it at ``net.core.rmem_max``). ``local_address``: use an unconnected
     socket bound there (``Loop.bind``) and ``sendto`` instead of a connected
     one (``Loop.connect``), for backends without connected datagram Binds
     (``xdp_udp``); packets from any other address are dropped. Other
@@ -242,7 +242,9 @@ class Client:
         ``req_type`` (0..255).
 
         With ``callback``: ``callback(response, None)`` on success (the
-        response is an ``evpl.Buffer``), ``callback(None, error)`` on failure;
+        response is an ``evpl.Buffer``; a ``bytearray`` for a multi-packet
+        response under a quarter of a pool buffer), ``callback(None, error)``
+        on failure;
         returns None. Without: returns a :class:`Call`. Calls beyond the
         window wait in order. The payload is kept (for retransmissions) until
         the call completes; a mutable one is copied first."""
