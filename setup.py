@@ -65,6 +65,7 @@ MODULES = ["buffers", "framing", "txqueue", "loop", "bind", "epoll", "uring"]
 MODULES += ["xdp"]
 MODULES += ["mpsc", "rings"]    # cross-thread calls; shared-memory rings between shards
 MODULES += ["zmtp"]        # ZMTP frame split/encode (evpl.zmtp)
+MODULES += ["wheel"]       # the pacing timing wheel (evpl.drpc)
 
 
 def ext(name: str) -> Extension:

@@ -1,0 +1,454 @@
+"""drpc benchmark: small-RPC rate, round-trip latency and large-message
+throughput of evpl.drpc against the stacks a Python user would otherwise
+pick, in the same run.
+
+Stacks (each a server process and a client process of this file):
+
+* ``drpc-udp``, ``drpc-uring``: evpl.drpc over ``udp`` / ``io_uring_udp``
+  (1472-byte datagrams, the default; ``drpc-udp-64k``: 65507-byte datagrams,
+  for loopback or jumbo-frame paths, large loads only);
+* ``rpc2-tcp``, ``rpc2-udp``: evpl.rpc2 (ONC RPC) over TCP / UDP, a raw
+  procedure returning the same bytes;
+* ``asyncio-udp``, ``uvloop-udp``: a DatagramProtocol request-response pair
+  written in its fastest idiomatic form (a 4-byte id; a request unanswered
+  for 50 ms is replaced, nothing more: no sessions, no flow control);
+* ``grpc``: grpcio's asyncio API, unary calls of raw bytes (no protobuf),
+  the same concurrency as everyone else (one task per call in flight).
+
+Loads: ``small`` (32-byte request and response, ``--depth`` calls in flight,
+default 8), ``latency`` (one call in flight; both loops in poll mode where
+the stack has one: ``poll_mode="always"``), ``large`` (a 32-byte request,
+an 8 MiB response, one call in flight).
+
+As benchmarks/run.py: server pinned to core 0, client to core 1
+(``taskset``), a fresh server per measurement, repetitions interleaved,
+medians, and every number as a ratio to ``rpc2-tcp`` measured in the same
+run. Wrap runs in ``flock /tmp/evpl-bench.lock``::
+
+    flock /tmp/evpl-bench.lock python benchmarks/drpc_bench.py
+    python benchmarks/drpc_bench.py --loads small --stacks drpc-udp,rpc2-tcp,grpc --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+SERVER_CORE, CLIENT_CORE = 0, 1
+SMALL = 32
+LARGE = 8 << 20
+PROG, VERS, PROC = 0x20000999, 1, 1
+
+STACKS = ["drpc-udp", "drpc-uring", "drpc-udp-64k", "rpc2-tcp", "rpc2-udp", "asyncio-udp",
+          "uvloop-udp", "grpc"]
+LOADS = ["small", "latency", "large"]
+# which stacks make sense for which load
+SKIP = {("drpc-udp-64k", "small"), ("drpc-udp-64k", "latency"),
+        ("asyncio-udp", "large"), ("uvloop-udp", "large"), ("rpc2-udp", "large")}
+BASELINE = "rpc2-tcp"
+
+
+def _length(results: Any) -> int:
+    return len(results)
+
+
+def response_for(load: str) -> bytes:
+    return bytes((i * 7) & 0xFF for i in range(LARGE)) if load == "large" else b"r" * SMALL
+
+
+# ----------------------------------------------------------------- servers
+
+def serve(stack: str, load: str, poll: bool) -> None:
+    """Run the server of ``stack``; print ``ready PORT``; run until killed."""
+    resp = response_for(load)
+    if stack.startswith("drpc") or stack.startswith("rpc2"):
+        import evpl
+
+        loop = evpl.Loop(poll_mode="always" if poll else "hybrid")
+        if stack.startswith("drpc"):
+            from evpl.drpc import Server
+
+            backend = "io_uring_udp" if stack == "drpc-uring" else "udp"
+            dgram = 65507 if stack.endswith("64k") else 1472
+            server = Server(loop, backend, ("127.0.0.1", 0), max_datagram=dgram)
+            server.register(1, lambda req: resp)
+            port = server.address[1]
+        else:
+            from evpl.rpc2 import Server as RpcServer
+
+            rserver = RpcServer(loop, max_record=64 << 20)
+            rserver.register(PROG, VERS, {PROC: lambda ctx, data: resp})
+            if stack == "rpc2-tcp":
+                port = rserver.listen("tcp", ("127.0.0.1", 0)).address[1]
+            else:
+                port = rserver.bind_udp(("127.0.0.1", 0)).local_address[1]
+        print(f"ready {port}", flush=True)
+        loop.run()
+        return
+    if stack in ("asyncio-udp", "uvloop-udp"):
+        if stack == "uvloop-udp":
+            import uvloop
+
+            uvloop.install()
+
+        class Echo(asyncio.DatagramProtocol):
+            def connection_made(self, transport: Any) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                self.transport.sendto(data[:4] + resp, addr)
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            transport, _ = await loop.create_datagram_endpoint(
+                Echo, local_addr=("127.0.0.1", 0))
+            print(f"ready {transport.get_extra_info('sockname')[1]}", flush=True)
+            await asyncio.Event().wait()
+
+        asyncio.run(main())
+        return
+    if stack == "grpc":
+        import grpc
+
+        async def handler(request: bytes, context: Any) -> bytes:
+            return resp
+
+        async def gmain() -> None:
+            server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
+                                              ("grpc.max_receive_message_length", 64 << 20)])
+            server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+                "bench.Bench", {"Call": grpc.unary_unary_rpc_method_handler(handler)})])
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            print(f"ready {port}", flush=True)
+            await server.wait_for_termination()
+
+        asyncio.run(gmain())
+        return
+    raise SystemExit(f"unknown stack {stack}")
+
+
+# ----------------------------------------------------------------- clients
+
+class Meter:
+    """Counts completions in the measured window and their latencies."""
+
+    def __init__(self, warmup: float, duration: float) -> None:
+        self.start = time.perf_counter() + warmup
+        self.end = self.start + duration
+        self.count = 0
+        self.bytes = 0
+        self.lat: list[float] = []
+
+    def done(self, t0: float, nbytes: int) -> bool:
+        """Record a completion that started at ``t0``; False once the run is over."""
+        now = time.perf_counter()
+        if now >= self.end:
+            return False
+        if t0 >= self.start:
+            self.count += 1
+            self.bytes += nbytes
+            self.lat.append(now - t0)
+        return True
+
+    def result(self) -> dict[str, Any]:
+        lat = sorted(self.lat) or [0.0]
+        return {"calls_per_s": self.count / (self.end - self.start),
+                "gbit_per_s": self.bytes * 8 / (self.end - self.start) / 1e9,
+                "p50_us": lat[len(lat) // 2] * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6}
+
+
+def client(stack: str, load: str, port: int, depth: int, warmup: float, duration: float,
+           poll: bool) -> dict[str, Any]:
+    expect = len(response_for(load))
+    meter = Meter(warmup, duration)
+    payload = b"q" * SMALL
+    clock = time.perf_counter
+    if stack.startswith("drpc") or stack.startswith("rpc2"):
+        import evpl
+
+        loop = evpl.Loop(poll_mode="always" if poll else "hybrid")
+        finished = []
+        if stack.startswith("drpc"):
+            from evpl.drpc import Client
+
+            backend = "io_uring_udp" if stack == "drpc-uring" else "udp"
+            dgram = 65507 if stack.endswith("64k") else 1472
+            c = Client(loop, backend, ("127.0.0.1", port), window=max(8, depth),
+                       max_datagram=dgram)
+            call = c.call
+
+            def issue() -> None:
+                t0 = clock()
+
+                def cb(resp: Any, err: Any) -> None:
+                    if err is not None or len(resp) != expect:
+                        finished.append(f"bad response {err!r}")
+                    elif meter.done(t0, expect):
+                        issue()
+                    elif not finished:
+                        finished.append(None)
+                call(1, payload, cb)
+        else:
+            from evpl.rpc2 import Client as RpcClient
+
+            c = RpcClient(loop, "tcp" if stack == "rpc2-tcp" else "udp", ("127.0.0.1", port),
+                          max_record=64 << 20)
+            call = c.call
+
+            def issue() -> None:
+                t0 = clock()
+
+                def cb(rpc: Any) -> None:
+                    try:
+                        n = rpc.result()
+                    except Exception as exc:
+                        finished.append(repr(exc))
+                        return
+                    if n != expect:
+                        finished.append(f"bad response length {n}")
+                    elif meter.done(t0, expect):
+                        issue()
+                    elif not finished:
+                        finished.append(None)
+                call(PROG, VERS, PROC, payload, _length).add_done_callback(cb)
+        for _ in range(depth):
+            issue()
+        loop.run_until(lambda: finished, timeout=warmup + duration + 30)
+        if finished[0] is not None:
+            raise SystemExit(finished[0])
+        return meter.result()
+    if stack in ("asyncio-udp", "uvloop-udp"):
+        if stack == "uvloop-udp":
+            import uvloop
+
+            uvloop.install()
+        return asyncio.run(_udp_client(port, depth, meter, payload, expect))
+    if stack == "grpc":
+        return asyncio.run(_grpc_client(port, depth, meter, payload, expect))
+    raise SystemExit(f"unknown stack {stack}")
+
+
+async def _udp_client(port: int, depth: int, meter: Meter, payload: bytes,
+                      expect: int) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    started: dict[int, float] = {}
+    seq = [0]
+    clock = time.perf_counter
+
+    class Proto(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def send(self) -> None:
+            seq[0] += 1
+            n = seq[0] & 0xFFFFFFFF
+            started[n] = clock()
+            self.transport.sendto(n.to_bytes(4, "big") + payload)
+
+        def resend_lost(self) -> None:
+            """UDP loses datagrams: a request unanswered for 50 ms is
+            replaced by a new one, so the depth holds."""
+            old = clock() - 0.05
+            for n in [n for n, t0 in started.items() if t0 < old]:
+                del started[n]
+                self.send()
+            if not done.done():
+                loop.call_later(0.01, self.resend_lost)
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            t0 = started.pop(int.from_bytes(data[:4], "big"), None)
+            if t0 is None or len(data) - 4 != expect:
+                return
+            if meter.done(t0, expect):
+                self.send()
+            elif not done.done():
+                done.set_result(None)
+
+    transport, proto = await loop.create_datagram_endpoint(
+        Proto, remote_addr=("127.0.0.1", port))
+    for _ in range(depth):
+        proto.send()
+    proto.resend_lost()
+    await asyncio.wait_for(done, meter.end - time.perf_counter() + 30)
+    transport.close()
+    return meter.result()
+
+
+async def _grpc_client(port: int, depth: int, meter: Meter, payload: bytes,
+                       expect: int) -> dict[str, Any]:
+    import grpc
+
+    async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
+        call = channel.unary_unary("/bench.Bench/Call")
+        clock = time.perf_counter
+
+        async def worker() -> None:
+            while True:
+                t0 = clock()
+                resp = await call(payload)
+                if len(resp) != expect:
+                    raise SystemExit(f"bad response length {len(resp)}")
+                if not meter.done(t0, expect):
+                    return
+
+        await asyncio.gather(*(worker() for _ in range(depth)))
+    return meter.result()
+
+
+# ----------------------------------------------------------------- driver
+
+def measure(stack: str, load: str, depth: int, warmup: float, duration: float,
+            poll: bool) -> dict[str, Any]:
+    """One measurement: a fresh server on core 0, the client on core 1."""
+    cmd = [sys.executable, str(HERE), "--role", "server", "--stacks", stack, "--loads", load]
+    if poll:
+        cmd.append("--poll")
+    server = subprocess.Popen(["taskset", "-c", str(SERVER_CORE), *cmd],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if not line.startswith("ready "):
+            err = server.stderr.read() if server.stderr else ""
+            return {"error": f"server did not start: {line.strip()} {err.strip()[-300:]}"}
+        port = int(line.split()[1])
+        ccmd = [sys.executable, str(HERE), "--role", "client", "--stacks", stack, "--loads",
+                load, "--port", str(port), "--depth", str(depth), "--warmup", str(warmup),
+                "--duration", str(duration)]
+        if poll:
+            ccmd.append("--poll")
+        res = subprocess.run(["taskset", "-c", str(CLIENT_CORE), *ccmd], capture_output=True,
+                             text=True, timeout=warmup + duration + 120)
+        if res.returncode != 0:
+            return {"error": (res.stderr.strip() or res.stdout.strip())[-300:]}
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    finally:
+        server.kill()
+        server.wait()
+
+
+def run(stacks: list[str], loads: list[str], repeat: int, depth: int, warmup: float,
+        duration: float) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in range(repeat):
+        for load in loads:
+            for stack in stacks:
+                if (stack, load) in SKIP:
+                    continue
+                d = 1 if load in ("latency", "large") else depth
+                out = measure(stack, load, d, warmup, duration, load == "latency")
+                results.setdefault(load, {}).setdefault(stack, []).append(out)
+                print(f"  run {r + 1}/{repeat} {load:8} {stack:13} {_short(out)}", flush=True)
+    return results
+
+
+def _short(out: dict[str, Any]) -> str:
+    if "error" in out:
+        return "error: " + out["error"]
+    return (f"{out['calls_per_s']:,.0f} calls/s  {out['gbit_per_s']:.2f} Gbit/s  "
+            f"p50 {out['p50_us']:.0f} us  p99 {out['p99_us']:.0f} us")
+
+
+def _ratios(med: dict[str, float], stack: str, higher: bool) -> Callable[[str], str]:
+    def ratio(base: str) -> str:
+        if base not in med or stack not in med or not med[base] or not med[stack]:
+            return ""
+        r = med[stack] / med[base] if higher else med[base] / med[stack]
+        return f"{r:.2f}x"
+    return ratio
+
+
+def table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """A markdown table of medians, with ratios to rpc2-tcp (and grpc)."""
+    key: dict[str, tuple[str, str, Callable[[float], str], bool]] = {
+        "small": ("calls_per_s", "calls/s", lambda v: f"{v:,.0f}", True),
+        "latency": ("p50_us", "p50 round trip (us)", lambda v: f"{v:.1f}", False),
+        "large": ("gbit_per_s", "Gbit/s (8 MiB responses)", lambda v: f"{v:.2f}", True),
+    }
+    lines = ["| load | stack | median | spread | vs rpc2-tcp | vs grpc |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for load, per_stack in results.items():
+        field, unit, fmt, higher = key[load]
+        med: dict[str, float] = {}
+        spread: dict[str, str] = {}
+        for stack, outs in per_stack.items():
+            vals = [o[field] for o in outs if "error" not in o]
+            if vals:
+                m = statistics.median(vals)
+                med[stack] = m
+                spread[stack] = f"±{(max(vals) - min(vals)) / 2 / m * 100:.0f}%" if m else ""
+        for stack in per_stack:
+            ratio = _ratios(med, stack, higher)
+            if stack not in med:
+                err = next(o["error"] for o in per_stack[stack] if "error" in o)
+                lines.append(f"| {load} | {stack} | failed: {err[:60]} | | | |")
+                continue
+
+            lines.append(f"| {load} | {stack} | {fmt(med[stack])} {unit} | {spread[stack]} | "
+                         f"{ratio(BASELINE)} | {ratio('grpc')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Ratios: higher is better for drpc (for latency: "
+                                        "rpc2-tcp's p50 divided by the stack's).")
+    ap.add_argument("--stacks", default=",".join(STACKS), help="comma-separated, of: "
+                    + ", ".join(STACKS))
+    ap.add_argument("--loads", default=",".join(LOADS), help="comma-separated, of: "
+                    + ", ".join(LOADS))
+    ap.add_argument("--repeat", type=int, default=3, help="runs per stack and load (median)")
+    ap.add_argument("--depth", type=int, default=8, help="calls in flight (small load)")
+    ap.add_argument("--warmup", type=float, default=0.5)
+    ap.add_argument("--duration", type=float, default=2.0)
+    ap.add_argument("--markdown", default=None, help="also write the table here")
+    ap.add_argument("--role", choices=["driver", "server", "client"], default="driver",
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--poll", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    stacks = args.stacks.split(",")
+    loads = args.loads.split(",")
+    for s in stacks:
+        if s not in STACKS:
+            ap.error(f"unknown stack {s!r}")
+    for ld in loads:
+        if ld not in LOADS:
+            ap.error(f"unknown load {ld!r}")
+    if args.role == "server":
+        serve(stacks[0], loads[0], args.poll)
+        return
+    if args.role == "client":
+        out = client(stacks[0], loads[0], args.port, args.depth, args.warmup, args.duration,
+                     args.poll)
+        print(json.dumps(out), flush=True)
+        return
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("needs at least 2 cores (server and client are pinned apart)")
+    print(f"drpc benchmark: {args.repeat} runs of {args.duration} s (+{args.warmup} s warm-up), "
+          f"small-load depth {args.depth}; server on core {SERVER_CORE}, client on core "
+          f"{CLIENT_CORE}", flush=True)
+    results = run(stacks, loads, args.repeat, args.depth, args.warmup, args.duration)
+    md = table(results)
+    print(md)
+    if args.markdown:
+        Path(args.markdown).write_text(md + "\n")
+
+
+if __name__ == "__main__":
+    main()

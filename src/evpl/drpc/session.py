@@ -1,0 +1,1077 @@
+"""drpc sessions: the protocol state machines of both ends (sans-I/O).
+
+No sockets and no clock here: methods take the packets that arrived and the
+time (``now_ns``), and emit packets through the ``out`` function they were
+given. ``evpl.drpc.client`` and ``evpl.drpc.server`` bind them to evpl Binds,
+timers and the pacing wheel. docs/drpc.md describes the protocol.
+
+Client side (:class:`ClientSession`), per eRPC:
+
+* a request *window* of ``window`` slots: request number ``r`` lives in slot
+  ``r % window``, and a slot's next request number is the previous one plus
+  ``window``; calls beyond the window wait in a backlog;
+* session *credits*: at most ``credits`` packets in flight (request packets
+  and requests-for-response), each returned by the packet that answers it, so
+  the server never receives more than it has reserved buffers for;
+* a request of N packets is acknowledged by N-1 credit returns (CR) and the
+  first response packet; response packets 2..M are pulled one by one with
+  requests-for-response (RFR). The client's packets and the server's answers
+  are numbered alike (``num_tx``, ``num_rx``), which makes loss recovery
+  go-back-N: after ``rto`` without progress the client rolls ``num_tx`` back
+  to ``num_rx`` and sends again, unless packets of that request still wait in
+  the pacing wheel;
+* answers out of order, duplicated or for an older request are dropped and
+  counted; no packet from the server for ``peer_timeout`` while requests are
+  outstanding fails them all (:class:`PeerDead`).
+
+Server side (:class:`ServerEndpoint`): sessions by number, the request
+slots' state, a response cache per slot that answers a retransmitted request
+without running its handler again (at-most-once), and counters for every
+packet it drops.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from evpl.drpc.cc import Timely
+from evpl.drpc.wire import (
+    FLAG_ERROR,
+    FLAG_NO_RTT,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_REQ_TYPE,
+    Connect,
+    ConnectOk,
+    ConnectReject,
+    PacketType,
+    RejectReason,
+    check_data_packet,
+)
+from evpl.errors import EvplError, ProtocolError
+
+__all__ = [
+    "ClientSession",
+    "DrpcError",
+    "PeerDead",
+    "RemoteError",
+    "Request",
+    "ServerEndpoint",
+    "ServerSession",
+    "SessionClosed",
+    "SessionRejected",
+]
+
+REQ = PacketType.REQ.value
+RESP = PacketType.RESP.value
+RFR = PacketType.RFR.value
+CR = PacketType.CR.value
+CONNECT = PacketType.CONNECT.value
+CONNECT_OK = PacketType.CONNECT_OK.value
+CONNECT_REJECT = PacketType.CONNECT_REJECT.value
+DISCONNECT = PacketType.DISCONNECT.value
+DISCONNECT_OK = PacketType.DISCONNECT_OK.value
+
+_pack = HEADER.pack
+_unpack = HEADER.unpack_from
+_struct_error = struct.error
+U32 = 0xFFFFFFFF
+
+
+class DrpcError(EvplError):
+    """Base of the errors a drpc call fails with."""
+
+
+class PeerDead(DrpcError):
+    """The server sent nothing for ``peer_timeout`` while requests were
+    outstanding (or never answered the connect): the session is dead."""
+
+
+class SessionClosed(DrpcError):
+    """The client was closed before the call completed."""
+
+
+class SessionRejected(DrpcError):
+    """The server refused the session (too many sessions, bad parameters)."""
+
+
+class RemoteError(DrpcError):
+    """The server could not run the request: no handler for its type, or
+    the handler raised (the message is the server's text)."""
+
+
+# -- client ---------------------------------------------------------------------
+
+Done = Callable[[Any, BaseException | None], Any]
+
+
+class ClientSlot:
+    """One request slot of a client session: the request in it and how far
+    its exchange got."""
+
+    __slots__ = ("busy", "done", "index", "n_req", "n_resp", "num_rx", "num_tx", "progress",
+                 "queued", "req", "req_num", "req_size", "req_type", "resp", "resp_flags",
+                 "resp_size", "retransmits")
+
+    def __init__(self, index: int, window: int) -> None:
+        self.index = index
+        self.req_num = index - window       # the first request gets ``index``
+        self.busy = False
+        self.done: Done | None = None
+        self.req: Any = b""
+        self.req_type = 0
+        self.req_size = 0
+        self.n_req = 1
+        self.n_resp = 0                     # 0 until the first response packet
+        self.resp: Any = None
+        self.resp_size = 0
+        self.resp_flags = 0
+        self.num_tx = 0                     # packets sent: request packets, then RFRs
+        self.num_rx = 0                     # their answers received, in order
+        self.progress = 0                   # ns of the last progress (for the RTO)
+        self.queued = 0                     # packets of it in the pacing wheel
+        self.retransmits = 0
+
+
+class ClientSession:
+    """The client end of one session.
+
+    ``send_now(packet)`` sends a packet; ``out(packet, tag, when_ns)`` paces
+    one to leave at ``when_ns`` (``tag`` is the request slot, whose
+    ``queued`` the pacer maintains). ``alloc(n)`` returns a writable buffer
+    of ``n`` bytes for a multi-packet response. ``cc`` is the session's
+    Timely (``None``: no congestion control). ``peer``: the server's
+    address, for a socket that may receive from others (packets from
+    anywhere else are dropped as ``bad_session``).
+    """
+
+    def __init__(self, send_now: Callable[[Any], Any], out: Callable[[Any, Any, int], Any], *,
+                 client_session: int,
+                 window: int = 8, credits: int = 32, max_message: int = 8 << 20,
+                 max_datagram: int = 1472, rto_ns: int = 5_000_000,
+                 peer_timeout_ns: int = 1_000_000_000, cc: Timely | None = None,
+                 alloc: Callable[[int], Any] = bytearray, peer: Any = None) -> None:
+        self.peer = peer                    # not None: drop packets from other addresses
+        self.send_now = send_now
+        self.out = out
+        self.alloc = alloc
+        self.client_session = client_session
+        self.want_window = window
+        self.want_credits = credits
+        self.max_message = max_message
+        self.max_datagram = max_datagram
+        self.rto_ns = rto_ns
+        self.peer_timeout_ns = peer_timeout_ns
+        self.cc = cc
+        self.nonce = random.getrandbits(63)
+        self.state = "connecting"
+        self.error: BaseException | None = None
+        self.server_session = 0
+        self.window = window
+        self.credits_total = credits
+        self.credits = 0
+        self.payload = max_datagram - HEADER_SIZE
+        self.slots: list[ClientSlot] = []
+        self.free: list[ClientSlot] = []
+        self.backlog: deque[tuple[int, Any, Done]] = deque()
+        self.busy = 0
+        self.session_timeout_ns = 0
+        self.reconnects = 0
+        self.starved = False                # a slot waits for credits
+        self.last_rx = 0
+        self.next_tx = 0
+        # counters
+        self.requests = 0
+        self.completed = 0
+        self.retransmits = 0
+        self.duplicates = 0
+        self.stale = 0
+        self.out_of_order = 0
+        self.malformed = 0
+        self.no_memory = 0
+        self.bad_session = 0
+        self.bad_type = 0
+        self.rtt_ns = 0
+        self.rtt_sum = 0
+        self.rtt_samples = 0
+        self.min_rtt_ns = 0
+        self.max_inflight = 0
+        self.max_busy = 0
+
+    # -- connecting --
+
+    def connect_packet(self, now_ns: int) -> bytes:
+        """The CONNECT packet (sent again until answered)."""
+        return _pack(MAGIC, CONNECT, 0, 0, 0, self.nonce, 0, 0, (now_ns // 1000) & U32) + \
+            Connect(self.client_session, self.max_message, self.max_datagram,
+                    self.want_window, self.want_credits).pack()
+
+    def _connected(self, ok: ConnectOk, now_ns: int) -> None:
+        if ok.window > self.want_window or ok.credits > self.want_credits or \
+                ok.max_datagram > self.max_datagram:
+            raise ProtocolError(f"the server's limits exceed what was asked for: {ok}")
+        self.server_session = ok.server_session
+        self.window = ok.window
+        self.credits_total = self.credits = ok.credits
+        self.max_message = min(self.max_message, ok.max_message)
+        self.max_datagram = ok.max_datagram
+        self.payload = ok.max_datagram - HEADER_SIZE
+        self.slots = [ClientSlot(i, ok.window) for i in range(ok.window)]
+        self.free = list(reversed(self.slots))
+        self.state = "connected"
+        self.session_timeout_ns = ok.session_timeout * 1_000_000_000
+        self.last_rx = now_ns
+        while self.backlog and self.free:
+            req_type, payload, done = self.backlog.popleft()
+            self._start(self.free.pop(), req_type, payload, done, now_ns)
+
+    def stale_session(self, now_ns: int) -> bool:
+        """True if the session sat idle so long that the server may have
+        forgotten it (half its ``session_timeout``): connect again first."""
+        return (self.state == "connected" and self.busy == 0 and self.session_timeout_ns > 0
+                and now_ns - self.last_rx >= self.session_timeout_ns // 2)
+
+    def reconnect(self) -> None:
+        """Start over with a new CONNECT (a new nonce, the same client
+        session number: the server replaces the old session). Only while
+        nothing is outstanding; calls made meanwhile wait for the session."""
+        self.state = "connecting"
+        self.nonce = random.getrandbits(63)
+        self.slots = []
+        self.free = []
+        self.credits = 0
+        self.starved = False
+        self.reconnects += 1
+
+    # -- calls --
+
+    def submit(self, req_type: int, payload: Any, done: Done, now_ns: int) -> None:
+        """Start a request (or queue it behind the window); ``done(response,
+        None)`` or ``done(None, error)`` is called once."""
+        if self.state == "closed":
+            done(None, self.error or SessionClosed("the drpc session is closed"))
+            return
+        size = len(payload)
+        if size > self.max_message:
+            raise ValueError(f"request of {size} bytes exceeds max_message ({self.max_message})")
+        if not 0 <= req_type <= MAX_REQ_TYPE:
+            raise ValueError(f"request type must be in 0..{MAX_REQ_TYPE}, got {req_type}")
+        self.requests += 1
+        free = self.free
+        if not free:
+            self.backlog.append((req_type, payload, done))
+            return
+        cc = self.cc
+        if size > self.payload or not self.credits or self.busy == 0 or \
+                (cc is not None and cc.rate < cc.link_rate):
+            self._start(free.pop(), req_type, payload, done, now_ns)
+            return
+        # the common case, inline: a one-packet request, a credit, no pacing
+        slot = free.pop()
+        self.busy = busy = self.busy + 1
+        if busy > self.max_busy:
+            self.max_busy = busy
+        slot.busy = True
+        slot.req_num = req_num = slot.req_num + self.window
+        slot.req_type = req_type
+        slot.req = payload
+        slot.req_size = size
+        slot.n_req = 1
+        slot.n_resp = 0
+        slot.num_rx = 0
+        slot.num_tx = 1
+        slot.progress = now_ns
+        slot.done = done
+        self.credits -= 1
+        self.send_now(_pack(MAGIC, REQ, req_type, 0, self.server_session, req_num, size, 0,
+                            (now_ns // 1000) & U32) + payload)
+        inflight = self.credits_total - self.credits
+        if inflight > self.max_inflight:
+            self.max_inflight = inflight
+
+    def _start(self, slot: ClientSlot, req_type: int, payload: Any, done: Done,
+               now_ns: int) -> None:
+        if self.busy == 0 and now_ns - self.last_rx > 0:
+            self.last_rx = now_ns           # silence while idle does not count
+        self.busy += 1
+        if self.busy > self.max_busy:
+            self.max_busy = self.busy
+        slot.busy = True
+        slot.req_num += self.window
+        slot.req_type = req_type
+        slot.req = payload
+        slot.req_size = size = len(payload)
+        slot.n_req = 1 if size <= self.payload else -(-size // self.payload)
+        slot.n_resp = 0
+        slot.resp = None
+        slot.num_tx = slot.num_rx = 0
+        slot.progress = now_ns
+        slot.done = done
+        self._push(slot, now_ns)            # without credits: marks the session starved
+
+    def _push(self, slot: ClientSlot, now_ns: int) -> None:
+        """Send what the slot may send with the credits left."""
+        n_req = slot.n_req
+        total = n_req + slot.n_resp - 1 if slot.n_resp else n_req
+        ts = (now_ns // 1000) & U32
+        while self.credits and slot.num_tx < total:
+            i = slot.num_tx
+            if i < n_req:
+                if n_req == 1:
+                    data = _pack(MAGIC, REQ, slot.req_type, 0, self.server_session,
+                                 slot.req_num, slot.req_size, 0, ts) + slot.req
+                else:
+                    off = i * self.payload
+                    data = _pack(MAGIC, REQ, slot.req_type, 0, self.server_session,
+                                 slot.req_num, slot.req_size, i, ts) + \
+                        memoryview(slot.req)[off:off + self.payload]
+            else:
+                data = _pack(MAGIC, RFR, slot.req_type, 0, self.server_session, slot.req_num,
+                             0, i - n_req + 1, ts)
+            slot.num_tx = i + 1
+            self.credits -= 1
+            cc = self.cc
+            if cc is None or cc.rate >= cc.link_rate:
+                self.send_now(data)
+            else:
+                t = self.next_tx if self.next_tx > now_ns else now_ns
+                self.next_tx = t + int(len(data) * 8e9 / cc.rate)
+                if t <= now_ns:
+                    self.send_now(data)
+                else:
+                    self.out(data, slot, t)
+        if slot.num_tx < total:
+            self.starved = True             # out of credits: pump() when they return
+        inflight = self.credits_total - self.credits
+        if inflight > self.max_inflight:
+            self.max_inflight = inflight
+
+    def pump(self, now_ns: int) -> None:
+        """Let the slots that ran out of credits send what the returned
+        credits allow."""
+        if self.starved and self.credits:
+            self.starved = False
+            for slot in self.slots:
+                if slot.busy:
+                    # (also once the credits are gone: _push marks the
+                    # session starved again if the slot has more to send)
+                    self._push(slot, now_ns)
+
+    # -- receiving --
+
+    def receive(self, batch: list[tuple[Any, Any]], now_ns: int) -> None:
+        """Every datagram of one read batch (``(data, addr)`` pairs)."""
+        slots = self.slots
+        window = self.window
+        now_us = (now_ns // 1000) & U32
+        peer = self.peer
+        for buf, addr in batch:
+            if peer is not None and addr is not peer and addr != peer:
+                self.bad_session += 1       # not from the server
+                continue
+            try:
+                magic, ptype, _rt, flags, sid, req_num, msg_size, pkt_num, ts = _unpack(buf)
+            except _struct_error:
+                self.malformed += 1
+                continue
+            if magic != MAGIC:
+                self.malformed += 1
+                continue
+            if sid != self.client_session:
+                self.bad_session += 1
+                continue
+            if ptype == RESP or ptype == CR:
+                if not slots:
+                    self.stale += 1
+                    continue
+                slot = slots[req_num % window]
+                if not slot.busy or slot.req_num != req_num:
+                    self.stale += 1
+                    continue
+                if ptype == CR:
+                    if pkt_num >= slot.n_req - 1:
+                        self.malformed += 1
+                        continue
+                    j = pkt_num
+                else:
+                    j = slot.n_req - 1 + pkt_num
+                if j != slot.num_rx:
+                    if j < slot.num_rx:
+                        self.duplicates += 1
+                    else:
+                        self.out_of_order += 1
+                    continue
+                if ptype == RESP:
+                    if pkt_num == 0 and msg_size <= self.payload and \
+                            len(buf) - HEADER_SIZE == msg_size:
+                        slot.n_resp = 1                 # the common case: one packet
+                        slot.resp_size = msg_size
+                        slot.resp_flags = flags
+                        slot.resp = buf[HEADER_SIZE:]   # zero copy: a slice of the packet
+                    elif self._response(slot, flags, msg_size, pkt_num, buf):
+                        continue
+                self.last_rx = now_ns
+                # an answer: its credit comes back, the RTT is sampled
+                if j < slot.num_tx:
+                    self.credits += 1
+                else:
+                    slot.num_tx = j + 1     # answer to a packet sent before a rollback
+                slot.num_rx = j + 1
+                slot.progress = now_ns
+                if not flags & FLAG_NO_RTT:
+                    rtt = ((now_us - ts) & U32) * 1000
+                    self.rtt_ns = rtt
+                    self.rtt_sum += rtt
+                    self.rtt_samples += 1
+                    if rtt < self.min_rtt_ns or not self.min_rtt_ns:
+                        self.min_rtt_ns = rtt
+                    cc = self.cc
+                    if cc is not None:
+                        # Timely.sample, inline: skipped while uncongested (eRPC)
+                        if rtt < cc.t_low * 1e9 and cc.rate >= cc.link_rate:
+                            cc.skipped += 1
+                            cc.prev_rtt = rtt * 1e-9
+                        else:
+                            cc.update(rtt * 1e-9, now_ns * 1e-9)
+                if slot.n_resp and slot.num_rx == slot.n_req + slot.n_resp - 1:
+                    if flags or self.backlog:
+                        self._complete(slot, now_ns)
+                        continue
+                    # complete, nothing queued behind it: inline
+                    done = slot.done
+                    resp = slot.resp
+                    slot.busy = False
+                    slot.done = None
+                    slot.req = b""
+                    slot.resp = None
+                    self.busy -= 1
+                    self.completed += 1
+                    self.free.append(slot)
+                    done(resp, None)
+                elif self.credits:
+                    self._push(slot, now_ns)
+            elif ptype == CONNECT_OK:
+                if self.state == "connecting" and req_num == self.nonce:
+                    try:
+                        self._connected(ConnectOk.unpack(buf[HEADER_SIZE:]), now_ns)
+                    except ProtocolError as exc:
+                        self.fail(exc)
+                else:
+                    self.duplicates += 1
+            elif ptype == CONNECT_REJECT:
+                if self.state == "connecting" and req_num == self.nonce:
+                    try:
+                        rej = ConnectReject.unpack(buf[HEADER_SIZE:])
+                        why = f"{RejectReason(rej.reason).name if rej.reason in _REASONS else rej.reason}: {rej.text}"  # noqa: E501
+                    except ProtocolError as exc:
+                        why = str(exc)
+                    self.fail(SessionRejected(f"the server refused the session ({why})"))
+                else:
+                    self.stale += 1
+            elif ptype == DISCONNECT_OK:
+                self.stale += 1
+            else:
+                self.bad_type += 1
+        if self.starved and self.credits:
+            self.pump(now_ns)
+
+    def _response(self, slot: ClientSlot, flags: int, msg_size: int, pkt_num: int,
+                  buf: Any) -> bool:
+        """Take a response packet that is next in order; True if it is
+        malformed (dropped)."""
+        length = len(buf) - HEADER_SIZE
+        if pkt_num == 0 and msg_size == length and msg_size <= self.payload:
+            slot.n_resp = 1                             # the common case: one packet
+            slot.resp_size = msg_size
+            slot.resp_flags = flags
+            slot.resp = buf[HEADER_SIZE:]               # zero copy: a slice of the packet
+            return False
+        if pkt_num == 0:
+            why = check_data_packet(msg_size, 0, length, self.payload, self.max_message)
+            if why is not None:
+                self.malformed += 1
+                return True
+            slot.n_resp = n = 1 if msg_size <= self.payload else -(-msg_size // self.payload)
+            slot.resp_size = msg_size
+            slot.resp_flags = flags
+            if n == 1:
+                slot.resp = buf[HEADER_SIZE:]           # zero copy: a slice of the packet
+            else:
+                try:
+                    slot.resp = self.alloc(msg_size)
+                except (EvplError, MemoryError):
+                    self.no_memory += 1         # dropped: retransmitted after the RTO
+                    slot.n_resp = 0
+                    return True
+                memoryview(slot.resp)[:length] = memoryview(buf)[HEADER_SIZE:]
+            return False
+        if msg_size != slot.resp_size or (flags ^ slot.resp_flags) & FLAG_ERROR or \
+                check_data_packet(msg_size, pkt_num, length, self.payload,
+                                  self.max_message) is not None:
+            self.malformed += 1
+            return True
+        off = pkt_num * self.payload
+        memoryview(slot.resp)[off:off + length] = memoryview(buf)[HEADER_SIZE:]
+        return False
+
+    def _complete(self, slot: ClientSlot, now_ns: int) -> None:
+        done = slot.done
+        resp = slot.resp
+        flags = slot.resp_flags
+        slot.busy = False
+        slot.done = None
+        slot.req = b""
+        slot.resp = None
+        self.busy -= 1
+        self.completed += 1
+        if self.backlog:
+            req_type, payload, nxt = self.backlog.popleft()
+            self._start(slot, req_type, payload, nxt, now_ns)
+        else:
+            self.free.append(slot)
+        if flags & FLAG_ERROR:
+            done(None, RemoteError(bytes(resp).decode("utf-8", "replace")))
+        else:
+            done(resp, None)
+
+    # -- time --
+
+    def tick(self, now_ns: int) -> BaseException | None:
+        """Retransmission timeouts (go-back-N) and dead-peer detection; returns
+        the error that killed the session, if it died."""
+        if self.state != "connected":
+            return None
+        if self.busy and now_ns - self.last_rx >= self.peer_timeout_ns:
+            err = PeerDead(f"no packet from the server for "
+                           f"{(now_ns - self.last_rx) / 1e9:.3f} s with {self.busy} request(s) "
+                           f"outstanding (peer_timeout {self.peer_timeout_ns / 1e9:g} s): "
+                           f"the server is gone or unreachable")
+            self.fail(err)
+            return err
+        rolled = False
+        for slot in self.slots:
+            if slot.busy and slot.num_tx > slot.num_rx and slot.queued == 0 and \
+                    now_ns - slot.progress >= self.rto_ns:
+                self.credits += slot.num_tx - slot.num_rx
+                slot.num_tx = slot.num_rx
+                slot.retransmits += 1
+                self.retransmits += 1
+                slot.progress = now_ns
+                rolled = True
+        if rolled:
+            self.starved = True
+            self.pump(now_ns)
+        return None
+
+    def fail(self, error: BaseException) -> None:
+        """Close the session: every outstanding and queued call fails with
+        ``error``."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self.error = error
+        dones = [s.done for s in self.slots if s.busy and s.done is not None]
+        for s in self.slots:
+            s.busy = False
+            s.done = None
+            s.req = b""
+            s.resp = None
+        dones.extend(d for _, _, d in self.backlog)
+        self.backlog.clear()
+        self.busy = 0
+        for done in dones:
+            done(None, error)
+
+    def disconnect_packet(self) -> bytes:
+        """The DISCONNECT packet."""
+        return _pack(MAGIC, DISCONNECT, 0, 0, self.server_session, 0, 0, 0, 0)
+
+    def stats(self) -> dict[str, Any]:
+        """Per-session counters: RTT (last and minimum, µs), Timely rate,
+        credits, retransmissions, drops."""
+        s: dict[str, Any] = {
+            "state": self.state,
+            "window": self.window,
+            "credits": self.credits_total,
+            "credits_available": self.credits,
+            "max_inflight": self.max_inflight,
+            "max_outstanding": self.max_busy,
+            "outstanding": self.busy,
+            "backlog": len(self.backlog),
+            "requests": self.requests,
+            "completed": self.completed,
+            "reconnects": self.reconnects,
+            "retransmits": self.retransmits,
+            "duplicates": self.duplicates,
+            "stale": self.stale,
+            "out_of_order": self.out_of_order,
+            "malformed": self.malformed,
+            "no_memory": self.no_memory,
+            "bad_session": self.bad_session,
+            "bad_type": self.bad_type,
+            "rtt_us": self.rtt_ns / 1000,
+            "min_rtt_us": self.min_rtt_ns / 1000,
+            "mean_rtt_us": self.rtt_sum / self.rtt_samples / 1000 if self.rtt_samples else 0.0,
+            "rtt_samples": self.rtt_samples,
+            "max_datagram": self.max_datagram,
+            "max_message": self.max_message,
+        }
+        if self.cc is not None:
+            s["rate_bps"] = self.cc.rate
+            s["timely"] = self.cc.stats()
+        return s
+
+
+_REASONS = {int(r) for r in RejectReason}
+
+
+# -- server ---------------------------------------------------------------------
+
+FREE, RECEIVING, RUNNING, DONE = 0, 1, 2, 3
+
+
+class ServerSlot:
+    """One request slot of a server session: the request being received or
+    run, or the last response (kept to answer a retransmission)."""
+
+    __slots__ = ("asm", "flags", "index", "n_req", "n_resp", "num_rx", "req_num", "req_size",
+                 "req_type", "resp", "resp_size", "state", "ts")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.req_num = -1
+        self.state = FREE
+        self.req_type = 0
+        self.req_size = 0
+        self.n_req = 0
+        self.num_rx = 0
+        self.asm: Any = None
+        self.resp: Any = None
+        self.resp_size = 0
+        self.n_resp = 0
+        self.flags = 0
+        self.ts = 0
+
+
+class ServerSession:
+    """The server end of one session."""
+
+    __slots__ = (
+        "client_session",
+        "closed",
+        "credits",
+        "last_rx",
+        "max_datagram",
+        "max_message",
+        "nonce",
+        "number",
+        "payload",
+        "peer",
+        "requests",
+        "slots",
+        "window",
+    )
+
+    def __init__(self, number: int, peer: Any, nonce: int, client_session: int, window: int,
+                 credits: int, max_message: int, max_datagram: int, now_ns: int) -> None:
+        self.number = number
+        self.peer = peer
+        self.nonce = nonce
+        self.client_session = client_session
+        self.window = window
+        self.credits = credits
+        self.max_message = max_message
+        self.max_datagram = max_datagram
+        self.payload = max_datagram - HEADER_SIZE
+        self.slots = [ServerSlot(i) for i in range(window)]
+        self.last_rx = now_ns
+        self.requests = 0
+        self.closed = False
+
+
+class Request:
+    """One request being served: ``req_type``, ``body`` (an ``evpl.Buffer``
+    slicing the packet for a one-packet request, the assembled message
+    otherwise), ``peer`` (the client's address); ``respond(data)`` answers
+    it once."""
+
+    __slots__ = ("_endpoint", "_sess", "_slot", "body", "req_num", "req_type")
+
+    def __init__(self, endpoint: ServerEndpoint, sess: ServerSession, slot: ServerSlot,
+                 req_type: int, req_num: int, body: Any) -> None:
+        self._endpoint = endpoint
+        self._sess = sess
+        self._slot = slot
+        self.req_type = req_type
+        self.req_num = req_num
+        self.body = body
+
+    @property
+    def peer(self) -> Any:
+        return self._sess.peer
+
+    def respond(self, data: Any) -> bool:
+        """Send the response (bytes-like). Returns False if the session is
+        gone (the client disconnected or was expired) or it was answered
+        already; the response is then dropped."""
+        return self._endpoint.respond(self._sess, self._slot, self.req_num, data)
+
+    def __repr__(self) -> str:
+        return f"<drpc.Request type={self.req_type} num={self.req_num} {len(self.body)} B>"
+
+
+class ServerEndpoint:
+    """The server end of every session of one socket.
+
+    ``out(packet, addr)`` sends a datagram. ``handlers`` maps request types
+    to the handlers the core runs itself (``handler(Request)`` returns the
+    response, or ``None`` and calls ``Request.respond`` later); a request
+    of another type goes to ``dispatch(session, slot, req_type, req_num,
+    body)``, which returns the response or ``None`` (answered later with
+    :meth:`respond`). ``failed(request, exc)`` is told when a handler
+    raises (it answers with an error). ``alloc(n)`` returns a writable
+    buffer for a multi-packet request.
+    """
+
+    def __init__(self, out: Callable[[Any, Any], Any],
+                 dispatch: Callable[[ServerSession, ServerSlot, int, int, Any], Any],
+                 failed: Callable[[Request, BaseException], Any], *,
+                 window: int = 8, credits: int = 32, max_message: int = 8 << 20,
+                 max_datagram: int = 1472, max_sessions: int = 4096,
+                 session_timeout_ns: int = 60_000_000_000, max_assembly: int = 256 << 20,
+                 alloc: Callable[[int], Any] = bytearray) -> None:
+        self.out = out
+        self.dispatch = dispatch
+        self.failed = failed
+        self.handlers: dict[int, Callable[[Request], Any]] = {}
+        self.alloc = alloc
+        self.window = window
+        self.credits = credits
+        self.max_message = max_message
+        self.max_datagram = max_datagram
+        self.max_sessions = max_sessions
+        self.session_timeout_ns = session_timeout_ns
+        self.max_assembly = max_assembly
+        self.assembling = 0                 # bytes of multi-packet requests being received
+        self.sessions: dict[int, ServerSession] = {}
+        self.by_client: dict[tuple[Any, int], ServerSession] = {}
+        self.closing = False
+        self.c = dict.fromkeys(
+            ("packets", "requests", "responses", "truncated", "bad_magic", "bad_type",
+             "bad_session", "malformed", "out_of_window", "stale", "out_of_order", "duplicates",
+             "retransmitted_responses", "in_progress", "credit_returns", "rfr",
+             "sessions_opened", "sessions_closed", "sessions_expired", "sessions_rejected",
+             "late_responses", "assembly_full"), 0)
+
+    # -- packets --
+
+    def receive(self, batch: list[tuple[Any, Any]], now_ns: int) -> None:
+        """Every datagram of one read batch."""
+        c = self.c
+        c["packets"] += len(batch)
+        sessions = self.sessions
+        out = self.out
+        for buf, addr in batch:
+            try:
+                magic, ptype, req_type, _flags, sid, req_num, msg_size, pkt_num, ts = \
+                    _unpack(buf)
+            except _struct_error:
+                c["truncated"] += 1
+                continue
+            if magic != MAGIC:
+                c["bad_magic"] += 1
+                continue
+            if ptype == REQ or ptype == RFR:
+                sess = sessions.get(sid)
+                if sess is None or (sess.peer is not addr and sess.peer != addr):
+                    c["bad_session"] += 1
+                    continue
+                sess.last_rx = now_ns
+                slot = sess.slots[req_num % sess.window]
+                if ptype == RFR:
+                    if slot.req_num != req_num or slot.state != DONE or \
+                            not 0 < pkt_num < slot.n_resp:
+                        c["stale" if req_num < slot.req_num else "out_of_window"] += 1
+                        continue
+                    c["rfr"] += 1
+                    off = pkt_num * sess.payload
+                    out(_pack(MAGIC, RESP, slot.req_type, slot.flags, sess.client_session,
+                              req_num, slot.resp_size, pkt_num, ts) +
+                        slot.resp[off:off + sess.payload], addr)
+                    continue
+                if req_num == slot.req_num:
+                    self._current(sess, slot, req_num, msg_size, pkt_num, ts, buf, addr)
+                    continue
+                expected = slot.req_num + sess.window if slot.req_num >= 0 else slot.index
+                if req_num != expected:
+                    c["stale" if req_num < slot.req_num else "out_of_window"] += 1
+                    continue
+                if slot.state == RECEIVING or slot.state == RUNNING:
+                    # an honest client starts the slot's next request only
+                    # once it has the whole response to the current one
+                    c["out_of_window"] += 1
+                    continue
+                if pkt_num != 0:
+                    c["out_of_order"] += 1
+                    continue
+                length = len(buf) - HEADER_SIZE
+                if msg_size <= sess.payload:
+                    if length != msg_size:
+                        c["malformed"] += 1
+                        continue
+                    # a new single-packet request: the body is a slice of the packet
+                    slot.req_num = req_num
+                    slot.req_type = req_type
+                    slot.req_size = msg_size
+                    slot.n_req = 1
+                    slot.resp = None
+                    slot.state = RUNNING
+                    slot.ts = ts
+                    sess.requests += 1
+                    c["requests"] += 1
+                    handler = self.handlers.get(req_type)
+                    if handler is None:
+                        resp = self.dispatch(sess, slot, req_type, req_num, buf[HEADER_SIZE:])
+                    else:
+                        req = Request(self, sess, slot, req_type, req_num, buf[HEADER_SIZE:])
+                        try:
+                            resp = handler(req)
+                        except Exception as exc:
+                            self.failed(req, exc)
+                            continue
+                    if resp is None:
+                        continue                # answered later (or already, with an error)
+                    size = len(resp)
+                    if size <= sess.payload and slot.state == RUNNING:
+                        # answered at once, in one packet: the common case, inline
+                        slot.resp = resp
+                        slot.resp_size = size
+                        slot.flags = 0
+                        slot.n_resp = 1
+                        slot.state = DONE
+                        c["responses"] += 1
+                        out(_pack(MAGIC, RESP, req_type, 0, sess.client_session, req_num, size,
+                                  0, ts) + resp, addr)
+                    else:
+                        self.respond(sess, slot, req_num, resp, 0, True)
+                    continue
+                why = check_data_packet(msg_size, 0, length, sess.payload, sess.max_message)
+                if why is not None:
+                    c["malformed"] += 1
+                    continue
+                if self.assembling + msg_size > self.max_assembly:
+                    c["assembly_full"] += 1     # the client retransmits later
+                    continue
+                try:
+                    asm = self.alloc(msg_size)
+                except (EvplError, MemoryError):
+                    c["assembly_full"] += 1     # out of memory: the client retransmits
+                    continue
+                self.assembling += msg_size
+                slot.req_num = req_num
+                slot.req_type = req_type
+                slot.req_size = msg_size
+                slot.n_req = -(-msg_size // sess.payload)
+                slot.resp = None
+                slot.asm = asm
+                memoryview(slot.asm)[:length] = memoryview(buf)[HEADER_SIZE:]
+                slot.num_rx = 1
+                slot.state = RECEIVING
+                c["credit_returns"] += 1
+                out(_pack(MAGIC, CR, req_type, 0, sess.client_session, req_num, 0, 0, ts), addr)
+                continue
+            if ptype == CONNECT:
+                self._connect(buf, addr, req_num, now_ns)
+            elif ptype == DISCONNECT:
+                sess = sessions.get(sid)
+                if sess is not None and (sess.peer is addr or sess.peer == addr):
+                    self._drop(sess)
+                    c["sessions_closed"] += 1
+                    out(_pack(MAGIC, DISCONNECT_OK, 0, 0, sess.client_session, 0, 0, 0, 0), addr)
+                else:
+                    c["bad_session"] += 1
+            else:
+                c["bad_type"] += 1
+
+    def _current(self, sess: ServerSession, slot: ServerSlot, req_num: int, msg_size: int,
+                 pkt_num: int, ts: int, buf: Any, addr: Any) -> None:
+        """A REQ packet of the request the slot holds now: the next packet of
+        a multi-packet request, or a retransmission."""
+        c = self.c
+        if slot.state == RECEIVING:
+            if pkt_num == slot.num_rx:
+                length = len(buf) - HEADER_SIZE
+                if msg_size != slot.req_size or check_data_packet(
+                        msg_size, pkt_num, length, sess.payload, sess.max_message) is not None:
+                    c["malformed"] += 1
+                    return
+                off = pkt_num * sess.payload
+                memoryview(slot.asm)[off:off + length] = memoryview(buf)[HEADER_SIZE:]
+                slot.num_rx = pkt_num + 1
+                if slot.num_rx < slot.n_req:
+                    c["credit_returns"] += 1
+                    self.out(_pack(MAGIC, CR, slot.req_type, 0, sess.client_session, req_num,
+                                   0, pkt_num, ts), addr)
+                    return
+                body = slot.asm
+                slot.asm = None
+                self.assembling -= slot.req_size
+                slot.state = RUNNING
+                slot.ts = ts
+                sess.requests += 1
+                c["requests"] += 1
+                self._run(sess, slot, req_num, body)
+            elif pkt_num < slot.num_rx:
+                c["duplicates"] += 1        # its credit return was lost: again
+                self.out(_pack(MAGIC, CR, slot.req_type, 0, sess.client_session, req_num, 0,
+                               pkt_num, ts), addr)
+            else:
+                c["out_of_order"] += 1
+            return
+        # the request is running or answered: a retransmission
+        c["duplicates"] += 1
+        if pkt_num < slot.n_req - 1:
+            self.out(_pack(MAGIC, CR, slot.req_type, 0, sess.client_session, req_num, 0,
+                           pkt_num, ts), addr)
+        elif slot.state == DONE:
+            # the response (or its first packet) was lost: answer from the
+            # cache, without running the handler again
+            c["retransmitted_responses"] += 1
+            slot.ts = ts
+            self._send_first(sess, slot, True)
+        else:
+            c["in_progress"] += 1
+
+    def _run(self, sess: ServerSession, slot: ServerSlot, req_num: int, body: Any) -> None:
+        """Hand a complete (multi-packet) request to its handler."""
+        handler = self.handlers.get(slot.req_type)
+        if handler is None:
+            resp = self.dispatch(sess, slot, slot.req_type, req_num, body)
+        else:
+            req = Request(self, sess, slot, slot.req_type, req_num, body)
+            try:
+                resp = handler(req)
+            except Exception as exc:
+                self.failed(req, exc)
+                return
+        if resp is not None:
+            self.respond(sess, slot, req_num, resp, 0, True)
+
+    def _connect(self, buf: Any, addr: Any, nonce: int, now_ns: int) -> None:
+        c = self.c
+        try:
+            req = Connect.unpack(buf[HEADER_SIZE:])
+        except ProtocolError:
+            c["malformed"] += 1
+            return
+        key = (addr, req.client_session)
+        sess = self.by_client.get(key)
+        if sess is not None and sess.nonce == nonce:
+            c["duplicates"] += 1            # our CONNECT_OK was lost: send it again
+            self._send_ok(sess, addr)
+            return
+        if sess is not None:
+            self._drop(sess)                # the client started over
+        reject = None
+        if self.closing:
+            reject = ConnectReject(RejectReason.SHUTTING_DOWN, "the server is closing")
+        elif len(self.sessions) >= self.max_sessions:
+            reject = ConnectReject(RejectReason.TOO_MANY_SESSIONS,
+                                   f"the server has {self.max_sessions} sessions (max_sessions)")
+        elif req.window < 1 or req.credits < 1 or req.max_datagram <= HEADER_SIZE:
+            reject = ConnectReject(RejectReason.BAD_PARAMETERS,
+                                   f"unusable window/credits/datagram size in {req}")
+        if reject is not None:
+            c["sessions_rejected"] += 1
+            self.out(_pack(MAGIC, CONNECT_REJECT, 0, 0, req.client_session, nonce, 0, 0, 0) +
+                     reject.pack(), addr)
+            return
+        number = random.getrandbits(32)
+        while number == 0 or number in self.sessions:
+            number = random.getrandbits(32)
+        sess = ServerSession(number, addr, nonce, req.client_session,
+                             min(self.window, req.window), min(self.credits, req.credits),
+                             min(self.max_message, req.max_message),
+                             min(self.max_datagram, req.max_datagram), now_ns)
+        self.sessions[number] = sess
+        self.by_client[key] = sess
+        c["sessions_opened"] += 1
+        self._send_ok(sess, addr)
+
+    def _send_ok(self, sess: ServerSession, addr: Any) -> None:
+        ok = ConnectOk(sess.number, sess.max_message, sess.max_datagram, sess.window,
+                       sess.credits, self.session_timeout_ns // 1_000_000_000)
+        self.out(_pack(MAGIC, CONNECT_OK, 0, 0, sess.client_session, sess.nonce, 0, 0, 0) +
+                 ok.pack(), addr)
+
+    def _drop(self, sess: ServerSession) -> None:
+        sess.closed = True
+        self.sessions.pop(sess.number, None)
+        self.by_client.pop((sess.peer, sess.client_session), None)
+        for slot in sess.slots:
+            if slot.state == RECEIVING:
+                self.assembling -= slot.req_size
+            slot.asm = None
+            slot.resp = None
+
+    # -- responses --
+
+    def respond(self, sess: ServerSession, slot: ServerSlot, req_num: int, data: Any,
+                flags: int = 0, at_once: bool = False) -> bool:
+        """Send the response to request ``req_num`` (its first packet now,
+        the others when the client asks for them) and keep it for
+        retransmissions; False if the request is no longer there (the
+        session closed). ``at_once``: the handler answered while it was
+        dispatched, so the first packet echoes the request's timestamp (an
+        RTT sample for the client); a later answer is flagged NO_RTT."""
+        if sess.closed or slot.req_num != req_num or slot.state != RUNNING:
+            self.c["late_responses"] += 1
+            return False
+        size = len(data)
+        if size > sess.max_message:
+            data = (f"response of {size} bytes exceeds the session's max_message "
+                    f"({sess.max_message})").encode()
+            size = len(data)
+            flags |= FLAG_ERROR
+        slot.resp = data
+        slot.resp_size = size
+        slot.flags = flags
+        slot.n_resp = 1 if size <= sess.payload else -(-size // sess.payload)
+        slot.state = DONE
+        self.c["responses"] += 1
+        self._send_first(sess, slot, at_once)
+        return True
+
+    def _send_first(self, sess: ServerSession, slot: ServerSlot, sample: bool) -> None:
+        data = slot.resp
+        head = _pack(MAGIC, RESP, slot.req_type, slot.flags | (0 if sample else FLAG_NO_RTT),
+                     sess.client_session, slot.req_num, slot.resp_size, 0, slot.ts)
+        self.out(head + (data if slot.n_resp == 1 else memoryview(data)[:sess.payload]),
+                 sess.peer)
+
+    # -- time --
+
+    def expire(self, now_ns: int) -> int:
+        """Drop sessions that sent nothing for ``session_timeout``; returns how many."""
+        dead = [s for s in self.sessions.values()
+                if now_ns - s.last_rx >= self.session_timeout_ns and
+                not any(sl.state == RUNNING for sl in s.slots)]
+        for s in dead:
+            self._drop(s)
+        self.c["sessions_expired"] += len(dead)
+        return len(dead)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: packets, requests, responses, sessions, and every kind
+        of packet dropped (``truncated``, ``bad_magic``, ``bad_type``,
+        ``bad_session``, ``malformed``, ``out_of_window``, ``stale``,
+        ``out_of_order``, ``duplicates``)."""
+        s = dict(self.c)
+        s["sessions"] = len(self.sessions)
+        s["assembling_bytes"] = self.assembling
+        return s

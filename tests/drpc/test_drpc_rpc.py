@@ -1,0 +1,386 @@
+"""drpc over real sockets on every datagram backend: round trips from 0 bytes
+to the maximum message both ways, many sessions with the window and credit
+limits held (asserted from the stats), late and out-of-order responses,
+background handlers, errors, a dead or refusing server, hostile packets."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+
+import pytest
+from core.helpers import TIMEOUT
+
+import evpl
+from evpl.drpc import (
+    Client,
+    PeerDead,
+    RemoteError,
+    Server,
+    SessionClosed,
+    SessionRejected,
+)
+from evpl.drpc.wire import HEADER_SIZE, MAGIC, Connect, PacketType, pack_header
+
+ECHO, REVERSE, LATE, SLOW, BOOM = 1, 2, 3, 4, 5
+
+
+def serve(loop: evpl.Loop, backend: str, **kw) -> Server:
+    server = Server(loop, backend, ("127.0.0.1", 0), **kw)
+    server.register(ECHO, lambda req: req.body)
+    server.register(REVERSE, lambda req: bytes(req.body)[::-1])
+    return server
+
+
+def run_calls(loop: evpl.Loop, client: Client, calls: list[tuple[int, bytes]]
+              ) -> list[tuple[object, BaseException | None]]:
+    results: list[tuple[object, BaseException | None] | None] = [None] * len(calls)
+
+    def done(i: int):
+        def cb(resp, err):
+            results[i] = (bytes(resp) if resp is not None else None, err)
+        return cb
+
+    for i, (t, payload) in enumerate(calls):
+        client.call(t, payload, done(i))
+    loop.run_until(lambda: all(r is not None for r in results), timeout=TIMEOUT * 6)
+    return results  # type: ignore[return-value]
+
+
+def test_round_trips_from_empty_to_max_message(loop, datagram_backend) -> None:
+    server = serve(loop, datagram_backend, max_message=1 << 20)
+    client = Client(loop, datagram_backend, server.address, max_message=1 << 20)
+    p = 1472 - HEADER_SIZE
+    rnd = random.Random(1)
+    sizes = [0, 1, 32, p - 1, p, p + 1, 2 * p, 3 * p + 7, 100_000, 1 << 20]
+    calls = [(REVERSE, rnd.randbytes(n)) for n in sizes]
+    results = run_calls(loop, client, calls)
+    assert [r for r, _ in results] == [c[1][::-1] for c in calls]
+    assert all(e is None for _, e in results)
+    st = client.stats()
+    assert st["completed"] == len(sizes) and st["malformed"] == 0 and st["bad_session"] == 0
+    # the multi-packet messages went in credit returns and requests for response
+    assert server.stats()["credit_returns"] > 0 and server.stats()["rfr"] > 0
+    assert server.stats()["requests"] == len(sizes)
+    with pytest.raises(ValueError, match="exceeds max_message"):
+        client.call(ECHO, bytes((1 << 20) + 1))
+    client.close()
+    server.close()
+
+
+def test_eight_megabytes_both_ways_with_jumbo_datagrams(loop, datagram_backend) -> None:
+    """The issue's maximum (eRPC: 8 MB) in packets of 9000 bytes."""
+    server = serve(loop, datagram_backend, max_datagram=9000)
+    client = Client(loop, datagram_backend, server.address, max_datagram=9000)
+    assert client.wait(client.call(ECHO, b"hi"), TIMEOUT) == b"hi"
+    assert client.stats()["max_datagram"] == 9000
+    msg = random.Random(2).randbytes(8 << 20)
+    resp = client.wait(client.call(REVERSE, msg), TIMEOUT * 6)
+    assert len(resp) == len(msg) and bytes(resp) == msg[::-1]
+    del resp
+    client.close()
+    server.close()
+
+
+def test_single_packet_bodies_are_buffers_of_the_packet(loop, datagram_backend) -> None:
+    seen = []
+    server = Server(loop, datagram_backend, ("127.0.0.1", 0))
+    server.register(ECHO, lambda req: seen.append(type(req.body)) or req.body)
+    client = Client(loop, datagram_backend, server.address)
+    resp = client.wait(client.call(ECHO, b"zero copy"), TIMEOUT)
+    assert type(resp) is evpl.Buffer and bytes(resp) == b"zero copy"
+    assert seen == [evpl.Buffer]
+    del resp
+    client.close()
+    server.close()
+
+
+def test_many_sessions_respect_window_and_credits(loop, datagram_backend) -> None:
+    server = serve(loop, datagram_backend)
+    clients = [Client(loop, datagram_backend, server.address, window=4, credits=6)
+               for _ in range(24)]
+    rnd = random.Random(3)
+    expected = {}
+    got = {}
+    for ci, c in enumerate(clients):
+        for k in range(60):
+            payload = rnd.randbytes(rnd.choice([8, 32, 3000, 9000]))
+            expected[ci, k] = payload[::-1]
+            c.call(REVERSE, payload, lambda r, e, key=(ci, k): got.__setitem__(key, (r, e)))
+    assert sum(c.stats()["backlog"] for c in clients) > 0       # beyond the window: queued
+    loop.run_until(lambda: len(got) == len(expected), timeout=TIMEOUT * 6)
+    assert all(e is None for _, e in got.values())
+    assert all(bytes(got[k][0]) == v for k, v in expected.items())
+    for c in clients:
+        st = c.stats()
+        assert st["window"] == 4 and st["credits"] == 6
+        assert st["max_outstanding"] == 4                        # the window was used...
+        assert st["max_inflight"] <= 6                           # ...and credits never exceeded
+    assert max(c.stats()["max_inflight"] for c in clients) == 6
+    assert server.stats()["sessions"] == 24
+    got.clear()
+    for c in clients:
+        c.close()
+    loop.run_until(lambda: server.stats()["sessions"] == 0, timeout=TIMEOUT)
+    assert server.stats()["sessions_closed"] == 24
+    server.close()
+
+
+def test_thousands_of_requests_in_flight(loop, datagram_backend) -> None:
+    """64 sessions with 40 calls each submitted at once (2560 in flight,
+    512 of them in the windows): every response correct."""
+    server = serve(loop, datagram_backend)
+    clients = [Client(loop, datagram_backend, server.address) for _ in range(64)]
+    got: dict[tuple[int, int], bytes | None] = {}
+    for ci, c in enumerate(clients):
+        for k in range(40):
+            c.call(ECHO, b"%d/%d" % (ci, k),
+                   lambda r, e, key=(ci, k): got.__setitem__(key, bytes(r) if e is None
+                                                           else None))
+    assert sum(c.outstanding for c in clients) + sum(c.stats()["backlog"] for c in clients) \
+        == 64 * 40
+    loop.run_until(lambda: len(got) == 64 * 40, timeout=TIMEOUT * 6)
+    assert all(v == b"%d/%d" % k for k, v in got.items())
+    assert server.stats()["requests"] >= 64 * 40
+    for c in clients:
+        c.close()
+    server.close()
+
+
+def test_late_and_out_of_order_responses(loop, datagram_backend) -> None:
+    pending: list = []
+    server = serve(loop, datagram_backend)
+    server.register(LATE, lambda req: pending.append(req))     # respond later
+    client = Client(loop, datagram_backend, server.address)
+    calls = [client.call(LATE, struct.pack(">I", i) * (1 + i * 500)) for i in range(8)]
+    loop.run_until(lambda: len(pending) == 8, timeout=TIMEOUT)
+    assert not any(c.done for c in calls)
+    order = [5, 2, 7, 0, 1, 6, 3, 4]
+    for k, i in enumerate(order):
+        loop.call_later(0.002 * k, lambda i=i: pending[i].respond(b"late:" + pending[i].body))
+    loop.run_until(lambda: all(c.done for c in calls), timeout=TIMEOUT)
+    for i, c in enumerate(calls):
+        assert bytes(c.result()) == b"late:" + struct.pack(">I", i) * (1 + i * 500)
+    assert pending[0].respond(b"again") is False                # answered already
+    pending.clear()
+    client.close()
+    server.close()
+
+
+def test_background_handlers(loop, datagram_backend) -> None:
+    import threading
+
+    threads = set()
+
+    def slow(req):
+        threads.add(threading.current_thread().name)
+        return bytes(req.body) * 2
+
+    def boom(req):
+        raise KeyError("nope")
+
+    server = serve(loop, datagram_backend, workers=2)
+    server.register(SLOW, slow, background=True)
+    server.register(BOOM, boom, background=True)
+    client = Client(loop, datagram_backend, server.address)
+    calls = [client.call(SLOW, b"%d" % i) for i in range(20)]
+    bad = client.call(BOOM, b"")
+    loop.run_until(lambda: bad.done and all(c.done for c in calls), timeout=TIMEOUT)
+    assert [bytes(c.result()) for c in calls] == [b"%d" % i * 2 for i in range(20)]
+    assert all(t.startswith("drpc-worker") for t in threads)
+    with pytest.raises(RemoteError, match="KeyError"):
+        bad.result()
+    client.close()
+    server.close()
+
+
+def test_handler_errors_and_unknown_types(loop, datagram_backend) -> None:
+    server = serve(loop, datagram_backend)
+    server.register(BOOM, lambda req: 1 / 0)
+    client = Client(loop, datagram_backend, server.address)
+    with pytest.raises(RemoteError, match="ZeroDivisionError"):
+        client.wait(client.call(BOOM, b"x"), TIMEOUT)
+    with pytest.raises(RemoteError, match="no handler for request type 99"):
+        client.wait(client.call(99, b"x"), TIMEOUT)
+    assert bytes(client.wait(client.call(ECHO, b"still fine"), TIMEOUT)) == b"still fine"
+    assert server.stats()["handler_errors"] == 1
+    client.close()
+    server.close()
+
+
+def test_dead_server_fails_outstanding_calls(loop, datagram_backend) -> None:
+    """A server that stops answering (hung: it reads nothing more) fails
+    the session's outstanding calls with PeerDead within peer_timeout."""
+    server = serve(loop, datagram_backend)
+    client = Client(loop, datagram_backend, server.address, peer_timeout=0.3)
+    assert bytes(client.wait(client.call(ECHO, b"up"), TIMEOUT)) == b"up"
+    server.bind.pause_reading()
+    calls = [client.call(ECHO, b"x" * 5000) for _ in range(12)]     # 8 out, 4 queued
+    t0 = loop.now()
+    loop.run_until(lambda: all(c.done for c in calls), timeout=TIMEOUT)
+    assert loop.now() - t0 >= 0.3
+    for c in calls:
+        with pytest.raises(PeerDead, match="no packet from the server"):
+            c.result()
+    assert client.stats()["retransmits"] > 0
+    with pytest.raises(PeerDead):                                     # later calls too
+        client.wait(client.call(ECHO, b"again"), TIMEOUT)
+    client.close()
+    server.close()
+
+
+def test_nobody_there(loop, datagram_backend) -> None:
+    """A port that swallows packets: the connect fails with PeerDead; a
+    closed port: ConnectionRefused at once."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    try:
+        client = Client(loop, datagram_backend, sink.getsockname(), peer_timeout=0.2)
+        with pytest.raises(PeerDead, match="no answer"):
+            client.wait(client.call(ECHO, b"x"), TIMEOUT)
+        assert not client.connected
+        client.close()
+    finally:
+        port = sink.getsockname()
+        sink.close()
+    client = Client(loop, datagram_backend, port, peer_timeout=5)
+    with pytest.raises(evpl.ConnectionRefused):
+        client.wait(client.call(ECHO, b"x"), TIMEOUT)
+    client.close()
+
+
+def test_closed_client_and_rejected_session(loop, datagram_backend) -> None:
+    server = serve(loop, datagram_backend, max_sessions=1)
+    a = Client(loop, datagram_backend, server.address)
+    assert bytes(a.wait(a.call(ECHO, b"a"), TIMEOUT)) == b"a"
+    b = Client(loop, datagram_backend, server.address)
+    with pytest.raises(SessionRejected, match="max_sessions"):
+        b.wait(b.call(ECHO, b"b"), TIMEOUT)
+    call = a.call(ECHO, b"never")
+    a.close()
+    with pytest.raises(SessionClosed):
+        call.result()
+    with pytest.raises(SessionClosed):
+        a.wait(a.call(ECHO, b"after"), TIMEOUT)
+    b.close()
+    server.close()
+
+
+def test_hostile_packets_are_dropped_and_counted(loop, datagram_backend) -> None:
+    server = serve(loop, datagram_backend, max_message=1 << 16)
+    client = Client(loop, datagram_backend, server.address)
+    assert bytes(client.wait(client.call(ECHO, b"ok"), TIMEOUT)) == b"ok"
+    sid = server.sessions()[0]["session"]
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.bind(("127.0.0.1", 0))
+    raw.setblocking(False)
+    replies: list[bytes] = []
+    watch = loop.watch_fd(raw.fileno(), on_readable=lambda: replies.append(raw.recv(2048)))
+    try:
+        def req(session: int, req_num: int, size: int, pkt: int, body: bytes,
+                ptype: int = PacketType.REQ) -> bytes:
+            return pack_header(ptype, ECHO, session, req_num, size, pkt) + body
+
+        # a session of our own, to send in-session garbage from a valid peer
+        raw.sendto(pack_header(PacketType.CONNECT, 0, 0, 42) +
+                   Connect(77, 1 << 16, 1472, 8, 32).pack(), server.address)
+        loop.run_until(lambda: replies, timeout=TIMEOUT)
+        (mine,) = struct.unpack_from(">I", replies.pop(), HEADER_SIZE)
+        hostile = [
+            b"\xd7\x01\x00",                                        # truncated
+            bytes(40),                                              # bad magic
+            bytes([MAGIC, 99]) + bytes(40),                         # unknown type
+            pack_header(PacketType.CR, 0, mine, 0),                 # a server-bound CR
+            req(sid, 0, 2, 0, b"hi"),                               # someone else's session
+            req(0x12345678, 0, 2, 0, b"hi"),                        # no such session
+            req(mine, 1000, 2, 0, b"hi"),                           # out of the window
+            req(mine, 0, 1 << 30, 0, b"x" * 1444),                  # oversize claim
+            req(mine, 0, 10, 0, b"short"),                          # wrong payload length
+            req(mine, 1, 5000, 3, b"x" * 1444),                     # starts mid-message
+            req(mine, 2, 0, 0, b"", PacketType.RFR),                # RFR for nothing
+        ]
+        for pkt in hostile:
+            raw.sendto(pkt, server.address)
+        # then one valid request on our session, answered after all of the above
+        raw.sendto(req(mine, 3, 5, 0, b"valid"), server.address)
+        loop.run_until(lambda: replies, timeout=TIMEOUT)
+        reply = replies.pop()
+    finally:
+        watch.cancel()
+        raw.close()
+    assert reply[HEADER_SIZE:] == b"valid" and reply[1] == PacketType.RESP
+    st = server.stats()
+    assert st["truncated"] == 1 and st["bad_magic"] == 1
+    assert st["bad_type"] == 2                          # unknown type, CR to the server
+    assert st["bad_session"] == 2
+    assert st["out_of_window"] == 2                     # req 1000, the RFR
+    assert st["malformed"] == 2                         # oversize claim, wrong length
+    assert st["out_of_order"] == 1
+    # hostile packets at the client: from the server's socket (the only
+    # address a connected client reads), with a wrong session or garbage
+    for pkt in (b"\x00", pack_header(PacketType.RESP, 0, 1, 0, 1, 0) + b"x",
+                pack_header(PacketType.RESP, 0, client.session.client_session, 5, 1, 0) + b"x",
+                pack_header(PacketType.REQ, 0, client.session.client_session, 0)):
+        server.bind.sendto(pkt, client.bind.local_address)
+    assert bytes(client.wait(client.call(ECHO, b"still ok"), TIMEOUT)) == b"still ok"
+    cst = client.stats()
+    assert cst["malformed"] == 1 and cst["bad_session"] == 1
+    assert cst["stale"] == 1 and cst["bad_type"] == 1
+    client.close()
+    server.close()
+
+
+def test_bad_configuration(loop) -> None:
+    with pytest.raises(evpl.ConfigError, match="window"):
+        Server(loop, "udp", ("127.0.0.1", 0), window=0)
+    with pytest.raises(evpl.ConfigError, match="max_datagram"):
+        Client(loop, "udp", ("127.0.0.1", 9), max_datagram=20)
+    with pytest.raises(evpl.ConfigError, match="rto"):
+        Client(loop, "udp", ("127.0.0.1", 9), rto=2, peer_timeout=1)
+    with pytest.raises(evpl.ConfigError, match="datagram one is needed"):
+        Server(loop, "tcp", ("127.0.0.1", 0))
+    server = Server(loop, "udp", ("127.0.0.1", 0))
+    server.register(1, lambda r: b"")
+    with pytest.raises(evpl.ConfigError, match="already"):
+        server.register(1, lambda r: b"")
+    with pytest.raises(evpl.ConfigError, match=r"0\.\.255"):
+        server.register(256, lambda r: b"")
+    server.close()
+
+
+def test_unconnected_client_socket(loop, datagram_backend) -> None:
+    """``local_address=``: the client sends with sendto from a bound socket
+    (the mode for backends without connected datagram Binds, e.g. xdp_udp)
+    and drops what comes from anywhere but the server."""
+    server = serve(loop, datagram_backend)
+    client = Client(loop, datagram_backend, ("localhost", server.address[1]),
+                    local_address=("127.0.0.1", 0))
+    msg = random.Random(4).randbytes(5000)
+    assert bytes(client.wait(client.call(REVERSE, msg), TIMEOUT)) == msg[::-1]
+    foreign = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        foreign.sendto(pack_header(PacketType.RESP, 0, client.session.client_session, 0, 1, 0)
+                       + b"x", client.bind.local_address)
+    finally:
+        foreign.close()
+    loop.run_until(lambda: client.stats()["bad_session"] == 1, timeout=TIMEOUT)
+    assert bytes(client.wait(client.call(ECHO, b"fine"), TIMEOUT)) == b"fine"
+    assert client.stats()["stale"] == 0
+    client.close()
+    server.close()
+
+
+def test_idle_client_connects_again_after_the_server_forgot_it(loop, datagram_backend) -> None:
+    """The server forgets sessions silent for session_timeout and tells
+    clients that timeout: a client idle for half of it connects again
+    before its next call, which then succeeds."""
+    server = serve(loop, datagram_backend, session_timeout=1.0)
+    client = Client(loop, datagram_backend, server.address)
+    assert bytes(client.wait(client.call(ECHO, b"one"), TIMEOUT)) == b"one"
+    loop.run_until(lambda: server.stats()["sessions_expired"] == 1, timeout=TIMEOUT)
+    assert server.stats()["sessions"] == 0
+    assert bytes(client.wait(client.call(ECHO, b"two"), TIMEOUT)) == b"two"
+    assert client.stats()["reconnects"] == 1 and server.stats()["sessions"] == 1
+    client.close()
+    server.close()
