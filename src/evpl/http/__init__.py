@@ -6,6 +6,7 @@
 """
 
 
+from evpl.http.client import Client, ClientResponse
 from evpl.http.server import Exchange, Response, Server, StreamingResponse, Upgrade
 from evpl.http.wire import HTTPError, Request
 
