@@ -358,6 +358,8 @@ class _Conn(Handler):
         self.requests = 0
         self.sniffed = False
         self.closing = False
+        self.handling = False
+        self.over_limit = False
 
     # ---- evpl.Handler ----
     def on_connected(self, bind: Any) -> None:
@@ -367,20 +369,27 @@ class _Conn(Handler):
         self.last = server.loop.now()
         server._conns.add(self)
         if len(server._conns) > server.max_connections or server.draining:
-            server.refused += 1
-            bind.send(server._head(503, [(b"content-length", b"0")],
-                                   [(b"connection", b"close")]))
-            bind.finish()
+            # answered 503 once its request arrives: closing before reading
+            # it would make the kernel reset the connection, dropping the answer
+            self.over_limit = True
 
     def on_data(self, bind: Any, buf: Any) -> None:
         if self.upgraded is not None:
             self.upgraded.on_data(bind, buf)
             return
+        # a copy, and the pool buffer let go at once: an app's exception
+        # traceback (kept by a log handler) must not pin pool memory
+        data = bytes(buf)
+        del buf
         if self.h2 is not None:
-            self.h2.data(bytes(buf))
+            self.h2.data(data)
             return
         self.last = self.server.loop.now()
-        data = bytes(buf)
+        if self.over_limit:
+            if not self.closing:
+                self.server.refused += 1
+                self._refuse(HTTPError(503, "too many connections"))
+            return
         if not self.sniffed:
             if self.parser.buffered + len(data) < len(H2_PREFACE) and \
                     H2_PREFACE.startswith(data):
@@ -455,6 +464,14 @@ class _Conn(Handler):
         at once, all their responses in one sendv; the body events of the
         exchange in progress go to it; requests that arrive while an exchange
         is in progress wait in the backlog (pipelining, responses in order)."""
+        self.handling = True
+        try:
+            self._handle_events(events)
+        finally:
+            self.handling = False
+        self._idle()
+
+    def _handle_events(self, events: list[object]) -> None:
         server = self.server
         native = server._native
         out: list[Any] = []
@@ -631,13 +648,21 @@ class _Conn(Handler):
         if not ex.keep_alive or self.server.draining:
             self._close_after_send()
             return
+        if self.handling:
+            return                        # _handle goes on with the rest of its read
         if self.backlog:
             events = list(self.backlog)
             self.backlog.clear()
             self._handle(events)
-        if self.current is None and not self.backlog:
-            if self.parser.stopped and not self.bind.closed:
-                self.bind.finish()
+        else:
+            self._idle()
+
+    def _idle(self) -> None:
+        """Nothing in progress: close if the client asked to, else read on."""
+        if self.current is None and not self.backlog and not self.closing \
+                and self.upgraded is None and self.h2 is None:
+            if self.parser.stopped:
+                self._close_after_send()
             elif not self.write_paused:
                 self.bind.resume_reading()
 
@@ -651,6 +676,7 @@ class _Conn(Handler):
             if self.current is not None:
                 self.current.keep_alive = False
             return
+        self.closing = True
         body = exc.detail.encode("utf-8", "replace") + b"\n"
         try:
             self.bind.sendv([self.server._head(exc.status, [(b"content-type", b"text/plain")],

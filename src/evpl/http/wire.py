@@ -394,6 +394,15 @@ class RequestParser(_Parser):
                 continue
             if not buf:
                 break
+            if buf[0] == 0x0D:            # RFC 9112 2.2: ignore a few empty lines
+                n = 0
+                while buf.startswith(b"\r\n", n):
+                    n += 2
+                if n > 8:
+                    raise HTTPError(400, "empty lines before the request line")
+                del buf[:n]
+                if not buf:
+                    break
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 self._check_partial_head()
@@ -440,10 +449,6 @@ class RequestParser(_Parser):
         if end > self.max_head:
             raise HTTPError(431, f"request head larger than {self.max_head} bytes")
         start = 0
-        while buf.startswith(b"\r\n", start):   # RFC 9112 2.2: ignore a few empty lines
-            start += 2
-            if start > 8:
-                raise HTTPError(400, "empty lines before the request line")
         m = _REQUEST_LINE.match(buf, start, end)
         if m is None:
             line_end = buf.find(b"\r\n", start)

@@ -1,4 +1,4 @@
-"""Fixtures for the HTTP tests: a server on the test's loop, peers in threads."""
+"""Helpers for the HTTP tests: a server on the test's loop, peers in threads."""
 
 from __future__ import annotations
 
