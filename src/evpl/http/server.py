@@ -760,6 +760,13 @@ class Server:
         self.header_timeout = float(header_timeout)
         self.keepalive_timeout = float(keepalive_timeout)
         self.access_log = access_log
+        if http2:
+            try:
+                import h2  # noqa: F401  (HTTP/2 needs the h2 library: pip install evpl[http])
+            except ImportError:
+                log.warning("HTTP/2 is off: the h2 library is not installed "
+                            "(pip install 'evpl[http]')")
+                http2 = False
         self.http2 = http2
         self.root_path = root_path
         self.draining = False
