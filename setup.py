@@ -29,6 +29,7 @@ URING_MACROS, URING_OBJECTS = _liburing()
 # one module per concern (docs/engine.md): buffers, framing and the send
 # queue, the loop core, the Bind/Listener bases, then one per I/O mechanism
 MODULES = ["buffers", "framing", "txqueue", "loop", "bind", "epoll", "uring"]
+MODULES += ["httphead"]
 
 
 def ext(name: str) -> Extension:

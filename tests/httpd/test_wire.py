@@ -8,8 +8,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evpl._native.httphead import parse_head
 from evpl.http import wire
 from evpl.http.wire import Data, EndOfMessage, HTTPError, Request, RequestParser, ResponseParser
+
+
+# every request test runs with the pure-Python head parser and the engine's
+# C one (what the server uses): both must give the same answers
+@pytest.fixture(params=["python", "native"], autouse=True)
+def head_parser(request, monkeypatch):
+    if request.param == "native":
+        orig = RequestParser.__init__
+
+        def init(self, **kw):
+            kw.setdefault("head_parser", parse_head)
+            orig(self, **kw)
+
+        monkeypatch.setattr(RequestParser, "__init__", init)
+    return request.param
 
 
 def parse(data: bytes, **kw) -> list[object]:
@@ -299,3 +315,26 @@ def test_encoders_refuse_header_injection():
         b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n"
     assert b"".join(wire.chunk(b"hello")) == b"5\r\nhello\r\n" and wire.chunk(b"") == []
     assert len(wire.format_date(0)) == 29
+
+
+def outcome(data: bytes, head_parser) -> object:
+    p = RequestParser(max_head=2048, max_line=512, head_parser=head_parser)
+    try:
+        return summary(p.feed(data)), p.buffered
+    except HTTPError as exc:
+        return exc.status
+
+
+HEAD_PIECES = [b"GET", b"POST", b" ", b"/", b"/a?b=c", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0",
+               b"\r\n", b"\n", b"\r", b"Host: h", b"host:h", b"X-A: v", b"X-A:\tv \t",
+               b"X A: v", b":", b"\x00", b"\x7f", b"\xff", b"\t", b"Content-Length: 2",
+               b"Transfer-Encoding: chunked", b"Connection: close", b"ab", b"\r\n\r\n"]
+
+
+@settings(max_examples=800)
+@given(st.lists(st.sampled_from(HEAD_PIECES), max_size=30))
+def test_native_and_python_head_parsers_agree(pieces):
+    """Differential test: the C scanner accepts, splits and refuses exactly
+    what the regular expressions do (same status)."""
+    data = b"".join(pieces)
+    assert outcome(data, parse_head) == outcome(data, None)

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from evpl._native.httphead import parse_head
 from evpl.core.handler import Handler
 from evpl.errors import ConfigError, EvplError
 from evpl.http import wire
@@ -46,6 +47,12 @@ log = logging.getLogger("evpl.http")
 access_log = logging.getLogger("evpl.http.access")
 
 HeaderList = Iterable[tuple[str | bytes, str | bytes]]
+
+# the framing fields that end a response head, by (keep-alive, HTTP/1.0)
+_TAILS = {(True, False): b"content-length: %d\r\n\r\n",
+          (True, True): b"content-length: %d\r\nconnection: keep-alive\r\n\r\n",
+          (False, False): b"content-length: %d\r\nconnection: close\r\n\r\n",
+          (False, True): b"content-length: %d\r\nconnection: close\r\n\r\n"}
 
 
 def _b(s: str | bytes) -> bytes:
@@ -189,8 +196,12 @@ class _Native:
         try:
             return self.app(req)
         except Exception:
-            log.exception("the app raised on %s %s", req.method, req.target)
-            return Response(b"Internal Server Error", 500, content_type=b"text/plain")
+            return self.failed(req)
+
+    def failed(self, req: Request) -> Response:
+        """The app raised on ``req`` (called in the except block): log, 500."""
+        log.exception("the app raised on %s %s", req.method, req.target)
+        return Response(b"Internal Server Error", 500, content_type=b"text/plain")
 
     def run(self, ex: Exchange) -> None:
         """Serve ``ex`` once its body is complete (used by HTTP/2 and for
@@ -469,7 +480,9 @@ class _Conn(Handler):
             self._handle_events(events)
         finally:
             self.handling = False
-        self._idle()
+        if self.current is None and (self.parser.stopped or self.write_paused or
+                                     not self.bind.reading):
+            self._idle()
 
     def _handle_events(self, events: list[object]) -> None:
         server = self.server
@@ -494,7 +507,10 @@ class _Conn(Handler):
             i += 1
             if ev.__class__ is Request and ev.complete and native is not None \
                     and ev.upgrade is None:       # type: ignore[attr-defined]
-                resp = native.call(ev)           # type: ignore[arg-type]
+                try:
+                    resp = native.app(ev)
+                except Exception:
+                    resp = native.failed(ev)     # type: ignore[arg-type]
                 if resp.__class__ is Response:
                     if not self._encode(out, ev, resp):  # type: ignore[arg-type]
                         self._send(out)
@@ -526,22 +542,31 @@ class _Conn(Handler):
         body = resp.body
         status = resp.status
         keep = req.keep_alive and not server.draining
-        extra = []
-        if status >= 200 and status not in (204, 304):
-            extra.append((b"content-length", b"%d" % len(body)))
-        if not keep:
-            extra.append((b"connection", b"close"))
-        elif req.version == "1.0":
-            extra.append((b"connection", b"keep-alive"))
         try:
-            out.append(server._head(status, resp.headers, extra))
-        except ValueError as exc:
-            log.error("bad response header from the app: %s", exc)
-            out.append(server._head(500, [], [(b"content-length", b"0"),
-                                              (b"connection", b"close")]))
-            return False
-        if body and req.method != "HEAD" and status >= 200 and status not in (204, 304):
-            out.append(body)
+            line = server._status_lines[status]
+            block = server._block(resp.headers)
+        except (KeyError, ValueError) as exc:
+            try:
+                line = server._status_line(status)
+                block = server._block(resp.headers)
+            except ValueError:
+                log.error("bad response from the app: %s", exc)
+                out.append(server._head(500, [], [(b"content-length", b"0"),
+                                                  (b"connection", b"close")]))
+                return False
+        if status >= 200 and status != 204 and status != 304:
+            tail = _TAILS[keep, req.version == "1.0"] % len(body)
+            if body and req.method != "HEAD":
+                if len(body) <= 2048:     # one piece: fewer iovecs for the writev
+                    out.append(b"".join((line, server._date, block, tail, body)))
+                else:
+                    out.append(b"".join((line, server._date, block, tail)))
+                    out.append(body)
+            else:
+                out.append(b"".join((line, server._date, block, tail)))
+        else:
+            out.append(b"".join((line, server._date, block,
+                                 b"\r\n" if keep else b"connection: close\r\n\r\n")))
         self.requests += 1
         if server.access_log:
             server._log_access(self.peer, req, status, len(body))
@@ -754,6 +779,7 @@ class Server:
         self._parser_limits = {"max_line": max_line, "max_head": max_head,
                                "max_headers": max_headers, "max_body": max_body}
         wire.RequestParser(**self._parser_limits)      # checks the limits now
+        self._parser_limits["head_parser"] = parse_head
         self.max_body = max_body
         self.max_connections = max_connections
         self.max_pipeline = max_pipeline
@@ -778,6 +804,9 @@ class Server:
         self._server_field = (b"server: " + server_header.encode("latin-1") + b"\r\n"
                               if server_header else b"")
         self._status_lines: dict[int, bytes] = {}
+        self._blocks: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
+        for st in (200, 201, 204, 301, 302, 304, 400, 404, 500):
+            self._status_line(st)
         self._date = b""
         self._tick()
         self._clock = loop.call_every(1.0, self._tick)
@@ -861,21 +890,40 @@ class Server:
         for conn in list(self._conns):
             conn._timeout(now)
 
-    def _head(self, status: int, headers: list[tuple[bytes, bytes]],
-              extra: list[tuple[bytes, bytes]]) -> bytes:
-        """An HTTP/1.1 response head: status line, Date, the app's headers
-        (checked: no CR/LF injection), the server's framing fields."""
+    def _status_line(self, status: int) -> bytes:
         line = self._status_lines.get(status)
         if line is None:
-            if not isinstance(status, int) or not 100 <= status <= 999:
+            if not isinstance(status, int) or isinstance(status, bool) or \
+                    not 100 <= status <= 999:
                 raise ValueError(f"bad status {status!r}")
             line = wire.status_line(status) + b"\r\n"
             if len(self._status_lines) < 64:
                 self._status_lines[status] = line
-        parts = [line, self._date]
-        for k, v in headers:
-            wire._check_field(k, v)
-            parts += (k, b": ", v, b"\r\n")
+        return line
+
+    def _block(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The app's header fields as bytes, checked (no CR/LF injection, no
+        invalid names); blocks seen before come from a small cache."""
+        if not headers:
+            return b""
+        key = tuple(headers)
+        block = self._blocks.get(key)
+        if block is None:
+            parts: list[bytes] = []
+            for k, v in headers:
+                wire._check_field(k, v)
+                parts += (k, b": ", v, b"\r\n")
+            block = b"".join(parts)
+            if len(self._blocks) >= 256:
+                self._blocks.clear()
+            self._blocks[key] = block
+        return block
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]],
+              extra: list[tuple[bytes, bytes]]) -> bytes:
+        """An HTTP/1.1 response head: status line, Date, the app's headers
+        (checked: no CR/LF injection), the server's framing fields."""
+        parts = [self._status_line(status), self._date, self._block(headers)]
         for k, v in extra:
             parts += (k, b": ", v, b"\r\n")
         parts.append(b"\r\n")

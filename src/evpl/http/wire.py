@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from evpl.errors import ProtocolError
 
@@ -196,6 +196,12 @@ class EndOfMessage:
 
 
 Event = Request | Response | Data | EndOfMessage
+
+HeadParser = Callable[[bytes, int, int, int], tuple]
+"""``fn(buf, start, end, max_line)``: check and split the request head ``buf[start:end]``
+into ``(method, target, minor, headers)``, or ``(status, reason)`` to refuse
+it, exactly as :class:`RequestParser` does by itself (evpl's engine has one
+in C: ``evpl._native.httphead.parse_head``)."""
 
 # body framing states
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
@@ -368,9 +374,10 @@ class RequestParser(_Parser):
     """
 
     def __init__(self, *, max_line: int = _DEFAULT_MAX_LINE, max_head: int = _DEFAULT_MAX_HEAD,
-                 max_headers: int = _DEFAULT_MAX_HEADERS,
-                 max_body: int = _DEFAULT_MAX_BODY) -> None:
+                 max_headers: int = _DEFAULT_MAX_HEADERS, max_body: int = _DEFAULT_MAX_BODY,
+                 head_parser: HeadParser | None = None) -> None:
         super().__init__(max_line, max_head, max_headers, max_body)
+        self._head_parser = head_parser
         self._current: Request | None = None
         self.pending: list[object] = []
         """Events parsed before an error was raised (answer them, then the error)."""
@@ -379,58 +386,83 @@ class RequestParser(_Parser):
         if self.stopped:
             self._buf += data
             return []
-        buf = self._buf
-        buf += data
+        # heads are cut from an immutable bytes object by position (no
+        # memmove per request of a pipelined read); only a partial head or a
+        # body in progress lives in the bytearray between reads
+        if self._state != _HEAD:          # a body in progress: straight to the bytearray
+            self._buf += data
+            buf = b""
+        elif self._buf:
+            self._buf += data
+            buf = bytes(self._buf)
+            self._buf.clear()
+        else:
+            buf = data if data.__class__ is bytes else bytes(data)
+        pos = 0
+        n = len(buf)
         events: list[object] = []
         self.pending = events
-        while not self.stopped:
-            if self._state != _HEAD:
-                self._body_events(events, self._current)  # type: ignore[arg-type]
+        try:
+            while not self.stopped:
                 if self._state != _HEAD:
+                    if pos < n:
+                        self._buf += buf[pos:]
+                        pos = n
+                    self._body_events(events, self._current)  # type: ignore[arg-type]
+                    if self._state != _HEAD:
+                        break
+                    if not self._current.keep_alive:  # type: ignore[union-attr]
+                        self.stopped = True
+                        break
+                    buf = bytes(self._buf)
+                    self._buf.clear()
+                    pos = 0
+                    n = len(buf)
+                    continue
+                if pos >= n:
                     break
-                if not self._current.keep_alive:  # type: ignore[union-attr]
+                if buf[pos] == 0x0D:          # RFC 9112 2.2: ignore a few empty lines
+                    k = pos
+                    while buf.startswith(b"\r\n", k):
+                        k += 2
+                    if k - pos > 8:
+                        raise HTTPError(400, "empty lines before the request line")
+                    pos = k
+                    if pos >= n:
+                        break
+                end = buf.find(b"\r\n\r\n", pos)
+                if end < 0:
+                    self._buf += buf[pos:]
+                    pos = n
+                    self._check_partial_head()
+                    break
+                req = self._head(buf, pos, end + 4)
+                pos = end + 4
+                events.append(req)
+                if req.upgrade is not None and req.complete:
                     self.stopped = True
                     break
-                continue
-            if not buf:
-                break
-            if buf[0] == 0x0D:            # RFC 9112 2.2: ignore a few empty lines
-                n = 0
-                while buf.startswith(b"\r\n", n):
-                    n += 2
-                if n > 8:
-                    raise HTTPError(400, "empty lines before the request line")
-                del buf[:n]
-                if not buf:
-                    break
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                self._check_partial_head()
-                break
-            req = self._head(buf, end + 4)
-            del buf[:end + 4]
-            events.append(req)
-            if req.upgrade is not None and req.complete:
-                self.stopped = True
-                break
-            if not req.complete:
-                self._current = req
-                self._body_seen = 0
-                if req.chunked:
-                    self._state = _CHUNK_SIZE
-                else:
-                    self._state = _LENGTH
-                    self._remaining = req.content_length  # type: ignore[assignment]
-                    if len(buf) >= self._remaining:
-                        # the whole body is here: deliver it with the head
-                        n = self._remaining
-                        req.body = bytes(buf[:n])
-                        del buf[:n]
-                        req.complete = True
-                        self._state = _HEAD
-                continue
-            if not req.keep_alive:
-                self.stopped = True
+                if not req.complete:
+                    self._current = req
+                    self._body_seen = 0
+                    if req.chunked:
+                        self._state = _CHUNK_SIZE
+                    else:
+                        cl: int = req.content_length  # type: ignore[assignment]
+                        if n - pos >= cl:
+                            # the whole body is here: deliver it with the head
+                            req.body = buf[pos:pos + cl]
+                            pos += cl
+                            req.complete = True
+                        else:
+                            self._state = _LENGTH
+                            self._remaining = cl
+                    continue
+                if not req.keep_alive:
+                    self.stopped = True
+        finally:
+            if pos < n:
+                self._buf += buf[pos:]
         self.pending = []
         return events
 
@@ -445,10 +477,18 @@ class RequestParser(_Parser):
         if len(buf) > self.max_head:
             raise HTTPError(431, f"request head larger than {self.max_head} bytes")
 
-    def _head(self, buf: bytearray, end: int) -> Request:
-        if end > self.max_head:
+    def _head(self, buf: bytes, start: int, end: int) -> Request:
+        if end - start > self.max_head:
             raise HTTPError(431, f"request head larger than {self.max_head} bytes")
-        start = 0
+        if self._head_parser is not None:
+            r = self._head_parser(buf, start, end, self.max_line)
+            if len(r) == 2:
+                raise HTTPError(r[0], r[1])
+            if len(r[3]) > self.max_headers:
+                raise HTTPError(431, f"more than {self.max_headers} header fields")
+            req = Request(r[0], r[1], "1.1" if r[2] == 1 else "1.0", r[3])
+            self._semantics(req)
+            return req
         m = _REQUEST_LINE.match(buf, start, end)
         if m is None:
             line_end = buf.find(b"\r\n", start)
