@@ -11,10 +11,10 @@ import time
 
 import pytest
 from core.helpers import TIMEOUT
-from httpd.support import tool
 
 import evpl
 from evpl.http import Client, Response
+from httpd.support import tool
 
 
 def free_port() -> int:

@@ -13,9 +13,9 @@ import tempfile
 
 import pytest
 from core.helpers import TIMEOUT
-from httpd.support import run, tool
 
 from evpl.http import Response, StreamingResponse
+from httpd.support import run, tool
 
 # ---- apps ----
 
@@ -77,7 +77,7 @@ def native(req):
     if req.path == "/big":
         return Response(b"b" * 100_000, content_type="application/octet-stream")
     if req.path == "/stream":
-        return StreamingResponse((b"%04d\n" % i for i in range(200)))
+        return StreamingResponse(b"%04d\n" % i for i in range(200))
     return Response(json.dumps({"method": req.method, "len": len(req.body),
                                 "version": req.version}), content_type="application/json")
 

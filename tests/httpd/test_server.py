@@ -9,13 +9,13 @@ import socket
 import time
 
 import pytest
-from httpd.support import run, tool
 from core.helpers import TIMEOUT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import evpl
 from evpl.http import Response, StreamingResponse, Upgrade
+from httpd.support import run, tool
 
 
 def app(req):

@@ -5,10 +5,10 @@ and h11's test suites, written here)."""
 from __future__ import annotations
 
 import pytest
+from evpl._native.httphead import parse_head
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evpl._native.httphead import parse_head
 from evpl.http import wire
 from evpl.http.wire import Data, EndOfMessage, HTTPError, Request, RequestParser, ResponseParser
 
@@ -108,7 +108,8 @@ def test_connection_close_stops_the_parser():
 
 def test_expect_100_continue_and_upgrade_are_reported():
     p = RequestParser()
-    (req,) = p.feed(b"PUT / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    (req,) = p.feed(b"PUT / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
+                    b"Expect: 100-continue\r\n\r\n")
     assert req.expect_continue and not req.complete
     (req,) = parse(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
                    b"raw bytes")

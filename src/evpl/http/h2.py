@@ -72,9 +72,17 @@ class _H2Exchange(Exchange):
         if self.started or self.closed:
             return
         self.started = True
+        server = self.h2c.server
+        try:
+            server._block(headers)                # names are tokens, no CR/LF/NUL
+            server._status_line(status)
+        except ValueError as exc:
+            log.error("bad response from the app: %s", exc)
+            status, headers = 500, [(b"content-length", b"0")]
+            self.request.method = "HEAD"          # no body after this head
         self.status = status
         hs = [(b":status", b"%d" % status), (b"date", self.h2c.date())]
-        hs += [(k, v) for k, v in headers if k not in _HOP_BY_HOP]
+        hs += [(k.lower(), v) for k, v in headers if k not in _HOP_BY_HOP]
         self.head = hs
 
     def write(self, data: bytes) -> None:
@@ -108,8 +116,12 @@ class H2Connection:
         self.conn = conn
         self.server = conn.server
         self.bind = conn.bind
+        # inbound headers are checked by h2; outbound ones by evpl (Server._block,
+        # cached per distinct header list) instead of h2's slower per-field pass
         cfg = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                        validate_inbound_headers=True)
+                                        validate_inbound_headers=True,
+                                        validate_outbound_headers=False,
+                                        normalize_outbound_headers=False)
         self.c = h2.connection.H2Connection(cfg)
         self.c.local_settings = h2.settings.Settings(
             client=False, initial_values={
