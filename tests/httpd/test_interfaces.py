@@ -404,3 +404,57 @@ def test_cli_serves_a_module(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(TIMEOUT) == 0                  # SIGTERM: graceful stop
+
+
+def test_asgi_send_waits_for_a_slow_client(serve):
+    """A client that does not read: the app's ``await send()`` stops
+    returning, so the server never holds much more than its high-water mark
+    of the 25 MiB response."""
+    chunk = b"s" * 65536
+    total = 400
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(total * len(chunk)).encode())]})
+        for _ in range(total - 1):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": chunk})
+
+    s = serve(app, interface="asgi", listen_opts={"high_water": 256 << 10, "sndbuf": 65536})
+    import socket as _s
+    c = _s.create_connection(("127.0.0.1", s.port))
+    c.setsockopt(_s.SOL_SOCKET, _s.SO_RCVBUF, 65536)
+    c.sendall(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    most = [0]
+
+    def sample():
+        for conn in s.server._conns:
+            most[0] = max(most[0], conn.bind.queued_bytes)
+
+    ticker = s.loop.call_every(0.001, sample)
+    s.loop.run_until(lambda: any(conn.write_paused for conn in s.server._conns),
+                     timeout=TIMEOUT)
+    for _ in range(50):                 # room for an app that ignored the pause to run ahead
+        s.loop.run_once(0.01)
+    got = [0]
+
+    def reader():
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += c.recv(1)
+        while got[0] < total * len(chunk):
+            d = c.recv(1 << 20)
+            if not d:
+                break
+            got[0] += len(d)
+
+    import threading
+    t = threading.Thread(target=reader)
+    t.start()
+    s.loop.run_until(lambda: not t.is_alive(), timeout=TIMEOUT * 3)
+    ticker.cancel()
+    c.close()
+    assert got[0] == total * len(chunk)
+    assert most[0] < 4 << 20, most[0]          # far below the 25 MiB body

@@ -35,6 +35,7 @@ __all__ = ["ASGIRunner", "pick_loop"]
 log = logging.getLogger("evpl.http")
 
 _ASGI = {"version": "3.0", "spec_version": "2.4"}
+_AHEAD = 512 << 10     # body bytes an app may have in flight to the loop before send() waits
 
 
 class _Bridge:
@@ -107,8 +108,8 @@ class _Call:
     """One ASGI ``http`` call; app-side state lives here, touched only on
     the asyncio thread (the I/O side reaches it through the bridge)."""
 
-    __slots__ = ("body_done", "bridge", "chunks", "disconnected", "ended", "ex", "io_paused",
-                 "more", "started", "waiter", "wanted", "writable")
+    __slots__ = ("blocked", "body_done", "bridge", "chunks", "disconnected", "ended", "ex",
+                 "more", "sent", "started", "waiter", "wanted", "writable", "written")
 
     def __init__(self, bridge: _Bridge, ex: Exchange) -> None:
         self.bridge = bridge
@@ -123,7 +124,13 @@ class _Call:
         self.ended = False
         self.wanted = False
         self.body_done = False
-        self.io_paused = False
+        # flow control across the threads: ``sent`` is written only by the
+        # app's thread, ``written`` only by the loop's; ``blocked`` is set by
+        # the app before it posts the write it will wait after, and cleared
+        # by the loop when it wakes it
+        self.sent = 0
+        self.written = 0
+        self.blocked = False
         self.waiter: asyncio.Future[None] | None = None
         self.writable: asyncio.Event | None = None
 
@@ -140,12 +147,8 @@ class _Call:
         if self.writable is not None:
             self.writable.set()
 
-    def pause(self, paused: bool) -> None:
-        if self.writable is None:
-            self.writable = asyncio.Event()
-        if paused:
-            self.writable.clear()
-        else:
+    def resume(self) -> None:
+        if self.writable is not None:
             self.writable.set()
 
     def _wake(self) -> None:
@@ -195,9 +198,17 @@ class _Call:
             if not more:
                 self.ended = True
                 self._wake()
-            self.bridge.to_io(_io_write, self, bytes(body), more)
-            if more and self.writable is not None and not self.writable.is_set():
-                await self.writable.wait()
+            body = bytes(body)
+            self.sent += len(body)
+            wait = more and (self.sent - self.written > _AHEAD or self.ex.paused)
+            if wait:
+                if self.writable is None:
+                    self.writable = asyncio.Event()
+                self.writable.clear()
+                self.blocked = True
+            self.bridge.to_io(_io_write, self, body, more)
+            if wait:
+                await self.writable.wait()       # type: ignore[union-attr]
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
 
@@ -225,11 +236,18 @@ def _io_write(call: _Call, body: bytes, more: bool) -> None:
     ex = call.ex
     if body:
         ex.write(body)
+    call.written += len(body)
     if not more:
         ex.end()
-    elif ex.paused and not call.io_paused:
-        call.io_paused = True
-        call.bridge.to_app(call.pause, True)
+    else:
+        _io_maybe_resume(call)
+
+
+def _io_maybe_resume(call: _Call) -> None:
+    """On the loop: wake an app waiting in send() once the client caught up."""
+    if call.blocked and not call.ex.paused and call.sent - call.written <= _AHEAD:
+        call.blocked = False
+        call.bridge.to_app(call.resume)
 
 
 def _io_error(ex: Exchange) -> None:
@@ -362,12 +380,7 @@ class ASGIRunner:
             ex.on_body_end = lambda: bridge.to_app(call.body, b"", False)
         ex.on_disconnect = lambda: bridge.to_app(call.disconnect)
 
-        def writable() -> None:
-            if call.io_paused:
-                call.io_paused = False
-                bridge.to_app(call.pause, False)
-
-        ex.on_writable = writable
+        ex.on_writable = lambda: _io_maybe_resume(call)
         bridge.to_app(_spawn, call, self.app, scope)
 
 

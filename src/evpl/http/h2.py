@@ -191,6 +191,8 @@ class H2Connection:
                 for ex in list(self.streams.values()):
                     if ex.pending or ex.want_end:
                         self.drain(ex)
+                    if ex.on_writable is not None and not ex.paused and not ex.closed:
+                        ex.on_writable()
             elif cls is h2.events.ConnectionTerminated:
                 self.going_away = True
                 for ex in list(self.streams.values()):
