@@ -406,10 +406,11 @@ def test_cli_serves_a_module(tmp_path):
         assert proc.wait(TIMEOUT) == 0                  # SIGTERM: graceful stop
 
 
-def test_asgi_send_waits_for_a_slow_client(serve):
-    """A client that does not read: the app's ``await send()`` stops
-    returning, so the server never holds much more than its high-water mark
-    of the 25 MiB response."""
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_app_waits_for_a_slow_client(serve, interface):
+    """A client that does not read: the ASGI app's ``await send()`` stops
+    returning, the WSGI app's iterator stops being advanced, so the server
+    never holds much more than its high-water mark of the 25 MiB response."""
     chunk = b"s" * 65536
     total = 400
 
@@ -422,7 +423,12 @@ def test_asgi_send_waits_for_a_slow_client(serve):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": chunk})
 
-    s = serve(app, interface="asgi", listen_opts={"high_water": 256 << 10, "sndbuf": 65536})
+    def wsgi_app(environ, start_response):
+        start_response("200 OK", [("Content-Length", str(total * len(chunk)))])
+        return (chunk for _ in range(total))
+
+    s = serve(app if interface == "asgi" else wsgi_app, interface=interface,
+              listen_opts={"high_water": 256 << 10, "sndbuf": 65536})
     import socket as _s
     c = _s.create_connection(("127.0.0.1", s.port))
     c.setsockopt(_s.SOL_SOCKET, _s.SO_RCVBUF, 65536)
