@@ -368,3 +368,24 @@ def test_fuzzed_bytes_never_break_the_server(serve):
 
     one()
     s.loop.run_until(lambda: s.server.connections == 0, timeout=TIMEOUT)
+
+
+INET_STREAM = [b.name for b in evpl.backends()
+               if b.available and b.kind == "stream" and "inet" in b.capabilities]
+
+
+@pytest.mark.parametrize("backend", INET_STREAM)
+def test_every_inet_stream_backend_serves(serve, backend):
+    s = serve(app, backend=backend)
+    reqs = b"".join(b"GET /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\n%d" % (i % 10)
+                    for i in range(30)) + b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+
+    def peer():
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=TIMEOUT)
+        c.request("POST", "/echo", body=b"b" * 200_000)
+        r = c.getresponse()
+        return r.read(), raw(s.port, reqs)
+
+    big, piped = s.run(peer)
+    assert big == b"b" * 200_000
+    assert piped.count(b"HTTP/1.1 200 OK") == 31 and piped.endswith(b"Hello, world!")
