@@ -464,3 +464,27 @@ def test_app_waits_for_a_slow_client(serve, interface):
     c.close()
     assert got[0] == total * len(chunk)
     assert most[0] < 4 << 20, most[0]          # far below the 25 MiB body
+
+
+@pytest.mark.parametrize("interface,app", [("asgi", bare_asgi), ("wsgi", bare_wsgi)])
+def test_pipelined_requests_through_an_app_interface_stay_in_order(serve, interface, app):
+    import socket as _s
+    s = serve(app, interface=interface)
+    reqs = b"".join(b"POST /r%d HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s"
+                    % (i, i, b"x" * i) for i in range(40))
+    reqs += b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+
+    def peer():
+        c = _s.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT)
+        c.sendall(reqs)
+        buf = b""
+        while d := c.recv(65536):
+            buf += d
+        c.close()
+        return buf
+
+    data = s.run(peer)
+    bodies = [json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])
+              for part in data.split(b"HTTP/1.1 200 OK")[1:]]
+    assert [b["path"] for b in bodies] == [f"/r{i}" for i in range(40)] + ["/last"]
+    assert [b["len"] for b in bodies[:40]] == list(range(40))
