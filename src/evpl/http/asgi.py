@@ -269,7 +269,6 @@ def _io_abort(ex: Exchange) -> None:
 class ASGIRunner:
     """Runs an ASGI 3.0 app for a :class:`~evpl.http.server.Server`."""
 
-    kind = "asgi"
 
     def __init__(self, server: Server, app: Any) -> None:
         self.server = server
@@ -314,7 +313,7 @@ class ASGIRunner:
             if not unsupported.done():
                 unsupported.set_result(None)
 
-        self._lifespan_done = asyncio.ensure_future(run())
+        self._lifespan_done = asyncio.ensure_future(run())   # (a task needs a reference)
         await q.put({"type": "lifespan.startup"})
         got = asyncio.ensure_future(out.get())
         done, _ = await asyncio.wait({got, unsupported}, return_when=asyncio.FIRST_COMPLETED)

@@ -131,7 +131,6 @@ class _ClientConn(Handler):
         self.closing = False
         self.head: wire.Response | None = None
         self.parts: list[bytes] = []
-        self.got_bytes = False
 
     def send(self, r: _Req) -> None:
         self.inflight.append(r)
@@ -156,7 +155,6 @@ class _ClientConn(Handler):
             self._write(r)
 
     def on_data(self, bind: Any, buf: Any) -> None:
-        self.got_bytes = True
         try:
             events = self.parser.feed(bytes(buf))
         except HTTPError as exc:

@@ -336,7 +336,6 @@ class H2Connection:
 
     def _done(self, ex: _H2Exchange) -> None:
         self.streams.pop(ex.sid, None)
-        self.conn.requests += 1
         if self.server.access_log:
             self.server._log_access(self.conn.peer, ex.request, ex.status, -1)
         if (self.going_away or self.server.draining) and not self.streams:

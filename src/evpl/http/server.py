@@ -179,8 +179,6 @@ class Exchange:
 class _Native:
     """The native interface: the app is called in the loop."""
 
-    kind = "evpl"
-
     def __init__(self, server: Server, app: Callable[[Request], Any]) -> None:
         self.server = server
         self.app = app
@@ -366,7 +364,6 @@ class _Conn(Handler):
         self.backlog: deque[object] = deque()
         self.h2: Any = None
         self.upgraded: Handler | None = None
-        self.requests = 0
         self.sniffed = False
         self.closing = False
         self.handling = False
@@ -567,7 +564,6 @@ class _Conn(Handler):
         else:
             out.append(b"".join((line, server._date, block,
                                  b"\r\n" if keep else b"connection: close\r\n\r\n")))
-        self.requests += 1
         if server.access_log:
             server._log_access(self.peer, req, status, len(body))
         return keep
@@ -662,7 +658,6 @@ class _Conn(Handler):
         """The current response is complete: close or go on with the backlog."""
         if self.current is not ex:
             return
-        self.requests += 1
         if self.server.access_log:
             self.server._log_access(self.peer, ex.request, ex.status, -1)
         if not ex.request.complete:
@@ -755,6 +750,11 @@ class Server:
     ``evpl.http.access`` logger (off by default: it costs).
     ``server_header``: value of a ``Server`` field (none by default).
     ``http2``: accept HTTP/2 (prior knowledge and the ``h2c`` upgrade).
+
+    Counters: ``timeouts`` (connections closed by the header or idle
+    timeout), ``refused`` (503s past ``max_connections``),
+    ``protocol_errors`` (requests refused by the parser, HTTP/2 protocol
+    errors); ``connections`` is the number open now.
     """
 
     def __init__(self, loop: Any, app: Any, *, interface: str = "evpl",

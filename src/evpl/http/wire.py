@@ -229,7 +229,6 @@ class _Parser:
         self._state = _HEAD
         self._remaining = 0
         self._body_seen = 0
-        self._trailers: list[tuple[bytes, bytes]] = []
         self.stopped = False
 
     @property
@@ -574,7 +573,6 @@ class ResponseParser(_Parser):
         super().__init__(max_line, max_head, max_headers, max_body)
         self._methods: list[str] = []
         self._current: Response | None = None
-        self.eof = False
 
     def expect(self, method: str) -> None:
         """A request with this method was sent; its response comes in order."""
@@ -622,7 +620,6 @@ class ResponseParser(_Parser):
     def feed_eof(self) -> list[object]:
         """The server closed: ends a body delimited by the close; raises
         :class:`HTTPError` if a message was cut short."""
-        self.eof = True
         if self._state == _UNTIL_CLOSE:
             self._state = _HEAD
             return [EndOfMessage([])]

@@ -47,7 +47,6 @@ class _Flow:
 class WSGIRunner:
     """Runs a WSGI app in ``workers`` threads for a :class:`Server`."""
 
-    kind = "wsgi"
 
     def __init__(self, server: Server, app: Any, workers: int) -> None:
         self.server = server
