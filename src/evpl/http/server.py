@@ -365,6 +365,7 @@ class _Conn(Handler):
         self.h2: Any = None
         self.upgraded: Handler | None = None
         self.sniffed = False
+        self.plain = False                # on_data's fast path applies
         self.closing = False
         self.handling = False
         self.over_limit = False
@@ -382,6 +383,12 @@ class _Conn(Handler):
             self.over_limit = True
 
     def on_data(self, bind: Any, buf: Any) -> None:
+        if self.plain:                    # the common case: HTTP/1.1, sniffed, in limits
+            data = bytes(buf)
+            del buf
+            self.last = self.server.loop.now()
+            self._feed(data)
+            return
         if self.upgraded is not None:
             self.upgraded.on_data(bind, buf)
             return
@@ -404,6 +411,7 @@ class _Conn(Handler):
                 self.parser._buf += data      # wait for the rest of a possible preface
                 return
             self.sniffed = True
+            self.plain = not self.over_limit
             if self.parser.buffered:
                 data = self.parser.take_rest() + data
             if data.startswith(H2_PREFACE) and self.server.http2:
@@ -591,6 +599,7 @@ class _Conn(Handler):
                                    [(b"connection", b"upgrade"), (b"upgrade", up.protocol),
                                     *up.headers]))
         self.upgraded = up.handler
+        self.plain = False
         self.backlog.clear()
         up.handler.on_connected(bind)
         if rest:
@@ -709,6 +718,7 @@ class _Conn(Handler):
     def _to_h2(self, data: bytes, upgrade_req: Request | None) -> None:
         from evpl.http.h2 import H2Connection
 
+        self.plain = False
         self.h2 = H2Connection(self, upgrade_req)
         if data:
             self.h2.data(data)
