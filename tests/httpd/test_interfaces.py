@@ -488,3 +488,25 @@ def test_pipelined_requests_through_an_app_interface_stay_in_order(serve, interf
               for part in data.split(b"HTTP/1.1 200 OK")[1:]]
     assert [b["path"] for b in bodies] == [f"/r{i}" for i in range(40)] + ["/last"]
     assert [b["len"] for b in bodies[:40]] == list(range(40))
+
+
+def test_http2_garbage_after_the_preface_gets_goaway_and_a_close(serve):
+    import socket as _s
+
+    from evpl.http.wire import H2_PREFACE
+    s = serve(native)
+
+    def peer():
+        c = _s.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT)
+        # a DATA frame on stream 0 where SETTINGS must come first: PROTOCOL_ERROR
+        c.sendall(H2_PREFACE + b"\x00\x00\x08\x00\x00\x00\x00\x00\x00garbage!")
+        buf = b""
+        while d := c.recv(65536):
+            buf += d
+        c.close()
+        ok = get_json(s.port, "GET", "/")
+        return buf, ok
+
+    buf, ok = s.run(peer)
+    assert b"\x07\x00\x00\x00\x00\x00" in buf          # a GOAWAY frame (type 7, stream 0)
+    assert ok[0] == 200 and s.server.protocol_errors == 1
