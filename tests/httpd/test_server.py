@@ -389,3 +389,26 @@ def test_every_inet_stream_backend_serves(serve, backend):
     big, piped = s.run(peer)
     assert big == b"b" * 200_000
     assert piped.count(b"HTTP/1.1 200 OK") == 31 and piped.endswith(b"Hello, world!")
+
+
+def test_a_stream_that_fails_midway_is_cut_not_completed(serve):
+    def gen():
+        yield b"partial "
+        raise RuntimeError("generator failed")
+
+    s = serve(lambda req: StreamingResponse(gen()) if req.path == "/bad" else app(req))
+
+    def peer():
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=TIMEOUT)
+        c.request("GET", "/bad")
+        r = c.getresponse()
+        try:
+            r.read()
+            cut = False
+        except http.client.IncompleteRead:
+            cut = True
+        c.close()
+        return cut, raw(s.port, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+
+    cut, after = s.run(peer)
+    assert cut and after.endswith(b"Hello, world!")

@@ -257,13 +257,9 @@ def _io_error(ex: Exchange) -> None:
 
 
 def _io_abort(ex: Exchange) -> None:
-    """The app failed mid-body: the response cannot be completed, so the
-    connection (HTTP/1.1) or the stream is cut."""
-    conn = getattr(ex, "conn", None)
-    if conn is not None and conn.bind is not None:
-        conn.bind.close()
-    else:
-        ex.end()
+    """The app failed mid-body: the response is cut (see Exchange.abort)."""
+    if not ex.closed:
+        ex.abort()
 
 
 class ASGIRunner:

@@ -96,6 +96,11 @@ class _H2Exchange(Exchange):
         self.pending_bytes += len(data)
         self.h2c.drain(self)
 
+    def abort(self) -> None:
+        self.ended = True
+        if not self.closed:
+            self.h2c._refuse(self, 500)
+
     def end(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         if self.ended:
             return
@@ -278,6 +283,7 @@ class H2Connection:
             ex.start(status, [(b"content-length", b"0")])
             ex.end()
         ex.closed = True
+        self._arm_flush()
         self.streams.pop(ex.sid, None)
         try:
             self.c.reset_stream(ex.sid, h2.errors.ErrorCodes.CANCEL)

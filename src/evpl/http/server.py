@@ -160,6 +160,12 @@ class Exchange:
         """The app is ready for the request body (sends ``100 Continue`` to a
         client that waits for it)."""
 
+    def abort(self) -> None:
+        """The response cannot be completed (the app failed after it started):
+        cut it so the client cannot mistake it for a whole one (HTTP/1.1:
+        close the connection; HTTP/2: reset the stream)."""
+        raise NotImplementedError
+
     # the transport's side
     def _body(self, data: bytes) -> None:
         if self.on_body is not None:
@@ -210,7 +216,10 @@ class _Native:
             return
         resp = self.call(ex.request)
         if isinstance(resp, Response):
-            ex.start(resp.status, [*resp.headers, (b"content-length", b"%d" % len(resp.body))])
+            hs = resp.headers
+            if resp.status >= 200 and resp.status not in (204, 304):
+                hs = [*hs, (b"content-length", b"%d" % len(resp.body))]
+            ex.start(resp.status, hs)
             if resp.body:
                 ex.write(resp.body)
             ex.end()
@@ -255,7 +264,7 @@ class _Pump:
         except Exception:
             log.exception("a streaming response raised")
             self.it = None
-            ex.end()
+            ex.abort()
         if ex.closed:
             self.it = None
             close = getattr(it, "close", None)
@@ -278,6 +287,11 @@ class _H1Exchange(Exchange):
     @property
     def paused(self) -> bool:
         return self.conn.write_paused
+
+    def abort(self) -> None:
+        self.ended = True
+        self.closed = True
+        self.conn.bind.close()
 
     def want_body(self) -> None:
         req = self.request

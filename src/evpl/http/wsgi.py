@@ -248,8 +248,4 @@ def _fail(flow: _Flow, sent: bool) -> None:
         ex.write(b"Internal Server Error")
         ex.end()
     else:
-        conn = getattr(ex, "conn", None)
-        if conn is not None and conn.bind is not None:
-            conn.bind.close()
-        else:
-            ex.end()
+        ex.abort()
