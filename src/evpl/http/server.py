@@ -289,9 +289,12 @@ class _H1Exchange(Exchange):
         return self.conn.write_paused
 
     def abort(self) -> None:
+        # what was sent goes out, then FIN before the body's end: the client
+        # sees a short response (chunked without its last chunk, or fewer
+        # bytes than Content-Length), never a complete one
         self.ended = True
         self.closed = True
-        self.conn.bind.close()
+        self.conn._close_after_send()
 
     def want_body(self) -> None:
         req = self.request
