@@ -149,7 +149,7 @@ def run_load(load: str, port: int, h2port: int, duration: float, tmp: str) -> di
         n = int(40000 * duration)
         cmd = ["h2load", "-c64", "-m16", "-n", str(n), f"http://127.0.0.1:{h2port}/"]
     else:
-        cmd = ["wrk", "-t1", "-c64", f"-d{duration}s", "--latency"]
+        cmd = ["wrk", "-t1", "-c64", f"-d{duration:g}s", "--latency"]   # wrk wants "3s", not "3.0s"
         if load == "pipe16":
             cmd += ["-s", os.path.join(tmp, "pipe.lua")]
         cmd.append(f"http://127.0.0.1:{port}/" + ("big" if load == "big" else ""))
