@@ -11,12 +11,13 @@ fastest idiomatic form:
 * ``fixed``  - as ``framed`` with ``framing=evpl.framing.fixed(--size)``.
 * ``sink``   - ``on_data`` drops the Buffer.
 * ``udp``    - ``on_datagram``: ``bind.sendto(buf, addr)``.
+* ``udpsink`` - ``on_datagram`` drops the Buffer (one-way receive rate).
 
 Usage::
 
     python servers_evpl.py --mode raw|framed|fixed|sink|udp --port P
         [--backend tcp|unix|io_uring_tcp|udp|io_uring_udp|...]
-        [--poll] [--spin-ns N] [--path /tmp/x.sock]
+        [--poll] [--spin-ns N] [--path /tmp/x.sock] [--interface IF (xdp_udp)]
 
 Prints ``ready PORT`` (``ready unix:PATH`` for a unix backend) on stdout once
 it listens, and ``stats {...}`` (``Loop.stats()`` as JSON) on stderr when it
@@ -94,7 +95,7 @@ STREAM_HANDLERS: dict[str, type[evpl.Handler]] = {
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, start the server and run the loop until signalled."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["raw", "framed", "fixed", "sink", "udp"],
+    parser.add_argument("--mode", choices=["raw", "framed", "fixed", "sink", "udp", "udpsink"],
                         default="raw")
     parser.add_argument("--size", type=int, default=64, help="--mode fixed: record size")
     parser.add_argument("--per-message", action="store_true",
@@ -109,11 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spin-ns", type=int, default=None,
                         help="hybrid mode: keep polling this long after activity")
     parser.add_argument("--no-gso", action="store_true", help="--mode udp: bind(..., gso=False)")
+    parser.add_argument("--interface", default=None,
+                        help="xdp_udp: the interface to bind on (bind(..., interface=))")
     parser.add_argument("--sqpoll-cpu", type=int, default=None,
                         help="io_uring backends: SQPOLL thread pinned to this CPU")
     args = parser.parse_args(argv)
 
-    backend = args.backend or ("udp" if args.mode == "udp" else "tcp")
+    backend = args.backend or ("udp" if args.mode in ("udp", "udpsink") else "tcp")
     loop_kwargs: dict[str, Any] = {}
     if args.poll:
         loop_kwargs["poll_mode"] = "always"
@@ -130,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
     unix_path: str | None = None
     try:
-        if args.mode == "udp":
-            bind = loop.bind(backend, (args.host, args.port), UdpEcho(), gso=not args.no_gso)
+        if args.mode in ("udp", "udpsink"):
+            opts: dict[str, Any] = {"interface": args.interface} if args.interface else {
+                "gso": not args.no_gso}
+            handler = UdpEcho() if args.mode == "udp" else evpl.Handler()
+            bind = loop.bind(backend, (args.host, args.port), handler, **opts)
             ready = str(bind.local_address[1])
         else:
             address: Any

@@ -10,7 +10,8 @@
  *   bulk      C connections (default 1) writing W-byte writes (default 1 MiB)
  *             to a sink server as fast as possible; Gbit/s.
  *   udp       K UDP sockets (default 8) x F datagrams in flight (default 32)
- *             to a datagram echo server; echoed datagrams/s and losses.
+ *             to a datagram echo server; echoed datagrams/s and losses; with
+ *             --depth 1 also the round-trip latency percentiles.
  *
  * A framed message is S bytes in total (default 64): a 4-byte big-endian
  * header holding the payload length (S - 4) followed by the payload. Every
@@ -200,6 +201,7 @@ struct conn {
     uint64_t head;    /* messages completed (ring read index) */
     uint64_t tail;    /* messages queued (ring write index) */
     int inflight;     /* udp */
+    uint64_t sent_at; /* udp: when the last window was sent (latency at depth 1) */
     uint64_t last_progress;
 };
 
@@ -451,6 +453,7 @@ static void udp_send(int idx, int k, uint64_t t) {
         c->inflight += n;
         k -= n;
         c->last_progress = t;
+        c->sent_at = t;
         if (n < batch) return;
     }
 }
@@ -490,6 +493,7 @@ static void udp_readable(int idx) {
     n_bytes += (uint64_t)got * (uint64_t)opt.size;
     c->inflight = c->inflight > got ? c->inflight - got : 0; /* late ones: 0 */
     uint64_t t = now_ns();
+    if (opt.depth == 1 && got == 1 && measuring) hist_add(&hist, t - c->sent_at, 1);
     c->last_progress = t;
     udp_send(idx, opt.depth - c->inflight, t);
 }
@@ -626,7 +630,7 @@ int main(int argc, char **argv) {
            opt.mode == M_BULK ? opt.write_size : 0L, opt.spin ? "true" : "false", dt,
            unit, (unsigned long long)units, (double)units / dt,
            (unsigned long long)bytes, (double)bytes * 8.0 / dt / 1e9);
-    if (opt.mode != M_BULK && opt.mode != M_UDP) json_latency(&hist);
+    if (opt.mode != M_BULK && (opt.mode != M_UDP || opt.depth == 1)) json_latency(&hist);
     if (opt.mode == M_UDP) printf("\"losses\": %llu, ", (unsigned long long)(n_losses - losses0));
     json_tail(n_reads, n_writes, n_waits, cpu, srv, dt, interrupted);
     return 0;

@@ -14,6 +14,7 @@ from evpl.core.handler import Handler
 from evpl.core.loop import Loop, default_pool
 from evpl.errors import (
     BackendUnavailable,
+    Busy,
     ConfigError,
     ConnectionRefused,
     ConnectionReset,
@@ -22,6 +23,7 @@ from evpl.errors import (
     PoolExhausted,
     ProtocolError,
     SendQueueFull,
+    ShardError,
     TimeoutError,
     TransportError,
     Unreachable,
@@ -34,6 +36,7 @@ __all__ = [
     "BackendUnavailable",
     "Bind",
     "Buffer",
+    "Busy",
     "ConfigError",
     "ConnectionRefused",
     "ConnectionReset",
@@ -50,6 +53,7 @@ __all__ = [
     "PoolExhausted",
     "ProtocolError",
     "SendQueueFull",
+    "ShardError",
     "TimeoutError",
     "Timer",
     "TransportError",

@@ -14,6 +14,7 @@ import os
 
 __all__ = [
     "BackendUnavailable",
+    "Busy",
     "ConfigError",
     "ConnectionRefused",
     "ConnectionReset",
@@ -22,6 +23,7 @@ __all__ = [
     "PoolExhausted",
     "ProtocolError",
     "SendQueueFull",
+    "ShardError",
     "TimeoutError",
     "TransportError",
     "Unreachable",
@@ -55,6 +57,15 @@ class SendQueueFull(EvplError):
     Well-behaved senders stop on ``on_paused`` and resume on ``on_writable``;
     this exception is for callers that ignore those events.
     """
+
+
+class Busy(EvplError):
+    """A bounded queue is full (a loop's call queue, a WorkerPool, a ring
+    between shards): try again later, or slow the producer down."""
+
+
+class ShardError(EvplError):
+    """A shard is gone (it exited or was killed) or refused a message."""
 
 
 class PoolExhausted(EvplError):

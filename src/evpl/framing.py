@@ -15,12 +15,12 @@ from evpl._native.framing import Framer
 from evpl.errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_MESSAGE", "Framer", "callable", "fixed", "length_prefix",
-           "record_marking"]
+           "record_marking", "zmtp"]
 
 DEFAULT_MAX_MESSAGE = 64 << 20
 """Largest message a framer accepts unless told otherwise (64 MiB)."""
 
-_LENGTH, _RECORD, _CALLABLE, _FIXED = 1, 2, 3, 4
+_LENGTH, _RECORD, _CALLABLE, _FIXED, _ZMTP = 1, 2, 3, 4, 5
 
 
 def _max(max_message: int | None) -> int:
@@ -77,3 +77,13 @@ def fixed(size: int) -> Framer:
         raise ConfigError(f"fixed message size must be an int in 1..{DEFAULT_MAX_MESSAGE}, "
                           f"got {size!r}")
     return Framer(_FIXED, size, True, False, size)
+
+
+def zmtp(*, max_message: int | None = None) -> Framer:
+    """ZMTP 3.x frames (ZeroMQ, rfc.zeromq.org specs 23 and 37), cut in the
+    engine: each delivered message is a 64-byte greeting, one command frame,
+    or all the frames of one multipart message, as they are on the wire
+    (``evpl.zmtp`` splits them into frames without copying). ``max_message``
+    bounds the payload of one multipart message. ``send`` sends bytes as
+    they are (the caller encodes the frames)."""
+    return Framer(_ZMTP, 0, True, False, _max(max_message))

@@ -180,13 +180,39 @@ def test_send_messages_is_all_or_nothing(loop, stream_backend, address):
     assert server.messages == [b"abcd", b"wxyz"]
 
 
+def test_send_messages_takes_tuples_of_pieces(loop, stream_backend, address):
+    """A tuple item is one message made of pieces (a reply header next to a
+    payload sent by reference), framed once; a bad one refuses the batch."""
+    server = Batcher()
+    framer = evpl.framing.length_prefix(4)
+    listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
+                           framing=framer)
+    bind = loop.connect(stream_backend, listener.address, evpl.Handler(), framing=framer)
+    payload = bytes(range(256)) * 16
+    with pytest.raises(TypeError):
+        bind.send_messages([b"ok", (b"head", 42)])
+    assert bind.queued_bytes == 0
+    bind.send_messages([b"one", (b"head:", payload, bytearray(b":tail")), (), (b"x",)])
+    assert bind.queued_bytes == 4 * 4 + 3 + 5 + len(payload) + 5 + 0 + 1
+    loop.run_until(lambda: len(server.messages) == 4, timeout=TIMEOUT)
+    assert server.messages == [b"one", b"head:" + payload + b":tail", b"", b"x"]
+
+
+def test_send_messages_tuples_refused_on_datagram_binds(loop, datagram_backend):
+    rx = loop.bind(datagram_backend, ("127.0.0.1", 0), evpl.Handler())
+    tx = loop.connect(datagram_backend, rx.local_address, evpl.Handler())
+    with pytest.raises(evpl.EvplError, match="one datagram at a time"):
+        tx.send_messages([b"a", (b"b", b"c")])
+    assert tx.queued_bytes == 0
+
+
 @pytest.mark.parametrize("size", [0, -1, True, "4"])
 def test_fixed_framer_rejects_bad_sizes(size):
     with pytest.raises(evpl.ConfigError):
         evpl.framing.fixed(size)
 
 
-def test_on_datagrams_gets_read_batches(loop, datagram_backend):
+def test_on_datagrams_gets_read_batches(loop, dgram_net):
     class Dgrams(evpl.Handler):
         def __init__(self):
             self.batches = []
@@ -201,9 +227,8 @@ def test_on_datagrams_gets_read_batches(loop, datagram_backend):
                 bind.pause_reading()
 
     server = Dgrams()
-    bind = loop.bind(datagram_backend, ("127.0.0.1", 0), server)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
-        peer.bind(("127.0.0.1", 0))
+    bind = dgram_net.bind(loop, server, "a")
+    with dgram_net.peer_socket("b") as peer:
         sent = [b"d%03d" % i for i in range(40)]
         for d in sent[:20]:
             peer.sendto(d, bind.local_address)

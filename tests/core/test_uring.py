@@ -326,6 +326,43 @@ def test_ring_exhaustion_slow_consumer(make_loop, address, backend, framed):
     assert pool.stats()["buffers_in_use"] == 0
 
 
+class Keeper(evpl.Handler):
+    """Keeps its Bind, so the test can send on it."""
+
+    bind: evpl.Bind | None = None
+
+    def on_connected(self, bind):
+        self.bind = bind
+
+
+@pytest.mark.parametrize("backend", URING_BACKENDS)
+def test_framed_sends_survive_queue_growth_while_in_flight(make_loop, address, backend):
+    """The kernel reads an io_uring send's iovecs when the send runs, which,
+    on a full socket, is after the queue has grown and moved its entries
+    (framing headers inside them) under it. Regression: the headers came out
+    of moved memory and the peer saw a corrupt stream."""
+    loop = make_loop()
+    h = Keeper()
+    li = loop.listen(backend, address(backend), h, framing=LP4)
+    peer = raw_connect(backend, li.address, rcvbuf=4096)   # fills at once
+    loop.run_until(lambda: h.bind is not None, timeout=TIMEOUT)
+    rng = random.Random(5)
+    msgs = [rng.randbytes(rng.randint(0, 200)) for _ in range(6000)]
+    # queue in rounds with a loop iteration between them: the first sends
+    # fill the socket and wait in the kernel, each later round grows the
+    # queue under them
+    for i in range(0, len(msgs), 50):
+        for m in msgs[i:i + 50]:
+            h.bind.send(m)
+        loop.run_once(0)
+    expected = b"".join(len(m).to_bytes(4, "big") + m for m in msgs)
+    reader = InThread(loop, lambda: recv_exactly(peer, len(expected)))
+    loop.run_until(reader.done, timeout=TIMEOUT)
+    assert reader.get() == expected
+    peer.close()
+    li.close()
+
+
 def test_ring_exhaustion_large_messages_bounded(make_loop):
     """Messages larger than a pool buffer, all kept by the handler: reading
     must stop near max_bytes (docs/engine.md: 'never grows memory past

@@ -7,6 +7,7 @@ import struct
 import tracemalloc
 from collections.abc import Callable
 from enum import IntEnum
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -250,3 +251,63 @@ def test_decode_with_requires_whole_buffer() -> None:
     with pytest.raises(XdrError):
         xdr.decode_void(b"\0")
     assert xdr.encode_with(xdr.pack_void, None) == b""
+
+
+def test_scatter_buf_refers_to_large_bytes_and_copies_the_rest() -> None:
+    """Large immutable payloads stay references (sent next to their header
+    without a copy); small or mutable ones are copied; the pieces joined are
+    exactly the plain encoding."""
+    big = bytes(range(256)) * (xdr.SCATTER_MIN // 256)   # SCATTER_MIN bytes
+    small = b"abc"
+    fixed = big[:xdr.SCATTER_MIN + 1]
+    mutable = bytearray(big)
+
+    def encode(buf: bytearray) -> bytearray:
+        xdr.pack_opaque(buf, small)
+        xdr.pack_opaque(buf, big)
+        xdr.pack_string(buf, "tail")
+        xdr.pack_fopaque(buf, fixed, len(fixed))
+        xdr.pack_opaque(buf, mutable)
+        return buf
+
+    plain = bytes(encode(bytearray()))
+    sbuf = encode(xdr.ScatterBuf(b"HEAD"))
+    parts = sbuf.parts()
+    assert isinstance(parts, tuple)
+    assert b"".join(parts) == b"HEAD" + plain
+    # the two large bytes payloads are the very objects given, not copies
+    assert [p for p in parts if p is big or p is fixed] == [big, fixed]
+    assert all(type(p) is bytes for p in parts)
+    mutable[0] ^= 0xFF                              # copied: the encoding keeps its bytes
+    assert b"".join(parts) == b"HEAD" + plain
+
+
+def test_scatter_buf_without_large_payloads_is_itself() -> None:
+    sbuf = xdr.ScatterBuf()
+    xdr.pack_opaque(sbuf, b"x" * (xdr.SCATTER_MIN - 1))
+    assert sbuf.parts() is sbuf and sbuf.refs is None
+
+
+@given(st.binary(max_size=300), st.sampled_from(["bytes", "bytearray", "memoryview", "array"]))
+def test_native_counted_encoders_match_the_definition(data: bytes, kind: str) -> None:
+    """pack_opaque/pack_string (native) give XDR's definition of a counted
+    opaque for any bytes-like input: a length, the bytes, zeros to 4."""
+    value: Any = {"bytes": data, "bytearray": bytearray(data), "memoryview": memoryview(data),
+                  "array": array.array("B", data)}[kind]
+    expected = struct.pack(">I", len(data)) + data + b"\0" * (-len(data) & 3)
+    for pack in (xdr.pack_opaque, xdr.pack_string):
+        buf = bytearray(b"h")
+        pack(buf, value)
+        assert bytes(buf) == b"h" + expected
+
+
+def test_native_counted_encoders_refuse_what_they_cannot_encode() -> None:
+    with pytest.raises(XdrError, match="opaque of 5 bytes exceeds its bound 4"):
+        xdr.pack_opaque(bytearray(), b"12345", 4)
+    with pytest.raises(TypeError):
+        xdr.pack_opaque(bytearray(), "text is a string, not opaque data")
+    with pytest.raises(TypeError, match="bytearray"):
+        xdr.pack_opaque(b"immutable", b"x")
+    buf = bytearray()
+    xdr.pack_string(buf, "é")                         # str: UTF-8
+    assert bytes(buf) == b"\0\0\0\2\xc3\xa9\0\0"

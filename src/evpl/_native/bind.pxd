@@ -76,6 +76,7 @@ cdef class Bind(_Source):
     cdef bint dirty
     cdef bint finishing
     cdef object finish_error
+    cdef int shut_wr            # shutdown_write(): 1 = SHUT_WR once the queue drains, 2 = done
     # datagram addresses (the last one used is cached)
     cdef object tx_addr
     cdef sockaddr_in6 tx_sa
@@ -111,6 +112,7 @@ cdef class Bind(_Source):
     cdef int _queued(self, size_t n, size_t start) except -1
     cdef bint _frames_sends(self)
     cdef TxEntry* _push_message(self, data) except NULL
+    cdef Py_ssize_t _push_pieces(self, pieces) except -1
     cdef int _check_datagram(self, TxEntry* e) except -1
     cdef void _mark_dirty(self)
     cdef int _after_flush(self) except -1

@@ -37,7 +37,7 @@ from posix.unistd cimport close as c_close
 from evpl._native.buffers cimport Pool, Buffer, Chunk, make_buffer, chunk_unref
 from evpl._native.framing cimport (Framer, scan_length, scan_record, F_NONE, F_LENGTH,
                                    F_RECORD, F_CALLABLE, F_FIXED, E_OVERSIZE, E_FRAGMENTS,
-                                   MAX_FRAGMENTS)
+                                   MAX_FRAGMENTS, F_ZMTP, scan_zmtp, ZMTP_MAX_FRAMES)
 from evpl._native.loop cimport _Source, LoopCore, Timer
 from evpl._native.sys cimport *
 from evpl._native.txqueue cimport *
@@ -277,41 +277,38 @@ cdef class Bind(_Source):
 
     def sendv(self, pieces) -> None:
         """Queue several pieces as one message (one header on a framed Bind)."""
-        cdef size_t total = 0, start
-        cdef TxEntry* e
+        cdef size_t start
+        cdef Py_ssize_t total
         self._can_send()
-        if not self.stream:
-            raise EvplError("datagram Bind: send one datagram at a time")
         start = self.txq.tail
         try:
-            for p in pieces:
-                e = txq_push(&self.txq, p)
-                total += e.len
+            total = self._push_pieces(pieces)
         except BaseException:
             if start != self.txq.tail:      # all or nothing: drop the pieces queued
                 txq_unpush_from(&self.txq, &self.txq.e[start])
             raise
-        if start == self.txq.tail:
-            if not self._frames_sends():
-                return
-            txq_push(&self.txq, b"")
-        if self._frames_sends():
-            txq_frame(&self.txq, &self.txq.e[start], self.framer, total)
-        self._queued(total + self.txq.e[start].hdrlen, start)
+        if start != self.txq.tail:
+            self._queued(total, start)
 
     def send_messages(self, msgs) -> None:
         """Queue each item of ``msgs`` as one message (its own header on a
         framed Bind; one datagram each on a connected datagram Bind): the
-        reply batch to an ``on_messages`` batch, in one call. All or
-        nothing: if one item is refused, none is queued."""
+        reply batch to an ``on_messages`` batch, in one call. On a stream
+        Bind an item may be a tuple of pieces, sent as one message (as
+        ``sendv`` would), so a reply can carry a large payload by reference
+        next to its header. All or nothing: if one item is refused, none is
+        queued."""
         cdef size_t start, total = 0
         cdef TxEntry* e
         self._can_send()
         start = self.txq.tail
         try:
             for m in msgs:
-                e = self._push_message(m)
-                total += e.len + e.hdrlen
+                if type(m) is tuple:
+                    total += self._push_pieces(m)
+                else:
+                    e = self._push_message(m)
+                    total += e.len + e.hdrlen
         except BaseException:
             if start != self.txq.tail:
                 txq_unpush_from(&self.txq, &self.txq.e[start])
@@ -319,10 +316,28 @@ cdef class Bind(_Source):
         if start != self.txq.tail:
             self._queued(total, start)
 
+    cdef Py_ssize_t _push_pieces(self, pieces) except -1:
+        """Queue ``pieces`` as one stream message (its header in the first
+        entry on a framed Bind); the bytes queued, header included. The
+        caller drops the entries if this raises."""
+        cdef size_t start = self.txq.tail, total = 0
+        cdef TxEntry* e
+        if not self.stream:
+            raise EvplError("datagram Bind: send one datagram at a time")
+        for p in pieces:
+            e = txq_push(&self.txq, p)
+            total += e.len
+        if self._frames_sends():
+            if start == self.txq.tail:
+                txq_push(&self.txq, b"")    # an empty message still has its header
+            txq_frame(&self.txq, &self.txq.e[start], self.framer, total)
+            total += self.txq.e[start].hdrlen
+        return total
+
     cdef bint _frames_sends(self):
         """Sends go through the framer: a header added (length prefix, record
         mark) or the size checked (fixed); a callable framer sends as is."""
-        return self.fr_kind != F_NONE and self.fr_kind != F_CALLABLE
+        return self.fr_kind != F_NONE and self.fr_kind != F_CALLABLE and self.fr_kind != F_ZMTP
 
     cdef TxEntry* _push_message(self, data) except NULL:
         """Queue one message: with its framing, or on a connected datagram
@@ -343,7 +358,7 @@ cdef class Bind(_Source):
         return 0
 
     cdef int _can_send(self) except -1:
-        if self.state == S_CLOSED or self.finishing:
+        if self.state == S_CLOSED or self.finishing or self.shut_wr:
             raise EvplError("send on a closed Bind")
         if not self.stream and not self.dgram_connected:
             raise EvplError("datagram Bind: use sendto(data, addr)")
@@ -385,6 +400,39 @@ cdef class Bind(_Source):
             self._close(None)
         else:
             self.finishing = True
+            self._mark_dirty()
+
+    def set_write_limits(self, size_t high_water, size_t low_water, size_t hard_limit) -> None:
+        """Change the send queue's watermarks and hard limit while the Bind
+        is open (asyncio's ``set_write_buffer_limits``); needs
+        ``low_water <= high_water <= hard_limit``. Takes effect at the next
+        send or flush; a queue already above the new high-water mark
+        pauses at once (``on_paused``)."""
+        if not low_water <= high_water <= hard_limit:
+            raise ValueError(f"need low_water ({low_water}) <= high_water ({high_water}) "
+                             f"<= hard_limit ({hard_limit})")
+        self.high_water = high_water
+        self.low_water = low_water
+        self.hard_limit = hard_limit
+        if self.state == S_OPEN and not self.paused and self.queued_bytes > high_water:
+            self.paused = True
+            self.loop.stat_paused += 1
+            try:
+                self.cb_paused(self)
+            except Exception as exc:
+                self.loop._callback_error(exc, self)
+
+    def shutdown_write(self) -> None:
+        """Half-close a stream Bind: shut down its sending side (the peer
+        sees EOF) once everything queued has been sent, and keep receiving.
+        Sends after it raise."""
+        if self.state == S_CLOSED or not self.stream or self.shut_wr:
+            return
+        self.shut_wr = 1
+        if self.state == S_OPEN and txq_empty(&self.txq) and not self._send_busy():
+            self.shut_wr = 2
+            shutdown(self.fd, SHUT_WR)
+        else:
             self._mark_dirty()
 
     def pause_reading(self) -> None:
@@ -466,6 +514,14 @@ cdef class Bind(_Source):
                 if self.stream:
                     shutdown(self.fd, SHUT_WR)
                 self._close(self.finish_error)
+            elif self.shut_wr == 1 and self.stream:
+                self.shut_wr = 2
+                shutdown(self.fd, SHUT_WR)
+                if self.cb_sent is not None:
+                    try:
+                        self.cb_sent(self)
+                    except Exception as exc:
+                        self.loop._callback_error(exc, self)
             elif self.cb_sent is not None:
                 try:
                     self.cb_sent(self)
@@ -640,6 +696,10 @@ cdef class Bind(_Source):
             return r
         if self.fr_kind == F_RECORD:
             return scan_record(f, <unsigned char*>p, avail, hint, payload, nfrag)
+        if self.fr_kind == F_ZMTP:
+            r = scan_zmtp(f, <unsigned char*>p, avail, hint, nfrag)
+            payload[0] = r
+            return r
         if self.fr_kind == F_FIXED:
             payload[0] = f.size
             if avail < <size_t>f.size:
@@ -669,7 +729,7 @@ cdef class Bind(_Source):
         cdef Buffer b
         if self.fr_kind == F_LENGTH:
             return make_buffer(self.pool, c, p + self.framer.size, payload)
-        if self.fr_kind == F_CALLABLE or self.fr_kind == F_FIXED:
+        if self.fr_kind == F_CALLABLE or self.fr_kind == F_FIXED or self.fr_kind == F_ZMTP:
             return make_buffer(self.pool, c, p, r)
         if nfrag == 1:
             return make_buffer(self.pool, c, p + 4, payload)
@@ -781,8 +841,12 @@ cdef class Bind(_Source):
     cdef void _framing_failed(self, Py_ssize_t r):
         if r == E_OVERSIZE:
             msg = f"message exceeds max_message ({self.max_message} bytes)"
+        elif r == E_FRAGMENTS and self.fr_kind == F_ZMTP:
+            msg = f"ZMTP message has more than {ZMTP_MAX_FRAMES} frames"
         elif r == E_FRAGMENTS:
             msg = f"record has more than {MAX_FRAGMENTS} fragments"
+        elif self.fr_kind == F_ZMTP:
+            msg = "malformed ZMTP frame (reserved flag bits, or a command with MORE)"
         elif self.fr_kind == F_CALLABLE:
             msg = f"framing callable reported a bad stream ({r})"
         else:

@@ -197,7 +197,7 @@ cdef class EpollStream(EpollBind):
         cdef ssize_t n
         memset(&mh, 0, sizeof(mh))
         while not txq_empty(&self.txq):
-            cnt = txq_gather(&self.txq, iov, MAX_IOV, NULL)
+            cnt = txq_gather(&self.txq, iov, MAX_IOV, NULL, NULL)
             mh.msg_iov = iov
             mh.msg_iovlen = cnt
             n = sendmsg(self.fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT)

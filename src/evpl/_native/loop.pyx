@@ -804,6 +804,24 @@ cdef class LoopCore:
             self._leave(old)
             evpl_store(&self.stop_flag, 0)
 
+    def flush(self) -> None:
+        """Send what is queued now (every Bind with sends pending) without
+        polling for events or running timers: for a caller that must not
+        deliver more I/O but must not sit on output either (an asyncio loop
+        that was told to stop)."""
+        cdef _Source b
+        cdef Driver d
+        cdef list batch
+        cdef int rounds = 0
+        while self.dirty and rounds < 8:
+            rounds += 1
+            batch = self.dirty
+            self.dirty = []
+            for b in batch:
+                b._flush()
+        for d in self.drv_list:
+            d._submit()
+
     def run_once(self, timeout=None) -> None:
         """Run one iteration, waiting at most ``timeout`` seconds for events
         (None: until something happens)."""

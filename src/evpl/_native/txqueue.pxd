@@ -36,7 +36,8 @@ cdef void txq_unpush_from(TxQueue* q, TxEntry* e) noexcept
 cdef void txq_drop(TxQueue* q, list hold) noexcept
 cdef void txq_free(TxQueue* q) noexcept
 cdef size_t txq_retire(TxQueue* q, size_t n, list hold) noexcept
-cdef int txq_gather(TxQueue* q, iovec* iov, int max_iov, size_t* total) noexcept
+cdef int txq_gather(TxQueue* q, iovec* iov, int max_iov, size_t* total,
+                    unsigned char* hdrs) noexcept
 cdef int txq_dg_group(TxQueue* q, size_t i, size_t gso_limit) noexcept
 cdef size_t txq_dg_retire(TxQueue* q, unsigned int g) noexcept
 

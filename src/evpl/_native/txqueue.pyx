@@ -17,7 +17,7 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
-from libc.string cimport memcmp, memmove
+from libc.string cimport memcmp, memcpy, memmove
 
 from evpl._native.buffers cimport Buffer
 from evpl._native.framing cimport F_LENGTH, F_FIXED
@@ -150,9 +150,15 @@ cdef size_t txq_retire(TxQueue* q, size_t n, list hold) noexcept:
     return n
 
 
-cdef int txq_gather(TxQueue* q, iovec* iov, int max_iov, size_t* total) noexcept:
+cdef int txq_gather(TxQueue* q, iovec* iov, int max_iov, size_t* total,
+                    unsigned char* hdrs) noexcept:
     """Fill ``iov`` (at most ``max_iov`` entries) from the queue head,
-    framing headers included; the byte count goes to ``total`` if given."""
+    framing headers included; the byte count goes to ``total`` if given.
+
+    The headers live in the entries, which move when the queue grows. A
+    synchronous writev passes ``hdrs`` NULL; an asynchronous send (the kernel
+    reads the iovecs later) passes ``max_iov * 8`` bytes of its own, and the
+    headers are copied there."""
     cdef int cnt = 0
     cdef size_t i = q.head, skip = q.off, sum = 0
     cdef TxEntry* e
@@ -160,7 +166,12 @@ cdef int txq_gather(TxQueue* q, iovec* iov, int max_iov, size_t* total) noexcept
         e = &q.e[i]
         if e.hdrlen:
             if skip < e.hdrlen:
-                iov[cnt].iov_base = e.hdr + skip
+                if hdrs != NULL:
+                    memcpy(hdrs, e.hdr + skip, e.hdrlen - skip)
+                    iov[cnt].iov_base = hdrs
+                    hdrs += e.hdrlen - skip
+                else:
+                    iov[cnt].iov_base = e.hdr + skip
                 iov[cnt].iov_len = e.hdrlen - skip
                 sum += iov[cnt].iov_len
                 cnt += 1

@@ -21,6 +21,7 @@ msghdr and data. Received bytes go to the shared reassembler
 cimport cython
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.errno cimport errno, EBUSY, EMFILE, ENFILE, ENOBUFS, ENOMEM, EOPNOTSUPP
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint16_t
 from libc.string cimport memcpy, memset, strcmp
@@ -571,6 +572,7 @@ cdef class UringStream(UringBind):
     cdef bint send_zc
     cdef bint no_zc
     cdef iovec* iov
+    cdef bytes hdrs             # the framing headers of the send in flight
     cdef list zc_hold
 
     def __dealloc__(self):
@@ -602,7 +604,13 @@ cdef class UringStream(UringBind):
             self.iov = <iovec*>PyMem_Malloc(MAX_IOV * sizeof(iovec))
             if self.iov == NULL:
                 raise MemoryError()
-        cnt = txq_gather(&self.txq, self.iov, MAX_IOV, &total)
+        if self.hdrs is None:
+            # the kernel reads the headers when the send runs, which may be
+            # after the queue has grown and moved its entries: a copy of
+            # them, in memory of this send's own, is what it reads
+            self.hdrs = PyBytes_FromStringAndSize(NULL, MAX_IOV * 8)
+        cnt = txq_gather(&self.txq, self.iov, MAX_IOV, &total,
+                         <unsigned char*>PyBytes_AS_STRING(self.hdrs))
         memset(&self.mh, 0, sizeof(msghdr))
         self.mh.msg_iov = self.iov
         self.mh.msg_iovlen = cnt
@@ -633,6 +641,8 @@ cdef class UringStream(UringBind):
             if self.zc_hold is None:
                 self.zc_hold = []
             self.zc_hold.append(hold)
+            hold.append(self.hdrs)          # read until the notification too
+            self.hdrs = None
         else:
             hold = None
         if self.state == S_CLOSED:

@@ -37,4 +37,23 @@ def run(args: argparse.Namespace) -> int:
                       ", ".join(sorted(b.capabilities)),
                       b.reason if not b.available else b.description)
     Console().print(table)
+    Console().print(_topology_table())
     return 0
+
+
+def _topology_table() -> object:
+    """NUMA nodes, their CPUs and memory, and the CPUs this process may use
+    (where evpl.shards and ThreadPool place their loops, node by node)."""
+    from rich.table import Table
+
+    from evpl import numa
+    allowed = os.sched_getaffinity(0)
+    table = Table(title=f"NUMA nodes (this process may use CPUs "
+                        f"{','.join(map(str, sorted(allowed)))})")
+    for col in ("node", "cpus", "usable here", "memory"):
+        table.add_column(col)
+    for node in numa.topology():
+        table.add_row(str(node.id), ",".join(map(str, node.cpus)),
+                      ",".join(str(c) for c in node.cpus if c in allowed) or "-",
+                      f"{node.memory / 2**30:.1f} GiB" if node.memory else "?")
+    return table

@@ -77,6 +77,8 @@ def _serve(loop: evpl.Loop, host: str, port: int, unix_dir: str | None,
     for b in evpl.backends():
         if not b.available or (only is not None and b.name not in only):
             continue
+        if "xdp" in b.capabilities:
+            continue        # needs an interface's own address: benchmarks/xdp_bench.py
         if port and "inet" in b.capabilities:
             if b.kind in taken:
                 continue
@@ -413,6 +415,8 @@ def _selected_backends(args: argparse.Namespace) -> list[evpl.BackendInfo]:
             if wanted is not None:
                 raise evpl.BackendUnavailable(f"{b.name}: {b.reason}")
             continue
+        if "xdp" in b.capabilities:
+            continue        # the perf server does not serve it (see _serve)
         out.append(b)
     if wanted:
         unknown = wanted - {b.name for b in evpl.backends()}

@@ -134,6 +134,21 @@ register(_Backend(
 ))
 
 
+def _probe_xdp() -> str | None:
+    from evpl.core.xdp import registry_reason
+
+    return registry_reason()
+
+
+register(_Backend(
+    "xdp_udp", "datagram", socket.AF_INET,
+    frozenset({"datagram", "xdp", "inet", "kernel_bypass", "zero_copy_send"}),
+    "UDP over AF_XDP (evpl's XDP program, UMEM from a pinned pool, zero-copy receive and "
+    "send; loop.bind(..., interface=)); IPv4, datagrams up to the MTU",
+    _probe_xdp, "evpl._native.xdp",
+))
+
+
 def backends() -> list[BackendInfo]:
     """Every known backend, available or not (with the reason)."""
     return [b.info() for b in _REGISTRY.values()]

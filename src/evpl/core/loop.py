@@ -28,6 +28,7 @@ _default_pool: Pool | None = None
 
 _OPTIONS = {"high_water", "low_water", "hard_limit", "max_datagram", "nodelay", "reuseport",
             "rcvbuf", "sndbuf", "gso", "idle_timeout", "message_timeout"}
+_OPTIONS |= {"interface"}       # xdp_udp: the interface whose frames it reads
 
 
 def default_pool() -> Pool:
@@ -282,14 +283,34 @@ class Loop(LoopCore):
         cuts into ordinary datagrams; the receiver sees no difference. Trains
         that arrive whole are accepted too (UDP GRO) and still delivered one
         ``on_datagram`` per datagram."""
+        if backend == "xdp_udp":           # available once given an interface
+            from evpl.core import xdp
+            return xdp.bind(self, backend, address, _make_handler(handler),
+                            _limits(options, False), options)
         info = _backends.get(backend, "datagram")
         limits = _limits(options, False)
         gso = _gso(options)
         h = _make_handler(handler)
+        if "interface" in options:
+            raise ConfigError("interface= is an xdp_udp option")
         sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)
         self._bind_socket(sock, sa, options)
         return _backends.native(info.name).datagram(self, sock.detach(), info.name, h, limits,
                                                     gso and sock.family != socket.AF_UNIX)
+
+    def offload(self, fn: Callable[..., Any], *args: Any, workers: Any = None,
+                on_full: Literal["raise", "pause"] = "raise",
+                bind: Bind | None = None) -> Any:
+        """Run ``fn(*args)`` on a worker thread (``workers``, an
+        ``evpl.threads.WorkerPool``; default: the process-wide one) and
+        return a ``concurrent.futures.Future`` that this loop completes on
+        its own thread: its done callbacks run here and may use Binds.
+        When the pool's queue is full, ``on_full="raise"`` raises
+        ``evpl.Busy``; ``"pause"`` accepts the job, pauses reading on
+        ``bind`` and resumes it when the job got into the queue (see
+        docs/cores.md)."""
+        from evpl.threads.workers import offload
+        return offload(self, fn, *args, workers=workers, on_full=on_full, bind=bind)
 
     def __enter__(self) -> Loop:
         return self

@@ -64,6 +64,7 @@ from typing import Any
 from evpl import framing
 from evpl.core.handler import Handler
 from evpl.errors import ConfigError, EvplError
+from evpl.rpc2._fast import BatchCall, FastPath, Proc
 from evpl.rpc2.errors import (
     AuthError,
     GarbageArgs,
@@ -89,6 +90,7 @@ from evpl.rpc2.wire import (
     encode_rpc_mismatch,
     pack_accepted_header,
 )
+from evpl.rpc2.xdr import ScatterBuf, pack_void, unpack_noargs
 
 __all__ = [
     "DEFAULT_DRC_MAX_BYTES",
@@ -101,13 +103,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("evpl.rpc2")
-# the batch fast path's view of the wire (RFC 5531): a call's fixed head
-# (xid, CALL, rpcvers, prog, vers, proc, cred flavor, cred length) followed,
-# when the credentials are empty, by the verifier's (flavor, length); an auth
-# head (flavor, length); an accepted reply's head with a null verifier
-_CALL_HEAD_NONE = struct.Struct(">IIIIIIIIII")   # ... and the verifier's head, for AUTH_NONE
-_AUTH_HEAD = struct.Struct(">II")
-_ACCEPTED_NONE = struct.Struct(">IIIIII")
 _AUTH_NONE = int(AuthFlavor.AUTH_NONE)
 _AUTH_SYS = int(AuthFlavor.AUTH_SYS)
 
@@ -156,51 +151,12 @@ def current_call() -> CallContext:
     cur = _current_get()
     if cur is None:
         raise EvplError("current_call() is only valid inside an RPC handler")
-    if type(cur) is _BatchCall:
+    if type(cur) is BatchCall:
         return cur.context()
     return cur
 
 
-class _BatchCall:
-    """The call being served by the batch fast path: what a CallContext
-    would hold, made into one only if the handler asks (``current_call()``),
-    so the common call (decode, run, encode) creates no context object and
-    sets the ContextVar once per batch instead of twice per call."""
-
-    __slots__ = ("conn", "cred", "ctx", "pack", "peer", "proc", "prog", "vers", "xid")
-
-    def __init__(self, conn: _Conn, peer: Any) -> None:
-        self.conn = conn
-        self.peer = peer
-        self.ctx: CallContext | None = None
-
-    def context(self) -> CallContext:
-        ctx = self.ctx
-        if ctx is None:
-            ctx = self.ctx = CallContext(self.conn, self.xid, self.prog, self.vers, self.proc,
-                                         self.cred, self.peer, self.pack, None)
-        return ctx
-
-
-def _void_result(buf: bytearray, value: Any) -> None:
-    pass
-
-
 # -- procedures ---------------------------------------------------------------
-
-class _Proc:
-    """How to run one procedure: decode args, call, encode result."""
-
-    __slots__ = ("fn", "pack_result", "raw", "unpack_args", "with_ctx")
-
-    def __init__(self, fn: Callable[..., Any], unpack_args: Any, pack_result: Any,
-                 with_ctx: bool, raw: bool = False) -> None:
-        self.fn = fn
-        self.unpack_args = unpack_args
-        self.pack_result = pack_result
-        self.with_ctx = with_ctx
-        self.raw = raw
-
 
 def _wants_ctx(fn: Callable[..., Any]) -> bool:
     try:
@@ -211,8 +167,8 @@ def _wants_ctx(fn: Callable[..., Any]) -> bool:
         inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-def _procedures(impl: Any) -> dict[int, _Proc]:
-    procs: dict[int, _Proc] = {}
+def _procedures(impl: Any) -> dict[int, Proc]:
+    procs: dict[int, Proc] = {}
     if isinstance(impl, Mapping):
         for num, entry in impl.items():
             if not isinstance(num, int) or not 0 <= num <= 0xFFFFFFFF:
@@ -221,9 +177,9 @@ def _procedures(impl: Any) -> dict[int, _Proc]:
                 if len(entry) != 3 or not callable(entry[0]):
                     raise ConfigError(f"procedure {num}: expected (fn, unpack_args, "
                                       f"pack_result), got {entry!r}")
-                procs[num] = _Proc(entry[0], entry[1], entry[2], True)
+                procs[num] = Proc(entry[0], entry[1], entry[2], True)
             elif callable(entry):
-                procs[num] = _Proc(entry, None, None, True, raw=True)
+                procs[num] = Proc(entry, None, None, True, raw=True)
             else:
                 raise ConfigError(f"procedure {num}: {entry!r} is not callable")
         return procs
@@ -233,7 +189,7 @@ def _procedures(impl: Any) -> dict[int, _Proc]:
                           "server skeleton (no PROCEDURES table)")
     for num, p in table.items():
         fn = getattr(impl, p.name)
-        procs[num] = _Proc(fn, p.unpack_args, p.pack_result, _wants_ctx(fn))
+        procs[num] = Proc(fn, p.unpack_args, p.pack_result, _wants_ctx(fn))
     return procs
 
 
@@ -614,12 +570,16 @@ class Server:
         self.max_in_flight = max_in_flight
         self.drc_window = float(drc_window)
         self.drc_max_bytes = drc_max_bytes
-        self._programs: dict[int, dict[int, dict[int, _Proc]]] = {}
+        self._programs: dict[int, dict[int, dict[int, Proc]]] = {}
         self._authsys: dict[bytes, AuthSys] = {}   # decoded AUTH_SYS bodies (bounded)
         self._listeners: list[Any] = []
         self._udp: list[_DatagramConn] = []
         self._conns: set[_StreamConn] = set()
         self.stats = {"calls": 0, "garbage_args": 0, "system_err": 0, "bad_headers": 0}
+        self._fast = FastPath(self._programs, self._authsys, self._dispatch,
+                              self._handler_raised, AUTH_NONE, unpack_noargs, pack_void,
+                              DEFER, ScatterBuf,
+                              (LookupError, struct.error, XdrError, ValueError), self.stats)
 
     # -- registration --
 
@@ -712,88 +672,18 @@ class Server:
         the immediate replies to ``conn.replies``; False if a call header is
         unparseable (the connection must close).
 
-        The fast path covers what nearly every call is: RPC version 2,
-        AUTH_NONE or an AUTH_SYS body seen before, a null verifier, a
-        registered procedure whose handler takes no ``ctx``, and arguments
-        and a result the codecs take. Anything else goes through
-        ``_dispatch``, which answers every error case."""
-        programs = self._programs
-        authsys = self._authsys
-        dispatch = self._dispatch
-        replies = conn.replies
-        head_none = _CALL_HEAD_NONE.unpack_from
-        auth_head = _AUTH_HEAD.unpack_from
-        accepted = _ACCEPTED_NONE.pack
-        peer = conn.peer
-        cur = _BatchCall(conn, peer)
+        The loop is native (``evpl.rpc2._fast``) and covers what nearly every
+        call is: RPC version 2, AUTH_NONE or an AUTH_SYS body seen before, a
+        null verifier, a registered procedure whose handler takes no
+        ``ctx``, and arguments and a result the codecs take. Anything else
+        goes through ``_dispatch``, which answers every error case."""
+        cur = BatchCall(conn, conn.peer, CallContext)
         self.stats["calls"] += len(msgs)
         token = _current_set(cur)
         try:
-            for msg in msgs:
-                try:
-                    mv = memoryview(msg)            # the engine's Buffers: flat bytes
-                    # AUTH_NONE with a null verifier: the whole head in one unpack
-                    (xid, mtype, rpcvers, prog, vers, procno, flavor, n, vflavor,
-                     vlen) = head_none(mv, 0)
-                    if mtype or rpcvers != 2:
-                        raise LookupError
-                    if flavor == _AUTH_NONE and n == 0:
-                        cred: Any = AUTH_NONE
-                        off = 32
-                    elif flavor == _AUTH_SYS and n <= 400:
-                        cred = authsys[bytes(mv[32:32 + n])]
-                        off = 32 + n + (-n & 3)
-                        vflavor, vlen = auth_head(mv, off)
-                    else:
-                        raise LookupError
-                    if vflavor or vlen:
-                        raise LookupError
-                    proc = programs[prog][vers][procno]
-                    if proc.with_ctx or proc.raw:
-                        raise LookupError
-                    args, _ = proc.unpack_args(mv, off + 8)
-                except (LookupError, struct.error, XdrError, ValueError):
-                    self.stats["calls"] -= 1           # _dispatch counts it
-                    conn.in_flight += 1                # its reply (send_reply) takes it off
-                    if not dispatch(conn, msg, peer, None):
-                        conn.in_flight -= 1
-                        return False
-                    continue
-                cur.xid = xid
-                cur.prog = prog
-                cur.vers = vers
-                cur.proc = procno
-                cur.cred = cred
-                pack = cur.pack = proc.pack_result
-                cur.ctx = None
-                try:
-                    result = proc.fn(*args)
-                except Exception:
-                    conn.in_flight += 1
-                    self._handler_raised(cur.context())
-                    continue
-                ctx = cur.ctx
-                if ctx is not None or result is DEFER:
-                    # the handler took its context (current_call()): it
-                    # decides; the call is in flight until ctx replies
-                    conn.in_flight += 1
-                    ctx = cur.context()
-                    if result is DEFER or ctx.deferred:
-                        ctx.deferred = True
-                    else:
-                        ctx.reply(result)
-                    continue
-                buf = bytearray(accepted(xid, 1, 0, 0, 0, 0))
-                try:
-                    pack(buf, result)
-                except Exception:
-                    conn.in_flight += 1
-                    cur.context().reply(result)       # logs, answers SYSTEM_ERR
-                    continue
-                replies.append(buf)             # an immediate reply: never in flight
+            return self._fast.serve(conn, msgs, cur, conn.replies)
         finally:
             _current_reset(token)
-        return True
 
     def _handler_raised(self, ctx: CallContext) -> None:
         """Answer the call whose handler raised (the exception being handled)."""

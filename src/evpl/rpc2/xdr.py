@@ -32,15 +32,18 @@ from enum import IntEnum
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from evpl.errors import ProtocolError
+from evpl.rpc2 import _fast
 
 __all__ = [
     "BOOL_DEC",
     "BOOL_ENC",
+    "SCATTER_MIN",
     "UNBOUNDED",
     "Caller",
     "EnumMap",
     "Packer",
     "Procedure",
+    "ScatterBuf",
     "Unpacker",
     "XdrError",
     "as_view",
@@ -107,6 +110,52 @@ BOOL_DEC = EnumMap("bool", {0: False, 1: True})
 """Wire value (0 or 1) to ``bool``."""
 BOOL_ENC = EnumMap("bool", {False: 0, True: 1})
 """``bool`` (or 0/1) to wire value; anything else is an error."""
+
+
+SCATTER_MIN = 32768
+"""Opaque data and strings of at least this many bytes, given as ``bytes``,
+are referenced by a :class:`ScatterBuf` instead of copied into it."""
+
+
+class ScatterBuf(bytearray):
+    """An encoding buffer that large payloads are not copied into.
+
+    The pack functions append to it as to any ``bytearray``, except that an
+    ``opaque``/``string`` of :data:`SCATTER_MIN` bytes or more given as
+    (immutable) ``bytes`` is recorded by reference at its offset.
+    :meth:`parts` then returns the encoding as a tuple of pieces, the payloads
+    among them uncopied, which a stream Bind sends as one message
+    (``send_messages`` takes such a tuple). A 1 MiB READ reply so costs no
+    copy in Python and none in the engine.
+    """
+
+    refs: list[tuple[int, bytes]] | None = None
+
+    def refer(self, data: bytes) -> None:
+        """Record ``data`` as the next bytes of the encoding, by reference."""
+        refs = self.refs
+        if refs is None:
+            refs = self.refs = []
+        refs.append((len(self), data))
+
+    def parts(self) -> ScatterBuf | tuple[Any, ...]:
+        """The encoding: this buffer itself if nothing was referenced, else
+        the tuple of its pieces in order (copied head bytes between the
+        referenced payloads)."""
+        refs = self.refs
+        if refs is None:
+            return self
+        out: list[Any] = []
+        prev = 0
+        with memoryview(self) as mv:
+            for off, data in refs:
+                if off > prev:
+                    out.append(bytes(mv[prev:off]))
+                out.append(data)
+                prev = off
+            if len(self) > prev:
+                out.append(bytes(mv[prev:]))
+        return tuple(out)
 
 
 def as_view(data: Any) -> memoryview:
@@ -206,33 +255,10 @@ def pack_fopaque(buf: bytearray, data: Any, n: int) -> None:
     """Encode ``opaque[n]``; ``data`` must be exactly ``n`` bytes."""
     if len(data) != n:
         raise XdrError(f"opaque[{n}] needs exactly {n} bytes, got {len(data)}")
-    buf += data
-    buf += _PAD[n & 3]
-
-
-def pack_opaque(buf: bytearray, data: Any, maxlen: int = UNBOUNDED) -> None:
-    """Encode ``opaque<maxlen>`` from any bytes-like object."""
-    if not isinstance(data, (bytes, bytearray)):
-        data = as_view(data)
-    n = len(data)
-    if n > maxlen:
-        raise XdrError(f"opaque of {n} bytes exceeds its bound {maxlen}")
-    buf += UINT.pack(n)
-    buf += data
-    buf += _PAD[n & 3]
-
-
-def pack_string(buf: bytearray, s: Any, maxlen: int = UNBOUNDED) -> None:
-    """Encode ``string<maxlen>`` from ``str`` (UTF-8) or a bytes-like object."""
-    if isinstance(s, str):
-        s = s.encode()
-    elif not isinstance(s, (bytes, bytearray)):
-        s = as_view(s)
-    n = len(s)
-    if n > maxlen:
-        raise XdrError(f"string of {n} bytes exceeds its bound {maxlen}")
-    buf += UINT.pack(n)
-    buf += s
+    if n >= SCATTER_MIN and type(buf) is ScatterBuf and type(data) is bytes:
+        buf.refer(data)
+    else:
+        buf += data
     buf += _PAD[n & 3]
 
 
@@ -503,3 +529,10 @@ class Unpacker:
         """Optional data ``T *x``."""
         return unpack_item() if self.unpack_bool() else None
 
+
+# the counted opaque and string encoders are native (a reply that carries data
+# spent more on their Python frames than on the copy); they raise XdrError and
+# refer to large payloads of a ScatterBuf like the rest of this module
+_fast.configure(XdrError, ScatterBuf, SCATTER_MIN)
+pack_opaque = _fast.pack_opaque
+pack_string = _fast.pack_string

@@ -1549,12 +1549,29 @@ class _Generator:
         if key not in self.args_funcs:
             name = f"_args{len(self.args_funcs)}"
             lines = [f"def {name}(mv: memoryview, off: int) -> tuple[tuple[_Any, ...], int]:"]
-            for i, a in enumerate(args):
-                lines.append(f"    a{i}, off = {self.anon_codec(a, loc)[1]}(mv, off)")
-            lines.append(f"    return ({''.join(f'a{i}, ' for i in range(len(args)))}), off")
+            if all(self._plain(a) for a in key):
+                # plain numbers and fixed opaques: struct's tuple is the arguments
+                slots = [s for a in key for s in self.flat(a) or ()]
+                var = self.struct_var("".join(s.code for s in slots))
+                what = _fstring_text(", ".join(_spell(a) for a in args))
+                lines += ["    try:",
+                          f"        return {var}.unpack_from(mv, off), "
+                          f"off + {sum(s.size for s in slots)}",
+                          "    except _StructError as e:",
+                          f'        raise _XdrError(f"cannot decode {what}: {{e}}") from None']
+            else:
+                for i, a in enumerate(args):
+                    lines.append(f"    a{i}, off = {self.anon_codec(a, loc)[1]}(mv, off)")
+                lines.append(f"    return ({''.join(f'a{i}, ' for i in range(len(args)))}), off")
             self.out += [*lines, "", ""]
             self.args_funcs[key] = name
         return self.args_funcs[key]
+
+    def _plain(self, t: TypeExpr) -> bool:
+        """Whether ``t`` decodes to exactly what struct unpacks: a number
+        (not a bool or enum, which map their values) or a fixed opaque."""
+        t = self.base(t)
+        return (isinstance(t, Prim) and t.kind != "bool") or isinstance(t, FOpaque)
 
     def gen_program(self, p: ProgramDef, taken: set[str]) -> None:
         pnum = self.m.size(p.number, p.loc, "program number")

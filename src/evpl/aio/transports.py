@@ -1,0 +1,530 @@
+"""asyncio stream transports that are evpl Binds.
+
+A ``StreamTransport`` is the ``evpl.Handler`` of one stream Bind (``tcp``,
+``unix`` or their io_uring twins): the engine reads into pool memory and
+calls ``on_data`` with a Buffer, which becomes the ``bytes`` asyncio promises
+to ``Protocol.data_received`` (or is copied straight into the buffer a
+``BufferedProtocol`` lends, with no intermediate ``bytes``); ``write`` queues
+on the Bind's send queue (``bytes`` referenced, not copied) and the engine
+flushes every dirty Bind once per loop iteration with one ``sendmsg``.
+Backpressure uses the Bind's watermarks (``on_paused``/``on_writable`` become
+``pause_writing``/``resume_writing``), read flow control its
+``pause_reading``/``resume_reading``, ``write_eof`` its ``shutdown_write``.
+
+The socket: the Bind owns the file descriptor (it closes it). The Python
+socket object asyncio shows as ``get_extra_info("socket")`` shares the same
+descriptor and is detached (not closed) once the Bind has closed it.
+"""
+
+from __future__ import annotations
+
+import socket
+import warnings
+from asyncio import constants, futures, protocols, sslproto, transports, trsock
+from asyncio.log import logger
+from typing import TYPE_CHECKING, Any
+
+from evpl._native.bind import Bind, Limits
+from evpl.core.handler import Handler
+from evpl.errors import EvplError
+
+if TYPE_CHECKING:
+    from evpl.aio.loop import EvplEventLoop
+
+__all__ = ["StreamTransport"]
+
+# asyncio's transports never refuse a write; the queue's hard limit is
+# therefore out of reach, and flow control is the protocol's business
+_NO_LIMIT = 1 << 62
+_HIGH = 64 * 1024
+
+
+def limits(high: int = _HIGH, low: int | None = None) -> Limits:
+    """The Bind limits for asyncio's default watermarks."""
+    return Limits(high, high // 4 if low is None else low, _NO_LIMIT, 65507, 0, 0)
+
+
+def _water_marks(high: int | None, low: int | None) -> tuple[int, int]:
+    """asyncio's rule for ``set_write_buffer_limits`` arguments."""
+    if high is None:
+        high = _HIGH if low is None else 4 * low
+    if low is None:
+        low = high // 4
+    if not high >= low >= 0:
+        raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+    return high, low
+
+
+class StreamTransport(Handler, transports._FlowControlMixin):
+    """``asyncio.Transport`` over one evpl stream Bind (see the module doc).
+
+    Made in two ways: by the loop for a connected socket it adopts
+    (``create_connection``, ``connect_accepted_socket``), with the protocol
+    known; or per accepted connection by a listener, with a protocol factory
+    called once the connection is there.
+    """
+
+    # no native sendfile on a Bind yet: asyncio says "not supported" and, if
+    # allowed, falls back to reading the file and writing it
+    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
+    _start_tls_compatible = True
+
+    def __init__(self, loop: EvplEventLoop, protocol: Any = None, *, sock: Any = None,
+                 waiter: Any = None, extra: dict[str, Any] | None = None, server: Any = None,
+                 protocol_factory: Any = None, sslcontext: Any = None,
+                 ssl_handshake_timeout: float | None = None,
+                 ssl_shutdown_timeout: float | None = None, family: int = socket.AF_INET) -> None:
+        transports._FlowControlMixin.__init__(self, extra, loop)
+        self._bind: Bind | None = None
+        self._sock = sock
+        self._family = family
+        self._waiter = waiter
+        self._server = server
+        self._protocol: Any = None
+        self._buffered = False
+        self._protocol_connected = False
+        self._protocol_paused = False
+        self._high = _HIGH
+        self._low = _HIGH // 4
+        self._closing = False
+        self._conn_lost = 0
+        self._eof = False
+        self._paused = False
+        self._reading = False          # reading started (after connection_made)
+        self._pending: Any = None      # part of a read a BufferedProtocol did not take yet
+        self._factory = protocol_factory
+        self._sslcontext = sslcontext
+        self._ssl_timeouts = (ssl_handshake_timeout, ssl_shutdown_timeout)
+        if protocol is not None:
+            self.set_protocol(protocol)
+        if server is not None:
+            server._attach()
+
+    # ---- engine callbacks (evpl.Handler) -----------------------------------
+
+    def on_connected(self, bind: Bind) -> None:
+        """The Bind is open: hold reading until ``connection_made`` ran, then
+        let asyncio's start-up order play out (connection_made, reading, the
+        waiter)."""
+        loop = self._loop
+        self._bind = bind
+        bind.pause_reading()
+        extra = self._extra
+        # as asyncio's transports: known from the start, still there after close
+        if "sockname" not in extra:
+            extra["sockname"] = bind.local_address
+        if "peername" not in extra:
+            extra["peername"] = bind.peer_address
+        try:
+            loop._transports[bind.fileno()] = self
+            if self._factory is not None:
+                self._accepted()
+            if self._protocol is None:
+                return
+            loop.call_soon(self._protocol.connection_made, self)
+            loop.call_soon(self._start_reading)
+            if self._waiter is not None:
+                loop.call_soon(futures._set_result_unless_cancelled, self._waiter, None)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            loop._stash(exc)
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error on transport creation")
+
+    def _accepted(self) -> None:
+        """A listener's connection: make the protocol (and the TLS layer)."""
+        loop = self._loop
+        factory, self._factory = self._factory, None
+        try:
+            protocol = factory()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            if loop.get_debug():
+                loop.call_exception_handler({
+                    "message": "Error on transport creation for incoming connection",
+                    "exception": exc})
+            self._server_detach()
+            self._force_close(None)
+            return
+        if self._sslcontext is None:
+            self.set_protocol(protocol)
+            return
+        waiter = loop.create_future()
+        hs, sd = self._ssl_timeouts
+        ssl_protocol = sslproto.SSLProtocol(loop, protocol, self._sslcontext, waiter,
+                                            server_side=True, ssl_handshake_timeout=hs,
+                                            ssl_shutdown_timeout=sd)
+        self.set_protocol(ssl_protocol)
+        waiter.add_done_callback(self._ssl_accept_done)
+
+    def _ssl_accept_done(self, waiter: Any) -> None:
+        if waiter.cancelled():
+            return
+        exc = waiter.exception()
+        if exc is not None:
+            self.close()
+            if self._loop is not None and self._loop.get_debug():
+                self._loop.call_exception_handler({
+                    "message": "Error on transport creation for incoming connection",
+                    "exception": exc})
+
+    def _start_reading(self) -> None:
+        bind = self._bind
+        if bind is None or self._closing:
+            return
+        self._reading = True
+        if not self._paused:
+            bind.resume_reading()
+
+    def on_data(self, bind: Bind, data: Any) -> None:
+        if self._closing:
+            return
+        try:
+            if self._buffered:
+                self._feed_buffered(data)
+            else:
+                self._protocol.data_received(bytes(data))
+        except (SystemExit, KeyboardInterrupt) as exc:
+            self._loop._stash(exc)
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _feed_buffered(self, data: Any) -> None:
+        """Copy received bytes into the buffers a BufferedProtocol lends; what
+        it does not take before pausing is kept for ``resume_reading``."""
+        view = memoryview(data)
+        size = len(view)
+        off = 0
+        protocol = self._protocol
+        while off < size:
+            if self._paused or self._closing:
+                self._pending = view[off:]
+                return
+            buf = protocol.get_buffer(size - off)
+            dst = memoryview(buf).cast("B")
+            room = len(dst)
+            if not room:
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            n = min(room, size - off)
+            dst[:n] = view[off:off + n]
+            del dst, buf
+            off += n
+            protocol.buffer_updated(n)
+
+    def on_eof(self, bind: Bind) -> None:
+        if self._closing:
+            return
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt) as exc:
+            self._loop._stash(exc)
+            return
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if not keep_open:
+            self.close()
+
+    def on_paused(self, bind: Bind) -> None:
+        if self._protocol_paused or bind.queued_bytes <= self._high:
+            return      # (closing: the Bind's marks are 0, see close())
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except (SystemExit, KeyboardInterrupt) as exc:
+            self._loop._stash(exc)
+        except BaseException as exc:
+            self._loop.call_exception_handler({
+                "message": "protocol.pause_writing() failed", "exception": exc,
+                "transport": self, "protocol": self._protocol})
+
+    def on_writable(self, bind: Bind) -> None:
+        if self._protocol_paused and bind.queued_bytes <= self._low:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                self._loop._stash(exc)
+            except BaseException as exc:
+                self._loop.call_exception_handler({
+                    "message": "protocol.resume_writing() failed", "exception": exc,
+                    "transport": self, "protocol": self._protocol})
+        if self._closing and not self._conn_lost and bind.queued_bytes == 0:
+            self._finish()
+
+    def on_closed(self, bind: Bind, error: Any) -> None:
+        loop = self._loop
+        self._release_socket()
+        if loop is None or loop.is_closed():
+            self._bind = None
+            self._closing = True
+            return
+        if self._conn_lost:
+            return
+        if error is not None and not isinstance(error, OSError):
+            exc: BaseException | None = ConnectionError(str(error))
+        else:
+            exc = error
+        if exc is not None and not self._closing and loop.get_debug():
+            logger.debug("%r: %s", self, exc, exc_info=True)
+        self._closing = True
+        self._conn_lost += 1
+        loop.call_soon(self._call_connection_lost, exc)
+
+    # ---- life cycle -----------------------------------------------------------
+
+    def _release_socket(self) -> None:
+        """The Bind closed the descriptor: the Python socket that shares it
+        must not close it again (the number may be reused already)."""
+        bind = self._bind
+        if bind is not None:
+            fd = bind.fileno()
+            transports_ = self._loop._transports if self._loop is not None else None
+            if transports_ is not None and transports_.get(fd) is self:
+                del transports_[fd]
+        sock = self._sock
+        if sock is not None and (bind is None or bind.closed):
+            sock.detach()
+
+    def _server_detach(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server._detach()
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            if self._protocol_connected:
+                self._protocol.connection_lost(exc)
+        finally:
+            self._release_socket()
+            self._bind = None
+            self._protocol = None
+            self._loop = None
+            self._pending = None
+            self._server_detach()
+
+    def _fatal_error(self, exc: BaseException,
+                     message: str = "Fatal error on transport") -> None:
+        if isinstance(exc, OSError):
+            if self._loop.get_debug():
+                logger.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler({
+                "message": message, "exception": exc, "transport": self,
+                "protocol": self._protocol})
+        self._force_close(exc)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        self._closing = True
+        self._conn_lost += 1
+        bind = self._bind
+        if bind is not None:
+            bind.close()
+            self._release_socket()
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Close once everything written has been sent (what is written
+        meanwhile is sent too, as asyncio does); ``connection_lost`` follows.
+        No more data is delivered."""
+        if self._closing:
+            return
+        self._closing = True
+        bind = self._bind
+        if bind is None:
+            self._conn_lost += 1
+            self._loop.call_soon(self._call_connection_lost, None)
+            return
+        bind.pause_reading()
+        if bind.queued_bytes == 0:
+            self._finish()
+        else:
+            # on_writable fires when the queue is empty: close then
+            bind.set_write_limits(0, 0, _NO_LIMIT)
+
+    def _finish(self) -> None:
+        """Closing, nothing left to send: close the Bind (after sends still
+        in flight, if any); connection_lost comes next (as asyncio's, before
+        a task that yields once runs again)."""
+        bind = self._bind
+        assert bind is not None
+        bind.finish()
+        if bind.closed:
+            self._release_socket()
+            self._conn_lost += 1
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self) -> None:
+        """Close now, dropping what was not sent yet."""
+        self._force_close(None)
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        bind = self.__dict__.get("_bind")
+        if bind is not None and not bind.closed:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            bind.close()
+            self._release_socket()
+
+    def __repr__(self) -> str:
+        info = [self.__class__.__name__]
+        bind = self._bind
+        if bind is None or bind.closed:
+            info.append("closed")
+        elif self._closing:
+            info.append("closing")
+        if bind is not None:
+            info.append(f"fd={bind.fileno()}")
+            info.append(bind.backend)
+            info.append(f"write_bufsize={bind.queued_bytes}")
+        return f"<{' '.join(info)}>"
+
+    # ---- protocol -----------------------------------------------------------
+
+    def set_protocol(self, protocol: Any) -> None:
+        # The paused state stays with the transport (asyncio's sendfile
+        # fallback takes it over and waits for resume_writing). But the TLS
+        # layer start_tls puts in was never paused, and asserts so: where
+        # asyncio's transports have sent the bytes already, ours may still
+        # hold them.
+        if isinstance(protocol, sslproto.SSLProtocol):
+            self._protocol_paused = False
+        self._protocol = protocol
+        self._buffered = isinstance(protocol, protocols.BufferedProtocol)
+        self._protocol_connected = True
+
+    def get_protocol(self) -> Any:
+        return self._protocol
+
+    # ---- reading ------------------------------------------------------------
+
+    def is_reading(self) -> bool:
+        return not self._closing and not self._paused
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        if self._bind is not None:
+            self._bind.pause_reading()
+        if self._loop.get_debug():
+            logger.debug("%r pauses reading", self)
+
+    def resume_reading(self) -> None:
+        """Deliver again, from the next loop iteration (like asyncio, never
+        from inside this call)."""
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        if self._reading:
+            self._loop.call_soon(self._resume)
+        if self._loop.get_debug():
+            logger.debug("%r resumes reading", self)
+
+    def _resume(self) -> None:
+        if self._paused or self._closing or self._bind is None:
+            return
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                self._feed_buffered(pending)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
+                return
+            if self._paused or self._closing:
+                return
+        self._bind.resume_reading()
+
+    # ---- writing -------------------------------------------------------------
+
+    def write(self, data: Any) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data argument must be a bytes-like object, "
+                            f"not {type(data).__name__!r}")
+        if self._eof:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if not data:
+            return
+        bind = self._bind
+        if not self._conn_lost and bind is not None:
+            try:
+                bind.send(data)
+                return
+            except EvplError:
+                if not bind.closed and not self._closing:
+                    raise
+        # the connection is gone (or going): asyncio drops the data, and
+        # warns once a program keeps writing
+        if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+            logger.warning("socket.send() raised exception.")
+        self._conn_lost += 1
+
+    def writelines(self, list_of_data: Any) -> None:
+        if self._eof:
+            raise RuntimeError("Cannot call writelines() after write_eof()")
+        bind = self._bind
+        if self._conn_lost or bind is None or bind.closed:
+            self._conn_lost += 1
+            return
+        bind.sendv(list_of_data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        """Shut the sending side down once everything written is sent; the
+        peer sees EOF, reading goes on."""
+        if self._closing or self._eof:
+            return
+        self._eof = True
+        if self._bind is not None and not self._bind.closed:
+            self._bind.shutdown_write()
+
+    def get_write_buffer_size(self) -> int:
+        bind = self._bind
+        return bind.queued_bytes if bind is not None else 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low, self._high)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high, self._low = _water_marks(high, low)
+        if self._bind is not None and not self._bind.closed and not self._closing:
+            self._bind.set_write_limits(self._high, self._low, _NO_LIMIT)
+
+    # ---- extra info -------------------------------------------------------------
+
+    def _socket(self) -> Any:
+        """The Python socket over the Bind's descriptor (made when first
+        asked for: most programs never do)."""
+        if self._sock is None:
+            bind = self._bind
+            if bind is None or bind.closed:
+                return None
+            self._sock = socket.socket(self._family, socket.SOCK_STREAM, 0, bind.fileno())
+        return self._sock
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        extra = self._extra
+        if name in extra:
+            return extra[name]
+        if name not in ("socket", "sockname", "peername"):
+            return default
+        sock = self._socket()
+        if sock is None:
+            return default
+        if name == "socket":
+            value: Any = trsock.TransportSocket(sock)
+        else:
+            try:
+                value = sock.getsockname() if name == "sockname" else sock.getpeername()
+            except OSError:
+                value = None
+        extra[name] = value
+        return value

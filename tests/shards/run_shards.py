@@ -1,0 +1,16 @@
+"""Run by test_shards.py: two shards that report their pid and wait; the test
+sends SIGTERM to this process, which must stop both and print the statuses."""
+
+import os
+import sys
+
+from evpl import shards
+
+
+def main(shard):
+    os.write(1, f"ready {os.getpid()}\n".encode())     # one write: lines never interleave
+
+
+if __name__ == "__main__":
+    print("statuses", shards.run(main, 2), flush=True)
+    sys.exit(0)
