@@ -66,6 +66,7 @@ MODULES += ["xdp"]
 MODULES += ["mpsc", "rings"]    # cross-thread calls; shared-memory rings between shards
 MODULES += ["zmtp"]        # ZMTP frame split/encode (evpl.zmtp)
 MODULES += ["wheel"]       # the pacing timing wheel (evpl.drpc)
+MODULES += ["httphead"]
 
 
 def ext(name: str) -> Extension:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from core.helpers import TIMEOUT
+
 from evpl._native.wheel import TimingWheel
 
 

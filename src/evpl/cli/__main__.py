@@ -5,6 +5,7 @@
     evpl perf client HOST     run the perf loads against a remote perf server
     evpl info                 which backends work here, and why not
     evpl xdrgen FILE.x        compile an XDR/RPC .x file to a Python module
+    evpl http serve MOD:APP   serve an HTTP app (native, ASGI or WSGI)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evpl.cli import info, perf
+from evpl.cli import http, info, perf
 from evpl.errors import EvplError
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     perf.add_parser(sub)
     info.add_parser(sub)
+    http.add_parser(sub)
     sub.add_parser("xdrgen", add_help=False, help="compile a .x file to Python (rpc2)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["xdrgen"]:
