@@ -364,67 +364,51 @@ class EvplEventLoop(base_events.BaseEventLoop):
             ent = self._watches[fd] = _FdEntry(self, fd)
         return ent
 
-    def _add_reader(self, fd: Any, callback: Any, *args: Any) -> events.Handle:
+    def _add_watch(self, side: str, fd: Any, callback: Any, args: Any) -> events.Handle:
+        """Watch ``fd`` for ``side`` ("reader" or "writer"), replacing (and
+        cancelling) the handle that side had."""
         self._check_closed()
         fd = _fileno(fd)
         handle = events.Handle(callback, args, self, None)
         ent = self._entry(fd)
-        old, ent.reader = ent.reader, handle
+        old = getattr(ent, side)
+        setattr(ent, side, handle)
         try:
             ent.update()
         except BaseException:
-            ent.reader = old
+            setattr(ent, side, old)
             if not ent.mask:
                 del self._watches[fd]
             raise
         if old is not None:
             old.cancel()
         return handle
+
+    def _remove_watch(self, side: str, fd: Any) -> bool:
+        if self.is_closed():
+            return False
+        fd = _fileno(fd)
+        ent = self._watches.get(fd)
+        if ent is None or getattr(ent, side) is None:
+            return False
+        getattr(ent, side).cancel()
+        setattr(ent, side, None)
+        ent.update()
+        if not ent.mask:
+            del self._watches[fd]
+        return True
+
+    def _add_reader(self, fd: Any, callback: Any, *args: Any) -> events.Handle:
+        return self._add_watch("reader", fd, callback, args)
 
     def _remove_reader(self, fd: Any) -> bool:
-        if self.is_closed():
-            return False
-        fd = _fileno(fd)
-        ent = self._watches.get(fd)
-        if ent is None or ent.reader is None:
-            return False
-        ent.reader.cancel()
-        ent.reader = None
-        ent.update()
-        if not ent.mask:
-            del self._watches[fd]
-        return True
+        return self._remove_watch("reader", fd)
 
     def _add_writer(self, fd: Any, callback: Any, *args: Any) -> events.Handle:
-        self._check_closed()
-        fd = _fileno(fd)
-        handle = events.Handle(callback, args, self, None)
-        ent = self._entry(fd)
-        old, ent.writer = ent.writer, handle
-        try:
-            ent.update()
-        except BaseException:
-            ent.writer = old
-            if not ent.mask:
-                del self._watches[fd]
-            raise
-        if old is not None:
-            old.cancel()
-        return handle
+        return self._add_watch("writer", fd, callback, args)
 
     def _remove_writer(self, fd: Any) -> bool:
-        if self.is_closed():
-            return False
-        fd = _fileno(fd)
-        ent = self._watches.get(fd)
-        if ent is None or ent.writer is None:
-            return False
-        ent.writer.cancel()
-        ent.writer = None
-        ent.update()
-        if not ent.mask:
-            del self._watches[fd]
-        return True
+        return self._remove_watch("writer", fd)
 
     def _ensure_fd_no_transport(self, fd: Any) -> None:
         fileno = _fileno(fd)
