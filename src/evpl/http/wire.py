@@ -134,13 +134,18 @@ class Request:
 
     def header(self, name: bytes, default: bytes | None = None) -> bytes | None:
         """The value of the first field called ``name`` (lower-case bytes)."""
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return default
+        return _first_field(self.headers, name, default)
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target} HTTP/{self.version}>"
+
+
+def _first_field(headers: list[tuple[bytes, bytes]], name: bytes,
+                 default: bytes | None) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return default
 
 
 class Response:
@@ -162,10 +167,8 @@ class Response:
         self.trailers: list[tuple[bytes, bytes]] = []
 
     def header(self, name: bytes, default: bytes | None = None) -> bytes | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return default
+        """The value of the first field called ``name`` (lower-case bytes)."""
+        return _first_field(self.headers, name, default)
 
     def __repr__(self) -> str:
         return f"<Response {self.status} HTTP/{self.version}>"
