@@ -406,6 +406,39 @@ def test_cli_serves_a_module(tmp_path):
         assert proc.wait(TIMEOUT) == 0                  # SIGTERM: graceful stop
 
 
+def test_cli_serves_with_shards(tmp_path):
+    """--shards 2: two processes with a SO_REUSEPORT socket each serve the
+    port; SIGTERM stops both and the command exits 0."""
+    curl = tool("curl")
+    (tmp_path / "shardapp.py").write_text(
+        "import os\nfrom evpl.http import Response\n"
+        "def app(request):\n    return Response(str(os.getpid()).encode())\n")
+    import socket as _s
+    with _s.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(["evpl", "http", "serve", "shardapp:app", "--port", str(port),
+                             "--shards", "2", "--app-dir", str(tmp_path)],
+                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    try:
+        line = proc.stderr.readline().decode()          # shard 0 listens
+        assert "2 shards" in line, line
+        pids = set()
+        for _ in range(20):
+            r = run([curl, "-sS", f"http://127.0.0.1:{port}/"])
+            pids.add(int(r.stdout))
+        assert pids and os.getpid() not in pids          # served by the shard processes
+    finally:
+        proc.terminate()
+        assert proc.wait(TIMEOUT) == 0
+
+
+def test_cli_refuses_bad_shard_counts(tmp_path):
+    r = subprocess.run(["evpl", "http", "serve", "x:app", "--shards", "0"],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode != 0 and "--shards must be >= 1" in r.stderr
+
+
 @pytest.mark.parametrize("interface", ["asgi", "wsgi"])
 def test_app_waits_for_a_slow_client(serve, interface):
     """A client that does not read: the ASGI app's ``await send()`` stops

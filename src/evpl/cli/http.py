@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="evpl stream backend: tcp or io_uring_tcp (see 'evpl info'; "
                         "default: %(default)s)")
     s.add_argument("--shards", type=int, default=1,
-                   help="processes, one per core (needs evpl's shards; not available yet)")
+                   help="processes, one per core, each with its own loop and its own "
+                        "SO_REUSEPORT socket of the port (evpl.shards); default 1")
     s.add_argument("--workers", type=int, default=16,
                    help="WSGI worker threads (default: %(default)s)")
     s.add_argument("--access-log", action="store_true", help="log one line per request")
@@ -98,33 +99,25 @@ def guess_interface(app: Any) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import evpl
-    from evpl.http import Server
-
-    if args.shards != 1:
-        raise ConfigError("--shards needs evpl's shards (processes per core), which are not "
-                          "available in this version yet; run one process per core with "
-                          "SO_REUSEPORT meanwhile")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    if args.shards < 1:
+        raise ConfigError(f"--shards must be >= 1, got {args.shards}")
     app = load_app(args.app, args.app_dir)
     interface = guess_interface(app) if args.interface == "auto" else args.interface
-    loop = evpl.Loop()
-    server = Server(loop, app, interface=interface, access_log=args.access_log,
-                    http2=not args.no_http2, header_timeout=args.header_timeout,
-                    keepalive_timeout=args.keepalive_timeout, max_body=args.max_body,
-                    max_connections=args.max_connections, workers=args.workers,
-                    root_path=args.root_path)
     if args.access_log:
         logging.getLogger("evpl.http.access").setLevel(logging.INFO)
+    if args.shards > 1:
+        return _serve_shards(args, app, interface)
+    import evpl
+
+    loop = evpl.Loop()
+    server = _server(args, loop, app, interface)
     try:
         listener = server.listen((args.host, args.port), backend=args.backend)
     except Exception:
         server.close()
         raise
-    host, port = listener.address[:2]
-    logging.getLogger("evpl.http").info(
-        "serving %s (%s interface) on http://%s:%d (backend %s); Ctrl-C to stop",
-        args.app, interface, f"[{host}]" if ":" in host else host, port, args.backend)
+    _announce(args, interface, listener.address)
     stop = lambda *_: loop.stop()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -134,3 +127,37 @@ def serve(args: argparse.Namespace) -> int:
         server.shutdown(args.graceful_timeout)
         loop.close()
     return 0
+
+
+def _server(args: argparse.Namespace, loop: Any, app: Any, interface: str) -> Any:
+    from evpl.http import Server
+
+    return Server(loop, app, interface=interface, access_log=args.access_log,
+                  http2=not args.no_http2, header_timeout=args.header_timeout,
+                  keepalive_timeout=args.keepalive_timeout, max_body=args.max_body,
+                  max_connections=args.max_connections, workers=args.workers,
+                  root_path=args.root_path)
+
+
+def _announce(args: argparse.Namespace, interface: str, address: Any, what: str = "") -> None:
+    host, port = address[:2]
+    logging.getLogger("evpl.http").info(
+        "serving %s (%s interface) on http://%s:%d (backend %s%s); Ctrl-C to stop",
+        args.app, interface, f"[{host}]" if ":" in host else host, port, args.backend, what)
+
+
+def _serve_shards(args: argparse.Namespace, app: Any, interface: str) -> int:
+    """One process per core (evpl.shards), each with its own loop, Server and
+    SO_REUSEPORT socket; SIGINT/SIGTERM stop them all. Returns 0 if every
+    shard exited cleanly."""
+    from evpl import shards
+
+    def main(shard: Any) -> None:
+        server = _server(args, shard.loop, app, interface)
+        listener = server.listen_shard(shard, "http")
+        if shard.id == 0:
+            _announce(args, interface, listener.address, f", {shard.count} shards")
+
+    statuses = shards.run(main, args.shards,
+                          listen={"http": (args.backend, (args.host, args.port))})
+    return 0 if all(st == 0 for st in statuses) else 1

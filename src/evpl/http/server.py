@@ -867,6 +867,14 @@ class Server:
         self._listeners.append(listener)
         return listener
 
+    def listen_shard(self, shard: Any, name: str, **options: Any) -> Any:
+        """Accept connections on the shard group's listener ``name`` (see
+        ``evpl.shards.run(listen=...)``): each shard runs its own Server on
+        its own SO_REUSEPORT socket of the group; returns the Listener."""
+        listener = shard.listen(name, self._new_conn, **options)
+        self._listeners.append(listener)
+        return listener
+
     @property
     def connections(self) -> int:
         """Connections open now."""
