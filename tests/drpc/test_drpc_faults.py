@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from evpl.drpc import Client
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "interop"))
-from netns import NetNS, netns_unavailable_reason  # noqa: E402
+from netns import NetNS, loss_unavailable_reason  # noqa: E402
 
 SCRIPT = HERE / "drpc_fault_script.py"
 # eRPC's floor and step: eight senders at the kernel default's 100 Mbit/s floor
@@ -40,14 +39,6 @@ INCAST_TIMELY = {"min_rate": 15e6, "add_rate": 5e6}
 RELAY = HERE / "udp_relay.py"
 pytestmark = pytest.mark.timeout(180)
 
-
-def _loss_skip_reason() -> str | None:
-    reason = netns_unavailable_reason()
-    if reason:
-        return reason
-    if shutil.which("iptables") is None:
-        return "iptables is not installed (Debian: apt-get install iptables)"
-    return None
 
 
 def dropped_packets(ns: NetNS) -> int:
@@ -67,7 +58,7 @@ def check_exactly_once(out: dict) -> None:
 @pytest.mark.parametrize("loss, backend", [(0.01, "udp"), (0.1, "udp"), (0.3, "udp"),
                                            (0.1, "io_uring_udp")])
 def test_loss(loss: float, backend: str) -> None:
-    reason = _loss_skip_reason()
+    reason = loss_unavailable_reason()
     if reason:
         pytest.skip(reason)
     import evpl

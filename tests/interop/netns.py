@@ -52,6 +52,17 @@ def netns_unavailable_reason() -> str | None:
     return None
 
 
+def loss_unavailable_reason() -> str | None:
+    """Why a loss test (a namespace plus iptables dropping packets) cannot
+    run here, ``None`` if it can: for ``pytest.skip``."""
+    reason = netns_unavailable_reason()
+    if reason:
+        return reason
+    if shutil.which("iptables") is None:
+        return "iptables is not installed (Debian: apt-get install iptables)"
+    return None
+
+
 def wait_for(predicate: Any, timeout: float, interval: float = 0.05,
              what: str = "condition") -> Any:
     """Poll ``predicate()`` until it returns a true value (returned) or ``timeout``

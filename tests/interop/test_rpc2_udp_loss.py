@@ -14,7 +14,6 @@ datagrams at once.  Needs root and iptables.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,23 +21,15 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from netns import NetNS, netns_unavailable_reason  # noqa: E402
+from netns import NetNS, loss_unavailable_reason  # noqa: E402
 
 SCRIPT = HERE / "rpc_loss_script.py"
 CALLS = 300
 pytestmark = pytest.mark.timeout(120)
 
 
-def _skip_reason() -> str | None:
-    reason = netns_unavailable_reason()
-    if reason:
-        return reason
-    if shutil.which("iptables") is None:
-        return "iptables is not installed (Debian: apt-get install iptables)"
-    return None
 
-
-_REASON = _skip_reason()
+_REASON = loss_unavailable_reason()
 if _REASON:
     pytestmark = [pytestmark, pytest.mark.skip(reason=_REASON)]
 
