@@ -29,6 +29,7 @@ from typing import Any
 
 from evpl._native.buffers import Buffer
 from evpl._native.wheel import TimingWheel
+from evpl.core.completion import Completion
 from evpl.core.handler import Handler
 from evpl.drpc.cc import Timely
 from evpl.drpc.session import ClientSession, PeerDead, SessionClosed
@@ -37,7 +38,6 @@ from evpl.errors import ConfigError, EvplError
 
 __all__ = ["KERNEL_TIMELY", "Call", "Client", "loop_wheel", "message_allocator"]
 
-_PENDING = object()
 _TS = struct.Struct(">I")
 
 # Timely for kernel-socket paths. eRPC's constants (T_low 50 us, T_high 1 ms,
@@ -50,53 +50,18 @@ KERNEL_TIMELY: dict[str, Any] = {"t_low": 500e-6, "t_high": 5e-3, "min_rtt": 50e
                                  "add_rate": 100e6, "min_rate": 100e6}
 
 
-class Call:
+class Call(Completion):
     """A call in flight (what :meth:`Client.call` returns without a
     callback): ``done``, ``result()`` (the response, or raises the call's
     error), ``exception()``, ``add_done_callback(fn)``."""
 
-    __slots__ = ("_callbacks", "_exc", "_value")
-
-    def __init__(self) -> None:
-        self._value: Any = _PENDING
-        self._exc: BaseException | None = None
-        self._callbacks: list[Callable[[Call], Any]] | None = None
+    __slots__ = ()
 
     def __call__(self, resp: Any, exc: BaseException | None) -> None:
-        if exc is not None:
-            self._exc = exc
-        else:
-            self._value = resp
-        cbs, self._callbacks = self._callbacks, None
-        if cbs:
-            for fn in cbs:
-                fn(self)
+        self._complete(resp, exc)
 
-    @property
-    def done(self) -> bool:
-        return self._value is not _PENDING or self._exc is not None
-
-    def result(self) -> Any:
-        """The response (see :meth:`Client.call`); raises the call's error."""
-        if self._exc is not None:
-            raise self._exc
-        if self._value is _PENDING:
-            raise EvplError("the drpc call has not completed yet")
-        return self._value
-
-    def exception(self) -> BaseException | None:
-        if not self.done:
-            raise EvplError("the drpc call has not completed yet")
-        return self._exc
-
-    def add_done_callback(self, fn: Callable[[Call], Any]) -> None:
-        """``fn(call)`` once it completes (now if it has)."""
-        if self.done:
-            fn(self)
-        elif self._callbacks is None:
-            self._callbacks = [fn]
-        else:
-            self._callbacks.append(fn)
+    def _what(self) -> str:
+        return "the drpc call"
 
     def __repr__(self) -> str:
         state = "pending" if not self.done else ("failed" if self._exc else "done")

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from evpl import framing
+from evpl.core.completion import Completion
 from evpl.core.handler import Handler
 from evpl.errors import (
     ConfigError,
@@ -88,10 +89,9 @@ __all__ = [
 
 # -- calls --------------------------------------------------------------------
 
-_PENDING = object()
 
 
-class RpcCall:
+class RpcCall(Completion):
     """One call in flight; completes once with a result or an exception.
 
     ``done`` tells whether it completed; ``result()`` returns the decoded
@@ -101,9 +101,6 @@ class RpcCall:
     """
 
     __slots__ = (
-        "_callbacks",
-        "_exc",
-        "_value",
         "deadline",
         "decode",
         "message",
@@ -125,54 +122,20 @@ class RpcCall:
         self.deadline = 0.0
         self.resend_at = 0.0
         self.retransmits = 0
-        self._value: Any = _PENDING
-        self._exc: BaseException | None = None
-        self._callbacks: list[Callable[[RpcCall], Any]] | None = None
+        super().__init__()
 
     def __repr__(self) -> str:
         state = "pending" if not self.done else ("failed" if self._exc else "done")
         return (f"<RpcCall xid={self.xid:#x} {self.prog}/{self.vers}/{self.proc} {state}>")
 
-    @property
-    def done(self) -> bool:
-        """True once a result or an exception is set."""
-        return self._value is not _PENDING or self._exc is not None
-
-    def result(self) -> Any:
-        """The decoded result; raises the call's exception if it failed."""
-        if self._exc is not None:
-            raise self._exc
-        if self._value is _PENDING:
-            raise EvplError(f"call {self.xid:#x} has not completed yet")
-        return self._value
-
-    def exception(self) -> BaseException | None:
-        """The exception the call failed with, ``None`` if it succeeded."""
-        if not self.done:
-            raise EvplError(f"call {self.xid:#x} has not completed yet")
-        return self._exc
-
-    def add_done_callback(self, fn: Callable[[RpcCall], Any]) -> None:
-        """Call ``fn(self)`` when the call completes (now, if it already has)."""
-        if self.done:
-            fn(self)
-        elif self._callbacks is None:
-            self._callbacks = [fn]
-        else:
-            self._callbacks.append(fn)
+    def _what(self) -> str:
+        return f"call {self.xid:#x}"
 
     def _set(self, value: Any, exc: BaseException | None) -> None:
         if self.done:
             return
-        if exc is not None:
-            self._exc = exc
-        else:
-            self._value = value
         self.message = None
-        cbs, self._callbacks = self._callbacks, None
-        if cbs:
-            for fn in cbs:
-                fn(self)
+        self._complete(value, exc)
 
 
 # -- the client ---------------------------------------------------------------
