@@ -224,6 +224,17 @@ class Collect(asyncio.Protocol):
         self.lost = asyncio.get_event_loop().create_future()
         self.paused = 0
         self.resumed = 0
+        self._want = 0
+        self._enough: asyncio.Future[None] | None = None
+
+    def received(self, n: int) -> asyncio.Future[None]:
+        """A future done once ``n`` bytes have arrived."""
+        fut = asyncio.get_event_loop().create_future()
+        if len(self.data) >= n:
+            fut.set_result(None)
+        else:
+            self._want, self._enough = n, fut
+        return fut
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -231,6 +242,9 @@ class Collect(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.types.add(type(data))
         self.data += data
+        if self._enough is not None and len(self.data) >= self._want:
+            self._enough.set_result(None)
+            self._enough = None
 
     def eof_received(self) -> bool:
         self.eof.set_result(True)
@@ -283,8 +297,7 @@ def test_echo_bytes_and_extra_info(aio_loop: Any, family: str, tmp_path: Any) ->
             socket.AF_UNIX if family == "unix" else socket.AF_INET)
         payload = os.urandom(300_000)
         tr.writelines([payload[:1000], memoryview(payload)[1000:2000], bytearray(payload[2000:])])
-        while len(proto.data) < len(payload):
-            await asyncio.sleep(0.001)
+        await proto.received(len(payload))
         assert bytes(proto.data) == payload
         assert proto.types == {bytes}
         tr.close()
@@ -378,8 +391,7 @@ def test_pause_resume_reading(aio_loop: Any) -> None:
                     await asyncio.sleep(0)
                 assert proto.data == b""
                 tr.resume_reading()
-                while not proto.data:
-                    await asyncio.sleep(0.001)
+                await proto.received(1)
                 assert proto.data == b"held" and tr.is_reading()
             tr.close()
             await proto.lost
