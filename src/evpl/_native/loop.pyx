@@ -833,6 +833,24 @@ cdef class LoopCore:
         finally:
             self._leave(old)
 
+    def enter(self):
+        """Mark the loop running for a caller that runs iterations itself
+        with :meth:`iterate` (evpl.aio's ``run_forever``): the signal
+        wake-up routing is set once here, not per iteration. Returns the
+        token :meth:`leave` takes."""
+        return self._enter(True)
+
+    def leave(self, token) -> None:
+        """End what :meth:`enter` began."""
+        self._leave(token)
+
+    def iterate(self, timeout=None) -> None:
+        """One iteration between :meth:`enter` and :meth:`leave`, waiting at
+        most ``timeout`` seconds for events (None: until something happens)."""
+        if not self.running:
+            raise EvplError("iterate() runs only between enter() and leave()")
+        self._iterate(-1 if timeout is None else <int64_t>(max(timeout, 0) * 1e9))
+
     def run_until(self, predicate, timeout=None) -> None:
         """Run iterations until ``predicate()`` is true. Raises
         ``evpl.errors.TimeoutError`` after ``timeout`` seconds."""

@@ -199,6 +199,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         self._signal_handlers: dict[int, events.Handle] = {}
         self._sig_pipe: tuple[int, int] | None = None
         self._stashed: BaseException | None = None
+        self._driving = False           # run_forever entered the evpl Loop
 
     # ---- engine ---------------------------------------------------------------
 
@@ -213,6 +214,21 @@ class EvplEventLoop(base_events.BaseEventLoop):
         if self._stashed is None:
             self._stashed = exc
 
+    def run_forever(self) -> None:
+        """asyncio's ``run_forever``, with the evpl Loop entered once for
+        the whole run (each iteration is then one ``iterate``)."""
+        core = self._core
+        if self._closed or self.is_running():
+            super().run_forever()           # (asyncio's error)
+            return
+        token = core.enter()
+        self._driving = True
+        try:
+            super().run_forever()
+        finally:
+            self._driving = False
+            core.leave(token)
+
     def _run_once(self) -> None:
         """One iteration, in asyncio's order: the callbacks that were ready
         run first; then the engine polls (without waiting if callbacks are
@@ -226,7 +242,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         if self._stopping:
             # stop() came before this iteration: poll once without waiting
             # (as asyncio does), run what is ready, leave
-            core.run_once(0)
+            core.iterate(0)
             self._raise_stashed()
         ntodo = len(ready)
         if ntodo:
@@ -246,7 +262,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
             # callbacks, not after), but what they wrote is sent now
             core.flush()
             return
-        core.run_once(0 if ready else None)
+        core.iterate(0 if ready else None)
         self._raise_stashed()
 
     def _raise_stashed(self) -> None:
@@ -966,7 +982,7 @@ class AttachedEventLoop(EvplEventLoop):
 
     def is_running(self) -> bool:
         """True while this loop or the evpl Loop under it runs."""
-        return super().is_running() or bool(self._core.running)
+        return super().is_running() or (bool(self._core.running) and not self._driving)
 
     def call_soon(self, callback: Any, *args: Any, context: Any = None) -> events.Handle:
         handle = super().call_soon(callback, *args, context=context)
