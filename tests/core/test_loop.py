@@ -39,6 +39,31 @@ def test_timers_fire_in_deadline_order_never_early(loop):
         assert not timer.active
 
 
+def test_many_timers_with_cancellations_and_periodic_ones(loop):
+    """The timer heap under load: thousands of timers, most cancelled (the
+    heap is compacted), periodic ones among them; the rest fire once each,
+    in deadline order, and a cancelled one never fires."""
+    rng = random.Random(11)
+    fired: list[int] = []
+    timers = [loop.call_later(rng.randint(0, 20_000) / 1e6, fired.append, i)
+              for i in range(5000)]
+    cancelled = set(rng.sample(range(5000), 3500))
+    for i in cancelled:
+        timers[i].cancel()
+    ticks: list[int] = []
+    periodic = loop.call_every(0.001, lambda: ticks.append(1))
+    loop.run_until(lambda: len(fired) == 1500 and len(ticks) >= 5, timeout=TIMEOUT)
+    periodic.cancel()
+    assert sorted(fired) == sorted(set(range(5000)) - cancelled)
+    deadlines = [timers[i].deadline_ns for i in fired]
+    assert deadlines == sorted(deadlines)
+    assert not any(t.active for t in timers)
+    # the loop stays usable: a new timer after the churn fires
+    late = loop.call_later(0, fired.append, -1)
+    loop.run_until(lambda: not late.active, timeout=TIMEOUT)
+    assert fired[-1] == -1
+
+
 def test_timer_cancel(loop):
     fired = []
     t1 = loop.call_later(0.001, fired.append, 1)

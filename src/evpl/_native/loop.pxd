@@ -2,6 +2,7 @@
 """The loop core: iteration, timers, deferrals, doorbells, fd watches and the
 Drivers it polls and sleeps through (see loop.pyx)."""
 
+from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint64_t, uint32_t
 from posix.uio cimport iovec
 from evpl._native.buffers cimport Pool, Chunk
@@ -22,6 +23,14 @@ ctypedef int (*ready_fn)(void* ctx) noexcept nogil
 
 
 cdef class LoopCore
+
+
+# one entry of the timer heap: the order key next to the Timer, so sifting
+# compares integers in one array and never touches the Timer objects
+cdef struct TimerSlot:
+    int64_t deadline
+    uint64_t seq
+    PyObject* timer         # a reference is held while the slot is in the heap
 
 
 cdef class _Source:
@@ -104,8 +113,10 @@ cdef class LoopCore:
     cdef size_t starved_mark
     cdef list closing
     cdef list deferred
-    cdef list timers
-    cdef size_t timer_seq
+    cdef TimerSlot* theap       # binary min-heap on (deadline, seq)
+    cdef size_t tcount
+    cdef size_t tcap
+    cdef uint64_t timer_seq
     cdef size_t timers_cancelled
     cdef list doorbells
     cdef set sources
@@ -143,6 +154,9 @@ cdef class LoopCore:
     cdef void _after_events(self) except *
     cdef void _flush_batches(self) except *
     cdef void _run_timers(self) except *
+    cdef int _theap_push(self, Timer t) except -1
+    cdef Timer _theap_pop(self)
+    cdef void _theap_compact(self) noexcept
     cdef void _run_deferred(self) except *
     cdef void _run_closing(self) except *
     cdef void _ring_doorbells(self) except *

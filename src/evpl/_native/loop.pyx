@@ -21,7 +21,8 @@ doorbell or the next timer, with nanosecond timeouts (epoll_pwait2).
 
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.mem cimport PyMem_Malloc, PyMem_Free, PyMem_Realloc
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.errno cimport errno, EINTR
 from libc.stdint cimport int64_t, uint64_t, uint32_t
 from libc.string cimport memset
@@ -31,7 +32,6 @@ from posix.uio cimport iovec
 from evpl._native.buffers cimport Pool, Chunk, chunk_unref, pool_trim_wanted
 from evpl._native.sys cimport *
 
-import heapq
 import logging
 
 DEF TRIM_IDLE_NS = 1_000_000_000    # idle this long: give memory back, once per idle period
@@ -122,6 +122,26 @@ cdef class Driver(_Source):
         pass
 
 
+cdef inline bint _slot_before(TimerSlot* a, TimerSlot* b) noexcept:
+    return a.deadline < b.deadline or (a.deadline == b.deadline and a.seq < b.seq)
+
+
+cdef inline void _sift_down(TimerSlot* h, size_t n, size_t i, TimerSlot slot) noexcept:
+    """Put ``slot`` at ``i`` and move it down the n-entry heap to its place."""
+    cdef size_t c
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and _slot_before(&h[c + 1], &h[c]):
+            c += 1
+        if not _slot_before(&h[c], &slot):
+            break
+        h[i] = h[c]
+        i = c
+    h[i] = slot
+
+
 @cython.final
 cdef class Timer:
     """A one-shot or periodic timer; see ``LoopCore.call_later``."""
@@ -130,7 +150,8 @@ cdef class Timer:
         """Stop the timer; a cancelled timer never fires again."""
         if not self.cancelled:
             self.cancelled = True
-            self.loop.timers_cancelled += 1
+            if self.period or not self.fired:       # still in the heap
+                self.loop.timers_cancelled += 1
 
     @property
     def active(self) -> bool:
@@ -269,7 +290,6 @@ cdef class LoopCore:
         self.starved = []
         self.closing = []
         self.deferred = []
-        self.timers = []
         self.doorbells = []
         self.sources = set()
         self.drivers = {}
@@ -320,6 +340,10 @@ cdef class LoopCore:
         PyMem_Free(self.events)
         PyMem_Free(self.iov)
         PyMem_Free(self.txstage)
+        while self.tcount:
+            self.tcount -= 1
+            Py_DECREF(<object>self.theap[self.tcount].timer)
+        PyMem_Free(self.theap)
         PyMem_Free(self.mmsg)
         PyMem_Free(self.names)
 
@@ -459,9 +483,65 @@ cdef class LoopCore:
         t.period = period_ns
         t.fn = fn
         t.args = args
-        self.timer_seq += 1
-        heapq.heappush(self.timers, (t.deadline, self.timer_seq, t))
+        self._theap_push(t)
         return t
+
+    cdef int _theap_push(self, Timer t) except -1:
+        cdef TimerSlot slot
+        cdef TimerSlot* h
+        cdef size_t i, parent, cap
+        if self.tcount == self.tcap:
+            cap = self.tcap * 2 if self.tcap else 64
+            h = <TimerSlot*>PyMem_Realloc(self.theap, cap * sizeof(TimerSlot))
+            if h == NULL:
+                raise MemoryError()
+            self.theap = h
+            self.tcap = cap
+        self.timer_seq += 1
+        slot.deadline = t.deadline
+        slot.seq = self.timer_seq
+        slot.timer = <PyObject*>t
+        Py_INCREF(t)
+        h = self.theap
+        i = self.tcount
+        self.tcount += 1
+        while i > 0:
+            parent = (i - 1) >> 1
+            if not _slot_before(&slot, &h[parent]):
+                break
+            h[i] = h[parent]
+            i = parent
+        h[i] = slot
+        return 0
+
+    cdef Timer _theap_pop(self):
+        """Take the first timer off the heap (the heap's reference is
+        handed to the caller)."""
+        cdef TimerSlot* h = self.theap
+        cdef Timer t = <Timer>h[0].timer
+        Py_DECREF(t)
+        self.tcount -= 1
+        if self.tcount:
+            _sift_down(h, self.tcount, 0, h[self.tcount])
+        return t
+
+    cdef void _theap_compact(self) noexcept:
+        """Drop the cancelled timers and rebuild the heap."""
+        cdef TimerSlot* h = self.theap
+        cdef size_t i, n = 0
+        for i in range(self.tcount):
+            if (<Timer>h[i].timer).cancelled:
+                Py_DECREF(<object>h[i].timer)
+            else:
+                h[n] = h[i]
+                n += 1
+        self.tcount = n
+        if n > 1:
+            i = n // 2
+            while i > 0:
+                i -= 1
+                _sift_down(h, n, i, h[i])
+        self.timers_cancelled = 0
 
     def call_later(self, double delay, fn, *args) -> Timer:
         """Run ``fn(*args)`` once, ``delay`` seconds from now (never early)."""
@@ -521,10 +601,10 @@ cdef class LoopCore:
         if (self.deferred or self.pending_read or self.closing or self.dirty
                 or evpl_load(&self.stop_flag)):
             return 0
-        while self.timers:
-            timer = self.timers[0][2]
+        while self.tcount:
+            timer = <Timer>self.theap[0].timer
             if timer.cancelled:
-                heapq.heappop(self.timers)
+                self._theap_pop()
                 self.timers_cancelled -= 1
                 continue
             t = timer.deadline - evpl_now_ns()
@@ -683,7 +763,7 @@ cdef class LoopCore:
                 b._read()
             if self.batches:
                 self._flush_batches()
-        if self.timers:
+        if self.tcount:
             self._run_timers()
         while rounds < 8 and (self.deferred or self.closing or self.dirty):
             rounds += 1
@@ -713,15 +793,13 @@ cdef class LoopCore:
         cdef int64_t now = evpl_now_ns()
         cdef Timer t
         cdef int fired = 0
-        while self.timers and fired < 1024:
-            t = self.timers[0][2]
+        while self.tcount and fired < 1024:
+            if self.theap[0].deadline > now:
+                break
+            t = self._theap_pop()
             if t.cancelled:
-                heapq.heappop(self.timers)
                 self.timers_cancelled -= 1
                 continue
-            if t.deadline > now:
-                break
-            heapq.heappop(self.timers)
             fired += 1
             self.stat_timers_fired += 1
             t.fired = True
@@ -729,16 +807,13 @@ cdef class LoopCore:
                 t.deadline += t.period
                 if t.deadline <= now:        # fell behind: skip missed periods
                     t.deadline = now + t.period - (now - t.deadline) % t.period
-                self.timer_seq += 1
-                heapq.heappush(self.timers, (t.deadline, self.timer_seq, t))
+                self._theap_push(t)
             try:
                 t.fn(*t.args)
             except Exception as exc:
                 self._callback_error(exc, None)
-        if self.timers_cancelled > 64 and <Py_ssize_t>(self.timers_cancelled * 2) > len(self.timers):
-            self.timers = [e for e in self.timers if not (<Timer>e[2]).cancelled]
-            heapq.heapify(self.timers)
-            self.timers_cancelled = 0
+        if self.timers_cancelled > 64 and self.timers_cancelled * 2 > self.tcount:
+            self._theap_compact()
 
     cdef void _run_deferred(self) except *:
         cdef list batch = self.deferred
@@ -883,9 +958,8 @@ cdef class LoopCore:
             src._shutdown()
         for db in list(self.doorbells):
             db.close()
-        for t in self.timers:
-            (<Timer>t[2]).cancelled = True
-        self.timers = []
+        while self.tcount:
+            self._theap_pop().cancelled = True
         self.timers_cancelled = 0
         self._run_closing()
         self.deferred = []

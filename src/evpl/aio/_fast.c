@@ -2327,6 +2327,18 @@ static CYTHON_INLINE int __Pyx_PyObject_SetAttrStr(PyObject* obj, PyObject* attr
 #define __Pyx_PyObject_SetAttrStr(o,n,v) PyObject_SetAttr(o,n,v)
 #endif
 
+/* PyObjectCall2Args.proto (used by CallUnboundCMethod1) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2);
+
+/* CallUnboundCMethod1.proto */
+CYTHON_UNUSED
+static PyObject* __Pyx__CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg);
+#if CYTHON_COMPILING_IN_CPYTHON
+static CYTHON_INLINE PyObject* __Pyx_CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg);
+#else
+#define __Pyx_CallUnboundCMethod1(cfunc, self, arg)  __Pyx__CallUnboundCMethod1(cfunc, self, arg)
+#endif
+
 /* TypeImport.proto */
 #ifndef __PYX_HAVE_RT_ImportType_proto_3_3_1
 #define __PYX_HAVE_RT_ImportType_proto_3_3_1
@@ -2529,6 +2541,42 @@ static PyObject *__Pyx_CyFunction_New(PyMethodDef *ml,
                                       PyObject* code);
 static PyTypeObject *__Pyx_Get_CyFunction_Type(void);
 
+/* Py3UpdateBases.export */
+static PyObject* __Pyx_PEP560_update_bases(PyObject *bases);
+
+/* CalculateMetaclass.proto */
+static PyObject *__Pyx_CalculateMetaclass(PyTypeObject *metaclass, PyObject *bases);
+
+/* SetNameInClass.proto */
+#if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX < 0x030d0000
+#define __Pyx_SetNameInClass(ns, name, value)\
+    (likely(PyDict_CheckExact(ns)) ? _PyDict_SetItem_KnownHash(ns, name, value, ((PyASCIIObject *) name)->hash) : PyObject_SetItem(ns, name, value))
+#elif CYTHON_COMPILING_IN_CPYTHON
+#define __Pyx_SetNameInClass(ns, name, value)\
+    (likely(PyDict_CheckExact(ns)) ? PyDict_SetItem(ns, name, value) : PyObject_SetItem(ns, name, value))
+#else
+#define __Pyx_SetNameInClass(ns, name, value)  PyObject_SetItem(ns, name, value)
+#endif
+
+/* PyObjectLookupSpecial.proto (used by Py3ClassCreate) */
+#if CYTHON_USE_PYTYPE_LOOKUP && CYTHON_USE_TYPE_SLOTS
+#define __Pyx_PyObject_LookupSpecialNoError(obj, attr_name)  __Pyx__PyObject_LookupSpecial(obj, attr_name, 0)
+#define __Pyx_PyObject_LookupSpecial(obj, attr_name)  __Pyx__PyObject_LookupSpecial(obj, attr_name, 1)
+static CYTHON_INLINE PyObject* __Pyx__PyObject_LookupSpecial(PyObject* obj, PyObject* attr_name, int with_error);
+#else
+#define __Pyx_PyObject_LookupSpecialNoError(o,n) __Pyx_PyObject_GetAttrStrNoError(o,n)
+#define __Pyx_PyObject_LookupSpecial(o,n) __Pyx_PyObject_GetAttrStr(o,n)
+#endif
+
+/* Py3ClassCreate.export */
+static PyObject *__Pyx_Py3MetaclassPrepare(PyObject *metaclass, PyObject *bases, PyObject *name, PyObject *qualname,
+                                           PyObject *mkw, PyObject *modname, PyObject *doc);
+static PyObject *__Pyx_Py3ClassCreate(PyObject *metaclass, PyObject *name, PyObject *bases, PyObject *dict,
+                                      PyObject *mkw, int calculate_metaclass, int allow_py2_metaclass);
+
+/* PyObjectCompare.proto */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_CompareEq_object_object(PyObject *op1, PyObject *op2, int pyop);
+
 /* CLineInTraceback.proto (used by AddTraceback) */
 #if CYTHON_CLINE_IN_TRACEBACK && CYTHON_CLINE_IN_TRACEBACK_RUNTIME
 static int __Pyx_CLineForTraceback(PyThreadState *tstate, int c_line);
@@ -2625,6 +2673,9 @@ static int __Pyx_check_binary_version(unsigned long ct_version, unsigned long rt
 
 /* DecompressString.proto */
 static PyObject *__Pyx_DecompressString(const char *s, Py_ssize_t length, int algo);
+
+/* DecompressString_LZSS.proto */
+static PyObject *__Pyx_DecompressString_LZSS(const char *s, size_t compressed_length, size_t uncompressed_length);
 
 /* MultiPhaseInitModuleState.proto */
 #if CYTHON_PEP489_MULTI_PHASE_INIT && CYTHON_USE_MODULE_STATE
@@ -2729,6 +2780,8 @@ static const char __pyx_k_StreamTransport_s_per_read_and[] = "``StreamTransport`
 /* #### Code section: decls ### */
 static PyObject *__pyx_pf_4evpl_3aio_5_fast_on_data(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v_bind, PyObject *__pyx_v_data); /* proto */
 static PyObject *__pyx_pf_4evpl_3aio_5_fast_2write(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_data); /* proto */
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_cls); /* proto */
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_loop, PyObject *__pyx_v_when, PyObject *__pyx_v_delay, PyObject *__pyx_v_callback, PyObject *__pyx_v_args, PyObject *__pyx_v_context); /* proto */
 /* #### Code section: late_includes ### */
 /* #### Code section: module_state ### */
 /* SmallCodeConfig */
@@ -2758,8 +2811,10 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_items;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_pop;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
-    PyObject *__pyx_codeobj_tab[2];
-    PyObject *__pyx_string_tab[53];
+    __Pyx_CachedCFunction __pyx_umethod_PySet_Type__update;
+    PyObject *__pyx_tuple[2];
+    PyObject *__pyx_codeobj_tab[4];
+    PyObject *__pyx_string_tab[104];
     PyObject *__pyx_number_tab[1];
 /* #### Code section: module_state_contents ### */
 /* CommonTypesMetaclass.module_state_decls */
@@ -2807,56 +2862,107 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_kp_u_ __pyx_string_tab[0]
 #define __pyx_kp_u__2 __pyx_string_tab[1]
 #define __pyx_kp_u_Cannot_call_write_after_write_eo __pyx_string_tab[2]
-#define __pyx_kp_u_Fatal_error_protocol_data_receiv __pyx_string_tab[3]
-#define __pyx_kp_u_data_argument_must_be_a_bytes_li __pyx_string_tab[4]
-#define __pyx_kp_u_socket_send_raised_exception __pyx_string_tab[5]
-#define __pyx_kp_u_src_evpl_aio__fast_pyx __pyx_string_tab[6]
-#define __pyx_n_u_EvplError __pyx_string_tab[7]
-#define __pyx_n_u_LOG_THRESHOLD_FOR_CONNLOST_WRITE __pyx_string_tab[8]
-#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[9]
-#define __pyx_n_u_annotate __pyx_string_tab[10]
-#define __pyx_n_u_func __pyx_string_tab[11]
-#define __pyx_n_u_main __pyx_string_tab[12]
-#define __pyx_n_u_module __pyx_string_tab[13]
-#define __pyx_n_u_name __pyx_string_tab[14]
-#define __pyx_n_u_pyx_vtable __pyx_string_tab[15]
-#define __pyx_n_u_qualname __pyx_string_tab[16]
-#define __pyx_n_u_test __pyx_string_tab[17]
-#define __pyx_n_u_bind_2 __pyx_string_tab[18]
-#define __pyx_n_u_buffered __pyx_string_tab[19]
-#define __pyx_n_u_closing __pyx_string_tab[20]
-#define __pyx_n_u_conn_lost __pyx_string_tab[21]
-#define __pyx_n_u_eof __pyx_string_tab[22]
-#define __pyx_n_u_fatal_error __pyx_string_tab[23]
-#define __pyx_n_u_feed_buffered __pyx_string_tab[24]
-#define __pyx_n_u_is_coroutine __pyx_string_tab[25]
-#define __pyx_n_u_loop __pyx_string_tab[26]
-#define __pyx_n_u_protocol __pyx_string_tab[27]
-#define __pyx_n_u_stash __pyx_string_tab[28]
-#define __pyx_n_u_asyncio __pyx_string_tab[29]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[30]
-#define __pyx_n_u_asyncio_log __pyx_string_tab[31]
-#define __pyx_n_u_bind __pyx_string_tab[32]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[33]
-#define __pyx_n_u_closed __pyx_string_tab[34]
-#define __pyx_n_u_constants __pyx_string_tab[35]
-#define __pyx_n_u_data __pyx_string_tab[36]
-#define __pyx_n_u_data_received __pyx_string_tab[37]
-#define __pyx_n_u_evpl_aio__fast __pyx_string_tab[38]
-#define __pyx_n_u_evpl_errors __pyx_string_tab[39]
-#define __pyx_n_u_exc __pyx_string_tab[40]
-#define __pyx_n_u_items __pyx_string_tab[41]
-#define __pyx_n_u_logger __pyx_string_tab[42]
-#define __pyx_n_u_on_data __pyx_string_tab[43]
-#define __pyx_n_u_pop __pyx_string_tab[44]
-#define __pyx_n_u_self __pyx_string_tab[45]
-#define __pyx_n_u_send __pyx_string_tab[46]
-#define __pyx_n_u_setdefault __pyx_string_tab[47]
-#define __pyx_n_u_values __pyx_string_tab[48]
-#define __pyx_n_u_warning __pyx_string_tab[49]
-#define __pyx_n_u_write __pyx_string_tab[50]
-#define __pyx_kp_b_iso88591_t1_4q_q_1_85_xuA_aq_L_a_F_A_M_q __pyx_string_tab[51]
-#define __pyx_kp_b_iso88591_t1F_t4z_A_iq_t1E_t1_l_1_t1_4q_t __pyx_string_tab[52]
+#define __pyx_kp_u_Event_loop_is_closed __pyx_string_tab[3]
+#define __pyx_kp_u_Fatal_error_protocol_data_receiv __pyx_string_tab[4]
+#define __pyx_kp_u_asyncio_s_TimerHandle_carrying_t __pyx_string_tab[5]
+#define __pyx_kp_u_data_argument_must_be_a_bytes_li __pyx_string_tab[6]
+#define __pyx_kp_u_socket_send_raised_exception __pyx_string_tab[7]
+#define __pyx_kp_u_src_evpl_aio__fast_pyx __pyx_string_tab[8]
+#define __pyx_n_u_EvplError __pyx_string_tab[9]
+#define __pyx_n_u_Handle __pyx_string_tab[10]
+#define __pyx_n_u_LOG_THRESHOLD_FOR_CONNLOST_WRITE __pyx_string_tab[11]
+#define __pyx_n_u_TimerHandle __pyx_string_tab[12]
+#define __pyx_n_u_DIRECT __pyx_string_tab[13]
+#define __pyx_n_u_FIELDS __pyx_string_tab[14]
+#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[15]
+#define __pyx_n_u_annotate __pyx_string_tab[16]
+#define __pyx_n_u_call __pyx_string_tab[17]
+#define __pyx_n_u_dict __pyx_string_tab[18]
+#define __pyx_n_u_doc __pyx_string_tab[19]
+#define __pyx_n_u_func __pyx_string_tab[20]
+#define __pyx_n_u_main __pyx_string_tab[21]
+#define __pyx_n_u_metaclass __pyx_string_tab[22]
+#define __pyx_n_u_module __pyx_string_tab[23]
+#define __pyx_n_u_mro __pyx_string_tab[24]
+#define __pyx_n_u_mro_entries __pyx_string_tab[25]
+#define __pyx_n_u_name __pyx_string_tab[26]
+#define __pyx_n_u_new __pyx_string_tab[27]
+#define __pyx_n_u_prepare __pyx_string_tab[28]
+#define __pyx_n_u_pyx_vtable __pyx_string_tab[29]
+#define __pyx_n_u_qualname __pyx_string_tab[30]
+#define __pyx_n_u_slots __pyx_string_tab[31]
+#define __pyx_n_u_test __pyx_string_tab[32]
+#define __pyx_n_u_weakref __pyx_string_tab[33]
+#define __pyx_n_u_args_2 __pyx_string_tab[34]
+#define __pyx_n_u_bind_2 __pyx_string_tab[35]
+#define __pyx_n_u_buffered __pyx_string_tab[36]
+#define __pyx_n_u_callback_2 __pyx_string_tab[37]
+#define __pyx_n_u_cancelled __pyx_string_tab[38]
+#define __pyx_n_u_closed_2 __pyx_string_tab[39]
+#define __pyx_n_u_closing __pyx_string_tab[40]
+#define __pyx_n_u_conn_lost __pyx_string_tab[41]
+#define __pyx_n_u_context_2 __pyx_string_tab[42]
+#define __pyx_n_u_core __pyx_string_tab[43]
+#define __pyx_n_u_debug __pyx_string_tab[44]
+#define __pyx_n_u_eof __pyx_string_tab[45]
+#define __pyx_n_u_evtimer __pyx_string_tab[46]
+#define __pyx_n_u_fatal_error __pyx_string_tab[47]
+#define __pyx_n_u_feed_buffered __pyx_string_tab[48]
+#define __pyx_n_u_is_coroutine __pyx_string_tab[49]
+#define __pyx_n_u_loop __pyx_string_tab[50]
+#define __pyx_n_u_protocol __pyx_string_tab[51]
+#define __pyx_n_u_repr __pyx_string_tab[52]
+#define __pyx_n_u_run __pyx_string_tab[53]
+#define __pyx_n_u_scheduled __pyx_string_tab[54]
+#define __pyx_n_u_slots_2 __pyx_string_tab[55]
+#define __pyx_n_u_source_traceback __pyx_string_tab[56]
+#define __pyx_n_u_stash __pyx_string_tab[57]
+#define __pyx_n_u_timer_slow __pyx_string_tab[58]
+#define __pyx_n_u_when_2 __pyx_string_tab[59]
+#define __pyx_n_u_args __pyx_string_tab[60]
+#define __pyx_n_u_asyncio __pyx_string_tab[61]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[62]
+#define __pyx_n_u_asyncio_log __pyx_string_tab[63]
+#define __pyx_n_u_bind __pyx_string_tab[64]
+#define __pyx_n_u_c __pyx_string_tab[65]
+#define __pyx_n_u_call_later __pyx_string_tab[66]
+#define __pyx_n_u_callback __pyx_string_tab[67]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[68]
+#define __pyx_n_u_closed __pyx_string_tab[69]
+#define __pyx_n_u_cls __pyx_string_tab[70]
+#define __pyx_n_u_constants __pyx_string_tab[71]
+#define __pyx_n_u_context __pyx_string_tab[72]
+#define __pyx_n_u_contextvars __pyx_string_tab[73]
+#define __pyx_n_u_copy_context __pyx_string_tab[74]
+#define __pyx_n_u_data __pyx_string_tab[75]
+#define __pyx_n_u_data_received __pyx_string_tab[76]
+#define __pyx_n_u_delay __pyx_string_tab[77]
+#define __pyx_n_u_events __pyx_string_tab[78]
+#define __pyx_n_u_evpl_aio__fast __pyx_string_tab[79]
+#define __pyx_n_u_evpl_errors __pyx_string_tab[80]
+#define __pyx_n_u_exc __pyx_string_tab[81]
+#define __pyx_n_u_get __pyx_string_tab[82]
+#define __pyx_n_u_h __pyx_string_tab[83]
+#define __pyx_n_u_items __pyx_string_tab[84]
+#define __pyx_n_u_logger __pyx_string_tab[85]
+#define __pyx_n_u_loop_2 __pyx_string_tab[86]
+#define __pyx_n_u_names __pyx_string_tab[87]
+#define __pyx_n_u_on_data __pyx_string_tab[88]
+#define __pyx_n_u_pop __pyx_string_tab[89]
+#define __pyx_n_u_self __pyx_string_tab[90]
+#define __pyx_n_u_send __pyx_string_tab[91]
+#define __pyx_n_u_setdefault __pyx_string_tab[92]
+#define __pyx_n_u_slots_3 __pyx_string_tab[93]
+#define __pyx_n_u_timer __pyx_string_tab[94]
+#define __pyx_n_u_update __pyx_string_tab[95]
+#define __pyx_n_u_values __pyx_string_tab[96]
+#define __pyx_n_u_warning __pyx_string_tab[97]
+#define __pyx_n_u_when __pyx_string_tab[98]
+#define __pyx_n_u_write __pyx_string_tab[99]
+#define __pyx_kp_b_iso88591_q_S_a_A_WAQk_1G_Q_1 __pyx_string_tab[100]
+#define __pyx_kp_b_iso88591_t1_4q_q_1_85_xuA_aq_L_a_F_A_M_q __pyx_string_tab[101]
+#define __pyx_kp_b_iso88591_t1F_t4z_A_iq_t1E_t1_l_1_t1_4q_t __pyx_string_tab[102]
+#define __pyx_kp_b_iso88591_t1_l_1_t83d_t_q_gZvQ_81A_V83j_Y __pyx_string_tab[103]
 #define __pyx_int_1 __pyx_number_tab[0]
 /* #### Code section: module_state_clear ### */
 #if CYTHON_USE_MODULE_STATE
@@ -2878,8 +2984,10 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_items.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
-  for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<53; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  Py_CLEAR(clear_module_state->__pyx_umethod_PySet_Type__update.method);
+  for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<104; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -2909,8 +3017,10 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_items.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
-  for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<53; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  Py_VISIT(traverse_module_state->__pyx_umethod_PySet_Type__update.method);
+  for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<104; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -4198,6 +4308,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_2write(CYTHON_UNUSED PyObject *__pyx
  *     if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
  *         logger.warning("socket.send() raised exception.")             # <<<<<<<<<<<<<<
  *     self._conn_lost += 1
+ * 
 */
     __pyx_t_4 = NULL;
     __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_logger); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 64, __pyx_L1_error)
@@ -4240,6 +4351,8 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_2write(CYTHON_UNUSED PyObject *__pyx
  *     if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
  *         logger.warning("socket.send() raised exception.")
  *     self._conn_lost += 1             # <<<<<<<<<<<<<<
+ * 
+ * 
 */
   __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn_lost); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
@@ -4269,6 +4382,765 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_2write(CYTHON_UNUSED PyObject *__pyx
   __pyx_r = NULL;
   __pyx_L0:;
   __Pyx_XDECREF(__pyx_v_bind);
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "evpl/aio/_fast.pyx":83
+ * 
+ * 
+ * def _slots(cls):             # <<<<<<<<<<<<<<
+ *     names = set()
+ *     for c in cls.__mro__:
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_5_slots(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_4evpl_3aio_5_fast_4_slots, "_slots(cls)");
+static PyMethodDef __pyx_mdef_4evpl_3aio_5_fast_5_slots = {"_slots", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_4evpl_3aio_5_fast_5_slots, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_4evpl_3aio_5_fast_4_slots};
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_5_slots(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  PyObject *__pyx_v_cls = 0;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[1] = {0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("_slots (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_cls,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 83, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 83, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_slots", 0) < (0)) __PYX_ERR(0, 83, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_slots", 1, 1, 1, i); __PYX_ERR(0, 83, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs != 1)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 83, __pyx_L3_error)
+    }
+    __pyx_v_cls = values[0];
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("_slots", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 83, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_AddTraceback("evpl.aio._fast._slots", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  __pyx_r = __pyx_pf_4evpl_3aio_5_fast_4_slots(__pyx_self, __pyx_v_cls);
+
+  /* function exit code */
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_cls) {
+  PyObject *__pyx_v_names = NULL;
+  PyObject *__pyx_v_c = NULL;
+  PyObject *__pyx_v_slots = NULL;
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  PyObject *__pyx_t_2 = NULL;
+  Py_ssize_t __pyx_t_3;
+  PyObject *(*__pyx_t_4)(PyObject *);
+  PyObject *__pyx_t_5 = NULL;
+  int __pyx_t_6;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("_slots", 0);
+
+  /* "evpl/aio/_fast.pyx":84
+ * 
+ * def _slots(cls):
+ *     names = set()             # <<<<<<<<<<<<<<
+ *     for c in cls.__mro__:
+ *         slots = c.__dict__.get("__slots__", ())
+*/
+  __pyx_t_1 = PySet_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 84, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_v_names = ((PyObject*)__pyx_t_1);
+  __pyx_t_1 = 0;
+
+  /* "evpl/aio/_fast.pyx":85
+ * def _slots(cls):
+ *     names = set()
+ *     for c in cls.__mro__:             # <<<<<<<<<<<<<<
+ *         slots = c.__dict__.get("__slots__", ())
+ *         names.update((slots,) if isinstance(slots, str) else slots)
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_cls, __pyx_mstate_global->__pyx_n_u_mro); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 85, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  if (likely(PyList_CheckExact(__pyx_t_1)) || PyTuple_CheckExact(__pyx_t_1)) {
+    __pyx_t_2 = __pyx_t_1; __Pyx_INCREF(__pyx_t_2);
+    __pyx_t_3 = 0;
+    __pyx_t_4 = NULL;
+  } else {
+    __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 85, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
+    __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 85, __pyx_L1_error)
+  }
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  for (;;) {
+    if (likely(!__pyx_t_4)) {
+      if (likely(PyList_CheckExact(__pyx_t_2))) {
+        {
+          Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
+          #if !CYTHON_ASSUME_SAFE_SIZE
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 85, __pyx_L1_error)
+          #endif
+          if (__pyx_t_3 >= __pyx_temp) break;
+        }
+        __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_2, __pyx_t_3, __Pyx_ReferenceSharing_OwnStrongReference);
+        ++__pyx_t_3;
+      } else {
+        {
+          Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_2);
+          #if !CYTHON_ASSUME_SAFE_SIZE
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 85, __pyx_L1_error)
+          #endif
+          if (__pyx_t_3 >= __pyx_temp) break;
+        }
+        #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
+        __pyx_t_1 = __Pyx_NewRef(PyTuple_GET_ITEM(__pyx_t_2, __pyx_t_3));
+        #else
+        __pyx_t_1 = __Pyx_PySequence_ITEM(__pyx_t_2, __pyx_t_3);
+        #endif
+        ++__pyx_t_3;
+      }
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 85, __pyx_L1_error)
+    } else {
+      __pyx_t_1 = __pyx_t_4(__pyx_t_2);
+      if (unlikely(!__pyx_t_1)) {
+        PyObject* exc_type = PyErr_Occurred();
+        if (exc_type) {
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 85, __pyx_L1_error)
+          PyErr_Clear();
+        }
+        break;
+      }
+    }
+    __Pyx_GOTREF(__pyx_t_1);
+    __Pyx_XDECREF_SET(__pyx_v_c, __pyx_t_1);
+    __pyx_t_1 = 0;
+
+    /* "evpl/aio/_fast.pyx":86
+ *     names = set()
+ *     for c in cls.__mro__:
+ *         slots = c.__dict__.get("__slots__", ())             # <<<<<<<<<<<<<<
+ *         names.update((slots,) if isinstance(slots, str) else slots)
+ *     return names
+*/
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_c, __pyx_mstate_global->__pyx_n_u_dict); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 86, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_get); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 86, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+    __pyx_t_1 = __Pyx_PyObject_Call(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[0], NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 86, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_XDECREF_SET(__pyx_v_slots, __pyx_t_1);
+    __pyx_t_1 = 0;
+
+    /* "evpl/aio/_fast.pyx":87
+ *     for c in cls.__mro__:
+ *         slots = c.__dict__.get("__slots__", ())
+ *         names.update((slots,) if isinstance(slots, str) else slots)             # <<<<<<<<<<<<<<
+ *     return names
+ * 
+*/
+    __pyx_t_6 = PyUnicode_Check(__pyx_v_slots); 
+    if (__pyx_t_6) {
+      __pyx_t_5 = PyTuple_New(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 87, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_5);
+      __Pyx_INCREF(__pyx_v_slots);
+      __Pyx_GIVEREF(__pyx_v_slots);
+      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_slots) != (0)) __PYX_ERR(0, 87, __pyx_L1_error);
+      __pyx_t_1 = __pyx_t_5;
+      __pyx_t_5 = 0;
+    } else {
+      __Pyx_INCREF(__pyx_v_slots);
+      __pyx_t_1 = __pyx_v_slots;
+    }
+
+    __pyx_t_5 = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PySet_Type__update, __pyx_v_names, __pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 87, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+
+    /* "evpl/aio/_fast.pyx":85
+ * def _slots(cls):
+ *     names = set()
+ *     for c in cls.__mro__:             # <<<<<<<<<<<<<<
+ *         slots = c.__dict__.get("__slots__", ())
+ *         names.update((slots,) if isinstance(slots, str) else slots)
+*/
+  }
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+
+  /* "evpl/aio/_fast.pyx":88
+ *         slots = c.__dict__.get("__slots__", ())
+ *         names.update((slots,) if isinstance(slots, str) else slots)
+ *     return names             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  {
+    PyObject *__pyx_temp;
+    {
+      __pyx_temp = __pyx_r;
+      __Pyx_INCREF(__pyx_v_names);
+      __pyx_r = __pyx_v_names;
+    }
+    __Pyx_XDECREF(__pyx_temp);
+  }
+  goto __pyx_L0;
+
+  /* "evpl/aio/_fast.pyx":83
+ * 
+ * 
+ * def _slots(cls):             # <<<<<<<<<<<<<<
+ *     names = set()
+ *     for c in cls.__mro__:
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_1);
+  __Pyx_XDECREF(__pyx_t_2);
+  __Pyx_XDECREF(__pyx_t_5);
+  __Pyx_AddTraceback("evpl.aio._fast._slots", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+  __Pyx_XDECREF(__pyx_v_names);
+  __Pyx_XDECREF(__pyx_v_c);
+  __Pyx_XDECREF(__pyx_v_slots);
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "evpl/aio/_fast.pyx":98
+ * 
+ * 
+ * def timer(loop, when, delay, callback, args, context):             # <<<<<<<<<<<<<<
+ *     """A scheduled TimerHandle for ``callback(*args)`` at loop time
+ *     ``when`` (``delay`` seconds from now) on an engine timer: what
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_7timer(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_4evpl_3aio_5_fast_6timer, "timer(loop, when, delay, callback, args, context)\n\nA scheduled TimerHandle for ``callback(*args)`` at loop time\n``when`` (``delay`` seconds from now) on an engine timer: what\nasyncio\047s TimerHandle ``__init__`` does, without its two frames (not\nin debug mode, which keeps asyncio\047s, for the source traceback).");
+static PyMethodDef __pyx_mdef_4evpl_3aio_5_fast_7timer = {"timer", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_4evpl_3aio_5_fast_7timer, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_4evpl_3aio_5_fast_6timer};
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_7timer(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  PyObject *__pyx_v_loop = 0;
+  PyObject *__pyx_v_when = 0;
+  PyObject *__pyx_v_delay = 0;
+  PyObject *__pyx_v_callback = 0;
+  PyObject *__pyx_v_args = 0;
+  PyObject *__pyx_v_context = 0;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[6] = {0,0,0,0,0,0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("timer (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_loop_2,&__pyx_mstate_global->__pyx_n_u_when,&__pyx_mstate_global->__pyx_n_u_delay,&__pyx_mstate_global->__pyx_n_u_callback,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_context,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 98, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  6:
+        values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 98, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  5:
+        values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 98, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  4:
+        values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 98, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  3:
+        values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 98, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  2:
+        values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 98, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 98, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "timer", 0) < (0)) __PYX_ERR(0, 98, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("timer", 1, 6, 6, i); __PYX_ERR(0, 98, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs != 6)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 98, __pyx_L3_error)
+      values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 98, __pyx_L3_error)
+      values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 98, __pyx_L3_error)
+      values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 98, __pyx_L3_error)
+      values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 98, __pyx_L3_error)
+      values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 98, __pyx_L3_error)
+    }
+    __pyx_v_loop = values[0];
+    __pyx_v_when = values[1];
+    __pyx_v_delay = values[2];
+    __pyx_v_callback = values[3];
+    __pyx_v_args = values[4];
+    __pyx_v_context = values[5];
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("timer", 1, 6, 6, __pyx_nargs); __PYX_ERR(0, 98, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_AddTraceback("evpl.aio._fast.timer", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  __pyx_r = __pyx_pf_4evpl_3aio_5_fast_6timer(__pyx_self, __pyx_v_loop, __pyx_v_when, __pyx_v_delay, __pyx_v_callback, __pyx_v_args, __pyx_v_context);
+
+  /* function exit code */
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_loop, PyObject *__pyx_v_when, PyObject *__pyx_v_delay, PyObject *__pyx_v_callback, PyObject *__pyx_v_args, PyObject *__pyx_v_context) {
+  PyObject *__pyx_v_h = NULL;
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  int __pyx_t_2;
+  PyObject *__pyx_t_3 = NULL;
+  size_t __pyx_t_4;
+  int __pyx_t_5;
+  int __pyx_t_6;
+  PyObject *__pyx_t_7 = NULL;
+  PyObject *__pyx_t_8 = NULL;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("timer", 0);
+
+  /* "evpl/aio/_fast.pyx":103
+ *     asyncio's TimerHandle ``__init__`` does, without its two frames (not
+ *     in debug mode, which keeps asyncio's, for the source traceback)."""
+ *     if loop._closed:             # <<<<<<<<<<<<<<
+ *         raise RuntimeError("Event loop is closed")
+ *     if not _DIRECT or loop._debug:
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_loop, __pyx_mstate_global->__pyx_n_u_closed_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 103, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 103, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  if (unlikely(__pyx_t_2)) {
+
+
+    /* "evpl/aio/_fast.pyx":104
+ *     in debug mode, which keeps asyncio's, for the source traceback)."""
+ *     if loop._closed:
+ *         raise RuntimeError("Event loop is closed")             # <<<<<<<<<<<<<<
+ *     if not _DIRECT or loop._debug:
+ *         return loop._timer_slow(when, delay, callback, args, context)
+*/
+    __pyx_t_3 = NULL;
+    __pyx_t_4 = 1;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_mstate_global->__pyx_kp_u_Event_loop_is_closed};
+      __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_RuntimeError)), __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 104, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_1);
+    }
+    __Pyx_Raise(__pyx_t_1, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+    __PYX_ERR(0, 104, __pyx_L1_error)
+
+    /* "evpl/aio/_fast.pyx":103
+ *     asyncio's TimerHandle ``__init__`` does, without its two frames (not
+ *     in debug mode, which keeps asyncio's, for the source traceback)."""
+ *     if loop._closed:             # <<<<<<<<<<<<<<
+ *         raise RuntimeError("Event loop is closed")
+ *     if not _DIRECT or loop._debug:
+*/
+  }
+
+  /* "evpl/aio/_fast.pyx":105
+ *     if loop._closed:
+ *         raise RuntimeError("Event loop is closed")
+ *     if not _DIRECT or loop._debug:             # <<<<<<<<<<<<<<
+ *         return loop._timer_slow(when, delay, callback, args, context)
+ *     h = TimerHandle.__new__(TimerHandle)
+*/
+  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_DIRECT); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 105, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_5 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 105, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_t_6 = (!__pyx_t_5);
+
+
+  if (!__pyx_t_6) {
+
+  } else {
+
+    __pyx_t_2 = __pyx_t_6;
+
+    goto __pyx_L5_bool_binop_done;
+  }
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_loop, __pyx_mstate_global->__pyx_n_u_debug); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 105, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_6 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_6 < 0))) __PYX_ERR(0, 105, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+  __pyx_t_2 = __pyx_t_6;
+
+  __pyx_L5_bool_binop_done:;
+  if (__pyx_t_2) {
+
+
+    /* "evpl/aio/_fast.pyx":106
+ *         raise RuntimeError("Event loop is closed")
+ *     if not _DIRECT or loop._debug:
+ *         return loop._timer_slow(when, delay, callback, args, context)             # <<<<<<<<<<<<<<
+ *     h = TimerHandle.__new__(TimerHandle)
+ *     h._context = copy_context() if context is None else context
+*/
+    __pyx_t_3 = __pyx_v_loop;
+    __Pyx_INCREF(__pyx_t_3);
+    __pyx_t_4 = 0;
+    {
+      PyObject *__pyx_callargs[6] = {__pyx_t_3, __pyx_v_when, __pyx_v_delay, __pyx_v_callback, __pyx_v_args, __pyx_v_context};
+      __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_timer_slow, __pyx_callargs+__pyx_t_4, (6-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 106, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_1);
+    }
+    {
+      PyObject *__pyx_temp;
+      {
+        __pyx_temp = __pyx_r;
+        __pyx_r = __pyx_t_1;
+      }
+      __Pyx_XDECREF(__pyx_temp);
+    }
+    __pyx_t_1 = 0;
+    goto __pyx_L0;
+
+    /* "evpl/aio/_fast.pyx":105
+ *     if loop._closed:
+ *         raise RuntimeError("Event loop is closed")
+ *     if not _DIRECT or loop._debug:             # <<<<<<<<<<<<<<
+ *         return loop._timer_slow(when, delay, callback, args, context)
+ *     h = TimerHandle.__new__(TimerHandle)
+*/
+  }
+
+  /* "evpl/aio/_fast.pyx":107
+ *     if not _DIRECT or loop._debug:
+ *         return loop._timer_slow(when, delay, callback, args, context)
+ *     h = TimerHandle.__new__(TimerHandle)             # <<<<<<<<<<<<<<
+ *     h._context = copy_context() if context is None else context
+ *     h._loop = loop
+*/
+  __pyx_t_3 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 107, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_new); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 107, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_8);
+  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 107, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
+  __pyx_t_4 = 1;
+  #if CYTHON_UNPACK_METHODS
+  if (unlikely(PyMethod_Check(__pyx_t_8))) {
+    __pyx_t_3 = PyMethod_GET_SELF(__pyx_t_8);
+    assert(__pyx_t_3);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_8);
+    __Pyx_INCREF(__pyx_t_3);
+    __Pyx_INCREF(__pyx__function);
+    __Pyx_DECREF_SET(__pyx_t_8, __pyx__function);
+    __pyx_t_4 = 0;
+  }
+  #endif
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_t_7};
+    __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_8, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+  }
+  __pyx_v_h = __pyx_t_1;
+  __pyx_t_1 = 0;
+
+  /* "evpl/aio/_fast.pyx":108
+ *         return loop._timer_slow(when, delay, callback, args, context)
+ *     h = TimerHandle.__new__(TimerHandle)
+ *     h._context = copy_context() if context is None else context             # <<<<<<<<<<<<<<
+ *     h._loop = loop
+ *     h._callback = callback
+*/
+  __pyx_t_2 = (__pyx_v_context == Py_None);
+  if (__pyx_t_2) {
+    __pyx_t_7 = NULL;
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_copy_context); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 108, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_3);
+    __pyx_t_4 = 1;
+    #if CYTHON_UNPACK_METHODS
+    if (unlikely(PyMethod_Check(__pyx_t_3))) {
+      __pyx_t_7 = PyMethod_GET_SELF(__pyx_t_3);
+      assert(__pyx_t_7);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_3);
+      __Pyx_INCREF(__pyx_t_7);
+      __Pyx_INCREF(__pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_3, __pyx__function);
+      __pyx_t_4 = 0;
+    }
+    #endif
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
+      __pyx_t_8 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+      __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+      if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 108, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_8);
+    }
+    __pyx_t_1 = __pyx_t_8;
+    __pyx_t_8 = 0;
+  } else {
+    __Pyx_INCREF(__pyx_v_context);
+    __pyx_t_1 = __pyx_v_context;
+  }
+
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_context_2, __pyx_t_1) < (0)) __PYX_ERR(0, 108, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+  /* "evpl/aio/_fast.pyx":109
+ *     h = TimerHandle.__new__(TimerHandle)
+ *     h._context = copy_context() if context is None else context
+ *     h._loop = loop             # <<<<<<<<<<<<<<
+ *     h._callback = callback
+ *     h._args = args
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_loop, __pyx_v_loop) < (0)) __PYX_ERR(0, 109, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":110
+ *     h._context = copy_context() if context is None else context
+ *     h._loop = loop
+ *     h._callback = callback             # <<<<<<<<<<<<<<
+ *     h._args = args
+ *     h._cancelled = False
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_callback_2, __pyx_v_callback) < (0)) __PYX_ERR(0, 110, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":111
+ *     h._loop = loop
+ *     h._callback = callback
+ *     h._args = args             # <<<<<<<<<<<<<<
+ *     h._cancelled = False
+ *     h._repr = None
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_args_2, __pyx_v_args) < (0)) __PYX_ERR(0, 111, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":112
+ *     h._callback = callback
+ *     h._args = args
+ *     h._cancelled = False             # <<<<<<<<<<<<<<
+ *     h._repr = None
+ *     h._source_traceback = None
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_cancelled, Py_False) < (0)) __PYX_ERR(0, 112, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":113
+ *     h._args = args
+ *     h._cancelled = False
+ *     h._repr = None             # <<<<<<<<<<<<<<
+ *     h._source_traceback = None
+ *     h._when = when
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_repr, Py_None) < (0)) __PYX_ERR(0, 113, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":114
+ *     h._cancelled = False
+ *     h._repr = None
+ *     h._source_traceback = None             # <<<<<<<<<<<<<<
+ *     h._when = when
+ *     h._scheduled = True
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_source_traceback, Py_None) < (0)) __PYX_ERR(0, 114, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":115
+ *     h._repr = None
+ *     h._source_traceback = None
+ *     h._when = when             # <<<<<<<<<<<<<<
+ *     h._scheduled = True
+ *     h._evtimer = loop._core.call_later(delay, h)
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_when_2, __pyx_v_when) < (0)) __PYX_ERR(0, 115, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":116
+ *     h._source_traceback = None
+ *     h._when = when
+ *     h._scheduled = True             # <<<<<<<<<<<<<<
+ *     h._evtimer = loop._core.call_later(delay, h)
+ *     return h
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_scheduled, Py_True) < (0)) __PYX_ERR(0, 116, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":117
+ *     h._when = when
+ *     h._scheduled = True
+ *     h._evtimer = loop._core.call_later(delay, h)             # <<<<<<<<<<<<<<
+ *     return h
+*/
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_loop, __pyx_mstate_global->__pyx_n_u_core); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_8 = __pyx_t_3;
+  __Pyx_INCREF(__pyx_t_8);
+  __pyx_t_4 = 0;
+  {
+    PyObject *__pyx_callargs[3] = {__pyx_t_8, __pyx_v_delay, __pyx_v_h};
+    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_call_later, __pyx_callargs+__pyx_t_4, (3-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 117, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+  }
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_evtimer, __pyx_t_1) < (0)) __PYX_ERR(0, 117, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+  /* "evpl/aio/_fast.pyx":118
+ *     h._scheduled = True
+ *     h._evtimer = loop._core.call_later(delay, h)
+ *     return h             # <<<<<<<<<<<<<<
+*/
+  {
+    PyObject *__pyx_temp;
+    {
+      __pyx_temp = __pyx_r;
+      __Pyx_INCREF(__pyx_v_h);
+      __pyx_r = __pyx_v_h;
+    }
+    __Pyx_XDECREF(__pyx_temp);
+  }
+  goto __pyx_L0;
+
+  /* "evpl/aio/_fast.pyx":98
+ * 
+ * 
+ * def timer(loop, when, delay, callback, args, context):             # <<<<<<<<<<<<<<
+ *     """A scheduled TimerHandle for ``callback(*args)`` at loop time
+ *     ``when`` (``delay`` seconds from now) on an engine timer: what
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_1);
+  __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_7);
+  __Pyx_XDECREF(__pyx_t_8);
+  __Pyx_AddTraceback("evpl.aio._fast.timer", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+  __Pyx_XDECREF(__pyx_v_h);
   __Pyx_XGIVEREF(__pyx_r);
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
@@ -4582,6 +5454,10 @@ static CYTHON_SMALL_CODE int __pyx_pymod_exec__fast(PyObject *__pyx_pyinit_modul
   PyObject *__pyx_t_2 = NULL;
   Py_ssize_t __pyx_t_3;
   PyObject *__pyx_t_4 = NULL;
+  PyObject *__pyx_t_5 = NULL;
+  PyObject *__pyx_t_6 = NULL;
+  PyObject *__pyx_t_7 = NULL;
+  size_t __pyx_t_8;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -4773,15 +5649,225 @@ __Pyx_RefNannySetupContext("PyInit__fast", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_write, __pyx_t_2) < (0)) __PYX_ERR(0, 42, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
+  /* "evpl/aio/_fast.pyx":70
+ * # ---- timers -----------------------------------------------------------------
+ * 
+ * from asyncio import events             # <<<<<<<<<<<<<<
+ * from contextvars import copy_context
+ * 
+*/
+  {
+    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_events};
+    __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_asyncio, __pyx_imported_names, 1, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 70, __pyx_L1_error)
+  }
+  __pyx_t_2 = __pyx_t_1;
+  __Pyx_GOTREF(__pyx_t_2);
+  {
+    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_events};
+    __pyx_t_3 = 0; {
+      __pyx_t_4 = __Pyx_ImportFrom(__pyx_t_2, __pyx_imported_names[__pyx_t_3]); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 70, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_4);
+      if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_imported_names[__pyx_t_3], __pyx_t_4) < (0)) __PYX_ERR(0, 70, __pyx_L1_error)
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    }
+  }
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+
+  /* "evpl/aio/_fast.pyx":71
+ * 
+ * from asyncio import events
+ * from contextvars import copy_context             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  {
+    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_copy_context};
+    __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_contextvars, __pyx_imported_names, 1, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 71, __pyx_L1_error)
+  }
+  __pyx_t_2 = __pyx_t_1;
+  __Pyx_GOTREF(__pyx_t_2);
+  {
+    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_copy_context};
+    __pyx_t_3 = 0; {
+      __pyx_t_4 = __Pyx_ImportFrom(__pyx_t_2, __pyx_imported_names[__pyx_t_3]); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 71, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_4);
+      if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_imported_names[__pyx_t_3], __pyx_t_4) < (0)) __PYX_ERR(0, 71, __pyx_L1_error)
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    }
+  }
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+
+  /* "evpl/aio/_fast.pyx":74
+ * 
+ * 
+ * class TimerHandle(events.TimerHandle):             # <<<<<<<<<<<<<<
+ *     """asyncio's TimerHandle, carrying the engine timer that fires it. The
+ *     engine timer calls the handle itself (no bound method per timer)."""
+*/
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_events); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+  {
+    PyObject* __pyx_temp[1] = {__pyx_t_4};
+    __pyx_t_2 = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 74, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
+  }
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_t_4 = __pyx_t_2;
+  __Pyx_INCREF(__pyx_t_4);
+  __pyx_t_5 = __Pyx_PEP560_update_bases(__pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_t_4 = __Pyx_CalculateMetaclass(NULL, __pyx_t_5); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_6 = __Pyx_Py3MetaclassPrepare(__pyx_t_4, __pyx_t_5, __pyx_mstate_global->__pyx_n_u_TimerHandle, __pyx_mstate_global->__pyx_n_u_TimerHandle, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_kp_u_asyncio_s_TimerHandle_carrying_t); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_6);
+  if (__pyx_t_5 != __pyx_t_2) {
+    if (unlikely((PyDict_SetItemString(__pyx_t_6, "__orig_bases__", __pyx_t_2) < 0))) __PYX_ERR(0, 74, __pyx_L1_error)
+  }
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+
+  /* "evpl/aio/_fast.pyx":78
+ *     engine timer calls the handle itself (no bound method per timer)."""
+ * 
+ *     __slots__ = ("_evtimer",)             # <<<<<<<<<<<<<<
+ * 
+ *     __call__ = events.Handle._run
+*/
+  if (__Pyx_SetNameInClass(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_slots, __pyx_mstate_global->__pyx_tuple[1]) < (0)) __PYX_ERR(0, 78, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":80
+ *     __slots__ = ("_evtimer",)
+ * 
+ *     __call__ = events.Handle._run             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_events); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_Handle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 80, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_run); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_call, __pyx_t_2) < (0)) __PYX_ERR(0, 80, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+
+  /* "evpl/aio/_fast.pyx":74
+ * 
+ * 
+ * class TimerHandle(events.TimerHandle):             # <<<<<<<<<<<<<<
+ *     """asyncio's TimerHandle, carrying the engine timer that fires it. The
+ *     engine timer calls the handle itself (no bound method per timer)."""
+*/
+  __pyx_t_2 = __Pyx_Py3ClassCreate(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_TimerHandle, __pyx_t_5, __pyx_t_6, NULL, 0, 0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_2);
+  #endif
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_TimerHandle, __pyx_t_2) < (0)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+
+  /* "evpl/aio/_fast.pyx":83
+ * 
+ * 
+ * def _slots(cls):             # <<<<<<<<<<<<<<
+ *     names = set()
+ *     for c in cls.__mro__:
+*/
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_3aio_5_fast_5_slots, 0, __pyx_mstate_global->__pyx_n_u_slots_2, NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
+  #endif
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_slots_2, __pyx_t_5) < (0)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+
+  /* "evpl/aio/_fast.pyx":93
+ * # the fields asyncio's Handle and TimerHandle __init__ set (3.11-3.13); if a
+ * # Python version has others, timers are made by asyncio's own __init__
+ * _FIELDS = {"_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr",             # <<<<<<<<<<<<<<
+ *            "__weakref__", "_context", "_scheduled", "_when"}
+ * _DIRECT = _slots(events.TimerHandle) == _FIELDS
+*/
+  __pyx_t_5 = PySet_New(0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 93, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_callback_2) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_args_2) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_cancelled) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_loop) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_source_traceback) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_repr) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_weakref) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_context_2) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_scheduled) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_when_2) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_FIELDS, __pyx_t_5) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+
+  /* "evpl/aio/_fast.pyx":95
+ * _FIELDS = {"_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr",
+ *            "__weakref__", "_context", "_scheduled", "_when"}
+ * _DIRECT = _slots(events.TimerHandle) == _FIELDS             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  __pyx_t_4 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_slots_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_6);
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_events); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+  __pyx_t_8 = 1;
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_7};
+    __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+  }
+  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_FIELDS); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_7 = __Pyx_PyObject_CompareEq_object_object(__pyx_t_5, __pyx_t_6, Py_EQ); __Pyx_XGOTREF(__pyx_t_7); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_DIRECT, __pyx_t_7) < (0)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+
+  /* "evpl/aio/_fast.pyx":98
+ * 
+ * 
+ * def timer(loop, when, delay, callback, args, context):             # <<<<<<<<<<<<<<
+ *     """A scheduled TimerHandle for ``callback(*args)`` at loop time
+ *     ``when`` (``delay`` seconds from now) on an engine timer: what
+*/
+  __pyx_t_7 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_3aio_5_fast_7timer, 0, __pyx_mstate_global->__pyx_n_u_timer, NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 98, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_7);
+  #endif
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_timer, __pyx_t_7) < (0)) __PYX_ERR(0, 98, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+
   /* "evpl/aio/_fast.pyx":1
  * # cython: language_level=3, binding=True             # <<<<<<<<<<<<<<
  * """``StreamTransport``'s per-read and per-write methods, compiled.
  * 
 */
-  __pyx_t_2 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_2);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_2) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+  __pyx_t_7 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_7) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
   /*--- Wrapped vars code ---*/
 
@@ -4789,6 +5875,9 @@ __Pyx_RefNannySetupContext("PyInit__fast", 0);
   __pyx_L1_error:;
   __Pyx_XDECREF(__pyx_t_2);
   __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_XDECREF(__pyx_t_5);
+  __Pyx_XDECREF(__pyx_t_6);
+  __Pyx_XDECREF(__pyx_t_7);
   if (__pyx_m) {
     if (__pyx_mstate->__pyx_d && stringtab_initialized) {
       __Pyx_AddTraceback("init evpl.aio._fast", __pyx_clineno, __pyx_lineno, __pyx_filename);
@@ -4828,16 +5917,75 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   __pyx_mstate->__pyx_umethod_PyDict_Type_pop.method_name = &__pyx_mstate->__pyx_n_u_pop;
   __pyx_mstate->__pyx_umethod_PyDict_Type_values.type = (PyObject*)&PyDict_Type;
   __pyx_mstate->__pyx_umethod_PyDict_Type_values.method_name = &__pyx_mstate->__pyx_n_u_values;
+  __pyx_mstate->__pyx_umethod_PySet_Type__update.type = (PyObject*)(&PySet_Type);
+  __pyx_mstate->__pyx_umethod_PySet_Type__update.method_name = &__pyx_mstate->__pyx_n_u_update;
   return 0;
 }
 /* #### Code section: cached_constants ### */
 
 static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   __Pyx_RefNannyDeclarations
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   __Pyx_RefNannySetupContext("__Pyx_InitCachedConstants", 0);
+
+  /* "evpl/aio/_fast.pyx":86
+ *     names = set()
+ *     for c in cls.__mro__:
+ *         slots = c.__dict__.get("__slots__", ())             # <<<<<<<<<<<<<<
+ *         names.update((slots,) if isinstance(slots, str) else slots)
+ *     return names
+*/
+  {
+    PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_n_u_slots, __pyx_mstate_global->__pyx_empty_tuple};
+    __pyx_mstate_global->__pyx_tuple[0] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[0])) __PYX_ERR(0, 86, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[0]);
+  }
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[0]);
+
+  /* "evpl/aio/_fast.pyx":78
+ *     engine timer calls the handle itself (no bound method per timer)."""
+ * 
+ *     __slots__ = ("_evtimer",)             # <<<<<<<<<<<<<<
+ * 
+ *     __call__ = events.Handle._run
+*/
+  {
+    PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_evtimer};
+    __pyx_mstate_global->__pyx_tuple[1] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[1])) __PYX_ERR(0, 78, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[1]);
+  }
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
+  #if CYTHON_IMMORTAL_CONSTANTS
+  {
+    PyObject **table = __pyx_mstate->__pyx_tuple;
+    for (Py_ssize_t i=0; i<2; ++i) {
+      #if PY_VERSION_HEX >= 0x030F0000
+      PyUnstable_SetImmortal(table[i]);
+      #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
+      if ((PY_SSIZE_T_MAX <= _Py_IMMORTAL_REFCNT_LOCAL)) break;
+      #if PY_VERSION_HEX < 0x030E0000
+      if (_Py_IsOwnedByCurrentThread(table[i]) && Py_REFCNT(table[i]) == 1)
+      #else
+      if (PyUnstable_Object_IsUniquelyReferenced(table[i]))
+      #endif
+      {
+        Py_SET_REFCNT(table[i], ((Py_ssize_t)_Py_IMMORTAL_REFCNT_LOCAL + 1));
+      }
+      #else
+      if ((PY_SSIZE_T_MAX < _Py_IMMORTAL_INITIAL_REFCNT)) break;
+      Py_SET_REFCNT(table[i], _Py_IMMORTAL_INITIAL_REFCNT);
+      #endif
+    }
+  }
+  #endif
   __Pyx_RefNannyFinishContext();
   return 0;
+  __pyx_L1_error:;
+  __Pyx_RefNannyFinishContext();
+  return -1;
 }
 /* #### Code section: init_constants ### */
 
@@ -4847,32 +5995,41 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 6; } str_length_index[] = {{1},{1},{37},{50},{47},{31},{22},{9},{33},{20},{12},{8},{8},{10},{8},{14},{12},{8},{5},{9},{8},{10},{4},{12},{14},{13},{5},{9},{6},{7},{18},{11},{4},{18},{6},{9},{4},{13},{14},{11},{3},{5},{6},{7},{3},{4},{4},{10},{6},{7},{5}};
-    const struct { const unsigned int length: 8; } bytes_length_index[] = {{125},{170}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{1},{1},{37},{20},{50},{137},{47},{31},{22},{9},{6},{33},{11},{7},{7},{20},{12},{8},{8},{7},{8},{8},{13},{10},{7},{15},{8},{7},{11},{14},{12},{9},{8},{11},{5},{5},{9},{9},{10},{7},{8},{10},{8},{5},{6},{4},{8},{12},{14},{13},{5},{9},{5},{4},{10},{6},{17},{6},{11},{5},{4},{7},{18},{11},{4},{1},{10},{8},{18},{6},{3},{9},{7},{11},{12},{4},{13},{5},{6},{14},{11},{3},{3},{1},{5},{6},{4},{5},{7},{3},{4},{4},{10},{5},{5},{6},{6},{7},{4},{5}};
+    const struct { const unsigned int length: 8; } bytes_length_index[] = {{57},{125},{170},{159}};
     #ifndef CYTHON_COMPRESS_STRINGS
-      #define CYTHON_COMPRESS_STRINGS 0
+      #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (641 bytes) */
-static const char cstring[] = "x\332URAo\3230\024\246\242\203\302\272\265E\002!\201 ;\300V\t2M*\022BHh\332\272\r\251\254\320M\342h9\316K\027\346\332\255\355t-\342\260c\2169\346\330c\216;\356\270#\307\035s\344\047\360\023xqW\004\221\242g\177\357\363{\337\373l\367\303\016\025B\032\207Q\316\2353\025\032\330h:40\240\346;\0022\330h\356QC\271\003JI\365\316\031*i$\223\334\365\021%\n\030\204c\360\361\230\255\021\320\220\203os\016U\375h\000\3028\203H\033\307\003\207:\336\324\200~\315\303Sp\244\367\r\230y\345\024\355\265d\247`\\\r\242(\244h\250\301w`\302`hB)\\\255\330&\214\207|\223\206r\223\004T\033w8\235\264\021i\027\232:\335}r|\320k\037\035t;\273d\257\333#;\335\303\303N\367\350\230|\355}<n\037\021\362y:\301\1777d\206\034\302\304\364  \304NNqF\374\202H\260\"\016h(l\224~\304mF\320\201\215\330\220\214\r\365\346\350(\242|\221\301\211\014\006/\024>\361\242 \000\005>a\\\352P\364\t\223B\020\\\233\302I\224\216F\022k$\t\000\376\341\207\032\251JF&\024\200|9$\013\237\2116T\237P=\025,\2247\301\375\313\325\013\204\313~\241\200\361\242\000\016a\024e\340QvZ(\001\037u`\035atq3\377\335\\a\254\213\306\272\326X\273\263\0025\372\217/`\240\261r\037\224\024\24486\224C\r<(nJ\203\361!\240\0217c\312#\320gT\t\034\331\276\233\363\322\357;\267\226*\347&\336\312+\367\362\362R^Y\216[\361(\257\326\223Z:\232\225\362\225F\322H^\246\267\323\255\002\273\237\272Y)\2577\263\007\331\333\2137\227w/\047W\321\317\355_\213L\3660\243\331(/W\343\316\365c7\243y\245\032\357%\353i#]\313\313\313\327\313O\323\355\002\372\204\300\213t\204\315+7\315-\353Qjf\255\331\367\213\306\305\372\345\223+d\256\306a2JK\371\263\347\230\331\232\265\263F^\276;\327\272\032\363t\r5-\366\250}.\334\002\255\370G\332J\243\331~fS(o)\371\222\320\274\272\222\327\352y\265\026\233\244\225Ll;\203\224zc\341\302\373D\247\315\231\255\177\222\320\004\313U\342Z2\372\003\210VX3";
-    PyObject *data = __Pyx_DecompressString(cstring, 641, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1042 bytes) */
+static const char cstring[] = "x\332mTKo\0337\020\256P;Q\374\210\355\242-\3324hi\240\255m ]C\210\013\030i\200\302\260\345\007\340\332\215m$h\221\226\240vG\322\306\024\271&\271z\024-\340\343\036y\334\243\216{\364\321\307\034{\364q\217\375\t\375\t\035R\222\353\000Y@\030r8\234\231\357\233\217\n~\334fBHCB\3069\351\251\330\300\352\032aM\003j\264\243 \233\253k\365.\010C\270\224\t\2115\t\271\324\020\3552\3038\001\245\244zF\022%\215\014%\017\"\364R\005!\304]\2100\225\317\333d1\207(`z \302X\256hr\026w@\3553\021qx\202!J\rb\321\"\246\r\004D+\026@\214\013@\0073\244\031+\320$6\0019k\303\014\301\357\235\030W@\373\253m\237\017#5\360&Y\025\2224d*\"\322\001\323\226\021I\\Bwe\3157I\230j\245\035\007\253\223jC\032@\030i\014\014\350\357x|\016D6\336@h\236\020\307\215\226\3419\230@\203p\210\024\213\021=\201~\010\211\211\245\010\264\n\327\241\233\360u\026\313u\332d\332\004\311\240_GO\335\2213\202yx\274G\317\366O\352\247\373\307\207;t\367\370\204n\037\037\035\035\036\237\236\321W\047\007g\365\323;\224\320\235\203\223\372\366\031\335=\250\037\356\234R\372\363\240\217\277\23584\364\010\372\346\004\232\224\372\2511\234\017~\216\002g#\027\341\254\014\235i\246\302\333\016\213\205\267`X\310\231\326~#\243\224\373\333\035%\047\006\331P1\370s\301:\376T@\317\231DA\302\224\367 6\3325\2541\272}\2212>\211\325\\\032\177\031Y\364\215\364\200\235+\327-E\2625m\304\"\242\215\264\331\004\005\221\357\272\301\302s\\\210\0208w./,oP\0174\224BP\\\033\2672\210\034-\366\020A#m9]R\350\372\201\"\347(E\352\245H\233\000w\212\304\332\335\221\251A\301P\247_:Q*\2124QT\245\202\352\260\r\216\214h\014@\313T\205@\215b!\370\006\265a\272MG\2450\244G{m\020\016\321X\320c\023\334V\232\034\004\\\266\034\350\320O\210\343\270\324\004u\310]G8\230\3332#\360!\327\010\026+\n\243\307\250\307\246\313\024z\222\301\204\014\047\342w^[\004\234\r\300\275T\355\344\030\240\034\003/G\277\363\354hTm\013\237\003>\354\016\"i\265@9R\334\000\265\024\324\245Kd\342\336\217\023\273\006\023A\223\245\334xb<\001i\202A\320e<\005\335cJ\340\234\034\033\376\277\342\262RN-d\027\345T5\233\316Nm""\245\254.\332\212\375<\377:g\371_\305VY\235\317^\331-\373\302\236\017\037\025\265b\357\352\331\365\213rj6\253]V\376\275\367\301t\365\322d\265\262\372\240\234\232.\253\263\331\006f\232[\264\013\371\305\260R\316/\331%\373m\376a^s\276\231<(*\345\342Z\361Q\261y\365\375\365\375\353\376\333\364\357\255\177&\047\305\047\005+\260\215\271\354\360\346\263\240`eu.\333\265+\371R\276\214\345nf\037\347[\316\365\023:\276\311/\260xu\\\334G}\232\233\341\306\360\217\253\245\253\225\353/\336b\344\303,\266\027y\245\374\362+<\251\r\353\305R9u\177\324\353\303\214\347\313\330\323d\377\300\301q\215{\307F\366g\276\221\247\303\275\302\037a{\323\010\236\225s\363\345\302b9\267\220\031\273a\373\276\234\301\220\305\245\t\013\317\255\316\327\206>\177\3332\353\031]\260\256\323\231[\232\336)\275i\237\332\010\321U]\316\347\310\330\275a\253\370\365\252\353\370\255f\263v3\257!\346\251\351\313\327\366q\376r\270Y<-\336\\W\234\343\227\2149\363\233]\276\263\373\335\326\376\337\335L?\312\337s\370\332~l_\346?\014\331\260\207\014\273)\376\007hzl\357";
+    PyObject *data = __Pyx_DecompressString(cstring, 1042, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (896 bytes) */
-static const char bytes[] = ".?Cannot call write() after write_eof()Fatal error: protocol.data_received() call failed.data argument must be a bytes-like object, not socket.send() raised exception.src/evpl/aio/_fast.pyxEvplErrorLOG_THRESHOLD_FOR_CONNLOST_WRITES__Pyx_PyDict_NextRef__annotate____func____main____module____name____pyx_vtable____qualname____test___bind_buffered_closing_conn_lost_eof_fatal_error_feed_buffered_is_coroutine_loop_protocol_stashasyncioasyncio.coroutinesasyncio.logbindcline_in_tracebackclosedconstantsdatadata_receivedevpl.aio._fastevpl.errorsexcitemsloggeron_datapopselfsendsetdefaultvalueswarningwrite\200\001\360\006\000\005\010\200t\2101\330\010\t\330\004\005\330\010\013\2104\210q\330\014\020\220\017\230q\240\001\330\r\021\220\021\220&\230\003\2301\330\014\020\220\n\230.\250\001\330\020)\250\022\2508\2605\270\007\270x\300u\310A\340\014\020\220\n\230.\250\001\250\025\250a\250q\330\004\014\210L\320\030.\250a\330\010\014\210F\220\047\230\021\230!\330\004\013\320\013\034\230A\330\010\014\210M\230\021\230%\230q\200\001\360\010\000\005\010\200t\2101\210F\220\047\230\026\230t\2404\240z\260\021\260\047\270\033\300A\330\010\016\210i\220q\230\001\330\036\037\230t\2401\240E\250\021\330\004\007\200t\2101\330\010\016\210l\230!\2301\330\004\007\200t\2101\330\010\t\330\004\013\2104\210q\330\004\007\200t\2104\210|\2304\230u\240G\2501\330\010\t\330\014\020\220\005\220Q\220a\330\014\r\330\017\020\330\014\017\210t\2204\220x\230t\2404\240t\2501\330\020\021\360\006\000\005\010\200t\210<\220s\230)\2401\330\010\016\210h\220a\220q\330\004\010\210\017\220q";
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1338 bytes) */
+static const char cstring[] = "\377.?Cannot\377 call wr\377ite() af\367ter\010\003_eof\377()Event \377loop is \377closedFa\377tal erro\377r: proto\337col.d\023\000_r\177eceivedH\000\376S\002failed.\377asyncio\047\377s TimerH\277andle,x\000r\377rying th\377e engine\363 t\035\001\016\000at f\377ires it.\377 The\n   \224\026\013\265\001s6\002hK\002\047\000s\377elf (no \377bound me?thod p\320\000R\002\375)\240\002 argum\376\323\001must be\377 a bytes\377-like ob\277ject, \230!s\377ocket.se\335n\316\001rai\373\000 e\377xception\377.src/evp\377l/aio/_f\377ast.pyxE\362\017\000E\231!\341\003LOG_\377THRESHOL\377D_FOR_CO\377NNLOST_W\337RITES\210(_D\377IRECT_FI\377ELDS__Py\375x\001\000Dict_N\377extRef__\376\261Bate____\344\270A\004\001d\036\001\016\000doc\356\023\001fun\003\002mai\371n#\001\205 aclas\275s\010\002odul9\002m\343ro\031\002\004\000\342@rie\356\033\002namW\002new~_\001prepari\002\276\331\000_vtab8\003q\367ual$\005slot\364X\002\303 t\225\001weak\365r\252\001_\352 s_bi\377nd_buffe\367red\261\002back^\274\000ncel\236`_\323c\374\002\002\215`_conn_\212\351`t\006\001t\367\000\017\000\201\000d\357ebug\224\204\001_ev\274\243b\361 tal_\206\204\002_\267feeZ\010is0\001osut\322`H\000op_\242\204\005\375_\317\000r_run_osche\211!d_\273\003\377source_t\357race\234\002sta\347sh_e\003\341\000w_w\307hen\316\001\312\204\004\321\204\004.c\353ord\003s\n\005log*\361\001c\235Bl\254@r\344\205\001\362\001\303cl\216\001\226@^\006\320\205\003cl\031s\364\000o\000nt\005\001\362\001\204 n\371\001var\030\000py\205%\374\346\205\001\341\205\ndelaye\372\246\206\001s\213\204\001.aio.\370\212\204\002\t\002\244\206\002sexcg\177ethitem\253@\317gger\321\206\001\351Aso;n_\271\206\001pop\274\205\001\351\204\001\377setdefauslt\325B\217\206\002upd\363`\377valueswa\237rning\212!\265\207\002\200\377\001\330\004\017\210q\330\004\377\010\210\005\210S\220\001\330\377\010\020\220\001\220\031\230$\377\230a\230}\250A\330\010\377\r\210W\220A\220Q\220\377k\240\032\2501\250G\260\377:\270Q\330\004\013\2101\377\200\001\360\006\000\005\010\200\377t""\2101\330\010\t\330\004\277\005\330\010\013\2104G\000\014\377\020\220\017\230q\240\001\330\377\r\021\220\021\220&\230\003\367\2301\330\021\000\n\230.\250\377\001\330\020)\250\022\2508\377\2605\270\007\270x\300u\367\310A\340\022\005\250\025\250a\375\250\204\000\014\210L\320\030.\377\250a\330\010\014\210F\220\337\047\230\021\230!l\000\320\013\273\034\230\211\000\014\210M\016\000%\313\230qz\000\010v\004!\002\026\230\377t\2404\240z\260\021\260\357\047\270\033\300\263\000\016\210i\177\220q\230\001\330\036\037\027\000\3771\240E\250\021\330\004\007>\246\003\016\210l\230!\221\000\010\005\370\271\000\263\003\034\0024\210|\2304\237\230u\240G\250\322\002\312\000\005\376\372\000a\330\014\r\330\017\020\377\330\014\017\210t\2204\220\265xj\002t \000\020\021\376\005<\337\220s\230)\240\211 \016\210oh\220a\220\315\"\017\220\246\001\371\n\236&n\n8\2203\220d\352\333\000\010P\001<\257 \006\240g\357\250Z\260v\334!\010\210\013\357\2208\2301\361\000\004\005\200\377\\\220\034\230V\2408\250\3573\250j\270\253@\005\200Y;\210a\355 \200]\220\230 \005\006\347^\2201\021\001\026\003\320\005\032\375\230\n\020\\\220\024\220V\230\037;\240a\240w\337 \302A";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1338, 1612);
+    #define __Pyx_DecompressString_UNUSED
+    if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
+    const char* const bytes = __Pyx_PyBytes_AsString(data);
+    #if !CYTHON_ASSUME_SAFE_MACROS
+    if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
+    #endif
+    #else /* compression: none (1612 bytes) */
+static const char bytes[] = ".?Cannot call write() after write_eof()Event loop is closedFatal error: protocol.data_received() call failed.asyncio\047s TimerHandle, carrying the engine timer that fires it. The\n    engine timer calls the handle itself (no bound method per timer).data argument must be a bytes-like object, not socket.send() raised exception.src/evpl/aio/_fast.pyxEvplErrorHandleLOG_THRESHOLD_FOR_CONNLOST_WRITESTimerHandle_DIRECT_FIELDS__Pyx_PyDict_NextRef__annotate____call____dict____doc____func____main____metaclass____module____mro____mro_entries____name____new____prepare____pyx_vtable____qualname____slots____test____weakref___args_bind_buffered_callback_cancelled_closed_closing_conn_lost_context_core_debug_eof_evtimer_fatal_error_feed_buffered_is_coroutine_loop_protocol_repr_run_scheduled_slots_source_traceback_stash_timer_slow_whenargsasyncioasyncio.coroutinesasyncio.logbindccall_latercallbackcline_in_tracebackclosedclsconstantscontextcontextvarscopy_contextdatadata_receiveddelayeventsevpl.aio._fastevpl.errorsexcgethitemsloggerloopnameson_datapopselfsendsetdefaultslotstimerupdatevalueswarningwhenwrite\200\001\330\004\017\210q\330\004\010\210\005\210S\220\001\330\010\020\220\001\220\031\230$\230a\230}\250A\330\010\r\210W\220A\220Q\220k\240\032\2501\250G\260:\270Q\330\004\013\2101\200\001\360\006\000\005\010\200t\2101\330\010\t\330\004\005\330\010\013\2104\210q\330\014\020\220\017\230q\240\001\330\r\021\220\021\220&\230\003\2301\330\014\020\220\n\230.\250\001\330\020)\250\022\2508\2605\270\007\270x\300u\310A\340\014\020\220\n\230.\250\001\250\025\250a\250q\330\004\014\210L\320\030.\250a\330\010\014\210F\220\047\230\021\230!\330\004\013\320\013\034\230A\330\010\014\210M\230\021\230%\230q\200\001\360\010\000\005\010\200t\2101\210F\220\047\230\026\230t\2404\240z\260\021\260\047\270\033\300A\330\010\016\210i\220q\230\001\330\036\037\230t\2401\240E\250\021\330\004\007\200t\2101\330\010\016\210l\230!\2301\330\004\007\200t\2101\330\010\t\330\004\013\2104\210q\330\004\007\200t\2104\210|""\2304\230u\240G\2501\330\010\t\330\014\020\220\005\220Q\220a\330\014\r\330\017\020\330\014\017\210t\2204\220x\230t\2404\240t\2501\330\020\021\360\006\000\005\010\200t\210<\220s\230)\2401\330\010\016\210h\220a\220q\330\004\010\210\017\220q\200\001\360\n\000\005\010\200t\2101\330\010\016\210l\230!\2301\330\004\007\200t\2108\2203\220d\230!\330\010\017\210t\220<\230q\240\006\240g\250Z\260v\270Q\330\004\010\210\013\2208\2301\230A\330\004\005\200\\\220\034\230V\2408\2503\250j\270\001\330\004\005\200Y\210a\330\004\005\200]\220!\330\004\005\200Y\210a\330\004\005\200^\2201\330\004\005\200Y\210a\330\004\005\320\005\032\230!\330\004\005\200Y\210a\330\004\005\200^\2201\330\004\005\200\\\220\024\220V\230;\240a\240w\250a\330\004\013\2101";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 51; i++) {
+    for (int i = 0; i < 100; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
-      if (likely(string) && i >= 7) PyUnicode_InternInPlace(&string);
+      if (likely(string) && i >= 9) PyUnicode_InternInPlace(&string);
       if (unlikely(!string)) {
         Py_XDECREF(data);
         __PYX_ERR(0, 1, __pyx_L1_error)
@@ -4880,8 +6037,8 @@ static const char bytes[] = ".?Cannot call write() after write_eof()Fatal error:
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 51; i < 53; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-51].length;
+    for (int i = 100; i < 104; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-100].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -4891,15 +6048,15 @@ static const char bytes[] = ".?Cannot call write() after write_eof()Fatal error:
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 53; i++) {
+    for (Py_ssize_t i = 0; i < 104; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 51;
-      for (Py_ssize_t i=0; i<2; ++i) {
+      PyObject **table = stringtab + 100;
+      for (Py_ssize_t i=0; i<4; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
         #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -4960,12 +6117,12 @@ static const char bytes[] = ".?Cannot call write() after write_eof()Fatal error:
 namespace {
 #endif
 typedef struct {
-    unsigned int argcount : 2;
+    unsigned int argcount : 3;
     unsigned int num_posonly_args : 1;
     unsigned int num_kwonly_args : 1;
     unsigned int nlocals : 3;
     unsigned int flags : 10;
-    unsigned int first_line : 6;
+    unsigned int first_line : 7;
 } __Pyx_PyCode_New_function_description;
 #ifdef __cplusplus
 } /* anonymous namespace */
@@ -4993,6 +6150,16 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
     const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 42};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_bind};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_write, __pyx_mstate->__pyx_kp_b_iso88591_t1F_t4z_A_iq_t1E_t1_l_1_t1_4q_t, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 83};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_cls, __pyx_mstate->__pyx_n_u_names, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_slots_3};
+    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_slots_2, __pyx_mstate->__pyx_kp_b_iso88591_q_S_a_A_WAQk_1G_Q_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 98};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_loop_2, __pyx_mstate->__pyx_n_u_when, __pyx_mstate->__pyx_n_u_delay, __pyx_mstate->__pyx_n_u_callback, __pyx_mstate->__pyx_n_u_args, __pyx_mstate->__pyx_n_u_context, __pyx_mstate->__pyx_n_u_h};
+    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_timer, __pyx_mstate->__pyx_kp_b_iso88591_t1_l_1_t83d_t_q_gZvQ_81A_V83j_Y, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;
@@ -7221,6 +8388,65 @@ static CYTHON_INLINE int __Pyx_PyObject_SetAttrStr(PyObject* obj, PyObject* attr
 }
 #endif
 
+/* PyObjectCall2Args (used by CallUnboundCMethod1) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2) {
+    PyObject *args[3] = {NULL, arg1, arg2};
+    return __Pyx_PyObject_FastCall(function, args+1, 2 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET);
+}
+
+/* CallUnboundCMethod1 */
+#if CYTHON_COMPILING_IN_CPYTHON
+static CYTHON_INLINE PyObject* __Pyx_CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg) {
+    int was_initialized =  __Pyx_CachedCFunction_GetAndSetInitializing(cfunc);
+    if (likely(was_initialized == 2 && cfunc->func)) {
+        int flag = cfunc->flag;
+        if (flag == METH_O) {
+            return __Pyx_CallCFunction(cfunc, self, arg);
+        } else if (flag == METH_FASTCALL) {
+            return __Pyx_CallCFunctionFast(cfunc, self, &arg, 1);
+        } else if (flag == (METH_FASTCALL | METH_KEYWORDS)) {
+            return __Pyx_CallCFunctionFastWithKeywords(cfunc, self, &arg, 1, NULL);
+        }
+    }
+#if CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
+    else if (unlikely(was_initialized == 1)) {
+        __Pyx_CachedCFunction tmp_cfunc = {
+#ifndef __cplusplus
+            0
+#endif
+        };
+        tmp_cfunc.type = cfunc->type;
+        tmp_cfunc.method_name = cfunc->method_name;
+        return __Pyx__CallUnboundCMethod1(&tmp_cfunc, self, arg);
+    }
+#endif
+    PyObject* result = __Pyx__CallUnboundCMethod1(cfunc, self, arg);
+    __Pyx_CachedCFunction_SetFinishedInitializing(cfunc);
+    return result;
+}
+#endif
+static PyObject* __Pyx__CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg){
+    PyObject *result = NULL;
+    if (unlikely(!cfunc->func && !cfunc->method) && unlikely(__Pyx_TryUnpackUnboundCMethod(cfunc) < 0)) return NULL;
+#if CYTHON_COMPILING_IN_CPYTHON
+    if (cfunc->func && (cfunc->flag & METH_VARARGS)) {
+        PyObject *args = PyTuple_New(1);
+        if (unlikely(!args)) return NULL;
+        Py_INCREF(arg);
+        PyTuple_SET_ITEM(args, 0, arg);
+        if (cfunc->flag & METH_KEYWORDS)
+            result = __Pyx_CallCFunctionWithKeywords(cfunc, self, args, NULL);
+        else
+            result = __Pyx_CallCFunction(cfunc, self, args);
+        Py_DECREF(args);
+    } else
+#endif
+    {
+        result = __Pyx_PyObject_Call2Args(cfunc->method, self, arg);
+    }
+    return result;
+}
+
 /* TypeImport */
 #ifndef __PYX_HAVE_RT_ImportType_3_3_1
 #define __PYX_HAVE_RT_ImportType_3_3_1
@@ -9024,6 +10250,617 @@ static PyTypeObject *__Pyx_Get_CyFunction_Type(void) {
     return tp;
 }
 
+/* Py3UpdateBases */
+static PyObject*
+__Pyx_PEP560_update_bases(PyObject *bases)
+{
+    Py_ssize_t i, j, size_bases;
+    PyObject *base = NULL, *meth, *new_base, *result, *new_bases = NULL;
+#if CYTHON_ASSUME_SAFE_SIZE
+    size_bases = PyTuple_GET_SIZE(bases);
+#else
+    size_bases = PyTuple_Size(bases);
+    if (size_bases < 0) return NULL;
+#endif
+    for (i = 0; i < size_bases; i++) {
+#if CYTHON_AVOID_BORROWED_REFS
+        Py_CLEAR(base);
+#endif
+#if CYTHON_ASSUME_SAFE_MACROS
+        base = PyTuple_GET_ITEM(bases, i);
+#else
+        base = PyTuple_GetItem(bases, i);
+        if (!base) goto error;
+#endif
+#if CYTHON_AVOID_BORROWED_REFS
+        Py_INCREF(base);
+#endif
+        if (PyType_Check(base)) {
+            if (new_bases) {
+                if (PyList_Append(new_bases, base) < 0) {
+                    goto error;
+                }
+            }
+            continue;
+        }
+        meth = __Pyx_PyObject_GetAttrStrNoError(base, __pyx_mstate_global->__pyx_n_u_mro_entries);
+        if (!meth && PyErr_Occurred()) {
+            goto error;
+        }
+        if (!meth) {
+            if (new_bases) {
+                if (PyList_Append(new_bases, base) < 0) {
+                    goto error;
+                }
+            }
+            continue;
+        }
+        new_base = __Pyx_PyObject_CallOneArg(meth, bases);
+        Py_DECREF(meth);
+        if (!new_base) {
+            goto error;
+        }
+        if (!PyTuple_Check(new_base)) {
+            PyErr_SetString(PyExc_TypeError,
+                            "__mro_entries__ must return a tuple");
+            Py_DECREF(new_base);
+            goto error;
+        }
+        if (!new_bases) {
+            if (!(new_bases = PyList_New(i))) {
+                goto error;
+            }
+            for (j = 0; j < i; j++) {
+                PyObject *base_from_list;
+#if CYTHON_ASSUME_SAFE_MACROS
+                base_from_list = PyTuple_GET_ITEM(bases, j);
+                PyList_SET_ITEM(new_bases, j, base_from_list);
+                Py_INCREF(base_from_list);
+#else
+                base_from_list = PyTuple_GetItem(bases, j);
+                if (!base_from_list) goto error;
+                Py_INCREF(base_from_list);
+                if (PyList_SetItem(new_bases, j, base_from_list) < 0) goto error;
+#endif
+            }
+        }
+#if CYTHON_ASSUME_SAFE_SIZE
+        j = PyList_GET_SIZE(new_bases);
+#else
+        j = PyList_Size(new_bases);
+        if (j < 0) goto error;
+#endif
+        if (PyList_SetSlice(new_bases, j, j, new_base) < 0) {
+            goto error;
+        }
+        Py_DECREF(new_base);
+    }
+    if (!new_bases) {
+        Py_INCREF(bases);
+        return bases;
+    }
+    result = PyList_AsTuple(new_bases);
+    Py_DECREF(new_bases);
+#if CYTHON_AVOID_BORROWED_REFS
+    Py_XDECREF(base);
+#endif
+    return result;
+error:
+    Py_XDECREF(new_bases);
+#if CYTHON_AVOID_BORROWED_REFS
+    Py_XDECREF(base);
+#endif
+    return NULL;
+}
+
+/* CalculateMetaclass */
+static PyObject *__Pyx_CalculateMetaclass(PyTypeObject *metaclass, PyObject *bases) {
+    Py_ssize_t i, nbases;
+#if CYTHON_ASSUME_SAFE_SIZE
+    nbases = PyTuple_GET_SIZE(bases);
+#else
+    nbases = PyTuple_Size(bases);
+    if (nbases < 0) return NULL;
+#endif
+    for (i=0; i < nbases; i++) {
+        PyTypeObject *tmptype;
+#if CYTHON_ASSUME_SAFE_MACROS
+        PyObject *tmp = PyTuple_GET_ITEM(bases, i);
+#else
+        PyObject *tmp = PyTuple_GetItem(bases, i);
+        if (!tmp) return NULL;
+#endif
+        tmptype = Py_TYPE(tmp);
+        if (!metaclass) {
+            metaclass = tmptype;
+            continue;
+        }
+        if (PyType_IsSubtype(metaclass, tmptype))
+            continue;
+        if (PyType_IsSubtype(tmptype, metaclass)) {
+            metaclass = tmptype;
+            continue;
+        }
+        PyErr_SetString(PyExc_TypeError,
+                        "metaclass conflict: "
+                        "the metaclass of a derived class "
+                        "must be a (non-strict) subclass "
+                        "of the metaclasses of all its bases");
+        return NULL;
+    }
+    if (!metaclass) {
+        metaclass = &PyType_Type;
+    }
+    Py_INCREF((PyObject*) metaclass);
+    return (PyObject*) metaclass;
+}
+
+/* PyObjectLookupSpecial (used by Py3ClassCreate) */
+#if CYTHON_USE_PYTYPE_LOOKUP && CYTHON_USE_TYPE_SLOTS
+static CYTHON_INLINE PyObject* __Pyx__PyObject_LookupSpecial(PyObject* obj, PyObject* attr_name, int with_error) {
+    PyObject *res;
+    PyTypeObject *tp = Py_TYPE(obj);
+    res = _PyType_Lookup(tp, attr_name);
+    if (likely(res)) {
+        descrgetfunc f = Py_TYPE(res)->tp_descr_get;
+        if (!f) {
+            Py_INCREF(res);
+        } else {
+            res = f(res, obj, (PyObject *)tp);
+        }
+    } else if (with_error) {
+        PyErr_SetObject(PyExc_AttributeError, attr_name);
+    }
+    return res;
+}
+#endif
+
+/* Py3ClassCreate */
+static PyObject *__Pyx_Py3MetaclassPrepare(PyObject *metaclass, PyObject *bases, PyObject *name,
+                                           PyObject *qualname, PyObject *mkw, PyObject *modname, PyObject *doc) {
+    PyObject *ns;
+    if (metaclass) {
+        PyObject *prep = __Pyx_PyObject_GetAttrStrNoError(metaclass, __pyx_mstate_global->__pyx_n_u_prepare);
+        if (prep) {
+            PyObject *pargs[3] = {NULL, name, bases};
+            ns = __Pyx_PyObject_FastCallDict(prep, pargs+1, 2 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET, mkw);
+            Py_DECREF(prep);
+        } else {
+            if (unlikely(PyErr_Occurred()))
+                return NULL;
+            ns = PyDict_New();
+        }
+    } else {
+        ns = PyDict_New();
+    }
+    if (unlikely(!ns))
+        return NULL;
+    if (unlikely(PyObject_SetItem(ns, __pyx_mstate_global->__pyx_n_u_module, modname) < 0)) goto bad;
+    if (unlikely(PyObject_SetItem(ns, __pyx_mstate_global->__pyx_n_u_qualname, qualname) < 0)) goto bad;
+    if (unlikely(doc && PyObject_SetItem(ns, __pyx_mstate_global->__pyx_n_u_doc, doc) < 0)) goto bad;
+    return ns;
+bad:
+    Py_DECREF(ns);
+    return NULL;
+}
+static PyObject *__Pyx_Py3ClassCreate(PyObject *metaclass, PyObject *name, PyObject *bases,
+                                      PyObject *dict, PyObject *mkw,
+                                      int calculate_metaclass, int allow_py2_metaclass) {
+    PyObject *result;
+    PyObject *owned_metaclass = NULL;
+    PyObject *margs[4] = {NULL, name, bases, dict};
+    if (allow_py2_metaclass) {
+        owned_metaclass = PyObject_GetItem(dict, __pyx_mstate_global->__pyx_n_u_metaclass);
+        if (owned_metaclass) {
+            metaclass = owned_metaclass;
+        } else if (likely(PyErr_ExceptionMatches(PyExc_KeyError))) {
+            PyErr_Clear();
+        } else {
+            return NULL;
+        }
+    }
+    if (calculate_metaclass && (!metaclass || PyType_Check(metaclass))) {
+        metaclass = __Pyx_CalculateMetaclass((PyTypeObject*) metaclass, bases);
+        Py_XDECREF(owned_metaclass);
+        if (unlikely(!metaclass))
+            return NULL;
+        owned_metaclass = metaclass;
+    }
+    result = __Pyx_PyObject_FastCallDict(metaclass, margs+1, 3 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET, mkw);
+    Py_XDECREF(owned_metaclass);
+    return result;
+}
+
+/* PyObjectCompare */
+#ifndef __Pyx_DEFINED_PyObject_CompareStrStrEq
+#define __Pyx_DEFINED_PyObject_CompareStrStrEq
+static CYTHON_INLINE PyObject* __Pyx_PyObject_CompareStrStrEq(PyObject* s1, PyObject* s2) {
+    #if __PYX_LIMITED_VERSION_HEX >= 0x030e0000
+    int result = PyUnicode_Equal(s1, s2);
+    #if !CYTHON_COMPILING_IN_CPYTHON
+    if (unlikely(result == -1)) return NULL;
+    #endif
+    if (result == 0) goto __pyx_return_false; else goto __pyx_return_true;
+    #else
+    int result = PyUnicode_Compare(s1, s2);
+    if (unlikely((result == -1) && PyErr_Occurred())) return NULL;
+    if (result == 0) goto __pyx_return_true; else goto __pyx_return_false;
+    #endif
+__pyx_return_true:
+    Py_RETURN_TRUE;
+__pyx_return_false:
+    Py_RETURN_FALSE;
+}
+#endif
+#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+#ifndef __Pyx_DEFINED_PyObject_ComparePyBytesPyBytesEq
+#define __Pyx_DEFINED_PyObject_ComparePyBytesPyBytesEq
+static CYTHON_INLINE PyObject* __Pyx_PyObject_ComparePyBytesPyBytesEq(PyObject* s1, PyObject* s2) {
+    #if CYTHON_ASSUME_SAFE_SIZE && CYTHON_ASSUME_SAFE_MACROS
+    const char *ps1, *ps2;
+    Py_ssize_t length = PyBytes_GET_SIZE(s1);
+    if (length != PyBytes_GET_SIZE(s2)) goto __pyx_return_false;
+    ps1 = PyBytes_AS_STRING(s1);
+    ps2 = PyBytes_AS_STRING(s2);
+    #else
+    char *ps1, *ps2;
+    Py_ssize_t length, length2;
+    if (unlikely(PyBytes_AsStringAndSize(s1, &ps1, &length) == -1)) return NULL;
+    if (unlikely(PyBytes_AsStringAndSize(s2, &ps2, &length2) == -1)) return NULL;
+    if (length != length2) goto __pyx_return_false;
+    #endif
+    if (ps1[0] != ps2[0]) goto __pyx_return_false;
+    if (length == 1) goto __pyx_return_true;
+    {
+        int cmp;
+#if CYTHON_USE_UNICODE_INTERNALS && (PY_VERSION_HEX < 0x030B0000)
+        Py_hash_t hash1 = ((PyBytesObject*)s1)->ob_shash;
+        Py_hash_t hash2 = ((PyBytesObject*)s2)->ob_shash;
+        if (hash1 != hash2 && hash1 != -1 && hash2 != -1) goto __pyx_return_false;
+#endif
+        cmp = memcmp(ps1, ps2, (size_t)length);
+        if (cmp == 0) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+__pyx_return_true:
+    Py_RETURN_TRUE;
+__pyx_return_false:
+    Py_RETURN_FALSE;
+}
+#endif
+#endif
+#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+#ifndef __Pyx_DEFINED_PyObject_ComparePyBytesPyByteArrayEq
+#define __Pyx_DEFINED_PyObject_ComparePyBytesPyByteArrayEq
+static CYTHON_INLINE PyObject* __Pyx_PyObject_ComparePyBytesPyByteArrayEq(PyObject* s1, PyObject* s2) {
+    #if CYTHON_ASSUME_SAFE_SIZE && CYTHON_ASSUME_SAFE_MACROS
+    const char *ps1, *ps2;
+    Py_ssize_t length = PyBytes_GET_SIZE(s1);
+    if (length != PyByteArray_GET_SIZE(s2)) goto __pyx_return_false;
+    ps1 = PyBytes_AS_STRING(s1);
+    ps2 = PyByteArray_AS_STRING(s2);
+    #else
+    char *ps1, *ps2;
+    Py_ssize_t length, length2;
+    if (unlikely(PyBytes_AsStringAndSize(s1, &ps1, &length) == -1)) return NULL;
+    ps2 = __Pyx_PyByteArray_AsString(s2); if (unlikely(!ps2)) return NULL;
+    length2 = __Pyx_PyByteArray_GET_SIZE(s2); if (unlikely(length2 == -1)) return NULL;
+    if (length != length2) goto __pyx_return_false;
+    #endif
+    if (ps1[0] != ps2[0]) goto __pyx_return_false;
+    if (length == 1) goto __pyx_return_true;
+    {
+        int cmp;
+        cmp = memcmp(ps1, ps2, (size_t)length);
+        if (cmp == 0) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+__pyx_return_true:
+    Py_RETURN_TRUE;
+__pyx_return_false:
+    Py_RETURN_FALSE;
+}
+#endif
+#endif
+#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+#ifndef __Pyx_DEFINED_PyObject_ComparePyByteArrayPyBytesEq
+#define __Pyx_DEFINED_PyObject_ComparePyByteArrayPyBytesEq
+static CYTHON_INLINE PyObject* __Pyx_PyObject_ComparePyByteArrayPyBytesEq(PyObject* s1, PyObject* s2) {
+    #if CYTHON_ASSUME_SAFE_SIZE && CYTHON_ASSUME_SAFE_MACROS
+    const char *ps1, *ps2;
+    Py_ssize_t length = PyByteArray_GET_SIZE(s1);
+    if (length != PyBytes_GET_SIZE(s2)) goto __pyx_return_false;
+    ps1 = PyByteArray_AS_STRING(s1);
+    ps2 = PyBytes_AS_STRING(s2);
+    #else
+    char *ps1, *ps2;
+    Py_ssize_t length, length2;
+    ps1 = __Pyx_PyByteArray_AsString(s1); if (unlikely(!ps1)) return NULL;
+    length = __Pyx_PyByteArray_GET_SIZE(s1); if (unlikely(length == -1)) return NULL;
+    if (unlikely(PyBytes_AsStringAndSize(s2, &ps2, &length2) == -1)) return NULL;
+    if (length != length2) goto __pyx_return_false;
+    #endif
+    if (length == 0) goto __pyx_return_true;
+    if (ps1[0] != ps2[0]) goto __pyx_return_false;
+    if (length == 1) goto __pyx_return_true;
+    {
+        int cmp;
+        cmp = memcmp(ps1, ps2, (size_t)length);
+        if (cmp == 0) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+__pyx_return_true:
+    Py_RETURN_TRUE;
+__pyx_return_false:
+    Py_RETURN_FALSE;
+}
+#endif
+#endif
+#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+#ifndef __Pyx_DEFINED_PyObject_ComparePyByteArrayPyByteArrayEq
+#define __Pyx_DEFINED_PyObject_ComparePyByteArrayPyByteArrayEq
+static CYTHON_INLINE PyObject* __Pyx_PyObject_ComparePyByteArrayPyByteArrayEq(PyObject* s1, PyObject* s2) {
+    #if CYTHON_ASSUME_SAFE_SIZE && CYTHON_ASSUME_SAFE_MACROS
+    const char *ps1, *ps2;
+    Py_ssize_t length = PyByteArray_GET_SIZE(s1);
+    if (length != PyByteArray_GET_SIZE(s2)) goto __pyx_return_false;
+    ps1 = PyByteArray_AS_STRING(s1);
+    ps2 = PyByteArray_AS_STRING(s2);
+    #else
+    char *ps1, *ps2;
+    Py_ssize_t length, length2;
+    ps1 = __Pyx_PyByteArray_AsString(s1); if (unlikely(!ps1)) return NULL;
+    length = __Pyx_PyByteArray_GET_SIZE(s1); if (unlikely(length == -1)) return NULL;
+    ps2 = __Pyx_PyByteArray_AsString(s2); if (unlikely(!ps2)) return NULL;
+    length2 = __Pyx_PyByteArray_GET_SIZE(s2); if (unlikely(length2 == -1)) return NULL;
+    if (length != length2) goto __pyx_return_false;
+    #endif
+    if (length == 0) goto __pyx_return_true;
+    if (ps1[0] != ps2[0]) goto __pyx_return_false;
+    if (length == 1) goto __pyx_return_true;
+    {
+        int cmp;
+        cmp = memcmp(ps1, ps2, (size_t)length);
+        if (cmp == 0) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+__pyx_return_true:
+    Py_RETURN_TRUE;
+__pyx_return_false:
+    Py_RETURN_FALSE;
+}
+#endif
+#endif
+#ifndef __Pyx_DEFINED_PyObject_CompareFloatIntEq
+#define __Pyx_DEFINED_PyObject_CompareFloatIntEq
+static PyObject* __Pyx_PyObject_CompareFloatIntEq(PyObject *op1, PyObject *op2) {
+    double float_op1 = __Pyx_PyFloat_AS_DOUBLE(op1);
+    #if !CYTHON_ASSUME_SAFE_MACROS
+    if (unlikely(float_op1 == -1. && PyErr_Occurred())) return NULL;
+    #endif
+    #if CYTHON_USE_PYLONG_INTERNALS
+    if (__Pyx_PyLong_IsCompact(op2)) {
+        Py_ssize_t iop2 = __Pyx_PyLong_CompactValue(op2);
+        if (float_op1 == ((double)iop2)) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+    if (unlikely(!__Pyx_isfinite(float_op1))) {
+        if (float_op1 == 0.0) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        int sign2 = __Pyx_PyLong_Sign(op2);
+        if (float_op1 >= 0.) {
+            if (sign2 < 0) goto __pyx_return_false;
+            if (float_op1 < (double) (1L << PyLong_SHIFT)) goto __pyx_return_false;
+        } else {
+            if (sign2 > 0) goto __pyx_return_false;
+            if (float_op1 > -(double) (1L << PyLong_SHIFT)) goto __pyx_return_false;
+        }
+    }
+    #else
+    if (unlikely(!__Pyx_isfinite(float_op1))) {
+        if (float_op1 == 0.0) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        int overflow2;
+        long iop2 = PyLong_AsLongAndOverflow(op2, &overflow2);
+        if (likely(!overflow2)) {
+            if ((long long) iop2 >= (1LL << 53)) {
+                overflow2 = 1;
+            } else if ((long long) iop2 <= - (1LL << 53)) {
+                overflow2 = -1;
+            } else {
+                if (float_op1 == ((double) iop2)) goto __pyx_return_true; else goto __pyx_return_false;
+            }
+        }
+        if (overflow2 > 0) {
+            if (float_op1 < ((double) (1LL << 53))) goto __pyx_return_false;
+        } else {
+            if (float_op1 > - ((double) (1LL << 53))) goto __pyx_return_false;
+        }
+    }
+    #endif
+    return PyObject_RichCompare(op1, op2, Py_EQ);
+__pyx_return_true:
+    Py_RETURN_TRUE;
+__pyx_return_false:
+    Py_RETURN_FALSE;
+}
+#endif
+#ifndef __Pyx_DEFINED_PyObject_CompareIntFloatEq
+#define __Pyx_DEFINED_PyObject_CompareIntFloatEq
+static PyObject* __Pyx_PyObject_CompareIntFloatEq(PyObject *op1, PyObject *op2) {
+    double float_op2 = __Pyx_PyFloat_AS_DOUBLE(op2);
+    #if !CYTHON_ASSUME_SAFE_MACROS
+    if (unlikely(float_op2 == -1. && PyErr_Occurred())) return NULL;
+    #endif
+    #if CYTHON_USE_PYLONG_INTERNALS
+    if (__Pyx_PyLong_IsCompact(op1)) {
+        Py_ssize_t iop1 = __Pyx_PyLong_CompactValue(op1);
+        if (((double)iop1) == float_op2) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+    if (unlikely(!__Pyx_isfinite(float_op2))) {
+        if (0.0 == float_op2) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        int sign1 = __Pyx_PyLong_Sign(op1);
+        if (float_op2 >= 0.) {
+            if (sign1 < 0) goto __pyx_return_false;
+            if (float_op2 < (double) (1L << PyLong_SHIFT)) goto __pyx_return_false;
+        } else {
+            if (sign1 > 0) goto __pyx_return_false;
+            if (float_op2 > -(double) (1L << PyLong_SHIFT)) goto __pyx_return_false;
+        }
+    }
+    #else
+    if (unlikely(!__Pyx_isfinite(float_op2))) {
+        if (0.0 == float_op2) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        int overflow1;
+        long iop1 = PyLong_AsLongAndOverflow(op1, &overflow1);
+        if (likely(!overflow1)) {
+            if ((long long) iop1 >= (1LL << 53)) {
+                overflow1 = 1;
+            } else if ((long long) iop1 <= - (1LL << 53)) {
+                overflow1 = -1;
+            } else {
+                if (((double) iop1) == float_op2) goto __pyx_return_true; else goto __pyx_return_false;
+            }
+        }
+        if (overflow1 < 0) {
+            if (float_op2 > ((double) (1LL << 53))) goto __pyx_return_false;
+        } else {
+            if (float_op2 < - ((double) (1LL << 53))) goto __pyx_return_false;
+        }
+    }
+    #endif
+    return PyObject_RichCompare(op1, op2, Py_EQ);
+__pyx_return_true:
+    Py_RETURN_TRUE;
+__pyx_return_false:
+    Py_RETURN_FALSE;
+}
+#endif
+#if CYTHON_USE_PYLONG_INTERNALS
+#ifndef __Pyx_DEFINED_PyObject_CompareIntIntBoolEq
+#define __Pyx_DEFINED_PyObject_CompareIntIntBoolEq
+static int __Pyx_PyObject_CompareIntIntBoolEq(PyObject *op1, PyObject *op2) {
+    Py_ssize_t cmp = __Pyx_PyLong_CompareSignAndSize(op1, op2);
+    if (cmp == 0) {
+        Py_ssize_t size = __Pyx_PyLong_DigitCount(op1);
+        if (size > 0) {
+            const digit* digits1 = __Pyx_PyLong_Digits(op1);
+            const digit* digits2 = __Pyx_PyLong_Digits(op2);
+            if (size == 1) {
+                cmp = (Py_ssize_t) digits1[0] - (Py_ssize_t) digits2[0];
+            } else if ((size == 2) && (8 * sizeof(Py_ssize_t) >= 2 * PyLong_SHIFT)) {
+                cmp = (Py_ssize_t) (((((size_t)digits1[1]) << PyLong_SHIFT) | (size_t)digits1[0])) - (Py_ssize_t) (((((size_t)digits2[1]) << PyLong_SHIFT) | (size_t)digits2[0]));
+            } else {
+                for (Py_ssize_t i=size-1; i >= 0 && !cmp; --i) {
+                    cmp = (Py_ssize_t) digits1[i] - (Py_ssize_t) digits2[i];
+                }
+            }
+        }
+        if (cmp == 0) return 1;
+        if (__Pyx_PyLong_IsNeg(op1)) cmp = -cmp;
+    }
+    return 0;
+}
+#endif
+#ifndef __Pyx_DEFINED_PyObject_CompareIntIntEq
+#define __Pyx_DEFINED_PyObject_CompareIntIntEq
+static CYTHON_INLINE PyObject* __Pyx_PyObject_CompareIntIntEq(PyObject *op1, PyObject *op2) {
+    int result = __Pyx_PyObject_CompareIntIntBoolEq(op1, op2);
+    if (unlikely(result == -1)) return NULL;
+    return __Pyx_NewRef(result ? Py_True : Py_False);
+}
+#endif
+#else
+#ifndef __Pyx_DEFINED_PyObject_CompareIntIntEq
+#define __Pyx_DEFINED_PyObject_CompareIntIntEq
+static PyObject* __Pyx_PyObject_CompareIntIntEq(PyObject *op1, PyObject *op2) {
+    int overflow1, overflow2;
+    long long iop1 = PyLong_AsLongLongAndOverflow(op1, &overflow1);
+    long long iop2 = PyLong_AsLongLongAndOverflow(op2, &overflow2);
+    if (likely(!(overflow1 | overflow2))) {
+        if (iop1 == iop2) goto __pyx_return_true; else goto __pyx_return_false;
+    } else if (overflow1 != overflow2) {
+        if (overflow1 == overflow2) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        return PyObject_RichCompare(op1, op2, Py_EQ);
+    }
+__pyx_return_true:
+    Py_RETURN_TRUE;
+__pyx_return_false:
+    Py_RETURN_FALSE;
+}
+#endif
+#endif
+static CYTHON_INLINE PyObject* __Pyx_PyObject_CompareEq_object_object(PyObject *op1, PyObject *op2, int pyop) {
+    CYTHON_UNUSED_VAR(pyop);
+    if (PyFloat_CheckExact(op1)) {
+        if (PyFloat_CheckExact(op2)) {
+            double float_op1 = __Pyx_PyFloat_AS_DOUBLE(op1);
+            #if !CYTHON_ASSUME_SAFE_MACROS
+            if (unlikely(float_op1 == -1. && PyErr_Occurred())) return NULL;
+            #endif
+            double float_op2 = __Pyx_PyFloat_AS_DOUBLE(op2);
+            #if !CYTHON_ASSUME_SAFE_MACROS
+            if (unlikely(float_op2 == -1. && PyErr_Occurred())) return NULL;
+            #endif
+            if (float_op1 == float_op2) goto __pyx_return_true; else goto __pyx_return_false;
+        }
+        if (PyLong_CheckExact(op2)) {
+            return __Pyx_PyObject_CompareFloatIntEq(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    if (PyLong_CheckExact(op1)) {
+        if (op1 == op2) goto __pyx_return_true;
+        if (PyLong_CheckExact(op2)) {
+            return __Pyx_PyObject_CompareIntIntEq(op1, op2);
+        }
+        if (PyFloat_CheckExact(op2)) {
+            return __Pyx_PyObject_CompareIntFloatEq(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    
+    if (PyUnicode_CheckExact(op1)) {
+        if (op1 == op2) goto __pyx_return_true;
+        if (PyUnicode_CheckExact(op2)) {
+            return __Pyx_PyObject_CompareStrStrEq(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    
+    #if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+    if (PyBytes_CheckExact(op1)) {
+        if (op1 == op2) goto __pyx_return_true;
+        if (PyBytes_CheckExact(op2)) {
+            return __Pyx_PyObject_ComparePyBytesPyBytesEq(op1, op2);
+        }
+        if (PyByteArray_CheckExact(op2)) {
+            return __Pyx_PyObject_ComparePyBytesPyByteArrayEq(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    #endif
+    #if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+    if (PyByteArray_CheckExact(op1)) {
+        if (op1 == op2) goto __pyx_return_true;
+        if (PyByteArray_CheckExact(op2)) {
+            return __Pyx_PyObject_ComparePyByteArrayPyByteArrayEq(op1, op2);
+        }
+        if (PyBytes_CheckExact(op2)) {
+            return __Pyx_PyObject_ComparePyByteArrayPyBytesEq(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    #endif
+    if ((0)) goto __pyx_richcmp;
+    if ((0)) goto __pyx_return_true;
+    if ((0)) goto __pyx_return_false;
+__pyx_richcmp:
+    return PyObject_RichCompare(op1, op2, Py_EQ);
+__pyx_return_true:
+    Py_RETURN_TRUE;
+__pyx_return_false:
+    Py_RETURN_FALSE;
+}
+
 /* CLineInTraceback (used by AddTraceback) */
 #if CYTHON_CLINE_IN_TRACEBACK && CYTHON_CLINE_IN_TRACEBACK_RUNTIME
 #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030A0000
@@ -10377,6 +12214,65 @@ import_failed:
 bad:
     Py_XDECREF(module);
     Py_DECREF(methodname);
+    return NULL;
+#endif
+}
+
+/* DecompressString_LZSS */
+#ifndef __Pyx_DecompressString_LZSS_UNUSED
+CYTHON_UNUSED
+static CYTHON_SMALL_CODE size_t __pyx_lzss_decompress(const uint8_t* src, uint8_t* dst, size_t dst_len) {
+    size_t pos = 0, out_pos = 0;
+    while (1) {
+        uint32_t flags = src[pos++] | 0xFF00;
+        while (flags & 0x100) {
+            if (flags & 1) {
+                dst[out_pos++] = src[pos++];
+            } else {
+                uint32_t lo = src[pos++], hi = src[pos++];
+                uint32_t end_offset_of_last_occurrence, match_length;
+                if (!(lo & 0x80)) {
+                    end_offset_of_last_occurrence = lo;
+                    match_length = hi;
+                } else if (!(hi & 0x80)) {
+                    end_offset_of_last_occurrence = 0x80 + (((hi << 2) & 0x180) | (lo & 0x7F));
+                    match_length = hi & 0x1F;
+                } else {
+                    end_offset_of_last_occurrence = 0x80 + ((hi & 0x7F) << 7 | (lo & 0x7F));
+                    match_length = src[pos++];
+                }
+                match_length += 3;
+                size_t ref_pos = out_pos - end_offset_of_last_occurrence - match_length;
+                memcpy(dst + out_pos, dst + ref_pos, match_length);
+                out_pos += match_length;
+            }
+            if (out_pos >= dst_len) return pos;
+            flags >>= 1;
+        }
+    }
+}
+#endif
+static CYTHON_SMALL_CODE PyObject *__Pyx_DecompressString_LZSS(const char *s, size_t compressed_length, size_t uncompressed_length) {
+#ifdef __Pyx_DecompressString_LZSS_UNUSED
+    CYTHON_UNUSED_VAR(s);
+    CYTHON_UNUSED_VAR(compressed_length);
+    CYTHON_UNUSED_VAR(uncompressed_length);
+    return NULL;
+#else
+    PyObject *result;
+    unsigned char *result_data;
+    size_t src_length;
+    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t) uncompressed_length);
+    if (unlikely(!result)) return NULL;
+    result_data = __Pyx_PyBytes_AsWritableUString(result);
+    if (unlikely(!result_data)) goto bad;
+    src_length = __pyx_lzss_decompress((const uint8_t*) s, result_data, uncompressed_length);
+    if (unlikely(src_length != compressed_length)) goto decompression_failed;
+    return result;
+decompression_failed:
+    PyErr_SetString(PyExc_RuntimeError, "LZSS string data decompression failed");
+bad:
+    Py_DECREF(result);
     return NULL;
 #endif
 }

@@ -63,3 +63,56 @@ def write(self, data):
     if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
         logger.warning("socket.send() raised exception.")
     self._conn_lost += 1
+
+
+# ---- timers -----------------------------------------------------------------
+
+from asyncio import events
+from contextvars import copy_context
+
+
+class TimerHandle(events.TimerHandle):
+    """asyncio's TimerHandle, carrying the engine timer that fires it. The
+    engine timer calls the handle itself (no bound method per timer)."""
+
+    __slots__ = ("_evtimer",)
+
+    __call__ = events.Handle._run
+
+
+def _slots(cls):
+    names = set()
+    for c in cls.__mro__:
+        slots = c.__dict__.get("__slots__", ())
+        names.update((slots,) if isinstance(slots, str) else slots)
+    return names
+
+
+# the fields asyncio's Handle and TimerHandle __init__ set (3.11-3.13); if a
+# Python version has others, timers are made by asyncio's own __init__
+_FIELDS = {"_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr",
+           "__weakref__", "_context", "_scheduled", "_when"}
+_DIRECT = _slots(events.TimerHandle) == _FIELDS
+
+
+def timer(loop, when, delay, callback, args, context):
+    """A scheduled TimerHandle for ``callback(*args)`` at loop time
+    ``when`` (``delay`` seconds from now) on an engine timer: what
+    asyncio's TimerHandle ``__init__`` does, without its two frames (not
+    in debug mode, which keeps asyncio's, for the source traceback)."""
+    if loop._closed:
+        raise RuntimeError("Event loop is closed")
+    if not _DIRECT or loop._debug:
+        return loop._timer_slow(when, delay, callback, args, context)
+    h = TimerHandle.__new__(TimerHandle)
+    h._context = copy_context() if context is None else context
+    h._loop = loop
+    h._callback = callback
+    h._args = args
+    h._cancelled = False
+    h._repr = None
+    h._source_traceback = None
+    h._when = when
+    h._scheduled = True
+    h._evtimer = loop._core.call_later(delay, h)
+    return h

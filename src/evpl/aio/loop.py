@@ -46,6 +46,7 @@ from asyncio.log import logger
 from typing import Any
 
 from evpl._native.loop import Deferral
+from evpl.aio import _fast
 from evpl.aio.transports import StreamTransport, limits
 from evpl.core import backends as _backends
 from evpl.core.loop import Loop
@@ -76,15 +77,6 @@ def _fileno(fileobj: Any) -> int:
 
 def _noop() -> None:
     pass
-
-
-class _TimerHandle(events.TimerHandle):
-    """asyncio's TimerHandle, carrying the engine timer that fires it. The
-    engine timer calls the handle itself (no bound method per timer)."""
-
-    __slots__ = ("_evtimer",)
-
-    __call__ = events.Handle._run
 
 
 class _FdEntry:
@@ -322,28 +314,27 @@ class EvplEventLoop(base_events.BaseEventLoop):
         """Run ``callback(*args)`` after ``delay`` seconds, on an engine timer."""
         if delay is None:
             raise TypeError("delay must not be None")
-        return self._timer(self.time() + delay, delay, callback, args, context)
+        return _fast.timer(self, self.time() + delay, delay, callback, args, context)
 
     def call_at(self, when: float, callback: Any, *args: Any,
                 context: Any = None) -> events.TimerHandle:
         """Run ``callback(*args)`` at loop time ``when``, on an engine timer."""
         if when is None:
             raise TypeError("when cannot be None")
-        return self._timer(when, when - self.time(), callback, args, context)
+        return _fast.timer(self, when, when - self.time(), callback, args, context)
 
-    def _timer(self, when: float, delay: float, callback: Any, args: tuple[Any, ...],
-               context: Any) -> events.TimerHandle:
-        if self._closed:
-            raise RuntimeError("Event loop is closed")
+    def _timer_slow(self, when: float, delay: float, callback: Any, args: tuple[Any, ...],
+                    context: Any) -> events.TimerHandle:
+        """A timer made by asyncio's own TimerHandle ``__init__`` (debug mode:
+        the source traceback; the engine calls it through ``_run_inline``,
+        which times it)."""
         if self._debug:
             self._check_thread()
             self._check_callback(callback, "call_at")
-        timer = _TimerHandle(when, callback, args, self, context)
+        timer = _fast.TimerHandle(when, callback, args, self, context)
         if timer._source_traceback:
-            del timer._source_traceback[-2:]        # _timer, call_later/call_at
+            del timer._source_traceback[-2:]        # _timer_slow, call_later/call_at
         timer._scheduled = True
-        # the engine runs the handle itself when it fires (no extra frame);
-        # in debug mode through _run_inline, which times it
         if self._debug:
             timer._evtimer = self._core.call_later(delay, self._run_inline, timer)
         else:
@@ -989,11 +980,26 @@ class AttachedEventLoop(EvplEventLoop):
         self._deferral.arm()
         return handle
 
-    def _timer(self, when: float, delay: float, callback: Any, args: tuple[Any, ...],
-               context: Any) -> events.TimerHandle:
+    def call_later(self, delay: float, callback: Any, *args: Any,
+                   context: Any = None) -> events.TimerHandle:
+        """Run ``callback(*args)`` after ``delay`` seconds (fired through
+        ``_run_inline``, so with this loop as the running one)."""
+        if delay is None:
+            raise TypeError("delay must not be None")
+        return self._timer_slow(self.time() + delay, delay, callback, args, context)
+
+    def call_at(self, when: float, callback: Any, *args: Any,
+                context: Any = None) -> events.TimerHandle:
+        """Run ``callback(*args)`` at loop time ``when`` (see call_later)."""
+        if when is None:
+            raise TypeError("when cannot be None")
+        return self._timer_slow(when, when - self.time(), callback, args, context)
+
+    def _timer_slow(self, when: float, delay: float, callback: Any, args: tuple[Any, ...],
+                    context: Any) -> events.TimerHandle:
         if self._closed:
             raise RuntimeError("Event loop is closed")
-        timer = _TimerHandle(when, callback, args, self, context)
+        timer = _fast.TimerHandle(when, callback, args, self, context)
         timer._scheduled = True
         timer._evtimer = self._core.call_later(delay, self._run_inline, timer)
         return timer
