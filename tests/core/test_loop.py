@@ -135,7 +135,9 @@ def test_timer_precision_while_sleeping(make_loop):
         rounds.append((after["sleeps"] - before["sleeps"],
                        after["iterations"] - before["iterations"]))
         assert t.deadline_ns >= deadline
-    assert all(sleeps >= 1 for sleeps, _ in rounds), rounds
+    # medians: a round in which the thread lost the CPU for 200 µs before
+    # run_until finds its timer already due and needs no sleep
+    assert statistics.median(sleeps for sleeps, _ in rounds) >= 1, rounds
     assert statistics.median(iters for _, iters in rounds) == 1, rounds
     assert statistics.median(lateness) < 1_000_000, lateness
 

@@ -2327,6 +2327,36 @@ static CYTHON_INLINE int __Pyx_PyObject_SetAttrStr(PyObject* obj, PyObject* attr
 #define __Pyx_PyObject_SetAttrStr(o,n,v) PyObject_SetAttr(o,n,v)
 #endif
 
+/* PyObjectFormatSimple.proto */
+#if CYTHON_COMPILING_IN_PYPY
+    #define __Pyx_PyObject_FormatSimple(s, f) (\
+        likely(PyUnicode_CheckExact(s)) ? (Py_INCREF(s), s) :\
+        PyObject_Format(s, f))
+#elif CYTHON_USE_TYPE_SLOTS
+    #define __Pyx_PyObject_FormatSimple(s, f) (\
+        likely(PyUnicode_CheckExact(s)) ? (Py_INCREF(s), s) :\
+        likely(PyLong_CheckExact(s)) ? PyLong_Type.tp_repr(s) :\
+        likely(PyFloat_CheckExact(s)) ? PyFloat_Type.tp_repr(s) :\
+        PyObject_Format(s, f))
+#else
+    #define __Pyx_PyObject_FormatSimple(s, f) (\
+        likely(PyUnicode_CheckExact(s)) ? (Py_INCREF(s), s) :\
+        PyObject_Format(s, f))
+#endif
+
+/* ListAppend.proto (used by append) */
+#if CYTHON_USE_PYLIST_INTERNALS && CYTHON_ASSUME_SAFE_MACROS && CYTHON_ASSUME_SAFE_SIZE
+static CYTHON_INLINE int __Pyx_PyList_Append(PyObject* list, PyObject* x);
+#else
+#define __Pyx_PyList_Append(L,x) PyList_Append(L,x)
+#endif
+
+/* PyObjectCallMethod1.proto (used by append) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_CallMethod1(PyObject* obj, PyObject* method_name, PyObject* arg);
+
+/* append.proto */
+static CYTHON_INLINE int __Pyx_PyObject_Append(PyObject* L, PyObject* x);
+
 /* PyObjectCall2Args.proto (used by CallUnboundCMethod1) */
 static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2);
 
@@ -2780,8 +2810,11 @@ static const char __pyx_k_StreamTransport_s_per_read_and[] = "``StreamTransport`
 /* #### Code section: decls ### */
 static PyObject *__pyx_pf_4evpl_3aio_5_fast_on_data(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v_bind, PyObject *__pyx_v_data); /* proto */
 static PyObject *__pyx_pf_4evpl_3aio_5_fast_2write(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_data); /* proto */
-static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_cls); /* proto */
-static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_loop, PyObject *__pyx_v_when, PyObject *__pyx_v_delay, PyObject *__pyx_v_callback, PyObject *__pyx_v_args, PyObject *__pyx_v_context); /* proto */
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_4run_handle(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_handle); /* proto */
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_6run_once(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self); /* proto */
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_8call_soon(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_callback, PyObject *__pyx_v_context, PyObject *__pyx_v_args); /* proto */
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_10_slots(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_cls); /* proto */
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_12timer(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_loop, PyObject *__pyx_v_when, PyObject *__pyx_v_delay, PyObject *__pyx_v_callback, PyObject *__pyx_v_args, PyObject *__pyx_v_context); /* proto */
 /* #### Code section: late_includes ### */
 /* #### Code section: module_state ### */
 /* SmallCodeConfig */
@@ -2813,9 +2846,9 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
     __Pyx_CachedCFunction __pyx_umethod_PySet_Type__update;
     PyObject *__pyx_tuple[2];
-    PyObject *__pyx_codeobj_tab[4];
-    PyObject *__pyx_string_tab[104];
-    PyObject *__pyx_number_tab[1];
+    PyObject *__pyx_codeobj_tab[7];
+    PyObject *__pyx_string_tab[135];
+    PyObject *__pyx_number_tab[2];
 /* #### Code section: module_state_contents ### */
 /* CommonTypesMetaclass.module_state_decls */
 PyTypeObject *__pyx_CommonTypesMetaclassType;
@@ -2863,107 +2896,139 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_kp_u__2 __pyx_string_tab[1]
 #define __pyx_kp_u_Cannot_call_write_after_write_eo __pyx_string_tab[2]
 #define __pyx_kp_u_Event_loop_is_closed __pyx_string_tab[3]
-#define __pyx_kp_u_Fatal_error_protocol_data_receiv __pyx_string_tab[4]
-#define __pyx_kp_u_asyncio_s_TimerHandle_carrying_t __pyx_string_tab[5]
-#define __pyx_kp_u_data_argument_must_be_a_bytes_li __pyx_string_tab[6]
-#define __pyx_kp_u_socket_send_raised_exception __pyx_string_tab[7]
-#define __pyx_kp_u_src_evpl_aio__fast_pyx __pyx_string_tab[8]
-#define __pyx_n_u_EvplError __pyx_string_tab[9]
-#define __pyx_n_u_Handle __pyx_string_tab[10]
-#define __pyx_n_u_LOG_THRESHOLD_FOR_CONNLOST_WRITE __pyx_string_tab[11]
-#define __pyx_n_u_TimerHandle __pyx_string_tab[12]
-#define __pyx_n_u_DIRECT __pyx_string_tab[13]
-#define __pyx_n_u_FIELDS __pyx_string_tab[14]
-#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[15]
-#define __pyx_n_u_annotate __pyx_string_tab[16]
-#define __pyx_n_u_call __pyx_string_tab[17]
-#define __pyx_n_u_dict __pyx_string_tab[18]
-#define __pyx_n_u_doc __pyx_string_tab[19]
-#define __pyx_n_u_func __pyx_string_tab[20]
-#define __pyx_n_u_main __pyx_string_tab[21]
-#define __pyx_n_u_metaclass __pyx_string_tab[22]
-#define __pyx_n_u_module __pyx_string_tab[23]
-#define __pyx_n_u_mro __pyx_string_tab[24]
-#define __pyx_n_u_mro_entries __pyx_string_tab[25]
-#define __pyx_n_u_name __pyx_string_tab[26]
-#define __pyx_n_u_new __pyx_string_tab[27]
-#define __pyx_n_u_prepare __pyx_string_tab[28]
-#define __pyx_n_u_pyx_vtable __pyx_string_tab[29]
-#define __pyx_n_u_qualname __pyx_string_tab[30]
-#define __pyx_n_u_slots __pyx_string_tab[31]
-#define __pyx_n_u_test __pyx_string_tab[32]
-#define __pyx_n_u_weakref __pyx_string_tab[33]
-#define __pyx_n_u_args_2 __pyx_string_tab[34]
-#define __pyx_n_u_bind_2 __pyx_string_tab[35]
-#define __pyx_n_u_buffered __pyx_string_tab[36]
-#define __pyx_n_u_callback_2 __pyx_string_tab[37]
-#define __pyx_n_u_cancelled __pyx_string_tab[38]
-#define __pyx_n_u_closed_2 __pyx_string_tab[39]
-#define __pyx_n_u_closing __pyx_string_tab[40]
-#define __pyx_n_u_conn_lost __pyx_string_tab[41]
-#define __pyx_n_u_context_2 __pyx_string_tab[42]
-#define __pyx_n_u_core __pyx_string_tab[43]
-#define __pyx_n_u_debug __pyx_string_tab[44]
-#define __pyx_n_u_eof __pyx_string_tab[45]
-#define __pyx_n_u_evtimer __pyx_string_tab[46]
-#define __pyx_n_u_fatal_error __pyx_string_tab[47]
-#define __pyx_n_u_feed_buffered __pyx_string_tab[48]
-#define __pyx_n_u_is_coroutine __pyx_string_tab[49]
-#define __pyx_n_u_loop __pyx_string_tab[50]
-#define __pyx_n_u_protocol __pyx_string_tab[51]
-#define __pyx_n_u_repr __pyx_string_tab[52]
-#define __pyx_n_u_run __pyx_string_tab[53]
-#define __pyx_n_u_scheduled __pyx_string_tab[54]
-#define __pyx_n_u_slots_2 __pyx_string_tab[55]
-#define __pyx_n_u_source_traceback __pyx_string_tab[56]
-#define __pyx_n_u_stash __pyx_string_tab[57]
-#define __pyx_n_u_timer_slow __pyx_string_tab[58]
-#define __pyx_n_u_when_2 __pyx_string_tab[59]
-#define __pyx_n_u_args __pyx_string_tab[60]
-#define __pyx_n_u_asyncio __pyx_string_tab[61]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[62]
-#define __pyx_n_u_asyncio_log __pyx_string_tab[63]
-#define __pyx_n_u_bind __pyx_string_tab[64]
-#define __pyx_n_u_c __pyx_string_tab[65]
-#define __pyx_n_u_call_later __pyx_string_tab[66]
-#define __pyx_n_u_callback __pyx_string_tab[67]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[68]
-#define __pyx_n_u_closed __pyx_string_tab[69]
-#define __pyx_n_u_cls __pyx_string_tab[70]
-#define __pyx_n_u_constants __pyx_string_tab[71]
-#define __pyx_n_u_context __pyx_string_tab[72]
-#define __pyx_n_u_contextvars __pyx_string_tab[73]
-#define __pyx_n_u_copy_context __pyx_string_tab[74]
-#define __pyx_n_u_data __pyx_string_tab[75]
-#define __pyx_n_u_data_received __pyx_string_tab[76]
-#define __pyx_n_u_delay __pyx_string_tab[77]
-#define __pyx_n_u_events __pyx_string_tab[78]
-#define __pyx_n_u_evpl_aio__fast __pyx_string_tab[79]
-#define __pyx_n_u_evpl_errors __pyx_string_tab[80]
-#define __pyx_n_u_exc __pyx_string_tab[81]
-#define __pyx_n_u_get __pyx_string_tab[82]
-#define __pyx_n_u_h __pyx_string_tab[83]
-#define __pyx_n_u_items __pyx_string_tab[84]
-#define __pyx_n_u_logger __pyx_string_tab[85]
-#define __pyx_n_u_loop_2 __pyx_string_tab[86]
-#define __pyx_n_u_names __pyx_string_tab[87]
-#define __pyx_n_u_on_data __pyx_string_tab[88]
-#define __pyx_n_u_pop __pyx_string_tab[89]
-#define __pyx_n_u_self __pyx_string_tab[90]
-#define __pyx_n_u_send __pyx_string_tab[91]
-#define __pyx_n_u_setdefault __pyx_string_tab[92]
-#define __pyx_n_u_slots_3 __pyx_string_tab[93]
-#define __pyx_n_u_timer __pyx_string_tab[94]
-#define __pyx_n_u_update __pyx_string_tab[95]
-#define __pyx_n_u_values __pyx_string_tab[96]
-#define __pyx_n_u_warning __pyx_string_tab[97]
-#define __pyx_n_u_when __pyx_string_tab[98]
-#define __pyx_n_u_write __pyx_string_tab[99]
-#define __pyx_kp_b_iso88591_q_S_a_A_WAQk_1G_Q_1 __pyx_string_tab[100]
-#define __pyx_kp_b_iso88591_t1_4q_q_1_85_xuA_aq_L_a_F_A_M_q __pyx_string_tab[101]
-#define __pyx_kp_b_iso88591_t1F_t4z_A_iq_t1E_t1_l_1_t1_4q_t __pyx_string_tab[102]
-#define __pyx_kp_b_iso88591_t1_l_1_t83d_t_q_gZvQ_81A_V83j_Y __pyx_string_tab[103]
-#define __pyx_int_1 __pyx_number_tab[0]
+#define __pyx_kp_u_Exception_in_callback __pyx_string_tab[4]
+#define __pyx_kp_u_Fatal_error_protocol_data_receiv __pyx_string_tab[5]
+#define __pyx_kp_u_asyncio_s_TimerHandle_carrying_t __pyx_string_tab[6]
+#define __pyx_kp_u_data_argument_must_be_a_bytes_li __pyx_string_tab[7]
+#define __pyx_kp_u_socket_send_raised_exception __pyx_string_tab[8]
+#define __pyx_kp_u_src_evpl_aio__fast_pyx __pyx_string_tab[9]
+#define __pyx_n_u_EvplError __pyx_string_tab[10]
+#define __pyx_n_u_Handle_2 __pyx_string_tab[11]
+#define __pyx_n_u_LOG_THRESHOLD_FOR_CONNLOST_WRITE __pyx_string_tab[12]
+#define __pyx_n_u_TimerHandle __pyx_string_tab[13]
+#define __pyx_n_u__3 __pyx_string_tab[14]
+#define __pyx_n_u_DIRECT __pyx_string_tab[15]
+#define __pyx_n_u_DIRECT_HANDLE __pyx_string_tab[16]
+#define __pyx_n_u_FIELDS __pyx_string_tab[17]
+#define __pyx_n_u_Handle __pyx_string_tab[18]
+#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[19]
+#define __pyx_n_u_annotate __pyx_string_tab[20]
+#define __pyx_n_u_call __pyx_string_tab[21]
+#define __pyx_n_u_dict __pyx_string_tab[22]
+#define __pyx_n_u_doc __pyx_string_tab[23]
+#define __pyx_n_u_func __pyx_string_tab[24]
+#define __pyx_n_u_main __pyx_string_tab[25]
+#define __pyx_n_u_metaclass __pyx_string_tab[26]
+#define __pyx_n_u_module __pyx_string_tab[27]
+#define __pyx_n_u_mro __pyx_string_tab[28]
+#define __pyx_n_u_mro_entries __pyx_string_tab[29]
+#define __pyx_n_u_name __pyx_string_tab[30]
+#define __pyx_n_u_new __pyx_string_tab[31]
+#define __pyx_n_u_prepare __pyx_string_tab[32]
+#define __pyx_n_u_pyx_vtable __pyx_string_tab[33]
+#define __pyx_n_u_qualname __pyx_string_tab[34]
+#define __pyx_n_u_slots __pyx_string_tab[35]
+#define __pyx_n_u_test __pyx_string_tab[36]
+#define __pyx_n_u_weakref __pyx_string_tab[37]
+#define __pyx_n_u_args __pyx_string_tab[38]
+#define __pyx_n_u_bind_2 __pyx_string_tab[39]
+#define __pyx_n_u_buffered __pyx_string_tab[40]
+#define __pyx_n_u_call_soon_slow __pyx_string_tab[41]
+#define __pyx_n_u_callback __pyx_string_tab[42]
+#define __pyx_n_u_cancelled __pyx_string_tab[43]
+#define __pyx_n_u_closed_2 __pyx_string_tab[44]
+#define __pyx_n_u_closing __pyx_string_tab[45]
+#define __pyx_n_u_conn_lost __pyx_string_tab[46]
+#define __pyx_n_u_context __pyx_string_tab[47]
+#define __pyx_n_u_core __pyx_string_tab[48]
+#define __pyx_n_u_debug __pyx_string_tab[49]
+#define __pyx_n_u_eof __pyx_string_tab[50]
+#define __pyx_n_u_evtimer __pyx_string_tab[51]
+#define __pyx_n_u_fatal_error __pyx_string_tab[52]
+#define __pyx_n_u_feed_buffered __pyx_string_tab[53]
+#define __pyx_n_u_format_callback_source __pyx_string_tab[54]
+#define __pyx_n_u_is_coroutine __pyx_string_tab[55]
+#define __pyx_n_u_loop __pyx_string_tab[56]
+#define __pyx_n_u_protocol __pyx_string_tab[57]
+#define __pyx_n_u_raise_stashed __pyx_string_tab[58]
+#define __pyx_n_u_ready __pyx_string_tab[59]
+#define __pyx_n_u_repr __pyx_string_tab[60]
+#define __pyx_n_u_run_debug __pyx_string_tab[61]
+#define __pyx_n_u_scheduled __pyx_string_tab[62]
+#define __pyx_n_u_slots_2 __pyx_string_tab[63]
+#define __pyx_n_u_source_traceback __pyx_string_tab[64]
+#define __pyx_n_u_stash __pyx_string_tab[65]
+#define __pyx_n_u_stashed __pyx_string_tab[66]
+#define __pyx_n_u_stopping __pyx_string_tab[67]
+#define __pyx_n_u_timer_slow __pyx_string_tab[68]
+#define __pyx_n_u_when_2 __pyx_string_tab[69]
+#define __pyx_n_u_append __pyx_string_tab[70]
+#define __pyx_n_u_args_2 __pyx_string_tab[71]
+#define __pyx_n_u_asyncio __pyx_string_tab[72]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[73]
+#define __pyx_n_u_asyncio_log __pyx_string_tab[74]
+#define __pyx_n_u_bind __pyx_string_tab[75]
+#define __pyx_n_u_c __pyx_string_tab[76]
+#define __pyx_n_u_call_exception_handler __pyx_string_tab[77]
+#define __pyx_n_u_call_later __pyx_string_tab[78]
+#define __pyx_n_u_call_soon __pyx_string_tab[79]
+#define __pyx_n_u_callback_2 __pyx_string_tab[80]
+#define __pyx_n_u_cb __pyx_string_tab[81]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[82]
+#define __pyx_n_u_closed __pyx_string_tab[83]
+#define __pyx_n_u_cls __pyx_string_tab[84]
+#define __pyx_n_u_constants __pyx_string_tab[85]
+#define __pyx_n_u_context_2 __pyx_string_tab[86]
+#define __pyx_n_u_contextvars __pyx_string_tab[87]
+#define __pyx_n_u_copy_context __pyx_string_tab[88]
+#define __pyx_n_u_core_2 __pyx_string_tab[89]
+#define __pyx_n_u_data __pyx_string_tab[90]
+#define __pyx_n_u_data_received __pyx_string_tab[91]
+#define __pyx_n_u_delay __pyx_string_tab[92]
+#define __pyx_n_u_events __pyx_string_tab[93]
+#define __pyx_n_u_evpl_aio__fast __pyx_string_tab[94]
+#define __pyx_n_u_evpl_errors __pyx_string_tab[95]
+#define __pyx_n_u_exc __pyx_string_tab[96]
+#define __pyx_n_u_exception __pyx_string_tab[97]
+#define __pyx_n_u_flush __pyx_string_tab[98]
+#define __pyx_n_u_format_helpers __pyx_string_tab[99]
+#define __pyx_n_u_get __pyx_string_tab[100]
+#define __pyx_n_u_h __pyx_string_tab[101]
+#define __pyx_n_u_handle __pyx_string_tab[102]
+#define __pyx_n_u_items __pyx_string_tab[103]
+#define __pyx_n_u_iterate __pyx_string_tab[104]
+#define __pyx_n_u_logger __pyx_string_tab[105]
+#define __pyx_n_u_loop_2 __pyx_string_tab[106]
+#define __pyx_n_u_message __pyx_string_tab[107]
+#define __pyx_n_u_names __pyx_string_tab[108]
+#define __pyx_n_u_ntodo __pyx_string_tab[109]
+#define __pyx_n_u_on_data __pyx_string_tab[110]
+#define __pyx_n_u_pop __pyx_string_tab[111]
+#define __pyx_n_u_popleft __pyx_string_tab[112]
+#define __pyx_n_u_ready_2 __pyx_string_tab[113]
+#define __pyx_n_u_run __pyx_string_tab[114]
+#define __pyx_n_u_run_handle __pyx_string_tab[115]
+#define __pyx_n_u_run_once __pyx_string_tab[116]
+#define __pyx_n_u_self __pyx_string_tab[117]
+#define __pyx_n_u_send __pyx_string_tab[118]
+#define __pyx_n_u_setdefault __pyx_string_tab[119]
+#define __pyx_n_u_slots_3 __pyx_string_tab[120]
+#define __pyx_n_u_source_traceback_2 __pyx_string_tab[121]
+#define __pyx_n_u_timer __pyx_string_tab[122]
+#define __pyx_n_u_update __pyx_string_tab[123]
+#define __pyx_n_u_values __pyx_string_tab[124]
+#define __pyx_n_u_warning __pyx_string_tab[125]
+#define __pyx_n_u_when __pyx_string_tab[126]
+#define __pyx_n_u_write __pyx_string_tab[127]
+#define __pyx_kp_b_iso88591_q_S_a_A_WAQk_1G_Q_1 __pyx_string_tab[128]
+#define __pyx_kp_b_iso88591_D_4q_t1_HAQ_O1_Cq_q_q_4q_U_1_4v __pyx_string_tab[129]
+#define __pyx_kp_b_iso88591_t1_4q_q_1_85_xuA_aq_L_a_F_A_M_q __pyx_string_tab[130]
+#define __pyx_kp_b_iso88591_it1F_vQ_A_31F_fA_6av_Q_6_1_f_1A __pyx_string_tab[131]
+#define __pyx_kp_b_iso88591_t1F_t4z_A_iq_t1E_t1_l_1_t1_4q_t __pyx_string_tab[132]
+#define __pyx_kp_b_iso88591_t1_l_1_t83d_t_q_gZvQ_81A_V83j_Y __pyx_string_tab[133]
+#define __pyx_kp_b_iso88591_Q_t1_l_1_t83d_t_1JfA_xq_V83j_Ya __pyx_string_tab[134]
+#define __pyx_int_0 __pyx_number_tab[0]
+#define __pyx_int_1 __pyx_number_tab[1]
 /* #### Code section: module_state_clear ### */
 #if CYTHON_USE_MODULE_STATE
 static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
@@ -2986,9 +3051,9 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PySet_Type__update.method);
   for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<104; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
-  for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
+  for (int i=0; i<7; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<135; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
 Py_CLEAR(clear_module_state->__pyx_CommonTypesMetaclassType);
@@ -3019,9 +3084,9 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PySet_Type__update.method);
   for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<104; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
-  for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
+  for (int i=0; i<7; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<135; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
 Py_VISIT(traverse_module_state->__pyx_CommonTypesMetaclassType);
@@ -4387,7 +4452,1554 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_2write(CYTHON_UNUSED PyObject *__pyx
   return __pyx_r;
 }
 
-/* "evpl/aio/_fast.pyx":83
+/* "evpl/aio/_fast.pyx":76
+ * 
+ * 
+ * def run_handle(handle):             # <<<<<<<<<<<<<<
+ *     """``handle._run()`` without its frame: the callback in the handle's
+ *     context; an exception goes to the loop's exception handler, as asyncio
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_5run_handle(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_4evpl_3aio_5_fast_4run_handle, "run_handle(handle)\n\n``handle._run()`` without its frame: the callback in the handle\047s\ncontext; an exception goes to the loop\047s exception handler, as asyncio\nreports it.");
+static PyMethodDef __pyx_mdef_4evpl_3aio_5_fast_5run_handle = {"run_handle", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_4evpl_3aio_5_fast_5run_handle, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_4evpl_3aio_5_fast_4run_handle};
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_5run_handle(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  PyObject *__pyx_v_handle = 0;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[1] = {0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("run_handle (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_handle,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 76, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 76, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "run_handle", 0) < (0)) __PYX_ERR(0, 76, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("run_handle", 1, 1, 1, i); __PYX_ERR(0, 76, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs != 1)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 76, __pyx_L3_error)
+    }
+    __pyx_v_handle = values[0];
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("run_handle", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 76, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_AddTraceback("evpl.aio._fast.run_handle", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  __pyx_r = __pyx_pf_4evpl_3aio_5_fast_4run_handle(__pyx_self, __pyx_v_handle);
+
+  /* function exit code */
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_4run_handle(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_handle) {
+  PyObject *__pyx_v_exc = NULL;
+  PyObject *__pyx_v_cb = NULL;
+  PyObject *__pyx_v_context = NULL;
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  PyObject *__pyx_t_2 = NULL;
+  PyObject *__pyx_t_3 = NULL;
+  PyObject *__pyx_t_4 = NULL;
+  PyObject *__pyx_t_5 = NULL;
+  PyObject *__pyx_t_6 = NULL;
+  PyObject *__pyx_t_7 = NULL;
+  int __pyx_t_8;
+  PyObject *__pyx_t_9 = NULL;
+  PyObject *__pyx_t_10 = NULL;
+  PyObject *__pyx_t_11 = NULL;
+  PyObject *__pyx_t_12 = NULL;
+  size_t __pyx_t_13;
+  int __pyx_t_14;
+  int __pyx_t_15;
+  char const *__pyx_t_16;
+  PyObject *__pyx_t_17 = NULL;
+  PyObject *__pyx_t_18 = NULL;
+  PyObject *__pyx_t_19 = NULL;
+  PyObject *__pyx_t_20 = NULL;
+  PyObject *__pyx_t_21 = NULL;
+  PyObject *__pyx_t_22 = NULL;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("run_handle", 0);
+
+  /* "evpl/aio/_fast.pyx":80
+ *     context; an exception goes to the loop's exception handler, as asyncio
+ *     reports it."""
+ *     try:             # <<<<<<<<<<<<<<
+ *         handle._context.run(handle._callback, *handle._args)
+ *     except (SystemExit, KeyboardInterrupt):
+*/
+  {
+    __Pyx_PyThreadState_declare
+    __Pyx_PyThreadState_assign
+    __Pyx_ExceptionSave(&__pyx_t_1, &__pyx_t_2, &__pyx_t_3);
+    __Pyx_XGOTREF(__pyx_t_1);
+    __Pyx_XGOTREF(__pyx_t_2);
+    __Pyx_XGOTREF(__pyx_t_3);
+    /*try:*/ {
+
+      /* "evpl/aio/_fast.pyx":81
+ *     reports it."""
+ *     try:
+ *         handle._context.run(handle._callback, *handle._args)             # <<<<<<<<<<<<<<
+ *     except (SystemExit, KeyboardInterrupt):
+ *         raise
+*/
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_handle, __pyx_mstate_global->__pyx_n_u_context); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 81, __pyx_L3_error)
+      __Pyx_GOTREF(__pyx_t_4);
+      __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_run); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 81, __pyx_L3_error)
+      __Pyx_GOTREF(__pyx_t_5);
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_handle, __pyx_mstate_global->__pyx_n_u_callback); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 81, __pyx_L3_error)
+      __Pyx_GOTREF(__pyx_t_4);
+      __pyx_t_6 = PyTuple_New(1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 81, __pyx_L3_error)
+      __Pyx_GOTREF(__pyx_t_6);
+      __Pyx_GIVEREF(__pyx_t_4);
+      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 0, __pyx_t_4) != (0)) __PYX_ERR(0, 81, __pyx_L3_error);
+      __pyx_t_4 = 0;
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_handle, __pyx_mstate_global->__pyx_n_u_args); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 81, __pyx_L3_error)
+      __Pyx_GOTREF(__pyx_t_4);
+      __pyx_t_7 = __Pyx_PySequence_Tuple(__pyx_t_4); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 81, __pyx_L3_error)
+      __Pyx_GOTREF(__pyx_t_7);
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __pyx_t_4 = PyNumber_Add(__pyx_t_6, __pyx_t_7); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 81, __pyx_L3_error)
+      __Pyx_GOTREF(__pyx_t_4);
+      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+      __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+      __pyx_t_7 = __Pyx_PyObject_Call(__pyx_t_5, __pyx_t_4, NULL); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 81, __pyx_L3_error)
+      __Pyx_GOTREF(__pyx_t_7);
+      __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+
+      /* "evpl/aio/_fast.pyx":80
+ *     context; an exception goes to the loop's exception handler, as asyncio
+ *     reports it."""
+ *     try:             # <<<<<<<<<<<<<<
+ *         handle._context.run(handle._callback, *handle._args)
+ *     except (SystemExit, KeyboardInterrupt):
+*/
+    }
+    __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
+    __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
+    __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+    goto __pyx_L8_try_end;
+    __pyx_L3_error:;
+    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+
+    /* "evpl/aio/_fast.pyx":82
+ *     try:
+ *         handle._context.run(handle._callback, *handle._args)
+ *     except (SystemExit, KeyboardInterrupt):             # <<<<<<<<<<<<<<
+ *         raise
+ *     except BaseException as exc:
+*/
+    __pyx_t_8 = __Pyx_PyErr_ExceptionMatches2(((PyObject *)(((PyTypeObject*)PyExc_SystemExit))), ((PyObject *)(((PyTypeObject*)PyExc_KeyboardInterrupt))));
+    if (__pyx_t_8) {
+      __Pyx_AddTraceback("evpl.aio._fast.run_handle", __pyx_clineno, __pyx_lineno, __pyx_filename);
+      if (__Pyx_GetException(&__pyx_t_7, &__pyx_t_4, &__pyx_t_5) < 0) __PYX_ERR(0, 82, __pyx_L5_except_error)
+      __Pyx_XGOTREF(__pyx_t_7);
+      __Pyx_XGOTREF(__pyx_t_4);
+      __Pyx_XGOTREF(__pyx_t_5);
+
+      /* "evpl/aio/_fast.pyx":83
+ *         handle._context.run(handle._callback, *handle._args)
+ *     except (SystemExit, KeyboardInterrupt):
+ *         raise             # <<<<<<<<<<<<<<
+ *     except BaseException as exc:
+ *         cb = format_helpers._format_callback_source(handle._callback, handle._args)
+*/
+      __Pyx_GIVEREF(__pyx_t_7);
+      __Pyx_GIVEREF(__pyx_t_4);
+      __Pyx_XGIVEREF(__pyx_t_5);
+      __Pyx_ErrRestoreWithState(__pyx_t_7, __pyx_t_4, __pyx_t_5);
+      __pyx_t_7 = 0;  __pyx_t_4 = 0;  __pyx_t_5 = 0; 
+      __PYX_ERR(0, 83, __pyx_L5_except_error)
+    }
+
+    /* "evpl/aio/_fast.pyx":84
+ *     except (SystemExit, KeyboardInterrupt):
+ *         raise
+ *     except BaseException as exc:             # <<<<<<<<<<<<<<
+ *         cb = format_helpers._format_callback_source(handle._callback, handle._args)
+ *         context = {"message": f"Exception in callback {cb}", "exception": exc,
+*/
+    __pyx_t_8 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_BaseException))));
+    if (__pyx_t_8) {
+      __Pyx_AddTraceback("evpl.aio._fast.run_handle", __pyx_clineno, __pyx_lineno, __pyx_filename);
+      if (__Pyx_GetException(&__pyx_t_5, &__pyx_t_4, &__pyx_t_7) < 0) __PYX_ERR(0, 84, __pyx_L5_except_error)
+      __Pyx_XGOTREF(__pyx_t_5);
+      __Pyx_XGOTREF(__pyx_t_4);
+      __Pyx_XGOTREF(__pyx_t_7);
+      __Pyx_INCREF(__pyx_t_4);
+      __pyx_v_exc = __pyx_t_4;
+      /*try:*/ {
+
+        /* "evpl/aio/_fast.pyx":85
+ *         raise
+ *     except BaseException as exc:
+ *         cb = format_helpers._format_callback_source(handle._callback, handle._args)             # <<<<<<<<<<<<<<
+ *         context = {"message": f"Exception in callback {cb}", "exception": exc,
+ *                    "handle": handle}
+*/
+        __pyx_t_9 = NULL;
+        __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_format_helpers); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 85, __pyx_L16_error)
+        __Pyx_GOTREF(__pyx_t_10);
+        __pyx_t_11 = __Pyx_PyObject_GetAttrStr(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_format_callback_source); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 85, __pyx_L16_error)
+        __Pyx_GOTREF(__pyx_t_11);
+        __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+        __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_handle, __pyx_mstate_global->__pyx_n_u_callback); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 85, __pyx_L16_error)
+        __Pyx_GOTREF(__pyx_t_10);
+        __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_v_handle, __pyx_mstate_global->__pyx_n_u_args); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 85, __pyx_L16_error)
+        __Pyx_GOTREF(__pyx_t_12);
+        __pyx_t_13 = 1;
+        #if CYTHON_UNPACK_METHODS
+        if (unlikely(PyMethod_Check(__pyx_t_11))) {
+          __pyx_t_9 = PyMethod_GET_SELF(__pyx_t_11);
+          assert(__pyx_t_9);
+          PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_11);
+          __Pyx_INCREF(__pyx_t_9);
+          __Pyx_INCREF(__pyx__function);
+          __Pyx_DECREF_SET(__pyx_t_11, __pyx__function);
+          __pyx_t_13 = 0;
+        }
+        #endif
+        {
+          PyObject *__pyx_callargs[3] = {__pyx_t_9, __pyx_t_10, __pyx_t_12};
+          __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_11, __pyx_callargs+__pyx_t_13, (3-__pyx_t_13) | (__pyx_t_13*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
+          __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+          __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
+          __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
+          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 85, __pyx_L16_error)
+          __Pyx_GOTREF(__pyx_t_6);
+        }
+        __pyx_v_cb = __pyx_t_6;
+        __pyx_t_6 = 0;
+
+        /* "evpl/aio/_fast.pyx":86
+ *     except BaseException as exc:
+ *         cb = format_helpers._format_callback_source(handle._callback, handle._args)
+ *         context = {"message": f"Exception in callback {cb}", "exception": exc,             # <<<<<<<<<<<<<<
+ *                    "handle": handle}
+ *         if handle._source_traceback:
+*/
+        __pyx_t_6 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 86, __pyx_L16_error)
+        __Pyx_GOTREF(__pyx_t_6);
+        __pyx_t_11 = __Pyx_PyObject_FormatSimple(__pyx_v_cb, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 86, __pyx_L16_error)
+        __Pyx_GOTREF(__pyx_t_11);
+        __pyx_t_12 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_Exception_in_callback, __pyx_t_11); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 86, __pyx_L16_error)
+        __Pyx_GOTREF(__pyx_t_12);
+        __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
+        if (PyDict_SetItem(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_message, __pyx_t_12) < (0)) __PYX_ERR(0, 86, __pyx_L16_error)
+        __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
+        if (PyDict_SetItem(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_exception, __pyx_v_exc) < (0)) __PYX_ERR(0, 86, __pyx_L16_error)
+
+        /* "evpl/aio/_fast.pyx":87
+ *         cb = format_helpers._format_callback_source(handle._callback, handle._args)
+ *         context = {"message": f"Exception in callback {cb}", "exception": exc,
+ *                    "handle": handle}             # <<<<<<<<<<<<<<
+ *         if handle._source_traceback:
+ *             context["source_traceback"] = handle._source_traceback
+*/
+        if (PyDict_SetItem(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_handle, __pyx_v_handle) < (0)) __PYX_ERR(0, 86, __pyx_L16_error)
+        __pyx_v_context = ((PyObject*)__pyx_t_6);
+        __pyx_t_6 = 0;
+
+        /* "evpl/aio/_fast.pyx":88
+ *         context = {"message": f"Exception in callback {cb}", "exception": exc,
+ *                    "handle": handle}
+ *         if handle._source_traceback:             # <<<<<<<<<<<<<<
+ *             context["source_traceback"] = handle._source_traceback
+ *         handle._loop.call_exception_handler(context)
+*/
+        __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_handle, __pyx_mstate_global->__pyx_n_u_source_traceback); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 88, __pyx_L16_error)
+        __Pyx_GOTREF(__pyx_t_6);
+        __pyx_t_14 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_14 < 0))) __PYX_ERR(0, 88, __pyx_L16_error)
+        __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+        if (__pyx_t_14) {
+
+
+          /* "evpl/aio/_fast.pyx":89
+ *                    "handle": handle}
+ *         if handle._source_traceback:
+ *             context["source_traceback"] = handle._source_traceback             # <<<<<<<<<<<<<<
+ *         handle._loop.call_exception_handler(context)
+ * 
+*/
+          __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_handle, __pyx_mstate_global->__pyx_n_u_source_traceback); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 89, __pyx_L16_error)
+          __Pyx_GOTREF(__pyx_t_6);
+          if (unlikely((PyDict_SetItem(__pyx_v_context, __pyx_mstate_global->__pyx_n_u_source_traceback_2, __pyx_t_6) < 0))) __PYX_ERR(0, 89, __pyx_L16_error)
+          __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+
+          /* "evpl/aio/_fast.pyx":88
+ *         context = {"message": f"Exception in callback {cb}", "exception": exc,
+ *                    "handle": handle}
+ *         if handle._source_traceback:             # <<<<<<<<<<<<<<
+ *             context["source_traceback"] = handle._source_traceback
+ *         handle._loop.call_exception_handler(context)
+*/
+        }
+
+        /* "evpl/aio/_fast.pyx":90
+ *         if handle._source_traceback:
+ *             context["source_traceback"] = handle._source_traceback
+ *         handle._loop.call_exception_handler(context)             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+        __pyx_t_11 = __Pyx_PyObject_GetAttrStr(__pyx_v_handle, __pyx_mstate_global->__pyx_n_u_loop); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 90, __pyx_L16_error)
+        __Pyx_GOTREF(__pyx_t_11);
+        __pyx_t_12 = __pyx_t_11;
+        __Pyx_INCREF(__pyx_t_12);
+        __pyx_t_13 = 0;
+        {
+          PyObject *__pyx_callargs[2] = {__pyx_t_12, __pyx_v_context};
+          __pyx_t_6 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_call_exception_handler, __pyx_callargs+__pyx_t_13, (2-__pyx_t_13) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          __Pyx_XDECREF(__pyx_t_12); __pyx_t_12 = 0;
+          __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
+          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 90, __pyx_L16_error)
+          __Pyx_GOTREF(__pyx_t_6);
+        }
+        __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+      }
+
+      /* "evpl/aio/_fast.pyx":84
+ *     except (SystemExit, KeyboardInterrupt):
+ *         raise
+ *     except BaseException as exc:             # <<<<<<<<<<<<<<
+ *         cb = format_helpers._format_callback_source(handle._callback, handle._args)
+ *         context = {"message": f"Exception in callback {cb}", "exception": exc,
+*/
+      /*finally:*/ {
+        /*normal exit:*/{
+          __Pyx_DECREF(__pyx_v_exc); __pyx_v_exc = 0;
+          goto __pyx_L17;
+        }
+        __pyx_L16_error:;
+        /*exception exit:*/{
+          __Pyx_PyThreadState_declare
+          __Pyx_PyThreadState_assign
+          __pyx_t_17 = 0; __pyx_t_18 = 0; __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0;
+          __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
+          __Pyx_XDECREF(__pyx_t_11); __pyx_t_11 = 0;
+          __Pyx_XDECREF(__pyx_t_12); __pyx_t_12 = 0;
+          __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+          __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
+           __Pyx_ExceptionSwap(&__pyx_t_20, &__pyx_t_21, &__pyx_t_22);
+          if ( unlikely(__Pyx_GetException(&__pyx_t_17, &__pyx_t_18, &__pyx_t_19) < 0)) __Pyx_ErrFetch(&__pyx_t_17, &__pyx_t_18, &__pyx_t_19);
+          __Pyx_XGOTREF(__pyx_t_17);
+          __Pyx_XGOTREF(__pyx_t_18);
+          __Pyx_XGOTREF(__pyx_t_19);
+          __Pyx_XGOTREF(__pyx_t_20);
+          __Pyx_XGOTREF(__pyx_t_21);
+          __Pyx_XGOTREF(__pyx_t_22);
+          __pyx_t_8 = __pyx_lineno; __pyx_t_15 = __pyx_clineno; __pyx_t_16 = __pyx_filename;
+          {
+            __Pyx_DECREF(__pyx_v_exc); __pyx_v_exc = 0;
+          }
+          __Pyx_XGIVEREF(__pyx_t_20);
+          __Pyx_XGIVEREF(__pyx_t_21);
+          __Pyx_XGIVEREF(__pyx_t_22);
+          __Pyx_ExceptionReset(__pyx_t_20, __pyx_t_21, __pyx_t_22);
+          __Pyx_XGIVEREF(__pyx_t_17);
+          __Pyx_XGIVEREF(__pyx_t_18);
+          __Pyx_XGIVEREF(__pyx_t_19);
+          __Pyx_ErrRestore(__pyx_t_17, __pyx_t_18, __pyx_t_19);
+          __pyx_t_17 = 0; __pyx_t_18 = 0; __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0;
+          __pyx_lineno = __pyx_t_8; __pyx_clineno = __pyx_t_15; __pyx_filename = __pyx_t_16;
+          goto __pyx_L5_except_error;
+        }
+        __pyx_L17:;
+      }
+      __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+      goto __pyx_L4_exception_handled;
+    }
+    goto __pyx_L5_except_error;
+
+    /* "evpl/aio/_fast.pyx":80
+ *     context; an exception goes to the loop's exception handler, as asyncio
+ *     reports it."""
+ *     try:             # <<<<<<<<<<<<<<
+ *         handle._context.run(handle._callback, *handle._args)
+ *     except (SystemExit, KeyboardInterrupt):
+*/
+    __pyx_L5_except_error:;
+    __Pyx_XGIVEREF(__pyx_t_1);
+    __Pyx_XGIVEREF(__pyx_t_2);
+    __Pyx_XGIVEREF(__pyx_t_3);
+    __Pyx_ExceptionReset(__pyx_t_1, __pyx_t_2, __pyx_t_3);
+    goto __pyx_L1_error;
+    __pyx_L4_exception_handled:;
+    __Pyx_XGIVEREF(__pyx_t_1);
+    __Pyx_XGIVEREF(__pyx_t_2);
+    __Pyx_XGIVEREF(__pyx_t_3);
+    __Pyx_ExceptionReset(__pyx_t_1, __pyx_t_2, __pyx_t_3);
+    __pyx_L8_try_end:;
+  }
+
+  /* "evpl/aio/_fast.pyx":76
+ * 
+ * 
+ * def run_handle(handle):             # <<<<<<<<<<<<<<
+ *     """``handle._run()`` without its frame: the callback in the handle's
+ *     context; an exception goes to the loop's exception handler, as asyncio
+*/
+
+  /* function exit code */
+  __pyx_r = Py_None; __Pyx_INCREF(Py_None);
+  goto __pyx_L0;
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_XDECREF(__pyx_t_5);
+  __Pyx_XDECREF(__pyx_t_6);
+  __Pyx_XDECREF(__pyx_t_7);
+  __Pyx_XDECREF(__pyx_t_9);
+  __Pyx_XDECREF(__pyx_t_10);
+  __Pyx_XDECREF(__pyx_t_11);
+  __Pyx_XDECREF(__pyx_t_12);
+  __Pyx_AddTraceback("evpl.aio._fast.run_handle", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+  __Pyx_XDECREF(__pyx_v_exc);
+  __Pyx_XDECREF(__pyx_v_cb);
+  __Pyx_XDECREF(__pyx_v_context);
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "evpl/aio/_fast.pyx":93
+ * 
+ * 
+ * def run_once(self):             # <<<<<<<<<<<<<<
+ *     """``EvplEventLoop._run_once`` (see its docstring), compiled."""
+ *     ready = self._ready
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_7run_once(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_4evpl_3aio_5_fast_6run_once, "run_once(self)\n\n``EvplEventLoop._run_once`` (see its docstring), compiled.");
+static PyMethodDef __pyx_mdef_4evpl_3aio_5_fast_7run_once = {"run_once", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_4evpl_3aio_5_fast_7run_once, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_4evpl_3aio_5_fast_6run_once};
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_7run_once(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  PyObject *__pyx_v_self = 0;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[1] = {0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("run_once (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 93, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 93, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "run_once", 0) < (0)) __PYX_ERR(0, 93, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("run_once", 1, 1, 1, i); __PYX_ERR(0, 93, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs != 1)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 93, __pyx_L3_error)
+    }
+    __pyx_v_self = values[0];
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("run_once", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 93, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_AddTraceback("evpl.aio._fast.run_once", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  __pyx_r = __pyx_pf_4evpl_3aio_5_fast_6run_once(__pyx_self, __pyx_v_self);
+
+  /* function exit code */
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_6run_once(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self) {
+  PyObject *__pyx_v_ready = NULL;
+  PyObject *__pyx_v_core = NULL;
+  Py_ssize_t __pyx_v_ntodo;
+  PyObject *__pyx_v_popleft = NULL;
+  CYTHON_UNUSED Py_ssize_t __pyx_v__;
+  PyObject *__pyx_v_handle = NULL;
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  int __pyx_t_2;
+  PyObject *__pyx_t_3 = NULL;
+  size_t __pyx_t_4;
+  Py_ssize_t __pyx_t_5;
+  Py_ssize_t __pyx_t_6;
+  Py_ssize_t __pyx_t_7;
+  PyObject *__pyx_t_8 = NULL;
+  int __pyx_t_9;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("run_once", 0);
+
+  /* "evpl/aio/_fast.pyx":95
+ * def run_once(self):
+ *     """``EvplEventLoop._run_once`` (see its docstring), compiled."""
+ *     ready = self._ready             # <<<<<<<<<<<<<<
+ *     core = self._core
+ *     if self._stopping:
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ready); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_v_ready = __pyx_t_1;
+  __pyx_t_1 = 0;
+
+  /* "evpl/aio/_fast.pyx":96
+ *     """``EvplEventLoop._run_once`` (see its docstring), compiled."""
+ *     ready = self._ready
+ *     core = self._core             # <<<<<<<<<<<<<<
+ *     if self._stopping:
+ *         # stop() came before this iteration: poll once without waiting (as
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_core); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 96, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_v_core = __pyx_t_1;
+  __pyx_t_1 = 0;
+
+  /* "evpl/aio/_fast.pyx":97
+ *     ready = self._ready
+ *     core = self._core
+ *     if self._stopping:             # <<<<<<<<<<<<<<
+ *         # stop() came before this iteration: poll once without waiting (as
+ *         # asyncio does), run what is ready, leave
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_stopping); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 97, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 97, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  if (__pyx_t_2) {
+
+
+    /* "evpl/aio/_fast.pyx":100
+ *         # stop() came before this iteration: poll once without waiting (as
+ *         # asyncio does), run what is ready, leave
+ *         core.iterate(0)             # <<<<<<<<<<<<<<
+ *         self._raise_stashed()
+ *     ntodo = len(ready)
+*/
+    __pyx_t_3 = __pyx_v_core;
+    __Pyx_INCREF(__pyx_t_3);
+    __pyx_t_4 = 0;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_mstate_global->__pyx_int_0};
+      __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_iterate, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 100, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_1);
+    }
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+    /* "evpl/aio/_fast.pyx":101
+ *         # asyncio does), run what is ready, leave
+ *         core.iterate(0)
+ *         self._raise_stashed()             # <<<<<<<<<<<<<<
+ *     ntodo = len(ready)
+ *     if ntodo:
+*/
+    __pyx_t_3 = __pyx_v_self;
+    __Pyx_INCREF(__pyx_t_3);
+    __pyx_t_4 = 0;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_3, NULL};
+      __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_raise_stashed, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 101, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_1);
+    }
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+    /* "evpl/aio/_fast.pyx":97
+ *     ready = self._ready
+ *     core = self._core
+ *     if self._stopping:             # <<<<<<<<<<<<<<
+ *         # stop() came before this iteration: poll once without waiting (as
+ *         # asyncio does), run what is ready, leave
+*/
+  }
+
+  /* "evpl/aio/_fast.pyx":102
+ *         core.iterate(0)
+ *         self._raise_stashed()
+ *     ntodo = len(ready)             # <<<<<<<<<<<<<<
+ *     if ntodo:
+ *         popleft = ready.popleft
+*/
+  __pyx_t_5 = PyObject_Length(__pyx_v_ready); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 102, __pyx_L1_error)
+  __pyx_v_ntodo = __pyx_t_5;
+
+  /* "evpl/aio/_fast.pyx":103
+ *         self._raise_stashed()
+ *     ntodo = len(ready)
+ *     if ntodo:             # <<<<<<<<<<<<<<
+ *         popleft = ready.popleft
+ *         if self._debug:
+*/
+  __pyx_t_2 = (__pyx_v_ntodo != 0);
+
+  if (__pyx_t_2) {
+
+
+    /* "evpl/aio/_fast.pyx":104
+ *     ntodo = len(ready)
+ *     if ntodo:
+ *         popleft = ready.popleft             # <<<<<<<<<<<<<<
+ *         if self._debug:
+ *             for _ in range(ntodo):
+*/
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_ready, __pyx_mstate_global->__pyx_n_u_popleft); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 104, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __pyx_v_popleft = __pyx_t_1;
+    __pyx_t_1 = 0;
+
+    /* "evpl/aio/_fast.pyx":105
+ *     if ntodo:
+ *         popleft = ready.popleft
+ *         if self._debug:             # <<<<<<<<<<<<<<
+ *             for _ in range(ntodo):
+ *                 handle = popleft()
+*/
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_debug); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 105, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 105, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+    if (__pyx_t_2) {
+
+
+      /* "evpl/aio/_fast.pyx":106
+ *         popleft = ready.popleft
+ *         if self._debug:
+ *             for _ in range(ntodo):             # <<<<<<<<<<<<<<
+ *                 handle = popleft()
+ *                 if not handle._cancelled:
+*/
+
+      __pyx_t_5 = __pyx_v_ntodo;
+      __pyx_t_6 = __pyx_t_5;
+
+      for (__pyx_t_7 = 0; __pyx_t_7 < __pyx_t_6; __pyx_t_7+=1) {
+        __pyx_v__ = __pyx_t_7;
+
+        /* "evpl/aio/_fast.pyx":107
+ *         if self._debug:
+ *             for _ in range(ntodo):
+ *                 handle = popleft()             # <<<<<<<<<<<<<<
+ *                 if not handle._cancelled:
+ *                     self._run_debug(handle)
+*/
+        __pyx_t_3 = NULL;
+        __Pyx_INCREF(__pyx_v_popleft);
+        __pyx_t_8 = __pyx_v_popleft; 
+        __pyx_t_4 = 1;
+        #if CYTHON_UNPACK_METHODS
+        if (likely(PyMethod_Check(__pyx_t_8))) {
+          __pyx_t_3 = PyMethod_GET_SELF(__pyx_t_8);
+          assert(__pyx_t_3);
+          PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_8);
+          __Pyx_INCREF(__pyx_t_3);
+          __Pyx_INCREF(__pyx__function);
+          __Pyx_DECREF_SET(__pyx_t_8, __pyx__function);
+          __pyx_t_4 = 0;
+        }
+        #endif
+        {
+          PyObject *__pyx_callargs[2] = {__pyx_t_3, NULL};
+          __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_8, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+          __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
+          __Pyx_GOTREF(__pyx_t_1);
+        }
+        __Pyx_XDECREF_SET(__pyx_v_handle, __pyx_t_1);
+        __pyx_t_1 = 0;
+
+        /* "evpl/aio/_fast.pyx":108
+ *             for _ in range(ntodo):
+ *                 handle = popleft()
+ *                 if not handle._cancelled:             # <<<<<<<<<<<<<<
+ *                     self._run_debug(handle)
+ *         else:
+*/
+        __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_handle, __pyx_mstate_global->__pyx_n_u_cancelled); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 108, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_1);
+        __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 108, __pyx_L1_error)
+        __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+        __pyx_t_9 = (!__pyx_t_2);
+
+
+        if (__pyx_t_9) {
+
+
+          /* "evpl/aio/_fast.pyx":109
+ *                 handle = popleft()
+ *                 if not handle._cancelled:
+ *                     self._run_debug(handle)             # <<<<<<<<<<<<<<
+ *         else:
+ *             for _ in range(ntodo):
+*/
+          __pyx_t_8 = __pyx_v_self;
+          __Pyx_INCREF(__pyx_t_8);
+          __pyx_t_4 = 0;
+          {
+            PyObject *__pyx_callargs[2] = {__pyx_t_8, __pyx_v_handle};
+            __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_run_debug, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+            __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
+            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 109, __pyx_L1_error)
+            __Pyx_GOTREF(__pyx_t_1);
+          }
+          __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+          /* "evpl/aio/_fast.pyx":108
+ *             for _ in range(ntodo):
+ *                 handle = popleft()
+ *                 if not handle._cancelled:             # <<<<<<<<<<<<<<
+ *                     self._run_debug(handle)
+ *         else:
+*/
+        }
+      }
+
+
+      /* "evpl/aio/_fast.pyx":105
+ *     if ntodo:
+ *         popleft = ready.popleft
+ *         if self._debug:             # <<<<<<<<<<<<<<
+ *             for _ in range(ntodo):
+ *                 handle = popleft()
+*/
+      goto __pyx_L5;
+    }
+
+    /* "evpl/aio/_fast.pyx":111
+ *                     self._run_debug(handle)
+ *         else:
+ *             for _ in range(ntodo):             # <<<<<<<<<<<<<<
+ *                 handle = popleft()
+ *                 if not handle._cancelled:
+*/
+    /*else*/ {
+
+      __pyx_t_5 = __pyx_v_ntodo;
+      __pyx_t_6 = __pyx_t_5;
+
+      for (__pyx_t_7 = 0; __pyx_t_7 < __pyx_t_6; __pyx_t_7+=1) {
+        __pyx_v__ = __pyx_t_7;
+
+        /* "evpl/aio/_fast.pyx":112
+ *         else:
+ *             for _ in range(ntodo):
+ *                 handle = popleft()             # <<<<<<<<<<<<<<
+ *                 if not handle._cancelled:
+ *                     run_handle(handle)
+*/
+        __pyx_t_8 = NULL;
+        __Pyx_INCREF(__pyx_v_popleft);
+        __pyx_t_3 = __pyx_v_popleft; 
+        __pyx_t_4 = 1;
+        #if CYTHON_UNPACK_METHODS
+        if (likely(PyMethod_Check(__pyx_t_3))) {
+          __pyx_t_8 = PyMethod_GET_SELF(__pyx_t_3);
+          assert(__pyx_t_8);
+          PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_3);
+          __Pyx_INCREF(__pyx_t_8);
+          __Pyx_INCREF(__pyx__function);
+          __Pyx_DECREF_SET(__pyx_t_3, __pyx__function);
+          __pyx_t_4 = 0;
+        }
+        #endif
+        {
+          PyObject *__pyx_callargs[2] = {__pyx_t_8, NULL};
+          __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
+          __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 112, __pyx_L1_error)
+          __Pyx_GOTREF(__pyx_t_1);
+        }
+        __Pyx_XDECREF_SET(__pyx_v_handle, __pyx_t_1);
+        __pyx_t_1 = 0;
+
+        /* "evpl/aio/_fast.pyx":113
+ *             for _ in range(ntodo):
+ *                 handle = popleft()
+ *                 if not handle._cancelled:             # <<<<<<<<<<<<<<
+ *                     run_handle(handle)
+ *     if self._stopping:
+*/
+        __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_handle, __pyx_mstate_global->__pyx_n_u_cancelled); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 113, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_1);
+        __pyx_t_9 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_9 < 0))) __PYX_ERR(0, 113, __pyx_L1_error)
+        __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+        __pyx_t_2 = (!__pyx_t_9);
+
+
+        if (__pyx_t_2) {
+
+
+          /* "evpl/aio/_fast.pyx":114
+ *                 handle = popleft()
+ *                 if not handle._cancelled:
+ *                     run_handle(handle)             # <<<<<<<<<<<<<<
+ *     if self._stopping:
+ *         # no more I/O for a loop that stops (asyncio polls before its
+*/
+          __pyx_t_3 = NULL;
+          __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_run_handle); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 114, __pyx_L1_error)
+          __Pyx_GOTREF(__pyx_t_8);
+          __pyx_t_4 = 1;
+          #if CYTHON_UNPACK_METHODS
+          if (unlikely(PyMethod_Check(__pyx_t_8))) {
+            __pyx_t_3 = PyMethod_GET_SELF(__pyx_t_8);
+            assert(__pyx_t_3);
+            PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_8);
+            __Pyx_INCREF(__pyx_t_3);
+            __Pyx_INCREF(__pyx__function);
+            __Pyx_DECREF_SET(__pyx_t_8, __pyx__function);
+            __pyx_t_4 = 0;
+          }
+          #endif
+          {
+            PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_v_handle};
+            __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_8, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+            __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+            __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 114, __pyx_L1_error)
+            __Pyx_GOTREF(__pyx_t_1);
+          }
+          __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+          /* "evpl/aio/_fast.pyx":113
+ *             for _ in range(ntodo):
+ *                 handle = popleft()
+ *                 if not handle._cancelled:             # <<<<<<<<<<<<<<
+ *                     run_handle(handle)
+ *     if self._stopping:
+*/
+        }
+      }
+
+    }
+    __pyx_L5:;
+
+    /* "evpl/aio/_fast.pyx":103
+ *         self._raise_stashed()
+ *     ntodo = len(ready)
+ *     if ntodo:             # <<<<<<<<<<<<<<
+ *         popleft = ready.popleft
+ *         if self._debug:
+*/
+  }
+
+  /* "evpl/aio/_fast.pyx":115
+ *                 if not handle._cancelled:
+ *                     run_handle(handle)
+ *     if self._stopping:             # <<<<<<<<<<<<<<
+ *         # no more I/O for a loop that stops (asyncio polls before its
+ *         # callbacks, not after), but what they wrote is sent now
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_stopping); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 115, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 115, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  if (__pyx_t_2) {
+
+
+    /* "evpl/aio/_fast.pyx":118
+ *         # no more I/O for a loop that stops (asyncio polls before its
+ *         # callbacks, not after), but what they wrote is sent now
+ *         core.flush()             # <<<<<<<<<<<<<<
+ *         return
+ *     core.iterate(0 if ready else None)
+*/
+    __pyx_t_8 = __pyx_v_core;
+    __Pyx_INCREF(__pyx_t_8);
+    __pyx_t_4 = 0;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_8, NULL};
+      __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_flush, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_1);
+    }
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+    /* "evpl/aio/_fast.pyx":119
+ *         # callbacks, not after), but what they wrote is sent now
+ *         core.flush()
+ *         return             # <<<<<<<<<<<<<<
+ *     core.iterate(0 if ready else None)
+ *     if self._stashed is not None:
+*/
+    {
+      PyObject *__pyx_temp;
+      {
+        __pyx_temp = __pyx_r;
+        __pyx_r = Py_None; __Pyx_INCREF(Py_None);
+      }
+      __Pyx_XDECREF(__pyx_temp);
+    }
+    goto __pyx_L0;
+
+    /* "evpl/aio/_fast.pyx":115
+ *                 if not handle._cancelled:
+ *                     run_handle(handle)
+ *     if self._stopping:             # <<<<<<<<<<<<<<
+ *         # no more I/O for a loop that stops (asyncio polls before its
+ *         # callbacks, not after), but what they wrote is sent now
+*/
+  }
+
+  /* "evpl/aio/_fast.pyx":120
+ *         core.flush()
+ *         return
+ *     core.iterate(0 if ready else None)             # <<<<<<<<<<<<<<
+ *     if self._stashed is not None:
+ *         self._raise_stashed()
+*/
+  __pyx_t_8 = __pyx_v_core;
+  __Pyx_INCREF(__pyx_t_8);
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_ready); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 120, __pyx_L1_error)
+  if (__pyx_t_2) {
+    __Pyx_INCREF(__pyx_mstate_global->__pyx_int_0);
+    __pyx_t_3 = __pyx_mstate_global->__pyx_int_0;
+  } else {
+    __Pyx_INCREF(Py_None);
+    __pyx_t_3 = Py_None;
+  }
+
+  __pyx_t_4 = 0;
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_8, __pyx_t_3};
+    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_iterate, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 120, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+  }
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+  /* "evpl/aio/_fast.pyx":121
+ *         return
+ *     core.iterate(0 if ready else None)
+ *     if self._stashed is not None:             # <<<<<<<<<<<<<<
+ *         self._raise_stashed()
+ * 
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_stashed); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 121, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_2 = (__pyx_t_1 != Py_None);
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  if (__pyx_t_2) {
+
+
+    /* "evpl/aio/_fast.pyx":122
+ *     core.iterate(0 if ready else None)
+ *     if self._stashed is not None:
+ *         self._raise_stashed()             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+    __pyx_t_3 = __pyx_v_self;
+    __Pyx_INCREF(__pyx_t_3);
+    __pyx_t_4 = 0;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_3, NULL};
+      __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_raise_stashed, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_1);
+    }
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+    /* "evpl/aio/_fast.pyx":121
+ *         return
+ *     core.iterate(0 if ready else None)
+ *     if self._stashed is not None:             # <<<<<<<<<<<<<<
+ *         self._raise_stashed()
+ * 
+*/
+  }
+
+  /* "evpl/aio/_fast.pyx":93
+ * 
+ * 
+ * def run_once(self):             # <<<<<<<<<<<<<<
+ *     """``EvplEventLoop._run_once`` (see its docstring), compiled."""
+ *     ready = self._ready
+*/
+
+  /* function exit code */
+  __pyx_r = Py_None; __Pyx_INCREF(Py_None);
+  goto __pyx_L0;
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_1);
+  __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_8);
+  __Pyx_AddTraceback("evpl.aio._fast.run_once", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+  __Pyx_XDECREF(__pyx_v_ready);
+  __Pyx_XDECREF(__pyx_v_core);
+
+  __Pyx_XDECREF(__pyx_v_popleft);
+
+  __Pyx_XDECREF(__pyx_v_handle);
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "evpl/aio/_fast.pyx":125
+ * 
+ * 
+ * def call_soon(self, callback, *args, context=None):             # <<<<<<<<<<<<<<
+ *     """``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next
+ *     iteration (asyncio's, with debug mode's checks only in debug mode)."""
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_9call_soon(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_4evpl_3aio_5_fast_8call_soon, "call_soon(self, callback, *args, context=None)\n\n``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next\niteration (asyncio\047s, with debug mode\047s checks only in debug mode).");
+static PyMethodDef __pyx_mdef_4evpl_3aio_5_fast_9call_soon = {"call_soon", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_4evpl_3aio_5_fast_9call_soon, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_4evpl_3aio_5_fast_8call_soon};
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_9call_soon(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  PyObject *__pyx_v_self = 0;
+  PyObject *__pyx_v_callback = 0;
+  PyObject *__pyx_v_context = 0;
+  PyObject *__pyx_v_args = 0;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[3] = {0,0,0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("call_soon (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  __pyx_v_args = __Pyx_ArgsSlice_FASTCALL(__pyx_args, 2, __pyx_nargs);
+  if (unlikely(!__pyx_v_args)) {
+    __Pyx_RefNannyFinishContext();
+    return NULL;
+  }
+  __Pyx_GOTREF(__pyx_v_args);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_callback_2,&__pyx_mstate_global->__pyx_n_u_context_2,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 125, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        default:
+        case  2:
+        values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 125, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 125, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      const Py_ssize_t used_pos_args = (kwd_pos_args < 2) ? kwd_pos_args : 2;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, used_pos_args, __pyx_kwds_len, "call_soon", 0) < (0)) __PYX_ERR(0, 125, __pyx_L3_error)
+      if (!values[2]) values[2] = __Pyx_NewRef(((PyObject *)Py_None));
+      for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("call_soon", 0, 2, 2, i); __PYX_ERR(0, 125, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs < 2)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 125, __pyx_L3_error)
+      values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 125, __pyx_L3_error)
+      if (!values[2]) values[2] = __Pyx_NewRef(((PyObject *)Py_None));
+    }
+    __pyx_v_self = values[0];
+    __pyx_v_callback = values[1];
+    __pyx_v_context = values[2];
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("call_soon", 0, 2, 2, __pyx_nargs); __PYX_ERR(0, 125, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_DECREF(__pyx_v_args); __pyx_v_args = 0;
+  __Pyx_AddTraceback("evpl.aio._fast.call_soon", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  __pyx_r = __pyx_pf_4evpl_3aio_5_fast_8call_soon(__pyx_self, __pyx_v_self, __pyx_v_callback, __pyx_v_context, __pyx_v_args);
+
+  /* function exit code */
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_DECREF(__pyx_v_args);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_8call_soon(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_callback, PyObject *__pyx_v_context, PyObject *__pyx_v_args) {
+  PyObject *__pyx_v_h = NULL;
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  int __pyx_t_2;
+  PyObject *__pyx_t_3 = NULL;
+  size_t __pyx_t_4;
+  int __pyx_t_5;
+  int __pyx_t_6;
+  PyObject *__pyx_t_7 = NULL;
+  PyObject *__pyx_t_8 = NULL;
+  int __pyx_t_9;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("call_soon", 0);
+
+  /* "evpl/aio/_fast.pyx":128
+ *     """``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next
+ *     iteration (asyncio's, with debug mode's checks only in debug mode)."""
+ *     if self._closed:             # <<<<<<<<<<<<<<
+ *         raise RuntimeError("Event loop is closed")
+ *     if self._debug or not _DIRECT_HANDLE:
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_closed_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 128, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  if (unlikely(__pyx_t_2)) {
+
+
+    /* "evpl/aio/_fast.pyx":129
+ *     iteration (asyncio's, with debug mode's checks only in debug mode)."""
+ *     if self._closed:
+ *         raise RuntimeError("Event loop is closed")             # <<<<<<<<<<<<<<
+ *     if self._debug or not _DIRECT_HANDLE:
+ *         return self._call_soon_slow(callback, args, context)
+*/
+    __pyx_t_3 = NULL;
+    __pyx_t_4 = 1;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_mstate_global->__pyx_kp_u_Event_loop_is_closed};
+      __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_RuntimeError)), __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 129, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_1);
+    }
+    __Pyx_Raise(__pyx_t_1, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+    __PYX_ERR(0, 129, __pyx_L1_error)
+
+    /* "evpl/aio/_fast.pyx":128
+ *     """``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next
+ *     iteration (asyncio's, with debug mode's checks only in debug mode)."""
+ *     if self._closed:             # <<<<<<<<<<<<<<
+ *         raise RuntimeError("Event loop is closed")
+ *     if self._debug or not _DIRECT_HANDLE:
+*/
+  }
+
+  /* "evpl/aio/_fast.pyx":130
+ *     if self._closed:
+ *         raise RuntimeError("Event loop is closed")
+ *     if self._debug or not _DIRECT_HANDLE:             # <<<<<<<<<<<<<<
+ *         return self._call_soon_slow(callback, args, context)
+ *     h = _Handle.__new__(_Handle)
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_debug); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 130, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_5 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 130, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  if (!__pyx_t_5) {
+
+  } else {
+
+    __pyx_t_2 = __pyx_t_5;
+
+    goto __pyx_L5_bool_binop_done;
+  }
+  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_DIRECT_HANDLE); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 130, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_5 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 130, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_t_6 = (!__pyx_t_5);
+
+
+
+  __pyx_t_2 = __pyx_t_6;
+
+  __pyx_L5_bool_binop_done:;
+  if (__pyx_t_2) {
+
+
+    /* "evpl/aio/_fast.pyx":131
+ *         raise RuntimeError("Event loop is closed")
+ *     if self._debug or not _DIRECT_HANDLE:
+ *         return self._call_soon_slow(callback, args, context)             # <<<<<<<<<<<<<<
+ *     h = _Handle.__new__(_Handle)
+ *     h._context = copy_context() if context is None else context
+*/
+    __pyx_t_3 = __pyx_v_self;
+    __Pyx_INCREF(__pyx_t_3);
+    __pyx_t_4 = 0;
+    {
+      PyObject *__pyx_callargs[4] = {__pyx_t_3, __pyx_v_callback, __pyx_v_args, __pyx_v_context};
+      __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_call_soon_slow, __pyx_callargs+__pyx_t_4, (4-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 131, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_1);
+    }
+    {
+      PyObject *__pyx_temp;
+      {
+        __pyx_temp = __pyx_r;
+        __pyx_r = __pyx_t_1;
+      }
+      __Pyx_XDECREF(__pyx_temp);
+    }
+    __pyx_t_1 = 0;
+    goto __pyx_L0;
+
+    /* "evpl/aio/_fast.pyx":130
+ *     if self._closed:
+ *         raise RuntimeError("Event loop is closed")
+ *     if self._debug or not _DIRECT_HANDLE:             # <<<<<<<<<<<<<<
+ *         return self._call_soon_slow(callback, args, context)
+ *     h = _Handle.__new__(_Handle)
+*/
+  }
+
+  /* "evpl/aio/_fast.pyx":132
+ *     if self._debug or not _DIRECT_HANDLE:
+ *         return self._call_soon_slow(callback, args, context)
+ *     h = _Handle.__new__(_Handle)             # <<<<<<<<<<<<<<
+ *     h._context = copy_context() if context is None else context
+ *     h._loop = self
+*/
+  __pyx_t_3 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_Handle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 132, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_new); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 132, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_8);
+  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_Handle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 132, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
+  __pyx_t_4 = 1;
+  #if CYTHON_UNPACK_METHODS
+  if (unlikely(PyMethod_Check(__pyx_t_8))) {
+    __pyx_t_3 = PyMethod_GET_SELF(__pyx_t_8);
+    assert(__pyx_t_3);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_8);
+    __Pyx_INCREF(__pyx_t_3);
+    __Pyx_INCREF(__pyx__function);
+    __Pyx_DECREF_SET(__pyx_t_8, __pyx__function);
+    __pyx_t_4 = 0;
+  }
+  #endif
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_t_7};
+    __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_8, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+  }
+  __pyx_v_h = __pyx_t_1;
+  __pyx_t_1 = 0;
+
+  /* "evpl/aio/_fast.pyx":133
+ *         return self._call_soon_slow(callback, args, context)
+ *     h = _Handle.__new__(_Handle)
+ *     h._context = copy_context() if context is None else context             # <<<<<<<<<<<<<<
+ *     h._loop = self
+ *     h._callback = callback
+*/
+  __pyx_t_2 = (__pyx_v_context == Py_None);
+  if (__pyx_t_2) {
+    __pyx_t_7 = NULL;
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_copy_context); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 133, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_3);
+    __pyx_t_4 = 1;
+    #if CYTHON_UNPACK_METHODS
+    if (unlikely(PyMethod_Check(__pyx_t_3))) {
+      __pyx_t_7 = PyMethod_GET_SELF(__pyx_t_3);
+      assert(__pyx_t_7);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_3);
+      __Pyx_INCREF(__pyx_t_7);
+      __Pyx_INCREF(__pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_3, __pyx__function);
+      __pyx_t_4 = 0;
+    }
+    #endif
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
+      __pyx_t_8 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+      __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+      if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 133, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_8);
+    }
+    __pyx_t_1 = __pyx_t_8;
+    __pyx_t_8 = 0;
+  } else {
+    __Pyx_INCREF(__pyx_v_context);
+    __pyx_t_1 = __pyx_v_context;
+  }
+
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_context, __pyx_t_1) < (0)) __PYX_ERR(0, 133, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+  /* "evpl/aio/_fast.pyx":134
+ *     h = _Handle.__new__(_Handle)
+ *     h._context = copy_context() if context is None else context
+ *     h._loop = self             # <<<<<<<<<<<<<<
+ *     h._callback = callback
+ *     h._args = args
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_loop, __pyx_v_self) < (0)) __PYX_ERR(0, 134, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":135
+ *     h._context = copy_context() if context is None else context
+ *     h._loop = self
+ *     h._callback = callback             # <<<<<<<<<<<<<<
+ *     h._args = args
+ *     h._cancelled = False
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_callback, __pyx_v_callback) < (0)) __PYX_ERR(0, 135, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":136
+ *     h._loop = self
+ *     h._callback = callback
+ *     h._args = args             # <<<<<<<<<<<<<<
+ *     h._cancelled = False
+ *     h._repr = None
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_args, __pyx_v_args) < (0)) __PYX_ERR(0, 136, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":137
+ *     h._callback = callback
+ *     h._args = args
+ *     h._cancelled = False             # <<<<<<<<<<<<<<
+ *     h._repr = None
+ *     h._source_traceback = None
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_cancelled, Py_False) < (0)) __PYX_ERR(0, 137, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":138
+ *     h._args = args
+ *     h._cancelled = False
+ *     h._repr = None             # <<<<<<<<<<<<<<
+ *     h._source_traceback = None
+ *     self._ready.append(h)
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_repr, Py_None) < (0)) __PYX_ERR(0, 138, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":139
+ *     h._cancelled = False
+ *     h._repr = None
+ *     h._source_traceback = None             # <<<<<<<<<<<<<<
+ *     self._ready.append(h)
+ *     return h
+*/
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_source_traceback, Py_None) < (0)) __PYX_ERR(0, 139, __pyx_L1_error)
+
+  /* "evpl/aio/_fast.pyx":140
+ *     h._repr = None
+ *     h._source_traceback = None
+ *     self._ready.append(h)             # <<<<<<<<<<<<<<
+ *     return h
+ * 
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ready); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 140, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_1, __pyx_v_h); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 140, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+
+  /* "evpl/aio/_fast.pyx":141
+ *     h._source_traceback = None
+ *     self._ready.append(h)
+ *     return h             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  {
+    PyObject *__pyx_temp;
+    {
+      __pyx_temp = __pyx_r;
+      __Pyx_INCREF(__pyx_v_h);
+      __pyx_r = __pyx_v_h;
+    }
+    __Pyx_XDECREF(__pyx_temp);
+  }
+  goto __pyx_L0;
+
+  /* "evpl/aio/_fast.pyx":125
+ * 
+ * 
+ * def call_soon(self, callback, *args, context=None):             # <<<<<<<<<<<<<<
+ *     """``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next
+ *     iteration (asyncio's, with debug mode's checks only in debug mode)."""
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_1);
+  __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_7);
+  __Pyx_XDECREF(__pyx_t_8);
+  __Pyx_AddTraceback("evpl.aio._fast.call_soon", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+  __Pyx_XDECREF(__pyx_v_h);
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "evpl/aio/_fast.pyx":153
  * 
  * 
  * def _slots(cls):             # <<<<<<<<<<<<<<
@@ -4396,16 +6008,16 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_2write(CYTHON_UNUSED PyObject *__pyx
 */
 
 /* Python wrapper */
-static PyObject *__pyx_pw_4evpl_3aio_5_fast_5_slots(PyObject *__pyx_self, 
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_11_slots(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-PyDoc_STRVAR(__pyx_doc_4evpl_3aio_5_fast_4_slots, "_slots(cls)");
-static PyMethodDef __pyx_mdef_4evpl_3aio_5_fast_5_slots = {"_slots", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_4evpl_3aio_5_fast_5_slots, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_4evpl_3aio_5_fast_4_slots};
-static PyObject *__pyx_pw_4evpl_3aio_5_fast_5_slots(PyObject *__pyx_self, 
+PyDoc_STRVAR(__pyx_doc_4evpl_3aio_5_fast_10_slots, "_slots(cls)");
+static PyMethodDef __pyx_mdef_4evpl_3aio_5_fast_11_slots = {"_slots", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_4evpl_3aio_5_fast_11_slots, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_4evpl_3aio_5_fast_10_slots};
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_11_slots(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
@@ -4435,32 +6047,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_cls,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 83, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 153, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 83, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 153, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_slots", 0) < (0)) __PYX_ERR(0, 83, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_slots", 0) < (0)) __PYX_ERR(0, 153, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_slots", 1, 1, 1, i); __PYX_ERR(0, 83, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_slots", 1, 1, 1, i); __PYX_ERR(0, 153, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 83, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 153, __pyx_L3_error)
     }
     __pyx_v_cls = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("_slots", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 83, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("_slots", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 153, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -4471,7 +6083,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_4evpl_3aio_5_fast_4_slots(__pyx_self, __pyx_v_cls);
+  __pyx_r = __pyx_pf_4evpl_3aio_5_fast_10_slots(__pyx_self, __pyx_v_cls);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -4481,7 +6093,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_cls) {
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_10_slots(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_cls) {
   PyObject *__pyx_v_names = NULL;
   PyObject *__pyx_v_c = NULL;
   PyObject *__pyx_v_slots = NULL;
@@ -4498,35 +6110,35 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_slots", 0);
 
-  /* "evpl/aio/_fast.pyx":84
+  /* "evpl/aio/_fast.pyx":154
  * 
  * def _slots(cls):
  *     names = set()             # <<<<<<<<<<<<<<
  *     for c in cls.__mro__:
  *         slots = c.__dict__.get("__slots__", ())
 */
-  __pyx_t_1 = PySet_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 84, __pyx_L1_error)
+  __pyx_t_1 = PySet_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 154, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_names = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "evpl/aio/_fast.pyx":85
+  /* "evpl/aio/_fast.pyx":155
  * def _slots(cls):
  *     names = set()
  *     for c in cls.__mro__:             # <<<<<<<<<<<<<<
  *         slots = c.__dict__.get("__slots__", ())
  *         names.update((slots,) if isinstance(slots, str) else slots)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_cls, __pyx_mstate_global->__pyx_n_u_mro); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 85, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_cls, __pyx_mstate_global->__pyx_n_u_mro); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 155, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   if (likely(PyList_CheckExact(__pyx_t_1)) || PyTuple_CheckExact(__pyx_t_1)) {
     __pyx_t_2 = __pyx_t_1; __Pyx_INCREF(__pyx_t_2);
     __pyx_t_3 = 0;
     __pyx_t_4 = NULL;
   } else {
-    __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 85, __pyx_L1_error)
+    __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 155, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 85, __pyx_L1_error)
+    __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 155, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   for (;;) {
@@ -4535,7 +6147,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 85, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 155, __pyx_L1_error)
           #endif
           if (__pyx_t_3 >= __pyx_temp) break;
         }
@@ -4545,7 +6157,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 85, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 155, __pyx_L1_error)
           #endif
           if (__pyx_t_3 >= __pyx_temp) break;
         }
@@ -4556,13 +6168,13 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
         #endif
         ++__pyx_t_3;
       }
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 85, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 155, __pyx_L1_error)
     } else {
       __pyx_t_1 = __pyx_t_4(__pyx_t_2);
       if (unlikely(!__pyx_t_1)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 85, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 155, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -4572,25 +6184,25 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
     __Pyx_XDECREF_SET(__pyx_v_c, __pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "evpl/aio/_fast.pyx":86
+    /* "evpl/aio/_fast.pyx":156
  *     names = set()
  *     for c in cls.__mro__:
  *         slots = c.__dict__.get("__slots__", ())             # <<<<<<<<<<<<<<
  *         names.update((slots,) if isinstance(slots, str) else slots)
  *     return names
 */
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_c, __pyx_mstate_global->__pyx_n_u_dict); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 86, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_c, __pyx_mstate_global->__pyx_n_u_dict); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 156, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_get); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 86, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_get); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 156, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyObject_Call(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[0], NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 86, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_Call(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[0], NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 156, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_XDECREF_SET(__pyx_v_slots, __pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "evpl/aio/_fast.pyx":87
+    /* "evpl/aio/_fast.pyx":157
  *     for c in cls.__mro__:
  *         slots = c.__dict__.get("__slots__", ())
  *         names.update((slots,) if isinstance(slots, str) else slots)             # <<<<<<<<<<<<<<
@@ -4599,11 +6211,11 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
 */
     __pyx_t_6 = PyUnicode_Check(__pyx_v_slots); 
     if (__pyx_t_6) {
-      __pyx_t_5 = PyTuple_New(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 87, __pyx_L1_error)
+      __pyx_t_5 = PyTuple_New(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 157, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
       __Pyx_INCREF(__pyx_v_slots);
       __Pyx_GIVEREF(__pyx_v_slots);
-      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_slots) != (0)) __PYX_ERR(0, 87, __pyx_L1_error);
+      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_slots) != (0)) __PYX_ERR(0, 157, __pyx_L1_error);
       __pyx_t_1 = __pyx_t_5;
       __pyx_t_5 = 0;
     } else {
@@ -4611,12 +6223,12 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
       __pyx_t_1 = __pyx_v_slots;
     }
 
-    __pyx_t_5 = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PySet_Type__update, __pyx_v_names, __pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 87, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PySet_Type__update, __pyx_v_names, __pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 157, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-    /* "evpl/aio/_fast.pyx":85
+    /* "evpl/aio/_fast.pyx":155
  * def _slots(cls):
  *     names = set()
  *     for c in cls.__mro__:             # <<<<<<<<<<<<<<
@@ -4626,7 +6238,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
   }
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "evpl/aio/_fast.pyx":88
+  /* "evpl/aio/_fast.pyx":158
  *         slots = c.__dict__.get("__slots__", ())
  *         names.update((slots,) if isinstance(slots, str) else slots)
  *     return names             # <<<<<<<<<<<<<<
@@ -4644,7 +6256,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
   }
   goto __pyx_L0;
 
-  /* "evpl/aio/_fast.pyx":83
+  /* "evpl/aio/_fast.pyx":153
  * 
  * 
  * def _slots(cls):             # <<<<<<<<<<<<<<
@@ -4668,7 +6280,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
   return __pyx_r;
 }
 
-/* "evpl/aio/_fast.pyx":98
+/* "evpl/aio/_fast.pyx":169
  * 
  * 
  * def timer(loop, when, delay, callback, args, context):             # <<<<<<<<<<<<<<
@@ -4677,16 +6289,16 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_4_slots(CYTHON_UNUSED PyObject *__py
 */
 
 /* Python wrapper */
-static PyObject *__pyx_pw_4evpl_3aio_5_fast_7timer(PyObject *__pyx_self, 
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_13timer(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-PyDoc_STRVAR(__pyx_doc_4evpl_3aio_5_fast_6timer, "timer(loop, when, delay, callback, args, context)\n\nA scheduled TimerHandle for ``callback(*args)`` at loop time\n``when`` (``delay`` seconds from now) on an engine timer: what\nasyncio\047s TimerHandle ``__init__`` does, without its two frames (not\nin debug mode, which keeps asyncio\047s, for the source traceback).");
-static PyMethodDef __pyx_mdef_4evpl_3aio_5_fast_7timer = {"timer", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_4evpl_3aio_5_fast_7timer, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_4evpl_3aio_5_fast_6timer};
-static PyObject *__pyx_pw_4evpl_3aio_5_fast_7timer(PyObject *__pyx_self, 
+PyDoc_STRVAR(__pyx_doc_4evpl_3aio_5_fast_12timer, "timer(loop, when, delay, callback, args, context)\n\nA scheduled TimerHandle for ``callback(*args)`` at loop time\n``when`` (``delay`` seconds from now) on an engine timer: what\nasyncio\047s TimerHandle ``__init__`` does, without its two frames (not\nin debug mode, which keeps asyncio\047s, for the source traceback).");
+static PyMethodDef __pyx_mdef_4evpl_3aio_5_fast_13timer = {"timer", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_4evpl_3aio_5_fast_13timer, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_4evpl_3aio_5_fast_12timer};
+static PyObject *__pyx_pw_4evpl_3aio_5_fast_13timer(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
@@ -4719,58 +6331,58 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   #endif
   __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_loop_2,&__pyx_mstate_global->__pyx_n_u_when,&__pyx_mstate_global->__pyx_n_u_delay,&__pyx_mstate_global->__pyx_n_u_callback,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_context,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_loop_2,&__pyx_mstate_global->__pyx_n_u_when,&__pyx_mstate_global->__pyx_n_u_delay,&__pyx_mstate_global->__pyx_n_u_callback_2,&__pyx_mstate_global->__pyx_n_u_args_2,&__pyx_mstate_global->__pyx_n_u_context_2,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 98, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 169, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 98, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 169, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 98, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 169, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 98, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 169, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 98, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 169, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 98, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 169, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 98, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 169, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "timer", 0) < (0)) __PYX_ERR(0, 98, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "timer", 0) < (0)) __PYX_ERR(0, 169, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("timer", 1, 6, 6, i); __PYX_ERR(0, 98, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("timer", 1, 6, 6, i); __PYX_ERR(0, 169, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 6)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 98, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 169, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 98, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 169, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 98, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 169, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 98, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 169, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 98, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 169, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 98, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 169, __pyx_L3_error)
     }
     __pyx_v_loop = values[0];
     __pyx_v_when = values[1];
@@ -4781,7 +6393,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("timer", 1, 6, 6, __pyx_nargs); __PYX_ERR(0, 98, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("timer", 1, 6, 6, __pyx_nargs); __PYX_ERR(0, 169, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -4792,7 +6404,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_4evpl_3aio_5_fast_6timer(__pyx_self, __pyx_v_loop, __pyx_v_when, __pyx_v_delay, __pyx_v_callback, __pyx_v_args, __pyx_v_context);
+  __pyx_r = __pyx_pf_4evpl_3aio_5_fast_12timer(__pyx_self, __pyx_v_loop, __pyx_v_when, __pyx_v_delay, __pyx_v_callback, __pyx_v_args, __pyx_v_context);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -4802,7 +6414,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_loop, PyObject *__pyx_v_when, PyObject *__pyx_v_delay, PyObject *__pyx_v_callback, PyObject *__pyx_v_args, PyObject *__pyx_v_context) {
+static PyObject *__pyx_pf_4evpl_3aio_5_fast_12timer(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_loop, PyObject *__pyx_v_when, PyObject *__pyx_v_delay, PyObject *__pyx_v_callback, PyObject *__pyx_v_args, PyObject *__pyx_v_context) {
   PyObject *__pyx_v_h = NULL;
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
@@ -4819,21 +6431,21 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("timer", 0);
 
-  /* "evpl/aio/_fast.pyx":103
+  /* "evpl/aio/_fast.pyx":174
  *     asyncio's TimerHandle ``__init__`` does, without its two frames (not
  *     in debug mode, which keeps asyncio's, for the source traceback)."""
  *     if loop._closed:             # <<<<<<<<<<<<<<
  *         raise RuntimeError("Event loop is closed")
  *     if not _DIRECT or loop._debug:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_loop, __pyx_mstate_global->__pyx_n_u_closed_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 103, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_loop, __pyx_mstate_global->__pyx_n_u_closed_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 174, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 103, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 174, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (unlikely(__pyx_t_2)) {
 
 
-    /* "evpl/aio/_fast.pyx":104
+    /* "evpl/aio/_fast.pyx":175
  *     in debug mode, which keeps asyncio's, for the source traceback)."""
  *     if loop._closed:
  *         raise RuntimeError("Event loop is closed")             # <<<<<<<<<<<<<<
@@ -4846,14 +6458,14 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
       PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_mstate_global->__pyx_kp_u_Event_loop_is_closed};
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_RuntimeError)), __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 104, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 175, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 104, __pyx_L1_error)
+    __PYX_ERR(0, 175, __pyx_L1_error)
 
-    /* "evpl/aio/_fast.pyx":103
+    /* "evpl/aio/_fast.pyx":174
  *     asyncio's TimerHandle ``__init__`` does, without its two frames (not
  *     in debug mode, which keeps asyncio's, for the source traceback)."""
  *     if loop._closed:             # <<<<<<<<<<<<<<
@@ -4862,16 +6474,16 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
 */
   }
 
-  /* "evpl/aio/_fast.pyx":105
+  /* "evpl/aio/_fast.pyx":176
  *     if loop._closed:
  *         raise RuntimeError("Event loop is closed")
  *     if not _DIRECT or loop._debug:             # <<<<<<<<<<<<<<
  *         return loop._timer_slow(when, delay, callback, args, context)
  *     h = TimerHandle.__new__(TimerHandle)
 */
-  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_DIRECT); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 105, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_DIRECT); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 176, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_5 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 105, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 176, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_6 = (!__pyx_t_5);
 
@@ -4884,9 +6496,9 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
 
     goto __pyx_L5_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_loop, __pyx_mstate_global->__pyx_n_u_debug); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 105, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_loop, __pyx_mstate_global->__pyx_n_u_debug); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 176, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_6 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_6 < 0))) __PYX_ERR(0, 105, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_6 < 0))) __PYX_ERR(0, 176, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
   __pyx_t_2 = __pyx_t_6;
@@ -4895,7 +6507,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
   if (__pyx_t_2) {
 
 
-    /* "evpl/aio/_fast.pyx":106
+    /* "evpl/aio/_fast.pyx":177
  *         raise RuntimeError("Event loop is closed")
  *     if not _DIRECT or loop._debug:
  *         return loop._timer_slow(when, delay, callback, args, context)             # <<<<<<<<<<<<<<
@@ -4909,7 +6521,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
       PyObject *__pyx_callargs[6] = {__pyx_t_3, __pyx_v_when, __pyx_v_delay, __pyx_v_callback, __pyx_v_args, __pyx_v_context};
       __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_timer_slow, __pyx_callargs+__pyx_t_4, (6-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 106, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 177, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     {
@@ -4923,7 +6535,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
     __pyx_t_1 = 0;
     goto __pyx_L0;
 
-    /* "evpl/aio/_fast.pyx":105
+    /* "evpl/aio/_fast.pyx":176
  *     if loop._closed:
  *         raise RuntimeError("Event loop is closed")
  *     if not _DIRECT or loop._debug:             # <<<<<<<<<<<<<<
@@ -4932,7 +6544,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
 */
   }
 
-  /* "evpl/aio/_fast.pyx":107
+  /* "evpl/aio/_fast.pyx":178
  *     if not _DIRECT or loop._debug:
  *         return loop._timer_slow(when, delay, callback, args, context)
  *     h = TimerHandle.__new__(TimerHandle)             # <<<<<<<<<<<<<<
@@ -4940,12 +6552,12 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
  *     h._loop = loop
 */
   __pyx_t_3 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 107, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 178, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_new); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 107, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_new); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 178, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
   __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 107, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 178, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
   __pyx_t_4 = 1;
   #if CYTHON_UNPACK_METHODS
@@ -4965,13 +6577,13 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
     __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 178, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_h = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "evpl/aio/_fast.pyx":108
+  /* "evpl/aio/_fast.pyx":179
  *         return loop._timer_slow(when, delay, callback, args, context)
  *     h = TimerHandle.__new__(TimerHandle)
  *     h._context = copy_context() if context is None else context             # <<<<<<<<<<<<<<
@@ -4981,7 +6593,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
   __pyx_t_2 = (__pyx_v_context == Py_None);
   if (__pyx_t_2) {
     __pyx_t_7 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_copy_context); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 108, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_copy_context); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 179, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __pyx_t_4 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -5000,7 +6612,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
       __pyx_t_8 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 108, __pyx_L1_error)
+      if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 179, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_8);
     }
     __pyx_t_1 = __pyx_t_8;
@@ -5010,88 +6622,88 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
     __pyx_t_1 = __pyx_v_context;
   }
 
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_context_2, __pyx_t_1) < (0)) __PYX_ERR(0, 108, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_context, __pyx_t_1) < (0)) __PYX_ERR(0, 179, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "evpl/aio/_fast.pyx":109
+  /* "evpl/aio/_fast.pyx":180
  *     h = TimerHandle.__new__(TimerHandle)
  *     h._context = copy_context() if context is None else context
  *     h._loop = loop             # <<<<<<<<<<<<<<
  *     h._callback = callback
  *     h._args = args
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_loop, __pyx_v_loop) < (0)) __PYX_ERR(0, 109, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_loop, __pyx_v_loop) < (0)) __PYX_ERR(0, 180, __pyx_L1_error)
 
-  /* "evpl/aio/_fast.pyx":110
+  /* "evpl/aio/_fast.pyx":181
  *     h._context = copy_context() if context is None else context
  *     h._loop = loop
  *     h._callback = callback             # <<<<<<<<<<<<<<
  *     h._args = args
  *     h._cancelled = False
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_callback_2, __pyx_v_callback) < (0)) __PYX_ERR(0, 110, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_callback, __pyx_v_callback) < (0)) __PYX_ERR(0, 181, __pyx_L1_error)
 
-  /* "evpl/aio/_fast.pyx":111
+  /* "evpl/aio/_fast.pyx":182
  *     h._loop = loop
  *     h._callback = callback
  *     h._args = args             # <<<<<<<<<<<<<<
  *     h._cancelled = False
  *     h._repr = None
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_args_2, __pyx_v_args) < (0)) __PYX_ERR(0, 111, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_args, __pyx_v_args) < (0)) __PYX_ERR(0, 182, __pyx_L1_error)
 
-  /* "evpl/aio/_fast.pyx":112
+  /* "evpl/aio/_fast.pyx":183
  *     h._callback = callback
  *     h._args = args
  *     h._cancelled = False             # <<<<<<<<<<<<<<
  *     h._repr = None
  *     h._source_traceback = None
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_cancelled, Py_False) < (0)) __PYX_ERR(0, 112, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_cancelled, Py_False) < (0)) __PYX_ERR(0, 183, __pyx_L1_error)
 
-  /* "evpl/aio/_fast.pyx":113
+  /* "evpl/aio/_fast.pyx":184
  *     h._args = args
  *     h._cancelled = False
  *     h._repr = None             # <<<<<<<<<<<<<<
  *     h._source_traceback = None
  *     h._when = when
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_repr, Py_None) < (0)) __PYX_ERR(0, 113, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_repr, Py_None) < (0)) __PYX_ERR(0, 184, __pyx_L1_error)
 
-  /* "evpl/aio/_fast.pyx":114
+  /* "evpl/aio/_fast.pyx":185
  *     h._cancelled = False
  *     h._repr = None
  *     h._source_traceback = None             # <<<<<<<<<<<<<<
  *     h._when = when
  *     h._scheduled = True
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_source_traceback, Py_None) < (0)) __PYX_ERR(0, 114, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_source_traceback, Py_None) < (0)) __PYX_ERR(0, 185, __pyx_L1_error)
 
-  /* "evpl/aio/_fast.pyx":115
+  /* "evpl/aio/_fast.pyx":186
  *     h._repr = None
  *     h._source_traceback = None
  *     h._when = when             # <<<<<<<<<<<<<<
  *     h._scheduled = True
  *     h._evtimer = loop._core.call_later(delay, h)
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_when_2, __pyx_v_when) < (0)) __PYX_ERR(0, 115, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_when_2, __pyx_v_when) < (0)) __PYX_ERR(0, 186, __pyx_L1_error)
 
-  /* "evpl/aio/_fast.pyx":116
+  /* "evpl/aio/_fast.pyx":187
  *     h._source_traceback = None
  *     h._when = when
  *     h._scheduled = True             # <<<<<<<<<<<<<<
  *     h._evtimer = loop._core.call_later(delay, h)
  *     return h
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_scheduled, Py_True) < (0)) __PYX_ERR(0, 116, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_scheduled, Py_True) < (0)) __PYX_ERR(0, 187, __pyx_L1_error)
 
-  /* "evpl/aio/_fast.pyx":117
+  /* "evpl/aio/_fast.pyx":188
  *     h._when = when
  *     h._scheduled = True
  *     h._evtimer = loop._core.call_later(delay, h)             # <<<<<<<<<<<<<<
  *     return h
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_loop, __pyx_mstate_global->__pyx_n_u_core); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_loop, __pyx_mstate_global->__pyx_n_u_core); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 188, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_8 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_8);
@@ -5101,13 +6713,13 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_call_later, __pyx_callargs+__pyx_t_4, (3-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 117, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 188, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_evtimer, __pyx_t_1) < (0)) __PYX_ERR(0, 117, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_h, __pyx_mstate_global->__pyx_n_u_evtimer, __pyx_t_1) < (0)) __PYX_ERR(0, 188, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "evpl/aio/_fast.pyx":118
+  /* "evpl/aio/_fast.pyx":189
  *     h._scheduled = True
  *     h._evtimer = loop._core.call_later(delay, h)
  *     return h             # <<<<<<<<<<<<<<
@@ -5123,7 +6735,7 @@ static PyObject *__pyx_pf_4evpl_3aio_5_fast_6timer(CYTHON_UNUSED PyObject *__pyx
   }
   goto __pyx_L0;
 
-  /* "evpl/aio/_fast.pyx":98
+  /* "evpl/aio/_fast.pyx":169
  * 
  * 
  * def timer(loop, when, delay, callback, args, context):             # <<<<<<<<<<<<<<
@@ -5650,21 +7262,21 @@ __Pyx_RefNannySetupContext("PyInit__fast", 0);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
   /* "evpl/aio/_fast.pyx":70
- * # ---- timers -----------------------------------------------------------------
+ * # ---- callbacks and timers -----------------------------------------------------
  * 
- * from asyncio import events             # <<<<<<<<<<<<<<
+ * from asyncio import events, format_helpers             # <<<<<<<<<<<<<<
  * from contextvars import copy_context
  * 
 */
   {
-    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_events};
-    __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_asyncio, __pyx_imported_names, 1, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 70, __pyx_L1_error)
+    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_events,__pyx_mstate_global->__pyx_n_u_format_helpers};
+    __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_asyncio, __pyx_imported_names, 2, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 70, __pyx_L1_error)
   }
   __pyx_t_2 = __pyx_t_1;
   __Pyx_GOTREF(__pyx_t_2);
   {
-    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_events};
-    __pyx_t_3 = 0; {
+    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_events,__pyx_mstate_global->__pyx_n_u_format_helpers};
+    for (__pyx_t_3=0; __pyx_t_3 < 2; __pyx_t_3++) {
       __pyx_t_4 = __Pyx_ImportFrom(__pyx_t_2, __pyx_imported_names[__pyx_t_3]); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 70, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_imported_names[__pyx_t_3], __pyx_t_4) < (0)) __PYX_ERR(0, 70, __pyx_L1_error)
@@ -5675,10 +7287,10 @@ __Pyx_RefNannySetupContext("PyInit__fast", 0);
 
   /* "evpl/aio/_fast.pyx":71
  * 
- * from asyncio import events
+ * from asyncio import events, format_helpers
  * from contextvars import copy_context             # <<<<<<<<<<<<<<
  * 
- * 
+ * _Handle = events.Handle
 */
   {
     PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_copy_context};
@@ -5697,133 +7309,192 @@ __Pyx_RefNannySetupContext("PyInit__fast", 0);
   }
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "evpl/aio/_fast.pyx":74
+  /* "evpl/aio/_fast.pyx":73
+ * from contextvars import copy_context
+ * 
+ * _Handle = events.Handle             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_events); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 73, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_Handle_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 73, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_Handle, __pyx_t_4) < (0)) __PYX_ERR(0, 73, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "evpl/aio/_fast.pyx":76
+ * 
+ * 
+ * def run_handle(handle):             # <<<<<<<<<<<<<<
+ *     """``handle._run()`` without its frame: the callback in the handle's
+ *     context; an exception goes to the loop's exception handler, as asyncio
+*/
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_3aio_5_fast_5run_handle, 0, __pyx_mstate_global->__pyx_n_u_run_handle, NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 76, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  #endif
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_run_handle, __pyx_t_4) < (0)) __PYX_ERR(0, 76, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "evpl/aio/_fast.pyx":93
+ * 
+ * 
+ * def run_once(self):             # <<<<<<<<<<<<<<
+ *     """``EvplEventLoop._run_once`` (see its docstring), compiled."""
+ *     ready = self._ready
+*/
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_3aio_5_fast_7run_once, 0, __pyx_mstate_global->__pyx_n_u_run_once, NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  #endif
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_run_once, __pyx_t_4) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "evpl/aio/_fast.pyx":125
+ * 
+ * 
+ * def call_soon(self, callback, *args, context=None):             # <<<<<<<<<<<<<<
+ *     """``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next
+ *     iteration (asyncio's, with debug mode's checks only in debug mode)."""
+*/
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_context_2, Py_None) < (0)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_3aio_5_fast_9call_soon, 0, __pyx_mstate_global->__pyx_n_u_call_soon, NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_2);
+  #endif
+  __Pyx_CyFunction_SetDefaultsKwDict(__pyx_t_2, __pyx_t_4);
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_call_soon, __pyx_t_2) < (0)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+
+  /* "evpl/aio/_fast.pyx":144
  * 
  * 
  * class TimerHandle(events.TimerHandle):             # <<<<<<<<<<<<<<
  *     """asyncio's TimerHandle, carrying the engine timer that fires it. The
  *     engine timer calls the handle itself (no bound method per timer)."""
 */
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_events); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_events); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 144, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 144, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   {
     PyObject* __pyx_temp[1] = {__pyx_t_4};
-    __pyx_t_2 = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 74, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 144, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
   }
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __pyx_t_4 = __pyx_t_2;
   __Pyx_INCREF(__pyx_t_4);
-  __pyx_t_5 = __Pyx_PEP560_update_bases(__pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PEP560_update_bases(__pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 144, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __Pyx_CalculateMetaclass(NULL, __pyx_t_5); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CalculateMetaclass(NULL, __pyx_t_5); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 144, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_6 = __Pyx_Py3MetaclassPrepare(__pyx_t_4, __pyx_t_5, __pyx_mstate_global->__pyx_n_u_TimerHandle, __pyx_mstate_global->__pyx_n_u_TimerHandle, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_kp_u_asyncio_s_TimerHandle_carrying_t); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_Py3MetaclassPrepare(__pyx_t_4, __pyx_t_5, __pyx_mstate_global->__pyx_n_u_TimerHandle, __pyx_mstate_global->__pyx_n_u_TimerHandle, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_kp_u_asyncio_s_TimerHandle_carrying_t); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 144, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   if (__pyx_t_5 != __pyx_t_2) {
-    if (unlikely((PyDict_SetItemString(__pyx_t_6, "__orig_bases__", __pyx_t_2) < 0))) __PYX_ERR(0, 74, __pyx_L1_error)
+    if (unlikely((PyDict_SetItemString(__pyx_t_6, "__orig_bases__", __pyx_t_2) < 0))) __PYX_ERR(0, 144, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "evpl/aio/_fast.pyx":78
+  /* "evpl/aio/_fast.pyx":148
  *     engine timer calls the handle itself (no bound method per timer)."""
  * 
  *     __slots__ = ("_evtimer",)             # <<<<<<<<<<<<<<
  * 
- *     __call__ = events.Handle._run
+ *     __call__ = run_handle
 */
-  if (__Pyx_SetNameInClass(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_slots, __pyx_mstate_global->__pyx_tuple[1]) < (0)) __PYX_ERR(0, 78, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_slots, __pyx_mstate_global->__pyx_tuple[1]) < (0)) __PYX_ERR(0, 148, __pyx_L1_error)
 
-  /* "evpl/aio/_fast.pyx":80
+  /* "evpl/aio/_fast.pyx":150
  *     __slots__ = ("_evtimer",)
  * 
- *     __call__ = events.Handle._run             # <<<<<<<<<<<<<<
+ *     __call__ = run_handle             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_events); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_run_handle); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 150, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_Handle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 80, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_run); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_2);
-  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_call, __pyx_t_2) < (0)) __PYX_ERR(0, 80, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_call, __pyx_t_2) < (0)) __PYX_ERR(0, 150, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "evpl/aio/_fast.pyx":74
+  /* "evpl/aio/_fast.pyx":144
  * 
  * 
  * class TimerHandle(events.TimerHandle):             # <<<<<<<<<<<<<<
  *     """asyncio's TimerHandle, carrying the engine timer that fires it. The
  *     engine timer calls the handle itself (no bound method per timer)."""
 */
-  __pyx_t_2 = __Pyx_Py3ClassCreate(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_TimerHandle, __pyx_t_5, __pyx_t_6, NULL, 0, 0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_Py3ClassCreate(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_TimerHandle, __pyx_t_5, __pyx_t_6, NULL, 0, 0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 144, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_2);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_TimerHandle, __pyx_t_2) < (0)) __PYX_ERR(0, 74, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_TimerHandle, __pyx_t_2) < (0)) __PYX_ERR(0, 144, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "evpl/aio/_fast.pyx":83
+  /* "evpl/aio/_fast.pyx":153
  * 
  * 
  * def _slots(cls):             # <<<<<<<<<<<<<<
  *     names = set()
  *     for c in cls.__mro__:
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_3aio_5_fast_5_slots, 0, __pyx_mstate_global->__pyx_n_u_slots_2, NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_3aio_5_fast_11_slots, 0, __pyx_mstate_global->__pyx_n_u_slots_2, NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 153, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_slots_2, __pyx_t_5) < (0)) __PYX_ERR(0, 83, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_slots_2, __pyx_t_5) < (0)) __PYX_ERR(0, 153, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "evpl/aio/_fast.pyx":93
+  /* "evpl/aio/_fast.pyx":163
  * # the fields asyncio's Handle and TimerHandle __init__ set (3.11-3.13); if a
  * # Python version has others, timers are made by asyncio's own __init__
  * _FIELDS = {"_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr",             # <<<<<<<<<<<<<<
  *            "__weakref__", "_context", "_scheduled", "_when"}
  * _DIRECT = _slots(events.TimerHandle) == _FIELDS
 */
-  __pyx_t_5 = PySet_New(0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 93, __pyx_L1_error)
+  __pyx_t_5 = PySet_New(0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_callback_2) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_args_2) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_cancelled) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_loop) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_source_traceback) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_repr) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_weakref) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_context_2) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_scheduled) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_when_2) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_FIELDS, __pyx_t_5) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_callback) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_args) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_cancelled) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_loop) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_source_traceback) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_repr) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_weakref) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_context) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_scheduled) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_when_2) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_FIELDS, __pyx_t_5) < (0)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "evpl/aio/_fast.pyx":95
+  /* "evpl/aio/_fast.pyx":165
  * _FIELDS = {"_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr",
  *            "__weakref__", "_context", "_scheduled", "_when"}
  * _DIRECT = _slots(events.TimerHandle) == _FIELDS             # <<<<<<<<<<<<<<
- * 
+ * _DIRECT_HANDLE = _slots(events.Handle) == _FIELDS - {"_scheduled", "_when"}
  * 
 */
   __pyx_t_4 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_slots_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_slots_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_events); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_events); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_TimerHandle); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __pyx_t_8 = 1;
@@ -5833,41 +7504,82 @@ __Pyx_RefNannySetupContext("PyInit__fast", 0);
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 95, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 165, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
   }
-  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_FIELDS); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_FIELDS); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_7 = __Pyx_PyObject_CompareEq_object_object(__pyx_t_5, __pyx_t_6, Py_EQ); __Pyx_XGOTREF(__pyx_t_7); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyObject_CompareEq_object_object(__pyx_t_5, __pyx_t_6, Py_EQ); __Pyx_XGOTREF(__pyx_t_7); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_DIRECT, __pyx_t_7) < (0)) __PYX_ERR(0, 95, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_DIRECT, __pyx_t_7) < (0)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
-  /* "evpl/aio/_fast.pyx":98
+  /* "evpl/aio/_fast.pyx":166
+ *            "__weakref__", "_context", "_scheduled", "_when"}
+ * _DIRECT = _slots(events.TimerHandle) == _FIELDS
+ * _DIRECT_HANDLE = _slots(events.Handle) == _FIELDS - {"_scheduled", "_when"}             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  __pyx_t_6 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_slots_2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_events); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_Handle_2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_t_8 = 1;
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_t_2};
+    __pyx_t_7 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 166, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_7);
+  }
+  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_FIELDS); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  __pyx_t_2 = PySet_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  if (PySet_Add(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_scheduled) < (0)) __PYX_ERR(0, 166, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_when_2) < (0)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __pyx_t_6 = PyNumber_Subtract(__pyx_t_5, __pyx_t_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_6);
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+  __pyx_t_2 = __Pyx_PyObject_CompareEq_object_object(__pyx_t_7, __pyx_t_6, Py_EQ); __Pyx_XGOTREF(__pyx_t_2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_DIRECT_HANDLE, __pyx_t_2) < (0)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+
+  /* "evpl/aio/_fast.pyx":169
  * 
  * 
  * def timer(loop, when, delay, callback, args, context):             # <<<<<<<<<<<<<<
  *     """A scheduled TimerHandle for ``callback(*args)`` at loop time
  *     ``when`` (``delay`` seconds from now) on an engine timer: what
 */
-  __pyx_t_7 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_3aio_5_fast_7timer, 0, __pyx_mstate_global->__pyx_n_u_timer, NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 98, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
+  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_3aio_5_fast_13timer, 0, __pyx_mstate_global->__pyx_n_u_timer, NULL, __pyx_mstate_global->__pyx_n_u_evpl_aio__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_7);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_2);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_timer, __pyx_t_7) < (0)) __PYX_ERR(0, 98, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_timer, __pyx_t_2) < (0)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
   /* "evpl/aio/_fast.pyx":1
  * # cython: language_level=3, binding=True             # <<<<<<<<<<<<<<
  * """``StreamTransport``'s per-read and per-write methods, compiled.
  * 
 */
-  __pyx_t_7 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_7) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  __pyx_t_2 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_2) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
   /*--- Wrapped vars code ---*/
 
@@ -5931,7 +7643,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   CYTHON_UNUSED_VAR(__pyx_mstate);
   __Pyx_RefNannySetupContext("__Pyx_InitCachedConstants", 0);
 
-  /* "evpl/aio/_fast.pyx":86
+  /* "evpl/aio/_fast.pyx":156
  *     names = set()
  *     for c in cls.__mro__:
  *         slots = c.__dict__.get("__slots__", ())             # <<<<<<<<<<<<<<
@@ -5940,21 +7652,21 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_n_u_slots, __pyx_mstate_global->__pyx_empty_tuple};
-    __pyx_mstate_global->__pyx_tuple[0] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[0])) __PYX_ERR(0, 86, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[0] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[0])) __PYX_ERR(0, 156, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[0]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[0]);
 
-  /* "evpl/aio/_fast.pyx":78
+  /* "evpl/aio/_fast.pyx":148
  *     engine timer calls the handle itself (no bound method per timer)."""
  * 
  *     __slots__ = ("_evtimer",)             # <<<<<<<<<<<<<<
  * 
- *     __call__ = events.Handle._run
+ *     __call__ = run_handle
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_evtimer};
-    __pyx_mstate_global->__pyx_tuple[1] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[1])) __PYX_ERR(0, 78, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[1] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[1])) __PYX_ERR(0, 148, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[1]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
@@ -5995,41 +7707,41 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{1},{1},{37},{20},{50},{137},{47},{31},{22},{9},{6},{33},{11},{7},{7},{20},{12},{8},{8},{7},{8},{8},{13},{10},{7},{15},{8},{7},{11},{14},{12},{9},{8},{11},{5},{5},{9},{9},{10},{7},{8},{10},{8},{5},{6},{4},{8},{12},{14},{13},{5},{9},{5},{4},{10},{6},{17},{6},{11},{5},{4},{7},{18},{11},{4},{1},{10},{8},{18},{6},{3},{9},{7},{11},{12},{4},{13},{5},{6},{14},{11},{3},{3},{1},{5},{6},{4},{5},{7},{3},{4},{4},{10},{5},{5},{6},{6},{7},{4},{5}};
-    const struct { const unsigned int length: 8; } bytes_length_index[] = {{57},{125},{170},{159}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{1},{1},{37},{20},{22},{50},{137},{47},{31},{22},{9},{6},{33},{11},{1},{7},{14},{7},{7},{20},{12},{8},{8},{7},{8},{8},{13},{10},{7},{15},{8},{7},{11},{14},{12},{9},{8},{11},{5},{5},{9},{15},{9},{10},{7},{8},{10},{8},{5},{6},{4},{8},{12},{14},{23},{13},{5},{9},{14},{6},{5},{10},{10},{6},{17},{6},{8},{9},{11},{5},{6},{4},{7},{18},{11},{4},{1},{22},{10},{9},{8},{2},{18},{6},{3},{9},{7},{11},{12},{4},{4},{13},{5},{6},{14},{11},{3},{9},{5},{14},{3},{1},{6},{5},{7},{6},{4},{7},{5},{5},{7},{3},{7},{5},{3},{10},{8},{4},{4},{10},{5},{16},{5},{6},{6},{7},{4},{5}};
+    const struct { const unsigned int length: 8; } bytes_length_index[] = {{57},{189},{125},{110},{170},{159},{139}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1042 bytes) */
-static const char cstring[] = "x\332mTKo\0337\020\256P;Q\374\210\355\242-\3324hi\240\255m ]C\210\013\030i\200\302\260\345\007\340\332\215m$h\221\226\240vG\322\306\024\271&\271z\024-\340\343\036y\334\243\216{\364\321\307\034{\364q\217\375\t\375\t\035R\222\353\000Y@\030r8\234\231\357\233\217\n~\334fBHCB\3069\351\251\330\300\352\032aM\003j\264\243 \233\253k\365.\010C\270\224\t\2115\t\271\324\020\3552\3038\001\245\244zF\022%\215\014%\017\"\364R\005!\304]\2100\225\317\333d1\207(`z \302X\256hr\026w@\3553\021qx\202!J\rb\321\"\246\r\004D+\026@\214\013@\0073\244\031+\320$6\0019k\303\014\301\357\235\030W@\373\253m\237\017#5\360&Y\025\2224d*\"\322\001\323\226\021I\\Bwe\3157I\230j\245\035\007\253\223jC\032@\030i\014\014\350\357x|\016D6\336@h\236\020\307\215\226\3419\230@\203p\210\024\213\021=\201~\010\211\211\245\010\264\n\327\241\233\360u\026\313u\332d\332\004\311\240_GO\335\2213\202yx\274G\317\366O\352\247\373\307\207;t\367\370\204n\037\037\035\035\036\237\236\321W\047\007g\365\323;\224\320\235\203\223\372\366\031\335=\250\037\356\234R\372\363\240\217\277\23584\364\010\372\346\004\232\224\372\2511\234\017~\216\002g#\027\341\254\014\235i\246\302\333\016\213\205\267`X\310\231\326~#\243\224\373\333\035%\047\006\331P1\370s\301:\376T@\317\231DA\302\224\367 6\3325\2541\272}\2212>\211\325\\\032\177\031Y\364\215\364\200\235+\327-E\2625m\304\"\242\215\264\331\004\005\221\357\272\301\302s\\\210\0208w./,oP\0174\224BP\\\033\2672\210\034-\366\020A#m9]R\350\372\201\"\347(E\352\245H\233\000w\212\304\332\335\221\251A\301P\247_:Q*\2124QT\245\202\352\260\r\216\214h\014@\313T\205@\215b!\370\006\265a\272MG\2450\244G{m\020\016\321X\320c\023\334V\232\034\004\\\266\034\350\320O\210\343\270\324\004u\310]G8\230\3332#\360!\327\010\026+\n\243\307\250\307\246\313\024z\222\301\204\014\047\342w^[\004\234\r\300\275T\355\344\030\240\034\003/G\277\363\354hTm\013\237\003>\354\016\"i\265@9R\334\000\265\024\324\245Kd\342\336\217\023\273\006\023A\223\245\334xb<\001i\202A\320e<\005\335cJ\340\234\034\033\376\277\342\262RN-d\027\345T5\233\316Nm""\245\254.\332\212\375<\377:g\371_\305VY\235\317^\331-\373\302\236\017\037\025\265b\357\352\331\365\213rj6\253]V\376\275\367\301t\365\322d\265\262\372\240\234\232.\253\263\331\006f\232[\264\013\371\305\260R\316/\331%\373m\376a^s\276\231<(*\345\342Z\361Q\261y\365\375\365\375\353\376\333\364\357\255\177&\047\305\047\005+\260\215\271\354\360\346\263\240`eu.\333\265+\371R\276\214\345nf\037\347[\316\365\023:\276\311/\260xu\\\334G}\232\233\341\306\360\217\253\245\253\225\353/\336b\344\303,\266\027y\245\374\362+<\251\r\353\305R9u\177\324\353\303\214\347\313\330\323d\377\300\301q\215{\307F\366g\276\221\247\303\275\302\037a{\323\010\236\225s\363\345\302b9\267\220\031\273a\373\276\234\301\220\305\245\t\013\317\255\316\327\206>\177\3332\353\031]\260\256\323\231[\232\336)\275i\237\332\010\321U]\316\347\310\330\275a\253\370\365\252\353\370\255f\263v3\257!\346\251\351\313\327\366q\376r\270Y<-\336\\W\234\343\227\2149\363\233]\276\263\373\335\326\376\337\335L?\312\337s\370\332~l_\346?\014\331\260\207\014\273)\376\007hzl\357";
-    PyObject *data = __Pyx_DecompressString(cstring, 1042, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1366 bytes) */
+static const char cstring[] = "x\332\245T\313n\333F\024\215P;Vb\273\266b\247\315\253\351\030m\036n\023\005B\334\300H\002\024\202-\307)\\\273~4A\213$\203\0219\224\030S\034jf\250G\321\002^r9K.\271\344RK/\263\314RK.\363\t\375\204\336\031J\216]\264\335\224\200t93\367q\3569wX\376~\215\370>\223\310\"\236\207\272\334\225\364\3562\"\216\244<_a\312\234\273\313\265\016\365%\362\030\013\220+\220\3451A\355Z\317\242\201t\231\217\\\337\204\327\211u\2106\210$\036\242\2343\376\030\005\234If1\257l\303.\346\324\242n\207\332P\300Ts\210\353Q\273LD\337\267\\vG\240\003\267E\371&\361m\217\336\003\027\316\373\256\337@\262I\021\365\033\256O\221\324\016\260A$r\\N\005re\031\0354\351E\004\317\031\037]@\230\320\246\311\007\236\202z\016\272\3533Tg\241o\243\026\225Mf\243@\047\324!\313\006$\"\274\021\266t\263\255PHT\247\210\240z_Rq\337s\017)b\365\267\324\222\367\220fL0\353\220\312\262\240\276\356\210\023\0278AtLJYp\353\001\355\004\336\003\342\262\007\330!B\226\203~\257\006;5MN\336\346\326\3163|\260\271W\333\337\334\331Z\307\033;{xmg{{kg\377\000\277\334{~P\333?E\t\306\353\317\367jk\007c\263Y\335^\337\252\341\215\347\265\255\365}<\366\371\251\337\203\337\272kI\274M{r\217:\030\033\205\th\t\217&F[[{h\313,m\234\3207\266E\\\337X*\211\345\021!\314\202\331\241g\242[\234\215\rp\304]j\316}\3222\247>\355j\023p\032\020nv\240c\334\221\244\236G\267C\342\215}\205\307\244\t\006n\r\220.%\207\\\243\305 \201\300u\327\267q=t\034\312\251\235\243\026\214\371:\256\213\307\323\006/\276E=O{\230\2314\006\206\006[\314\3671\274K\375&\201\010\260\000\311\246\365\260\241G\032\323\216Q\035\204\201y\305f^\261C\351\251\232\016\343-\"?\326\022,\344\026\305\256\320\251X(a\330\260\276\021x<\345\330\314\000\026\222\210&\304sJ\354>\374\007\034\363\320\037\225\026\026\034\205\032pN\300(\251\344\304\242y\025\035}\222CH\026\004\272\237\034\254i\276\333\244>\t\002\030;M\324\350\366\214L\371\004\332\370\240\354\261\206\346\3222\024\236\214\047\316\257\0057\273\036\314\006?\241x\334\260U\267<\335#\014\304\t\274\234e\313\023\300*`\364\245\030\321;2\035\302a\047\350\343""\223m`\022\030>s\377m\352\221>\325_\024\241/H\031.H\331\\\020\2632R\010\rt\214\325\361B\321\034\251\321\244\036\334X\321\200\313\233w\000\237\250\226\200?\016=@\253\r\312\265&-*\004iP=l\302\227\314\326\223\2431\004@\047\013<\352H\243\016\350\242\245\031q\001o\320=\325\337\t}\251\005\2256uH\350I#\325\337\2252\212\204\001d\245\035\342\205Tt\t\367A*-\217\371r\036\025\262\211\271\250\235M\024\243\311h_\025\262\342\274*\250\253\361\3271\211\377H\253Yq6z\251\252jW\035&\327\322J\372l\360\370x7\233\230\216*G\205\017\0233\321:D\300jEg\230:\222Q\345\317\363\347.\314F\233:$+\316D;q%\003\267\265\250\255\035\247\216\332Y\361\222\272\245\300\344A3\363jR\375\034/\201\333\374\325\370\363\244\220\315/\250\025\325\211w\263\305+\361tRI\252\037\376\313\347&\300<[zC-e\305\013\272\237\"4r\031p\227\362\363\307\352e\\\035a:*\200\363dQG\031\347\311Sx\346\3426\224\230-\251\222\272\035\177\002Ea\357b\\N\241\354rz)]\035|w<u\334{\027\2767\310\314Iz9%i[7\2725\274RN\211\256\262\241\356\304\245x\t\330\031N\337\310\013\377\010\033\267\3426\024/\236\233<\237\025?\215\\%\343J\274\221\334O;\203\335l\346J\\0p\306!\263\321\233\341\365\207\203\312`\343\370\336;\347=\354,\250\047\303\233\217\006d\3209~\375~)[\370\002H\000\350\217T)\233YP\225\341\3427\351\355AA\247v\206\213\337\202`\325\274\232i\325`\372,\226\311J\362\333\2404\270s|\375]5G\321\206\3027\277\204\223JRKG|U\364\221gh\037\257/\234\321z%\372=^\211\303\344Yj\216\214L\273\212d3\263\331\334|63\027IP\251g\312Ip\231/\2159\177\252D\274\234\230\374ME\224\031\2769\245y\271x\"\312\231\322\253\352\241\262\201\313\242\316\371\024\3649\2374\322_\201\203]\035:\255V\201\304*\250x\364J\335\210_$\253\351\303\364\355qAo\374\022\021m^\303P|\\\275Q\225\217\253\341\344\265\370\037\016_\251E\365\"~\222\220\244\013z\352\201\037\236\273\225\354\236\032\233\177E8\\\370\nx\374!u\006U\ro*\352\031~\377\027<\235\246\233s\005P\376\0028\260|\022";
+    PyObject *data = __Pyx_DecompressString(cstring, 1366, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1338 bytes) */
-static const char cstring[] = "\377.?Cannot\377 call wr\377ite() af\367ter\010\003_eof\377()Event \377loop is \377closedFa\377tal erro\377r: proto\337col.d\023\000_r\177eceivedH\000\376S\002failed.\377asyncio\047\377s TimerH\277andle,x\000r\377rying th\377e engine\363 t\035\001\016\000at f\377ires it.\377 The\n   \224\026\013\265\001s6\002hK\002\047\000s\377elf (no \377bound me?thod p\320\000R\002\375)\240\002 argum\376\323\001must be\377 a bytes\377-like ob\277ject, \230!s\377ocket.se\335n\316\001rai\373\000 e\377xception\377.src/evp\377l/aio/_f\377ast.pyxE\362\017\000E\231!\341\003LOG_\377THRESHOL\377D_FOR_CO\377NNLOST_W\337RITES\210(_D\377IRECT_FI\377ELDS__Py\375x\001\000Dict_N\377extRef__\376\261Bate____\344\270A\004\001d\036\001\016\000doc\356\023\001fun\003\002mai\371n#\001\205 aclas\275s\010\002odul9\002m\343ro\031\002\004\000\342@rie\356\033\002namW\002new~_\001prepari\002\276\331\000_vtab8\003q\367ual$\005slot\364X\002\303 t\225\001weak\365r\252\001_\352 s_bi\377nd_buffe\367red\261\002back^\274\000ncel\236`_\323c\374\002\002\215`_conn_\212\351`t\006\001t\367\000\017\000\201\000d\357ebug\224\204\001_ev\274\243b\361 tal_\206\204\002_\267feeZ\010is0\001osut\322`H\000op_\242\204\005\375_\317\000r_run_osche\211!d_\273\003\377source_t\357race\234\002sta\347sh_e\003\341\000w_w\307hen\316\001\312\204\004\321\204\004.c\353ord\003s\n\005log*\361\001c\235Bl\254@r\344\205\001\362\001\303cl\216\001\226@^\006\320\205\003cl\031s\364\000o\000nt\005\001\362\001\204 n\371\001var\030\000py\205%\374\346\205\001\341\205\ndelaye\372\246\206\001s\213\204\001.aio.\370\212\204\002\t\002\244\206\002sexcg\177ethitem\253@\317gger\321\206\001\351Aso;n_\271\206\001pop\274\205\001\351\204\001\377setdefauslt\325B\217\206\002upd\363`\377valueswa\237rning\212!\265\207\002\200\377\001\330\004\017\210q\330\004\377\010\210\005\210S\220\001\330\377\010\020\220\001\220\031\230$\377\230a\230}\250A\330\010\377\r\210W\220A\220Q\220\377k\240\032\2501\250G\260\377:\270Q\330\004\013\2101\377\200\001\360\006\000\005\010\200\377t""\2101\330\010\t\330\004\277\005\330\010\013\2104G\000\014\377\020\220\017\230q\240\001\330\377\r\021\220\021\220&\230\003\367\2301\330\021\000\n\230.\250\377\001\330\020)\250\022\2508\377\2605\270\007\270x\300u\367\310A\340\022\005\250\025\250a\375\250\204\000\014\210L\320\030.\377\250a\330\010\014\210F\220\337\047\230\021\230!l\000\320\013\273\034\230\211\000\014\210M\016\000%\313\230qz\000\010v\004!\002\026\230\377t\2404\240z\260\021\260\357\047\270\033\300\263\000\016\210i\177\220q\230\001\330\036\037\027\000\3771\240E\250\021\330\004\007>\246\003\016\210l\230!\221\000\010\005\370\271\000\263\003\034\0024\210|\2304\237\230u\240G\250\322\002\312\000\005\376\372\000a\330\014\r\330\017\020\377\330\014\017\210t\2204\220\265xj\002t \000\020\021\376\005<\337\220s\230)\240\211 \016\210oh\220a\220\315\"\017\220\246\001\371\n\236&n\n8\2203\220d\352\333\000\010P\001<\257 \006\240g\357\250Z\260v\334!\010\210\013\357\2208\2301\361\000\004\005\200\377\\\220\034\230V\2408\250\3573\250j\270\253@\005\200Y;\210a\355 \200]\220\230 \005\006\347^\2201\021\001\026\003\320\005\032\375\230\n\020\\\220\024\220V\230\037;\240a\240w\337 \302A";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1338, 1612);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1762 bytes) */
+static const char cstring[] = "\377.?Cannot\377 call wr\377ite() af\367ter\010\003_eof\377()Event \377loop is \377closedEx\377ception \373in:\002back \377Fatal er\377ror: pro\177tocol.d\023\000\377_receive\371d^\000i\002faile\377d.asynci\377o\047s Time\377rHandle,\376\216\000rrying \377the engi\317ne t\035\001\016\000at\377 fires i\377t. The\n S  \026\013\313\001s6\002hK\002\376\047\000self (n\377o bound \377method p\364\346\000R\002)\240\002 arg\373um\351\001must \377be a byt\377es-like \377object, \376\256!socket.wsen\316\001rai\221 \373 e\215%.src/\377evpl/aio\377/_fast.p\227yxE\017\000E\231!\341\003L\377OG_THRES\377HOLD_FOR\377_CONNLOS\377T_WRITES\376\210(__DIREC\375T\000\004_HANDL\377E_FIELDS}_\261#__Pyx\001\000\377Dict_Nex\277tRef__\335Ba?te____\344A\004\001\271d\036\001\016\000doc\023\001f{un\003\002main#\001~\233 aclass\010\002\357odul9\002mro\270\031\002\004\000\216`rie\033\002n\273amW\002new_\001p\237repari\002\357\000_\357vtab8\003qua=l$\005slotX\002\331 }t\225\001weakr\252\001\375_\200@s_bind\377_buffere}d\260\003soon_5\000\361w\300\002\352a\313\000ncel\342\303`_\216\204\003\002\002\262`_co\177nn_lost\006\001\361t\206 \017\000\220\000debu\235g\317\204\001_ev\310b\226@t\367al_\253\204\002_fee~i\010formatb\007\377source_i\375sG\001outine\256_\000op_\336\204\005_\377B_\337stash\261\000re\357ady_\211 r_r7un_u\003sc\030\000\312 \363d_\373\003N\004trac\361e\315\0029\002;\006stop\361p\314\001\247\003\370\002when\207app\364`\245!\267\205\004\276\205\004.\327cor\225\003s\n\005lo\245g\310!c\364B\226\204\006_\221\205\003r\202\212bl\231`\004\003\337!\206\207\001\307\206\001c\207bcl\340\001\216`\226\006\364\206\003c3ls\335 \345\000nt\005\001\333!\334\355 \342!var\030\000py\344\356%\214\000e\370\206\001\363\206\ndel\327aye\316\207\001s\235\205\001.aGio.\234\205\002\t\002\266\207\002s\304\205\001\276\330\207\005flush\207Dh\377elpersge\373th\323\206\003items\177iterate\350\000\367ger\242\210\001mess\363ag\245 \006\000ntod\364\266a\200\210\001p\314 ople\203ft\231B\225@\227A\205$\242@o\370\314`\244""\207\001\321\206\001setde\037fault\247\204\002\232M\207\210\002\377updateva\377lueswarn\347ing\233A\303\211\002\200\001\330\377\004\017\210q\330\004\010\210\377\005\210S\220\001\330\010\020\377\220\001\220\031\230$\230a\377\230}\250A\330\010\r\210\377W\220A\220Q\220k\240\377\032\2501\250G\260:\270\377Q\330\004\013\2101\200\001\237\340\004\014\210D/\000\013\0004\376>\001\007\200t\2101\360\006\337\000\t\r\210H/\001\330\010\277\014\210O\2301\330$\000C\373\210q%\001\007\200q\330\010o\022\220%\220\004\000\013\2101\001\377\014\020\220\005\220U\230!\376$\000\020\031\230\027\240\001\330\377\020\023\2204\220v\230Q\377\330\024\030\230\013\2401\240\213A\340\010\031\036\244\000\272\000p\010F_\220!\330\010\t\314\001\010\306\000\335\025\265\000\021\330\004\227\001:\220\267W\230A\215\004\200\001\245\000\005\271\010\255\001(\002\005\330\010\207\006\017\373\230q\204\000\r\021\220\021\220\347&\230\003\275\000\241\000\n\230.\375\250\230\000)\250\022\2508\260\3775\270\007\270x\300u\310|\225\002\025\002\250\025\250a\250\301 \377\014\210L\320\030.\250a\376\366\001F\220\047\230\021\230!\256\251 \320\013\034s\003M\016\000%\373\230qz\000\010\000\005\006\330\377\010\016\210i\220t\2301\377\230F\240-\250v\260Q_\330\014\030\230\001\267\002\013,\004\377\r\210^\320\0333\2601\177\260F\270,\300f\310\213@\377\023\220;\320\0366\260a\377\260v\270]\310!\330\023\371\035\246 \270\0006\220\021\330\014\377\023\2201\320\024*\250&\375\260\302@\016\210f\320\024+\322\256@Ah\003\346\002\210\220\001\026\230\377t\2404\240z\260\021\260_\047\270\033\300A\200\003qv\000{\036\037\027\0001\240E\250\251$\2451\235\001l\226B\273\"1\225\003\210\376\343F4\210|\2304\230u\347\240G\250\026\002\306BQ\220a\377\330\014\r\330\017\020\330\014W\017\210t\307@xj\002t \000\373\020\021\354%<\220s\230)\275\240[\002h\220a\220\370b\017m\220\224!\n\000\215E\016\210p\010_8\2203\220d\311 \010P\001}<\235@\006\240g\250Z\201 \335Q\264\204\001\013\2208\302 A\330\377\004\005\200\\\220\034\230V\377\2408\2503\250j\270\001.\r\001Y\210a\024\001]\222`""\034\000\356\007\004^\2201\022\007\320\005\032\366\242A\005\200\017\013\\\220\024\220\177V\230;\240a\240w\315@>\355\204\001\320\000%\240Q\254h\211\026\377\320\023#\2401\240J\250\373f\260\221\000\010\210\007\210x\321\220\334!b:C\001w\246#\013\210\0011";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1762, 2320);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (1612 bytes) */
-static const char bytes[] = ".?Cannot call write() after write_eof()Event loop is closedFatal error: protocol.data_received() call failed.asyncio\047s TimerHandle, carrying the engine timer that fires it. The\n    engine timer calls the handle itself (no bound method per timer).data argument must be a bytes-like object, not socket.send() raised exception.src/evpl/aio/_fast.pyxEvplErrorHandleLOG_THRESHOLD_FOR_CONNLOST_WRITESTimerHandle_DIRECT_FIELDS__Pyx_PyDict_NextRef__annotate____call____dict____doc____func____main____metaclass____module____mro____mro_entries____name____new____prepare____pyx_vtable____qualname____slots____test____weakref___args_bind_buffered_callback_cancelled_closed_closing_conn_lost_context_core_debug_eof_evtimer_fatal_error_feed_buffered_is_coroutine_loop_protocol_repr_run_scheduled_slots_source_traceback_stash_timer_slow_whenargsasyncioasyncio.coroutinesasyncio.logbindccall_latercallbackcline_in_tracebackclosedclsconstantscontextcontextvarscopy_contextdatadata_receiveddelayeventsevpl.aio._fastevpl.errorsexcgethitemsloggerloopnameson_datapopselfsendsetdefaultslotstimerupdatevalueswarningwhenwrite\200\001\330\004\017\210q\330\004\010\210\005\210S\220\001\330\010\020\220\001\220\031\230$\230a\230}\250A\330\010\r\210W\220A\220Q\220k\240\032\2501\250G\260:\270Q\330\004\013\2101\200\001\360\006\000\005\010\200t\2101\330\010\t\330\004\005\330\010\013\2104\210q\330\014\020\220\017\230q\240\001\330\r\021\220\021\220&\230\003\2301\330\014\020\220\n\230.\250\001\330\020)\250\022\2508\2605\270\007\270x\300u\310A\340\014\020\220\n\230.\250\001\250\025\250a\250q\330\004\014\210L\320\030.\250a\330\010\014\210F\220\047\230\021\230!\330\004\013\320\013\034\230A\330\010\014\210M\230\021\230%\230q\200\001\360\010\000\005\010\200t\2101\210F\220\047\230\026\230t\2404\240z\260\021\260\047\270\033\300A\330\010\016\210i\220q\230\001\330\036\037\230t\2401\240E\250\021\330\004\007\200t\2101\330\010\016\210l\230!\2301\330\004\007\200t\2101\330\010\t\330\004\013\2104\210q\330\004\007\200t\2104\210|""\2304\230u\240G\2501\330\010\t\330\014\020\220\005\220Q\220a\330\014\r\330\017\020\330\014\017\210t\2204\220x\230t\2404\240t\2501\330\020\021\360\006\000\005\010\200t\210<\220s\230)\2401\330\010\016\210h\220a\220q\330\004\010\210\017\220q\200\001\360\n\000\005\010\200t\2101\330\010\016\210l\230!\2301\330\004\007\200t\2108\2203\220d\230!\330\010\017\210t\220<\230q\240\006\240g\250Z\260v\270Q\330\004\010\210\013\2208\2301\230A\330\004\005\200\\\220\034\230V\2408\2503\250j\270\001\330\004\005\200Y\210a\330\004\005\200]\220!\330\004\005\200Y\210a\330\004\005\200^\2201\330\004\005\200Y\210a\330\004\005\320\005\032\230!\330\004\005\200Y\210a\330\004\005\200^\2201\330\004\005\200\\\220\024\220V\230;\240a\240w\250a\330\004\013\2101";
+    #else /* compression: none (2320 bytes) */
+static const char bytes[] = ".?Cannot call write() after write_eof()Event loop is closedException in callback Fatal error: protocol.data_received() call failed.asyncio\047s TimerHandle, carrying the engine timer that fires it. The\n    engine timer calls the handle itself (no bound method per timer).data argument must be a bytes-like object, not socket.send() raised exception.src/evpl/aio/_fast.pyxEvplErrorHandleLOG_THRESHOLD_FOR_CONNLOST_WRITESTimerHandle__DIRECT_DIRECT_HANDLE_FIELDS_Handle__Pyx_PyDict_NextRef__annotate____call____dict____doc____func____main____metaclass____module____mro____mro_entries____name____new____prepare____pyx_vtable____qualname____slots____test____weakref___args_bind_buffered_call_soon_slow_callback_cancelled_closed_closing_conn_lost_context_core_debug_eof_evtimer_fatal_error_feed_buffered_format_callback_source_is_coroutine_loop_protocol_raise_stashed_ready_repr_run_debug_scheduled_slots_source_traceback_stash_stashed_stopping_timer_slow_whenappendargsasyncioasyncio.coroutinesasyncio.logbindccall_exception_handlercall_latercall_sooncallbackcbcline_in_tracebackclosedclsconstantscontextcontextvarscopy_contextcoredatadata_receiveddelayeventsevpl.aio._fastevpl.errorsexcexceptionflushformat_helpersgethhandleitemsiterateloggerloopmessagenamesntodoon_datapoppopleftreadyrunrun_handlerun_onceselfsendsetdefaultslotssource_tracebacktimerupdatevalueswarningwhenwrite\200\001\330\004\017\210q\330\004\010\210\005\210S\220\001\330\010\020\220\001\220\031\230$\230a\230}\250A\330\010\r\210W\220A\220Q\220k\240\032\2501\250G\260:\270Q\330\004\013\2101\200\001\340\004\014\210D\220\001\330\004\013\2104\210q\330\004\007\200t\2101\360\006\000\t\r\210H\220A\220Q\330\010\014\210O\2301\330\004\014\210C\210q\220\001\330\004\007\200q\330\010\022\220%\220q\330\010\013\2104\210q\330\014\020\220\005\220U\230!\2301\330\020\031\230\027\240\001\330\020\023\2204\220v\230Q\330\024\030\230\013\2401\240A\340\014\020\220\005\220U\230!\2301\330\020\031\230\027\240\001\330\020\023\2204\220v\230Q\330\024\036""\230a\230q\330\004\007\200t\2101\360\006\000\t\r\210F\220!\330\010\t\330\004\010\210\010\220\001\220\025\220k\240\021\330\004\007\200t\210:\220W\230A\330\010\014\210O\2301\200\001\360\006\000\005\010\200t\2101\330\010\t\330\004\005\330\010\013\2104\210q\330\014\020\220\017\230q\240\001\330\r\021\220\021\220&\230\003\2301\330\014\020\220\n\230.\250\001\330\020)\250\022\2508\2605\270\007\270x\300u\310A\340\014\020\220\n\230.\250\001\250\025\250a\250q\330\004\014\210L\320\030.\250a\330\010\014\210F\220\047\230\021\230!\330\004\013\320\013\034\230A\330\010\014\210M\230\021\230%\230q\200\001\360\010\000\005\006\330\010\016\210i\220t\2301\230F\240-\250v\260Q\330\014\030\230\001\330\010\t\330\004\013\320\013\034\230A\330\010\r\210^\320\0333\2601\260F\270,\300f\310A\330\010\023\220;\320\0366\260a\260v\270]\310!\330\023\035\230Q\330\010\013\2106\220\021\330\014\023\2201\320\024*\250&\260\001\330\010\016\210f\320\024+\2501\250A\200\001\360\010\000\005\010\200t\2101\210F\220\047\230\026\230t\2404\240z\260\021\260\047\270\033\300A\330\010\016\210i\220q\230\001\330\036\037\230t\2401\240E\250\021\330\004\007\200t\2101\330\010\016\210l\230!\2301\330\004\007\200t\2101\330\010\t\330\004\013\2104\210q\330\004\007\200t\2104\210|\2304\230u\240G\2501\330\010\t\330\014\020\220\005\220Q\220a\330\014\r\330\017\020\330\014\017\210t\2204\220x\230t\2404\240t\2501\330\020\021\360\006\000\005\010\200t\210<\220s\230)\2401\330\010\016\210h\220a\220q\330\004\010\210\017\220q\200\001\360\n\000\005\010\200t\2101\330\010\016\210l\230!\2301\330\004\007\200t\2108\2203\220d\230!\330\010\017\210t\220<\230q\240\006\240g\250Z\260v\270Q\330\004\010\210\013\2208\2301\230A\330\004\005\200\\\220\034\230V\2408\2503\250j\270\001\330\004\005\200Y\210a\330\004\005\200]\220!\330\004\005\200Y\210a\330\004\005\200^\2201\330\004\005\200Y\210a\330\004\005\320\005\032\230!\330\004\005\200Y\210a\330\004\005\200^\2201\330\004\005\200\\\220\024\220V\230;\240a\240w\250a\330\004\013\2101\320\000%\240Q\360\006\000\005\010""\200t\2101\330\010\016\210l\230!\2301\330\004\007\200t\2108\2203\220d\230!\330\010\017\210t\320\023#\2401\240J\250f\260A\330\004\010\210\007\210x\220q\230\001\330\004\005\200\\\220\034\230V\2408\2503\250j\270\001\330\004\005\200Y\210a\330\004\005\200]\220!\330\004\005\200Y\210a\330\004\005\200^\2201\330\004\005\200Y\210a\330\004\005\320\005\032\230!\330\004\010\210\007\210w\220a\220q\330\004\013\2101";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 100; i++) {
+    for (int i = 0; i < 128; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
-      if (likely(string) && i >= 9) PyUnicode_InternInPlace(&string);
+      if (likely(string) && i >= 10) PyUnicode_InternInPlace(&string);
       if (unlikely(!string)) {
         Py_XDECREF(data);
         __PYX_ERR(0, 1, __pyx_L1_error)
@@ -6037,8 +7749,8 @@ static const char bytes[] = ".?Cannot call write() after write_eof()Event loop i
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 100; i < 104; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-100].length;
+    for (int i = 128; i < 135; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-128].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -6048,15 +7760,15 @@ static const char bytes[] = ".?Cannot call write() after write_eof()Event loop i
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 104; i++) {
+    for (Py_ssize_t i = 0; i < 135; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 100;
-      for (Py_ssize_t i=0; i<4; ++i) {
+      PyObject **table = stringtab + 128;
+      for (Py_ssize_t i=0; i<7; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
         #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -6079,8 +7791,8 @@ static const char bytes[] = ".?Cannot call write() after write_eof()Event loop i
   }
   {
     PyObject **numbertab = __pyx_mstate->__pyx_number_tab + 0;
-    int8_t const cint_constants_1[] = {1};
-    for (int i = 0; i < 1; i++) {
+    int8_t const cint_constants_1[] = {0,1};
+    for (int i = 0; i < 2; i++) {
       numbertab[i] = PyLong_FromLong(cint_constants_1[i - 0]);
       if (unlikely(!numbertab[i])) __PYX_ERR(0, 1, __pyx_L1_error)
     }
@@ -6088,7 +7800,7 @@ static const char bytes[] = ".?Cannot call write() after write_eof()Event loop i
   #if CYTHON_IMMORTAL_CONSTANTS
   {
     PyObject **table = __pyx_mstate->__pyx_number_tab;
-    for (Py_ssize_t i=0; i<1; ++i) {
+    for (Py_ssize_t i=0; i<2; ++i) {
       #if PY_VERSION_HEX >= 0x030F0000
       PyUnstable_SetImmortal(table[i]);
       #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -6122,7 +7834,7 @@ typedef struct {
     unsigned int num_kwonly_args : 1;
     unsigned int nlocals : 3;
     unsigned int flags : 10;
-    unsigned int first_line : 7;
+    unsigned int first_line : 8;
 } __Pyx_PyCode_New_function_description;
 #ifdef __cplusplus
 } /* anonymous namespace */
@@ -6152,14 +7864,29 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_write, __pyx_mstate->__pyx_kp_b_iso88591_t1F_t4z_A_iq_t1E_t1_l_1_t1_4q_t, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 83};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_cls, __pyx_mstate->__pyx_n_u_names, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_slots_3};
-    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_slots_2, __pyx_mstate->__pyx_kp_b_iso88591_q_S_a_A_WAQk_1G_Q_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 76};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_handle, __pyx_mstate->__pyx_n_u_exc, __pyx_mstate->__pyx_n_u_cb, __pyx_mstate->__pyx_n_u_context_2};
+    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_run_handle, __pyx_mstate->__pyx_kp_b_iso88591_it1F_vQ_A_31F_fA_6av_Q_6_1_f_1A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 98};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_loop_2, __pyx_mstate->__pyx_n_u_when, __pyx_mstate->__pyx_n_u_delay, __pyx_mstate->__pyx_n_u_callback, __pyx_mstate->__pyx_n_u_args, __pyx_mstate->__pyx_n_u_context, __pyx_mstate->__pyx_n_u_h};
-    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_timer, __pyx_mstate->__pyx_kp_b_iso88591_t1_l_1_t83d_t_q_gZvQ_81A_V83j_Y, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 93};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_ready_2, __pyx_mstate->__pyx_n_u_core_2, __pyx_mstate->__pyx_n_u_ntodo, __pyx_mstate->__pyx_n_u_popleft, __pyx_mstate->__pyx_n_u__3, __pyx_mstate->__pyx_n_u_handle};
+    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_run_once, __pyx_mstate->__pyx_kp_b_iso88591_D_4q_t1_HAQ_O1_Cq_q_q_4q_U_1_4v, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 1, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_VARARGS), 125};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_callback_2, __pyx_mstate->__pyx_n_u_context_2, __pyx_mstate->__pyx_n_u_args_2, __pyx_mstate->__pyx_n_u_h};
+    __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_call_soon, __pyx_mstate->__pyx_kp_b_iso88591_Q_t1_l_1_t83d_t_1JfA_xq_V83j_Ya, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 153};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_cls, __pyx_mstate->__pyx_n_u_names, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_slots_3};
+    __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_slots_2, __pyx_mstate->__pyx_kp_b_iso88591_q_S_a_A_WAQk_1G_Q_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 169};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_loop_2, __pyx_mstate->__pyx_n_u_when, __pyx_mstate->__pyx_n_u_delay, __pyx_mstate->__pyx_n_u_callback_2, __pyx_mstate->__pyx_n_u_args_2, __pyx_mstate->__pyx_n_u_context_2, __pyx_mstate->__pyx_n_u_h};
+    __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_aio__fast_pyx, __pyx_mstate->__pyx_n_u_timer, __pyx_mstate->__pyx_kp_b_iso88591_t1_l_1_t83d_t_q_gZvQ_81A_V83j_Y, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;
@@ -8387,6 +10114,53 @@ static CYTHON_INLINE int __Pyx_PyObject_SetAttrStr(PyObject* obj, PyObject* attr
     return PyObject_SetAttr(obj, attr_name, value);
 }
 #endif
+
+/* ListAppendAndDecrefInternal (used by ListAppend) */
+#if CYTHON_USE_PYLIST_INTERNALS && CYTHON_ASSUME_SAFE_MACROS && CYTHON_ASSUME_SAFE_SIZE
+static CYTHON_INLINE void __Pyx__ListComp_AppendAndDecref(PyObject* list, Py_ssize_t len, PyObject* x) {
+    PyList_SET_ITEM(list, len, x);
+    Py_SET_SIZE(list, len + 1);
+}
+#endif
+
+/* ListAppend (used by append) */
+#if CYTHON_USE_PYLIST_INTERNALS && CYTHON_ASSUME_SAFE_MACROS && CYTHON_ASSUME_SAFE_SIZE
+static CYTHON_INLINE int __Pyx_PyList_Append(PyObject* list, PyObject* x) {
+    PyListObject* L = (PyListObject*) list;
+    Py_ssize_t len = Py_SIZE(list);
+    if (likely(L->allocated > len) & likely(len > (L->allocated >> 1))) {
+        Py_INCREF(x);
+        __Pyx__ListComp_AppendAndDecref(list, len, x);
+        return 0;
+    }
+    return PyList_Append(list, x);
+}
+#endif
+
+/* PyObjectCallMethod1 (used by append) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_CallMethod1(PyObject* obj, PyObject* method_name, PyObject* arg) {
+#if CYTHON_VECTORCALL && (__PYX_LIMITED_VERSION_HEX >= 0x030C0000 || !CYTHON_COMPILING_IN_LIMITED_API)
+    PyObject *args[2] = {obj, arg};
+    return PyObject_VectorcallMethod(method_name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+#elif CYTHON_COMPILING_IN_LIMITED_API
+    return PyObject_CallMethodObjArgs(obj, method_name, arg, NULL);
+#else
+    return PyObject_CallMethodOneArg(obj, method_name, arg);
+#endif
+}
+
+/* append */
+static CYTHON_INLINE int __Pyx_PyObject_Append(PyObject* L, PyObject* x) {
+    if (likely(PyList_CheckExact(L))) {
+        if (unlikely(__Pyx_PyList_Append(L, x) < 0)) return -1;
+    } else {
+        PyObject* retval = __Pyx_PyObject_CallMethod1(L, __pyx_mstate_global->__pyx_n_u_append, x);
+        if (unlikely(!retval))
+            return -1;
+        Py_DECREF(retval);
+    }
+    return 0;
+}
 
 /* PyObjectCall2Args (used by CallUnboundCMethod1) */
 static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2) {

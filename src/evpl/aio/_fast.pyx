@@ -65,10 +65,80 @@ def write(self, data):
     self._conn_lost += 1
 
 
-# ---- timers -----------------------------------------------------------------
+# ---- callbacks and timers -----------------------------------------------------
 
-from asyncio import events
+from asyncio import events, format_helpers
 from contextvars import copy_context
+
+_Handle = events.Handle
+
+
+def run_handle(handle):
+    """``handle._run()`` without its frame: the callback in the handle's
+    context; an exception goes to the loop's exception handler, as asyncio
+    reports it."""
+    try:
+        handle._context.run(handle._callback, *handle._args)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        cb = format_helpers._format_callback_source(handle._callback, handle._args)
+        context = {"message": f"Exception in callback {cb}", "exception": exc,
+                   "handle": handle}
+        if handle._source_traceback:
+            context["source_traceback"] = handle._source_traceback
+        handle._loop.call_exception_handler(context)
+
+
+def run_once(self):
+    """``EvplEventLoop._run_once`` (see its docstring), compiled."""
+    ready = self._ready
+    core = self._core
+    if self._stopping:
+        # stop() came before this iteration: poll once without waiting (as
+        # asyncio does), run what is ready, leave
+        core.iterate(0)
+        self._raise_stashed()
+    ntodo = len(ready)
+    if ntodo:
+        popleft = ready.popleft
+        if self._debug:
+            for _ in range(ntodo):
+                handle = popleft()
+                if not handle._cancelled:
+                    self._run_debug(handle)
+        else:
+            for _ in range(ntodo):
+                handle = popleft()
+                if not handle._cancelled:
+                    run_handle(handle)
+    if self._stopping:
+        # no more I/O for a loop that stops (asyncio polls before its
+        # callbacks, not after), but what they wrote is sent now
+        core.flush()
+        return
+    core.iterate(0 if ready else None)
+    if self._stashed is not None:
+        self._raise_stashed()
+
+
+def call_soon(self, callback, *args, context=None):
+    """``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next
+    iteration (asyncio's, with debug mode's checks only in debug mode)."""
+    if self._closed:
+        raise RuntimeError("Event loop is closed")
+    if self._debug or not _DIRECT_HANDLE:
+        return self._call_soon_slow(callback, args, context)
+    h = _Handle.__new__(_Handle)
+    h._context = copy_context() if context is None else context
+    h._loop = self
+    h._callback = callback
+    h._args = args
+    h._cancelled = False
+    h._repr = None
+    h._source_traceback = None
+    self._ready.append(h)
+    return h
 
 
 class TimerHandle(events.TimerHandle):
@@ -77,7 +147,7 @@ class TimerHandle(events.TimerHandle):
 
     __slots__ = ("_evtimer",)
 
-    __call__ = events.Handle._run
+    __call__ = run_handle
 
 
 def _slots(cls):
@@ -93,6 +163,7 @@ def _slots(cls):
 _FIELDS = {"_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr",
            "__weakref__", "_context", "_scheduled", "_when"}
 _DIRECT = _slots(events.TimerHandle) == _FIELDS
+_DIRECT_HANDLE = _slots(events.Handle) == _FIELDS - {"_scheduled", "_when"}
 
 
 def timer(loop, when, delay, callback, args, context):

@@ -221,41 +221,15 @@ class EvplEventLoop(base_events.BaseEventLoop):
             self._driving = False
             core.leave(token)
 
-    def _run_once(self) -> None:
-        """One iteration, in asyncio's order: the callbacks that were ready
-        run first; then the engine polls (without waiting if callbacks are
-        ready now, else until an event, a doorbell or the next timer),
-        dispatches I/O to the transports and fd watches, fires the timers
-        that are due and flushes every Bind's send queue. What those
-        callbacks schedule runs in the next iteration (after that poll, as
-        in asyncio, where the poll of iteration k+1 comes before them)."""
-        ready = self._ready
-        core = self._core
-        if self._stopping:
-            # stop() came before this iteration: poll once without waiting
-            # (as asyncio does), run what is ready, leave
-            core.iterate(0)
-            self._raise_stashed()
-        ntodo = len(ready)
-        if ntodo:
-            if self._debug:
-                for _ in range(ntodo):
-                    handle = ready.popleft()
-                    if not handle._cancelled:
-                        self._run_debug(handle)
-            else:
-                popleft = ready.popleft
-                for _ in range(ntodo):
-                    handle = popleft()
-                    if not handle._cancelled:
-                        handle._run()
-        if self._stopping:
-            # no more I/O for a loop that stops (asyncio polls before its
-            # callbacks, not after), but what they wrote is sent now
-            core.flush()
-            return
-        core.iterate(0 if ready else None)
-        self._raise_stashed()
+    # one iteration, in asyncio's order: the callbacks that were ready run
+    # first; then the engine polls (without waiting if callbacks are ready
+    # now, else until an event, a doorbell or the next timer), dispatches
+    # I/O to the transports and fd watches, fires the timers that are due
+    # and flushes every Bind's send queue. What those callbacks schedule
+    # runs in the next iteration (after that poll, as in asyncio, where the
+    # poll of iteration k+1 comes before them). Compiled: evpl.aio._fast.
+    _run_once = _fast.run_once
+    call_soon = _fast.call_soon
 
     def _raise_stashed(self) -> None:
         if self._stashed is not None:
@@ -295,11 +269,10 @@ class EvplEventLoop(base_events.BaseEventLoop):
     def _process_events(self, event_list: Any) -> None:
         """Not used: the engine dispatches events itself."""
 
-    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> events.Handle:
-        """Run ``callback(*args)`` in the next iteration (asyncio's, with the
-        checks of debug mode only in debug mode)."""
-        if self._closed:
-            raise RuntimeError("Event loop is closed")
+    def _call_soon_slow(self, callback: Any, args: tuple[Any, ...],
+                        context: Any) -> events.Handle:
+        """call_soon through asyncio's own Handle (debug mode: its checks and
+        the source traceback)."""
         if self._debug:
             self._check_thread()
             self._check_callback(callback, "call_soon")
