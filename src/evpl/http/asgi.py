@@ -154,6 +154,10 @@ class _Call:
             return
         finally:
             self.ended = True
+            # the exchange's callbacks are this call's bound methods: let go
+            # of them, or every request would leave a reference cycle for
+            # the garbage collector
+            ex.on_body = ex.on_body_end = ex.on_disconnect = ex.on_writable = None
         if not self.started:
             log.error("the ASGI app returned without a response to %s %s",
                       scope["method"], scope["path"])
@@ -323,10 +327,10 @@ class ASGIRunner:
         scope = {
             "type": "http", "asgi": _ASGI, "http_version": req.version,
             "method": req.method, "scheme": ex.scheme,
-            "path": unquote(path), "raw_path": path.encode("ascii"),
+            "path": unquote(path) if "%" in path else path, "raw_path": path.encode("ascii"),
             "query_string": query.encode("ascii"), "root_path": self.server.root_path,
             "headers": req.headers, "client": _addr(ex.peer),
-            "server": self._server_addr, "state": dict(self.state),
+            "server": self._server_addr, "state": self.state.copy() if self.state else {},
         }
         call = _Call(ex)
         if not req.complete:
@@ -338,8 +342,9 @@ class ASGIRunner:
 
 
 def _addr(peer: Any) -> Any:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return [peer[0], peer[1]]
+    """ASGI's ``(host, port)`` of a socket address (None for unix sockets)."""
+    if peer.__class__ is tuple:
+        return peer if len(peer) == 2 else peer[:2]
     return None
 
 

@@ -696,6 +696,9 @@ class _Conn(Handler):
             # unread, so the connection cannot be reused
             ex.keep_alive = False
         self.current = None
+        # the adapters' callbacks (bound to the objects that hold ``ex``) are
+        # done with: dropping them leaves no reference cycle per request
+        ex.on_body = ex.on_body_end = ex.on_writable = ex.on_disconnect = None
         if not ex.keep_alive or self.server.draining:
             self._close_after_send()
             return
