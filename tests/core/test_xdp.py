@@ -262,8 +262,13 @@ def test_bind_errors(loop, net):
     with pytest.raises(evpl.ConfigError, match="not an address"):
         with net.inside("a"):
             loop.bind("xdp_udp", ("10.255.255.1", 0), Recorder(), interface=net.ifname["a"])
-    with pytest.raises(evpl.ConfigError, match="IPv4"):
-        loop.bind("xdp_udp", ("::1", 0), Recorder(), interface=net.ifname["a"])
+    with pytest.raises(evpl.ConfigError, match="numeric IPv4 or IPv6"):
+        loop.bind("xdp_udp", ("localhost", 0), Recorder(), interface=net.ifname["a"])
+    with pytest.raises(evpl.ConfigError, match="not an address"):
+        with net.inside("a"):
+            loop.bind("xdp_udp", ("::1", 0), Recorder(), interface=net.ifname["a"])
+    with pytest.raises(evpl.ConfigError, match="IPv4-mapped"):
+        loop.bind("xdp_udp", ("::ffff:10.0.0.1", 0), Recorder(), interface=net.ifname["a"])
     with pytest.raises(evpl.ConfigError, match="no interface"):
         with net.inside("a"):
             loop.bind("xdp_udp", (net.ip["a"], 0), Recorder(), interface="evx-xdp-none")
