@@ -167,6 +167,16 @@ class DgramNet:
             return loop.bind(self.backend, (self.veth.ip[side], 0), handler,
                              interface=self.veth.ifname[side], **options)
 
+    def connect(self, loop: evpl.Loop, address: Any, handler: Any, side: str = "b",
+                **options: Any) -> Any:
+        """A connected datagram Bind on ``side`` to ``address``: the same
+        call for every backend but the interface xdp_udp needs."""
+        if self.veth is None:
+            return loop.connect(self.backend, address, handler, **options)
+        with self.veth.inside(side):
+            return loop.connect(self.backend, address, handler,
+                                interface=self.veth.ifname[side], **options)
+
     def peer_socket(self, side: str = "b") -> Any:
         """A kernel UDP socket bound on ``side`` (blocking)."""
         import socket
