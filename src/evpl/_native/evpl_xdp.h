@@ -143,6 +143,8 @@ static inline int evpl_xdp_parse6(const uint8_t *f, uint32_t flen, evpl_pkt *out
     ulen = ((uint32_t)udp[4] << 8) | udp[5];
     if (ulen < 8 || ulen > plen)
         return EVPL_PKT_SHORT;
+    if (ip[8] == 0xff)
+        return EVPL_PKT_NOTUDP;     /* a multicast source is invalid (RFC 4291 2.7) */
     out->family = 6;
     memcpy(out->saddr6, ip + 8, 16);
     memcpy(out->daddr6, ip + 24, 16);
