@@ -401,6 +401,30 @@ def test_a_send_burst_waits_for_frames_and_ring_room(loop, net):
     s.close()
 
 
+def test_a_burst_leaves_in_one_wakeup(loop, net):
+    """Copy mode: one sendto may send the whole TX ring
+    (XDP_MAX_TX_SKB_BUDGET), not the kernel's default 32 frames, so 500
+    datagrams queued in one iteration take one or two wakeups, not 16."""
+    b = xbind(loop, net, Recorder())
+    if xstats(loop)["tx_budget"] <= 32:
+        pytest.skip("the TX budget is 32 (a kernel without XDP_MAX_TX_SKB_BUDGET, before Linux "
+                    "6.17, or EVPL_XDP_TX_BUDGET=32)")
+    s = peer(net, rcvbuf=16 << 20)
+    b.sendto(b"first", s.getsockname())         # the neighbour is resolved before the burst
+    loop.run_until(lambda: b.queued_bytes == 0, timeout=TIMEOUT)
+    assert s.recvfrom(100)[0] == b"first"
+    before = xstats(loop)["tx_wakeups"]
+    sent = [b"%04d" % i + b"." * 60 for i in range(500)]
+    for d in sent:
+        b.sendto(d, s.getsockname())
+    loop.run_until(lambda: b.queued_bytes == 0, timeout=TIMEOUT)
+    t = InThread(loop, lambda: [s.recvfrom(100)[0] for _ in range(500)])
+    loop.run_until(t.done, timeout=TIMEOUT)
+    assert t.get() == sent
+    assert xstats(loop)["tx_wakeups"] - before <= 2
+    s.close()
+
+
 def test_kept_buffers_exhaust_the_umem_then_traffic_resumes(loop, net):
     """Buffers a handler keeps pin UMEM; when none is left the kernel drops
     (and counts) new frames, what was delivered stays intact, and traffic

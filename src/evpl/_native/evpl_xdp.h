@@ -308,6 +308,8 @@ typedef struct {
     int ports_fd, xsks_fd;
     int stale_detached;             /* a stale evpl program was removed at start */
     uint32_t tx_out;                /* frames sent, completion not yet reaped */
+    uint32_t tx_budget;             /* frames one sendto sends in copy mode */
+    uint64_t tx_wakeups;            /* sendto calls */
     struct bpf_object *obj;
     int link_fd;                    /* the bpf_link: closing it detaches the program */
     struct xsk_umem *umem;
@@ -493,6 +495,27 @@ static void evpl_xdp_drop_sockets(evpl_xdp *x)
  * attached through a bpf_link (native mode, else generic), the sockets in
  * its XSKMAP. NULL with the reason in err. busy_poll: ask for busy polling
  * on the sockets (SO_PREFER_BUSY_POLL), where the kernel allows it. */
+#ifndef XDP_MAX_TX_SKB_BUDGET
+#define XDP_MAX_TX_SKB_BUDGET 9             /* Linux 6.17 */
+#endif
+
+/* Copy mode: let one sendto send up to budget frames (XDP_MAX_TX_SKB_BUDGET,
+ * 32..ring; the kernel's default is 32), so a burst of sends takes one
+ * wakeup instead of one per 32 frames. Kernels without the option keep 32:
+ * the budget in effect is recorded either way. */
+static void evpl_xdp_set_tx_budget(evpl_xdp *x, uint32_t budget)
+{
+    int i;
+    x->tx_budget = 32;
+    if (x->zerocopy || budget <= 32)
+        return;                     /* zero-copy: sendto only wakes the driver */
+    for (i = 0; i < x->nq; i++)
+        if (setsockopt(x->q[i].fd, SOL_XDP, XDP_MAX_TX_SKB_BUDGET, &budget,
+                       sizeof(budget)) < 0)
+            return;
+    x->tx_budget = budget;
+}
+
 static evpl_xdp *evpl_xdp_open(const char *ifname, int nq, void *area, uint64_t size,
                                uint32_t frame, uint32_t ring, int busy_poll, char *err,
                                size_t errlen)
@@ -681,8 +704,8 @@ static int evpl_xdp_tx(evpl_xdp *x, int q, uint64_t addr, uint32_t len)
 }
 
 /* Publish the frames queued on q and wake the kernel while it asks and has
- * frames left to send: in copy mode each sendto sends a batch (32 frames
- * by default), so a full ring takes several. Errors other than "try later"
+ * frames left to send: in copy mode each sendto sends a batch (tx_budget
+ * frames), so a ring fuller than that takes several. Errors other than "try later"
  * are returned (negative errno). */
 static int evpl_xdp_tx_flush(evpl_xdp *x, int q)
 {
@@ -697,6 +720,7 @@ static int evpl_xdp_tx_flush(evpl_xdp *x, int q)
         if (!xsk_ring_prod__needs_wakeup(tx) || before == tx->size)
             break;                  /* the kernel sends on its own, or took everything */
         /* EAGAIN: a batch was sent and more is left, or no room to complete */
+        x->tx_wakeups++;
         if (sendto(x->q[q].fd, NULL, 0, MSG_DONTWAIT, NULL, 0) < 0 && errno != EAGAIN
                 && errno != EBUSY && errno != ENOBUFS && errno != EINTR)
             return -errno;
@@ -756,7 +780,8 @@ static int evpl_xdp_kstats(evpl_xdp *x, int q, uint64_t out[6])
 
 typedef struct {
     int ifindex, nq, zerocopy, attach_mode, epfd, stale_detached;
-    uint32_t tx_out;
+    uint32_t tx_out, tx_budget;
+    uint64_t tx_wakeups;
 } evpl_xdp;
 
 static const char *evpl_xdp_probe(void)
@@ -766,6 +791,7 @@ static const char *evpl_xdp_probe(void)
 }
 static const unsigned char *evpl_xdp_object(size_t *len) { *len = 0; return NULL; }
 static void evpl_xdp_close(evpl_xdp *x) { (void)x; }
+static void evpl_xdp_set_tx_budget(evpl_xdp *x, uint32_t budget) { (void)x; (void)budget; }
 static evpl_xdp *evpl_xdp_open(const char *ifname, int nq, void *area, uint64_t size,
                                uint32_t frame, uint32_t ring, int busy_poll, char *err,
                                size_t errlen)

@@ -48,6 +48,8 @@ cdef extern from "evpl_xdp.h" nogil:
         int epfd
         int stale_detached
         uint32_t tx_out
+        uint32_t tx_budget
+        uint64_t tx_wakeups
     ctypedef struct evpl_pkt:
         int family
         uint32_t saddr, daddr
@@ -61,6 +63,7 @@ cdef extern from "evpl_xdp.h" nogil:
                             uint32_t frame, uint32_t ring, int busy_poll, char* err,
                             size_t errlen)
     void evpl_xdp_close(evpl_xdp* x)
+    void evpl_xdp_set_tx_budget(evpl_xdp* x, uint32_t budget)
     int evpl_xdp_ready(void* ctx)
     int evpl_xdp_rx(evpl_xdp* x, int q, uint64_t* addr, uint32_t* len, int max)
     uint32_t evpl_xdp_fill_free(evpl_xdp* x, int q)
@@ -99,6 +102,16 @@ cdef int64_t ARP_TIMEOUT_NS = 3_000_000_000  # datagrams to an unresolved neighb
 cdef int64_t SOLICIT_NS = 200_000_000       # ask the kernel to resolve at most this often
 cdef int64_t UNROUTABLE_TTL_NS = 1_000_000_000  # "no route through the interface" is kept
 cdef int SO_MEMINFO = 55, SK_MEMINFO_DROPS = 8, SK_MEMINFO_VARS = 9
+
+
+def _tx_budget() -> int:
+    """Frames one copy-mode sendto may send: the TX ring's size, unless
+    ``EVPL_XDP_TX_BUDGET`` says otherwise (32, the kernel's default, turns
+    the batching off; for comparisons)."""
+    try:
+        return max(32, min(RING, int(os.environ.get("EVPL_XDP_TX_BUDGET", RING))))
+    except ValueError:
+        return RING
 
 
 def xdp_unavailable_reason():
@@ -206,6 +219,7 @@ cdef class XdpDriver(Driver):
     # counters
     cdef size_t st_rx, st_tx, st_tx_zc, st_tx_copy, st_ring_full, st_fill_starved
     cdef size_t st_bad_csum, st_short, st_not_udp, st_no_bind, st_partial, st_nocsum
+    cdef size_t st_wakeups         # sendto calls of sockets closed since
     cdef size_t st_arp_drops, st_unroutable, st_opens, st_ext_hdr, st_not_peer, st_rx6, st_tx6
     cdef str xsk_mode, attach_mode
     cdef bint stale_detached
@@ -297,6 +311,7 @@ cdef class XdpDriver(Driver):
             raise BackendUnavailable(f"xdp_udp on {self.link.name}: {err.decode()}")
         self.slot.x = self.x
         _IN_USE[self.key] = self
+        evpl_xdp_set_tx_budget(self.x, _tx_budget())
         self.st_opens += 1
         self.xsk_mode = "zerocopy" if self.x.zerocopy else "copy"
         self.attach_mode = ("native" if self.x.attach_mode == XDP_ATTACHED_DRV else
@@ -340,6 +355,7 @@ cdef class XdpDriver(Driver):
         self.slot.x = NULL
         if _IN_USE.get(self.key) is self:
             del _IN_USE[self.key]
+        self.st_wakeups += self.x.tx_wakeups
         evpl_xdp_close(self.x)
         self.x = NULL
         for i in range(self.nframes):
@@ -712,6 +728,8 @@ cdef class XdpDriver(Driver):
         d[p + "tx_zerocopy"] = self.st_tx_zc
         d[p + "tx_copied"] = self.st_tx_copy
         d[p + "tx_ring_full"] = self.st_ring_full
+        d[p + "tx_wakeups"] = self.st_wakeups + (self.x.tx_wakeups if self.x != NULL else 0)
+        d[p + "tx_budget"] = self.x.tx_budget if self.x != NULL else 0
         d[p + "fill_starved"] = self.st_fill_starved
         d[p + "rx_bad_checksum"] = self.st_bad_csum
         d[p + "rx_truncated"] = self.st_short
