@@ -276,6 +276,21 @@ def test_bind_errors(loop, net):
         loop.bind("udp", ("127.0.0.1", 0), Recorder(), interface="lo")
 
 
+def test_connect_errors(loop, net):
+    iface = net.ifname["a"]
+    with pytest.raises(evpl.ConfigError, match="port 0"):
+        loop.connect("xdp_udp", (net.ip["b"], 0), Recorder(), interface=iface)
+    with pytest.raises(evpl.ConfigError, match="does not go through"):
+        with net.inside("a"):
+            loop.connect("xdp_udp", ("127.0.0.1", 9), Recorder(), interface=iface)
+    with pytest.raises(evpl.ConfigError, match="no framing"):
+        loop.connect("xdp_udp", (net.ip["b"], 9), Recorder(), interface=iface,
+                     framing=evpl.framing.length_prefix())
+    with pytest.raises(evpl.ConfigError, match="xdp_udp option"):
+        loop.connect("udp", ("127.0.0.1", 9), Recorder(), interface="lo")
+    assert net.xdp_prog("a") is None            # nothing was attached on the way
+
+
 def test_detached_after_close(loop, net):
     b = xbind(loop, net, Recorder())
     b2 = xbind(loop, net, Recorder())
