@@ -27,6 +27,8 @@ def veth_unavailable_reason() -> str | None:
     """Why the veth fixture cannot run here (None if it can)."""
     if os.geteuid() != 0:
         return f"network namespaces and AF_XDP need root (euid is {os.geteuid()})"
+    if not os.path.exists("/proc/sys/net/ipv6"):
+        return "this kernel has no IPv6 (the veth pair carries IPv4 and IPv6 addresses)"
     from evpl.core.xdp import unavailable_reason
 
     return unavailable_reason()

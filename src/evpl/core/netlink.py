@@ -146,7 +146,11 @@ class Netlink:
         link-local ones."""
         body = struct.pack("=BBBBI", socket.AF_INET6, 0, 0, 0, 0)
         glob, local = [], []
-        for _typ, payload in self._request(RTM_GETADDR, NLM_F_DUMP, body):
+        try:
+            replies = self._request(RTM_GETADDR, NLM_F_DUMP, body)
+        except NetlinkError:
+            return ()                       # a kernel without IPv6
+        for _typ, payload in replies:
             flags, _scope, aindex = struct.unpack_from("=BBI", payload, 2)
             if aindex != index or flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
                 continue
