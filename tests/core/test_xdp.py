@@ -291,6 +291,30 @@ def test_connect_errors(loop, net):
     assert net.xdp_prog("a") is None            # nothing was attached on the way
 
 
+def test_client_code_unchanged_with_the_interface_in_the_environment(loop, net, monkeypatch):
+    """With EVPL_XDP_INTERFACE set, a udp client's calls work as they are
+    on xdp_udp: only the backend's name differs."""
+    s = peer(net)
+
+    def client(backend):
+        rec = Recorder()
+        return loop.connect(backend, s.getsockname(), rec), rec
+
+    monkeypatch.setenv("EVPL_XDP_INTERFACE", net.ifname["a"])
+    with net.inside("a"):
+        c, rec = client("xdp_udp")
+    c.send(b"ping")
+    t = InThread(loop, lambda: s.recvfrom(100))
+    loop.run_until(t.done, timeout=TIMEOUT)
+    data, addr = t.get()
+    assert data == b"ping" and addr == c.local_address
+    s.sendto(b"pong", addr)
+    loop.run_until(lambda: rec.got, timeout=TIMEOUT)
+    assert rec.got == [(b"pong", s.getsockname())]
+    assert xstats(loop)["tx_frames"] == 1 and xstats(loop)["rx_frames"] == 1
+    s.close()
+
+
 def test_detached_after_close(loop, net):
     b = xbind(loop, net, Recorder())
     b2 = xbind(loop, net, Recorder())
