@@ -11,6 +11,10 @@ other end, pinned to core 1:
 * ``oneway``: ``sockperf throughput`` floods 64-byte datagrams at a server
   that drops them; datagrams the server received per second.
 
+For ``xdp_udp`` the table also gives the datagrams sent per ``sendto``
+(copy mode needs one per batch; ``EVPL_XDP_TX_BUDGET=32`` in the
+environment sets the kernel's default batch of 32 back, for comparisons).
+
 Each backend in event mode (the loop sleeps when idle) and poll mode
 (``poll_mode="always"``), repeated, medians reported, with the ratio to the
 ``udp`` backend of the same load and mode. Needs root (namespaces, AF_XDP),
@@ -91,9 +95,7 @@ def measure(backend: str, mode: str, load: str, opts: argparse.Namespace) -> dic
             if r.returncode != 0:
                 raise RuntimeError(f"sockperf: {r.stderr.strip()[-300:]}")
             server.stop()
-            stats = [ln for ln in server.stderr_tail(20).split(" | ") if ln.startswith("stats ")]
-            got = json.loads(stats[-1][6:])["datagrams_in"] if stats else 0
-            return {"rate": got / opts.duration}
+            return {"rate": _server_stats(server).get("datagrams_in", 0) / opts.duration}
         conns, depth = ("8", "32") if load == "echo" else ("1", "1")
         args = [str(BUILD / "loadgen"), "udp", "--conns", conns, "--depth", depth, "--size",
                 "64", "--host", IP["a"], "--port", port, "--duration", str(opts.duration),
@@ -106,7 +108,21 @@ def measure(backend: str, mode: str, load: str, opts: argparse.Namespace) -> dic
         data: dict[str, Any] = json.loads(lines[-1])
         if "error" in data:
             raise RuntimeError(f"loadgen: {data['error']}")
+        server.stop()
+        st = _server_stats(server)
+        if st.get("xdp_tx_wakeups"):        # how well sends were batched per sendto
+            data["tx_per_wakeup"] = st["xdp_tx_frames"] / st["xdp_tx_wakeups"]
         return data
+
+
+def _server_stats(server: Any) -> dict[str, Any]:
+    """The server's ``Loop.stats()``, printed when it stopped."""
+    stats = [ln for ln in server.stderr_tail(20).split(" | ") if ln.startswith("stats ")]
+    return json.loads(stats[-1][6:]) if stats else {}
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def fmt(v: float | None, unit: str) -> str:
@@ -158,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     for b, why in skipped.items():
         print(f"skipped {b}: {why}")
     print(f"\n{'load':8} {'mode':6} {'backend':13} {'datagrams/s':>12} {'vs udp':>7} "
-          f"{'p50':>9} {'p99':>9} {'server CPU':>10}")
+          f"{'p50':>9} {'p99':>9} {'server CPU':>10} {'sends/wakeup':>12}")
     out = []
     for load in loads:
         for mode in modes:
@@ -179,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = med("server_cpu")
                 row = {"load": load, "mode": mode, "backend": backend, "rate": rate,
                        "p50_us": med("lat_p50_us"), "p99_us": med("lat_p99_us"),
-                       "server_cpu": cpu, "runs": len(rs)}
+                       "server_cpu": cpu, "tx_per_wakeup": med("tx_per_wakeup"),
+                       "runs": len(rs)}
                 out.append(row)
                 print(f"{load:8} {mode:6} {backend:13} {fmt(rate, 'rate'):>12} {ratio:>7} "
                       f"{fmt(row['p50_us'], 'us'):>9} {fmt(row['p99_us'], 'us'):>9} "
-                      f"{'-' if cpu is None else f'{cpu:.2f} core':>10}")
+                      f"{'-' if cpu is None else f'{cpu:.2f} core':>10} "
+                      f"{_num(row['tx_per_wakeup']):>12}")
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump({"summary": out, "runs": {"/".join(k): v for k, v in runs.items()}}, f,

@@ -152,20 +152,33 @@ class DgramNet:
     namespaces (its frames must cross a real interface), and ``peer_socket``
     is the kernel's own UDP stack on side "b"."""
 
-    def __init__(self, backend: str, veth: Any = None) -> None:
+    def __init__(self, backend: str, veth: Any = None, ipv6: bool = False) -> None:
         self.backend = backend
         self.veth = veth
-        self.max_datagram = 65507 if veth is None else veth.mtu - 28
+        self.ipv6 = ipv6            # xdp_udp over IPv6 (the veth pair's fd00:: addresses)
+        self.max_datagram = 65507 if veth is None else veth.mtu - (48 if ipv6 else 28)
 
     def host(self, side: str = "a") -> str:
-        return "127.0.0.1" if self.veth is None else self.veth.ip[side]
+        if self.veth is None:
+            return "127.0.0.1"
+        return self.veth.ip6[side] if self.ipv6 else self.veth.ip[side]
 
     def bind(self, loop: evpl.Loop, handler: Any, side: str = "a", **options: Any) -> Any:
         if self.veth is None:
             return loop.bind(self.backend, ("127.0.0.1", 0), handler, **options)
         with self.veth.inside(side):
-            return loop.bind(self.backend, (self.veth.ip[side], 0), handler,
+            return loop.bind(self.backend, (self.host(side), 0), handler,
                              interface=self.veth.ifname[side], **options)
+
+    def connect(self, loop: evpl.Loop, address: Any, handler: Any, side: str = "b",
+                **options: Any) -> Any:
+        """A connected datagram Bind on ``side`` to ``address``: the same
+        call for every backend but the interface xdp_udp needs."""
+        if self.veth is None:
+            return loop.connect(self.backend, address, handler, **options)
+        with self.veth.inside(side):
+            return loop.connect(self.backend, address, handler,
+                                interface=self.veth.ifname[side], **options)
 
     def peer_socket(self, side: str = "b") -> Any:
         """A kernel UDP socket bound on ``side`` (blocking)."""
@@ -176,8 +189,9 @@ class DgramNet:
             s.bind(("127.0.0.1", 0))
             return s
         with self.veth.inside(side):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind((self.veth.ip[side], 0))
+            s = socket.socket(socket.AF_INET6 if self.ipv6 else socket.AF_INET,
+                              socket.SOCK_DGRAM)
+            s.bind((self.host(side), 0))
         return s
 
 
@@ -191,12 +205,15 @@ def veth_net():
     if why:
         pytest.skip(f"xdp_udp over veth: {why}")
     with VethNet() as net:
+        net.settle_ipv6()
         yield net
 
 
-@pytest.fixture(params=[*DATAGRAM_BACKENDS, "xdp_udp"])
+@pytest.fixture(params=[*DATAGRAM_BACKENDS, "xdp_udp", "xdp_udp-ipv6"])
 def dgram_net(request) -> DgramNet:
-    """Each datagram backend with the two sides it runs between."""
-    if request.param == "xdp_udp":
-        return DgramNet("xdp_udp", request.getfixturevalue("veth_net"))
+    """Each datagram backend with the two sides it runs between (xdp_udp
+    over IPv4 and over IPv6)."""
+    if request.param.startswith("xdp_udp"):
+        return DgramNet("xdp_udp", request.getfixturevalue("veth_net"),
+                        ipv6=request.param.endswith("ipv6"))
     return DgramNet(request.param)

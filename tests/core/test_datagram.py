@@ -208,3 +208,58 @@ def test_ipv6(loop, datagram_backend):
     assert sorted(p for p, _ in rec.got) == sorted(b"v6-%d" % i for i in range(50))
     assert all(a[:2] == la[:2] for _, a in rec.got)
     assert echo.addrs[0][:2] == client.local_address[:2]
+
+
+# ---- connected datagram Binds: the client code is the same on every backend
+
+def test_connected_client_echo(loop, dgram_net):
+    """loop.connect on a datagram backend: send() reaches the peer, the
+    peer's datagrams come back, sendto is refused, oversize is refused."""
+    echo = DgramEcho()
+    server = dgram_net.bind(loop, echo, "a")
+    rec = DgramRecorder()
+    c = dgram_net.connect(loop, server.local_address, rec)
+    assert c.peer_address == server.local_address
+    assert c.local_address[0] == dgram_net.host("b")
+    for i in range(20):
+        c.send(b"ping %d" % i)
+    loop.run_until(lambda: len(rec.got) == 20, timeout=TIMEOUT)
+    assert sorted(d for d, _ in rec.got) == sorted(b"ping %d" % i for i in range(20))
+    assert {a for _, a in rec.got} == {server.local_address}
+    assert echo.addrs[0] == c.local_address
+    with pytest.raises(evpl.EvplError):
+        c.sendto(b"x", server.local_address)
+    with pytest.raises(ValueError):
+        c.send(b"x" * (dgram_net.max_datagram + 1))
+    assert c.queued_bytes == 0
+    c.send_messages([b"m%d" % i for i in range(5)])
+    loop.run_until(lambda: len(rec.got) == 25, timeout=TIMEOUT)
+    assert sorted(d for d, _ in rec.got[20:]) == [b"m%d" % i for i in range(5)]
+
+
+def test_connected_client_hears_only_its_peer(loop, dgram_net):
+    """As a connected kernel socket: datagrams from anybody but the peer
+    are not delivered."""
+    server = dgram_net.bind(loop, DgramRecorder(), "a")
+    stranger = dgram_net.bind(loop, DgramRecorder(), "a")
+    rec = DgramRecorder()
+    c = dgram_net.connect(loop, server.local_address, rec)
+    stranger.sendto(b"not for you", c.local_address)
+    server.sendto(b"for you", c.local_address)
+    loop.run_until(lambda: rec.got, timeout=TIMEOUT)
+    loop.run_once(0)
+    assert [d for d, _ in rec.got] == [b"for you"]
+
+
+def test_connected_client_refused(loop, dgram_net):
+    """Nobody on the peer's port: ICMP port unreachable closes the Bind with
+    ConnectionRefused, on every backend."""
+    s = dgram_net.peer_socket("a")
+    dead = s.getsockname()
+    s.close()
+    rec = DgramRecorder()
+    c = dgram_net.connect(loop, dead, rec)
+    c.send(b"hello?")
+    loop.run_until(lambda: rec.closed, timeout=TIMEOUT)
+    assert isinstance(rec.closed[0], evpl.ConnectionRefused)
+    assert c.closed

@@ -262,13 +262,57 @@ def test_bind_errors(loop, net):
     with pytest.raises(evpl.ConfigError, match="not an address"):
         with net.inside("a"):
             loop.bind("xdp_udp", ("10.255.255.1", 0), Recorder(), interface=net.ifname["a"])
-    with pytest.raises(evpl.ConfigError, match="IPv4"):
-        loop.bind("xdp_udp", ("::1", 0), Recorder(), interface=net.ifname["a"])
+    with pytest.raises(evpl.ConfigError, match="numeric IPv4 or IPv6"):
+        loop.bind("xdp_udp", ("localhost", 0), Recorder(), interface=net.ifname["a"])
+    with pytest.raises(evpl.ConfigError, match="not an address"):
+        with net.inside("a"):
+            loop.bind("xdp_udp", ("::1", 0), Recorder(), interface=net.ifname["a"])
+    with pytest.raises(evpl.ConfigError, match="IPv4-mapped"):
+        loop.bind("xdp_udp", ("::ffff:10.0.0.1", 0), Recorder(), interface=net.ifname["a"])
     with pytest.raises(evpl.ConfigError, match="no interface"):
         with net.inside("a"):
             loop.bind("xdp_udp", (net.ip["a"], 0), Recorder(), interface="evx-xdp-none")
     with pytest.raises(evpl.ConfigError, match="xdp_udp option"):
         loop.bind("udp", ("127.0.0.1", 0), Recorder(), interface="lo")
+
+
+def test_connect_errors(loop, net):
+    iface = net.ifname["a"]
+    with pytest.raises(evpl.ConfigError, match="port 0"):
+        loop.connect("xdp_udp", (net.ip["b"], 0), Recorder(), interface=iface)
+    with pytest.raises(evpl.ConfigError, match="does not go through"):
+        with net.inside("a"):
+            loop.connect("xdp_udp", ("127.0.0.1", 9), Recorder(), interface=iface)
+    with pytest.raises(evpl.ConfigError, match="no framing"):
+        loop.connect("xdp_udp", (net.ip["b"], 9), Recorder(), interface=iface,
+                     framing=evpl.framing.length_prefix())
+    with pytest.raises(evpl.ConfigError, match="xdp_udp option"):
+        loop.connect("udp", ("127.0.0.1", 9), Recorder(), interface="lo")
+    assert net.xdp_prog("a") is None            # nothing was attached on the way
+
+
+def test_client_code_unchanged_with_the_interface_in_the_environment(loop, net, monkeypatch):
+    """With EVPL_XDP_INTERFACE set, a udp client's calls work as they are
+    on xdp_udp: only the backend's name differs."""
+    s = peer(net)
+
+    def client(backend):
+        rec = Recorder()
+        return loop.connect(backend, s.getsockname(), rec), rec
+
+    monkeypatch.setenv("EVPL_XDP_INTERFACE", net.ifname["a"])
+    with net.inside("a"):
+        c, rec = client("xdp_udp")
+    c.send(b"ping")
+    t = InThread(loop, lambda: s.recvfrom(100))
+    loop.run_until(t.done, timeout=TIMEOUT)
+    data, addr = t.get()
+    assert data == b"ping" and addr == c.local_address
+    s.sendto(b"pong", addr)
+    loop.run_until(lambda: rec.got, timeout=TIMEOUT)
+    assert rec.got == [(b"pong", s.getsockname())]
+    assert xstats(loop)["tx_frames"] == 1 and xstats(loop)["rx_frames"] == 1
+    s.close()
 
 
 def test_detached_after_close(loop, net):
@@ -393,6 +437,30 @@ def test_a_send_burst_waits_for_frames_and_ring_room(loop, net):
     assert t.get() == sent
     st = xstats(loop)
     assert st["tx_frames"] == n and st["tx_copied"] == n
+    s.close()
+
+
+def test_a_burst_leaves_in_one_wakeup(loop, net):
+    """Copy mode: one sendto may send the whole TX ring
+    (XDP_MAX_TX_SKB_BUDGET), not the kernel's default 32 frames, so 500
+    datagrams queued in one iteration take one or two wakeups, not 16."""
+    b = xbind(loop, net, Recorder())
+    if xstats(loop)["tx_budget"] <= 32:
+        pytest.skip("the TX budget is 32 (a kernel without XDP_MAX_TX_SKB_BUDGET, before Linux "
+                    "6.17, or EVPL_XDP_TX_BUDGET=32)")
+    s = peer(net, rcvbuf=16 << 20)
+    b.sendto(b"first", s.getsockname())         # the neighbour is resolved before the burst
+    loop.run_until(lambda: b.queued_bytes == 0, timeout=TIMEOUT)
+    assert s.recvfrom(100)[0] == b"first"
+    before = xstats(loop)["tx_wakeups"]
+    sent = [b"%04d" % i + b"." * 60 for i in range(500)]
+    for d in sent:
+        b.sendto(d, s.getsockname())
+    loop.run_until(lambda: b.queued_bytes == 0, timeout=TIMEOUT)
+    t = InThread(loop, lambda: [s.recvfrom(100)[0] for _ in range(500)])
+    loop.run_until(t.done, timeout=TIMEOUT)
+    assert t.get() == sent
+    assert xstats(loop)["tx_wakeups"] - before <= 2
     s.close()
 
 

@@ -1,6 +1,6 @@
 /* AF_XDP for the xdp_udp backend (xdp.pyx): a thin layer over libxdp's xsk
- * API and libbpf, plus the Ethernet/IPv4/UDP parsing and building that runs
- * per frame. Built with EVPL_HAVE_LIBXDP when setup.py finds libxdp, libbpf
+ * API and libbpf, plus the Ethernet/IPv4/UDP and Ethernet/IPv6/UDP parsing
+ * and building that runs per frame. Built with EVPL_HAVE_LIBXDP when setup.py finds libxdp, libbpf
  * and clang; otherwise every entry point is a stub and evpl_xdp_probe()
  * says why the backend is unavailable. */
 #ifndef EVPL_XDP_H
@@ -20,6 +20,7 @@
 
 #define EVPL_XDP_MAXQ 64
 #define EVPL_XDP_HDR 42             /* Ethernet 14 + IPv4 20 + UDP 8 */
+#define EVPL_XDP_HDR6 62            /* Ethernet 14 + IPv6 40 + UDP 8 */
 
 /* what evpl_xdp_parse found in a frame */
 enum {
@@ -27,12 +28,17 @@ enum {
     EVPL_PKT_PARTIAL = 1,           /* ok; the UDP checksum was a partial (offload) one */
     EVPL_PKT_NOCSUM = 2,            /* ok; no UDP checksum (0) */
     EVPL_PKT_SHORT = -1,            /* truncated: headers or lengths beyond the frame */
-    EVPL_PKT_NOTUDP = -2,           /* not IPv4/UDP, a fragment, or a bad IP header */
-    EVPL_PKT_BADCSUM = -3,          /* wrong IP or UDP checksum */
+    EVPL_PKT_NOTUDP = -2,           /* not IPv4/IPv6 UDP, a fragment, or a bad IP header */
+    EVPL_PKT_BADCSUM = -3,          /* wrong IP or UDP checksum (or none over IPv6) */
+    EVPL_PKT_EXTHDR = -4,           /* IPv6 with extension headers (the program passes
+                                     * those to the kernel: only a hostile or buggy
+                                     * redirect gets here) */
 };
 
 typedef struct {
-    uint32_t saddr, daddr;          /* network byte order */
+    int family;                     /* 4 or 6 */
+    uint32_t saddr, daddr;          /* IPv4, network byte order */
+    uint8_t saddr6[16], daddr6[16]; /* IPv6 */
     uint16_t sport, dport;          /* network byte order */
     uint32_t off, len;              /* payload offset in the frame, length */
 } evpl_pkt;
@@ -85,15 +91,83 @@ static inline uint32_t evpl_pseudo(uint32_t saddr, uint32_t daddr, uint16_t ulen
     return evpl_csum_add(s, w, 4);
 }
 
-/* Parse an Ethernet + IPv4 + UDP frame. A UDP checksum that does not verify
- * but equals the folded pseudo-header sum is a partial checksum
- * (CHECKSUM_PARTIAL: the local kernel left the rest to an offload that a
- * veth peer never performs): accepted as EVPL_PKT_PARTIAL. */
+/* the IPv6 pseudo-header sum (RFC 8200 8.1): the upper-layer length is 32
+ * bits there, but a UDP length fits 16, so the sum is the same shape */
+static inline uint32_t evpl_pseudo6(const uint8_t *saddr, const uint8_t *daddr, uint16_t ulen)
+{
+    uint32_t s = 0;
+    uint16_t w[2] = {htons(17), htons(ulen)};
+    s = evpl_csum_add(s, saddr, 16);
+    s = evpl_csum_add(s, daddr, 16);
+    return evpl_csum_add(s, w, 4);
+}
+
+/* The UDP checksum of a datagram whose pseudo-header sums to ps: verified
+ * (OK), a partial one (CHECKSUM_PARTIAL: the sending kernel left the rest
+ * to an offload that a veth peer never performs, and the field holds the
+ * folded pseudo-header sum), or wrong. */
+static inline int evpl_udp_check(uint32_t ps, const uint8_t *udp, uint32_t ulen)
+{
+    uint16_t check;
+    if (evpl_csum_fold(evpl_csum_add(ps, udp, ulen)) == 0xffff)
+        return EVPL_PKT_OK;
+    memcpy(&check, udp + 6, 2);
+    if (check == evpl_csum_fold(ps))
+        return EVPL_PKT_PARTIAL;
+    return EVPL_PKT_BADCSUM;
+}
+
+/* Ethernet + IPv6 + UDP (f: the frame, flen >= 14). A UDP checksum is
+ * mandatory over IPv6: 0 is a bad one (RFC 8200 8.1). Only UDP right after
+ * the fixed header is taken (EVPL_PKT_EXTHDR otherwise). */
+static inline int evpl_xdp_parse6(const uint8_t *f, uint32_t flen, evpl_pkt *out)
+{
+    const uint8_t *ip = f + 14, *udp = f + 54;
+    uint32_t plen, ulen;
+    if (flen < 14 + 40)
+        return EVPL_PKT_SHORT;
+    if ((ip[0] >> 4) != 6)
+        return EVPL_PKT_NOTUDP;
+    switch (ip[6]) {
+    case 17:
+        break;
+    case 0: case 43: case 44: case 50: case 51: case 60: case 135: case 139: case 140:
+    case 253: case 254:             /* the extension headers (IANA's list) */
+        return EVPL_PKT_EXTHDR;
+    default:
+        return EVPL_PKT_NOTUDP;
+    }
+    plen = ((uint32_t)ip[4] << 8) | ip[5];
+    if (flen < 14 + 40 + 8 || plen < 8 || 14 + 40 + plen > flen)
+        return EVPL_PKT_SHORT;      /* plen 0 (a jumbogram) needs a hop-by-hop header */
+    ulen = ((uint32_t)udp[4] << 8) | udp[5];
+    if (ulen < 8 || ulen > plen)
+        return EVPL_PKT_SHORT;
+    if (ip[8] == 0xff)
+        return EVPL_PKT_NOTUDP;     /* a multicast source is invalid (RFC 4291 2.7) */
+    out->family = 6;
+    memcpy(out->saddr6, ip + 8, 16);
+    memcpy(out->daddr6, ip + 24, 16);
+    memcpy(&out->sport, udp, 2);
+    memcpy(&out->dport, udp + 2, 2);
+    out->off = 14 + 40 + 8;
+    out->len = ulen - 8;
+    if (udp[6] == 0 && udp[7] == 0)
+        return EVPL_PKT_BADCSUM;
+    return evpl_udp_check(evpl_pseudo6(out->saddr6, out->daddr6, (uint16_t)ulen), udp, ulen);
+}
+
+/* Parse an Ethernet + IPv4 + UDP or Ethernet + IPv6 + UDP frame. A partial
+ * UDP checksum (see evpl_udp_check) is accepted as EVPL_PKT_PARTIAL; over
+ * IPv4 a 0 checksum means none (EVPL_PKT_NOCSUM). */
 static inline int evpl_xdp_parse(const uint8_t *f, uint32_t flen, evpl_pkt *out)
 {
     const uint8_t *ip, *udp;
     uint32_t ihl, tot, ulen;
-    uint16_t check, pseudo_fold;
+    if (flen < 14)
+        return EVPL_PKT_SHORT;
+    if (f[12] == 0x86 && f[13] == 0xdd)
+        return evpl_xdp_parse6(f, flen, out);
     if (flen < 14 + 20)
         return EVPL_PKT_SHORT;
     if (f[12] != 0x08 || f[13] != 0x00)
@@ -113,24 +187,16 @@ static inline int evpl_xdp_parse(const uint8_t *f, uint32_t flen, evpl_pkt *out)
     ulen = ((uint32_t)udp[4] << 8) | udp[5];
     if (ulen < 8 || ulen > tot - ihl)
         return EVPL_PKT_SHORT;
+    out->family = 4;
     memcpy(&out->saddr, ip + 12, 4);
     memcpy(&out->daddr, ip + 16, 4);
     memcpy(&out->sport, udp, 2);
     memcpy(&out->dport, udp + 2, 2);
     out->off = 14 + ihl + 8;
     out->len = ulen - 8;
-    memcpy(&check, udp + 6, 2);
-    if (check == 0)
+    if (udp[6] == 0 && udp[7] == 0)
         return EVPL_PKT_NOCSUM;
-    {
-        uint32_t ps = evpl_pseudo(out->saddr, out->daddr, (uint16_t)ulen);
-        if (evpl_csum_fold(evpl_csum_add(ps, udp, ulen)) == 0xffff)
-            return EVPL_PKT_OK;
-        pseudo_fold = evpl_csum_fold(ps);
-        if (check == pseudo_fold)
-            return EVPL_PKT_PARTIAL;
-    }
-    return EVPL_PKT_BADCSUM;
+    return evpl_udp_check(evpl_pseudo(out->saddr, out->daddr, (uint16_t)ulen), udp, ulen);
 }
 
 /* Write the 42 header bytes of a frame at h, for the payload that follows
@@ -173,6 +239,38 @@ static inline void evpl_xdp_build(uint8_t *h, const uint8_t *dmac, const uint8_t
     memcpy(udp + 6, &c, 2);
 }
 
+/* Write the 62 header bytes of an IPv6 frame at h, for the payload that
+ * follows them at h + 62 (plen bytes): hop limit 64, no flow label, the
+ * (mandatory) UDP checksum in full. */
+static inline void evpl_xdp_build6(uint8_t *h, const uint8_t *dmac, const uint8_t *smac,
+                                   const uint8_t *saddr, const uint8_t *daddr, uint16_t sport,
+                                   uint16_t dport, uint32_t plen)
+{
+    uint8_t *ip = h + 14, *udp = h + 54;
+    uint16_t ulen = (uint16_t)(plen + 8), c;
+    memcpy(h, dmac, 6);
+    memcpy(h + 6, smac, 6);
+    h[12] = 0x86;
+    h[13] = 0xdd;
+    ip[0] = 0x60;
+    ip[1] = ip[2] = ip[3] = 0;
+    ip[4] = ulen >> 8;
+    ip[5] = ulen & 0xff;
+    ip[6] = 17;
+    ip[7] = 64;
+    memcpy(ip + 8, saddr, 16);
+    memcpy(ip + 24, daddr, 16);
+    memcpy(udp, &sport, 2);
+    memcpy(udp + 2, &dport, 2);
+    udp[4] = ulen >> 8;
+    udp[5] = ulen & 0xff;
+    udp[6] = udp[7] = 0;
+    c = (uint16_t)~evpl_csum_fold(evpl_csum_add(evpl_pseudo6(saddr, daddr, ulen), udp, ulen));
+    if (c == 0)
+        c = 0xffff;
+    memcpy(udp + 6, &c, 2);
+}
+
 /* A socket filter that drops everything: the kernel socket that reserves a
  * Bind's port never queues what the kernel itself would deliver to it. */
 static int evpl_xdp_drop_all(int fd)
@@ -210,16 +308,19 @@ typedef struct {
     int ports_fd, xsks_fd;
     int stale_detached;             /* a stale evpl program was removed at start */
     uint32_t tx_out;                /* frames sent, completion not yet reaped */
+    uint32_t tx_budget;             /* frames one sendto sends in copy mode */
+    uint64_t tx_wakeups;            /* sendto calls */
     struct bpf_object *obj;
     int link_fd;                    /* the bpf_link: closing it detaches the program */
     struct xsk_umem *umem;
     evpl_xsq q[EVPL_XDP_MAXQ];
 } evpl_xdp;
 
-struct evpl_port_key {
-    uint32_t addr;
+struct evpl_port_key {             /* as in bpf/evpl_xdp.bpf.c */
+    uint32_t addr[4];
     uint16_t port;
-    uint16_t pad;
+    uint8_t family;
+    uint8_t pad;
 };
 
 static int evpl_libbpf_quiet(enum libbpf_print_level level, const char *fmt, va_list ap)
@@ -394,6 +495,27 @@ static void evpl_xdp_drop_sockets(evpl_xdp *x)
  * attached through a bpf_link (native mode, else generic), the sockets in
  * its XSKMAP. NULL with the reason in err. busy_poll: ask for busy polling
  * on the sockets (SO_PREFER_BUSY_POLL), where the kernel allows it. */
+#ifndef XDP_MAX_TX_SKB_BUDGET
+#define XDP_MAX_TX_SKB_BUDGET 9             /* Linux 6.17 */
+#endif
+
+/* Copy mode: let one sendto send up to budget frames (XDP_MAX_TX_SKB_BUDGET,
+ * 32..ring; the kernel's default is 32), so a burst of sends takes one
+ * wakeup instead of one per 32 frames. Kernels without the option keep 32:
+ * the budget in effect is recorded either way. */
+static void evpl_xdp_set_tx_budget(evpl_xdp *x, uint32_t budget)
+{
+    int i;
+    x->tx_budget = 32;
+    if (x->zerocopy || budget <= 32)
+        return;                     /* zero-copy: sendto only wakes the driver */
+    for (i = 0; i < x->nq; i++)
+        if (setsockopt(x->q[i].fd, SOL_XDP, XDP_MAX_TX_SKB_BUDGET, &budget,
+                       sizeof(budget)) < 0)
+            return;
+    x->tx_budget = budget;
+}
+
 static evpl_xdp *evpl_xdp_open(const char *ifname, int nq, void *area, uint64_t size,
                                uint32_t frame, uint32_t ring, int busy_poll, char *err,
                                size_t errlen)
@@ -582,8 +704,8 @@ static int evpl_xdp_tx(evpl_xdp *x, int q, uint64_t addr, uint32_t len)
 }
 
 /* Publish the frames queued on q and wake the kernel while it asks and has
- * frames left to send: in copy mode each sendto sends a batch (32 frames
- * by default), so a full ring takes several. Errors other than "try later"
+ * frames left to send: in copy mode each sendto sends a batch (tx_budget
+ * frames), so a ring fuller than that takes several. Errors other than "try later"
  * are returned (negative errno). */
 static int evpl_xdp_tx_flush(evpl_xdp *x, int q)
 {
@@ -598,6 +720,7 @@ static int evpl_xdp_tx_flush(evpl_xdp *x, int q)
         if (!xsk_ring_prod__needs_wakeup(tx) || before == tx->size)
             break;                  /* the kernel sends on its own, or took everything */
         /* EAGAIN: a batch was sent and more is left, or no room to complete */
+        x->tx_wakeups++;
         if (sendto(x->q[q].fd, NULL, 0, MSG_DONTWAIT, NULL, 0) < 0 && errno != EAGAIN
                 && errno != EBUSY && errno != ENOBUFS && errno != EINTR)
             return -errno;
@@ -621,10 +744,16 @@ static int evpl_xdp_comp(evpl_xdp *x, int q, uint64_t *addr, int max)
     return (int)n;
 }
 
-static int evpl_xdp_port(evpl_xdp *x, uint32_t addr, uint16_t port, int add)
+/* Redirect (add) or stop redirecting UDP to (addr, port) of the family
+ * (addr: 4 or 16 bytes, network order; all zero: any address). */
+static int evpl_xdp_port(evpl_xdp *x, int family, const uint8_t *addr, uint16_t port, int add)
 {
-    struct evpl_port_key k = {.addr = addr, .port = port, .pad = 0};
+    struct evpl_port_key k;
     uint32_t one = 1;
+    memset(&k, 0, sizeof(k));
+    memcpy(k.addr, addr, family == 6 ? 16 : 4);
+    k.port = port;
+    k.family = (uint8_t)family;
     int r = add ? bpf_map_update_elem(x->ports_fd, &k, &one, 0)
                 : bpf_map_delete_elem(x->ports_fd, &k);
     return r < 0 ? -errno : 0;
@@ -651,7 +780,8 @@ static int evpl_xdp_kstats(evpl_xdp *x, int q, uint64_t out[6])
 
 typedef struct {
     int ifindex, nq, zerocopy, attach_mode, epfd, stale_detached;
-    uint32_t tx_out;
+    uint32_t tx_out, tx_budget;
+    uint64_t tx_wakeups;
 } evpl_xdp;
 
 static const char *evpl_xdp_probe(void)
@@ -661,6 +791,7 @@ static const char *evpl_xdp_probe(void)
 }
 static const unsigned char *evpl_xdp_object(size_t *len) { *len = 0; return NULL; }
 static void evpl_xdp_close(evpl_xdp *x) { (void)x; }
+static void evpl_xdp_set_tx_budget(evpl_xdp *x, uint32_t budget) { (void)x; (void)budget; }
 static evpl_xdp *evpl_xdp_open(const char *ifname, int nq, void *area, uint64_t size,
                                uint32_t frame, uint32_t ring, int busy_poll, char *err,
                                size_t errlen)
@@ -678,7 +809,10 @@ static uint32_t evpl_xdp_tx_free(evpl_xdp *x, int q) { return 0; }
 static int evpl_xdp_tx(evpl_xdp *x, int q, uint64_t a, uint32_t l) { return 0; }
 static int evpl_xdp_tx_flush(evpl_xdp *x, int q) { return 0; }
 static int evpl_xdp_comp(evpl_xdp *x, int q, uint64_t *a, int m) { return 0; }
-static int evpl_xdp_port(evpl_xdp *x, uint32_t a, uint16_t p, int add) { return -ENOSYS; }
+static int evpl_xdp_port(evpl_xdp *x, int f, const uint8_t *a, uint16_t p, int add)
+{
+    return -ENOSYS;
+}
 static int evpl_xdp_kstats(evpl_xdp *x, int q, uint64_t out[6]) { return -ENOSYS; }
 
 #endif /* EVPL_HAVE_LIBXDP */

@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The AF_XDP backend: ``xdp_udp`` (UDP over IPv4, Ethernet frames written
-and read by evpl; see docs/xdp.md).
+"""The AF_XDP backend: ``xdp_udp`` (UDP over IPv4 and IPv6, Ethernet frames
+written and read by evpl; see docs/xdp.md).
 
 ``XdpDriver`` is one loop's AF_XDP state for one interface: a UMEM that is
 the single slab of a pinned Pool of its own, one AF_XDP socket per receive
@@ -25,7 +25,7 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint16_t, uint8_t
 from libc.errno cimport errno
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from posix.unistd cimport close as c_close
 
 from evpl._native.bind cimport Bind, Limits, S_OPEN, S_CLOSED
@@ -48,8 +48,13 @@ cdef extern from "evpl_xdp.h" nogil:
         int epfd
         int stale_detached
         uint32_t tx_out
+        uint32_t tx_budget
+        uint64_t tx_wakeups
     ctypedef struct evpl_pkt:
+        int family
         uint32_t saddr, daddr
+        uint8_t saddr6[16]
+        uint8_t daddr6[16]
         uint16_t sport, dport
         uint32_t off, len
     const char* evpl_xdp_probe()
@@ -58,6 +63,7 @@ cdef extern from "evpl_xdp.h" nogil:
                             uint32_t frame, uint32_t ring, int busy_poll, char* err,
                             size_t errlen)
     void evpl_xdp_close(evpl_xdp* x)
+    void evpl_xdp_set_tx_budget(evpl_xdp* x, uint32_t budget)
     int evpl_xdp_ready(void* ctx)
     int evpl_xdp_rx(evpl_xdp* x, int q, uint64_t* addr, uint32_t* len, int max)
     uint32_t evpl_xdp_fill_free(evpl_xdp* x, int q)
@@ -66,15 +72,19 @@ cdef extern from "evpl_xdp.h" nogil:
     int evpl_xdp_tx(evpl_xdp* x, int q, uint64_t addr, uint32_t len)
     int evpl_xdp_tx_flush(evpl_xdp* x, int q)
     int evpl_xdp_comp(evpl_xdp* x, int q, uint64_t* addr, int max)
-    int evpl_xdp_port(evpl_xdp* x, uint32_t addr, uint16_t port, int add)
+    int evpl_xdp_port(evpl_xdp* x, int family, const uint8_t* addr, uint16_t port, int add)
     int evpl_xdp_kstats(evpl_xdp* x, int q, uint64_t* out)
     int evpl_xdp_parse(const uint8_t* f, uint32_t flen, evpl_pkt* out)
     void evpl_xdp_build(uint8_t* h, const uint8_t* dmac, const uint8_t* smac, uint32_t saddr,
                         uint32_t daddr, uint16_t sport, uint16_t dport, uint32_t plen,
                         uint16_t ip_id)
+    void evpl_xdp_build6(uint8_t* h, const uint8_t* dmac, const uint8_t* smac,
+                         const uint8_t* saddr, const uint8_t* daddr, uint16_t sport,
+                         uint16_t dport, uint32_t plen)
     int evpl_xdp_drop_all(int fd)
     int EVPL_PKT_PARTIAL, EVPL_PKT_NOCSUM, EVPL_PKT_SHORT, EVPL_PKT_NOTUDP, EVPL_PKT_BADCSUM
-    int EVPL_XDP_HDR
+    int EVPL_PKT_EXTHDR
+    int EVPL_XDP_HDR, EVPL_XDP_HDR6
     int XDP_ATTACHED_DRV, XDP_ATTACHED_SKB
 
 cdef enum:
@@ -91,6 +101,17 @@ cdef int64_t NEIGH_TTL_NS = 5_000_000_000   # a cached MAC is looked up again af
 cdef int64_t ARP_TIMEOUT_NS = 3_000_000_000  # datagrams to an unresolved neighbour: dropped
 cdef int64_t SOLICIT_NS = 200_000_000       # ask the kernel to resolve at most this often
 cdef int64_t UNROUTABLE_TTL_NS = 1_000_000_000  # "no route through the interface" is kept
+cdef int SO_MEMINFO = 55, SK_MEMINFO_DROPS = 8, SK_MEMINFO_VARS = 9
+
+
+def _tx_budget() -> int:
+    """Frames one copy-mode sendto may send: the TX ring's size, unless
+    ``EVPL_XDP_TX_BUDGET`` says otherwise (32, the kernel's default, turns
+    the batching off; for comparisons)."""
+    try:
+        return max(32, min(RING, int(os.environ.get("EVPL_XDP_TX_BUDGET", RING))))
+    except ValueError:
+        return RING
 
 
 def xdp_unavailable_reason():
@@ -122,6 +143,14 @@ def program_object() -> bytes:
 
 cdef class XdpDatagram
 
+cdef uint8_t ZERO16[16]
+memset(ZERO16, 0, 16)
+
+
+cdef inline bint _link_local(const uint8_t* a6) noexcept nogil:
+    """fe80::/10"""
+    return a6[0] == 0xfe and (a6[1] & 0xc0) == 0x80
+
 
 cdef struct XdpSlot:
     evpl_xdp* x             # NULL while the driver is dormant (no Bind open)
@@ -150,6 +179,9 @@ cdef class XdpDriver(Driver):
     cdef bytes ifname
     cdef uint8_t mac[6]
     cdef uint32_t src_ip        # network order: the interface's first IPv4 address
+    cdef uint8_t src6[16]       # its first global IPv6 address (else its link-local one)
+    cdef uint8_t src6_ll[16]    # its link-local IPv6 address (else src6)
+    cdef bint has6
     cdef readonly int mtu
     cdef int nframes, nchunks, per_chunk
     cdef Chunk** rx_chunk       # pool buffer carved into receive frames, per index
@@ -166,25 +198,29 @@ cdef class XdpDriver(Driver):
     cdef bint tx_dirty
     cdef size_t pool_mark
     cdef uint16_t ip_id
-    # Binds: demultiplexed by (address, port), network order
+    # Binds: demultiplexed by (family, address, port), network order
     cdef int nbinds
+    cdef uint8_t b_fam[MAX_BINDS]
     cdef uint32_t b_addr[MAX_BINDS]
+    cdef uint8_t b_addr6[MAX_BINDS][16]     # all zero: any IPv6 address
     cdef uint16_t b_port[MAX_BINDS]
     cdef PyObject* b_obj[MAX_BINDS]
     cdef list blocked           # Binds waiting for send frames, ring room or ARP
-    # next-hop MAC cache
-    cdef uint32_t n_ip[NEIGH]
+    # next-hop MAC cache (IPv4 addresses in the first 4 bytes of the key)
+    cdef uint8_t n_fam[NEIGH]
+    cdef uint8_t n_ip[NEIGH][16]
     cdef uint8_t n_mac[NEIGH][6]
     cdef int64_t n_exp[NEIGH]
     cdef uint8_t n_bad[NEIGH]   # the entry says "not reachable through this interface"
-    cdef dict arp_pending       # ip (network order) -> [first try, last solicit] (ns)
+    cdef dict arp_pending       # packed address -> [first try, last solicit] (ns)
     cdef uint64_t scratch_a[BATCH]
     cdef uint32_t scratch_l[BATCH]
     cdef int busy_poll
     # counters
     cdef size_t st_rx, st_tx, st_tx_zc, st_tx_copy, st_ring_full, st_fill_starved
     cdef size_t st_bad_csum, st_short, st_not_udp, st_no_bind, st_partial, st_nocsum
-    cdef size_t st_arp_drops, st_unroutable, st_opens
+    cdef size_t st_wakeups         # sendto calls of sockets closed since
+    cdef size_t st_arp_drops, st_unroutable, st_opens, st_ext_hdr, st_not_peer, st_rx6, st_tx6
     cdef str xsk_mode, attach_mode
     cdef bint stale_detached
 
@@ -220,6 +256,13 @@ cdef class XdpDriver(Driver):
         self.src_ip = 0
         if link.ipv4:
             self.src_ip = int.from_bytes(socket.inet_aton(link.ipv4[0]), "little")
+        self.has6 = bool(link.ipv6)
+        if link.ipv6:       # global addresses first (netlink.Link.ipv6)
+            first = socket.inet_pton(socket.AF_INET6, link.ipv6[0])
+            ll = next((a for a in link.ipv6 if a.lower().startswith("fe80:")), link.ipv6[0])
+            memcpy(self.src6, <char*>first, 16)
+            ll_b = socket.inet_pton(socket.AF_INET6, ll)
+            memcpy(self.src6_ll, <char*>ll_b, 16)
         if self.mtu + 14 > FRAME - 256:
             raise ConfigError(f"{link.name}: MTU {self.mtu} does not fit evpl's "
                               f"{FRAME}-byte AF_XDP frames (at most {FRAME - 256 - 14})")
@@ -268,6 +311,7 @@ cdef class XdpDriver(Driver):
             raise BackendUnavailable(f"xdp_udp on {self.link.name}: {err.decode()}")
         self.slot.x = self.x
         _IN_USE[self.key] = self
+        evpl_xdp_set_tx_budget(self.x, _tx_budget())
         self.st_opens += 1
         self.xsk_mode = "zerocopy" if self.x.zerocopy else "copy"
         self.attach_mode = ("native" if self.x.attach_mode == XDP_ATTACHED_DRV else
@@ -311,6 +355,7 @@ cdef class XdpDriver(Driver):
         self.slot.x = NULL
         if _IN_USE.get(self.key) is self:
             del _IN_USE[self.key]
+        self.st_wakeups += self.x.tx_wakeups
         evpl_xdp_close(self.x)
         self.x = NULL
         for i in range(self.nframes):
@@ -366,9 +411,12 @@ cdef class XdpDriver(Driver):
         cdef Chunk* c
         cdef XdpDatagram b
         cdef sockaddr_in sin
+        cdef sockaddr_in6 sin6
         cdef int total = 0
         memset(&sin, 0, sizeof(sin))
         sin.sin_family = AF_INET
+        memset(&sin6, 0, sizeof(sin6))
+        sin6.sin6_family = AF_INET6
         while self.x != NULL:
             n = evpl_xdp_rx(self.x, q, self.scratch_a, self.scratch_l, BATCH)
             for i in range(n):
@@ -382,6 +430,8 @@ cdef class XdpDriver(Driver):
                     self.st_bad_csum += 1
                 elif r == EVPL_PKT_SHORT:
                     self.st_short += 1
+                elif r == EVPL_PKT_EXTHDR:
+                    self.st_ext_hdr += 1
                 elif r < 0:
                     self.st_not_udp += 1
                 else:
@@ -389,19 +439,26 @@ cdef class XdpDriver(Driver):
                         self.st_partial += 1
                     elif r == EVPL_PKT_NOCSUM:
                         self.st_nocsum += 1
-                    b = None
-                    for j in range(self.nbinds):
-                        if self.b_port[j] == pkt.dport and (self.b_addr[j] == pkt.daddr
-                                                            or self.b_addr[j] == 0):
-                            b = <XdpDatagram>self.b_obj[j]
-                            break
+                    b = self._bind_for(&pkt)
                     if b is None or b.state != S_OPEN:
                         self.st_no_bind += 1
+                    elif b.dgram_connected and not b._from_peer(&pkt):
+                        self.st_not_peer += 1       # a connected socket's filter
                     else:
                         self.rx_off[a // FRAME] = <uint16_t>(a % FRAME + pkt.off)
-                        sin.sin_addr.s_addr = pkt.saddr
-                        sin.sin_port = pkt.sport
-                        addr = b._rx_address(<sockaddr*>&sin, sizeof(sockaddr_in))
+                        if pkt.family == 4:
+                            sin.sin_addr.s_addr = pkt.saddr
+                            sin.sin_port = pkt.sport
+                            addr = b._rx_address(<sockaddr*>&sin, sizeof(sockaddr_in))
+                        else:
+                            self.st_rx6 += 1
+                            memcpy(sin6.sin6_addr.s6_addr, pkt.saddr6, 16)
+                            sin6.sin6_port = pkt.sport
+                            # as the kernel reports it: a link-local sender
+                            # with the interface as its scope
+                            sin6.sin6_scope_id = (<uint32_t>self.link.index
+                                                  if _link_local(pkt.saddr6) else 0)
+                            addr = b._rx_address(<sockaddr*>&sin6, sizeof(sockaddr_in6))
                         b._deliver_one(c, self.base + a + pkt.off, pkt.len, addr)
                     b = None
                 if self.x == NULL:          # a callback closed the last Bind
@@ -416,6 +473,20 @@ cdef class XdpDriver(Driver):
             if n < BATCH:
                 break
         return total
+
+    cdef XdpDatagram _bind_for(self, evpl_pkt* pkt):
+        """The Bind a datagram is for (None if none)."""
+        cdef int j
+        for j in range(self.nbinds):
+            if self.b_port[j] != pkt.dport or self.b_fam[j] != pkt.family:
+                continue
+            if pkt.family == 4:
+                if self.b_addr[j] == pkt.daddr or self.b_addr[j] == 0:
+                    return <XdpDatagram>self.b_obj[j]
+            elif (memcmp(self.b_addr6[j], pkt.daddr6, 16) == 0
+                    or memcmp(self.b_addr6[j], ZERO16, 16) == 0):
+                return <XdpDatagram>self.b_obj[j]
+        return None
 
     # ---- send ---------------------------------------------------------------
 
@@ -441,43 +512,50 @@ cdef class XdpDriver(Driver):
                 if n < BATCH:
                     break
 
-    cdef int _mac(self, uint32_t ip, uint8_t* out) except -2:
-        """The next hop's MAC for destination ``ip`` (network order): 1 found,
-        0 being resolved (retry later), -1 unreachable through this interface
-        or unresolved for too long."""
-        cdef int h = <int>((ip ^ (ip >> 16)) & (NEIGH - 1))
+    cdef int _mac(self, int fam, const uint8_t* ip, uint8_t* out) except -2:
+        """The next hop's MAC for destination ``ip`` (network order, 4 or 16
+        bytes by ``fam``): 1 found, 0 being resolved (retry later), -1
+        unreachable through this interface or unresolved for too long."""
+        cdef int n = 16 if fam == 6 else 4
+        cdef uint32_t k
+        cdef int h
         cdef int64_t now = evpl_now_ns()
-        if self.n_ip[h] == ip and self.n_exp[h] > now:
+        memcpy(&k, ip + n - 4, 4)
+        h = <int>((k ^ (k >> 16)) & (NEIGH - 1))
+        if self.n_fam[h] == fam and memcmp(self.n_ip[h], ip, n) == 0 and self.n_exp[h] > now:
             if self.n_bad[h]:
                 self.st_unroutable += 1
                 return -1
             memcpy(out, self.n_mac[h], 6)
             return 1
-        dst = socket.inet_ntoa(ip.to_bytes(4, "little"))
+        raw = (<char*>ip)[:n]
+        dst = socket.inet_ntop(socket.AF_INET6 if fam == 6 else socket.AF_INET, raw)
         try:
-            hop, oif = self.nl.next_hop(dst)
+            hop, oif = self.nl.next_hop(dst, self.link.index if _link_local(ip) and fam == 6
+                                        else 0)
         except OSError:
             oif = -1
+        self.n_fam[h] = fam
+        memcpy(self.n_ip[h], ip, n)
         if oif != self.link.index:          # remembered for a second
-            self.n_ip[h] = ip
             self.n_exp[h] = now + UNROUTABLE_TTL_NS
             self.n_bad[h] = 1
             self.st_unroutable += 1
             return -1
         mac = self.nl.neighbour(hop, self.link.index)
         if mac is not None:
-            self.arp_pending.pop(ip, None)
-            self.n_ip[h] = ip
+            self.arp_pending.pop(raw, None)
             self.n_exp[h] = now + NEIGH_TTL_NS
             self.n_bad[h] = 0
             memcpy(self.n_mac[h], <char*>mac, 6)
             memcpy(out, self.n_mac[h], 6)
             return 1
-        p = self.arp_pending.get(ip)
+        self.n_exp[h] = 0                   # not cached
+        p = self.arp_pending.get(raw)
         if p is None:
-            p = self.arp_pending[ip] = [now, 0]
+            p = self.arp_pending[raw] = [now, 0]
         if now - p[0] > ARP_TIMEOUT_NS:
-            del self.arp_pending[ip]
+            del self.arp_pending[raw]
             self.st_arp_drops += 1
             return -1
         if now - p[1] > SOLICIT_NS:
@@ -485,17 +563,18 @@ cdef class XdpDriver(Driver):
             self.nl.solicit(hop, self.link.index)
         return 0
 
-    cdef int _frame_for(self, TxEntry* e, uint32_t* fi_out) noexcept:
+    cdef int _frame_for(self, TxEntry* e, uint32_t hdr, uint32_t* fi_out) noexcept:
         """The frame to send ``e`` from: its own (1) when it is the payload of
-        a received frame not already being sent, else a send frame (0) it
-        must be copied into; -1 if none is free."""
+        a received frame not already being sent, with ``hdr`` bytes of room
+        for the headers before it, else a send frame (0) it must be copied
+        into; -1 if none is free."""
         cdef size_t off
         cdef uint32_t fi, fo
         if e.ptr >= self.base and e.ptr < self.base + UMEM_BYTES:
             off = <size_t>(e.ptr - self.base)
             fi = <uint32_t>(off // FRAME)
             fo = <uint32_t>(off % FRAME)
-            if (self.rx_off[fi] == fo and fo >= <uint32_t>EVPL_XDP_HDR
+            if (self.rx_off[fi] == fo and fo >= hdr
                     and fo + e.len <= FRAME and not self.tx_busy[fi]):
                 fi_out[0] = fi
                 return 1
@@ -528,13 +607,17 @@ cdef class XdpDriver(Driver):
         cdef int r
         if self.nbinds == MAX_BINDS:
             raise ConfigError(f"at most {MAX_BINDS} xdp_udp Binds per interface and loop")
+        if b.family == 6 and not self.has6:
+            raise ConfigError(f"{self.link.name} has no usable IPv6 address to send from")
         if self.x == NULL:
             self._open()
-        r = evpl_xdp_port(self.x, b.laddr, b.lport, 1)
+        r = evpl_xdp_port(self.x, b.family, b._laddr_bytes(), b.lport, 1)
         if r < 0:
             if self.nbinds == 0:
                 self._teardown()
             raise OSError(-r, "adding the port to evpl's XDP program")
+        self.b_fam[self.nbinds] = <uint8_t>b.family
+        memcpy(self.b_addr6[self.nbinds], b.laddr6, 16)
         self.b_addr[self.nbinds] = b.laddr
         self.b_port[self.nbinds] = b.lport
         self.b_obj[self.nbinds] = <PyObject*>b     # the Bind removes itself on close
@@ -546,8 +629,10 @@ cdef class XdpDriver(Driver):
         for j in range(self.nbinds):
             if self.b_obj[j] == <PyObject*>b:
                 if self.x != NULL:
-                    evpl_xdp_port(self.x, b.laddr, b.lport, 0)
+                    evpl_xdp_port(self.x, b.family, b._laddr_bytes(), b.lport, 0)
                 self.nbinds -= 1
+                self.b_fam[j] = self.b_fam[self.nbinds]
+                memcpy(self.b_addr6[j], self.b_addr6[self.nbinds], 16)
                 self.b_addr[j] = self.b_addr[self.nbinds]
                 self.b_port[j] = self.b_port[self.nbinds]
                 self.b_obj[j] = self.b_obj[self.nbinds]
@@ -616,7 +701,11 @@ cdef class XdpDriver(Driver):
     cdef void _stats(self, dict d):
         cdef uint64_t k[6]
         cdef uint64_t tot[6]
+        cdef uint32_t mem[9]
+        cdef socklen_t mlen
+        cdef size_t sock_drops = 0
         cdef int q, i
+        cdef XdpDatagram b
         p = "xdp_" if "xdp_mode" not in d else f"xdp_{self.link.name}_"
         memset(tot, 0, sizeof(tot))
         if self.x != NULL:
@@ -624,6 +713,12 @@ cdef class XdpDriver(Driver):
                 if evpl_xdp_kstats(self.x, q, k) == 0:
                     for i in range(6):
                         tot[i] += k[i]
+        for i in range(self.nbinds):
+            b = <XdpDatagram>self.b_obj[i]
+            mlen = sizeof(mem)
+            if b.fd >= 0 and getsockopt(b.fd, SOL_SOCKET, SO_MEMINFO, mem, &mlen) == 0 \
+                    and mlen >= SK_MEMINFO_VARS * sizeof(uint32_t):
+                sock_drops += mem[SK_MEMINFO_DROPS]
         d[p + "mode"] = self.xsk_mode
         d[p + "attach"] = self.attach_mode
         d[p + "queues"] = self.x.nq if self.x != NULL else 0
@@ -633,9 +728,18 @@ cdef class XdpDriver(Driver):
         d[p + "tx_zerocopy"] = self.st_tx_zc
         d[p + "tx_copied"] = self.st_tx_copy
         d[p + "tx_ring_full"] = self.st_ring_full
+        d[p + "tx_wakeups"] = self.st_wakeups + (self.x.tx_wakeups if self.x != NULL else 0)
+        d[p + "tx_budget"] = self.x.tx_budget if self.x != NULL else 0
         d[p + "fill_starved"] = self.st_fill_starved
         d[p + "rx_bad_checksum"] = self.st_bad_csum
         d[p + "rx_truncated"] = self.st_short
+        d[p + "rx_ipv6_ext_headers"] = self.st_ext_hdr
+        d[p + "rx_not_peer"] = self.st_not_peer
+        d[p + "rx_ipv6"] = self.st_rx6
+        d[p + "tx_ipv6"] = self.st_tx6
+        # datagrams for a Bind's port the program left to the kernel (IPv4
+        # fragments, IPv6 extension headers): its port-reserving socket drops them
+        d[p + "kernel_socket_drops"] = sock_drops
         d[p + "rx_not_udp"] = self.st_not_udp
         d[p + "rx_no_bind"] = self.st_no_bind
         d[p + "rx_partial_checksum"] = self.st_partial
@@ -655,24 +759,50 @@ cdef class XdpDriver(Driver):
 @cython.final
 cdef class XdpDatagram(Bind):
     """An ``xdp_udp`` Bind. Its fd is a kernel UDP socket bound to the same
-    address: it reserves the port (so port 0 works and no other program
-    takes it) and answers ``local_address``; a socket filter makes it drop
-    whatever the kernel itself would deliver to it."""
+    address (connected to the peer for a connected Bind): it reserves the
+    port (so port 0 works and no other program takes it) and answers
+    ``local_address`` and ``peer_address``; a socket filter makes it drop
+    whatever the kernel itself would deliver to it. A connected Bind also
+    listens for the errors its socket reports (ICMP port unreachable for the
+    datagrams sent through AF_XDP reaches it: the kernel matches the ICMP's
+    quoted headers to the connected socket)."""
     cdef XdpDriver drv
-    cdef uint32_t laddr         # network order (0: any address of the interface)
+    cdef int family             # 4 or 6
+    cdef uint32_t laddr         # IPv4, network order (0: any address of the interface)
+    cdef uint8_t laddr6[16]     # IPv6 (all zero: any)
     cdef uint16_t lport
     cdef bint blocked
     cdef bint added
 
+    cdef const uint8_t* _laddr_bytes(self):
+        return <const uint8_t*>&self.laddr if self.family == 4 else self.laddr6
+
+    cdef bint _from_peer(self, evpl_pkt* pkt):
+        """A connected Bind takes only its peer's datagrams (as a connected
+        kernel socket does)."""
+        cdef sockaddr_in* s4 = <sockaddr_in*>&self.tx_sa
+        if pkt.family == 4:
+            return s4.sin_port == pkt.sport and s4.sin_addr.s_addr == pkt.saddr
+        return (self.tx_sa.sin6_port == pkt.sport
+                and memcmp(self.tx_sa.sin6_addr.s6_addr, pkt.saddr6, 16) == 0)
+
     cdef int _check_datagram(self, TxEntry* e) except -1:
-        cdef size_t most = <size_t>(self.drv.mtu - 28)
+        cdef size_t most = <size_t>(self.drv.mtu - (48 if self.family == 6 else 28))
         if e.len > most:
             txq_unpush_from(&self.txq, e)
             raise ValueError(f"datagram of {e.len} bytes exceeds what one frame on "
                              f"{self.drv.link.name} carries ({most} bytes: MTU "
-                             f"{self.drv.mtu} less the IPv4 and UDP headers); xdp_udp "
-                             f"does not fragment")
+                             f"{self.drv.mtu} less the IPv{self.family} and UDP headers); "
+                             f"xdp_udp does not fragment")
         return 0
+
+    cdef void _event(self, uint32_t events):
+        """The connected socket reported an error (ICMP): as a kernel
+        connected datagram Bind, refusal closes it (Bind._dgram_error)."""
+        cdef int err = 0
+        cdef socklen_t n = sizeof(err)
+        if getsockopt(self.fd, SOL_SOCKET, SO_ERROR, &err, &n) == 0 and err:
+            self._dgram_error(err)
 
     cdef bint _send_busy(self):
         return False
@@ -714,8 +844,11 @@ cdef class XdpDatagram(Bind):
         cdef TxQueue* q = &self.txq
         cdef TxEntry* e
         cdef sockaddr_in* sa
+        cdef sockaddr_in6* sa6
         cdef uint8_t dmac[6]
         cdef uint32_t fi, daddr, saddr
+        cdef uint32_t hdr = <uint32_t>(EVPL_XDP_HDR6 if self.family == 6 else EVPL_XDP_HDR)
+        cdef const uint8_t* src6
         cdef uint64_t faddr
         cdef uint8_t* h
         cdef int r, zc
@@ -724,33 +857,55 @@ cdef class XdpDatagram(Bind):
         while not txq_empty(q):
             e = &q.e[q.head]
             sa = <sockaddr_in*>(&e.sa if e.salen else &self.tx_sa)
-            if sa.sin_family != AF_INET or sa.sin_port == 0:
-                self._drop_head(q)          # IPv6 or port 0: the kernel refuses these too
-                continue
-            daddr = sa.sin_addr.s_addr
-            r = d._mac(daddr, dmac)
+            sa6 = <sockaddr_in6*>sa
+            if self.family == 4:
+                if sa.sin_family != AF_INET or sa.sin_port == 0:
+                    self._drop_head(q)      # IPv6 or port 0: the kernel refuses these too
+                    continue
+                daddr = sa.sin_addr.s_addr
+                r = d._mac(4, <uint8_t*>&daddr, dmac)
+            else:
+                if (sa6.sin6_family != AF_INET6 or sa6.sin6_port == 0
+                        or (sa6.sin6_scope_id != 0
+                            and sa6.sin6_scope_id != <uint32_t>d.link.index)):
+                    self._drop_head(q)      # IPv4, port 0, or another interface's scope
+                    continue
+                r = d._mac(6, sa6.sin6_addr.s6_addr, dmac)
             if r == 0:
                 d._block(self)
                 break
             if r < 0:
                 self._drop_head(q)
                 continue
-            zc = d._frame_for(e, &fi)
+            zc = d._frame_for(e, hdr, &fi)
             if zc < 0:
                 d._block(self)
                 break
             if zc:
-                h = <uint8_t*>(e.ptr - EVPL_XDP_HDR)
+                h = <uint8_t*>(e.ptr - hdr)
             else:
                 h = <uint8_t*>(d.base + <size_t>fi * FRAME)
-                memcpy(h + EVPL_XDP_HDR, e.ptr, e.len)
+                memcpy(h + hdr, e.ptr, e.len)
             faddr = <uint64_t>(<char*>h - d.base)
-            saddr = self.laddr if self.laddr else d.src_ip
-            d.ip_id += 1
-            evpl_xdp_build(h, dmac, d.mac, saddr, daddr, self.lport, sa.sin_port,
-                           <uint32_t>e.len, d.ip_id)
-            if not evpl_xdp_tx(d.x, 0, faddr, <uint32_t>(e.len + EVPL_XDP_HDR)):
+            if self.family == 4:
+                saddr = self.laddr if self.laddr else d.src_ip
+                d.ip_id += 1
+                evpl_xdp_build(h, dmac, d.mac, saddr, daddr, self.lport, sa.sin_port,
+                               <uint32_t>e.len, d.ip_id)
+            else:
+                if memcmp(self.laddr6, ZERO16, 16) != 0:
+                    src6 = self.laddr6
+                elif _link_local(sa6.sin6_addr.s6_addr):
+                    src6 = d.src6_ll
+                else:
+                    src6 = d.src6
+                evpl_xdp_build6(h, dmac, d.mac, src6, sa6.sin6_addr.s6_addr, self.lport,
+                                sa6.sin6_port, <uint32_t>e.len)
+                d.st_tx6 += 1
+            if not evpl_xdp_tx(d.x, 0, faddr, <uint32_t>(e.len + hdr)):
                 d.st_ring_full += 1
+                if self.family == 6:
+                    d.st_tx6 -= 1
                 if not zc:
                     d.tx_free[d.ntx_free] = fi
                     d.ntx_free += 1
@@ -785,6 +940,8 @@ cdef class XdpDatagram(Bind):
         if self.added:
             self.added = False
             self.drv._remove_bind(self)
+        if self.in_epoll:
+            self.loop._ep_del(self, False)      # closing the fd removes it
         if self.fd >= 0:
             c_close(self.fd)
 
@@ -808,20 +965,24 @@ cdef XdpDriver driver_for(LoopCore loop, link, nl, key):
 
 def datagram(LoopCore loop, int fd, str backend, handler, Limits limits, bint gso=False,
              peer=None):
-    """Connected datagram sockets are not offered by xdp_udp: use
-    ``Loop.bind(..., interface=)`` and ``sendto``."""
+    """Not the way to an xdp_udp Bind (it needs an interface): see
+    ``evpl.core.xdp``, which ``Loop.bind`` and ``Loop.connect`` use."""
     c_close(fd)
     raise ConfigError("xdp_udp Binds are made with loop.bind(\"xdp_udp\", (ip, port), handler, "
-                      "interface=...) and send with sendto (no connected datagram Binds)")
+                      "interface=...) or loop.connect(\"xdp_udp\", (ip, port), handler, "
+                      "interface=...)")
 
 
 def xdp_datagram(LoopCore loop, int fd, str backend, handler, Limits limits, link, nl,
-                 key, uint32_t laddr, uint16_t lport):
-    """A Bind receiving the UDP datagrams to (laddr, lport) (network order)
-    on ``link`` through AF_XDP; ``fd`` is the kernel socket that reserves
-    the port."""
+                 key, bytes laddr, uint16_t lport, peer=None):
+    """A Bind receiving the UDP datagrams to (laddr, lport) (network order;
+    4 bytes for IPv4, 16 for IPv6) on ``link`` through AF_XDP; ``fd`` is
+    the kernel socket that reserves the port. ``peer``: the (host, port)
+    the socket is connected to (a connected Bind: ``send``, and only the
+    peer's datagrams)."""
     cdef XdpDriver d
     cdef XdpDatagram b
+    cdef socklen_t salen
     try:
         d = driver_for(loop, link, nl, key)
     except BaseException:
@@ -832,16 +993,43 @@ def xdp_datagram(LoopCore loop, int fd, str backend, handler, Limits limits, lin
         raise OSError(errno, "SO_ATTACH_FILTER on the port's kernel socket")
     b = XdpDatagram.__new__(XdpDatagram)
     b.drv = d
-    b.laddr = laddr
     b.lport = lport
+    if len(laddr) == 16:
+        b.family = 6
+        memcpy(b.laddr6, <char*>laddr, 16)
+    else:
+        b.family = 4
+        b.laddr = int.from_bytes(laddr, "little")
     b._setup(loop, fd, backend, False, handler, None, limits)
     try:
+        if peer is not None:
+            _sockaddr(peer, b.family, &b.tx_sa, &salen)
+            b.tx_salen = salen
+            loop._ep_add(b, fd, 0)              # errors (EPOLLERR) only
         d._add_bind(b)
     except BaseException:
         b._close(None)
         raise
     b.added = True
-    b._adopt_datagram(False, None, False)
+    b._adopt_datagram(False, peer, False)
     return b
 
 
+cdef int _sockaddr(addr, int family, sockaddr_in6* out, socklen_t* outlen) except -1:
+    """A connected Bind's peer as the sockaddr its sends go to."""
+    cdef sockaddr_in* s4 = <sockaddr_in*>out
+    memset(out, 0, sizeof(sockaddr_in6))
+    if family == 4:
+        raw = socket.inet_pton(socket.AF_INET, addr[0])
+        s4.sin_family = AF_INET
+        s4.sin_port = htons(addr[1])
+        memcpy(&s4.sin_addr, <char*>raw, 4)
+        outlen[0] = sizeof(sockaddr_in)
+    else:
+        raw = socket.inet_pton(socket.AF_INET6, addr[0])
+        out.sin6_family = AF_INET6
+        out.sin6_port = htons(addr[1])
+        memcpy(out.sin6_addr.s6_addr, <char*>raw, 16)
+        out.sin6_scope_id = addr[3] if len(addr) > 3 else 0
+        outlen[0] = sizeof(sockaddr_in6)
+    return 0

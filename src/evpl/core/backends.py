@@ -142,9 +142,9 @@ def _probe_xdp() -> str | None:
 
 register(_Backend(
     "xdp_udp", "datagram", socket.AF_INET,
-    frozenset({"datagram", "xdp", "inet", "kernel_bypass", "zero_copy_send"}),
+    frozenset({"datagram", "xdp", "inet", "inet6", "kernel_bypass", "zero_copy_send"}),
     "UDP over AF_XDP (evpl's XDP program, UMEM from a pinned pool, zero-copy receive and "
-    "send; loop.bind(..., interface=)); IPv4, datagrams up to the MTU",
+    "send; loop.bind/connect(..., interface=)); IPv4 and IPv6, datagrams up to the MTU",
     _probe_xdp, "evpl._native.xdp",
 ))
 

@@ -243,6 +243,14 @@ class Loop(LoopCore):
         ``send(data)`` sends a datagram to ``address``, only its datagrams
         are received, and a peer that refuses them (ICMP port unreachable)
         closes the Bind with ``ConnectionRefused``."""
+        if backend == "xdp_udp":           # available once given an interface
+            if framing is not None:
+                raise ConfigError("datagram Binds carry no framing")
+            from evpl.core import xdp
+            return xdp.connect(self, backend, address, _make_handler(handler),
+                               _limits(options, False), options)
+        if "interface" in options:
+            raise ConfigError("interface= is an xdp_udp option")
         info = _backends.get(backend)
         limits = _limits(options, framing is not None)
         if info.kind == "datagram":

@@ -2,10 +2,11 @@
 
 An AF_XDP Bind writes whole Ethernet frames, so it needs what the kernel's
 IP stack would otherwise know: the interface's MAC address, MTU, receive
-queues and IPv4 addresses, the route to a destination (its next hop), and
-the next hop's MAC address from the kernel's neighbour table. ARP stays the
-kernel's job: when the table has no usable entry, :meth:`Netlink.solicit`
-asks the kernel to resolve it (``NTF_USE``), as its own UDP stack would.
+queues and IPv4 and IPv6 addresses, the route to a destination (its next
+hop), and the next hop's MAC address from the kernel's neighbour table (ARP
+for IPv4, neighbour discovery for IPv6). Resolving stays the kernel's job:
+when the table has no usable entry, :meth:`Netlink.solicit` asks the kernel
+to resolve it (``NTF_USE``), as its own UDP stack would.
 
 A :class:`Netlink` answers for the network namespace it was created in
 (its socket's), whichever namespace the calling thread is in later.
@@ -26,7 +27,8 @@ RTM_GETLINK, RTM_NEWNEIGH, RTM_GETNEIGH, RTM_GETADDR, RTM_GETROUTE = 18, 28, 30,
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x100, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_NUM_RX_QUEUES = 1, 3, 4, 32
-IFA_LOCAL = 2
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_TENTATIVE, IFA_F_DADFAILED = 0x40, 0x08
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
 NDA_DST, NDA_LLADDR = 1, 2
 NTF_USE = 0x01
@@ -49,6 +51,7 @@ class Link:
     mtu: int
     rx_queues: int
     ipv4: tuple[str, ...]
+    ipv6: tuple[str, ...] = ()      # usable ones (not tentative), global ones first
 
 
 def _attrs(data: bytes, off: int) -> dict[int, bytes]:
@@ -123,7 +126,7 @@ class Netlink:
         mtu = struct.unpack("=I", a[IFLA_MTU])[0] if IFLA_MTU in a else 1500
         nrx = struct.unpack("=I", a[IFLA_NUM_RX_QUEUES])[0] if IFLA_NUM_RX_QUEUES in a else 1
         return Link(name, index, a.get(IFLA_ADDRESS, b"\0" * 6), mtu, max(1, nrx),
-                    self.ipv4(index))
+                    self.ipv4(index), self.ipv6(index))
 
     def ipv4(self, index: int) -> tuple[str, ...]:
         """The IPv4 addresses of interface ``index``."""
@@ -137,21 +140,48 @@ class Netlink:
                 out.append(socket.inet_ntoa(a[IFA_LOCAL]))
         return tuple(out)
 
-    def next_hop(self, dst: str) -> tuple[str, int]:
-        """(next hop address, output interface index) of the route to ``dst``."""
-        body = struct.pack("=BBBBBBBBI", socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0)
-        body += _attr(RTA_DST, socket.inet_aton(dst))
+    def ipv6(self, index: int) -> tuple[str, ...]:
+        """The IPv6 addresses of interface ``index`` that can be used as a
+        source (not tentative, DAD not failed): global ones first, then the
+        link-local ones."""
+        body = struct.pack("=BBBBI", socket.AF_INET6, 0, 0, 0, 0)
+        glob, local = [], []
+        try:
+            replies = self._request(RTM_GETADDR, NLM_F_DUMP, body)
+        except NetlinkError:
+            return ()                       # a kernel without IPv6
+        for _typ, payload in replies:
+            flags, _scope, aindex = struct.unpack_from("=BBI", payload, 2)
+            if aindex != index or flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                continue
+            a = _attrs(payload, 8)
+            raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
+            if raw and len(raw) == 16:
+                addr = ipaddress.IPv6Address(raw)
+                (local if addr.is_link_local else glob).append(str(addr))
+        return tuple(glob + local)
+
+    def next_hop(self, dst: str, oif: int = 0) -> tuple[str, int]:
+        """(next hop address, output interface index) of the route to
+        ``dst`` (IPv4 or IPv6); ``oif``: the interface a link-local IPv6
+        destination is on."""
+        family, raw = _family(dst)
+        body = struct.pack("=BBBBBBBBI", family, 8 * len(raw), 0, 0, 0, 0, 0, 0, 0)
+        body += _attr(RTA_DST, raw)
+        if oif:
+            body += _attr(RTA_OIF, struct.pack("=i", oif))
         replies = self._request(RTM_GETROUTE, 0, body)
         a = _attrs(replies[0][1], 12)
-        gw = socket.inet_ntoa(a[RTA_GATEWAY]) if RTA_GATEWAY in a else dst
+        gw = socket.inet_ntop(family, a[RTA_GATEWAY]) if RTA_GATEWAY in a else dst
         oif = struct.unpack("=i", a[RTA_OIF])[0] if RTA_OIF in a else 0
         return gw, oif
 
     def neighbour(self, ip: str, index: int) -> bytes | None:
-        """The MAC address of ``ip`` on interface ``index`` if the kernel's
-        neighbour table has a usable entry, else None."""
-        body = struct.pack("=BxxxiHBB", socket.AF_INET, index, 0, 0, 0)
-        body += _attr(NDA_DST, socket.inet_aton(ip))
+        """The MAC address of ``ip`` (IPv4 or IPv6) on interface ``index``
+        if the kernel's neighbour table has a usable entry, else None."""
+        family, raw = _family(ip)
+        body = struct.pack("=BxxxiHBB", family, index, 0, 0, 0)
+        body += _attr(NDA_DST, raw)
         try:
             replies = self._request(RTM_GETNEIGH, 0, body)
         except NetlinkError:
@@ -166,15 +196,31 @@ class Netlink:
         return lladdr
 
     def solicit(self, ip: str, index: int) -> None:
-        """Ask the kernel to resolve ``ip`` on interface ``index`` (ARP)."""
+        """Ask the kernel to resolve ``ip`` on interface ``index`` (ARP, or
+        an IPv6 neighbour solicitation)."""
         # as `ip neigh replace IP dev DEV use` does: with NTF_USE the state
         # given is not applied, but the kernel wants one
-        body = struct.pack("=BxxxiHBB", socket.AF_INET, index, NUD_PERMANENT, NTF_USE, 0)
-        body += _attr(NDA_DST, socket.inet_aton(ip))
+        family, raw = _family(ip)
+        body = struct.pack("=BxxxiHBB", family, index, NUD_PERMANENT, NTF_USE, 0)
+        body += _attr(NDA_DST, raw)
         try:
             self._request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK, body)
         except NetlinkError:
             pass                            # the next lookup tells
+
+
+def _family(ip: str) -> tuple[int, bytes]:
+    """(address family, packed address) of a numeric IPv4 or IPv6 address."""
+    if ":" in ip:
+        return socket.AF_INET6, socket.inet_pton(socket.AF_INET6, ip)
+    return socket.AF_INET, socket.inet_aton(ip)
+
+
+def is_ipv6(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def is_ipv4(host: str) -> bool:
