@@ -236,6 +236,68 @@ def test_batched_messages(tmp_path):
     assert _read(path, 1)["ok"] is True and _read(path, 0)["sent"] == N
 
 
+def test_await_replies_in_coroutines(tmp_path):
+    """A shard's coroutines (evpl.aio attached to its loop) await
+    submit_to's futures: replies in order, a failing handler's error
+    raised at the await, and a cancelled await does not break the rest."""
+    path = str(tmp_path)
+
+    def main(shard):
+        if shard.id == 1:
+            done = []
+
+            def on_request(src, payload):
+                if bytes(payload) == b"boom":
+                    raise ValueError("no")
+                return bytes(payload).upper()
+
+            shard.on_request = on_request
+            shard.on_message = lambda src, payload: done.append(1)
+            shard.loop.run_until(lambda: done, timeout=TIMEOUT * 3)
+            _finish(shard, path)
+            return
+        import asyncio
+
+        import evpl.aio
+
+        aloop = evpl.aio.attach(shard.loop)
+
+        async def client():
+            replies = [await shard.submit_to(1, b"r%d" % i) for i in range(200)]
+            try:
+                await shard.submit_to(1, b"boom")
+                error = None
+            except evpl.EvplError as exc:
+                error = type(exc).__name__
+            slow = asyncio.ensure_future(_await(shard.submit_to(1, b"late")))
+            slow.cancel()
+            cancelled = False
+            try:
+                await slow
+            except asyncio.CancelledError:
+                cancelled = True
+            after = await shard.submit_to(1, b"after")
+            return replies, error, cancelled, after
+
+        task = aloop.create_task(client())
+        shard.loop.run_until(task.done, timeout=TIMEOUT * 3)
+        replies, error, cancelled, after = task.result()
+        shard.send_to(1, b"done")
+        shard.loop.run_until(lambda: not any(shard._backlog), timeout=TIMEOUT)
+        aloop.close()
+        _finish(shard, path, ok=replies == [b"R%d" % i for i in range(200)],
+                error=error, cancelled=cancelled, after=after.decode())
+
+    assert shards.run(main, 2) == [0, 0]
+    r = _read(path, 0)
+    assert r["ok"] is True and r["cancelled"] is True and r["after"] == "AFTER"
+    assert r["error"] == "ShardError", r["error"]
+
+
+async def _await(fut):
+    return await fut
+
+
 def test_stop_group():
     """One shard ends the whole group; the others exit cleanly."""
     def main(shard):

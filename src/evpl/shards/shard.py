@@ -3,9 +3,11 @@ loop, cross-shard messages and listeners shared with the other shards."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pickle
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -23,8 +25,9 @@ _log = logging.getLogger("evpl")
 class ShardFuture:
     """The reply of another shard's ``on_request``. Completed on this
     shard's loop: ``add_done_callback`` functions run there. Do not block
-    on it in a callback (the loop would stop); use callbacks, or
-    ``shard.loop.run_until(fut.done)`` outside one."""
+    on it in a callback (the loop would stop); use callbacks, ``await`` it
+    in a coroutine on ``evpl.aio.attach(shard.loop)``, or
+    ``shard.loop.run_until(fut.done)`` outside a callback."""
 
     __slots__ = ("_callbacks", "_done", "_ok", "_value")
 
@@ -60,6 +63,26 @@ class ShardFuture:
         else:
             self._callbacks.append(fn)
 
+    def __await__(self) -> Any:
+        """``await fut`` in a coroutine: the reply, or the error raised.
+        Run the coroutines on the shard's own thread with
+        ``evpl.aio.attach(shard.loop)``; from another thread's asyncio loop
+        it works too (the reply crosses with ``call_soon_threadsafe``)."""
+        if not self._done:
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            here = threading.get_ident()
+
+            def arrived(_: ShardFuture) -> None:
+                if threading.get_ident() == here:
+                    _wake(waiter)
+                else:
+                    loop.call_soon_threadsafe(_wake, waiter)
+
+            self.add_done_callback(arrived)
+            yield from waiter.__await__()
+        return self.result()
+
     def _finish(self, ok: bool, value: Any) -> None:
         if self._done:
             return
@@ -73,6 +96,11 @@ class ShardFuture:
                     fn(self)
                 except Exception:
                     _log.exception("a ShardFuture callback raised")
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():           # (a cancelled await leaves it done)
+        waiter.set_result(None)
 
 
 class Shard:
