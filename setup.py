@@ -88,8 +88,9 @@ def ext(name: str) -> Extension:
     )
 
 
-# protocol hot paths that are not engine: rpc2's batch loop
-PROTOCOL_MODULES = ["evpl.rpc2._fast", "evpl.aio._fast"]
+# protocol hot paths that are not engine: rpc2's batch loop, evpl.aio's transport and
+# callback paths, the HTTP/1.1 server's plain requests
+PROTOCOL_MODULES = ["evpl.rpc2._fast", "evpl.aio._fast", "evpl.http._fast"]
 
 
 def protocol_ext(dotted: str) -> Extension:

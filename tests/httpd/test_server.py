@@ -137,6 +137,32 @@ def test_pipelined_requests_answered_in_order_in_one_read(serve):
     assert data.endswith(b"Hello, world!") and data.count(b"HTTP/1.1 200 OK") == 51
 
 
+def test_plain_and_other_requests_mixed_in_one_read_keep_their_order(serve):
+    """Plain GETs take the server's C path (evpl.http._fast), the others
+    (a body, HEAD, a streaming response, a refused response header, which
+    closes the connection) the Python path; mixed in one read, every answer
+    comes in request order."""
+    s = serve(app)
+
+    def get(n, path="/headers", extra=b""):
+        return b"GET %s HTTP/1.1\r\nHost: h\r\nX-N: %d\r\n%s\r\n" % (path.encode(), n, extra)
+
+    reqs = (get(0) + get(1) + b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
+            + get(2) + b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n" + get(3) + get(4, "/stream?3")
+            + get(5) + get(7) + get(6, "/badheader") + get(8))
+    data = s.run(lambda: raw(s.port, reqs))
+    parts = data.split(b"HTTP/1.1 ")[1:]
+    assert len(parts) == 10, data
+    seen = [json.loads(p.split(b"\r\n\r\n", 1)[1]) for p in parts
+            if b"application/json" in p.split(b"\r\n\r\n", 1)[0]]
+    order = [dict(h)["x-n"] for h in seen]
+    assert order == ["0", "1", "2", "3", "5", "7"]
+    assert parts[2].endswith(b"abc") and b"x-method: POST" in parts[2]
+    assert parts[4].startswith(b"200 OK") and parts[4].endswith(b"\r\n\r\n")     # HEAD: no body
+    assert parts[6].startswith(b"200 OK") and b"000002" in parts[6]            # streamed
+    assert parts[9].startswith(b"500 ") and b"connection: close" in parts[9]
+
+
 def test_pipelined_behind_a_streaming_response_waits_its_turn(serve):
     s = serve(app)
     reqs = (b"GET /stream?20000 HTTP/1.1\r\nHost: h\r\n\r\n"

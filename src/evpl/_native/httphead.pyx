@@ -74,13 +74,16 @@ def parse_head(const unsigned char[:] view, Py_ssize_t start, Py_ssize_t end,
     """Check and split the request head ``view[start:end]`` (see the module doc)."""
     if start < 0 or end > view.shape[0] or end - start < 4:
         return (400, "malformed request line")
-    cdef const unsigned char* p = &view[start]
+    return parse_head_c(&view[start], end - start, max_line)
+
+
+cdef tuple parse_head_c(const unsigned char* p, Py_ssize_t end, Py_ssize_t max_line):
+    """``parse_head`` on the ``end`` bytes at ``p`` (at least 4)."""
     cdef Py_ssize_t i = 0, j, k, name_end, vstart, vend, line_end
     cdef unsigned char major, minor
     cdef list headers = []
     cdef bytes name
     cdef char* out
-    end -= start
     # request line: method SP target SP HTTP/d.d CRLF
     while i < end and TCHAR[p[i]]:
         i += 1

@@ -38,7 +38,7 @@ from typing import Any
 from evpl._native.httphead import parse_head
 from evpl.core.handler import Handler
 from evpl.errors import ConfigError, EvplError
-from evpl.http import wire
+from evpl.http import _fast, wire
 from evpl.http.wire import H2_PREFACE, HTTPError, Request
 
 __all__ = ["Exchange", "Response", "Server", "StreamingResponse", "Upgrade"]
@@ -409,6 +409,14 @@ class _Conn(Handler):
             data = bytes(buf)
             del buf
             self.last = self.server.loop.now()
+            done = _fast.serve(self, data)    # plain requests to a native app, in C
+            if done:
+                if done == len(data):
+                    self.head_since = 0.0
+                    if self.current is None and (self.write_paused or not self.bind.reading):
+                        self._idle()
+                    return
+                data = data[done:]
             self._feed(data)
             return
         if self.upgraded is not None:
@@ -977,3 +985,5 @@ class Server:
         access_log.info('%s - "%s %s HTTP/%s" %d %s', host, req.method, req.target,
                         req.version, status, size if size >= 0 else "-")
 
+
+_fast.configure(Request, Response)
