@@ -2094,6 +2094,29 @@ static int __Pyx_RaiseUnexpectedTypeError(const char *expected, PyObject *obj);
 /* PyLongCompare.proto */
 static CYTHON_INLINE int __Pyx_PyLong_BoolNeObjC(PyObject *op1, PyObject *op2, long intval, long inplace);
 
+/* PyObjectDelAttr.proto (used by PyObjectSetAttrStr) */
+#if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
+#define __Pyx_PyObject_DelAttr(o, n) PyObject_SetAttr(o, n, NULL)
+#else
+#define __Pyx_PyObject_DelAttr(o, n) PyObject_DelAttr(o, n)
+#endif
+
+/* PyObjectSetAttrStr.proto */
+#if CYTHON_USE_TYPE_SLOTS
+#define __Pyx_PyObject_DelAttrStr(o,n) __Pyx_PyObject_SetAttrStr(o, n, NULL)
+static CYTHON_INLINE int __Pyx_PyObject_SetAttrStr(PyObject* obj, PyObject* attr_name, PyObject* value);
+#else
+#define __Pyx_PyObject_DelAttrStr(o,n)   __Pyx_PyObject_DelAttr(o,n)
+#define __Pyx_PyObject_SetAttrStr(o,n,v) PyObject_SetAttr(o,n,v)
+#endif
+
+/* PyObjectFastCallMethod.proto */
+#if CYTHON_VECTORCALL
+#define __Pyx_PyObject_FastCallMethod(name, args, nargsf) PyObject_VectorcallMethod(name, args, nargsf, NULL)
+#else
+static PyObject *__Pyx_PyObject_FastCallMethod(PyObject *name, PyObject *const *args, size_t nargsf);
+#endif
+
 /* GetTopmostException.proto (used by SaveResetException) */
 #if CYTHON_USE_EXC_INFO_STACK && CYTHON_FAST_THREAD_STATE
 static _PyErr_StackItem * __Pyx_PyErr_GetTopmostException(PyThreadState *tstate);
@@ -2182,13 +2205,6 @@ static CYTHON_INLINE int __Pyx_PyErr_ExceptionMatchesInState(PyThreadState* tsta
 static int __Pyx__GetException(PyThreadState *tstate, PyObject **type, PyObject **value, PyObject **tb);
 #else
 static int __Pyx_GetException(PyObject **type, PyObject **value, PyObject **tb);
-#endif
-
-/* PyObjectFastCallMethod.proto */
-#if CYTHON_VECTORCALL
-#define __Pyx_PyObject_FastCallMethod(name, args, nargsf) PyObject_VectorcallMethod(name, args, nargsf, NULL)
-#else
-static PyObject *__Pyx_PyObject_FastCallMethod(PyObject *name, PyObject *const *args, size_t nargsf);
 #endif
 
 /* dict_getitem_default.proto */
@@ -2608,6 +2624,7 @@ static PyObject *(*__pyx_f_4evpl_7_native_8httphead_parse_head_c)(unsigned char 
 /* Module declarations from "evpl.http._fast" */
 static PyObject *__pyx_v_4evpl_4http_5_fast_Request = 0;
 static PyObject *__pyx_v_4evpl_4http_5_fast_Response = 0;
+static PyObject *__pyx_v_4evpl_4http_5_fast_H1Exchange = 0;
 static Py_ssize_t __pyx_v_4evpl_4http_5_fast_ONE_PIECE;
 static int __pyx_f_4evpl_4http_5_fast__name_is(PyObject *, char const *, Py_ssize_t); /*proto*/
 static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *); /*proto*/
@@ -2629,9 +2646,9 @@ static const char __pyx_k_connection[] = "connection";
 static const char __pyx_k_content_length[] = "content-length";
 static const char __pyx_k_content_length_zd[] = "content-length: %zd\r\n\r\n";
 static const char __pyx_k_transfer_encoding[] = "transfer-encoding";
-static const char __pyx_k_The_HTTP_1_1_server_s_common_cas[] = "The HTTP/1.1 server\047s common case, in C.\n\nA keep-alive connection to a native app (``interface=\"evpl\"``) that sends\nplain requests (HTTP/1.1, no body, one Host, no Connection, Expect or\nUpgrade field) spends its time on what is the same for every such request:\nfind the end of the head, split it, check its framing fields, make the\nRequest, call the app, put the Response\047s bytes on the connection. As\nPython that was ~40,000 instructions a request (benchmarks/http_cost.py).\n\n``serve(conn, data)`` does it for the requests at the start of one read\nthat qualify, answers them with one ``sendv`` and returns how many bytes it\nconsumed. The first request that is anything else (a body, a field that\nchanges framing or the connection, a head to refuse, a partial head, a\nresponse that is not a plain ``Response``) and everything after it go to\nthe Python path (``_Conn._feed``), which has the whole of RFC 9112. So the\nrules stay in one place (``wire`` and ``httphead``): this loop only picks\nthe requests for which those rules come to nothing.\n";
+static const char __pyx_k_The_HTTP_1_1_server_s_common_cas[] = "The HTTP/1.1 server\047s common case, in C.\n\nA keep-alive connection to a native app (``interface=\"evpl\"``) that sends\nplain requests (HTTP/1.1, no body, one Host, no Connection, Expect or\nUpgrade field) spends its time on what is the same for every such request:\nfind the end of the head, split it, check its framing fields, make the\nRequest, call the app, put the Response\047s bytes on the connection. As\nPython that was ~40,000 instructions a request (benchmarks/http_cost.py).\n\nFor an adapter (ASGI, WSGI) it does the first half: a plain request at\nthe start of a read becomes the connection\047s exchange and goes to the\nadapter without the parser\047s Python frames.\n\n``serve(conn, data)`` does it for the requests at the start of one read\nthat qualify, answers them with one ``sendv`` and returns how many bytes it\nconsumed. The first request that is anything else (a body, a field that\nchanges framing or the connection, a head to refuse, a partial head, a\nresponse that is not a plain ``Response``) and everything after it go to\nthe Python path (``_Conn._feed``), which has the whole of RFC 9112. So the\nrules stay in one place (``wire`` and ``httphead``): this loop only picks\nthe requests for which those rules come to nothing.\n";
 /* #### Code section: decls ### */
-static PyObject *__pyx_pf_4evpl_4http_5_fast_configure(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_request_cls, PyObject *__pyx_v_response_cls); /* proto */
+static PyObject *__pyx_pf_4evpl_4http_5_fast_configure(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_request_cls, PyObject *__pyx_v_response_cls, PyObject *__pyx_v_exchange_cls); /* proto */
 static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_conn, PyObject *__pyx_v_data); /* proto */
 /* #### Code section: late_includes ### */
 /* #### Code section: module_state ### */
@@ -2662,7 +2679,7 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_pop;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
     PyObject *__pyx_codeobj_tab[2];
-    PyObject *__pyx_string_tab[76];
+    PyObject *__pyx_string_tab[80];
     PyObject *__pyx_number_tab[5];
 /* #### Code section: module_state_contents ### */
 /* CommonTypesMetaclass.module_state_decls */
@@ -2728,61 +2745,65 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_encode __pyx_string_tab[18]
 #define __pyx_n_u_is_coroutine __pyx_string_tab[19]
 #define __pyx_n_u_native __pyx_string_tab[20]
-#define __pyx_n_u_status_lines __pyx_string_tab[21]
-#define __pyx_n_u_access_log __pyx_string_tab[22]
-#define __pyx_n_u_app __pyx_string_tab[23]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[24]
-#define __pyx_n_u_backlog __pyx_string_tab[25]
-#define __pyx_n_u_bind __pyx_string_tab[26]
-#define __pyx_n_u_block __pyx_string_tab[27]
-#define __pyx_n_u_blocks_2 __pyx_string_tab[28]
-#define __pyx_n_u_body __pyx_string_tab[29]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[30]
-#define __pyx_n_u_closing __pyx_string_tab[31]
-#define __pyx_n_u_configure __pyx_string_tab[32]
-#define __pyx_n_u_conn __pyx_string_tab[33]
-#define __pyx_n_u_current __pyx_string_tab[34]
-#define __pyx_n_u_data __pyx_string_tab[35]
-#define __pyx_n_u_date_2 __pyx_string_tab[36]
-#define __pyx_n_u_draining __pyx_string_tab[37]
-#define __pyx_n_u_end __pyx_string_tab[38]
-#define __pyx_n_u_evpl_http__fast __pyx_string_tab[39]
-#define __pyx_n_u_failed __pyx_string_tab[40]
-#define __pyx_n_u_get __pyx_string_tab[41]
-#define __pyx_n_u_got __pyx_string_tab[42]
-#define __pyx_n_u_headers __pyx_string_tab[43]
-#define __pyx_n_u_hlen __pyx_string_tab[44]
-#define __pyx_n_u_hs __pyx_string_tab[45]
-#define __pyx_n_u_idle __pyx_string_tab[46]
-#define __pyx_n_u_items __pyx_string_tab[47]
-#define __pyx_n_u_lines __pyx_string_tab[48]
-#define __pyx_n_u_max_head __pyx_string_tab[49]
-#define __pyx_n_u_max_headers __pyx_string_tab[50]
-#define __pyx_n_u_max_line __pyx_string_tab[51]
-#define __pyx_n_u_method __pyx_string_tab[52]
-#define __pyx_n_u_n __pyx_string_tab[53]
-#define __pyx_n_u_native_2 __pyx_string_tab[54]
-#define __pyx_n_u_out __pyx_string_tab[55]
-#define __pyx_n_u_p __pyx_string_tab[56]
-#define __pyx_n_u_parser __pyx_string_tab[57]
-#define __pyx_n_u_pop __pyx_string_tab[58]
-#define __pyx_n_u_pos __pyx_string_tab[59]
-#define __pyx_n_u_r __pyx_string_tab[60]
-#define __pyx_n_u_req __pyx_string_tab[61]
-#define __pyx_n_u_request_cls __pyx_string_tab[62]
-#define __pyx_n_u_resp __pyx_string_tab[63]
-#define __pyx_n_u_response_cls __pyx_string_tab[64]
-#define __pyx_n_u_sendv __pyx_string_tab[65]
-#define __pyx_n_u_serve __pyx_string_tab[66]
-#define __pyx_n_u_server __pyx_string_tab[67]
-#define __pyx_n_u_setdefault __pyx_string_tab[68]
-#define __pyx_n_u_status __pyx_string_tab[69]
-#define __pyx_n_u_stopped __pyx_string_tab[70]
-#define __pyx_n_u_values __pyx_string_tab[71]
-#define __pyx_kp_b__3 __pyx_string_tab[72]
-#define __pyx_kp_b_PyObject_unsigned_char_const_Py __pyx_string_tab[73]
-#define __pyx_kp_b_iso88591_a_q __pyx_string_tab[74]
-#define __pyx_kp_b_iso88591_T_V1_s_s_CvZs_iwVW_t9Ct1_q_T_t6 __pyx_string_tab[75]
+#define __pyx_n_u_runner __pyx_string_tab[21]
+#define __pyx_n_u_status_lines __pyx_string_tab[22]
+#define __pyx_n_u_access_log __pyx_string_tab[23]
+#define __pyx_n_u_app __pyx_string_tab[24]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[25]
+#define __pyx_n_u_backlog __pyx_string_tab[26]
+#define __pyx_n_u_bind __pyx_string_tab[27]
+#define __pyx_n_u_block __pyx_string_tab[28]
+#define __pyx_n_u_blocks_2 __pyx_string_tab[29]
+#define __pyx_n_u_body __pyx_string_tab[30]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[31]
+#define __pyx_n_u_closing __pyx_string_tab[32]
+#define __pyx_n_u_configure __pyx_string_tab[33]
+#define __pyx_n_u_conn __pyx_string_tab[34]
+#define __pyx_n_u_current __pyx_string_tab[35]
+#define __pyx_n_u_data __pyx_string_tab[36]
+#define __pyx_n_u_date_2 __pyx_string_tab[37]
+#define __pyx_n_u_draining __pyx_string_tab[38]
+#define __pyx_n_u_end __pyx_string_tab[39]
+#define __pyx_n_u_evpl_http__fast __pyx_string_tab[40]
+#define __pyx_n_u_ex __pyx_string_tab[41]
+#define __pyx_n_u_exchange_cls __pyx_string_tab[42]
+#define __pyx_n_u_failed __pyx_string_tab[43]
+#define __pyx_n_u_get __pyx_string_tab[44]
+#define __pyx_n_u_got __pyx_string_tab[45]
+#define __pyx_n_u_headers __pyx_string_tab[46]
+#define __pyx_n_u_hlen __pyx_string_tab[47]
+#define __pyx_n_u_hs __pyx_string_tab[48]
+#define __pyx_n_u_idle __pyx_string_tab[49]
+#define __pyx_n_u_items __pyx_string_tab[50]
+#define __pyx_n_u_lines __pyx_string_tab[51]
+#define __pyx_n_u_max_head __pyx_string_tab[52]
+#define __pyx_n_u_max_headers __pyx_string_tab[53]
+#define __pyx_n_u_max_line __pyx_string_tab[54]
+#define __pyx_n_u_method __pyx_string_tab[55]
+#define __pyx_n_u_n __pyx_string_tab[56]
+#define __pyx_n_u_native_2 __pyx_string_tab[57]
+#define __pyx_n_u_out __pyx_string_tab[58]
+#define __pyx_n_u_p __pyx_string_tab[59]
+#define __pyx_n_u_parser __pyx_string_tab[60]
+#define __pyx_n_u_pop __pyx_string_tab[61]
+#define __pyx_n_u_pos __pyx_string_tab[62]
+#define __pyx_n_u_r __pyx_string_tab[63]
+#define __pyx_n_u_req __pyx_string_tab[64]
+#define __pyx_n_u_request_cls __pyx_string_tab[65]
+#define __pyx_n_u_resp __pyx_string_tab[66]
+#define __pyx_n_u_response_cls __pyx_string_tab[67]
+#define __pyx_n_u_run __pyx_string_tab[68]
+#define __pyx_n_u_sendv __pyx_string_tab[69]
+#define __pyx_n_u_serve __pyx_string_tab[70]
+#define __pyx_n_u_server __pyx_string_tab[71]
+#define __pyx_n_u_setdefault __pyx_string_tab[72]
+#define __pyx_n_u_status __pyx_string_tab[73]
+#define __pyx_n_u_stopped __pyx_string_tab[74]
+#define __pyx_n_u_values __pyx_string_tab[75]
+#define __pyx_kp_b__3 __pyx_string_tab[76]
+#define __pyx_kp_b_PyObject_unsigned_char_const_Py __pyx_string_tab[77]
+#define __pyx_kp_b_iso88591_a_q __pyx_string_tab[78]
+#define __pyx_kp_b_iso88591_T_V1_l_V_S_IWE_DPQ_t1_q_T_t6_s __pyx_string_tab[79]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_1 __pyx_number_tab[1]
 #define __pyx_int_200 __pyx_number_tab[2]
@@ -2808,7 +2829,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<76; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<80; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<5; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -2838,7 +2859,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<76; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<80; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<5; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -2853,12 +2874,12 @@ return 0;
 #endif
 /* #### Code section: module_code ### */
 
-/* "evpl/http/_fast.pyx":39
+/* "evpl/http/_fast.pyx":44
  * 
  * 
- * def configure(request_cls, response_cls):             # <<<<<<<<<<<<<<
- *     """Set the classes (``wire.Request``, ``server.Response``): the server
- *     module imports this one, so they are handed over when it is loaded."""
+ * def configure(request_cls, response_cls, exchange_cls):             # <<<<<<<<<<<<<<
+ *     """Set the classes (``wire.Request``, ``server.Response``,
+ *     ``server._H1Exchange``): the server module imports this one, so they
 */
 
 /* Python wrapper */
@@ -2869,7 +2890,7 @@ PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-PyDoc_STRVAR(__pyx_doc_4evpl_4http_5_fast_configure, "configure(request_cls, response_cls)\n\nSet the classes (``wire.Request``, ``server.Response``): the server\nmodule imports this one, so they are handed over when it is loaded.");
+PyDoc_STRVAR(__pyx_doc_4evpl_4http_5_fast_configure, "configure(request_cls, response_cls, exchange_cls)\n\nSet the classes (``wire.Request``, ``server.Response``,\n``server._H1Exchange``): the server module imports this one, so they\nare handed over when it is loaded.");
 static PyMethodDef __pyx_mdef_4evpl_4http_5_fast_1configure = {"configure", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_4evpl_4http_5_fast_1configure, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_4evpl_4http_5_fast_configure};
 static PyObject *__pyx_pw_4evpl_4http_5_fast_1configure(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
@@ -2880,11 +2901,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 ) {
   PyObject *__pyx_v_request_cls = 0;
   PyObject *__pyx_v_response_cls = 0;
+  PyObject *__pyx_v_exchange_cls = 0;
   #if !CYTHON_VECTORCALL
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   #endif
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[2] = {0,0};
+  PyObject* values[3] = {0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -2900,41 +2922,48 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   #endif
   __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_request_cls,&__pyx_mstate_global->__pyx_n_u_response_cls,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_request_cls,&__pyx_mstate_global->__pyx_n_u_response_cls,&__pyx_mstate_global->__pyx_n_u_exchange_cls,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 39, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 44, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  3:
+        values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 44, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 39, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 44, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 39, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 44, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "configure", 0) < (0)) __PYX_ERR(0, 39, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("configure", 1, 2, 2, i); __PYX_ERR(0, 39, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "configure", 0) < (0)) __PYX_ERR(0, 44, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("configure", 1, 3, 3, i); __PYX_ERR(0, 44, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 2)) {
+    } else if (unlikely(__pyx_nargs != 3)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 39, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 44, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 39, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 44, __pyx_L3_error)
+      values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 44, __pyx_L3_error)
     }
     __pyx_v_request_cls = values[0];
     __pyx_v_response_cls = values[1];
+    __pyx_v_exchange_cls = values[2];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("configure", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 39, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("configure", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 44, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -2945,7 +2974,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_4evpl_4http_5_fast_configure(__pyx_self, __pyx_v_request_cls, __pyx_v_response_cls);
+  __pyx_r = __pyx_pf_4evpl_4http_5_fast_configure(__pyx_self, __pyx_v_request_cls, __pyx_v_response_cls, __pyx_v_exchange_cls);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -2955,28 +2984,28 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_4evpl_4http_5_fast_configure(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_request_cls, PyObject *__pyx_v_response_cls) {
+static PyObject *__pyx_pf_4evpl_4http_5_fast_configure(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_request_cls, PyObject *__pyx_v_response_cls, PyObject *__pyx_v_exchange_cls) {
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   __Pyx_RefNannySetupContext("configure", 0);
 
-  /* "evpl/http/_fast.pyx":43
- *     module imports this one, so they are handed over when it is loaded."""
- *     global Request, Response
+  /* "evpl/http/_fast.pyx":49
+ *     are handed over when it is loaded."""
+ *     global Request, Response, H1Exchange
  *     Request = request_cls             # <<<<<<<<<<<<<<
  *     Response = response_cls
- * 
+ *     H1Exchange = exchange_cls
 */
   __Pyx_INCREF(__pyx_v_request_cls);
   __Pyx_XGOTREF(__pyx_v_4evpl_4http_5_fast_Request);
   __Pyx_DECREF_SET(__pyx_v_4evpl_4http_5_fast_Request, __pyx_v_request_cls);
   __Pyx_GIVEREF(__pyx_v_request_cls);
 
-  /* "evpl/http/_fast.pyx":44
- *     global Request, Response
+  /* "evpl/http/_fast.pyx":50
+ *     global Request, Response, H1Exchange
  *     Request = request_cls
  *     Response = response_cls             # <<<<<<<<<<<<<<
- * 
+ *     H1Exchange = exchange_cls
  * 
 */
   __Pyx_INCREF(__pyx_v_response_cls);
@@ -2984,12 +3013,24 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_configure(CYTHON_UNUSED PyObject *_
   __Pyx_DECREF_SET(__pyx_v_4evpl_4http_5_fast_Response, __pyx_v_response_cls);
   __Pyx_GIVEREF(__pyx_v_response_cls);
 
-  /* "evpl/http/_fast.pyx":39
+  /* "evpl/http/_fast.pyx":51
+ *     Request = request_cls
+ *     Response = response_cls
+ *     H1Exchange = exchange_cls             # <<<<<<<<<<<<<<
  * 
  * 
- * def configure(request_cls, response_cls):             # <<<<<<<<<<<<<<
- *     """Set the classes (``wire.Request``, ``server.Response``): the server
- *     module imports this one, so they are handed over when it is loaded."""
+*/
+  __Pyx_INCREF(__pyx_v_exchange_cls);
+  __Pyx_XGOTREF(__pyx_v_4evpl_4http_5_fast_H1Exchange);
+  __Pyx_DECREF_SET(__pyx_v_4evpl_4http_5_fast_H1Exchange, __pyx_v_exchange_cls);
+  __Pyx_GIVEREF(__pyx_v_exchange_cls);
+
+  /* "evpl/http/_fast.pyx":44
+ * 
+ * 
+ * def configure(request_cls, response_cls, exchange_cls):             # <<<<<<<<<<<<<<
+ *     """Set the classes (``wire.Request``, ``server.Response``,
+ *     ``server._H1Exchange``): the server module imports this one, so they
 */
 
   /* function exit code */
@@ -2999,7 +3040,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_configure(CYTHON_UNUSED PyObject *_
   return __pyx_r;
 }
 
-/* "evpl/http/_fast.pyx":47
+/* "evpl/http/_fast.pyx":54
  * 
  * 
  * cdef bint _name_is(bytes name, const char* s, Py_ssize_t n) noexcept:             # <<<<<<<<<<<<<<
@@ -3012,7 +3053,7 @@ static int __pyx_f_4evpl_4http_5_fast__name_is(PyObject *__pyx_v_name, char cons
   int __pyx_t_1;
   int __pyx_t_2;
 
-  /* "evpl/http/_fast.pyx":48
+  /* "evpl/http/_fast.pyx":55
  * 
  * cdef bint _name_is(bytes name, const char* s, Py_ssize_t n) noexcept:
  *     return PyBytes_GET_SIZE(name) == n and memcmp(PyBytes_AS_STRING(name), s, n) == 0             # <<<<<<<<<<<<<<
@@ -3040,7 +3081,7 @@ static int __pyx_f_4evpl_4http_5_fast__name_is(PyObject *__pyx_v_name, char cons
   }
   goto __pyx_L0;
 
-  /* "evpl/http/_fast.pyx":47
+  /* "evpl/http/_fast.pyx":54
  * 
  * 
  * cdef bint _name_is(bytes name, const char* s, Py_ssize_t n) noexcept:             # <<<<<<<<<<<<<<
@@ -3054,7 +3095,7 @@ static int __pyx_f_4evpl_4http_5_fast__name_is(PyObject *__pyx_v_name, char cons
   return __pyx_r;
 }
 
-/* "evpl/http/_fast.pyx":51
+/* "evpl/http/_fast.pyx":58
  * 
  * 
  * cdef bint _plain(list headers):             # <<<<<<<<<<<<<<
@@ -3078,7 +3119,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_plain", 0);
 
-  /* "evpl/http/_fast.pyx":54
+  /* "evpl/http/_fast.pyx":61
  *     """Exactly one Host, and no field that frames a body or changes the
  *     connection (for those, wire's checks decide)."""
  *     cdef int hosts = 0             # <<<<<<<<<<<<<<
@@ -3087,7 +3128,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
   __pyx_v_hosts = 0;
 
-  /* "evpl/http/_fast.pyx":57
+  /* "evpl/http/_fast.pyx":64
  *     cdef bytes name
  *     cdef Py_ssize_t n
  *     for item in headers:             # <<<<<<<<<<<<<<
@@ -3096,7 +3137,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
   if (unlikely(__pyx_v_headers == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(0, 57, __pyx_L1_error)
+    __PYX_ERR(0, 64, __pyx_L1_error)
   }
   __pyx_t_1 = __pyx_v_headers; __Pyx_INCREF(__pyx_t_1);
   __pyx_t_2 = 0;
@@ -3104,18 +3145,18 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
     {
       Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
       #if !CYTHON_ASSUME_SAFE_SIZE
-      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 57, __pyx_L1_error)
+      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 64, __pyx_L1_error)
       #endif
       if (__pyx_t_2 >= __pyx_temp) break;
     }
     __pyx_t_3 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_2, __Pyx_ReferenceSharing_OwnStrongReference);
     ++__pyx_t_2;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 57, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 64, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_XDECREF_SET(__pyx_v_item, __pyx_t_3);
     __pyx_t_3 = 0;
 
-    /* "evpl/http/_fast.pyx":58
+    /* "evpl/http/_fast.pyx":65
  *     cdef Py_ssize_t n
  *     for item in headers:
  *         name = <bytes>(<tuple>item)[0]             # <<<<<<<<<<<<<<
@@ -3124,14 +3165,14 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
     if (unlikely(__pyx_v_item == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 58, __pyx_L1_error)
+      __PYX_ERR(0, 65, __pyx_L1_error)
     }
     __pyx_t_3 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_item), 0);
     __Pyx_INCREF(__pyx_t_3);
     __Pyx_XDECREF_SET(__pyx_v_name, ((PyObject*)__pyx_t_3));
     __pyx_t_3 = 0;
 
-    /* "evpl/http/_fast.pyx":59
+    /* "evpl/http/_fast.pyx":66
  *     for item in headers:
  *         name = <bytes>(<tuple>item)[0]
  *         n = PyBytes_GET_SIZE(name)             # <<<<<<<<<<<<<<
@@ -3140,7 +3181,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
     __pyx_v_n = PyBytes_GET_SIZE(__pyx_v_name);
 
-    /* "evpl/http/_fast.pyx":60
+    /* "evpl/http/_fast.pyx":67
  *         name = <bytes>(<tuple>item)[0]
  *         n = PyBytes_GET_SIZE(name)
  *         if n == 4:             # <<<<<<<<<<<<<<
@@ -3150,7 +3191,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
     switch (__pyx_v_n) {
       case 4:
 
-      /* "evpl/http/_fast.pyx":61
+      /* "evpl/http/_fast.pyx":68
  *         n = PyBytes_GET_SIZE(name)
  *         if n == 4:
  *             if _name_is(name, "host", 4):             # <<<<<<<<<<<<<<
@@ -3162,7 +3203,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       if (__pyx_t_4) {
 
 
-        /* "evpl/http/_fast.pyx":62
+        /* "evpl/http/_fast.pyx":69
  *         if n == 4:
  *             if _name_is(name, "host", 4):
  *                 hosts += 1             # <<<<<<<<<<<<<<
@@ -3171,7 +3212,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
         __pyx_v_hosts = (__pyx_v_hosts + 1);
 
-        /* "evpl/http/_fast.pyx":61
+        /* "evpl/http/_fast.pyx":68
  *         n = PyBytes_GET_SIZE(name)
  *         if n == 4:
  *             if _name_is(name, "host", 4):             # <<<<<<<<<<<<<<
@@ -3180,7 +3221,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
       }
 
-      /* "evpl/http/_fast.pyx":60
+      /* "evpl/http/_fast.pyx":67
  *         name = <bytes>(<tuple>item)[0]
  *         n = PyBytes_GET_SIZE(name)
  *         if n == 4:             # <<<<<<<<<<<<<<
@@ -3190,7 +3231,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       break;
       case 6:
 
-      /* "evpl/http/_fast.pyx":64
+      /* "evpl/http/_fast.pyx":71
  *                 hosts += 1
  *         elif n == 6:
  *             if _name_is(name, "expect", 6):             # <<<<<<<<<<<<<<
@@ -3202,7 +3243,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       if (__pyx_t_4) {
 
 
-        /* "evpl/http/_fast.pyx":65
+        /* "evpl/http/_fast.pyx":72
  *         elif n == 6:
  *             if _name_is(name, "expect", 6):
  *                 return False             # <<<<<<<<<<<<<<
@@ -3216,7 +3257,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
         goto __pyx_L0;
 
-        /* "evpl/http/_fast.pyx":64
+        /* "evpl/http/_fast.pyx":71
  *                 hosts += 1
  *         elif n == 6:
  *             if _name_is(name, "expect", 6):             # <<<<<<<<<<<<<<
@@ -3225,7 +3266,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
       }
 
-      /* "evpl/http/_fast.pyx":63
+      /* "evpl/http/_fast.pyx":70
  *             if _name_is(name, "host", 4):
  *                 hosts += 1
  *         elif n == 6:             # <<<<<<<<<<<<<<
@@ -3235,7 +3276,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       break;
       case 7:
 
-      /* "evpl/http/_fast.pyx":67
+      /* "evpl/http/_fast.pyx":74
  *                 return False
  *         elif n == 7:
  *             if _name_is(name, "upgrade", 7):             # <<<<<<<<<<<<<<
@@ -3247,7 +3288,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       if (__pyx_t_4) {
 
 
-        /* "evpl/http/_fast.pyx":68
+        /* "evpl/http/_fast.pyx":75
  *         elif n == 7:
  *             if _name_is(name, "upgrade", 7):
  *                 return False             # <<<<<<<<<<<<<<
@@ -3261,7 +3302,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
         goto __pyx_L0;
 
-        /* "evpl/http/_fast.pyx":67
+        /* "evpl/http/_fast.pyx":74
  *                 return False
  *         elif n == 7:
  *             if _name_is(name, "upgrade", 7):             # <<<<<<<<<<<<<<
@@ -3270,7 +3311,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
       }
 
-      /* "evpl/http/_fast.pyx":66
+      /* "evpl/http/_fast.pyx":73
  *             if _name_is(name, "expect", 6):
  *                 return False
  *         elif n == 7:             # <<<<<<<<<<<<<<
@@ -3280,7 +3321,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       break;
       case 10:
 
-      /* "evpl/http/_fast.pyx":70
+      /* "evpl/http/_fast.pyx":77
  *                 return False
  *         elif n == 10:
  *             if _name_is(name, "connection", 10):             # <<<<<<<<<<<<<<
@@ -3292,7 +3333,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       if (__pyx_t_4) {
 
 
-        /* "evpl/http/_fast.pyx":71
+        /* "evpl/http/_fast.pyx":78
  *         elif n == 10:
  *             if _name_is(name, "connection", 10):
  *                 return False             # <<<<<<<<<<<<<<
@@ -3306,7 +3347,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
         goto __pyx_L0;
 
-        /* "evpl/http/_fast.pyx":70
+        /* "evpl/http/_fast.pyx":77
  *                 return False
  *         elif n == 10:
  *             if _name_is(name, "connection", 10):             # <<<<<<<<<<<<<<
@@ -3315,7 +3356,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
       }
 
-      /* "evpl/http/_fast.pyx":69
+      /* "evpl/http/_fast.pyx":76
  *             if _name_is(name, "upgrade", 7):
  *                 return False
  *         elif n == 10:             # <<<<<<<<<<<<<<
@@ -3325,7 +3366,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       break;
       case 14:
 
-      /* "evpl/http/_fast.pyx":73
+      /* "evpl/http/_fast.pyx":80
  *                 return False
  *         elif n == 14:
  *             if _name_is(name, "content-length", 14):             # <<<<<<<<<<<<<<
@@ -3337,7 +3378,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       if (__pyx_t_4) {
 
 
-        /* "evpl/http/_fast.pyx":74
+        /* "evpl/http/_fast.pyx":81
  *         elif n == 14:
  *             if _name_is(name, "content-length", 14):
  *                 return False             # <<<<<<<<<<<<<<
@@ -3351,7 +3392,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
         goto __pyx_L0;
 
-        /* "evpl/http/_fast.pyx":73
+        /* "evpl/http/_fast.pyx":80
  *                 return False
  *         elif n == 14:
  *             if _name_is(name, "content-length", 14):             # <<<<<<<<<<<<<<
@@ -3360,7 +3401,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
       }
 
-      /* "evpl/http/_fast.pyx":72
+      /* "evpl/http/_fast.pyx":79
  *             if _name_is(name, "connection", 10):
  *                 return False
  *         elif n == 14:             # <<<<<<<<<<<<<<
@@ -3370,7 +3411,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       break;
       case 17:
 
-      /* "evpl/http/_fast.pyx":76
+      /* "evpl/http/_fast.pyx":83
  *                 return False
  *         elif n == 17:
  *             if _name_is(name, "transfer-encoding", 17):             # <<<<<<<<<<<<<<
@@ -3382,7 +3423,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       if (__pyx_t_4) {
 
 
-        /* "evpl/http/_fast.pyx":77
+        /* "evpl/http/_fast.pyx":84
  *         elif n == 17:
  *             if _name_is(name, "transfer-encoding", 17):
  *                 return False             # <<<<<<<<<<<<<<
@@ -3396,7 +3437,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
         goto __pyx_L0;
 
-        /* "evpl/http/_fast.pyx":76
+        /* "evpl/http/_fast.pyx":83
  *                 return False
  *         elif n == 17:
  *             if _name_is(name, "transfer-encoding", 17):             # <<<<<<<<<<<<<<
@@ -3405,7 +3446,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
 */
       }
 
-      /* "evpl/http/_fast.pyx":75
+      /* "evpl/http/_fast.pyx":82
  *             if _name_is(name, "content-length", 14):
  *                 return False
  *         elif n == 17:             # <<<<<<<<<<<<<<
@@ -3416,7 +3457,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
       default: break;
     }
 
-    /* "evpl/http/_fast.pyx":57
+    /* "evpl/http/_fast.pyx":64
  *     cdef bytes name
  *     cdef Py_ssize_t n
  *     for item in headers:             # <<<<<<<<<<<<<<
@@ -3426,7 +3467,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "evpl/http/_fast.pyx":78
+  /* "evpl/http/_fast.pyx":85
  *             if _name_is(name, "transfer-encoding", 17):
  *                 return False
  *     return hosts == 1             # <<<<<<<<<<<<<<
@@ -3439,7 +3480,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
   }
   goto __pyx_L0;
 
-  /* "evpl/http/_fast.pyx":51
+  /* "evpl/http/_fast.pyx":58
  * 
  * 
  * cdef bint _plain(list headers):             # <<<<<<<<<<<<<<
@@ -3463,7 +3504,7 @@ static int __pyx_f_4evpl_4http_5_fast__plain(PyObject *__pyx_v_headers) {
   return __pyx_r;
 }
 
-/* "evpl/http/_fast.pyx":81
+/* "evpl/http/_fast.pyx":88
  * 
  * 
  * cdef bytes _encode(bytes line, bytes date, bytes block, bytes body):             # <<<<<<<<<<<<<<
@@ -3491,7 +3532,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_encode", 0);
 
-  /* "evpl/http/_fast.pyx":85
+  /* "evpl/http/_fast.pyx":92
  *     head and (if short) the body, as one bytes object."""
  *     cdef char tail[48]
  *     cdef Py_ssize_t blen = PyBytes_GET_SIZE(body)             # <<<<<<<<<<<<<<
@@ -3500,7 +3541,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   __pyx_v_blen = PyBytes_GET_SIZE(__pyx_v_body);
 
-  /* "evpl/http/_fast.pyx":86
+  /* "evpl/http/_fast.pyx":93
  *     cdef char tail[48]
  *     cdef Py_ssize_t blen = PyBytes_GET_SIZE(body)
  *     cdef Py_ssize_t tlen = snprintf(tail, sizeof(tail), "content-length: %zd\r\n\r\n", blen)             # <<<<<<<<<<<<<<
@@ -3509,7 +3550,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   __pyx_v_tlen = snprintf(__pyx_v_tail, (sizeof(__pyx_v_tail)), __pyx_k_content_length_zd, __pyx_v_blen);
 
-  /* "evpl/http/_fast.pyx":87
+  /* "evpl/http/_fast.pyx":94
  *     cdef Py_ssize_t blen = PyBytes_GET_SIZE(body)
  *     cdef Py_ssize_t tlen = snprintf(tail, sizeof(tail), "content-length: %zd\r\n\r\n", blen)
  *     cdef Py_ssize_t a = PyBytes_GET_SIZE(line), b = PyBytes_GET_SIZE(date)             # <<<<<<<<<<<<<<
@@ -3519,7 +3560,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
   __pyx_v_a = PyBytes_GET_SIZE(__pyx_v_line);
   __pyx_v_b = PyBytes_GET_SIZE(__pyx_v_date);
 
-  /* "evpl/http/_fast.pyx":88
+  /* "evpl/http/_fast.pyx":95
  *     cdef Py_ssize_t tlen = snprintf(tail, sizeof(tail), "content-length: %zd\r\n\r\n", blen)
  *     cdef Py_ssize_t a = PyBytes_GET_SIZE(line), b = PyBytes_GET_SIZE(date)
  *     cdef Py_ssize_t c = PyBytes_GET_SIZE(block)             # <<<<<<<<<<<<<<
@@ -3528,7 +3569,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   __pyx_v_c = PyBytes_GET_SIZE(__pyx_v_block);
 
-  /* "evpl/http/_fast.pyx":89
+  /* "evpl/http/_fast.pyx":96
  *     cdef Py_ssize_t a = PyBytes_GET_SIZE(line), b = PyBytes_GET_SIZE(date)
  *     cdef Py_ssize_t c = PyBytes_GET_SIZE(block)
  *     cdef Py_ssize_t total = a + b + c + tlen + (blen if blen <= ONE_PIECE else 0)             # <<<<<<<<<<<<<<
@@ -3548,19 +3589,19 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
   __pyx_v_total = ((((__pyx_v_a + __pyx_v_b) + __pyx_v_c) + __pyx_v_tlen) + __pyx_t_1);
 
 
-  /* "evpl/http/_fast.pyx":90
+  /* "evpl/http/_fast.pyx":97
  *     cdef Py_ssize_t c = PyBytes_GET_SIZE(block)
  *     cdef Py_ssize_t total = a + b + c + tlen + (blen if blen <= ONE_PIECE else 0)
  *     cdef bytes out = PyBytes_FromStringAndSize(NULL, total)             # <<<<<<<<<<<<<<
  *     cdef char* p = PyBytes_AS_STRING(out)
  *     memcpy(p, PyBytes_AS_STRING(line), a)
 */
-  __pyx_t_3 = PyBytes_FromStringAndSize(NULL, __pyx_v_total); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 90, __pyx_L1_error)
+  __pyx_t_3 = PyBytes_FromStringAndSize(NULL, __pyx_v_total); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 97, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_out = ((PyObject*)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "evpl/http/_fast.pyx":91
+  /* "evpl/http/_fast.pyx":98
  *     cdef Py_ssize_t total = a + b + c + tlen + (blen if blen <= ONE_PIECE else 0)
  *     cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
  *     cdef char* p = PyBytes_AS_STRING(out)             # <<<<<<<<<<<<<<
@@ -3569,7 +3610,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   __pyx_v_p = PyBytes_AS_STRING(__pyx_v_out);
 
-  /* "evpl/http/_fast.pyx":92
+  /* "evpl/http/_fast.pyx":99
  *     cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
  *     cdef char* p = PyBytes_AS_STRING(out)
  *     memcpy(p, PyBytes_AS_STRING(line), a)             # <<<<<<<<<<<<<<
@@ -3578,7 +3619,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   (void)(memcpy(__pyx_v_p, PyBytes_AS_STRING(__pyx_v_line), __pyx_v_a));
 
-  /* "evpl/http/_fast.pyx":93
+  /* "evpl/http/_fast.pyx":100
  *     cdef char* p = PyBytes_AS_STRING(out)
  *     memcpy(p, PyBytes_AS_STRING(line), a)
  *     p += a             # <<<<<<<<<<<<<<
@@ -3587,7 +3628,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   __pyx_v_p = (__pyx_v_p + __pyx_v_a);
 
-  /* "evpl/http/_fast.pyx":94
+  /* "evpl/http/_fast.pyx":101
  *     memcpy(p, PyBytes_AS_STRING(line), a)
  *     p += a
  *     memcpy(p, PyBytes_AS_STRING(date), b)             # <<<<<<<<<<<<<<
@@ -3596,7 +3637,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   (void)(memcpy(__pyx_v_p, PyBytes_AS_STRING(__pyx_v_date), __pyx_v_b));
 
-  /* "evpl/http/_fast.pyx":95
+  /* "evpl/http/_fast.pyx":102
  *     p += a
  *     memcpy(p, PyBytes_AS_STRING(date), b)
  *     p += b             # <<<<<<<<<<<<<<
@@ -3605,7 +3646,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   __pyx_v_p = (__pyx_v_p + __pyx_v_b);
 
-  /* "evpl/http/_fast.pyx":96
+  /* "evpl/http/_fast.pyx":103
  *     memcpy(p, PyBytes_AS_STRING(date), b)
  *     p += b
  *     memcpy(p, PyBytes_AS_STRING(block), c)             # <<<<<<<<<<<<<<
@@ -3614,7 +3655,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   (void)(memcpy(__pyx_v_p, PyBytes_AS_STRING(__pyx_v_block), __pyx_v_c));
 
-  /* "evpl/http/_fast.pyx":97
+  /* "evpl/http/_fast.pyx":104
  *     p += b
  *     memcpy(p, PyBytes_AS_STRING(block), c)
  *     p += c             # <<<<<<<<<<<<<<
@@ -3623,7 +3664,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   __pyx_v_p = (__pyx_v_p + __pyx_v_c);
 
-  /* "evpl/http/_fast.pyx":98
+  /* "evpl/http/_fast.pyx":105
  *     memcpy(p, PyBytes_AS_STRING(block), c)
  *     p += c
  *     memcpy(p, tail, tlen)             # <<<<<<<<<<<<<<
@@ -3632,7 +3673,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   (void)(memcpy(__pyx_v_p, __pyx_v_tail, __pyx_v_tlen));
 
-  /* "evpl/http/_fast.pyx":99
+  /* "evpl/http/_fast.pyx":106
  *     p += c
  *     memcpy(p, tail, tlen)
  *     p += tlen             # <<<<<<<<<<<<<<
@@ -3641,7 +3682,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   __pyx_v_p = (__pyx_v_p + __pyx_v_tlen);
 
-  /* "evpl/http/_fast.pyx":100
+  /* "evpl/http/_fast.pyx":107
  *     memcpy(p, tail, tlen)
  *     p += tlen
  *     if blen <= ONE_PIECE:             # <<<<<<<<<<<<<<
@@ -3653,7 +3694,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
   if (__pyx_t_2) {
 
 
-    /* "evpl/http/_fast.pyx":101
+    /* "evpl/http/_fast.pyx":108
  *     p += tlen
  *     if blen <= ONE_PIECE:
  *         memcpy(p, PyBytes_AS_STRING(body), blen)             # <<<<<<<<<<<<<<
@@ -3662,7 +3703,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
     (void)(memcpy(__pyx_v_p, PyBytes_AS_STRING(__pyx_v_body), __pyx_v_blen));
 
-    /* "evpl/http/_fast.pyx":100
+    /* "evpl/http/_fast.pyx":107
  *     memcpy(p, tail, tlen)
  *     p += tlen
  *     if blen <= ONE_PIECE:             # <<<<<<<<<<<<<<
@@ -3671,7 +3712,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
 */
   }
 
-  /* "evpl/http/_fast.pyx":102
+  /* "evpl/http/_fast.pyx":109
  *     if blen <= ONE_PIECE:
  *         memcpy(p, PyBytes_AS_STRING(body), blen)
  *     return out             # <<<<<<<<<<<<<<
@@ -3689,7 +3730,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
   }
   goto __pyx_L0;
 
-  /* "evpl/http/_fast.pyx":81
+  /* "evpl/http/_fast.pyx":88
  * 
  * 
  * cdef bytes _encode(bytes line, bytes date, bytes block, bytes body):             # <<<<<<<<<<<<<<
@@ -3717,7 +3758,7 @@ static PyObject *__pyx_f_4evpl_4http_5_fast__encode(PyObject *__pyx_v_line, PyOb
   return __pyx_r;
 }
 
-/* "evpl/http/_fast.pyx":105
+/* "evpl/http/_fast.pyx":112
  * 
  * 
  * def serve(conn, bytes data):             # <<<<<<<<<<<<<<
@@ -3766,39 +3807,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_conn,&__pyx_mstate_global->__pyx_n_u_data,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 105, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 112, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 112, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 112, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "serve", 0) < (0)) __PYX_ERR(0, 105, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "serve", 0) < (0)) __PYX_ERR(0, 112, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("serve", 1, 2, 2, i); __PYX_ERR(0, 105, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("serve", 1, 2, 2, i); __PYX_ERR(0, 112, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 105, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 112, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 105, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 112, __pyx_L3_error)
     }
     __pyx_v_conn = values[0];
     __pyx_v_data = ((PyObject*)values[1]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("serve", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 105, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("serve", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 112, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -3809,7 +3850,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 1, "data", 1))) __PYX_ERR(0, 105, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 1, "data", 1))) __PYX_ERR(0, 112, __pyx_L1_error)
   __pyx_r = __pyx_pf_4evpl_4http_5_fast_2serve(__pyx_self, __pyx_v_conn, __pyx_v_data);
 
   /* function exit code */
@@ -3850,6 +3891,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
   PyObject *__pyx_v_date = 0;
   PyObject *__pyx_v_app = NULL;
   PyObject *__pyx_v_req = NULL;
+  PyObject *__pyx_v_ex = NULL;
   PyObject *__pyx_v_resp = NULL;
   PyObject *__pyx_v_status = NULL;
   PyObject *__pyx_v_body = NULL;
@@ -3877,49 +3919,40 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("serve", 0);
 
-  /* "evpl/http/_fast.pyx":109
+  /* "evpl/http/_fast.pyx":116
  *     ``conn``, a ``server._Conn``); returns the bytes consumed (0 if the
  *     connection is not in the state the fast path needs)."""
  *     server = conn.server             # <<<<<<<<<<<<<<
  *     native = server._native
- *     if (native is None or server.access_log or server.draining or conn.current is not None
+ *     if (server.access_log or server.draining or conn.current is not None or conn.backlog
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_server); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 109, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_server); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_server = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "evpl/http/_fast.pyx":110
+  /* "evpl/http/_fast.pyx":117
  *     connection is not in the state the fast path needs)."""
  *     server = conn.server
  *     native = server._native             # <<<<<<<<<<<<<<
- *     if (native is None or server.access_log or server.draining or conn.current is not None
- *             or conn.backlog or conn.closing):
+ *     if (server.access_log or server.draining or conn.current is not None or conn.backlog
+ *             or conn.closing):
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_native); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 110, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_native); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 117, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_native = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "evpl/http/_fast.pyx":111
+  /* "evpl/http/_fast.pyx":118
  *     server = conn.server
  *     native = server._native
- *     if (native is None or server.access_log or server.draining or conn.current is not None             # <<<<<<<<<<<<<<
- *             or conn.backlog or conn.closing):
+ *     if (server.access_log or server.draining or conn.current is not None or conn.backlog             # <<<<<<<<<<<<<<
+ *             or conn.closing):
  *         return 0
 */
-  __pyx_t_3 = (__pyx_v_native == Py_None);
-  if (!__pyx_t_3) {
-
-  } else {
-
-    __pyx_t_2 = __pyx_t_3;
-
-    goto __pyx_L4_bool_binop_done;
-  }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_access_log); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_access_log); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_3) {
 
@@ -3929,9 +3962,9 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_draining); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_draining); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_3) {
 
@@ -3941,24 +3974,8 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 
     goto __pyx_L4_bool_binop_done;
   }
-
-  /* "evpl/http/_fast.pyx":112
- *     native = server._native
- *     if (native is None or server.access_log or server.draining or conn.current is not None
- *             or conn.backlog or conn.closing):             # <<<<<<<<<<<<<<
- *         return 0
- *     parser = conn.parser
-*/
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_current); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_current); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-
-  /* "evpl/http/_fast.pyx":111
- *     server = conn.server
- *     native = server._native
- *     if (native is None or server.access_log or server.draining or conn.current is not None             # <<<<<<<<<<<<<<
- *             or conn.backlog or conn.closing):
- *         return 0
-*/
   __pyx_t_3 = (__pyx_t_1 != Py_None);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_3) {
@@ -3970,16 +3987,24 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
     goto __pyx_L4_bool_binop_done;
   }
 
-  /* "evpl/http/_fast.pyx":112
+  /* "evpl/http/_fast.pyx":119
  *     native = server._native
- *     if (native is None or server.access_log or server.draining or conn.current is not None
- *             or conn.backlog or conn.closing):             # <<<<<<<<<<<<<<
+ *     if (server.access_log or server.draining or conn.current is not None or conn.backlog
+ *             or conn.closing):             # <<<<<<<<<<<<<<
  *         return 0
  *     parser = conn.parser
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_backlog); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 112, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_backlog); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 112, __pyx_L1_error)
+
+  /* "evpl/http/_fast.pyx":118
+ *     server = conn.server
+ *     native = server._native
+ *     if (server.access_log or server.draining or conn.current is not None or conn.backlog             # <<<<<<<<<<<<<<
+ *             or conn.closing):
+ *         return 0
+*/
+  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_3) {
 
@@ -3989,28 +4014,36 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_closing); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 112, __pyx_L1_error)
+
+  /* "evpl/http/_fast.pyx":119
+ *     native = server._native
+ *     if (server.access_log or server.draining or conn.current is not None or conn.backlog
+ *             or conn.closing):             # <<<<<<<<<<<<<<
+ *         return 0
+ *     parser = conn.parser
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_closing); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 119, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 112, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 119, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
   __pyx_t_2 = __pyx_t_3;
 
   __pyx_L4_bool_binop_done:;
 
-  /* "evpl/http/_fast.pyx":111
+  /* "evpl/http/_fast.pyx":118
  *     server = conn.server
  *     native = server._native
- *     if (native is None or server.access_log or server.draining or conn.current is not None             # <<<<<<<<<<<<<<
- *             or conn.backlog or conn.closing):
+ *     if (server.access_log or server.draining or conn.current is not None or conn.backlog             # <<<<<<<<<<<<<<
+ *             or conn.closing):
  *         return 0
 */
   if (__pyx_t_2) {
 
 
-    /* "evpl/http/_fast.pyx":113
- *     if (native is None or server.access_log or server.draining or conn.current is not None
- *             or conn.backlog or conn.closing):
+    /* "evpl/http/_fast.pyx":120
+ *     if (server.access_log or server.draining or conn.current is not None or conn.backlog
+ *             or conn.closing):
  *         return 0             # <<<<<<<<<<<<<<
  *     parser = conn.parser
  *     if not parser.idle or parser.stopped:
@@ -4026,37 +4059,37 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
     }
     goto __pyx_L0;
 
-    /* "evpl/http/_fast.pyx":111
+    /* "evpl/http/_fast.pyx":118
  *     server = conn.server
  *     native = server._native
- *     if (native is None or server.access_log or server.draining or conn.current is not None             # <<<<<<<<<<<<<<
- *             or conn.backlog or conn.closing):
+ *     if (server.access_log or server.draining or conn.current is not None or conn.backlog             # <<<<<<<<<<<<<<
+ *             or conn.closing):
  *         return 0
 */
   }
 
-  /* "evpl/http/_fast.pyx":114
- *             or conn.backlog or conn.closing):
+  /* "evpl/http/_fast.pyx":121
+ *             or conn.closing):
  *         return 0
  *     parser = conn.parser             # <<<<<<<<<<<<<<
  *     if not parser.idle or parser.stopped:
  *         return 0
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_parser); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 114, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_parser); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 121, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_parser = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "evpl/http/_fast.pyx":115
+  /* "evpl/http/_fast.pyx":122
  *         return 0
  *     parser = conn.parser
  *     if not parser.idle or parser.stopped:             # <<<<<<<<<<<<<<
  *         return 0
  *     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_parser, __pyx_mstate_global->__pyx_n_u_idle); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 115, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_parser, __pyx_mstate_global->__pyx_n_u_idle); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 115, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 122, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_4 = (!__pyx_t_3);
 
@@ -4067,20 +4100,20 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 
     __pyx_t_2 = __pyx_t_4;
 
-    goto __pyx_L11_bool_binop_done;
+    goto __pyx_L10_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_parser, __pyx_mstate_global->__pyx_n_u_stopped); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 115, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_parser, __pyx_mstate_global->__pyx_n_u_stopped); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 115, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 122, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
   __pyx_t_2 = __pyx_t_4;
 
-  __pyx_L11_bool_binop_done:;
+  __pyx_L10_bool_binop_done:;
   if (__pyx_t_2) {
 
 
-    /* "evpl/http/_fast.pyx":116
+    /* "evpl/http/_fast.pyx":123
  *     parser = conn.parser
  *     if not parser.idle or parser.stopped:
  *         return 0             # <<<<<<<<<<<<<<
@@ -4098,7 +4131,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
     }
     goto __pyx_L0;
 
-    /* "evpl/http/_fast.pyx":115
+    /* "evpl/http/_fast.pyx":122
  *         return 0
  *     parser = conn.parser
  *     if not parser.idle or parser.stopped:             # <<<<<<<<<<<<<<
@@ -4107,7 +4140,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
   }
 
-  /* "evpl/http/_fast.pyx":117
+  /* "evpl/http/_fast.pyx":124
  *     if not parser.idle or parser.stopped:
  *         return 0
  *     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)             # <<<<<<<<<<<<<<
@@ -4116,7 +4149,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
   __pyx_v_p = ((unsigned char const *)PyBytes_AS_STRING(__pyx_v_data));
 
-  /* "evpl/http/_fast.pyx":118
+  /* "evpl/http/_fast.pyx":125
  *         return 0
  *     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
  *     cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, hlen             # <<<<<<<<<<<<<<
@@ -4126,103 +4159,112 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
   __pyx_v_n = PyBytes_GET_SIZE(__pyx_v_data);
   __pyx_v_pos = 0;
 
-  /* "evpl/http/_fast.pyx":119
+  /* "evpl/http/_fast.pyx":126
  *     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
  *     cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, hlen
  *     cdef Py_ssize_t max_head = parser.max_head, max_line = parser.max_line             # <<<<<<<<<<<<<<
  *     cdef Py_ssize_t max_headers = parser.max_headers
  *     cdef const unsigned char* end
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_parser, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 119, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_parser, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 126, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_5 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_5 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 119, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_5 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 126, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_max_head = __pyx_t_5;
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_parser, __pyx_mstate_global->__pyx_n_u_max_line); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 119, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_parser, __pyx_mstate_global->__pyx_n_u_max_line); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 126, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_5 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_5 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 119, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_5 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 126, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_max_line = __pyx_t_5;
 
-  /* "evpl/http/_fast.pyx":120
+  /* "evpl/http/_fast.pyx":127
  *     cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, hlen
  *     cdef Py_ssize_t max_head = parser.max_head, max_line = parser.max_line
  *     cdef Py_ssize_t max_headers = parser.max_headers             # <<<<<<<<<<<<<<
  *     cdef const unsigned char* end
  *     cdef PyObject* got
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_parser, __pyx_mstate_global->__pyx_n_u_max_headers); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_parser, __pyx_mstate_global->__pyx_n_u_max_headers); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 127, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_5 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_5 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_5 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 127, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_max_headers = __pyx_t_5;
 
-  /* "evpl/http/_fast.pyx":125
+  /* "evpl/http/_fast.pyx":132
  *     cdef tuple r
  *     cdef list headers
  *     cdef list out = []             # <<<<<<<<<<<<<<
  *     cdef dict lines = server._status_lines
  *     cdef dict blocks = server._blocks
 */
-  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_out = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "evpl/http/_fast.pyx":126
+  /* "evpl/http/_fast.pyx":133
  *     cdef list headers
  *     cdef list out = []
  *     cdef dict lines = server._status_lines             # <<<<<<<<<<<<<<
  *     cdef dict blocks = server._blocks
  *     cdef bytes date = server._date
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_status_lines); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 126, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_status_lines); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (!(likely(PyDict_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_1))) __PYX_ERR(0, 126, __pyx_L1_error)
+  if (!(likely(PyDict_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_1))) __PYX_ERR(0, 133, __pyx_L1_error)
   __pyx_v_lines = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "evpl/http/_fast.pyx":127
+  /* "evpl/http/_fast.pyx":134
  *     cdef list out = []
  *     cdef dict lines = server._status_lines
  *     cdef dict blocks = server._blocks             # <<<<<<<<<<<<<<
  *     cdef bytes date = server._date
- *     app = native.app
+ *     app = native.app if native is not None else None
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_blocks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 127, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_blocks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 134, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (!(likely(PyDict_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_1))) __PYX_ERR(0, 127, __pyx_L1_error)
+  if (!(likely(PyDict_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_1))) __PYX_ERR(0, 134, __pyx_L1_error)
   __pyx_v_blocks = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "evpl/http/_fast.pyx":128
+  /* "evpl/http/_fast.pyx":135
  *     cdef dict lines = server._status_lines
  *     cdef dict blocks = server._blocks
  *     cdef bytes date = server._date             # <<<<<<<<<<<<<<
- *     app = native.app
+ *     app = native.app if native is not None else None
  *     while pos < n and p[pos] != 0x0D:           # (empty lines first: wire's rule)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_date); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_date); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 135, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 128, __pyx_L1_error)
+  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 135, __pyx_L1_error)
   __pyx_v_date = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "evpl/http/_fast.pyx":129
+  /* "evpl/http/_fast.pyx":136
  *     cdef dict blocks = server._blocks
  *     cdef bytes date = server._date
- *     app = native.app             # <<<<<<<<<<<<<<
+ *     app = native.app if native is not None else None             # <<<<<<<<<<<<<<
  *     while pos < n and p[pos] != 0x0D:           # (empty lines first: wire's rule)
  *         end = <const unsigned char*>memmem(p + pos, n - pos, b"\r\n\r\n", 4)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_native, __pyx_mstate_global->__pyx_n_u_app); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 129, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_2 = (__pyx_v_native != Py_None);
+  if (__pyx_t_2) {
+    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_native, __pyx_mstate_global->__pyx_n_u_app); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 136, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_1 = __pyx_t_6;
+    __pyx_t_6 = 0;
+  } else {
+    __Pyx_INCREF(Py_None);
+    __pyx_t_1 = Py_None;
+  }
+
   __pyx_v_app = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "evpl/http/_fast.pyx":130
+  /* "evpl/http/_fast.pyx":137
  *     cdef bytes date = server._date
- *     app = native.app
+ *     app = native.app if native is not None else None
  *     while pos < n and p[pos] != 0x0D:           # (empty lines first: wire's rule)             # <<<<<<<<<<<<<<
  *         end = <const unsigned char*>memmem(p + pos, n - pos, b"\r\n\r\n", 4)
  *         if end == NULL:
@@ -4236,19 +4278,19 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 
       __pyx_t_2 = __pyx_t_4;
 
-      goto __pyx_L15_bool_binop_done;
+      goto __pyx_L14_bool_binop_done;
     }
     __pyx_t_4 = ((__pyx_v_p[__pyx_v_pos]) != 0x0D);
 
 
     __pyx_t_2 = __pyx_t_4;
 
-    __pyx_L15_bool_binop_done:;
+    __pyx_L14_bool_binop_done:;
 
     if (!__pyx_t_2) break;
 
-    /* "evpl/http/_fast.pyx":131
- *     app = native.app
+    /* "evpl/http/_fast.pyx":138
+ *     app = native.app if native is not None else None
  *     while pos < n and p[pos] != 0x0D:           # (empty lines first: wire's rule)
  *         end = <const unsigned char*>memmem(p + pos, n - pos, b"\r\n\r\n", 4)             # <<<<<<<<<<<<<<
  *         if end == NULL:
@@ -4256,7 +4298,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     __pyx_v_end = ((unsigned char const *)memmem((__pyx_v_p + __pyx_v_pos), (__pyx_v_n - __pyx_v_pos), __pyx_k__2, 4));
 
-    /* "evpl/http/_fast.pyx":132
+    /* "evpl/http/_fast.pyx":139
  *     while pos < n and p[pos] != 0x0D:           # (empty lines first: wire's rule)
  *         end = <const unsigned char*>memmem(p + pos, n - pos, b"\r\n\r\n", 4)
  *         if end == NULL:             # <<<<<<<<<<<<<<
@@ -4268,16 +4310,16 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
     if (__pyx_t_2) {
 
 
-      /* "evpl/http/_fast.pyx":133
+      /* "evpl/http/_fast.pyx":140
  *         end = <const unsigned char*>memmem(p + pos, n - pos, b"\r\n\r\n", 4)
  *         if end == NULL:
  *             break             # <<<<<<<<<<<<<<
  *         hlen = end + 4 - (p + pos)
  *         if hlen > max_head:
 */
-      goto __pyx_L14_break;
+      goto __pyx_L13_break;
 
-      /* "evpl/http/_fast.pyx":132
+      /* "evpl/http/_fast.pyx":139
  *     while pos < n and p[pos] != 0x0D:           # (empty lines first: wire's rule)
  *         end = <const unsigned char*>memmem(p + pos, n - pos, b"\r\n\r\n", 4)
  *         if end == NULL:             # <<<<<<<<<<<<<<
@@ -4286,7 +4328,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     }
 
-    /* "evpl/http/_fast.pyx":134
+    /* "evpl/http/_fast.pyx":141
  *         if end == NULL:
  *             break
  *         hlen = end + 4 - (p + pos)             # <<<<<<<<<<<<<<
@@ -4295,7 +4337,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     __pyx_v_hlen = ((__pyx_v_end + 4) - (__pyx_v_p + __pyx_v_pos));
 
-    /* "evpl/http/_fast.pyx":135
+    /* "evpl/http/_fast.pyx":142
  *             break
  *         hlen = end + 4 - (p + pos)
  *         if hlen > max_head:             # <<<<<<<<<<<<<<
@@ -4307,16 +4349,16 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
     if (__pyx_t_2) {
 
 
-      /* "evpl/http/_fast.pyx":136
+      /* "evpl/http/_fast.pyx":143
  *         hlen = end + 4 - (p + pos)
  *         if hlen > max_head:
  *             break             # <<<<<<<<<<<<<<
  *         r = parse_head_c(p + pos, hlen, max_line)
  *         if len(r) != 4 or r[2] != 1:
 */
-      goto __pyx_L14_break;
+      goto __pyx_L13_break;
 
-      /* "evpl/http/_fast.pyx":135
+      /* "evpl/http/_fast.pyx":142
  *             break
  *         hlen = end + 4 - (p + pos)
  *         if hlen > max_head:             # <<<<<<<<<<<<<<
@@ -4325,19 +4367,19 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     }
 
-    /* "evpl/http/_fast.pyx":137
+    /* "evpl/http/_fast.pyx":144
  *         if hlen > max_head:
  *             break
  *         r = parse_head_c(p + pos, hlen, max_line)             # <<<<<<<<<<<<<<
  *         if len(r) != 4 or r[2] != 1:
  *             break
 */
-    __pyx_t_1 = __pyx_f_4evpl_7_native_8httphead_parse_head_c((__pyx_v_p + __pyx_v_pos), __pyx_v_hlen, __pyx_v_max_line); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __pyx_t_1 = __pyx_f_4evpl_7_native_8httphead_parse_head_c((__pyx_v_p + __pyx_v_pos), __pyx_v_hlen, __pyx_v_max_line); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 144, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_XDECREF_SET(__pyx_v_r, ((PyObject*)__pyx_t_1));
     __pyx_t_1 = 0;
 
-    /* "evpl/http/_fast.pyx":138
+    /* "evpl/http/_fast.pyx":145
  *             break
  *         r = parse_head_c(p + pos, hlen, max_line)
  *         if len(r) != 4 or r[2] != 1:             # <<<<<<<<<<<<<<
@@ -4346,9 +4388,9 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     if (unlikely(__pyx_v_r == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-      __PYX_ERR(0, 138, __pyx_L1_error)
+      __PYX_ERR(0, 145, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyTuple_GET_SIZE(__pyx_v_r); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 138, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyTuple_GET_SIZE(__pyx_v_r); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 145, __pyx_L1_error)
     __pyx_t_4 = (__pyx_t_5 != 4);
 
 
@@ -4358,30 +4400,30 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 
       __pyx_t_2 = __pyx_t_4;
 
-      goto __pyx_L20_bool_binop_done;
+      goto __pyx_L19_bool_binop_done;
     }
     if (unlikely(__pyx_v_r == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 138, __pyx_L1_error)
+      __PYX_ERR(0, 145, __pyx_L1_error)
     }
-    __pyx_t_4 = (__Pyx_PyLong_BoolNeObjC(__Pyx_PyTuple_GET_ITEM(__pyx_v_r, 2), __pyx_mstate_global->__pyx_int_1, 1, 0)); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 138, __pyx_L1_error)
+    __pyx_t_4 = (__Pyx_PyLong_BoolNeObjC(__Pyx_PyTuple_GET_ITEM(__pyx_v_r, 2), __pyx_mstate_global->__pyx_int_1, 1, 0)); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 145, __pyx_L1_error)
 
     __pyx_t_2 = __pyx_t_4;
 
-    __pyx_L20_bool_binop_done:;
+    __pyx_L19_bool_binop_done:;
     if (__pyx_t_2) {
 
 
-      /* "evpl/http/_fast.pyx":139
+      /* "evpl/http/_fast.pyx":146
  *         r = parse_head_c(p + pos, hlen, max_line)
  *         if len(r) != 4 or r[2] != 1:
  *             break             # <<<<<<<<<<<<<<
  *         headers = <list>r[3]
  *         if len(headers) > max_headers or not _plain(headers):
 */
-      goto __pyx_L14_break;
+      goto __pyx_L13_break;
 
-      /* "evpl/http/_fast.pyx":138
+      /* "evpl/http/_fast.pyx":145
  *             break
  *         r = parse_head_c(p + pos, hlen, max_line)
  *         if len(r) != 4 or r[2] != 1:             # <<<<<<<<<<<<<<
@@ -4390,7 +4432,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     }
 
-    /* "evpl/http/_fast.pyx":140
+    /* "evpl/http/_fast.pyx":147
  *         if len(r) != 4 or r[2] != 1:
  *             break
  *         headers = <list>r[3]             # <<<<<<<<<<<<<<
@@ -4399,14 +4441,14 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     if (unlikely(__pyx_v_r == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 140, __pyx_L1_error)
+      __PYX_ERR(0, 147, __pyx_L1_error)
     }
     __pyx_t_1 = __Pyx_PyTuple_GET_ITEM(__pyx_v_r, 3);
     __Pyx_INCREF(__pyx_t_1);
     __Pyx_XDECREF_SET(__pyx_v_headers, ((PyObject*)__pyx_t_1));
     __pyx_t_1 = 0;
 
-    /* "evpl/http/_fast.pyx":141
+    /* "evpl/http/_fast.pyx":148
  *             break
  *         headers = <list>r[3]
  *         if len(headers) > max_headers or not _plain(headers):             # <<<<<<<<<<<<<<
@@ -4415,9 +4457,9 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     if (unlikely(__pyx_v_headers == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-      __PYX_ERR(0, 141, __pyx_L1_error)
+      __PYX_ERR(0, 148, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyList_GET_SIZE(__pyx_v_headers); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 141, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyList_GET_SIZE(__pyx_v_headers); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 148, __pyx_L1_error)
     __pyx_t_4 = (__pyx_t_5 > __pyx_v_max_headers);
 
 
@@ -4427,29 +4469,29 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 
       __pyx_t_2 = __pyx_t_4;
 
-      goto __pyx_L23_bool_binop_done;
+      goto __pyx_L22_bool_binop_done;
     }
-    __pyx_t_4 = __pyx_f_4evpl_4http_5_fast__plain(__pyx_v_headers); if (unlikely(__pyx_t_4 == ((int)-1) && PyErr_Occurred())) __PYX_ERR(0, 141, __pyx_L1_error)
+    __pyx_t_4 = __pyx_f_4evpl_4http_5_fast__plain(__pyx_v_headers); if (unlikely(__pyx_t_4 == ((int)-1) && PyErr_Occurred())) __PYX_ERR(0, 148, __pyx_L1_error)
     __pyx_t_3 = (!__pyx_t_4);
 
 
 
     __pyx_t_2 = __pyx_t_3;
 
-    __pyx_L23_bool_binop_done:;
+    __pyx_L22_bool_binop_done:;
     if (__pyx_t_2) {
 
 
-      /* "evpl/http/_fast.pyx":142
+      /* "evpl/http/_fast.pyx":149
  *         headers = <list>r[3]
  *         if len(headers) > max_headers or not _plain(headers):
  *             break             # <<<<<<<<<<<<<<
  *         req = Request(r[0], r[1], "1.1", headers)
  *         pos += hlen
 */
-      goto __pyx_L14_break;
+      goto __pyx_L13_break;
 
-      /* "evpl/http/_fast.pyx":141
+      /* "evpl/http/_fast.pyx":148
  *             break
  *         headers = <list>r[3]
  *         if len(headers) > max_headers or not _plain(headers):             # <<<<<<<<<<<<<<
@@ -4458,23 +4500,23 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     }
 
-    /* "evpl/http/_fast.pyx":143
+    /* "evpl/http/_fast.pyx":150
  *         if len(headers) > max_headers or not _plain(headers):
  *             break
  *         req = Request(r[0], r[1], "1.1", headers)             # <<<<<<<<<<<<<<
  *         pos += hlen
- *         try:
+ *         if native is None:
 */
     __pyx_t_6 = NULL;
     __Pyx_INCREF(__pyx_v_4evpl_4http_5_fast_Request);
     __pyx_t_7 = __pyx_v_4evpl_4http_5_fast_Request; 
     if (unlikely(__pyx_v_r == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 143, __pyx_L1_error)
+      __PYX_ERR(0, 150, __pyx_L1_error)
     }
     if (unlikely(__pyx_v_r == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 143, __pyx_L1_error)
+      __PYX_ERR(0, 150, __pyx_L1_error)
     }
     __pyx_t_8 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -4493,24 +4535,117 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_7, __pyx_callargs+__pyx_t_8, (5-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 143, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 150, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_XDECREF_SET(__pyx_v_req, __pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "evpl/http/_fast.pyx":144
+    /* "evpl/http/_fast.pyx":151
  *             break
  *         req = Request(r[0], r[1], "1.1", headers)
  *         pos += hlen             # <<<<<<<<<<<<<<
- *         try:
- *             resp = app(req)
+ *         if native is None:
+ *             # an adapter (ASGI, WSGI) drives one exchange at a time: start
 */
     __pyx_v_pos = (__pyx_v_pos + __pyx_v_hlen);
 
-    /* "evpl/http/_fast.pyx":145
+    /* "evpl/http/_fast.pyx":152
  *         req = Request(r[0], r[1], "1.1", headers)
  *         pos += hlen
+ *         if native is None:             # <<<<<<<<<<<<<<
+ *             # an adapter (ASGI, WSGI) drives one exchange at a time: start
+ *             # it; what follows waits in the connection's backlog
+*/
+    __pyx_t_2 = (__pyx_v_native == Py_None);
+    if (__pyx_t_2) {
+
+
+      /* "evpl/http/_fast.pyx":155
+ *             # an adapter (ASGI, WSGI) drives one exchange at a time: start
+ *             # it; what follows waits in the connection's backlog
+ *             ex = H1Exchange(conn, req)             # <<<<<<<<<<<<<<
+ *             conn.current = ex
+ *             server._runner.run(ex)
+*/
+      __pyx_t_7 = NULL;
+      __Pyx_INCREF(__pyx_v_4evpl_4http_5_fast_H1Exchange);
+      __pyx_t_6 = __pyx_v_4evpl_4http_5_fast_H1Exchange; 
+      __pyx_t_8 = 1;
+      #if CYTHON_UNPACK_METHODS
+      if (unlikely(PyMethod_Check(__pyx_t_6))) {
+        __pyx_t_7 = PyMethod_GET_SELF(__pyx_t_6);
+        assert(__pyx_t_7);
+        PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_6);
+        __Pyx_INCREF(__pyx_t_7);
+        __Pyx_INCREF(__pyx__function);
+        __Pyx_DECREF_SET(__pyx_t_6, __pyx__function);
+        __pyx_t_8 = 0;
+      }
+      #endif
+      {
+        PyObject *__pyx_callargs[3] = {__pyx_t_7, __pyx_v_conn, __pyx_v_req};
+        __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_8, (3-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+        __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+        __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 155, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_1);
+      }
+      __pyx_v_ex = __pyx_t_1;
+      __pyx_t_1 = 0;
+
+      /* "evpl/http/_fast.pyx":156
+ *             # it; what follows waits in the connection's backlog
+ *             ex = H1Exchange(conn, req)
+ *             conn.current = ex             # <<<<<<<<<<<<<<
+ *             server._runner.run(ex)
+ *             break
+*/
+      if (__Pyx_PyObject_SetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_current, __pyx_v_ex) < (0)) __PYX_ERR(0, 156, __pyx_L1_error)
+
+      /* "evpl/http/_fast.pyx":157
+ *             ex = H1Exchange(conn, req)
+ *             conn.current = ex
+ *             server._runner.run(ex)             # <<<<<<<<<<<<<<
+ *             break
+ *         try:
+*/
+      __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_server, __pyx_mstate_global->__pyx_n_u_runner); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 157, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_7);
+      __pyx_t_6 = __pyx_t_7;
+      __Pyx_INCREF(__pyx_t_6);
+      __pyx_t_8 = 0;
+      {
+        PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_v_ex};
+        __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_run, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+        __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+        __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 157, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_1);
+      }
+      __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+
+      /* "evpl/http/_fast.pyx":158
+ *             conn.current = ex
+ *             server._runner.run(ex)
+ *             break             # <<<<<<<<<<<<<<
+ *         try:
+ *             resp = app(req)
+*/
+      goto __pyx_L13_break;
+
+      /* "evpl/http/_fast.pyx":152
+ *         req = Request(r[0], r[1], "1.1", headers)
+ *         pos += hlen
+ *         if native is None:             # <<<<<<<<<<<<<<
+ *             # an adapter (ASGI, WSGI) drives one exchange at a time: start
+ *             # it; what follows waits in the connection's backlog
+*/
+    }
+
+    /* "evpl/http/_fast.pyx":159
+ *             server._runner.run(ex)
+ *             break
  *         try:             # <<<<<<<<<<<<<<
  *             resp = app(req)
  *         except Exception:
@@ -4524,8 +4659,8 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
       __Pyx_XGOTREF(__pyx_t_11);
       /*try:*/ {
 
-        /* "evpl/http/_fast.pyx":146
- *         pos += hlen
+        /* "evpl/http/_fast.pyx":160
+ *             break
  *         try:
  *             resp = app(req)             # <<<<<<<<<<<<<<
  *         except Exception:
@@ -4536,7 +4671,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
         __pyx_t_6 = __pyx_v_app; 
         __pyx_t_8 = 1;
         #if CYTHON_UNPACK_METHODS
-        if (likely(PyMethod_Check(__pyx_t_6))) {
+        if (unlikely(PyMethod_Check(__pyx_t_6))) {
           __pyx_t_7 = PyMethod_GET_SELF(__pyx_t_6);
           assert(__pyx_t_7);
           PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_6);
@@ -4551,15 +4686,15 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
           __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 146, __pyx_L25_error)
+          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 160, __pyx_L25_error)
           __Pyx_GOTREF(__pyx_t_1);
         }
         __Pyx_XDECREF_SET(__pyx_v_resp, __pyx_t_1);
         __pyx_t_1 = 0;
 
-        /* "evpl/http/_fast.pyx":145
- *         req = Request(r[0], r[1], "1.1", headers)
- *         pos += hlen
+        /* "evpl/http/_fast.pyx":159
+ *             server._runner.run(ex)
+ *             break
  *         try:             # <<<<<<<<<<<<<<
  *             resp = app(req)
  *         except Exception:
@@ -4574,7 +4709,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
 
-      /* "evpl/http/_fast.pyx":147
+      /* "evpl/http/_fast.pyx":161
  *         try:
  *             resp = app(req)
  *         except Exception:             # <<<<<<<<<<<<<<
@@ -4584,12 +4719,12 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
       __pyx_t_12 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_Exception))));
       if (__pyx_t_12) {
         __Pyx_AddTraceback("evpl.http._fast.serve", __pyx_clineno, __pyx_lineno, __pyx_filename);
-        if (__Pyx_GetException(&__pyx_t_1, &__pyx_t_6, &__pyx_t_7) < 0) __PYX_ERR(0, 147, __pyx_L27_except_error)
+        if (__Pyx_GetException(&__pyx_t_1, &__pyx_t_6, &__pyx_t_7) < 0) __PYX_ERR(0, 161, __pyx_L27_except_error)
         __Pyx_XGOTREF(__pyx_t_1);
         __Pyx_XGOTREF(__pyx_t_6);
         __Pyx_XGOTREF(__pyx_t_7);
 
-        /* "evpl/http/_fast.pyx":148
+        /* "evpl/http/_fast.pyx":162
  *             resp = app(req)
  *         except Exception:
  *             resp = native.failed(req)             # <<<<<<<<<<<<<<
@@ -4603,7 +4738,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
           PyObject *__pyx_callargs[2] = {__pyx_t_14, __pyx_v_req};
           __pyx_t_13 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_failed, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_14); __pyx_t_14 = 0;
-          if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 148, __pyx_L27_except_error)
+          if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 162, __pyx_L27_except_error)
           __Pyx_GOTREF(__pyx_t_13);
         }
         __Pyx_XDECREF_SET(__pyx_v_resp, __pyx_t_13);
@@ -4615,9 +4750,9 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
       }
       goto __pyx_L27_except_error;
 
-      /* "evpl/http/_fast.pyx":145
- *         req = Request(r[0], r[1], "1.1", headers)
- *         pos += hlen
+      /* "evpl/http/_fast.pyx":159
+ *             server._runner.run(ex)
+ *             break
  *         try:             # <<<<<<<<<<<<<<
  *             resp = app(req)
  *         except Exception:
@@ -4636,7 +4771,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
       __pyx_L32_try_end:;
     }
 
-    /* "evpl/http/_fast.pyx":149
+    /* "evpl/http/_fast.pyx":163
  *         except Exception:
  *             resp = native.failed(req)
  *         if type(resp) is not Response:             # <<<<<<<<<<<<<<
@@ -4647,7 +4782,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
     if (__pyx_t_2) {
 
 
-      /* "evpl/http/_fast.pyx":152
+      /* "evpl/http/_fast.pyx":166
  *             # a streaming response, an upgrade, a mistake: the Python path
  *             # (conn.current is set, so what follows waits in its backlog)
  *             if out:             # <<<<<<<<<<<<<<
@@ -4656,21 +4791,21 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
       {
         Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_v_out);
-        if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 152, __pyx_L1_error)
+        if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 166, __pyx_L1_error)
         __pyx_t_2 = (__pyx_temp != 0);
       }
 
       if (__pyx_t_2) {
 
 
-        /* "evpl/http/_fast.pyx":153
+        /* "evpl/http/_fast.pyx":167
  *             # (conn.current is set, so what follows waits in its backlog)
  *             if out:
  *                 conn.bind.sendv(out)             # <<<<<<<<<<<<<<
  *             conn._begin(req, resp)
  *             return pos
 */
-        __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_bind); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 153, __pyx_L1_error)
+        __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_bind); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 167, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
         __pyx_t_6 = __pyx_t_1;
         __Pyx_INCREF(__pyx_t_6);
@@ -4680,12 +4815,12 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
           __pyx_t_7 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_sendv, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
           __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-          if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 153, __pyx_L1_error)
+          if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 167, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_7);
         }
         __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
-        /* "evpl/http/_fast.pyx":152
+        /* "evpl/http/_fast.pyx":166
  *             # a streaming response, an upgrade, a mistake: the Python path
  *             # (conn.current is set, so what follows waits in its backlog)
  *             if out:             # <<<<<<<<<<<<<<
@@ -4694,7 +4829,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
       }
 
-      /* "evpl/http/_fast.pyx":154
+      /* "evpl/http/_fast.pyx":168
  *             if out:
  *                 conn.bind.sendv(out)
  *             conn._begin(req, resp)             # <<<<<<<<<<<<<<
@@ -4708,19 +4843,19 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
         PyObject *__pyx_callargs[3] = {__pyx_t_1, __pyx_v_req, __pyx_v_resp};
         __pyx_t_7 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_begin, __pyx_callargs+__pyx_t_8, (3-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-        if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 154, __pyx_L1_error)
+        if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 168, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_7);
       }
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
-      /* "evpl/http/_fast.pyx":155
+      /* "evpl/http/_fast.pyx":169
  *                 conn.bind.sendv(out)
  *             conn._begin(req, resp)
  *             return pos             # <<<<<<<<<<<<<<
  *         status = resp.status
  *         body = resp.body
 */
-      __pyx_t_7 = PyLong_FromSsize_t(__pyx_v_pos); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 155, __pyx_L1_error)
+      __pyx_t_7 = PyLong_FromSsize_t(__pyx_v_pos); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 169, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_7);
       {
         PyObject *__pyx_temp;
@@ -4733,7 +4868,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
       __pyx_t_7 = 0;
       goto __pyx_L0;
 
-      /* "evpl/http/_fast.pyx":149
+      /* "evpl/http/_fast.pyx":163
  *         except Exception:
  *             resp = native.failed(req)
  *         if type(resp) is not Response:             # <<<<<<<<<<<<<<
@@ -4742,31 +4877,31 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     }
 
-    /* "evpl/http/_fast.pyx":156
+    /* "evpl/http/_fast.pyx":170
  *             conn._begin(req, resp)
  *             return pos
  *         status = resp.status             # <<<<<<<<<<<<<<
  *         body = resp.body
  *         got = PyDict_GetItem(lines, status)
 */
-    __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_resp, __pyx_mstate_global->__pyx_n_u_status); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 156, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_resp, __pyx_mstate_global->__pyx_n_u_status); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 170, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __Pyx_XDECREF_SET(__pyx_v_status, __pyx_t_7);
     __pyx_t_7 = 0;
 
-    /* "evpl/http/_fast.pyx":157
+    /* "evpl/http/_fast.pyx":171
  *             return pos
  *         status = resp.status
  *         body = resp.body             # <<<<<<<<<<<<<<
  *         got = PyDict_GetItem(lines, status)
  *         hs = resp.headers
 */
-    __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_resp, __pyx_mstate_global->__pyx_n_u_body); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 157, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_resp, __pyx_mstate_global->__pyx_n_u_body); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 171, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __Pyx_XDECREF_SET(__pyx_v_body, __pyx_t_7);
     __pyx_t_7 = 0;
 
-    /* "evpl/http/_fast.pyx":158
+    /* "evpl/http/_fast.pyx":172
  *         status = resp.status
  *         body = resp.body
  *         got = PyDict_GetItem(lines, status)             # <<<<<<<<<<<<<<
@@ -4775,19 +4910,19 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     __pyx_v_got = PyDict_GetItem(__pyx_v_lines, __pyx_v_status);
 
-    /* "evpl/http/_fast.pyx":159
+    /* "evpl/http/_fast.pyx":173
  *         body = resp.body
  *         got = PyDict_GetItem(lines, status)
  *         hs = resp.headers             # <<<<<<<<<<<<<<
  *         block = b""
  *         if hs:
 */
-    __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_resp, __pyx_mstate_global->__pyx_n_u_headers); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 159, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_resp, __pyx_mstate_global->__pyx_n_u_headers); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 173, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __Pyx_XDECREF_SET(__pyx_v_hs, __pyx_t_7);
     __pyx_t_7 = 0;
 
-    /* "evpl/http/_fast.pyx":160
+    /* "evpl/http/_fast.pyx":174
  *         got = PyDict_GetItem(lines, status)
  *         hs = resp.headers
  *         block = b""             # <<<<<<<<<<<<<<
@@ -4797,18 +4932,18 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
     __Pyx_INCREF(__pyx_mstate_global->__pyx_kp_b__3);
     __Pyx_XDECREF_SET(__pyx_v_block, __pyx_mstate_global->__pyx_kp_b__3);
 
-    /* "evpl/http/_fast.pyx":161
+    /* "evpl/http/_fast.pyx":175
  *         hs = resp.headers
  *         block = b""
  *         if hs:             # <<<<<<<<<<<<<<
  *             block = blocks.get(tuple(hs))
  *         if (got == NULL or block is None or type(body) is not bytes or req.method == "HEAD"
 */
-    __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_hs); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 161, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_hs); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 175, __pyx_L1_error)
     if (__pyx_t_2) {
 
 
-      /* "evpl/http/_fast.pyx":162
+      /* "evpl/http/_fast.pyx":176
  *         block = b""
  *         if hs:
  *             block = blocks.get(tuple(hs))             # <<<<<<<<<<<<<<
@@ -4817,17 +4952,17 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
       if (unlikely(__pyx_v_blocks == Py_None)) {
         PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "get");
-        __PYX_ERR(0, 162, __pyx_L1_error)
+        __PYX_ERR(0, 176, __pyx_L1_error)
       }
-      __pyx_t_7 = __Pyx_PySequence_Tuple(__pyx_v_hs); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 162, __pyx_L1_error)
+      __pyx_t_7 = __Pyx_PySequence_Tuple(__pyx_v_hs); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 176, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_7);
-      __pyx_t_1 = __Pyx_PyDict_GetItemDefault(__pyx_v_blocks, __pyx_t_7, Py_None); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 162, __pyx_L1_error)
+      __pyx_t_1 = __Pyx_PyDict_GetItemDefault(__pyx_v_blocks, __pyx_t_7, Py_None); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 176, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
       __Pyx_DECREF_SET(__pyx_v_block, __pyx_t_1);
       __pyx_t_1 = 0;
 
-      /* "evpl/http/_fast.pyx":161
+      /* "evpl/http/_fast.pyx":175
  *         hs = resp.headers
  *         block = b""
  *         if hs:             # <<<<<<<<<<<<<<
@@ -4836,7 +4971,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     }
 
-    /* "evpl/http/_fast.pyx":163
+    /* "evpl/http/_fast.pyx":177
  *         if hs:
  *             block = blocks.get(tuple(hs))
  *         if (got == NULL or block is None or type(body) is not bytes or req.method == "HEAD"             # <<<<<<<<<<<<<<
@@ -4872,16 +5007,16 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
       goto __pyx_L39_bool_binop_done;
     }
 
-    /* "evpl/http/_fast.pyx":164
+    /* "evpl/http/_fast.pyx":178
  *             block = blocks.get(tuple(hs))
  *         if (got == NULL or block is None or type(body) is not bytes or req.method == "HEAD"
  *                 or status < 200 or status == 204 or status == 304):             # <<<<<<<<<<<<<<
  *             # the general encoder (it also fills the caches for next time)
  *             if not conn._encode(out, req, resp):
 */
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_req, __pyx_mstate_global->__pyx_n_u_method); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 163, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_req, __pyx_mstate_global->__pyx_n_u_method); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 177, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = __Pyx_PyObject_CompareBoolEq_object_str(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_HEAD, Py_EQ); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 163, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_CompareBoolEq_object_str(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_HEAD, Py_EQ); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 177, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     if (!__pyx_t_3) {
 
@@ -4891,7 +5026,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 
       goto __pyx_L39_bool_binop_done;
     }
-    __pyx_t_3 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_v_status, __pyx_mstate_global->__pyx_int_200, Py_LT); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 164, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_v_status, __pyx_mstate_global->__pyx_int_200, Py_LT); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 178, __pyx_L1_error)
     if (!__pyx_t_3) {
 
     } else {
@@ -4900,7 +5035,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 
       goto __pyx_L39_bool_binop_done;
     }
-    __pyx_t_3 = (__Pyx_PyLong_BoolEqObjC(__pyx_v_status, __pyx_mstate_global->__pyx_int_204, 0xCC, 0)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 164, __pyx_L1_error)
+    __pyx_t_3 = (__Pyx_PyLong_BoolEqObjC(__pyx_v_status, __pyx_mstate_global->__pyx_int_204, 0xCC, 0)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 178, __pyx_L1_error)
     if (!__pyx_t_3) {
 
     } else {
@@ -4909,13 +5044,13 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 
       goto __pyx_L39_bool_binop_done;
     }
-    __pyx_t_3 = (__Pyx_PyLong_BoolEqObjC(__pyx_v_status, __pyx_mstate_global->__pyx_int_304, 0x130, 0)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 164, __pyx_L1_error)
+    __pyx_t_3 = (__Pyx_PyLong_BoolEqObjC(__pyx_v_status, __pyx_mstate_global->__pyx_int_304, 0x130, 0)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 178, __pyx_L1_error)
 
     __pyx_t_2 = __pyx_t_3;
 
     __pyx_L39_bool_binop_done:;
 
-    /* "evpl/http/_fast.pyx":163
+    /* "evpl/http/_fast.pyx":177
  *         if hs:
  *             block = blocks.get(tuple(hs))
  *         if (got == NULL or block is None or type(body) is not bytes or req.method == "HEAD"             # <<<<<<<<<<<<<<
@@ -4925,7 +5060,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
     if (__pyx_t_2) {
 
 
-      /* "evpl/http/_fast.pyx":166
+      /* "evpl/http/_fast.pyx":180
  *                 or status < 200 or status == 204 or status == 304):
  *             # the general encoder (it also fills the caches for next time)
  *             if not conn._encode(out, req, resp):             # <<<<<<<<<<<<<<
@@ -4939,10 +5074,10 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
         PyObject *__pyx_callargs[4] = {__pyx_t_7, __pyx_v_out, __pyx_v_req, __pyx_v_resp};
         __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_encode, __pyx_callargs+__pyx_t_8, (4-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
-        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 166, __pyx_L1_error)
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 180, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
       }
-      __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 166, __pyx_L1_error)
+      __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 180, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __pyx_t_3 = (!__pyx_t_2);
 
@@ -4950,14 +5085,14 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
       if (__pyx_t_3) {
 
 
-        /* "evpl/http/_fast.pyx":167
+        /* "evpl/http/_fast.pyx":181
  *             # the general encoder (it also fills the caches for next time)
  *             if not conn._encode(out, req, resp):
  *                 conn.bind.sendv(out)             # <<<<<<<<<<<<<<
  *                 conn._close_after_send()
  *                 return n
 */
-        __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_bind); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 167, __pyx_L1_error)
+        __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_bind); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 181, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_6);
         __pyx_t_7 = __pyx_t_6;
         __Pyx_INCREF(__pyx_t_7);
@@ -4967,12 +5102,12 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
           __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_sendv, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 167, __pyx_L1_error)
+          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 181, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_1);
         }
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-        /* "evpl/http/_fast.pyx":168
+        /* "evpl/http/_fast.pyx":182
  *             if not conn._encode(out, req, resp):
  *                 conn.bind.sendv(out)
  *                 conn._close_after_send()             # <<<<<<<<<<<<<<
@@ -4986,19 +5121,19 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
           PyObject *__pyx_callargs[2] = {__pyx_t_6, NULL};
           __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_close_after_send, __pyx_callargs+__pyx_t_8, (1-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 168, __pyx_L1_error)
+          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 182, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_1);
         }
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-        /* "evpl/http/_fast.pyx":169
+        /* "evpl/http/_fast.pyx":183
  *                 conn.bind.sendv(out)
  *                 conn._close_after_send()
  *                 return n             # <<<<<<<<<<<<<<
  *             continue
  *         out.append(_encode(<bytes>got, date, <bytes>block, <bytes>body))
 */
-        __pyx_t_1 = PyLong_FromSsize_t(__pyx_v_n); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 169, __pyx_L1_error)
+        __pyx_t_1 = PyLong_FromSsize_t(__pyx_v_n); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 183, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
         {
           PyObject *__pyx_temp;
@@ -5011,7 +5146,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
         __pyx_t_1 = 0;
         goto __pyx_L0;
 
-        /* "evpl/http/_fast.pyx":166
+        /* "evpl/http/_fast.pyx":180
  *                 or status < 200 or status == 204 or status == 304):
  *             # the general encoder (it also fills the caches for next time)
  *             if not conn._encode(out, req, resp):             # <<<<<<<<<<<<<<
@@ -5020,16 +5155,16 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
       }
 
-      /* "evpl/http/_fast.pyx":170
+      /* "evpl/http/_fast.pyx":184
  *                 conn._close_after_send()
  *                 return n
  *             continue             # <<<<<<<<<<<<<<
  *         out.append(_encode(<bytes>got, date, <bytes>block, <bytes>body))
  *         if PyBytes_GET_SIZE(<bytes>body) > ONE_PIECE:
 */
-      goto __pyx_L13_continue;
+      goto __pyx_L12_continue;
 
-      /* "evpl/http/_fast.pyx":163
+      /* "evpl/http/_fast.pyx":177
  *         if hs:
  *             block = blocks.get(tuple(hs))
  *         if (got == NULL or block is None or type(body) is not bytes or req.method == "HEAD"             # <<<<<<<<<<<<<<
@@ -5038,20 +5173,20 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
     }
 
-    /* "evpl/http/_fast.pyx":171
+    /* "evpl/http/_fast.pyx":185
  *                 return n
  *             continue
  *         out.append(_encode(<bytes>got, date, <bytes>block, <bytes>body))             # <<<<<<<<<<<<<<
  *         if PyBytes_GET_SIZE(<bytes>body) > ONE_PIECE:
  *             out.append(body)
 */
-    __pyx_t_1 = __pyx_f_4evpl_4http_5_fast__encode(((PyObject*)__pyx_v_got), __pyx_v_date, ((PyObject*)__pyx_v_block), ((PyObject*)__pyx_v_body)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 171, __pyx_L1_error)
+    __pyx_t_1 = __pyx_f_4evpl_4http_5_fast__encode(((PyObject*)__pyx_v_got), __pyx_v_date, ((PyObject*)__pyx_v_block), ((PyObject*)__pyx_v_body)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 185, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_15 = __Pyx_PyList_Append(__pyx_v_out, __pyx_t_1); if (unlikely(__pyx_t_15 == ((int)-1))) __PYX_ERR(0, 171, __pyx_L1_error)
+    __pyx_t_15 = __Pyx_PyList_Append(__pyx_v_out, __pyx_t_1); if (unlikely(__pyx_t_15 == ((int)-1))) __PYX_ERR(0, 185, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
 
-    /* "evpl/http/_fast.pyx":172
+    /* "evpl/http/_fast.pyx":186
  *             continue
  *         out.append(_encode(<bytes>got, date, <bytes>block, <bytes>body))
  *         if PyBytes_GET_SIZE(<bytes>body) > ONE_PIECE:             # <<<<<<<<<<<<<<
@@ -5063,17 +5198,17 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
     if (__pyx_t_3) {
 
 
-      /* "evpl/http/_fast.pyx":173
+      /* "evpl/http/_fast.pyx":187
  *         out.append(_encode(<bytes>got, date, <bytes>block, <bytes>body))
  *         if PyBytes_GET_SIZE(<bytes>body) > ONE_PIECE:
  *             out.append(body)             # <<<<<<<<<<<<<<
  *     if out:
  *         conn.bind.sendv(out)
 */
-      __pyx_t_15 = __Pyx_PyList_Append(__pyx_v_out, __pyx_v_body); if (unlikely(__pyx_t_15 == ((int)-1))) __PYX_ERR(0, 173, __pyx_L1_error)
+      __pyx_t_15 = __Pyx_PyList_Append(__pyx_v_out, __pyx_v_body); if (unlikely(__pyx_t_15 == ((int)-1))) __PYX_ERR(0, 187, __pyx_L1_error)
 
 
-      /* "evpl/http/_fast.pyx":172
+      /* "evpl/http/_fast.pyx":186
  *             continue
  *         out.append(_encode(<bytes>got, date, <bytes>block, <bytes>body))
  *         if PyBytes_GET_SIZE(<bytes>body) > ONE_PIECE:             # <<<<<<<<<<<<<<
@@ -5081,11 +5216,11 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
  *     if out:
 */
     }
-    __pyx_L13_continue:;
+    __pyx_L12_continue:;
   }
-  __pyx_L14_break:;
+  __pyx_L13_break:;
 
-  /* "evpl/http/_fast.pyx":174
+  /* "evpl/http/_fast.pyx":188
  *         if PyBytes_GET_SIZE(<bytes>body) > ONE_PIECE:
  *             out.append(body)
  *     if out:             # <<<<<<<<<<<<<<
@@ -5094,20 +5229,20 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
   {
     Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_v_out);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 174, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 188, __pyx_L1_error)
     __pyx_t_3 = (__pyx_temp != 0);
   }
 
   if (__pyx_t_3) {
 
 
-    /* "evpl/http/_fast.pyx":175
+    /* "evpl/http/_fast.pyx":189
  *             out.append(body)
  *     if out:
  *         conn.bind.sendv(out)             # <<<<<<<<<<<<<<
  *     return pos
 */
-    __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_bind); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 175, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_conn, __pyx_mstate_global->__pyx_n_u_bind); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 189, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __pyx_t_6 = __pyx_t_7;
     __Pyx_INCREF(__pyx_t_6);
@@ -5117,12 +5252,12 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
       __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_sendv, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 175, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 189, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-    /* "evpl/http/_fast.pyx":174
+    /* "evpl/http/_fast.pyx":188
  *         if PyBytes_GET_SIZE(<bytes>body) > ONE_PIECE:
  *             out.append(body)
  *     if out:             # <<<<<<<<<<<<<<
@@ -5131,12 +5266,12 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
 */
   }
 
-  /* "evpl/http/_fast.pyx":176
+  /* "evpl/http/_fast.pyx":190
  *     if out:
  *         conn.bind.sendv(out)
  *     return pos             # <<<<<<<<<<<<<<
 */
-  __pyx_t_1 = PyLong_FromSsize_t(__pyx_v_pos); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 176, __pyx_L1_error)
+  __pyx_t_1 = PyLong_FromSsize_t(__pyx_v_pos); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 190, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -5149,7 +5284,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "evpl/http/_fast.pyx":105
+  /* "evpl/http/_fast.pyx":112
  * 
  * 
  * def serve(conn, bytes data):             # <<<<<<<<<<<<<<
@@ -5187,6 +5322,7 @@ static PyObject *__pyx_pf_4evpl_4http_5_fast_2serve(CYTHON_UNUSED PyObject *__py
   __Pyx_XDECREF(__pyx_v_date);
   __Pyx_XDECREF(__pyx_v_app);
   __Pyx_XDECREF(__pyx_v_req);
+  __Pyx_XDECREF(__pyx_v_ex);
   __Pyx_XDECREF(__pyx_v_resp);
   __Pyx_XDECREF(__pyx_v_status);
   __Pyx_XDECREF(__pyx_v_body);
@@ -5223,6 +5359,7 @@ static int __Pyx_modinit_Global_init_code(__pyx_mstatetype *__pyx_mstate) {
   /*--- Global init code ---*/
   __pyx_v_4evpl_4http_5_fast_Request = Py_None; Py_INCREF(Py_None);
   __pyx_v_4evpl_4http_5_fast_Response = Py_None; Py_INCREF(Py_None);
+  __pyx_v_4evpl_4http_5_fast_H1Exchange = Py_None; Py_INCREF(Py_None);
   __Pyx_RefNannyFinishContext();
   return 0;
 }
@@ -5600,67 +5737,79 @@ __Pyx_RefNannySetupContext("PyInit__fast", 0);
   if (__Pyx_InitAfterSharedUtility() < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
   /*--- Execution code ---*/
 
-  /* "evpl/http/_fast.pyx":34
+  /* "evpl/http/_fast.pyx":38
  * 
  * 
  * cdef object Request = None             # <<<<<<<<<<<<<<
  * cdef object Response = None
- * cdef Py_ssize_t ONE_PIECE = 2048        # bodies up to this size share the head's bytes
+ * cdef object H1Exchange = None
 */
   __Pyx_INCREF(Py_None);
   __Pyx_XGOTREF(__pyx_v_4evpl_4http_5_fast_Request);
   __Pyx_DECREF_SET(__pyx_v_4evpl_4http_5_fast_Request, Py_None);
   __Pyx_GIVEREF(Py_None);
 
-  /* "evpl/http/_fast.pyx":35
+  /* "evpl/http/_fast.pyx":39
  * 
  * cdef object Request = None
  * cdef object Response = None             # <<<<<<<<<<<<<<
+ * cdef object H1Exchange = None
  * cdef Py_ssize_t ONE_PIECE = 2048        # bodies up to this size share the head's bytes
- * 
 */
   __Pyx_INCREF(Py_None);
   __Pyx_XGOTREF(__pyx_v_4evpl_4http_5_fast_Response);
   __Pyx_DECREF_SET(__pyx_v_4evpl_4http_5_fast_Response, Py_None);
   __Pyx_GIVEREF(Py_None);
 
-  /* "evpl/http/_fast.pyx":36
+  /* "evpl/http/_fast.pyx":40
  * cdef object Request = None
  * cdef object Response = None
+ * cdef object H1Exchange = None             # <<<<<<<<<<<<<<
+ * cdef Py_ssize_t ONE_PIECE = 2048        # bodies up to this size share the head's bytes
+ * 
+*/
+  __Pyx_INCREF(Py_None);
+  __Pyx_XGOTREF(__pyx_v_4evpl_4http_5_fast_H1Exchange);
+  __Pyx_DECREF_SET(__pyx_v_4evpl_4http_5_fast_H1Exchange, Py_None);
+  __Pyx_GIVEREF(Py_None);
+
+  /* "evpl/http/_fast.pyx":41
+ * cdef object Response = None
+ * cdef object H1Exchange = None
  * cdef Py_ssize_t ONE_PIECE = 2048        # bodies up to this size share the head's bytes             # <<<<<<<<<<<<<<
  * 
  * 
 */
   __pyx_v_4evpl_4http_5_fast_ONE_PIECE = 0x800;
 
-  /* "evpl/http/_fast.pyx":39
+  /* "evpl/http/_fast.pyx":44
  * 
  * 
- * def configure(request_cls, response_cls):             # <<<<<<<<<<<<<<
- *     """Set the classes (``wire.Request``, ``server.Response``): the server
- *     module imports this one, so they are handed over when it is loaded."""
+ * def configure(request_cls, response_cls, exchange_cls):             # <<<<<<<<<<<<<<
+ *     """Set the classes (``wire.Request``, ``server.Response``,
+ *     ``server._H1Exchange``): the server module imports this one, so they
 */
-  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_4http_5_fast_1configure, 0, __pyx_mstate_global->__pyx_n_u_configure, NULL, __pyx_mstate_global->__pyx_n_u_evpl_http__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 39, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_4http_5_fast_1configure, 0, __pyx_mstate_global->__pyx_n_u_configure, NULL, __pyx_mstate_global->__pyx_n_u_evpl_http__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 44, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_2);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_configure, __pyx_t_2) < (0)) __PYX_ERR(0, 39, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_configure, __pyx_t_2) < (0)) __PYX_ERR(0, 44, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "evpl/http/_fast.pyx":105
+  /* "evpl/http/_fast.pyx":112
  * 
  * 
  * def serve(conn, bytes data):             # <<<<<<<<<<<<<<
  *     """Answer the plain requests at the start of ``data`` (one read of
  *     ``conn``, a ``server._Conn``); returns the bytes consumed (0 if the
 */
-  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_4http_5_fast_3serve, 0, __pyx_mstate_global->__pyx_n_u_serve, NULL, __pyx_mstate_global->__pyx_n_u_evpl_http__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 105, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_4evpl_4http_5_fast_3serve, 0, __pyx_mstate_global->__pyx_n_u_serve, NULL, __pyx_mstate_global->__pyx_n_u_evpl_http__fast, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 112, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_2);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_serve, __pyx_t_2) < (0)) __PYX_ERR(0, 105, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_serve, __pyx_t_2) < (0)) __PYX_ERR(0, 112, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
   /* "evpl/http/_fast.pyx":1
@@ -5738,29 +5887,29 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{3},{1},{179},{8},{23},{4},{20},{12},{8},{8},{10},{8},{12},{8},{6},{7},{17},{5},{7},{13},{7},{13},{10},{3},{18},{7},{4},{5},{6},{4},{18},{7},{9},{4},{7},{4},{4},{8},{3},{15},{6},{3},{3},{7},{4},{2},{4},{5},{5},{8},{11},{8},{6},{1},{6},{3},{1},{6},{3},{3},{1},{3},{11},{4},{12},{5},{5},{6},{10},{6},{7},{6}};
-    const struct { const unsigned int length: 10; } bytes_length_index[] = {{0},{70},{17},{683}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{3},{1},{179},{8},{23},{4},{20},{12},{8},{8},{10},{8},{12},{8},{6},{7},{17},{5},{7},{13},{7},{7},{13},{10},{3},{18},{7},{4},{5},{6},{4},{18},{7},{9},{4},{7},{4},{4},{8},{3},{15},{2},{12},{6},{3},{3},{7},{4},{2},{4},{5},{5},{8},{11},{8},{6},{1},{6},{3},{1},{6},{3},{3},{1},{3},{11},{4},{12},{3},{5},{5},{6},{10},{6},{7},{6}};
+    const struct { const unsigned int length: 10; } bytes_length_index[] = {{0},{70},{22},{726}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 0
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1032 bytes) */
-static const char cstring[] = "x\332MR\317O\033G\024\306\301\0067\030\260\301\205HU\3251\341W\242\324\310@\200\252\207\312\341G\032)J1\r U\252V\263\273\263\3666\313\214\2753kpO9\356q\216s\334\343\036\367\350\243\217\034}\334c\377\204\374\t}\263\016\021\226\3557\273\357{\357}\3377\257Qo\374\366\201\t\202D\007\013t<\020\035F\221\313\221M<\327$>\026\304\033 .|\327\022\304\327 \212\316O\317\177\336?\332G\230\332\310\047\377\020Kp\304\003\323\3620\347\204#\346 3p=\341R$\006]\302\353\350\235\203\006,@\224\020\033\t\206\272\200{\\ :\204\"N\204>\240-L)\023X\270\214\032P\356\322\366\026\262]\037\206\270}\242\253\317\260\307I\035\333\266\0018\302}k\207\364\273\336NG\210\356\216\341`.\352\335\301\335\357\247\315\023\3038\037\334\301\357\004\250\033\037\310\235\270 \216a|mO\014\3708\001\265t\274\301.\315\"\263\003/\313P|\223\305^\200\275\2073\014\023\020L\322\006\264\3511\353\0237,\217qb`\007\27418\241\266a\353\326\204Z\314&\206\013y\346\263\000\234 \320Q\01308\314\016\270\341\301+\216-\213p8\2636\356\202\047\003j\271\254\376\255\202\233\330\372\0049\323\245v6m2\322d\366\300\322\345\006\260\020>\266\210\306i\036`\225\305\250\343\266\003p\213Qj\005\276O\250\000FX\263\262}P\t\030`\251\r\253k\303\352\231a\016v=b\267\211h3\270\001l\023\237w<B;\334\265=\342\nr\3033\2727\370\316\320\351\207\0100}\324\271\033\002kc\323\211F\240\017r|N\374.\353v\031\007\026=\370\006\332>\313\343>\341]\375c\024\234\203gm[\037\300}\222\375A\235\260\211\203\003OL\274\342\002\272\020\273\217=\350p>\370\303\324\013\207^n\007\224\273m\n\033eu\260\217@0\207\267\257\320\371\300\340\334\375\227\030\342\361\371\305T\306(\343mX\237s_f\246\n3i~!\304i~1\354\301\213\342Ta!\374(+i~>\274\222\2154_\014gC.7$W\233Q)>\216\373\311_C>Z\037\271\367\267\343\253\353\264\264\030\n\371\213:V\"j\244E\350\241\013\263\372\331\317\"<\220+Ya\356kjm\274v4>zw_\271\257\245\371g\343g\333q.\3761\201\341?\251\376x\343\327\341\301\010\n\327\242\3158\367\345\351T\341{\331L\363+\322Q\020Ve_\265\276==\r7eN\207\365\320\224O\344\272\304\262\247\n\352O=ha\274\260\036\235\305""\265x7\276\210\203\344Mb\016\013\303\277a`q.\334\007)\265\2644\257\351\010\271+/\200\335\232z\243\260N\276\206N\223d)|\257rjI\355\252K\315E\047\367B\014\265\317\263\212\232j\200`\036M\300Kr\023\300\025U{\200\r\324\023\365*\262\342j|\2254\222f\006Z\010\333\262\225\261\314\253\246j);\332\212+\023S\212\337\245\245e\271\247\223\351bY\237\017\324j\224\213*\023\302=9#\333\252\00575_\006t\271*O\325\212\352\201\322RY\316f\262[\272\010\334\257\310\252lM\2445\364H\n\243\256\243fZ\234\334H\261,3)\215\264T\225gj]a\025D\315\250\245\365\236\310i\371ZM\253\203h9:\215\227\343\223$\227\254$\267Cgt<\342\367\333\343\213\313\361\345UZ^\226\207\340\327I4\035\035\306\317\343\217\311r\362v\2707\304\377e[\260/\357\200W!\272\214k\217i\226\253\343\352f\204\323\362*\010\324^\314\205\207\262\006\215j\3520\332\210\372\361549\034i\373\306s?\200\265o\243\203x)n\350\325\272\315\\\201U\352i\222\247\260M=\005\367\016\032\376\007\274\00373";
-    PyObject *data = __Pyx_DecompressString(cstring, 1032, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1070 bytes) */
+static const char cstring[] = "x\332MR\317S\333F\024\306\301\200\033~\331\330\205L;\235\256\201\030\332I\315\030\0100\355\241\343`\2232\223Im\022\340\324\321\254\244\265\255D\254l\355\312\330=\345\250\343\036\367\250\243\216:\372\310\221\243\217:\366O\340O\350[)d\360\330~+\275\357}\357{\337\276Z\265\366\347{\207\023\304{\230\243\3231\3579\024Y\014\231\304\266t\342bN\3541b\334\265\014N\\\005\242\250\325l\375vxr\21005\221K>\021\2033\304<\335\2601c\204!\247\203t\317\262\271E\021\037\367\t\253\242\363\016\032;\036\242\204\230\210;\250\017\270\247\005\274G(b\204\253\003\332\301\224:\034s\313\241\032\224[\264\273\203L\313\205&\326\220\250\3523l3R\305\246\251\001\2160\327\330#\303\276\275\327\343\274\277\247u0\343\325\376x\364W\263\336\320\264\326x\004\277\006H\327\336\223\021\277 \035M\373JO4\370t<j\250x\203-\232D\307\364\354$C\361M\022\007\036\266\037\317\320\214C\320I\027\320\272\355\030\237\231f\330\016#\032\356\2007\032#\324\324LEM\250\341\230D\263 \357\270\216\007N\020`T\003h\256G\251\302\202\004\217i6d\0306\014\302\340\354tq\037\254\031S\303r\252\337\n\231\216\215\317\220\323-j&M\323\316\272c\216\rU\256\201\030\356b\203(\234\222\003\216\031\016\355X]\017Ls(5<\327%\224\2030\254\304\231.\014\013\030\020\253|\253*\337\252\211odDF\006\334o\227\300X\254\203-\233\230]\302\273\016\\\0136\211\313z6\241=f\2316\2618\271a\211\370\033<\322T\3721\002L\035U\356\206\300.\2314\035\034\206\201\341\\F\334\276\323\357;\0144\r\340\353)O\241\233KX_\375\034\312\222\356`\223\262s\010\370!I\376\240\224\233\244\203=\233\247\3461\016D\304\034b\033HZ\343\277u\265\210\350\327]\250\264\272\0246\rfq\0218\300\340\355+\324\032k\214Y\377\022\215?=\3772\223\210J\244k\306\227\314Cnfn>\316\256\3708\316\256\372\2038[\020\205\364\355\212\377Q\024\342\354\262\177%jq6\347\317\373\266\334\222W\301\357\341\207(\033\235O\256\357\232\367\305\373\306\264\325\216\227V}\016\240\\B\260\234\326-|\341\376\221X\027LV\202\314\327\324\346t\363dzr~_\270/\307\331\027\323\027\273a&\374)\202\316?\313\341\364\345\037\223\243;(\334\014*a\346\341\371\314""\334\367\242\036g\327EGB\330\020C\331\376\366\364\334\257\210\234\\\220\267\301\247(\243\036\267}]<\023\333\002\213\201\234\223\037T\303\225\351\312vp\026\226\303\375\360\"\364\2427\221>\231\233\374\003\215s\213\376\241\317D9^ZV\262\270\330\027\027\240rS\276\221X%_\003S\232\\\362\337\311\214\\\223\373\362RiR\311\003\037C\355VRQ\2265y*Y\220\202\327D\005\300\005Y~\204\215\3453\371*0\302Rx\025\325\242z\002Z\361\273\242\235\250\314\312\272lK3\330\t\013\2519Pu\014\304\355\207\371\231\3455\361\003p\237)\346\274X\224\265xiM\354\312m\211\345 \241\371.^*\212\003\305\023\257\346\325\371Hn\004\231\240\220\3166\020\363\242+\023\242<\020\347K\242)\327\345\000L\001\266\205\304\241\266*\202\013+\210\222h\247.\324\224:\n\252\256\203z\234K/1\227\027\311\324 \240$\316\022\001^P\017\332\312\232\206\230\025\257\345\254<\n\212A3,\206\215(\023\255G\267\223\316\335\351\035\273\337\235^\\N/\257\342|Q\034\203\265\215`68\016\267\302\217Q1z;9\230\340\377\222\2259\024#\3205\027\\\206\345\2472\363\245i\251\022\3408\277!\322y\2255e *\313\343\340e0\014\257\201\344\370N9=]\374\021\234z\033\034\205kaM\355\341m\342\nl\337@\211l\302\002\016$\254\010\314\360?.\371Q\002";
+    PyObject *data = __Pyx_DecompressString(cstring, 1070, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (1456 bytes) */
-static const char bytes[] = "1.1?Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notesrc/evpl/http/_fast.pyxHEAD__Pyx_PyDict_NextRef__annotate____func____main____module____name____qualname____test___begin_blocks_close_after_send_date_encode_is_coroutine_native_status_linesaccess_logappasyncio.coroutinesbacklogbindblockblocksbodycline_in_tracebackclosingconfigureconncurrentdatadatedrainingendevpl.http._fastfailedgetgotheadershlenhsidleitemslinesmax_headmax_headersmax_linemethodnnativeoutpparserpopposrreqrequest_clsrespresponse_clssendvserveserversetdefaultstatusstoppedvaluesPyObject *(unsigned char const *, Py_ssize_t, Py_ssize_t)\000parse_head_c\200\001\360\006\000\005\006\330\004\016\210a\330\004\017\210q\200\001\360\010\000\005\016\210T\220\021\330\004\r\210V\2201\330\004\010\210\007\210s\220%\220s\230&\240\014\250C\250v\260Z\270s\300$\300i\310w\320VW\330\014\017\210t\2209\230C\230t\2401\330\010\017\210q\330\004\r\210T\220\021\330\004\007\200t\2106\220\026\220s\230&\240\001\330\010\017\210q\330\004\"\320\"8\3208I\310\021\310!\330\004\030\320\030(\250\001\250\035\260a\330\004\037\230v\320%;\2706\300\021\330\004\"\240&\250\001\360\n\000\005\025\220A\330\004\026\220f\230A\330\004\027\220v\230Q\330\004\026\220f\230A\330\004\n\210&\220\001\330\004\n\210$\210b\220\002\220$\220a\220q\230\005\230S\240\001\330\010\016\320\016$\240F\250!\2502\250R\250u\260B\260b\270\005\270]\310!\330\010\013\2104\210s\220!\330\014\r\330\010\017\210t\2202\220R\220s\230\"\230B\230a\330\010\013\2105\220\002\220!\330\014\r\330\010\014\210L\230\001\230\022\2302\230U\240&\250\001\330\010\013\2103\210a\210s\220#\220R\220s\230!\2301\230C\230s\240!\330\014\r\330\010\022\220&\230\001\230\021\230!\330\010\013\2103\210a\210y\230\002\230,\240c\250\024\250V\2601\260A\330\014\r\330\010\016\210g\220Q\220a\220q\230\004\230A\230Q\230d\240\047\250\021\330\010\017\210q\330\010\t\330\014\023\2203\220a""\220q\330\017\020\330\014\023\2206\230\027\240\001\240\021\330\010\013\2104\210q\220\006\220g\230Q\360\006\000\r\020\210q\330\020\024\220E\230\026\230q\240\001\330\014\020\220\007\220q\230\005\230Q\330\014\023\2201\330\010\021\220\024\220Q\330\010\017\210t\2201\330\010\016\210n\230A\230W\240A\330\010\r\210T\220\021\330\010\020\220\001\330\010\013\2101\330\014\024\220F\230$\230a\230u\240A\240Q\330\010\014\210D\220\003\2205\230\003\2306\240\023\240E\250\023\250D\260\001\260\026\260w\270f\300C\300s\310(\320RU\320UV\330\020\023\2207\230\"\230D\240\003\2407\250#\250T\260\023\260G\2703\270a\340\014\017\210t\2204\220x\230q\240\005\240U\250!\330\020\024\220E\230\026\230q\240\001\330\020\024\320\024&\240a\330\020\027\220q\330\014\r\330\010\013\2107\220!\2207\230!\2307\240%\240v\250W\260G\2707\300!\330\010\013\320\013\033\2301\230G\2406\250\022\2501\330\014\017\210w\220a\220q\330\004\007\200q\330\010\014\210E\220\026\220q\230\001\330\004\013\2101";
+    #else /* compression: none (1528 bytes) */
+static const char bytes[] = "1.1?Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notesrc/evpl/http/_fast.pyxHEAD__Pyx_PyDict_NextRef__annotate____func____main____module____name____qualname____test___begin_blocks_close_after_send_date_encode_is_coroutine_native_runner_status_linesaccess_logappasyncio.coroutinesbacklogbindblockblocksbodycline_in_tracebackclosingconfigureconncurrentdatadatedrainingendevpl.http._fastexexchange_clsfailedgetgotheadershlenhsidleitemslinesmax_headmax_headersmax_linemethodnnativeoutpparserpopposrreqrequest_clsrespresponse_clsrunsendvserveserversetdefaultstatusstoppedvaluesPyObject *(unsigned char const *, Py_ssize_t, Py_ssize_t)\000parse_head_c\200\001\360\010\000\005\006\330\004\016\210a\330\004\017\210q\330\004\021\220\021\200\001\360\010\000\005\016\210T\220\021\330\004\r\210V\2201\330\004\010\210\006\210l\230#\230V\240:\250S\260\004\260I\270W\300E\310\023\310D\320PQ\330\014\017\210t\2201\330\010\017\210q\330\004\r\210T\220\021\330\004\007\200t\2106\220\026\220s\230&\240\001\330\010\017\210q\330\004\"\320\"8\3208I\310\021\310!\330\004\030\320\030(\250\001\250\035\260a\330\004\037\230v\320%;\2706\300\021\330\004\"\240&\250\001\360\n\000\005\025\220A\330\004\026\220f\230A\330\004\027\220v\230Q\330\004\026\220f\230A\330\004\n\210&\220\010\230\007\230w\240j\260\001\330\004\n\210$\210b\220\002\220$\220a\220q\230\005\230S\240\001\330\010\016\320\016$\240F\250!\2502\250R\250u\260B\260b\270\005\270]\310!\330\010\013\2104\210s\220!\330\014\r\330\010\017\210t\2202\220R\220s\230\"\230B\230a\330\010\013\2105\220\002\220!\330\014\r\330\010\014\210L\230\001\230\022\2302\230U\240&\250\001\330\010\013\2103\210a\210s\220#\220R\220s\230!\2301\230C\230s\240!\330\014\r\330\010\022\220&\230\001\230\021\230!\330\010\013\2103\210a\210y\230\002\230,\240c\250\024\250V\2601\260A\330\014\r\330\010\016\210g\220Q\220a\220q\230\004\230A\230Q\230d\240\047""\250\021\330\010\017\210q\330\010\013\2107\220#\220Q\360\006\000\r\022\220\032\2301\230F\240!\330\014\020\220\013\2301\330\014\022\220(\230$\230a\230q\330\014\r\330\010\t\330\014\023\2203\220a\220q\330\017\020\330\014\023\2206\230\027\240\001\240\021\330\010\013\2104\210q\220\006\220g\230Q\360\006\000\r\020\210q\330\020\024\220E\230\026\230q\240\001\330\014\020\220\007\220q\230\005\230Q\330\014\023\2201\330\010\021\220\024\220Q\330\010\017\210t\2201\330\010\016\210n\230A\230W\240A\330\010\r\210T\220\021\330\010\020\220\001\330\010\013\2101\330\014\024\220F\230$\230a\230u\240A\240Q\330\010\014\210D\220\003\2205\230\003\2306\240\023\240E\250\023\250D\260\001\260\026\260w\270f\300C\300s\310(\320RU\320UV\330\020\023\2207\230\"\230D\240\003\2407\250#\250T\260\023\260G\2703\270a\340\014\017\210t\2204\220x\230q\240\005\240U\250!\330\020\024\220E\230\026\230q\240\001\330\020\024\320\024&\240a\330\020\027\220q\330\014\r\330\010\013\2107\220!\2207\230!\2307\240%\240v\250W\260G\2707\300!\330\010\013\320\013\033\2301\230G\2406\250\022\2501\330\014\017\210w\220a\220q\330\004\007\200q\330\010\014\210E\220\026\220q\230\001\330\004\013\2101";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 72; i++) {
+    for (int i = 0; i < 76; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 5) PyUnicode_InternInPlace(&string);
@@ -5771,8 +5920,8 @@ static const char bytes[] = "1.1?Note that Cython is deliberately stricter than 
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 72; i < 76; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-72].length;
+    for (int i = 76; i < 80; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-76].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -5782,14 +5931,14 @@ static const char bytes[] = "1.1?Note that Cython is deliberately stricter than 
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 76; i++) {
+    for (Py_ssize_t i = 0; i < 80; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 72;
+      PyObject **table = stringtab + 76;
       for (Py_ssize_t i=0; i<4; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -5877,14 +6026,14 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 39};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_request_cls, __pyx_mstate->__pyx_n_u_response_cls};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 44};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_request_cls, __pyx_mstate->__pyx_n_u_response_cls, __pyx_mstate->__pyx_n_u_exchange_cls};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_http__fast_pyx, __pyx_mstate->__pyx_n_u_configure, __pyx_mstate->__pyx_kp_b_iso88591_a_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 27, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 105};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_conn, __pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_server, __pyx_mstate->__pyx_n_u_native_2, __pyx_mstate->__pyx_n_u_parser, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_pos, __pyx_mstate->__pyx_n_u_hlen, __pyx_mstate->__pyx_n_u_max_head, __pyx_mstate->__pyx_n_u_max_line, __pyx_mstate->__pyx_n_u_max_headers, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_got, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_headers, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_lines, __pyx_mstate->__pyx_n_u_blocks_2, __pyx_mstate->__pyx_n_u_date_2, __pyx_mstate->__pyx_n_u_app, __pyx_mstate->__pyx_n_u_req, __pyx_mstate->__pyx_n_u_resp, __pyx_mstate->__pyx_n_u_status, __pyx_mstate->__pyx_n_u_body, __pyx_mstate->__pyx_n_u_hs, __pyx_mstate->__pyx_n_u_block};
-    __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_http__fast_pyx, __pyx_mstate->__pyx_n_u_serve, __pyx_mstate->__pyx_kp_b_iso88591_T_V1_s_s_CvZs_iwVW_t9Ct1_q_T_t6, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 28, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 112};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_conn, __pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_server, __pyx_mstate->__pyx_n_u_native_2, __pyx_mstate->__pyx_n_u_parser, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_pos, __pyx_mstate->__pyx_n_u_hlen, __pyx_mstate->__pyx_n_u_max_head, __pyx_mstate->__pyx_n_u_max_line, __pyx_mstate->__pyx_n_u_max_headers, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_got, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_headers, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_lines, __pyx_mstate->__pyx_n_u_blocks_2, __pyx_mstate->__pyx_n_u_date_2, __pyx_mstate->__pyx_n_u_app, __pyx_mstate->__pyx_n_u_req, __pyx_mstate->__pyx_n_u_ex, __pyx_mstate->__pyx_n_u_resp, __pyx_mstate->__pyx_n_u_status, __pyx_mstate->__pyx_n_u_body, __pyx_mstate->__pyx_n_u_hs, __pyx_mstate->__pyx_n_u_block};
+    __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_evpl_http__fast_pyx, __pyx_mstate->__pyx_n_u_serve, __pyx_mstate->__pyx_kp_b_iso88591_T_V1_l_V_S_IWE_DPQ_t1_q_T_t6_s, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;
@@ -7144,6 +7293,41 @@ static CYTHON_INLINE int __Pyx_PyLong_BoolNeObjC(PyObject *op1, PyObject *op2, l
     return __Pyx_PyObject_RichCompareBool(op1, op2, Py_NE);
 }
 
+/* PyObjectSetAttrStr */
+#if CYTHON_USE_TYPE_SLOTS
+static CYTHON_INLINE int __Pyx_PyObject_SetAttrStr(PyObject* obj, PyObject* attr_name, PyObject* value) {
+    PyTypeObject* tp = Py_TYPE(obj);
+    if (likely(tp->tp_setattro))
+        return tp->tp_setattro(obj, attr_name, value);
+    return PyObject_SetAttr(obj, attr_name, value);
+}
+#endif
+
+/* PyObjectFastCallMethod */
+#if !CYTHON_VECTORCALL
+static PyObject *__Pyx_PyObject_FastCallMethod(PyObject *name, PyObject *const *args, size_t nargsf) {
+    PyObject *result;
+    switch (__Pyx_PyVectorcall_NARGS(nargsf)) {
+        case 1:
+            return PyObject_CallMethodObjArgs(args[0], name, NULL);
+        case 2:
+            return PyObject_CallMethodObjArgs(args[0], name, args[1], NULL);
+        case 3:
+            return PyObject_CallMethodObjArgs(args[0], name, args[1], args[2], NULL);
+        case 4:
+            return PyObject_CallMethodObjArgs(args[0], name, args[1], args[2], args[3], NULL);
+        case 5:
+            return PyObject_CallMethodObjArgs(args[0], name, args[1], args[2], args[3], args[4], NULL);
+    }
+    PyObject *attr = PyObject_GetAttr(args[0], name);
+    if (unlikely(!attr))
+        return NULL;
+    result = __Pyx_PyObject_FastCall(attr, args+1, nargsf - 1);
+    Py_DECREF(attr);
+    return result;
+}
+#endif
+
 /* GetTopmostException (used by SaveResetException) */
 #if CYTHON_USE_EXC_INFO_STACK && CYTHON_FAST_THREAD_STATE
 static _PyErr_StackItem *
@@ -7476,31 +7660,6 @@ bad:
     return -1;
 #endif
 }
-
-/* PyObjectFastCallMethod */
-#if !CYTHON_VECTORCALL
-static PyObject *__Pyx_PyObject_FastCallMethod(PyObject *name, PyObject *const *args, size_t nargsf) {
-    PyObject *result;
-    switch (__Pyx_PyVectorcall_NARGS(nargsf)) {
-        case 1:
-            return PyObject_CallMethodObjArgs(args[0], name, NULL);
-        case 2:
-            return PyObject_CallMethodObjArgs(args[0], name, args[1], NULL);
-        case 3:
-            return PyObject_CallMethodObjArgs(args[0], name, args[1], args[2], NULL);
-        case 4:
-            return PyObject_CallMethodObjArgs(args[0], name, args[1], args[2], args[3], NULL);
-        case 5:
-            return PyObject_CallMethodObjArgs(args[0], name, args[1], args[2], args[3], args[4], NULL);
-    }
-    PyObject *attr = PyObject_GetAttr(args[0], name);
-    if (unlikely(!attr))
-        return NULL;
-    result = __Pyx_PyObject_FastCall(attr, args+1, nargsf - 1);
-    Py_DECREF(attr);
-    return result;
-}
-#endif
 
 /* PyObjectCall2Args (used by CallUnboundCMethod1) */
 static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2) {

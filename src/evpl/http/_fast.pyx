@@ -8,6 +8,10 @@ find the end of the head, split it, check its framing fields, make the
 Request, call the app, put the Response's bytes on the connection. As
 Python that was ~40,000 instructions a request (benchmarks/http_cost.py).
 
+For an adapter (ASGI, WSGI) it does the first half: a plain request at
+the start of a read becomes the connection's exchange and goes to the
+adapter without the parser's Python frames.
+
 ``serve(conn, data)`` does it for the requests at the start of one read
 that qualify, answers them with one ``sendv`` and returns how many bytes it
 consumed. The first request that is anything else (a body, a field that
@@ -33,15 +37,18 @@ cdef extern from "string.h":
 
 cdef object Request = None
 cdef object Response = None
+cdef object H1Exchange = None
 cdef Py_ssize_t ONE_PIECE = 2048        # bodies up to this size share the head's bytes
 
 
-def configure(request_cls, response_cls):
-    """Set the classes (``wire.Request``, ``server.Response``): the server
-    module imports this one, so they are handed over when it is loaded."""
-    global Request, Response
+def configure(request_cls, response_cls, exchange_cls):
+    """Set the classes (``wire.Request``, ``server.Response``,
+    ``server._H1Exchange``): the server module imports this one, so they
+    are handed over when it is loaded."""
+    global Request, Response, H1Exchange
     Request = request_cls
     Response = response_cls
+    H1Exchange = exchange_cls
 
 
 cdef bint _name_is(bytes name, const char* s, Py_ssize_t n) noexcept:
@@ -108,8 +115,8 @@ def serve(conn, bytes data):
     connection is not in the state the fast path needs)."""
     server = conn.server
     native = server._native
-    if (native is None or server.access_log or server.draining or conn.current is not None
-            or conn.backlog or conn.closing):
+    if (server.access_log or server.draining or conn.current is not None or conn.backlog
+            or conn.closing):
         return 0
     parser = conn.parser
     if not parser.idle or parser.stopped:
@@ -126,7 +133,7 @@ def serve(conn, bytes data):
     cdef dict lines = server._status_lines
     cdef dict blocks = server._blocks
     cdef bytes date = server._date
-    app = native.app
+    app = native.app if native is not None else None
     while pos < n and p[pos] != 0x0D:           # (empty lines first: wire's rule)
         end = <const unsigned char*>memmem(p + pos, n - pos, b"\r\n\r\n", 4)
         if end == NULL:
@@ -142,6 +149,13 @@ def serve(conn, bytes data):
             break
         req = Request(r[0], r[1], "1.1", headers)
         pos += hlen
+        if native is None:
+            # an adapter (ASGI, WSGI) drives one exchange at a time: start
+            # it; what follows waits in the connection's backlog
+            ex = H1Exchange(conn, req)
+            conn.current = ex
+            server._runner.run(ex)
+            break
         try:
             resp = app(req)
         except Exception:

@@ -409,7 +409,7 @@ class _Conn(Handler):
             data = bytes(buf)
             del buf
             self.last = self.server.loop.now()
-            done = _fast.serve(self, data)    # plain requests to a native app, in C
+            done = _fast.serve(self, data)    # plain requests, in C
             if done:
                 if done == len(data):
                     self.head_since = 0.0
@@ -986,4 +986,4 @@ class Server:
                         req.version, status, size if size >= 0 else "-")
 
 
-_fast.configure(Request, Response)
+_fast.configure(Request, Response, _H1Exchange)
