@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from evpl.core.handler import Handler
-from evpl.drpc.client import message_allocator
+from evpl.drpc.client import evpl_loop, message_allocator
 from evpl.drpc.session import Request, ServerEndpoint, ServerSession, ServerSlot
 from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE, MAX_REQ_TYPE
 from evpl.errors import ConfigError, EvplError
@@ -88,6 +88,7 @@ class Server:
                 raise ConfigError(f"{name} must be an int in {lo}..{hi}, got {v!r}")
         if not session_timeout >= 1:
             raise ConfigError(f"session_timeout must be >= 1 second, got {session_timeout!r}")
+        loop = evpl_loop(loop)
         self.loop = loop
         self.workers = workers
         self._handlers: dict[int, tuple[Callable[[Request], Any], bool]] = {}

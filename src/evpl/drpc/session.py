@@ -105,6 +105,11 @@ class RemoteError(DrpcError):
     the handler raised (the message is the server's text)."""
 
 
+class CallTimeout(DrpcError, TimeoutError):
+    """An awaited call (``Client.acall(..., timeout=)``) got no response in
+    time; also a ``TimeoutError``. The session lives on."""
+
+
 # -- client ---------------------------------------------------------------------
 
 Done = Callable[[Any, BaseException | None], Any]
@@ -188,6 +193,7 @@ class ClientSession:
         # counters
         self.requests = 0
         self.completed = 0
+        self.withdrawn = 0
         self.retransmits = 0
         self.duplicates = 0
         self.stale = 0
@@ -293,6 +299,19 @@ class ClientSession:
         inflight = self.credits_total - self.credits
         if inflight > self.max_inflight:
             self.max_inflight = inflight
+
+    def withdraw(self, done: Done) -> bool:
+        """Drop the call ``done`` belongs to if it still waits in the backlog
+        (nothing of it was sent; ``done`` is not called). False if it has
+        started: then it keeps its slot until the server answers or the
+        session dies, and ``done`` is called as usual."""
+        backlog = self.backlog
+        for i, entry in enumerate(backlog):
+            if entry[2] is done:
+                del backlog[i]
+                self.withdrawn += 1
+                return True
+        return False
 
     def _start(self, slot: ClientSlot, req_type: int, payload: Any, done: Done,
                now_ns: int) -> None:
@@ -605,6 +624,7 @@ class ClientSession:
             "backlog": len(self.backlog),
             "requests": self.requests,
             "completed": self.completed,
+            "withdrawn": self.withdrawn,
             "reconnects": self.reconnects,
             "retransmits": self.retransmits,
             "duplicates": self.duplicates,
