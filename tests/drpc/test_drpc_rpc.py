@@ -214,10 +214,10 @@ def test_dead_server_fails_outstanding_calls(loop, datagram_backend) -> None:
     the session's outstanding calls with PeerDead within peer_timeout."""
     server = serve(loop, datagram_backend)
     client = Client(loop, datagram_backend, server.address, peer_timeout=0.3)
+    t0 = loop.now()             # before the server's last packet, which starts the timeout
     assert bytes(client.wait(client.call(ECHO, b"up"), TIMEOUT)) == b"up"
     server.bind.pause_reading()
     calls = [client.call(ECHO, b"x" * 5000) for _ in range(12)]     # 8 out, 4 queued
-    t0 = loop.now()
     loop.run_until(lambda: all(c.done for c in calls), timeout=TIMEOUT)
     assert loop.now() - t0 >= 0.3
     for c in calls:
