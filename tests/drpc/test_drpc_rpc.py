@@ -384,3 +384,21 @@ def test_idle_client_connects_again_after_the_server_forgot_it(loop, datagram_ba
     assert client.stats()["reconnects"] == 1 and server.stats()["sessions"] == 1
     client.close()
     server.close()
+
+
+def test_full_send_queue_drops_packets_not_the_server(loop, datagram_backend) -> None:
+    """A server whose send queue is at its hard limit drops response
+    packets (counted; the client pulls them again) instead of failing its
+    socket with SendQueueFull: with a 200 KB limit, 32 credits of 64 KB
+    packets cannot all be queued, and every large response still arrives."""
+    server = serve(loop, datagram_backend, max_datagram=65507, high_water=65536,
+                   hard_limit=200_000)
+    client = Client(loop, datagram_backend, server.address, max_datagram=65507)
+    msgs = [random.Random(i).randbytes(4 << 20) for i in range(3)]
+    for m in msgs:
+        resp = client.wait(client.call(REVERSE, m), TIMEOUT * 6)
+        assert bytes(resp) == m[::-1]
+    assert not server.bind.closed
+    assert not loop.callback_errors
+    client.close()
+    server.close()

@@ -33,7 +33,7 @@ from evpl.core.handler import Handler
 from evpl.drpc.client import evpl_loop, message_allocator
 from evpl.drpc.session import Request, ServerEndpoint, ServerSession, ServerSlot
 from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE, MAX_REQ_TYPE
-from evpl.errors import ConfigError, EvplError
+from evpl.errors import ConfigError, EvplError, SendQueueFull
 
 __all__ = ["Request", "Server"]
 
@@ -96,6 +96,7 @@ class Server:
         self._done: deque[tuple[Request, Any, BaseException | None]] = deque()
         self._doorbell: Any = None
         self.handler_errors = 0
+        self.send_queue_full = 0
         self.closed = False
         self._now = loop.now_ns
         self.bind: Any = None
@@ -135,9 +136,14 @@ class Server:
     # -- the path of a request --
 
     def _sendto(self, data: Any, addr: Any) -> None:
-        self._sendto = self.bind.sendto     # the Bind's own method from now on
-        self._endpoint.out = self._sendto
-        self._sendto(data, addr)
+        """Queue a packet; dropped (and counted) when the send queue is at its
+        hard limit, as the network would drop it: the client retransmits.
+        (Clients asking for 64 KB packets faster than the socket drains
+        them used to close the server's socket with SendQueueFull.)"""
+        try:
+            self.bind.sendto(data, addr)
+        except SendQueueFull:
+            self.send_queue_full += 1
 
     def _dispatch(self, sess: ServerSession, slot: ServerSlot, req_type: int, req_num: int,
                   body: Any) -> Any:
@@ -197,9 +203,11 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         """The server's counters (see ``ServerEndpoint.stats``), plus
-        ``handler_errors``."""
+        ``handler_errors`` and ``send_queue_full`` (packets dropped because
+        the socket's send queue was at its hard limit)."""
         s = self._endpoint.stats()
         s["handler_errors"] = self.handler_errors
+        s["send_queue_full"] = self.send_queue_full
         return s
 
     def sessions(self) -> list[dict[str, Any]]:

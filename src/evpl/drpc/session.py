@@ -46,7 +46,6 @@ from evpl.drpc.wire import (
     HEADER_SIZE,
     MAGIC,
     MAX_REQ_TYPE,
-    TS_OFFSET,
     Connect,
     ConnectOk,
     ConnectReject,
@@ -79,9 +78,7 @@ DISCONNECT = PacketType.DISCONNECT.value
 DISCONNECT_OK = PacketType.DISCONNECT_OK.value
 
 _pack = HEADER.pack
-_pack_into = HEADER.pack_into
 _unpack = HEADER.unpack_from
-_ts_into = struct.Struct(">I").pack_into
 _struct_error = struct.error
 U32 = 0xFFFFFFFF
 
@@ -662,8 +659,8 @@ class ServerSlot:
     """One request slot of a server session: the request being received or
     run, or the last response (kept to answer a retransmission)."""
 
-    __slots__ = ("asm", "built", "flags", "image", "index", "mem", "n_req", "n_resp", "num_rx",
-                 "req_num", "req_size", "req_type", "resp", "resp_size", "state", "ts")
+    __slots__ = ("asm", "flags", "index", "n_req", "n_resp", "num_rx", "req_num", "req_size",
+                 "req_type", "resp", "resp_size", "state", "ts")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -675,15 +672,6 @@ class ServerSlot:
         self.num_rx = 0
         self.asm: Any = None
         self.resp: Any = None
-        # a multi-packet response as its packets, header and payload each,
-        # side by side (each built once, as it is first sent; a packet is
-        # then sent as a slice of it); ``built``: how many are built.
-        # ``mem``: the memory under it, kept for the slot's next multi-packet
-        # response (fresh memory for each cost more in page faults than the
-        # copy itself: 8 MiB took 5-7 ms to fault in here, 0.5 ms to copy)
-        self.image: memoryview | None = None
-        self.mem: memoryview | None = None
-        self.built = 0
         self.resp_size = 0
         self.n_resp = 0
         self.flags = 0
@@ -831,15 +819,10 @@ class ServerEndpoint:
                         c["stale" if req_num < slot.req_num else "out_of_window"] += 1
                         continue
                     c["rfr"] += 1
-                    # the packet as built in the image; only its echoed
-                    # timestamp changes (no copy, no allocation but the slice)
-                    image = slot.image
-                    if pkt_num >= slot.built:
-                        self._build(sess, slot, pkt_num + 8)
-                    off = pkt_num * (sess.payload + HEADER_SIZE)
-                    _ts_into(image, off + TS_OFFSET, ts)
-                    end = off + HEADER_SIZE + sess.payload
-                    out(image[off:end] if pkt_num < slot.n_resp - 1 else image[off:], addr)
+                    off = pkt_num * sess.payload
+                    out(_pack(MAGIC, RESP, slot.req_type, slot.flags, sess.client_session,
+                              req_num, slot.resp_size, pkt_num, ts) +
+                        slot.resp[off:off + sess.payload], addr)
                     continue
                 if req_num == slot.req_num:
                     self._current(sess, slot, req_num, msg_size, pkt_num, ts, buf, addr)
@@ -867,7 +850,6 @@ class ServerEndpoint:
                     slot.req_size = msg_size
                     slot.n_req = 1
                     slot.resp = None
-                    slot.image = None
                     slot.state = RUNNING
                     slot.ts = ts
                     sess.requests += 1
@@ -916,7 +898,6 @@ class ServerEndpoint:
                 slot.req_size = msg_size
                 slot.n_req = -(-msg_size // sess.payload)
                 slot.resp = None
-                slot.image = None
                 slot.asm = asm
                 memoryview(slot.asm)[:length] = memoryview(buf)[HEADER_SIZE:]
                 slot.num_rx = 1
@@ -1057,7 +1038,6 @@ class ServerEndpoint:
                 self.assembling -= slot.req_size
             slot.asm = None
             slot.resp = None
-            slot.image = slot.mem = None
 
     # -- responses --
 
@@ -1081,65 +1061,20 @@ class ServerEndpoint:
         slot.resp_size = size
         slot.flags = flags
         slot.n_resp = 1 if size <= sess.payload else -(-size // sess.payload)
-        if slot.n_resp == 1:
-            slot.resp = data
-            slot.image = None
-        else:
-            need = size + slot.n_resp * HEADER_SIZE
-            try:
-                if slot.mem is None or len(slot.mem) < need:
-                    slot.mem = None
-                    slot.mem = memoryview(self.alloc(need))
-                slot.image = slot.mem[:need]
-            except (EvplError, MemoryError):
-                # no memory for the packets: answer with an error (the
-                # client fails this call, not its session)
-                return self.respond(sess, slot, req_num,
-                                    f"no memory for a response of {size} bytes".encode(),
-                                    FLAG_ERROR, at_once)
-            slot.resp = memoryview(data).cast("B")
-            slot.built = 0
-            self._build(sess, slot, 1)
+        # a multi-packet response is sent in slices: of a memoryview, so that
+        # a slice is no copy (of bytes it would be one, before the packet's)
+        slot.resp = data if slot.n_resp == 1 else memoryview(data).cast("B")
         slot.state = DONE
         self.c["responses"] += 1
         self._send_first(sess, slot, at_once)
         return True
 
-    def _build(self, sess: ServerSession, slot: ServerSlot, upto: int) -> None:
-        """Build the packets of a multi-packet response up to (not
-        including) ``upto`` in its image: each header followed by its share
-        of the response, so that a packet (the first, one pulled by an RFR,
-        one sent again) is a slice of that memory. One copy of the response
-        in all, into memory from the pool or reused from the heap (a fresh
-        bytes object per packet cost a copy, or two, and page faults), made
-        as the packets are first asked for (all at once would delay the
-        first one by a copy of the whole response)."""
-        upto = min(upto, slot.n_resp)
-        image = slot.image
-        src = slot.resp
-        payload = sess.payload
-        stride = HEADER_SIZE + payload
-        args = (MAGIC, RESP, slot.req_type, slot.flags, sess.client_session, slot.req_num,
-                slot.resp_size)
-        for k in range(slot.built, upto):
-            o = k * stride
-            _pack_into(image, o, *args, k, 0)
-            chunk = src[k * payload:(k + 1) * payload]
-            image[o + HEADER_SIZE:o + HEADER_SIZE + len(chunk)] = chunk
-        slot.built = upto
-        if upto == slot.n_resp:
-            slot.resp = None                # every packet built: the response can go
-
     def _send_first(self, sess: ServerSession, slot: ServerSlot, sample: bool) -> None:
-        image = slot.image
-        flags = slot.flags | (0 if sample else FLAG_NO_RTT)
-        if image is None:
-            self.out(_pack(MAGIC, RESP, slot.req_type, flags, sess.client_session,
-                           slot.req_num, slot.resp_size, 0, slot.ts) + slot.resp, sess.peer)
-            return
-        image[3] = flags
-        _ts_into(image, TS_OFFSET, slot.ts)
-        self.out(image[:HEADER_SIZE + sess.payload], sess.peer)
+        data = slot.resp
+        head = _pack(MAGIC, RESP, slot.req_type, slot.flags | (0 if sample else FLAG_NO_RTT),
+                     sess.client_session, slot.req_num, slot.resp_size, 0, slot.ts)
+        self.out(head + (data if slot.n_resp == 1 else memoryview(data)[:sess.payload]),
+                 sess.peer)
 
     # -- time --
 
