@@ -104,7 +104,7 @@ class Server:
             self._sendto, self._dispatch, self._failed, window=window, credits=credits,
             max_message=max_message, max_datagram=max_datagram, max_sessions=max_sessions,
             session_timeout_ns=int(session_timeout * 1e9), max_assembly=max_assembly,
-            alloc=message_allocator(loop.pool))
+            alloc=message_allocator(loop.pool), packet_alloc=loop.pool.allocate)
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
         self._expiry = loop.call_every(min(1.0, session_timeout / 4), self._expire)
