@@ -20,6 +20,12 @@ pair (made for the run, removed after), to compare ``drpc-udp`` and
 ``drpc-uring`` with ``drpc-xdp`` (both ends on ``xdp_udp``: AF_XDP in copy
 mode, veth has no zero-copy); ratios are then to ``drpc-udp``.
 
+``--c-limit``: also run benchmarks/c/udp_limit.c (built into
+benchmarks/build/), C moving bulk data over loopback UDP with the same
+pinning: 64 KB datagrams, with and without a copy into a message buffer
+(drpc's reassembly), and 1472-byte datagrams with and without GSO/GRO. It
+is the ceiling for the ``large`` load over UDP on this machine.
+
 Loads: ``small`` (32-byte request and response, ``--depth`` calls in flight,
 default 8), ``latency`` (one call in flight; both loops in poll mode where
 the stack has one: ``poll_mode="always"``), ``large`` (a 32-byte request,
@@ -456,6 +462,28 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]], baseline: str = B
     return "\n".join(lines)
 
 
+def c_limit(repeat: int, duration: float) -> str:
+    """Build and run benchmarks/c/udp_limit.c; a markdown table of medians."""
+    src = HERE.parent / "c" / "udp_limit.c"
+    exe = HERE.parent / "build" / "udp_limit"
+    exe.parent.mkdir(exist_ok=True)
+    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)], check=True)
+    configs = [["65507"], ["65507", "copy"], ["1472"], ["1472", "gso"], ["1472", "copy", "gso"]]
+    runs: dict[str, list[float]] = {}
+    for r in range(repeat):
+        for cfg in configs:
+            out = subprocess.run([str(exe), cfg[0], str(duration), *cfg[1:]], capture_output=True,
+                                 text=True, timeout=duration + 30, check=True).stdout.strip()
+            print(f"  run {r + 1}/{repeat} C udp_limit {out}", flush=True)
+            runs.setdefault(" ".join(cfg), []).append(float(out.split(": ")[1].split()[0]))
+    lines = ["| C over loopback UDP (udp_limit.c) | median Gbit/s | runs |", "| --- | --- | --- |"]
+    for name, vals in runs.items():
+        lines.append(f"| {name} | {statistics.median(vals):.2f} | "
+                     f"{', '.join(f'{v:.1f}' for v in vals)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -470,6 +498,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--markdown", default=None, help="also write the table here")
+    ap.add_argument("--c-limit", action="store_true",
+                    help="also measure C over loopback UDP (benchmarks/c/udp_limit.c): the "
+                         "ceiling for the large load")
     ap.add_argument("--veth", action="store_true",
                     help="server and client in two network namespaces joined by a veth pair "
                          "(root; needed by drpc-xdp); ratios to drpc-udp")
@@ -517,6 +548,8 @@ def main() -> None:
         if VETH:
             veth_teardown()
     md = table(results, "drpc-udp" if VETH else BASELINE)
+    if args.c_limit:
+        md += "\n\n" + c_limit(args.repeat, args.duration)
     print(md)
     if args.markdown:
         Path(args.markdown).write_text(md + "\n")
