@@ -122,7 +122,7 @@ class ClientSlot:
 
     __slots__ = ("busy", "done", "index", "n_req", "n_resp", "num_rx", "num_tx", "progress",
                  "queued", "req", "req_num", "req_size", "req_type", "resp", "resp_flags",
-                 "resp_size", "retransmits")
+                 "resp_size", "resp_view", "retransmits")
 
     def __init__(self, index: int, window: int) -> None:
         self.index = index
@@ -135,6 +135,7 @@ class ClientSlot:
         self.n_req = 1
         self.n_resp = 0                     # 0 until the first response packet
         self.resp: Any = None
+        self.resp_view: memoryview | None = None    # of a multi-packet ``resp``
         self.resp_size = 0
         self.resp_flags = 0
         self.num_tx = 0                     # packets sent: request packets, then RFRs
@@ -329,6 +330,7 @@ class ClientSession:
         slot.n_req = 1 if size <= self.payload else -(-size // self.payload)
         slot.n_resp = 0
         slot.resp = None
+        slot.resp_view = None
         slot.num_tx = slot.num_rx = 0
         slot.progress = now_ns
         slot.done = done
@@ -433,6 +435,17 @@ class ClientSession:
                         slot.resp_size = msg_size
                         slot.resp_flags = flags
                         slot.resp = buf[HEADER_SIZE:]   # zero copy: a slice of the packet
+                    elif pkt_num and slot.n_resp > 1:
+                        # the next packet of a multi-packet response, inline
+                        payload = self.payload
+                        off = pkt_num * payload
+                        length = len(buf) - HEADER_SIZE
+                        if msg_size != slot.resp_size or pkt_num >= slot.n_resp or \
+                                (flags ^ slot.resp_flags) & FLAG_ERROR or length != (
+                                    payload if off + payload <= msg_size else msg_size - off):
+                            self.malformed += 1
+                            continue
+                        slot.resp_view[off:off + length] = buf[HEADER_SIZE:]
                     elif self._response(slot, flags, msg_size, pkt_num, buf):
                         continue
                 self.last_rx = now_ns
@@ -469,6 +482,7 @@ class ClientSession:
                     slot.done = None
                     slot.req = b""
                     slot.resp = None
+                    slot.resp_view = None
                     self.busy -= 1
                     self.completed += 1
                     self.free.append(slot)
@@ -528,7 +542,8 @@ class ClientSession:
                     self.no_memory += 1         # dropped: retransmitted after the RTO
                     slot.n_resp = 0
                     return True
-                memoryview(slot.resp)[:length] = memoryview(buf)[HEADER_SIZE:]
+                slot.resp_view = memoryview(slot.resp)
+                slot.resp_view[:length] = memoryview(buf)[HEADER_SIZE:]
             return False
         if msg_size != slot.resp_size or (flags ^ slot.resp_flags) & FLAG_ERROR or \
                 check_data_packet(msg_size, pkt_num, length, self.payload,
@@ -547,6 +562,7 @@ class ClientSession:
         slot.done = None
         slot.req = b""
         slot.resp = None
+        slot.resp_view = None
         self.busy -= 1
         self.completed += 1
         if self.backlog:
@@ -601,6 +617,7 @@ class ClientSession:
             s.done = None
             s.req = b""
             s.resp = None
+            s.resp_view = None
         dones.extend(d for _, _, d in self.backlog)
         self.backlog.clear()
         self.busy = 0
