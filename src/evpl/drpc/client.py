@@ -308,6 +308,8 @@ class Client:
 
         def abandoned(f: asyncio.Future[Any]) -> None:
             if f.cancelled():
+                if timer is not None:
+                    timer.cancel()
                 self.session.withdraw(done)
 
         def expired() -> None:
