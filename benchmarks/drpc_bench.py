@@ -15,6 +15,17 @@ Stacks (each a server process and a client process of this file):
 * ``grpc``: grpcio's asyncio API, unary calls of raw bytes (no protobuf),
   the same concurrency as everyone else (one task per call in flight).
 
+``--veth``: server and client in two network namespaces joined by a veth
+pair (made for the run, removed after), to compare ``drpc-udp`` and
+``drpc-uring`` with ``drpc-xdp`` (both ends on ``xdp_udp``: AF_XDP in copy
+mode, veth has no zero-copy); ratios are then to ``drpc-udp``.
+
+``--c-limit``: also run benchmarks/c/udp_limit.c (built into
+benchmarks/build/), C moving bulk data over loopback UDP with the same
+pinning: 64 KB datagrams, with and without a copy into a message buffer
+(drpc's reassembly), and 1472-byte datagrams with and without GSO/GRO. It
+is the ceiling for the ``large`` load over UDP on this machine.
+
 Loads: ``small`` (32-byte request and response, ``--depth`` calls in flight,
 default 8), ``latency`` (one call in flight; both loops in poll mode where
 the stack has one: ``poll_mode="always"``), ``large`` (a 32-byte request,
@@ -27,6 +38,7 @@ run. Wrap runs in ``flock /tmp/evpl-bench.lock``::
 
     flock /tmp/evpl-bench.lock python benchmarks/drpc_bench.py
     python benchmarks/drpc_bench.py --loads small --stacks drpc-udp,rpc2-tcp,grpc --repeat 5
+    python benchmarks/drpc_bench.py --veth --stacks drpc-udp,drpc-xdp --loads small,latency
 """
 
 from __future__ import annotations
@@ -49,8 +61,16 @@ SMALL = 32
 LARGE = 8 << 20
 PROG, VERS, PROC = 0x20000999, 1, 1
 
-STACKS = ["drpc-udp", "drpc-uring", "drpc-udp-64k", "rpc2-tcp", "rpc2-udp", "asyncio-udp",
-          "uvloop-udp", "grpc"]
+STACKS = ["drpc-udp", "drpc-uring", "drpc-udp-64k", "drpc-xdp", "rpc2-tcp", "rpc2-udp",
+          "asyncio-udp", "uvloop-udp", "grpc"]
+# --veth: the namespaces, interfaces and addresses of the two sides
+VETH_NS = {"server": "evx-drpcb-a", "client": "evx-drpcb-b"}
+VETH_IF = {"server": "evx-drpcb-a", "client": "evx-drpcb-b"}
+VETH_IP = {"server": "10.252.0.1", "client": "10.252.0.2"}
+VETH_STACKS = ["drpc-udp", "drpc-uring", "drpc-xdp", "rpc2-tcp", "rpc2-udp"]
+# where this process binds and which interface it uses (set from the options)
+HOST = {"server": "127.0.0.1", "client": "127.0.0.1"}
+IFACE: dict[str, str] = {}
 LOADS = ["small", "latency", "large"]
 # which stacks make sense for which load
 SKIP = {("drpc-udp-64k", "small"), ("drpc-udp-64k", "latency"),
@@ -68,6 +88,10 @@ def response_for(load: str) -> bytes:
 
 # ----------------------------------------------------------------- servers
 
+def _drpc_backend(stack: str) -> str:
+    return {"drpc-uring": "io_uring_udp", "drpc-xdp": "xdp_udp"}.get(stack, "udp")
+
+
 def serve(stack: str, load: str, poll: bool) -> None:
     """Run the server of ``stack``; print ``ready PORT``; run until killed."""
     resp = response_for(load)
@@ -78,9 +102,10 @@ def serve(stack: str, load: str, poll: bool) -> None:
         if stack.startswith("drpc"):
             from evpl.drpc import Server
 
-            backend = "io_uring_udp" if stack == "drpc-uring" else "udp"
+            backend = _drpc_backend(stack)
             dgram = 65507 if stack.endswith("64k") else 1472
-            server = Server(loop, backend, ("127.0.0.1", 0), max_datagram=dgram)
+            xdp = {"interface": IFACE["server"]} if backend == "xdp_udp" else {}
+            server = Server(loop, backend, (HOST["server"], 0), max_datagram=dgram, **xdp)
             server.register(1, lambda req: resp)
             port = server.address[1]
         else:
@@ -89,9 +114,9 @@ def serve(stack: str, load: str, poll: bool) -> None:
             rserver = RpcServer(loop, max_record=64 << 20)
             rserver.register(PROG, VERS, {PROC: lambda ctx, data: resp})
             if stack == "rpc2-tcp":
-                port = rserver.listen("tcp", ("127.0.0.1", 0)).address[1]
+                port = rserver.listen("tcp", (HOST["server"], 0)).address[1]
             else:
-                port = rserver.bind_udp(("127.0.0.1", 0)).local_address[1]
+                port = rserver.bind_udp((HOST["server"], 0)).local_address[1]
         print(f"ready {port}", flush=True)
         loop.run()
         return
@@ -182,10 +207,12 @@ def client(stack: str, load: str, port: int, depth: int, warmup: float, duration
         if stack.startswith("drpc"):
             from evpl.drpc import Client
 
-            backend = "io_uring_udp" if stack == "drpc-uring" else "udp"
+            backend = _drpc_backend(stack)
             dgram = 65507 if stack.endswith("64k") else 1472
-            c = Client(loop, backend, ("127.0.0.1", port), window=max(8, depth),
-                       max_datagram=dgram)
+            xdp = ({"interface": IFACE["client"], "local_address": (HOST["client"], 0)}
+                   if backend == "xdp_udp" else {})
+            c = Client(loop, backend, (HOST["server"], port), window=max(8, depth),
+                       max_datagram=dgram, **xdp)
             call = c.call
 
             def issue() -> None:
@@ -202,7 +229,7 @@ def client(stack: str, load: str, port: int, depth: int, warmup: float, duration
         else:
             from evpl.rpc2 import Client as RpcClient
 
-            c = RpcClient(loop, "tcp" if stack == "rpc2-tcp" else "udp", ("127.0.0.1", port),
+            c = RpcClient(loop, "tcp" if stack == "rpc2-tcp" else "udp", (HOST["server"], port),
                           max_record=64 << 20)
             call = c.call
 
@@ -311,13 +338,42 @@ async def _grpc_client(port: int, depth: int, meter: Meter, payload: bytes,
 
 # ----------------------------------------------------------------- driver
 
+VETH = False
+
+
+def _netns(role: str) -> list[str]:
+    return ["ip", "netns", "exec", VETH_NS[role]] if VETH else []
+
+
+def veth_setup() -> None:
+    """The two namespaces and the veth pair between them (fresh)."""
+    veth_teardown()
+    for role in ("server", "client"):
+        subprocess.run(["ip", "netns", "add", VETH_NS[role]], check=True, timeout=30)
+    subprocess.run(["ip", "link", "add", VETH_IF["server"], "netns", VETH_NS["server"], "type",
+                    "veth", "peer", "name", VETH_IF["client"], "netns", VETH_NS["client"]],
+                   check=True, timeout=30)
+    for role in ("server", "client"):
+        ns = VETH_NS[role]
+        for argv in (["addr", "add", f"{VETH_IP[role]}/24", "dev", VETH_IF[role]],
+                     ["link", "set", VETH_IF[role], "up"], ["link", "set", "lo", "up"]):
+            subprocess.run(["ip", "-n", ns, *argv], check=True, timeout=30)
+
+
+def veth_teardown() -> None:
+    for ns in VETH_NS.values():
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
 def measure(stack: str, load: str, depth: int, warmup: float, duration: float,
             poll: bool) -> dict[str, Any]:
     """One measurement: a fresh server on core 0, the client on core 1."""
     cmd = [sys.executable, str(HERE), "--role", "server", "--stacks", stack, "--loads", load]
     if poll:
         cmd.append("--poll")
-    server = subprocess.Popen(["taskset", "-c", str(SERVER_CORE), *cmd],
+    if VETH:
+        cmd.append("--veth")
+    server = subprocess.Popen([*_netns("server"), "taskset", "-c", str(SERVER_CORE), *cmd],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
@@ -331,7 +387,10 @@ def measure(stack: str, load: str, depth: int, warmup: float, duration: float,
                 "--duration", str(duration)]
         if poll:
             ccmd.append("--poll")
-        res = subprocess.run(["taskset", "-c", str(CLIENT_CORE), *ccmd], capture_output=True,
+        if VETH:
+            ccmd.append("--veth")
+        res = subprocess.run([*_netns("client"), "taskset", "-c", str(CLIENT_CORE), *ccmd],
+                             capture_output=True,
                              text=True, timeout=warmup + duration + 120)
         if res.returncode != 0:
             return {"error": (res.stderr.strip() or res.stdout.strip())[-300:]}
@@ -372,14 +431,14 @@ def _ratios(med: dict[str, float], stack: str, higher: bool) -> Callable[[str], 
     return ratio
 
 
-def table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
-    """A markdown table of medians, with ratios to rpc2-tcp (and grpc)."""
+def table(results: dict[str, dict[str, list[dict[str, Any]]]], baseline: str = BASELINE) -> str:
+    """A markdown table of medians, with ratios to ``baseline`` (and grpc)."""
     key: dict[str, tuple[str, str, Callable[[float], str], bool]] = {
         "small": ("calls_per_s", "calls/s", lambda v: f"{v:,.0f}", True),
         "latency": ("p50_us", "p50 round trip (us)", lambda v: f"{v:.1f}", False),
         "large": ("gbit_per_s", "Gbit/s (8 MiB responses)", lambda v: f"{v:.2f}", True),
     }
-    lines = ["| load | stack | median | spread | vs rpc2-tcp | vs grpc |",
+    lines = [f"| load | stack | median | spread | vs {baseline} | vs grpc |",
              "| --- | --- | --- | --- | --- | --- |"]
     for load, per_stack in results.items():
         field, unit, fmt, higher = key[load]
@@ -399,7 +458,29 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
                 continue
 
             lines.append(f"| {load} | {stack} | {fmt(med[stack])} {unit} | {spread[stack]} | "
-                         f"{ratio(BASELINE)} | {ratio('grpc')} |")
+                         f"{ratio(baseline)} | {ratio('grpc')} |")
+    return "\n".join(lines)
+
+
+def c_limit(repeat: int, duration: float) -> str:
+    """Build and run benchmarks/c/udp_limit.c; a markdown table of medians."""
+    src = HERE.parent / "c" / "udp_limit.c"
+    exe = HERE.parent / "build" / "udp_limit"
+    exe.parent.mkdir(exist_ok=True)
+    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)], check=True)
+    configs = [["65507"], ["65507", "copy"], ["1472"], ["1472", "gso"], ["1472", "copy", "gso"]]
+    runs: dict[str, list[float]] = {}
+    for r in range(repeat):
+        for cfg in configs:
+            out = subprocess.run([str(exe), cfg[0], str(duration), *cfg[1:]], capture_output=True,
+                                 text=True, timeout=duration + 30, check=True).stdout.strip()
+            print(f"  run {r + 1}/{repeat} C udp_limit {out}", flush=True)
+            runs.setdefault(" ".join(cfg), []).append(float(out.split(": ")[1].split()[0]))
+    lines = ["| C over loopback UDP (udp_limit.c) | median Gbit/s | runs |", "| --- | --- | --- |"]
+    for name, vals in runs.items():
+        lines.append(f"| {name} | {statistics.median(vals):.2f} | "
+                     f"{', '.join(f'{v:.1f}' for v in vals)} |")
     return "\n".join(lines)
 
 
@@ -417,6 +498,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--markdown", default=None, help="also write the table here")
+    ap.add_argument("--c-limit", action="store_true",
+                    help="also measure C over loopback UDP (benchmarks/c/udp_limit.c): the "
+                         "ceiling for the large load")
+    ap.add_argument("--veth", action="store_true",
+                    help="server and client in two network namespaces joined by a veth pair "
+                         "(root; needed by drpc-xdp); ratios to drpc-udp")
     ap.add_argument("--role", choices=["driver", "server", "client"], default="driver",
                     help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -430,6 +517,16 @@ def main() -> None:
     for ld in loads:
         if ld not in LOADS:
             ap.error(f"unknown load {ld!r}")
+    global VETH
+    VETH = args.veth
+    if VETH:
+        HOST.update(VETH_IP)
+        IFACE.update(VETH_IF)
+        other = [s for s in stacks if s not in VETH_STACKS]
+        if other:
+            ap.error(f"--veth runs {', '.join(VETH_STACKS)} only, not {', '.join(other)}")
+    elif "drpc-xdp" in stacks:
+        ap.error("drpc-xdp needs --veth (AF_XDP needs an interface, not loopback)")
     if args.role == "server":
         serve(stacks[0], loads[0], args.poll)
         return
@@ -443,8 +540,16 @@ def main() -> None:
     print(f"drpc benchmark: {args.repeat} runs of {args.duration} s (+{args.warmup} s warm-up), "
           f"small-load depth {args.depth}; server on core {SERVER_CORE}, client on core "
           f"{CLIENT_CORE}", flush=True)
-    results = run(stacks, loads, args.repeat, args.depth, args.warmup, args.duration)
-    md = table(results)
+    if VETH:
+        veth_setup()
+    try:
+        results = run(stacks, loads, args.repeat, args.depth, args.warmup, args.duration)
+    finally:
+        if VETH:
+            veth_teardown()
+    md = table(results, "drpc-udp" if VETH else BASELINE)
+    if args.c_limit:
+        md += "\n\n" + c_limit(args.repeat, args.duration)
     print(md)
     if args.markdown:
         Path(args.markdown).write_text(md + "\n")

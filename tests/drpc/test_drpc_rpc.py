@@ -214,10 +214,10 @@ def test_dead_server_fails_outstanding_calls(loop, datagram_backend) -> None:
     the session's outstanding calls with PeerDead within peer_timeout."""
     server = serve(loop, datagram_backend)
     client = Client(loop, datagram_backend, server.address, peer_timeout=0.3)
+    t0 = loop.now()             # before the server's last packet, which starts the timeout
     assert bytes(client.wait(client.call(ECHO, b"up"), TIMEOUT)) == b"up"
     server.bind.pause_reading()
     calls = [client.call(ECHO, b"x" * 5000) for _ in range(12)]     # 8 out, 4 queued
-    t0 = loop.now()
     loop.run_until(lambda: all(c.done for c in calls), timeout=TIMEOUT)
     assert loop.now() - t0 >= 0.3
     for c in calls:
@@ -382,5 +382,23 @@ def test_idle_client_connects_again_after_the_server_forgot_it(loop, datagram_ba
     assert server.stats()["sessions"] == 0
     assert bytes(client.wait(client.call(ECHO, b"two"), TIMEOUT)) == b"two"
     assert client.stats()["reconnects"] == 1 and server.stats()["sessions"] == 1
+    client.close()
+    server.close()
+
+
+def test_full_send_queue_drops_packets_not_the_server(loop, datagram_backend) -> None:
+    """A server whose send queue is at its hard limit drops response
+    packets (counted; the client pulls them again) instead of failing its
+    socket with SendQueueFull: with a 200 KB limit, 32 credits of 64 KB
+    packets cannot all be queued, and every large response still arrives."""
+    server = serve(loop, datagram_backend, max_datagram=65507, high_water=65536,
+                   hard_limit=200_000)
+    client = Client(loop, datagram_backend, server.address, max_datagram=65507)
+    msgs = [random.Random(i).randbytes(4 << 20) for i in range(3)]
+    for m in msgs:
+        resp = client.wait(client.call(REVERSE, m), TIMEOUT * 6)
+        assert bytes(resp) == m[::-1]
+    assert not server.bind.closed
+    assert not loop.callback_errors
     client.close()
     server.close()

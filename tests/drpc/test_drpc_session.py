@@ -93,3 +93,46 @@ def test_every_call_completes_once_whatever_the_network_does(seed, loss, dup, la
     st_ = client.stats()
     assert st_["max_inflight"] <= credits and st_["max_outstanding"] <= window
     assert client.credits == client.credits_total        # every credit came back
+
+
+def test_malformed_response_packets_are_dropped() -> None:
+    """Packets after the first of a multi-packet response (the client's
+    inline path): a wrong message size or a short payload is dropped as
+    malformed, a number past the expected one as out of order; the real
+    packets then complete the call with the right bytes."""
+    to_server: list[bytes] = []
+    to_client: list[bytes] = []
+    client = ClientSession(lambda d: to_server.append(bytes(d)), lambda *a: None,
+                           client_session=7, window=1, credits=1, max_datagram=28 + 100,
+                           rto_ns=RTO, peer_timeout_ns=10**15)
+    def dispatch(sess, slot, req_type, req_num, body) -> None:
+        server.respond(sess, slot, req_num, bytes(range(250)))
+
+    server = ServerEndpoint(lambda d, a: to_client.append(bytes(d)), dispatch,
+                            lambda req, exc: None, max_datagram=28 + 100)
+    got: list[bytes] = []
+
+    def step() -> None:
+        batch = [(p, PEER) for p in to_server]
+        to_server.clear()
+        server.receive(batch, 1)
+
+    to_server.append(client.connect_packet(1))
+    step()
+    client.receive([(p, PEER) for p in to_client], 1)
+    to_client.clear()
+    client.submit(1, b"q", lambda r, e: got.append(bytes(r)), 1)
+    step()                                     # the request: response packet 0 back
+    client.receive([(to_client.pop(0), PEER)], 1)
+    step()                                     # one credit: the RFR for packet 1
+    good = to_client.pop(0)
+    wrong_size = good[:16] + (251).to_bytes(4, "big") + good[20:]
+    short = good[:-1]
+    ahead = good[:20] + (2).to_bytes(4, "big") + good[24:]
+    client.receive([(p, PEER) for p in (wrong_size, short, ahead)], 1)
+    st = client.stats()
+    assert st["malformed"] == 2 and st["out_of_order"] == 1 and not got
+    client.receive([(good, PEER)], 1)
+    step()                                     # the RFR for packet 2
+    client.receive([(p, PEER) for p in to_client], 1)
+    assert got == [bytes(range(250))]

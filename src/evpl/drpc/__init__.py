@@ -16,6 +16,7 @@ from evpl.drpc.cc import Timely
 from evpl.drpc.client import Call, Client
 from evpl.drpc.server import Request, Server
 from evpl.drpc.session import (
+    CallTimeout,
     DrpcError,
     PeerDead,
     RemoteError,
@@ -25,6 +26,7 @@ from evpl.drpc.session import (
 
 __all__ = [
     "Call",
+    "CallTimeout",
     "Client",
     "DrpcError",
     "PeerDead",

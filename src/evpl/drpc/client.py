@@ -6,6 +6,10 @@
     client.call(1, b"hello", lambda resp, err: print(bytes(resp)))   # asynchronous
     print(bytes(client.wait(client.call(1, b"again"))))              # scripts
 
+    async def main():                                 # under evpl.aio.run(main())
+        client = evpl.drpc.Client(asyncio.get_running_loop(), "udp", addr)
+        resp = await client.acall(1, b"hello", timeout=1.0)
+
 The client connects at once (calls made meanwhile wait for the session), keeps
 ``window`` requests outstanding and ``credits`` packets in flight, cuts
 requests into packets and pulls multi-packet responses, retransmits after
@@ -21,6 +25,7 @@ and one read batch reaches the protocol core in one Python call.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import struct
@@ -31,12 +36,13 @@ from evpl._native.buffers import Buffer
 from evpl._native.wheel import TimingWheel
 from evpl.core.completion import Completion
 from evpl.core.handler import Handler
+from evpl.core.loop import Loop
 from evpl.drpc.cc import Timely
-from evpl.drpc.session import ClientSession, PeerDead, SessionClosed
+from evpl.drpc.session import CallTimeout, ClientSession, PeerDead, SessionClosed
 from evpl.drpc.wire import HEADER_SIZE, TS_OFFSET
 from evpl.errors import ConfigError, EvplError
 
-__all__ = ["KERNEL_TIMELY", "Call", "Client", "loop_wheel", "message_allocator"]
+__all__ = ["KERNEL_TIMELY", "Call", "Client", "evpl_loop", "loop_wheel", "message_allocator"]
 
 _TS = struct.Struct(">I")
 
@@ -93,6 +99,18 @@ def _numeric(address: Any) -> Any:
     return info[0][4][:2]
 
 
+def evpl_loop(loop: Any) -> Loop:
+    """The evpl ``Loop`` drpc runs on: ``loop`` itself, or the engine under
+    evpl's asyncio loop (``evpl.aio.EvplEventLoop.core``)."""
+    if isinstance(loop, Loop):
+        return loop
+    core = getattr(loop, "core", None)
+    if isinstance(core, Loop):
+        return core
+    raise ConfigError(f"drpc runs on an evpl.Loop or evpl's asyncio loop (evpl.aio), "
+                      f"not on {type(loop).__name__}")
+
+
 def loop_wheel(loop: Any) -> TimingWheel:
     """The pacing wheel every drpc client of ``loop`` shares (made on first use)."""
     wheel = getattr(loop, "_drpc_wheel", None)
@@ -146,6 +164,7 @@ class Client:
                  rto: float = 0.005, peer_timeout: float = 1.0, cc: bool = True,
                  link_rate: float = 10e9, timely: dict[str, Any] | None = None,
                  local_address: Any = None, **options: Any) -> None:
+        loop = evpl_loop(loop)
         for name, v, lo, hi in (("window", window, 1, 1024), ("credits", credits, 1, 65535),
                                 ("max_message", max_message, 0, 0xFFFFFFFF),
                                 ("max_datagram", max_datagram, HEADER_SIZE + 1, 65507)):
@@ -235,6 +254,76 @@ class Client:
                                 "loop callback; use a callback or Call.add_done_callback()")
             self.loop.run_until(lambda: call.done, timeout)
         return call.result()
+
+    def acall(self, req_type: int, payload: Any = b"", *,
+              timeout: float | None = None) -> asyncio.Future[Any]:
+        """Send a request as :meth:`call` does and return an ``asyncio.Future``
+        of its response, on evpl's asyncio loop (``evpl.aio``) whose engine
+        is this client's Loop: ``resp = await client.acall(1, b"hi")``.
+
+        The request leaves at once (as a grpc.aio call or a pyzmq send
+        does), so ``await asyncio.gather(*(client.acall(...) ...))``
+        pipelines up to the window. Errors are raised by the ``await``:
+        :class:`~evpl.drpc.PeerDead` (the server went silent for
+        ``peer_timeout``, or never answered the connect),
+        :class:`~evpl.drpc.RemoteError` (no handler, or the handler raised),
+        :class:`~evpl.drpc.SessionClosed` (the client was closed),
+        ``ConnectionRefused`` (the server's port is closed) and, after
+        ``timeout`` seconds, :class:`~evpl.drpc.CallTimeout` (a
+        ``TimeoutError``; the session lives on).
+
+        Cancelling the future (``task.cancel()``, ``asyncio.wait_for``, a
+        timeout) abandons the call: one still waiting for a window slot is
+        dropped unsent; one already sent keeps its slot until the server
+        answers, and the answer is discarded. The handler may have run (or
+        may still run) once, never twice: drpc is at-most-once.
+
+        On any other event loop (plain asyncio, uvloop) nothing would drive
+        this client's sockets: that raises ``EvplError`` at once."""
+        try:
+            aloop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise EvplError("Client.acall() needs a running evpl asyncio loop "
+                            "(evpl.aio.run(main())); without one use call() and wait()") from None
+        if getattr(aloop, "core", None) is not self.loop:
+            raise EvplError(
+                f"Client.acall() needs evpl's asyncio loop running this client's Loop, and "
+                f"the running loop is {type(aloop).__name__}"
+                + ("" if isinstance(getattr(aloop, "core", None), Loop) else
+                   " (plain asyncio/uvloop cannot drive evpl sockets: run the program with "
+                   "evpl.aio.run(main()) and make the client with "
+                   "Client(asyncio.get_running_loop(), ...))"))
+        fut: asyncio.Future[Any] = aloop.create_future()
+        timer: Any = None
+
+        def done(resp: Any, exc: BaseException | None) -> None:
+            if timer is not None:
+                timer.cancel()
+            if fut.done():
+                return                      # cancelled or timed out: discarded
+            if exc is None:
+                fut.set_result(resp)
+            else:
+                fut.set_exception(exc)
+
+        def abandoned(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():
+                if timer is not None:
+                    timer.cancel()
+                self.session.withdraw(done)
+
+        def expired() -> None:
+            if not fut.done():
+                self.session.withdraw(done)
+                fut.set_exception(CallTimeout(
+                    f"no response to the drpc call (type {req_type}) within {timeout:g} s"))
+
+        self.call(req_type, payload, done)
+        if not fut.done():
+            fut.add_done_callback(abandoned)
+            if timeout is not None:
+                timer = self.loop.call_later(timeout, expired)
+        return fut
 
     @property
     def connected(self) -> bool:

@@ -30,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from evpl.core.handler import Handler
-from evpl.drpc.client import message_allocator
+from evpl.drpc.client import evpl_loop, message_allocator
 from evpl.drpc.session import Request, ServerEndpoint, ServerSession, ServerSlot
 from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE, MAX_REQ_TYPE
-from evpl.errors import ConfigError, EvplError
+from evpl.errors import ConfigError, EvplError, SendQueueFull
 
 __all__ = ["Request", "Server"]
 
@@ -88,6 +88,7 @@ class Server:
                 raise ConfigError(f"{name} must be an int in {lo}..{hi}, got {v!r}")
         if not session_timeout >= 1:
             raise ConfigError(f"session_timeout must be >= 1 second, got {session_timeout!r}")
+        loop = evpl_loop(loop)
         self.loop = loop
         self.workers = workers
         self._handlers: dict[int, tuple[Callable[[Request], Any], bool]] = {}
@@ -95,6 +96,7 @@ class Server:
         self._done: deque[tuple[Request, Any, BaseException | None]] = deque()
         self._doorbell: Any = None
         self.handler_errors = 0
+        self.send_queue_full = 0
         self.closed = False
         self._now = loop.now_ns
         self.bind: Any = None
@@ -102,7 +104,7 @@ class Server:
             self._sendto, self._dispatch, self._failed, window=window, credits=credits,
             max_message=max_message, max_datagram=max_datagram, max_sessions=max_sessions,
             session_timeout_ns=int(session_timeout * 1e9), max_assembly=max_assembly,
-            alloc=message_allocator(loop.pool))
+            alloc=message_allocator(loop.pool), packet_alloc=loop.pool.allocate)
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
         self._expiry = loop.call_every(min(1.0, session_timeout / 4), self._expire)
@@ -134,9 +136,14 @@ class Server:
     # -- the path of a request --
 
     def _sendto(self, data: Any, addr: Any) -> None:
-        self._sendto = self.bind.sendto     # the Bind's own method from now on
-        self._endpoint.out = self._sendto
-        self._sendto(data, addr)
+        """Queue a packet; dropped (and counted) when the send queue is at its
+        hard limit, as the network would drop it: the client retransmits.
+        (Clients asking for 64 KB packets faster than the socket drains
+        them used to close the server's socket with SendQueueFull.)"""
+        try:
+            self.bind.sendto(data, addr)
+        except SendQueueFull:
+            self.send_queue_full += 1
 
     def _dispatch(self, sess: ServerSession, slot: ServerSlot, req_type: int, req_num: int,
                   body: Any) -> Any:
@@ -196,9 +203,11 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         """The server's counters (see ``ServerEndpoint.stats``), plus
-        ``handler_errors``."""
+        ``handler_errors`` and ``send_queue_full`` (packets dropped because
+        the socket's send queue was at its hard limit)."""
         s = self._endpoint.stats()
         s["handler_errors"] = self.handler_errors
+        s["send_queue_full"] = self.send_queue_full
         return s
 
     def sessions(self) -> list[dict[str, Any]]:

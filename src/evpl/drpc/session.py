@@ -78,6 +78,7 @@ DISCONNECT = PacketType.DISCONNECT.value
 DISCONNECT_OK = PacketType.DISCONNECT_OK.value
 
 _pack = HEADER.pack
+_pack_into = HEADER.pack_into
 _unpack = HEADER.unpack_from
 _struct_error = struct.error
 U32 = 0xFFFFFFFF
@@ -105,6 +106,11 @@ class RemoteError(DrpcError):
     the handler raised (the message is the server's text)."""
 
 
+class CallTimeout(DrpcError, TimeoutError):
+    """An awaited call (``Client.acall(..., timeout=)``) got no response in
+    time; also a ``TimeoutError``. The session lives on."""
+
+
 # -- client ---------------------------------------------------------------------
 
 Done = Callable[[Any, BaseException | None], Any]
@@ -116,7 +122,7 @@ class ClientSlot:
 
     __slots__ = ("busy", "done", "index", "n_req", "n_resp", "num_rx", "num_tx", "progress",
                  "queued", "req", "req_num", "req_size", "req_type", "resp", "resp_flags",
-                 "resp_size", "retransmits")
+                 "resp_size", "resp_view", "retransmits")
 
     def __init__(self, index: int, window: int) -> None:
         self.index = index
@@ -129,6 +135,7 @@ class ClientSlot:
         self.n_req = 1
         self.n_resp = 0                     # 0 until the first response packet
         self.resp: Any = None
+        self.resp_view: memoryview | None = None    # of a multi-packet ``resp``
         self.resp_size = 0
         self.resp_flags = 0
         self.num_tx = 0                     # packets sent: request packets, then RFRs
@@ -188,6 +195,7 @@ class ClientSession:
         # counters
         self.requests = 0
         self.completed = 0
+        self.withdrawn = 0
         self.retransmits = 0
         self.duplicates = 0
         self.stale = 0
@@ -294,6 +302,19 @@ class ClientSession:
         if inflight > self.max_inflight:
             self.max_inflight = inflight
 
+    def withdraw(self, done: Done) -> bool:
+        """Drop the call ``done`` belongs to if it still waits in the backlog
+        (nothing of it was sent; ``done`` is not called). False if it has
+        started: then it keeps its slot until the server answers or the
+        session dies, and ``done`` is called as usual."""
+        backlog = self.backlog
+        for i, entry in enumerate(backlog):
+            if entry[2] is done:
+                del backlog[i]
+                self.withdrawn += 1
+                return True
+        return False
+
     def _start(self, slot: ClientSlot, req_type: int, payload: Any, done: Done,
                now_ns: int) -> None:
         if self.busy == 0 and now_ns - self.last_rx > 0:
@@ -309,6 +330,7 @@ class ClientSession:
         slot.n_req = 1 if size <= self.payload else -(-size // self.payload)
         slot.n_resp = 0
         slot.resp = None
+        slot.resp_view = None
         slot.num_tx = slot.num_rx = 0
         slot.progress = now_ns
         slot.done = done
@@ -413,6 +435,17 @@ class ClientSession:
                         slot.resp_size = msg_size
                         slot.resp_flags = flags
                         slot.resp = buf[HEADER_SIZE:]   # zero copy: a slice of the packet
+                    elif pkt_num and slot.n_resp > 1:
+                        # the next packet of a multi-packet response, inline
+                        payload = self.payload
+                        off = pkt_num * payload
+                        length = len(buf) - HEADER_SIZE
+                        if msg_size != slot.resp_size or pkt_num >= slot.n_resp or \
+                                (flags ^ slot.resp_flags) & FLAG_ERROR or length != (
+                                    payload if off + payload <= msg_size else msg_size - off):
+                            self.malformed += 1
+                            continue
+                        slot.resp_view[off:off + length] = buf[HEADER_SIZE:]
                     elif self._response(slot, flags, msg_size, pkt_num, buf):
                         continue
                 self.last_rx = now_ns
@@ -449,6 +482,7 @@ class ClientSession:
                     slot.done = None
                     slot.req = b""
                     slot.resp = None
+                    slot.resp_view = None
                     self.busy -= 1
                     self.completed += 1
                     self.free.append(slot)
@@ -508,7 +542,8 @@ class ClientSession:
                     self.no_memory += 1         # dropped: retransmitted after the RTO
                     slot.n_resp = 0
                     return True
-                memoryview(slot.resp)[:length] = memoryview(buf)[HEADER_SIZE:]
+                slot.resp_view = memoryview(slot.resp)
+                slot.resp_view[:length] = memoryview(buf)[HEADER_SIZE:]
             return False
         if msg_size != slot.resp_size or (flags ^ slot.resp_flags) & FLAG_ERROR or \
                 check_data_packet(msg_size, pkt_num, length, self.payload,
@@ -527,6 +562,7 @@ class ClientSession:
         slot.done = None
         slot.req = b""
         slot.resp = None
+        slot.resp_view = None
         self.busy -= 1
         self.completed += 1
         if self.backlog:
@@ -581,6 +617,7 @@ class ClientSession:
             s.done = None
             s.req = b""
             s.resp = None
+            s.resp_view = None
         dones.extend(d for _, _, d in self.backlog)
         self.backlog.clear()
         self.busy = 0
@@ -605,6 +642,7 @@ class ClientSession:
             "backlog": len(self.backlog),
             "requests": self.requests,
             "completed": self.completed,
+            "withdrawn": self.withdrawn,
             "reconnects": self.reconnects,
             "retransmits": self.retransmits,
             "duplicates": self.duplicates,
@@ -633,6 +671,10 @@ _REASONS = {int(r) for r in RejectReason}
 # -- server ---------------------------------------------------------------------
 
 FREE, RECEIVING, RUNNING, DONE = 0, 1, 2, 3
+
+# response packets with this much payload or more are built in pool buffers
+# (see ServerEndpoint); smaller ones as bytes, which cost less
+BIG_PACKET = 16384
 
 
 class ServerSlot:
@@ -735,7 +777,11 @@ class ServerEndpoint:
     body)``, which returns the response or ``None`` (answered later with
     :meth:`respond`). ``failed(request, exc)`` is told when a handler
     raises (it answers with an error). ``alloc(n)`` returns a writable
-    buffer for a multi-packet request.
+    buffer for a multi-packet request. ``packet_alloc(n)``, if given,
+    returns a writable buffer for a response packet of ``n`` bytes when
+    packets are large (``BIG_PACKET`` or more): evpl's pool, whose memory
+    stays mapped (a fresh 64 KB bytes object per packet made glibc hand
+    memory back and fault it in again: a fifth of the server's time).
     """
 
     def __init__(self, out: Callable[[Any, Any], Any],
@@ -744,8 +790,10 @@ class ServerEndpoint:
                  window: int = 8, credits: int = 32, max_message: int = 8 << 20,
                  max_datagram: int = 1472, max_sessions: int = 4096,
                  session_timeout_ns: int = 60_000_000_000, max_assembly: int = 256 << 20,
-                 alloc: Callable[[int], Any] = bytearray) -> None:
+                 alloc: Callable[[int], Any] = bytearray,
+                 packet_alloc: Callable[[int], Any] | None = None) -> None:
         self.out = out
+        self.packet_alloc = packet_alloc
         self.dispatch = dispatch
         self.failed = failed
         self.handlers: dict[int, Callable[[Request], Any]] = {}
@@ -800,6 +848,9 @@ class ServerEndpoint:
                         continue
                     c["rfr"] += 1
                     off = pkt_num * sess.payload
+                    if sess.payload >= BIG_PACKET and self.packet_alloc is not None:
+                        out(self._big_packet(sess, slot, slot.flags, pkt_num, ts), addr)
+                        continue
                     out(_pack(MAGIC, RESP, slot.req_type, slot.flags, sess.client_session,
                               req_num, slot.resp_size, pkt_num, ts) +
                         slot.resp[off:off + sess.payload], addr)
@@ -1038,17 +1089,40 @@ class ServerEndpoint:
                     f"({sess.max_message})").encode()
             size = len(data)
             flags |= FLAG_ERROR
-        slot.resp = data
         slot.resp_size = size
         slot.flags = flags
         slot.n_resp = 1 if size <= sess.payload else -(-size // sess.payload)
+        # a multi-packet response is sent in slices: of a memoryview, so that
+        # a slice is no copy (of bytes it would be one, before the packet's)
+        slot.resp = data if slot.n_resp == 1 else memoryview(data).cast("B")
         slot.state = DONE
         self.c["responses"] += 1
         self._send_first(sess, slot, at_once)
         return True
 
+    def _big_packet(self, sess: ServerSession, slot: ServerSlot, flags: int, pkt_num: int,
+                    ts: int) -> Any:
+        """Response packet ``pkt_num`` of a multi-packet response with large
+        packets, built in a pool buffer (bytes if the pool is exhausted)."""
+        payload = sess.payload
+        off = pkt_num * payload
+        chunk = slot.resp[off:off + payload]
+        head = (MAGIC, RESP, slot.req_type, flags, sess.client_session, slot.req_num,
+                slot.resp_size, pkt_num, ts)
+        try:
+            pkt = self.packet_alloc(HEADER_SIZE + len(chunk))  # type: ignore[misc]
+        except (EvplError, MemoryError):
+            return _pack(*head) + chunk
+        _pack_into(pkt, 0, *head)
+        memoryview(pkt)[HEADER_SIZE:] = chunk
+        return pkt
+
     def _send_first(self, sess: ServerSession, slot: ServerSlot, sample: bool) -> None:
         data = slot.resp
+        if slot.n_resp > 1 and sess.payload >= BIG_PACKET and self.packet_alloc is not None:
+            self.out(self._big_packet(sess, slot, slot.flags | (0 if sample else FLAG_NO_RTT),
+                                      0, slot.ts), sess.peer)
+            return
         head = _pack(MAGIC, RESP, slot.req_type, slot.flags | (0 if sample else FLAG_NO_RTT),
                      sess.client_session, slot.req_num, slot.resp_size, 0, slot.ts)
         self.out(head + (data if slot.n_resp == 1 else memoryview(data)[:sess.payload]),
