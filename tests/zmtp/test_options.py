@@ -333,7 +333,7 @@ def test_zap_domain_makes_null_connections_ask_the_authenticator(loop, zctx):
     def refuse(mechanism, credentials, request):
         asked.append(request)
         return False
-    pull = ez.Socket(loop, "PULL", zap_domain="dom", authenticator=refuse)
+    pull = ez.Socket(loop, "PULL", zap_domain=b"dom", authenticator=refuse)
     ev = []
     pull.monitor(lambda e, ep_, d: ev.append(e))
     ep = pull.bind("tcp://127.0.0.1:0")

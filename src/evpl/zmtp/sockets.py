@@ -769,6 +769,8 @@ class Socket:
             raise ConfigError(f"unknown option {name!r}; one of {sorted(_OPTIONS)}")
         if isinstance(value, str) and key in ("routing_id", "plain_username", "plain_password"):
             value = value.encode()
+        if isinstance(value, bytes) and key == "zap_domain":
+            value = value.decode("utf-8", "replace")
         if not _OPTIONS[key][1](value):
             raise ConfigError(f"bad value for option {name}: {value!r}")
         self._opts[key] = value
