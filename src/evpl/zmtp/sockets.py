@@ -328,6 +328,20 @@ class _Peer(evpl.Handler):
                 self.out.clear()        # conflate: only the last message waits
             self.out.append(frames)
 
+    def put_env(self, env: bytes, frames: Sequence[Any]) -> None:
+        """Send (or queue) a message whose envelope ``env`` is already in
+        wire form (REQ's delimiter, a REP's received envelope)."""
+        b = self.bind
+        if self.state == 2 and b is not None and not b.paused and not self.out \
+                and not self.curve:
+            w = _nz.encode(frames, False, env)
+            if type(w) is bytes:
+                b.send(w)
+            else:
+                b.sendv(w)
+        else:
+            self.put(_unwire(env) + list(frames))
+
     def put_now(self, wire_: Any) -> None:
         b = self.bind
         if b is not None and not b.closed:
@@ -450,13 +464,14 @@ class _Peer(evpl.Handler):
             if self.curve:
                 self._curve_units(units)
                 return
-            msgs: list[list[Any]] = []
+            msgs: list[Any] = []
             cmds: list[Any] = []
-            _nz.split(units, msgs, cmds)
+            sock = self.sock
+            sock._split(units, msgs, cmds)
             if cmds:
                 self._commands(cmds)
             if msgs and self.state == 2:
-                self.sock._incoming(self, msgs)
+                sock._incoming(self, msgs)
             return
         i = 0
         n = len(units)
@@ -573,7 +588,9 @@ class _Peer(evpl.Handler):
             self._fail(str(exc), Event.HANDSHAKE_FAILED_PROTOCOL)
             return
         if msgs and self.state == 2:
-            self.sock._incoming(self, msgs)
+            s = self.sock
+            s._incoming(self, [_env_split(m) for m in msgs] if s._split is _nz.split_env
+                        else msgs)
 
     def _command(self, cmd: wire.Command) -> None:
         name = cmd.name
@@ -638,6 +655,40 @@ class _Peer(evpl.Handler):
         self.connected = False
         if self.connector is not None:
             self.connector.lost(error)
+
+
+def _unwire(env: bytes) -> list[bytes]:
+    """The frames of an envelope in wire form."""
+    out = []
+    i = 0
+    while i < len(env):
+        if env[i] & wire.FLAG_LONG:
+            n = int.from_bytes(env[i + 1:i + 9], "big")
+            h = 9
+        else:
+            n = env[i + 1]
+            h = 2
+        out.append(env[i + h:i + h + n])
+        i += h + n
+    return out
+
+
+def _env_wire(frames: Sequence[Any]) -> bytes:
+    """Envelope frames in wire form, each with MORE."""
+    out = []
+    for f in frames:
+        f = bytes(f)
+        n = len(f)
+        out.append((bytes((1, n)) if n < 256 else b"\x03" + n.to_bytes(8, "big")) + f)
+    return b"".join(out)
+
+
+def _env_split(m: list[Any]) -> tuple[bytes | None, list[Any]]:
+    """``split_env``'s form of a message already cut into frames (CURVE)."""
+    for i in range(len(m) - 1):
+        if len(m[i]) == 0:
+            return _env_wire(m[:i + 1]), m[i + 1:]
+    return None, m
 
 
 def _body(data: bytes) -> bytes:
@@ -744,8 +795,8 @@ class Socket:
         # REQ/REP state
         self._req_peer: _Peer | None = None
         self._req_id = 0
-        self._rep_queue: deque[tuple[_Peer, list[Any], list[Any]]] = deque()
-        self._rep_current: tuple[_Peer, list[Any]] | None = None
+        self._rep_queue: deque[tuple[_Peer, bytes, list[Any]]] = deque()
+        self._rep_current: tuple[_Peer, bytes] | None = None
         self._rep_delivering = False
         self._hwm_out = 1000
         self._conflate_in = self._conflate_out = False
@@ -753,6 +804,14 @@ class Socket:
         self._pending_ids: list[_Peer] = []     # ROUTER: peers whose identity is taken
         self._sub_from: deque[_Peer] = deque()  # XPUB manual: queued notifications' peers
         self._last_sub_peer: _Peer | None = None
+        # the per-message path, chosen once: REQ and REP cut the envelope
+        # natively (split_env) and have their own receive step
+        self._kind = 1 if st == "REQ" else 2 if st == "REP" else 0
+        self._split = _nz.split_env if self._kind else _nz.split
+        self._incoming = (self._incoming_req if st == "REQ" else
+                          self._incoming_rep if st == "REP" else self._incoming_any)
+        self._req_relaxed = self._req_correlate = False
+        self._req_env = b""
         for k, v in options.items():
             self.set(k, v)
 
@@ -776,6 +835,10 @@ class Socket:
         self._opts[key] = value
         if key == "sndhwm":
             self._hwm_out = value or (1 << 62)
+        elif key == "req_relaxed":
+            self._req_relaxed = value
+        elif key == "req_correlate":
+            self._req_correlate = value
         elif key == "conflate":
             on = value and self.socket_type in _CONFLATE_TYPES
             self._conflate_in = on and self.socket_type in _CAN_RECV
@@ -1108,7 +1171,7 @@ class Socket:
                     p.command(wire.subscribe(t, p.zmtp31) if on else wire.cancel(t, p.zmtp31))
 
     # -- receiving
-    def _incoming(self, p: _Peer, msgs: list[list[Any]]) -> None:
+    def _incoming_any(self, p: _Peer, msgs: list[list[Any]]) -> None:
         st = self.socket_type
         if st in ("PULL", "DEALER", "PAIR", "XSUB"):
             if self._conflate_in:
@@ -1133,16 +1196,6 @@ class Socket:
             for m in msgs:
                 m.insert(0, ident)
             self._consume(msgs)
-        elif st == "REP":
-            for m in msgs:
-                for i, f in enumerate(m):
-                    if len(f) == 0:
-                        self._rep_queue.append((p, m[:i + 1], m[i + 1:]))
-                        break
-                # a request without a delimiter is malformed: dropped
-            self._rep_pump()
-        elif st == "REQ":
-            self._req_reply(p, msgs)
         elif st in ("PUB", "XPUB"):
             for m in msgs:          # 3.0 subscriptions travel as messages
                 if len(m) == 1 and len(m[0]) and m[0][0] in (0, 1):
@@ -1153,32 +1206,62 @@ class Socket:
                         return
         # PUSH receives nothing: messages from a PULL peer are dropped
 
-    def _req_reply(self, p: _Peer, msgs: list[list[Any]]) -> None:
-        for m in msgs:
+    def _incoming_req(self, p: _Peer, msgs: list[tuple[bytes | None, list[Any]]]) -> None:
+        """REQ: the reply from the peer asked, with the envelope it was sent
+        (the delimiter; with req_correlate the request id too); anything
+        else is dropped."""
+        for env, body in msgs:
             if self._req_peer is not p:
                 continue                    # not the peer asked: dropped
-            if self._opts["req_correlate"]:
-                if len(m) < 2 or bytes(m[0]) != self._req_id.to_bytes(4, "big") or len(m[1]):
-                    continue
-                body = m[2:]
-            else:
-                if not m or len(m[0]):
-                    continue
-                body = m[1:]
+            if env != self._req_env and (env is None or _unwire(env) != _unwire(self._req_env)):
+                continue                    # not the envelope sent (stale, or malformed)
             self._req_peer = None
-            self._consume([body])
+            cb = self.on_message
+            if cb is not None:
+                cb(body)
+            else:
+                self._consume([body])
+
+    def _incoming_rep(self, p: _Peer, msgs: list[tuple[bytes | None, list[Any]]]) -> None:
+        """REP: requests queue with their envelope (a request without a
+        delimiter is malformed: dropped) and are handed out one at a time."""
+        q = self._rep_queue
+        cb = self.on_message
+        if len(msgs) == 1 and cb is not None and not q and self._rep_current is None \
+                and not self._rep_delivering:
+            env, body = msgs[0]             # the common case: one request, nothing waiting
+            if env is not None:
+                self._rep_current = (p, env)
+                self._rep_delivering = True
+                try:
+                    cb(body)
+                finally:
+                    self._rep_delivering = False
+                if q and self._rep_current is None:
+                    self._rep_pump()
+            return
+        for env, body in msgs:
+            if env is not None:
+                q.append((p, env, body))
+        if self._rep_current is None:
+            self._rep_pump()
 
     def _rep_pump(self) -> None:
         """Deliver the next request once the previous one was answered."""
         if self._rep_delivering:
             return
         self._rep_delivering = True
+        q = self._rep_queue
         try:
-            while self._rep_current is None and self._rep_queue:
-                p, env, body = self._rep_queue.popleft()
+            while self._rep_current is None and q:
+                p, env, body = q.popleft()
                 self._rep_current = (p, env)
+                cb = self.on_message
+                if cb is not None:
+                    cb(body)
+                    continue
                 self._consume([body])
-                if self.on_message is None and self.on_messages is None:
+                if self.on_messages is None:
                     break
         finally:
             self._rep_delivering = False
@@ -1340,6 +1423,11 @@ class Socket:
         queued (needs a running asyncio loop, else ``Again``)."""
         if self.closed:
             raise ZMTPError("socket is closed")
+        k = self._kind
+        if k == 1:
+            return self._send_req(frames, flags)
+        if k == 2:
+            return self._send_rep(frames)
         st = self.socket_type
         if st == "PUB" or st == "XPUB":
             self._publish(frames)
@@ -1368,10 +1456,6 @@ class Socket:
                     p.put(frames)
                     return DONE
             return self._blocked(frames, flags)
-        if st == "REQ":
-            return self._send_req(frames, flags)
-        if st == "REP":
-            return self._send_rep(frames)
         if st == "ROUTER":
             return self._send_router(frames)
         if st == "XSUB":
@@ -1457,23 +1541,38 @@ class Socket:
                     p.put(frames, wire_)
 
     def _send_req(self, frames: Sequence[Any], flags: int) -> Any:
-        if self._req_peer is not None:
-            if not self._opts["req_relaxed"]:
-                raise StateError("REQ: receive the reply before sending again")
+        if self._req_peer is not None and not self._req_relaxed:
+            raise StateError("REQ: receive the reply before sending again")
         peers = self._peers
         n = len(peers)
+        if n and not self._req_correlate:
+            # the common case, inline: the next peer is up and has room
+            i = self._rr % n
+            p = peers[i]
+            b = p.bind
+            if p.state == 2 and not p.out and not p.curve and not b.paused:
+                self._rr = i + 1
+                w = _nz.encode(frames, False, b"\x01\x00")
+                if type(w) is bytes:
+                    b.send(w)
+                else:
+                    b.sendv(w)
+                self._req_peer = p
+                self._req_env = b"\x01\x00"
+                return DONE
         for _ in range(n):
             i = self._rr % n
             self._rr = i + 1
             p = peers[i]
             if not p.full():
-                if self._opts["req_correlate"]:
-                    self._req_id += 1
-                    env = [self._req_id.to_bytes(4, "big"), b""]
+                if self._req_correlate:
+                    self._req_id = (self._req_id + 1) & 0xFFFFFFFF
+                    env = b"\x01\x04" + self._req_id.to_bytes(4, "big") + b"\x01\x00"
                 else:
-                    env = [b""]
-                p.put(env + list(frames))
+                    env = b"\x01\x00"             # the empty delimiter frame, MORE
+                p.put_env(env, frames)
                 self._req_peer = p
+                self._req_env = env
                 return DONE
         return self._blocked(frames, flags)
 
@@ -1483,9 +1582,17 @@ class Socket:
             raise StateError("REP: no request to answer")
         self._rep_current = None
         p, env = cur
-        if (p.state == 2 or p.connector is not None) and not p.full():
-            p.put(env + list(frames))     # a gone peer's reply is dropped
-        self._rep_pump()                # no-op inside a delivery: its loop goes on
+        b = p.bind
+        if p.state == 2 and not p.out and not p.curve and not b.paused:
+            w = _nz.encode(frames, False, env)      # the common case, inline
+            if type(w) is bytes:
+                b.send(w)
+            else:
+                b.sendv(w)
+        elif (p.state == 2 or p.connector is not None) and not p.full():
+            p.put_env(env, frames)      # a gone peer's reply is dropped
+        if self._rep_queue and not self._rep_delivering:
+            self._rep_pump()
         return DONE
 
     def _send_router(self, frames: Sequence[Any]) -> Any:
