@@ -1424,10 +1424,40 @@ class Socket:
         if self.closed:
             raise ZMTPError("socket is closed")
         k = self._kind
-        if k == 1:
+        if k:
+            # REQ and REP, the common case inline (one Python call per
+            # message): the peer is up, has room and nothing waits before it
+            if k == 2:
+                cur = self._rep_current
+                if cur is not None and not self._rep_queue:
+                    p = cur[0]
+                    b = p.bind
+                    if p.state == 2 and not p.out and not p.curve and not b.paused:
+                        self._rep_current = None
+                        w = _nz.encode(frames, False, cur[1])   # behind the envelope
+                        if type(w) is bytes:
+                            b.send(w)
+                        else:
+                            b.sendv(w)
+                        return DONE
+                return self._send_rep(frames)
+            peers = self._peers
+            n = len(peers)
+            if n and self._req_peer is None and not self._req_correlate:
+                i = self._rr % n
+                p = peers[i]
+                b = p.bind
+                if p.state == 2 and not p.out and not p.curve and not b.paused:
+                    self._rr = i + 1
+                    w = _nz.encode(frames, False, b"\x01\x00")  # the delimiter first
+                    if type(w) is bytes:
+                        b.send(w)
+                    else:
+                        b.sendv(w)
+                    self._req_peer = p
+                    self._req_env = b"\x01\x00"
+                    return DONE
             return self._send_req(frames, flags)
-        if k == 2:
-            return self._send_rep(frames)
         st = self.socket_type
         if st == "PUB" or st == "XPUB":
             self._publish(frames)
@@ -1545,21 +1575,6 @@ class Socket:
             raise StateError("REQ: receive the reply before sending again")
         peers = self._peers
         n = len(peers)
-        if n and not self._req_correlate:
-            # the common case, inline: the next peer is up and has room
-            i = self._rr % n
-            p = peers[i]
-            b = p.bind
-            if p.state == 2 and not p.out and not p.curve and not b.paused:
-                self._rr = i + 1
-                w = _nz.encode(frames, False, b"\x01\x00")
-                if type(w) is bytes:
-                    b.send(w)
-                else:
-                    b.sendv(w)
-                self._req_peer = p
-                self._req_env = b"\x01\x00"
-                return DONE
         for _ in range(n):
             i = self._rr % n
             self._rr = i + 1
@@ -1582,14 +1597,7 @@ class Socket:
             raise StateError("REP: no request to answer")
         self._rep_current = None
         p, env = cur
-        b = p.bind
-        if p.state == 2 and not p.out and not p.curve and not b.paused:
-            w = _nz.encode(frames, False, env)      # the common case, inline
-            if type(w) is bytes:
-                b.send(w)
-            else:
-                b.sendv(w)
-        elif (p.state == 2 or p.connector is not None) and not p.full():
+        if (p.state == 2 or p.connector is not None) and not p.full():
             p.put_env(env, frames)      # a gone peer's reply is dropped
         if self._rep_queue and not self._rep_delivering:
             self._rep_pump()
