@@ -83,7 +83,7 @@ def ext(name: str) -> Extension:
 
 
 # protocol hot paths that are not engine: rpc2's batch loop
-PROTOCOL_MODULES = ["evpl.rpc2._fast"]
+PROTOCOL_MODULES = ["evpl.rpc2._fast", "evpl.aio._fast"]
 
 
 def protocol_ext(dotted: str) -> Extension:

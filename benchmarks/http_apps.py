@@ -3,14 +3,14 @@ fastest idiomatic form: GET / returns 13 bytes of text, GET /big 64 KiB."""
 
 from __future__ import annotations
 
+from evpl.http import Response
+
 HELLO = b"Hello, world!"
 BIG = b"x" * 65536
 
 
 # evpl native: app(request) -> Response, called in the loop
 def native(request):
-    from evpl.http import Response
-
     return Response(BIG if request.target == "/big" else HELLO, content_type=b"text/plain")
 
 

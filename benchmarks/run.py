@@ -104,9 +104,8 @@ STACKS: dict[str, Stack] = {
         Stack("asyncio", "py", ("--stack", "asyncio")),
         Stack("uvloop", "py", ("--stack", "uvloop")),
         Stack("evpl", "evpl"),
-        Stack("evpl-base", "evpl", ("--per-message",),
-              note="evpl run by --evpl-base-python (an A/B baseline build), per-message "
-                   "handlers (compare with evpl-msg)"),
+        Stack("evpl-base", "evpl",
+              note="evpl run by --evpl-base-python (an A/B baseline build); compare with evpl"),
         Stack("evpl-msg", "evpl", ("--per-message",), loads=("framed", "fixed"),
               note="on_message + send per message instead of on_messages batches"),
         Stack("evpl-poll", "evpl", ("--poll",), loads=("pingpong",), client_spin=True,

@@ -826,3 +826,34 @@ def test_loop_close_closes_everything(make_loop, stream_backend, address):
     loop.close()
     assert bind.closed and server.binds[0].closed and listener.closed
     assert client.closed == [None] and server.closed == [None]
+
+
+def test_many_small_framed_sends_survive_partial_writes(loop, stream_backend, address):
+    """Small messages leave coalesced (txq_stage on the epoll backends):
+    a peer with a small receive buffer takes them in pieces, and the byte
+    stream is still every header and message, in order."""
+    lsock, laddr = raw_listener(stream_backend, address, rcvbuf=4096)
+    rng = random.Random(7)
+    msgs = [bytes([i % 251]) * rng.randint(0, 300) for i in range(20_000)]
+    expected = b"".join(struct.pack(">I", len(m)) + m for m in msgs)
+    closed = []
+
+    class Sender(evpl.Handler):
+        def on_connected(self, bind):
+            for i in range(0, len(msgs), 64):
+                bind.send_messages(msgs[i:i + 64])
+            bind.finish()
+
+        def on_closed(self, bind, error):
+            closed.append(error)
+
+    loop.connect(stream_backend, laddr, Sender(), sndbuf=4096,
+                 framing=evpl.framing.length_prefix(4, "big"), hard_limit=64 << 20)
+    peer, _ = lsock.accept()
+    with lsock, peer:
+        reader = InThread(loop, lambda: recv_all(peer))
+        loop.run_until(lambda: reader.done() and closed, timeout=TIMEOUT)
+        data = reader.get()
+    assert closed == [None]
+    assert len(data) == len(expected)
+    assert data == expected

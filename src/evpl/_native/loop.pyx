@@ -280,9 +280,10 @@ cdef class LoopCore:
         self.batches = []
         self.events = <epoll_event*>PyMem_Malloc(MAX_EVENTS * sizeof(epoll_event))
         self.iov = <iovec*>PyMem_Malloc(MAX_IOV * sizeof(iovec))
+        self.txstage = <char*>PyMem_Malloc(TX_STAGE)
         self.mmsg = <mmsghdr*>PyMem_Malloc(MAX_MMSG * sizeof(mmsghdr))
         self.names = <sockaddr_in6*>PyMem_Malloc(MAX_MMSG * sizeof(sockaddr_in6))
-        if not self.events or not self.iov or not self.mmsg or not self.names:
+        if not self.events or not self.iov or not self.txstage or not self.mmsg or not self.names:
             raise MemoryError()
         memset(self.mmsg, 0, MAX_MMSG * sizeof(mmsghdr))
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -318,6 +319,7 @@ cdef class LoopCore:
             c_close(self.sigfd_w)
         PyMem_Free(self.events)
         PyMem_Free(self.iov)
+        PyMem_Free(self.txstage)
         PyMem_Free(self.mmsg)
         PyMem_Free(self.names)
 
@@ -830,6 +832,24 @@ cdef class LoopCore:
             self._iterate(-1 if timeout is None else <int64_t>(max(timeout, 0) * 1e9))
         finally:
             self._leave(old)
+
+    def enter(self):
+        """Mark the loop running for a caller that runs iterations itself
+        with :meth:`iterate` (evpl.aio's ``run_forever``): the signal
+        wake-up routing is set once here, not per iteration. Returns the
+        token :meth:`leave` takes."""
+        return self._enter(True)
+
+    def leave(self, token) -> None:
+        """End what :meth:`enter` began."""
+        self._leave(token)
+
+    def iterate(self, timeout=None) -> None:
+        """One iteration between :meth:`enter` and :meth:`leave`, waiting at
+        most ``timeout`` seconds for events (None: until something happens)."""
+        if not self.running:
+            raise EvplError("iterate() runs only between enter() and leave()")
+        self._iterate(-1 if timeout is None else <int64_t>(max(timeout, 0) * 1e9))
 
     def run_until(self, predicate, timeout=None) -> None:
         """Run iterations until ``predicate()`` is true. Raises

@@ -18,11 +18,11 @@ import functools
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from evpl.aio.loop import EvplEventLoop
+from evpl.aio.loop import AttachedEventLoop, EvplEventLoop
 from evpl.aio.transports import StreamTransport
 
-__all__ = ["EventLoopPolicy", "EvplEventLoop", "Loop", "StreamTransport", "new_event_loop",
-           "run"]
+__all__ = ["AttachedEventLoop", "EventLoopPolicy", "EvplEventLoop", "Loop", "StreamTransport",
+           "attach", "new_event_loop", "run"]
 
 T = TypeVar("T")
 
@@ -33,6 +33,15 @@ def new_event_loop(**loop_options: Any) -> EvplEventLoop:
     """A new evpl asyncio loop (``loop_options``: backend, poll_mode,
     spin_ns, pool)."""
     return EvplEventLoop(**loop_options)
+
+
+def attach(loop: Any, *, backend: str = "epoll") -> AttachedEventLoop:
+    """An asyncio loop that runs inside the evpl ``Loop`` ``loop``: whoever
+    runs ``loop`` runs its callbacks, on the same thread, so evpl handlers
+    and coroutines call each other directly (an ASGI app on evpl's HTTP
+    server, awaitable RPCs). ``backend`` is that of the stream sockets the
+    asyncio loop makes itself (``create_connection``...)."""
+    return AttachedEventLoop(loop, backend=backend)
 
 
 def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None,

@@ -45,12 +45,13 @@ from asyncio import (
 from asyncio.log import logger
 from typing import Any
 
+from evpl._native.loop import Deferral
 from evpl.aio.transports import StreamTransport, limits
 from evpl.core import backends as _backends
 from evpl.core.loop import Loop
 from evpl.errors import ConfigError
 
-__all__ = ["EvplEventLoop"]
+__all__ = ["AttachedEventLoop", "EvplEventLoop"]
 
 _BACKENDS = {
     "epoll": {socket.AF_INET: "tcp", socket.AF_INET6: "tcp", socket.AF_UNIX: "unix"},
@@ -168,20 +169,27 @@ class EvplEventLoop(base_events.BaseEventLoop):
     ``evpl.Loop``'s: in hybrid mode the loop keeps polling for ``spin_ns``
     after the last activity before it sleeps. ``pool``: the evpl buffer
     pool (default: the process-wide one).
+
+    ``core``: an existing evpl ``Loop`` to run on instead of a new one (then
+    ``poll_mode``, ``spin_ns`` and ``pool`` are that Loop's own). See
+    :func:`evpl.aio.attach` for an asyncio loop that whoever runs an evpl
+    Loop runs too.
     """
 
     def __init__(self, *, backend: str = "epoll", poll_mode: str = "hybrid",
-                 spin_ns: int = 50_000, pool: Any = None) -> None:
+                 spin_ns: int = 50_000, pool: Any = None, core: Loop | None = None) -> None:
         self._closed = True             # until set up (BaseEventLoop.__del__ looks)
         if backend not in _BACKENDS:
             raise ConfigError(f"backend must be 'epoll' or 'io_uring', got {backend!r}")
         names = _BACKENDS[backend]
         for name in set(names.values()):
             _backends.get(name, "stream")      # unavailable here: say so now
-        core = Loop(spin_ns=spin_ns, poll_mode=poll_mode, pool=pool)  # type: ignore[arg-type]
-        super().__init__()
+        self._owns_core = core is None
+        if core is None:
+            core = Loop(spin_ns=spin_ns, poll_mode=poll_mode, pool=pool)  # type: ignore[arg-type]
         self._core = core
         self._backend = backend
+        super().__init__()
         self._stream_backends = names
         self._watches: dict[int, _FdEntry] = {}
         self._selector = _WatchSelector(self._watches)
@@ -191,6 +199,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         self._signal_handlers: dict[int, events.Handle] = {}
         self._sig_pipe: tuple[int, int] | None = None
         self._stashed: BaseException | None = None
+        self._driving = False           # run_forever entered the evpl Loop
 
     # ---- engine ---------------------------------------------------------------
 
@@ -205,6 +214,21 @@ class EvplEventLoop(base_events.BaseEventLoop):
         if self._stashed is None:
             self._stashed = exc
 
+    def run_forever(self) -> None:
+        """asyncio's ``run_forever``, with the evpl Loop entered once for
+        the whole run (each iteration is then one ``iterate``)."""
+        core = self._core
+        if self._closed or self.is_running():
+            super().run_forever()           # (asyncio's error)
+            return
+        token = core.enter()
+        self._driving = True
+        try:
+            super().run_forever()
+        finally:
+            self._driving = False
+            core.leave(token)
+
     def _run_once(self) -> None:
         """One iteration, in asyncio's order: the callbacks that were ready
         run first; then the engine polls (without waiting if callbacks are
@@ -218,7 +242,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         if self._stopping:
             # stop() came before this iteration: poll once without waiting
             # (as asyncio does), run what is ready, leave
-            core.run_once(0)
+            core.iterate(0)
             self._raise_stashed()
         ntodo = len(ready)
         if ntodo:
@@ -238,7 +262,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
             # callbacks, not after), but what they wrote is sent now
             core.flush()
             return
-        core.run_once(0 if ready else None)
+        core.iterate(0 if ready else None)
         self._raise_stashed()
 
     def _raise_stashed(self) -> None:
@@ -350,7 +374,9 @@ class EvplEventLoop(base_events.BaseEventLoop):
             ent.reader = ent.writer = None
         self._watches.clear()
         self._selector = None       # as asyncio's: stdlib transports' repr looks
-        self._core.close()
+        self._doorbell.close()
+        if self._owns_core:
+            self._core.close()
         if self._sig_pipe is not None:
             for fd in self._sig_pipe:
                 os.close(fd)
@@ -929,3 +955,78 @@ class EvplEventLoop(base_events.BaseEventLoop):
         return (f"<{self.__class__.__name__} backend={self._backend} "
                 f"running={self.is_running()} closed={self.is_closed()} "
                 f"debug={self.get_debug()}>")
+
+
+class AttachedEventLoop(EvplEventLoop):
+    """An asyncio loop that runs inside an evpl ``Loop``'s own iterations.
+
+    Whoever runs the evpl Loop (``run()``, ``run_until()``, a LoopThread)
+    runs this loop's callbacks too: each ``call_soon`` arms a Deferral, and
+    the ready callbacks run at the end of the engine iteration (with this
+    loop set as the thread's running loop, so ``asyncio.get_running_loop()``
+    works in them). Timers and fd watches are engine timers and watches, as
+    in :class:`EvplEventLoop`. So code on the evpl Loop (an HTTP server's
+    connections, a drpc client) and asyncio code share one thread and call
+    each other directly, with no thread crossing.
+
+    ``run_until_complete``/``run_forever`` work while the evpl Loop is not
+    running (they drive it); while it runs they raise, as asyncio does for
+    a loop that is already running. ``close()`` leaves the evpl Loop open.
+    """
+
+    def __init__(self, core: Loop, *, backend: str = "epoll") -> None:
+        super().__init__(backend=backend, core=core)
+        self._deferral = Deferral(core, self._run_ready)
+        self._doorbell.close()
+        self._doorbell = core.doorbell(self._deferral.arm)
+
+    def is_running(self) -> bool:
+        """True while this loop or the evpl Loop under it runs."""
+        return super().is_running() or (bool(self._core.running) and not self._driving)
+
+    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> events.Handle:
+        handle = super().call_soon(callback, *args, context=context)
+        self._deferral.arm()
+        return handle
+
+    def _timer(self, when: float, delay: float, callback: Any, args: tuple[Any, ...],
+               context: Any) -> events.TimerHandle:
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        timer = _TimerHandle(when, callback, args, self, context)
+        timer._scheduled = True
+        timer._evtimer = self._core.call_later(delay, self._run_inline, timer)
+        return timer
+
+    def _run_inline(self, handle: events.Handle) -> None:
+        """A timer or fd-watch callback, with this loop as the running one."""
+        prev = events._get_running_loop()
+        events._set_running_loop(self)
+        try:
+            if self._debug:
+                self._run_debug(handle)
+            else:
+                handle._run()
+        finally:
+            events._set_running_loop(prev)
+
+    def _run_ready(self) -> None:
+        """The Deferral: run the callbacks that are ready now; what they
+        schedule arms it again (the engine runs it in the same iteration,
+        up to its round limit, then in the next)."""
+        if self._closed:
+            return
+        ready = self._ready
+        prev = events._get_running_loop()
+        events._set_running_loop(self)
+        try:
+            popleft = ready.popleft
+            for _ in range(len(ready)):
+                handle = popleft()
+                if not handle._cancelled:
+                    if self._debug:
+                        self._run_debug(handle)
+                    else:
+                        handle._run()
+        finally:
+            events._set_running_loop(prev)

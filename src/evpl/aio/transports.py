@@ -25,8 +25,8 @@ from asyncio.log import logger
 from typing import TYPE_CHECKING, Any
 
 from evpl._native.bind import Bind, Limits
+from evpl.aio import _fast
 from evpl.core.handler import Handler
-from evpl.errors import EvplError
 
 if TYPE_CHECKING:
     from evpl.aio.loop import EvplEventLoop
@@ -176,18 +176,9 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if not self._paused:
             bind.resume_reading()
 
-    def on_data(self, bind: Bind, data: Any) -> None:
-        if self._closing:
-            return
-        try:
-            if self._buffered:
-                self._feed_buffered(data)
-            else:
-                self._protocol.data_received(bytes(data))
-        except (SystemExit, KeyboardInterrupt) as exc:
-            self._loop._stash(exc)
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+    # a read and a write: compiled (evpl.aio._fast), no interpreter frame
+    on_data = _fast.on_data
+    write = _fast.write
 
     def _feed_buffered(self, data: Any) -> None:
         """Copy received bytes into the buffers a BufferedProtocol lends; what
@@ -442,28 +433,6 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         self._bind.resume_reading()
 
     # ---- writing -------------------------------------------------------------
-
-    def write(self, data: Any) -> None:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data argument must be a bytes-like object, "
-                            f"not {type(data).__name__!r}")
-        if self._eof:
-            raise RuntimeError("Cannot call write() after write_eof()")
-        if not data:
-            return
-        bind = self._bind
-        if not self._conn_lost and bind is not None:
-            try:
-                bind.send(data)
-                return
-            except EvplError:
-                if not bind.closed and not self._closing:
-                    raise
-        # the connection is gone (or going): asyncio drops the data, and
-        # warns once a program keeps writing
-        if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
-            logger.warning("socket.send() raised exception.")
-        self._conn_lost += 1
 
     def writelines(self, list_of_data: Any) -> None:
         if self._eof:

@@ -1,13 +1,10 @@
 """ASGI 3.0 (``http`` and ``lifespan`` scopes) on the evpl HTTP server.
 
-The server's connections live on the evpl Loop; the ASGI app runs on an
-asyncio event loop. :func:`pick_loop` is the one place that chooses that
-loop: today it is a plain asyncio loop in a thread of its own (so any
-asyncio loop works, uvloop included), and requests and responses cross
-between the two threads in batches (one self-pipe write and one doorbell
-ring per batch, not per message). Once evpl's own asyncio loop
-(``evpl.aio``) is available, ``pick_loop`` returns it running on the
-server's Loop, and the same code runs in one thread with no crossing.
+The app runs on evpl's own asyncio loop, attached to the server's evpl
+Loop (:func:`evpl.aio.attach`): whoever runs the Loop runs the app's
+coroutines too, on the same thread, so a request goes from the parser to
+the app's task and the response from ``send()`` to the connection by plain
+calls, with no thread crossing and no wake-up.
 
 Backpressure: ``await send(...)`` with a body waits while the client is
 slow (the connection's send queue is above its high-water mark, or the
@@ -15,106 +12,44 @@ HTTP/2 stream window is closed), so a slow client never makes the server
 buffer a whole response. Request bodies arrive through ``receive()`` as
 they are read; ``Expect: 100-continue`` is answered on the first
 ``receive()``.
+
+Lifespan: ``startup`` completes before the Server's constructor returns
+when the Loop is not running yet (the usual case: a startup failure raises
+there); a Server made on a running Loop holds its requests until startup
+is done. ``shutdown`` runs in ``Server.close()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections import deque
-from collections.abc import Callable
+from asyncio import Task
 from typing import Any
 from urllib.parse import unquote
 
+from evpl.aio import AttachedEventLoop, attach
 from evpl.errors import EvplError
 from evpl.http.server import Exchange, Server
 
-__all__ = ["ASGIRunner", "pick_loop"]
+__all__ = ["ASGIRunner"]
 
 log = logging.getLogger("evpl.http")
 
 _ASGI = {"version": "3.0", "spec_version": "2.4"}
-_AHEAD = 512 << 10     # body bytes an app may have in flight to the loop before send() waits
-
-
-class _Bridge:
-    """Calls between the evpl Loop's thread (I/O) and the asyncio loop's
-    thread (the app), batched: a call is queued, and only the first call
-    of a batch wakes the other side."""
-
-    def __init__(self, loop: Any, aloop: asyncio.AbstractEventLoop) -> None:
-        self.aloop = aloop
-        self._to_app: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._to_io: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._app_woken = False
-        self._bell = loop.doorbell(self._run_io)
-
-    def to_app(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._to_app.append((fn, args))
-        if not self._app_woken:
-            self._app_woken = True
-            self.aloop.call_soon_threadsafe(self._run_app)
-
-    def to_io(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._to_io.append((fn, args))
-        self._bell.ring()
-
-    def _run_app(self) -> None:
-        self._app_woken = False
-        q = self._to_app
-        while q:
-            fn, args = q.popleft()
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("ASGI bridge call failed")
-
-    def _run_io(self) -> None:
-        q = self._to_io
-        while q:
-            fn, args = q.popleft()
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("ASGI bridge call failed")
-
-    def close(self) -> None:
-        self._bell.close()
-
-
-def pick_loop(evpl_loop: Any) -> tuple[asyncio.AbstractEventLoop, threading.Thread | None]:
-    """The asyncio loop ASGI apps run on, and the thread that runs it
-    (``None`` if it is the evpl Loop's own thread).
-
-    The one place to change when ``evpl.aio`` lands: return its loop built on
-    ``evpl_loop`` and ``None`` for the thread.
-    """
-    aloop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(aloop)
-        aloop.call_soon(ready.set)
-        aloop.run_forever()
-
-    thread = threading.Thread(target=run, name="evpl-asgi", daemon=True)
-    thread.start()
-    ready.wait()
-    return aloop, thread
+_STARTUP_TIMEOUT = 60.0
+_SHUTDOWN_TIMEOUT = 30.0
 
 
 class _Call:
-    """One ASGI ``http`` call; app-side state lives here, touched only on
-    the asyncio thread (the I/O side reaches it through the bridge)."""
+    """One ASGI ``http`` call: the app's ``receive``/``send`` over one
+    Exchange."""
 
-    __slots__ = ("blocked", "body_done", "bridge", "chunks", "disconnected", "ended", "ex",
-                 "more", "sent", "started", "waiter", "wanted", "writable", "written")
+    __slots__ = ("body_done", "chunks", "disconnected", "ended", "ex", "more", "started",
+                 "waiter", "wanted", "writable")
 
-    def __init__(self, bridge: _Bridge, ex: Exchange) -> None:
-        self.bridge = bridge
+    def __init__(self, ex: Exchange) -> None:
         self.ex = ex
-        self.chunks: deque[bytes] = deque()
+        self.chunks: list[bytes] = []
         req = ex.request
         self.more = not req.complete
         if req.complete and req.body:
@@ -124,28 +59,23 @@ class _Call:
         self.ended = False
         self.wanted = False
         self.body_done = False
-        # flow control across the threads: ``sent`` is written only by the
-        # app's thread, ``written`` only by the loop's; ``blocked`` is set by
-        # the app before it posts the write it will wait after, and cleared
-        # by the loop when it wakes it
-        self.sent = 0
-        self.written = 0
-        self.blocked = False
         self.waiter: asyncio.Future[None] | None = None
         self.writable: asyncio.Event | None = None
 
-    # from the I/O side
+    # from the connection
     def body(self, data: bytes, more: bool) -> None:
         if data:
             self.chunks.append(data)
         self.more = more
         self._wake()
 
+    def body_end(self) -> None:
+        self.body(b"", False)
+
     def disconnect(self) -> None:
         self.disconnected = True
         self._wake()
-        if self.writable is not None:
-            self.writable.set()
+        self.resume()
 
     def resume(self) -> None:
         if self.writable is not None:
@@ -160,8 +90,9 @@ class _Call:
     async def receive(self) -> dict[str, Any]:
         while True:
             if self.chunks:
-                data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
-                self.chunks.clear()
+                chunks = self.chunks
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
                 self.body_done = not self.more
                 return {"type": "http.request", "body": data, "more_body": self.more}
             if not self.more and not self.body_done:
@@ -171,7 +102,7 @@ class _Call:
                 return {"type": "http.disconnect"}
             if self.more and not self.wanted:
                 self.wanted = True
-                self.bridge.to_io(self.ex.want_body)
+                self.ex.want_body()
             self.waiter = asyncio.get_running_loop().create_future()
             try:
                 await self.waiter
@@ -182,12 +113,12 @@ class _Call:
         kind = msg["type"]
         if self.disconnected:
             return
+        ex = self.ex
         if kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
             self.started = True
-            headers = [(bytes(k).lower(), bytes(v)) for k, v in msg.get("headers", ())]
-            self.bridge.to_io(self.ex.start, int(msg["status"]), headers)
+            ex.start(int(msg["status"]), _headers(msg.get("headers", ())))
         elif kind == "http.response.body":
             if not self.started:
                 raise RuntimeError("http.response.body before http.response.start")
@@ -195,101 +126,117 @@ class _Call:
                 raise RuntimeError("http.response.body after the body ended")
             body = msg.get("body", b"")
             more = msg.get("more_body", False)
+            if body:
+                ex.write(body if type(body) is bytes else bytes(body))
             if not more:
                 self.ended = True
                 self._wake()
-            body = bytes(body)
-            self.sent += len(body)
-            wait = more and (self.sent - self.written > _AHEAD or self.ex.paused)
-            if wait:
+                ex.end()
+            elif ex.paused and not self.disconnected:
+                # the client is slow: wait until the connection drained
                 if self.writable is None:
                     self.writable = asyncio.Event()
                 self.writable.clear()
-                self.blocked = True
-            self.bridge.to_io(_io_write, self, body, more)
-            if wait:
-                await self.writable.wait()       # type: ignore[union-attr]
+                await self.writable.wait()
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
 
     async def run(self, app: Any, scope: dict[str, Any]) -> None:
+        ex = self.ex
         try:
             await app(scope, self.receive, self.send)
         except Exception:
             log.exception("the ASGI app raised on %s %s", scope["method"], scope["path"])
             if not self.started:
-                self.bridge.to_io(_io_error, self.ex)
-            elif not self.ended:
-                self.bridge.to_io(_io_abort, self.ex)
+                _error(ex)
+            elif not self.ended and not ex.closed:
+                ex.abort()          # the app failed mid-body: the response is cut
             return
         finally:
             self.ended = True
         if not self.started:
             log.error("the ASGI app returned without a response to %s %s",
                       scope["method"], scope["path"])
-            self.bridge.to_io(_io_error, self.ex)
-        elif not self.ex.ended:
-            self.bridge.to_io(self.ex.end)
+            _error(ex)
+        elif not ex.ended:
+            ex.end()
 
 
-def _io_write(call: _Call, body: bytes, more: bool) -> None:
-    ex = call.ex
-    if body:
-        ex.write(body)
-    call.written += len(body)
-    if not more:
-        ex.end()
-    else:
-        _io_maybe_resume(call)
+_seen_headers: dict[tuple[Any, ...], list[tuple[bytes, bytes]]] = {}
 
 
-def _io_maybe_resume(call: _Call) -> None:
-    """On the loop: wake an app waiting in send() once the client caught up."""
-    if call.blocked and not call.ex.paused and call.sent - call.written <= _AHEAD:
-        call.blocked = False
-        call.bridge.to_app(call.resume)
+def _headers(raw: Any) -> list[tuple[bytes, bytes]]:
+    """An app's response headers as lower-case ``bytes`` pairs (what the
+    server's framing checks expect); header lists an app sends again and
+    again (a constant ``http.response.start``) come from a small cache."""
+    try:
+        key = tuple(raw)
+        got = _seen_headers.get(key)
+    except TypeError:               # unhashable (lists as pairs): no cache
+        return [(bytes(k).lower(), bytes(v)) for k, v in raw]
+    if got is None:
+        got = [(bytes(k).lower(), bytes(v)) for k, v in raw]
+        if len(_seen_headers) >= 256:
+            _seen_headers.clear()
+        _seen_headers[key] = got
+    return got
 
 
-def _io_error(ex: Exchange) -> None:
+def _error(ex: Exchange) -> None:
+    if ex.closed:
+        return
     ex.start(500, [(b"content-type", b"text/plain"), (b"content-length", b"21")])
     ex.write(b"Internal Server Error")
     ex.end()
 
 
-def _io_abort(ex: Exchange) -> None:
-    """The app failed mid-body: the response is cut (see Exchange.abort)."""
-    if not ex.closed:
-        ex.abort()
-
-
 class ASGIRunner:
     """Runs an ASGI 3.0 app for a :class:`~evpl.http.server.Server`."""
-
 
     def __init__(self, server: Server, app: Any) -> None:
         self.server = server
         self.app = app
-        self.aloop: asyncio.AbstractEventLoop | None = None
-        self.thread: threading.Thread | None = None
-        self.bridge: _Bridge | None = None
+        self.aloop: AttachedEventLoop | None = None
         self.state: dict[str, Any] = {}
         self.lifespan = False
         self._lifespan_q: asyncio.Queue[dict[str, Any]] | None = None
+        self._lifespan_out: asyncio.Queue[dict[str, Any]] | None = None
         self._lifespan_done: Any = None
+        self._held: list[Exchange] | None = None     # requests waiting for startup
         self._server_addr: Any = None
 
     def start(self) -> None:
-        self.aloop, self.thread = pick_loop(self.server.loop)
-        self.bridge = _Bridge(self.server.loop, self.aloop)
-        fut = asyncio.run_coroutine_threadsafe(self._lifespan_start(), self.aloop)
+        loop = self.server.loop
+        aloop = self.aloop = attach(loop)
+        startup = asyncio.wait_for(self._lifespan_start(), _STARTUP_TIMEOUT)
+        if loop.running:
+            self._held = []
+            aloop.create_task(startup).add_done_callback(self._started)
+            return
         try:
-            message = fut.result(timeout=60)
+            message = aloop.run_until_complete(startup)
         except Exception as exc:
             self.stop()
-            raise EvplError(f"ASGI lifespan startup failed: {exc}") from exc
+            raise EvplError(f"ASGI lifespan startup failed: {exc!r}") from exc
         if message is not None:
             self.stop()
             raise EvplError(f"ASGI lifespan startup failed: {message}")
+
+    def _started(self, task: asyncio.Task[str | None]) -> None:
+        """Startup on a running Loop is over: serve the held requests, or
+        close the server if it failed."""
+        held, self._held = self._held or [], None
+        try:
+            message = task.result()
+        except Exception as exc:
+            message = repr(exc)
+        if message is not None:
+            log.error("ASGI lifespan startup failed: %s; closing the server", message)
+            self.server.close()
+            return
+        for ex in held:
+            if not ex.closed:
+                self.run(ex)
 
     async def _lifespan_start(self) -> str | None:
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -326,37 +273,49 @@ class ASGIRunner:
         return None
 
     async def _lifespan_stop(self) -> None:
-        if not self.lifespan or self._lifespan_q is None:
+        if not self.lifespan or self._lifespan_q is None or self._lifespan_out is None:
             return
         await self._lifespan_q.put({"type": "lifespan.shutdown"})
         try:
-            msg = await asyncio.wait_for(self._lifespan_out.get(), 30)
+            msg = await asyncio.wait_for(self._lifespan_out.get(), _SHUTDOWN_TIMEOUT)
         except TimeoutError:
-            log.warning("the ASGI app did not complete lifespan shutdown in 30 s")
+            log.warning("the ASGI app did not complete lifespan shutdown in %.0f s",
+                        _SHUTDOWN_TIMEOUT)
             return
         if msg["type"] == "lifespan.shutdown.failed":
             log.error("ASGI lifespan shutdown failed: %s", msg.get("message", ""))
 
     def stop(self) -> None:
+        """Lifespan shutdown, then cancel what the app still runs and close
+        the asyncio loop. On a running Loop (close() from a callback) the
+        shutdown is only started: it finishes while the Loop runs."""
         aloop = self.aloop
         if aloop is None:
             return
         self.aloop = None
-        if self.thread is not None and aloop.is_running():
-            try:
-                asyncio.run_coroutine_threadsafe(self._lifespan_stop(), aloop).result(35)
-            except Exception as exc:
-                log.error("ASGI lifespan shutdown: %s", exc)
-            aloop.call_soon_threadsafe(aloop.stop)
-            self.thread.join(10)
-            aloop.close()
-        if self.bridge is not None:
-            self.bridge.close()
+        if self.server.loop.running:
+            aloop.create_task(self._lifespan_stop())
+            return
+        try:
+            aloop.run_until_complete(self._lifespan_stop())
+        except Exception as exc:
+            log.error("ASGI lifespan shutdown: %r", exc)
+        tasks = asyncio.all_tasks(aloop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            aloop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        aloop.close()
 
     def run(self, ex: Exchange) -> None:
         """Start the app on one exchange (called on the loop's thread)."""
-        bridge = self.bridge
-        assert bridge is not None
+        if self._held is not None:
+            self._held.append(ex)
+            return
+        aloop = self.aloop
+        if aloop is None:
+            _error(ex)
+            return
         req = ex.request
         path, _, query = req.target.partition("?")
         if self._server_addr is None:
@@ -369,18 +328,13 @@ class ASGIRunner:
             "headers": req.headers, "client": _addr(ex.peer),
             "server": self._server_addr, "state": dict(self.state),
         }
-        call = _Call(bridge, ex)
+        call = _Call(ex)
         if not req.complete:
-            ex.on_body = lambda data: bridge.to_app(call.body, data, True)
-            ex.on_body_end = lambda: bridge.to_app(call.body, b"", False)
-        ex.on_disconnect = lambda: bridge.to_app(call.disconnect)
-
-        ex.on_writable = lambda: _io_maybe_resume(call)
-        bridge.to_app(_spawn, call, self.app, scope)
-
-
-def _spawn(call: _Call, app: Any, scope: dict[str, Any]) -> None:
-    asyncio.get_running_loop().create_task(call.run(app, scope))
+            ex.on_body = lambda data: call.body(data, True)
+            ex.on_body_end = call.body_end
+        ex.on_disconnect = call.disconnect
+        ex.on_writable = call.resume
+        Task(call.run(self.app, scope), loop=aloop)     # (create_task, minus its checks)
 
 
 def _addr(peer: Any) -> Any:

@@ -69,12 +69,17 @@ class Response:
 
     def __init__(self, body: bytes | str = b"", status: int = 200, headers: HeaderList = (),
                  content_type: str | bytes | None = None) -> None:
-        self.body = body.encode() if isinstance(body, str) else body
+        self.body = body if body.__class__ is bytes else _body(body)
         self.status = status
-        hs = [(_b(k).lower(), _b(v)) for k, v in headers]
+        hs = [(_b(k).lower(), _b(v)) for k, v in headers] if headers else []
         if content_type is not None:
-            hs.append((b"content-type", _b(content_type)))
+            hs.append((b"content-type", content_type if content_type.__class__ is bytes
+                       else _b(content_type)))
         self.headers = hs
+
+
+def _body(body: bytes | str) -> bytes:
+    return body.encode() if isinstance(body, str) else body
 
 
 class StreamingResponse:
