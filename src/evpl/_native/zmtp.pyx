@@ -168,6 +168,10 @@ cdef inline size_t _put(char* dst, object f, unsigned char more) except? 0:
 
 
 cdef inline tuple _as_frames(msg):
+    if type(msg) is list:                   # the common cases first
+        return tuple(<list>msg)
+    if type(msg) is tuple:
+        return <tuple>msg
     if isinstance(msg, (bytes, bytearray, memoryview, Buffer)):
         return (msg,)
     return tuple(msg)
