@@ -152,9 +152,7 @@ def _takes_request(fn: Callable[..., Any]) -> bool:
     (the :class:`ZapRequest`)."""
     try:
         inspect.signature(fn).bind(None, None, None)
-    except TypeError:
-        return False
-    except ValueError:              # no signature (some builtins): the two-argument form
+    except (TypeError, ValueError):     # ValueError: no signature (some builtins)
         return False
     return True
 
