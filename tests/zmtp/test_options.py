@@ -302,6 +302,24 @@ def test_xpub_manual_subscriptions_are_the_applications(loop, zctx, ipc_dir, kin
     xpub.close()
 
 
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_xpub_welcome_message_reaches_each_new_subscriber(loop, zctx, ipc_dir, kind):
+    xpub = ez.Socket(loop, "XPUB", xpub_welcome_msg=b"welcome")
+    ep = xpub.bind(_evpl_ep(kind, ipc_dir, "welcome"))
+    subs = [_zsock(zctx, zmq.SUB) for _ in range(2)]
+    for z in subs:
+        z.subscribe(b"welcome")                     # before connecting, as libzmq says
+        z.subscribe(b"data")
+        z.connect(ep)
+    for z in subs:
+        assert zrecv(loop, z) == [b"welcome"]
+    until(loop, lambda: sum(len(p.subs) for p in xpub._peers) == 4)
+    xpub.send_multipart([b"data", b"1"])
+    for z in subs:
+        assert zrecv(loop, z) == [b"data", b"1"]    # once each, nothing else before it
+    xpub.close()
+
+
 # ---- ZAP_DOMAIN: the authenticator's request ---------------------------------------
 
 @pytest.mark.parametrize("kind", TRANSPORTS)

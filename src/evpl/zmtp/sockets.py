@@ -116,6 +116,7 @@ _OPTIONS: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "xpub_verbose": (False, lambda v: isinstance(v, bool)),
     "xpub_verboser": (False, lambda v: isinstance(v, bool)),
     "xpub_manual": (False, lambda v: isinstance(v, bool)),
+    "xpub_welcome_msg": (None, lambda v: v is None or isinstance(v, bytes)),
     "conflate": (False, lambda v: isinstance(v, bool)),
     "immediate": (False, lambda v: isinstance(v, bool)),
     "probe_router": (False, lambda v: isinstance(v, bool)),
@@ -824,7 +825,8 @@ class Socket:
             return
         if key not in _OPTIONS:
             raise ConfigError(f"unknown option {name!r}; one of {sorted(_OPTIONS)}")
-        if isinstance(value, str) and key in ("routing_id", "plain_username", "plain_password"):
+        if isinstance(value, str) and key in ("routing_id", "plain_username", "plain_password",
+                                              "xpub_welcome_msg"):
             value = value.encode()
         if isinstance(value, bytes) and key == "zap_domain":
             value = value.decode("utf-8", "replace")
@@ -996,6 +998,10 @@ class Socket:
         if st in ("SUB", "XSUB"):
             for t in self._subs.counts:
                 p.command(wire.subscribe(t, p.zmtp31))
+        elif st == "XPUB" and self._opts["xpub_welcome_msg"]:
+            # sent whatever the peer subscribed: a SUB that subscribed to it
+            # before connecting gets it (libzmq's ZMQ_XPUB_WELCOME_MSG)
+            p.put_now(p.encode([self._opts["xpub_welcome_msg"]]))
 
     def _identify(self, p: _Peer) -> bool:
         """ROUTER: give ``p`` its identity (the peer's routing_id, else a
