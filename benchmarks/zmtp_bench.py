@@ -6,7 +6,10 @@ other side on core 1, pinned with taskset):
 
   pushpull   PUSH -> PULL, 64-byte messages, one connection: msg/s
   pubsub     PUB -> 8 SUB processes, 64-byte messages: delivered msg/s
-  reqrep     REQ <-> REP round trips/s (evpl hybrid, event and poll mode)
+  reqrep     REQ <-> REP round trips/s (evpl hybrid, event and poll mode), next
+             to the kernel's floor: c/pingpong_floor.c, two C processes
+             bouncing 64 bytes with busy-polling epoll_wait/recv/send and no
+             protocol at all (no ZeroMQ stack can beat it on this machine)
   large      PUSH -> PULL, 1 MiB messages: MB/s
 
 Every number is the median of ``--repeat`` runs, interleaved (run 1 of every
@@ -19,6 +22,7 @@ does not.
 
   flock /tmp/evpl-bench.lock python benchmarks/zmtp_bench.py
   python benchmarks/zmtp_bench.py --scenarios pushpull,reqrep --repeat 5 --duration 3
+  python benchmarks/zmtp_bench.py --scenarios reqrep --transport ipc
 
 The C reference (c/zmq_perf.c) is compiled into build/ with gcc against
 libzmq (Debian's libzmq3-dev); without it that stack is skipped. The roles
@@ -238,6 +242,7 @@ STACKS = {
     "pyzmq": ["--stack", "pyzmq"],
     "pyzmq-asyncio": ["--stack", "pyzmq-asyncio"],
     "libzmq-c": None,
+    "c-floor": None,
 }
 SCENARIOS: dict[str, dict[str, Any]] = {
     "pushpull": {"measure": "pull", "peer": "push", "size": 64, "peers": 1,
@@ -246,23 +251,36 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                "stacks": ["evpl", "pyzmq", "libzmq-c"], "unit": "msg/s delivered"},
     "reqrep": {"measure": "req", "peer": "rep", "size": 64, "peers": 1,
                "stacks": ["evpl", "evpl-event", "evpl-poll", "pyzmq", "pyzmq-asyncio",
-                          "libzmq-c"],
+                          "libzmq-c", "c-floor"],
                "unit": "round trips/s"},
     "large": {"measure": "pull", "peer": "push", "size": 1 << 20, "peers": 1,
               "stacks": ["evpl", "pyzmq", "libzmq-c"], "unit": "MB/s"},
 }
 
 
-def c_binary() -> str | None:
-    src = os.path.join(HERE, "c", "zmq_perf.c")
-    out = os.path.join(BUILD, "zmq_perf")
+def c_binary(name: str = "zmq_perf") -> str | None:
+    src = os.path.join(HERE, "c", name + ".c")
+    out = os.path.join(BUILD, name)
     if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
         return out
-    if not shutil.which("gcc") or not os.path.exists("/usr/include/zmq.h"):
+    libs = ["-lzmq"] if name == "zmq_perf" else []
+    if not shutil.which("gcc") or (libs and not os.path.exists("/usr/include/zmq.h")):
         return None
     os.makedirs(BUILD, exist_ok=True)
-    r = subprocess.run(["gcc", "-O2", "-Wall", "-o", out, src, "-lzmq"], capture_output=True)
+    r = subprocess.run(["gcc", "-O2", "-Wall", "-o", out, src, *libs], capture_output=True)
     return out if r.returncode == 0 else None
+
+
+_n_ep = 0
+
+
+def endpoint(stack: str, opts: argparse.Namespace) -> str:
+    """Where the binding side listens: a free tcp port, or a fresh ipc path."""
+    global _n_ep
+    if opts.transport == "ipc":
+        _n_ep += 1
+        return f"ipc:///tmp/evpl-zbench-{os.getpid()}-{_n_ep}.sock"
+    return "tcp://127.0.0.1:*" if stack == "libzmq-c" else "tcp://127.0.0.1:0"
 
 
 def command(stack: str, role: str, ep: str, size: int, opts: argparse.Namespace) -> list[str]:
@@ -284,13 +302,21 @@ def run_once(stack: str, sc: dict[str, Any], opts: argparse.Namespace) -> tuple[
     measuring processes print a JSON line each. Returns the rate (summed over
     the measuring processes)."""
     procs: list[subprocess.Popen[str]] = []
+    if stack == "c-floor":
+        exe = c_binary("pingpong_floor")
+        assert exe is not None
+        out = subprocess.run([exe, "unix" if opts.transport == "ipc" else "tcp",
+                              str(opts.duration)], capture_output=True, text=True,
+                             timeout=opts.duration + 30).stdout
+        r = json.loads(out)
+        return r["msgs"] / r["secs"], 0.0
+    where = endpoint(stack, opts)
     try:
         measure_binds = sc["measure"] == "pull"
         first_role = sc["measure"] if measure_binds else sc["peer"]
         first = subprocess.Popen(pinned(MEASURE_CORE if measure_binds else PEER_CORE,
-                                        command(stack, first_role, "tcp://127.0.0.1:0"
-                                                if stack != "libzmq-c" else
-                                                "tcp://127.0.0.1:*", sc["size"], opts)),
+                                        command(stack, first_role, where,
+                                                sc["size"], opts)),
                                  stdout=subprocess.PIPE, text=True)
         procs.append(first)
         line = first.stdout.readline().split()        # type: ignore[union-attr]
@@ -324,6 +350,11 @@ def run_once(stack: str, sc: dict[str, Any], opts: argparse.Namespace) -> tuple[
             if p.poll() is None:
                 p.kill()
             p.wait()
+        if where.startswith("ipc://"):
+            try:
+                os.unlink(where[len("ipc://"):])
+            except OSError:
+                pass
 
 
 def main() -> None:
@@ -334,6 +365,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per stack (median; default 3)")
     ap.add_argument("--duration", type=float, default=2.0, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")
+    ap.add_argument("--transport", choices=("tcp", "ipc"), default="tcp",
+                    help="tcp on 127.0.0.1 (default) or ipc (unix sockets) for every stack")
     ap.add_argument("--json", help="also write the results to this file")
     # a role (used by the driver itself)
     ap.add_argument("--role", help=argparse.SUPPRESS)
@@ -363,7 +396,8 @@ def main() -> None:
             sys.exit(f"unknown scenario {name!r}; one of {', '.join(SCENARIOS)}")
     for name in names:
         sc = SCENARIOS[name]
-        stacks = [s for s in sc["stacks"] if s != "libzmq-c" or have_c]
+        stacks = [s for s in sc["stacks"] if (s != "libzmq-c" or have_c)
+                  and (s != "c-floor" or c_binary("pingpong_floor"))]
         results[name] = {s: [] for s in stacks}
         cpus[name] = {s: [] for s in stacks}
         for rep in range(opts.repeat):
@@ -374,7 +408,7 @@ def main() -> None:
                     cpus[name][st].append(us)
                 except RuntimeError as exc:
                     print(f"  {name}/{st} run {rep + 1} failed: {exc}", file=sys.stderr)
-        print(f"\n{name} ({sc['unit']}; median of {opts.repeat}; "
+        print(f"\n{name} ({sc['unit']}; {opts.transport}; median of {opts.repeat}; "
               f"{sc['size']} B messages{'; 8 subscribers' if name == 'pubsub' else ''})")
         med = {s: statistics.median(v) for s, v in results[name].items() if v}
         base = med.get("pyzmq")
@@ -384,8 +418,8 @@ def main() -> None:
             r1 = f"{v / base:5.2f}x pyzmq" if base else ""
             r2 = f"{v / cref:5.2f}x libzmq-C" if cref else ""
             us = statistics.median(cpus[name][st])
-            print(f"  {st:14s} {v:14,.0f}   {r1}  {r2}   {us:8.2f} us CPU/msg ({sc['measure']})"
-                  f"   [{runs}]")
+            cpu = f"{us:8.2f} us CPU/msg ({sc['measure']})" if st != "c-floor" else " " * 23
+            print(f"  {st:14s} {v:14,.0f}   {r1}  {r2}   {cpu}   [{runs}]")
         if not have_c:
             print("  libzmq-c: skipped (needs gcc and libzmq3-dev)")
     if opts.json:

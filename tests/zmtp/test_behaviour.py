@@ -435,3 +435,19 @@ def test_configuration_is_checked_when_given(loop):
     s.close()
     with pytest.raises(ez.ZMTPError):
         s.connect("tcp://127.0.0.1:1")
+
+
+def test_rep_returns_a_multi_frame_envelope_as_received(loop, zctx):
+    """Routing frames before the delimiter (a short and a long one) come
+    back in front of the reply exactly; a request without a delimiter is
+    dropped and the next one is answered."""
+    rep = ez.Socket(loop, "REP")
+    rep.on_message = lambda m: rep.send_multipart([b"re:" + bytes(m[0])])
+    ep = rep.bind("tcp://127.0.0.1:0")
+    d = _zsock(zctx, zmq.DEALER)
+    d.connect(ep)
+    hop = b"h" * 300
+    d.send_multipart([b"no delimiter"])
+    d.send_multipart([b"hop1", hop, b"", b"req"])
+    assert zrecv(loop, d) == [b"hop1", hop, b"", b"re:req"]
+    rep.close()

@@ -156,3 +156,21 @@ def test_z85_spec_vector():
     assert zmq.curve_public(sk) == pk
     with pytest.raises(ValueError):
         ez.z85_decode("Hell~World")
+
+
+def test_curve_evpl_rep_server_answers_through_the_envelope(loop, zctx):
+    """A CURVE REP: requests are opened frame by frame, the envelope is
+    rebuilt from them and the reply goes back boxed behind it."""
+    spk, ssk = ez.curve_keypair()
+    rep = ez.Socket(loop, "REP", curve_server=True, curve_secretkey=ssk)
+    rep.on_message = lambda m: rep.send_multipart([b"re:" + bytes(m[0]), *m[1:]])
+    ep = rep.bind("tcp://127.0.0.1:0")
+    z = zctx.socket(zmq.REQ)
+    z.curve_serverkey = spk
+    z.curve_publickey, z.curve_secretkey = zmq.curve_keypair()
+    POKE.append(z)
+    z.connect(ep)
+    for i in range(3):
+        z.send_multipart([b"q%d" % i, b"x" * 300])
+        assert zrecv(loop, z) == [b"re:q%d" % i, b"x" * 300]
+    rep.close()

@@ -15,6 +15,18 @@ from evpl.zmtp import wire
 from zmtp.zhelpers import tobytes
 
 frames_st = st.lists(st.binary(max_size=600), min_size=1, max_size=6)
+# REQ/REP-like: empty frames (delimiters) often
+env_frames_st = st.lists(st.one_of(st.just(b""), st.binary(max_size=300)), min_size=1,
+                         max_size=6)
+
+
+def _want_env(m):
+    """What split_env gives for message ``m``: the wire bytes up to and
+    including the first empty frame that is not the last, and the rest."""
+    for i in range(len(m) - 1):
+        if m[i] == b"":
+            return b"".join(wire.encode_frame(f, more=True) for f in m[:i + 1]), m[i + 1:]
+    return None, m
 
 
 def test_greeting_round_trip_and_versions():
@@ -108,9 +120,46 @@ def test_engine_framer_cuts_like_the_decoder(msgs, chunk):
         nz.split(h.units, out, cmds)
         assert len(cmds) == 1 and bytes(cmds[0]) == wire.encode_greeting()
         assert [tobytes(m) for m in out] == msgs
+        envs: list = []
+        nz.split_env(h.units, envs, [])
+        assert [(e, tobytes(b)) for e, b in envs] == [_want_env(m) for m in msgs]
         a.close()
         h.units.clear()
         out.clear()
         cmds.clear()
     finally:
         loop.close()
+
+
+@given(st.lists(env_frames_st, min_size=1, max_size=6))
+def test_native_envelope_split_and_encode_behind_it(msgs):
+    """split_env cuts REQ/REP envelopes as received (wire bytes) and
+    encode(head=envelope) puts them back in front of a reply unchanged."""
+    loop = evpl.Loop()
+    try:
+        import socket
+        h = _Collect()
+        lst = loop.listen("tcp", ("127.0.0.1", 0), h, framing=evpl.framing.zmtp())
+        a = socket.create_connection(lst.address[:2])
+        a.sendall(b"".join(wire.encode_message(m) for m in msgs))
+        loop.run_until(lambda: len(h.units) >= len(msgs), 10)
+        envs: list = []
+        cmds: list = []
+        assert nz.split_env(h.units, envs, cmds) == len(msgs) and not cmds
+        for (env, body), m in zip(envs, msgs, strict=True):
+            assert (env, tobytes(body)) == _want_env(m)
+            if env is not None and body:
+                reply = [b"r" * len(body[0]), *tobytes(body[1:])]
+                enc = nz.encode(reply, False, env)
+                data = enc if isinstance(enc, bytes) else b"".join(bytes(x) for x in enc)
+                assert data == env + wire.encode_message(reply)
+        a.close()
+    finally:
+        loop.close()
+
+
+def test_native_encode_head_with_a_large_message():
+    big = b"q" * 100_000
+    pieces = nz.encode([big], False, b"\x01\x00")
+    assert isinstance(pieces, list) and pieces[0] == b"\x01\x00" and pieces[-1] is big
+    assert b"".join(bytes(p) for p in pieces) == b"\x01\x00" + wire.encode_message([big])

@@ -69,6 +69,55 @@ def split(list units, list messages, list commands):
     return count
 
 
+def split_env(list units, list messages, list commands):
+    """``split`` for REQ and REP: each data message is appended to
+    ``messages`` as ``(envelope, body)``: ``envelope`` the wire bytes of its
+    frames up to and including the first empty one (the delimiter), exactly
+    as received, so a REP's reply sends them back as they are, and a REQ
+    compares them with what it sent; ``body`` the list of frame Buffers
+    after it. A message without an empty frame gives ``(None, frames)``.
+    Returns the number of messages appended."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(units)
+    cdef Buffer b
+    cdef const unsigned char* p
+    cdef size_t off, total, flen, hl, env_end
+    cdef unsigned char fl
+    cdef list frames
+    cdef object env
+    cdef int count = 0
+    for i in range(n):
+        b = <Buffer>PyList_GET_ITEM(units, i)
+        p = <const unsigned char*>b.ptr
+        total = <size_t>b.length
+        if total == 0 or p[0] == 0xFF or p[0] & 4:
+            commands.append(b)
+            continue
+        off = 0
+        env_end = 0
+        frames = []
+        while off < total:
+            fl = p[off]
+            if fl & 2:
+                flen = <size_t>evpl_load_uint(p + off + 1, 8, 1)
+                hl = 9
+            else:
+                flen = p[off + 1]
+                hl = 2
+            if env_end == 0 and flen == 0 and fl & 1:
+                env_end = off + hl          # the delimiter (a last frame is the body)
+                frames = []
+            else:
+                frames.append(make_buffer(b.pool, b.chunk, b.ptr + off + hl, flen))
+            off += hl + flen
+        if env_end:
+            env = PyBytes_FromStringAndSize(<const char*>p, env_end)
+            messages.append((env, frames))
+        else:
+            messages.append((None, frames))
+        count += 1
+    return count
+
+
 def frames(Buffer b):
     """The frames of one data unit as a list of Buffers (no copy)."""
     cdef list out = []
@@ -119,19 +168,26 @@ cdef inline size_t _put(char* dst, object f, unsigned char more) except? 0:
 
 
 cdef inline tuple _as_frames(msg):
+    if type(msg) is list:                   # the common cases first
+        return tuple(<list>msg)
+    if type(msg) is tuple:
+        return <tuple>msg
     if isinstance(msg, (bytes, bytearray, memoryview, Buffer)):
         return (msg,)
     return tuple(msg)
 
 
-def encode(frames, bint command=False):
+def encode(frames, bint command=False, bytes head=None):
     """The wire form of one multipart message (``frames``: a sequence of
-    buffer-protocol objects; ``command``: one command frame). A small
-    message comes back as one ``bytes``; a large one as a list of pieces
-    (headers and the frames themselves, not copied) for ``Bind.sendv``."""
+    buffer-protocol objects; ``command``: one command frame). ``head``:
+    frames already in wire form (each with MORE) that go first, such as a
+    REQ/REP envelope. A small message comes back as one ``bytes``; a large
+    one as a list of pieces (headers and the frames themselves, not copied)
+    for ``Bind.sendv``."""
     cdef tuple fr = _as_frames(frames)
     cdef Py_ssize_t i, n = len(fr), ln
-    cdef size_t total = 0, off = 0
+    cdef size_t hlen = 0 if head is None else <size_t>PyBytes_GET_SIZE(head)
+    cdef size_t total = hlen, off = hlen
     cdef unsigned char flag = 4 if command else 0
     cdef unsigned char h[9]
     cdef size_t hl
@@ -148,10 +204,12 @@ def encode(frames, bint command=False):
     if total <= COPY_BELOW:
         out = PyBytes_FromStringAndSize(NULL, total)
         dst = PyBytes_AS_STRING(out)
+        if hlen:
+            memcpy(dst, PyBytes_AS_STRING(head), hlen)
         for i in range(n):
             off += _put(dst + off, fr[i], flag | (1 if i < n - 1 else 0))
         return out
-    pieces = []
+    pieces = [head] if hlen else []
     for i in range(n):
         f = fr[i]
         ln = _size(f)

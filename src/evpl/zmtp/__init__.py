@@ -20,6 +20,7 @@ from evpl.zmtp.sockets import (
     HostUnreachable,
     Socket,
     StateError,
+    ZapRequest,
     ZMTPError,
 )
 from evpl.zmtp.wire import z85_decode, z85_encode
@@ -36,6 +37,7 @@ __all__ = [
     "Socket",
     "StateError",
     "ZMTPError",
+    "ZapRequest",
     "curve_keypair",
     "curve_public",
     "z85_decode",

@@ -92,11 +92,20 @@ class Mechanism:
 
 
 class Null(Mechanism):
-    """NULL: no security, both sides send READY with their metadata."""
+    """NULL: no security, both sides send READY with their metadata. With
+    an authenticator (a socket with a ZAP domain), it is asked
+    ``("NULL", ())`` before READY goes out, as libzmq asks ZAP."""
 
     name = "NULL"
 
+    def __init__(self, props: dict[str, bytes], as_server: bool, *,
+                 authenticator: Authenticator | None = None) -> None:
+        super().__init__(props, as_server)
+        self.authenticator = authenticator
+
     def start(self) -> list[bytes]:
+        if self.authenticator is not None and not self.authenticator("NULL", ()):
+            raise AuthenticationError("NULL peer refused")
         return [ready(self.props)]
 
     def on_command(self, cmd: Command) -> list[bytes]:
@@ -366,7 +375,7 @@ def make_mechanism(name: str, props: dict[str, bytes], as_server: bool,
                    options: dict[str, Any]) -> Mechanism:
     """Build the mechanism ``name`` from a socket's options."""
     if name == "NULL":
-        return Null(props, as_server)
+        return Null(props, as_server, authenticator=options.get("authenticator"))
     if name == "PLAIN":
         return Plain(props, as_server, username=options.get("plain_username") or b"",
                      password=options.get("plain_password") or b"",

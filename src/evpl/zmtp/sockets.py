@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import evpl
 from evpl._native import zmtp as _nz
@@ -39,6 +40,7 @@ __all__ = [
     "Socket",
     "StateError",
     "ZMTPError",
+    "ZapRequest",
 ]
 
 NOBLOCK = 1
@@ -54,6 +56,8 @@ COMPATIBLE = {
     "PUB": {"SUB", "XSUB"}, "XPUB": {"SUB", "XSUB"}, "SUB": {"PUB", "XPUB"},
     "XSUB": {"PUB", "XPUB"}, "PUSH": {"PULL"}, "PULL": {"PUSH"}, "PAIR": {"PAIR"},
 }
+_CONFLATE_TYPES = {"PULL", "PUSH", "SUB", "PUB", "DEALER"}   # libzmq's list
+_PROBE_TYPES = {"ROUTER", "DEALER", "REQ"}
 _CAN_RECV = {"PAIR", "SUB", "REQ", "REP", "DEALER", "ROUTER", "PULL", "XPUB", "XSUB"}
 
 
@@ -110,6 +114,14 @@ _OPTIONS: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "req_relaxed": (False, lambda v: isinstance(v, bool)),
     "req_correlate": (False, lambda v: isinstance(v, bool)),
     "xpub_verbose": (False, lambda v: isinstance(v, bool)),
+    "xpub_verboser": (False, lambda v: isinstance(v, bool)),
+    "xpub_manual": (False, lambda v: isinstance(v, bool)),
+    "xpub_welcome_msg": (None, lambda v: v is None or isinstance(v, bytes)),
+    "conflate": (False, lambda v: isinstance(v, bool)),
+    "immediate": (False, lambda v: isinstance(v, bool)),
+    "probe_router": (False, lambda v: isinstance(v, bool)),
+    "router_handover": (False, lambda v: isinstance(v, bool)),
+    "zap_domain": ("", lambda v: isinstance(v, str) and len(v.encode()) <= 255),
     "sndbuf": (1 << 20, lambda v: isinstance(v, int) and v > 0),
     "max_subscriptions": (1 << 16, lambda v: isinstance(v, int) and v > 0),
     "plain_server": (False, lambda v: isinstance(v, bool)),
@@ -122,6 +134,28 @@ _OPTIONS: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "authenticator": (None, lambda v: v is None or callable(v)),
 }
 _ALIASES = {"identity": "routing_id"}
+
+
+class ZapRequest(NamedTuple):
+    """What an authenticator that takes a third argument is given about the
+    peer (the fields of an RFC 27 ZAP request that evpl knows): the socket's
+    ``zap_domain``, the peer's address (``"127.0.0.1"``; the socket path, or
+    ``""``, for ipc), the mechanism and its credentials."""
+
+    domain: str
+    address: str
+    mechanism: str
+    credentials: tuple[bytes, ...]
+
+
+def _takes_request(fn: Callable[..., Any]) -> bool:
+    """Whether authenticator ``fn`` accepts a third positional argument
+    (the :class:`ZapRequest`)."""
+    try:
+        inspect.signature(fn).bind(None, None, None)
+    except (TypeError, ValueError):     # ValueError: no signature (some builtins)
+        return False
+    return True
 
 
 class _Done:
@@ -243,6 +277,8 @@ class _Peer(evpl.Handler):
         self.subs = _Prefixes()
         self.identity = b""
         self.connected = False
+        self.manual: dict[bytes, int] = {}     # XPUB manual: the peer's own requests
+        self.held: list[list[Any]] | None = None   # ROUTER: read while its identity is taken
         self._reset()
 
     def _reset(self) -> None:
@@ -270,7 +306,7 @@ class _Peer(evpl.Handler):
         b = self.bind
         if self.state == 2 and b is not None and not b.paused and not self.out:
             return False
-        return len(self.out) >= self.sock._hwm_out
+        return len(self.out) >= self.sock._hwm_out and not self.sock._conflate_out
 
     # -- sending
     def put(self, frames: Sequence[Any], wire_: Any = None) -> None:
@@ -287,7 +323,23 @@ class _Peer(evpl.Handler):
             else:
                 b.sendv(wire_)
         else:
+            if self.sock._conflate_out:
+                self.out.clear()        # conflate: only the last message waits
             self.out.append(frames)
+
+    def put_env(self, env: bytes, frames: Sequence[Any]) -> None:
+        """Send (or queue) a message whose envelope ``env`` is already in
+        wire form (REQ's delimiter, a REP's received envelope)."""
+        b = self.bind
+        if self.state == 2 and b is not None and not b.paused and not self.out \
+                and not self.curve:
+            w = _nz.encode(frames, False, env)
+            if type(w) is bytes:
+                b.send(w)
+            else:
+                b.sendv(w)
+        else:
+            self.put(_unwire(env) + list(frames))
 
     def put_now(self, wire_: Any) -> None:
         b = self.bind
@@ -339,19 +391,49 @@ class _Peer(evpl.Handler):
         props = {"Socket-Type": s.socket_type.encode()}
         if s._opts["routing_id"]:
             props["Identity"] = s._opts["routing_id"]
+        opts = s._opts
+        if opts["authenticator"] is not None:
+            opts = dict(opts, authenticator=self._authenticator(mech_name))
         try:
-            self.mech = make_mechanism(mech_name, props, as_server, s._opts)
+            self.mech = make_mechanism(mech_name, props, as_server, opts)
         except ValueError as exc:
             self._fail(str(exc), Event.HANDSHAKE_FAILED_NO_DETAIL)
             return
         bind.send(wire.encode_greeting(mech_name, as_server))
-        for c in self.mech.start():
-            bind.send(c)
         s._event(Event.CONNECTED if self.connector else Event.ACCEPTED, self.endpoint,
                  bind.fileno())
+        try:
+            start = self.mech.start()
+        except AuthenticationError as exc:      # NULL with a ZAP domain, refused
+            self._fail(str(exc), Event.HANDSHAKE_FAILED_AUTH, tell=True)
+            return
+        for c in start:
+            bind.send(c)
         hs = s._opts["handshake_ivl"]
         if hs:
             self.hs_timer = s.loop.call_later(hs / 1000, self._handshake_timeout)
+
+    def _authenticator(self, mech_name: str) -> Callable[[str, tuple[bytes, ...]], bool] | None:
+        """The socket's authenticator as the mechanism calls it: given a
+        :class:`ZapRequest` (domain, peer address) when it takes a third
+        argument. NULL asks it only when ``zap_domain`` is set, as libzmq
+        asks ZAP."""
+        s = self.sock
+        fn = s._opts["authenticator"]
+        domain = s._opts["zap_domain"]
+        if mech_name == "NULL" and not domain:
+            return None
+        if not _takes_request(fn):
+            return fn  # type: ignore[no-any-return]
+        peer = self.bind.peer_address if self.bind is not None else None
+        address = peer[0] if isinstance(peer, tuple) else (peer or "")
+        if isinstance(address, bytes):
+            address = address.decode("utf-8", "replace")
+
+        def ask(mechanism: str, credentials: tuple[bytes, ...]) -> bool:
+            return bool(fn(mechanism, credentials,
+                           ZapRequest(domain, str(address), mechanism, credentials)))
+        return ask
 
     def _handshake_timeout(self) -> None:
         self.hs_timer = None
@@ -381,13 +463,14 @@ class _Peer(evpl.Handler):
             if self.curve:
                 self._curve_units(units)
                 return
-            msgs: list[list[Any]] = []
+            msgs: list[Any] = []
             cmds: list[Any] = []
-            _nz.split(units, msgs, cmds)
+            sock = self.sock
+            sock._split(units, msgs, cmds)
             if cmds:
                 self._commands(cmds)
             if msgs and self.state == 2:
-                self.sock._incoming(self, msgs)
+                sock._incoming(self, msgs)
             return
         i = 0
         n = len(units)
@@ -445,9 +528,12 @@ class _Peer(evpl.Handler):
             self.ping_timer = s.loop.call_every(hb / 1000, self._ping)
         if self.connector is not None:
             self.connector.succeeded()
+        if s._opts["probe_router"] and s.socket_type in _PROBE_TYPES:
+            self.put_now(self.encode([b""]))   # an empty message says "a new peer"
         s._attach(self)
         s._event(Event.HANDSHAKE_SUCCEEDED, self.endpoint, ptype)
-        self._flush()
+        if self.state == 2:
+            self._flush()
 
     def _ping(self) -> None:
         if self.state == 2 and self.bind is not None and not self.bind.paused:
@@ -501,7 +587,9 @@ class _Peer(evpl.Handler):
             self._fail(str(exc), Event.HANDSHAKE_FAILED_PROTOCOL)
             return
         if msgs and self.state == 2:
-            self.sock._incoming(self, msgs)
+            s = self.sock
+            s._incoming(self, [_env_split(m) for m in msgs] if s._split is _nz.split_env
+                        else msgs)
 
     def _command(self, cmd: wire.Command) -> None:
         name = cmd.name
@@ -566,6 +654,40 @@ class _Peer(evpl.Handler):
         self.connected = False
         if self.connector is not None:
             self.connector.lost(error)
+
+
+def _unwire(env: bytes) -> list[bytes]:
+    """The frames of an envelope in wire form."""
+    out = []
+    i = 0
+    while i < len(env):
+        if env[i] & wire.FLAG_LONG:
+            n = int.from_bytes(env[i + 1:i + 9], "big")
+            h = 9
+        else:
+            n = env[i + 1]
+            h = 2
+        out.append(env[i + h:i + h + n])
+        i += h + n
+    return out
+
+
+def _env_wire(frames: Sequence[Any]) -> bytes:
+    """Envelope frames in wire form, each with MORE."""
+    out = []
+    for f in frames:
+        f = bytes(f)
+        n = len(f)
+        out.append((bytes((1, n)) if n < 256 else b"\x03" + n.to_bytes(8, "big")) + f)
+    return b"".join(out)
+
+
+def _env_split(m: list[Any]) -> tuple[bytes | None, list[Any]]:
+    """``split_env``'s form of a message already cut into frames (CURVE)."""
+    for i in range(len(m) - 1):
+        if len(m[i]) == 0:
+            return _env_wire(m[:i + 1]), m[i + 1:]
+    return None, m
 
 
 def _body(data: bytes) -> bytes:
@@ -672,10 +794,23 @@ class Socket:
         # REQ/REP state
         self._req_peer: _Peer | None = None
         self._req_id = 0
-        self._rep_queue: deque[tuple[_Peer, list[Any], list[Any]]] = deque()
-        self._rep_current: tuple[_Peer, list[Any]] | None = None
+        self._rep_queue: deque[tuple[_Peer, bytes, list[Any]]] = deque()
+        self._rep_current: tuple[_Peer, bytes] | None = None
         self._rep_delivering = False
         self._hwm_out = 1000
+        self._conflate_in = self._conflate_out = False
+        self._conflated: dict[_Peer, list[Any]] = {}    # conflate: each peer's last message
+        self._pending_ids: list[_Peer] = []     # ROUTER: peers whose identity is taken
+        self._sub_from: deque[_Peer] = deque()  # XPUB manual: queued notifications' peers
+        self._last_sub_peer: _Peer | None = None
+        # the per-message path, chosen once: REQ and REP cut the envelope
+        # natively (split_env) and have their own receive step
+        self._kind = 1 if st == "REQ" else 2 if st == "REP" else 0
+        self._split = _nz.split_env if self._kind else _nz.split
+        self._incoming = (self._incoming_req if st == "REQ" else
+                          self._incoming_rep if st == "REP" else self._incoming_any)
+        self._req_relaxed = self._req_correlate = False
+        self._req_env = b""
         for k, v in options.items():
             self.set(k, v)
 
@@ -690,13 +825,24 @@ class Socket:
             return
         if key not in _OPTIONS:
             raise ConfigError(f"unknown option {name!r}; one of {sorted(_OPTIONS)}")
-        if isinstance(value, str) and key in ("routing_id", "plain_username", "plain_password"):
+        if isinstance(value, str) and key in ("routing_id", "plain_username", "plain_password",
+                                              "xpub_welcome_msg"):
             value = value.encode()
+        if isinstance(value, bytes) and key == "zap_domain":
+            value = value.decode("utf-8", "replace")
         if not _OPTIONS[key][1](value):
             raise ConfigError(f"bad value for option {name}: {value!r}")
         self._opts[key] = value
         if key == "sndhwm":
             self._hwm_out = value or (1 << 62)
+        elif key == "req_relaxed":
+            self._req_relaxed = value
+        elif key == "req_correlate":
+            self._req_correlate = value
+        elif key == "conflate":
+            on = value and self.socket_type in _CONFLATE_TYPES
+            self._conflate_in = on and self.socket_type in _CAN_RECV
+            self._conflate_out = on and self.socket_type not in ("PULL", "SUB")
 
     def get(self, name: str) -> Any:
         """The value of option ``name``."""
@@ -785,7 +931,7 @@ class Socket:
             raise ConfigError(f"already connected to {endpoint!r}")
         c = _Connector(self, endpoint, kind, addr)
         self._connectors[endpoint] = c
-        if self.socket_type in ("PUSH", "DEALER", "REQ", "PAIR"):
+        if self.socket_type in ("PUSH", "DEALER", "REQ", "PAIR") and not self._opts["immediate"]:
             self._peers.append(c.peer)          # messages may queue before it is up
         c.start()
 
@@ -841,30 +987,72 @@ class Socket:
 
     # -- peers
     def _attach(self, p: _Peer) -> None:
+        st = self.socket_type
+        if st == "ROUTER" and not self._identify(p):
+            return
         if p not in self._peers:
-            if self.socket_type == "PAIR" and any(q.ready for q in self._peers if q is not p):
+            if st == "PAIR" and any(q.ready for q in self._peers if q is not p):
                 p._fail("PAIR already has a peer", Event.HANDSHAKE_FAILED_PROTOCOL)
                 return
             self._peers.append(p)
-        st = self.socket_type
-        if st in ("ROUTER",):
-            ident = p.props.get("identity", b"")
-            if not ident or ident in self._by_id:
-                ident = b"\x00" + next(_ids).to_bytes(4, "big")
-            p.identity = ident
-            self._by_id[ident] = p
         if st in ("SUB", "XSUB"):
             for t in self._subs.counts:
                 p.command(wire.subscribe(t, p.zmtp31))
+        elif st == "XPUB" and self._opts["xpub_welcome_msg"]:
+            # sent whatever the peer subscribed: a SUB that subscribed to it
+            # before connecting gets it (libzmq's ZMQ_XPUB_WELCOME_MSG)
+            p.put_now(p.encode([self._opts["xpub_welcome_msg"]]))
+
+    def _identify(self, p: _Peer) -> bool:
+        """ROUTER: give ``p`` its identity (the peer's routing_id, else a
+        generated one). An identity another peer holds: with
+        ``router_handover`` the new peer takes it and the old connection is
+        closed; without, the new peer waits, not read, until the identity is
+        free (libzmq keeps it anonymous the same way)."""
+        ident = p.props.get("identity", b"")
+        if not ident:
+            ident = b"\x00" + next(_ids).to_bytes(4, "big")
+        else:
+            old = self._by_id.get(ident)
+            if old is not None and old is not p:
+                if not self._opts["router_handover"]:
+                    if p not in self._pending_ids:
+                        self._pending_ids.append(p)
+                        p.held = []
+                        if p.bind is not None:
+                            p.bind.pause_reading()
+                    return False
+                old.identity = b""
+                del self._by_id[ident]
+                old.failure = "identity taken over by a new peer (router_handover)"
+                if old.bind is not None and not old.bind.closed:
+                    old.bind.close()
+        p.identity = ident
+        self._by_id[ident] = p
+        return True
 
     def _detach(self, p: _Peer) -> None:
         self._accepted.discard(p)
-        if p.connector is None or not p.connector.active:
+        if p in self._pending_ids:
+            self._pending_ids.remove(p)
+        freed = p.identity if p.identity and self._by_id.get(p.identity) is p else b""
+        if p.connector is None or not p.connector.active or self._opts["immediate"]:
             self._drop_peer(p)
         else:
-            if p.identity:
-                self._by_id.pop(p.identity, None)
+            if freed:
+                self._by_id.pop(freed, None)
             self._unsubscribe_peer(p)
+        if freed:
+            for q in self._pending_ids:
+                if q.props.get("identity") == freed and q.state == 2:
+                    self._pending_ids.remove(q)
+                    held, q.held = q.held, None
+                    self._attach(q)
+                    if held:
+                        self._incoming(q, held)
+                    if q.bind is not None and not self._rx_paused:
+                        q.bind.resume_reading()
+                    break
         if self._req_peer is p:
             self._req_peer = None
         if self._rep_queue:
@@ -873,18 +1061,25 @@ class Socket:
     def _drop_peer(self, p: _Peer) -> None:
         if p in self._peers:
             self._peers.remove(p)
-        if p.identity:
-            self._by_id.pop(p.identity, None)
+        if p.identity and self._by_id.get(p.identity) is p:
+            del self._by_id[p.identity]
         self._unsubscribe_peer(p)
         p.out.clear()
 
     def _unsubscribe_peer(self, p: _Peer) -> None:
         if self.socket_type == "XPUB":
-            for t, n in list(p.subs.counts.items()):
-                for _ in range(n):
-                    if self._xpub_seen.remove(t) or self._opts["xpub_verbose"]:
-                        self._incoming_sub(b"\x00" + t)
+            if self._opts["xpub_manual"]:
+                # every subscription the peer asked for is reported cancelled
+                for t, n in list(p.manual.items()):
+                    for _ in range(n):
+                        self._incoming_sub(p, b"\x00" + t)
+            else:
+                for t, n in list(p.subs.counts.items()):
+                    for _ in range(n):
+                        if self._xpub_seen.remove(t) or self._opts["xpub_verboser"]:
+                            self._incoming_sub(p, b"\x00" + t)
         p.subs = _Prefixes()
+        p.manual = {}
 
     def _peer_writable(self, p: _Peer) -> None:
         while self._send_waiters:
@@ -908,32 +1103,71 @@ class Socket:
         st = self.socket_type
         if st not in ("PUB", "XPUB"):
             return                          # other types ignore them (spec 37)
+        opts = self._opts
+        if st == "XPUB" and opts["xpub_manual"]:
+            # manual: nothing is applied; the application decides (subscribe()
+            # after receiving the request applies to the peer that sent it)
+            m = p.manual
+            if on:
+                if len(m) >= opts["max_subscriptions"] and topic not in m:
+                    raise ProtocolError("too many subscriptions from one peer")
+                m[topic] = m.get(topic, 0) + 1
+            elif m.get(topic, 0) > 1:
+                m[topic] -= 1
+            else:
+                m.pop(topic, None)
+            self._incoming_sub(p, (b"\x01" if on else b"\x00") + topic)
+            return
         if on:
-            if len(p.subs) >= self._opts["max_subscriptions"] and topic not in p.subs.counts:
+            if len(p.subs) >= opts["max_subscriptions"] and topic not in p.subs.counts:
                 raise ProtocolError("too many subscriptions from one peer")
             p.subs.add(topic)
-            if st == "XPUB" and (self._xpub_seen.add(topic) or self._opts["xpub_verbose"]):
-                self._incoming_sub(b"\x01" + topic)
+            if st == "XPUB" and (self._xpub_seen.add(topic) or opts["xpub_verbose"]):
+                self._incoming_sub(p, b"\x01" + topic)
+        elif st == "XPUB":
+            if not p.subs.counts.get(topic):
+                return                      # the peer had no such subscription
+            p.subs.remove(topic)
+            # xpub_verbose reports every subscribe; a cancel only when the last
+            # one goes, every one with xpub_verboser (libzmq's ZMQ_XPUB_VERBOSER)
+            if self._xpub_seen.remove(topic) or opts["xpub_verboser"]:
+                self._incoming_sub(p, b"\x00" + topic)
         else:
-            if p.subs.remove(topic) and st == "XPUB":
-                if self._xpub_seen.remove(topic) or self._opts["xpub_verbose"]:
-                    self._incoming_sub(b"\x00" + topic)
+            p.subs.remove(topic)
 
-    def _incoming_sub(self, msg: bytes) -> None:
+    def _incoming_sub(self, p: _Peer, msg: bytes) -> None:
+        if self._opts["xpub_manual"]:
+            if self.on_message is None and self.on_messages is None:
+                self._sub_from.append(p)    # recv() sets the peer when it returns this
+            else:
+                self._last_sub_peer = p
         self._consume([[msg]])
 
     def subscribe(self, topic: bytes | str) -> None:
-        """SUB/XSUB: receive messages whose first frame starts with ``topic``."""
+        """SUB/XSUB: receive messages whose first frame starts with ``topic``.
+        XPUB with ``xpub_manual``: send ``topic`` to the peer whose
+        subscription request was received last."""
         self._subs_change(True, topic)
 
     def unsubscribe(self, topic: bytes | str) -> None:
-        """SUB/XSUB: cancel one ``subscribe`` of ``topic``."""
+        """SUB/XSUB: cancel one ``subscribe`` of ``topic`` (XPUB with
+        ``xpub_manual``: for the peer whose request was received last)."""
         self._subs_change(False, topic)
 
     def _subs_change(self, on: bool, topic: bytes | str) -> None:
-        if self.socket_type not in ("SUB", "XSUB"):
-            raise ConfigError("subscribe/unsubscribe is for SUB and XSUB sockets")
         t = topic.encode() if isinstance(topic, str) else bytes(topic)
+        if self.socket_type == "XPUB" and self._opts["xpub_manual"]:
+            p = self._last_sub_peer
+            if p is None:
+                raise StateError("XPUB manual: no subscription request received yet")
+            if on:
+                p.subs.add(t)
+            else:
+                p.subs.remove(t)
+            return
+        if self.socket_type not in ("SUB", "XSUB"):
+            raise ConfigError("subscribe/unsubscribe is for SUB and XSUB sockets "
+                              "(and XPUB with xpub_manual)")
         changed = self._subs.add(t) if on else self._subs.remove(t)
         if changed:
             for p in self._peers:
@@ -941,32 +1175,31 @@ class Socket:
                     p.command(wire.subscribe(t, p.zmtp31) if on else wire.cancel(t, p.zmtp31))
 
     # -- receiving
-    def _incoming(self, p: _Peer, msgs: list[list[Any]]) -> None:
+    def _incoming_any(self, p: _Peer, msgs: list[list[Any]]) -> None:
         st = self.socket_type
         if st in ("PULL", "DEALER", "PAIR", "XSUB"):
-            self._consume(msgs)
+            if self._conflate_in:
+                self._conflate(p, msgs[-1])
+            else:
+                self._consume(msgs)
         elif st == "SUB":
             subs = self._subs
             if not subs.all:
                 msgs = [m for m in msgs if subs.match(bytes(m[0][:subs.lengths[-1]])
                                                       if subs.lengths else b"")]
             if msgs:
-                self._consume(msgs)
+                if self._conflate_in:
+                    self._conflate(p, msgs[-1])
+                else:
+                    self._consume(msgs)
         elif st == "ROUTER":
+            if p.held is not None:
+                p.held.extend(msgs)         # its identity is taken: kept for later
+                return
             ident = p.identity
             for m in msgs:
                 m.insert(0, ident)
             self._consume(msgs)
-        elif st == "REP":
-            for m in msgs:
-                for i, f in enumerate(m):
-                    if len(f) == 0:
-                        self._rep_queue.append((p, m[:i + 1], m[i + 1:]))
-                        break
-                # a request without a delimiter is malformed: dropped
-            self._rep_pump()
-        elif st == "REQ":
-            self._req_reply(p, msgs)
         elif st in ("PUB", "XPUB"):
             for m in msgs:          # 3.0 subscriptions travel as messages
                 if len(m) == 1 and len(m[0]) and m[0][0] in (0, 1):
@@ -977,35 +1210,92 @@ class Socket:
                         return
         # PUSH receives nothing: messages from a PULL peer are dropped
 
-    def _req_reply(self, p: _Peer, msgs: list[list[Any]]) -> None:
-        for m in msgs:
+    def _incoming_req(self, p: _Peer, msgs: list[tuple[bytes | None, list[Any]]]) -> None:
+        """REQ: the reply from the peer asked, with the envelope it was sent
+        (the delimiter; with req_correlate the request id too); anything
+        else is dropped."""
+        for env, body in msgs:
             if self._req_peer is not p:
                 continue                    # not the peer asked: dropped
-            if self._opts["req_correlate"]:
-                if len(m) < 2 or bytes(m[0]) != self._req_id.to_bytes(4, "big") or len(m[1]):
-                    continue
-                body = m[2:]
-            else:
-                if not m or len(m[0]):
-                    continue
-                body = m[1:]
+            if env != self._req_env and (env is None or _unwire(env) != _unwire(self._req_env)):
+                continue                    # not the envelope sent (stale, or malformed)
             self._req_peer = None
-            self._consume([body])
+            cb = self.on_message
+            if cb is not None:
+                cb(body)
+            else:
+                self._consume([body])
+
+    def _incoming_rep(self, p: _Peer, msgs: list[tuple[bytes | None, list[Any]]]) -> None:
+        """REP: requests queue with their envelope (a request without a
+        delimiter is malformed: dropped) and are handed out one at a time."""
+        q = self._rep_queue
+        cb = self.on_message
+        if len(msgs) == 1 and cb is not None and not q and self._rep_current is None \
+                and not self._rep_delivering:
+            env, body = msgs[0]             # the common case: one request, nothing waiting
+            if env is not None:
+                self._rep_current = (p, env)
+                self._rep_delivering = True
+                try:
+                    cb(body)
+                finally:
+                    self._rep_delivering = False
+                if q and self._rep_current is None:
+                    self._rep_pump()
+            return
+        for env, body in msgs:
+            if env is not None:
+                q.append((p, env, body))
+        if self._rep_current is None:
+            self._rep_pump()
 
     def _rep_pump(self) -> None:
         """Deliver the next request once the previous one was answered."""
         if self._rep_delivering:
             return
         self._rep_delivering = True
+        q = self._rep_queue
         try:
-            while self._rep_current is None and self._rep_queue:
-                p, env, body = self._rep_queue.popleft()
+            while self._rep_current is None and q:
+                p, env, body = q.popleft()
                 self._rep_current = (p, env)
+                cb = self.on_message
+                if cb is not None:
+                    cb(body)
+                    continue
                 self._consume([body])
-                if self.on_message is None and self.on_messages is None:
+                if self.on_messages is None:
                     break
         finally:
             self._rep_delivering = False
+
+    def _conflate(self, p: _Peer, m: list[Any]) -> None:
+        """conflate: only the newest message of a peer is kept (a callback
+        gets the last message of each read batch)."""
+        if self.on_messages is not None or self.on_message is not None:
+            self._consume([m])
+            return
+        w = self._waiters
+        while w:
+            fut = w.popleft()
+            if not fut.done():
+                fut.set_result(m)
+                return
+        self._conflated.pop(p, None)
+        self._conflated[p] = m              # a fresh message goes to the end
+
+    def _pop(self) -> list[Any] | None:
+        """The next queued message for recv, or None."""
+        if self._rxq:
+            m = self._rxq.popleft()
+            if self._sub_from:
+                self._last_sub_peer = self._sub_from.popleft()
+            self._took()
+            return m
+        if self._conflated:
+            return self._conflated.pop(next(iter(self._conflated)))
+        return None
 
     def _consume(self, msgs: list[list[Any]]) -> None:
         cb = self.on_messages
@@ -1023,6 +1313,8 @@ class Socket:
         while w and q:
             fut = w.popleft()
             if not fut.done():
+                if self._sub_from:
+                    self._last_sub_peer = self._sub_from.popleft()
                 fut.set_result(q.popleft())
         if len(q) >= (self._opts["rcvhwm"] or 1 << 62) and not self._rx_paused:
             self._rx_paused = True
@@ -1049,9 +1341,8 @@ class Socket:
         self._check_recv()
         if self._rx_frames:
             raise StateError("recv() left frames of a message: finish it with recv()")
-        if self._rxq:
-            m = self._rxq.popleft()
-            self._took()
+        m = self._pop()
+        if m is not None:
             if flags & NOBLOCK:
                 return m
             fut = asyncio.get_running_loop().create_future()
@@ -1069,7 +1360,8 @@ class Socket:
         one call each; ``rcvmore`` says whether more follow)."""
         self._check_recv()
         if not self._rx_frames:
-            if not self._rxq:
+            m = self._pop()
+            if m is None:
                 if flags & NOBLOCK:
                     raise Again("no message to receive")
                 fut = asyncio.get_running_loop().create_future()
@@ -1093,8 +1385,7 @@ class Socket:
                 fut.add_done_callback(split)
                 fut.add_done_callback(done)
                 return out
-            self._rx_frames.extend(self._rxq.popleft())
-            self._took()
+            self._rx_frames.extend(m)
         f = self._rx_frames.popleft()
         if flags & NOBLOCK:
             return f
@@ -1136,6 +1427,41 @@ class Socket:
         queued (needs a running asyncio loop, else ``Again``)."""
         if self.closed:
             raise ZMTPError("socket is closed")
+        k = self._kind
+        if k:
+            # REQ and REP, the common case inline (one Python call per
+            # message): the peer is up, has room and nothing waits before it
+            if k == 2:
+                cur = self._rep_current
+                if cur is not None and not self._rep_queue:
+                    p = cur[0]
+                    b = p.bind
+                    if p.state == 2 and not p.out and not p.curve and not b.paused:
+                        self._rep_current = None
+                        w = _nz.encode(frames, False, cur[1])   # behind the envelope
+                        if type(w) is bytes:
+                            b.send(w)
+                        else:
+                            b.sendv(w)
+                        return DONE
+                return self._send_rep(frames)
+            peers = self._peers
+            n = len(peers)
+            if n and self._req_peer is None and not self._req_correlate:
+                i = self._rr % n
+                p = peers[i]
+                b = p.bind
+                if p.state == 2 and not p.out and not p.curve and not b.paused:
+                    self._rr = i + 1
+                    w = _nz.encode(frames, False, b"\x01\x00")  # the delimiter first
+                    if type(w) is bytes:
+                        b.send(w)
+                    else:
+                        b.sendv(w)
+                    self._req_peer = p
+                    self._req_env = b"\x01\x00"
+                    return DONE
+            return self._send_req(frames, flags)
         st = self.socket_type
         if st == "PUB" or st == "XPUB":
             self._publish(frames)
@@ -1164,10 +1490,6 @@ class Socket:
                     p.put(frames)
                     return DONE
             return self._blocked(frames, flags)
-        if st == "REQ":
-            return self._send_req(frames, flags)
-        if st == "REP":
-            return self._send_rep(frames)
         if st == "ROUTER":
             return self._send_router(frames)
         if st == "XSUB":
@@ -1253,9 +1575,8 @@ class Socket:
                     p.put(frames, wire_)
 
     def _send_req(self, frames: Sequence[Any], flags: int) -> Any:
-        if self._req_peer is not None:
-            if not self._opts["req_relaxed"]:
-                raise StateError("REQ: receive the reply before sending again")
+        if self._req_peer is not None and not self._req_relaxed:
+            raise StateError("REQ: receive the reply before sending again")
         peers = self._peers
         n = len(peers)
         for _ in range(n):
@@ -1263,13 +1584,14 @@ class Socket:
             self._rr = i + 1
             p = peers[i]
             if not p.full():
-                if self._opts["req_correlate"]:
-                    self._req_id += 1
-                    env = [self._req_id.to_bytes(4, "big"), b""]
+                if self._req_correlate:
+                    self._req_id = (self._req_id + 1) & 0xFFFFFFFF
+                    env = b"\x01\x04" + self._req_id.to_bytes(4, "big") + b"\x01\x00"
                 else:
-                    env = [b""]
-                p.put(env + list(frames))
+                    env = b"\x01\x00"             # the empty delimiter frame, MORE
+                p.put_env(env, frames)
                 self._req_peer = p
+                self._req_env = env
                 return DONE
         return self._blocked(frames, flags)
 
@@ -1280,8 +1602,9 @@ class Socket:
         self._rep_current = None
         p, env = cur
         if (p.state == 2 or p.connector is not None) and not p.full():
-            p.put(env + list(frames))     # a gone peer's reply is dropped
-        self._rep_pump()                # no-op inside a delivery: its loop goes on
+            p.put_env(env, frames)      # a gone peer's reply is dropped
+        if self._rep_queue and not self._rep_delivering:
+            self._rep_pump()
         return DONE
 
     def _send_router(self, frames: Sequence[Any]) -> Any:
