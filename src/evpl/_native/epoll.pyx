@@ -25,7 +25,7 @@ from posix.uio cimport iovec
 from evpl._native.bind cimport Bind, Listener, Limits, S_CONNECTING, S_OPEN, S_CLOSED
 from evpl._native.buffers cimport Chunk
 from evpl._native.framing cimport Framer, F_NONE
-from evpl._native.loop cimport LoopCore, MAX_IOV, MAX_MMSG, READ_BUDGET, TX_STAGE
+from evpl._native.loop cimport LoopCore, MAX_IOV, MAX_MMSG, READ_BUDGET
 from evpl._native.sys cimport *
 from evpl._native.txqueue cimport *
 
@@ -195,11 +195,9 @@ cdef class EpollStream(EpollBind):
         cdef msghdr mh
         cdef int cnt
         cdef ssize_t n
-        cdef size_t total
         memset(&mh, 0, sizeof(mh))
         while not txq_empty(&self.txq):
-            cnt = txq_gather(&self.txq, iov, MAX_IOV, &total, NULL)
-            cnt = txq_stage(iov, cnt, total, self.loop.txstage, TX_STAGE)
+            cnt = txq_gather(&self.txq, iov, MAX_IOV, NULL, NULL)
             mh.msg_iov = iov
             mh.msg_iovlen = cnt
             n = sendmsg(self.fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT)

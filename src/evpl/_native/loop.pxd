@@ -14,7 +14,6 @@ cdef enum:
     MAX_MMSG = 64
     READ_BUDGET = 16        # reads per Bind per turn before others get theirs
     MAX_DRIVERS = 4
-    TX_STAGE = 16384        # small sends are copied into one run of this size (txq_stage)
 
 # after this long without activity the loop gives idle memory back, once
 
@@ -95,7 +94,6 @@ cdef class LoopCore:
     # scratch arrays for one system call at a time
     cdef epoll_event* events
     cdef iovec* iov
-    cdef char* txstage          # TX_STAGE bytes: see txq_stage
     cdef mmsghdr* mmsg
     cdef sockaddr_in6* names
     cdef uint64_t dg_ctl[MAX_MMSG * 3]        # UDP_SEGMENT control messages

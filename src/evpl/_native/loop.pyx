@@ -300,10 +300,9 @@ cdef class LoopCore:
         self.batches = []
         self.events = <epoll_event*>PyMem_Malloc(MAX_EVENTS * sizeof(epoll_event))
         self.iov = <iovec*>PyMem_Malloc(MAX_IOV * sizeof(iovec))
-        self.txstage = <char*>PyMem_Malloc(TX_STAGE)
         self.mmsg = <mmsghdr*>PyMem_Malloc(MAX_MMSG * sizeof(mmsghdr))
         self.names = <sockaddr_in6*>PyMem_Malloc(MAX_MMSG * sizeof(sockaddr_in6))
-        if not self.events or not self.iov or not self.txstage or not self.mmsg or not self.names:
+        if not self.events or not self.iov or not self.mmsg or not self.names:
             raise MemoryError()
         memset(self.mmsg, 0, MAX_MMSG * sizeof(mmsghdr))
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -339,7 +338,6 @@ cdef class LoopCore:
             c_close(self.sigfd_w)
         PyMem_Free(self.events)
         PyMem_Free(self.iov)
-        PyMem_Free(self.txstage)
         while self.tcount:
             self.tcount -= 1
             Py_DECREF(<object>self.theap[self.tcount].timer)

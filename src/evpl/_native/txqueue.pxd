@@ -10,7 +10,6 @@ from evpl._native.framing cimport Framer
 cdef enum:
     GSO_SEGS = 64           # datagrams per UDP GSO send (UDP_MAX_SEGMENTS >= 64)
     GSO_BYTES = 65507       # payload per UDP GSO send (one IPv4 datagram's worth)
-    STAGE_AVG = 256         # txq_stage copies pieces averaging at most this
 
 
 cdef struct TxEntry:
@@ -39,7 +38,6 @@ cdef void txq_free(TxQueue* q) noexcept
 cdef size_t txq_retire(TxQueue* q, size_t n, list hold) noexcept
 cdef int txq_gather(TxQueue* q, iovec* iov, int max_iov, size_t* total,
                     unsigned char* hdrs) noexcept
-cdef int txq_stage(iovec* iov, int cnt, size_t total, char* stage, size_t cap) noexcept
 cdef int txq_dg_group(TxQueue* q, size_t i, size_t gso_limit) noexcept
 cdef size_t txq_dg_retire(TxQueue* q, unsigned int g) noexcept
 

@@ -190,24 +190,6 @@ cdef int txq_gather(TxQueue* q, iovec* iov, int max_iov, size_t* total,
     return cnt
 
 
-cdef int txq_stage(iovec* iov, int cnt, size_t total, char* stage, size_t cap) noexcept:
-    """Small pieces (many short messages and their headers) are copied into
-    ``stage`` and leave as one iovec: the kernel's per-segment cost in a
-    gathered send is larger than a short memcpy here. Larger pieces are
-    left where they are. Returns the new iovec count (the bytes, and so the
-    queue's accounting by bytes, are the same)."""
-    cdef int i
-    cdef char* p = stage
-    if cnt < 4 or total > cap or total > <size_t>cnt * STAGE_AVG:
-        return cnt
-    for i in range(cnt):
-        memcpy(p, iov[i].iov_base, iov[i].iov_len)
-        p += iov[i].iov_len
-    iov[0].iov_base = stage
-    iov[0].iov_len = total
-    return 1
-
-
 cdef int txq_dg_group(TxQueue* q, size_t i, size_t gso_limit) noexcept:
     """How many queued datagrams from e[i] on leave as one UDP GSO send:
     same address, same size (a shorter one may end the train), at most
