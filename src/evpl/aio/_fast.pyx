@@ -130,15 +130,20 @@ def call_soon(self, callback, *args, context=None):
     if self._debug or not _DIRECT_HANDLE:
         return self._call_soon_slow(callback, args, context)
     h = _Handle.__new__(_Handle)
+    _fill(h, self, callback, args, context)
+    self._ready.append(h)
+    return h
+
+
+cdef inline void _fill(h, loop, callback, args, context) except *:
+    """The fields asyncio's Handle ``__init__`` sets, outside debug mode."""
     h._context = copy_context() if context is None else context
-    h._loop = self
+    h._loop = loop
     h._callback = callback
     h._args = args
     h._cancelled = False
     h._repr = None
     h._source_traceback = None
-    self._ready.append(h)
-    return h
 
 
 class TimerHandle(events.TimerHandle):
@@ -176,13 +181,7 @@ def timer(loop, when, delay, callback, args, context):
     if not _DIRECT or loop._debug:
         return loop._timer_slow(when, delay, callback, args, context)
     h = TimerHandle.__new__(TimerHandle)
-    h._context = copy_context() if context is None else context
-    h._loop = loop
-    h._callback = callback
-    h._args = args
-    h._cancelled = False
-    h._repr = None
-    h._source_traceback = None
+    _fill(h, loop, callback, args, context)
     h._when = when
     h._scheduled = True
     h._evtimer = loop._core.call_later(delay, h)

@@ -979,15 +979,7 @@ class AttachedEventLoop(EvplEventLoop):
 
     def _run_inline(self, handle: events.Handle) -> None:
         """A timer or fd-watch callback, with this loop as the running one."""
-        prev = events._get_running_loop()
-        events._set_running_loop(self)
-        try:
-            if self._debug:
-                self._run_debug(handle)
-            else:
-                handle._run()
-        finally:
-            events._set_running_loop(prev)
+        self._run_handles((handle,))
 
     def _run_ready(self) -> None:
         """The Deferral: run the callbacks that are ready now; what they
@@ -996,16 +988,19 @@ class AttachedEventLoop(EvplEventLoop):
         if self._closed:
             return
         ready = self._ready
+        self._run_handles([ready.popleft() for _ in range(len(ready))])
+
+    def _run_handles(self, handles: Any) -> None:
+        """Run ``handles`` (those not cancelled) with this loop set as the
+        thread's running loop."""
         prev = events._get_running_loop()
         events._set_running_loop(self)
         try:
-            popleft = ready.popleft
-            for _ in range(len(ready)):
-                handle = popleft()
+            for handle in handles:
                 if not handle._cancelled:
                     if self._debug:
                         self._run_debug(handle)
                     else:
-                        handle._run()
+                        _fast.run_handle(handle)
         finally:
             events._set_running_loop(prev)
