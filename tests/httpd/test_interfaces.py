@@ -124,6 +124,45 @@ def test_bare_asgi_app_with_lifespan_bodies_streams_and_errors(serve):
     assert events == ["startup", "shutdown"]
 
 
+def test_pipelined_asgi_requests_are_answered_in_order(serve):
+    """16 pipelined requests in one write, plain GETs (queued from C) with a
+    POST and a streamed response among them: one exchange at a time, every
+    answer in request order, then the close the last one asks for."""
+    s = serve(bare_asgi, interface="asgi")
+    reqs = []
+    for i in range(16):
+        if i == 5:
+            reqs.append(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 7\r\n\r\n1234567")
+        elif i == 9:
+            reqs.append(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+        else:
+            last = b"Connection: close\r\n" if i == 15 else b""
+            reqs.append(b"GET /p%d HTTP/1.1\r\nHost: h\r\n%s\r\n" % (i, last))
+
+    def peer():
+        import socket
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT)
+        c.sendall(b"".join(reqs))
+        chunks = []
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            chunks.append(d)
+        c.close()
+        return b"".join(chunks)
+
+    data = s.run(peer)
+    parts = data.split(b"HTTP/1.1 200 OK")[1:]
+    assert len(parts) == 16, data[:300]
+    paths = [json.loads(p.split(b"\r\n\r\n", 1)[1])["path"] for i, p in enumerate(parts)
+             if i not in (5, 9)]
+    assert paths == [f"/p{i}" for i in range(16) if i not in (5, 9)]
+    assert json.loads(parts[5].split(b"\r\n\r\n", 1)[1])["len"] == 7
+    assert b"0199\n" in parts[9]
+    assert b"connection: close" in parts[15]
+
+
 def test_asgi_100_continue_with_curl(serve):
     curl = tool("curl")
     s = serve(bare_asgi, interface="asgi")

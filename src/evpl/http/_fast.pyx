@@ -8,9 +8,10 @@ find the end of the head, split it, check its framing fields, make the
 Request, call the app, put the Response's bytes on the connection. As
 Python that was ~40,000 instructions a request (benchmarks/http_cost.py).
 
-For an adapter (ASGI, WSGI) it does the first half: a plain request at
-the start of a read becomes the connection's exchange and goes to the
-adapter without the parser's Python frames.
+For an adapter (ASGI, WSGI) it does the first half: the first plain
+request of a read becomes the connection's exchange and goes to the
+adapter, and the plain ones pipelined after it wait in the connection's
+backlog, all without the parser's Python frames.
 
 ``serve(conn, data)`` does it for the requests at the start of one read
 that qualify, answers them with one ``sendv`` and returns how many bytes it
@@ -150,12 +151,18 @@ def serve(conn, bytes data):
         req = Request(r[0], r[1], "1.1", headers)
         pos += hlen
         if native is None:
-            # an adapter (ASGI, WSGI) drives one exchange at a time: start
-            # it; what follows waits in the connection's backlog
-            ex = H1Exchange(conn, req)
-            conn.current = ex
-            server._runner.run(ex)
-            break
+            # an adapter (ASGI, WSGI) drives one exchange at a time: the
+            # first request starts it, the plain ones after it wait in the
+            # connection's backlog, parsed (as _handle_events queues them)
+            if conn.current is None:
+                conn.current = H1Exchange(conn, req)
+                server._runner.run(conn.current)
+            else:
+                conn.backlog.append(req)
+                if len(conn.backlog) >= server.max_pipeline:
+                    conn.bind.pause_reading()
+                    break
+            continue
         try:
             resp = app(req)
         except Exception:
