@@ -159,8 +159,9 @@ class _Call:
             # the garbage collector
             ex.on_body = ex.on_body_end = ex.on_disconnect = ex.on_writable = None
         if not self.started:
-            log.error("the ASGI app returned without a response to %s %s",
-                      scope["method"], scope["path"])
+            if not self.disconnected:       # (a gone client's sends are dropped)
+                log.error("the ASGI app returned without a response to %s %s",
+                          scope["method"], scope["path"])
             _error(ex)
         elif not ex.ended:
             ex.end()
