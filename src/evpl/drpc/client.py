@@ -154,8 +154,8 @@ class Client:
     what ``credits`` packets of ``max_datagram`` bytes take (the kernel caps
     it at ``net.core.rmem_max``). ``local_address``: use an unconnected
     socket bound there (``Loop.bind``) and ``sendto`` instead of a connected
-    one (``Loop.connect``), for backends without connected datagram Binds
-    (``xdp_udp``); packets from any other address are dropped. Other
+    one (``Loop.connect``), for a client that must use a given local address
+    and port; packets from any other address are dropped. Other
     keyword options go to ``Loop.connect`` (or ``Loop.bind``).
     """
 
@@ -193,9 +193,9 @@ class Client:
             self._send = self.bind.send
             peer = None
         else:
-            # an unconnected socket (for backends without connected datagram
-            # Binds, e.g. xdp_udp): sent to with sendto, and the session
-            # drops what comes from anywhere but the server
+            # an unconnected socket at a given local address: sent to with
+            # sendto, and the session drops what comes from anywhere but the
+            # server
             peer = _numeric(address)
             self.bind = loop.bind(backend, local_address, _Handler(self),
                                   max_datagram=max_datagram, **options)
