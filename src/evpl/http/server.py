@@ -712,7 +712,18 @@ class _Conn(Handler):
             return
         if self.handling:
             return                        # _handle goes on with the rest of its read
-        if self.backlog:
+        backlog = self.backlog
+        if backlog and self.server._native is None and backlog[0].__class__ is Request:
+            # an adapter's next pipelined request: start it, the rest stay
+            # queued (no pass over the whole backlog per request)
+            self.handling = True
+            try:
+                self._dispatch(backlog.popleft())
+            finally:
+                self.handling = False
+            if self.current is not None or self.closing:
+                return
+        if backlog:
             events = list(self.backlog)
             self.backlog.clear()
             self._handle(events)
