@@ -1009,3 +1009,54 @@ cdef class LoopCore:
         for d in self.drv_list:
             d._stats(s)
         return s
+
+
+# ---- the garbage collector sees the timer heap --------------------------
+#
+# The heap holds its Timers in a C array, where the cyclic garbage collector
+# does not look; a Timer refers back to its loop (and often its callback
+# does too: ``loop.call_later(1, loop.stop)``), so a Loop dropped with
+# timers pending would never be freed. Cython makes LoopCore's tp_traverse
+# for its object fields; these wrap it to visit the heap's Timers as well,
+# and give the collector a tp_clear that lets go of them.
+
+cdef extern from "Python.h":
+    ctypedef int (*visitproc)(PyObject*, void*)
+    ctypedef int (*traverseproc)(PyObject*, visitproc, void*)
+    ctypedef int (*inquiry)(PyObject*)
+    ctypedef struct PyTypeObject:
+        traverseproc tp_traverse
+        inquiry tp_clear
+
+cdef traverseproc _cy_traverse = (<PyTypeObject*>LoopCore).tp_traverse
+cdef inquiry _cy_clear = (<PyTypeObject*>LoopCore).tp_clear
+
+
+cdef int _loop_traverse(PyObject* o, visitproc visit, void* arg) noexcept:
+    cdef int r = _cy_traverse(o, visit, arg)
+    cdef size_t i
+    cdef TimerSlot* h = (<LoopCore>o).theap
+    if r:
+        return r
+    for i in range((<LoopCore>o).tcount):
+        r = visit(h[i].timer, arg)
+        if r:
+            return r
+    return 0
+
+
+cdef int _loop_clear(PyObject* o) noexcept:
+    cdef LoopCore self = <LoopCore>o
+    cdef PyObject* t
+    while self.tcount:
+        self.tcount -= 1
+        t = self.theap[self.tcount].timer
+        (<Timer>t).cancelled = True
+        Py_DECREF(<object>t)
+    # LoopCore is no_gc_clear (its fields stay for __dealloc__): Cython made
+    # no tp_clear of its own, and the heap is all this one clears
+    return _cy_clear(o) if _cy_clear != NULL else 0
+
+
+(<PyTypeObject*>LoopCore).tp_traverse = _loop_traverse
+(<PyTypeObject*>LoopCore).tp_clear = _loop_clear
