@@ -115,6 +115,7 @@ cdef class Bind(_Source):
     cdef Py_ssize_t _push_pieces(self, pieces) except -1
     cdef int _check_datagram(self, TxEntry* e) except -1
     cdef void _mark_dirty(self)
+    cdef void _check_high_water(self)
     cdef int _after_flush(self) except -1
     cdef void _close(self, error)
     cdef void _connected(self)

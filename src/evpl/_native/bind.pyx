@@ -414,13 +414,8 @@ cdef class Bind(_Source):
         self.high_water = high_water
         self.low_water = low_water
         self.hard_limit = hard_limit
-        if self.state == S_OPEN and not self.paused and self.queued_bytes > high_water:
-            self.paused = True
-            self.loop.stat_paused += 1
-            try:
-                self.cb_paused(self)
-            except Exception as exc:
-                self.loop._callback_error(exc, self)
+        if self.state == S_OPEN:
+            self._check_high_water()
 
     def shutdown_write(self) -> None:
         """Half-close a stream Bind: shut down its sending side (the peer
@@ -476,6 +471,11 @@ cdef class Bind(_Source):
                 f"wait for on_writable")
         self.queued_bytes += n
         self._mark_dirty()
+        self._check_high_water()
+        return 0
+
+    cdef void _check_high_water(self):
+        """Past high_water and not paused yet: pause, and tell the handler."""
         if not self.paused and self.queued_bytes > self.high_water:
             self.paused = True
             self.loop.stat_paused += 1
@@ -483,7 +483,6 @@ cdef class Bind(_Source):
                 self.cb_paused(self)
             except Exception as exc:
                 self.loop._callback_error(exc, self)
-        return 0
 
     cdef void _mark_dirty(self):
         if not self.dirty:

@@ -472,21 +472,7 @@ class ClientSession:
                         else:
                             cc.update(rtt * 1e-9, now_ns * 1e-9)
                 if slot.n_resp and slot.num_rx == slot.n_req + slot.n_resp - 1:
-                    if flags or self.backlog:
-                        self._complete(slot, now_ns)
-                        continue
-                    # complete, nothing queued behind it: inline
-                    done = slot.done
-                    resp = slot.resp
-                    slot.busy = False
-                    slot.done = None
-                    slot.req = b""
-                    slot.resp = None
-                    slot.resp_view = None
-                    self.busy -= 1
-                    self.completed += 1
-                    self.free.append(slot)
-                    done(resp, None)
+                    self._complete(slot, now_ns)
                 elif self.credits:
                     self._push(slot, now_ns)
             elif ptype == CONNECT_OK:
