@@ -37,7 +37,6 @@ def split(list units, list messages, list commands):
     cdef Buffer b
     cdef const unsigned char* p
     cdef size_t off, total, flen, hl
-    cdef unsigned char fl
     cdef list frames
     cdef int count = 0
     for i in range(n):
@@ -55,18 +54,22 @@ def split(list units, list messages, list commands):
             continue
         frames = []
         while off < total:
-            fl = p[off]
-            if fl & 2:
-                flen = <size_t>evpl_load_uint(p + off + 1, 8, 1)
-                hl = 9
-            else:
-                flen = p[off + 1]
-                hl = 2
+            flen = _frame_head(p + off, &hl)
             frames.append(make_buffer(b.pool, b.chunk, b.ptr + off + hl, flen))
             off += hl + flen
         messages.append(frames)
         count += 1
     return count
+
+
+cdef inline size_t _frame_head(const unsigned char* p, size_t* hl) noexcept:
+    """The body length of the frame whose flags byte is at ``p`` (the
+    framer checked it); its header length goes to ``hl``."""
+    if p[0] & 2:
+        hl[0] = 9
+        return <size_t>evpl_load_uint(p + 1, 8, 1)
+    hl[0] = 2
+    return p[1]
 
 
 def split_env(list units, list messages, list commands):
@@ -97,12 +100,7 @@ def split_env(list units, list messages, list commands):
         frames = []
         while off < total:
             fl = p[off]
-            if fl & 2:
-                flen = <size_t>evpl_load_uint(p + off + 1, 8, 1)
-                hl = 9
-            else:
-                flen = p[off + 1]
-                hl = 2
+            flen = _frame_head(p + off, &hl)
             if env_end == 0 and flen == 0 and fl & 1:
                 env_end = off + hl          # the delimiter (a last frame is the body)
                 frames = []
