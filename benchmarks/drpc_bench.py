@@ -468,7 +468,8 @@ def c_limit(repeat: int, duration: float) -> str:
     exe = HERE.parent / "build" / "udp_limit"
     exe.parent.mkdir(exist_ok=True)
     if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)], check=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", f"-I{src.parent}", "-o", str(exe),
+                        str(src)], check=True)
     configs = [["65507"], ["65507", "copy"], ["1472"], ["1472", "gso"], ["1472", "copy", "gso"]]
     runs: dict[str, list[float]] = {}
     for r in range(repeat):

@@ -267,7 +267,8 @@ def c_binary(name: str = "zmq_perf") -> str | None:
     if not shutil.which("gcc") or (libs and not os.path.exists("/usr/include/zmq.h")):
         return None
     os.makedirs(BUILD, exist_ok=True)
-    r = subprocess.run(["gcc", "-O2", "-Wall", "-o", out, src, *libs], capture_output=True)
+    r = subprocess.run(["gcc", "-O2", "-Wall", "-I", os.path.join(HERE, "c"), "-o", out, src,
+                        *libs], capture_output=True)
     return out if r.returncode == 0 else None
 
 

@@ -1,6 +1,7 @@
 /*
  * bench_common.h - pieces shared by the benchmark C programs (loadgen.c,
- * rpcload.c, rpc/bench_client.c): error exit, option parsing, clocks, CPU
+ * rpcload.c, rpc/bench_client.c, udp_limit.c, pingpong_floor.c): error exit,
+ * option parsing, clocks, CPU pinning, CPU
  * time (own and another process's, from /proc), a log-linear latency
  * histogram and the common tail of the JSON result line.
  *
@@ -59,6 +60,19 @@ static inline uint64_t now_ns(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
+
+static inline double now_s(void) { return (double)now_ns() * 1e-9; }
+
+#ifdef _GNU_SOURCE
+#include <sched.h>
+/* Pin this process to CPU ``core`` (define _GNU_SOURCE before any include). */
+static inline void pin_cpu(int core) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(core, &set);
+    sched_setaffinity(0, sizeof(set), &set);
+}
+#endif
 
 static inline double self_cpu_s(void) {
     struct rusage ru;

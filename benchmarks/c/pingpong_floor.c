@@ -27,18 +27,8 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
+#include "bench_common.h"
 
-static void pin(int core) {
-    cpu_set_t cs;
-    CPU_ZERO(&cs);
-    CPU_SET(core, &cs);
-    sched_setaffinity(0, sizeof cs, &cs);
-}
 
 static int tcp_pair(int sv[2]) {
     struct sockaddr_in a = {0};
@@ -80,12 +70,12 @@ int main(int argc, char **argv) {
         return 1;
     }
     int fd = child ? sv[0] : sv[1];
-    pin(child ? 0 : 1);
+    pin_cpu(child ? 0 : 1);
     int ep = epoll_create1(0);
     struct epoll_event ev = {.events = EPOLLIN};
     epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
     long n = 0;
-    double t0 = now(), t_end = t0 + duration;
+    double t0 = now_s(), t_end = t0 + duration;
     if (child && send(fd, buf, sizeof buf, 0) != sizeof buf)
         return 1;
     for (;;) {
@@ -101,14 +91,14 @@ int main(int argc, char **argv) {
                 have += (size_t)r;
         }
         n++;
-        if (child && (n & 1023) == 0 && now() >= t_end)
+        if (child && (n & 1023) == 0 && now_s() >= t_end)
             break;
         if (send(fd, buf, sizeof buf, 0) != sizeof buf)
             break;
     }
 out:
     if (child) {
-        double secs = now() - t0;
+        double secs = now_s() - t0;
         kill(child, SIGKILL);
         waitpid(child, NULL, 0);
         printf("{\"msgs\": %ld, \"secs\": %.6f, \"cpu\": 0}\n", n, secs);

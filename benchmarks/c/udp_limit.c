@@ -30,6 +30,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_common.h"
+
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
 #endif
@@ -41,18 +43,6 @@
 #define CHUNK (64u << 10)       /* acknowledged every CHUNK bytes */
 #define MSG (8u << 20)          /* the reassembly buffer */
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void pin(int core) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(core, &set);
-    sched_setaffinity(0, sizeof(set), &set);
-}
 
 static int udp_socket(struct sockaddr_in *addr) {
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -93,7 +83,7 @@ int main(int argc, char **argv) {
 
     pid_t child = fork();
     if (child == 0) {                           /* the sender, core 1 */
-        pin(1);
+        pin_cpu(1);
         char *buf = calloc(1, per_send);
         char ack[64];
         size_t inflight = 0;
@@ -112,14 +102,14 @@ int main(int argc, char **argv) {
             inflight = inflight > CHUNK ? inflight - CHUNK : 0;
         }
     }
-    pin(0);                                     /* the receiver, core 0 */
+    pin_cpu(0);                                     /* the receiver, core 0 */
     char *msg = malloc(MSG), *slot = malloc(65536);
     memset(msg, 0, MSG);
     size_t off = 0, since_ack = 0, bytes = 0, reads = 0;
     struct timeval tv = {1, 0};
     setsockopt(rfd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    double t0 = now(), start = t0 + 0.3, end = start + secs, t;
-    while ((t = now()) < end) {
+    double t0 = now_s(), start = t0 + 0.3, end = start + secs, t;
+    while ((t = now_s()) < end) {
         ssize_t n = recvfrom(rfd, slot, 65536, 0, NULL, NULL);
         if (n < 0) { perror("recv"); break; }
         if (copy) {                              /* into the 8 MiB message, as drpc does */
