@@ -23,27 +23,10 @@ import evpl
 from evpl._native import xdp as native_xdp
 
 from .helpers import TIMEOUT, InThread, Ticker
-from .vethnet import VethNet, veth_unavailable_reason
+from .vethnet import Echo, Recorder, VethNet, veth_unavailable_reason
 
 _why = veth_unavailable_reason()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"xdp_udp over veth: {_why}")
-
-
-class Echo(evpl.Handler):
-    def __init__(self) -> None:
-        self.got: list[tuple[bytes, object]] = []
-
-    def on_datagram(self, bind, buf, addr):
-        self.got.append((bytes(buf), addr))
-        bind.sendto(buf, addr)
-
-
-class Recorder(evpl.Handler):
-    def __init__(self) -> None:
-        self.got: list[tuple[bytes, object]] = []
-
-    def on_datagram(self, bind, buf, addr):
-        self.got.append((bytes(buf), addr))
 
 
 @pytest.fixture

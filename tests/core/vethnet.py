@@ -20,6 +20,8 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
+import evpl
+
 CLONE_NEWNET = 0x40000000
 
 
@@ -144,3 +146,25 @@ class VethNet:
             (p.get("prog") for p in info.get("xdp", {}).get("attached", []) if p.get("prog")),
             None)
         return prog.get("name") if prog else None
+
+
+# ---- handlers the xdp_udp tests share ----
+class Echo(evpl.Handler):
+    """Echo every datagram to its sender, keeping (payload, address)."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[bytes, object]] = []
+
+    def on_datagram(self, bind, buf, addr):
+        self.got.append((bytes(buf), addr))
+        bind.sendto(buf, addr)
+
+
+class Recorder(evpl.Handler):
+    """Keep every datagram as (payload, address)."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[bytes, object]] = []
+
+    def on_datagram(self, bind, buf, addr):
+        self.got.append((bytes(buf), addr))
