@@ -6,7 +6,7 @@ from evpl._native.buffers cimport Pool, Buffer, Chunk
 from evpl._native.framing cimport Framer
 from evpl._native.loop cimport _Source, LoopCore, Timer
 from evpl._native.sys cimport sockaddr, sockaddr_in6, socklen_t
-from evpl._native.txqueue cimport TxQueue, TxEntry
+from evpl._native.txqueue cimport TxQueue, TxEntry, TxMark
 
 # bind states
 cdef enum:
@@ -109,9 +109,9 @@ cdef class Bind(_Source):
     cdef void _adopt_stream(self, peer, bint connecting, int connect_errno)
     cdef void _adopt_datagram(self, bint gso, peer, bint gro_fits)
     cdef int _can_send(self) except -1
-    cdef int _queued(self, size_t n, size_t start) except -1
+    cdef int _queued(self, size_t n, TxMark m) except -1
     cdef bint _frames_sends(self)
-    cdef TxEntry* _push_message(self, data) except NULL
+    cdef Py_ssize_t _push_message(self, data) except -1
     cdef Py_ssize_t _push_pieces(self, pieces) except -1
     cdef int _check_datagram(self, TxEntry* e) except -1
     cdef void _mark_dirty(self)
