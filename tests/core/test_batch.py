@@ -275,7 +275,7 @@ class Forwarder(evpl.Handler):
         self.sent.append(bytes(msgs[0]))
         queued = bind.queued_bytes
         try:
-            bind.send_messages(list(msgs[1:]) + [self.refuse])
+            bind.send_messages([*msgs[1:], self.refuse])
         except (evpl.FramingError, TypeError):
             self.refused += 1
         assert bind.queued_bytes == queued > before
