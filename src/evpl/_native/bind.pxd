@@ -1,4 +1,5 @@
 # cython: language_level=3
+cimport cython
 """The Bind and Listener bases every backend fills (see bind.pyx)."""
 
 from libc.stdint cimport int64_t
@@ -128,7 +129,11 @@ cdef class Bind(_Source):
     cdef Py_ssize_t _scan(self, Chunk* c, char* p, size_t avail, size_t* hint, size_t* payload,
                           int* nfrag) except? -100
     cdef Buffer _message(self, Chunk* c, char* p, Py_ssize_t r, size_t payload, int nfrag)
-    cdef Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
+    @cython.final
+    cdef inline Buffer _next_native(self, Chunk* c, char* p, size_t avail, size_t* hint,
+                                    Py_ssize_t* r)
+    @cython.final
+    cdef inline Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
                               Py_ssize_t* r)
     cdef int _deliver(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2
     cdef int _deliver_batch(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2
