@@ -487,8 +487,10 @@ cdef class Bind(_Source):
                 f"send queue would exceed hard_limit ({self.hard_limit} bytes); "
                 f"wait for on_writable")
         self.queued_bytes += n
-        self._mark_dirty()
-        self._check_high_water()
+        if not self.dirty:                  # (tested here: one call less per send)
+            self._mark_dirty()
+        if self.queued_bytes > self.high_water and not self.paused:
+            self._check_high_water()
         return 0
 
     cdef void _check_high_water(self):
