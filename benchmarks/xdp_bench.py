@@ -11,6 +11,14 @@ other end, pinned to core 1:
 * ``oneway``: ``sockperf throughput`` floods 64-byte datagrams at a server
   that drops them; datagrams the server received per second.
 
+Two C servers give the limit of each kernel path with no Python at all:
+``c-udp`` (c/echo_epoll.c, recvmmsg/sendmmsg on one UDP socket) and
+``c-xsk`` (c/xsk_echo.c, one AF_XDP socket through libxdp, copy mode on
+veth; the load's side gets a static neighbour entry for it, as its program
+takes ARP too). They run the ``echo`` and ``latency`` loads. Their ratio is
+what ``xdp_udp`` could gain over ``udp`` on this path if Python cost
+nothing.
+
 For ``xdp_udp`` the table also gives the datagrams sent per ``sendto``
 (copy mode needs one per batch; ``EVPL_XDP_TX_BUDGET=32`` in the
 environment sets the kernel's default batch of 32 back, for comparisons).
@@ -42,7 +50,9 @@ NS = {"a": "evx-xdp-bench-a", "b": "evx-xdp-bench-b"}
 IF = {"a": "evx-xdpbench-a", "b": "evx-xdpbench-b"}
 IP = {"a": "10.251.0.1", "b": "10.251.0.2"}
 CLIENT_CORE = "1"
-BACKENDS = ["udp", "io_uring_udp", "xdp_udp"]
+BACKENDS = ["udp", "io_uring_udp", "xdp_udp", "c-udp", "c-xsk"]
+C_LOADS = ("echo", "latency")         # the C servers echo; they do not count a flood
+XSK_PORT = "7777"                     # c-xsk binds no kernel socket: any port will do
 MODES = ["event", "poll"]
 LOADS = ["echo", "latency", "oneway"]
 
@@ -69,7 +79,32 @@ def teardown() -> None:
         subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=30)
 
 
+def build_xsk() -> None:
+    """Compile c/xsk_echo.c against libxdp, or say why c-xsk cannot run."""
+    src, out = HERE / "c" / "xsk_echo.c", BUILD / "xsk_echo"
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return
+    r = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src), "-lxdp",
+                        "-lbpf"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SkipStack(f"c/xsk_echo.c does not build (libxdp-dev?): {r.stderr.strip()[-200:]}")
+
+
+def mac_of(side: str) -> str:
+    out = subprocess.run(["ip", "-n", NS[side], "-j", "link", "show", IF[side]], check=True,
+                         capture_output=True, text=True, timeout=30).stdout
+    return str(json.loads(out)[0]["address"])
+
+
 def server_cmd(backend: str, mode: str, load: str) -> list[str]:
+    spin = ["--spin"] if mode == "poll" else []
+    if backend == "c-udp":
+        return ["ip", "netns", "exec", NS["a"], str(BUILD / "echo_epoll"), "--mode", "udp",
+                "--host", IP["a"], "--port", "0", *spin]
+    if backend == "c-xsk":
+        build_xsk()
+        return ["ip", "netns", "exec", NS["a"], str(BUILD / "xsk_echo"), "--interface", IF["a"],
+                "--port", XSK_PORT, *spin]
     cmd = ["ip", "netns", "exec", NS["a"], sys.executable, str(HERE / "servers_evpl.py"),
            "--mode", "udpsink" if load == "oneway" else "udp", "--backend", backend,
            "--host", IP["a"], "--port", "0"]
@@ -86,6 +121,24 @@ def in_b(argv: list[str]) -> list[str]:
 
 def measure(backend: str, mode: str, load: str, opts: argparse.Namespace) -> dict[str, Any]:
     """One run of ``load`` against one server; the numbers it gave."""
+    if backend.startswith("c-") and load not in C_LOADS:
+        raise SkipLoad
+    if backend == "c-xsk":
+        sh("ip", "-n", NS["b"], "neigh", "replace", IP["a"], "lladdr", mac_of("a"), "dev", IF["b"],
+           "nud", "permanent")
+    try:
+        return _measure(backend, mode, load, opts)
+    finally:
+        if backend == "c-xsk":
+            subprocess.run(["ip", "-n", NS["b"], "neigh", "del", IP["a"], "dev", IF["b"]],
+                           capture_output=True, timeout=30)
+
+
+class SkipLoad(Exception):
+    """This server does not run this load."""
+
+
+def _measure(backend: str, mode: str, load: str, opts: argparse.Namespace) -> dict[str, Any]:
     with running(server_cmd(backend, mode, load)) as server:
         port = server.ready_line.split()[1]
         if load == "oneway":
@@ -163,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                             d = measure(backend, mode, load, opts)
                         except SkipStack as exc:
                             skipped[backend] = str(exc)
+                            continue
+                        except SkipLoad:
                             continue
                         runs.setdefault((load, mode, backend), []).append(d)
                         print(f"[{rep + 1}/{opts.repeat}] {load:7} {mode:5} {backend:13} "
