@@ -16,7 +16,9 @@ would otherwise pick, measured in the same run, medians of --repeat runs.
            connections x 16 pipelined 64-byte messages) against 1 and 2
            evpl shards and 1 and 2 uvloop processes on one SO_REUSEPORT
            port; server CPU per message summed over the server processes.
-           The load generator shares the 2 cores with the servers.
+           The load generator shares the 2 cores with the servers. evpl
+           runs in its default hybrid poll mode (it spins 50 us after
+           work: CPU spent waiting) and in event mode (never spins).
 
 Run: flock /tmp/evpl-bench.lock python benchmarks/cores_bench.py all
 """
@@ -495,14 +497,17 @@ def _cpu_ticks(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _evpl_server(n: int, port: int, ready: Any) -> None:
+def _evpl_server(n: int, port: int, mode: str, ready: Any) -> None:
+    import signal
+
     from servers_evpl import BatchEcho
 
     def main(shard: Any) -> None:
         shard.listen("echo", BatchEcho, framing=evpl.framing.length_prefix(4, "big"))
 
-    group = shards.start(main, n, cpus=list(range(n)),
+    group = shards.start(main, n, cpus=list(range(n)), poll_mode=mode,
                          listen={"echo": ("tcp", ("127.0.0.1", port))})
+    signal.signal(signal.SIGTERM, lambda *_: group.stop())
     os.write(ready, json.dumps([p for p in group.pids]).encode())
     group.wait()
 
@@ -532,8 +537,9 @@ def scaling_run(stack: str, n: int, opts: argparse.Namespace) -> dict[str, float
     ctx = multiprocessing.get_context("fork")
     r, w = os.pipe()
     procs = []
-    if stack == "evpl":
-        procs.append(ctx.Process(target=_evpl_server, args=(n, port, w)))
+    if stack.startswith("evpl"):
+        mode = "event" if stack == "evpl-event" else "hybrid"
+        procs.append(ctx.Process(target=_evpl_server, args=(n, port, mode, w)))
     else:
         procs += [ctx.Process(target=_uvloop_server, args=(port, i, w)) for i in range(n)]
     for p in procs:
@@ -562,7 +568,8 @@ def scaling_run(stack: str, n: int, opts: argparse.Namespace) -> dict[str, float
 
 def bench_scaling(opts: argparse.Namespace) -> list[dict[str, Any]]:
     subprocess.run([sys.executable, "-c", "import run; run.build(False)"], cwd=HERE, check=True)
-    configs = [("evpl", 1), ("evpl", 2), ("uvloop", 1), ("uvloop", 2)]
+    configs = [("evpl", 1), ("evpl", 2), ("evpl-event", 1), ("evpl-event", 2),
+               ("uvloop", 1), ("uvloop", 2)]
     runs: dict[tuple[str, int], list[dict[str, float]]] = {c: [] for c in configs}
     for _ in range(opts.repeat):
         for c in configs:
