@@ -258,9 +258,6 @@ cdef class ShardFuture:
             yield from waiter.__await__()
         return self.result()
 
-    def _finish(self, bint ok, value) -> None:
-        self.finish(ok, value)
-
     cdef void finish(self, bint ok, value):
         cdef object cbs
         if self._done:
