@@ -16,7 +16,9 @@ would otherwise pick, measured in the same run, medians of --repeat runs.
            connections x 16 pipelined 64-byte messages) against 1 and 2
            evpl shards and 1 and 2 uvloop processes on one SO_REUSEPORT
            port; server CPU per message summed over the server processes.
-           The load generator shares the 2 cores with the servers.
+           The load generator shares the 2 cores with the servers. evpl
+           runs in its default hybrid poll mode (it spins 50 us after
+           work: CPU spent waiting) and in event mode (never spins).
 
 Run: flock /tmp/evpl-bench.lock python benchmarks/cores_bench.py all
 """
@@ -234,7 +236,10 @@ def bench_offload(opts: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- rings
-def _evpl_rings(mode: str, batched: bool, n_msgs: int, n_rt: int, out: Any) -> None:
+WINDOW = 64     # pipelined round trips: requests in flight
+
+
+def _evpl_rings(mode: str, batched: str, n_msgs: int, n_rt: int, out: Any) -> None:
     def main(shard: Any) -> None:
         loop = shard.loop
         if shard.id == 1:
@@ -249,7 +254,7 @@ def _evpl_rings(mode: str, batched: bool, n_msgs: int, n_rt: int, out: Any) -> N
                 got[0] += len(batch)
                 if got[0] == n_msgs:
                     shard.send_to(0, b"done")
-            if batched:
+            if batched != "no":
                 shard.on_messages = on_messages
             else:
                 shard.on_message = on_message
@@ -260,7 +265,7 @@ def _evpl_rings(mode: str, batched: bool, n_msgs: int, n_rt: int, out: Any) -> N
         send = shard.send_to
         t = time.perf_counter()
         sent = 0
-        if batched:
+        if batched == "both":
             chunk = [PAYLOAD] * 256
             while sent < n_msgs:
                 n = shard.send_many(1, chunk if n_msgs - sent >= 256 else chunk[:n_msgs - sent])
@@ -285,7 +290,19 @@ def _evpl_rings(mode: str, batched: bool, n_msgs: int, n_rt: int, out: Any) -> N
         again()
         loop.run_until(lambda: count[0] > n_rt)
         rt = n_rt / (time.perf_counter() - t)
-        os.write(out, json.dumps({"one_way": one_way, "rt": rt}).encode())
+        # pipelined: WINDOW requests in flight, a new one per reply
+        count[0] = 0
+        t = time.perf_counter()
+
+        def more(f: Any = None) -> None:
+            count[0] += 1
+            if count[0] <= n_rt * 4:
+                shard.submit_to(1, PAYLOAD).add_done_callback(more)
+        for _ in range(WINDOW):
+            shard.submit_to(1, PAYLOAD).add_done_callback(more)
+        loop.run_until(lambda: count[0] >= n_rt * 4 + WINDOW)
+        piped = n_rt * 4 / (time.perf_counter() - t)
+        os.write(out, json.dumps({"one_way": one_way, "rt": rt, "piped": piped}).encode())
         shard.stop_group()
 
     opts: dict[str, Any] = {"poll_mode": mode}
@@ -294,7 +311,7 @@ def _evpl_rings(mode: str, batched: bool, n_msgs: int, n_rt: int, out: Any) -> N
         raise RuntimeError(f"shards exited with {statuses}")
 
 
-def evpl_rings(mode: str, n_msgs: int, n_rt: int, batched: bool = False) -> dict[str, float]:
+def evpl_rings(mode: str, n_msgs: int, n_rt: int, batched: str = "no") -> dict[str, float]:
     r, w = os.pipe()
     # from a child process: this one may have threads, and shards fork
     p = multiprocessing.get_context("fork").Process(target=_evpl_rings,
@@ -316,7 +333,7 @@ def _pipe_peer(conn: Any, n_msgs: int, n_rt: int) -> None:
     for _ in range(n_msgs):
         conn.recv_bytes()
     conn.send_bytes(b"done")
-    for _ in range(n_rt):
+    for _ in range(n_rt + n_rt * 4 + WINDOW):
         conn.send_bytes(conn.recv_bytes())
 
 
@@ -337,10 +354,19 @@ def mp_pipe(n_msgs: int, n_rt: int) -> dict[str, float]:
             a.send_bytes(PAYLOAD)
             a.recv_bytes()
         rt = n_rt / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(WINDOW):
+            a.send_bytes(PAYLOAD)
+        for _ in range(n_rt * 4):
+            a.recv_bytes()
+            a.send_bytes(PAYLOAD)
+        piped = n_rt * 4 / (time.perf_counter() - t)
+        for _ in range(WINDOW):
+            a.recv_bytes()
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
         p.join()
-    return {"one_way": one_way, "rt": rt}
+    return {"one_way": one_way, "rt": rt, "piped": piped}
 
 
 def _queue_peer(q_in: Any, q_out: Any, n_msgs: int, n_rt: int) -> None:
@@ -348,7 +374,7 @@ def _queue_peer(q_in: Any, q_out: Any, n_msgs: int, n_rt: int) -> None:
     for _ in range(n_msgs):
         q_in.get()
     q_out.put(b"done")
-    for _ in range(n_rt):
+    for _ in range(n_rt + n_rt * 4 + WINDOW):
         q_out.put(q_in.get())
 
 
@@ -369,10 +395,19 @@ def mp_queue(n_msgs: int, n_rt: int) -> dict[str, float]:
             q_in.put(PAYLOAD)
             q_out.get()
         rt = n_rt / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(WINDOW):
+            q_in.put(PAYLOAD)
+        for _ in range(n_rt * 4):
+            q_out.get()
+            q_in.put(PAYLOAD)
+        piped = n_rt * 4 / (time.perf_counter() - t)
+        for _ in range(WINDOW):
+            q_out.get()
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
         p.join()
-    return {"one_way": one_way, "rt": rt}
+    return {"one_way": one_way, "rt": rt, "piped": piped}
 
 
 def _zmq_peer(path: str, n_msgs: int, n_rt: int) -> None:
@@ -384,7 +419,7 @@ def _zmq_peer(path: str, n_msgs: int, n_rt: int) -> None:
     for _ in range(n_msgs):
         s.recv(copy=False)
     s.send(b"done")
-    for _ in range(n_rt):
+    for _ in range(n_rt + n_rt * 4 + WINDOW):
         s.send(s.recv())
     s.close()
     ctx.term()
@@ -410,12 +445,21 @@ def zmq_ipc(n_msgs: int, n_rt: int) -> dict[str, float]:
             s.send(PAYLOAD)
             s.recv()
         rt = n_rt / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(WINDOW):
+            s.send(PAYLOAD)
+        for _ in range(n_rt * 4):
+            s.recv()
+            s.send(PAYLOAD)
+        piped = n_rt * 4 / (time.perf_counter() - t)
+        for _ in range(WINDOW):
+            s.recv()
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
         p.join()
         s.close()
         ctx.term()
-    return {"one_way": one_way, "rt": rt}
+    return {"one_way": one_way, "rt": rt, "piped": piped}
 
 
 def bench_rings(opts: argparse.Namespace) -> list[dict[str, Any]]:
@@ -423,8 +467,10 @@ def bench_rings(opts: argparse.Namespace) -> list[dict[str, Any]]:
     stacks: dict[str, Callable[[], dict[str, float]]] = {
         "evpl shards, event mode": lambda: evpl_rings("event", n_msgs, n_rt),
         "evpl shards, poll mode": lambda: evpl_rings("always", n_msgs, n_rt),
+        "evpl shards, poll, send_to/on_messages":
+            lambda: evpl_rings("always", n_msgs, n_rt, "recv"),
         "evpl shards, poll, send_many/on_messages":
-            lambda: evpl_rings("always", n_msgs, n_rt, True),
+            lambda: evpl_rings("always", n_msgs, n_rt, "both"),
         "multiprocessing.Pipe": lambda: mp_pipe(n_msgs, n_rt),
         "multiprocessing.Queue": lambda: mp_queue(n_msgs, n_rt),
         "pyzmq ipc:// PAIR": lambda: zmq_ipc(n_msgs, n_rt),
@@ -435,7 +481,8 @@ def bench_rings(opts: argparse.Namespace) -> list[dict[str, Any]]:
             runs[name].append(fn())
     return [{"stack": name,
              "one_way_per_s": statistics.median(r["one_way"] for r in rs),
-             "round_trips_per_s": statistics.median(r["rt"] for r in rs)}
+             "round_trips_per_s": statistics.median(r["rt"] for r in rs),
+             f"pipelined_rt_per_s_{WINDOW}_in_flight": statistics.median(r["piped"] for r in rs)}
             for name, rs in runs.items()]
 
 
@@ -450,14 +497,17 @@ def _cpu_ticks(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _evpl_server(n: int, port: int, ready: Any) -> None:
+def _evpl_server(n: int, port: int, mode: str, ready: Any) -> None:
+    import signal
+
     from servers_evpl import BatchEcho
 
     def main(shard: Any) -> None:
         shard.listen("echo", BatchEcho, framing=evpl.framing.length_prefix(4, "big"))
 
-    group = shards.start(main, n, cpus=list(range(n)),
+    group = shards.start(main, n, cpus=list(range(n)), poll_mode=mode,
                          listen={"echo": ("tcp", ("127.0.0.1", port))})
+    signal.signal(signal.SIGTERM, lambda *_: group.stop())
     os.write(ready, json.dumps([p for p in group.pids]).encode())
     group.wait()
 
@@ -487,8 +537,9 @@ def scaling_run(stack: str, n: int, opts: argparse.Namespace) -> dict[str, float
     ctx = multiprocessing.get_context("fork")
     r, w = os.pipe()
     procs = []
-    if stack == "evpl":
-        procs.append(ctx.Process(target=_evpl_server, args=(n, port, w)))
+    if stack.startswith("evpl"):
+        mode = "event" if stack == "evpl-event" else "hybrid"
+        procs.append(ctx.Process(target=_evpl_server, args=(n, port, mode, w)))
     else:
         procs += [ctx.Process(target=_uvloop_server, args=(port, i, w)) for i in range(n)]
     for p in procs:
@@ -517,7 +568,8 @@ def scaling_run(stack: str, n: int, opts: argparse.Namespace) -> dict[str, float
 
 def bench_scaling(opts: argparse.Namespace) -> list[dict[str, Any]]:
     subprocess.run([sys.executable, "-c", "import run; run.build(False)"], cwd=HERE, check=True)
-    configs = [("evpl", 1), ("evpl", 2), ("uvloop", 1), ("uvloop", 2)]
+    configs = [("evpl", 1), ("evpl", 2), ("evpl-event", 1), ("evpl-event", 2),
+               ("uvloop", 1), ("uvloop", 2)]
     runs: dict[tuple[str, int], list[dict[str, float]]] = {c: [] for c in configs}
     for _ in range(opts.repeat):
         for c in configs:

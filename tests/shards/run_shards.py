@@ -1,5 +1,6 @@
 """Run by test_shards.py: two shards that report their pid and wait; the test
-sends SIGTERM to this process, which must stop both and print the statuses."""
+sends SIGTERM to this process, which must stop both and print the statuses
+(or kills it: the shards must notice). argv[1]: the shards' poll_mode."""
 
 import os
 import sys
@@ -12,5 +13,6 @@ def main(shard):
 
 
 if __name__ == "__main__":
-    print("statuses", shards.run(main, 2), flush=True)
+    mode = sys.argv[1] if len(sys.argv) > 1 else "hybrid"
+    print("statuses", shards.run(main, 2, poll_mode=mode), flush=True)
     sys.exit(0)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from core.helpers import TIMEOUT
@@ -294,6 +296,97 @@ def test_await_replies_in_coroutines(tmp_path):
     assert r["error"] == "ShardError", r["error"]
 
 
+def test_request_and_reply_forms(tmp_path):
+    """Every form a request and its reply can take goes through the native
+    path or the Shard's fallback and arrives intact: bytes, bytearray and
+    memoryview payloads, None (empty), bytes-like and Future replies (from
+    loop.offload), pickled objects both ways, a handler that raises, a reply
+    of the wrong type, a shard without handlers; one-way messages of every
+    buffer type; and a batch sent outside a loop iteration, larger than the
+    early-publish size, in order."""
+    path = str(tmp_path)
+    BIG = 5000          # records of 72 bytes: several early publishes
+
+    def main(shard):
+        if shard.id == 1:
+            got = []
+            from evpl.threads import WorkerPool
+            workers = WorkerPool(1)
+
+            def on_request(src, payload):
+                kind = bytes(payload[:4]) if isinstance(payload, (bytes, bytearray)) else None
+                if payload == {"obj": [1, 2]}:
+                    return {"echo": payload}
+                if kind == b"none":
+                    return None
+                if kind == b"barr":
+                    return bytearray(payload[4:])
+                if kind == b"view":
+                    return memoryview(bytes(payload[4:]))
+                if kind == b"futr":
+                    return shard.loop.offload(bytes.upper, bytes(payload[4:]), workers=workers)
+                if kind == b"fail":
+                    raise KeyError("nope")
+                if kind == b"type":
+                    return 42
+                return bytes(payload)
+
+            shard.on_request = on_request
+            shard.on_message = lambda src, payload: got.append(bytes(payload))
+            shard.loop.run_until(lambda: len(got) >= BIG + 3, timeout=TIMEOUT * 3)
+            workers.close()
+            _finish(shard, path, got=[g.hex() for g in got[:3]],
+                    order=got[3:] == [b"%08d" % i + bytes(64) for i in range(BIG)])
+            return
+        if shard.id == 2:
+            return          # no handlers: requests to it fail, messages are reported
+        fut = {
+            "bytes": shard.submit_to(1, b"plain"),
+            "bytearray_in": shard.submit_to(1, bytearray(b"array")),
+            "memoryview_in": shard.submit_to(1, memoryview(b"xxmview-in")[2:]),
+            "none": shard.submit_to(1, b"none"),
+            "barr": shard.submit_to(1, b"barrBA"),
+            "view": shard.submit_to(1, b"viewMV"),
+            "futr": shard.submit_to(1, b"futrlower"),
+            "fail": shard.submit_to(1, b"fail"),
+            "type": shard.submit_to(1, b"type"),
+            "pickled": shard.submit_to(1, {"obj": [1, 2]}, pickle=True),
+            "no_handler": shard.submit_to(2, b"anyone?"),
+        }
+        shard.send_to(1, b"m1")
+        shard.send_to(1, bytearray(b"m2"))
+        shard.send_to(1, memoryview(b"m3"))
+        for i in range(BIG):            # outside a loop iteration: published early
+            while True:
+                try:
+                    shard.send_to(1, b"%08d" % i + bytes(64))
+                    break
+                except evpl.Busy:
+                    shard.loop.run_once(0)
+        shard.loop.run_until(lambda: all(f.done() for f in fut.values()), timeout=TIMEOUT * 3)
+        out = {}
+        for name, f in fut.items():
+            exc = f.exception()
+            out[name] = (f"{type(exc).__name__}: {exc}" if exc is not None
+                         else f.result() if name == "pickled" else bytes(f.result()).decode())
+        _finish(shard, path, out=out, pending=shard.pending)
+        shard.stop_group()
+
+    assert shards.run(main, 3, ring_bytes=65536) == [0, 0, 0]
+    r0, r1 = _read(path, 0), _read(path, 1)
+    out = r0["out"]
+    assert out["bytes"] == "plain" and out["bytearray_in"] == "array"
+    assert out["memoryview_in"] == "mview-in" and out["none"] == ""
+    assert out["barr"] == "BA" and out["view"] == "MV" and out["futr"] == "LOWER"
+    assert out["pickled"] == {"echo": {"obj": [1, 2]}}
+    assert out["fail"].startswith("ShardError") and "KeyError" in out["fail"]
+    assert out["type"].startswith("ShardError") and "bad reply int" in out["type"]
+    assert out["no_handler"].startswith("ShardError") and "no on_request" in out["no_handler"]
+    assert r0["pending"] == 0
+    assert r1["got"] == [b"m1".hex(), b"m2".hex(), b"m3".hex()] and r1["order"] is True
+    assert r0["buffers_in_use"] == r1["buffers_in_use"] == 0
+
+
 async def _await(fut):
     return await fut
 
@@ -416,11 +509,13 @@ def test_sigterm_to_the_parent(tmp_path):
     assert all(_gone(p) for p in pids)
 
 
-def test_shards_stop_when_the_parent_is_killed():
+@pytest.mark.parametrize("mode", ["event", "hybrid", "always"])
+def test_shards_stop_when_the_parent_is_killed(mode):
     """A parent killed outright (no SIGTERM handler runs) leaves no shard
-    behind: each shard watches the parent's pidfd and stops."""
+    behind, in every poll mode: each shard watches the parent's pidfd (in
+    its epoll set, or on a timer when it polls) and stops."""
     script = os.path.join(os.path.dirname(__file__), "run_shards.py")
-    proc = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, script, mode], stdout=subprocess.PIPE, text=True)
     pids: list[int] = []
     fds: list[int] = []
     try:
@@ -441,6 +536,53 @@ def test_shards_stop_when_the_parent_is_killed():
                 os.kill(pid, signal.SIGKILL)
         for fd in fds:
             os.close(fd)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None,
+                    reason="needs strace (scripts/test installs it)")
+def test_a_polling_shard_makes_no_system_call():
+    """Shard 1 in poll mode answers 2000 round trips from shard 0 (also
+    polling) without one system call: it finds the requests by reading the
+    ring, and shard 0 is not asleep, so nobody writes an eventfd. strace
+    counts shard 1's calls while the round trips run."""
+    script = os.path.join(os.path.dirname(__file__), "poll_shards.py")
+    proc = subprocess.Popen([sys.executable, script, "2000"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    tracer = None
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()[1:]]
+        with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
+            tracer = subprocess.Popen(["strace", "-c", "-o", out.name, "-p", str(pids[1])],
+                                      stderr=subprocess.PIPE, text=True)
+            line = tracer.stderr.readline()     # "strace: Process N attached"
+            if "attached" not in line:
+                tracer.wait(TIMEOUT)
+                pytest.skip(f"strace cannot attach here: {line.strip()}")
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().split() == ["done", "2000"]
+            tracer.send_signal(signal.SIGINT)       # detach: writes the summary
+            tracer.wait(TIMEOUT)
+            summary = out.read()
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().split() == ["statuses", "[0,", "0]"]
+        proc.wait(TIMEOUT)
+    finally:
+        if tracer is not None and tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    calls = {}
+    for row in summary.splitlines():
+        cols = row.split()
+        if len(cols) >= 5 and cols[-1].isidentifier() and cols[-1] != "total":
+            calls[cols[-1]] = int(cols[3])
+    # only the 10 Hz look at the parent's pidfd may show (select), nothing per message
+    assert not {k: v for k, v in calls.items() if k not in ("select", "pselect6")}, summary
+    assert sum(calls.values()) < 2000, summary
 
 
 def test_bad_arguments():

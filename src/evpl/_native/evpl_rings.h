@@ -5,8 +5,9 @@
  * A record is a 16-byte header (payload length, kind, id) and the payload,
  * padded to 8 bytes. A record never wraps: when it does not fit before the
  * end of the ring, a PAD record fills the rest and it starts at offset 0.
- * The producer publishes `tail` (release) after the record is written; the
- * consumer publishes `head` after it has taken a batch. */
+ * The producer publishes `tail` (release) once per batch of records (at the
+ * end of its loop iteration, or when a batch grows large), not per record;
+ * the consumer publishes `head` after it has taken a batch. */
 #ifndef EVPL_RINGS_H
 #define EVPL_RINGS_H
 
@@ -68,18 +69,46 @@ static inline size_t evpl_rec_size(uint32_t len) {
     return (sizeof(evpl_rec) + len + 7) & ~(size_t)7;
 }
 
-/* Write one record; 0 if it does not fit now (the ring is full). */
-static inline int evpl_ring_put(evpl_ring_hdr *r, uint64_t size, uint32_t kind, uint64_t id,
-                                const void *data, uint32_t len) {
+/* The producer's private side of one ring: where it writes next (`tail`,
+ * ahead of the published r->tail while a batch is being written) and the
+ * consumer's position it last read (`head`, reloaded only when the ring
+ * looks full), so that writing a record touches no line the consumer
+ * writes, and the consumer sees whole batches. */
+typedef struct {
+    uint64_t tail;
+    uint64_t head;
+} evpl_ring_tx;
+
+static inline void evpl_ring_tx_init(evpl_ring_tx *t, evpl_ring_hdr *r) {
+    t->tail = __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE);
+    t->head = __atomic_load_n(&r->head, __ATOMIC_ACQUIRE);
+}
+
+/* Publish what was written: the consumer may take it from now on. */
+static inline void evpl_ring_publish(evpl_ring_hdr *r, evpl_ring_tx *t) {
+    __atomic_store_n(&r->tail, t->tail, __ATOMIC_RELEASE);
+}
+
+/* Bytes written and not published yet. */
+static inline uint64_t evpl_ring_unpublished(evpl_ring_hdr *r, evpl_ring_tx *t) {
+    return t->tail - r->tail;       /* r->tail: ours, no other writer */
+}
+
+/* Write one record at the producer's private tail (not published: see
+ * evpl_ring_publish); 0 if it does not fit now (the ring is full). */
+static inline int evpl_ring_put(evpl_ring_hdr *r, evpl_ring_tx *t, uint64_t size,
+                                uint32_t kind, uint64_t id, const void *data, uint32_t len) {
     char *buf = (char *)(r + 1);
-    uint64_t tail = r->tail;    /* ours */
-    uint64_t head = __atomic_load_n(&r->head, __ATOMIC_ACQUIRE);
+    uint64_t tail = t->tail;
     size_t need = evpl_rec_size(len);
     uint64_t off = tail & (size - 1);
     size_t pad = 0;
     evpl_rec *h;
     if (off + need > size) pad = size - off;
-    if (tail + pad + need - head > size) return 0;
+    if (tail + pad + need - t->head > size) {
+        t->head = __atomic_load_n(&r->head, __ATOMIC_ACQUIRE);
+        if (tail + pad + need - t->head > size) return 0;
+    }
     if (pad) {
         h = (evpl_rec *)(buf + off);
         h->len = 0;
@@ -93,7 +122,7 @@ static inline int evpl_ring_put(evpl_ring_hdr *r, uint64_t size, uint32_t kind, 
     h->kind = kind;
     h->id = id;
     if (len) memcpy(h + 1, data, len);
-    __atomic_store_n(&r->tail, tail + need, __ATOMIC_RELEASE);
+    t->tail = tail + need;
     return 1;
 }
 

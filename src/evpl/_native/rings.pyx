@@ -14,7 +14,7 @@ SQ_NEED_WAKEUP and AF_XDP's need-wakeup flag work the same way).
 
 cimport cython
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint64_t, uint32_t
 from libc.errno cimport errno
 from posix.unistd cimport read as c_read, write as c_write
@@ -22,9 +22,14 @@ from posix.unistd cimport read as c_read, write as c_write
 from evpl._native.loop cimport Driver, LoopCore
 from evpl._native.sys cimport epoll_event, epoll_ctl, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN
 
+import asyncio as _asyncio
+import logging as _logging
 import pickle as _pickle
+import threading as _threading
 
-from evpl.errors import Busy, ConfigError, ShardError
+from evpl.errors import Busy, ConfigError, EvplError, ShardError
+
+_log = _logging.getLogger("evpl")
 
 cdef extern from "<sys/mman.h>" nogil:
     void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
@@ -58,8 +63,14 @@ cdef extern from "evpl_rings.h" nogil:
     size_t evpl_rings_size(int n, uint64_t ring_bytes)
     evpl_shard_ctl* evpl_rings_ctl(void* base, int i)
     evpl_ring_hdr* evpl_rings_ring(void* base, int n, uint64_t ring_bytes, int src, int dst)
-    int evpl_ring_put(evpl_ring_hdr* r, uint64_t size, uint32_t kind, uint64_t id,
-                      const void* data, uint32_t length)
+    ctypedef struct evpl_ring_tx:
+        uint64_t tail
+        uint64_t head
+    void evpl_ring_tx_init(evpl_ring_tx* t, evpl_ring_hdr* r)
+    void evpl_ring_publish(evpl_ring_hdr* r, evpl_ring_tx* t)
+    uint64_t evpl_ring_unpublished(evpl_ring_hdr* r, evpl_ring_tx* t)
+    int evpl_ring_put(evpl_ring_hdr* r, evpl_ring_tx* t, uint64_t size, uint32_t kind,
+                      uint64_t id, const void* data, uint32_t length)
     int evpl_ring_ready(evpl_ring_hdr* r)
     evpl_rec* evpl_ring_next(evpl_ring_hdr* r, uint64_t size, uint64_t* pos, uint64_t tail)
 
@@ -81,6 +92,7 @@ cdef extern from *:
     int evpl_add(int* p, int v) nogil
 
 DEF MAX_SHARDS = 64
+DEF PUBLISH_BYTES = 4096    # a batch written outside a loop iteration is published at this size
 
 # record kinds; PICKLED marks a payload the receiver unpickles
 K_MESSAGE = 1
@@ -191,6 +203,115 @@ cdef class RingSet:
             raise ValueError(f"no shard {i} (the group has {self.n})")
 
 
+@cython.final
+@cython.freelist(64)
+cdef class ShardFuture:
+    """The reply of another shard's ``on_request``. Completed on this
+    shard's loop: ``add_done_callback`` functions run there. Do not block
+    on it in a callback (the loop would stop); use callbacks, ``await`` it
+    in a coroutine on ``evpl.aio.attach(shard.loop)``, or
+    ``shard.loop.run_until(fut.done)`` outside a callback. (Native: made
+    and completed by the rings with no Python frame.)"""
+    cdef bint _done
+    cdef bint _ok
+    cdef object _value
+    cdef object _callbacks          # None, one callable, or a list of them
+    cdef int dst
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self):
+        """The reply; raises the error if it failed, or ``EvplError`` if it
+        is not done yet."""
+        if not self._done:
+            raise EvplError("the reply has not arrived yet")
+        if not self._ok:
+            raise self._value
+        return self._value
+
+    def exception(self):
+        if not self._done:
+            raise EvplError("the reply has not arrived yet")
+        return None if self._ok else self._value
+
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(future)`` when done (at once if it is)."""
+        if self._done:
+            fn(self)
+        elif self._callbacks is None:
+            self._callbacks = fn
+        elif type(self._callbacks) is list:
+            self._callbacks.append(fn)
+        else:
+            self._callbacks = [self._callbacks, fn]
+
+    def __await__(self):
+        """``await fut`` in a coroutine: the reply, or the error raised.
+        Run the coroutines on the shard's own thread with
+        ``evpl.aio.attach(shard.loop)``; from another thread's asyncio loop
+        it works too (the reply crosses with ``call_soon_threadsafe``)."""
+        if not self._done:
+            loop = _asyncio.get_running_loop()
+            waiter = loop.create_future()
+            self.add_done_callback(_Arrived(loop, waiter))
+            yield from waiter.__await__()
+        return self.result()
+
+    cdef void finish(self, bint ok, value):
+        cdef object cbs
+        if self._done:
+            return
+        self._done = True
+        self._ok = ok
+        self._value = value
+        cbs = self._callbacks
+        if cbs is None:
+            return
+        self._callbacks = None
+        if type(cbs) is list:
+            for fn in <list>cbs:
+                _run_callback(fn, self)
+        else:
+            _run_callback(cbs, self)
+
+
+cdef inline void _run_callback(fn, ShardFuture fut):
+    try:
+        fn(fut)
+    except Exception:
+        _log.exception("a ShardFuture callback raised")
+
+
+@cython.final
+cdef class _Arrived:
+    """Wakes an asyncio waiter when a ShardFuture is done: at once on the
+    waiter's own thread, through call_soon_threadsafe from another."""
+    cdef object loop
+    cdef object waiter
+    cdef object thread
+
+    def __init__(self, loop, waiter):
+        self.loop = loop
+        self.waiter = waiter
+        self.thread = _threading.get_ident()
+
+    def __call__(self, fut):
+        if _threading.get_ident() == self.thread:
+            _wake(self.waiter)
+        else:
+            self.loop.call_soon_threadsafe(_wake, self.waiter)
+
+
+def _wake(waiter) -> None:
+    if not waiter.done():           # (a cancelled await leaves it done)
+        waiter.set_result(None)
+
+
+cdef bytes _describe(exc):
+    return f"{type(exc).__name__}: {exc}".encode()
+
+
 cdef struct rx_ctx:
     int n
     int me
@@ -214,13 +335,20 @@ cdef int _ready(void* p) noexcept nogil:
 @cython.final
 @cython.no_gc_clear
 cdef class ShardRings(Driver):
-    """One shard's end of the rings: ``send`` into shard k's ring, incoming
-    records dispatched to the handlers ``on_message(src, payload)``,
-    ``on_request(src, rid, payload, pickled)``, ``on_reply(src, rid, ok,
-    payload)`` and ``on_change()`` (a shard came or went)."""
+    """One shard's end of the rings: ``send_to`` / ``submit_to`` into shard
+    k's ring, incoming records dispatched to the user's handlers
+    ``on_message(src, payload)`` (or ``on_messages(src, batch)``) and
+    ``on_request(src, payload)``, replies to the ``ShardFuture`` in
+    ``pending``, all without a Python frame of evpl's. The Shard handles
+    the rare paths: ``on_backlog(dst, kind, rid, payload, request)`` (a full
+    ring or a shard that is gone), ``on_result(src, rid, pickled, result)``
+    (a reply that is not bytes: a Future, a pickled value, another buffer),
+    ``on_change()`` (a shard came or went) and ``on_room_cb()``."""
     cdef RingSet rs
     cdef rx_ctx ctx
     cdef evpl_ring_hdr* tx[MAX_SHARDS]
+    cdef evpl_ring_tx txs[MAX_SHARDS]   # our private tail and cached head, per ring
+    cdef uint64_t publish_bytes         # publish a batch early once it is this large
     cdef int efds[MAX_SHARDS]
     cdef bint dirty[MAX_SHARDS]
     cdef bint down[MAX_SHARDS]          # gone, as far as this shard knows
@@ -232,8 +360,11 @@ cdef class ShardRings(Driver):
     cdef public object on_message
     cdef public object on_messages   # if set: one call per ring batch of one-way messages
     cdef public object on_request
-    cdef public object on_reply
     cdef public object on_change
+    cdef public object on_backlog
+    cdef public object on_result
+    cdef readonly dict pending          # request id -> ShardFuture
+    cdef uint64_t rid
     cdef size_t stat_sent, stat_received, stat_full, stat_wakeups, stat_batches
 
     cdef int _setup(self, LoopCore loop, RingSet rs, int me, list efds) except -1:
@@ -244,9 +375,11 @@ cdef class ShardRings(Driver):
         self.loop = loop
         self.rs = rs
         self.me = me
+        self.pending = {}
         self.name = "shards"
         self.size = rs.ring_bytes
         self.max_payload = <uint32_t>(rs.ring_bytes // 4)
+        self.publish_bytes = min(<uint64_t>rs.ring_bytes // 8, <uint64_t>PUBLISH_BYTES)
         self.ctx.n = rs.n
         self.ctx.me = me
         self.ctx.ctl = evpl_rings_ctl(rs.base, me)
@@ -263,6 +396,7 @@ cdef class ShardRings(Driver):
             else:
                 self.ctx.rx[i] = evpl_rings_ring(rs.base, rs.n, rs.ring_bytes, i, me)
                 self.tx[i] = evpl_rings_ring(rs.base, rs.n, rs.ring_bytes, me, i)
+                evpl_ring_tx_init(&self.txs[i], self.tx[i])
         self.fd = efds[me]
         ev.events = EPOLLIN
         ev.data.ptr = <void*>self
@@ -277,40 +411,59 @@ cdef class ShardRings(Driver):
 
     # ---- sending --------------------------------------------------------
 
-    cpdef bint send(self, int dst, int kind, uint64_t rid, payload) except -1:
-        """Copy one record into shard ``dst``'s ring; False if the ring is
-        full (the caller keeps it; the driver's ``on_room`` retry follows)."""
+    cdef int _put(self, int dst, uint32_t kind, uint64_t rid, payload) except -1:
+        """Copy one record into shard ``dst``'s ring; 0 if the ring is full
+        (the receiver is asked to say when it has made room)."""
         cdef Py_buffer view
         cdef int ok
-        cdef evpl_ring_hdr* r
-        if not 0 <= dst < self.ctx.n or dst == self.me:
-            raise ValueError(f"no other shard {dst} (this is shard {self.me} of {self.ctx.n})")
-        r = self.tx[dst]
+        if type(payload) is bytes:
+            return self._put_raw(dst, kind, rid, PyBytes_AS_STRING(payload),
+                                 PyBytes_GET_SIZE(payload))
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
-            if <size_t>view.len > self.max_payload:
-                raise ValueError(f"payload of {view.len} bytes is larger than a quarter of "
-                                 f"the ring ({self.max_payload} bytes; see ring_bytes)")
-            ok = evpl_ring_put(r, self.size, kind, rid, view.buf, <uint32_t>view.len)
+            ok = self._put_raw(dst, kind, rid, <const char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
-        if not ok:
-            # ask the receiver to tell us when it made room, then look again
-            evpl_store(&r.want_room, 1)
-            evpl_fence()
-            PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
-            try:
-                ok = evpl_ring_put(r, self.size, kind, rid, view.buf, <uint32_t>view.len)
-            finally:
-                PyBuffer_Release(&view)
-            if not ok:
+        return ok
+
+    cdef int _put_raw(self, int dst, uint32_t kind, uint64_t rid, const char* buf,
+                      Py_ssize_t n) except -1:
+        cdef evpl_ring_hdr* r = self.tx[dst]
+        cdef evpl_ring_tx* t = &self.txs[dst]
+        if <size_t>n > self.max_payload:
+            raise ValueError(f"payload of {n} bytes is larger than a quarter of "
+                             f"the ring ({self.max_payload} bytes; see ring_bytes)")
+        if not evpl_ring_put(r, t, self.size, kind, rid, buf, <uint32_t>n):
+            self._want_room(dst)
+            if not evpl_ring_put(r, t, self.size, kind, rid, buf, <uint32_t>n):
                 self.stat_full += 1
-                if not self.ndirty or not self.dirty[dst]:
+                if not self.dirty[dst]:
                     self._mark(dst)      # the receiver must see what is there
-                return False
+                return 0
         self.stat_sent += 1
         if not self.dirty[dst]:
             self._mark(dst)
+        elif evpl_ring_unpublished(r, t) >= self.publish_bytes:
+            evpl_ring_publish(r, t)     # a long batch: let the receiver start on it
+        return 1
+
+    cdef void _want_room(self, int dst) noexcept:
+        """The ring to ``dst`` looks full: publish what we wrote and ask the
+        receiver to tell us when it has made room (the caller then looks
+        once more: it may have made room in between)."""
+        cdef evpl_ring_hdr* r = self.tx[dst]
+        evpl_ring_publish(r, &self.txs[dst])
+        evpl_store(&r.want_room, 1)
+        evpl_fence()
+
+    def send(self, int dst, int kind, uint64_t rid, payload) -> bool:
+        """Copy one record into shard ``dst``'s ring and publish it at once;
+        False if the ring is full (the caller keeps it; the driver's
+        ``on_room_cb`` follows)."""
+        self._check(dst)
+        if not self._put(dst, kind, rid, payload):
+            return False
+        evpl_ring_publish(self.tx[dst], &self.txs[dst])
         return True
 
     def set_down(self, int k, bint down) -> None:
@@ -330,49 +483,93 @@ cdef class ShardRings(Driver):
         """``Shard.send_to``: one message to shard ``dst``, or ``Busy`` if
         its ring is full (or requests to it wait for room: order is kept),
         ``ShardError`` if it is gone."""
-        cdef int kind = KM_MESSAGE
-        self._check(dst)
+        cdef uint32_t kind = KM_MESSAGE
+        if <unsigned>dst >= <unsigned>self.ctx.n or dst == self.me:
+            self._check(dst)
         if self.down[dst]:
             raise ShardError(f"shard {dst} is gone")
         if pickle:
             payload = _pickle.dumps(payload, protocol=_pickle.HIGHEST_PROTOCOL)
             kind |= KM_PICKLED
-        if self.backlogged[dst] or not self.send(dst, kind, 0, payload):
+        if self.backlogged[dst] or not self._put(dst, kind, 0, payload):
             raise Busy(f"the ring to shard {dst} is full")
+
+    def submit_to(self, int dst, payload, *, bint pickle=False) -> ShardFuture:
+        """``Shard.submit_to``: a request to shard ``dst``; the ShardFuture
+        gets the reply of its ``on_request``. A full ring (or requests
+        already waiting for room) goes to ``on_backlog``, which keeps the
+        request or raises ``Busy``; ``ShardError`` if ``dst`` is gone."""
+        cdef uint32_t kind = KM_REQUEST
+        cdef ShardFuture fut
+        cdef uint64_t rid
+        if <unsigned>dst >= <unsigned>self.ctx.n or dst == self.me:
+            self._check(dst)
+        if self.down[dst]:
+            raise ShardError(f"shard {dst} is gone")
+        if pickle:
+            payload = _pickle.dumps(payload, protocol=_pickle.HIGHEST_PROTOCOL)
+            kind |= KM_PICKLED
+        self.rid += 1
+        rid = self.rid
+        if self.backlogged[dst] or not self._put(dst, kind, rid, payload):
+            self.on_backlog(dst, kind, rid, payload, True)
+        fut = ShardFuture.__new__(ShardFuture)
+        fut.dst = dst
+        self.pending[rid] = fut
+        return fut
+
+    def fail_pending(self, int k, error) -> None:
+        """Fail every pending request to shard ``k`` with ``error``."""
+        cdef ShardFuture fut
+        for rid, f in list(self.pending.items()):
+            fut = <ShardFuture>f
+            if fut.dst == k:
+                del self.pending[rid]
+                fut.finish(False, error)
+
+    cdef int _reply(self, int src, uint32_t kind, uint64_t rid, payload) except -1:
+        """Send a reply, published at once: a reply that ``on_request``
+        returned reaches the requester even if this shard dies right after."""
+        if self.down[src] or self.backlogged[src] or not self._put(src, kind, rid, payload):
+            self.on_backlog(src, kind, rid, payload, False)
+        else:
+            evpl_ring_publish(self.tx[src], &self.txs[src])
+        return 0
+
+    cdef int _request(self, int src, uint64_t rid, bytes data, bint pickled) except -1:
+        """Run ``on_request`` and send its reply: bytes (or None) at once,
+        anything else through the Shard's ``on_result``."""
+        h = self.on_request
+        try:
+            if h is None:
+                raise ShardError(f"shard {self.me} has no on_request handler")
+            result = h(src, _pickle.loads(data) if pickled else data)
+        except Exception as exc:
+            self._reply(src, KM_ERROR, rid, _describe(exc))
+            return 0
+        if not pickled:
+            if result is None:
+                result = b""
+            if type(result) is bytes:
+                self._reply(src, KM_REPLY, rid, result)
+                return 0
+        self.on_result(src, rid, pickled, result)
+        return 0
 
     def send_many(self, int dst, int kind, payloads, Py_ssize_t start=0) -> int:
         """Copy ``payloads[start:]`` into shard ``dst``'s ring, one record
         each, until it is full; returns how many were written."""
-        cdef Py_buffer view
-        cdef int ok
         cdef Py_ssize_t i, n
-        cdef evpl_ring_hdr* r
         cdef list items = payloads if type(payloads) is list else list(payloads)
-        if not 0 <= dst < self.ctx.n or dst == self.me:
-            raise ValueError(f"no other shard {dst} (this is shard {self.me} of {self.ctx.n})")
-        r = self.tx[dst]
+        self._check(dst)
         n = len(items)
         i = start
-        while i < n:
-            PyObject_GetBuffer(items[i], &view, PyBUF_SIMPLE)
-            try:
-                if <size_t>view.len > self.max_payload:
-                    raise ValueError(f"payload of {view.len} bytes is larger than a quarter "
-                                     f"of the ring ({self.max_payload} bytes)")
-                ok = evpl_ring_put(r, self.size, kind, 0, view.buf, <uint32_t>view.len)
-                if not ok:
-                    evpl_store(&r.want_room, 1)
-                    evpl_fence()
-                    ok = evpl_ring_put(r, self.size, kind, 0, view.buf, <uint32_t>view.len)
-            finally:
-                PyBuffer_Release(&view)
-            if not ok:
-                self.stat_full += 1
-                break
-            i += 1
-        self.stat_sent += i - start
-        if i > start and not self.dirty[dst]:
-            self._mark(dst)
+        try:
+            while i < n and self._put(dst, kind, 0, items[i]):
+                i += 1
+        finally:
+            if i > start:
+                evpl_ring_publish(self.tx[dst], &self.txs[dst])    # the batch, at once
         return i - start
 
     cdef inline void _mark(self, int dst):
@@ -407,6 +604,7 @@ cdef class ShardRings(Driver):
             for i in range(self.ctx.n):
                 if self.dirty[i]:
                     self.dirty[i] = False
+                    evpl_ring_publish(self.tx[i], &self.txs[i])
                     self._wake(i)
             self.ndirty = 0
         return 0
@@ -423,6 +621,8 @@ cdef class ShardRings(Driver):
         cdef uint32_t kind
         cdef list batch = None
         cdef object on_messages = self.on_messages
+        cdef object on_message = self.on_message
+        cdef object fut
         cdef int epoch = evpl_load(self.ctx.epoch)
         if evpl_xchg(&self.ctx.ctl.room, 0):
             self._room()
@@ -449,18 +649,27 @@ cdef class ShardRings(Driver):
                                 batch = []
                             batch.append(_pickle.loads(data) if kind & KM_PICKLED else data)
                         else:
-                            self.on_message(i, _pickle.loads(data) if kind & KM_PICKLED else data)
+                            if on_message is None:
+                                raise ShardError(f"shard {self.me} got a message from shard {i} "
+                                                 "but has no on_message handler")
+                            on_message(i, _pickle.loads(data) if kind & KM_PICKLED else data)
                         continue
                     if batch:           # keep the order of messages and requests
                         on_messages(i, batch)
                         batch = None
                     if kind & 0xff == KM_REQUEST:
-                        self.on_request(i, h.id, data, bool(kind & KM_PICKLED))
-                    elif kind & 0xff == KM_REPLY:
-                        self.on_reply(i, h.id, True,
-                                      _pickle.loads(data) if kind & KM_PICKLED else data)
-                    elif kind & 0xff == KM_ERROR:
-                        self.on_reply(i, h.id, False, data)
+                        self._request(i, h.id, data, kind & KM_PICKLED)
+                    elif kind & 0xff == KM_REPLY or kind & 0xff == KM_ERROR:
+                        fut = self.pending.pop(h.id, None)
+                        if fut is None:
+                            continue    # failed already (the shard was reported gone)
+                        if kind & 0xff == KM_REPLY:
+                            (<ShardFuture>fut).finish(
+                                True, _pickle.loads(data) if kind & KM_PICKLED else data)
+                        else:
+                            (<ShardFuture>fut).finish(False, ShardError(
+                                f"shard {i} failed the request: "
+                                f"{data.decode(errors='replace')}"))
                 if batch:
                     on_messages(i, batch)
                     batch = None
@@ -520,6 +729,7 @@ cdef class ShardRings(Driver):
         return 0
 
     cdef void _close(self):
+        self._submit()              # what was written since the last iteration
         if self.fd >= 0 and self.loop is not None:
             epoll_ctl(self.loop.epfd, EPOLL_CTL_DEL, self.fd, NULL)
             self.fd = -1

@@ -26,6 +26,13 @@ __all__ = ["ShardGroup", "run", "start"]
 
 _log = logging.getLogger("evpl")
 
+_PARENT_CHECK_S = 0.1   # a polling shard looks at its parent's pidfd this often
+
+
+def _readable(fd: int) -> bool:
+    """``fd`` is readable now (a pidfd: its process has exited)."""
+    return bool(select.select([fd], [], [], 0)[0])
+
 SO_ATTACH_REUSEPORT_CBPF = 51
 _SKF_AD_CPU = -0x1000 + 36          # SKF_AD_OFF + SKF_AD_CPU
 
@@ -205,8 +212,16 @@ class ShardGroup:
             parent = os.pidfd_open(self._parent_pid)
         except ProcessLookupError:
             return 1
-        loop.watch_fd(parent, on_readable=lambda: (
-            _log.warning("shard %d: the parent process died; stopping", i), shard.stop()))
+        def orphaned() -> None:
+            _log.warning("shard %d: the parent process died; stopping", i)
+            shard.stop()
+        if loop.poll_mode == "event":
+            loop.watch_fd(parent, on_readable=orphaned)
+        else:
+            # a polling loop calls epoll_wait while it spins only if an fd
+            # of its own is in the epoll set: look at the pidfd on a timer
+            # instead, so that polling the rings costs no system call
+            loop.call_every(_PARENT_CHECK_S, lambda: _readable(parent) and orphaned())
         rs.set_state(i, _rings.RUNNING, os.getpid())
         self.main(shard)
         if self._ready_w >= 0:          # (a restarted shard has nobody waiting)

@@ -3,11 +3,9 @@ loop, cross-shard messages and listeners shared with the other shards."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import pickle
 import socket
-import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -15,92 +13,16 @@ from typing import Any
 from evpl._native import rings as _rings
 from evpl.core import backends as _backends
 from evpl.core.loop import Loop, _framer, _handler, _limits
-from evpl.errors import Busy, ConfigError, EvplError, ShardError
+from evpl.errors import Busy, ConfigError, ShardError
 
 __all__ = ["Shard", "ShardFuture"]
 
 _log = logging.getLogger("evpl")
 
-
-class ShardFuture:
-    """The reply of another shard's ``on_request``. Completed on this
-    shard's loop: ``add_done_callback`` functions run there. Do not block
-    on it in a callback (the loop would stop); use callbacks, ``await`` it
-    in a coroutine on ``evpl.aio.attach(shard.loop)``, or
-    ``shard.loop.run_until(fut.done)`` outside a callback."""
-
-    __slots__ = ("_callbacks", "_done", "_ok", "_value")
-
-    def __init__(self) -> None:
-        self._done = False
-        self._ok = False
-        self._value: Any = None
-        self._callbacks: list[Callable[[ShardFuture], Any]] | None = None
-
-    def done(self) -> bool:
-        return self._done
-
-    def result(self) -> Any:
-        """The reply; raises the error if it failed, or ``EvplError`` if it
-        is not done yet."""
-        if not self._done:
-            raise EvplError("the reply has not arrived yet")
-        if not self._ok:
-            raise self._value
-        return self._value
-
-    def exception(self) -> BaseException | None:
-        if not self._done:
-            raise EvplError("the reply has not arrived yet")
-        return None if self._ok else self._value
-
-    def add_done_callback(self, fn: Callable[[ShardFuture], Any]) -> None:
-        """Call ``fn(future)`` when done (at once if it is)."""
-        if self._done:
-            fn(self)
-        elif self._callbacks is None:
-            self._callbacks = [fn]
-        else:
-            self._callbacks.append(fn)
-
-    def __await__(self) -> Any:
-        """``await fut`` in a coroutine: the reply, or the error raised.
-        Run the coroutines on the shard's own thread with
-        ``evpl.aio.attach(shard.loop)``; from another thread's asyncio loop
-        it works too (the reply crosses with ``call_soon_threadsafe``)."""
-        if not self._done:
-            loop = asyncio.get_running_loop()
-            waiter = loop.create_future()
-            here = threading.get_ident()
-
-            def arrived(_: ShardFuture) -> None:
-                if threading.get_ident() == here:
-                    _wake(waiter)
-                else:
-                    loop.call_soon_threadsafe(_wake, waiter)
-
-            self.add_done_callback(arrived)
-            yield from waiter.__await__()
-        return self.result()
-
-    def _finish(self, ok: bool, value: Any) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._ok = ok
-        self._value = value
-        callbacks, self._callbacks = self._callbacks, None
-        if callbacks:
-            for fn in callbacks:
-                try:
-                    fn(self)
-                except Exception:
-                    _log.exception("a ShardFuture callback raised")
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():           # (a cancelled await leaves it done)
-        waiter.set_result(None)
+#: The reply of another shard's ``on_request`` (native, see rings.pyx):
+#: ``done()``, ``result()``, ``exception()``, ``add_done_callback(fn)``
+#: (run on the shard's loop) and ``await``.
+ShardFuture = _rings.ShardFuture
 
 
 class Shard:
@@ -120,25 +42,22 @@ class Shard:
         self.count = count
         self.loop = loop
         self.cpu = cpu
-        self.on_request: Callable[[int, Any], Any] | None = None
-        self.on_message: Callable[[int, Any], Any] | None = None
         self._rs = ring_set
         self._sockets = sockets
         self._max_backlog = max_backlog
-        self._rid = 0
-        self._pending: dict[int, tuple[int, ShardFuture]] = {}
         self._backlog: list[deque[tuple[int, int, Any]]] = [deque() for _ in range(count)]
         self._down: set[int] = set()
         self._generation = [ring_set.generation(i) for i in range(count)]
         self.stopping = False
         rings = self._rings = _rings.shard_rings(loop, ring_set, shard_id, efds)
-        rings.on_message = self._message
-        rings.on_request = self._request
-        rings.on_reply = self._reply
         rings.on_change = self._change
         rings.on_room_cb = self._room
-        # one-way messages go straight to the native send: no Python frame
+        rings.on_backlog = self._enqueue
+        rings.on_result = self._result
+        # messages and requests go straight to the native methods: no
+        # Python frame per message (the handlers are called from the rings)
         self.send_to = rings.send_to  # type: ignore[method-assign]
+        self.submit_to = rings.submit_to  # type: ignore[method-assign]
         self._change()
 
     # ---- sending --------------------------------------------------------
@@ -184,34 +103,50 @@ class Shard:
         """Send a request to shard ``k``; the future gets the reply of its
         ``on_request``. A full ring delays the request (up to
         ``max_backlog`` of them per shard, then ``evpl.Busy``); a shard that
-        dies fails every pending future to it with ``ShardError``."""
-        self._check(k)
-        kind = _rings.K_REQUEST
-        if pickle:
-            payload, kind = _dumps(payload), kind | _rings.K_PICKLED
-        self._rid += 1
-        rid = self._rid
-        backlog = self._backlog[k]
-        if backlog:
-            if len(backlog) >= self._max_backlog:
-                raise Busy(f"{len(backlog)} requests to shard {k} wait for room in its ring")
-            backlog.append((kind, rid, bytes(payload)))
-        elif not self._rings.send(k, kind, rid, payload):
-            if self._max_backlog == 0:
-                raise Busy(f"the ring to shard {k} is full")
-            backlog.append((kind, rid, bytes(payload)))
-            self._rings.set_backlogged(k, True)
-        fut = ShardFuture()
-        self._pending[rid] = (k, fut)
-        return fut
+        dies fails every pending future to it with ``ShardError``. (A
+        started Shard replaces this method with the native one it
+        describes.)"""
+        return self._rings.submit_to(k, payload, pickle=pickle)
 
-    def _send_reply(self, k: int, kind: int, rid: int, payload: Any) -> None:
-        if k in self._down and self._rs.state(k) == _rings.GONE:
-            return              # (a restarted shard may ask before we saw it come back)
+    @property
+    def on_request(self) -> Callable[[int, Any], Any] | None:
+        """``fn(src, payload)`` answers ``submit_to`` from shard ``src``:
+        return a bytes-like reply (None: empty), or a Future of one (e.g.
+        from ``loop.offload``); an exception becomes the caller's
+        ``ShardError``. Called from the rings: no evpl frame in between."""
+        return self._rings.on_request
+
+    @on_request.setter
+    def on_request(self, fn: Callable[[int, Any], Any] | None) -> None:
+        self._rings.on_request = fn
+
+    @property
+    def on_message(self) -> Callable[[int, Any], Any] | None:
+        """``fn(src, payload)`` for each ``send_to`` message from shard
+        ``src`` (unless ``on_messages`` is set). Called from the rings."""
+        return self._rings.on_message
+
+    @on_message.setter
+    def on_message(self, fn: Callable[[int, Any], Any] | None) -> None:
+        self._rings.on_message = fn
+
+    def _enqueue(self, k: int, kind: int, rid: int, payload: Any, request: bool) -> None:
+        """The rings could not send now (the ring to ``k`` is full, or
+        records already wait for room, or ``k`` is gone): keep the record
+        in order, or raise ``Busy`` for a request beyond ``max_backlog``."""
         backlog = self._backlog[k]
-        if backlog or not self._rings.send(k, kind, rid, payload):
-            backlog.append((kind, rid, bytes(payload)))
-            self._rings.set_backlogged(k, True)
+        if request:
+            if len(backlog) >= self._max_backlog:
+                if backlog:
+                    raise Busy(f"{len(backlog)} requests to shard {k} wait for room in its ring")
+                raise Busy(f"the ring to shard {k} is full")
+        elif k in self._down:
+            if self._rs.state(k) == _rings.GONE:
+                return          # (a restarted shard may ask before we saw it come back)
+            if not backlog and self._rings.send(k, kind, rid, payload):
+                return
+        backlog.append((kind, rid, bytes(payload)))
+        self._rings.set_backlogged(k, True)
 
     def _room(self) -> None:
         """A ring we wait on has room: send what waits, in order."""
@@ -229,22 +164,9 @@ class Shard:
 
     # ---- receiving --------------------------------------------------------
 
-    def _message(self, src: int, payload: Any) -> None:
-        h = self.on_message
-        if h is None:
-            raise ShardError(f"shard {self.id} got a message from shard {src} "
-                             "but has no on_message handler")
-        h(src, payload)
-
-    def _request(self, src: int, rid: int, data: bytes, pickled: bool) -> None:
-        try:
-            h = self.on_request
-            if h is None:
-                raise ShardError(f"shard {self.id} has no on_request handler")
-            result = h(src, pickle.loads(data) if pickled else data)
-        except Exception as exc:
-            self._send_reply(src, _rings.K_ERROR, rid, _describe(exc))
-            return
+    def _result(self, src: int, rid: int, pickled: bool, result: Any) -> None:
+        """A reply the rings do not send themselves: a Future (reply when
+        it is done), a pickled request's value, a buffer other than bytes."""
         if hasattr(result, "add_done_callback") and hasattr(result, "exception"):
             result.add_done_callback(lambda f: self._reply_future(src, rid, pickled, f))
         else:
@@ -272,15 +194,9 @@ class Shard:
             return
         self._send_reply(src, kind, rid, value)
 
-    def _reply(self, src: int, rid: int, ok: bool, payload: Any) -> None:
-        entry = self._pending.pop(rid, None)
-        if entry is None:
-            return                  # failed already (the shard was reported gone)
-        if ok:
-            entry[1]._finish(True, payload)
-        else:
-            entry[1]._finish(False, ShardError(
-                f"shard {src} failed the request: {bytes(payload).decode(errors='replace')}"))
+    def _send_reply(self, k: int, kind: int, rid: int, payload: Any) -> None:
+        if k in self._down or self._backlog[k] or not self._rings.send(k, kind, rid, payload):
+            self._enqueue(k, kind, rid, payload, False)
 
     def _change(self) -> None:
         """A shard came or went (the parent says), or the group stops."""
@@ -297,11 +213,7 @@ class Shard:
                 self._rings.set_down(k, True)
                 self._backlog[k].clear()
                 self._rings.set_backlogged(k, False)
-                error = ShardError(f"shard {k} is gone")
-                for rid, (dst, fut) in list(self._pending.items()):
-                    if dst == k:
-                        del self._pending[rid]
-                        fut._finish(False, error)
+                self._rings.fail_pending(k, ShardError(f"shard {k} is gone"))
             elif not gone and k in self._down and generation != self._generation[k]:
                 self._down.discard(k)           # restarted
                 self._rings.set_down(k, False)
@@ -316,7 +228,7 @@ class Shard:
     @property
     def pending(self) -> int:
         """Requests sent and not answered yet."""
-        return len(self._pending)
+        return len(self._rings.pending)
 
     def listen(self, name: str, handler: Any, *, framing: Any = None,
                **options: Any) -> Any:
