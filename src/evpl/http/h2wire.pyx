@@ -690,7 +690,7 @@ cdef class Encoder:
         cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(s)
         cdef Py_ssize_t hl = _huff_len(p, n) if self.huffman else n
         _reserve(b, 11 + n)
-        if hl < n:
+        if self.huffman and hl <= n:
             _put_int(b, 0x80, 7, hl)
             b.n += _huff_encode(p, n, b.p + b.n)
         else:
