@@ -17,6 +17,8 @@ import hpack
 import pytest
 from core.helpers import TIMEOUT
 from evpl.http.h2wire import Decoder, Encoder, H2Server, HPACKError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from evpl.http import Response, StreamingResponse, h2wire
 
@@ -432,6 +434,7 @@ CONNECTION_ERRORS = [
     ("HEADERS on a closed stream", headers(1) + frame(6, 0, 0, b"pingpong")
      + headers(1), 5),
     ("HEADERS on an even stream", headers(2), 1),
+    ("HEADERS with a lower stream id", headers(5) + headers(3), 1),
     ("PING of 7 bytes", frame(6, 0, 0, b"1234567"), 6),
     ("frame over SETTINGS_MAX_FRAME_SIZE", frame(0, 0, 1, b"x" * 16385), 6),
     ("SETTINGS of 5 bytes", frame(4, 0, 0, b"\x00\x01\x00\x00\x00"), 6),
@@ -567,3 +570,45 @@ def test_graceful_goaway_refuses_new_streams_and_finishes_open_ones():
     assert core.respond(1, 200, [], b"done") == 4                # stream 1 still answers
     fs = frames(core.data_to_send())
     assert answered(fs, 1) and fs[-2][0] == 0 and fs[-2][3] == b"done"
+
+
+# ---- the core against random frames ----------------------------------------------
+
+_frames = st.lists(st.one_of(
+    st.builds(frame, st.integers(0, 10), st.integers(0, 255),
+              st.sampled_from([0, 1, 2, 3, 5, 7, 0x7fffffff]), st.binary(max_size=40)),
+    st.builds(headers, st.sampled_from([1, 3, 5, 7]),
+              st.sampled_from([GET, GET + literal(b"content-length", b"3"), b"\xbe", b""]),
+              st.booleans(), st.booleans()),
+    st.builds(lambda sid, n: frame(0, 1, sid, b"d" * n), st.sampled_from([1, 3, 5]),
+              st.integers(0, 300)),
+), max_size=25)
+
+
+@settings(max_examples=400, deadline=None)
+@given(seq=_frames, cuts=st.lists(st.integers(0, 2000), max_size=6))
+def test_random_frames_give_events_never_exceptions_and_cuts_do_not_matter(seq, cuts):
+    data = PREFACE + SETTINGS + b"".join(seq)
+
+    def run(pieces):
+        core = H2Server()
+        events, out = [], b""
+        for p in pieces:
+            events += [e for e in core.receive(p) if e[0] != h2wire.EV_WINDOW]
+            for e in events:                    # answer requests as a server would
+                if e[0] == h2wire.EV_REQUEST and core.is_open(e[1]):
+                    core.respond(e[1], 200, [(b"content-type", b"text/plain")], b"ok")
+            out += core.data_to_send()
+        return events, out, core
+
+    whole, out, core = run([data])
+    points = sorted({min(c, len(data)) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    cut, _, _ = run(pieces)
+    assert [e[:2] for e in cut] == [e[:2] for e in whole]
+    assert all(isinstance(e, tuple) for e in whole)
+    assert len(out) < 200_000                      # answers stay proportional to input
+    parsed = frames(out)
+    assert sum(9 + len(p) for *_, p in parsed) == len(out)   # whole frames only
+    if any(e[0] == h2wire.EV_ERROR for e in whole):
+        assert core.dead and goaway_code(parsed) is not None

@@ -557,6 +557,7 @@ cdef class Decoder:
                 field = self._get(idx)
                 if PyTuple_GET_SIZE(field) == 3:      # kept from a malformed literal
                     self.malformed = True
+                    field = field[:2]
             elif (c & 0xe0) == 0x20:                 # dynamic table size update
                 if fields_seen:
                     raise HPACKError("table size update after a field")
@@ -822,8 +823,10 @@ cdef class H2Server:
     cdef int control
     cdef int max_continuations
     cdef Py_ssize_t max_block
-    cdef uint32_t[RECENT] recent
+    cdef uint32_t[RECENT] recent        # streams the server reset (late frames ignored)
     cdef int recent_pos
+    cdef uint32_t[RECENT] closed        # streams that closed (late HEADERS: STREAM_CLOSED)
+    cdef int closed_pos
     cdef list events
     cdef bint window_event
     cdef dict strs
@@ -876,7 +879,9 @@ cdef class H2Server:
         cdef int i
         for i in range(RECENT):
             self.recent[i] = 0
+            self.closed[i] = 0
         self.recent_pos = 0
+        self.closed_pos = 0
         self.events = []
         self.window_event = False
         self.strs = {}
@@ -972,6 +977,8 @@ cdef class H2Server:
         return -1
 
     cdef int _remove(self, int i) noexcept:
+        self.closed[self.closed_pos] = self.streams[i].sid
+        self.closed_pos = (self.closed_pos + 1) % RECENT
         self.nstreams -= 1
         if i != self.nstreams:
             self.streams[i] = self.streams[self.nstreams]
@@ -1383,7 +1390,10 @@ cdef class H2Server:
         if sid <= self.last_sid:
             if self._recent(sid):
                 return self._calm(now, False)
-            return self._error(STREAM_CLOSED, "HEADERS on a closed stream")
+            for i in range(RECENT):
+                if self.closed[i] == sid:
+                    return self._error(STREAM_CLOSED, "HEADERS on a closed stream")
+            return self._error(PROTOCOL_ERROR, "HEADERS with a stream id below the last one")
         self.last_sid = sid
         if self.going_away:
             self._rst(sid, REFUSED_STREAM)
@@ -1571,7 +1581,8 @@ cdef class H2Server:
             name = f[0]
             if (_name_is(name, "connection", 10) or _name_is(name, "keep-alive", 10)
                     or _name_is(name, "transfer-encoding", 17) or _name_is(name, "upgrade", 7)
-                    or _name_is(name, "proxy-connection", 16)):
+                    or _name_is(name, "proxy-connection", 16)
+                    or (body_len >= 0 and _name_is(name, "content-length", 14))):
                 continue
             self.encoder._field(&self.out, f if type(f) is tuple else tuple(f))
         if body_len >= 0:
