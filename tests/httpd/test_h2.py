@@ -167,6 +167,9 @@ def app(req):
                                     "host": req.header(b"host").decode(),
                                     "cookie": (req.header(b"cookie") or b"").decode(),
                                     "query": req.query}), content_type="application/json")
+    if req.path == "/bighead":
+        return Response(str(len(req.header(b"x-big") or b"")),
+                        headers=[("x-reply", "r" * 20_000)])
     if req.path == "/bad":
         return Response(b"x", headers=[("x-bad", "a\r\nb")])
     return Response(b"Hello, world!", content_type="text/plain", headers=[("x-served", "evpl")])
@@ -280,6 +283,21 @@ def test_h2_library_client_multiplexes_requests_with_bodies(serve):
     assert all(r[sid]["body"] == b"Hello, world!" for sid in more)
     # repeated response fields are indexed: the last HEADERS frames are a few bytes
     assert max(c.header_frames[-10:]) <= 8, c.header_frames
+
+
+def test_header_blocks_larger_than_a_frame_use_continuation_both_ways(serve):
+    s = serve(app)
+
+    def peer():
+        c = Client(s.port)
+        sid = c.request("/bighead", extra=[(b"x-big", b"q" * 40_000)])
+        c.wait(sid)
+        c.close()
+        return c.responses[sid]
+
+    r = s.run(peer)
+    assert r["body"] == b"40000"
+    assert r["headers"][b"x-reply"] == b"r" * 20_000
 
 
 def test_flow_control_follows_the_clients_window_and_settings_changes(serve):
