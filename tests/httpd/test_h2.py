@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evpl.http import Response, StreamingResponse, h2wire
+from httpd.support import run, tool
 
 # ---- HPACK: RFC 7541 Appendix C ----------------------------------------------
 
@@ -283,6 +284,30 @@ def test_h2_library_client_multiplexes_requests_with_bodies(serve):
     assert all(r[sid]["body"] == b"Hello, world!" for sid in more)
     # repeated response fields are indexed: the last HEADERS frames are a few bytes
     assert max(c.header_frames[-10:]) <= 8, c.header_frames
+
+
+async def asgi_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"Hello, world!"})
+
+
+def wsgi_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"Hello, world!"]
+
+
+@pytest.mark.parametrize("interface,the_app", [("evpl", app), ("asgi", asgi_app),
+                                               ("wsgi", wsgi_app)])
+def test_h2load_64_connections_16_streams_each(serve, interface, the_app):
+    h2load = tool("h2load")
+    s = serve(the_app, interface=interface)
+    r = s.run(lambda: run([h2load, "-c", "64", "-m", "16", "-n", "6400", s.url + "/"]))
+    out = r.stdout.decode()
+    assert "6400 succeeded, 0 failed, 0 errored" in out, out
+    assert "status codes: 6400 2xx" in out, out
 
 
 def test_header_blocks_larger_than_a_frame_use_continuation_both_ways(serve):
