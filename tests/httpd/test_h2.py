@@ -167,7 +167,10 @@ def app(req):
         return Response(json.dumps({"len": len(req.body), "method": req.method,
                                     "host": req.header(b"host").decode(),
                                     "cookie": (req.header(b"cookie") or b"").decode(),
-                                    "query": req.query}), content_type="application/json")
+                                    "query": req.query,
+                                    "trailers": [[k.decode(), v.decode()]
+                                                 for k, v in req.trailers]}),
+                        content_type="application/json")
     if req.path == "/bighead":
         return Response(str(len(req.header(b"x-big") or b"")),
                         headers=[("x-reply", "r" * 20_000)])
@@ -276,7 +279,8 @@ def test_h2_library_client_multiplexes_requests_with_bodies(serve):
     assert h[b":status"] == b"200" and h[b"content-length"] == b"13"
     assert h[b"x-served"] == b"evpl" and b"date" in h
     assert json.loads(r[sids[1]]["body"]) == {"len": 70_000, "method": "POST",
-                                             "host": "test.local", "cookie": "", "query": "x=1"}
+                                             "host": "test.local", "cookie": "", "query": "x=1",
+                                             "trailers": []}
     assert r[sids[2]]["body"] == b"b" * 200_000      # past the 65,535-byte default windows
     assert r[sids[3]]["body"] == b"one,two,three"
     assert r[sids[4]]["body"] == b"" and r[sids[4]]["headers"][b"content-length"] == b"13"
@@ -323,6 +327,44 @@ def test_header_blocks_larger_than_a_frame_use_continuation_both_ways(serve):
     r = s.run(peer)
     assert r["body"] == b"40000"
     assert r["headers"][b"x-reply"] == b"r" * 20_000
+
+
+def test_request_trailers_reach_the_app(serve):
+    s = serve(app)
+
+    def peer():
+        c = Client(s.port)
+        sid = c.c.get_next_available_stream_id()
+        c.c.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                               (b":path", b"/echo"), (b":authority", b"t")])
+        c.c.send_data(sid, b"body")
+        c.c.send_headers(sid, [(b"x-checksum", b"abc")], end_stream=True)
+        c.responses[sid] = {"headers": None, "body": b"", "done": False}
+        c.sock.sendall(c.c.data_to_send())
+        c.wait(sid)
+        c.close()
+        return json.loads(c.responses[sid]["body"])
+
+    got = s.run(peer)
+    assert got["len"] == 4 and got["trailers"] == [["x-checksum", "abc"]]
+
+
+def test_bad_h2c_upgrade_settings_get_400_and_a_close(serve):
+    s = serve(app)
+
+    def peer():
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT)
+        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                  b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAA\r\n\r\n"    # 7 bytes
+                  + PREFACE + SETTINGS)
+        buf = b""
+        while d := c.recv(65536):
+            buf += d
+        c.close()
+        return buf
+
+    assert s.run(peer) == (b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"
+                           b"connection: close\r\n\r\n")
 
 
 def test_flow_control_follows_the_clients_window_and_settings_changes(serve):

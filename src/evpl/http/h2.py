@@ -133,15 +133,19 @@ class H2Connection:
         self.streams: dict[int, _H2Exchange] = {}
         self._flush_armed = False
         if upgrade_req is not None:
-            self.bind.send(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
-                           b"upgrade: h2c\r\n\r\n")
             settings = upgrade_req.header(b"http2-settings") or b""
             try:
                 self.core.apply_settings(base64.urlsafe_b64decode(
                     settings + b"=" * (-len(settings) % 4)))
             except (ValueError, binascii.Error):
-                self.bind.close()
+                self.bind.send(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"
+                               b"connection: close\r\n\r\n")
+                self.bind.finish()
+                self.core.dead = True           # nothing more in or out
+                self.core.data_to_send()
                 return
+            self.bind.send(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+                           b"upgrade: h2c\r\n\r\n")
             self.core.upgraded_stream()
             upgrade_req.keep_alive = True
             self._new_stream(1, upgrade_req, b"http")
