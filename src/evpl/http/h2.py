@@ -249,6 +249,8 @@ class H2Connection:
     def _respond(self, sid: int, req: Request, resp: Response) -> None:
         """A native app's whole Response, in one core call."""
         body = resp.body
+        if body.__class__ is not bytes:
+            body = bytes(body)
         status = resp.status
         try:
             sent = self.core.respond(sid, status, resp.headers, body, req.method == "HEAD")

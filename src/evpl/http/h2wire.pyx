@@ -679,7 +679,8 @@ cdef class Encoder:
         cdef object f
         cdef object k, v
         for f in headers:
-            if PyDict_GetItem(self.index, f) != NULL or PyDict_GetItem(_STATIC_FULL, f) != NULL:
+            if type(f) is tuple and (PyDict_GetItem(self.index, f) != NULL
+                                     or PyDict_GetItem(_STATIC_FULL, f) != NULL):
                 continue
             k, v = f
             if type(k) is not bytes or type(v) is not bytes or not _field_ok(k, v):
