@@ -601,7 +601,7 @@ cdef class Decoder:
 cdef class Encoder:
     """HPACK encoding for responses. A field seen before is one index (a
     byte or two); a new one is added to the dynamic table when it is at
-    most a quarter of it; strings are Huffman-coded when that is shorter
+    most three quarters of it; strings are Huffman-coded when that is not longer
     (``huffman=False``: never)."""
 
     cdef list entries                   # keys, oldest first, from self.first
