@@ -7,6 +7,8 @@ callgrind so the number does not move with the machine's load.
 It feeds a typical wrk request (one per read, then 16 pipelined per read)
 to a server connection whose Bind is a stand-in that drops what is sent,
 and reports (instructions with N requests - instructions with none) / N.
+Then the same over HTTP/2 (h2load's requests: one stream per request, one
+or 16 HEADERS frames per read).
 """
 
 from __future__ import annotations
@@ -46,17 +48,46 @@ conn.bind = DropBind()
 conn.sniffed = conn.plain = True
 req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 n, per_read = int(sys.argv[1]), int(sys.argv[2])
-data = req * per_read
-for _ in range(n // per_read):
-    conn.on_data(None, data)
+if sys.argv[3] == "h1":
+    data = req * per_read
+    for _ in range(n // per_read):
+        conn.on_data(None, data)
+else:
+    # HTTP/2 as h2load sends it: HEADERS with END_STREAM per request, HPACK-
+    # indexed after the first, a connection WINDOW_UPDATE per read. The reads
+    # are built in both runs (argv[4] says whether to feed them) so only the
+    # serving is counted
+    from evpl.http import h2wire
+
+    def frame(ftype, flags, sid, payload):
+        return len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + \
+            sid.to_bytes(4, "big") + payload
+
+    conn.bind = DropBind()
+    conn._to_h2(h2wire.PREFACE + frame(4, 0, 0, b""), None)
+    enc = h2wire.Encoder()
+    hs = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"),
+          (b":authority", b"127.0.0.1:8080"), (b"accept", b"*/*"),
+          (b"accept-encoding", b"gzip, deflate"), (b"user-agent", b"h2load nghttp2/1.52.0")]
+    reads, sid = [], 1
+    for _ in range(n // per_read):
+        parts = []
+        for _ in range(per_read):
+            parts.append(frame(1, 5, sid, enc.encode(hs)))
+            sid += 2
+        parts.append(frame(8, 0, 0, (13 * per_read).to_bytes(4, "big")))
+        reads.append(b"".join(parts))
+    if sys.argv[4] == "feed":
+        for data in reads:
+            conn.on_data(None, data)
 server.close()
 loop.close()
 '''
 
 
-def instructions(n: int, per_read: int) -> int:
+def instructions(n: int, per_read: int, proto: str = "h1", feed: str = "feed") -> int:
     out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                          sys.executable, "-c", _CHILD, str(n), str(per_read)],
+                          sys.executable, "-c", _CHILD, str(n), str(per_read), proto, feed],
                          capture_output=True, text=True, check=True).stderr
     return int(re.search(r"Collected : (\d+)", out).group(1))
 
@@ -68,7 +99,10 @@ def main() -> int:
     base = instructions(0, 1)
     for n, per_read in ((4000, 1), (8000, 16)):
         cost = (instructions(n, per_read) - base) / n
-        print(f"{per_read:2d} request(s) per read: {cost:,.0f} instructions per request")
+        print(f"HTTP/1.1, {per_read:2d} request(s) per read: {cost:,.0f} instructions per request")
+    for n, per_read in ((4000, 1), (8000, 16)):
+        cost = (instructions(n, per_read, "h2") - instructions(n, per_read, "h2", "build")) / n
+        print(f"HTTP/2,   {per_read:2d} request(s) per read: {cost:,.0f} instructions per request")
     return 0
 
 

@@ -451,12 +451,12 @@ class _Conn(Handler):
 
     def on_paused(self, bind: Any) -> None:
         self.write_paused = True
-        if self.h2 is None:
-            bind.pause_reading()
+        bind.pause_reading()              # HTTP/2 too: acks and answers queue otherwise
 
     def on_writable(self, bind: Any) -> None:
         self.write_paused = False
         if self.h2 is not None:
+            bind.resume_reading()
             self.h2.writable()
             return
         ex = self.current
@@ -840,13 +840,6 @@ class Server:
         self.header_timeout = float(header_timeout)
         self.keepalive_timeout = float(keepalive_timeout)
         self.access_log = access_log
-        if http2:
-            try:
-                import h2  # noqa: F401  (HTTP/2 needs the h2 library: pip install evpl[http])
-            except ImportError:
-                log.warning("HTTP/2 is off: the h2 library is not installed "
-                            "(pip install 'evpl[http]')")
-                http2 = False
         self.http2 = http2
         self.root_path = root_path
         self.draining = False
