@@ -20,6 +20,11 @@ class Served:
     def __init__(self, loop: evpl.Loop, app: Any, **kw: Any) -> None:
         backend = kw.pop("backend", "tcp")
         listen_opts = kw.pop("listen_opts", {})
+        # the idle and header-read timeouts are under test only where a test
+        # sets them; elsewhere a slow machine (a sanitizer build, a loaded CI
+        # runner) must not see a connection closed for want of speed
+        kw.setdefault("keepalive_timeout", TIMEOUT * 6)
+        kw.setdefault("header_timeout", TIMEOUT * 6)
         self.loop = loop
         self.server = Server(loop, app, **kw)
         self.listener = self.server.listen(("127.0.0.1", 0), backend=backend, **listen_opts)
