@@ -479,18 +479,24 @@ cdef class ShardRings(Driver):
             raise ValueError(f"no other shard {k} (this is shard {self.me} of {self.ctx.n})")
         return 0
 
-    def send_to(self, int dst, payload, *, bint pickle=False) -> None:
-        """``Shard.send_to``: one message to shard ``dst``, or ``Busy`` if
-        its ring is full (or requests to it wait for room: order is kept),
-        ``ShardError`` if it is gone."""
-        cdef uint32_t kind = KM_MESSAGE
+    cdef object _outgoing(self, int dst, payload, bint pickle, uint32_t* kind):
+        """Check ``dst`` for a send, and pickle ``payload`` if asked (marked
+        in ``kind``): what goes into the ring."""
         if <unsigned>dst >= <unsigned>self.ctx.n or dst == self.me:
             self._check(dst)
         if self.down[dst]:
             raise ShardError(f"shard {dst} is gone")
         if pickle:
-            payload = _pickle.dumps(payload, protocol=_pickle.HIGHEST_PROTOCOL)
-            kind |= KM_PICKLED
+            kind[0] |= KM_PICKLED
+            return _pickle.dumps(payload, protocol=_pickle.HIGHEST_PROTOCOL)
+        return payload
+
+    def send_to(self, int dst, payload, *, bint pickle=False) -> None:
+        """``Shard.send_to``: one message to shard ``dst``, or ``Busy`` if
+        its ring is full (or requests to it wait for room: order is kept),
+        ``ShardError`` if it is gone."""
+        cdef uint32_t kind = KM_MESSAGE
+        payload = self._outgoing(dst, payload, pickle, &kind)
         if self.backlogged[dst] or not self._put(dst, kind, 0, payload):
             raise Busy(f"the ring to shard {dst} is full")
 
@@ -502,13 +508,7 @@ cdef class ShardRings(Driver):
         cdef uint32_t kind = KM_REQUEST
         cdef ShardFuture fut
         cdef uint64_t rid
-        if <unsigned>dst >= <unsigned>self.ctx.n or dst == self.me:
-            self._check(dst)
-        if self.down[dst]:
-            raise ShardError(f"shard {dst} is gone")
-        if pickle:
-            payload = _pickle.dumps(payload, protocol=_pickle.HIGHEST_PROTOCOL)
-            kind |= KM_PICKLED
+        payload = self._outgoing(dst, payload, pickle, &kind)
         self.rid += 1
         rid = self.rid
         if self.backlogged[dst] or not self._put(dst, kind, rid, payload):

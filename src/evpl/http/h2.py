@@ -30,7 +30,7 @@ from typing import Any
 
 from evpl.http import h2wire
 from evpl.http.h2wire import H2Server
-from evpl.http.server import Exchange, Response, StreamingResponse, _Pump
+from evpl.http.server import Exchange, Response
 from evpl.http.wire import Request
 
 __all__ = ["H2Connection"]
@@ -184,14 +184,7 @@ class H2Connection:
                     if resp.__class__ is Response:
                         self._respond(sid, req, resp)
                         continue
-                    ex = self._new_stream(sid, req, ev[5], run=False)
-                    if isinstance(resp, StreamingResponse):
-                        _Pump(ex, resp).start()
-                    else:
-                        log.error("the app returned %r, not a Response", resp)
-                        ex.start(500, [(b"content-type", b"text/plain")])
-                        ex.write(b"Internal Server Error")
-                        ex.end()
+                    native.answer(self._new_stream(sid, req, ev[5], run=False), resp)
                     continue
                 req.complete = ev[7]
                 ex = self._new_stream(sid, req, ev[5], run=False)

@@ -921,24 +921,22 @@ cdef class H2Server:
             self._window_update(0, self.connection_window - 65535)
         return 0
 
-    cdef int _window_update(self, uint32_t sid, int64_t inc) except -1:
+    cdef int _frame_u32(self, uint8_t ftype, uint32_t sid, uint32_t value) except -1:
+        """A frame whose payload is one 32-bit number (WINDOW_UPDATE, RST_STREAM)."""
         _reserve(&self.out, 13)
-        _frame_head(self.out.p + self.out.n, 4, F_WINDOW_UPDATE, 0, sid)
-        self.out.p[self.out.n + 9] = <uint8_t>(inc >> 24)
-        self.out.p[self.out.n + 10] = <uint8_t>(inc >> 16)
-        self.out.p[self.out.n + 11] = <uint8_t>(inc >> 8)
-        self.out.p[self.out.n + 12] = <uint8_t>inc
+        _frame_head(self.out.p + self.out.n, 4, ftype, 0, sid)
+        self.out.p[self.out.n + 9] = <uint8_t>(value >> 24)
+        self.out.p[self.out.n + 10] = <uint8_t>(value >> 16)
+        self.out.p[self.out.n + 11] = <uint8_t>(value >> 8)
+        self.out.p[self.out.n + 12] = <uint8_t>value
         self.out.n += 13
         return 0
 
+    cdef int _window_update(self, uint32_t sid, int64_t inc) except -1:
+        return self._frame_u32(F_WINDOW_UPDATE, sid, <uint32_t>inc)
+
     cdef int _rst(self, uint32_t sid, uint32_t code) except -1:
-        _reserve(&self.out, 13)
-        _frame_head(self.out.p + self.out.n, 4, F_RST_STREAM, 0, sid)
-        self.out.p[self.out.n + 9] = <uint8_t>(code >> 24)
-        self.out.p[self.out.n + 10] = <uint8_t>(code >> 16)
-        self.out.p[self.out.n + 11] = <uint8_t>(code >> 8)
-        self.out.p[self.out.n + 12] = <uint8_t>code
-        self.out.n += 13
+        self._frame_u32(F_RST_STREAM, sid, code)
         self.recent[self.recent_pos] = sid
         self.recent_pos = (self.recent_pos + 1) % RECENT
         return 0

@@ -219,7 +219,11 @@ class _Native:
             ex.on_body_end = lambda: self.run(ex)
             ex.want_body()
             return
-        resp = self.call(ex.request)
+        self.answer(ex, self.call(ex.request))
+
+    def answer(self, ex: Exchange, resp: Any) -> None:
+        """Send what the app returned on ``ex``: a Response, a streaming
+        response, or (anything else) a logged 500."""
         if isinstance(resp, Response):
             hs = resp.headers
             if resp.status >= 200 and resp.status not in (204, 304):
