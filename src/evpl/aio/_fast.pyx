@@ -186,3 +186,66 @@ def timer(loop, when, delay, callback, args, context):
     h._scheduled = True
     h._evtimer = loop._core.call_later(delay, h)
     return h
+
+
+# ---- datagram transports (evpl.aio.datagram) ------------------------------------
+
+import sys as _sys
+
+# Python 3.13 sends a zero-length datagram for sendto(b""); 3.11/3.12 drop it
+_SEND_EMPTY = _sys.version_info >= (3, 13)
+
+
+def on_datagram(self, bind, data, addr):
+    """A datagram: ``datagram_received(bytes, addr)``. An exception from the
+    protocol is reported and the transport stays open (as asyncio's)."""
+    if self._closing:
+        return
+    try:
+        if type(data) is Buffer:
+            self._protocol.datagram_received(
+                PyBytes_FromStringAndSize((<Buffer>data).ptr, (<Buffer>data).length), addr)
+        else:
+            self._protocol.datagram_received(bytes(data), addr)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        self._loop._stash(exc)
+    except BaseException as exc:
+        self._loop.call_exception_handler({
+            "message": "Exception in protocol.datagram_received()", "exception": exc,
+            "transport": self, "protocol": self._protocol})
+
+
+def dg_sendto(self, data, addr=None):
+    """``DatagramTransport.sendto``: queue one datagram to ``addr`` (to the
+    peer on a connected transport, where ``addr`` must be None or the
+    peer's address); it leaves with the iteration's batch. A send the
+    kernel refuses is reported to ``error_received``; after ``close()``
+    datagrams are dropped."""
+    if type(data) is not bytes and not isinstance(data, (bytearray, memoryview)):
+        raise TypeError(f"data argument must be a bytes-like object, "
+                        f"not {type(data).__name__!r}")
+    if not data and not _SEND_EMPTY:
+        return
+    address = self._address
+    if address:
+        if addr is not None and addr != address:
+            raise ValueError(f"Invalid address: must be None or {address}")
+        addr = address
+    bind = self._bind
+    if self._conn_lost or self._closing or bind is None:
+        if self._conn_lost:
+            if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                logger.warning("socket.send() raised exception.")
+            self._conn_lost += 1
+        return
+    try:
+        if self._connected:
+            bind.send(data)
+        else:
+            bind.sendto(data, addr)
+    except ValueError as exc:
+        self._refused_send(bind, data, addr, exc)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        self._fatal_error(exc, "Fatal write error on datagram transport")

@@ -14,10 +14,12 @@ engine's:
   asyncio's order;
 - ``call_later``/``call_at`` are engine timers (microsecond precision);
 - ``call_soon_threadsafe`` rings a Doorbell;
-- ``add_reader``/``add_writer`` (and ``sock_*``, pipes, datagram sockets,
-  child processes through a pidfd) are engine fd watches;
+- ``add_reader``/``add_writer`` (and ``sock_*``, pipes, unix datagram
+  sockets, child processes through a pidfd) are engine fd watches;
 - stream connections (tcp and unix, both directions) are evpl Binds, served
-  by evpl Listeners: see ``evpl.aio.transports``.
+  by evpl Listeners: see ``evpl.aio.transports``;
+- UDP endpoints (``create_datagram_endpoint``) are evpl datagram Binds: see
+  ``evpl.aio.datagram``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from asyncio.log import logger
 from typing import Any
 
 from evpl._native.loop import Deferral
-from evpl.aio import _fast
+from evpl.aio import _fast, datagram
 from evpl.aio.transports import StreamTransport, limits
 from evpl.core import backends as _backends
 from evpl.core.loop import Loop
@@ -176,6 +178,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         names = _BACKENDS[backend]
         for name in set(names.values()):
             _backends.get(name, "stream")      # unavailable here: say so now
+        _backends.get("io_uring_udp" if backend == "io_uring" else "udp", "datagram")
         self._owns_core = core is None
         if core is None:
             core = Loop(spin_ns=spin_ns, poll_mode=poll_mode, pool=pool)  # type: ignore[arg-type]
@@ -183,6 +186,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         self._backend = backend
         super().__init__()
         self._stream_backends = names
+        self._datagram_backend = "io_uring_udp" if backend == "io_uring" else "udp"
         self._watches: dict[int, _FdEntry] = {}
         self._selector = _WatchSelector(self._watches)
         self._transports: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
@@ -655,8 +659,15 @@ class EvplEventLoop(base_events.BaseEventLoop):
 
     def _make_datagram_transport(self, sock: Any, protocol: Any, address: Any = None,
                                  waiter: Any = None, extra: Any = None) -> Any:
-        return selector_events._SelectorDatagramTransport(self, sock, protocol, address,
-                                                          waiter, extra)
+        """A UDP socket becomes an evpl datagram Bind (``udp``, or
+        ``io_uring_udp`` on an io_uring loop); a unix datagram socket (the
+        engine has no such Bind) or a socket-like object gets asyncio's own
+        transport over fd watches."""
+        if not datagram.adoptable(sock):
+            return selector_events._SelectorDatagramTransport(self, sock, protocol, address,
+                                                              waiter, extra)
+        return datagram.DatagramTransport(self, sock, protocol, address, waiter, extra,
+                                          backend=self._datagram_backend)
 
     def _make_read_pipe_transport(self, pipe: Any, protocol: Any, waiter: Any = None,
                                   extra: Any = None) -> Any:
