@@ -47,7 +47,7 @@ def write(self, data):
         raise TypeError(f"data argument must be a bytes-like object, "
                         f"not {type(data).__name__!r}")
     if self._eof:
-        raise RuntimeError("Cannot call write() after write_eof()")
+        raise RuntimeError(self._write_refused())
     if not data:
         return
     bind = self._bind

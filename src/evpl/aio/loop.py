@@ -617,6 +617,18 @@ class EvplEventLoop(base_events.BaseEventLoop):
             if total > 0:
                 os.lseek(fileno, offset + total, os.SEEK_SET)
 
+    async def _sendfile_native(self, transp: Any, file: Any, offset: int,
+                               count: int | None) -> int:
+        """``loop.sendfile`` without copying through Python: ``os.sendfile``
+        from an evpl stream transport's socket once its queue has drained
+        (see ``StreamTransport._sendfile``). Other transports:
+        ``SendfileNotAvailableError``, so asyncio falls back to reading and
+        writing (or raises, with ``fallback=False``)."""
+        if not isinstance(transp, StreamTransport):
+            raise exceptions.SendfileNotAvailableError(
+                f"native sendfile is not available for {transp!r}")
+        return await transp._sendfile(file, offset, count)
+
     # ---- transports ------------------------------------------------------------------
 
     def _stream_module(self, family: int) -> tuple[Any, str] | None:

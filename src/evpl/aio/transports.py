@@ -18,6 +18,7 @@ descriptor and is detached (not closed) once the Bind has closed it.
 
 from __future__ import annotations
 
+import os
 import socket
 import warnings
 from asyncio import constants, futures, protocols, sslproto, transports, trsock
@@ -64,8 +65,8 @@ class StreamTransport(Handler, transports._FlowControlMixin):
     called once the connection is there.
     """
 
-    # no native sendfile on a Bind yet: asyncio says "not supported" and, if
-    # allowed, falls back to reading the file and writing it
+    # loop.sendfile: os.sendfile from the Bind's socket once its queue has
+    # drained (see _sendfile); asyncio's fallback where that cannot be
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
     _start_tls_compatible = True
 
@@ -88,7 +89,8 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         self._low = _HIGH // 4
         self._closing = False
         self._conn_lost = 0
-        self._eof = False
+        self._eof = 0                  # 1: write_eof() was called; 2: a sendfile runs
+        self._drain_waiter: Any = None  # a sendfile waits for the queue to drain
         self._paused = False
         self._reading = False          # reading started (after connection_made)
         self._pending: Any = None      # part of a read a BufferedProtocol did not take yet
@@ -230,6 +232,13 @@ class StreamTransport(Handler, transports._FlowControlMixin):
                 "transport": self, "protocol": self._protocol})
 
     def on_writable(self, bind: Bind) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and bind.queued_bytes == 0:
+            self._drain_waiter = None
+            if not self._closing:
+                bind.set_write_limits(self._high, self._low, _NO_LIMIT)
+            if not waiter.done():
+                waiter.set_result(None)
         if self._protocol_paused and bind.queued_bytes <= self._low:
             self._protocol_paused = False
             try:
@@ -283,6 +292,9 @@ class StreamTransport(Handler, transports._FlowControlMixin):
             server._detach()
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionError("Connection is closed by peer"))
         try:
             if self._protocol_connected:
                 self._protocol.connection_lost(exc)
@@ -434,9 +446,15 @@ class StreamTransport(Handler, transports._FlowControlMixin):
 
     # ---- writing -------------------------------------------------------------
 
+    def _write_refused(self, call: str = "write") -> str:
+        """Why ``write``/``writelines`` raise now (as asyncio words it)."""
+        if self._eof == 2:
+            return f"unable to {call}; sendfile is in progress"
+        return f"Cannot call {call}() after write_eof()"
+
     def writelines(self, list_of_data: Any) -> None:
         if self._eof:
-            raise RuntimeError("Cannot call writelines() after write_eof()")
+            raise RuntimeError(self._write_refused("writelines"))
         bind = self._bind
         if self._conn_lost or bind is None or bind.closed:
             self._conn_lost += 1
@@ -449,9 +467,11 @@ class StreamTransport(Handler, transports._FlowControlMixin):
     def write_eof(self) -> None:
         """Shut the sending side down once everything written is sent; the
         peer sees EOF, reading goes on."""
+        if self._eof == 2:
+            raise RuntimeError("unable to write_eof; sendfile is in progress")
         if self._closing or self._eof:
             return
-        self._eof = True
+        self._eof = 1
         if self._bind is not None and not self._bind.closed:
             self._bind.shutdown_write()
 
@@ -466,6 +486,38 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         self._high, self._low = _water_marks(high, low)
         if self._bind is not None and not self._bind.closed and not self._closing:
             self._bind.set_write_limits(self._high, self._low, _NO_LIMIT)
+
+    # ---- sendfile -----------------------------------------------------------------
+
+    async def _sendfile(self, file: Any, offset: int, count: int | None) -> int:
+        """``loop.sendfile`` on this transport: wait until the engine has
+        sent everything queued (the Bind's queue drained), then
+        ``os.sendfile`` from the socket (waiting on an fd watch while it is
+        full). ``write`` raises meanwhile, as asyncio's does; reading goes
+        on. ``SendfileNotAvailableError`` (not a regular file, a socket
+        sendfile refuses) lets asyncio fall back to reading and writing."""
+        loop = self._loop
+        bind = self._bind
+        if bind is None or bind.closed or self._closing:
+            raise RuntimeError("Transport is closing")
+        if self._eof == 2:
+            raise RuntimeError("sendfile is in progress")
+        # a second descriptor for the same socket: the engine watches it for
+        # writability while the Bind keeps its own registration
+        sock = socket.socket(self._family, socket.SOCK_STREAM, 0, os.dup(bind.fileno()))
+        eof, self._eof = self._eof, 2
+        try:
+            loop._check_sendfile_params(sock, file, offset, count)
+            if bind.queued_bytes:
+                self._drain_waiter = loop.create_future()
+                bind.set_write_limits(0, 0, _NO_LIMIT)      # on_writable once empty
+                await self._drain_waiter
+            return await loop._sock_sendfile_native(sock, file, offset, count)
+        finally:
+            self._drain_waiter = None
+            if self._eof == 2:
+                self._eof = eof
+            sock.close()
 
     # ---- extra info -------------------------------------------------------------
 
