@@ -16,21 +16,25 @@ from asyncio.log import logger
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from evpl._native.buffers cimport Buffer
+from evpl._native.loop cimport LoopCore
 
 from evpl.errors import EvplError
 
 
 def on_data(self, bind, data):
     """A read: ``data_received(bytes)`` (a copy, as asyncio promises), or
-    the BufferedProtocol's buffers filled."""
-    if self._closing:
-        return
+    the BufferedProtocol's buffers filled. ``_recv`` is the protocol's
+    ``data_received`` while plain bytes are delivered (not closing, not a
+    BufferedProtocol): one attribute read on the common path."""
+    recv = self._recv
     try:
+        if recv is not None and type(data) is Buffer:
+            recv(PyBytes_FromStringAndSize((<Buffer>data).ptr, (<Buffer>data).length))
+            return
+        if self._closing:
+            return
         if self._buffered:
             self._feed_buffered(data)
-        elif type(data) is Buffer:
-            self._protocol.data_received(
-                PyBytes_FromStringAndSize((<Buffer>data).ptr, (<Buffer>data).length))
         else:
             self._protocol.data_received(bytes(data))
     except (SystemExit, KeyboardInterrupt) as exc:
@@ -42,10 +46,19 @@ def on_data(self, bind, data):
 def write(self, data):
     """Queue ``data`` on the Bind (bytes are sent from where they lie,
     mutable buffers copied once); dropped, with asyncio's warning after a
-    few, once the connection is lost."""
+    few, once the connection is lost. ``_wbind`` is the Bind while writes
+    go straight to it (no write_eof, no sendfile running): one attribute
+    read on the common path."""
     if type(data) is not bytes and not isinstance(data, (bytearray, memoryview)):
         raise TypeError(f"data argument must be a bytes-like object, "
                         f"not {type(data).__name__!r}")
+    wbind = self._wbind
+    if wbind is not None and data:
+        try:
+            wbind.send(data)
+            return
+        except EvplError:
+            pass        # closed meanwhile: the full checks below
     if self._eof:
         raise RuntimeError(self._write_refused())
     if not data:
@@ -90,14 +103,15 @@ def run_handle(handle):
         handle._loop.call_exception_handler(context)
 
 
-def run_once(self):
-    """``EvplEventLoop._run_once`` (see its docstring), compiled."""
-    ready = self._ready
-    core = self._core
-    if self._stopping:
+cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
+    """One iteration of ``EvplEventLoop`` (see its ``_run_once``); ``first``:
+    look at ``_stopping`` before the callbacks too (``run_iterations``
+    knows it was false at the end of the iteration before)."""
+    cdef Py_ssize_t ntodo
+    if first and self._stopping:
         # stop() came before this iteration: poll once without waiting (as
         # asyncio does), run what is ready, leave
-        core.iterate(0)
+        core._iterate(0)
         self._raise_stashed()
     ntodo = len(ready)
     if ntodo:
@@ -112,14 +126,49 @@ def run_once(self):
                 handle = popleft()
                 if not handle._cancelled:
                     run_handle(handle)
-    if self._stopping:
-        # no more I/O for a loop that stops (asyncio polls before its
-        # callbacks, not after), but what they wrote is sent now
-        core.flush()
-        return
-    core.iterate(0 if ready else None)
+        if self._stopping:
+            # no more I/O for a loop that stops (asyncio polls before its
+            # callbacks, not after), but what they wrote is sent now
+            core.flush()
+            return 0
+    elif first and self._stopping:
+        core.flush()                    # (no callback ran since run_iterations looked)
+        return 0
+    core._iterate(0 if ready else -1)
+    return 0
+
+
+cdef LoopCore _entered(self):
+    cdef LoopCore core = self._core
+    if not core.running:
+        raise EvplError("iterate() runs only between enter() and leave()")
+    return core
+
+
+def run_once(self):
+    """``EvplEventLoop._run_once`` (see its docstring), compiled."""
+    _iteration(self, _entered(self), self._ready, True)
     if self._stashed is not None:
         self._raise_stashed()
+
+
+def run_iterations(self):
+    """What ``run_forever`` repeats: iterations until ``stop()`` was called
+    (asyncio's ``while True: _run_once(); if _stopping: break``), with no
+    interpreter frame or attribute look-up per iteration beyond
+    ``_stopping``. A SystemExit/KeyboardInterrupt an engine callback
+    stashed sets ``_stopping`` too (``EvplEventLoop._stash``): it is
+    raised here, after the iteration."""
+    cdef LoopCore core = _entered(self)
+    cdef bint first = True
+    ready = self._ready
+    while True:
+        _iteration(self, core, ready, first)
+        if self._stopping:
+            if self._stashed is not None:
+                self._raise_stashed()
+            return
+        first = False
 
 
 def call_soon(self, callback, *args, context=None):
@@ -199,14 +248,14 @@ _SEND_EMPTY = _sys.version_info >= (3, 13)
 def on_datagram(self, bind, data, addr):
     """A datagram: ``datagram_received(bytes, addr)``. An exception from the
     protocol is reported and the transport stays open (as asyncio's)."""
-    if self._closing:
+    recv = self._recv           # protocol.datagram_received; None once closing
+    if recv is None:
         return
     try:
         if type(data) is Buffer:
-            self._protocol.datagram_received(
-                PyBytes_FromStringAndSize((<Buffer>data).ptr, (<Buffer>data).length), addr)
+            recv(PyBytes_FromStringAndSize((<Buffer>data).ptr, (<Buffer>data).length), addr)
         else:
-            self._protocol.datagram_received(bytes(data), addr)
+            recv(bytes(data), addr)
     except (SystemExit, KeyboardInterrupt) as exc:
         self._loop._stash(exc)
     except BaseException as exc:

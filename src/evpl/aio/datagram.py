@@ -63,6 +63,10 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
     to its peer only and a peer that refuses gives
     ``error_received(ConnectionRefusedError)``."""
 
+    # what the per-datagram paths read: slots, not dict look-ups
+    __slots__ = ("_address", "_bind", "_closing", "_conn_lost", "_connected", "_protocol",
+                 "_recv")
+
     def __init__(self, loop: EvplEventLoop, sock: socket.socket, protocol: Any,
                  address: Any = None, waiter: Any = None, extra: dict[str, Any] | None = None,
                  *, backend: str = "udp") -> None:
@@ -81,9 +85,10 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
         self._sock: socket.socket | None = sock
         self._sock_fd = sock.fileno()
         self._address = address
-        self._protocol = protocol
-        self._protocol_connected = True
         self._closing = False
+        self._protocol = protocol
+        self._recv = protocol.datagram_received
+        self._protocol_connected = True
         self._conn_lost = 0
         self._paused = False
         self._reading = False           # started (after connection_made)
@@ -144,10 +149,12 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
         if loop is None or loop.is_closed():
             self._bind = None
             self._closing = True
+            self._recv = None
             return
         if self._conn_lost:
             return
         self._closing = True
+        self._recv = None
         self._conn_lost += 1
         exc = error if error is None or isinstance(error, OSError) else OSError(str(error))
         loop.call_soon(self._call_connection_lost, exc)
@@ -234,6 +241,7 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
         if self._closing:
             return
         self._closing = True
+        self._recv = None
         bind = self._bind
         if bind is None:
             self._conn_lost += 1
@@ -250,6 +258,7 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
         if self._conn_lost:
             return
         self._closing = True
+        self._recv = None
         self._conn_lost += 1
         bind = self._bind
         if bind is not None:
@@ -289,11 +298,12 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
             self._release_socket()
             self._sock = None
             self._bind = None
+            self._recv = None
             self._protocol = None
             self._loop = None
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        bind = self.__dict__.get("_bind")
+        bind = getattr(self, "_bind", None)
         if bind is not None and not bind.closed:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             bind.close()
@@ -316,6 +326,7 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
 
     def set_protocol(self, protocol: Any) -> None:
         self._protocol = protocol
+        self._recv = None if self._closing else protocol.datagram_received
         self._protocol_connected = True
 
     def get_protocol(self) -> Any:

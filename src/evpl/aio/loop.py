@@ -32,6 +32,7 @@ import selectors
 import signal
 import socket
 import stat
+import sys
 import threading
 import weakref
 from asyncio import (
@@ -170,6 +171,9 @@ class EvplEventLoop(base_events.BaseEventLoop):
     Loop runs too.
     """
 
+    # read once per iteration by the compiled loop: slots, not dict look-ups
+    __slots__ = ("_stashed", "_stopping")
+
     def __init__(self, *, backend: str = "epoll", poll_mode: str = "hybrid",
                  spin_ns: int = 50_000, pool: Any = None, core: Loop | None = None) -> None:
         self._closed = True             # until set up (BaseEventLoop.__del__ looks)
@@ -209,6 +213,8 @@ class EvplEventLoop(base_events.BaseEventLoop):
         is raised from ``run_forever`` once the engine's iteration is over."""
         if self._stashed is None:
             self._stashed = exc
+        if self._driving:
+            self._stopping = True   # run_iterations leaves after this iteration, raising it
 
     def run_forever(self) -> None:
         """asyncio's ``run_forever``, with the evpl Loop entered once for
@@ -220,10 +226,41 @@ class EvplEventLoop(base_events.BaseEventLoop):
         token = core.enter()
         self._driving = True
         try:
-            super().run_forever()
+            if "_run_once" in self.__dict__ or type(self)._run_once is not _fast.run_once:
+                super().run_forever()       # a replaced _run_once: asyncio's own loop
+            else:
+                self._run_forever_compiled()
         finally:
             self._driving = False
             core.leave(token)
+
+    def _run_forever_compiled(self) -> None:
+        """asyncio's ``run_forever`` (the same set-up and clean-up: running
+        loop, thread id, async generator hooks, coroutine origin tracking)
+        around ``_fast.run_iterations``, which repeats ``_run_once`` in C."""
+        if hasattr(base_events.BaseEventLoop, "_run_forever_setup"):     # 3.12+
+            self._run_forever_setup()
+            try:
+                _fast.run_iterations(self)
+            finally:
+                self._run_forever_cleanup()
+            return
+        self._check_closed()
+        self._check_running()
+        self._set_coroutine_origin_tracking(self._debug)
+        old_agen_hooks = sys.get_asyncgen_hooks()
+        try:
+            self._thread_id = threading.get_ident()
+            sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook,
+                                   finalizer=self._asyncgen_finalizer_hook)
+            events._set_running_loop(self)
+            _fast.run_iterations(self)
+        finally:
+            self._stopping = False
+            self._thread_id = None
+            events._set_running_loop(None)
+            self._set_coroutine_origin_tracking(False)
+            sys.set_asyncgen_hooks(*old_agen_hooks)
 
     # one iteration, in asyncio's order: the callbacks that were ready run
     # first; then the engine polls (without waiting if callbacks are ready

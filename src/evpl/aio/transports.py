@@ -70,6 +70,11 @@ class StreamTransport(Handler, transports._FlowControlMixin):
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
     _start_tls_compatible = True
 
+    # the fields the per-read and per-write paths read are slots (a member
+    # descriptor, not a dict look-up); the rest live in the instance dict
+    __slots__ = ("_bind", "_buffered", "_closing", "_conn_lost", "_eof", "_protocol", "_recv",
+                 "_wbind")
+
     def __init__(self, loop: EvplEventLoop, protocol: Any = None, *, sock: Any = None,
                  waiter: Any = None, extra: dict[str, Any] | None = None, server: Any = None,
                  protocol_factory: Any = None, sslcontext: Any = None,
@@ -77,6 +82,8 @@ class StreamTransport(Handler, transports._FlowControlMixin):
                  ssl_shutdown_timeout: float | None = None, family: int = socket.AF_INET) -> None:
         transports._FlowControlMixin.__init__(self, extra, loop)
         self._bind: Bind | None = None
+        self._recv: Any = None          # protocol.data_received while bytes go straight to it
+        self._wbind: Bind | None = None  # the Bind while writes go straight to it
         self._sock = sock
         self._family = family
         self._waiter = waiter
@@ -110,6 +117,8 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         waiter)."""
         loop = self._loop
         self._bind = bind
+        if not self._eof:
+            self._wbind = bind
         bind.pause_reading()
         extra = self._extra
         # as asyncio's transports: known from the start, still there after close
@@ -258,6 +267,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if loop is None or loop.is_closed():
             self._bind = None
             self._closing = True
+            self._recv = None
             return
         if self._conn_lost:
             return
@@ -268,6 +278,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if exc is not None and not self._closing and loop.get_debug():
             logger.debug("%r: %s", self, exc, exc_info=True)
         self._closing = True
+        self._recv = None
         self._conn_lost += 1
         loop.call_soon(self._call_connection_lost, exc)
 
@@ -301,6 +312,8 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         finally:
             self._release_socket()
             self._bind = None
+            self._wbind = None
+            self._recv = None
             self._protocol = None
             self._loop = None
             self._pending = None
@@ -321,6 +334,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if self._conn_lost:
             return
         self._closing = True
+        self._recv = None
         self._conn_lost += 1
         bind = self._bind
         if bind is not None:
@@ -338,6 +352,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if self._closing:
             return
         self._closing = True
+        self._recv = None
         bind = self._bind
         if bind is None:
             self._conn_lost += 1
@@ -367,7 +382,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         self._force_close(None)
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        bind = self.__dict__.get("_bind")
+        bind = getattr(self, "_bind", None)
         if bind is not None and not bind.closed:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             bind.close()
@@ -398,6 +413,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
             self._protocol_paused = False
         self._protocol = protocol
         self._buffered = isinstance(protocol, protocols.BufferedProtocol)
+        self._recv = None if self._buffered or self._closing else protocol.data_received
         self._protocol_connected = True
 
     def get_protocol(self) -> Any:
@@ -472,6 +488,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if self._closing or self._eof:
             return
         self._eof = 1
+        self._wbind = None
         if self._bind is not None and not self._bind.closed:
             self._bind.shutdown_write()
 
@@ -506,6 +523,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         # writability while the Bind keeps its own registration
         sock = socket.socket(self._family, socket.SOCK_STREAM, 0, os.dup(bind.fileno()))
         eof, self._eof = self._eof, 2
+        self._wbind = None
         try:
             loop._check_sendfile_params(sock, file, offset, count)
             if bind.queued_bytes:
@@ -517,6 +535,8 @@ class StreamTransport(Handler, transports._FlowControlMixin):
             self._drain_waiter = None
             if self._eof == 2:
                 self._eof = eof
+                if not eof and self._bind is bind and not bind.closed:
+                    self._wbind = bind
             sock.close()
 
     # ---- extra info -------------------------------------------------------------
