@@ -83,24 +83,110 @@ def write(self, data):
 from asyncio import events, format_helpers
 from contextvars import copy_context
 
+from cpython.ref cimport PyObject
+
 _Handle = events.Handle
+
+# asyncio's Handle and TimerHandle are Python classes with __slots__: their
+# fields are member descriptors at fixed offsets in the object. Handles made
+# here are allocated with the type's tp_alloc and their fields written at
+# those offsets, and the fields the loop reads per callback (_cancelled,
+# _context, _callback, _args) are read there: no attribute look-up (with
+# its type look-up and descriptor call) per field. The offsets are taken
+# from the descriptors at import; where a field is not a plain member
+# descriptor (another Python), the attribute paths are used.
+cdef extern from *:
+    """
+    #include <structmember.h>
+    static PyObject *evpl_aio_alloc(PyObject *cls) {
+        PyTypeObject *t = (PyTypeObject *)cls;
+        return t->tp_alloc(t, 0);
+    }
+    static Py_ssize_t evpl_aio_member_offset(PyObject *descr) {
+        return ((PyMemberDescrObject *)descr)->d_member->offset;
+    }
+    static inline void evpl_aio_slot_init(PyObject *o, Py_ssize_t off, PyObject *v) {
+        Py_INCREF(v);
+        *(PyObject **)((char *)o + off) = v;
+    }
+    static inline PyObject *evpl_aio_slot(PyObject *o, Py_ssize_t off) {
+        return *(PyObject **)((char *)o + off);
+    }
+    """
+    object evpl_aio_alloc(object cls)
+    Py_ssize_t evpl_aio_member_offset(object descr)
+    void evpl_aio_slot_init(object o, Py_ssize_t off, object v)
+    PyObject* evpl_aio_slot(object o, Py_ssize_t off)
+    int PyContext_Enter(object ctx) except -1
+    int PyContext_Exit(object ctx) except -1
+
+cdef Py_ssize_t OFF_CALLBACK, OFF_ARGS, OFF_CANCELLED, OFF_LOOP, OFF_TB, OFF_REPR, OFF_CONTEXT
+cdef Py_ssize_t OFF_SCHEDULED, OFF_WHEN, OFF_EVTIMER
+cdef bint _OFFSETS = False      # the offsets above are valid (set at the end of this section)
+
+
+cdef inline bint _is_ours(handle):
+    """A Handle (or our TimerHandle) whose fields are at the known offsets."""
+    return _OFFSETS and (type(handle) is _Handle or type(handle) is TimerHandle)
+
+
+cdef inline object _field(handle, Py_ssize_t off):
+    cdef PyObject* p = evpl_aio_slot(handle, off)
+    if p == NULL:
+        raise AttributeError("asyncio Handle field not set")
+    return <object>p
+
+
+cdef int _run_fields(handle) except -1:
+    """``handle._context.run(handle._callback, *handle._args)`` read from
+    the slots and run with the context entered directly."""
+    ctx = _field(handle, OFF_CONTEXT)
+    callback = _field(handle, OFF_CALLBACK)
+    args = _field(handle, OFF_ARGS)
+    PyContext_Enter(ctx)
+    try:
+        callback(*args)
+    finally:
+        PyContext_Exit(ctx)
+    return 0
+
+
+cdef int _run(handle) except -1:
+    """``run_handle``: errors reported as asyncio reports them."""
+    try:
+        if _is_ours(handle):
+            _run_fields(handle)
+        else:
+            handle._context.run(handle._callback, *handle._args)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        _report(handle, exc)
+    return 0
+
+
+cdef inline bint _cancelled(handle) except -1:
+    if _is_ours(handle):
+        return _field(handle, OFF_CANCELLED) is True
+    return bool(handle._cancelled)
 
 
 def run_handle(handle):
     """``handle._run()`` without its frame: the callback in the handle's
     context; an exception goes to the loop's exception handler, as asyncio
     reports it."""
-    try:
-        handle._context.run(handle._callback, *handle._args)
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except BaseException as exc:
-        cb = format_helpers._format_callback_source(handle._callback, handle._args)
-        context = {"message": f"Exception in callback {cb}", "exception": exc,
-                   "handle": handle}
-        if handle._source_traceback:
-            context["source_traceback"] = handle._source_traceback
-        handle._loop.call_exception_handler(context)
+    _run(handle)
+
+
+cdef void _report(handle, exc) except *:
+    """A callback's exception, to the loop's exception handler (asyncio's
+    message and context)."""
+    cb = format_helpers._format_callback_source(handle._callback, handle._args)
+    context = {"message": f"Exception in callback {cb}", "exception": exc,
+               "handle": handle}
+    if handle._source_traceback:
+        context["source_traceback"] = handle._source_traceback
+    handle._loop.call_exception_handler(context)
 
 
 cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
@@ -124,8 +210,8 @@ cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
         else:
             for _ in range(ntodo):
                 handle = popleft()
-                if not handle._cancelled:
-                    run_handle(handle)
+                if not _cancelled(handle):
+                    _run(handle)
         if self._stopping:
             # no more I/O for a loop that stops (asyncio polls before its
             # callbacks, not after), but what they wrote is sent now
@@ -176,23 +262,24 @@ def call_soon(self, callback, *args, context=None):
     iteration (asyncio's, with debug mode's checks only in debug mode)."""
     if self._closed:
         raise RuntimeError("Event loop is closed")
-    if self._debug or not _DIRECT_HANDLE:
+    if self._debug or not _OFFSETS:
         return self._call_soon_slow(callback, args, context)
-    h = _Handle.__new__(_Handle)
+    h = evpl_aio_alloc(_Handle)
     _fill(h, self, callback, args, context)
     self._ready.append(h)
     return h
 
 
 cdef inline void _fill(h, loop, callback, args, context) except *:
-    """The fields asyncio's Handle ``__init__`` sets, outside debug mode."""
-    h._context = copy_context() if context is None else context
-    h._loop = loop
-    h._callback = callback
-    h._args = args
-    h._cancelled = False
-    h._repr = None
-    h._source_traceback = None
+    """The fields asyncio's Handle ``__init__`` sets, outside debug mode, in
+    a Handle just allocated (every field empty)."""
+    evpl_aio_slot_init(h, OFF_CONTEXT, copy_context() if context is None else context)
+    evpl_aio_slot_init(h, OFF_LOOP, loop)
+    evpl_aio_slot_init(h, OFF_CALLBACK, callback)
+    evpl_aio_slot_init(h, OFF_ARGS, args)
+    evpl_aio_slot_init(h, OFF_CANCELLED, False)
+    evpl_aio_slot_init(h, OFF_REPR, None)
+    evpl_aio_slot_init(h, OFF_TB, None)
 
 
 class TimerHandle(events.TimerHandle):
@@ -213,11 +300,34 @@ def _slots(cls):
 
 
 # the fields asyncio's Handle and TimerHandle __init__ set (3.11-3.13); if a
-# Python version has others, timers are made by asyncio's own __init__
+# Python version has others, or they are not plain member descriptors,
+# handles are made by asyncio's own __init__ and read as attributes
 _FIELDS = {"_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr",
            "__weakref__", "_context", "_scheduled", "_when"}
-_DIRECT = _slots(events.TimerHandle) == _FIELDS
-_DIRECT_HANDLE = _slots(events.Handle) == _FIELDS - {"_scheduled", "_when"}
+
+
+def _offset(cls, name):
+    """The offset of slot ``name`` of ``cls``, or -1."""
+    for c in cls.__mro__:
+        d = c.__dict__.get(name)
+        if d is not None:
+            return evpl_aio_member_offset(d) if type(d) is _MemberDescriptor else -1
+    return -1
+
+
+from types import MemberDescriptorType as _MemberDescriptor
+
+if (_slots(events.TimerHandle) == _FIELDS
+        and _slots(events.Handle) == _FIELDS - {"_scheduled", "_when"}):
+    _offs = [_offset(TimerHandle, n) for n in
+             ("_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr",
+              "_context", "_scheduled", "_when", "_evtimer")]
+    if min(_offs) > 0 and all(_offset(_Handle, n) == o for n, o in
+                              zip(("_callback", "_args", "_cancelled", "_loop",
+                                   "_source_traceback", "_repr", "_context"), _offs)):
+        (OFF_CALLBACK, OFF_ARGS, OFF_CANCELLED, OFF_LOOP, OFF_TB, OFF_REPR, OFF_CONTEXT,
+         OFF_SCHEDULED, OFF_WHEN, OFF_EVTIMER) = _offs
+        _OFFSETS = True
 
 
 def timer(loop, when, delay, callback, args, context):
@@ -227,13 +337,13 @@ def timer(loop, when, delay, callback, args, context):
     in debug mode, which keeps asyncio's, for the source traceback)."""
     if loop._closed:
         raise RuntimeError("Event loop is closed")
-    if not _DIRECT or loop._debug:
+    if not _OFFSETS or loop._debug:
         return loop._timer_slow(when, delay, callback, args, context)
-    h = TimerHandle.__new__(TimerHandle)
+    h = evpl_aio_alloc(TimerHandle)
     _fill(h, loop, callback, args, context)
-    h._when = when
-    h._scheduled = True
-    h._evtimer = loop._core.call_later(delay, h)
+    evpl_aio_slot_init(h, OFF_WHEN, when)
+    evpl_aio_slot_init(h, OFF_SCHEDULED, True)
+    evpl_aio_slot_init(h, OFF_EVTIMER, loop._core.call_later(delay, h))
     return h
 
 
@@ -298,3 +408,46 @@ def dg_sendto(self, data, addr=None):
         raise
     except BaseException as exc:
         self._fatal_error(exc, "Fatal write error on datagram transport")
+
+
+# ---- loop methods C futures and tasks call per request ---------------------------
+
+from asyncio import futures as _futures, tasks as _tasks
+from time import monotonic as _monotonic
+
+_Future = _futures.Future
+_Task = _tasks.Task
+
+
+def get_debug(self):
+    """``loop.get_debug()`` (every Future and Task asks, at creation)."""
+    return self._debug
+
+
+def loop_time(self):
+    """``loop.time()``: ``time.monotonic()``, as asyncio's."""
+    return _monotonic()
+
+
+def create_future(self):
+    """``loop.create_future()``: a Future attached to this loop."""
+    return _Future(loop=self)
+
+
+def create_task(self, coro, *, name=None, context=None, **kwargs):
+    """``loop.create_task()``: a Task made directly when no task factory is
+    set and debug mode is off; otherwise (and for arguments newer Pythons
+    add) asyncio's own method, which also names the task a factory made."""
+    if kwargs or self._debug or self._task_factory is not None or self._closed:
+        return _BaseCreateTask(self, coro, name=name, context=context, **kwargs)
+    return _Task(coro, loop=self, name=name, context=context)
+
+
+def is_closing(self):
+    """``transport.is_closing()``."""
+    return self._closing
+
+
+from asyncio.base_events import BaseEventLoop as _BaseEventLoop
+
+_BaseCreateTask = _BaseEventLoop.create_task

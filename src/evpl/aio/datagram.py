@@ -232,8 +232,7 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
 
     # ---- life cycle ------------------------------------------------------------
 
-    def is_closing(self) -> bool:
-        return self._closing
+    is_closing = _fast.is_closing     # (compiled: protocols ask per write)
 
     def close(self) -> None:
         """Close once everything queued has been sent; ``connection_lost(None)``

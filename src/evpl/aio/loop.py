@@ -171,8 +171,9 @@ class EvplEventLoop(base_events.BaseEventLoop):
     Loop runs too.
     """
 
-    # read once per iteration by the compiled loop: slots, not dict look-ups
-    __slots__ = ("_stashed", "_stopping")
+    # read per iteration or per call_soon by the compiled paths: slots, not
+    # dict look-ups
+    __slots__ = ("_closed", "_debug", "_ready", "_stashed", "_stopping", "_task_factory")
 
     def __init__(self, *, backend: str = "epoll", poll_mode: str = "hybrid",
                  spin_ns: int = 50_000, pool: Any = None, core: Loop | None = None) -> None:
@@ -271,6 +272,12 @@ class EvplEventLoop(base_events.BaseEventLoop):
     # poll of iteration k+1 comes before them). Compiled: evpl.aio._fast.
     _run_once = _fast.run_once
     call_soon = _fast.call_soon
+    # what C futures and tasks, and protocols, call per request: compiled
+    # (asyncio's are Python methods, a frame each)
+    get_debug = _fast.get_debug
+    time = _fast.loop_time
+    create_future = _fast.create_future
+    create_task = _fast.create_task
 
     def _raise_stashed(self) -> None:
         if self._stashed is not None:

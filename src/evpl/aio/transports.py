@@ -342,8 +342,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
             self._release_socket()
         self._loop.call_soon(self._call_connection_lost, exc)
 
-    def is_closing(self) -> bool:
-        return self._closing
+    is_closing = _fast.is_closing     # (compiled: protocols ask per write)
 
     def close(self) -> None:
         """Close once everything written has been sent (what is written
