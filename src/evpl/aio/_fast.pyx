@@ -26,7 +26,7 @@ def on_data(self, bind, data):
     the BufferedProtocol's buffers filled. ``_recv`` is the protocol's
     ``data_received`` while plain bytes are delivered (not closing, not a
     BufferedProtocol): one attribute read on the common path."""
-    recv = self._recv
+    recv = _field(self, S_RECV) if _is_stream(self) else self._recv
     try:
         if recv is not None and type(data) is Buffer:
             recv(PyBytes_FromStringAndSize((<Buffer>data).ptr, (<Buffer>data).length))
@@ -52,7 +52,7 @@ def write(self, data):
     if type(data) is not bytes and not isinstance(data, (bytearray, memoryview)):
         raise TypeError(f"data argument must be a bytes-like object, "
                         f"not {type(data).__name__!r}")
-    wbind = self._wbind
+    wbind = _field(self, S_WBIND) if _is_stream(self) else self._wbind
     if wbind is not None and data:
         try:
             wbind.send(data)
@@ -124,6 +124,57 @@ cdef Py_ssize_t OFF_CALLBACK, OFF_ARGS, OFF_CANCELLED, OFF_LOOP, OFF_TB, OFF_REP
 cdef Py_ssize_t OFF_SCHEDULED, OFF_WHEN, OFF_EVTIMER
 cdef bint _OFFSETS = False      # the offsets above are valid (set at the end of this section)
 
+# The same for the slots of evpl's own classes that the per-callback paths
+# read: EvplEventLoop's and StreamTransport's (registered by their modules
+# once the classes exist; until then, or for another class, attributes).
+cdef object _LoopType = None
+cdef Py_ssize_t L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY
+cdef object _StreamType = None
+cdef Py_ssize_t S_RECV, S_WBIND
+
+from cpython.object cimport PyObject_TypeCheck, PyTypeObject
+
+
+cdef inline bint _is_loop(obj):
+    return _LoopType is not None and PyObject_TypeCheck(obj, <PyTypeObject*>_LoopType)
+
+
+cdef inline bint _l_stopping(loop) except -1:
+    return bool(_field(loop, L_STOPPING) if _is_loop(loop) else loop._stopping)
+
+
+cdef inline bint _l_closed(loop) except -1:
+    return bool(_field(loop, L_CLOSED) if _is_loop(loop) else loop._closed)
+
+
+cdef inline bint _l_debug(loop) except -1:
+    return bool(_field(loop, L_DEBUG) if _is_loop(loop) else loop._debug)
+
+
+cdef inline bint _is_stream(obj):
+    return _StreamType is not None and PyObject_TypeCheck(obj, <PyTypeObject*>_StreamType)
+
+
+def register_slots(cls, kind):
+    """Record the slot offsets of ``cls`` (``kind``: "loop" for
+    EvplEventLoop, "stream" for StreamTransport); a class whose fields are
+    not plain slots is left to attribute look-ups."""
+    global _LoopType, L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY
+    global _StreamType, S_RECV, S_WBIND
+    if kind == "loop":
+        offs = [_offset(cls, n) for n in ("_closed", "_debug", "_ready", "_stopping",
+                                          "_stashed", "_task_factory")]
+        if min(offs) > 0:
+            L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY = offs
+            _LoopType = cls
+    elif kind == "stream":
+        offs = [_offset(cls, n) for n in ("_recv", "_wbind")]
+        if min(offs) > 0:
+            S_RECV, S_WBIND = offs
+            _StreamType = cls
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+
 
 cdef inline bint _is_ours(handle):
     """A Handle (or our TimerHandle) whose fields are at the known offsets."""
@@ -194,7 +245,7 @@ cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
     look at ``_stopping`` before the callbacks too (``run_iterations``
     knows it was false at the end of the iteration before)."""
     cdef Py_ssize_t ntodo
-    if first and self._stopping:
+    if first and _l_stopping(self):
         # stop() came before this iteration: poll once without waiting (as
         # asyncio does), run what is ready, leave
         core._iterate(0)
@@ -202,7 +253,7 @@ cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
     ntodo = len(ready)
     if ntodo:
         popleft = ready.popleft
-        if self._debug:
+        if _l_debug(self):
             for _ in range(ntodo):
                 handle = popleft()
                 if not handle._cancelled:
@@ -212,12 +263,12 @@ cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
                 handle = popleft()
                 if not _cancelled(handle):
                     _run(handle)
-        if self._stopping:
+        if _l_stopping(self):
             # no more I/O for a loop that stops (asyncio polls before its
             # callbacks, not after), but what they wrote is sent now
             core.flush()
             return 0
-    elif first and self._stopping:
+    elif first and _l_stopping(self):
         core.flush()                    # (no callback ran since run_iterations looked)
         return 0
     core._iterate(0 if ready else -1)
@@ -250,7 +301,7 @@ def run_iterations(self):
     ready = self._ready
     while True:
         _iteration(self, core, ready, first)
-        if self._stopping:
+        if _l_stopping(self):
             if self._stashed is not None:
                 self._raise_stashed()
             return
@@ -260,13 +311,13 @@ def run_iterations(self):
 def call_soon(self, callback, *args, context=None):
     """``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next
     iteration (asyncio's, with debug mode's checks only in debug mode)."""
-    if self._closed:
+    if _l_closed(self):
         raise RuntimeError("Event loop is closed")
-    if self._debug or not _OFFSETS:
+    if not _OFFSETS or _l_debug(self):
         return self._call_soon_slow(callback, args, context)
     h = evpl_aio_alloc(_Handle)
     _fill(h, self, callback, args, context)
-    self._ready.append(h)
+    (_field(self, L_READY) if _is_loop(self) else self._ready).append(h)
     return h
 
 
@@ -335,9 +386,9 @@ def timer(loop, when, delay, callback, args, context):
     ``when`` (``delay`` seconds from now) on an engine timer: what
     asyncio's TimerHandle ``__init__`` does, without its two frames (not
     in debug mode, which keeps asyncio's, for the source traceback)."""
-    if loop._closed:
+    if _l_closed(loop):
         raise RuntimeError("Event loop is closed")
-    if not _OFFSETS or loop._debug:
+    if not _OFFSETS or _l_debug(loop):
         return loop._timer_slow(when, delay, callback, args, context)
     h = evpl_aio_alloc(TimerHandle)
     _fill(h, loop, callback, args, context)
@@ -421,7 +472,7 @@ _Task = _tasks.Task
 
 def get_debug(self):
     """``loop.get_debug()`` (every Future and Task asks, at creation)."""
-    return self._debug
+    return _field(self, L_DEBUG) if _is_loop(self) else self._debug
 
 
 def loop_time(self):
@@ -438,7 +489,8 @@ def create_task(self, coro, *, name=None, context=None, **kwargs):
     """``loop.create_task()``: a Task made directly when no task factory is
     set and debug mode is off; otherwise (and for arguments newer Pythons
     add) asyncio's own method, which also names the task a factory made."""
-    if kwargs or self._debug or self._task_factory is not None or self._closed:
+    if (kwargs or _l_debug(self) or _l_closed(self)
+            or (_field(self, L_FACTORY) if _is_loop(self) else self._task_factory) is not None):
         return _BaseCreateTask(self, coro, name=name, context=context, **kwargs)
     return _Task(coro, loop=self, name=name, context=context)
 

@@ -988,6 +988,9 @@ class EvplEventLoop(base_events.BaseEventLoop):
                 f"debug={self.get_debug()}>")
 
 
+_fast.register_slots(EvplEventLoop, "loop")
+
+
 class AttachedEventLoop(EvplEventLoop):
     """An asyncio loop that runs inside an evpl ``Loop``'s own iterations.
 

@@ -568,3 +568,6 @@ class StreamTransport(Handler, transports._FlowControlMixin):
                 value = None
         extra[name] = value
         return value
+
+
+_fast.register_slots(StreamTransport, "stream")
