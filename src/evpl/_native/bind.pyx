@@ -270,10 +270,16 @@ cdef class Bind(_Source):
         """Queue ``data`` (a message on a framed Bind; a datagram to the peer
         on a connected datagram Bind) for sending at the end of this loop
         iteration. Raises SendQueueFull past the hard limit."""
+        self._send_data(data)
+
+    cdef int _send_data(self, data) except -1:
+        """``send`` for compiled callers (evpl.aio's transport write): no
+        Python method call."""
         cdef TxEntry* e
         self._can_send()
         e = self._push_message(data)
         self._queued(e.len + e.hdrlen, e - self.txq.e)
+        return 0
 
     def sendv(self, pieces) -> None:
         """Queue several pieces as one message (one header on a framed Bind)."""

@@ -15,6 +15,7 @@ from asyncio.log import logger
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
+from evpl._native.bind cimport Bind
 from evpl._native.buffers cimport Buffer
 from evpl._native.loop cimport LoopCore
 
@@ -55,7 +56,10 @@ def write(self, data):
     wbind = _field(self, S_WBIND) if _is_stream(self) else self._wbind
     if wbind is not None and data:
         try:
-            wbind.send(data)
+            if isinstance(wbind, Bind):
+                (<Bind>wbind)._send_data(data)
+            else:
+                wbind.send(data)
             return
         except EvplError:
             pass        # closed meanwhile: the full checks below
