@@ -135,6 +135,8 @@ cdef object _LoopType = None
 cdef Py_ssize_t L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY
 cdef object _StreamType = None
 cdef Py_ssize_t S_RECV, S_WBIND
+cdef object _DgramType = None
+cdef Py_ssize_t D_RECV, D_SBIND, D_ADDRESS, D_CONNECTED
 
 from cpython.object cimport PyObject_TypeCheck, PyTypeObject
 
@@ -159,12 +161,18 @@ cdef inline bint _is_stream(obj):
     return _StreamType is not None and PyObject_TypeCheck(obj, <PyTypeObject*>_StreamType)
 
 
+cdef inline bint _is_dgram(obj):
+    return _DgramType is not None and PyObject_TypeCheck(obj, <PyTypeObject*>_DgramType)
+
+
 def register_slots(cls, kind):
     """Record the slot offsets of ``cls`` (``kind``: "loop" for
-    EvplEventLoop, "stream" for StreamTransport); a class whose fields are
-    not plain slots is left to attribute look-ups."""
+    EvplEventLoop, "stream" for StreamTransport, "dgram" for
+    DatagramTransport); a class whose fields are not plain slots is left to
+    attribute look-ups."""
     global _LoopType, L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY
     global _StreamType, S_RECV, S_WBIND
+    global _DgramType, D_RECV, D_SBIND, D_ADDRESS, D_CONNECTED
     if kind == "loop":
         offs = [_offset(cls, n) for n in ("_closed", "_debug", "_ready", "_stopping",
                                           "_stashed", "_task_factory")]
@@ -176,6 +184,11 @@ def register_slots(cls, kind):
         if min(offs) > 0:
             S_RECV, S_WBIND = offs
             _StreamType = cls
+    elif kind == "dgram":
+        offs = [_offset(cls, n) for n in ("_recv", "_sbind", "_address", "_connected")]
+        if min(offs) > 0:
+            D_RECV, D_SBIND, D_ADDRESS, D_CONNECTED = offs
+            _DgramType = cls
     else:
         raise ValueError(f"unknown kind {kind!r}")
 
@@ -413,7 +426,8 @@ _SEND_EMPTY = _sys.version_info >= (3, 13)
 def on_datagram(self, bind, data, addr):
     """A datagram: ``datagram_received(bytes, addr)``. An exception from the
     protocol is reported and the transport stays open (as asyncio's)."""
-    recv = self._recv           # protocol.datagram_received; None once closing
+    # protocol.datagram_received; None once closing
+    recv = _field(self, D_RECV) if _is_dgram(self) else self._recv
     if recv is None:
         return
     try:
@@ -440,11 +454,28 @@ def dg_sendto(self, data, addr=None):
                         f"not {type(data).__name__!r}")
     if not data and not _SEND_EMPTY:
         return
-    address = self._address
+    cdef bint fast = _is_dgram(self)
+    address = _field(self, D_ADDRESS) if fast else self._address
     if address:
         if addr is not None and addr != address:
             raise ValueError(f"Invalid address: must be None or {address}")
         addr = address
+    # _sbind: the Bind while datagrams go straight to it (not closing)
+    sbind = _field(self, D_SBIND) if fast else self._sbind
+    if sbind is not None:
+        try:
+            if not (_field(self, D_CONNECTED) if fast else self._connected):
+                sbind.sendto(data, addr)
+            elif isinstance(sbind, Bind):
+                (<Bind>sbind)._send_data(data)
+            else:
+                sbind.send(data)
+            return
+        except ValueError as exc:
+            self._refused_send(sbind, data, addr, exc)
+            return
+        except EvplError:
+            pass            # closed meanwhile: the checks below
     bind = self._bind
     if self._conn_lost or self._closing or bind is None:
         if self._conn_lost:

@@ -65,7 +65,7 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
 
     # what the per-datagram paths read: slots, not dict look-ups
     __slots__ = ("_address", "_bind", "_closing", "_conn_lost", "_connected", "_protocol",
-                 "_recv")
+                 "_recv", "_sbind")
 
     def __init__(self, loop: EvplEventLoop, sock: socket.socket, protocol: Any,
                  address: Any = None, waiter: Any = None, extra: dict[str, Any] | None = None,
@@ -102,6 +102,7 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
         self._bind: Bind | None = module.datagram(loop._core, self._sock_fd, backend, self, lim,
                                                   True, peer if self._connected else None)
         self._bind.pause_reading()
+        self._sbind: Bind | None = self._bind   # while sendto goes straight to the Bind
         loop._transports[self._sock_fd] = self
         loop.call_soon(protocol.connection_made, self)
         loop.call_soon(self._start_reading)
@@ -150,11 +151,13 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
             self._bind = None
             self._closing = True
             self._recv = None
+            self._sbind = None
             return
         if self._conn_lost:
             return
         self._closing = True
         self._recv = None
+        self._sbind = None
         self._conn_lost += 1
         exc = error if error is None or isinstance(error, OSError) else OSError(str(error))
         loop.call_soon(self._call_connection_lost, exc)
@@ -241,6 +244,7 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
             return
         self._closing = True
         self._recv = None
+        self._sbind = None
         bind = self._bind
         if bind is None:
             self._conn_lost += 1
@@ -258,6 +262,7 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
             return
         self._closing = True
         self._recv = None
+        self._sbind = None
         self._conn_lost += 1
         bind = self._bind
         if bind is not None:
@@ -298,6 +303,7 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
             self._sock = None
             self._bind = None
             self._recv = None
+            self._sbind = None
             self._protocol = None
             self._loop = None
 
@@ -330,3 +336,6 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
 
     def get_protocol(self) -> Any:
         return self._protocol
+
+
+_fast.register_slots(DatagramTransport, "dgram")
