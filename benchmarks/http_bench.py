@@ -1,11 +1,15 @@
 """HTTP servers side by side: evpl (native, ASGI, Starlette on ASGI, WSGI)
-against uvicorn + httptools, granian (ASGI and RSGI) and nginx (the C
-limit), in the same run, with ratios.
+against uvicorn + httptools, granian (ASGI, Starlette on its ASGI, and
+RSGI) and nginx (the C limit), in the same run, with ratios.
 
     flock /tmp/evpl-bench.lock python benchmarks/http_bench.py [--runs 3] [--duration 3]
 
 Each server runs pinned to core 0 (``taskset -c 0``) with one worker; the
-load (``wrk -t1 -c64``, ``h2load -c64 -m16``) runs on core 1. Loads:
+load (``wrk -t1 -c64``, ``h2load -c64 -m16``) runs on core 1. The
+exception, "evpl native 2 shards" (``--shards 2``), is pinned to cores 0
+and 1: on a two-core machine its second shard shares core 1 with wrk, so it
+shows what a second shard costs here, not how it scales on a bigger one.
+Loads:
 
 - ``plain``: GET / (13 bytes), keep-alive, 64 connections;
 - ``pipe16``: the same with 16 pipelined requests per write (TechEmpower
@@ -14,8 +18,8 @@ load (``wrk -t1 -c64``, ``h2load -c64 -m16``) runs on core 1. Loads:
 - ``h2``: HTTP/2, ``h2load -c64 -m16`` (servers that speak h2c).
 
 Every cell is the median of ``--runs`` runs: requests/s, p50/p99 latency
-(wrk), and server CPU per request (utime+stime of the server process over
-the run / requests). A server that is not installed is skipped, saying why.
+(wrk), and server CPU per request (utime+stime of the server's processes
+over the run / requests). A server that is not installed is skipped, saying why.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Peer:
     cmd: list[str]                    # {port} and {tmp} are filled in
     loads: tuple[str, ...] = ("plain", "pipe16", "big", "h2")
     needs: str = ""                   # executable or module that must exist
+    cpus: str = SERVER_CPU            # the cores the server is pinned to
     setup: str = ""                   # "nginx": write its config first
     results: dict[str, list[dict]] = field(default_factory=dict)
 
@@ -62,6 +67,9 @@ def peers() -> list[Peer]:
         Peer("evpl ASGI", [*evpl, "http_apps:asgi", "--interface", "asgi"]),
         Peer("evpl ASGI Starlette", [*evpl, "http_apps:starlette", "--interface", "asgi"],
              loads=("plain", "pipe16"), needs="starlette"),
+        Peer("evpl native 2 shards", [*evpl, "http_apps:native", "--interface", "evpl",
+                                       "--shards", "2"],
+             loads=("plain", "pipe16"), cpus=f"{SERVER_CPU},{CLIENT_CPU}"),
         Peer("evpl WSGI", [*evpl, "http_apps:wsgi", "--interface", "wsgi"],
              loads=("plain", "pipe16", "big")),
         Peer("uvicorn httptools", [py, "-m", "uvicorn", "--app-dir", HERE, "--port", "{port}",
@@ -78,6 +86,11 @@ def peers() -> list[Peer]:
                               "--runtime-threads", "1", "--port", "{port}", "--no-ws",
                               "--http", "auto", "--log-level", "warning",
                               "--working-dir", HERE, "http_apps:asgi"], needs="granian"),
+        Peer("granian Starlette", [py, "-m", "granian", "--interface", "asgi", "--workers", "1",
+                                   "--runtime-threads", "1", "--port", "{port}", "--no-ws",
+                                   "--http", "auto", "--log-level", "warning",
+                                   "--working-dir", HERE, "http_apps:starlette"],
+             loads=("plain", "pipe16"), needs="granian"),
         Peer("granian RSGI", [py, "-m", "granian", "--interface", "rsgi", "--workers", "1",
                               "--runtime-threads", "1", "--port", "{port}", "--no-ws",
                               "--http", "auto", "--log-level", "warning",
@@ -135,13 +148,14 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
             time.sleep(0.1)
 
 
-def server_pid(proc: subprocess.Popen) -> int:
-    """The pid doing the work (granian forks a worker)."""
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its descendants (granian's worker,
+    evpl's shards)."""
     try:
-        kids = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
     except OSError:
         kids = []
-    return int(kids[0]) if kids else proc.pid
+    return cpu_seconds(pid) + sum(tree_cpu_seconds(int(k)) for k in kids)
 
 
 def run_load(load: str, port: int, h2port: int, duration: float, tmp: str) -> dict:
@@ -186,19 +200,18 @@ def bench(p: Peer, loads: list[str], duration: float, tmp: str) -> None:
     else:
         port2 = port
     cmd = [c.format(port=port, tmp=tmp) for c in p.cmd]
-    proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(["taskset", "-c", p.cpus, *cmd], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=HERE)
     try:
         wait_port(port, proc)
         time.sleep(0.5)                     # let the server settle (not a test: a benchmark)
-        pid = server_pid(proc)
         for load in loads:
             if load not in p.loads:
                 continue
             run_load(load, port, port2, 1, tmp)          # warm-up
-            c0 = cpu_seconds(pid)
+            c0 = tree_cpu_seconds(proc.pid)
             r = run_load(load, port, port2, duration, tmp)
-            r["cpu_us"] = ((cpu_seconds(pid) - c0) / r["requests"] * 1e6
+            r["cpu_us"] = ((tree_cpu_seconds(proc.pid) - c0) / r["requests"] * 1e6
                            if r["requests"] else None)
             p.results.setdefault(load, []).append(r)
     finally:

@@ -10,7 +10,14 @@ import socket
 import pytest
 
 import evpl
-from core.helpers import TIMEOUT, InThread, Ticker, raw_connect, recv_exactly
+from core.helpers import (
+    TIMEOUT,
+    InThread,
+    Ticker,
+    raw_connect,
+    raw_listener,
+    recv_exactly,
+)
 
 FRAMERS = {
     "length_prefix": (evpl.framing.length_prefix(4),
@@ -248,3 +255,93 @@ def test_on_datagrams_gets_read_batches(loop, dgram_net):
     assert all(a == me for _, a in got)
     assert server.singles == 0
     assert len(server.batches) < 40
+
+
+class Forwarder(evpl.Handler):
+    """Sends each received batch on in one call, but first tries it with a
+    refused item appended: received messages that follow each other in
+    memory share one send-queue entry (``txq_merge``), and the refused
+    batch must leave none of them queued, nor the entry they extended."""
+
+    def __init__(self, refuse: object) -> None:
+        self.refuse = refuse
+        self.sent: list[bytes] = []
+        self.refused = 0
+
+    def on_messages(self, bind, msgs):
+        before = bind.queued_bytes
+        # the first message alone, so the batch's others extend its entry
+        bind.send(msgs[0])
+        self.sent.append(bytes(msgs[0]))
+        queued = bind.queued_bytes
+        try:
+            bind.send_messages([*msgs[1:], self.refuse])
+        except (evpl.FramingError, TypeError):
+            self.refused += 1
+        assert bind.queued_bytes == queued > before
+        bind.send_messages(msgs[1:])
+        self.sent.extend(bytes(m) for m in msgs[1:])
+
+
+@pytest.mark.parametrize("kind", sorted(FRAMERS))
+def test_forwarded_batches_send_what_was_received(loop, stream_backend, address, kind):
+    """Received messages sent on as they came (an echo, a forwarder) go out
+    byte for byte, on every framer; a batch refused halfway leaves nothing
+    of itself queued, even where it had extended an earlier entry."""
+    framer, frame = FRAMERS[kind]
+    refuse = b"too short" if kind == "fixed" else 42
+    server = Forwarder(refuse)
+    listener = loop.listen(stream_backend, address(stream_backend), lambda: server,
+                           framing=framer)
+    msgs = _messages(3000, kind == "fixed")
+    wire = b"".join(frame(m) for m in msgs)
+    peer = raw_connect(stream_backend, listener.address)
+    with peer:
+        reader = InThread(loop, lambda: recv_exactly(peer, len(wire)))
+        writer = InThread(loop, lambda: peer.sendall(wire))     # many messages a read
+        loop.run_until(lambda: reader.done() and writer.done(), timeout=TIMEOUT)
+        writer.get()
+        assert reader.get() == wire
+    assert server.sent == msgs
+    assert server.refused > 0
+
+
+def test_framed_sendv_while_the_queue_drains(loop, stream_backend, address):
+    """Multi-piece framed messages queued while a slow peer takes earlier
+    ones in pieces: the queue's entries move down as it refills (its head
+    has advanced), and every header still lands on its own message."""
+    lsock, laddr = raw_listener(stream_backend, address, rcvbuf=4096)
+    rng = random.Random(11)
+    msgs = [tuple(bytes([(i + k) % 251]) * rng.randint(0, 120) for k in range(3))
+            for i in range(6000)]
+    expected = b"".join(len(b"".join(m)).to_bytes(4, "big") + b"".join(m) for m in msgs)
+    closed: list[object] = []
+    sent = 0
+
+    class Sender(evpl.Handler):
+        def on_connected(self, bind):
+            self.step(bind)
+
+        def step(self, bind):
+            nonlocal sent
+            for _ in range(16):
+                if sent < len(msgs):
+                    bind.sendv(msgs[sent])
+                    sent += 1
+            if sent < len(msgs):
+                loop.call_later(0, self.step, bind)     # on the next iteration
+            else:
+                bind.finish()
+
+        def on_closed(self, bind, error):
+            closed.append(error)
+
+    loop.connect(stream_backend, laddr, Sender(), sndbuf=4096,
+                 framing=evpl.framing.length_prefix(4), hard_limit=64 << 20)
+    peer, _ = lsock.accept()
+    with lsock, peer:
+        reader = InThread(loop, lambda: recv_exactly(peer, len(expected)))
+        loop.run_until(lambda: reader.done() and closed, timeout=TIMEOUT)
+        data = reader.get()
+    assert closed == [None]
+    assert data == expected

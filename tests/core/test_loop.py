@@ -190,6 +190,32 @@ def test_defer_runs_at_end_of_iteration(loop):
     assert order == ["a", "b", "deferred"]
 
 
+def test_sends_of_a_deferred_chain_leave_together(loop, tmp_path):
+    """Deferred work that defers more (pipelined requests answered one
+    after the other) runs round after round in one iteration, and what the
+    rounds queued is sent once they settle: each round sees the bytes of
+    the rounds before still queued. A longer chain is cut after a bounded
+    number of rounds, so I/O is polled again."""
+    path = str(tmp_path / "chain.sock")
+    loop.listen("unix", path, lambda: evpl.Handler())
+    bind = loop.connect("unix", path, evpl.Handler())
+    loop.run_until(lambda: bind.connected, timeout=TIMEOUT)
+    seen: list[tuple[int, int]] = []
+
+    def step(k: int) -> None:
+        seen.append((loop.stats()["iterations"], bind.queued_bytes))
+        bind.send(b"x")
+        if k < 40:
+            loop.defer(step, k + 1)
+
+    loop.defer(step, 1)
+    loop.run_until(lambda: len(seen) == 40, timeout=TIMEOUT)
+    first = seen[0][0]
+    in_first = [q for it, q in seen if it == first]
+    assert 1 < len(in_first) < 40            # bounded, not the whole chain
+    assert in_first == list(range(len(in_first)))   # nothing sent between rounds
+
+
 def test_defer_from_outside_callbacks(loop):
     ran = []
     loop.defer(ran.append, 1)

@@ -829,9 +829,9 @@ def test_loop_close_closes_everything(make_loop, stream_backend, address):
 
 
 def test_many_small_framed_sends_survive_partial_writes(loop, stream_backend, address):
-    """Small messages leave coalesced (txq_stage on the epoll backends):
-    a peer with a small receive buffer takes them in pieces, and the byte
-    stream is still every header and message, in order."""
+    """Many small framed messages to a peer with a small receive buffer,
+    which takes them in pieces: the byte stream is still every header and
+    message, in order."""
     lsock, laddr = raw_listener(stream_backend, address, rcvbuf=4096)
     rng = random.Random(7)
     msgs = [bytes([i % 251]) * rng.randint(0, 300) for i in range(20_000)]

@@ -255,6 +255,51 @@ def test_xpub_verbose_and_verboser(loop, zctx, ipc_dir, kind, verbose, verboser)
 
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
+@pytest.mark.parametrize("manual", [False, True])
+def test_xpub_receives_what_an_xsub_sends_besides_subscriptions(loop, zctx, ipc_dir, kind,
+                                                                 manual):
+    """libzmq's XSUB may send any message upstream; an XPUB gets the ones
+    that are not subscriptions, multipart and in order with the
+    subscription notifications (a PUB drops them)."""
+    xpub = ez.Socket(loop, "XPUB", xpub_manual=manual)
+    ep = xpub.bind(_evpl_ep(kind, ipc_dir, "xsub-up"))
+    xsub = _zsock(zctx, zmq.XSUB)
+    xsub.connect(ep)
+    xsub.send(b"\x01a")
+    xsub.send_multipart([b"hello", b"", b"world"])
+    xsub.send(b"\x02not a subscription")
+    xsub.send(b"\x01b")
+    got: list[list[bytes]] = []
+
+    def four() -> bool:
+        while len(got) < 4:
+            try:
+                got.append(tobytes(xpub.recv_multipart(ez.NOBLOCK)))
+            except ez.Again:
+                return False
+        return True
+    until(loop, four)
+    assert got == [
+        [b"\x01a"], [b"hello", b"", b"world"], [b"\x02not a subscription"], [b"\x01b"]]
+    if manual:
+        xpub.subscribe(b"b")        # answers the last request, not the messages between
+        until(loop, lambda: any(p.subs.counts.get(b"b") for p in xpub._peers))
+    xpub.close()
+
+
+def test_libzmq_xpub_receives_what_an_evpl_xsub_sends(loop, zctx, ipc_dir):
+    xpub = _zsock(zctx, zmq.XPUB)
+    ep = _zbind(xpub, "tcp", ipc_dir, "xpub-up")
+    xsub = ez.Socket(loop, "XSUB")
+    xsub.connect(ep)
+    xsub.send(b"\x01t")
+    xsub.send_multipart([b"up", b"stream"])
+    assert zrecv(loop, xpub) == [b"\x01t"]
+    assert zrecv(loop, xpub) == [b"up", b"stream"]
+    xsub.close()
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
 @pytest.mark.parametrize("mode", ["callback", "recv"])
 def test_xpub_manual_subscriptions_are_the_applications(loop, zctx, ipc_dir, kind, mode):
     seen = []

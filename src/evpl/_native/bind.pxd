@@ -1,4 +1,5 @@
 # cython: language_level=3
+cimport cython
 """The Bind and Listener bases every backend fills (see bind.pyx)."""
 
 from libc.stdint cimport int64_t
@@ -6,7 +7,7 @@ from evpl._native.buffers cimport Pool, Buffer, Chunk
 from evpl._native.framing cimport Framer
 from evpl._native.loop cimport _Source, LoopCore, Timer
 from evpl._native.sys cimport sockaddr, sockaddr_in6, socklen_t
-from evpl._native.txqueue cimport TxQueue, TxEntry
+from evpl._native.txqueue cimport TxQueue, TxEntry, TxMark
 
 # bind states
 cdef enum:
@@ -109,9 +110,9 @@ cdef class Bind(_Source):
     cdef void _adopt_stream(self, peer, bint connecting, int connect_errno)
     cdef void _adopt_datagram(self, bint gso, peer, bint gro_fits)
     cdef int _can_send(self) except -1
-    cdef int _queued(self, size_t n, size_t start) except -1
+    cdef int _queued(self, size_t n, TxMark m) except -1
     cdef bint _frames_sends(self)
-    cdef TxEntry* _push_message(self, data) except NULL
+    cdef Py_ssize_t _push_message(self, data) except -1
     cdef Py_ssize_t _push_pieces(self, pieces) except -1
     cdef int _check_datagram(self, TxEntry* e) except -1
     cdef void _mark_dirty(self)
@@ -128,7 +129,11 @@ cdef class Bind(_Source):
     cdef Py_ssize_t _scan(self, Chunk* c, char* p, size_t avail, size_t* hint, size_t* payload,
                           int* nfrag) except? -100
     cdef Buffer _message(self, Chunk* c, char* p, Py_ssize_t r, size_t payload, int nfrag)
-    cdef Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
+    @cython.final
+    cdef inline Buffer _next_native(self, Chunk* c, char* p, size_t avail, size_t* hint,
+                                    Py_ssize_t* r)
+    @cython.final
+    cdef inline Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
                               Py_ssize_t* r)
     cdef int _deliver(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2
     cdef int _deliver_batch(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2

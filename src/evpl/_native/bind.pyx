@@ -275,26 +275,27 @@ cdef class Bind(_Source):
     cdef int _send_data(self, data) except -1:
         """``send`` for compiled callers (evpl.aio's transport write): no
         Python method call."""
-        cdef TxEntry* e
+        cdef TxMark m
+        cdef Py_ssize_t n
         self._can_send()
-        e = self._push_message(data)
-        self._queued(e.len + e.hdrlen, e - self.txq.e)
+        m = txq_mark(&self.txq)
+        n = self._push_message(data)
+        self._queued(n, m)
         return 0
 
     def sendv(self, pieces) -> None:
         """Queue several pieces as one message (one header on a framed Bind)."""
-        cdef size_t start
+        cdef TxMark m
         cdef Py_ssize_t total
         self._can_send()
-        start = self.txq.tail
+        m = txq_mark(&self.txq)
         try:
             total = self._push_pieces(pieces)
         except BaseException:
-            if start != self.txq.tail:      # all or nothing: drop the pieces queued
-                txq_unpush_from(&self.txq, &self.txq.e[start])
+            txq_undo(&self.txq, m)          # all or nothing: drop the pieces queued
             raise
-        if start != self.txq.tail:
-            self._queued(total, start)
+        if txq_changed(&self.txq, m):
+            self._queued(total, m)
 
     def send_messages(self, msgs) -> None:
         """Queue each item of ``msgs`` as one message (its own header on a
@@ -304,29 +305,33 @@ cdef class Bind(_Source):
         ``sendv`` would), so a reply can carry a large payload by reference
         next to its header. All or nothing: if one item is refused, none is
         queued."""
-        cdef size_t start, total = 0
-        cdef TxEntry* e
+        cdef TxMark m
+        cdef size_t total = 0
+        cdef Py_ssize_t n
+        cdef Framer f = self.framer if self._frames_sends() else None
         self._can_send()
-        start = self.txq.tail
+        m = txq_mark(&self.txq)
         try:
-            for m in msgs:
-                if type(m) is tuple:
-                    total += self._push_pieces(m)
+            for msg in msgs:
+                if type(msg) is Buffer and self.stream:
+                    n = txq_merge(&self.txq, <Buffer>msg, f)
+                    total += n if n >= 0 else self._push_message(msg)
+                elif type(msg) is tuple:
+                    total += self._push_pieces(msg)
                 else:
-                    e = self._push_message(m)
-                    total += e.len + e.hdrlen
+                    total += self._push_message(msg)
         except BaseException:
-            if start != self.txq.tail:
-                txq_unpush_from(&self.txq, &self.txq.e[start])
+            txq_undo(&self.txq, m)
             raise
-        if start != self.txq.tail:
-            self._queued(total, start)
+        if txq_changed(&self.txq, m):
+            self._queued(total, m)
 
     cdef Py_ssize_t _push_pieces(self, pieces) except -1:
         """Queue ``pieces`` as one stream message (its header in the first
         entry on a framed Bind); the bytes queued, header included. The
         caller drops the entries if this raises."""
-        cdef size_t start = self.txq.tail, total = 0
+        cdef TxMark m = txq_mark(&self.txq)
+        cdef size_t total = 0
         cdef TxEntry* e
         if not self.stream:
             raise EvplError("datagram Bind: send one datagram at a time")
@@ -334,10 +339,11 @@ cdef class Bind(_Source):
             e = txq_push(&self.txq, p)
             total += e.len
         if self._frames_sends():
-            if start == self.txq.tail:
+            if txq_since(&self.txq, m) == &self.txq.e[self.txq.tail]:
                 txq_push(&self.txq, b"")    # an empty message still has its header
-            txq_frame(&self.txq, &self.txq.e[start], self.framer, total)
-            total += self.txq.e[start].hdrlen
+            e = txq_since(&self.txq, m)
+            txq_frame(&self.txq, e, self.framer, total)
+            total += e.hdrlen
         return total
 
     cdef bint _frames_sends(self):
@@ -345,16 +351,25 @@ cdef class Bind(_Source):
         mark) or the size checked (fixed); a callable framer sends as is."""
         return self.fr_kind != F_NONE and self.fr_kind != F_CALLABLE and self.fr_kind != F_ZMTP
 
-    cdef TxEntry* _push_message(self, data) except NULL:
+    cdef Py_ssize_t _push_message(self, data) except -1:
         """Queue one message: with its framing, or on a connected datagram
-        Bind as one datagram to the peer."""
-        cdef TxEntry* e = txq_push(&self.txq, data)
+        Bind as one datagram to the peer; the bytes queued, header included.
+        A received Buffer that follows the last queued one in memory extends
+        its entry (``txq_merge``)."""
+        cdef TxEntry* e
+        cdef Py_ssize_t n
+        if self.stream and type(data) is Buffer:
+            n = txq_merge(&self.txq, <Buffer>data,
+                          self.framer if self._frames_sends() else None)
+            if n >= 0:
+                return n
+        e = txq_push(&self.txq, data)
         if self._frames_sends():
             txq_frame(&self.txq, e, self.framer, e.len)
         elif not self.stream:
             self._check_datagram(e)
             e.salen = 0                     # to the connected peer
-        return e
+        return e.len + e.hdrlen
 
     cdef int _check_datagram(self, TxEntry* e) except -1:
         """Refuse (and drop) a queued datagram larger than UDP allows."""
@@ -373,6 +388,7 @@ cdef class Bind(_Source):
     def sendto(self, data, addr) -> None:
         """Queue one datagram to ``addr``; sent with the iteration's batch."""
         cdef TxEntry* e
+        cdef TxMark m
         cdef sockaddr_in6 sa
         cdef socklen_t salen
         if self.state == S_CLOSED:
@@ -387,11 +403,12 @@ cdef class Bind(_Source):
                 memcpy(&self.tx_sa, &sa, salen)
                 self.tx_salen = salen
             self.tx_addr = addr
+        m = txq_mark(&self.txq)
         e = txq_push(&self.txq, data)
         self._check_datagram(e)
         memcpy(&e.sa, &self.tx_sa, self.tx_salen)
         e.salen = self.tx_salen
-        self._queued(e.len, e - self.txq.e)
+        self._queued(e.len, m)
 
     def close(self) -> None:
         """Close now; queued sends are dropped. ``on_closed(bind, None)``
@@ -467,11 +484,11 @@ cdef class Bind(_Source):
 
     # ---- send queue accounting ----------------------------------------------
 
-    cdef int _queued(self, size_t n, size_t start) except -1:
-        """Account ``n`` bytes just queued in entries ``start`` on."""
+    cdef int _queued(self, size_t n, TxMark m) except -1:
+        """Account ``n`` bytes just queued since ``m``."""
         if self.queued_bytes + n > self.hard_limit:
-            # undo the entries just pushed: the caller ignored on_paused
-            txq_unpush_from(&self.txq, &self.txq.e[start])
+            # undo what was just queued: the caller ignored on_paused
+            txq_undo(&self.txq, m)
             raise SendQueueFull(
                 f"send queue would exceed hard_limit ({self.hard_limit} bytes); "
                 f"wait for on_writable")
@@ -750,7 +767,26 @@ cdef class Bind(_Source):
         chunk_unref(self.pool, dst)
         return b
 
-    cdef Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
+    @cython.final
+    cdef inline Buffer _next_native(self, Chunk* c, char* p, size_t avail, size_t* hint,
+                                    Py_ssize_t* r):
+        """``_next_message`` for the framers that never call Python (fixed
+        size, length prefix): a small function with no exception frame, as
+        it runs once per message."""
+        if self.fr_kind == F_FIXED:
+            r[0] = self.framer.size
+            if avail < <size_t>r[0]:
+                hint[0] = <size_t>r[0]
+                r[0] = 0
+                return None
+            return make_buffer(self.pool, c, p, r[0])
+        r[0] = scan_length(self.framer, <unsigned char*>p, avail, hint)
+        if r[0] <= 0:
+            return None
+        return make_buffer(self.pool, c, p + self.framer.size, r[0] - self.framer.size)
+
+    @cython.final
+    cdef inline Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
                               Py_ssize_t* r):
         """The next whole message at ``p`` (``r[0]``: its wire length), or
         None: ``r[0]`` is then 0 (need more; ``hint`` as in _scan), negative
@@ -759,6 +795,8 @@ cdef class Bind(_Source):
         cdef size_t payload = 0
         cdef int nfrag = 1
         cdef Buffer msg
+        if self.fr_kind == F_FIXED or self.fr_kind == F_LENGTH:
+            return self._next_native(c, p, avail, hint, r)
         try:
             r[0] = self._scan(c, p, avail, hint, &payload, &nfrag)
         except Exception as exc:
@@ -817,8 +855,12 @@ cdef class Bind(_Source):
         cdef Py_ssize_t r = 0
         cdef Buffer msg
         cdef list batch = []
+        cdef bint native = self.fr_kind == F_FIXED or self.fr_kind == F_LENGTH
         while off < total:
-            msg = self._next_message(c, base + off, total - off, &hint, &r)
+            if native:
+                msg = self._next_native(c, base + off, total - off, &hint, &r)
+            else:
+                msg = self._next_message(c, base + off, total - off, &hint, &r)
             if msg is None:
                 if r == R_CLOSED:
                     return -1

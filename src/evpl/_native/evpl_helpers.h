@@ -4,6 +4,7 @@
 #define EVPL_HELPERS_H
 
 #include <stdint.h>
+#include <endian.h>
 #include <string.h>
 #include <errno.h>
 #include <time.h>
@@ -34,7 +35,12 @@ static inline int64_t evpl_now_ns(void) {
 /* Read an unsigned integer of `size` bytes (1, 2, 4 or 8). */
 static inline uint64_t evpl_load_uint(const unsigned char *p, int size, int big) {
     uint64_t v = 0;
+    uint32_t v32;
     int i;
+    if (size == 4) {                    /* the common prefix: one load */
+        memcpy(&v32, p, 4);
+        return big ? be32toh(v32) : le32toh(v32);
+    }
     if (big) {
         for (i = 0; i < size; i++) v = (v << 8) | p[i];
     } else {
@@ -44,7 +50,13 @@ static inline uint64_t evpl_load_uint(const unsigned char *p, int size, int big)
 }
 
 static inline void evpl_store_uint(unsigned char *p, int size, int big, uint64_t v) {
+    uint32_t v32;
     int i;
+    if (size == 4) {
+        v32 = big ? htobe32((uint32_t)v) : htole32((uint32_t)v);
+        memcpy(p, &v32, 4);
+        return;
+    }
     if (big) {
         for (i = size - 1; i >= 0; i--) { p[i] = (unsigned char)v; v >>= 8; }
     } else {

@@ -78,7 +78,7 @@ cdef inline Py_ssize_t scan_record(Framer f, const unsigned char* p, size_t avai
             hint[0] = off + 4 + flen
             return 0
         off += 4 + flen
-        if h & 0x80000000:
+        if h >> 31:                     # the last fragment (C arithmetic: 0x80000000 is no C int)
             payload[0] = total
             nfrag[0] = n
             return <Py_ssize_t>off

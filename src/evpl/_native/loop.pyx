@@ -35,6 +35,12 @@ from evpl._native.sys cimport *
 import logging
 
 DEF TRIM_IDLE_NS = 1_000_000_000    # idle this long: give memory back, once per idle period
+
+cdef enum:
+    # deferred work that defers more (a chain of coroutines, an HTTP
+    # connection's pipelined requests) runs this many rounds in one
+    # iteration; then sends go out and I/O is polled again
+    DEFER_ROUNDS = 16
 import os
 import signal
 import threading
@@ -763,10 +769,15 @@ cdef class LoopCore:
                 self._flush_batches()
         if self.tcount:
             self._run_timers()
-        while rounds < 8 and (self.deferred or self.closing or self.dirty):
+        while rounds < DEFER_ROUNDS and (self.deferred or self.closing or self.dirty):
             rounds += 1
             if self.deferred:
                 self._run_deferred()
+                if self.deferred and rounds < DEFER_ROUNDS:
+                    # callbacks that schedule more (an HTTP connection's
+                    # pipelined requests, one coroutine after the other):
+                    # let them settle, then send what they all queued at once
+                    continue
             if self.dirty:
                 batch = self.dirty
                 self.dirty = []

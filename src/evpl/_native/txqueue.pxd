@@ -6,6 +6,7 @@ from libc.stdint cimport uint8_t
 from posix.uio cimport iovec
 from evpl._native.sys cimport socklen_t, sockaddr_in6
 from evpl._native.framing cimport Framer
+from evpl._native.buffers cimport Buffer
 
 cdef enum:
     GSO_SEGS = 64           # datagrams per UDP GSO send (UDP_MAX_SEGMENTS >= 64)
@@ -30,9 +31,18 @@ cdef struct TxQueue:
     size_t off              # bytes of e[head] (header included) already sent
 
 
+cdef struct TxMark:
+    # Where a send call started, to undo it (all or nothing) or find its first
+    # entry. Counted from head, because a push may move the entries down.
+    size_t n                # entries queued at the mark
+    size_t last_len         # the last of them's length then (txq_merge extends it)
+
+
 cdef TxEntry* txq_push(TxQueue* q, object data) except NULL
+cdef Py_ssize_t txq_merge(TxQueue* q, Buffer b, Framer f) except -2
 cdef int txq_frame(TxQueue* q, TxEntry* e, Framer f, size_t total) except -1
 cdef void txq_unpush_from(TxQueue* q, TxEntry* e) noexcept
+cdef void txq_undo(TxQueue* q, TxMark m) noexcept
 cdef void txq_drop(TxQueue* q, list hold) noexcept
 cdef void txq_free(TxQueue* q) noexcept
 cdef size_t txq_retire(TxQueue* q, size_t n, list hold) noexcept
@@ -44,3 +54,20 @@ cdef size_t txq_dg_retire(TxQueue* q, unsigned int g) noexcept
 
 cdef inline bint txq_empty(TxQueue* q) noexcept:
     return q.head == q.tail
+
+
+cdef inline TxMark txq_mark(TxQueue* q) noexcept:
+    cdef TxMark m
+    m.n = q.tail - q.head
+    m.last_len = q.e[q.tail - 1].len if m.n else 0
+    return m
+
+
+cdef inline TxEntry* txq_since(TxQueue* q, TxMark m) noexcept:
+    """The first entry pushed since ``m`` (the tail if none was)."""
+    return &q.e[q.head + m.n]
+
+
+cdef inline bint txq_changed(TxQueue* q, TxMark m) noexcept:
+    """Something was queued since ``m`` (an entry pushed, or one extended)."""
+    return q.tail - q.head != m.n or (m.n and q.e[q.tail - 1].len != m.last_len)

@@ -17,11 +17,12 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
+from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy, memmove
 
 from evpl._native.buffers cimport Buffer
 from evpl._native.framing cimport F_LENGTH, F_FIXED
-from evpl._native.sys cimport evpl_store_uint
+from evpl._native.sys cimport evpl_load_uint, evpl_store_uint
 
 from evpl.errors import FramingError
 
@@ -73,34 +74,85 @@ cdef TxEntry* txq_push(TxQueue* q, object data) except NULL:
     return e
 
 
-cdef int txq_frame(TxQueue* q, TxEntry* e, Framer f, size_t total) except -1:
-    """Put the framing header of a ``total``-byte message (entries from ``e``
-    on) into ``e`` (a fixed-size framer only checks the size); on error the
-    message's entries are dropped."""
+# a record mark's last-fragment bit, as a C constant (the literal 0x80000000
+# does not fit a C int, so Cython would compute with Python ints)
+cdef uint64_t LAST_FRAGMENT = (<uint64_t>1) << 31
+
+
+cdef int frame_header(Framer f, size_t total, unsigned char* hdr) except -1:
+    """Write the framing header of a ``total``-byte message to ``hdr``; its
+    length (0 for a fixed-size framer, which only checks the size)."""
     if f.kind == F_FIXED:
         if total != <size_t>f.size:
-            txq_unpush_from(q, e)
             raise FramingError(f"message of {total} bytes on a fixed({f.size}) framer")
         return 0
     if total > f.max_message:
-        txq_unpush_from(q, e)
         raise FramingError(f"message of {total} bytes exceeds max_message ({f.max_message})")
     if f.kind == F_LENGTH:
         if f.includes_header:
             total += f.size
         if f.size < 8 and total >> (8 * f.size):
-            txq_unpush_from(q, e)
             raise FramingError(f"message of {total} bytes does not fit a "
                                f"{f.size}-byte length prefix")
-        evpl_store_uint(e.hdr, f.size, f.big, total)
-        e.hdrlen = f.size
-    else:
-        if total > 0x7fffffff:
-            txq_unpush_from(q, e)
-            raise FramingError("record larger than 2 GiB - 1")
-        evpl_store_uint(e.hdr, 4, 1, total | 0x80000000)
-        e.hdrlen = 4
+        evpl_store_uint(hdr, f.size, f.big, total)
+        return f.size
+    if total > 0x7fffffff:
+        raise FramingError("record larger than 2 GiB - 1")
+    evpl_store_uint(hdr, 4, 1, total | LAST_FRAGMENT)
+    return 4
+
+
+cdef int txq_frame(TxQueue* q, TxEntry* e, Framer f, size_t total) except -1:
+    """Put the framing header of a ``total``-byte message (entries from ``e``
+    on) into ``e``; on error the message's entries are dropped."""
+    try:
+        e.hdrlen = frame_header(f, total, e.hdr)
+    except FramingError:
+        txq_unpush_from(q, e)
+        raise
     return 0
+
+
+cdef Py_ssize_t txq_merge(TxQueue* q, Buffer b, Framer f) except -2:
+    """Queue the message in Buffer ``b`` by extending the last entry, when
+    its memory follows that entry's in the same chunk: the bytes queued, or
+    -1 if it does not follow. On a framed stream (``f``) the header that
+    would be sent must also be the one already in front of ``b`` (a received
+    message sent on as it came). So a batch of received messages echoed or
+    forwarded in order costs one entry and one iovec, not one per message
+    and header. The memory stays valid: the entry's owner holds the chunk,
+    and only read-only (received) Buffers merge, so no
+    byte of it changes before it is sent."""
+    cdef TxEntry* last
+    cdef int h = 0
+    cdef uint64_t want = 0
+    if q.tail == q.head or b.length == 0 or b.writable:
+        return -1
+    last = &q.e[q.tail - 1]
+    if (type(<object>last.owner) is not Buffer or (<Buffer>last.owner).chunk != b.chunk
+            or (<Buffer>last.owner).writable):
+        return -1
+    if f is not None:
+        # the cases frame_header would refuse take the normal path, to raise
+        if <size_t>b.length > f.max_message:
+            return -1
+        if f.kind == F_FIXED:
+            if b.length != f.size:
+                return -1
+        elif f.kind == F_LENGTH:
+            h = f.size
+            want = <uint64_t>b.length + (<uint64_t>h if f.includes_header else 0)
+        elif b.length <= 0x7fffffff:
+            h = 4
+            want = <uint64_t>b.length | LAST_FRAGMENT
+        else:
+            return -1
+    if last.ptr + last.len + h != b.ptr:
+        return -1
+    if h and evpl_load_uint(<unsigned char*>b.ptr - h, h, f.big if f.kind == F_LENGTH else 1) != want:
+        return -1
+    last.len += h + b.length
+    return h + b.length
 
 
 cdef void txq_unpush_from(TxQueue* q, TxEntry* e) noexcept:
@@ -110,6 +162,14 @@ cdef void txq_unpush_from(TxQueue* q, TxEntry* e) noexcept:
     for j in range(i, q.tail):
         Py_DECREF(<object>q.e[j].owner)
     q.tail = i
+
+
+cdef void txq_undo(TxQueue* q, TxMark m) noexcept:
+    """Drop what was queued since ``m``: entries pushed, and the extension
+    of one merged into."""
+    txq_unpush_from(q, &q.e[q.head + m.n])
+    if m.n:
+        q.e[q.tail - 1].len = m.last_len
 
 
 cdef void txq_drop(TxQueue* q, list hold) noexcept:

@@ -801,7 +801,8 @@ class Socket:
         self._conflate_in = self._conflate_out = False
         self._conflated: dict[_Peer, list[Any]] = {}    # conflate: each peer's last message
         self._pending_ids: list[_Peer] = []     # ROUTER: peers whose identity is taken
-        self._sub_from: deque[_Peer] = deque()  # XPUB manual: queued notifications' peers
+        # XPUB manual: the peer of each queued message (None: not a subscription)
+        self._sub_from: deque[_Peer | None] = deque()
         self._last_sub_peer: _Peer | None = None
         # the per-message path, chosen once: REQ and REP cut the envelope
         # natively (split_env) and have their own receive step
@@ -931,7 +932,8 @@ class Socket:
             raise ConfigError(f"already connected to {endpoint!r}")
         c = _Connector(self, endpoint, kind, addr)
         self._connectors[endpoint] = c
-        if self.socket_type in ("PUSH", "DEALER", "REQ", "PAIR") and not self._opts["immediate"]:
+        if (self.socket_type in ("PUSH", "DEALER", "REQ", "PAIR", "XSUB")
+                and not self._opts["immediate"]):
             self._peers.append(c.peer)          # messages may queue before it is up
         c.start()
 
@@ -1143,6 +1145,12 @@ class Socket:
                 self._last_sub_peer = p
         self._consume([[msg]])
 
+    def _incoming_user(self, msgs: list[list[Any]]) -> None:
+        """XPUB: messages an XSUB sent that are not subscriptions."""
+        if self._opts["xpub_manual"] and self.on_message is None and self.on_messages is None:
+            self._sub_from.extend([None] * len(msgs))   # no subscriber to remember
+        self._consume(msgs)
+
     def subscribe(self, topic: bytes | str) -> None:
         """SUB/XSUB: receive messages whose first frame starts with ``topic``.
         XPUB with ``xpub_manual``: send ``topic`` to the peer whose
@@ -1201,13 +1209,24 @@ class Socket:
                 m.insert(0, ident)
             self._consume(msgs)
         elif st in ("PUB", "XPUB"):
-            for m in msgs:          # 3.0 subscriptions travel as messages
+            # 3.0 subscriptions travel as messages; any other message from an
+            # XSUB reaches an XPUB's application, in order with the
+            # subscription notifications (libzmq does the same; PUB drops them)
+            user: list[list[Any]] = []
+            for m in msgs:
                 if len(m) == 1 and len(m[0]) and m[0][0] in (0, 1):
+                    if user:
+                        self._incoming_user(user)
+                        user = []
                     try:
                         self._subscription(p, m[0][0] == 1, bytes(m[0][1:]))
                     except ProtocolError as exc:
                         p._fail(str(exc), Event.HANDSHAKE_FAILED_PROTOCOL)
                         return
+                elif st == "XPUB":
+                    user.append(m)
+            if user:
+                self._incoming_user(user)
         # PUSH receives nothing: messages from a PULL peer are dropped
 
     def _incoming_req(self, p: _Peer, msgs: list[tuple[bytes | None, list[Any]]]) -> None:
@@ -1285,12 +1304,19 @@ class Socket:
         self._conflated.pop(p, None)
         self._conflated[p] = m              # a fresh message goes to the end
 
+    def _took_sub_from(self) -> None:
+        """XPUB manual: the message leaving the queue was a subscription
+        request from this peer, which ``subscribe()`` then answers."""
+        if self._sub_from:
+            p = self._sub_from.popleft()
+            if p is not None:
+                self._last_sub_peer = p
+
     def _pop(self) -> list[Any] | None:
         """The next queued message for recv, or None."""
         if self._rxq:
             m = self._rxq.popleft()
-            if self._sub_from:
-                self._last_sub_peer = self._sub_from.popleft()
+            self._took_sub_from()
             self._took()
             return m
         if self._conflated:
@@ -1313,8 +1339,7 @@ class Socket:
         while w and q:
             fut = w.popleft()
             if not fut.done():
-                if self._sub_from:
-                    self._last_sub_peer = self._sub_from.popleft()
+                self._took_sub_from()
                 fut.set_result(q.popleft())
         if len(q) >= (self._opts["rcvhwm"] or 1 << 62) and not self._rx_paused:
             self._rx_paused = True
@@ -1628,8 +1653,8 @@ class Socket:
         if first[:1] in (b"\x00", b"\x01"):
             self._subs_change(first[0] == 1, first[1:])
             return
-        for p in self._peers:
-            if p.state == 2 and not p.full():
+        for p in self._peers:       # connecting ones queue it (libzmq's pipes do)
+            if p.state != 3 and not p.full():
                 p.put(frames)
 
     def __repr__(self) -> str:
