@@ -338,6 +338,40 @@ def test_start_tls_upgrade_between_evpl_ends(aio_loop: Any, certs: dict[str, str
     assert run(aio_loop, main()) == b"secret\n"
 
 
+def test_sendfile_over_tls_falls_back(aio_loop: Any, certs: dict[str, str],
+                                      tmp_path: Any) -> None:
+    """TLS cannot use os.sendfile: loop.sendfile falls back to reading and
+    writing (the peer decrypts the file), and with fallback=False says so."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(certs["chain"], certs["key"])
+    client_ctx = ssl.create_default_context(cafile=certs["ca"])
+    payload = os.urandom(1_300_000)
+    path = tmp_path / "tls.bin"
+    path.write_bytes(payload)
+    received: asyncio.Future[bytes] = aio_loop.create_future()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        received.set_result(await r.read())
+        w.close()
+
+    async def main() -> None:
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+        port = srv.sockets[0].getsockname()[1]
+        _, w = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx,
+                                             server_hostname="localhost")
+        with open(path, "rb") as f:
+            with pytest.raises(RuntimeError, match="fallback is disabled"):
+                await aio_loop.sendfile(w.transport, f, fallback=False)
+            assert await aio_loop.sendfile(w.transport, f, offset=100) == len(payload) - 100
+            assert f.tell() == len(payload)
+        w.close()                       # close_notify after the data: the peer's EOF
+        assert await received == payload[100:]
+        srv.close()
+        await srv.wait_closed()
+
+    run(aio_loop, main())
+
+
 # ---- ownership ------------------------------------------------------------------------------
 
 

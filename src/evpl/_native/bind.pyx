@@ -31,7 +31,7 @@ cimport cython
 from cpython.ref cimport PyObject, Py_DECREF
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.errno cimport ECONNREFUSED, EINVAL, EIO, EMSGSIZE
-from libc.string cimport memcpy, memcmp, memset, strlen
+from libc.string cimport memcpy, memcmp, memset, strerror, strlen
 from posix.unistd cimport close as c_close
 
 from evpl._native.buffers cimport Pool, Buffer, Chunk, make_buffer, chunk_unref
@@ -270,12 +270,18 @@ cdef class Bind(_Source):
         """Queue ``data`` (a message on a framed Bind; a datagram to the peer
         on a connected datagram Bind) for sending at the end of this loop
         iteration. Raises SendQueueFull past the hard limit."""
+        self._send_data(data)
+
+    cdef int _send_data(self, data) except -1:
+        """``send`` for compiled callers (evpl.aio's transport write): no
+        Python method call."""
         cdef TxMark m
         cdef Py_ssize_t n
         self._can_send()
         m = txq_mark(&self.txq)
         n = self._push_message(data)
         self._queued(n, m)
+        return 0
 
     def sendv(self, pieces) -> None:
         """Queue several pieces as one message (one header on a framed Bind)."""
@@ -1187,10 +1193,21 @@ cdef class Bind(_Source):
         return True
 
     cdef void _dgram_error(self, int err):
-        """An error a datagram socket reported (ICMP): counted; a connected
-        datagram Bind whose peer refuses (port unreachable) is closed with
-        ConnectionRefused, so its user learns at once."""
+        """An error a datagram socket reported (ICMP): counted; a handler
+        that overrides ``on_datagram_error`` gets it as an OSError and the
+        Bind stays open (asyncio's ``error_received``); otherwise a
+        connected datagram Bind whose peer refuses (port unreachable) is
+        closed with ConnectionRefused, so its user learns at once."""
         self.loop.stat_dgram_errors += 1
+        base = self.loop.base_handler
+        cb = getattr(type(self.handler), "on_datagram_error", None)
+        if (cb is not None and base is not None and self.state == S_OPEN
+                and cb is not getattr(base, "on_datagram_error", None)):
+            try:
+                self.handler.on_datagram_error(self, OSError(err, strerror(err).decode()))
+            except Exception as exc:
+                self.loop._callback_error(exc, self)
+            return
         if self.dgram_connected and err == ECONNREFUSED and self.state == S_OPEN:
             self._close(ConnectionRefused(err, f"{self._peer!r} refused the datagram "
                                                f"(port unreachable)"))

@@ -18,11 +18,12 @@ import functools
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from evpl.aio.datagram import DatagramTransport
 from evpl.aio.loop import AttachedEventLoop, EvplEventLoop
 from evpl.aio.transports import StreamTransport
 
-__all__ = ["AttachedEventLoop", "EventLoopPolicy", "EvplEventLoop", "Loop", "StreamTransport",
-           "attach", "new_event_loop", "run"]
+__all__ = ["AttachedEventLoop", "DatagramTransport", "EventLoopPolicy", "EvplEventLoop", "Loop",
+           "StreamTransport", "attach", "new_event_loop", "run"]
 
 T = TypeVar("T")
 

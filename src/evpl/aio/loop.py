@@ -14,10 +14,12 @@ engine's:
   asyncio's order;
 - ``call_later``/``call_at`` are engine timers (microsecond precision);
 - ``call_soon_threadsafe`` rings a Doorbell;
-- ``add_reader``/``add_writer`` (and ``sock_*``, pipes, datagram sockets,
-  child processes through a pidfd) are engine fd watches;
+- ``add_reader``/``add_writer`` (and ``sock_*``, pipes, unix datagram
+  sockets, child processes through a pidfd) are engine fd watches;
 - stream connections (tcp and unix, both directions) are evpl Binds, served
-  by evpl Listeners: see ``evpl.aio.transports``.
+  by evpl Listeners: see ``evpl.aio.transports``;
+- UDP endpoints (``create_datagram_endpoint``) are evpl datagram Binds: see
+  ``evpl.aio.datagram``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import selectors
 import signal
 import socket
 import stat
+import sys
 import threading
 import weakref
 from asyncio import (
@@ -46,7 +49,7 @@ from asyncio.log import logger
 from typing import Any
 
 from evpl._native.loop import Deferral
-from evpl.aio import _fast
+from evpl.aio import _fast, datagram
 from evpl.aio.transports import StreamTransport, limits
 from evpl.core import backends as _backends
 from evpl.core.loop import Loop
@@ -168,6 +171,10 @@ class EvplEventLoop(base_events.BaseEventLoop):
     Loop runs too.
     """
 
+    # read per iteration or per call_soon by the compiled paths: slots, not
+    # dict look-ups
+    __slots__ = ("_closed", "_debug", "_ready", "_stashed", "_stopping", "_task_factory")
+
     def __init__(self, *, backend: str = "epoll", poll_mode: str = "hybrid",
                  spin_ns: int = 50_000, pool: Any = None, core: Loop | None = None) -> None:
         self._closed = True             # until set up (BaseEventLoop.__del__ looks)
@@ -176,6 +183,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         names = _BACKENDS[backend]
         for name in set(names.values()):
             _backends.get(name, "stream")      # unavailable here: say so now
+        _backends.get("io_uring_udp" if backend == "io_uring" else "udp", "datagram")
         self._owns_core = core is None
         if core is None:
             core = Loop(spin_ns=spin_ns, poll_mode=poll_mode, pool=pool)  # type: ignore[arg-type]
@@ -183,6 +191,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         self._backend = backend
         super().__init__()
         self._stream_backends = names
+        self._datagram_backend = "io_uring_udp" if backend == "io_uring" else "udp"
         self._watches: dict[int, _FdEntry] = {}
         self._selector = _WatchSelector(self._watches)
         self._transports: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
@@ -205,6 +214,8 @@ class EvplEventLoop(base_events.BaseEventLoop):
         is raised from ``run_forever`` once the engine's iteration is over."""
         if self._stashed is None:
             self._stashed = exc
+        if self._driving:
+            self._stopping = True   # run_iterations leaves after this iteration, raising it
 
     def run_forever(self) -> None:
         """asyncio's ``run_forever``, with the evpl Loop entered once for
@@ -216,10 +227,41 @@ class EvplEventLoop(base_events.BaseEventLoop):
         token = core.enter()
         self._driving = True
         try:
-            super().run_forever()
+            if "_run_once" in self.__dict__ or type(self)._run_once is not _fast.run_once:
+                super().run_forever()       # a replaced _run_once: asyncio's own loop
+            else:
+                self._run_forever_compiled()
         finally:
             self._driving = False
             core.leave(token)
+
+    def _run_forever_compiled(self) -> None:
+        """asyncio's ``run_forever`` (the same set-up and clean-up: running
+        loop, thread id, async generator hooks, coroutine origin tracking)
+        around ``_fast.run_iterations``, which repeats ``_run_once`` in C."""
+        if hasattr(base_events.BaseEventLoop, "_run_forever_setup"):     # 3.12+
+            self._run_forever_setup()
+            try:
+                _fast.run_iterations(self)
+            finally:
+                self._run_forever_cleanup()
+            return
+        self._check_closed()
+        self._check_running()
+        self._set_coroutine_origin_tracking(self._debug)
+        old_agen_hooks = sys.get_asyncgen_hooks()
+        try:
+            self._thread_id = threading.get_ident()
+            sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook,
+                                   finalizer=self._asyncgen_finalizer_hook)
+            events._set_running_loop(self)
+            _fast.run_iterations(self)
+        finally:
+            self._stopping = False
+            self._thread_id = None
+            events._set_running_loop(None)
+            self._set_coroutine_origin_tracking(False)
+            sys.set_asyncgen_hooks(*old_agen_hooks)
 
     # one iteration, in asyncio's order: the callbacks that were ready run
     # first; then the engine polls (without waiting if callbacks are ready
@@ -230,6 +272,12 @@ class EvplEventLoop(base_events.BaseEventLoop):
     # poll of iteration k+1 comes before them). Compiled: evpl.aio._fast.
     _run_once = _fast.run_once
     call_soon = _fast.call_soon
+    # what C futures and tasks, and protocols, call per request: compiled
+    # (asyncio's are Python methods, a frame each)
+    get_debug = _fast.get_debug
+    time = _fast.loop_time
+    create_future = _fast.create_future
+    create_task = _fast.create_task
 
     def _raise_stashed(self) -> None:
         if self._stashed is not None:
@@ -613,6 +661,18 @@ class EvplEventLoop(base_events.BaseEventLoop):
             if total > 0:
                 os.lseek(fileno, offset + total, os.SEEK_SET)
 
+    async def _sendfile_native(self, transp: Any, file: Any, offset: int,
+                               count: int | None) -> int:
+        """``loop.sendfile`` without copying through Python: ``os.sendfile``
+        from an evpl stream transport's socket once its queue has drained
+        (see ``StreamTransport._sendfile``). Other transports:
+        ``SendfileNotAvailableError``, so asyncio falls back to reading and
+        writing (or raises, with ``fallback=False``)."""
+        if not isinstance(transp, StreamTransport):
+            raise exceptions.SendfileNotAvailableError(
+                f"native sendfile is not available for {transp!r}")
+        return await transp._sendfile(file, offset, count)
+
     # ---- transports ------------------------------------------------------------------
 
     def _stream_module(self, family: int) -> tuple[Any, str] | None:
@@ -655,8 +715,15 @@ class EvplEventLoop(base_events.BaseEventLoop):
 
     def _make_datagram_transport(self, sock: Any, protocol: Any, address: Any = None,
                                  waiter: Any = None, extra: Any = None) -> Any:
-        return selector_events._SelectorDatagramTransport(self, sock, protocol, address,
-                                                          waiter, extra)
+        """A UDP socket becomes an evpl datagram Bind (``udp``, or
+        ``io_uring_udp`` on an io_uring loop); a unix datagram socket (the
+        engine has no such Bind) or a socket-like object gets asyncio's own
+        transport over fd watches."""
+        if not datagram.adoptable(sock):
+            return selector_events._SelectorDatagramTransport(self, sock, protocol, address,
+                                                              waiter, extra)
+        return datagram.DatagramTransport(self, sock, protocol, address, waiter, extra,
+                                          backend=self._datagram_backend)
 
     def _make_read_pipe_transport(self, pipe: Any, protocol: Any, waiter: Any = None,
                                   extra: Any = None) -> Any:
@@ -919,6 +986,9 @@ class EvplEventLoop(base_events.BaseEventLoop):
         return (f"<{self.__class__.__name__} backend={self._backend} "
                 f"running={self.is_running()} closed={self.is_closed()} "
                 f"debug={self.get_debug()}>")
+
+
+_fast.register_slots(EvplEventLoop, "loop")
 
 
 class AttachedEventLoop(EvplEventLoop):

@@ -18,6 +18,7 @@ descriptor and is detached (not closed) once the Bind has closed it.
 
 from __future__ import annotations
 
+import os
 import socket
 import warnings
 from asyncio import constants, futures, protocols, sslproto, transports, trsock
@@ -64,10 +65,15 @@ class StreamTransport(Handler, transports._FlowControlMixin):
     called once the connection is there.
     """
 
-    # no native sendfile on a Bind yet: asyncio says "not supported" and, if
-    # allowed, falls back to reading the file and writing it
+    # loop.sendfile: os.sendfile from the Bind's socket once its queue has
+    # drained (see _sendfile); asyncio's fallback where that cannot be
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
     _start_tls_compatible = True
+
+    # the fields the per-read and per-write paths read are slots (a member
+    # descriptor, not a dict look-up); the rest live in the instance dict
+    __slots__ = ("_bind", "_buffered", "_closing", "_conn_lost", "_eof", "_protocol", "_recv",
+                 "_wbind")
 
     def __init__(self, loop: EvplEventLoop, protocol: Any = None, *, sock: Any = None,
                  waiter: Any = None, extra: dict[str, Any] | None = None, server: Any = None,
@@ -76,6 +82,8 @@ class StreamTransport(Handler, transports._FlowControlMixin):
                  ssl_shutdown_timeout: float | None = None, family: int = socket.AF_INET) -> None:
         transports._FlowControlMixin.__init__(self, extra, loop)
         self._bind: Bind | None = None
+        self._recv: Any = None          # protocol.data_received while bytes go straight to it
+        self._wbind: Bind | None = None  # the Bind while writes go straight to it
         self._sock = sock
         self._family = family
         self._waiter = waiter
@@ -88,7 +96,8 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         self._low = _HIGH // 4
         self._closing = False
         self._conn_lost = 0
-        self._eof = False
+        self._eof = 0                  # 1: write_eof() was called; 2: a sendfile runs
+        self._drain_waiter: Any = None  # a sendfile waits for the queue to drain
         self._paused = False
         self._reading = False          # reading started (after connection_made)
         self._pending: Any = None      # part of a read a BufferedProtocol did not take yet
@@ -108,6 +117,8 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         waiter)."""
         loop = self._loop
         self._bind = bind
+        if not self._eof:
+            self._wbind = bind
         bind.pause_reading()
         extra = self._extra
         # as asyncio's transports: known from the start, still there after close
@@ -230,6 +241,13 @@ class StreamTransport(Handler, transports._FlowControlMixin):
                 "transport": self, "protocol": self._protocol})
 
     def on_writable(self, bind: Bind) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and bind.queued_bytes == 0:
+            self._drain_waiter = None
+            if not self._closing:
+                bind.set_write_limits(self._high, self._low, _NO_LIMIT)
+            if not waiter.done():
+                waiter.set_result(None)
         if self._protocol_paused and bind.queued_bytes <= self._low:
             self._protocol_paused = False
             try:
@@ -249,6 +267,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if loop is None or loop.is_closed():
             self._bind = None
             self._closing = True
+            self._recv = None
             return
         if self._conn_lost:
             return
@@ -259,6 +278,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if exc is not None and not self._closing and loop.get_debug():
             logger.debug("%r: %s", self, exc, exc_info=True)
         self._closing = True
+        self._recv = None
         self._conn_lost += 1
         loop.call_soon(self._call_connection_lost, exc)
 
@@ -283,12 +303,17 @@ class StreamTransport(Handler, transports._FlowControlMixin):
             server._detach()
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionError("Connection is closed by peer"))
         try:
             if self._protocol_connected:
                 self._protocol.connection_lost(exc)
         finally:
             self._release_socket()
             self._bind = None
+            self._wbind = None
+            self._recv = None
             self._protocol = None
             self._loop = None
             self._pending = None
@@ -309,6 +334,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if self._conn_lost:
             return
         self._closing = True
+        self._recv = None
         self._conn_lost += 1
         bind = self._bind
         if bind is not None:
@@ -316,8 +342,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
             self._release_socket()
         self._loop.call_soon(self._call_connection_lost, exc)
 
-    def is_closing(self) -> bool:
-        return self._closing
+    is_closing = _fast.is_closing     # (compiled: protocols ask per write)
 
     def close(self) -> None:
         """Close once everything written has been sent (what is written
@@ -326,6 +351,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         if self._closing:
             return
         self._closing = True
+        self._recv = None
         bind = self._bind
         if bind is None:
             self._conn_lost += 1
@@ -355,7 +381,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         self._force_close(None)
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        bind = self.__dict__.get("_bind")
+        bind = getattr(self, "_bind", None)
         if bind is not None and not bind.closed:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             bind.close()
@@ -386,6 +412,7 @@ class StreamTransport(Handler, transports._FlowControlMixin):
             self._protocol_paused = False
         self._protocol = protocol
         self._buffered = isinstance(protocol, protocols.BufferedProtocol)
+        self._recv = None if self._buffered or self._closing else protocol.data_received
         self._protocol_connected = True
 
     def get_protocol(self) -> Any:
@@ -434,9 +461,15 @@ class StreamTransport(Handler, transports._FlowControlMixin):
 
     # ---- writing -------------------------------------------------------------
 
+    def _write_refused(self, call: str = "write") -> str:
+        """Why ``write``/``writelines`` raise now (as asyncio words it)."""
+        if self._eof == 2:
+            return f"unable to {call}; sendfile is in progress"
+        return f"Cannot call {call}() after write_eof()"
+
     def writelines(self, list_of_data: Any) -> None:
         if self._eof:
-            raise RuntimeError("Cannot call writelines() after write_eof()")
+            raise RuntimeError(self._write_refused("writelines"))
         bind = self._bind
         if self._conn_lost or bind is None or bind.closed:
             self._conn_lost += 1
@@ -449,9 +482,12 @@ class StreamTransport(Handler, transports._FlowControlMixin):
     def write_eof(self) -> None:
         """Shut the sending side down once everything written is sent; the
         peer sees EOF, reading goes on."""
+        if self._eof == 2:
+            raise RuntimeError("unable to write_eof; sendfile is in progress")
         if self._closing or self._eof:
             return
-        self._eof = True
+        self._eof = 1
+        self._wbind = None
         if self._bind is not None and not self._bind.closed:
             self._bind.shutdown_write()
 
@@ -466,6 +502,41 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         self._high, self._low = _water_marks(high, low)
         if self._bind is not None and not self._bind.closed and not self._closing:
             self._bind.set_write_limits(self._high, self._low, _NO_LIMIT)
+
+    # ---- sendfile -----------------------------------------------------------------
+
+    async def _sendfile(self, file: Any, offset: int, count: int | None) -> int:
+        """``loop.sendfile`` on this transport: wait until the engine has
+        sent everything queued (the Bind's queue drained), then
+        ``os.sendfile`` from the socket (waiting on an fd watch while it is
+        full). ``write`` raises meanwhile, as asyncio's does; reading goes
+        on. ``SendfileNotAvailableError`` (not a regular file, a socket
+        sendfile refuses) lets asyncio fall back to reading and writing."""
+        loop = self._loop
+        bind = self._bind
+        if bind is None or bind.closed or self._closing:
+            raise RuntimeError("Transport is closing")
+        if self._eof == 2:
+            raise RuntimeError("sendfile is in progress")
+        # a second descriptor for the same socket: the engine watches it for
+        # writability while the Bind keeps its own registration
+        sock = socket.socket(self._family, socket.SOCK_STREAM, 0, os.dup(bind.fileno()))
+        eof, self._eof = self._eof, 2
+        self._wbind = None
+        try:
+            loop._check_sendfile_params(sock, file, offset, count)
+            if bind.queued_bytes:
+                self._drain_waiter = loop.create_future()
+                bind.set_write_limits(0, 0, _NO_LIMIT)      # on_writable once empty
+                await self._drain_waiter
+            return await loop._sock_sendfile_native(sock, file, offset, count)
+        finally:
+            self._drain_waiter = None
+            if self._eof == 2:
+                self._eof = eof
+                if not eof and self._bind is bind and not bind.closed:
+                    self._wbind = bind
+            sock.close()
 
     # ---- extra info -------------------------------------------------------------
 
@@ -497,3 +568,6 @@ class StreamTransport(Handler, transports._FlowControlMixin):
                 value = None
         extra[name] = value
         return value
+
+
+_fast.register_slots(StreamTransport, "stream")

@@ -48,6 +48,14 @@ class Handler:
         for data, addr in datagrams:
             self.on_datagram(bind, data, addr)
 
+    def on_datagram_error(self, bind: Bind, error: OSError) -> None:
+        """A datagram socket reported an error (an ICMP message such as port
+        unreachable, which is ``ConnectionRefusedError`` on a connected
+        Bind, or a send the kernel refused): the datagram concerned is
+        dropped and the Bind stays open. Called only if overridden; by
+        default the error is counted and a connected datagram Bind whose
+        peer refuses is closed with ``ConnectionRefused``."""
+
     def on_paused(self, bind: Bind) -> None:
         """The send queue went above its high-water mark: stop sending."""
 
