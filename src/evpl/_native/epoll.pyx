@@ -25,7 +25,7 @@ from posix.uio cimport iovec
 from evpl._native.bind cimport Bind, Listener, Limits, S_CONNECTING, S_OPEN, S_CLOSED
 from evpl._native.buffers cimport Chunk
 from evpl._native.framing cimport Framer, F_NONE
-from evpl._native.loop cimport LoopCore, MAX_IOV, MAX_MMSG, READ_BUDGET
+from evpl._native.loop cimport LoopCore, MAX_IOV, MAX_MMSG, READ_BUDGET, READ_MAX
 from evpl._native.sys cimport *
 from evpl._native.txqueue cimport *
 
@@ -174,6 +174,11 @@ cdef class EpollStream(EpollBind):
                 loop.stat_partial_copies += 1
                 p += self.part_len
             space = loop.rx_chunk.size - loop.rx_used
+            if space > READ_MAX:
+                # a bounded read lands in bytes the last one warmed (the
+                # cursor rewinds when its Buffers are gone): the kernel's
+                # copy stays in cache instead of walking megabytes
+                space = READ_MAX
             n = recv(self.fd, p, space, MSG_DONTWAIT)
             if n <= 0:
                 if self._rx_error(n):

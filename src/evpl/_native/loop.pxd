@@ -13,6 +13,7 @@ cdef enum:
     MAX_IOV = 1024
     MAX_MMSG = 64
     READ_BUDGET = 16        # reads per Bind per turn before others get theirs
+    READ_MAX = 262144       # bytes per stream read (epoll backends)
     MAX_DRIVERS = 4
 
 # after this long without activity the loop gives idle memory back, once
