@@ -177,6 +177,21 @@ def test_timer_args_and_errors(loop):
 # ---------------------------------------------------------------- deferrals
 
 
+def test_timers_at_the_same_time_fire_together(loop):
+    """call_at takes an absolute time on the monotonic clock: timers given
+    the same one fire in the same iteration, in the order they were made
+    (asyncio's nested timeouts rely on it); call_later measures from each
+    call's own now."""
+    when = time.monotonic() + 0.005
+    fired: list[tuple[int, int]] = []
+    for k in range(5):
+        loop.call_at(when, lambda k=k: fired.append((k, loop.stats()["iterations"])))
+    loop.run_until(lambda: len(fired) == 5, timeout=TIMEOUT)
+    assert [k for k, _ in fired] == [0, 1, 2, 3, 4]
+    assert len({it for _, it in fired}) == 1
+    assert time.monotonic() >= when
+
+
 def test_defer_runs_at_end_of_iteration(loop):
     order = []
 

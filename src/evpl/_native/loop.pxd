@@ -148,6 +148,7 @@ cdef class LoopCore:
     cdef object _enter(self, bint may_sleep)
     cdef void _leave(self, old_wakeup) except *
     cdef Timer _timer(self, int64_t delay_ns, int64_t period_ns, fn, tuple args)
+    cdef Timer _timer_at(self, int64_t deadline, int64_t period_ns, fn, tuple args)
     cdef int64_t _wait_budget(self, int64_t max_wait) except? -2
     cdef int _iterate(self, int64_t max_wait) except -1
     cdef void _after_events(self) except *

@@ -479,11 +479,14 @@ cdef class LoopCore:
         return evpl_now_ns() / 1e9
 
     cdef Timer _timer(self, int64_t delay_ns, int64_t period_ns, fn, tuple args):
+        return self._timer_at(evpl_now_ns() + delay_ns, period_ns, fn, args)
+
+    cdef Timer _timer_at(self, int64_t deadline, int64_t period_ns, fn, tuple args):
         cdef Timer t = Timer.__new__(Timer)
         if not callable(fn):
             raise TypeError("timer callback must be callable")
         t.loop = self
-        t.deadline = evpl_now_ns() + delay_ns
+        t.deadline = deadline
         t.period = period_ns
         t.fn = fn
         t.args = args
@@ -552,6 +555,22 @@ cdef class LoopCore:
         if delay < 0:
             delay = 0
         return self._timer(<int64_t>(delay * 1e9), 0, fn, args)
+
+    def call_at(self, double when, fn, *args) -> Timer:
+        """Run ``fn(*args)`` once at time ``when``, in seconds on the
+        monotonic clock (``time.monotonic()``'s, which the loop's timers
+        use). Timers given the same ``when`` fire together, as asyncio's
+        ``call_at`` promises; ``call_later`` measures from each call's own
+        now."""
+        cdef double ns = when * 1e9
+        cdef int64_t deadline
+        if ns > 4e18:                   # (far future, or inf: never, in practice)
+            deadline = <int64_t>4e18
+        elif ns > 0:
+            deadline = <int64_t>ns
+        else:
+            deadline = 0                # (the past, or NaN: now)
+        return self._timer_at(deadline, 0, fn, args)
 
     def call_every(self, double period, fn, *args) -> Timer:
         """Run ``fn(*args)`` every ``period`` seconds, without drift."""

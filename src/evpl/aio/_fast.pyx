@@ -411,7 +411,7 @@ def timer(loop, when, delay, callback, args, context):
     _fill(h, loop, callback, args, context)
     evpl_aio_slot_init(h, OFF_WHEN, when)
     evpl_aio_slot_init(h, OFF_SCHEDULED, True)
-    evpl_aio_slot_init(h, OFF_EVTIMER, loop._core.call_later(delay, h))
+    evpl_aio_slot_init(h, OFF_EVTIMER, loop._core.call_at(when, h))
     return h
 
 

@@ -357,9 +357,9 @@ class EvplEventLoop(base_events.BaseEventLoop):
             del timer._source_traceback[-2:]        # _timer_slow, call_later/call_at
         timer._scheduled = True
         if self._debug:
-            timer._evtimer = self._core.call_later(delay, self._run_inline, timer)
+            timer._evtimer = self._core.call_at(when, self._run_inline, timer)
         else:
-            timer._evtimer = self._core.call_later(delay, timer)
+            timer._evtimer = self._core.call_at(when, timer)
         return timer
 
     def _timer_handle_cancelled(self, handle: Any) -> None:
@@ -1044,7 +1044,7 @@ class AttachedEventLoop(EvplEventLoop):
             raise RuntimeError("Event loop is closed")
         timer = _fast.TimerHandle(when, callback, args, self, context)
         timer._scheduled = True
-        timer._evtimer = self._core.call_later(delay, self._run_inline, timer)
+        timer._evtimer = self._core.call_at(when, self._run_inline, timer)
         return timer
 
     def _run_inline(self, handle: events.Handle) -> None:
