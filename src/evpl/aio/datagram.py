@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import errno
 import socket
-import warnings
 from asyncio import futures, transports, trsock
 from asyncio.log import logger
 from typing import TYPE_CHECKING, Any
 
 from evpl._native.bind import Bind, Limits
 from evpl.aio import _fast
-from evpl.aio.transports import _HIGH, _NO_LIMIT, _water_marks
+from evpl.aio.transports import _HIGH, _NO_LIMIT, _BindTransport, _water_marks
 from evpl.core import backends as _backends
 from evpl.core.handler import Handler
 
@@ -55,7 +54,8 @@ def adoptable(sock: Any) -> bool:
             and sock.family in (socket.AF_INET, socket.AF_INET6))
 
 
-class DatagramTransport(Handler, transports._FlowControlMixin, transports.DatagramTransport):
+class DatagramTransport(_BindTransport, Handler, transports._FlowControlMixin,
+                        transports.DatagramTransport):
     """``asyncio.DatagramTransport`` over one evpl datagram Bind (see the
     module doc). Made by the loop's ``create_datagram_endpoint`` for a UDP
     socket it created or was given (``sock=``): connected (``remote_addr``
@@ -270,30 +270,6 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
             self._release_socket()
         self._loop.call_soon(self._call_connection_lost, exc)
 
-    def _fatal_error(self, exc: BaseException,
-                     message: str = "Fatal error on transport") -> None:
-        if isinstance(exc, OSError):
-            if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler({
-                "message": message, "exception": exc, "transport": self,
-                "protocol": self._protocol})
-        self._force_close(exc)
-
-    def _release_socket(self) -> None:
-        """The Bind closed the descriptor: the Python socket that shares it
-        must not close it again."""
-        bind = self._bind
-        loop = self._loop
-        if bind is not None and loop is not None:
-            fd = bind.fileno()
-            if loop._transports.get(fd) is self:
-                del loop._transports[fd]
-        sock = self._sock
-        if sock is not None and (bind is None or bind.closed):
-            sock.detach()
-
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         try:
             if self._protocol_connected:
@@ -306,13 +282,6 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
             self._sbind = None
             self._protocol = None
             self._loop = None
-
-    def __del__(self, _warn: Any = warnings.warn) -> None:
-        bind = getattr(self, "_bind", None)
-        if bind is not None and not bind.closed:
-            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
-            bind.close()
-            self._release_socket()
 
     def __repr__(self) -> str:
         info = [self.__class__.__name__]
@@ -334,8 +303,6 @@ class DatagramTransport(Handler, transports._FlowControlMixin, transports.Datagr
         self._recv = None if self._closing else protocol.datagram_received
         self._protocol_connected = True
 
-    def get_protocol(self) -> Any:
-        return self._protocol
 
 
 _fast.register_slots(DatagramTransport, "dgram")

@@ -56,7 +56,52 @@ def _water_marks(high: int | None, low: int | None) -> tuple[int, int]:
     return high, low
 
 
-class StreamTransport(Handler, transports._FlowControlMixin):
+class _BindTransport:
+    """What the stream and the datagram transports over an evpl Bind share
+    (both keep ``_bind``, ``_sock``, ``_loop`` and ``_protocol``)."""
+
+    __slots__ = ()
+    _bind: Any
+    _sock: Any
+    _loop: Any
+    _protocol: Any
+
+    def _fatal_error(self, exc: BaseException,
+                     message: str = "Fatal error on transport") -> None:
+        if isinstance(exc, OSError):
+            if self._loop.get_debug():
+                logger.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler({
+                "message": message, "exception": exc, "transport": self,
+                "protocol": self._protocol})
+        self._force_close(exc)
+
+    def _release_socket(self) -> None:
+        """The Bind closed the descriptor: the Python socket that shares it
+        must not close it again (the number may be reused already)."""
+        bind = self._bind
+        if bind is not None:
+            fd = bind.fileno()
+            transports_ = self._loop._transports if self._loop is not None else None
+            if transports_ is not None and transports_.get(fd) is self:
+                del transports_[fd]
+        sock = self._sock
+        if sock is not None and (bind is None or bind.closed):
+            sock.detach()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        bind = getattr(self, "_bind", None)
+        if bind is not None and not bind.closed:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            bind.close()
+            self._release_socket()
+
+    def get_protocol(self) -> Any:
+        return self._protocol
+
+
+class StreamTransport(_BindTransport, Handler, transports._FlowControlMixin):
     """``asyncio.Transport`` over one evpl stream Bind (see the module doc).
 
     Made in two ways: by the loop for a connected socket it adopts
@@ -284,19 +329,6 @@ class StreamTransport(Handler, transports._FlowControlMixin):
 
     # ---- life cycle -----------------------------------------------------------
 
-    def _release_socket(self) -> None:
-        """The Bind closed the descriptor: the Python socket that shares it
-        must not close it again (the number may be reused already)."""
-        bind = self._bind
-        if bind is not None:
-            fd = bind.fileno()
-            transports_ = self._loop._transports if self._loop is not None else None
-            if transports_ is not None and transports_.get(fd) is self:
-                del transports_[fd]
-        sock = self._sock
-        if sock is not None and (bind is None or bind.closed):
-            sock.detach()
-
     def _server_detach(self) -> None:
         server, self._server = self._server, None
         if server is not None:
@@ -318,17 +350,6 @@ class StreamTransport(Handler, transports._FlowControlMixin):
             self._loop = None
             self._pending = None
             self._server_detach()
-
-    def _fatal_error(self, exc: BaseException,
-                     message: str = "Fatal error on transport") -> None:
-        if isinstance(exc, OSError):
-            if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler({
-                "message": message, "exception": exc, "transport": self,
-                "protocol": self._protocol})
-        self._force_close(exc)
 
     def _force_close(self, exc: BaseException | None) -> None:
         if self._conn_lost:
@@ -380,13 +401,6 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         """Close now, dropping what was not sent yet."""
         self._force_close(None)
 
-    def __del__(self, _warn: Any = warnings.warn) -> None:
-        bind = getattr(self, "_bind", None)
-        if bind is not None and not bind.closed:
-            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
-            bind.close()
-            self._release_socket()
-
     def __repr__(self) -> str:
         info = [self.__class__.__name__]
         bind = self._bind
@@ -414,9 +428,6 @@ class StreamTransport(Handler, transports._FlowControlMixin):
         self._buffered = isinstance(protocol, protocols.BufferedProtocol)
         self._recv = None if self._buffered or self._closing else protocol.data_received
         self._protocol_connected = True
-
-    def get_protocol(self) -> Any:
-        return self._protocol
 
     # ---- reading ------------------------------------------------------------
 
