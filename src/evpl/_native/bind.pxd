@@ -113,6 +113,7 @@ cdef class Bind(_Source):
     cdef int _queued(self, size_t n, TxMark m) except -1
     cdef bint _frames_sends(self)
     cdef Py_ssize_t _push_message(self, data) except -1
+    cdef Py_ssize_t _push_entry(self, data) except -1
     cdef Py_ssize_t _push_pieces(self, pieces) except -1
     cdef int _check_datagram(self, TxEntry* e) except -1
     cdef void _mark_dirty(self)

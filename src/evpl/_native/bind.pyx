@@ -315,7 +315,7 @@ cdef class Bind(_Source):
             for msg in msgs:
                 if type(msg) is Buffer and self.stream:
                     n = txq_merge(&self.txq, <Buffer>msg, f)
-                    total += n if n >= 0 else self._push_message(msg)
+                    total += n if n >= 0 else self._push_entry(msg)
                 elif type(msg) is tuple:
                     total += self._push_pieces(msg)
                 else:
@@ -356,14 +356,17 @@ cdef class Bind(_Source):
         Bind as one datagram to the peer; the bytes queued, header included.
         A received Buffer that follows the last queued one in memory extends
         its entry (``txq_merge``)."""
-        cdef TxEntry* e
         cdef Py_ssize_t n
         if self.stream and type(data) is Buffer:
             n = txq_merge(&self.txq, <Buffer>data,
                           self.framer if self._frames_sends() else None)
             if n >= 0:
                 return n
-        e = txq_push(&self.txq, data)
+        return self._push_entry(data)
+
+    cdef Py_ssize_t _push_entry(self, data) except -1:
+        """``_push_message`` with a new entry (no merge tried)."""
+        cdef TxEntry* e = txq_push(&self.txq, data)
         if self._frames_sends():
             txq_frame(&self.txq, e, self.framer, e.len)
         elif not self.stream:

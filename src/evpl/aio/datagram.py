@@ -109,14 +109,6 @@ class DatagramTransport(_BindTransport, Handler, transports._FlowControlMixin,
         if waiter is not None:
             loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 
-    def _start_reading(self) -> None:
-        bind = self._bind
-        if bind is None or self._closing:
-            return
-        self._reading = True
-        if not self._paused:
-            bind.resume_reading()
-
     # ---- engine callbacks (evpl.Handler) -------------------------------------
 
     # a datagram: compiled (evpl.aio._fast), no interpreter frame

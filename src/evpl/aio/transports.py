@@ -65,6 +65,9 @@ class _BindTransport:
     _sock: Any
     _loop: Any
     _protocol: Any
+    _closing: bool
+    _paused: bool
+    _reading: bool
 
     def _fatal_error(self, exc: BaseException,
                      message: str = "Fatal error on transport") -> None:
@@ -99,6 +102,15 @@ class _BindTransport:
 
     def get_protocol(self) -> Any:
         return self._protocol
+
+    def _start_reading(self) -> None:
+        """Reading starts (a loop turn after connection_made), unless paused."""
+        bind = self._bind
+        if bind is None or self._closing:
+            return
+        self._reading = True
+        if not self._paused:
+            bind.resume_reading()
 
 
 class StreamTransport(_BindTransport, Handler, transports._FlowControlMixin):
@@ -223,14 +235,6 @@ class StreamTransport(_BindTransport, Handler, transports._FlowControlMixin):
                 self._loop.call_exception_handler({
                     "message": "Error on transport creation for incoming connection",
                     "exception": exc})
-
-    def _start_reading(self) -> None:
-        bind = self._bind
-        if bind is None or self._closing:
-            return
-        self._reading = True
-        if not self._paused:
-            bind.resume_reading()
 
     # a read and a write: compiled (evpl.aio._fast), no interpreter frame
     on_data = _fast.on_data

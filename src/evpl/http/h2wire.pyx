@@ -209,26 +209,17 @@ _build_huffman()
 cdef Py_ssize_t _huff_decode(const uint8_t* p, Py_ssize_t n, uint8_t* out) noexcept nogil:
     """Decode ``n`` Huffman bytes into ``out`` (room for n*8/5+1); -1 if bad."""
     cdef Py_ssize_t i, k = 0
-    cdef int state = 0, nib, sym
-    cdef uint8_t c
+    cdef int state = 0, nib, sym, shift
     for i in range(n):
-        c = p[i]
-        nib = c >> 4
-        sym = DEC_SYM[state][nib]
-        state = DEC_NEXT[state][nib]
-        if sym >= 0:
-            out[k] = <uint8_t>sym
-            k += 1
-        elif sym == -2:
-            return -1
-        nib = c & 15
-        sym = DEC_SYM[state][nib]
-        state = DEC_NEXT[state][nib]
-        if sym >= 0:
-            out[k] = <uint8_t>sym
-            k += 1
-        elif sym == -2:
-            return -1
+        for shift in range(4, -1, -4):          # high nibble, then low
+            nib = (p[i] >> shift) & 15
+            sym = DEC_SYM[state][nib]
+            state = DEC_NEXT[state][nib]
+            if sym >= 0:
+                out[k] = <uint8_t>sym
+                k += 1
+            elif sym == -2:
+                return -1
     if not ACCEPT[state]:
         return -1
     return k
