@@ -86,6 +86,14 @@ async def _recv(sock: socket.socket, n: int = 65536) -> tuple[bytes, Any]:
     return await asyncio.get_running_loop().run_in_executor(None, sock.recvfrom, n)
 
 
+@pytest.fixture
+def peer() -> Iterator[socket.socket]:
+    """A plain IPv4 UDP socket on loopback, closed after the test."""
+    s = _peer()
+    yield s
+    s.close()
+
+
 async def _until(cond: Any, limit: int = 100_000) -> None:
     """Let the loop run until ``cond()`` (bounded: a hang fails)."""
     for _ in range(limit):
@@ -226,8 +234,7 @@ def test_refused_peer_is_error_received_and_the_endpoint_stays_open(aio_loop: An
         live.close()
 
 
-def test_oversized_and_named_destinations(aio_loop: Any) -> None:
-    peer = _peer()
+def test_oversized_and_named_destinations(aio_loop: Any, peer: socket.socket) -> None:
 
     async def main() -> None:
         tr, proto = await aio_loop.create_datagram_endpoint(
@@ -250,16 +257,12 @@ def test_oversized_and_named_destinations(aio_loop: Any) -> None:
         tr.close()
         await proto.lost
 
-    try:
-        run(aio_loop, main())
-    finally:
-        peer.close()
+    run(aio_loop, main())
 
 
-def test_flow_control_and_write_buffer_size(aio_loop: Any) -> None:
+def test_flow_control_and_write_buffer_size(aio_loop: Any, peer: socket.socket) -> None:
     """The queue is the Bind's: a burst above the high-water mark pauses
     the protocol, the end-of-iteration send empties it and resumes it."""
-    peer = _peer()
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 
     async def main() -> None:
@@ -280,14 +283,10 @@ def test_flow_control_and_write_buffer_size(aio_loop: Any) -> None:
         tr.close()
         await proto.lost
 
-    try:
-        run(aio_loop, main())
-    finally:
-        peer.close()
+    run(aio_loop, main())
 
 
-def test_pause_and_resume_reading(aio_loop: Any) -> None:
-    peer = _peer()
+def test_pause_and_resume_reading(aio_loop: Any, peer: socket.socket) -> None:
 
     async def main() -> None:
         tr, proto = await aio_loop.create_datagram_endpoint(
@@ -314,14 +313,10 @@ def test_pause_and_resume_reading(aio_loop: Any) -> None:
         tr.close()
         await proto.lost
 
-    try:
-        run(aio_loop, main())
-    finally:
-        peer.close()
+    run(aio_loop, main())
 
 
-def test_close_sends_what_was_queued_abort_drops_it(aio_loop: Any) -> None:
-    peer = _peer()
+def test_close_sends_what_was_queued_abort_drops_it(aio_loop: Any, peer: socket.socket) -> None:
 
     async def main() -> None:
         tr, proto = await aio_loop.create_datagram_endpoint(
@@ -348,14 +343,11 @@ def test_close_sends_what_was_queued_abort_drops_it(aio_loop: Any) -> None:
         tr3.close()
         await proto3.lost
 
-    try:
-        run(aio_loop, main())
-    finally:
-        peer.close()
+    run(aio_loop, main())
 
 
-def test_protocol_exception_is_reported_and_the_endpoint_stays(aio_loop: Any) -> None:
-    peer = _peer()
+def test_protocol_exception_is_reported_and_the_endpoint_stays(aio_loop: Any,
+                                                               peer: socket.socket) -> None:
 
     class Fragile(Recorder):
         def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -375,14 +367,11 @@ def test_protocol_exception_is_reported_and_the_endpoint_stays(aio_loop: Any) ->
         tr.close()
         await proto.lost
 
-    try:
-        run(aio_loop, main())
-        errors = list(aio_loop.errors)
-        aio_loop.errors.clear()
-        assert len(errors) == 1
-        assert isinstance(errors[0]["exception"], RuntimeError)
-    finally:
-        peer.close()
+    run(aio_loop, main())
+    errors = list(aio_loop.errors)
+    aio_loop.errors.clear()
+    assert len(errors) == 1
+    assert isinstance(errors[0]["exception"], RuntimeError)
 
 
 # ---- asyncio's parameters -----------------------------------------------------------------
