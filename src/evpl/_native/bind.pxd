@@ -133,8 +133,7 @@ cdef class Bind(_Source):
     @cython.final
     cdef inline Buffer _next_native(self, Chunk* c, char* p, size_t avail, size_t* hint,
                                     Py_ssize_t* r)
-    @cython.final
-    cdef inline Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
+    cdef Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
                               Py_ssize_t* r)
     cdef int _deliver(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2
     cdef int _deliver_batch(self, Chunk* c, char* base, size_t total, size_t* consumed) except -2

@@ -790,8 +790,7 @@ cdef class Bind(_Source):
             return None
         return make_buffer(self.pool, c, p + self.framer.size, r[0] - self.framer.size)
 
-    @cython.final
-    cdef inline Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
+    cdef Buffer _next_message(self, Chunk* c, char* p, size_t avail, size_t* hint,
                               Py_ssize_t* r):
         """The next whole message at ``p`` (``r[0]``: its wire length), or
         None: ``r[0]`` is then 0 (need more; ``hint`` as in _scan), negative
