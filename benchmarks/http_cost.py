@@ -13,6 +13,7 @@ or 16 HEADERS frames per read).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -42,16 +43,24 @@ def app(req):
 
 
 loop = evpl.Loop()
-server = Server(loop, app)
+if sys.argv[3] == "asgi":
+    sys.path.insert(0, sys.argv[5])
+    import http_apps
+    server = Server(loop, getattr(http_apps, sys.argv[4]), interface="asgi")
+else:
+    server = Server(loop, app)
 conn = _Conn(server)
 conn.bind = DropBind()
 conn.sniffed = conn.plain = True
 req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 n, per_read = int(sys.argv[1]), int(sys.argv[2])
-if sys.argv[3] == "h1":
+if sys.argv[3] in ("h1", "asgi"):
     data = req * per_read
     for _ in range(n // per_read):
         conn.on_data(None, data)
+        if sys.argv[3] == "asgi":
+            while conn.current is not None or conn.backlog:
+                loop.run_once(0)          # the app's task runs in the Loop's iteration
 else:
     # HTTP/2 as h2load sends it: HEADERS with END_STREAM per request, HPACK-
     # indexed after the first, a connection WINDOW_UPDATE per read. The reads
@@ -87,7 +96,8 @@ loop.close()
 
 def instructions(n: int, per_read: int, proto: str = "h1", feed: str = "feed") -> int:
     out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                          sys.executable, "-c", _CHILD, str(n), str(per_read), proto, feed],
+                          sys.executable, "-c", _CHILD, str(n), str(per_read), proto, feed,
+                          os.path.dirname(os.path.abspath(__file__))],
                          capture_output=True, text=True, check=True).stderr
     return int(re.search(r"Collected : (\d+)", out).group(1))
 
@@ -103,6 +113,12 @@ def main() -> int:
     for n, per_read in ((4000, 1), (8000, 16)):
         cost = (instructions(n, per_read, "h2") - instructions(n, per_read, "h2", "build")) / n
         print(f"HTTP/2,   {per_read:2d} request(s) per read: {cost:,.0f} instructions per request")
+    for app in ("asgi", "starlette"):
+        base = instructions(0, 1, "asgi", app)
+        for n, per_read in ((2000, 1), (4000, 16)):
+            cost = (instructions(n, per_read, "asgi", app) - base) / n
+            print(f"ASGI {app}, {per_read:2d} request(s) per read: {cost:,.0f} instructions"
+                  " per request")
     return 0
 
 

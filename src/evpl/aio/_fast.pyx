@@ -328,6 +328,10 @@ def run_iterations(self):
 def call_soon(self, callback, *args, context=None):
     """``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next
     iteration (asyncio's, with debug mode's checks only in debug mode)."""
+    return _call_soon(self, callback, args, context)
+
+
+cdef object _call_soon(self, callback, tuple args, context):
     if _l_closed(self):
         raise RuntimeError("Event loop is closed")
     if not _OFFSETS or _l_debug(self):
@@ -336,6 +340,55 @@ def call_soon(self, callback, *args, context=None):
     _fill(h, self, callback, args, context)
     (_field(self, L_READY) if _is_loop(self) else self._ready).append(h)
     return h
+
+
+# AttachedEventLoop's per-callback paths: its ready callbacks run from a
+# Deferral at the end of the engine's iteration, with the loop set as the
+# thread's running loop.
+cdef object _get_running_loop = events._get_running_loop
+cdef object _set_running_loop = events._set_running_loop
+
+
+def attached_call_soon(self, callback, *args, context=None):
+    """``AttachedEventLoop.call_soon``: queue the callback and arm the
+    Deferral that runs the ready queue."""
+    h = _call_soon(self, callback, args, context)
+    self._deferral.arm()
+    return h
+
+
+def attached_run_ready(self):
+    """``AttachedEventLoop._run_ready`` (the Deferral): run the callbacks
+    ready now; what they schedule arms the Deferral again."""
+    if _l_closed(self):
+        return
+    ready = _field(self, L_READY) if _is_loop(self) else self._ready
+    cdef Py_ssize_t n = len(ready)
+    if n == 0:
+        return
+    if n == 1:
+        run_handles(self, (ready.popleft(),))
+    else:
+        popleft = ready.popleft
+        run_handles(self, [popleft() for _ in range(n)])
+
+
+def run_handles(self, handles):
+    """Run ``handles`` (those not cancelled) with ``self`` set as the
+    thread's running loop (an AttachedEventLoop's callbacks and timers)."""
+    prev = _get_running_loop()
+    _set_running_loop(self)
+    try:
+        if _l_debug(self):
+            for handle in handles:
+                if not handle._cancelled:
+                    self._run_debug(handle)
+        else:
+            for handle in handles:
+                if not _cancelled(handle):
+                    _run(handle)
+    finally:
+        _set_running_loop(prev)
 
 
 cdef inline void _fill(h, loop, callback, args, context) except *:

@@ -1018,10 +1018,9 @@ class AttachedEventLoop(EvplEventLoop):
         """True while this loop or the evpl Loop under it runs."""
         return super().is_running() or (bool(self._core.running) and not self._driving)
 
-    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> events.Handle:
-        handle = super().call_soon(callback, *args, context=context)
-        self._deferral.arm()
-        return handle
+    call_soon = _fast.attached_call_soon
+    _run_ready = _fast.attached_run_ready      # (the Deferral)
+    _run_handles = _fast.run_handles
 
     def call_later(self, delay: float, callback: Any, *args: Any,
                    context: Any = None) -> events.TimerHandle:
@@ -1050,27 +1049,3 @@ class AttachedEventLoop(EvplEventLoop):
     def _run_inline(self, handle: events.Handle) -> None:
         """A timer or fd-watch callback, with this loop as the running one."""
         self._run_handles((handle,))
-
-    def _run_ready(self) -> None:
-        """The Deferral: run the callbacks that are ready now; what they
-        schedule arms it again (the engine runs it in the same iteration,
-        up to its round limit, then in the next)."""
-        if self._closed:
-            return
-        ready = self._ready
-        self._run_handles([ready.popleft() for _ in range(len(ready))])
-
-    def _run_handles(self, handles: Any) -> None:
-        """Run ``handles`` (those not cancelled) with this loop set as the
-        thread's running loop."""
-        prev = events._get_running_loop()
-        events._set_running_loop(self)
-        try:
-            for handle in handles:
-                if not handle._cancelled:
-                    if self._debug:
-                        self._run_debug(handle)
-                    else:
-                        _fast.run_handle(handle)
-        finally:
-            events._set_running_loop(prev)

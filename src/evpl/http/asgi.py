@@ -339,7 +339,8 @@ class ASGIRunner:
             ex.on_body_end = call.body_end
         ex.on_disconnect = call.disconnect
         ex.on_writable = call.resume
-        Task(call.run(self.app, scope), loop=aloop)     # (create_task, minus its checks)
+        # (create_task minus its checks; a constant name: no "Task-N" formatted per request)
+        Task(call.run(self.app, scope), loop=aloop, name="asgi")
 
 
 def _addr(peer: Any) -> Any:
