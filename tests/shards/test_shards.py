@@ -310,6 +310,7 @@ def test_request_and_reply_forms(tmp_path):
     def main(shard):
         if shard.id == 1:
             got = []
+            offloaded = []
             from evpl.threads import WorkerPool
             workers = WorkerPool(1)
 
@@ -324,7 +325,9 @@ def test_request_and_reply_forms(tmp_path):
                 if kind == b"view":
                     return memoryview(bytes(payload[4:]))
                 if kind == b"futr":
-                    return shard.loop.offload(bytes.upper, bytes(payload[4:]), workers=workers)
+                    offloaded.append(shard.loop.offload(bytes.upper, bytes(payload[4:]),
+                                                        workers=workers))
+                    return offloaded[-1]
                 if kind == b"fail":
                     raise KeyError("nope")
                 if kind == b"type":
@@ -333,7 +336,10 @@ def test_request_and_reply_forms(tmp_path):
 
             shard.on_request = on_request
             shard.on_message = lambda src, payload: got.append(bytes(payload))
-            shard.loop.run_until(lambda: len(got) >= BIG + 3, timeout=TIMEOUT * 3)
+            # (and until the offloaded reply went out: the worker may finish
+            # after the last message arrived)
+            shard.loop.run_until(lambda: len(got) >= BIG + 3 and offloaded
+                                 and offloaded[0].done(), timeout=TIMEOUT * 3)
             workers.close()
             _finish(shard, path, got=[g.hex() for g in got[:3]],
                     order=got[3:] == [b"%08d" % i + bytes(64) for i in range(BIG)])
