@@ -29,6 +29,7 @@ from urllib.parse import unquote
 
 from evpl.aio import AttachedEventLoop, attach
 from evpl.errors import EvplError
+from evpl.http._asgi import AsgiCall
 from evpl.http.server import Exchange, Server
 
 __all__ = ["ASGIRunner"]
@@ -40,151 +41,32 @@ _STARTUP_TIMEOUT = 60.0
 _SHUTDOWN_TIMEOUT = 30.0
 
 
-class _Call:
-    """One ASGI ``http`` call: the app's ``receive``/``send`` over one
-    Exchange."""
-
-    __slots__ = ("body_done", "chunks", "disconnected", "ended", "ex", "more", "started",
-                 "waiter", "wanted", "writable")
-
-    def __init__(self, ex: Exchange) -> None:
-        self.ex = ex
-        self.chunks: list[bytes] = []
-        req = ex.request
-        self.more = not req.complete
-        if req.complete and req.body:
-            self.chunks.append(req.body)
-        self.disconnected = False
-        self.started = False
-        self.ended = False
-        self.wanted = False
-        self.body_done = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.writable: asyncio.Event | None = None
-
-    # from the connection
-    def body(self, data: bytes, more: bool) -> None:
-        if data:
-            self.chunks.append(data)
-        self.more = more
-        self._wake()
-
-    def body_end(self) -> None:
-        self.body(b"", False)
-
-    def disconnect(self) -> None:
-        self.disconnected = True
-        self._wake()
-        self.resume()
-
-    def resume(self) -> None:
-        if self.writable is not None:
-            self.writable.set()
-
-    def _wake(self) -> None:
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    # the app's callables
-    async def receive(self) -> dict[str, Any]:
-        while True:
-            if self.chunks:
-                chunks = self.chunks
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self.body_done = not self.more
-                return {"type": "http.request", "body": data, "more_body": self.more}
-            if not self.more and not self.body_done:
-                self.body_done = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            if self.disconnected or (self.ended and self.body_done):
-                return {"type": "http.disconnect"}
-            if self.more and not self.wanted:
-                self.wanted = True
-                self.ex.want_body()
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-
-    async def send(self, msg: dict[str, Any]) -> None:
-        kind = msg["type"]
-        if self.disconnected:
-            return
-        ex = self.ex
-        if kind == "http.response.start":
-            if self.started:
-                raise RuntimeError("http.response.start sent twice")
-            self.started = True
-            ex.start(int(msg["status"]), _headers(msg.get("headers", ())))
-        elif kind == "http.response.body":
-            if not self.started:
-                raise RuntimeError("http.response.body before http.response.start")
-            if self.ended:
-                raise RuntimeError("http.response.body after the body ended")
-            body = msg.get("body", b"")
-            more = msg.get("more_body", False)
-            if body:
-                ex.write(body if type(body) is bytes else bytes(body))
-            if not more:
-                self.ended = True
-                self._wake()
-                ex.end()
-            elif ex.paused and not self.disconnected:
-                # the client is slow: wait until the connection drained
-                if self.writable is None:
-                    self.writable = asyncio.Event()
-                self.writable.clear()
-                await self.writable.wait()
-        else:
-            raise RuntimeError(f"unexpected ASGI message {kind!r}")
-
-    async def run(self, app: Any, scope: dict[str, Any]) -> None:
-        ex = self.ex
-        try:
-            await app(scope, self.receive, self.send)
-        except Exception:
-            log.exception("the ASGI app raised on %s %s", scope["method"], scope["path"])
-            if not self.started:
-                _error(ex)
-            elif not self.ended and not ex.closed:
-                ex.abort()          # the app failed mid-body: the response is cut
-            return
-        finally:
-            self.ended = True
-            # the exchange's callbacks are this call's bound methods: let go
-            # of them, or every request would leave a reference cycle for
-            # the garbage collector
-            ex.on_body = ex.on_body_end = ex.on_disconnect = ex.on_writable = None
-        if not self.started:
-            if not self.disconnected:       # (a gone client's sends are dropped)
-                log.error("the ASGI app returned without a response to %s %s",
-                          scope["method"], scope["path"])
-            _error(ex)
-        elif not ex.ended:
-            ex.end()
-
-
-_seen_headers: dict[tuple[Any, ...], list[tuple[bytes, bytes]]] = {}
-
-
-def _headers(raw: Any) -> list[tuple[bytes, bytes]]:
-    """An app's response headers as lower-case ``bytes`` pairs (what the
-    server's framing checks expect); header lists an app sends again and
-    again (a constant ``http.response.start``) come from a small cache."""
+async def _run(call: AsgiCall, app: Any, scope: dict[str, Any]) -> None:
+    """The task of one ASGI ``http`` call: the app, then what it left
+    undone (a 500 if it never started a response, the end of the body)."""
+    ex = call.ex
     try:
-        key = tuple(raw)
-        got = _seen_headers.get(key)
-    except TypeError:               # unhashable (lists as pairs): no cache
-        return [(bytes(k).lower(), bytes(v)) for k, v in raw]
-    if got is None:
-        got = [(bytes(k).lower(), bytes(v)) for k, v in raw]
-        if len(_seen_headers) >= 256:
-            _seen_headers.clear()
-        _seen_headers[key] = got
-    return got
+        await app(scope, call.receive, call.send)
+    except Exception:
+        log.exception("the ASGI app raised on %s %s", scope["method"], scope["path"])
+        if not call.started:
+            _error(ex)
+        elif not call.ended and not ex.closed:
+            ex.abort()          # the app failed mid-body: the response is cut
+        return
+    finally:
+        call.ended = True
+        # the exchange's callbacks are this call's bound methods: let go
+        # of them, or every request would leave a reference cycle for
+        # the garbage collector
+        ex.on_body = ex.on_body_end = ex.on_disconnect = ex.on_writable = None
+    if not call.started:
+        if not call.disconnected:       # (a gone client's sends are dropped)
+            log.error("the ASGI app returned without a response to %s %s",
+                      scope["method"], scope["path"])
+        _error(ex)
+    elif not ex.ended:
+        ex.end()
 
 
 def _error(ex: Exchange) -> None:
@@ -209,10 +91,13 @@ class ASGIRunner:
         self._lifespan_done: Any = None
         self._held: list[Exchange] | None = None     # requests waiting for startup
         self._server_addr: Any = None
+        self._done: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         loop = self.server.loop
         aloop = self.aloop = attach(loop)
+        self._done = aloop.create_future()      # (AsgiCall.send's answer)
+        self._done.set_result(None)
         startup = asyncio.wait_for(self._lifespan_start(), _STARTUP_TIMEOUT)
         if loop.running:
             self._held = []
@@ -333,14 +218,14 @@ class ASGIRunner:
             "headers": req.headers, "client": _addr(ex.peer),
             "server": self._server_addr, "state": self.state.copy() if self.state else {},
         }
-        call = _Call(ex)
+        call = AsgiCall(ex, aloop, self._done)
         if not req.complete:
-            ex.on_body = lambda data: call.body(data, True)
+            ex.on_body = call.body_more
             ex.on_body_end = call.body_end
         ex.on_disconnect = call.disconnect
         ex.on_writable = call.resume
         # (create_task minus its checks; a constant name: no "Task-N" formatted per request)
-        Task(call.run(self.app, scope), loop=aloop, name="asgi")
+        Task(_run(call, self.app, scope), loop=aloop, name="asgi")
 
 
 def _addr(peer: Any) -> Any:
