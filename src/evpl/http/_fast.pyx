@@ -38,18 +38,15 @@ cdef extern from "string.h":
 
 cdef object Request = None
 cdef object Response = None
-cdef object H1Exchange = None
 cdef Py_ssize_t ONE_PIECE = 2048        # bodies up to this size share the head's bytes
 
 
-def configure(request_cls, response_cls, exchange_cls):
-    """Set the classes (``wire.Request``, ``server.Response``,
-    ``server._H1Exchange``): the server module imports this one, so they
-    are handed over when it is loaded."""
-    global Request, Response, H1Exchange
+def configure(request_cls, response_cls):
+    """Set the classes (``wire.Request``, ``server.Response``): the server
+    module imports this one, so they are handed over when it is loaded."""
+    global Request, Response
     Request = request_cls
     Response = response_cls
-    H1Exchange = exchange_cls
 
 
 cdef bint _name_is(bytes name, const char* s, Py_ssize_t n) noexcept:
@@ -195,3 +192,162 @@ def serve(conn, bytes data):
     if out:
         conn.bind.sendv(out)
     return pos
+
+
+# ---- the HTTP/1.1 exchange (what ASGI, WSGI and streaming responses drive) ----
+
+import logging
+
+from evpl.http import wire
+
+cdef object log = logging.getLogger("evpl.http")
+cdef tuple _CHUNKED = (b"transfer-encoding", b"chunked")
+cdef tuple _CLOSE = (b"connection", b"close")
+cdef tuple _KEEP_ALIVE = (b"connection", b"keep-alive")
+cdef list _NO_BODY = [(b"content-length", b"0")]
+
+
+cdef class H1Exchange:
+    """An exchange on an HTTP/1.1 connection: ``server.Exchange``'s
+    interface (``start``, ``write``, ``end``, ``paused``, ``want_body``,
+    ``abort``; ``on_body``/``on_body_end``/``on_disconnect``/``on_writable``
+    set by the adapter), compiled: one is made per request that an adapter
+    serves, and its calls were Python frames with slot look-ups."""
+
+    cdef public object request, peer, scheme, conn
+    cdef public bint started, ended, closed, chunked, head_only, keep_alive
+    cdef public object status
+    cdef public object on_body, on_body_end, on_writable, on_disconnect
+    cdef list _body_parts
+
+    def __cinit__(self, conn, req):
+        self.status = 0
+        self.conn = conn
+        self.request = req
+        self.peer = conn.peer
+        self.scheme = "http"
+        self._body_parts = []
+        self.head_only = req.method == "HEAD"
+        self.keep_alive = req.keep_alive
+
+    @property
+    def paused(self):
+        return self.conn.write_paused
+
+    def abort(self):
+        """What was sent goes out, then FIN before the body's end: the
+        client sees a short response (chunked without its last chunk, or
+        fewer bytes than Content-Length), never a complete one."""
+        self.ended = True
+        self.closed = True
+        self.conn._close_after_send()
+
+    def want_body(self):
+        """The app is ready for the request body (sends ``100 Continue``
+        to a client that waits for it)."""
+        req = self.request
+        if req.expect_continue and not req.complete:
+            req.expect_continue = False
+            self.conn.bind.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def start(self, status, list headers):
+        if self.started or self.closed:
+            return
+        self.started = True
+        self.status = status
+        conn = self.conn
+        server = conn.server
+        req = self.request
+        cdef bint has_length = False
+        cdef tuple kv
+        for kv in headers:
+            k = kv[0]
+            if k == b"content-length":
+                has_length = True
+            elif k == b"connection" and b"close" in (<bytes>kv[1]).lower():
+                self.keep_alive = False
+        if server.draining:
+            self.keep_alive = False
+        cdef list extra = []
+        if not has_length and status >= 200 and status != 204 and status != 304:
+            if req.version == "1.1":
+                self.chunked = not self.head_only
+                if self.chunked:
+                    extra.append(_CHUNKED)
+            else:
+                self.keep_alive = False
+        if not self.keep_alive:
+            extra.append(_CLOSE)
+        elif req.version == "1.0":
+            extra.append(_KEEP_ALIVE)
+        try:
+            head = _head(server, status, headers, extra)
+        except ValueError as exc:
+            log.error("bad response header from the app: %s", exc)
+            self.keep_alive = False
+            head = _head(server, 500, _NO_BODY, [_CLOSE])
+            self.head_only = True
+        conn.bind.send(head)
+
+    def write(self, data):
+        if self.closed or self.ended or self.head_only or not data:
+            return
+        if not self.started:
+            self.start(200, [])
+        if self.chunked:
+            self.conn.bind.sendv(wire.chunk(data))
+        else:
+            self.conn.bind.send(data)
+
+    def end(self, trailers=None):
+        if self.ended:
+            return
+        if not self.started:
+            self.start(200, _NO_BODY)
+        self.ended = True
+        if self.closed:
+            return
+        if self.chunked:
+            try:
+                self.conn.bind.send(wire.last_chunk(trailers or ()))
+            except ValueError as exc:
+                log.error("bad trailer from the app: %s", exc)
+                self.conn.bind.send(wire.last_chunk())
+        self.conn._exchange_done(self)
+
+    # the transport's side
+    def _body(self, data):
+        if self.on_body is not None:
+            self.on_body(data)
+        else:
+            self._body_parts.append(data)
+
+    def _body_end(self):
+        if self._body_parts:
+            self.request.body = b"".join(self._body_parts)
+            self._body_parts = []
+        self.request.complete = True
+        if self.on_body_end is not None:
+            self.on_body_end()
+
+
+def head(server, status, list headers, list extra):
+    """An HTTP/1.1 response head: status line, Date, the app's header
+    fields (checked: no CR/LF injection, no invalid names; from the
+    server's caches when seen before), the framing fields ``extra``."""
+    return _head(server, status, headers, extra)
+
+
+cdef bytes _head(server, status, list headers, list extra):
+    cdef PyObject* line = PyDict_GetItem(server._status_lines, status)
+    cdef list parts = [<object>line if line != NULL else server._status_line(status),
+                       server._date]
+    cdef PyObject* block
+    if headers:
+        block = PyDict_GetItem(server._blocks, tuple(headers))
+        parts.append(<object>block if block != NULL else server._block(headers))
+    cdef tuple kv
+    for kv in extra:
+        parts += (kv[0], b": ", kv[1], b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)

@@ -281,98 +281,8 @@ class _Pump:
                 close()
 
 
-class _H1Exchange(Exchange):
-    """An exchange on an HTTP/1.1 connection."""
-
-    __slots__ = ("chunked", "conn", "head_only", "keep_alive")
-
-    def __init__(self, conn: _Conn, req: Request) -> None:
-        super().__init__(req, conn.peer)
-        self.conn = conn
-        self.chunked = False
-        self.head_only = req.method == "HEAD"
-        self.keep_alive = req.keep_alive
-
-    @property
-    def paused(self) -> bool:
-        return self.conn.write_paused
-
-    def abort(self) -> None:
-        # what was sent goes out, then FIN before the body's end: the client
-        # sees a short response (chunked without its last chunk, or fewer
-        # bytes than Content-Length), never a complete one
-        self.ended = True
-        self.closed = True
-        self.conn._close_after_send()
-
-    def want_body(self) -> None:
-        req = self.request
-        if req.expect_continue and not req.complete:
-            req.expect_continue = False
-            self.conn.bind.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        if self.started or self.closed:
-            return
-        self.started = True
-        self.status = status
-        conn = self.conn
-        req = self.request
-        has_length = False
-        for k, v in headers:
-            if k == b"content-length":
-                has_length = True
-            elif k == b"connection" and b"close" in v.lower():
-                self.keep_alive = False
-        if conn.server.draining:
-            self.keep_alive = False
-        extra: list[tuple[bytes, bytes]] = []
-        if not has_length and status >= 200 and status not in (204, 304):
-            if req.version == "1.1":
-                self.chunked = not self.head_only
-                if self.chunked:
-                    extra.append((b"transfer-encoding", b"chunked"))
-            else:
-                self.keep_alive = False
-        if not self.keep_alive:
-            extra.append((b"connection", b"close"))
-        elif req.version == "1.0":
-            extra.append((b"connection", b"keep-alive"))
-        try:
-            head = conn.server._head(status, headers, extra)
-        except ValueError as exc:
-            log.error("bad response header from the app: %s", exc)
-            self.keep_alive = False
-            head = conn.server._head(500, [(b"content-length", b"0")],
-                                     [(b"connection", b"close")])
-            self.head_only = True
-        conn.bind.send(head)
-
-    def write(self, data: bytes) -> None:
-        if self.closed or self.ended or self.head_only or not data:
-            return
-        if not self.started:
-            self.start(200, [])
-        if self.chunked:
-            self.conn.bind.sendv(wire.chunk(data))
-        else:
-            self.conn.bind.send(data)
-
-    def end(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
-        if self.ended:
-            return
-        if not self.started:
-            self.start(200, [(b"content-length", b"0")])
-        self.ended = True
-        if self.closed:
-            return
-        if self.chunked:
-            try:
-                self.conn.bind.send(wire.last_chunk(trailers or ()))
-            except ValueError as exc:
-                log.error("bad trailer from the app: %s", exc)
-                self.conn.bind.send(wire.last_chunk())
-        self.conn._exchange_done(self)
+#: An exchange on an HTTP/1.1 connection (compiled; ``Exchange``'s interface).
+_H1Exchange = _fast.H1Exchange
 
 
 class _Conn(Handler):
@@ -584,14 +494,14 @@ class _Conn(Handler):
         try:
             line = server._status_lines[status]
             block = server._block(resp.headers)
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError):
             try:
                 line = server._status_line(status)
                 block = server._block(resp.headers)
-            except ValueError:
-                log.error("bad response from the app: %s", exc)
-                out.append(server._head(500, [], [(b"content-length", b"0"),
-                                                  (b"connection", b"close")]))
+            except ValueError as bad:
+                log.error("bad response from the app: %s", bad)
+                out.append(_fast.head(server, 500, [], [(b"content-length", b"0"),
+                                                        (b"connection", b"close")]))
                 return False
         if status >= 200 and status != 204 and status != 304:
             tail = _TAILS[keep, req.version == "1.0"] % len(body)
@@ -756,9 +666,9 @@ class _Conn(Handler):
         self.closing = True
         body = exc.detail.encode("utf-8", "replace") + b"\n"
         try:
-            self.bind.sendv([self.server._head(exc.status, [(b"content-type", b"text/plain")],
-                                               [(b"content-length", b"%d" % len(body)),
-                                                (b"connection", b"close")]), body])
+            head = _fast.head(self.server, exc.status, [(b"content-type", b"text/plain")],
+                              [(b"content-length", b"%d" % len(body)), (b"connection", b"close")])
+            self.bind.sendv([head, body])
         except EvplError:
             pass
         self.bind.finish()
@@ -978,20 +888,10 @@ class Server:
             self._blocks[key] = block
         return block
 
-    def _head(self, status: int, headers: list[tuple[bytes, bytes]],
-              extra: list[tuple[bytes, bytes]]) -> bytes:
-        """An HTTP/1.1 response head: status line, Date, the app's headers
-        (checked: no CR/LF injection), the server's framing fields."""
-        parts = [self._status_line(status), self._date, self._block(headers)]
-        for k, v in extra:
-            parts += (k, b": ", v, b"\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
-
     def _log_access(self, peer: Any, req: Request, status: int, size: int) -> None:
         host = peer[0] if isinstance(peer, tuple) else peer
         access_log.info('%s - "%s %s HTTP/%s" %d %s', host, req.method, req.target,
                         req.version, status, size if size >= 0 else "-")
 
 
-_fast.configure(Request, Response, _H1Exchange)
+_fast.configure(Request, Response)
