@@ -30,6 +30,7 @@ class DropBind:
     closed = False
     reading = True
     peer_address = ("127.0.0.1", 1)
+    local_address = ("127.0.0.1", 8080)
 
     def sendv(self, out): pass
     def send(self, data): pass

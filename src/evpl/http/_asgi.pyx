@@ -22,8 +22,44 @@ client is gone or the response ended and the body was read.
 """
 
 import asyncio
+from asyncio import Task
+from urllib.parse import unquote
 
-__all__ = ["AsgiCall"]
+__all__ = ["ASGI_VERSION", "AsgiCall", "start"]
+
+#: the scope's ``asgi`` entry
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+
+
+def start(ex, app, aloop, done, root_path, server_addr, dict state, run):
+    """Start the app on one exchange: the ``http`` scope, the AsgiCall,
+    and the request's Task running ``run(call, app, scope)`` on ``aloop``
+    (``done``: the AsgiCall's done Future; ``server_addr``: the scope's
+    ``server``; ``state``: the lifespan state, copied per request)."""
+    req = ex.request
+    target = req.target
+    path, _, query = target.partition("?")
+    peer = ex.peer
+    if type(peer) is tuple:
+        client = peer if len(<tuple>peer) == 2 else peer[:2]
+    else:
+        client = None                   # (unix sockets)
+    scope = {
+        "type": "http", "asgi": ASGI_VERSION, "http_version": req.version,
+        "method": req.method, "scheme": ex.scheme,
+        "path": unquote(path) if "%" in path else path, "raw_path": path.encode("ascii"),
+        "query_string": query.encode("ascii"), "root_path": root_path,
+        "headers": req.headers, "client": client,
+        "server": server_addr, "state": state.copy() if state else {},
+    }
+    call = AsgiCall(ex, aloop, done)
+    if not req.complete:
+        ex.on_body = call.body_more
+        ex.on_body_end = call.body_end
+    ex.on_disconnect = call.disconnect
+    ex.on_writable = call.resume
+    # (create_task minus its checks; a constant name: no "Task-N" formatted per request)
+    Task(run(call, app, scope), loop=aloop, name="asgi")
 
 
 cdef dict _seen_headers = {}

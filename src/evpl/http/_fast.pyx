@@ -31,6 +31,10 @@ from libc.string cimport memcmp, memcpy
 
 from evpl._native.httphead cimport parse_head_c
 
+from evpl.http import wire
+
+cdef object HEAD_STATE = wire._HEAD     # the request parser between messages
+
 
 cdef extern from "string.h":
     void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen) nogil
@@ -117,7 +121,7 @@ def serve(conn, bytes data):
             or conn.closing):
         return 0
     parser = conn.parser
-    if not parser.idle or parser.stopped:
+    if parser._buf or parser._state != HEAD_STATE or parser.stopped:   # (parser.idle)
         return 0
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, hlen
@@ -197,8 +201,6 @@ def serve(conn, bytes data):
 # ---- the HTTP/1.1 exchange (what ASGI, WSGI and streaming responses drive) ----
 
 import logging
-
-from evpl.http import wire
 
 cdef object log = logging.getLogger("evpl.http")
 cdef tuple _CHUNKED = (b"transfer-encoding", b"chunked")

@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from asyncio import Task
 from typing import Any
-from urllib.parse import unquote
 
 from evpl.aio import AttachedEventLoop, attach
 from evpl.errors import EvplError
-from evpl.http._asgi import AsgiCall
+from evpl.http._asgi import ASGI_VERSION, AsgiCall, start
 from evpl.http.server import Exchange, Server
 
 __all__ = ["ASGIRunner"]
 
 log = logging.getLogger("evpl.http")
 
-_ASGI = {"version": "3.0", "spec_version": "2.4"}
 _STARTUP_TIMEOUT = 60.0
 _SHUTDOWN_TIMEOUT = 30.0
 
@@ -132,7 +129,7 @@ class ASGIRunner:
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._lifespan_q = q
-        scope = {"type": "lifespan", "asgi": _ASGI, "state": self.state}
+        scope = {"type": "lifespan", "asgi": ASGI_VERSION, "state": self.state}
         unsupported = asyncio.get_running_loop().create_future()
 
         async def run() -> None:
@@ -206,26 +203,10 @@ class ASGIRunner:
         if aloop is None:
             _error(ex)
             return
-        req = ex.request
-        path, _, query = req.target.partition("?")
         if self._server_addr is None:
             self._server_addr = _server_addr(ex)
-        scope = {
-            "type": "http", "asgi": _ASGI, "http_version": req.version,
-            "method": req.method, "scheme": ex.scheme,
-            "path": unquote(path) if "%" in path else path, "raw_path": path.encode("ascii"),
-            "query_string": query.encode("ascii"), "root_path": self.server.root_path,
-            "headers": req.headers, "client": _addr(ex.peer),
-            "server": self._server_addr, "state": self.state.copy() if self.state else {},
-        }
-        call = AsgiCall(ex, aloop, self._done)
-        if not req.complete:
-            ex.on_body = call.body_more
-            ex.on_body_end = call.body_end
-        ex.on_disconnect = call.disconnect
-        ex.on_writable = call.resume
-        # (create_task minus its checks; a constant name: no "Task-N" formatted per request)
-        Task(_run(call, self.app, scope), loop=aloop, name="asgi")
+        start(ex, self.app, aloop, self._done, self.server.root_path, self._server_addr,
+              self.state, _run)
 
 
 def _addr(peer: Any) -> Any:
