@@ -163,6 +163,56 @@ def test_pipelined_asgi_requests_are_answered_in_order(serve):
     assert b"connection: close" in parts[15]
 
 
+after_response: list[str] = []
+
+
+async def awaitable_forms_asgi(scope, receive, send):
+    """Awaits ``receive``/``send`` in the forms apps use besides a plain
+    ``await``: through ``asyncio.wait_for``, ``asyncio.ensure_future`` and
+    ``asyncio.gather``; a ``receive`` after the response gets
+    ``http.disconnect`` (recorded in ``after_response``)."""
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        msg = await asyncio.wait_for(receive(), TIMEOUT)
+        body += msg["body"]
+        if not msg["more_body"]:
+            break
+    start = asyncio.ensure_future(send({"type": "http.response.start", "status": 200,
+                                        "headers": [(b"content-type", b"text/plain")]}))
+    await start
+    await asyncio.gather(send({"type": "http.response.body", "body": body[:3],
+                               "more_body": True}),
+                         asyncio.sleep(0))
+    await send({"type": "http.response.body", "body": body[3:]})
+    after_response.append((await receive())["type"])
+
+
+def test_asgi_send_and_receive_in_every_awaitable_form(serve):
+    """send/receive return awaitables (a done Future, or a coroutine when
+    they must wait), not coroutines of ``async def``: wait_for,
+    ensure_future and gather take them, with a body that is there at once
+    and a chunked one that may come in pieces."""
+    after_response.clear()
+    s = serve(awaitable_forms_asgi, interface="asgi")
+
+    def peer():
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=TIMEOUT)
+        out = []
+        c.request("POST", "/", body=b"hello world")
+        r = c.getresponse()
+        out.append((r.status, r.read()))
+        c.request("POST", "/", body=iter([b"abc", b"defg"]), encode_chunked=True)
+        r = c.getresponse()
+        out.append((r.status, r.read()))
+        c.close()
+        return out
+
+    assert s.run(peer) == [(200, b"hello world"), (200, b"abcdefg")]
+    assert after_response == ["http.disconnect"] * 2
+
+
 def test_asgi_100_continue_with_curl(serve):
     curl = tool("curl")
     s = serve(bare_asgi, interface="asgi")
