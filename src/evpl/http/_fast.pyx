@@ -23,6 +23,7 @@ rules stay in one place (``wire`` and ``httphead``): this loop only picks
 the requests for which those rules come to nothing.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
@@ -111,7 +112,29 @@ cdef bytes _encode(bytes line, bytes date, bytes block, bytes body):
     return out
 
 
-def serve(conn, bytes data):
+@cython.binding(True)
+def on_data(conn, bind, buf):
+    """``_Conn.on_data``: a read of a ``plain`` connection (HTTP/1.1,
+    sniffed, in limits) goes through ``serve`` and what it leaves to the
+    Python parser; any other connection to ``on_data_slow``."""
+    if not conn.plain:
+        conn.on_data_slow(bind, buf)
+        return
+    data = bytes(buf)
+    del buf             # (the pool buffer goes back at once)
+    conn.last = conn.server.loop.now()
+    cdef Py_ssize_t done = serve(conn, data)
+    if done:
+        if done == PyBytes_GET_SIZE(data):
+            conn.head_since = 0.0
+            if conn.current is None and (conn.write_paused or not conn.bind.reading):
+                conn._idle()
+            return
+        data = data[done:]
+    conn._feed(data)
+
+
+cpdef Py_ssize_t serve(conn, bytes data) except -1:
     """Answer the plain requests at the start of ``data`` (one read of
     ``conn``, a ``server._Conn``); returns the bytes consumed (0 if the
     connection is not in the state the fast path needs)."""

@@ -322,21 +322,12 @@ class _Conn(Handler):
             # it would make the kernel reset the connection, dropping the answer
             self.over_limit = True
 
-    def on_data(self, bind: Any, buf: Any) -> None:
-        if self.plain:                    # the common case: HTTP/1.1, sniffed, in limits
-            data = bytes(buf)
-            del buf
-            self.last = self.server.loop.now()
-            done = _fast.serve(self, data)    # plain requests, in C
-            if done:
-                if done == len(data):
-                    self.head_since = 0.0
-                    if self.current is None and (self.write_paused or not self.bind.reading):
-                        self._idle()
-                    return
-                data = data[done:]
-            self._feed(data)
-            return
+    # the common case (HTTP/1.1, sniffed, in limits: ``plain``) in C, the
+    # rest in on_data_slow
+    on_data = _fast.on_data
+
+    def on_data_slow(self, bind: Any, buf: Any) -> None:
+        """``on_data`` for a connection that is not ``plain``."""
         if self.upgraded is not None:
             self.upgraded.on_data(bind, buf)
             return
