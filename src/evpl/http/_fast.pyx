@@ -243,7 +243,7 @@ cdef class H1Exchange:
     cdef public bint started, ended, closed, chunked, head_only, keep_alive
     cdef public object status
     cdef public object on_body, on_body_end, on_writable, on_disconnect
-    cdef list _body_parts
+    cdef public list _body_parts
 
     def __cinit__(self, conn, req):
         self.status = 0
@@ -342,18 +342,32 @@ cdef class H1Exchange:
 
     # the transport's side
     def _body(self, data):
-        if self.on_body is not None:
-            self.on_body(data)
-        else:
-            self._body_parts.append(data)
+        exchange_body(self, data)
 
     def _body_end(self):
-        if self._body_parts:
-            self.request.body = b"".join(self._body_parts)
-            self._body_parts = []
-        self.request.complete = True
-        if self.on_body_end is not None:
-            self.on_body_end()
+        exchange_body_end(self)
+
+
+@cython.binding(True)
+def exchange_body(ex, data):
+    """``Exchange._body``: a piece of the request body, to the adapter's
+    ``on_body`` or collected in ``_body_parts``."""
+    if ex.on_body is not None:
+        ex.on_body(data)
+    else:
+        ex._body_parts.append(data)
+
+
+@cython.binding(True)
+def exchange_body_end(ex):
+    """``Exchange._body_end``: the request body is complete (collected
+    pieces become ``request.body``)."""
+    if ex._body_parts:
+        ex.request.body = b"".join(ex._body_parts)
+        ex._body_parts = []
+    ex.request.complete = True
+    if ex.on_body_end is not None:
+        ex.on_body_end()
 
 
 def head(server, status, list headers, list extra):

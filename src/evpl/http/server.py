@@ -172,19 +172,8 @@ class Exchange:
         raise NotImplementedError
 
     # the transport's side
-    def _body(self, data: bytes) -> None:
-        if self.on_body is not None:
-            self.on_body(data)
-        else:
-            self._body_parts.append(data)
-
-    def _body_end(self) -> None:
-        if self._body_parts:
-            self.request.body = b"".join(self._body_parts)
-            self._body_parts = []
-        self.request.complete = True
-        if self.on_body_end is not None:
-            self.on_body_end()
+    _body = _fast.exchange_body
+    _body_end = _fast.exchange_body_end
 
 
 class _Native:
