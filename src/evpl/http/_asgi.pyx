@@ -1,5 +1,6 @@
 # cython: language_level=3, binding=True
-"""One ASGI ``http`` call's ``receive`` and ``send``, compiled.
+"""One ASGI ``http`` call, compiled: its scope and task (``start``), and
+the app's ``receive`` and ``send`` (``AsgiCall``).
 
 An ASGI app awaits ``send`` twice per response and usually ``receive``
 not at all or once, and each returns at once unless the client is slow or
@@ -10,10 +11,11 @@ called and return a Future that is already done (``send``: one shared
 Future whose result is None; awaiting a done asyncio Future returns its
 result through the Future's C iterator, with no exception raised or
 caught); only a call that must wait returns a coroutine (waiting for the
-body, or for a slow client to drain). So ``await send(msg)`` works as ASGI says, and so do
-``asyncio.ensure_future(send(msg))`` and ``asyncio.wait_for``; what an app
-cannot do is hand ``send(msg)`` to ``asyncio.create_task``, which takes
-coroutines only (granian's ``send`` is not a coroutine either).
+body, or for a slow client to drain). So ``await send(msg)`` works as
+ASGI says, and so do ``asyncio.ensure_future(send(msg))`` and
+``asyncio.wait_for``; what an app cannot do is hand ``send(msg)`` to
+``asyncio.create_task``, which takes coroutines only (granian's ``send``
+is not a coroutine either).
 
 The behaviour is the one asgi.py documents: backpressure on ``send`` with
 a body while the connection is paused; ``Expect: 100-continue`` answered
