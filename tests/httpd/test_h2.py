@@ -20,7 +20,8 @@ from evpl.http.h2wire import Decoder, Encoder, H2Server, HPACKError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evpl.http import Response, StreamingResponse, h2wire
+from evpl.errors import ConfigError
+from evpl.http import Response, Server, StreamingResponse, h2wire
 from httpd.support import run, tool
 
 # ---- HPACK: RFC 7541 Appendix C ----------------------------------------------
@@ -606,6 +607,47 @@ def test_too_many_streams_are_refused(serve):
     fs, _ = s.run(peer)
     assert rst(fs, 257) == 7                          # REFUSED_STREAM
     assert all(rst(fs, 2 * i + 1) is None for i in range(128))
+
+
+def test_http2_options_set_the_announced_limits_and_the_caps(serve):
+    """Server(http2_options=...): the SETTINGS a client gets carry the
+    configured stream count and window, the connection window is opened to
+    the configured size, the stream count is enforced, and a lower rapid-
+    reset cap sends the client away sooner (10 resets: GOAWAY
+    ENHANCE_YOUR_CALM)."""
+    s = serve(app, http2_options={"max_concurrent_streams": 5, "initial_window": 100_000,
+                                  "connection_window": 3 << 20, "max_resets": 10})
+    opened = b"".join(headers(2 * i + 1, end_stream=False) for i in range(6))
+
+    def peer():
+        return exchange(s.port, opened, until=lambda fs: rst(fs, 11) is not None)
+
+    fs, _ = s.run(peer)
+    sent = [p for t, f, sid, p in fs if t == 4 and not f & 1]
+    values = {int.from_bytes(p[i:i + 2], "big"): int.from_bytes(p[i + 2:i + 6], "big")
+              for p in sent for i in range(0, len(p), 6)}
+    assert values[3] == 5 and values[4] == 100_000      # MAX_CONCURRENT_STREAMS, INITIAL_WINDOW
+    updates = [int.from_bytes(p, "big") for t, _, sid, p in fs if t == 8 and sid == 0]
+    assert updates[:1] == [(3 << 20) - 65535]
+    assert rst(fs, 11) == 7                               # REFUSED_STREAM
+    assert all(rst(fs, 2 * i + 1) is None for i in range(5))
+    resets = b"".join(headers(2 * i + 1, end_stream=False)
+                      + frame(3, 0, 2 * i + 1, b"\x00\x00\x00\x08") for i in range(20))
+    fs, closed = s.run(lambda: exchange(s.port, resets))
+    assert goaway_code(fs) == 11 and closed
+
+
+@pytest.mark.parametrize("options,why", [
+    ({"max_concurrent_streams": 0}, "max_concurrent_streams must be in 1..65536"),
+    ({"connection_window": 1000}, "connection_window must be in 65535.."),
+    ({"initial_window": 1 << 31}, "initial_window must be in 1..2147483647"),
+    ({"max_streams": 10}, "unknown http2_options ['max_streams']"),
+    ({"max_resets": 1.5}, "must be an int"),
+])
+def test_bad_http2_options_are_refused_at_construction(loop, options, why):
+    with pytest.raises(ConfigError) as err:
+        Server(loop, app, http2_options=options)
+    assert why in str(err.value)
 
 
 def test_data_on_a_closed_stream_is_a_stream_error(serve):

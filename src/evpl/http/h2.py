@@ -37,7 +37,6 @@ __all__ = ["H2Connection"]
 
 log = logging.getLogger("evpl.http")
 
-_MAX_STREAMS = 128
 _STREAM_BUFFER = 1 << 20       # a stream's unsent body above this pauses its writer
 _EMPTY = [(b"content-length", b"0")]
 _EV_REQUEST = h2wire.EV_REQUEST
@@ -124,8 +123,7 @@ class H2Connection:
         self.conn = conn
         server = self.server = conn.server
         self.bind = conn.bind
-        self.core = H2Server(max_concurrent_streams=_MAX_STREAMS,
-                             max_header_list_size=server._parser_limits["max_head"])
+        self.core = H2Server(**server._h2_options)
         field = server._server_field             # b"server: name\r\n" or b""
         self._server_name = field[8:-2] if field else None
         self._date_src = b""

@@ -831,6 +831,19 @@ cdef class H2Server:
                   int64_t initial_window=262144, int64_t connection_window=1 << 20,
                   int max_resets=200, int max_control=1000, double interval=1.0,
                   int max_continuations=64, Py_ssize_t header_table_size=4096):
+        for name, v, lo, hi in (
+                ("max_concurrent_streams", max_concurrent_streams, 1, 1 << 16),
+                ("initial_window", initial_window, 1, MAX_WINDOW),
+                # (the peer may send 65,535 bytes before the update that opens the rest)
+                ("connection_window", connection_window, 65535, MAX_WINDOW),
+                ("max_resets", max_resets, 1, 1 << 30), ("max_control", max_control, 1, 1 << 30),
+                ("max_continuations", max_continuations, 1, 1 << 20),
+                ("max_header_list_size", max_header_list_size, 1, 1 << 30),
+                ("header_table_size", header_table_size, 0, 1 << 20)):
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be in {lo}..{hi}, got {v}")
+        if not interval > 0:
+            raise ValueError(f"interval must be positive, got {interval}")
         self.out.p = NULL
         self.out.n = 0
         self.out.cap = 0

@@ -39,6 +39,7 @@ from evpl._native.httphead import parse_head
 from evpl.core.handler import Handler
 from evpl.errors import ConfigError, EvplError
 from evpl.http import _fast, wire
+from evpl.http.h2wire import H2Server
 from evpl.http.wire import H2_PREFACE, HTTPError, Request
 
 __all__ = ["Exchange", "Response", "Server", "StreamingResponse", "Upgrade"]
@@ -687,6 +688,28 @@ class _Conn(Handler):
                 self._refuse(HTTPError(408, "request not received in time"))
 
 
+_H2_OPTIONS = ("max_concurrent_streams", "initial_window", "connection_window", "max_resets",
+               "max_control", "max_continuations")
+
+
+def _h2_options(options: dict[str, int] | None, max_head: int) -> dict[str, Any]:
+    """``Server(http2_options=...)`` checked (by making a core with them)
+    and completed with the header list size the head limit gives."""
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(_H2_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown http2_options {unknown}; known: {list(_H2_OPTIONS)}")
+    for name, v in opts.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"http2_options[{name!r}] must be an int, got {v!r}")
+    opts["max_header_list_size"] = max_head
+    try:
+        H2Server(**opts)
+    except ValueError as exc:
+        raise ConfigError(f"http2_options: {exc}") from None
+    return opts
+
+
 class Server:
     """An HTTP/1.1 and HTTP/2 (h2c) server for ``app`` on ``loop``.
 
@@ -702,6 +725,13 @@ class Server:
     ``evpl.http.access`` logger (off by default: it costs).
     ``server_header``: value of a ``Server`` field (none by default).
     ``http2``: accept HTTP/2 (prior knowledge and the ``h2c`` upgrade).
+    ``http2_options``: the HTTP/2 limits and windows, by name (defaults in
+    brackets): ``max_concurrent_streams`` [128], ``initial_window`` (each
+    stream's receive window) [262144], ``connection_window`` [1 MiB],
+    ``max_resets`` and ``max_control`` (RST_STREAM, and SETTINGS/PING/
+    PRIORITY frames, per second from a client before the server goes away:
+    rapid reset and floods) [200, 1000], ``max_continuations`` (CONTINUATION
+    frames per header block) [64].
 
     Counters: ``timeouts`` (connections closed by the header or idle
     timeout), ``refused`` (503s past ``max_connections``),
@@ -715,7 +745,7 @@ class Server:
                  max_pipeline: int = 64, header_timeout: float = 10.0,
                  keepalive_timeout: float = 5.0, workers: int = 16, access_log: bool = False,
                  server_header: str | None = None, http2: bool = True,
-                 root_path: str = "") -> None:
+                 http2_options: dict[str, int] | None = None, root_path: str = "") -> None:
         for name, v in (("max_connections", max_connections), ("max_pipeline", max_pipeline),
                         ("workers", workers)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -739,6 +769,7 @@ class Server:
         self.keepalive_timeout = float(keepalive_timeout)
         self.access_log = access_log
         self.http2 = http2
+        self._h2_options = _h2_options(http2_options, max_head)
         self.root_path = root_path
         self.draining = False
         self.timeouts = 0
