@@ -18,8 +18,11 @@ Loads:
 - ``h2``: HTTP/2, ``h2load -c64 -m16`` (servers that speak h2c).
 
 Every cell is the median of ``--runs`` runs: requests/s, p50/p99 latency
-(wrk), and server CPU per request (utime+stime of the server's processes
-over the run / requests). A server that is not installed is skipped, saying why.
+(wrk), server CPU per request (utime+stime of the server's processes
+over the run / requests) and the load generator's CPU per request (what it
+takes of the cores: with ``--shards 2`` on a 2-core machine the second
+shard shares its core with it). A server that is not installed is skipped,
+saying why.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -167,14 +171,19 @@ def run_load(load: str, port: int, h2port: int, duration: float, tmp: str) -> di
         if load == "pipe16":
             cmd += ["-s", os.path.join(tmp, "pipe.lua")]
         cmd.append(f"http://127.0.0.1:{port}/" + ("big" if load == "big" else ""))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(["taskset", "-c", CLIENT_CPU, *cmd], capture_output=True, text=True,
                          timeout=duration * 10 + 60).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # the load generator's own CPU (what it leaves of a shared core to a server)
+    load_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if load == "h2":
         m = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
         ok = re.search(r"(\d+) succeeded", out)
         if not m or not ok or int(ok.group(1)) == 0:
             return {"rps": 0.0, "requests": 0, "error": out[-300:]}
-        return {"rps": float(m.group(3)), "requests": int(ok.group(1)), "p50": None, "p99": None}
+        return {"rps": float(m.group(3)), "requests": int(ok.group(1)), "p50": None, "p99": None,
+                "load_cpu": load_cpu}
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     reqs = re.search(r"(\d+) requests in", out)
     errors = "Non-2xx" in out or "Socket errors" in out
@@ -187,7 +196,8 @@ def run_load(load: str, port: int, h2port: int, duration: float, tmp: str) -> di
 
     return {"rps": float(m.group(1)) if m else 0.0,
             "requests": int(reqs.group(1)) if reqs else 0,
-            "p50": lat("50"), "p99": lat("99"), "error": out[-300:] if errors else None}
+            "p50": lat("50"), "p99": lat("99"), "error": out[-300:] if errors else None,
+            "load_cpu": load_cpu}
 
 
 def bench(p: Peer, loads: list[str], duration: float, tmp: str) -> None:
@@ -213,6 +223,7 @@ def bench(p: Peer, loads: list[str], duration: float, tmp: str) -> None:
             r = run_load(load, port, port2, duration, tmp)
             r["cpu_us"] = ((tree_cpu_seconds(proc.pid) - c0) / r["requests"] * 1e6
                            if r["requests"] else None)
+            r["load_cpu_us"] = r["load_cpu"] / r["requests"] * 1e6 if r["requests"] else None
             p.results.setdefault(load, []).append(r)
     finally:
         proc.terminate()
@@ -259,8 +270,9 @@ def main() -> int:
     ref = {load: median(todo[0].results.get(load, []), "rps") for load in loads} if todo else {}
     print(f"\nserver on core {SERVER_CPU}, load on core {CLIENT_CPU}; median of {args.runs} "
           f"runs of {args.duration:g} s; ratio = evpl native / peer\n")
-    print("| server | load | req/s | p50 ms | p99 ms | server CPU µs/req | evpl native ÷ this |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| server | load | req/s | p50 ms | p99 ms | server CPU µs/req | load CPU µs/req "
+          "| evpl native ÷ this |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for p in todo:
         for load in loads:
             rs = p.results.get(load)
@@ -268,10 +280,11 @@ def main() -> int:
                 continue
             rps = median(rs, "rps")
             p50, p99, cpu = median(rs, "p50"), median(rs, "p99"), median(rs, "cpu_us")
+            load_cpu = median(rs, "load_cpu_us")
             ratio = f"{ref[load] / rps:.2f}" if rps and ref.get(load) else "-"
             fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
             print(f"| {p.name} | {load} | {fmt(rps, 0)} | {fmt(p50)} | {fmt(p99)} | "
-                  f"{fmt(cpu, 1)} | {ratio} |")
+                  f"{fmt(cpu, 1)} | {fmt(load_cpu, 1)} | {ratio} |")
             errs = [r["error"] for r in rs if r.get("error")]
             if errs:
                 print(f"|   ({p.name} {load}: errors in {len(errs)} run(s)) ||||||")
