@@ -8,7 +8,12 @@ It feeds a typical wrk request (one per read, then 16 pipelined per read)
 to a server connection whose Bind is a stand-in that drops what is sent,
 and reports (instructions with N requests - instructions with none) / N.
 Then the same over HTTP/2 (h2load's requests: one stream per request, one
-or 16 HEADERS frames per read).
+or 16 HEADERS frames per read), and through the ASGI interface (a bare app
+and the same in Starlette, the apps of http_apps.py). Last, the least an
+ASGI request costs on asyncio whatever the server: one asyncio Task of an
+empty coroutine, made and run to its end on the server's asyncio loop
+(ASGI apps need a Task per request: anyio, so Starlette and FastAPI, look
+up ``asyncio.current_task()``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,21 @@ def app(req):
 
 
 loop = evpl.Loop()
+if sys.argv[3] == "task":
+    from asyncio import Task
+    from evpl.aio import attach
+
+    aloop = attach(loop)
+
+    async def nothing():
+        pass
+
+    for _ in range(int(sys.argv[1])):
+        Task(nothing(), loop=aloop, name="x")
+        loop.run_once(0)
+    aloop.close()
+    loop.close()
+    sys.exit(0)
 if sys.argv[3] == "asgi":
     sys.path.insert(0, sys.argv[5])
     import http_apps
@@ -120,6 +140,8 @@ def main() -> int:
             cost = (instructions(n, per_read, "asgi", app) - base) / n
             print(f"ASGI {app}, {per_read:2d} request(s) per read: {cost:,.0f} instructions"
                   " per request")
+    cost = (instructions(4000, 1, "task") - instructions(0, 1, "task")) / 4000
+    print(f"an empty asyncio Task, made and run: {cost:,.0f} instructions")
     return 0
 
 
