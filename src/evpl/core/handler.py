@@ -19,13 +19,7 @@ class Handler:
     the Bind it is about. Callbacks run on the loop's thread and must not
     block. An exception escaping a callback is reported (``Loop.exception_handler``
     or the ``evpl`` logger) and closes that Bind.
-
-    Handler has no instance fields of its own (``__slots__ = ()``): a
-    subclass keeps its ``__dict__`` as usual, or declares ``__slots__`` for
-    faster attribute access on a per-message path.
     """
-
-    __slots__ = ()
 
     def on_connected(self, bind: Bind) -> None:
         """The connection is established (accepted or connected)."""

@@ -278,10 +278,6 @@ _H1Exchange = _fast.H1Exchange
 class _Conn(Handler):
     """One HTTP connection (HTTP/1.1, or HTTP/2 after a preface or an h2c upgrade)."""
 
-    __slots__ = ("backlog", "bind", "closing", "current", "h2", "handling", "head_since", "last",
-                 "over_limit", "parser", "peer", "plain", "server", "sniffed", "upgraded",
-                 "write_paused")
-
     def __init__(self, server: Server) -> None:
         self.server = server
         self.bind: Any = None
