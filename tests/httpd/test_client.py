@@ -155,3 +155,56 @@ def test_client_timeout_and_refused(loop):
         client.get("https://example.com/")
     client.close()
     silent.close()
+
+
+def test_await_requests_on_evpl_asyncio_loop(nginx):
+    """Under evpl.aio.run, a Client made on the running asyncio loop is
+    awaited: one request, a gather of pipelined ones against nginx, an
+    error raised at the await, and a cancelled await that leaves the
+    client usable."""
+    import asyncio
+
+    import evpl.aio
+
+    base, _ = nginx
+
+    async def main():
+        client = Client(asyncio.get_running_loop(), pipeline=8, max_per_host=2)
+        one = await client.get(base + "/small.txt")
+        many = await asyncio.gather(*(client.get(base + f"/echo-len?{i}") for i in range(20)))
+        try:
+            await client.get(f"http://127.0.0.1:{free_port()}/")
+            refused = None
+        except evpl.ConnectionRefused as exc:
+            refused = exc
+        silent = socket.socket()            # accepts, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        task = asyncio.ensure_future(client.get(f"http://127.0.0.1:{silent.getsockname()[1]}/"))
+        await asyncio.sleep(0)              # (the task now waits in the await)
+        task.cancel()
+        again = await client.get(base + "/small.txt")
+        client.close()
+        silent.close()
+        return one, many, refused, task.cancelled(), again
+
+    one, many, refused, cancelled, again = evpl.aio.run(main())
+    assert one.status == 200 and one.body == b"hello nginx\n"
+    assert [r.status for r in many] == [200] * 20
+    assert isinstance(refused, evpl.ConnectionRefused)
+    assert cancelled and again.body == b"hello nginx\n"
+
+
+def test_awaiting_a_request_off_evpl_asyncio_is_a_clear_error(loop):
+    """A Client on a plain evpl Loop awaited from stock asyncio: nothing
+    drives its sockets there, so the await raises at once, saying why."""
+    import asyncio
+
+    client = Client(loop)
+
+    async def main():
+        with pytest.raises(evpl.EvplError, match=r"evpl\.aio\.run"):
+            await client.get("http://127.0.0.1:1/")
+
+    asyncio.run(main())
+    client.close()

@@ -140,6 +140,20 @@ def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+def engine_loop(loop: Any, what: str) -> Loop:
+    """The evpl ``Loop`` a protocol object runs on: ``loop`` itself, or the
+    engine under evpl's asyncio loop (``evpl.aio``'s ``loop.core``), so that
+    code under ``evpl.aio.run()`` can pass ``asyncio.get_running_loop()``.
+    ``what`` names the caller in the error for anything else."""
+    if isinstance(loop, Loop):
+        return loop
+    core = getattr(loop, "core", None)
+    if isinstance(core, Loop):
+        return core
+    raise ConfigError(f"{what} runs on an evpl.Loop or evpl's asyncio loop (evpl.aio), "
+                      f"not on {type(loop).__name__}")
+
+
 class Loop(LoopCore):
     """One event loop per thread (see docs/api.md).
 

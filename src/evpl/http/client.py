@@ -9,6 +9,11 @@ redirects.
     pending = client.get("http://127.0.0.1:8000/a")         # or: start it, go on
     pending.add_done_callback(lambda p: print(p.result().status))
 
+and in coroutines on evpl's asyncio loop (``evpl.aio.run(main())``)::
+
+    client = Client(asyncio.get_running_loop())
+    resp = await client.get("http://127.0.0.1:8000/")
+
 Requests to one host share up to ``max_per_host`` connections; with
 ``pipeline=N`` up to N requests are in flight on each (the responses come
 back in order). A request that fails on a kept-alive connection before any
@@ -18,13 +23,15 @@ once on a new one.
 
 from __future__ import annotations
 
+import asyncio
 import json as _json
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from evpl.core.handler import Handler
+from evpl.core.loop import Loop, engine_loop
 from evpl.errors import ConfigError, ConnectionReset, EvplError, TimeoutError
 from evpl.http import wire
 from evpl.http.wire import HTTPError
@@ -68,14 +75,41 @@ class ClientResponse:
 
 class Pending:
     """A request in progress: ``done()``, ``result()`` (the response, or
-    raises the error), ``add_done_callback(fn)``."""
+    raises the error), ``add_done_callback(fn)``; and awaitable in a
+    coroutine on evpl's asyncio loop whose engine is the client's Loop
+    (``resp = await client.get(url)``). Cancelling the awaiting task does
+    not stop the request: its response is discarded."""
 
-    __slots__ = ("_callbacks", "_error", "_result")
+    __slots__ = ("_callbacks", "_error", "_loop", "_result")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
         self._result: ClientResponse | None = None
         self._error: BaseException | None = None
         self._callbacks: list[Callable[[Pending], Any]] = []
+
+    def __await__(self) -> Generator[Any, None, ClientResponse]:
+        if not self.done():
+            try:
+                aloop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise EvplError("awaiting a request needs a running evpl asyncio loop "
+                                "(evpl.aio.run(main())); without one use Client.fetch") from None
+            if getattr(aloop, "core", None) is not self._loop:
+                raise EvplError(
+                    f"awaiting a request needs evpl's asyncio loop running the client's Loop, "
+                    f"and the running loop is {type(aloop).__name__} (plain asyncio/uvloop "
+                    f"cannot drive evpl sockets: run the program with evpl.aio.run(main()) and "
+                    f"make the client with Client(asyncio.get_running_loop()))")
+            fut: asyncio.Future[None] = aloop.create_future()
+
+            def arrived(_: Pending) -> None:
+                if not fut.done():          # (a cancelled await: the response is dropped)
+                    fut.set_result(None)
+
+            self.add_done_callback(arrived)
+            yield from fut.__await__()
+        return self.result()
 
     def done(self) -> bool:
         return self._result is not None or self._error is not None
@@ -221,7 +255,8 @@ class _ClientConn(Handler):
 
 
 class Client:
-    """An HTTP/1.1 client on ``loop`` (see the module docstring).
+    """An HTTP/1.1 client on ``loop``: an evpl Loop, or evpl's asyncio
+    loop (see the module docstring).
 
     ``max_per_host``: connections per (host, port); ``pipeline``: requests
     in flight per connection (1 = no pipelining); ``timeout``: seconds for
@@ -241,7 +276,7 @@ class Client:
             raise ConfigError(f"pipeline must be a positive int, got {pipeline!r}")
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
             raise ConfigError(f"timeout must be None or a positive number, got {timeout!r}")
-        self.loop = loop
+        self.loop = engine_loop(loop, "evpl.http.Client")
         self.backend = backend
         self.max_per_host = max_per_host
         self.pipeline = pipeline
@@ -267,7 +302,7 @@ class Client:
         if json is not None:
             body = _json.dumps(json).encode()
             hs.append(("content-type", "application/json"))
-        pending = Pending()
+        pending = Pending(self.loop)
         self._dispatch(self._build(method, url, hs, body, pending, 0))
         return pending
 
