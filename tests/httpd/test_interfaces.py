@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 
 import pytest
 from core.helpers import TIMEOUT
@@ -520,6 +521,49 @@ def test_cli_serves_with_shards(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(TIMEOUT) == 0
+
+
+def test_cli_shards_finish_requests_in_flight_on_sigterm(tmp_path):
+    """--shards 2 and SIGTERM while a request is in the app: the shard
+    stops accepting, finishes the request (its response arrives whole),
+    and the command exits 0."""
+    curl = tool("curl")
+    marker = tmp_path / "started"
+    (tmp_path / "slowapp.py").write_text(
+        "import asyncio, pathlib\n"
+        f"MARKER = pathlib.Path({str(marker)!r})\n"
+        "async def app(scope, receive, send):\n"
+        "    if scope['type'] != 'http':\n"
+        "        return\n"
+        "    MARKER.write_text('x')\n"
+        "    await asyncio.sleep(1.0)\n"
+        "    await send({'type': 'http.response.start', 'status': 200,\n"
+        "                'headers': [(b'content-length', b'4')]})\n"
+        "    await send({'type': 'http.response.body', 'body': b'done'})\n")
+    import socket as _s
+    with _s.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(["evpl", "http", "serve", "slowapp:app", "--port", str(port),
+                             "--shards", "2", "--app-dir", str(tmp_path)],
+                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    try:
+        line = proc.stderr.readline().decode()
+        assert "2 shards" in line, line
+        client = subprocess.Popen([curl, "-sS", "-m", str(TIMEOUT), f"http://127.0.0.1:{port}/"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + TIMEOUT
+        while not marker.exists():                  # the request is in the app
+            assert client.poll() is None and time.monotonic() < deadline, client.stderr.read()
+            time.sleep(0.01)
+        proc.terminate()
+        out, err = client.communicate(timeout=TIMEOUT)
+        assert client.returncode == 0 and out == b"done", err
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_cli_refuses_bad_shard_counts(tmp_path):

@@ -406,6 +406,39 @@ def test_stop_group():
     assert shards.run(main, 3) == [0, 0, 0]
 
 
+def test_at_stop_runs_after_the_loop_stopped_and_may_run_it_again(tmp_path):
+    """Shard.at_stop: once a shard's loop stopped (stop_group here), its
+    callbacks run in order, may run the loop again (a graceful drain: a
+    timer set before the stop fires), and one that raises does not keep
+    the next from running or the shard from exiting 0."""
+    path = str(tmp_path)
+
+    def main(shard):
+        done = []
+
+        def drain():
+            shard.loop.call_later(0.01, lambda: done.append("timer"))
+            shard.loop.run_until(lambda: done, timeout=TIMEOUT)
+
+        def fail():
+            raise RuntimeError("an at_stop callback that fails")
+
+        shard.at_stop(drain)
+        shard.at_stop(fail)
+        shard.at_stop(lambda: _report(path, shard, done=done))
+        if shard.id == 1:
+            shard.loop.call_later(0, shard.stop_group)
+
+    assert shards.run(main, 2) == [0, 0]
+    assert _read(path, 0)["done"] == ["timer"] and _read(path, 1)["done"] == ["timer"]
+
+
+@pytest.mark.parametrize("grace", [0, -1, "10", True])
+def test_bad_grace_is_refused(grace):
+    with pytest.raises(evpl.ConfigError):
+        shards.run(lambda shard: None, 1, grace=grace)
+
+
 def test_main_raises_stops_the_others(tmp_path):
     def main(shard):
         if shard.id == 1:

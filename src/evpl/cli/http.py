@@ -155,9 +155,11 @@ def _serve_shards(args: argparse.Namespace, app: Any, interface: str) -> int:
     def main(shard: Any) -> None:
         server = _server(args, shard.loop, app, interface)
         listener = server.listen_shard(shard, "http")
+        # SIGTERM: each shard stops accepting and finishes its requests in flight
+        shard.at_stop(lambda: server.shutdown(args.graceful_timeout))
         if shard.id == 0:
             _announce(args, interface, listener.address, f", {shard.count} shards")
 
-    statuses = shards.run(main, args.shards,
+    statuses = shards.run(main, args.shards, grace=args.graceful_timeout + 5,
                           listen={"http": (args.backend, (args.host, args.port))})
     return 0 if all(st == 0 for st in statuses) else 1

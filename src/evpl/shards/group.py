@@ -231,6 +231,11 @@ class ShardGroup:
             # between this check and run() is seen by this deferred call
             loop.defer(lambda: shard.stopping and loop.stop())
             loop.run()
+        for fn in shard._at_stop:
+            try:
+                fn()
+            except Exception:
+                _log.exception("shard %d: an at_stop callback raised", i)
         loop.close()
         os.close(parent)
         return 0
@@ -418,7 +423,7 @@ def start(main: Callable[[Any], Any], n: int | None = None, cpus: Sequence[int] 
 
 
 def run(main: Callable[[Any], Any], n: int | None = None, cpus: Sequence[int] | None = None,
-        **options: Any) -> list[int | None]:
+        *, grace: float = 10.0, **options: Any) -> list[int | None]:
     """Run ``main(shard)`` in ``n`` processes, one per CPU, and return their
     exit statuses once all have exited (negative: killed by that signal).
 
@@ -432,14 +437,17 @@ def run(main: Callable[[Any], Any], n: int | None = None, cpus: Sequence[int] | 
     between two shards (a power of two; payloads up to a quarter of it);
     ``max_backlog``: requests per destination that may wait for room in a
     full ring. ``bind_memory``: each shard prefers its CPU's NUMA node for
-    its memory. SIGINT and SIGTERM stop every shard cleanly. The remaining
-    options go to each shard's ``evpl.Loop``.
+    its memory. SIGINT and SIGTERM stop every shard cleanly: a shard still
+    running ``grace`` seconds later (in its ``Shard.at_stop`` callbacks) is
+    killed. The remaining options go to each shard's ``evpl.Loop``.
     """
+    if not isinstance(grace, int | float) or isinstance(grace, bool) or grace <= 0:
+        raise ConfigError(f"grace must be a positive number of seconds, got {grace!r}")
     group = _group(main, n, cpus, **options)
     previous = {}
 
     def stop(signum: int, frame: Any) -> None:
-        group.stop()
+        group.stop(grace)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, stop)

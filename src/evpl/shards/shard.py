@@ -49,6 +49,7 @@ class Shard:
         self._down: set[int] = set()
         self._generation = [ring_set.generation(i) for i in range(count)]
         self.stopping = False
+        self._at_stop: list[Callable[[], Any]] = []
         rings = self._rings = _rings.shard_rings(loop, ring_set, shard_id, efds)
         rings.on_change = self._change
         rings.on_room_cb = self._room
@@ -250,8 +251,24 @@ class Shard:
                                                     factory, shared, _framer(framing), limits,
                                                     nodelay, address)
 
+    def at_stop(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` once this shard's loop has stopped (SIGTERM to the
+        group, ``stop``, ``stop_group``) and before the loop closes: the
+        place for a graceful shutdown that runs the loop again to finish
+        what is in flight (``evpl.http.Server.shutdown``). The group
+        SIGKILLs a shard still running ``grace`` seconds after it asked it
+        to stop (``shards.run(..., grace=)``). Callbacks run in the order
+        they were added; one that raises is logged and the others run."""
+        self._at_stop.append(fn)
+
     def stop(self) -> None:
-        """Stop this shard's loop: its process exits with status 0."""
+        """Stop this shard's loop: its process exits with status 0 (after
+        its ``at_stop`` callbacks). Stopping twice is stopping once: a
+        second request (another SIGTERM, the group's stop seen again when
+        another shard exits) must not cut short an ``at_stop`` callback
+        that runs the loop again."""
+        if self.stopping:
+            return
         self.stopping = True
         self.loop.stop()
 
