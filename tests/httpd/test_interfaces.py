@@ -473,21 +473,26 @@ http {{
     assert out[3] == (200, b"".join(b"%04d\n" % i for i in range(200)))
 
 
+def cli_serve(tmp_path, app: str, *options: str) -> tuple[subprocess.Popen, int, str]:
+    """``evpl http serve app --app-dir tmp_path options`` on a free port;
+    returns the process, the port and the line it logs once it listens."""
+    import socket as _s
+    with _s.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(["evpl", "http", "serve", app, "--port", str(port),
+                             "--app-dir", str(tmp_path), *options],
+                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    return proc, port, proc.stderr.readline().decode()
+
+
 def test_cli_serves_a_module(tmp_path):
     curl = tool("curl")
     (tmp_path / "myapp.py").write_text(
         "from evpl.http import Response\n"
         "def app(request):\n    return Response(b'cli ok')\n")
-    import socket as _s
-    with _s.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = dict(os.environ)
-    proc = subprocess.Popen(["evpl", "http", "serve", "myapp:app", "--port", str(port),
-                             "--app-dir", str(tmp_path)], stderr=subprocess.PIPE, env=env,
-                            cwd=tempfile.gettempdir())
+    proc, port, line = cli_serve(tmp_path, "myapp:app")
     try:
-        line = proc.stderr.readline().decode()         # "serving ..." once it listens
         assert "serving myapp:app (evpl interface)" in line, line
         r = run([curl, "-sS", f"http://127.0.0.1:{port}/"])
         assert r.stdout == b"cli ok"
@@ -503,16 +508,9 @@ def test_cli_serves_with_shards(tmp_path):
     (tmp_path / "shardapp.py").write_text(
         "import os\nfrom evpl.http import Response\n"
         "def app(request):\n    return Response(str(os.getpid()).encode())\n")
-    import socket as _s
-    with _s.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(["evpl", "http", "serve", "shardapp:app", "--port", str(port),
-                             "--shards", "2", "--app-dir", str(tmp_path)],
-                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    proc, port, line = cli_serve(tmp_path, "shardapp:app", "--shards", "2")
     try:
-        line = proc.stderr.readline().decode()          # shard 0 listens
-        assert "2 shards" in line, line
+        assert "2 shards" in line, line                 # shard 0 listens
         pids = set()
         for _ in range(20):
             r = run([curl, "-sS", f"http://127.0.0.1:{port}/"])
@@ -540,15 +538,8 @@ def test_cli_shards_finish_requests_in_flight_on_sigterm(tmp_path):
         "    await send({'type': 'http.response.start', 'status': 200,\n"
         "                'headers': [(b'content-length', b'4')]})\n"
         "    await send({'type': 'http.response.body', 'body': b'done'})\n")
-    import socket as _s
-    with _s.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(["evpl", "http", "serve", "slowapp:app", "--port", str(port),
-                             "--shards", "2", "--app-dir", str(tmp_path)],
-                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    proc, port, line = cli_serve(tmp_path, "slowapp:app", "--shards", "2")
     try:
-        line = proc.stderr.readline().decode()
         assert "2 shards" in line, line
         client = subprocess.Popen([curl, "-sS", "-m", str(TIMEOUT), f"http://127.0.0.1:{port}/"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
