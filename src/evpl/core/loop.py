@@ -20,7 +20,7 @@ from evpl._native.framing import Framer
 from evpl._native.loop import LoopCore
 from evpl.core import backends as _backends
 from evpl.core.handler import Handler
-from evpl.errors import ConfigError, transport_error
+from evpl.errors import ConfigError, EvplError, transport_error
 
 __all__ = ["Loop", "default_pool"]
 
@@ -152,6 +152,29 @@ def engine_loop(loop: Any, what: str) -> Loop:
         return core
     raise ConfigError(f"{what} runs on an evpl.Loop or evpl's asyncio loop (evpl.aio), "
                       f"not on {type(loop).__name__}")
+
+
+def running_aio_loop(loop: Loop, what: str, instead: str) -> Any:
+    """The running asyncio loop, when it is evpl's and runs ``loop``: what
+    an awaitable of ``loop``'s (``what``, e.g. "Client.acall()") needs to
+    be driven. Otherwise ``EvplError`` saying why, and what to use
+    ``instead`` outside evpl's asyncio loop."""
+    import asyncio
+
+    try:
+        aloop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise EvplError(f"{what} needs a running evpl asyncio loop (evpl.aio.run(main())); "
+                        f"without one use {instead}") from None
+    core = getattr(aloop, "core", None)
+    if core is not loop:
+        raise EvplError(
+            f"{what} needs evpl's asyncio loop running this object's Loop, and the running "
+            f"loop is {type(aloop).__name__}"
+            + ("" if isinstance(core, Loop) else
+               " (plain asyncio/uvloop cannot drive evpl sockets: run the program with "
+               "evpl.aio.run(main()) and make the object on asyncio.get_running_loop())"))
+    return aloop
 
 
 class Loop(LoopCore):

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from evpl.core.handler import Handler
-from evpl.core.loop import Loop, engine_loop
+from evpl.core.loop import Loop, engine_loop, running_aio_loop
 from evpl.errors import ConfigError, ConnectionReset, EvplError, TimeoutError
 from evpl.http import wire
 from evpl.http.wire import HTTPError
@@ -90,17 +90,7 @@ class Pending:
 
     def __await__(self) -> Generator[Any, None, ClientResponse]:
         if not self.done():
-            try:
-                aloop = asyncio.get_running_loop()
-            except RuntimeError:
-                raise EvplError("awaiting a request needs a running evpl asyncio loop "
-                                "(evpl.aio.run(main())); without one use Client.fetch") from None
-            if getattr(aloop, "core", None) is not self._loop:
-                raise EvplError(
-                    f"awaiting a request needs evpl's asyncio loop running the client's Loop, "
-                    f"and the running loop is {type(aloop).__name__} (plain asyncio/uvloop "
-                    f"cannot drive evpl sockets: run the program with evpl.aio.run(main()) and "
-                    f"make the client with Client(asyncio.get_running_loop()))")
+            aloop = running_aio_loop(self._loop, "awaiting a request", "Client.fetch")
             fut: asyncio.Future[None] = aloop.create_future()
 
             def arrived(_: Pending) -> None:
