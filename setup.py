@@ -92,6 +92,7 @@ def ext(name: str) -> Extension:
 # callback paths, the HTTP/1.1 server's plain requests
 PROTOCOL_MODULES = ["evpl.rpc2._fast", "evpl.aio._fast", "evpl.http._fast"]
 PROTOCOL_MODULES += ["evpl.http.h2wire"]   # the HTTP/2 server core (frames, HPACK)
+PROTOCOL_MODULES += ["evpl.drpc._fast"]    # drpc's per-packet common case (slots, sessions)
 
 
 def protocol_ext(dotted: str) -> Extension:

@@ -107,6 +107,7 @@ class Server:
             alloc=message_allocator(loop.pool), packet_alloc=loop.pool.allocate)
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
+        self._endpoint.sendto = self.bind.sendto    # the C path's (it counts SendQueueFull)
         self._expiry = loop.call_every(min(1.0, session_timeout / 4), self._expire)
 
     @property
@@ -207,7 +208,7 @@ class Server:
         the socket's send queue was at its hard limit)."""
         s = self._endpoint.stats()
         s["handler_errors"] = self.handler_errors
-        s["send_queue_full"] = self.send_queue_full
+        s["send_queue_full"] = self.send_queue_full + self._endpoint.send_queue_full
         return s
 
     def sessions(self) -> list[dict[str, Any]]:
