@@ -2,6 +2,11 @@
 
 from typing import Any
 
+class Port:
+    core: Any
+    after: Any
+    def on_datagrams(self, bind: Any, datagrams: list[tuple[Any, Any]]) -> None: ...
+
 class ClientSlot:
     busy: bool
     done: Any

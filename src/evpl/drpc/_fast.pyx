@@ -36,6 +36,7 @@ from cpython.ref cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from evpl._native.buffers cimport Buffer, make_buffer
 
@@ -155,6 +156,33 @@ cdef object body_of(object buf, const char* data, Py_ssize_t n):
         (<Buffer>body).writable = b.writable
         return body
     return buf[HEADER_SIZE:]
+
+
+cdef inline int64_t monotonic_ns() noexcept:
+    """The loop's clock (``Loop.now_ns``: CLOCK_MONOTONIC)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef class Port:
+    """The read-batch callback of a drpc Bind, in C (the base of the
+    client's and the server's Handler): ``on_datagrams`` hands the batch to
+    ``core`` (a ``ClientCore`` or ``ServerCore``) with the time, without a
+    Python frame, then calls ``after()`` if it is set (the client, while it
+    connects)."""
+
+    cdef public object core
+    cdef public object after
+
+    def on_datagrams(self, bind, list datagrams):
+        core = self.core
+        if isinstance(core, ServerCore):
+            (<ServerCore>core)._batch(datagrams, monotonic_ns())
+        elif core is not None:
+            (<ClientCore>core)._batch(datagrams, monotonic_ns())
+        if self.after is not None:
+            self.after()
 
 
 # -- state objects ---------------------------------------------------------------
@@ -420,6 +448,9 @@ cdef class ClientCore:
 
     def receive(self, list batch, int64_t now_ns):
         """Every datagram of one read batch (``(data, addr)`` pairs)."""
+        self._batch(batch, now_ns)
+
+    cdef int _batch(self, list batch, int64_t now_ns) except -1:
         cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
         cdef object item, buf, addr
         cdef Py_buffer view
@@ -445,6 +476,7 @@ cdef class ClientCore:
                 self._receive([item], now_ns)
         if self.starved and self.credits:
             self.pump(now_ns)
+        return 0
 
     cdef bint _take(self, object buf, const char* data, Py_ssize_t length, int64_t now_ns,
                     uint32_t now_us) except -1:
@@ -571,6 +603,9 @@ cdef class ServerCore:
 
     def receive(self, list batch, int64_t now_ns):
         """Every datagram of one read batch."""
+        self._batch(batch, now_ns)
+
+    cdef int _batch(self, list batch, int64_t now_ns) except -1:
         cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
         cdef object item, buf
         cdef Py_buffer view
@@ -592,6 +627,7 @@ cdef class ServerCore:
                     PyBuffer_Release(&view)
             if r == 0:
                 self._receive([item], now_ns)
+        return 0
 
     cdef int _take(self, object buf, object addr, const char* data, Py_ssize_t length,
                    int64_t now_ns) except -1:

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from evpl.core.handler import Handler
+from evpl.drpc._fast import Port
 from evpl.drpc.client import evpl_loop, message_allocator
 from evpl.drpc.session import Request, ServerEndpoint, ServerSession, ServerSlot
 from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE, MAX_REQ_TYPE
@@ -40,15 +41,14 @@ __all__ = ["Request", "Server"]
 _log = logging.getLogger("evpl.drpc")
 
 
-class _Handler(Handler):
+class _Handler(Port, Handler):
+    """Read batches go to the endpoint through ``Port.on_datagrams`` (C)."""
+
     __slots__ = ("server",)
 
     def __init__(self, server: Server) -> None:
         self.server = server
-
-    def on_datagrams(self, bind: Any, datagrams: list[tuple[Any, Any]]) -> None:
-        server = self.server
-        server._endpoint.receive(datagrams, server._now())
+        self.core = server._endpoint
 
     def on_closed(self, bind: Any, error: EvplError | None) -> None:
         self.server._closed(error)
