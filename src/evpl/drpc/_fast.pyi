@@ -117,6 +117,7 @@ class ClientCore:
 class ServerCore:
     out: Any
     sendto: Any
+    packet_alloc: Any
     sessions: dict[int, ServerSession]
     handlers: dict[int, Any]
     packets: int

@@ -40,7 +40,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from evpl._native.buffers cimport Buffer, make_buffer
 
-from evpl.errors import SendQueueFull
+from evpl.errors import EvplError, SendQueueFull
 
 DEF HEADER_SIZE = 28
 DEF MAGIC = 0xD7
@@ -581,12 +581,14 @@ cdef class ServerCore:
     """The state of a server endpoint that the C path uses, and that path;
     ``session.ServerEndpoint`` is the rest (Python).
 
+    ``packet_alloc(n)``: see ``ServerEndpoint``.
     ``sendto(packet, addr)``, if set, sends a packet and may raise
     ``SendQueueFull`` (counted in ``send_queue_full``, the packet dropped
     as the network would drop it); unset, packets go to ``out``."""
 
     cdef public object out
     cdef public object sendto
+    cdef public object packet_alloc
     cdef public dict sessions
     cdef public dict handlers
     cdef public int64_t packets, requests, responses, rfr, send_queue_full
@@ -656,8 +658,7 @@ cdef class ServerCore:
         slot = <ServerSlot>PyList_GET_ITEM(sess.slots, <Py_ssize_t>(h.req_num % <uint64_t>sess.window))
         if h.ptype == RFR:
             if slot.req_num != <int64_t>h.req_num or slot.state != DONE or \
-                    not 0 < h.pkt_num < slot.n_resp or slot.n_resp <= 1 or \
-                    sess.payload >= BIG_PACKET:
+                    not 0 < h.pkt_num < slot.n_resp or slot.n_resp <= 1:
                 return 0
             # the response is a memoryview (session.respond): its memory
             PyObject_GetBuffer(slot.resp, &rview, PyBUF_SIMPLE)
@@ -667,9 +668,27 @@ cdef class ServerCore:
                     slot.resp_size - off
                 if off + size > rview.len:
                     return 0
-                pkt = packet(RESP, slot.req_type, slot.flags, sess.client_session, h.req_num,
-                             <uint32_t>slot.resp_size, h.pkt_num, h.ts,
-                             <const char*>rview.buf + off, size)
+                pkt = None
+                if sess.payload >= BIG_PACKET and self.packet_alloc is not None:
+                    # a large packet in a pool buffer (mapped memory: see
+                    # ServerEndpoint), or bytes if the pool is exhausted
+                    try:
+                        pkt = self.packet_alloc(HEADER_SIZE + size)
+                    except (EvplError, MemoryError):
+                        pkt = None
+                    if type(pkt) is Buffer and (<Buffer>pkt).writable and \
+                            (<Buffer>pkt).length == HEADER_SIZE + size:
+                        put_header(<unsigned char*>(<Buffer>pkt).ptr, RESP, slot.req_type,
+                                   slot.flags, sess.client_session, h.req_num,
+                                   <uint32_t>slot.resp_size, h.pkt_num, h.ts)
+                        memcpy((<Buffer>pkt).ptr + HEADER_SIZE, <const char*>rview.buf + off,
+                               size)
+                    else:
+                        pkt = None
+                if pkt is None:
+                    pkt = packet(RESP, slot.req_type, slot.flags, sess.client_session,
+                                 h.req_num, <uint32_t>slot.resp_size, h.pkt_num, h.ts,
+                                 <const char*>rview.buf + off, size)
             finally:
                 PyBuffer_Release(&rview)
             sess.last_rx = now_ns
