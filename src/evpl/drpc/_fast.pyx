@@ -344,6 +344,7 @@ cdef class ClientCore:
     cdef bint cc_uncongested            # at the link rate: no pacing, samples skipped
     cdef int64_t cc_skipped             # skipped samples not yet added to cc.skipped
     cdef double cc_last_rtt             # the last of them (Timely's prev_rtt), seconds
+    cdef int64_t batch_rtt              # the read batch's last RTT sample (ns), -1: none
 
     @property
     def cc(self):
@@ -364,10 +365,9 @@ cdef class ClientCore:
         return self._cc is None or self.cc_uncongested
 
     def sample_rtt(self, int64_t rtt, int64_t now_ns):
-        """An RTT sample (ns): the session's RTT counters, and Timely's
-        update, skipped while uncongested (eRPC's common case: the skipped
-        samples are counted, and the last one handed to Timely as its
-        previous RTT, when it next updates)."""
+        """An RTT sample (ns), taken while ``receive`` runs: the session's
+        RTT counters, and the sample Timely gets at the end of the batch if
+        it is the batch's last."""
         self._sample(rtt, now_ns)
 
     def cc_flush(self):
@@ -385,6 +385,18 @@ cdef class ClientCore:
         self.rtt_samples += 1
         if rtt < self.min_rtt_ns or not self.min_rtt_ns:
             self.min_rtt_ns = rtt
+        self.batch_rtt = rtt
+        return 0
+
+    cdef int _timely(self, int64_t rtt, int64_t now_ns) except -1:
+        """Timely's sample of one read batch: its last RTT (the answers of a
+        batch are one burst, as Timely's per-segment completions are; an
+        update per packet cost a Python call each and moved the rate no
+        more, since the packets of a batch share one clock reading and
+        Timely scales its steps by the time since the last update). Skipped
+        while uncongested, eRPC's common case: the skipped samples are
+        counted, and the last one handed to Timely as its previous RTT when
+        it next updates."""
         cc = self._cc
         if cc is None:
             return 0
@@ -453,6 +465,7 @@ cdef class ClientCore:
     cdef int _batch(self, list batch, int64_t now_ns) except -1:
         cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
         cdef object item, buf, addr
+        self.batch_rtt = -1
         cdef Py_buffer view
         cdef const char* data
         cdef Py_ssize_t length
@@ -474,6 +487,8 @@ cdef class ClientCore:
                         PyBuffer_Release(&view)
             if not fast:
                 self._receive([item], now_ns)
+        if self.batch_rtt >= 0 and self._cc is not None:
+            self._timely(self.batch_rtt, now_ns)
         if self.starved and self.credits:
             self.pump(now_ns)
         return 0
@@ -536,8 +551,8 @@ cdef class ClientCore:
         cdef int64_t total = slot.n_req + slot.n_resp - 1
         cdef int64_t inflight
         cdef uint32_t ts = <uint32_t>(now_ns // 1000)
-        if not (self._cc is None or self.cc_uncongested):
-            self._push(slot, now_ns)
+        if not (self._cc is None or self.cc_uncongested) or slot.queued:
+            self._push(slot, now_ns)        # paced (or behind its packets in the wheel)
             return 0
         while self.credits and slot.num_tx < total:
             self.credits -= 1

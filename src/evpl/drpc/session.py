@@ -306,12 +306,15 @@ class ClientSession(ClientCore):
             slot.num_tx = i + 1
             self.credits -= 1
             cc = self.cc
-            if cc is None or cc.rate >= cc.link_rate:
+            # unpaced, unless a packet of this slot still waits in the
+            # pacing wheel: then this one is paced behind it, so that the
+            # slot's packets leave (and are answered) in order
+            if (cc is None or cc.rate >= cc.link_rate) and not slot.queued:
                 self.send_now(data)
             else:
                 t = self.next_tx if self.next_tx > now_ns else now_ns
-                self.next_tx = t + int(len(data) * 8e9 / cc.rate)
-                if t <= now_ns:
+                self.next_tx = t + int(len(data) * 8e9 / cc.rate)  # type: ignore[union-attr]
+                if t <= now_ns and not slot.queued:
                     self.send_now(data)
                 else:
                     self.out(data, slot, t)
