@@ -26,7 +26,7 @@ have the whole state machine: this module only takes the packets for which
 those rules come down to the few lines here. docs/drpc.md has the protocol.
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
@@ -225,7 +225,7 @@ cdef class ClientSlot:
             self._held = False
         self._resp_view = None
         if view is not None:
-            PyObject_GetBuffer(view, &self._view, PyBUF_SIMPLE)
+            PyObject_GetBuffer(view, &self._view, PyBUF_SIMPLE | PyBUF_WRITABLE)
             self._held = True
             self._resp_view = view
 
@@ -475,7 +475,8 @@ cdef class ClientCore:
             item = <object>PyList_GET_ITEM(batch, i)
             buf = <object>PyTuple_GET_ITEM(item, 0)
             addr = <object>PyTuple_GET_ITEM(item, 1)
-            fast = self.peer is None or addr is self.peer
+            fast = (self.peer is None or addr is self.peer
+                    or PyObject_RichCompareBool(addr, self.peer, Py_EQ))
             if fast:
                 if plain_bytes(buf, &data, &length):
                     fast = self._take(buf, data, length, now_ns, now_us)
