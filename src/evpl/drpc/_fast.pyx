@@ -336,7 +336,7 @@ cdef class ClientCore:
     cdef public int64_t client_session, server_session, window, credits, credits_total
     cdef public int64_t payload, max_message, busy, max_busy, max_inflight
     cdef public int64_t requests, completed, stale, duplicates, out_of_order, malformed
-    cdef public int64_t bad_session, last_rx, next_tx
+    cdef public int64_t bad_session, last_rx, next_tx, session_timeout_ns
     cdef public int64_t rtt_ns, rtt_sum, rtt_samples, min_rtt_ns
     cdef public bint starved
     cdef object _cc
@@ -416,20 +416,27 @@ cdef class ClientCore:
             self.cc_skipped = 0
         return 0
 
-    def submit(self, int req_type, payload, done, int64_t now_ns):
+    def submit(self, req_type, payload, done, int64_t now_ns):
         """Start a request (or queue it behind the window); ``done(response,
         None)`` or ``done(None, error)`` is called once. Here: a one-packet
         request with a free slot, a credit and no pacing; the rest is
         ``_submit``."""
+        self._start_call(req_type, payload, done, now_ns)
+
+    cdef int _start_call(self, object req_type, object payload, object done,
+                         int64_t now_ns) except -1:
         cdef const char* data
         cdef Py_ssize_t size
         cdef ClientSlot slot
         cdef int64_t inflight
+        cdef int rt
         if not (self.free and self.credits and (self._cc is None or self.cc_uncongested)
-                and self.state == "connected" and 0 <= req_type <= MAX_REQ_TYPE
-                and plain_bytes(payload, &data, &size)
+                and self.state == "connected" and type(req_type) is int
+                and 0 <= req_type <= MAX_REQ_TYPE and plain_bytes(payload, &data, &size)
                 and size <= self.payload and size <= self.max_message):
-            return self._submit(req_type, payload, done, now_ns)
+            self._submit(req_type, payload, done, now_ns)
+            return 0
+        rt = req_type
         self.requests += 1
         slot = <ClientSlot>self.free.pop()
         if self.busy == 0 and now_ns - self.last_rx > 0:
@@ -439,13 +446,12 @@ cdef class ClientCore:
             self.max_busy = self.busy
         slot.busy = True
         slot.req_num += self.window
-        slot.req_type = req_type
+        slot.req_type = rt
         slot.req = payload
         slot.req_size = size
         slot.n_req = 1
         slot.n_resp = 0
-        slot.resp = None
-        slot.resp_view = None
+        slot.resp = None                    # (a free slot has no resp_view)
         slot.num_rx = 0
         slot.num_tx = 1
         slot.progress = now_ns
@@ -454,9 +460,10 @@ cdef class ClientCore:
         inflight = self.credits_total - self.credits
         if inflight > self.max_inflight:
             self.max_inflight = inflight
-        self.send_now(packet(REQ, req_type, 0, <uint32_t>self.server_session,
+        self.send_now(packet(REQ, rt, 0, <uint32_t>self.server_session,
                              <uint64_t>slot.req_num, <uint32_t>size, 0,
                              <uint32_t>(now_ns // 1000), data, size))
+        return 0
 
     def receive(self, list batch, int64_t now_ns):
         """Every datagram of one read batch (``(data, addr)`` pairs)."""
@@ -589,6 +596,32 @@ cdef class ClientCore:
         else:
             done(resp, None)
         return 0
+
+
+cdef class Caller:
+    """``Client.call`` in C for its common case (the Client makes one and
+    puts it in its instance's ``call``): a callback given, a ``bytes`` or
+    ``Buffer`` payload, the RTO ticker running (``ticking``, kept by the
+    Client) and the session not idle past half the server's timeout; the
+    request then goes to ``ClientCore.submit``. Anything else goes to
+    ``slow`` (the Client's Python ``call``, which has it all)."""
+
+    cdef public ClientCore core
+    cdef public object slow
+    cdef public bint ticking
+
+    def __call__(self, req_type, payload=b"", callback=None):
+        cdef ClientCore core = self.core
+        cdef int64_t now
+        if callback is None or not self.ticking or core is None or \
+                (type(payload) is not bytes and type(payload) is not Buffer):
+            return self.slow(req_type, payload, callback)
+        now = monotonic_ns()
+        if core.busy == 0 and core.session_timeout_ns > 0 and \
+                now - core.last_rx >= core.session_timeout_ns // 2:
+            return self.slow(req_type, payload, callback)
+        core._start_call(req_type, payload, callback, now)
+        return None
 
 
 # -- server ----------------------------------------------------------------------

@@ -37,7 +37,7 @@ from evpl._native.wheel import TimingWheel
 from evpl.core.completion import Completion
 from evpl.core.handler import Handler
 from evpl.core.loop import Loop
-from evpl.drpc._fast import Port
+from evpl.drpc._fast import Caller, Port
 from evpl.drpc.cc import Timely
 from evpl.drpc.session import CallTimeout, ClientSession, PeerDead, SessionClosed
 from evpl.drpc.wire import HEADER_SIZE, TS_OFFSET
@@ -208,6 +208,11 @@ class Client:
         self._submit = self.session.submit
         self._handler.core = self.session
         self._handler.after = self._after_batch
+        # ``call``'s common case in C; the rest comes back to the method
+        self._caller = Caller()
+        self._caller.core = self.session
+        self._caller.slow = Client.call.__get__(self, Client)
+        self.call = self._caller  # type: ignore[method-assign]
         self._started = self._now()
         self._connect_wait = max(rto, 0.01)
         self._send(self.session.connect_packet(self._started))
@@ -232,7 +237,11 @@ class Client:
         on failure;
         returns None. Without: returns a :class:`Call`. Calls beyond the
         window wait in order. The payload is kept (for retransmissions) until
-        the call completes; a mutable one is copied first."""
+        the call completes; a mutable one is copied first.
+
+        (Each Client's ``call`` attribute is a ``_fast.Caller``: C for the
+        common case, a callback and a ``bytes``/``Buffer`` payload on a
+        busy or fresh session; everything else comes here.)"""
         if type(payload) is not bytes and type(payload) is not Buffer:
             payload = bytes(payload)
         call = None
@@ -244,6 +253,7 @@ class Client:
         self._submit(req_type, payload, callback, now)
         if self._ticker is None and not self.closed:
             self._ticker = self.loop.call_every(self.rto / 2, self._tick)
+            self._caller.ticking = True
         return call
 
     def wait(self, call: Call, timeout: float | None = None) -> Any:
@@ -378,6 +388,7 @@ class Client:
               and self._ticker is not None):
             self._ticker.cancel()
             self._ticker = None
+            self._caller.ticking = False
 
     def _reconnect(self, now: int) -> None:
         """Idle past half the server's session timeout: connect again."""
@@ -421,6 +432,7 @@ class Client:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+            self._caller.ticking = False
         self.session.fail(error)
 
     def _bind_closed(self, error: EvplError | None) -> None:
