@@ -91,7 +91,9 @@ def ext(name: str) -> Extension:
 # protocol hot paths that are not engine: rpc2's batch loop, evpl.aio's transport and
 # callback paths, the HTTP/1.1 server's plain requests
 PROTOCOL_MODULES = ["evpl.rpc2._fast", "evpl.aio._fast", "evpl.http._fast"]
-PROTOCOL_MODULES += ["evpl.http.h2wire", "evpl.http._asgi"]   # the HTTP/2 server core (frames, HPACK)
+PROTOCOL_MODULES += ["evpl.http.h2wire"]   # the HTTP/2 server core (frames, HPACK)
+PROTOCOL_MODULES += ["evpl.http._asgi"]    # an ASGI call's scope, task, receive and send
+PROTOCOL_MODULES += ["evpl.drpc._fast"]    # drpc's per-packet common case (slots, sessions)
 
 
 def protocol_ext(dotted: str) -> Extension:

@@ -254,7 +254,12 @@ def client(stack: str, load: str, port: int, depth: int, warmup: float, duration
         loop.run_until(lambda: finished, timeout=warmup + duration + 30)
         if finished[0] is not None:
             raise SystemExit(finished[0])
-        return meter.result()
+        out = meter.result()
+        if stack.startswith("drpc"):
+            st = c.stats()          # what the wall clock alone does not say
+            out["retransmits"] = st["retransmits"]
+            out["rate_gbps"] = st["rate_bps"] / 1e9
+        return out
     if stack in ("asyncio-udp", "uvloop-udp"):
         if stack == "uvloop-udp":
             import uvloop
@@ -419,7 +424,9 @@ def _short(out: dict[str, Any]) -> str:
     if "error" in out:
         return "error: " + out["error"]
     return (f"{out['calls_per_s']:,.0f} calls/s  {out['gbit_per_s']:.2f} Gbit/s  "
-            f"p50 {out['p50_us']:.0f} us  p99 {out['p99_us']:.0f} us")
+            f"p50 {out['p50_us']:.0f} us  p99 {out['p99_us']:.0f} us" +
+            (f"  retransmits {out['retransmits']}  rate {out['rate_gbps']:.1f} Gbit/s"
+             if "retransmits" in out else ""))
 
 
 def _ratios(med: dict[str, float], stack: str, higher: bool) -> Callable[[str], str]:

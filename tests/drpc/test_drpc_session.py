@@ -13,6 +13,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evpl.drpc.cc import Timely
 from evpl.drpc.session import ClientSession, ServerEndpoint
 
 PEER = ("10.0.0.1", 1)
@@ -20,7 +21,8 @@ RTO = 5_000_000
 
 
 def exchange(seed: int, loss: float, dup: float, late: float, sizes: list[int],
-             window: int, credits: int) -> tuple[dict[int, bytes], Counter[int], ClientSession]:
+             window: int, credits: int, handler: bool = False
+             ) -> tuple[dict[int, bytes], Counter[int], ClientSession]:
     rnd = random.Random(seed)
     wire: list[tuple[str, bytes]] = []        # packets in the network, in order
     held: list[tuple[str, bytes]] = []        # delivered after the next round
@@ -43,6 +45,15 @@ def exchange(seed: int, loss: float, dup: float, late: float, sizes: list[int],
     client = ClientSession(to_server, paced, client_session=7, window=window, credits=credits,
                            max_datagram=28 + 100, rto_ns=RTO, peer_timeout_ns=10**15)
     server = ServerEndpoint(to_client, dispatch, lambda req, exc: None, max_datagram=28 + 100)
+    if handler:
+        # a dispatch handler the core runs itself (its C path for one-packet
+        # requests), answering at once
+        def serve(req: object) -> bytes:
+            body = bytes(req.body)                # type: ignore[attr-defined]
+            runs[int.from_bytes(body[:4], "big")] += 1
+            return body[::-1]
+
+        server.handlers[1] = serve
     now = 1
     wire.append(("s", client.connect_packet(now)))
     got: dict[int, bytes] = {}
@@ -82,10 +93,10 @@ def exchange(seed: int, loss: float, dup: float, late: float, sizes: list[int],
 @given(seed=st.integers(0, 2**32), loss=st.sampled_from([0.0, 0.1, 0.3]),
        dup=st.sampled_from([0.0, 0.2]), late=st.sampled_from([0.0, 0.2]),
        sizes=st.lists(st.integers(0, 600), min_size=1, max_size=12),
-       window=st.integers(1, 4), credits=st.integers(1, 6))
+       window=st.integers(1, 4), credits=st.integers(1, 6), handler=st.booleans())
 def test_every_call_completes_once_whatever_the_network_does(seed, loss, dup, late, sizes,
-                                                             window, credits) -> None:
-    got, runs, client = exchange(seed, loss, dup, late, sizes, window, credits)
+                                                             window, credits, handler) -> None:
+    got, runs, client = exchange(seed, loss, dup, late, sizes, window, credits, handler)
     assert sorted(got) == list(range(len(sizes)))
     for i, resp in got.items():
         assert resp[-4:] == i.to_bytes(4, "big")[::-1] and len(resp) == sizes[i] + 4
@@ -136,3 +147,58 @@ def test_malformed_response_packets_are_dropped() -> None:
     step()                                     # the RFR for packet 2
     client.receive([(p, PEER) for p in to_client], 1)
     assert got == [bytes(range(250))]
+
+
+def test_a_slots_packets_leave_in_order_behind_paced_ones() -> None:
+    """While a slot has packets in the pacing wheel, its next packets go
+    behind them even once the session is uncongested again: one sent at
+    once would overtake them, and its answer, out of order, would be
+    dropped and cost a retransmission timeout."""
+    sent: list[bytes] = []
+    wheel: list[tuple[bytes, int]] = []
+    to_client: list[bytes] = []
+
+    def pace(data: object, tag: object, when: int) -> None:
+        wheel.append((bytes(data), when))     # type: ignore[arg-type]
+        tag.queued += 1                       # type: ignore[attr-defined]
+
+    cc = Timely(10e9, t_low=50e-6, t_high=1e-3, min_rtt=10e-6, min_rate=1e6)
+    client = ClientSession(lambda d: sent.append(bytes(d)), pace, client_session=7, window=1,
+                           credits=2, max_datagram=28 + 100, rto_ns=RTO, peer_timeout_ns=10**15,
+                           cc=cc)
+    server = ServerEndpoint(lambda d, a: to_client.append(bytes(d)),
+                            lambda *a: None, lambda req, exc: None, max_datagram=28 + 100)
+    server.handlers[1] = lambda req: bytes(1000)          # 14 packets
+
+    def to_server(now: int) -> None:
+        server.receive([(p, PEER) for p in sent], now)
+        sent.clear()
+
+    sent.append(client.connect_packet(1))
+    to_server(1)
+    client.receive([(p, PEER) for p in to_client], 1)
+    to_client.clear()
+    client.submit(1, b"q", lambda r, e: None, 1_000)
+    to_server(1_000)
+    # response packet 0 after 5 ms: it lets the client pull packets 1 and 2
+    # (at once), and its RTT, above t_high, drops the rate after the batch
+    client.receive([(to_client.pop(0), PEER)], 6_000_000)
+    assert not client.uncongested and len(sent) == 2 and not wheel
+    to_server(6_000_000)
+    # packet 1's answer: the RFR for packet 3 leaves now and sets the pace;
+    # packet 2's answer right after it: the RFR for packet 4 is paced
+    client.receive([(to_client.pop(0), PEER)], 6_000_010)
+    assert len(sent) == 1 and not wheel
+    client.receive([(to_client.pop(0), PEER)], 6_000_011)
+    slot = client.slots[0]
+    assert len(sent) == 1 and len(wheel) == 1 and slot.queued == 1
+    # packet 3's answer, with the session at the link rate again: the RFR
+    # for packet 5 must still queue behind the one in the wheel
+    to_server(6_000_012)
+    cc.rate = cc.link_rate
+    client.cc = cc
+    client.receive([(to_client.pop(0), PEER)], 6_000_020)
+    assert client.uncongested
+    assert not sent and len(wheel) == 2 and slot.queued == 2
+    nums = [int.from_bytes(p[20:24], "big") for p, _ in wheel]
+    assert nums == [4, 5] and wheel[0][1] <= wheel[1][1]

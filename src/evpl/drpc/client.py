@@ -37,6 +37,7 @@ from evpl._native.wheel import TimingWheel
 from evpl.core.completion import Completion
 from evpl.core.handler import Handler
 from evpl.core.loop import Loop
+from evpl.drpc._fast import Caller, Port
 from evpl.drpc.cc import Timely
 from evpl.drpc.session import CallTimeout, ClientSession, PeerDead, SessionClosed
 from evpl.drpc.wire import HEADER_SIZE, TS_OFFSET
@@ -120,17 +121,14 @@ def loop_wheel(loop: Any) -> TimingWheel:
     return wheel
 
 
-class _Handler(Handler):
+class _Handler(Port, Handler):
+    """Read batches go to the session through ``Port.on_datagrams`` (C);
+    while connecting, ``after`` is the client's ``_after_batch``."""
+
     __slots__ = ("client",)
 
     def __init__(self, client: Client) -> None:
         self.client = client
-
-    def on_datagrams(self, bind: Any, datagrams: list[tuple[Any, Any]]) -> None:
-        client = self.client
-        client.session.receive(datagrams, client._now())
-        if client._connecting and client.session.state != "connecting":
-            client._connect_done()
 
     def on_closed(self, bind: Any, error: EvplError | None) -> None:
         self.client._bind_closed(error)
@@ -187,8 +185,9 @@ class Client:
         # them and the session waits for its retransmission timeout
         options.setdefault("rcvbuf", min(max(256 << 10, 2 * credits * (max_datagram + 1024)),
                                          16 << 20))
+        self._handler = _Handler(self)
         if local_address is None:
-            self.bind = loop.connect(backend, address, _Handler(self),
+            self.bind = loop.connect(backend, address, self._handler,
                                      max_datagram=max_datagram, **options)
             self._send = self.bind.send
             peer = None
@@ -197,7 +196,7 @@ class Client:
             # sendto, and the session drops what comes from anywhere but the
             # server
             peer = _numeric(address)
-            self.bind = loop.bind(backend, local_address, _Handler(self),
+            self.bind = loop.bind(backend, local_address, self._handler,
                                   max_datagram=max_datagram, **options)
             sendto = self.bind.sendto
             self._send = lambda data: sendto(data, peer)
@@ -207,6 +206,13 @@ class Client:
             rto_ns=int(rto * 1e9), peer_timeout_ns=int(peer_timeout * 1e9), cc=timely_cc,
             alloc=message_allocator(loop.pool))
         self._submit = self.session.submit
+        self._handler.core = self.session
+        self._handler.after = self._after_batch
+        # ``call``'s common case in C; the rest comes back to the method
+        self._caller = Caller()
+        self._caller.core = self.session
+        self._caller.slow = Client.call.__get__(self, Client)
+        self.call = self._caller  # type: ignore[method-assign]
         self._started = self._now()
         self._connect_wait = max(rto, 0.01)
         self._send(self.session.connect_packet(self._started))
@@ -231,7 +237,11 @@ class Client:
         on failure;
         returns None. Without: returns a :class:`Call`. Calls beyond the
         window wait in order. The payload is kept (for retransmissions) until
-        the call completes; a mutable one is copied first."""
+        the call completes; a mutable one is copied first.
+
+        (Each Client's ``call`` attribute is a ``_fast.Caller``: C for the
+        common case, a callback and a ``bytes``/``Buffer`` payload on a
+        busy or fresh session; everything else comes here.)"""
         if type(payload) is not bytes and type(payload) is not Buffer:
             payload = bytes(payload)
         call = None
@@ -243,6 +253,7 @@ class Client:
         self._submit(req_type, payload, callback, now)
         if self._ticker is None and not self.closed:
             self._ticker = self.loop.call_every(self.rto / 2, self._tick)
+            self._caller.ticking = True
         return call
 
     def wait(self, call: Call, timeout: float | None = None) -> Any:
@@ -377,11 +388,13 @@ class Client:
               and self._ticker is not None):
             self._ticker.cancel()
             self._ticker = None
+            self._caller.ticking = False
 
     def _reconnect(self, now: int) -> None:
         """Idle past half the server's session timeout: connect again."""
         self.session.reconnect()
         self._connecting = True
+        self._handler.after = self._after_batch
         self._started = now
         self._connect_wait = max(self.rto, 0.01)
         self._send(self.session.connect_packet(now))
@@ -399,8 +412,14 @@ class Client:
         self._connect_wait = min(self._connect_wait * 2, 0.25)
         self._connect_timer = self.loop.call_later(self._connect_wait, self._retry_connect)
 
+    def _after_batch(self) -> None:
+        """After a read batch while connecting: the answer may have come."""
+        if self._connecting and self.session.state != "connecting":
+            self._connect_done()
+
     def _connect_done(self) -> None:
         self._connecting = False
+        self._handler.after = None
         self._connect_timer.cancel()
         if self.session.state == "closed":
             self._stop(self.session.error or SessionClosed("the session failed"))
@@ -408,10 +427,12 @@ class Client:
     def _stop(self, error: BaseException) -> None:
         self.closed = True
         self._connecting = False
+        self._handler.after = None
         self._connect_timer.cancel()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+            self._caller.ticking = False
         self.session.fail(error)
 
     def _bind_closed(self, error: EvplError | None) -> None:

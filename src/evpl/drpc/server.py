@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from evpl.core.handler import Handler
+from evpl.drpc._fast import Port
 from evpl.drpc.client import evpl_loop, message_allocator
 from evpl.drpc.session import Request, ServerEndpoint, ServerSession, ServerSlot
 from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE, MAX_REQ_TYPE
@@ -40,15 +41,14 @@ __all__ = ["Request", "Server"]
 _log = logging.getLogger("evpl.drpc")
 
 
-class _Handler(Handler):
+class _Handler(Port, Handler):
+    """Read batches go to the endpoint through ``Port.on_datagrams`` (C)."""
+
     __slots__ = ("server",)
 
     def __init__(self, server: Server) -> None:
         self.server = server
-
-    def on_datagrams(self, bind: Any, datagrams: list[tuple[Any, Any]]) -> None:
-        server = self.server
-        server._endpoint.receive(datagrams, server._now())
+        self.core = server._endpoint
 
     def on_closed(self, bind: Any, error: EvplError | None) -> None:
         self.server._closed(error)
@@ -107,6 +107,7 @@ class Server:
             alloc=message_allocator(loop.pool), packet_alloc=loop.pool.allocate)
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
+        self._endpoint.sendto = self.bind.sendto    # the C path's (it counts SendQueueFull)
         self._expiry = loop.call_every(min(1.0, session_timeout / 4), self._expire)
 
     @property
@@ -207,7 +208,7 @@ class Server:
         the socket's send queue was at its hard limit)."""
         s = self._endpoint.stats()
         s["handler_errors"] = self.handler_errors
-        s["send_queue_full"] = self.send_queue_full
+        s["send_queue_full"] = self.send_queue_full + self._endpoint.send_queue_full
         return s
 
     def sessions(self) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from evpl.drpc._fast import ClientCore, ClientSlot, Request, ServerCore, ServerSession, ServerSlot
 from evpl.drpc.cc import Timely
 from evpl.drpc.wire import (
     FLAG_ERROR,
@@ -57,12 +58,14 @@ from evpl.errors import EvplError, ProtocolError
 
 __all__ = [
     "ClientSession",
+    "ClientSlot",
     "DrpcError",
     "PeerDead",
     "RemoteError",
     "Request",
     "ServerEndpoint",
     "ServerSession",
+    "ServerSlot",
     "SessionClosed",
     "SessionRejected",
 ]
@@ -116,37 +119,9 @@ class CallTimeout(DrpcError, TimeoutError):
 Done = Callable[[Any, BaseException | None], Any]
 
 
-class ClientSlot:
-    """One request slot of a client session: the request in it and how far
-    its exchange got."""
-
-    __slots__ = ("busy", "done", "index", "n_req", "n_resp", "num_rx", "num_tx", "progress",
-                 "queued", "req", "req_num", "req_size", "req_type", "resp", "resp_flags",
-                 "resp_size", "resp_view", "retransmits")
-
-    def __init__(self, index: int, window: int) -> None:
-        self.index = index
-        self.req_num = index - window       # the first request gets ``index``
-        self.busy = False
-        self.done: Done | None = None
-        self.req: Any = b""
-        self.req_type = 0
-        self.req_size = 0
-        self.n_req = 1
-        self.n_resp = 0                     # 0 until the first response packet
-        self.resp: Any = None
-        self.resp_view: memoryview | None = None    # of a multi-packet ``resp``
-        self.resp_size = 0
-        self.resp_flags = 0
-        self.num_tx = 0                     # packets sent: request packets, then RFRs
-        self.num_rx = 0                     # their answers received, in order
-        self.progress = 0                   # ns of the last progress (for the RTO)
-        self.queued = 0                     # packets of it in the pacing wheel
-        self.retransmits = 0
-
-
-class ClientSession:
-    """The client end of one session.
+class ClientSession(ClientCore):
+    """The client end of one session (the common case of ``submit`` and
+    ``receive`` is in ``ClientCore``, in C; this is everything else).
 
     ``send_now(packet)`` sends a packet; ``out(packet, tag, when_ns)`` paces
     one to leave at ``when_ns`` (``tag`` is the request slot, whose
@@ -258,9 +233,8 @@ class ClientSession:
 
     # -- calls --
 
-    def submit(self, req_type: int, payload: Any, done: Done, now_ns: int) -> None:
-        """Start a request (or queue it behind the window); ``done(response,
-        None)`` or ``done(None, error)`` is called once."""
+    def _submit(self, req_type: int, payload: Any, done: Done, now_ns: int) -> None:
+        """``submit`` (``ClientCore``) for what its C path does not take."""
         if self.state == "closed":
             done(None, self.error or SessionClosed("the drpc session is closed"))
             return
@@ -274,33 +248,7 @@ class ClientSession:
         if not free:
             self.backlog.append((req_type, payload, done))
             return
-        cc = self.cc
-        if size > self.payload or not self.credits or self.busy == 0 or \
-                (cc is not None and cc.rate < cc.link_rate):
-            self._start(free.pop(), req_type, payload, done, now_ns)
-            return
-        # the common case, inline: a one-packet request, a credit, no pacing
-        slot = free.pop()
-        self.busy = busy = self.busy + 1
-        if busy > self.max_busy:
-            self.max_busy = busy
-        slot.busy = True
-        slot.req_num = req_num = slot.req_num + self.window
-        slot.req_type = req_type
-        slot.req = payload
-        slot.req_size = size
-        slot.n_req = 1
-        slot.n_resp = 0
-        slot.num_rx = 0
-        slot.num_tx = 1
-        slot.progress = now_ns
-        slot.done = done
-        self.credits -= 1
-        self.send_now(_pack(MAGIC, REQ, req_type, 0, self.server_session, req_num, size, 0,
-                            (now_ns // 1000) & U32) + payload)
-        inflight = self.credits_total - self.credits
-        if inflight > self.max_inflight:
-            self.max_inflight = inflight
+        self._start(free.pop(), req_type, payload, done, now_ns)
 
     def withdraw(self, done: Done) -> bool:
         """Drop the call ``done`` belongs to if it still waits in the backlog
@@ -358,12 +306,15 @@ class ClientSession:
             slot.num_tx = i + 1
             self.credits -= 1
             cc = self.cc
-            if cc is None or cc.rate >= cc.link_rate:
+            # unpaced, unless a packet of this slot still waits in the
+            # pacing wheel: then this one is paced behind it, so that the
+            # slot's packets leave (and are answered) in order
+            if (cc is None or cc.rate >= cc.link_rate) and not slot.queued:
                 self.send_now(data)
             else:
                 t = self.next_tx if self.next_tx > now_ns else now_ns
-                self.next_tx = t + int(len(data) * 8e9 / cc.rate)
-                if t <= now_ns:
+                self.next_tx = t + int(len(data) * 8e9 / cc.rate)  # type: ignore[union-attr]
+                if t <= now_ns and not slot.queued:
                     self.send_now(data)
                 else:
                     self.out(data, slot, t)
@@ -386,8 +337,9 @@ class ClientSession:
 
     # -- receiving --
 
-    def receive(self, batch: list[tuple[Any, Any]], now_ns: int) -> None:
-        """Every datagram of one read batch (``(data, addr)`` pairs)."""
+    def _receive(self, batch: list[tuple[Any, Any]], now_ns: int) -> None:
+        """``receive`` (``ClientCore``) for the datagrams its C path does not
+        take: every packet type and every check."""
         slots = self.slots
         window = self.window
         now_us = (now_ns // 1000) & U32
@@ -428,26 +380,8 @@ class ClientSession:
                     else:
                         self.out_of_order += 1
                     continue
-                if ptype == RESP:
-                    if pkt_num == 0 and msg_size <= self.payload and \
-                            len(buf) - HEADER_SIZE == msg_size:
-                        slot.n_resp = 1                 # the common case: one packet
-                        slot.resp_size = msg_size
-                        slot.resp_flags = flags
-                        slot.resp = buf[HEADER_SIZE:]   # zero copy: a slice of the packet
-                    elif pkt_num and slot.n_resp > 1:
-                        # the next packet of a multi-packet response, inline
-                        payload = self.payload
-                        off = pkt_num * payload
-                        length = len(buf) - HEADER_SIZE
-                        if msg_size != slot.resp_size or pkt_num >= slot.n_resp or \
-                                (flags ^ slot.resp_flags) & FLAG_ERROR or length != (
-                                    payload if off + payload <= msg_size else msg_size - off):
-                            self.malformed += 1
-                            continue
-                        slot.resp_view[off:off + length] = buf[HEADER_SIZE:]
-                    elif self._response(slot, flags, msg_size, pkt_num, buf):
-                        continue
+                if ptype == RESP and self._response(slot, flags, msg_size, pkt_num, buf):
+                    continue
                 self.last_rx = now_ns
                 # an answer: its credit comes back, the RTT is sampled
                 if j < slot.num_tx:
@@ -457,22 +391,9 @@ class ClientSession:
                 slot.num_rx = j + 1
                 slot.progress = now_ns
                 if not flags & FLAG_NO_RTT:
-                    rtt = ((now_us - ts) & U32) * 1000
-                    self.rtt_ns = rtt
-                    self.rtt_sum += rtt
-                    self.rtt_samples += 1
-                    if rtt < self.min_rtt_ns or not self.min_rtt_ns:
-                        self.min_rtt_ns = rtt
-                    cc = self.cc
-                    if cc is not None:
-                        # Timely.sample, inline: skipped while uncongested (eRPC)
-                        if rtt < cc.t_low * 1e9 and cc.rate >= cc.link_rate:
-                            cc.skipped += 1
-                            cc.prev_rtt = rtt * 1e-9
-                        else:
-                            cc.update(rtt * 1e-9, now_ns * 1e-9)
+                    self.sample_rtt(((now_us - ts) & U32) * 1000, now_ns)
                 if slot.n_resp and slot.num_rx == slot.n_req + slot.n_resp - 1:
-                    self._complete(slot, now_ns)
+                    self.complete(slot, now_ns)
                 elif self.credits:
                     self._push(slot, now_ns)
             elif ptype == CONNECT_OK:
@@ -540,26 +461,11 @@ class ClientSession:
         memoryview(slot.resp)[off:off + length] = memoryview(buf)[HEADER_SIZE:]
         return False
 
-    def _complete(self, slot: ClientSlot, now_ns: int) -> None:
-        done = slot.done
-        resp = slot.resp
-        flags = slot.resp_flags
-        slot.busy = False
-        slot.done = None
-        slot.req = b""
-        slot.resp = None
-        slot.resp_view = None
-        self.busy -= 1
-        self.completed += 1
-        if self.backlog:
-            req_type, payload, nxt = self.backlog.popleft()
-            self._start(slot, req_type, payload, nxt, now_ns)
-        else:
-            self.free.append(slot)
-        if flags & FLAG_ERROR:
-            done(None, RemoteError(bytes(resp).decode("utf-8", "replace")))
-        else:
-            done(resp, None)
+    @staticmethod
+    def _remote_error(resp: Any) -> RemoteError:
+        """The error of a response flagged ERROR (``complete`` raises it in
+        the call)."""
+        return RemoteError(bytes(resp).decode("utf-8", "replace"))
 
     # -- time --
 
@@ -646,6 +552,7 @@ class ClientSession:
             "max_message": self.max_message,
         }
         if self.cc is not None:
+            self.cc_flush()
             s["rate_bps"] = self.cc.rate
             s["timely"] = self.cc.stats()
         return s
@@ -663,98 +570,9 @@ FREE, RECEIVING, RUNNING, DONE = 0, 1, 2, 3
 BIG_PACKET = 16384
 
 
-class ServerSlot:
-    """One request slot of a server session: the request being received or
-    run, or the last response (kept to answer a retransmission)."""
-
-    __slots__ = ("asm", "flags", "index", "n_req", "n_resp", "num_rx", "req_num", "req_size",
-                 "req_type", "resp", "resp_size", "state", "ts")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.req_num = -1
-        self.state = FREE
-        self.req_type = 0
-        self.req_size = 0
-        self.n_req = 0
-        self.num_rx = 0
-        self.asm: Any = None
-        self.resp: Any = None
-        self.resp_size = 0
-        self.n_resp = 0
-        self.flags = 0
-        self.ts = 0
-
-
-class ServerSession:
-    """The server end of one session."""
-
-    __slots__ = (
-        "client_session",
-        "closed",
-        "credits",
-        "last_rx",
-        "max_datagram",
-        "max_message",
-        "nonce",
-        "number",
-        "payload",
-        "peer",
-        "requests",
-        "slots",
-        "window",
-    )
-
-    def __init__(self, number: int, peer: Any, nonce: int, client_session: int, window: int,
-                 credits: int, max_message: int, max_datagram: int, now_ns: int) -> None:
-        self.number = number
-        self.peer = peer
-        self.nonce = nonce
-        self.client_session = client_session
-        self.window = window
-        self.credits = credits
-        self.max_message = max_message
-        self.max_datagram = max_datagram
-        self.payload = max_datagram - HEADER_SIZE
-        self.slots = [ServerSlot(i) for i in range(window)]
-        self.last_rx = now_ns
-        self.requests = 0
-        self.closed = False
-
-
-class Request:
-    """One request being served: ``req_type``, ``body`` (an ``evpl.Buffer``
-    slicing the packet for a one-packet request, the assembled message
-    otherwise), ``peer`` (the client's address); ``respond(data)`` answers
-    it once."""
-
-    __slots__ = ("_endpoint", "_sess", "_slot", "body", "req_num", "req_type")
-
-    def __init__(self, endpoint: ServerEndpoint, sess: ServerSession, slot: ServerSlot,
-                 req_type: int, req_num: int, body: Any) -> None:
-        self._endpoint = endpoint
-        self._sess = sess
-        self._slot = slot
-        self.req_type = req_type
-        self.req_num = req_num
-        self.body = body
-
-    @property
-    def peer(self) -> Any:
-        return self._sess.peer
-
-    def respond(self, data: Any) -> bool:
-        """Send the response (bytes-like). Returns False if the session is
-        gone (the client disconnected or was expired) or it was answered
-        already; the response is then dropped."""
-        return self._endpoint.respond(self._sess, self._slot, self.req_num, data)
-
-    def __repr__(self) -> str:
-        return f"<drpc.Request type={self.req_type} num={self.req_num} {len(self.body)} B>"
-
-
-class ServerEndpoint:
-    """The server end of every session of one socket.
+class ServerEndpoint(ServerCore):
+    """The server end of every session of one socket (the common case of
+    ``receive`` is in ``ServerCore``, in C; this is everything else).
 
     ``out(packet, addr)`` sends a datagram. ``handlers`` maps request types
     to the handlers the core runs itself (``handler(Request)`` returns the
@@ -796,7 +614,7 @@ class ServerEndpoint:
         self.by_client: dict[tuple[Any, int], ServerSession] = {}
         self.closing = False
         self.c = dict.fromkeys(
-            ("packets", "requests", "responses", "truncated", "bad_magic", "bad_type",
+            ("requests", "responses", "truncated", "bad_magic", "bad_type",
              "bad_session", "malformed", "out_of_window", "stale", "out_of_order", "duplicates",
              "retransmitted_responses", "in_progress", "credit_returns", "rfr",
              "sessions_opened", "sessions_closed", "sessions_expired", "sessions_rejected",
@@ -804,10 +622,10 @@ class ServerEndpoint:
 
     # -- packets --
 
-    def receive(self, batch: list[tuple[Any, Any]], now_ns: int) -> None:
-        """Every datagram of one read batch."""
+    def _receive(self, batch: list[tuple[Any, Any]], now_ns: int) -> None:
+        """``receive`` (``ServerCore``) for the datagrams its C path does not
+        take: every packet type and every check."""
         c = self.c
-        c["packets"] += len(batch)
         sessions = self.sessions
         out = self.out
         for buf, addr in batch:
@@ -1131,7 +949,10 @@ class ServerEndpoint:
         of packet dropped (``truncated``, ``bad_magic``, ``bad_type``,
         ``bad_session``, ``malformed``, ``out_of_window``, ``stale``,
         ``out_of_order``, ``duplicates``)."""
-        s = dict(self.c)
+        s = {"packets": self.packets, **self.c}
+        s["requests"] += self.requests          # (and the C path's counts)
+        s["responses"] += self.responses
+        s["rfr"] += self.rfr
         s["sessions"] = len(self.sessions)
         s["assembling_bytes"] = self.assembling
         return s

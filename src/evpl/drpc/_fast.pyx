@@ -1,0 +1,795 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""drpc's per-packet common case, in C (sans-I/O, as ``session.py``).
+
+A small call costs each end a few packets, and per packet the Python
+version spent more on bytecode than on anything else: the header unpacked
+into nine ints, a dozen attribute loads and stores on the slot, the header
+packed again, a Request built by a Python ``__init__`` (callgrind, two ends
+in one process: ~43,500 instructions a call, 90% of it the interpreter).
+
+Here are the state objects the protocol cores share (slots, server
+sessions, ``Request``) as C structs with Python attributes, and the base
+classes of ``session.ClientSession`` and ``session.ServerEndpoint`` with the
+paths nearly every packet takes:
+
+* the client starts a one-packet request with a credit free and no pacing
+  (``ClientCore.submit``), and takes the one-packet response that answers
+  it, or the next packet of a multi-packet response and asks for the one
+  after (``ClientCore.receive``);
+* the server runs a new one-packet request through its dispatch handler
+  and answers it in one packet, and answers a request-for-response from the
+  response it keeps (``ServerCore.receive``).
+
+Every other packet, and every condition these paths do not check for, goes
+to the Python methods of ``session.py`` (``_submit``, ``_receive``), which
+have the whole state machine: this module only takes the packets for which
+those rules come down to the few lines here. docs/drpc.md has the protocol.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject_RichCompareBool, Py_EQ
+from cpython.ref cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from evpl._native.buffers cimport Buffer, make_buffer
+
+from evpl.errors import EvplError, SendQueueFull
+
+DEF HEADER_SIZE = 28
+DEF MAGIC = 0xD7
+DEF REQ = 1
+DEF RESP = 2
+DEF RFR = 3
+DEF FLAG_ERROR = 0x01
+DEF FLAG_NO_RTT = 0x02
+DEF MAX_REQ_TYPE = 255
+
+# server slot states (session.py names them)
+DEF FREE = 0
+DEF RECEIVING = 1
+DEF RUNNING = 2
+DEF DONE = 3
+DEF BIG_PACKET = 16384            # session.BIG_PACKET: such packets are built in pool buffers
+
+cdef int64_t INT64_MAX = 0x7FFFFFFFFFFFFFFF
+
+
+# -- the header ------------------------------------------------------------------
+
+cdef struct Header:
+    int ptype
+    int req_type
+    int flags
+    uint32_t session
+    uint64_t req_num
+    uint32_t msg_size
+    uint32_t pkt_num
+    uint32_t ts
+
+
+cdef inline uint32_t be32(const unsigned char* p) noexcept:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline void put32(unsigned char* p, uint32_t v) noexcept:
+    p[0] = <unsigned char>(v >> 24)
+    p[1] = <unsigned char>(v >> 16)
+    p[2] = <unsigned char>(v >> 8)
+    p[3] = <unsigned char>v
+
+
+cdef inline bint parse(const unsigned char* p, Py_ssize_t n, Header* h) noexcept:
+    """Read a header; False if the packet is too short or has the wrong magic
+    (the Python path counts those)."""
+    if n < HEADER_SIZE or p[0] != MAGIC:
+        return False
+    h.ptype = p[1]
+    h.req_type = p[2]
+    h.flags = p[3]
+    h.session = be32(p + 4)
+    h.req_num = (<uint64_t>be32(p + 8) << 32) | be32(p + 12)
+    h.msg_size = be32(p + 16)
+    h.pkt_num = be32(p + 20)
+    h.ts = be32(p + 24)
+    return True
+
+
+cdef inline void put_header(unsigned char* p, int ptype, int req_type, int flags,
+                            uint32_t session, uint64_t req_num, uint32_t msg_size,
+                            uint32_t pkt_num, uint32_t ts) noexcept:
+    p[0] = MAGIC
+    p[1] = <unsigned char>ptype
+    p[2] = <unsigned char>req_type
+    p[3] = <unsigned char>flags
+    put32(p + 4, session)
+    put32(p + 8, <uint32_t>(req_num >> 32))
+    put32(p + 12, <uint32_t>req_num)
+    put32(p + 16, msg_size)
+    put32(p + 20, pkt_num)
+    put32(p + 24, ts)
+
+
+cdef object packet(int ptype, int req_type, int flags, uint32_t session, uint64_t req_num,
+                   uint32_t msg_size, uint32_t pkt_num, uint32_t ts, const char* data,
+                   Py_ssize_t n):
+    """A packet as a new ``bytes``: the header, then ``n`` bytes of ``data``."""
+    cdef object pkt = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + n)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(pkt)
+    put_header(p, ptype, req_type, flags, session, req_num, msg_size, pkt_num, ts)
+    if n:
+        memcpy(p + HEADER_SIZE, data, n)
+    return pkt
+
+
+cdef inline bint plain_bytes(object obj, const char** data, Py_ssize_t* n) noexcept:
+    """The memory of a ``bytes``, ``bytearray`` or evpl ``Buffer`` (False for
+    anything else: the caller takes the general path)."""
+    if type(obj) is bytes:
+        data[0] = PyBytes_AS_STRING(obj)
+        n[0] = PyBytes_GET_SIZE(obj)
+        return True
+    if type(obj) is Buffer:
+        data[0] = (<Buffer>obj).ptr
+        n[0] = (<Buffer>obj).length
+        return True
+    if type(obj) is bytearray:
+        data[0] = PyByteArray_AS_STRING(obj)
+        n[0] = PyByteArray_GET_SIZE(obj)
+        return True
+    return False
+
+
+cdef object body_of(object buf, const char* data, Py_ssize_t n):
+    """The payload of a received packet, ``buf[HEADER_SIZE:]``: for an evpl
+    Buffer a Buffer on the same memory (no copy), as its slicing gives."""
+    cdef Buffer b
+    if type(buf) is Buffer:
+        b = <Buffer>buf
+        body = make_buffer(b.pool, b.chunk, b.ptr + HEADER_SIZE, n - HEADER_SIZE)
+        (<Buffer>body).writable = b.writable
+        return body
+    return buf[HEADER_SIZE:]
+
+
+cdef inline int64_t monotonic_ns() noexcept:
+    """The loop's clock (``Loop.now_ns``: CLOCK_MONOTONIC)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef class Port:
+    """The read-batch callback of a drpc Bind, in C (the base of the
+    client's and the server's Handler): ``on_datagrams`` hands the batch to
+    ``core`` (a ``ClientCore`` or ``ServerCore``) with the time, without a
+    Python frame, then calls ``after()`` if it is set (the client, while it
+    connects)."""
+
+    cdef public object core
+    cdef public object after
+
+    def on_datagrams(self, bind, list datagrams):
+        core = self.core
+        if isinstance(core, ServerCore):
+            (<ServerCore>core)._batch(datagrams, monotonic_ns())
+        elif core is not None:
+            (<ClientCore>core)._batch(datagrams, monotonic_ns())
+        if self.after is not None:
+            self.after()
+
+
+# -- state objects ---------------------------------------------------------------
+
+cdef class ClientSlot:
+    """One request slot of a client session: the request in it and how far
+    its exchange got."""
+
+    cdef public bint busy
+    cdef public object done
+    cdef public Py_ssize_t index
+    cdef public int64_t n_req, n_resp, num_rx, num_tx, progress, queued
+    cdef public object req
+    cdef public int64_t req_num, req_size
+    cdef public int req_type
+    cdef public object resp
+    cdef public int resp_flags
+    cdef public int64_t resp_size
+    cdef public int64_t retransmits
+    cdef object _resp_view
+    cdef Py_buffer _view            # of resp_view, held while it is set
+    cdef bint _held
+
+    def __init__(self, Py_ssize_t index, Py_ssize_t window):
+        self.index = index
+        self.req_num = index - window       # the first request gets ``index``
+        self.req = b""
+        self.n_req = 1                      # n_resp: 0 until the first response packet
+
+    @property
+    def resp_view(self):
+        """A writable view of a multi-packet ``resp`` being assembled (None
+        otherwise); the C path copies packets into its memory."""
+        return self._resp_view
+
+    @resp_view.setter
+    def resp_view(self, view):
+        if self._held:
+            PyBuffer_Release(&self._view)
+            self._held = False
+        self._resp_view = None
+        if view is not None:
+            PyObject_GetBuffer(view, &self._view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+            self._held = True
+            self._resp_view = view
+
+    def __dealloc__(self):
+        if self._held:
+            PyBuffer_Release(&self._view)
+
+
+cdef class ServerSlot:
+    """One request slot of a server session: the request being received or
+    run, or the last response (kept to answer a retransmission)."""
+
+    cdef public Py_ssize_t index
+    cdef public int64_t req_num
+    cdef public int state
+    cdef public int req_type
+    cdef public int64_t req_size, n_req, num_rx, resp_size, n_resp
+    cdef public object asm
+    cdef public object resp
+    cdef public int flags
+    cdef public uint32_t ts
+
+    def __init__(self, Py_ssize_t index):
+        self.index = index
+        self.req_num = -1
+        self.state = FREE
+
+
+cdef class ServerSession:
+    """The server end of one session."""
+
+    cdef public uint32_t number, client_session
+    cdef public object peer
+    cdef public object nonce
+    cdef public Py_ssize_t window
+    cdef public int64_t credits, max_message, max_datagram, payload
+    cdef public list slots
+    cdef public int64_t last_rx, requests
+    cdef public bint closed
+
+    def __init__(self, uint32_t number, peer, nonce, uint32_t client_session,
+                 Py_ssize_t window, int64_t credits, int64_t max_message,
+                 int64_t max_datagram, int64_t now_ns):
+        self.number = number
+        self.peer = peer
+        self.nonce = nonce
+        self.client_session = client_session
+        self.window = window
+        self.credits = credits
+        self.max_message = max_message
+        self.max_datagram = max_datagram
+        self.payload = max_datagram - HEADER_SIZE
+        self.slots = [ServerSlot(i) for i in range(window)]
+        self.last_rx = now_ns
+        self.requests = 0
+        self.closed = False
+
+
+cdef class Request:
+    """One request being served: ``req_type``, ``body`` (an ``evpl.Buffer``
+    slicing the packet for a one-packet request, the assembled message
+    otherwise), ``peer`` (the client's address); ``respond(data)`` answers
+    it once."""
+
+    cdef public object _endpoint
+    cdef public ServerSession _sess
+    cdef public ServerSlot _slot
+    cdef public int req_type
+    cdef public object req_num
+    cdef public object body
+
+    def __init__(self, endpoint, ServerSession sess, ServerSlot slot, int req_type, req_num,
+                 body):
+        self._endpoint = endpoint
+        self._sess = sess
+        self._slot = slot
+        self.req_type = req_type
+        self.req_num = req_num
+        self.body = body
+
+    @property
+    def peer(self):
+        """The client's address."""
+        return self._sess.peer
+
+    def respond(self, data) -> bool:
+        """Send the response (bytes-like). Returns False if the session is
+        gone (the client disconnected or was expired) or it was answered
+        already; the response is then dropped."""
+        return self._endpoint.respond(self._sess, self._slot, self.req_num, data)
+
+    def __repr__(self):
+        return f"<drpc.Request type={self.req_type} num={self.req_num} {len(self.body)} B>"
+
+
+# -- client ----------------------------------------------------------------------
+
+cdef class ClientCore:
+    """The state of a client session that the C paths use, and those paths;
+    ``session.ClientSession`` is the rest (Python)."""
+
+    cdef public object send_now
+    cdef public object peer
+    cdef public object state
+    cdef public list slots
+    cdef public list free
+    cdef public object backlog
+    cdef public int64_t client_session, server_session, window, credits, credits_total
+    cdef public int64_t payload, max_message, busy, max_busy, max_inflight
+    cdef public int64_t requests, completed, stale, duplicates, out_of_order, malformed
+    cdef public int64_t bad_session, last_rx, next_tx, session_timeout_ns
+    cdef public int64_t rtt_ns, rtt_sum, rtt_samples, min_rtt_ns
+    cdef public bint starved
+    cdef object _cc
+    cdef double cc_t_low_ns
+    cdef bint cc_uncongested            # at the link rate: no pacing, samples skipped
+    cdef int64_t cc_skipped             # skipped samples not yet added to cc.skipped
+    cdef double cc_last_rtt             # the last of them (Timely's prev_rtt), seconds
+    cdef int64_t batch_rtt              # the read batch's last RTT sample (ns), -1: none
+
+    @property
+    def cc(self):
+        """The session's Timely (``None``: no congestion control)."""
+        return self._cc
+
+    @cc.setter
+    def cc(self, cc):
+        self._cc = cc
+        if cc is not None:
+            self.cc_t_low_ns = cc.t_low * 1e9
+            self.cc_uncongested = cc.rate >= cc.link_rate
+
+    @property
+    def uncongested(self) -> bool:
+        """No congestion control, or Timely at the link rate: packets leave
+        unpaced."""
+        return self._cc is None or self.cc_uncongested
+
+    def sample_rtt(self, int64_t rtt, int64_t now_ns):
+        """An RTT sample (ns), taken while ``receive`` runs: the session's
+        RTT counters, and the sample Timely gets at the end of the batch if
+        it is the batch's last."""
+        self._sample(rtt, now_ns)
+
+    def cc_flush(self):
+        """Hand the skipped samples to Timely (its counters, its previous RTT)."""
+        self._cc_flush()
+
+    def complete(self, ClientSlot slot, int64_t now_ns):
+        """The slot's response is complete: free the slot (or start the next
+        queued call in it), then tell the caller."""
+        self._done(slot, now_ns)
+
+    cdef int _sample(self, int64_t rtt, int64_t now_ns) except -1:
+        self.rtt_ns = rtt
+        self.rtt_sum += rtt
+        self.rtt_samples += 1
+        if rtt < self.min_rtt_ns or not self.min_rtt_ns:
+            self.min_rtt_ns = rtt
+        self.batch_rtt = rtt
+        return 0
+
+    cdef int _timely(self, int64_t rtt, int64_t now_ns) except -1:
+        """Timely's sample of one read batch: its last RTT (the answers of a
+        batch are one burst, as Timely's per-segment completions are; an
+        update per packet cost a Python call each and moved the rate no
+        more, since the packets of a batch share one clock reading and
+        Timely scales its steps by the time since the last update). Skipped
+        while uncongested, eRPC's common case: the skipped samples are
+        counted, and the last one handed to Timely as its previous RTT when
+        it next updates."""
+        cc = self._cc
+        if cc is None:
+            return 0
+        if rtt < self.cc_t_low_ns and self.cc_uncongested:
+            self.cc_skipped += 1
+            self.cc_last_rtt = rtt * 1e-9
+            return 0
+        self._cc_flush()
+        cc.update(rtt * 1e-9, now_ns * 1e-9)
+        self.cc_uncongested = cc.rate >= cc.link_rate
+        return 0
+
+    cdef int _cc_flush(self) except -1:
+        if self.cc_skipped:
+            self._cc.skipped += self.cc_skipped
+            self._cc.prev_rtt = self.cc_last_rtt
+            self.cc_skipped = 0
+        return 0
+
+    def submit(self, req_type, payload, done, int64_t now_ns):
+        """Start a request (or queue it behind the window); ``done(response,
+        None)`` or ``done(None, error)`` is called once. Here: a one-packet
+        request with a free slot, a credit and no pacing; the rest is
+        ``_submit``."""
+        self._start_call(req_type, payload, done, now_ns)
+
+    cdef int _start_call(self, object req_type, object payload, object done,
+                         int64_t now_ns) except -1:
+        cdef const char* data
+        cdef Py_ssize_t size
+        cdef ClientSlot slot
+        cdef int64_t inflight
+        cdef int rt
+        if not (self.free and self.credits and (self._cc is None or self.cc_uncongested)
+                and self.state == "connected" and type(req_type) is int
+                and 0 <= req_type <= MAX_REQ_TYPE and plain_bytes(payload, &data, &size)
+                and size <= self.payload and size <= self.max_message):
+            self._submit(req_type, payload, done, now_ns)
+            return 0
+        rt = req_type
+        self.requests += 1
+        slot = <ClientSlot>self.free.pop()
+        if self.busy == 0 and now_ns - self.last_rx > 0:
+            self.last_rx = now_ns           # silence while idle does not count
+        self.busy += 1
+        if self.busy > self.max_busy:
+            self.max_busy = self.busy
+        slot.busy = True
+        slot.req_num += self.window
+        slot.req_type = rt
+        slot.req = payload
+        slot.req_size = size
+        slot.n_req = 1
+        slot.n_resp = 0
+        slot.resp = None                    # (a free slot has no resp_view)
+        slot.num_rx = 0
+        slot.num_tx = 1
+        slot.progress = now_ns
+        slot.done = done
+        self.credits -= 1
+        inflight = self.credits_total - self.credits
+        if inflight > self.max_inflight:
+            self.max_inflight = inflight
+        self.send_now(packet(REQ, rt, 0, <uint32_t>self.server_session,
+                             <uint64_t>slot.req_num, <uint32_t>size, 0,
+                             <uint32_t>(now_ns // 1000), data, size))
+        return 0
+
+    def receive(self, list batch, int64_t now_ns):
+        """Every datagram of one read batch (``(data, addr)`` pairs)."""
+        self._batch(batch, now_ns)
+
+    cdef int _batch(self, list batch, int64_t now_ns) except -1:
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
+        cdef object item, buf, addr
+        self.batch_rtt = -1
+        cdef Py_buffer view
+        cdef const char* data
+        cdef Py_ssize_t length
+        cdef uint32_t now_us = <uint32_t>(now_ns // 1000)
+        cdef bint fast
+        for i in range(n):
+            item = <object>PyList_GET_ITEM(batch, i)
+            buf = <object>PyTuple_GET_ITEM(item, 0)
+            addr = <object>PyTuple_GET_ITEM(item, 1)
+            fast = (self.peer is None or addr is self.peer
+                    or PyObject_RichCompareBool(addr, self.peer, Py_EQ))
+            if fast:
+                if plain_bytes(buf, &data, &length):
+                    fast = self._take(buf, data, length, now_ns, now_us)
+                else:
+                    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+                    try:
+                        fast = self._take(buf, <const char*>view.buf, view.len, now_ns, now_us)
+                    finally:
+                        PyBuffer_Release(&view)
+            if not fast:
+                self._receive([item], now_ns)
+        if self.batch_rtt >= 0 and self._cc is not None:
+            self._timely(self.batch_rtt, now_ns)
+        if self.starved and self.credits:
+            self.pump(now_ns)
+        return 0
+
+    cdef bint _take(self, object buf, const char* data, Py_ssize_t length, int64_t now_ns,
+                    uint32_t now_us) except -1:
+        """A RESP that completes a one-packet exchange, or the next packet of
+        a multi-packet response; False for any other packet."""
+        cdef Header h
+        cdef ClientSlot slot
+        cdef int64_t off, j, rtt
+        cdef Py_ssize_t nbody = length - HEADER_SIZE
+        if not parse(<const unsigned char*>data, length, &h) or h.ptype != RESP or \
+                h.session != self.client_session or h.req_num > <uint64_t>INT64_MAX or \
+                h.flags & FLAG_ERROR or not self.slots or self.window <= 0:
+            return False
+        slot = <ClientSlot>PyList_GET_ITEM(self.slots, <Py_ssize_t>(h.req_num % <uint64_t>self.window))
+        if not slot.busy or slot.req_num != <int64_t>h.req_num:
+            return False
+        j = slot.n_req - 1 + h.pkt_num
+        if j != slot.num_rx:
+            return False
+        if h.pkt_num == 0:
+            if slot.n_req != 1 or h.msg_size > self.payload or nbody != h.msg_size:
+                return False
+            slot.n_resp = 1                 # one packet: the whole response
+            slot.resp_size = h.msg_size
+            slot.resp_flags = h.flags
+            slot.resp = body_of(buf, data, length)
+        else:
+            # the next packet of a multi-packet response, into its buffer
+            if slot.n_resp <= 1 or not slot._held or h.msg_size != slot.resp_size or \
+                    h.pkt_num >= slot.n_resp or slot.resp_flags & FLAG_ERROR:
+                return False
+            off = <int64_t>h.pkt_num * self.payload
+            if nbody != (self.payload if off + self.payload <= h.msg_size else h.msg_size - off) \
+                    or off + nbody > slot._view.len:
+                return False
+            memcpy(<char*>slot._view.buf + off, data + HEADER_SIZE, nbody)
+        self.last_rx = now_ns
+        # an answer: its credit comes back, the RTT is sampled
+        if j < slot.num_tx:
+            self.credits += 1
+        else:
+            slot.num_tx = j + 1             # answer to a packet sent before a rollback
+        slot.num_rx = j + 1
+        slot.progress = now_ns
+        if not h.flags & FLAG_NO_RTT:
+            rtt = <int64_t>(<uint32_t>(now_us - h.ts)) * 1000
+            self._sample(rtt, now_ns)
+        if slot.num_rx == slot.n_req + slot.n_resp - 1:
+            self._done(slot, now_ns)
+        elif self.credits:
+            self._pull(slot, now_ns)
+        return True
+
+    cdef int _pull(self, ClientSlot slot, int64_t now_ns) except -1:
+        """Ask for the response packets the credits allow (RFRs), unpaced;
+        paced ones go through ``_push``."""
+        cdef int64_t total = slot.n_req + slot.n_resp - 1
+        cdef int64_t inflight
+        cdef uint32_t ts = <uint32_t>(now_ns // 1000)
+        if not (self._cc is None or self.cc_uncongested) or slot.queued:
+            self._push(slot, now_ns)        # paced (or behind its packets in the wheel)
+            return 0
+        while self.credits and slot.num_tx < total:
+            self.credits -= 1
+            self.send_now(packet(RFR, slot.req_type, 0, <uint32_t>self.server_session,
+                                 <uint64_t>slot.req_num, 0,
+                                 <uint32_t>(slot.num_tx - slot.n_req + 1), ts, NULL, 0))
+            slot.num_tx += 1
+        if slot.num_tx < total:
+            self.starved = True             # out of credits: pump() when they return
+        inflight = self.credits_total - self.credits
+        if inflight > self.max_inflight:
+            self.max_inflight = inflight
+        return 0
+
+    cdef int _done(self, ClientSlot slot, int64_t now_ns) except -1:
+        cdef int flags = slot.resp_flags
+        done = slot.done
+        resp = slot.resp
+        slot.busy = False
+        slot.done = None
+        slot.req = b""
+        slot.resp = None
+        slot.resp_view = None
+        self.busy -= 1
+        self.completed += 1
+        if self.backlog:
+            req_type, payload, nxt = self.backlog.popleft()
+            self._start(slot, req_type, payload, nxt, now_ns)
+        else:
+            self.free.append(slot)
+        if flags & FLAG_ERROR:
+            done(None, self._remote_error(resp))
+        else:
+            done(resp, None)
+        return 0
+
+
+cdef class Caller:
+    """``Client.call`` in C for its common case (the Client makes one and
+    puts it in its instance's ``call``): a callback given, a ``bytes`` or
+    ``Buffer`` payload, the RTO ticker running (``ticking``, kept by the
+    Client) and the session not idle past half the server's timeout; the
+    request then goes to ``ClientCore.submit``. Anything else goes to
+    ``slow`` (the Client's Python ``call``, which has it all)."""
+
+    cdef public ClientCore core
+    cdef public object slow
+    cdef public bint ticking
+
+    def __call__(self, req_type, payload=b"", callback=None):
+        cdef ClientCore core = self.core
+        cdef int64_t now
+        if callback is None or not self.ticking or core is None or \
+                (type(payload) is not bytes and type(payload) is not Buffer):
+            return self.slow(req_type, payload, callback)
+        now = monotonic_ns()
+        if core.busy == 0 and core.session_timeout_ns > 0 and \
+                now - core.last_rx >= core.session_timeout_ns // 2:
+            return self.slow(req_type, payload, callback)
+        core._start_call(req_type, payload, callback, now)
+        return None
+
+
+# -- server ----------------------------------------------------------------------
+
+cdef class ServerCore:
+    """The state of a server endpoint that the C path uses, and that path;
+    ``session.ServerEndpoint`` is the rest (Python).
+
+    ``packet_alloc(n)``: see ``ServerEndpoint``.
+    ``sendto(packet, addr)``, if set, sends a packet and may raise
+    ``SendQueueFull`` (counted in ``send_queue_full``, the packet dropped
+    as the network would drop it); unset, packets go to ``out``."""
+
+    cdef public object out
+    cdef public object sendto
+    cdef public object packet_alloc
+    cdef public dict sessions
+    cdef public dict handlers
+    cdef public int64_t packets, requests, responses, rfr, send_queue_full
+
+    cdef int _send(self, object pkt, object addr) except -1:
+        if self.sendto is None:
+            self.out(pkt, addr)
+            return 0
+        try:
+            self.sendto(pkt, addr)
+        except SendQueueFull:
+            self.send_queue_full += 1
+        return 0
+
+    def receive(self, list batch, int64_t now_ns):
+        """Every datagram of one read batch."""
+        self._batch(batch, now_ns)
+
+    cdef int _batch(self, list batch, int64_t now_ns) except -1:
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
+        cdef object item, buf
+        cdef Py_buffer view
+        cdef const char* data
+        cdef Py_ssize_t length
+        cdef int r
+        self.packets += n
+        for i in range(n):
+            item = <object>PyList_GET_ITEM(batch, i)
+            buf = <object>PyTuple_GET_ITEM(item, 0)
+            if plain_bytes(buf, &data, &length):
+                r = self._take(buf, <object>PyTuple_GET_ITEM(item, 1), data, length, now_ns)
+            else:
+                PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+                try:
+                    r = self._take(buf, <object>PyTuple_GET_ITEM(item, 1),
+                                   <const char*>view.buf, view.len, now_ns)
+                finally:
+                    PyBuffer_Release(&view)
+            if r == 0:
+                self._receive([item], now_ns)
+        return 0
+
+    cdef int _take(self, object buf, object addr, const char* data, Py_ssize_t length,
+                   int64_t now_ns) except -1:
+        """A new one-packet request for a dispatch handler, or an RFR of a
+        kept response: 1 if taken, 0 for the Python path."""
+        cdef Header h
+        cdef ServerSession sess
+        cdef ServerSlot slot
+        cdef PyObject* found
+        cdef int64_t expected, off
+        cdef Py_ssize_t size, nbody = length - HEADER_SIZE
+        cdef const char* rdata
+        cdef Py_buffer rview
+        cdef Request req
+        if not parse(<const unsigned char*>data, length, &h) or \
+                (h.ptype != REQ and h.ptype != RFR) or h.req_num > <uint64_t>INT64_MAX:
+            return 0
+        found = PyDict_GetItem(self.sessions, h.session)
+        if found is NULL:
+            return 0
+        sess = <ServerSession>found
+        if sess.peer is not addr and not PyObject_RichCompareBool(sess.peer, addr, Py_EQ):
+            return 0
+        if sess.window <= 0:
+            return 0
+        slot = <ServerSlot>PyList_GET_ITEM(sess.slots, <Py_ssize_t>(h.req_num % <uint64_t>sess.window))
+        if h.ptype == RFR:
+            if slot.req_num != <int64_t>h.req_num or slot.state != DONE or \
+                    not 0 < h.pkt_num < slot.n_resp or slot.n_resp <= 1:
+                return 0
+            # the response is a memoryview (session.respond): its memory
+            PyObject_GetBuffer(slot.resp, &rview, PyBUF_SIMPLE)
+            try:
+                off = <int64_t>h.pkt_num * sess.payload
+                size = sess.payload if off + sess.payload <= slot.resp_size else \
+                    slot.resp_size - off
+                if off + size > rview.len:
+                    return 0
+                pkt = None
+                if sess.payload >= BIG_PACKET and self.packet_alloc is not None:
+                    # a large packet in a pool buffer (mapped memory: see
+                    # ServerEndpoint), or bytes if the pool is exhausted
+                    try:
+                        pkt = self.packet_alloc(HEADER_SIZE + size)
+                    except (EvplError, MemoryError):
+                        pkt = None
+                    if type(pkt) is Buffer and (<Buffer>pkt).writable and \
+                            (<Buffer>pkt).length == HEADER_SIZE + size:
+                        put_header(<unsigned char*>(<Buffer>pkt).ptr, RESP, slot.req_type,
+                                   slot.flags, sess.client_session, h.req_num,
+                                   <uint32_t>slot.resp_size, h.pkt_num, h.ts)
+                        memcpy((<Buffer>pkt).ptr + HEADER_SIZE, <const char*>rview.buf + off,
+                               size)
+                    else:
+                        pkt = None
+                if pkt is None:
+                    pkt = packet(RESP, slot.req_type, slot.flags, sess.client_session,
+                                 h.req_num, <uint32_t>slot.resp_size, h.pkt_num, h.ts,
+                                 <const char*>rview.buf + off, size)
+            finally:
+                PyBuffer_Release(&rview)
+            sess.last_rx = now_ns
+            self.rfr += 1
+            self._send(pkt, addr)
+            return 1
+        if <int64_t>h.req_num == slot.req_num or h.pkt_num != 0 or \
+                h.msg_size > sess.payload or nbody != h.msg_size or \
+                slot.state == RECEIVING or slot.state == RUNNING:
+            return 0
+        expected = slot.req_num + sess.window if slot.req_num >= 0 else slot.index
+        if <int64_t>h.req_num != expected:
+            return 0
+        found = PyDict_GetItem(self.handlers, h.req_type)
+        if found is NULL:
+            return 0
+        handler = <object>found
+        # a new one-packet request: the body is a slice of the packet
+        sess.last_rx = now_ns
+        slot.req_num = <int64_t>h.req_num
+        slot.req_type = h.req_type
+        slot.req_size = h.msg_size
+        slot.n_req = 1
+        slot.resp = None
+        slot.state = RUNNING
+        slot.ts = h.ts
+        sess.requests += 1
+        self.requests += 1
+        req = Request.__new__(Request)
+        req._endpoint = self
+        req._sess = sess
+        req._slot = slot
+        req.req_type = h.req_type
+        req.req_num = h.req_num
+        req.body = body_of(buf, data, length)
+        try:
+            resp = handler(req)
+        except Exception as exc:
+            self.failed(req, exc)
+            return 1
+        if resp is None:
+            return 1                        # answered later (or already, with an error)
+        if slot.state == RUNNING and plain_bytes(resp, &rdata, &size) and size <= sess.payload:
+            # answered at once, in one packet: the common case
+            slot.resp = resp
+            slot.resp_size = size
+            slot.flags = 0
+            slot.n_resp = 1
+            slot.state = DONE
+            self.responses += 1
+            self._send(packet(RESP, h.req_type, 0, sess.client_session, h.req_num,
+                              <uint32_t>size, 0, h.ts, rdata, size), addr)
+        else:
+            self.respond(sess, slot, h.req_num, resp, 0, True)
+        return 1
