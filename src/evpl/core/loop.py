@@ -156,8 +156,8 @@ def engine_loop(loop: Any, what: str) -> Loop:
 
 def running_aio_loop(loop: Loop, what: str, instead: str) -> Any:
     """The running asyncio loop, when it is evpl's and runs ``loop``: what
-    an awaitable of ``loop``'s (``what``, e.g. "Client.acall()") needs to
-    be driven. Otherwise ``EvplError`` saying why, and what to use
+    an awaitable of a client on ``loop`` (``what``, e.g. "Client.acall()")
+    needs to be driven. Otherwise ``EvplError`` saying why, and what to use
     ``instead`` outside evpl's asyncio loop."""
     import asyncio
 
@@ -169,11 +169,11 @@ def running_aio_loop(loop: Loop, what: str, instead: str) -> Any:
     core = getattr(aloop, "core", None)
     if core is not loop:
         raise EvplError(
-            f"{what} needs evpl's asyncio loop running this object's Loop, and the running "
+            f"{what} needs evpl's asyncio loop running this client's Loop, and the running "
             f"loop is {type(aloop).__name__}"
             + ("" if isinstance(core, Loop) else
                " (plain asyncio/uvloop cannot drive evpl sockets: run the program with "
-               "evpl.aio.run(main()) and make the object on asyncio.get_running_loop())"))
+               "evpl.aio.run(main()) and make the client on asyncio.get_running_loop())"))
     return aloop
 
 

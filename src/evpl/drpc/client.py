@@ -36,7 +36,7 @@ from evpl._native.buffers import Buffer
 from evpl._native.wheel import TimingWheel
 from evpl.core.completion import Completion
 from evpl.core.handler import Handler
-from evpl.core.loop import Loop
+from evpl.core.loop import Loop, engine_loop, running_aio_loop
 from evpl.drpc._fast import Caller, Port
 from evpl.drpc.cc import Timely
 from evpl.drpc.session import CallTimeout, ClientSession, PeerDead, SessionClosed
@@ -103,13 +103,7 @@ def _numeric(address: Any) -> Any:
 def evpl_loop(loop: Any) -> Loop:
     """The evpl ``Loop`` drpc runs on: ``loop`` itself, or the engine under
     evpl's asyncio loop (``evpl.aio.EvplEventLoop.core``)."""
-    if isinstance(loop, Loop):
-        return loop
-    core = getattr(loop, "core", None)
-    if isinstance(core, Loop):
-        return core
-    raise ConfigError(f"drpc runs on an evpl.Loop or evpl's asyncio loop (evpl.aio), "
-                      f"not on {type(loop).__name__}")
+    return engine_loop(loop, "drpc")
 
 
 def loop_wheel(loop: Any) -> TimingWheel:
@@ -291,19 +285,7 @@ class Client:
 
         On any other event loop (plain asyncio, uvloop) nothing would drive
         this client's sockets: that raises ``EvplError`` at once."""
-        try:
-            aloop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise EvplError("Client.acall() needs a running evpl asyncio loop "
-                            "(evpl.aio.run(main())); without one use call() and wait()") from None
-        if getattr(aloop, "core", None) is not self.loop:
-            raise EvplError(
-                f"Client.acall() needs evpl's asyncio loop running this client's Loop, and "
-                f"the running loop is {type(aloop).__name__}"
-                + ("" if isinstance(getattr(aloop, "core", None), Loop) else
-                   " (plain asyncio/uvloop cannot drive evpl sockets: run the program with "
-                   "evpl.aio.run(main()) and make the client with "
-                   "Client(asyncio.get_running_loop(), ...))"))
+        aloop = running_aio_loop(self.loop, "Client.acall()", "call() and wait()")
         fut: asyncio.Future[Any] = aloop.create_future()
         timer: Any = None
 
