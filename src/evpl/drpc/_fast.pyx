@@ -423,6 +423,35 @@ cdef class ClientCore:
         ``_submit``."""
         self._start_call(req_type, payload, done, now_ns)
 
+    cdef int _occupy(self, ClientSlot slot, int req_type, object payload, Py_ssize_t size,
+                     int64_t n_req, object done, int64_t now_ns) except -1:
+        """A free slot takes a new call of ``n_req`` request packets (the C
+        path here and session.py's ``_start``); nothing is sent yet."""
+        if self.busy == 0 and now_ns - self.last_rx > 0:
+            self.last_rx = now_ns           # silence while idle does not count
+        self.busy += 1
+        if self.busy > self.max_busy:
+            self.max_busy = self.busy
+        slot.busy = True
+        slot.req_num += self.window
+        slot.req_type = req_type
+        slot.req = payload
+        slot.req_size = size
+        slot.n_req = n_req
+        slot.n_resp = 0
+        slot.resp = None                    # (a free slot has no resp_view)
+        slot.num_tx = slot.num_rx = 0
+        slot.progress = now_ns
+        slot.done = done
+        return 0
+
+    def _occupy_slot(self, ClientSlot slot, int req_type, payload, int64_t n_req, done,
+                     int64_t now_ns):
+        """``_occupy`` for session.py (which also drops a response view the
+        slot might still hold)."""
+        slot.resp_view = None
+        self._occupy(slot, req_type, payload, len(payload), n_req, done, now_ns)
+
     cdef int _start_call(self, object req_type, object payload, object done,
                          int64_t now_ns) except -1:
         cdef const char* data
@@ -439,23 +468,8 @@ cdef class ClientCore:
         rt = req_type
         self.requests += 1
         slot = <ClientSlot>self.free.pop()
-        if self.busy == 0 and now_ns - self.last_rx > 0:
-            self.last_rx = now_ns           # silence while idle does not count
-        self.busy += 1
-        if self.busy > self.max_busy:
-            self.max_busy = self.busy
-        slot.busy = True
-        slot.req_num += self.window
-        slot.req_type = rt
-        slot.req = payload
-        slot.req_size = size
-        slot.n_req = 1
-        slot.n_resp = 0
-        slot.resp = None                    # (a free slot has no resp_view)
-        slot.num_rx = 0
+        self._occupy(slot, rt, payload, size, 1, done, now_ns)
         slot.num_tx = 1
-        slot.progress = now_ns
-        slot.done = done
         self.credits -= 1
         inflight = self.credits_total - self.credits
         if inflight > self.max_inflight:
@@ -536,14 +550,7 @@ cdef class ClientCore:
                     or off + nbody > slot._view.len:
                 return False
             memcpy(<char*>slot._view.buf + off, data + HEADER_SIZE, nbody)
-        self.last_rx = now_ns
-        # an answer: its credit comes back, the RTT is sampled
-        if j < slot.num_tx:
-            self.credits += 1
-        else:
-            slot.num_tx = j + 1             # answer to a packet sent before a rollback
-        slot.num_rx = j + 1
-        slot.progress = now_ns
+        self._answered(slot, j, now_ns)
         if not h.flags & FLAG_NO_RTT:
             rtt = <int64_t>(<uint32_t>(now_us - h.ts)) * 1000
             self._sample(rtt, now_ns)
@@ -552,6 +559,22 @@ cdef class ClientCore:
         elif self.credits:
             self._pull(slot, now_ns)
         return True
+
+    cdef int _answered(self, ClientSlot slot, int64_t j, int64_t now_ns) except -1:
+        """Packet ``j`` of the slot's call was answered, in order (the C path
+        here and session.py's): its credit comes back."""
+        self.last_rx = now_ns
+        if j < slot.num_tx:
+            self.credits += 1
+        else:
+            slot.num_tx = j + 1             # answer to a packet sent before a rollback
+        slot.num_rx = j + 1
+        slot.progress = now_ns
+        return 0
+
+    def _answer_slot(self, ClientSlot slot, int64_t j, int64_t now_ns):
+        """``_answered`` for session.py."""
+        self._answered(slot, j, now_ns)
 
     cdef int _pull(self, ClientSlot slot, int64_t now_ns) except -1:
         """Ask for the response packets the credits allow (RFRs), unpaced;

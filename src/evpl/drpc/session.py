@@ -265,23 +265,9 @@ class ClientSession(ClientCore):
 
     def _start(self, slot: ClientSlot, req_type: int, payload: Any, done: Done,
                now_ns: int) -> None:
-        if self.busy == 0 and now_ns - self.last_rx > 0:
-            self.last_rx = now_ns           # silence while idle does not count
-        self.busy += 1
-        if self.busy > self.max_busy:
-            self.max_busy = self.busy
-        slot.busy = True
-        slot.req_num += self.window
-        slot.req_type = req_type
-        slot.req = payload
-        slot.req_size = size = len(payload)
-        slot.n_req = 1 if size <= self.payload else -(-size // self.payload)
-        slot.n_resp = 0
-        slot.resp = None
-        slot.resp_view = None
-        slot.num_tx = slot.num_rx = 0
-        slot.progress = now_ns
-        slot.done = done
+        size = len(payload)
+        self._occupy_slot(slot, req_type, payload,
+                          1 if size <= self.payload else -(-size // self.payload), done, now_ns)
         self._push(slot, now_ns)            # without credits: marks the session starved
 
     def _push(self, slot: ClientSlot, now_ns: int) -> None:
@@ -382,14 +368,7 @@ class ClientSession(ClientCore):
                     continue
                 if ptype == RESP and self._response(slot, flags, msg_size, pkt_num, buf):
                     continue
-                self.last_rx = now_ns
-                # an answer: its credit comes back, the RTT is sampled
-                if j < slot.num_tx:
-                    self.credits += 1
-                else:
-                    slot.num_tx = j + 1     # answer to a packet sent before a rollback
-                slot.num_rx = j + 1
-                slot.progress = now_ns
+                self._answer_slot(slot, j, now_ns)    # its credit comes back
                 if not flags & FLAG_NO_RTT:
                     self.sample_rtt(((now_us - ts) & U32) * 1000, now_ns)
                 if slot.n_resp and slot.num_rx == slot.n_req + slot.n_resp - 1:
