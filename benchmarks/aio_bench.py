@@ -19,7 +19,13 @@ Loads:
 
 Loops: ``asyncio``, ``uvloop``, ``evpl`` (evpl.aio, hybrid polling, the
 default), ``evpl-event`` (poll_mode="event": never spins), ``evpl-uring``
-(backend="io_uring").
+(backend="io_uring", hybrid), ``evpl-uring-event`` (io_uring, event mode).
+
+References, not asyncio loops: ``c`` and ``c-spin`` are benchmarks/c's
+echo_epoll (raw mode: one read, one write) sleeping in epoll_wait or
+spinning on a zero-timeout epoll_wait, for the proto, streams and pingpong
+loads: what the kernel allows a server with no Python at all, the first
+like uvloop and evpl-event, the second like evpl's hybrid mode while busy.
 
     flock /tmp/evpl-bench.lock python benchmarks/aio_bench.py
     python benchmarks/aio_bench.py --loads proto pingpong --repeat 5 --duration 3
@@ -48,7 +54,9 @@ import run as _run  # noqa: E402  (the C load generator's build and runner)
 
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
-LOOPS = ("asyncio", "uvloop", "evpl", "evpl-event", "evpl-uring")
+LOOPS = ("asyncio", "uvloop", "evpl", "evpl-event", "evpl-uring", "evpl-uring-event", "c",
+         "c-spin")
+C_LOADS = ("proto", "streams", "pingpong")
 LOADS = ("proto", "streams", "pingpong", "aiohttp", "timers")
 MSG = 64
 
@@ -67,9 +75,9 @@ def new_loop(name: str) -> asyncio.AbstractEventLoop:
     import evpl.aio
 
     options: dict[str, Any] = {}
-    if name == "evpl-event":
+    if name.endswith("-event"):
         options["poll_mode"] = "event"
-    elif name == "evpl-uring":
+    if name.startswith("evpl-uring"):
         options["backend"] = "io_uring"
     return evpl.aio.new_event_loop(**options)
 
@@ -163,13 +171,20 @@ def child(loop_name: str, load: str, n: int) -> None:
 @contextlib.contextmanager
 def server(loop_name: str, load: str) -> Iterator[tuple[int, int]]:
     """Start the server for ``load`` on ``loop_name`` on the server core."""
-    proc = subprocess.Popen(
-        ["taskset", "-c", SERVER_CORE, sys.executable, __file__, "--serve", loop_name, load],
-        stdout=subprocess.PIPE, text=True)
+    if loop_name in ("c", "c-spin"):
+        if load not in C_LOADS:
+            raise RuntimeError(f"the C reference serves only {', '.join(C_LOADS)}")
+        cmd = [str(_run.BUILD / "echo_epoll"), "--mode", "raw", "--port", "0"]
+        if loop_name == "c-spin":
+            cmd.append("--spin")
+    else:
+        cmd = [sys.executable, __file__, "--serve", loop_name, load]
+    proc = subprocess.Popen(["taskset", "-c", SERVER_CORE, *cmd], stdout=subprocess.PIPE,
+                            text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        if not line.startswith("ready "):
+        if not line.startswith("ready "):  # (the C reference prints the same line)
             raise RuntimeError(f"{loop_name} {load} server did not start: {line!r}")
         yield int(line.split()[1]), proc.pid
     finally:
@@ -183,6 +198,8 @@ def server(loop_name: str, load: str) -> Iterator[tuple[int, int]]:
 
 def measure(loop_name: str, load: str, opts: argparse.Namespace) -> float:
     """One measurement: the load's headline rate."""
+    if loop_name in ("c", "c-spin") and load not in C_LOADS:
+        raise RuntimeError(f"the C reference serves only {', '.join(C_LOADS)}")
     if load == "timers":
         out = subprocess.run(
             ["taskset", "-c", SERVER_CORE, sys.executable, __file__, "--serve", loop_name,
@@ -234,12 +251,12 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     value = measure(loop_name, load, opts)
                 except Exception as exc:  # a stack that cannot run is reported, not fatal
-                    print(f"{load:9} {loop_name:11} run {rep + 1}: FAILED {exc}", flush=True)
+                    print(f"{load:9} {loop_name:16} run {rep + 1}: FAILED {exc}", flush=True)
                     continue
                 runs.setdefault((load, loop_name), []).append(value)
-                print(f"{load:9} {loop_name:11} run {rep + 1}: {value:14,.0f}", flush=True)
+                print(f"{load:9} {loop_name:16} run {rep + 1}: {value:14,.0f}", flush=True)
     print()
-    print(f"{'load':9} {'loop':11} {'median/s':>14} {'vs uvloop':>10} {'vs asyncio':>11}")
+    print(f"{'load':9} {'loop':16} {'median/s':>14} {'vs uvloop':>10} {'vs asyncio':>11}")
     for load in opts.loads:
         base_uv = runs.get((load, "uvloop"))
         base_aio = runs.get((load, "asyncio"))
@@ -250,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(values)
             uv = f"{med / statistics.median(base_uv):9.2f}x" if base_uv else "-"
             aio = f"{med / statistics.median(base_aio):10.2f}x" if base_aio else "-"
-            print(f"{load:9} {loop_name:11} {med:14,.0f} {uv:>10} {aio:>11}")
+            print(f"{load:9} {loop_name:16} {med:14,.0f} {uv:>10} {aio:>11}")
     if opts.json:
         Path(opts.json).write_text(json.dumps(
             {f"{lo}/{lp}": v for (lo, lp), v in runs.items()}, indent=1))

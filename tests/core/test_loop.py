@@ -159,6 +159,21 @@ def test_timer_precision_while_sleeping(make_loop):
     assert statistics.median(lateness) < 1_000_000, lateness
 
 
+@pytest.mark.parametrize("mode", ["event", "hybrid", "always"])
+def test_polls_counts_spin_rounds(make_loop, mode):
+    """``stats()["polls"]`` counts the spin's rounds: a loop that spins
+    until its 5 ms timer (hybrid with a spin window longer than that, or
+    always) polls many times; one in event mode never does."""
+    loop = make_loop(poll_mode=mode, spin_ns=10_000_000_000)
+    t = loop.call_later(5e-3, lambda: None)
+    loop.run_until(lambda: not t.active, timeout=TIMEOUT)
+    polls = loop.stats()["polls"]
+    if mode == "event":
+        assert polls == 0
+    else:
+        assert polls > 1
+
+
 def test_timer_args_and_errors(loop):
     got = []
     loop.call_later(0, lambda *a: got.append(a), 1, "two")

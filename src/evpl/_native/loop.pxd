@@ -130,7 +130,7 @@ cdef class LoopCore:
     cdef public object exception_handler
     cdef public size_t zc_threshold
     # counters
-    cdef size_t stat_iterations, stat_sleeps, stat_events, stat_bytes_in, stat_bytes_out
+    cdef size_t stat_iterations, stat_sleeps, stat_polls, stat_events, stat_bytes_in, stat_bytes_out
     cdef size_t stat_messages_in, stat_datagrams_in, stat_datagrams_out, stat_dgram_errors
     cdef size_t stat_truncated, stat_partial_copies, stat_callback_errors, stat_paused
     cdef size_t stat_accept_errors, stat_starved, stat_timers_fired, stat_zc_sends

@@ -705,6 +705,7 @@ cdef class LoopCore:
             n = 0
             with nogil:
                 while True:
+                    self.stat_polls += 1
                     # Drivers' completions, without their notification round trip
                     for k in range(ndrv):
                         if self.drv_ready[k](self.drv_ctx[k]):
@@ -1009,6 +1010,7 @@ cdef class LoopCore:
         s = {
             "iterations": self.stat_iterations,
             "sleeps": self.stat_sleeps,
+            "polls": self.stat_polls,
             "events": self.stat_events,
             "bytes_in": self.stat_bytes_in,
             "bytes_out": self.stat_bytes_out,
