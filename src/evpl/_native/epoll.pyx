@@ -31,6 +31,9 @@ from evpl._native.txqueue cimport *
 
 from evpl.errors import transport_error
 
+cdef enum:
+    RX_MIN = 8          # the fewest messages a datagram read offers (EpollDatagram.rx_want)
+
 
 cdef class EpollBind(Bind):
     """What epoll stream and datagram Binds share: the event handler and
@@ -222,12 +225,18 @@ cdef class EpollStream(EpollBind):
 cdef class EpollDatagram(EpollBind):
     """A ``udp`` socket: recvmmsg/sendmmsg batches, GSO/GRO trains."""
 
+    # messages the next recvmmsg offers: twice the last batch that drained
+    # the socket (at least RX_MIN), all MAX_MMSG at first and after a full
+    # one. Each message offered is a header to fill: a one-at-a-time
+    # request/response load filled 64 of them per datagram
+    cdef unsigned int rx_want
+
     cdef void _read_socket(self):
         cdef LoopCore loop = self.loop
         cdef mmsghdr* mm = loop.mmsg
         cdef iovec* iov = loop.iov
         cdef sockaddr_in6* names = loop.names
-        cdef unsigned int vlen, i
+        cdef unsigned int vlen, i, want
         cdef int n
         cdef int budget = READ_BUDGET
         cdef size_t stride = self.stride
@@ -241,8 +250,9 @@ cdef class EpollDatagram(EpollBind):
                 return
             base = loop.rx_chunk.data + loop.rx_used
             vlen = (loop.rx_chunk.size - loop.rx_used) // stride
-            if vlen > MAX_MMSG:
-                vlen = MAX_MMSG
+            want = self.rx_want if self.rx_want else MAX_MMSG
+            if vlen > want:
+                vlen = want
             for i in range(vlen):
                 iov[i].iov_base = base + i * stride
                 # with GRO a train may fill the whole slot
@@ -269,6 +279,10 @@ cdef class EpollDatagram(EpollBind):
                 self.rx_ready = False
                 return
             loop.rx_used += (n - 1) * stride + mm[n - 1].msg_len
+            # (a full batch: the next offers all; else twice this one)
+            self.rx_want = (MAX_MMSG if <unsigned int>n >= vlen
+                            else min(<unsigned int>MAX_MMSG,
+                                     max(<unsigned int>RX_MIN, 2 * <unsigned int>n)))
             for i in range(<unsigned int>n):
                 if mm[i].msg_hdr.msg_flags & MSG_TRUNC:
                     loop.stat_datagrams_in += 1
