@@ -64,6 +64,23 @@ def test_echo_many_datagrams(loop, dgram_net):
     assert stats["datagrams_out"] >= 2 * n
 
 
+def test_bursts_after_single_datagrams_arrive_whole_and_in_order(loop, dgram_net):
+    """A Bind's read offers about twice its last batch: after one-at-a-time
+    round trips (small offers), a burst larger than any offer is still read
+    whole and in order, across the reads it takes."""
+    rec = DgramRecorder()
+    server = dgram_net.bind(loop, rec, "a")
+    client = dgram_net.bind(loop, DgramRecorder(), "b")
+    for i in range(10):                              # one at a time: the offer shrinks
+        client.sendto(b"single%d" % i, server.local_address)
+        loop.run_until(lambda i=i: len(rec.got) > i, timeout=TIMEOUT)
+    burst = [b"burst%03d" % i for i in range(150)]   # within loopback's socket buffer
+    for d in burst:
+        client.sendto(d, server.local_address)
+    loop.run_until(lambda: len(rec.got) >= 160, timeout=TIMEOUT)
+    assert [p for p, _ in rec.got] == [b"single%d" % i for i in range(10)] + burst
+
+
 def test_addresses(loop, dgram_net):
     server, echo, client, rec = pair(loop, dgram_net)
     la = server.local_address
