@@ -2,7 +2,8 @@
 would otherwise pick, measured in the same run, medians of --repeat runs.
 
   calls    cross-thread calls into a loop: LoopThread.call_soon (one way) and
-           LoopThread.call(...).result() (round trip) vs asyncio's and
+           LoopThread.call(...).result() and call_wait (round trip; in the
+           default event mode and with a polling loop) vs asyncio's and
            uvloop's call_soon_threadsafe / run_coroutine_threadsafe and a
            one-thread concurrent.futures executor
   offload  Loop.offload round trips (one job at a time) and a burst of jobs
@@ -56,8 +57,8 @@ def median_of(fn: Callable[[], float], repeat: int) -> float:
 
 
 # ---------------------------------------------------------------- calls
-def evpl_one_way(n: int) -> float:
-    with LoopThread() as lt:
+def evpl_one_way(n: int, **options: Any) -> float:
+    with LoopThread(**options) as lt:
         done = threading.Event()
         count = [0]
 
@@ -74,12 +75,21 @@ def evpl_one_way(n: int) -> float:
         return n / (time.perf_counter() - t)
 
 
-def evpl_round_trip(n: int) -> float:
-    with LoopThread() as lt:
+def evpl_round_trip(n: int, **options: Any) -> float:
+    with LoopThread(**options) as lt:
         call = lt.call
         t = time.perf_counter()
         for _ in range(n):
             call(int).result()
+        return n / (time.perf_counter() - t)
+
+
+def evpl_call_wait(n: int, **options: Any) -> float:
+    with LoopThread(**options) as lt:
+        wait = lt.call_wait
+        t = time.perf_counter()
+        for _ in range(n):
+            wait(int)
         return n / (time.perf_counter() - t)
 
 
@@ -166,6 +176,9 @@ def bench_calls(opts: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     runs: dict[str, tuple[Callable[[], float], Callable[[], float]]] = {
         "evpl LoopThread": (lambda: evpl_one_way(n1), lambda: evpl_round_trip(n2)),
+        "evpl LoopThread, call_wait": (lambda: evpl_one_way(n1), lambda: evpl_call_wait(n2)),
+        "evpl LoopThread polling, call_wait": (lambda: evpl_one_way(n1, poll_mode="always"),
+                                               lambda: evpl_call_wait(n2, poll_mode="always")),
         "asyncio call_soon_threadsafe": (lambda: aio_one_way("asyncio", n1),
                                          lambda: aio_round_trip("asyncio", n2)),
         "uvloop call_soon_threadsafe": (lambda: aio_one_way("uvloop", n1),
