@@ -423,14 +423,26 @@ def mp_queue(n_msgs: int, n_rt: int) -> dict[str, float]:
     return {"one_way": one_way, "rt": rt, "piped": piped}
 
 
-def _zmq_peer(path: str, n_msgs: int, n_rt: int) -> None:
+def _zmq_peer(path: str, n_msgs: int, n_rt: int, handler: bool) -> None:
     import zmq
     _pin(1)
     ctx = zmq.Context()
     s = ctx.socket(zmq.PAIR)
     s.connect(path)
-    for _ in range(n_msgs):
-        s.recv()                    # copying beats a zero-copy Frame at 64 bytes
+    if handler:
+        # like for like with evpl's receiver: a Python function per message
+        got = [0]
+
+        def on_message(src: int, p: bytes) -> None:
+            got[0] += 1
+            if got[0] == n_msgs:
+                pass
+        recv = s.recv
+        for _ in range(n_msgs):
+            on_message(0, recv())
+    else:
+        for _ in range(n_msgs):
+            s.recv()                # copying beats a zero-copy Frame at 64 bytes
     s.send(b"done")
     for _ in range(n_rt + n_rt * 4 + WINDOW):
         s.send(s.recv())
@@ -438,13 +450,14 @@ def _zmq_peer(path: str, n_msgs: int, n_rt: int) -> None:
     ctx.term()
 
 
-def zmq_ipc(n_msgs: int, n_rt: int) -> dict[str, float]:
+def zmq_ipc(n_msgs: int, n_rt: int, handler: bool = False) -> dict[str, float]:
     import zmq
     path = f"ipc:///tmp/evpl-cores-bench-{os.getpid()}"
     ctx = zmq.Context()
     s = ctx.socket(zmq.PAIR)
     s.bind(path)
-    p = multiprocessing.get_context("fork").Process(target=_zmq_peer, args=(path, n_msgs, n_rt))
+    p = multiprocessing.get_context("fork").Process(target=_zmq_peer,
+                                                    args=(path, n_msgs, n_rt, handler))
     p.start()
     _pin(0)
     try:
@@ -487,6 +500,7 @@ def bench_rings(opts: argparse.Namespace) -> list[dict[str, Any]]:
         "multiprocessing.Pipe": lambda: mp_pipe(n_msgs, n_rt),
         "multiprocessing.Queue": lambda: mp_queue(n_msgs, n_rt),
         "pyzmq ipc:// PAIR": lambda: zmq_ipc(n_msgs, n_rt),
+        "pyzmq ipc:// PAIR, a Python handler per message": lambda: zmq_ipc(n_msgs, n_rt, True),
     }
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in stacks}
     for _ in range(opts.repeat):               # interleaved: noise hurts all alike
