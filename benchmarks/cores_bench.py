@@ -2,7 +2,8 @@
 would otherwise pick, measured in the same run, medians of --repeat runs.
 
   calls    cross-thread calls into a loop: LoopThread.call_soon (one way) and
-           LoopThread.call(...).result() (round trip) vs asyncio's and
+           LoopThread.call(...).result() and call_wait (round trip; in the
+           default event mode and with a polling loop) vs asyncio's and
            uvloop's call_soon_threadsafe / run_coroutine_threadsafe and a
            one-thread concurrent.futures executor
   offload  Loop.offload round trips (one job at a time) and a burst of jobs
@@ -56,8 +57,8 @@ def median_of(fn: Callable[[], float], repeat: int) -> float:
 
 
 # ---------------------------------------------------------------- calls
-def evpl_one_way(n: int) -> float:
-    with LoopThread() as lt:
+def evpl_one_way(n: int, **options: Any) -> float:
+    with LoopThread(**options) as lt:
         done = threading.Event()
         count = [0]
 
@@ -74,12 +75,21 @@ def evpl_one_way(n: int) -> float:
         return n / (time.perf_counter() - t)
 
 
-def evpl_round_trip(n: int) -> float:
-    with LoopThread() as lt:
+def evpl_round_trip(n: int, **options: Any) -> float:
+    with LoopThread(**options) as lt:
         call = lt.call
         t = time.perf_counter()
         for _ in range(n):
             call(int).result()
+        return n / (time.perf_counter() - t)
+
+
+def evpl_call_wait(n: int, **options: Any) -> float:
+    with LoopThread(**options) as lt:
+        wait = lt.call_wait
+        t = time.perf_counter()
+        for _ in range(n):
+            wait(int)
         return n / (time.perf_counter() - t)
 
 
@@ -166,6 +176,9 @@ def bench_calls(opts: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     runs: dict[str, tuple[Callable[[], float], Callable[[], float]]] = {
         "evpl LoopThread": (lambda: evpl_one_way(n1), lambda: evpl_round_trip(n2)),
+        "evpl LoopThread, call_wait": (lambda: evpl_one_way(n1), lambda: evpl_call_wait(n2)),
+        "evpl LoopThread polling, call_wait": (lambda: evpl_one_way(n1, poll_mode="always"),
+                                               lambda: evpl_call_wait(n2, poll_mode="always")),
         "asyncio call_soon_threadsafe": (lambda: aio_one_way("asyncio", n1),
                                          lambda: aio_round_trip("asyncio", n2)),
         "uvloop call_soon_threadsafe": (lambda: aio_one_way("uvloop", n1),
@@ -410,14 +423,26 @@ def mp_queue(n_msgs: int, n_rt: int) -> dict[str, float]:
     return {"one_way": one_way, "rt": rt, "piped": piped}
 
 
-def _zmq_peer(path: str, n_msgs: int, n_rt: int) -> None:
+def _zmq_peer(path: str, n_msgs: int, n_rt: int, handler: bool) -> None:
     import zmq
     _pin(1)
     ctx = zmq.Context()
     s = ctx.socket(zmq.PAIR)
     s.connect(path)
-    for _ in range(n_msgs):
-        s.recv(copy=False)
+    if handler:
+        # like for like with evpl's receiver: a Python function per message
+        got = [0]
+
+        def on_message(src: int, p: bytes) -> None:
+            got[0] += 1
+            if got[0] == n_msgs:
+                pass
+        recv = s.recv
+        for _ in range(n_msgs):
+            on_message(0, recv())
+    else:
+        for _ in range(n_msgs):
+            s.recv()                # copying beats a zero-copy Frame at 64 bytes
     s.send(b"done")
     for _ in range(n_rt + n_rt * 4 + WINDOW):
         s.send(s.recv())
@@ -425,19 +450,20 @@ def _zmq_peer(path: str, n_msgs: int, n_rt: int) -> None:
     ctx.term()
 
 
-def zmq_ipc(n_msgs: int, n_rt: int) -> dict[str, float]:
+def zmq_ipc(n_msgs: int, n_rt: int, handler: bool = False) -> dict[str, float]:
     import zmq
     path = f"ipc:///tmp/evpl-cores-bench-{os.getpid()}"
     ctx = zmq.Context()
     s = ctx.socket(zmq.PAIR)
     s.bind(path)
-    p = multiprocessing.get_context("fork").Process(target=_zmq_peer, args=(path, n_msgs, n_rt))
+    p = multiprocessing.get_context("fork").Process(target=_zmq_peer,
+                                                    args=(path, n_msgs, n_rt, handler))
     p.start()
     _pin(0)
     try:
         t = time.perf_counter()
         for _ in range(n_msgs):
-            s.send(PAYLOAD, copy=True)
+            s.send(PAYLOAD)
         s.recv()
         one_way = n_msgs / (time.perf_counter() - t)
         t = time.perf_counter()
@@ -474,6 +500,7 @@ def bench_rings(opts: argparse.Namespace) -> list[dict[str, Any]]:
         "multiprocessing.Pipe": lambda: mp_pipe(n_msgs, n_rt),
         "multiprocessing.Queue": lambda: mp_queue(n_msgs, n_rt),
         "pyzmq ipc:// PAIR": lambda: zmq_ipc(n_msgs, n_rt),
+        "pyzmq ipc:// PAIR, a Python handler per message": lambda: zmq_ipc(n_msgs, n_rt, True),
     }
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in stacks}
     for _ in range(opts.repeat):               # interleaved: noise hurts all alike

@@ -175,6 +175,109 @@ def test_bounded_call_queue(no_leaks):
         assert lt.call(lt.loop.stats).result(TIMEOUT)["calls_refused"] == 1
 
 
+@pytest.mark.parametrize("options", [{}, {"spin_ns": 50_000}, {"poll_mode": "always"}],
+                         ids=["event", "hybrid", "polling"])
+@pytest.mark.parametrize("wait_spin_ns", [0, 100_000], ids=["sleep", "spin"])
+def test_call_wait(options, wait_spin_ns, no_leaks):
+    """call_wait returns the result or raises the exception, from several
+    threads at once, none lost, in every loop mode, whether the caller
+    spins or sleeps."""
+    threads_n, per = 4, 2000
+    ran = [[] for _ in range(threads_n)]
+    results: list[list[int]] = [[] for _ in range(threads_n)]
+    with LoopThread(wait_spin_ns=wait_spin_ns, **options) as lt:
+        assert lt.call_wait(lambda a, b: a + b, 2, 3) == 5
+        assert lt.call_wait(threading.get_ident) == lt._thread.ident
+        with pytest.raises(KeyError, match="boom"):
+            lt.call_wait(lambda: {}["boom"])
+        assert lt.alive
+
+        def record(p, i):
+            ran[p].append(i)
+            return i * 2
+
+        def produce(p):
+            wait = lt.call_wait
+            results[p] = [wait(record, p, i) for i in range(per)]
+        threads = [threading.Thread(target=produce, args=(p,)) for p in range(threads_n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # on the loop's own thread it would wait for itself: refused
+        def on_the_loop():
+            try:
+                lt.call_wait(int)
+            except evpl.EvplError as exc:
+                return str(exc)
+        assert "own thread" in lt.call_wait(on_the_loop)
+    for p in range(threads_n):
+        assert ran[p] == list(range(per))
+        assert results[p] == [2 * i for i in range(per)]
+
+
+def test_call_wait_on_a_closed_queue(no_leaks):
+    """A caller waiting in call_wait when the queue closes gets the error."""
+    lt = LoopThread().start()
+    release, started = threading.Event(), threading.Event()
+    lt.call_soon(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)                # the loop is busy in that call
+    outcome: list[object] = []
+
+    def waiter():
+        try:
+            outcome.append(lt.call_wait(int, "1"))
+        except BaseException as exc:
+            outcome.append(exc)
+    t = threading.Thread(target=waiter)
+    t.start()
+    while lt.pending == 0 and t.is_alive():     # queued behind the busy call
+        threading.Event().wait(0.001)
+    lt.queue.close(evpl.EvplError("closed under the caller"))
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    # from close(), or (had close() run between its check and its push) from
+    # the caller itself, when it found the queue closed
+    assert isinstance(outcome[0], evpl.EvplError) and "closed" in str(outcome[0])
+    release.set()
+    assert lt.stop(TIMEOUT)
+    with pytest.raises(evpl.EvplError):
+        lt.call_wait(int)
+
+
+def test_call_wait_interrupted_by_a_signal(no_leaks):
+    """A signal handler that raises interrupts a waiting call_wait; the call,
+    still queued, is then dropped (never run), and the loop goes on."""
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted()
+    old = signal.signal(signal.SIGUSR1, handler)
+    main = threading.get_ident()
+    ran = []
+    release, started = threading.Event(), threading.Event()
+    try:
+        with LoopThread(wait_spin_ns=0) as lt:
+            def block():
+                started.set()
+                while lt.pending == 0:          # until our call_wait is queued
+                    threading.Event().wait(0.001)
+                signal.pthread_kill(main, signal.SIGUSR1)
+                release.wait(TIMEOUT)
+            lt.call_soon(block)
+            assert started.wait(TIMEOUT)        # the loop is in block, not in a batch with us
+            with pytest.raises(Interrupted):
+                lt.call_wait(ran.append, 1)
+            release.set()
+            assert lt.call_wait(len, "abc") == 3
+            assert ran == []
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
 # ---- ThreadPool -----------------------------------------------------------------
 
 class Echo(evpl.Handler):

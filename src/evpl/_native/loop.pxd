@@ -20,6 +20,10 @@ cdef enum:
 
 # A Driver's "has work" check, called without the GIL while the loop spins.
 ctypedef int (*ready_fn)(void* ctx) noexcept nogil
+# A Driver's hook called without the GIL each time the loop has released it
+# to spin or sleep (e.g. to publish results to threads that wait without the
+# GIL, so they take a free GIL).
+ctypedef void (*released_fn)(void* ctx) noexcept nogil
 
 
 cdef class LoopCore
@@ -123,6 +127,7 @@ cdef class LoopCore:
     cdef list drv_list          # the Drivers, in the order they were added
     cdef ready_fn drv_ready[MAX_DRIVERS]
     cdef void* drv_ctx[MAX_DRIVERS]
+    cdef released_fn drv_released[MAX_DRIVERS]
     cdef int ndrv
     cdef readonly object base_on_sent
     cdef readonly object base_handler
@@ -138,7 +143,9 @@ cdef class LoopCore:
     cdef size_t stat_idle_trims
     cdef size_t stat_py_calls   # receive callbacks into Python (data, messages, datagrams, framer)
 
-    cdef int add_driver(self, Driver d, ready_fn ready, void* ctx) except -1
+    cdef int add_driver(self, Driver d, ready_fn ready, void* ctx,
+                        released_fn released=*) except -1
+    cdef void _released(self) noexcept nogil
     cdef int _ep_add(self, _Source src, int fd, uint32_t events) except -1
     cdef void _ep_del(self, _Source src, bint ctl) noexcept
     cdef int _rx_reserve(self, size_t space) noexcept

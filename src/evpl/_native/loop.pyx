@@ -385,13 +385,17 @@ cdef class LoopCore:
 
     # ---- drivers and sources ------------------------------------------------
 
-    cdef int add_driver(self, Driver d, ready_fn ready, void* ctx) except -1:
+    cdef int add_driver(self, Driver d, ready_fn ready, void* ctx,
+                        released_fn released=NULL) except -1:
         """Attach a Driver: ``ready(ctx)`` is polled without the GIL while the
-        loop spins; ``d`` is found again as ``self.drivers[d.name]``."""
+        loop spins, ``released(ctx)`` (if given) runs without the GIL each
+        time the loop has released it to spin or sleep; ``d`` is found again
+        as ``self.drivers[d.name]``."""
         if self.ndrv == MAX_DRIVERS:
             raise EvplError("too many drivers on one loop")
         self.drv_ready[self.ndrv] = ready
         self.drv_ctx[self.ndrv] = ctx
+        self.drv_released[self.ndrv] = released
         self.ndrv += 1
         self.drv_list.append(d)
         self.drivers[d.name] = d
@@ -680,6 +684,12 @@ cdef class LoopCore:
             self.last_active = evpl_now_ns()
         return hit
 
+    cdef void _released(self) noexcept nogil:
+        cdef int k
+        for k in range(self.ndrv):
+            if self.drv_released[k] != NULL:
+                self.drv_released[k](self.drv_ctx[k])
+
     cdef int _iterate(self, int64_t max_wait) except -1:
         cdef int64_t wait, now, spin_end
         cdef int n, i, k
@@ -704,6 +714,7 @@ cdef class LoopCore:
                 d._spin_start()
             n = 0
             with nogil:
+                self._released()
                 while True:
                     self.stat_polls += 1
                     # Drivers' completions, without their notification round trip
@@ -729,6 +740,7 @@ cdef class LoopCore:
                 if wait != 0 and not self._drivers_before_sleep():
                     self.stat_sleeps += 1
                     with nogil:
+                        self._released()
                         n = evpl_epoll_wait_ns(self.epfd, self.events, MAX_EVENTS, wait)
         else:
             if wait != 0 and self._drivers_before_sleep():
@@ -736,6 +748,7 @@ cdef class LoopCore:
             if wait != 0:
                 self.stat_sleeps += 1
             with nogil:
+                self._released()
                 n = evpl_epoll_wait_ns(self.epfd, self.events, MAX_EVENTS, wait)
         if n < 0:
             if errno != EINTR:

@@ -45,6 +45,8 @@ class LoopThread:
     ``cpu`` pins the thread to that CPU (before the loop and its buffer pool
     are made, so the pool's memory is first touched there). ``queue_size``
     bounds the cross-thread call queue (``evpl.Busy`` beyond it).
+    ``wait_spin_ns`` is how long ``call_wait`` spins (without the GIL)
+    before its caller sleeps.
     ``loop_options`` go to ``evpl.Loop`` (``spin_ns``, ``poll_mode``,
     ``pool``...); without ``pool`` the thread makes a Pool of its own.
     Unlike a Loop, a LoopThread does not spin by default (``spin_ns=0``):
@@ -57,17 +59,21 @@ class LoopThread:
     """
 
     def __init__(self, name: str | None = None, cpu: int | None = None, *,
-                 queue_size: int = 1 << 20, **loop_options: Any) -> None:
+                 queue_size: int = 1 << 20, wait_spin_ns: int = 100_000,
+                 **loop_options: Any) -> None:
         if cpu is not None:
             check_cpu(cpu)
         if not isinstance(queue_size, int) or queue_size < 1:
             raise ConfigError(f"queue_size must be a positive int, got {queue_size!r}")
+        if not isinstance(wait_spin_ns, int) or wait_spin_ns < 0:
+            raise ConfigError(f"wait_spin_ns must be an int >= 0, got {wait_spin_ns!r}")
         if "poll_mode" not in loop_options:
             loop_options.setdefault("spin_ns", 0)
         Loop(**{k: v for k, v in loop_options.items() if k != "pool"}).close()   # check options now
         self.name = name or f"evpl-loop-{id(self):x}"
         self.cpu = cpu
         self._queue_size = queue_size
+        self._wait_spin_ns = wait_spin_ns
         self._options = loop_options
         self._loop: Loop | None = None
         self._queue: CallQueue | None = None
@@ -99,9 +105,11 @@ class LoopThread:
                 options["pool"] = Pool()
             loop = Loop(**options)
             self._queue = call_queue(loop, self._queue_size)
+            self._queue.wait_spin_ns = self._wait_spin_ns
             self._loop = loop
-            # one-way calls go straight to the native queue: no Python frame
+            # calls go straight to the native queue: no Python frame
             self.call_soon = self._queue.call_soon  # type: ignore[method-assign]
+            self.call_wait = self._queue.call_wait  # type: ignore[method-assign]
         except BaseException as exc:
             self._error = exc
             _log.exception("%s: the loop could not be created", self.name)
@@ -191,6 +199,15 @@ class LoopThread:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.queue.call_future(fut, fn, *args)
         return fut
+
+    def call_wait(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the loop's thread, wait for it and return its
+        result (or raise its exception): ``call(fn, *args).result()``
+        without a Future, and much faster when the loop polls. The caller
+        waits without the GIL, spinning up to ``wait_spin_ns`` before it
+        sleeps, so neither thread ever waits for the GIL the other holds
+        (docs/cores.md). Not on the loop's own thread (EvplError)."""
+        return self.queue.call_wait(fn, *args)
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the loop's thread, one way: no Future (an
