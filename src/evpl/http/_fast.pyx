@@ -289,7 +289,7 @@ cdef class H1Exchange:
             k = kv[0]
             if k == b"content-length":
                 has_length = True
-            elif k == b"connection" and b"close" in (<bytes>kv[1]).lower():
+            elif k == b"connection" and b"close" in kv[1].lower():
                 self.keep_alive = False
         if server.draining:
             self.keep_alive = False
