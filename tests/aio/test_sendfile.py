@@ -12,6 +12,7 @@ import socket
 from typing import Any
 
 import pytest
+from core.helpers import recv_all
 
 from aio.helpers import run
 
@@ -26,15 +27,6 @@ def big_file(tmp_path: Any) -> Any:
     path.write_bytes(data)
     with open(path, "rb") as f:
         yield f, data
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        b = sock.recv(1 << 16)
-        if not b:
-            return b"".join(chunks)
-        chunks.append(b)
 
 
 class Proto(asyncio.Protocol):
@@ -74,7 +66,7 @@ def test_sendfile_after_queued_writes_then_more_writes(aio_loop: Any, big_file: 
     async def main() -> None:
         tr, proto, peer = await _connected(aio_loop)
         with peer:
-            reader = aio_loop.run_in_executor(None, _read_all, peer)
+            reader = aio_loop.run_in_executor(None, recv_all, peer)
             head = b"H" * (2 * MiB)          # still queued when sendfile starts
             tr.write(head)
             assert tr.get_write_buffer_size() > 0
@@ -96,7 +88,7 @@ def test_sendfile_offset_and_count(aio_loop: Any, big_file: Any) -> None:
     async def main() -> None:
         tr, proto, peer = await _connected(aio_loop)
         with peer:
-            reader = aio_loop.run_in_executor(None, _read_all, peer)
+            reader = aio_loop.run_in_executor(None, recv_all, peer)
             # a count that stops short of the end
             n = await aio_loop.sendfile(tr, f, offset=1000, count=MiB + 500)
             assert n == MiB + 500
@@ -125,7 +117,7 @@ def test_write_during_sendfile_raises(aio_loop: Any, big_file: Any) -> None:
                 tr.write(b"x")
             with pytest.raises(RuntimeError, match="sendfile is in progress"):
                 tr.writelines([b"x"])
-            reader = aio_loop.run_in_executor(None, _read_all, peer)
+            reader = aio_loop.run_in_executor(None, recv_all, peer)
             assert await task == len(data)
             tr.write(b"!")                   # allowed again
             tr.close()
@@ -144,7 +136,7 @@ def test_sendfile_fallback_and_its_refusal(aio_loop: Any) -> None:
     async def main() -> None:
         tr, proto, peer = await _connected(aio_loop)
         with peer:
-            reader = aio_loop.run_in_executor(None, _read_all, peer)
+            reader = aio_loop.run_in_executor(None, recv_all, peer)
             with pytest.raises(asyncio.SendfileNotAvailableError):
                 await aio_loop.sendfile(tr, io.BytesIO(payload), fallback=False)
             mem = io.BytesIO(payload)
@@ -178,7 +170,7 @@ def test_sendfile_argument_checks(aio_loop: Any, big_file: Any, tmp_path: Any) -
             # the transport is unharmed
             tr.write(b"ok")
             tr.close()
-            assert await aio_loop.run_in_executor(None, _read_all, peer) == b"ok"
+            assert await aio_loop.run_in_executor(None, recv_all, peer) == b"ok"
             await proto.lost
             with pytest.raises(RuntimeError, match="closing"):
                 await aio_loop.sendfile(tr, f)
@@ -211,7 +203,7 @@ def test_sock_sendfile(aio_loop: Any, big_file: Any) -> None:
     b.settimeout(30)
 
     async def main() -> None:
-        reader = aio_loop.run_in_executor(None, _read_all, b)
+        reader = aio_loop.run_in_executor(None, recv_all, b)
         n = await aio_loop.sock_sendfile(a, f, offset=3, count=2 * MiB)
         assert n == 2 * MiB
         assert f.tell() == 3 + 2 * MiB
