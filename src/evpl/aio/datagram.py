@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import socket
 from asyncio import futures, transports, trsock
-from asyncio.log import logger
 from typing import TYPE_CHECKING, Any
 
 from evpl._native.bind import Bind, Limits
@@ -142,14 +141,12 @@ class DatagramTransport(_BindTransport, Handler, transports._FlowControlMixin,
         if loop is None or loop.is_closed():
             self._bind = None
             self._closing = True
-            self._recv = None
-            self._sbind = None
+            self._drop_fast_paths()
             return
         if self._conn_lost:
             return
         self._closing = True
-        self._recv = None
-        self._sbind = None
+        self._drop_fast_paths()
         self._conn_lost += 1
         exc = error if error is None or isinstance(error, OSError) else OSError(str(error))
         loop.call_soon(self._call_connection_lost, exc)
@@ -177,15 +174,6 @@ class DatagramTransport(_BindTransport, Handler, transports._FlowControlMixin,
             raise exc from None
         bind.sendto(data, infos[0][4])
 
-    def abort(self) -> None:
-        """Close now, dropping what was not sent yet."""
-        self._force_close(None)
-
-    def get_write_buffer_size(self) -> int:
-        """Bytes queued and not yet handed to the kernel."""
-        bind = self._bind
-        return bind.queued_bytes if bind is not None else 0
-
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         high, low = _water_marks(high, low)
         self._high_water, self._low_water = high, low
@@ -196,30 +184,6 @@ class DatagramTransport(_BindTransport, Handler, transports._FlowControlMixin,
 
     # ---- reading -------------------------------------------------------------
 
-    def is_reading(self) -> bool:
-        return not self._closing and not self._paused
-
-    def pause_reading(self) -> None:
-        """Deliver no more datagrams (those that arrive meanwhile wait in the
-        socket's receive buffer, or in the Bind if already read)."""
-        if self._closing or self._paused:
-            return
-        self._paused = True
-        if self._bind is not None:
-            self._bind.pause_reading()
-        if self._loop.get_debug():
-            logger.debug("%r pauses reading", self)
-
-    def resume_reading(self) -> None:
-        """Deliver again, from the next loop iteration."""
-        if self._closing or not self._paused:
-            return
-        self._paused = False
-        if self._reading:
-            self._loop.call_soon(self._resume)
-        if self._loop.get_debug():
-            logger.debug("%r resumes reading", self)
-
     def _resume(self) -> None:
         if self._paused or self._closing or self._bind is None:
             return
@@ -227,16 +191,13 @@ class DatagramTransport(_BindTransport, Handler, transports._FlowControlMixin,
 
     # ---- life cycle ------------------------------------------------------------
 
-    is_closing = _fast.is_closing     # (compiled: protocols ask per write)
-
     def close(self) -> None:
         """Close once everything queued has been sent; ``connection_lost(None)``
         follows. No more datagrams are delivered."""
         if self._closing:
             return
         self._closing = True
-        self._recv = None
-        self._sbind = None
+        self._drop_fast_paths()
         bind = self._bind
         if bind is None:
             self._conn_lost += 1
@@ -249,19 +210,6 @@ class DatagramTransport(_BindTransport, Handler, transports._FlowControlMixin,
             self._conn_lost += 1
             self._loop.call_soon(self._call_connection_lost, None)
 
-    def _force_close(self, exc: BaseException | None) -> None:
-        if self._conn_lost:
-            return
-        self._closing = True
-        self._recv = None
-        self._sbind = None
-        self._conn_lost += 1
-        bind = self._bind
-        if bind is not None:
-            bind.close()
-            self._release_socket()
-        self._loop.call_soon(self._call_connection_lost, exc)
-
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         try:
             if self._protocol_connected:
@@ -270,8 +218,7 @@ class DatagramTransport(_BindTransport, Handler, transports._FlowControlMixin,
             self._release_socket()
             self._sock = None
             self._bind = None
-            self._recv = None
-            self._sbind = None
+            self._drop_fast_paths()
             self._protocol = None
             self._loop = None
 
@@ -287,6 +234,10 @@ class DatagramTransport(_BindTransport, Handler, transports._FlowControlMixin,
             info.append(bind.backend)
             info.append(f"write_bufsize={bind.queued_bytes}")
         return f"<{' '.join(info)}>"
+
+    def _drop_fast_paths(self) -> None:
+        self._recv = None
+        self._sbind = None
 
     # ---- protocol --------------------------------------------------------------
 

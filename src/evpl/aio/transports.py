@@ -66,6 +66,7 @@ class _BindTransport:
     _loop: Any
     _protocol: Any
     _closing: bool
+    _conn_lost: int
     _paused: bool
     _reading: bool
 
@@ -102,6 +103,61 @@ class _BindTransport:
 
     def get_protocol(self) -> Any:
         return self._protocol
+
+    def _drop_fast_paths(self) -> None:
+        """Forget the slots the compiled paths deliver and send through (a
+        closing transport takes neither)."""
+        raise NotImplementedError
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        self._closing = True
+        self._drop_fast_paths()
+        self._conn_lost += 1
+        bind = self._bind
+        if bind is not None:
+            bind.close()
+            self._release_socket()
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def abort(self) -> None:
+        """Close now, dropping what was not sent yet."""
+        self._force_close(None)
+
+    is_closing = _fast.is_closing     # (compiled: protocols ask per write)
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued and not yet handed to the kernel."""
+        bind = self._bind
+        return bind.queued_bytes if bind is not None else 0
+
+    # ---- reading ------------------------------------------------------------
+
+    def is_reading(self) -> bool:
+        return not self._closing and not self._paused
+
+    def pause_reading(self) -> None:
+        """Deliver nothing more until resume_reading (what arrives meanwhile
+        waits in the socket, or in the Bind if already read)."""
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        if self._bind is not None:
+            self._bind.pause_reading()
+        if self._loop.get_debug():
+            logger.debug("%r pauses reading", self)
+
+    def resume_reading(self) -> None:
+        """Deliver again, from the next loop iteration (like asyncio, never
+        from inside this call)."""
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        if self._reading:
+            self._loop.call_soon(self._resume)
+        if self._loop.get_debug():
+            logger.debug("%r resumes reading", self)
 
     def _start_reading(self) -> None:
         """Reading starts (a loop turn after connection_made), unless paused."""
@@ -355,20 +411,6 @@ class StreamTransport(_BindTransport, Handler, transports._FlowControlMixin):
             self._pending = None
             self._server_detach()
 
-    def _force_close(self, exc: BaseException | None) -> None:
-        if self._conn_lost:
-            return
-        self._closing = True
-        self._recv = None
-        self._conn_lost += 1
-        bind = self._bind
-        if bind is not None:
-            bind.close()
-            self._release_socket()
-        self._loop.call_soon(self._call_connection_lost, exc)
-
-    is_closing = _fast.is_closing     # (compiled: protocols ask per write)
-
     def close(self) -> None:
         """Close once everything written has been sent (what is written
         meanwhile is sent too, as asyncio does); ``connection_lost`` follows.
@@ -401,10 +443,6 @@ class StreamTransport(_BindTransport, Handler, transports._FlowControlMixin):
             self._conn_lost += 1
             self._loop.call_soon(self._call_connection_lost, None)
 
-    def abort(self) -> None:
-        """Close now, dropping what was not sent yet."""
-        self._force_close(None)
-
     def __repr__(self) -> str:
         info = [self.__class__.__name__]
         bind = self._bind
@@ -417,6 +455,9 @@ class StreamTransport(_BindTransport, Handler, transports._FlowControlMixin):
             info.append(bind.backend)
             info.append(f"write_bufsize={bind.queued_bytes}")
         return f"<{' '.join(info)}>"
+
+    def _drop_fast_paths(self) -> None:
+        self._recv = None
 
     # ---- protocol -----------------------------------------------------------
 
@@ -434,29 +475,6 @@ class StreamTransport(_BindTransport, Handler, transports._FlowControlMixin):
         self._protocol_connected = True
 
     # ---- reading ------------------------------------------------------------
-
-    def is_reading(self) -> bool:
-        return not self._closing and not self._paused
-
-    def pause_reading(self) -> None:
-        if self._closing or self._paused:
-            return
-        self._paused = True
-        if self._bind is not None:
-            self._bind.pause_reading()
-        if self._loop.get_debug():
-            logger.debug("%r pauses reading", self)
-
-    def resume_reading(self) -> None:
-        """Deliver again, from the next loop iteration (like asyncio, never
-        from inside this call)."""
-        if self._closing or not self._paused:
-            return
-        self._paused = False
-        if self._reading:
-            self._loop.call_soon(self._resume)
-        if self._loop.get_debug():
-            logger.debug("%r resumes reading", self)
 
     def _resume(self) -> None:
         if self._paused or self._closing or self._bind is None:
@@ -505,10 +523,6 @@ class StreamTransport(_BindTransport, Handler, transports._FlowControlMixin):
         self._wbind = None
         if self._bind is not None and not self._bind.closed:
             self._bind.shutdown_write()
-
-    def get_write_buffer_size(self) -> int:
-        bind = self._bind
-        return bind.queued_bytes if bind is not None else 0
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return (self._low, self._high)
