@@ -118,14 +118,7 @@ class DatagramTransport(_BindTransport, Handler, transports._FlowControlMixin,
         ``error_received``; the transport stays open."""
         if self._closing and self._conn_lost:
             return
-        try:
-            self._protocol.error_received(error)
-        except (SystemExit, KeyboardInterrupt) as exc:
-            self._loop._stash(exc)
-        except BaseException as exc:
-            self._loop.call_exception_handler({
-                "message": "Exception in protocol.error_received()", "exception": exc,
-                "transport": self, "protocol": self._protocol})
+        self._notify("error_received", "Exception in protocol.error_received()", error)
 
     def on_paused(self, bind: Bind) -> None:
         self._maybe_pause_protocol()

@@ -81,6 +81,20 @@ class _BindTransport:
                 "protocol": self._protocol})
         self._force_close(exc)
 
+    def _notify(self, name: str, message: str, *args: Any) -> None:
+        """Call the protocol's ``name`` callback as asyncio does: SystemExit
+        and KeyboardInterrupt stop the loop (stashed, raised by
+        run_forever), anything else (a missing method too) goes to the
+        loop's exception handler with ``message``."""
+        try:
+            getattr(self._protocol, name)(*args)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            self._loop._stash(exc)
+        except BaseException as exc:
+            self._loop.call_exception_handler({
+                "message": message, "exception": exc, "transport": self,
+                "protocol": self._protocol})
+
     def _release_socket(self) -> None:
         """The Bind closed the descriptor: the Python socket that shares it
         must not close it again (the number may be reused already)."""
@@ -336,14 +350,7 @@ class StreamTransport(_BindTransport, Handler, transports._FlowControlMixin):
         if self._protocol_paused or bind.queued_bytes <= self._high:
             return      # (closing: the Bind's marks are 0, see close())
         self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt) as exc:
-            self._loop._stash(exc)
-        except BaseException as exc:
-            self._loop.call_exception_handler({
-                "message": "protocol.pause_writing() failed", "exception": exc,
-                "transport": self, "protocol": self._protocol})
+        self._notify("pause_writing", "protocol.pause_writing() failed")
 
     def on_writable(self, bind: Bind) -> None:
         waiter = self._drain_waiter
@@ -355,14 +362,7 @@ class StreamTransport(_BindTransport, Handler, transports._FlowControlMixin):
                 waiter.set_result(None)
         if self._protocol_paused and bind.queued_bytes <= self._low:
             self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except (SystemExit, KeyboardInterrupt) as exc:
-                self._loop._stash(exc)
-            except BaseException as exc:
-                self._loop.call_exception_handler({
-                    "message": "protocol.resume_writing() failed", "exception": exc,
-                    "transport": self, "protocol": self._protocol})
+            self._notify("resume_writing", "protocol.resume_writing() failed")
         if self._closing and not self._conn_lost and bind.queued_bytes == 0:
             self._finish()
 
