@@ -27,10 +27,17 @@ import asyncio
 from asyncio import Task
 from urllib.parse import unquote
 
-__all__ = ["ASGI_VERSION", "AsgiCall", "start"]
+__all__ = ["ASGI_VERSION", "AsgiCall", "asgi_addr", "start"]
 
 #: the scope's ``asgi`` entry
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+
+
+cpdef object asgi_addr(peer):
+    """ASGI's ``(host, port)`` of a socket address (None for unix sockets)."""
+    if type(peer) is tuple:
+        return peer if len(<tuple>peer) == 2 else peer[:2]
+    return None
 
 
 def start(ex, app, aloop, done, root_path, server_addr, dict state, run):
@@ -41,11 +48,7 @@ def start(ex, app, aloop, done, root_path, server_addr, dict state, run):
     req = ex.request
     target = req.target
     path, _, query = target.partition("?")
-    peer = ex.peer
-    if type(peer) is tuple:
-        client = peer if len(<tuple>peer) == 2 else peer[:2]
-    else:
-        client = None                   # (unix sockets)
+    client = asgi_addr(ex.peer)
     scope = {
         "type": "http", "asgi": ASGI_VERSION, "http_version": req.version,
         "method": req.method, "scheme": ex.scheme,

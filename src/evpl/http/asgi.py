@@ -27,7 +27,7 @@ from typing import Any
 
 from evpl.aio import AttachedEventLoop, attach
 from evpl.errors import EvplError
-from evpl.http._asgi import ASGI_VERSION, AsgiCall, start
+from evpl.http._asgi import ASGI_VERSION, AsgiCall, asgi_addr, start
 from evpl.http.server import Exchange, Server
 
 __all__ = ["ASGIRunner"]
@@ -209,16 +209,9 @@ class ASGIRunner:
               self.state, _run)
 
 
-def _addr(peer: Any) -> Any:
-    """ASGI's ``(host, port)`` of a socket address (None for unix sockets)."""
-    if peer.__class__ is tuple:
-        return peer if len(peer) == 2 else peer[:2]
-    return None
-
-
 def _server_addr(ex: Exchange) -> Any:
     conn = getattr(ex, "conn", None) or getattr(getattr(ex, "h2c", None), "conn", None)
     try:
-        return _addr(conn.bind.local_address)
+        return asgi_addr(conn.bind.local_address)
     except AttributeError:
         return None
