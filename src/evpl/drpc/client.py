@@ -36,14 +36,14 @@ from evpl._native.buffers import Buffer
 from evpl._native.wheel import TimingWheel
 from evpl.core.completion import Completion
 from evpl.core.handler import Handler
-from evpl.core.loop import Loop, engine_loop, running_aio_loop
+from evpl.core.loop import engine_loop, running_aio_loop
 from evpl.drpc._fast import Caller, Port
 from evpl.drpc.cc import Timely
 from evpl.drpc.session import CallTimeout, ClientSession, PeerDead, SessionClosed
 from evpl.drpc.wire import HEADER_SIZE, TS_OFFSET
 from evpl.errors import ConfigError, EvplError
 
-__all__ = ["KERNEL_TIMELY", "Call", "Client", "evpl_loop", "loop_wheel", "message_allocator"]
+__all__ = ["KERNEL_TIMELY", "Call", "Client", "loop_wheel", "message_allocator"]
 
 _TS = struct.Struct(">I")
 
@@ -100,12 +100,6 @@ def _numeric(address: Any) -> Any:
     return info[0][4][:2]
 
 
-def evpl_loop(loop: Any) -> Loop:
-    """The evpl ``Loop`` drpc runs on: ``loop`` itself, or the engine under
-    evpl's asyncio loop (``evpl.aio.EvplEventLoop.core``)."""
-    return engine_loop(loop, "drpc")
-
-
 def loop_wheel(loop: Any) -> TimingWheel:
     """The pacing wheel every drpc client of ``loop`` shares (made on first use)."""
     wheel = getattr(loop, "_drpc_wheel", None)
@@ -156,7 +150,7 @@ class Client:
                  rto: float = 0.005, peer_timeout: float = 1.0, cc: bool = True,
                  link_rate: float = 10e9, timely: dict[str, Any] | None = None,
                  local_address: Any = None, **options: Any) -> None:
-        loop = evpl_loop(loop)
+        loop = engine_loop(loop, "drpc")
         for name, v, lo, hi in (("window", window, 1, 1024), ("credits", credits, 1, 65535),
                                 ("max_message", max_message, 0, 0xFFFFFFFF),
                                 ("max_datagram", max_datagram, HEADER_SIZE + 1, 65507)):

@@ -30,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from evpl.core.handler import Handler
+from evpl.core.loop import engine_loop
 from evpl.drpc._fast import Port
-from evpl.drpc.client import evpl_loop, message_allocator
+from evpl.drpc.client import message_allocator
 from evpl.drpc.session import Request, ServerEndpoint, ServerSession, ServerSlot
 from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE, MAX_REQ_TYPE
 from evpl.errors import ConfigError, EvplError, SendQueueFull
@@ -88,7 +89,7 @@ class Server:
                 raise ConfigError(f"{name} must be an int in {lo}..{hi}, got {v!r}")
         if not session_timeout >= 1:
             raise ConfigError(f"session_timeout must be >= 1 second, got {session_timeout!r}")
-        loop = evpl_loop(loop)
+        loop = engine_loop(loop, "drpc")
         self.loop = loop
         self.workers = workers
         self._handlers: dict[int, tuple[Callable[[Request], Any], bool]] = {}
