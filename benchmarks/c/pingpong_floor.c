@@ -8,7 +8,12 @@
  * make more round trips per second over the same kernel path, so it tells
  * how close a poll-mode REQ/REP gets to what the machine allows.
  *
- * usage: pingpong_floor tcp|unix [seconds]
+ * udp: two connected UDP sockets on 127.0.0.1, the same epoll spin, one
+ * recv and one send per datagram. udp-direct: no epoll, the spin is the
+ * recv itself (MSG_DONTWAIT until a datagram is there): what a loop that
+ * reads its hot datagram socket directly while polling would pay.
+ *
+ * usage: pingpong_floor tcp|unix|udp|udp-direct [seconds]
  * prints one JSON line: {"msgs": round_trips, "secs": elapsed, "cpu": 0}
  */
 #define _GNU_SOURCE
@@ -51,16 +56,37 @@ static int tcp_pair(int sv[2]) {
     return 0;
 }
 
+/* Two UDP sockets on 127.0.0.1, each connected to the other. */
+static int udp_pair(int sv[2]) {
+    struct sockaddr_in a[2];
+    for (int i = 0; i < 2; i++) {
+        socklen_t n = sizeof a[i];
+        memset(&a[i], 0, sizeof a[i]);
+        a[i].sin_family = AF_INET;
+        a[i].sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        sv[i] = socket(AF_INET, SOCK_DGRAM, 0);
+        if (sv[i] < 0 || bind(sv[i], (struct sockaddr *)&a[i], sizeof a[i]) ||
+            getsockname(sv[i], (struct sockaddr *)&a[i], &n))
+            return -1;
+    }
+    if (connect(sv[0], (struct sockaddr *)&a[1], sizeof a[1]) ||
+        connect(sv[1], (struct sockaddr *)&a[0], sizeof a[0]))
+        return -1;
+    return 0;
+}
+
 int main(int argc, char **argv) {
     int sv[2];
     char buf[64] = {0};
     double duration = argc > 2 ? atof(argv[2]) : 2.0;
-    if (argc < 2 || (strcmp(argv[1], "tcp") && strcmp(argv[1], "unix"))) {
-        fprintf(stderr, "usage: %s tcp|unix [seconds]\n", argv[0]);
+    const char *mode = argc > 1 ? argv[1] : "";
+    int udp = strncmp(mode, "udp", 3) == 0, direct = strcmp(mode, "udp-direct") == 0;
+    if (strcmp(mode, "tcp") && strcmp(mode, "unix") && strcmp(mode, "udp") && !direct) {
+        fprintf(stderr, "usage: %s tcp|unix|udp|udp-direct [seconds]\n", argv[0]);
         return 2;
     }
-    if (strcmp(argv[1], "unix") == 0 ? socketpair(AF_UNIX, SOCK_STREAM, 0, sv)
-                                      : tcp_pair(sv)) {
+    if (strcmp(mode, "unix") == 0 ? socketpair(AF_UNIX, SOCK_STREAM, 0, sv)
+        : udp ? udp_pair(sv) : tcp_pair(sv)) {
         perror("socket pair");
         return 1;
     }
@@ -82,7 +108,7 @@ int main(int argc, char **argv) {
         struct epoll_event got[4];
         size_t have = 0;
         while (have < sizeof buf) {          /* a whole message, spinning */
-            while (epoll_wait(ep, got, 4, 0) == 0)
+            while (!direct && epoll_wait(ep, got, 4, 0) == 0)
                 ;
             ssize_t r = recv(fd, buf + have, sizeof buf - have, MSG_DONTWAIT);
             if (r == 0 || (r < 0 && errno != EAGAIN))

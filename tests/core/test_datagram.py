@@ -314,3 +314,118 @@ def test_connected_client_refused_reported_to_on_datagram_error(loop, dgram_net)
     loop.run_once(0)
     assert not c.closed and rec.closed == []
     c.close()
+
+
+# ---- the epoll udp backend's own paths: the spin's direct read, EPOLLOUT ---
+
+
+def test_poll_mode_reads_the_last_receiving_socket_directly(make_loop):
+    """A polling loop reads the datagram socket that received last straight
+    from its spin (recvmmsg, no epoll_wait first). Datagrams already queued
+    when the spin starts are found by its first round: a burst larger than
+    one read arrives whole and in order, and the loop counts the direct hit."""
+    loop = make_loop(poll_mode="always")
+    rec = DgramRecorder()
+    b = loop.bind("udp", ("127.0.0.1", 0), rec)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    try:
+        peer.sendto(b"first", b.local_address)          # makes b the loop's last receiver
+        loop.run_until(lambda: rec.got, timeout=TIMEOUT)
+        hits = loop.stats()["spin_hits"]
+        burst = [b"burst%03d" % i for i in range(150)]  # loopback delivers within sendto
+        for d in burst:
+            peer.sendto(d, b.local_address)
+        loop.run_until(lambda: len(rec.got) >= 151, timeout=TIMEOUT)
+        assert [p for p, _ in rec.got] == [b"first", *burst]
+        assert {a for _, a in rec.got} == {peer.getsockname()}
+        assert loop.stats()["spin_hits"] > hits
+    finally:
+        peer.close()
+
+
+def test_poll_mode_direct_read_reports_refusals(make_loop):
+    """An ICMP error met by the spin's direct read reaches on_datagram_error
+    as the epoll read reports it, and the Bind keeps working."""
+    loop = make_loop(poll_mode="always")
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    rec = ErrorRecorder()
+    c = loop.connect("udp", peer.getsockname(), rec)
+    peer.sendto(b"hi", c.local_address)         # makes c the loop's last receiver
+    loop.run_until(lambda: rec.got, timeout=TIMEOUT)
+    peer.close()
+    c.send(b"hello?")
+    loop.run_once(0)        # sends it; loopback queues the refusal within the send
+    hits = loop.stats()["spin_hits"]
+    loop.run_until(lambda: rec.errors, timeout=TIMEOUT)
+    assert isinstance(rec.errors[0], ConnectionRefusedError)
+    assert loop.stats()["spin_hits"] > hits
+    assert not c.closed and rec.closed == []
+    c.close()
+
+
+def test_sent_datagrams_do_not_wake_the_loop(make_loop):
+    """A UDP socket reports write space each time a sent datagram has left;
+    evpl watches it only while a send is blocked, so sending leaves no event
+    behind for the next epoll_wait."""
+    loop = make_loop(poll_mode="event")
+    b = loop.bind("udp", ("127.0.0.1", 0), DgramRecorder())
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    try:
+        for i in range(20):
+            b.sendto(b"d%d" % i, peer.getsockname())
+        loop.run_once(0)                    # the iteration's end sends them
+        assert [peer.recv(64) for _ in range(20)] == [b"d%d" % i for i in range(20)]
+        events = loop.stats()["events"]
+        loop.run_once(0)
+        assert loop.stats()["events"] == events
+    finally:
+        peer.close()
+
+
+def test_blocked_datagram_sends_resume_on_write_space(make_loop):
+    """A send that outruns the link blocks: across a veth pair whose qdisc
+    (tbf, 100 Mbit/s) holds the datagrams, the socket's send buffer fills
+    and sendmmsg says EAGAIN. The Bind then watches for write space and
+    sends the rest, in order, as the qdisc drains; afterwards it stops
+    watching (its sends leave no event behind)."""
+    from .vethnet import VethNet, veth_unavailable_reason
+
+    why = veth_unavailable_reason()
+    if why:
+        pytest.skip(f"needs a veth pair: {why}")
+    with VethNet() as net:
+        net.run("a", ["tc", "qdisc", "add", "dev", net.ifname["a"], "root", "tbf",
+                      "rate", "100mbit", "burst", "16kb", "limit", "8mb"], check=True)
+        with net.inside("b"):
+            sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with net.inside("a"):
+            loop = make_loop(poll_mode="event")
+            c = None
+        try:
+            # SO_RCVBUFFORCE (33; Python has no name for it): room for all
+            sink.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
+            sink.bind((net.ip["b"], 0))
+            sink.settimeout(TIMEOUT)
+            with net.inside("a"):
+                c = loop.connect("udp", sink.getsockname(), DgramRecorder())
+            n = 1000                         # 1 MB: several send buffers
+            for i in range(n):
+                c.send(b"%05d" % i + bytes(995))
+            loop.run_once(0)
+            assert c.queued_bytes > 0        # blocked, the rest waits in the queue
+            loop.run_until(lambda: c.queued_bytes == 0, timeout=TIMEOUT)
+            assert [sink.recv(2048)[:5] for _ in range(n)] == [b"%05d" % i for i in range(n)]
+            c.send(b"one more")
+            loop.run_once(0)
+            assert sink.recv(2048) == b"one more"   # its buffer is free by now
+            events = loop.stats()["events"]
+            loop.run_once(0)
+            assert loop.stats()["events"] == events
+        finally:
+            if c is not None:
+                c.close()
+            loop.close()
+            sink.close()

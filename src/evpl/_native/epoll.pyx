@@ -64,6 +64,8 @@ cdef class EpollBind(Bind):
     cdef void _release(self):
         txq_drop(&self.txq, None)
         self.queued_bytes = 0
+        if self.loop.spin_src is self:
+            self.loop.spin_src = None
         self.loop._ep_del(self, False)          # closing the fd removes it
         c_close(self.fd)
 
@@ -230,45 +232,95 @@ cdef class EpollDatagram(EpollBind):
     # one. Each message offered is a header to fill: a one-at-a-time
     # request/response load filled 64 of them per datagram
     cdef unsigned int rx_want
+    # EPOLLOUT is in its epoll registration: only while a send is blocked.
+    # A UDP socket reports write space each time one of its datagrams has
+    # left (the kernel frees the sent buffer), so a registration that kept
+    # EPOLLOUT woke the loop, or ended its spin, once per datagram sent
+    cdef bint out_armed
 
-    cdef void _read_socket(self):
+    cdef void _arm_out(self, bint on):
+        cdef epoll_event ev
+        ev.events = EPOLLIN | EPOLLET | (EPOLLOUT if on else 0)
+        ev.data.ptr = <void*>self
+        if epoll_ctl(self.loop.epfd, EPOLL_CTL_MOD, self.fd, &ev) == 0:
+            self.out_armed = on
+
+    cdef unsigned int _rx_fill(self):
+        """Lay out the loop's recvmmsg array over its receive chunk for this
+        socket; the number of messages offered (0: no pool memory)."""
         cdef LoopCore loop = self.loop
         cdef mmsghdr* mm = loop.mmsg
         cdef iovec* iov = loop.iov
         cdef sockaddr_in6* names = loop.names
         cdef unsigned int vlen, i, want
-        cdef int n
-        cdef int budget = READ_BUDGET
+        cdef size_t stride = self.stride
+        cdef char* base
+        if loop._rx_reserve(stride) < 0:
+            return 0
+        base = loop.rx_chunk.data + loop.rx_used
+        vlen = (loop.rx_chunk.size - loop.rx_used) // stride
+        want = self.rx_want if self.rx_want else MAX_MMSG
+        if vlen > want:
+            vlen = want
+        for i in range(vlen):
+            iov[i].iov_base = base + i * stride
+            # with GRO a train may fill the whole slot
+            iov[i].iov_len = stride if self.gro else self.max_datagram
+            mm[i].msg_hdr.msg_iov = &iov[i]
+            mm[i].msg_hdr.msg_iovlen = 1
+            mm[i].msg_hdr.msg_name = &names[i]
+            mm[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
+            if self.gro:
+                mm[i].msg_hdr.msg_control = &loop.dg_rctl[i * 3]
+                mm[i].msg_hdr.msg_controllen = EVPL_GRO_CTL
+            else:
+                mm[i].msg_hdr.msg_control = NULL
+                mm[i].msg_hdr.msg_controllen = 0
+            mm[i].msg_hdr.msg_flags = 0
+        return vlen
+
+    cdef void _rx_deliver(self, int n, unsigned int vlen):
+        """Hand over the ``n`` (> 0) datagrams a recvmmsg of the array
+        ``_rx_fill`` laid out (``vlen`` messages) received."""
+        cdef LoopCore loop = self.loop
+        cdef mmsghdr* mm = loop.mmsg
+        cdef sockaddr_in6* names = loop.names
+        cdef unsigned int i
         cdef size_t stride = self.stride
         cdef size_t seg
-        cdef char* base
+        cdef char* base = loop.rx_chunk.data + loop.rx_used
         cdef object addr
+        loop.rx_used += (n - 1) * stride + mm[n - 1].msg_len
+        loop.spin_src = self
+        # (a full batch: the next offers all; else twice this one)
+        self.rx_want = (MAX_MMSG if <unsigned int>n >= vlen
+                        else min(<unsigned int>MAX_MMSG,
+                                 max(<unsigned int>RX_MIN, 2 * <unsigned int>n)))
+        for i in range(<unsigned int>n):
+            if mm[i].msg_hdr.msg_flags & MSG_TRUNC:
+                loop.stat_datagrams_in += 1
+                loop.stat_truncated += 1
+                continue
+            seg = 0
+            if self.gro and mm[i].msg_hdr.msg_controllen:
+                seg = evpl_gro_size(&loop.dg_rctl[i * 3], mm[i].msg_hdr.msg_controllen)
+            addr = self._rx_address(<sockaddr*>&names[i], mm[i].msg_hdr.msg_namelen)
+            self._datagrams(loop.rx_chunk, base + i * stride, mm[i].msg_len, seg, addr)
+            if self.state != S_OPEN:
+                return
+
+    cdef void _read_socket(self):
+        cdef LoopCore loop = self.loop
+        cdef unsigned int vlen
+        cdef int n
+        cdef int budget = READ_BUDGET
         while budget > 0 and self.state == S_OPEN and not self.reading_paused:
             budget -= 1
-            if loop._rx_reserve(stride) < 0:
+            vlen = self._rx_fill()
+            if vlen == 0:
                 loop._starve(self)
                 return
-            base = loop.rx_chunk.data + loop.rx_used
-            vlen = (loop.rx_chunk.size - loop.rx_used) // stride
-            want = self.rx_want if self.rx_want else MAX_MMSG
-            if vlen > want:
-                vlen = want
-            for i in range(vlen):
-                iov[i].iov_base = base + i * stride
-                # with GRO a train may fill the whole slot
-                iov[i].iov_len = stride if self.gro else self.max_datagram
-                mm[i].msg_hdr.msg_iov = &iov[i]
-                mm[i].msg_hdr.msg_iovlen = 1
-                mm[i].msg_hdr.msg_name = &names[i]
-                mm[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
-                if self.gro:
-                    mm[i].msg_hdr.msg_control = &loop.dg_rctl[i * 3]
-                    mm[i].msg_hdr.msg_controllen = EVPL_GRO_CTL
-                else:
-                    mm[i].msg_hdr.msg_control = NULL
-                    mm[i].msg_hdr.msg_controllen = 0
-                mm[i].msg_hdr.msg_flags = 0
-            n = recvmmsg(self.fd, mm, vlen, MSG_DONTWAIT, NULL)
+            n = recvmmsg(self.fd, loop.mmsg, vlen, MSG_DONTWAIT, NULL)
             if n <= 0:
                 if n < 0 and errno == EINTR:
                     continue
@@ -278,28 +330,37 @@ cdef class EpollDatagram(EpollBind):
                     continue
                 self.rx_ready = False
                 return
-            loop.rx_used += (n - 1) * stride + mm[n - 1].msg_len
-            # (a full batch: the next offers all; else twice this one)
-            self.rx_want = (MAX_MMSG if <unsigned int>n >= vlen
-                            else min(<unsigned int>MAX_MMSG,
-                                     max(<unsigned int>RX_MIN, 2 * <unsigned int>n)))
-            for i in range(<unsigned int>n):
-                if mm[i].msg_hdr.msg_flags & MSG_TRUNC:
-                    loop.stat_datagrams_in += 1
-                    loop.stat_truncated += 1
-                    continue
-                seg = 0
-                if self.gro and mm[i].msg_hdr.msg_controllen:
-                    seg = evpl_gro_size(&loop.dg_rctl[i * 3], mm[i].msg_hdr.msg_controllen)
-                addr = self._rx_address(<sockaddr*>&names[i], mm[i].msg_hdr.msg_namelen)
-                self._datagrams(loop.rx_chunk, base + i * stride, mm[i].msg_len, seg, addr)
-                if self.state != S_OPEN:
-                    return
+            self._rx_deliver(n, vlen)
+            if self.state != S_OPEN:
+                return
             if <unsigned int>n < vlen:
                 self.rx_ready = False
                 return
         if self.rx_ready and self.state == S_OPEN and not self.reading_paused:
             loop._queue_read(self)
+
+    cdef unsigned int _spin_prepare(self):
+        # read directly only what _read would read: an open, unpaused socket
+        # with nothing held back, and not while a send waits for EPOLLOUT
+        # (the spin then skips most epoll_waits)
+        if (self.state != S_OPEN or self.reading_paused or self.backlog
+                or self.eof_pending or self.rx_queued or self.tx_blocked):
+            return 0
+        return self._rx_fill()
+
+    cdef void _spin_deliver(self, int n, unsigned int vlen, int err):
+        if n > 0:
+            self._rx_deliver(n, vlen)
+            if <unsigned int>n < vlen:
+                self.rx_ready = False
+                return
+        elif err != EINTR:
+            # ICMP errors (port unreachable) surface here, as in _read_socket
+            self._dgram_error(err)
+        # a full batch, an error or a signal: more may be waiting
+        if self.state == S_OPEN:
+            self.rx_ready = True
+            self.loop._queue_read(self)
 
     cdef void _write(self):
         """Send the queue with sendmmsg: one message per datagram, or per GSO
@@ -338,6 +399,8 @@ cdef class EpollDatagram(EpollBind):
             if n < 0:
                 if errno == EAGAIN or errno == ENOBUFS:
                     self.tx_blocked = True
+                    if not self.out_armed:
+                        self._arm_out(True)     # (ET: reports at once if writable)
                     return
                 if errno == EINTR:
                     continue
@@ -359,6 +422,8 @@ cdef class EpollDatagram(EpollBind):
                 loop.stat_datagrams_out += g
                 self._retire(g)
         q.head = q.tail = 0
+        if self.out_armed:
+            self._arm_out(False)
 
     cdef void _retire(self, unsigned int g):
         cdef size_t n = txq_dg_retire(&self.txq, g)
@@ -430,7 +495,7 @@ def datagram(LoopCore loop, int fd, str backend, handler, Limits limits, bint gs
     sockets only); ``peer``: the socket is connected to it."""
     cdef EpollDatagram b = EpollDatagram.__new__(EpollDatagram)
     b._setup(loop, fd, backend, False, handler, None, limits)
-    loop._ep_add(b, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+    loop._ep_add(b, fd, EPOLLIN | EPOLLET)        # EPOLLOUT: see out_armed
     b._adopt_datagram(gso, peer, b.stride >= 65536)
     return b
 

@@ -23,7 +23,7 @@ cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Malloc, PyMem_Free, PyMem_Realloc
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
-from libc.errno cimport errno, EINTR
+from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport int64_t, uint64_t, uint32_t
 from libc.string cimport memset
 from posix.unistd cimport close as c_close, read as c_read, write as c_write
@@ -41,6 +41,9 @@ cdef enum:
     # connection's pipelined requests) runs this many rounds in one
     # iteration; then sends go out and I/O is polled again
     DEFER_ROUNDS = 16
+    # while the spin reads its datagram socket directly and nothing else is
+    # in the epoll set, epoll_wait runs once in this many rounds
+    SPIN_EPOLL_EVERY = 16
 import os
 import signal
 import threading
@@ -81,6 +84,17 @@ cdef class _Source:
     cdef void _flush_batch(self):
         """Hand over what was collected in this read batch (queued in
         ``LoopCore.batches``)."""
+        pass
+
+    cdef unsigned int _spin_prepare(self):
+        """The loop is about to spin with this source as its ``spin_src``:
+        fill the loop's ``mmsg`` array for one ``recvmmsg`` and return how
+        many messages it offers (0: do not read it while spinning)."""
+        return 0
+
+    cdef void _spin_deliver(self, int n, unsigned int vlen, int err):
+        """The spin's ``recvmmsg`` of the array ``_spin_prepare`` filled
+        returned ``n`` (``err``: its errno when ``n < 0``)."""
         pass
 
 
@@ -697,6 +711,10 @@ cdef class LoopCore:
         cdef bint drv_hit = False
         cdef int ndrv = self.ndrv
         cdef Driver d
+        cdef _Source src
+        cdef unsigned int spin_vlen = 0
+        cdef int spin_fd = -1, spin_n = -1, spin_err = 0, ep_every = 1
+        cdef bint spin_hit = False
         for d in self.drv_list:
             d._submit()             # work queued outside an iteration (listen, connect...)
         wait = self._wait_budget(max_wait)
@@ -713,6 +731,17 @@ cdef class LoopCore:
             for d in self.drv_list:
                 d._spin_start()
             n = 0
+            # the datagram socket that received last is read directly while
+            # spinning: a datagram found costs one recvmmsg, not an
+            # epoll_wait that reports it and then the recvmmsg. epoll_wait
+            # still runs each round while other epoll sources exist, else
+            # every SPIN_EPOLL_EVERY rounds (signals, the source's errors)
+            src = self.spin_src
+            if src is not None:
+                spin_vlen = src._spin_prepare()
+                spin_fd = src.fd
+                if spin_vlen and self.n_epoll <= 1:
+                    ep_every = SPIN_EPOLL_EVERY
             with nogil:
                 self._released()
                 while True:
@@ -723,9 +752,18 @@ cdef class LoopCore:
                             drv_hit = True
                     if drv_hit:
                         break
+                    if spin_vlen:
+                        self.stat_spin_reads += 1
+                        spin_n = recvmmsg(spin_fd, self.mmsg, spin_vlen, MSG_DONTWAIT, NULL)
+                        if spin_n >= 0 or errno != EAGAIN:
+                            spin_err = errno
+                            spin_hit = True
+                            break
                     # epoll only when something can be there: an epoll
                     # source, or a doorbell / stop() (the wake flag says)
-                    if ndrv == 0 or self.n_epoll > 0 or evpl_load(&self.wake_pending):
+                    if ((ndrv == 0 or self.n_epoll > 0 or evpl_load(&self.wake_pending))
+                            and (self.stat_polls % ep_every == 0
+                                 or evpl_load(&self.wake_pending))):
                         n = evpl_epoll_wait_ns(self.epfd, self.events, MAX_EVENTS, 0)
                         if n != 0:
                             break
@@ -735,6 +773,10 @@ cdef class LoopCore:
             if drv_hit:
                 self.last_active = evpl_now_ns()
                 self._drivers_process()
+            elif spin_hit:
+                self.last_active = evpl_now_ns()
+                self.stat_spin_hits += 1
+                src._spin_deliver(spin_n, spin_vlen, spin_err)
             elif n == 0 and not self.poll_always:
                 wait = self._wait_budget(max_wait)
                 if wait != 0 and not self._drivers_before_sleep():
@@ -1008,6 +1050,7 @@ cdef class LoopCore:
         self.pending_read = []
         self.starved = []
         self.batches = []
+        self.spin_src = None
         for d in self.drv_list:
             d._close()
         self.ndrv = 0               # a later Bind makes a new one
@@ -1024,6 +1067,8 @@ cdef class LoopCore:
             "iterations": self.stat_iterations,
             "sleeps": self.stat_sleeps,
             "polls": self.stat_polls,
+            "spin_reads": self.stat_spin_reads,
+            "spin_hits": self.stat_spin_hits,
             "events": self.stat_events,
             "bytes_in": self.stat_bytes_in,
             "bytes_out": self.stat_bytes_out,
