@@ -24,7 +24,13 @@ mode, veth has no zero-copy); ratios are then to ``drpc-udp``.
 benchmarks/build/), C moving bulk data over loopback UDP with the same
 pinning: 64 KB datagrams, with and without a copy into a message buffer
 (drpc's reassembly), and 1472-byte datagrams with and without GSO/GRO. It
-is the ceiling for the ``large`` load over UDP on this machine.
+is the ceiling for the ``large`` load over UDP on this machine. With the
+``latency`` load it also runs benchmarks/c/pingpong_floor.c: two C
+processes bouncing 64 bytes over loopback ``tcp`` and ``udp`` with a
+zero-timeout ``epoll_wait`` spin and one recv and one send each way, and
+``udp-direct``, whose spin is the ``recv`` itself (what evpl's polling loop
+does for the udp socket that received last): the kernel's floor for a
+round trip, with no RPC and no Python.
 
 Loads: ``small`` (32-byte request and response, ``--depth`` calls in flight,
 default 8), ``latency`` (one call in flight; both loops in poll mode where
@@ -469,27 +475,57 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]], baseline: str = B
     return "\n".join(lines)
 
 
-def c_limit(repeat: int, duration: float) -> str:
-    """Build and run benchmarks/c/udp_limit.c; a markdown table of medians."""
-    src = HERE.parent / "c" / "udp_limit.c"
-    exe = HERE.parent / "build" / "udp_limit"
+def _c_exe(name: str) -> Path:
+    """benchmarks/c/NAME.c, built into benchmarks/build/ when it is newer."""
+    src = HERE.parent / "c" / f"{name}.c"
+    exe = HERE.parent / "build" / name
     exe.parent.mkdir(exist_ok=True)
     if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
         subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", f"-I{src.parent}", "-o", str(exe),
                         str(src)], check=True)
-    configs = [["65507"], ["65507", "copy"], ["1472"], ["1472", "gso"], ["1472", "copy", "gso"]]
-    runs: dict[str, list[float]] = {}
-    for r in range(repeat):
-        for cfg in configs:
-            out = subprocess.run([str(exe), cfg[0], str(duration), *cfg[1:]], capture_output=True,
-                                 text=True, timeout=duration + 30, check=True).stdout.strip()
-            print(f"  run {r + 1}/{repeat} C udp_limit {out}", flush=True)
-            runs.setdefault(" ".join(cfg), []).append(float(out.split(": ")[1].split()[0]))
-    lines = ["| C over loopback UDP (udp_limit.c) | median Gbit/s | runs |", "| --- | --- | --- |"]
-    for name, vals in runs.items():
-        lines.append(f"| {name} | {statistics.median(vals):.2f} | "
-                     f"{', '.join(f'{v:.1f}' for v in vals)} |")
-    return "\n".join(lines)
+    return exe
+
+
+def c_limit(repeat: int, duration: float, loads: list[str]) -> str:
+    """Build and run the C limits for ``loads`` (udp_limit.c for ``large``,
+    pingpong_floor.c for ``latency``); markdown tables of medians."""
+    tables = []
+    if "large" in loads:
+        exe = _c_exe("udp_limit")
+        configs = [["65507"], ["65507", "copy"], ["1472"], ["1472", "gso"],
+                   ["1472", "copy", "gso"]]
+        runs: dict[str, list[float]] = {}
+        for r in range(repeat):
+            for cfg in configs:
+                out = subprocess.run([str(exe), cfg[0], str(duration), *cfg[1:]],
+                                     capture_output=True, text=True, timeout=duration + 30,
+                                     check=True).stdout.strip()
+                print(f"  run {r + 1}/{repeat} C udp_limit {out}", flush=True)
+                runs.setdefault(" ".join(cfg), []).append(float(out.split(": ")[1].split()[0]))
+        lines = ["| C over loopback UDP (udp_limit.c) | median Gbit/s | runs |",
+                 "| --- | --- | --- |"]
+        for name, vals in runs.items():
+            lines.append(f"| {name} | {statistics.median(vals):.2f} | "
+                         f"{', '.join(f'{v:.1f}' for v in vals)} |")
+        tables.append("\n".join(lines))
+    if "latency" in loads:
+        exe = _c_exe("pingpong_floor")
+        rts: dict[str, list[float]] = {}
+        for r in range(repeat):
+            for mode in ("tcp", "udp", "udp-direct"):
+                out = json.loads(subprocess.run([str(exe), mode, str(duration)],
+                                                capture_output=True, text=True,
+                                                timeout=duration + 30, check=True).stdout)
+                rt = out["secs"] / out["msgs"] * 1e6
+                print(f"  run {r + 1}/{repeat} C pingpong_floor {mode}: {rt:.2f} us", flush=True)
+                rts.setdefault(mode, []).append(rt)
+        lines = ["| C ping-pong floor (pingpong_floor.c) | median mean round trip (us) | runs |",
+                 "| --- | --- | --- |"]
+        for mode, vals in rts.items():
+            lines.append(f"| {mode} | {statistics.median(vals):.2f} | "
+                         f"{', '.join(f'{v:.1f}' for v in vals)} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def main() -> None:
@@ -507,8 +543,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--markdown", default=None, help="also write the table here")
     ap.add_argument("--c-limit", action="store_true",
-                    help="also measure C over loopback UDP (benchmarks/c/udp_limit.c): the "
-                         "ceiling for the large load")
+                    help="also measure the C limits over loopback: udp_limit.c (the ceiling "
+                         "for the large load) and pingpong_floor.c (the kernel's floor for "
+                         "the latency load)")
     ap.add_argument("--veth", action="store_true",
                     help="server and client in two network namespaces joined by a veth pair "
                          "(root; needed by drpc-xdp); ratios to drpc-udp")
@@ -557,7 +594,7 @@ def main() -> None:
             veth_teardown()
     md = table(results, "drpc-udp" if VETH else BASELINE)
     if args.c_limit:
-        md += "\n\n" + c_limit(args.repeat, args.duration)
+        md += "\n\n" + c_limit(args.repeat, args.duration, loads)
     print(md)
     if args.markdown:
         Path(args.markdown).write_text(md + "\n")
