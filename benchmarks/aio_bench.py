@@ -13,7 +13,9 @@ Loads:
                 message, same load.
 * ``pingpong``  one connection, one 64 B message in flight (round trips/s),
                 Protocol echo.
-* ``aiohttp``   an aiohttp "hello" app under wrk (1 thread, 32 connections).
+* ``aiohttp``   an aiohttp "hello" app under wrk (1 thread, 32 connections);
+                each run also prints the server's user and system CPU per
+                request (/proc).
 * ``timers``    1M call_later callbacks (delays spread over 0-100 ms)
                 scheduled and fired, in one process: callbacks/s.
 
@@ -196,6 +198,18 @@ def server(loop_name: str, load: str) -> Iterator[tuple[int, int]]:
             proc.wait()
 
 
+# server user and system CPU µs per request of the last aiohttp run, per (loop, load)
+cpu_per_req: dict[tuple[str, str], list[float]] = {}
+
+
+def _cpu_times(pid: int) -> tuple[float, float]:
+    """utime and stime of process ``pid`` in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def measure(loop_name: str, load: str, opts: argparse.Namespace) -> float:
     """One measurement: the load's headline rate."""
     if loop_name in ("c", "c-spin") and load not in C_LOADS:
@@ -217,13 +231,20 @@ def measure(loop_name: str, load: str, opts: argparse.Namespace) -> float:
                                     timeout=opts.duration + 60)
             return float(data["rate"])
         if load == "aiohttp":
+            cpu0 = _cpu_times(pid)
             out = subprocess.run(
                 ["taskset", "-c", CLIENT_CORE, "wrk", "-t1", "-c32",
                  f"-d{max(1, round(opts.duration))}s", f"http://127.0.0.1:{port}/"],
                 capture_output=True, text=True, timeout=opts.duration + 60, check=True)
+            cpu1 = _cpu_times(pid)
             m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
-            if not m or "Non-2xx" in out.stdout or "errors" in out.stdout:
+            n = re.search(r"(\d+) requests in", out.stdout)
+            if not m or not n or "Non-2xx" in out.stdout or "errors" in out.stdout:
                 raise RuntimeError(f"wrk: {out.stdout}")
+            reqs = int(n.group(1))
+            # (includes wrk's connection set-up, a few per mille of a run)
+            cpu_per_req[(loop_name, load)] = [(b - a) / reqs * 1e6
+                                              for a, b in zip(cpu0, cpu1, strict=True)]
             return float(m.group(1))
     raise ValueError(load)
 
@@ -254,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{load:9} {loop_name:16} run {rep + 1}: FAILED {exc}", flush=True)
                     continue
                 runs.setdefault((load, loop_name), []).append(value)
-                print(f"{load:9} {loop_name:16} run {rep + 1}: {value:14,.0f}", flush=True)
+                cpu = cpu_per_req.pop((loop_name, load), None)
+                extra = f"   server user {cpu[0]:.1f} + sys {cpu[1]:.1f} µs/req" if cpu else ""
+                print(f"{load:9} {loop_name:16} run {rep + 1}: {value:14,.0f}{extra}", flush=True)
     print()
     print(f"{'load':9} {'loop':16} {'median/s':>14} {'vs uvloop':>10} {'vs asyncio':>11}")
     for load in opts.loads:

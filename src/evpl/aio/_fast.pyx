@@ -116,11 +116,46 @@ cdef extern from *:
     static inline PyObject *evpl_aio_slot(PyObject *o, Py_ssize_t off) {
         return *(PyObject **)((char *)o + off);
     }
+    static inline void evpl_aio_slot_clear(PyObject *o, Py_ssize_t off) {
+        PyObject **p = (PyObject **)((char *)o + off);
+        PyObject *v = *p;
+        *p = NULL;
+        Py_XDECREF(v);
+    }
+    /* Handles that ran and that nothing else referenced, fields emptied,
+       kept for the next call_soon (out of the GC's sight meanwhile) */
+    #define EVPL_AIO_FREE_MAX 64
+    static PyObject *evpl_aio_free[EVPL_AIO_FREE_MAX];
+    static int evpl_aio_nfree = 0;
+    static PyObject *evpl_aio_handle_new(PyObject *cls) {
+        if (evpl_aio_nfree > 0) {
+            PyObject *h = evpl_aio_free[--evpl_aio_nfree];
+            PyObject_GC_Track(h);
+            return h;
+        }
+        return evpl_aio_alloc(cls);
+    }
+    static inline int evpl_aio_unshared(PyObject *o) {
+        Py_ssize_t off = Py_TYPE(o)->tp_weaklistoffset;
+        return Py_REFCNT(o) == 1 && evpl_aio_nfree < EVPL_AIO_FREE_MAX
+            && (off <= 0 || *(PyObject **)((char *)o + off) == NULL);
+    }
+    static inline void evpl_aio_keep(PyObject *o) {
+        if (evpl_aio_nfree < EVPL_AIO_FREE_MAX) {
+            PyObject_GC_UnTrack(o);
+            Py_INCREF(o);
+            evpl_aio_free[evpl_aio_nfree++] = o;
+        }
+    }
     """
     object evpl_aio_alloc(object cls)
     Py_ssize_t evpl_aio_member_offset(object descr)
     void evpl_aio_slot_init(object o, Py_ssize_t off, object v)
     PyObject* evpl_aio_slot(object o, Py_ssize_t off)
+    void evpl_aio_slot_clear(object o, Py_ssize_t off)
+    object evpl_aio_handle_new(object cls)
+    bint evpl_aio_unshared(object o)
+    void evpl_aio_keep(object o)
     int PyContext_Enter(object ctx) except -1
     int PyContext_Exit(object ctx) except -1
 
@@ -134,7 +169,7 @@ cdef bint _OFFSETS = False      # the offsets above are valid (set at the end of
 cdef object _LoopType = None
 cdef Py_ssize_t L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY
 cdef object _StreamType = None
-cdef Py_ssize_t S_RECV, S_WBIND
+cdef Py_ssize_t S_RECV, S_WBIND, S_CLOSING
 cdef object _DgramType = None
 cdef Py_ssize_t D_RECV, D_SBIND, D_ADDRESS, D_CONNECTED
 
@@ -171,7 +206,7 @@ def register_slots(cls, kind):
     DatagramTransport); a class whose fields are not plain slots is left to
     attribute look-ups."""
     global _LoopType, L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY
-    global _StreamType, S_RECV, S_WBIND
+    global _StreamType, S_RECV, S_WBIND, S_CLOSING
     global _DgramType, D_RECV, D_SBIND, D_ADDRESS, D_CONNECTED
     if kind == "loop":
         offs = [_offset(cls, n) for n in ("_closed", "_debug", "_ready", "_stopping",
@@ -180,9 +215,9 @@ def register_slots(cls, kind):
             L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY = offs
             _LoopType = cls
     elif kind == "stream":
-        offs = [_offset(cls, n) for n in ("_recv", "_wbind")]
+        offs = [_offset(cls, n) for n in ("_recv", "_wbind", "_closing")]
         if min(offs) > 0:
-            S_RECV, S_WBIND = offs
+            S_RECV, S_WBIND, S_CLOSING = offs
             _StreamType = cls
     elif kind == "dgram":
         offs = [_offset(cls, n) for n in ("_recv", "_sbind", "_address", "_connected")]
@@ -230,6 +265,26 @@ cdef int _run(handle) except -1:
         raise
     except BaseException as exc:
         _report(handle, exc)
+    return 0
+
+
+cdef inline int _recycle(handle) except -1:
+    """A plain Handle that ran and that nothing else holds (no reference,
+    no weak reference): empty its fields (what its deallocation would
+    release, released now) and keep it for the next ``call_soon``, which
+    then fills it instead of allocating (asyncio's Handles are GC objects
+    of a Python class: allocation and deallocation are most of a
+    callback's cost in the loop)."""
+    if not _OFFSETS or type(handle) is not _Handle or not evpl_aio_unshared(handle):
+        return 0
+    evpl_aio_slot_clear(handle, OFF_CALLBACK)
+    evpl_aio_slot_clear(handle, OFF_ARGS)
+    evpl_aio_slot_clear(handle, OFF_CONTEXT)
+    evpl_aio_slot_clear(handle, OFF_LOOP)
+    evpl_aio_slot_clear(handle, OFF_CANCELLED)
+    evpl_aio_slot_clear(handle, OFF_REPR)
+    evpl_aio_slot_clear(handle, OFF_TB)
+    evpl_aio_keep(handle)
     return 0
 
 
@@ -282,11 +337,13 @@ cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
                     _run(handle)
                     if core.dirty and ntodo - i > EARLY_SEND_AHEAD:
                         _send_now(core)
+                _recycle(handle)
         else:
             for _ in range(ntodo):
                 handle = popleft()
                 if not _cancelled(handle):
                     _run(handle)
+                _recycle(handle)
         if _l_stopping(self):
             # no more I/O for a loop that stops (asyncio polls before its
             # callbacks, not after), but what they wrote is sent now
@@ -370,10 +427,25 @@ cdef object _call_soon(self, callback, tuple args, context):
         raise RuntimeError("Event loop is closed")
     if not _OFFSETS or _l_debug(self):
         return self._call_soon_slow(callback, args, context)
-    h = evpl_aio_alloc(_Handle)
+    h = evpl_aio_handle_new(_Handle)
     _fill(h, self, callback, args, context)
-    (_field(self, L_READY) if _is_loop(self) else self._ready).append(h)
+    _append(_field(self, L_READY) if _is_loop(self) else self._ready, h)
     return h
+
+
+# the ready deque whose bound ``append`` is kept: call_soon appends with one
+# C call instead of a method look-up per callback
+cdef object _ready_q = None
+cdef object _ready_append = None
+
+
+cdef inline int _append(q, h) except -1:
+    global _ready_q, _ready_append
+    if q is not _ready_q:
+        _ready_append = q.append
+        _ready_q = q
+    _ready_append(h)
+    return 0
 
 
 # AttachedEventLoop's per-callback paths: its ready callbacks run from a
@@ -614,12 +686,14 @@ def create_task(self, coro, *, name=None, context=None, **kwargs):
     if (kwargs or _l_debug(self) or _l_closed(self)
             or (_field(self, L_FACTORY) if _is_loop(self) else self._task_factory) is not None):
         return _BaseCreateTask(self, coro, name=name, context=context, **kwargs)
+    if name is None and context is None:
+        return _Task(coro, loop=self)       # (one keyword: a smaller dict for the call)
     return _Task(coro, loop=self, name=name, context=context)
 
 
 def is_closing(self):
-    """``transport.is_closing()``."""
-    return self._closing
+    """``transport.is_closing()`` (aiohttp asks before every write)."""
+    return _field(self, S_CLOSING) if _is_stream(self) else self._closing
 
 
 from asyncio.base_events import BaseEventLoop as _BaseEventLoop
