@@ -15,7 +15,10 @@ Loads:
                 Protocol echo.
 * ``aiohttp``   an aiohttp "hello" app under wrk (1 thread, 32 connections);
                 each run also prints the server's user and system CPU per
-                request (/proc).
+                request, its core's softirq and idle time, and the IPIs
+                wrk's core took per request (/proc: a server that sends
+                each response on its own wakes wrk about once per
+                request; evpl's end-of-iteration sends once per batch).
 * ``timers``    1M call_later callbacks (delays spread over 0-100 ms)
                 scheduled and fired, in one process: callbacks/s.
 
@@ -198,16 +201,30 @@ def server(loop_name: str, load: str) -> Iterator[tuple[int, int]]:
             proc.wait()
 
 
-# server user and system CPU µs per request of the last aiohttp run, per (loop, load)
+# server user and system CPU, its core's softirq and idle time (µs), and IPIs to
+# wrk's core, per request of the last aiohttp run, per (loop, load)
 cpu_per_req: dict[tuple[str, str], list[float]] = {}
 
 
-def _cpu_times(pid: int) -> tuple[float, float]:
-    """utime and stime of process ``pid`` in seconds."""
+def _cpu_times(pid: int) -> tuple[float, float, float, float, float]:
+    """utime and stime of process ``pid``, and the softirq and idle time of
+    the server's core (not charged to any process), in seconds; and the
+    inter-processor interrupts the load generator's core took (rescheduling
+    and function-call IPIs: mostly the server waking wrk up), times 1e-6."""
+    tick = os.sysconf("SC_CLK_TCK")
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    with open("/proc/stat") as f:
+        core = next(line.split() for line in f if line.startswith(f"cpu{SERVER_CORE} "))
+    ipis = 0
+    with open("/proc/interrupts") as f:
+        for line in f:
+            p = line.split()
+            if p and p[0] in ("RES:", "CAL:"):
+                ipis += int(p[1 + int(CLIENT_CORE)])
+    # /proc/stat: user nice system idle iowait irq softirq ...
+    return (int(fields[11]) / tick, int(fields[12]) / tick, int(core[7]) / tick,
+            (int(core[4]) + int(core[5])) / tick, ipis / 1e6)
 
 
 def measure(loop_name: str, load: str, opts: argparse.Namespace) -> float:
@@ -276,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 runs.setdefault((load, loop_name), []).append(value)
                 cpu = cpu_per_req.pop((loop_name, load), None)
-                extra = f"   server user {cpu[0]:.1f} + sys {cpu[1]:.1f} µs/req" if cpu else ""
+                extra = (f"   µs/req: server user {cpu[0]:.2f} sys {cpu[1]:.2f}, its core's "
+                         f"softirq {cpu[2]:.2f} idle {cpu[3]:.2f}; wrk wake-ups (IPIs)/req "
+                         f"{cpu[4]:.2f}" if cpu else "")
                 print(f"{load:9} {loop_name:16} run {rep + 1}: {value:14,.0f}{extra}", flush=True)
     print()
     print(f"{'load':9} {'loop':16} {'median/s':>14} {'vs uvloop':>10} {'vs asyncio':>11}")

@@ -17,7 +17,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from evpl._native.bind cimport Bind
 from evpl._native.buffers cimport Buffer
-from evpl._native.loop cimport LoopCore, _Source
+from evpl._native.loop cimport LoopCore
 
 from evpl.errors import EvplError
 
@@ -316,7 +316,7 @@ cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
     """One iteration of ``EvplEventLoop`` (see its ``_run_once``); ``first``:
     look at ``_stopping`` before the callbacks too (``run_iterations``
     knows it was false at the end of the iteration before)."""
-    cdef Py_ssize_t ntodo, i
+    cdef Py_ssize_t ntodo
     if first and _l_stopping(self):
         # stop() came before this iteration: poll once without waiting (as
         # asyncio does), run what is ready, leave
@@ -330,14 +330,6 @@ cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
                 handle = popleft()
                 if not handle._cancelled:
                     self._run_debug(handle)
-        elif core.ndrv == 0 and ntodo > EARLY_SEND_AHEAD:
-            for i in range(ntodo):
-                handle = popleft()
-                if not _cancelled(handle):
-                    _run(handle)
-                    if core.dirty and ntodo - i > EARLY_SEND_AHEAD:
-                        _send_now(core)
-                _recycle(handle)
         else:
             for _ in range(ntodo):
                 handle = popleft()
@@ -353,33 +345,6 @@ cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
         core.flush()                    # (no callback ran since run_iterations looked)
         return 0
     core._iterate(0 if ready else -1)
-    return 0
-
-
-# A ready callback that has at least this many callbacks after it in its
-# iteration gets what it queued sent as it returns (see _send_now).
-cdef enum:
-    EARLY_SEND_AHEAD = 8
-
-
-cdef int _send_now(LoopCore core) except -1:
-    """Send what a ready callback queued as it returns, not at the end of
-    the iteration, when many callbacks are still to run in it: a remote
-    peer's answer then has their time to arrive in and is read by this
-    iteration's poll (a request-response server finds the next request
-    there, instead of parking its reader on a future and waking it an
-    iteration later). One ``sendmsg`` per Bind the callback wrote to, as
-    uvloop's one send per write at most. The last callbacks of an
-    iteration keep the end-of-iteration send: a peer on this same loop
-    must not read their data in this iteration's poll, before the
-    callbacks they scheduled (asyncio's order), and a remote one could
-    not answer in time anyway. Only on a loop without Drivers (epoll):
-    io_uring's sends leave with one submission per iteration."""
-    cdef _Source b
-    batch = core.dirty
-    core.dirty = []
-    for b in batch:
-        b._flush()
     return 0
 
 
