@@ -381,10 +381,81 @@ def run_iterations(self):
         first = False
 
 
-def call_soon(self, callback, *args, context=None):
-    """``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next
-    iteration (asyncio's, with debug mode's checks only in debug mode)."""
-    return _call_soon(self, callback, args, context)
+# EvplEventLoop.call_soon is a method descriptor over a C function that
+# takes its arguments as a vector (METH_FASTCALL | METH_KEYWORDS): C futures
+# and tasks call it per callback with ``context=`` as a keyword, and a
+# compiled ``def`` would parse that keyword generically and get a bound
+# method object made per look-up.
+cdef extern from *:
+    """
+    typedef PyObject *(*evpl_aio_soon_fn)(PyObject *, PyObject *, PyObject *, PyObject *);
+    static evpl_aio_soon_fn evpl_aio_soon_target = NULL;
+    static PyObject *evpl_aio_str_context = NULL;
+
+    static PyObject *evpl_aio_call_soon(PyObject *self, PyObject *const *args,
+                                        Py_ssize_t nargsf, PyObject *kwnames) {
+        Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+        PyObject *context = Py_None;
+        if (kwnames != NULL) {
+            Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+            for (Py_ssize_t i = 0; i < nkw; i++) {
+                PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+                if (key != evpl_aio_str_context
+                        && PyUnicode_Compare(key, evpl_aio_str_context) != 0) {
+                    if (!PyErr_Occurred())
+                        PyErr_Format(PyExc_TypeError,
+                                     "call_soon() got an unexpected keyword argument '%S'",
+                                     key);
+                    return NULL;
+                }
+                context = args[nargs + i];
+            }
+        }
+        if (nargs < 1) {
+            PyErr_SetString(PyExc_TypeError,
+                            "call_soon() missing 1 required positional argument: 'callback'");
+            return NULL;
+        }
+        PyObject *rest = PyTuple_New(nargs - 1);
+        if (rest == NULL)
+            return NULL;
+        for (Py_ssize_t i = 1; i < nargs; i++) {
+            Py_INCREF(args[i]);
+            PyTuple_SET_ITEM(rest, i - 1, args[i]);
+        }
+        PyObject *h = evpl_aio_soon_target(self, args[0], rest, context);
+        Py_DECREF(rest);
+        return h;
+    }
+
+    static PyMethodDef evpl_aio_call_soon_def = {
+        "call_soon", (PyCFunction)(void (*)(void))evpl_aio_call_soon,
+        METH_FASTCALL | METH_KEYWORDS,
+        "call_soon($self, callback, /, *args, context=None)\\n--\\n\\n"
+        "Run ``callback(*args)`` in the next iteration (asyncio's, with debug "
+        "mode's checks only in debug mode)."};
+
+    static PyObject *evpl_aio_call_soon_descr(PyObject *cls, PyObject *context_name,
+                                              evpl_aio_soon_fn target) {
+        Py_INCREF(context_name);
+        evpl_aio_str_context = context_name;
+        evpl_aio_soon_target = target;
+        return PyDescr_NewMethod((PyTypeObject *)cls, &evpl_aio_call_soon_def);
+    }
+    """
+    ctypedef object (*evpl_aio_soon_fn)(object, object, object, object)
+    object evpl_aio_call_soon_descr(object cls, object context_name, evpl_aio_soon_fn target)
+
+
+cdef object _call_soon_entry(self, callback, args, context):
+    return _call_soon(self, callback, <tuple>args, context)
+
+
+def call_soon_method(cls):
+    """``call_soon`` for ``cls`` (EvplEventLoop): ``callback(*args)`` run in
+    the next iteration, as a method descriptor of ``cls``."""
+    return evpl_aio_call_soon_descr(cls, _sys.intern("context"), _call_soon_entry)
+
 
 
 cdef object _call_soon(self, callback, tuple args, context):

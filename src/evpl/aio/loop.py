@@ -271,8 +271,8 @@ class EvplEventLoop(base_events.BaseEventLoop):
     # runs in the next iteration (after that poll, as in asyncio, where the
     # poll of iteration k+1 comes before them). Compiled: evpl.aio._fast.
     _run_once = _fast.run_once
-    call_soon = _fast.call_soon
     # what C futures and tasks, and protocols, call per request: compiled
+    # (call_soon too: a C method, set below the class)
     # (asyncio's are Python methods, a frame each)
     get_debug = _fast.get_debug
     time = _fast.loop_time
@@ -989,6 +989,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
 
 
 _fast.register_slots(EvplEventLoop, "loop")
+EvplEventLoop.call_soon = _fast.call_soon_method(EvplEventLoop)  # type: ignore[method-assign]
 
 
 class AttachedEventLoop(EvplEventLoop):
