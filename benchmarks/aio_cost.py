@@ -32,6 +32,11 @@ frame of the chain that has an owner:
 The interpreter's and libc's helpers (allocation, reference counting,
 calls, dicts) are charged to whoever called them.
 
+Instructions are not the whole cost: when the loop sends changes how
+often the load generator is woken (a cross-core interrupt and a VM exit
+each on this machine), which callgrind cannot see; aio_bench.py prints
+those wake-ups and the server's system and softirq time per request.
+
 ``--pyprofile`` runs the server in-process under cProfile (no valgrind)
 for the same load and lists the Python functions called per request:
 the ``app`` bucket's Python is theirs (on both loops today, aiohttp's
