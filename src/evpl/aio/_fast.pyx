@@ -167,7 +167,7 @@ cdef bint _OFFSETS = False      # the offsets above are valid (set at the end of
 # read: EvplEventLoop's and StreamTransport's (registered by their modules
 # once the classes exist; until then, or for another class, attributes).
 cdef object _LoopType = None
-cdef Py_ssize_t L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY
+cdef Py_ssize_t L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY, L_APPEND
 cdef object _StreamType = None
 cdef Py_ssize_t S_RECV, S_WBIND, S_CLOSING
 cdef object _DgramType = None
@@ -205,14 +205,14 @@ def register_slots(cls, kind):
     EvplEventLoop, "stream" for StreamTransport, "dgram" for
     DatagramTransport); a class whose fields are not plain slots is left to
     attribute look-ups."""
-    global _LoopType, L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY
+    global _LoopType, L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY, L_APPEND
     global _StreamType, S_RECV, S_WBIND, S_CLOSING
     global _DgramType, D_RECV, D_SBIND, D_ADDRESS, D_CONNECTED
     if kind == "loop":
         offs = [_offset(cls, n) for n in ("_closed", "_debug", "_ready", "_stopping",
-                                          "_stashed", "_task_factory")]
+                                          "_stashed", "_task_factory", "_ready_append")]
         if min(offs) > 0:
-            L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY = offs
+            L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY, L_APPEND = offs
             _LoopType = cls
     elif kind == "stream":
         offs = [_offset(cls, n) for n in ("_recv", "_wbind", "_closing")]
@@ -457,7 +457,6 @@ def call_soon_method(cls):
     return evpl_aio_call_soon_descr(cls, _sys.intern("context"), _call_soon_entry)
 
 
-
 cdef object _call_soon(self, callback, tuple args, context):
     if _l_closed(self):
         raise RuntimeError("Event loop is closed")
@@ -465,23 +464,11 @@ cdef object _call_soon(self, callback, tuple args, context):
         return self._call_soon_slow(callback, args, context)
     h = evpl_aio_handle_new(_Handle)
     _fill(h, self, callback, args, context)
-    _append(_field(self, L_READY) if _is_loop(self) else self._ready, h)
+    if _is_loop(self):
+        _field(self, L_APPEND)(h)       # the ready deque's bound append
+    else:
+        self._ready.append(h)
     return h
-
-
-# the ready deque whose bound ``append`` is kept: call_soon appends with one
-# C call instead of a method look-up per callback
-cdef object _ready_q = None
-cdef object _ready_append = None
-
-
-cdef inline int _append(q, h) except -1:
-    global _ready_q, _ready_append
-    if q is not _ready_q:
-        _ready_append = q.append
-        _ready_q = q
-    _ready_append(h)
-    return 0
 
 
 # AttachedEventLoop's per-callback paths: its ready callbacks run from a

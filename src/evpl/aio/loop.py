@@ -173,7 +173,8 @@ class EvplEventLoop(base_events.BaseEventLoop):
 
     # read per iteration or per call_soon by the compiled paths: slots, not
     # dict look-ups
-    __slots__ = ("_closed", "_debug", "_ready", "_stashed", "_stopping", "_task_factory")
+    __slots__ = ("_closed", "_debug", "_ready", "_ready_append", "_stashed", "_stopping",
+                 "_task_factory")
 
     def __init__(self, *, backend: str = "epoll", poll_mode: str = "hybrid",
                  spin_ns: int = 50_000, pool: Any = None, core: Loop | None = None) -> None:
@@ -190,6 +191,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         self._core = core
         self._backend = backend
         super().__init__()
+        self._ready_append = self._ready.append     # (call_soon's, without a look-up)
         self._stream_backends = names
         self._datagram_backend = "io_uring_udp" if backend == "io_uring" else "udp"
         self._watches: dict[int, _FdEntry] = {}
