@@ -13,7 +13,12 @@ Loads:
                 message, same load.
 * ``pingpong``  one connection, one 64 B message in flight (round trips/s),
                 Protocol echo.
-* ``aiohttp``   an aiohttp "hello" app under wrk (1 thread, 32 connections).
+* ``aiohttp``   an aiohttp "hello" app under wrk (1 thread, 32 connections);
+                each run also prints the server's user and system CPU per
+                request, its core's softirq and idle time, and the IPIs
+                wrk's core took per request (/proc: a server that sends
+                each response on its own wakes wrk about once per
+                request; evpl's end-of-iteration sends once per batch).
 * ``timers``    1M call_later callbacks (delays spread over 0-100 ms)
                 scheduled and fired, in one process: callbacks/s.
 
@@ -196,6 +201,32 @@ def server(loop_name: str, load: str) -> Iterator[tuple[int, int]]:
             proc.wait()
 
 
+# server user and system CPU, its core's softirq and idle time (µs), and IPIs to
+# wrk's core, per request of the last aiohttp run, per (loop, load)
+cpu_per_req: dict[tuple[str, str], list[float]] = {}
+
+
+def _cpu_times(pid: int) -> tuple[float, float, float, float, float]:
+    """utime and stime of process ``pid``, and the softirq and idle time of
+    the server's core (not charged to any process), in seconds; and the
+    inter-processor interrupts the load generator's core took (rescheduling
+    and function-call IPIs: mostly the server waking wrk up), times 1e-6."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    with open("/proc/stat") as f:
+        core = next(line.split() for line in f if line.startswith(f"cpu{SERVER_CORE} "))
+    ipis = 0
+    with open("/proc/interrupts") as f:
+        for line in f:
+            p = line.split()
+            if p and p[0] in ("RES:", "CAL:"):
+                ipis += int(p[1 + int(CLIENT_CORE)])
+    # /proc/stat: user nice system idle iowait irq softirq ...
+    return (int(fields[11]) / tick, int(fields[12]) / tick, int(core[7]) / tick,
+            (int(core[4]) + int(core[5])) / tick, ipis / 1e6)
+
+
 def measure(loop_name: str, load: str, opts: argparse.Namespace) -> float:
     """One measurement: the load's headline rate."""
     if loop_name in ("c", "c-spin") and load not in C_LOADS:
@@ -217,13 +248,20 @@ def measure(loop_name: str, load: str, opts: argparse.Namespace) -> float:
                                     timeout=opts.duration + 60)
             return float(data["rate"])
         if load == "aiohttp":
+            cpu0 = _cpu_times(pid)
             out = subprocess.run(
                 ["taskset", "-c", CLIENT_CORE, "wrk", "-t1", "-c32",
                  f"-d{max(1, round(opts.duration))}s", f"http://127.0.0.1:{port}/"],
                 capture_output=True, text=True, timeout=opts.duration + 60, check=True)
+            cpu1 = _cpu_times(pid)
             m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
-            if not m or "Non-2xx" in out.stdout or "errors" in out.stdout:
+            n = re.search(r"(\d+) requests in", out.stdout)
+            if not m or not n or "Non-2xx" in out.stdout or "errors" in out.stdout:
                 raise RuntimeError(f"wrk: {out.stdout}")
+            reqs = int(n.group(1))
+            # (includes wrk's connection set-up, a few per mille of a run)
+            cpu_per_req[(loop_name, load)] = [(b - a) / reqs * 1e6
+                                              for a, b in zip(cpu0, cpu1, strict=True)]
             return float(m.group(1))
     raise ValueError(load)
 
@@ -254,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{load:9} {loop_name:16} run {rep + 1}: FAILED {exc}", flush=True)
                     continue
                 runs.setdefault((load, loop_name), []).append(value)
-                print(f"{load:9} {loop_name:16} run {rep + 1}: {value:14,.0f}", flush=True)
+                cpu = cpu_per_req.pop((loop_name, load), None)
+                extra = (f"   µs/req: server user {cpu[0]:.2f} sys {cpu[1]:.2f}, its core's "
+                         f"softirq {cpu[2]:.2f} idle {cpu[3]:.2f}; wrk wake-ups (IPIs)/req "
+                         f"{cpu[4]:.2f}" if cpu else "")
+                print(f"{load:9} {loop_name:16} run {rep + 1}: {value:14,.0f}{extra}", flush=True)
     print()
     print(f"{'load':9} {'loop':16} {'median/s':>14} {'vs uvloop':>10} {'vs asyncio':>11}")
     for load in opts.loads:

@@ -1,5 +1,6 @@
 """The compiled paths of evpl.aio keep asyncio's semantics: handles are
-asyncio's classes (made at their slot offsets), callbacks run in their
+asyncio's classes (made at their slot offsets, reused only when nothing
+holds them), call_soon takes asyncio's arguments, callbacks run in their
 contexts, errors reach the exception handler, a SystemExit/KeyboardInterrupt
 from an engine callback leaves run_forever after the iteration and the loop
 stays usable, a replaced ``_run_once`` is honoured, and the loop methods
@@ -36,6 +37,50 @@ def test_handles_are_asyncios(aio_loop: Any) -> None:
     aio_loop.run_forever()
     assert seen == [1, 2]
     assert not h.cancelled()
+
+
+def test_handles_still_referenced_are_not_reused(aio_loop: Any) -> None:
+    """A Handle that ran is reused by a later call_soon only when nothing
+    holds it: one the caller keeps keeps its fields and is never handed
+    out again; one with only a weak reference to it is freed (the weak
+    reference dies), not reused under it."""
+    import weakref
+
+    seen: list[Any] = []
+    kept = aio_loop.call_soon(seen.append, "kept")
+    weak_target = aio_loop.call_soon(seen.append, "weak")
+    ref = weakref.ref(weak_target)
+    del weak_target
+    for i in range(100):            # handles nobody keeps: reused among themselves
+        aio_loop.call_soon(seen.append, i)
+    aio_loop.call_soon(aio_loop.stop)
+    aio_loop.run_forever()
+    later = [aio_loop.call_soon(seen.append, "later") for _ in range(100)]
+    assert kept not in later and ref() is None
+    assert kept._callback == seen.append and kept._args == ("kept",)
+    aio_loop.call_soon(aio_loop.stop)
+    aio_loop.run_forever()
+    assert seen == ["kept", "weak", *range(100), *["later"] * 100]
+
+
+def test_call_soon_arguments(aio_loop: Any) -> None:
+    """call_soon (a C method) takes asyncio's arguments and refuses others
+    as asyncio's does."""
+    import inspect
+
+    assert str(inspect.signature(aio_loop.call_soon)) == "(callback, /, *args, context=None)"
+    with pytest.raises(TypeError, match="callback"):
+        aio_loop.call_soon()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'ctx'"):
+        aio_loop.call_soon(print, ctx=None)
+    got: list[Any] = []
+    ctx = contextvars.copy_context()
+    ctx.run(VAR.set, "kw")
+    aio_loop.call_soon(lambda *a: got.append((a, VAR.get())), 1, 2, context=ctx)
+    aio_loop.call_soon(lambda *a: got.append((a, VAR.get())), context=None)
+    aio_loop.call_soon(aio_loop.stop)
+    aio_loop.run_forever()
+    assert got == [((1, 2), "kw"), ((), "unset")]
 
 
 def test_callbacks_run_in_their_context(aio_loop: Any) -> None:

@@ -116,11 +116,46 @@ cdef extern from *:
     static inline PyObject *evpl_aio_slot(PyObject *o, Py_ssize_t off) {
         return *(PyObject **)((char *)o + off);
     }
+    static inline void evpl_aio_slot_clear(PyObject *o, Py_ssize_t off) {
+        PyObject **p = (PyObject **)((char *)o + off);
+        PyObject *v = *p;
+        *p = NULL;
+        Py_XDECREF(v);
+    }
+    /* Handles that ran and that nothing else referenced, fields emptied,
+       kept for the next call_soon (out of the GC's sight meanwhile) */
+    #define EVPL_AIO_FREE_MAX 64
+    static PyObject *evpl_aio_free[EVPL_AIO_FREE_MAX];
+    static int evpl_aio_nfree = 0;
+    static PyObject *evpl_aio_handle_new(PyObject *cls) {
+        if (evpl_aio_nfree > 0) {
+            PyObject *h = evpl_aio_free[--evpl_aio_nfree];
+            PyObject_GC_Track(h);
+            return h;
+        }
+        return evpl_aio_alloc(cls);
+    }
+    static inline int evpl_aio_unshared(PyObject *o) {
+        Py_ssize_t off = Py_TYPE(o)->tp_weaklistoffset;
+        return Py_REFCNT(o) == 1 && evpl_aio_nfree < EVPL_AIO_FREE_MAX
+            && (off <= 0 || *(PyObject **)((char *)o + off) == NULL);
+    }
+    static inline void evpl_aio_keep(PyObject *o) {
+        if (evpl_aio_nfree < EVPL_AIO_FREE_MAX) {
+            PyObject_GC_UnTrack(o);
+            Py_INCREF(o);
+            evpl_aio_free[evpl_aio_nfree++] = o;
+        }
+    }
     """
     object evpl_aio_alloc(object cls)
     Py_ssize_t evpl_aio_member_offset(object descr)
     void evpl_aio_slot_init(object o, Py_ssize_t off, object v)
     PyObject* evpl_aio_slot(object o, Py_ssize_t off)
+    void evpl_aio_slot_clear(object o, Py_ssize_t off)
+    object evpl_aio_handle_new(object cls)
+    bint evpl_aio_unshared(object o)
+    void evpl_aio_keep(object o)
     int PyContext_Enter(object ctx) except -1
     int PyContext_Exit(object ctx) except -1
 
@@ -132,9 +167,9 @@ cdef bint _OFFSETS = False      # the offsets above are valid (set at the end of
 # read: EvplEventLoop's and StreamTransport's (registered by their modules
 # once the classes exist; until then, or for another class, attributes).
 cdef object _LoopType = None
-cdef Py_ssize_t L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY
+cdef Py_ssize_t L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY, L_APPEND
 cdef object _StreamType = None
-cdef Py_ssize_t S_RECV, S_WBIND
+cdef Py_ssize_t S_RECV, S_WBIND, S_CLOSING
 cdef object _DgramType = None
 cdef Py_ssize_t D_RECV, D_SBIND, D_ADDRESS, D_CONNECTED
 
@@ -170,19 +205,19 @@ def register_slots(cls, kind):
     EvplEventLoop, "stream" for StreamTransport, "dgram" for
     DatagramTransport); a class whose fields are not plain slots is left to
     attribute look-ups."""
-    global _LoopType, L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY
-    global _StreamType, S_RECV, S_WBIND
+    global _LoopType, L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY, L_APPEND
+    global _StreamType, S_RECV, S_WBIND, S_CLOSING
     global _DgramType, D_RECV, D_SBIND, D_ADDRESS, D_CONNECTED
     if kind == "loop":
         offs = [_offset(cls, n) for n in ("_closed", "_debug", "_ready", "_stopping",
-                                          "_stashed", "_task_factory")]
+                                          "_stashed", "_task_factory", "_ready_append")]
         if min(offs) > 0:
-            L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY = offs
+            L_CLOSED, L_DEBUG, L_READY, L_STOPPING, L_STASHED, L_FACTORY, L_APPEND = offs
             _LoopType = cls
     elif kind == "stream":
-        offs = [_offset(cls, n) for n in ("_recv", "_wbind")]
+        offs = [_offset(cls, n) for n in ("_recv", "_wbind", "_closing")]
         if min(offs) > 0:
-            S_RECV, S_WBIND = offs
+            S_RECV, S_WBIND, S_CLOSING = offs
             _StreamType = cls
     elif kind == "dgram":
         offs = [_offset(cls, n) for n in ("_recv", "_sbind", "_address", "_connected")]
@@ -233,6 +268,26 @@ cdef int _run(handle) except -1:
     return 0
 
 
+cdef inline int _recycle(handle) except -1:
+    """A plain Handle that ran and that nothing else holds (no reference,
+    no weak reference): empty its fields (what its deallocation would
+    release, released now) and keep it for the next ``call_soon``, which
+    then fills it instead of allocating (asyncio's Handles are GC objects
+    of a Python class: allocation and deallocation are most of a
+    callback's cost in the loop)."""
+    if not _OFFSETS or type(handle) is not _Handle or not evpl_aio_unshared(handle):
+        return 0
+    evpl_aio_slot_clear(handle, OFF_CALLBACK)
+    evpl_aio_slot_clear(handle, OFF_ARGS)
+    evpl_aio_slot_clear(handle, OFF_CONTEXT)
+    evpl_aio_slot_clear(handle, OFF_LOOP)
+    evpl_aio_slot_clear(handle, OFF_CANCELLED)
+    evpl_aio_slot_clear(handle, OFF_REPR)
+    evpl_aio_slot_clear(handle, OFF_TB)
+    evpl_aio_keep(handle)
+    return 0
+
+
 cdef inline bint _cancelled(handle) except -1:
     if _is_ours(handle):
         return _field(handle, OFF_CANCELLED) is True
@@ -280,6 +335,7 @@ cdef int _iteration(self, LoopCore core, ready, bint first) except -1:
                 handle = popleft()
                 if not _cancelled(handle):
                     _run(handle)
+                _recycle(handle)
         if _l_stopping(self):
             # no more I/O for a loop that stops (asyncio polls before its
             # callbacks, not after), but what they wrote is sent now
@@ -325,10 +381,80 @@ def run_iterations(self):
         first = False
 
 
-def call_soon(self, callback, *args, context=None):
-    """``EvplEventLoop.call_soon``: run ``callback(*args)`` in the next
-    iteration (asyncio's, with debug mode's checks only in debug mode)."""
-    return _call_soon(self, callback, args, context)
+# EvplEventLoop.call_soon is a method descriptor over a C function that
+# takes its arguments as a vector (METH_FASTCALL | METH_KEYWORDS): C futures
+# and tasks call it per callback with ``context=`` as a keyword, and a
+# compiled ``def`` would parse that keyword generically and get a bound
+# method object made per look-up.
+cdef extern from *:
+    """
+    typedef PyObject *(*evpl_aio_soon_fn)(PyObject *, PyObject *, PyObject *, PyObject *);
+    static evpl_aio_soon_fn evpl_aio_soon_target = NULL;
+    static PyObject *evpl_aio_str_context = NULL;
+
+    static PyObject *evpl_aio_call_soon(PyObject *self, PyObject *const *args,
+                                        Py_ssize_t nargsf, PyObject *kwnames) {
+        Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+        PyObject *context = Py_None;
+        if (kwnames != NULL) {
+            Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+            for (Py_ssize_t i = 0; i < nkw; i++) {
+                PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+                if (key != evpl_aio_str_context
+                        && PyUnicode_Compare(key, evpl_aio_str_context) != 0) {
+                    if (!PyErr_Occurred())
+                        PyErr_Format(PyExc_TypeError,
+                                     "call_soon() got an unexpected keyword argument '%S'",
+                                     key);
+                    return NULL;
+                }
+                context = args[nargs + i];
+            }
+        }
+        if (nargs < 1) {
+            PyErr_SetString(PyExc_TypeError,
+                            "call_soon() missing 1 required positional argument: 'callback'");
+            return NULL;
+        }
+        PyObject *rest = PyTuple_New(nargs - 1);
+        if (rest == NULL)
+            return NULL;
+        for (Py_ssize_t i = 1; i < nargs; i++) {
+            Py_INCREF(args[i]);
+            PyTuple_SET_ITEM(rest, i - 1, args[i]);
+        }
+        PyObject *h = evpl_aio_soon_target(self, args[0], rest, context);
+        Py_DECREF(rest);
+        return h;
+    }
+
+    static PyMethodDef evpl_aio_call_soon_def = {
+        "call_soon", (PyCFunction)(void (*)(void))evpl_aio_call_soon,
+        METH_FASTCALL | METH_KEYWORDS,
+        "call_soon($self, callback, /, *args, context=None)\\n--\\n\\n"
+        "Run ``callback(*args)`` in the next iteration (asyncio's, with debug "
+        "mode's checks only in debug mode)."};
+
+    static PyObject *evpl_aio_call_soon_descr(PyObject *cls, PyObject *context_name,
+                                              evpl_aio_soon_fn target) {
+        Py_INCREF(context_name);
+        evpl_aio_str_context = context_name;
+        evpl_aio_soon_target = target;
+        return PyDescr_NewMethod((PyTypeObject *)cls, &evpl_aio_call_soon_def);
+    }
+    """
+    ctypedef object (*evpl_aio_soon_fn)(object, object, object, object)
+    object evpl_aio_call_soon_descr(object cls, object context_name, evpl_aio_soon_fn target)
+
+
+cdef object _call_soon_entry(self, callback, args, context):
+    return _call_soon(self, callback, <tuple>args, context)
+
+
+def call_soon_method(cls):
+    """``call_soon`` for ``cls`` (EvplEventLoop): ``callback(*args)`` run in
+    the next iteration, as a method descriptor of ``cls``."""
+    return evpl_aio_call_soon_descr(cls, _sys.intern("context"), _call_soon_entry)
 
 
 cdef object _call_soon(self, callback, tuple args, context):
@@ -336,9 +462,12 @@ cdef object _call_soon(self, callback, tuple args, context):
         raise RuntimeError("Event loop is closed")
     if not _OFFSETS or _l_debug(self):
         return self._call_soon_slow(callback, args, context)
-    h = evpl_aio_alloc(_Handle)
+    h = evpl_aio_handle_new(_Handle)
     _fill(h, self, callback, args, context)
-    (_field(self, L_READY) if _is_loop(self) else self._ready).append(h)
+    if _is_loop(self):
+        _field(self, L_APPEND)(h)       # the ready deque's bound append
+    else:
+        self._ready.append(h)
     return h
 
 
@@ -580,12 +709,14 @@ def create_task(self, coro, *, name=None, context=None, **kwargs):
     if (kwargs or _l_debug(self) or _l_closed(self)
             or (_field(self, L_FACTORY) if _is_loop(self) else self._task_factory) is not None):
         return _BaseCreateTask(self, coro, name=name, context=context, **kwargs)
+    if name is None and context is None:
+        return _Task(coro, loop=self)       # (one keyword: a smaller dict for the call)
     return _Task(coro, loop=self, name=name, context=context)
 
 
 def is_closing(self):
-    """``transport.is_closing()``."""
-    return self._closing
+    """``transport.is_closing()`` (aiohttp asks before every write)."""
+    return _field(self, S_CLOSING) if _is_stream(self) else self._closing
 
 
 from asyncio.base_events import BaseEventLoop as _BaseEventLoop

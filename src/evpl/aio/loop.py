@@ -173,7 +173,8 @@ class EvplEventLoop(base_events.BaseEventLoop):
 
     # read per iteration or per call_soon by the compiled paths: slots, not
     # dict look-ups
-    __slots__ = ("_closed", "_debug", "_ready", "_stashed", "_stopping", "_task_factory")
+    __slots__ = ("_closed", "_debug", "_ready", "_ready_append", "_stashed", "_stopping",
+                 "_task_factory")
 
     def __init__(self, *, backend: str = "epoll", poll_mode: str = "hybrid",
                  spin_ns: int = 50_000, pool: Any = None, core: Loop | None = None) -> None:
@@ -190,6 +191,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
         self._core = core
         self._backend = backend
         super().__init__()
+        self._ready_append = self._ready.append     # (call_soon's, without a look-up)
         self._stream_backends = names
         self._datagram_backend = "io_uring_udp" if backend == "io_uring" else "udp"
         self._watches: dict[int, _FdEntry] = {}
@@ -271,8 +273,8 @@ class EvplEventLoop(base_events.BaseEventLoop):
     # runs in the next iteration (after that poll, as in asyncio, where the
     # poll of iteration k+1 comes before them). Compiled: evpl.aio._fast.
     _run_once = _fast.run_once
-    call_soon = _fast.call_soon
     # what C futures and tasks, and protocols, call per request: compiled
+    # (call_soon too: a C method, set below the class)
     # (asyncio's are Python methods, a frame each)
     get_debug = _fast.get_debug
     time = _fast.loop_time
@@ -989,6 +991,7 @@ class EvplEventLoop(base_events.BaseEventLoop):
 
 
 _fast.register_slots(EvplEventLoop, "loop")
+EvplEventLoop.call_soon = _fast.call_soon_method(EvplEventLoop)  # type: ignore[method-assign]
 
 
 class AttachedEventLoop(EvplEventLoop):
