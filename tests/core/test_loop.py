@@ -174,6 +174,34 @@ def test_polls_counts_spin_rounds(make_loop, mode):
         assert polls > 1
 
 
+def test_a_send_starts_the_spin_window_again(make_loop):
+    """Hybrid mode polls while traffic flows, and sending is traffic: after
+    an iteration that sent, the loop spins (a peer that was just asked
+    answers within the window) instead of going to sleep, even when it has
+    received nothing for longer than ``spin_ns``."""
+    import socket
+
+    loop = make_loop(poll_mode="hybrid", spin_ns=200_000_000)
+    peer = socket.create_server(("127.0.0.1", 0))
+    try:
+        bind = loop.connect("tcp", peer.getsockname(), evpl.Handler())
+        conn, _ = peer.accept()
+        loop.run_until(lambda: bind.connected, timeout=TIMEOUT)
+        loop.run_once(0.25)                 # idle for longer than spin_ns
+        polls = loop.stats()["polls"]
+        loop.run_once(0.001)
+        assert loop.stats()["polls"] == polls       # idle: it sleeps, no spin
+        bind.send(b"request")
+        loop.run_once(0)                    # the iteration's end sends it
+        assert conn.recv(64) == b"request"
+        polls = loop.stats()["polls"]
+        loop.run_once(0.001)
+        assert loop.stats()["polls"] > polls        # it spins for the answer
+        conn.close()
+    finally:
+        peer.close()
+
+
 def test_timer_args_and_errors(loop):
     got = []
     loop.call_later(0, lambda *a: got.append(a), 1, "two")

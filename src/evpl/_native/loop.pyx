@@ -858,6 +858,10 @@ cdef class LoopCore:
                 self.dirty = []
                 for b in batch:
                     b._flush()
+                # sending is traffic too: a peer that was just sent a
+                # request answers within the spin, so the spin window
+                # starts again here, not only at the last receive
+                self.last_active = evpl_now_ns()
             if self.closing:
                 self._run_closing()
         for d in self.drv_list:
