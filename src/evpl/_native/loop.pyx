@@ -759,11 +759,12 @@ cdef class LoopCore:
                             spin_err = errno
                             spin_hit = True
                             break
-                    # epoll only when something can be there: an epoll
-                    # source, or a doorbell / stop() (the wake flag says)
-                    if ((ndrv == 0 or self.n_epoll > 0 or evpl_load(&self.wake_pending))
-                            and (self.stat_polls % ep_every == 0
-                                 or evpl_load(&self.wake_pending))):
+                    # epoll only when something can be there: a doorbell /
+                    # stop() (the wake flag says), or an epoll source (in
+                    # the rounds ep_every picks)
+                    if evpl_load(&self.wake_pending) or (
+                            (ndrv == 0 or self.n_epoll > 0)
+                            and self.stat_polls % ep_every == 0):
                         n = evpl_epoll_wait_ns(self.epfd, self.events, MAX_EVENTS, 0)
                         if n != 0:
                             break
@@ -822,6 +823,7 @@ cdef class LoopCore:
         cdef Driver d
         cdef list batch
         cdef int rounds = 0
+        cdef bint sent = False
         if self.batches:
             self._flush_batches()
         if self.pending_read:
@@ -858,16 +860,16 @@ cdef class LoopCore:
                 self.dirty = []
                 for b in batch:
                     b._flush()
-                # sending is traffic too: a peer that was just sent a
-                # request answers within the spin, so the spin window
-                # starts again here, not only at the last receive
-                self.last_active = evpl_now_ns()
+                sent = True
             if self.closing:
                 self._run_closing()
         for d in self.drv_list:
             d._submit()             # this iteration's sends and re-arms, in one call
-        if self.dirty or self.closing or self.deferred:
-            # callbacks keep producing work: finish it next iteration
+        if sent or self.dirty or self.closing or self.deferred:
+            # sending is traffic too (a peer that was just sent a request
+            # answers within the spin window, which starts again here, not
+            # only at the last receive); callbacks that keep producing work
+            # finish it next iteration
             self.last_active = evpl_now_ns()
 
     cdef void _flush_batches(self) except *:
