@@ -109,6 +109,22 @@ async def stream_echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     w.close()
 
 
+async def start_hello() -> tuple[Any, int]:
+    """The aiohttp "hello" app on 127.0.0.1: its AppRunner and port."""
+    from aiohttp import web
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="Hello, World!")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 async def serve(load: str) -> None:
     loop = asyncio.get_running_loop()
     if load in ("proto", "pingpong"):
@@ -118,18 +134,7 @@ async def serve(load: str) -> None:
         srv = await asyncio.start_server(stream_echo, "127.0.0.1", 0)
         port = srv.sockets[0].getsockname()[1]
     elif load == "aiohttp":
-        from aiohttp import web
-
-        async def hello(request: web.Request) -> web.Response:
-            return web.Response(text="Hello, World!")
-
-        app = web.Application()
-        app.router.add_get("/", hello)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        _runner, port = await start_hello()
     else:
         raise SystemExit(f"unknown load {load}")
     stop = loop.create_future()

@@ -58,6 +58,8 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run as _run  # noqa: E402  (the server process: started, pinned, stopped)
 
 APP_OBJECTS = ("aiohttp", "multidict", "yarl", "propcache", "frozenlist")
 LOOP_OBJECTS = ("evpl", "uvloop", "_asyncio")
@@ -113,42 +115,20 @@ def _client(port: int, n: int, conns: int = 32) -> None:
         s.close()
 
 
-def _start(cmd: list[str]) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("ready "):
-        proc.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    return proc, int(line.split()[1])
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def measure(loop: str, n: int, warmup: int, depth: int, out: Path) -> None:
     """Run the server under callgrind and collect exactly ``n`` requests."""
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
            f"--separate-callers={depth}", f"--callgrind-out-file={out}",
            sys.executable, str(HERE / "aio_bench.py"), "--serve", loop, "aiohttp"]
-    if os.environ.get("EVPL_AIO_COST_CORE"):
-        cmd = ["taskset", "-c", os.environ["EVPL_AIO_COST_CORE"], *cmd]
-    proc, port = _start(cmd)
-    try:
+    # (valgrind starts Python slowly, and writes its output as the server exits)
+    with _run.running(cmd, timeout=300, grace=120) as server:
+        port = int(server.ready_line.split()[1])
         _client(port, warmup)
-        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
+        subprocess.run(["callgrind_control", "-i", "on", str(server.pid)], check=True,
                        capture_output=True)
         _client(port, n)
-        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
+        subprocess.run(["callgrind_control", "-i", "off", str(server.pid)], check=True,
                        capture_output=True)
-    finally:
-        _stop(proc)
 
 
 def parse(path: Path) -> tuple[dict[tuple[str, str], int], dict[str, str]]:
@@ -239,7 +219,6 @@ def pyprofile(loop: str, n: int, warmup: int) -> None:
     import cProfile
     import pstats
 
-    sys.path.insert(0, str(HERE))
     import aio_bench
 
     aloop = aio_bench.new_loop(loop)
@@ -247,18 +226,7 @@ def pyprofile(loop: str, n: int, warmup: int) -> None:
     prof = cProfile.Profile()
 
     async def main() -> None:
-        from aiohttp import web
-
-        async def hello(request: web.Request) -> web.Response:
-            return web.Response(text="Hello, World!")
-
-        app = web.Application()
-        app.router.add_get("/", hello)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runner, port = await aio_bench.start_hello()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             await aloop.run_in_executor(pool, _client, port, warmup)
             prof.enable()

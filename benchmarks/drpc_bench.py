@@ -61,6 +61,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as _run  # (builds the C programs of c/)
+
 HERE = Path(__file__).resolve()
 SERVER_CORE, CLIENT_CORE = 0, 1
 SMALL = 32
@@ -475,56 +478,44 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]], baseline: str = B
     return "\n".join(lines)
 
 
-def _c_exe(name: str) -> Path:
-    """benchmarks/c/NAME.c, built into benchmarks/build/ when it is newer."""
-    src = HERE.parent / "c" / f"{name}.c"
-    exe = HERE.parent / "build" / name
-    exe.parent.mkdir(exist_ok=True)
-    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", f"-I{src.parent}", "-o", str(exe),
-                        str(src)], check=True)
-    return exe
+def _median_table(head: str, unit: str, runs: dict[str, list[float]]) -> str:
+    """A markdown table of each configuration's median and its runs."""
+    lines = [f"| {head} | median {unit} | runs |", "| --- | --- | --- |"]
+    for name, vals in runs.items():
+        lines.append(f"| {name} | {statistics.median(vals):.2f} | "
+                     f"{', '.join(f'{v:.1f}' for v in vals)} |")
+    return "\n".join(lines)
 
 
 def c_limit(repeat: int, duration: float, loads: list[str]) -> str:
     """Build and run the C limits for ``loads`` (udp_limit.c for ``large``,
     pingpong_floor.c for ``latency``); markdown tables of medians."""
+    _run.build(False, ("udp_limit", "pingpong_floor"))
     tables = []
     if "large" in loads:
-        exe = _c_exe("udp_limit")
         configs = [["65507"], ["65507", "copy"], ["1472"], ["1472", "gso"],
                    ["1472", "copy", "gso"]]
         runs: dict[str, list[float]] = {}
         for r in range(repeat):
             for cfg in configs:
-                out = subprocess.run([str(exe), cfg[0], str(duration), *cfg[1:]],
-                                     capture_output=True, text=True, timeout=duration + 30,
-                                     check=True).stdout.strip()
+                out = subprocess.run([str(_run.BUILD / "udp_limit"), cfg[0], str(duration),
+                                      *cfg[1:]], capture_output=True, text=True,
+                                     timeout=duration + 30, check=True).stdout.strip()
                 print(f"  run {r + 1}/{repeat} C udp_limit {out}", flush=True)
                 runs.setdefault(" ".join(cfg), []).append(float(out.split(": ")[1].split()[0]))
-        lines = ["| C over loopback UDP (udp_limit.c) | median Gbit/s | runs |",
-                 "| --- | --- | --- |"]
-        for name, vals in runs.items():
-            lines.append(f"| {name} | {statistics.median(vals):.2f} | "
-                         f"{', '.join(f'{v:.1f}' for v in vals)} |")
-        tables.append("\n".join(lines))
+        tables.append(_median_table("C over loopback UDP (udp_limit.c)", "Gbit/s", runs))
     if "latency" in loads:
-        exe = _c_exe("pingpong_floor")
         rts: dict[str, list[float]] = {}
         for r in range(repeat):
             for mode in ("tcp", "udp", "udp-direct"):
-                out = json.loads(subprocess.run([str(exe), mode, str(duration)],
-                                                capture_output=True, text=True,
+                out = json.loads(subprocess.run([str(_run.BUILD / "pingpong_floor"), mode,
+                                                 str(duration)], capture_output=True, text=True,
                                                 timeout=duration + 30, check=True).stdout)
                 rt = out["secs"] / out["msgs"] * 1e6
                 print(f"  run {r + 1}/{repeat} C pingpong_floor {mode}: {rt:.2f} us", flush=True)
                 rts.setdefault(mode, []).append(rt)
-        lines = ["| C ping-pong floor (pingpong_floor.c) | median mean round trip (us) | runs |",
-                 "| --- | --- | --- |"]
-        for mode, vals in rts.items():
-            lines.append(f"| {mode} | {statistics.median(vals):.2f} | "
-                         f"{', '.join(f'{v:.1f}' for v in vals)} |")
-        tables.append("\n".join(lines))
+        tables.append(_median_table("C ping-pong floor (pingpong_floor.c)",
+                                    "mean round trip (us)", rts))
     return "\n\n".join(tables)
 
 

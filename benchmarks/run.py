@@ -148,10 +148,11 @@ class SkipStack(Exception):
 
 
 # ------------------------------------------------------------------- helpers
-def build(verbose: bool = True) -> None:
-    """Compile the C programs into build/ when their sources are newer."""
+def build(verbose: bool = True, names: tuple[str, ...] = ("loadgen", "echo_epoll")) -> None:
+    """Compile the C programs ``names`` (c/NAME.c) into build/ when their
+    sources are newer."""
     BUILD.mkdir(exist_ok=True)
-    for name in ("loadgen", "echo_epoll"):
+    for name in names:
         src = HERE / "c" / f"{name}.c"
         out = BUILD / name
         header = HERE / "c" / "bench_common.h"  # shared by the C programs
@@ -228,8 +229,11 @@ def wait_for_quiet(limit: float, max_wait: float) -> float:
 class Server:
     """A server process pinned to the server core; always killed on exit."""
 
-    def __init__(self, cmd: list[str], ready_prefix: str, timeout: float = 15.0) -> None:
-        """Start ``cmd`` and wait for a stdout line starting with ``ready_prefix``."""
+    def __init__(self, cmd: list[str], ready_prefix: str, timeout: float = 15.0,
+                 grace: float = 2.0) -> None:
+        """Start ``cmd`` and wait for a stdout line starting with ``ready_prefix``;
+        ``grace``: how long ``stop`` lets it exit before killing it."""
+        self.grace = grace
         self.stderr_file = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             ["taskset", "-c", SERVER_CORE, *cmd],
@@ -285,12 +289,12 @@ class Server:
         return " | ".join(text[-lines:])
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 2 s; idempotent."""
+        """SIGTERM, then SIGKILL after ``grace`` seconds; idempotent."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(2)
+                self.proc.wait(self.grace)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
@@ -300,9 +304,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], ready_prefix: str = "ready") -> Iterator[Server]:
+def running(cmd: list[str], ready_prefix: str = "ready", timeout: float = 15.0,
+            grace: float = 2.0) -> Iterator[Server]:
     """Context manager around :class:`Server`."""
-    server = Server(cmd, ready_prefix)
+    server = Server(cmd, ready_prefix, timeout, grace)
     try:
         yield server
     finally:
