@@ -134,9 +134,11 @@ cdef class LoopCore:
     cdef readonly object base_on_sent
     cdef readonly object base_handler
     cdef list batches           # sources with a read batch to hand over (_flush_batch)
-    # the datagram source that received last: the spin reads it directly
-    # (_Source._spin_prepare / _spin_deliver), see LoopCore._iterate
+    # the socket that received last: the spin reads it directly
+    # (_Source._spin_prepare / _spin_deliver), see LoopCore._iterate;
+    # spin_miss counts the spins in a row epoll ended for other sources
     cdef _Source spin_src
+    cdef int spin_miss
     cdef public object exception_handler
     cdef public size_t zc_threshold
     # counters
@@ -146,8 +148,8 @@ cdef class LoopCore:
     cdef size_t stat_accept_errors, stat_starved, stat_timers_fired, stat_zc_sends
     cdef size_t stat_gso_sends, stat_gso_refused, stat_gro_receives, stat_timeouts
     cdef size_t stat_idle_trims
-    cdef size_t stat_spin_reads # spin iterations that read a datagram socket directly
-    cdef size_t stat_spin_hits  # ... and found datagrams (or an error) there
+    cdef size_t stat_spin_reads # spin rounds that read a socket directly
+    cdef size_t stat_spin_hits  # ... and found data (or an error) there
     cdef size_t stat_py_calls   # receive callbacks into Python (data, messages, datagrams, framer)
 
     cdef int add_driver(self, Driver d, ready_fn ready, void* ctx,

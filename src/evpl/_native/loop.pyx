@@ -44,6 +44,10 @@ cdef enum:
     # while the spin reads its datagram socket directly and nothing else is
     # in the epoll set, epoll_wait runs once in this many rounds
     SPIN_EPOLL_EVERY = 16
+    # a direct read that missed this many spins in a row, each ended by
+    # epoll reporting other sources (a server with many connections), stops
+    # until epoll reports its socket again
+    SPIN_MISS_MAX = 4
 import os
 import signal
 import threading
@@ -731,13 +735,14 @@ cdef class LoopCore:
             for d in self.drv_list:
                 d._spin_start()
             n = 0
-            # the datagram socket that received last is read directly while
-            # spinning: a datagram found costs one recvmmsg, not an
-            # epoll_wait that reports it and then the recvmmsg. epoll_wait
-            # still runs each round while other epoll sources exist, else
-            # every SPIN_EPOLL_EVERY rounds (signals, the source's errors)
+            # the socket that received last is read directly while
+            # spinning: a datagram or stream data found costs one recvmmsg,
+            # not an epoll_wait that reports it and then the read.
+            # epoll_wait still runs each round while other epoll sources
+            # exist, else every SPIN_EPOLL_EVERY rounds (signals, the
+            # source's errors)
             src = self.spin_src
-            if src is not None:
+            if src is not None and self.spin_miss < SPIN_MISS_MAX:
                 spin_vlen = src._spin_prepare()
                 spin_fd = src.fd
                 if spin_vlen and self.n_epoll <= 1:
@@ -777,7 +782,16 @@ cdef class LoopCore:
             elif spin_hit:
                 self.last_active = evpl_now_ns()
                 self.stat_spin_hits += 1
+                self.spin_miss = 0
                 src._spin_deliver(spin_n, spin_vlen, spin_err)
+            elif n > 0 and src is not None:
+                # epoll ended the spin: a direct read that was not (or
+                # would not have been) the one to find it counts a miss
+                k = 0
+                for i in range(n):
+                    if self.events[i].data.ptr == <void*>src:
+                        k = 1
+                self.spin_miss = 0 if k else self.spin_miss + 1
             elif n == 0 and not self.poll_always:
                 wait = self._wait_budget(max_wait)
                 if wait != 0 and not self._drivers_before_sleep():
@@ -1149,8 +1163,12 @@ cdef int _loop_clear(PyObject* o) noexcept:
         t = self.theap[self.tcount].timer
         (<Timer>t).cancelled = True
         Py_DECREF(<object>t)
+    # the spin's read target, a cache: a Bind holds its loop, so keeping it
+    # here makes a cycle of two objects the collector may not clear
+    self.spin_src = None
     # LoopCore is no_gc_clear (its fields stay for __dealloc__): Cython made
-    # no tp_clear of its own, and the heap is all this one clears
+    # no tp_clear of its own, and the heap and the spin's target are all
+    # this one clears
     return _cy_clear(o) if _cy_clear != NULL else 0
 
 
