@@ -28,9 +28,9 @@ is the ceiling for the ``large`` load over UDP on this machine. With the
 ``latency`` load it also runs benchmarks/c/pingpong_floor.c: two C
 processes bouncing 64 bytes over loopback ``tcp`` and ``udp`` with a
 zero-timeout ``epoll_wait`` spin and one recv and one send each way, and
-``udp-direct``, whose spin is the ``recv`` itself (what evpl's polling loop
-does for the udp socket that received last): the kernel's floor for a
-round trip, with no RPC and no Python.
+``tcp-direct``/``udp-direct``, whose spin is the ``recv`` itself (what
+evpl's polling loop does for the socket that received last): the kernel's
+floor for a round trip, with no RPC and no Python.
 
 Loads: ``small`` (32-byte request and response, ``--depth`` calls in flight,
 default 8), ``latency`` (one call in flight; both loops in poll mode where
@@ -507,7 +507,7 @@ def c_limit(repeat: int, duration: float, loads: list[str]) -> str:
     if "latency" in loads:
         rts: dict[str, list[float]] = {}
         for r in range(repeat):
-            for mode in ("tcp", "udp", "udp-direct"):
+            for mode in ("tcp", "tcp-direct", "udp", "udp-direct"):
                 out = json.loads(subprocess.run([str(_run.BUILD / "pingpong_floor"), mode,
                                                  str(duration)], capture_output=True, text=True,
                                                 timeout=duration + 30, check=True).stdout)

@@ -8,7 +8,8 @@ other side on core 1, pinned with taskset):
   pubsub     PUB -> 8 SUB processes, 64-byte messages: delivered msg/s
   reqrep     REQ <-> REP round trips/s (evpl hybrid, event and poll mode), next
              to the kernel's floor: c/pingpong_floor.c, two C processes
-             bouncing 64 bytes with busy-polling epoll_wait/recv/send and no
+             bouncing 64 bytes with a busy-polling recv and a send (what
+             evpl's polling loop does for its last receiving socket) and no
              protocol at all (no ZeroMQ stack can beat it on this machine)
   large      PUSH -> PULL, 1 MiB messages: MB/s
 
@@ -306,7 +307,7 @@ def run_once(stack: str, sc: dict[str, Any], opts: argparse.Namespace) -> tuple[
     if stack == "c-floor":
         exe = c_binary("pingpong_floor")
         assert exe is not None
-        out = subprocess.run([exe, "unix" if opts.transport == "ipc" else "tcp",
+        out = subprocess.run([exe, "unix-direct" if opts.transport == "ipc" else "tcp-direct",
                               str(opts.duration)], capture_output=True, text=True,
                              timeout=opts.duration + 30).stdout
         r = json.loads(out)

@@ -9,11 +9,12 @@
  * how close a poll-mode REQ/REP gets to what the machine allows.
  *
  * udp: two connected UDP sockets on 127.0.0.1, the same epoll spin, one
- * recv and one send per datagram. udp-direct: no epoll, the spin is the
- * recv itself (MSG_DONTWAIT until a datagram is there): what a loop that
- * reads its hot datagram socket directly while polling would pay.
+ * recv and one send per datagram. The -direct modes (tcp-direct,
+ * unix-direct, udp-direct): no epoll, the spin is the recv itself
+ * (MSG_DONTWAIT until data is there): what a loop that reads its hot socket
+ * directly while polling pays.
  *
- * usage: pingpong_floor tcp|unix|udp|udp-direct [seconds]
+ * usage: pingpong_floor tcp|unix|udp[-direct] [seconds]
  * prints one JSON line: {"msgs": round_trips, "secs": elapsed, "cpu": 0}
  */
 #define _GNU_SOURCE
@@ -79,13 +80,16 @@ int main(int argc, char **argv) {
     int sv[2];
     char buf[64] = {0};
     double duration = argc > 2 ? atof(argv[2]) : 2.0;
-    const char *mode = argc > 1 ? argv[1] : "";
-    int udp = strncmp(mode, "udp", 3) == 0, direct = strcmp(mode, "udp-direct") == 0;
-    if (strcmp(mode, "tcp") && strcmp(mode, "unix") && strcmp(mode, "udp") && !direct) {
-        fprintf(stderr, "usage: %s tcp|unix|udp|udp-direct [seconds]\n", argv[0]);
+    char kind[16] = "";
+    const char *dash = strchr(argc > 1 ? argv[1] : "", '-');
+    int direct = dash && strcmp(dash, "-direct") == 0;
+    snprintf(kind, sizeof kind, "%.*s", dash ? (int)(dash - argv[1]) : 15, argc > 1 ? argv[1] : "");
+    int udp = strcmp(kind, "udp") == 0;
+    if ((dash && !direct) || (strcmp(kind, "tcp") && strcmp(kind, "unix") && !udp)) {
+        fprintf(stderr, "usage: %s tcp|unix|udp[-direct] [seconds]\n", argv[0]);
         return 2;
     }
-    if (strcmp(mode, "unix") == 0 ? socketpair(AF_UNIX, SOCK_STREAM, 0, sv)
+    if (strcmp(kind, "unix") == 0 ? socketpair(AF_UNIX, SOCK_STREAM, 0, sv)
         : udp ? udp_pair(sv) : tcp_pair(sv)) {
         perror("socket pair");
         return 1;
