@@ -121,7 +121,7 @@ def serve(stack: str, load: str, poll: bool) -> None:
             from evpl.rpc2 import Server as RpcServer
 
             rserver = RpcServer(loop, max_record=64 << 20)
-            rserver.register(PROG, VERS, {PROC: lambda ctx, data: resp})
+            rserver.register(PROG, VERS, {PROC: lambda data: resp})
             if stack == "rpc2-tcp":
                 port = rserver.listen("tcp", (HOST["server"], 0)).address[1]
             else:

@@ -50,7 +50,7 @@ def run_calls(stack: str, n: int) -> None:
         from evpl.rpc2 import Server as RpcServer
 
         rserver = RpcServer(loop)
-        rserver.register(7, 1, {1: lambda ctx, data: resp})
+        rserver.register(7, 1, {1: lambda data: resp})
         rclient = RpcClient(loop, "tcp", rserver.listen("tcp", ("127.0.0.1", 0)).address)
         rclient.wait(rclient.call(7, 1, 1, b"x"))
 

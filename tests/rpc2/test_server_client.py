@@ -94,6 +94,30 @@ def uid_proc(ctx: Any, args: memoryview) -> bytes:
     return struct.pack(">I", ctx.cred.uid)
 
 
+RAW_PROG = 0x20000125
+
+
+def raw_procs(loop: evpl.Loop) -> dict[int, Any]:
+    """Raw dict-registered procedures without ``ctx`` (``fn(args)``: the
+    native batch path on streams): reversed arguments, no result, a result
+    large enough to be sent by reference, a result that is not bytes-like,
+    a memoryview result, and a call deferred through current_call()."""
+    from evpl.rpc2 import current_call
+    from evpl.rpc2.xdr import SCATTER_MIN
+
+    def later(args: memoryview) -> Any:
+        ctx = current_call()
+        loop.call_later(0, ctx.reply, b"late" + bytes(args))
+        return DEFER
+
+    return {1: lambda args: bytes(args)[::-1],
+            2: lambda args: None,
+            3: lambda args: bytes(range(256)) * (SCATTER_MIN // 256 + 1),
+            4: lambda args: "not bytes",
+            5: lambda args: memoryview(b"view" + bytes(args)),
+            6: later}
+
+
 TRANSPORTS = ["tcp", "unix", "udp"]
 
 
@@ -106,6 +130,7 @@ class Setup:
         self.server.register(PROG, VERS, self.impl)
         self.server.register(PROG, 3, {})  # versions 1..3 -> PROG_MISMATCH(1, 3)
         self.server.register(UID_PROG, 1, {1: uid_proc})
+        self.server.register(RAW_PROG, 1, raw_procs(loop))
         if transport == "udp":
             self.bind = self.server.bind_udp(("127.0.0.1", 0))
             self.addr = self.bind.local_address
@@ -193,6 +218,30 @@ def test_errors(setup: Setup) -> None:
     assert ae.value.stat is AuthStat.AUTH_TOOWEAK
     # after all that the server still serves this client
     assert s.wait(s.stub.CALC_ADD(calc.pair(1, 1))) == 2
+
+
+def test_raw_procedures_without_ctx(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    """``{proc: fn}`` with ``fn(args)``: the undecoded arguments in, the
+    encoded result out, pipelined calls answered in order, a deferred call
+    answered later, and a result that is not bytes-like answered SYSTEM_ERR."""
+    from evpl.rpc2.xdr import SCATTER_MIN
+
+    s = setup
+    c = s.client
+    calls = [c.call(RAW_PROG, 1, 1, b"abcd%04d" % i, None) for i in range(40)]
+    calls.append(c.call(RAW_PROG, 1, 6, b"wxyz", None))
+    calls.append(c.call(RAW_PROG, 1, 2, b"1234", None))
+    calls.append(c.call(RAW_PROG, 1, 5, b"5678", None))
+    got = [s.wait(r) for r in calls]
+    assert got[:40] == [(b"abcd%04d" % i)[::-1] for i in range(40)]
+    assert got[40:] == [b"latewxyz", b"", b"view5678"]
+    if s.transport != "udp":        # (UDP datagrams stop at 64 KiB)
+        big = s.wait(c.call(RAW_PROG, 1, 3, b"", None))
+        assert len(big) >= SCATTER_MIN and big == bytes(range(256)) * (len(big) // 256)
+    with caplog.at_level(logging.ERROR, logger="evpl.rpc2"), pytest.raises(SystemErr):
+        s.wait(c.call(RAW_PROG, 1, 4, b"", None))
+    assert "cannot encode the result" in caplog.text
+    assert s.wait(c.call(RAW_PROG, 1, 1, b"4321", None)) == b"1234"
 
 
 def test_unencodable_result_is_logged_as_a_result(setup: Setup,
@@ -787,3 +836,38 @@ def test_current_call_defer_inside_a_pipelined_batch(loop, address) -> None:
     assert [c.result() for c in calls] == [i + 1000 for i in range(300)]
     assert len(seen) == 150 and len(set(seen)) == 150
     assert sorted(seen) == sorted(c.xid for c in calls[1::2])
+
+
+def test_completed_calls_are_not_kept_until_their_deadline(loop, address) -> None:
+    """A client keeps each call's deadline until it comes up (30 s by
+    default); the results of calls that completed long before must not stay
+    referenced through it (zero-copy results would pin pool buffers, and a
+    busy client would hold 30 s of calls)."""
+    import gc
+    import weakref
+
+    class Result:
+        def __init__(self, data: memoryview) -> None:
+            self.data = data
+
+    server = Server(loop)
+    server.register(RAW_PROG, 1, {1: lambda args: bytes(4096)})
+    client = Client(loop, "tcp", server.listen("tcp", address("tcp")).address)
+    refs: list[weakref.ref[Result]] = []
+    done = [0]
+
+    def issue() -> None:
+        def cb(rpc: Any) -> None:
+            refs.append(weakref.ref(rpc.result()))
+            done[0] += 1
+            if done[0] <= 2000 - 8:
+                issue()
+        client.call(RAW_PROG, 1, 1, b"", Result).add_done_callback(cb)
+
+    for _ in range(8):
+        issue()
+    loop.run_until(lambda: done[0] >= 2000, timeout=TIMEOUT)
+    gc.collect()
+    alive = sum(r() is not None for r in refs)
+    assert alive <= 100, alive          # (the heap's lazy bound: 2 x 8 in flight + 64)
+    client.close()

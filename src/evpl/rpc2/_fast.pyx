@@ -116,13 +116,54 @@ def pack_string(buf, s, unsigned long long maxlen=0xFFFFFFFF):
     _pack_counted(buf, s, maxlen, "string")
 
 
+# -- the client's reply head ---------------------------------------------------
+
+def success_xid(msg):
+    """The xid of ``msg`` if it is what nearly every reply is (REPLY,
+    MSG_ACCEPTED, a null verifier, SUCCESS: its results start at byte 24),
+    else -1 (the client decodes it in full then)."""
+    cdef Py_buffer view
+    cdef const unsigned char* p
+    cdef long long xid = -1
+    PyObject_GetBuffer(msg, &view, PyBUF_SIMPLE)
+    p = <const unsigned char*>view.buf
+    if (view.len >= 24 and be32(p + 4) == 1 and be32(p + 8) == 0 and be32(p + 12) == 0
+            and be32(p + 16) == 0 and be32(p + 20) == 0):
+        xid = be32(p)
+    PyBuffer_Release(&view)
+    return xid
+
+
 # -- the batch loop ------------------------------------------------------------
+
+cdef object _raw_reply(object head, object result):
+    """The reply of a raw procedure: ``head`` (24 bytes) and the encoded
+    result (bytes-like, or None for no result) as one message; a large
+    ``bytes`` result stays a reference, sent next to the head."""
+    cdef Py_buffer view
+    cdef object out
+    cdef char* q
+    if result is None:
+        return head
+    if type(result) is bytes and PyBytes_GET_SIZE(result) >= scatter_min:
+        return (head, result)
+    PyObject_GetBuffer(result, &view, PyBUF_SIMPLE)
+    try:
+        out = PyBytes_FromStringAndSize(NULL, 24 + view.len)
+        q = PyBytes_AS_STRING(out)
+        memcpy(q, PyBytes_AS_STRING(head), 24)
+        memcpy(q + 24, view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return out
+
 
 @cython.final
 cdef class Proc:
     """How to run one procedure: decode the arguments, call, encode the result.
-    ``with_ctx``: the handler takes the CallContext first; ``raw``: it takes
-    the context and the undecoded arguments (both served by ``dispatch``)."""
+    ``with_ctx``: the handler takes the CallContext first (served by
+    ``dispatch``); ``raw``: it takes the undecoded arguments (a memoryview)
+    and returns the encoded result."""
 
     cdef public object fn
     cdef public object unpack_args
@@ -254,13 +295,15 @@ cdef class FastPath:
                     # a null verifier
                     if off >= 0 and be32(p + off) == 0 and be32(p + off + 4) == 0:
                         proc = self._lookup(prog, vers, procno)
-                        if proc is not None and (proc.with_ctx or proc.raw):
+                        if proc is not None and proc.with_ctx:
                             proc = None
             finally:
                 PyBuffer_Release(&view)
             if proc is not None:
                 off += 8
-                if proc.unpack_args is self.unpack_noargs:
+                if proc.raw:
+                    args = (memoryview(msg)[off:],)
+                elif proc.unpack_args is self.unpack_noargs:
                     args = ()
                 else:
                     try:
@@ -310,6 +353,13 @@ cdef class FastPath:
             put32(h + 20, 0)
             if pack is self.pack_void:
                 replies.append(head)               # sent as it is, no copy
+                continue
+            if proc.raw:
+                try:
+                    replies.append(_raw_reply(head, result))
+                except TypeError:
+                    conn.in_flight += 1
+                    cur.context().reply(result)    # logs, answers SYSTEM_ERR
                 continue
             buf = self.scatter_buf(head)
             try:

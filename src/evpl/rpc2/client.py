@@ -48,6 +48,7 @@ from evpl.errors import (
 )
 
 # the errors are defined in evpl.rpc2.errors; importable from here for older code
+from evpl.rpc2._fast import success_xid
 from evpl.rpc2.errors import (
     AuthError,
     ClientClosed,
@@ -229,10 +230,12 @@ class Client:
         self.closed = False
         self._error: BaseException | None = None
         self._xids = XidTable(random.getrandbits(32))
-        self._deadlines: list[tuple[float, int, RpcCall]] = []  # heap
+        # a heap of (when, xid): a call's next retransmission or deadline.
+        # Completed calls leave it lazily (their xid is no longer pending);
+        # it holds xids, not calls, so no result outlives its call here
+        self._deadlines: list[tuple[float, int]] = []
         self._timer: Any = None
         self._timer_at = 0.0
-        self._seq = 0
         info = _backends.get(backend)
         self.stream = info.kind == "stream"
         if self.stream:
@@ -330,8 +333,15 @@ class Client:
     # -- internals --
 
     def _schedule(self, rpc: RpcCall, when: float) -> None:
-        self._seq += 1
-        heapq.heappush(self._deadlines, (when, self._seq, rpc))
+        heap = self._deadlines
+        heapq.heappush(heap, (when, rpc.xid))
+        if len(heap) > 2 * len(self._xids) + 64:
+            # completed calls would stay until their deadline came up (30 s
+            # of calls by default): drop them, so the heap holds at most
+            # about twice the calls in flight (amortised O(1) per call)
+            pending = self._xids.get
+            heap[:] = [e for e in heap if pending(e[1]) is not None]
+            heapq.heapify(heap)
         if self._timer is None or when < self._timer_at:
             self._arm(when)
 
@@ -345,9 +355,11 @@ class Client:
         self._timer = None
         now = self.loop.now()
         heap = self._deadlines
+        pending = self._xids.get
         while heap:
-            when, _, rpc = heap[0]
-            if rpc.done:
+            when, xid = heap[0]
+            rpc = pending(xid)
+            if rpc is None:         # completed
                 heapq.heappop(heap)
                 continue
             if when > now:
@@ -372,10 +384,22 @@ class Client:
             self._arm(heap[0][0])
 
     def _schedule_no_arm(self, rpc: RpcCall, when: float) -> None:
-        self._seq += 1
-        heapq.heappush(self._deadlines, (when, self._seq, rpc))
+        heapq.heappush(self._deadlines, (when, rpc.xid))
 
     def _on_reply(self, msg: Any) -> None:
+        xid = success_xid(msg)
+        if xid >= 0:
+            # the common reply, its head read in C: results from byte 24
+            rpc = self._xids.pop(xid)
+            if rpc is None:
+                return  # late, duplicated or unknown reply
+            try:
+                value = rpc.decode(memoryview(msg)[24:])
+            except Exception as exc:
+                rpc._set(None, exc)
+                return
+            rpc._set(value, None)
+            return
         try:
             reply = decode_reply(msg)
         except ProtocolError as exc:

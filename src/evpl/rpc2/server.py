@@ -22,9 +22,11 @@ procedure methods), or a dict ``{proc: callable}``::
     server.bind_udp(("0.0.0.0", 5000))
 
 In a dict, a value is either a callable ``fn(ctx, args) -> bytes`` that gets
-the raw encoded arguments (a memoryview) and returns the encoded result, or
-a tuple ``(fn, unpack_args, pack_result)`` with generated-style codecs where
-``fn(ctx, *args)`` returns the result value.
+the raw encoded arguments (a memoryview) and returns the encoded result
+(``fn(args) -> bytes``, with the one parameter, runs on the native batch path
+of stream connections and reaches its context through :func:`current_call`),
+or a tuple ``(fn, unpack_args, pack_result)`` with generated-style codecs
+where ``fn(ctx, *args)`` returns the result value.
 
 A handler may also return :data:`DEFER` (same as calling ``ctx.defer()``)
 and reply later with ``ctx.reply(value)``; replies may go out in any order.
@@ -167,6 +169,19 @@ def _wants_ctx(fn: Callable[..., Any]) -> bool:
         inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
+def _raw_wants_ctx(fn: Callable[..., Any]) -> bool:
+    """A raw procedure takes ``(ctx, args)``, or ``(args)`` alone: then it
+    runs on the native batch path, with ``current_call()`` for the rare call
+    that needs its context."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return len(positional) != 1
+
+
 def _procedures(impl: Any) -> dict[int, Proc]:
     procs: dict[int, Proc] = {}
     if isinstance(impl, Mapping):
@@ -179,7 +194,7 @@ def _procedures(impl: Any) -> dict[int, Proc]:
                                       f"pack_result), got {entry!r}")
                 procs[num] = Proc(entry[0], entry[1], entry[2], True)
             elif callable(entry):
-                procs[num] = Proc(entry, None, None, True, raw=True)
+                procs[num] = Proc(entry, None, None, _raw_wants_ctx(entry), raw=True)
             else:
                 raise ConfigError(f"procedure {num}: {entry!r} is not callable")
         return procs

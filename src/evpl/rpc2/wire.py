@@ -541,6 +541,10 @@ class XidTable:
         """The value waiting for ``xid`` (now forgotten), or ``None``."""
         return self._pending.pop(xid, None)
 
+    def get(self, xid: int) -> Any:
+        """The value waiting for ``xid`` (kept), or ``None``."""
+        return self._pending.get(xid)
+
     def pending(self) -> Sequence[int]:
         """The xids still waiting for a reply."""
         return list(self._pending)
