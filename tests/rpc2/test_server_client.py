@@ -280,6 +280,12 @@ def test_auth(setup: Setup) -> None:
     good = s.make_client(auth=AuthSys(7, b"host", 1234, 100, (1, 2, 3)))
     assert good.wait(good.call(UID_PROG, 1, 1, b"", lambda b: struct.unpack(">I", b)[0]),
                      TIMEOUT) == 1234
+    good.cred = AuthSys(8, b"host", 4321, 100, ())      # the next calls carry these
+    assert good.wait(good.call(UID_PROG, 1, 1, b"", lambda b: struct.unpack(">I", b)[0]),
+                     TIMEOUT) == 4321
+    with pytest.raises(XdrError):
+        good.call(0x1_0000_0000, 1, 1)                  # prog is a uint32
+    assert good.pending == 0
     bad = s.make_client(auth=OpaqueAuth(1, b"\0\0\0\1"))  # AUTH_SYS body truncated
     with pytest.raises(AuthError) as ae:
         bad.wait(bad.call(PROG, VERS, 0), TIMEOUT)

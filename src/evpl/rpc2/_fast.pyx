@@ -116,7 +116,33 @@ def pack_string(buf, s, unsigned long long maxlen=0xFFFFFFFF):
     _pack_counted(buf, s, maxlen, "string")
 
 
-# -- the client's reply head ---------------------------------------------------
+# -- the client's call message and reply head ----------------------------------
+
+def call_message(uint32_t xid, uint32_t prog, uint32_t vers, uint32_t proc, bytes auth,
+                 args):
+    """A call message in one ``bytes``: xid, CALL, RPC version 2, prog,
+    vers, proc, then ``auth`` (the encoded credentials and verifier, made
+    once per client) and ``args`` (already encoded, any bytes-like)."""
+    cdef Py_buffer view
+    cdef Py_ssize_t na = PyBytes_GET_SIZE(auth)
+    cdef object out
+    cdef char* q
+    PyObject_GetBuffer(args, &view, PyBUF_SIMPLE)
+    try:
+        out = PyBytes_FromStringAndSize(NULL, 24 + na + view.len)
+        q = PyBytes_AS_STRING(out)
+        put32(q, xid)
+        put32(q + 4, 0)
+        put32(q + 8, 2)
+        put32(q + 12, prog)
+        put32(q + 16, vers)
+        put32(q + 20, proc)
+        memcpy(q + 24, PyBytes_AS_STRING(auth), na)
+        memcpy(q + 24 + na, view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return out
+
 
 def success_xid(msg):
     """The xid of ``msg`` if it is what nearly every reply is (REPLY,

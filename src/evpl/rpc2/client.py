@@ -48,7 +48,7 @@ from evpl.errors import (
 )
 
 # the errors are defined in evpl.rpc2.errors; importable from here for older code
-from evpl.rpc2._fast import success_xid
+from evpl.rpc2._fast import call_message, success_xid
 from evpl.rpc2.errors import (
     AuthError,
     ClientClosed,
@@ -72,6 +72,7 @@ from evpl.rpc2.wire import (
     decode_reply,
     pack_call_header,
 )
+from evpl.rpc2.xdr import XdrError
 
 __all__ = [
     "AuthError",
@@ -180,6 +181,14 @@ def _credentials(auth: AuthSys | OpaqueAuth | None) -> OpaqueAuth:
     raise ConfigError(f"auth must be an AuthSys or an OpaqueAuth, got {auth!r}")
 
 
+def _encode_auth(cred: OpaqueAuth, verf: OpaqueAuth) -> bytes:
+    """The credentials and verifier as they follow a call header's first
+    six words (encoded once per client, not per call)."""
+    buf = bytearray()
+    pack_call_header(buf, 0, 0, 0, 0, cred, verf)
+    return bytes(buf[24:])
+
+
 class Client:
     """An ONC RPC client on one Bind of ``backend`` to ``address``.
 
@@ -224,8 +233,9 @@ class Client:
         self.retransmit = float(retransmit)
         self.max_retransmit = float(max_retransmit)
         self.max_pending = max_pending
-        self.cred = _credentials(auth)
-        self.verf = AUTH_NONE
+        self._cred = _credentials(auth)
+        self._verf = AUTH_NONE
+        self._auth = _encode_auth(self._cred, self._verf)
         self.connected = False
         self.closed = False
         self._error: BaseException | None = None
@@ -254,6 +264,26 @@ class Client:
                                          **options)
             self._send_dgram = lambda msg: bind.sendto(msg, address)
             self.connected = True
+
+    @property
+    def cred(self) -> OpaqueAuth:
+        """The credentials every call sends (settable)."""
+        return self._cred
+
+    @cred.setter
+    def cred(self, value: AuthSys | OpaqueAuth | None) -> None:
+        self._cred = _credentials(value)
+        self._auth = _encode_auth(self._cred, self._verf)
+
+    @property
+    def verf(self) -> OpaqueAuth:
+        """The verifier every call sends (settable; AUTH_NONE by default)."""
+        return self._verf
+
+    @verf.setter
+    def verf(self, value: OpaqueAuth) -> None:
+        self._verf = value
+        self._auth = _encode_auth(self._cred, value)
 
     def __repr__(self) -> str:
         return (f"<rpc2.Client {self.bind.backend} {self.address!r} "
@@ -287,10 +317,11 @@ class Client:
         if len(self._xids) >= self.max_pending:
             raise SendQueueFull(f"{len(self._xids)} calls in flight (max_pending)")
         xid = rpc.xid = self._xids.add(rpc)
-        buf = bytearray()
         try:
-            pack_call_header(buf, xid, prog, vers, proc, self.cred, self.verf)
-            buf += args
+            try:
+                buf = call_message(xid, prog, vers, proc, self._auth, args)
+            except OverflowError as exc:
+                raise XdrError(f"cannot encode call header: {exc}") from None
             now = self.loop.now()
             if self.stream:
                 # a connect that failed at once (a unix socket nobody listens
@@ -299,7 +330,7 @@ class Client:
                 if not self.bind.closed:
                     self.bind.send(buf)
             else:
-                rpc.message = bytes(buf)
+                rpc.message = buf
                 self._send_dgram(rpc.message)
                 rpc.resend_at = now + self.retransmit
         except BaseException:
