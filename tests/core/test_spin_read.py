@@ -74,10 +74,14 @@ def test_messages_arrive_through_the_direct_read(make_loop):
         peer.sendall(frame(b"first"))
         loop.run_until(lambda: server.msgs, timeout=TIMEOUT)
         hits = loop.stats()["spin_hits"]
+        events = loop.stats()["events"]
         for i in range(20):
             peer.sendall(frame(b"one%02d" % i))
             loop.run_until(lambda n=2 + i: len(server.msgs) == n, timeout=TIMEOUT)
         assert loop.stats()["spin_hits"] - hits == 20
+        # and epoll reports nothing afterwards: the registration holds no
+        # EPOLLOUT (a writable socket is reported by every wake-up)
+        assert loop.stats()["events"] == events
         burst = [b"burst%04d" % i + bytes(300) for i in range(2000)]    # ~620 KB
         peer.sendall(b"".join(frame(m) for m in burst))
         loop.run_until(lambda: len(server.msgs) == 21 + len(burst), timeout=TIMEOUT)
@@ -165,3 +169,31 @@ def test_direct_reads_stop_while_other_connections_receive(make_loop):
     finally:
         a.close()
         b.close()
+
+
+def test_a_connecting_stream_stops_watching_for_write_space(make_loop):
+    """The side that connects watches EPOLLOUT for the connect's outcome,
+    then no more: messages it receives afterwards through the direct read
+    leave no event behind, and what it sends still goes out."""
+    loop = make_loop(poll_mode="always")
+    lsock = socket.create_server(("127.0.0.1", 0))
+    client = Server()
+    try:
+        bind = loop.connect("tcp", lsock.getsockname(), client,
+                            framing=evpl.framing.length_prefix(4))
+        peer, _ = lsock.accept()
+        loop.run_until(lambda: client.binds, timeout=TIMEOUT)
+        bind.send(b"hello")                         # (the framing adds the header)
+        loop.run_once(0)                            # the iteration's end sends it
+        assert peer.recv(64) == frame(b"hello")
+        peer.sendall(frame(b"first"))
+        loop.run_until(lambda: client.msgs, timeout=TIMEOUT)
+        events = loop.stats()["events"]
+        for i in range(10):
+            peer.sendall(frame(b"m%d" % i))
+            loop.run_until(lambda n=2 + i: len(client.msgs) == n, timeout=TIMEOUT)
+        assert loop.stats()["events"] == events
+        assert [m for _, m in client.msgs] == [b"first", *(b"m%d" % i for i in range(10))]
+        peer.close()
+    finally:
+        lsock.close()

@@ -39,6 +39,29 @@ cdef class EpollBind(Bind):
     """What epoll stream and datagram Binds share: the event handler and
     the write-blocked state."""
     cdef bint tx_blocked
+    # EPOLLOUT is in the epoll registration (``ep_base`` plus it) only while
+    # a send is blocked or a connect is under way. A UDP socket reports
+    # write space each time one of its datagrams has left; any socket whose
+    # registration holds EPOLLOUT is reported writable by every wake-up, a
+    # received message included: after the spin's direct read drained the
+    # data, the next epoll_wait still reported the socket, an empty loop
+    # iteration per message
+    cdef bint out_armed
+    cdef uint32_t ep_base
+
+    cdef void _arm_out(self, bint on):
+        cdef epoll_event ev
+        ev.events = self.ep_base | (EPOLLOUT if on else 0)
+        ev.data.ptr = <void*>self
+        if epoll_ctl(self.loop.epfd, EPOLL_CTL_MOD, self.fd, &ev) == 0:
+            self.out_armed = on
+
+    cdef int _register(self, uint32_t base, bint out) except -1:
+        """Add the socket to the loop's epoll set with ``base`` (EPOLLOUT
+        too if ``out``)."""
+        self.ep_base = base
+        self.out_armed = out
+        return self.loop._ep_add(self, self.fd, base | (EPOLLOUT if out else 0))
 
     cdef void _read_socket(self):
         pass
@@ -94,6 +117,8 @@ cdef class EpollBind(Bind):
             self._connected()
             if self.state != S_OPEN:
                 return
+            if self.out_armed and not self.tx_blocked:
+                self._arm_out(False)
             events |= EPOLLOUT
         if events & EPOLLOUT and self.tx_blocked:
             self.tx_blocked = False
@@ -260,6 +285,8 @@ cdef class EpollStream(EpollBind):
             if n < 0:
                 if errno == EAGAIN:
                     self.tx_blocked = True
+                    if not self.out_armed:
+                        self._arm_out(True)     # (ET: reports at once if writable)
                     return
                 if errno == EINTR:
                     continue
@@ -267,6 +294,8 @@ cdef class EpollStream(EpollBind):
                 return
             self.loop.stat_bytes_out += n
             self.queued_bytes -= txq_retire(&self.txq, n, None)
+        if self.out_armed and self.state != S_CONNECTING:
+            self._arm_out(False)
 
 
 @cython.final
@@ -278,18 +307,6 @@ cdef class EpollDatagram(EpollBind):
     # one. Each message offered is a header to fill: a one-at-a-time
     # request/response load filled 64 of them per datagram
     cdef unsigned int rx_want
-    # EPOLLOUT is in its epoll registration: only while a send is blocked.
-    # A UDP socket reports write space each time one of its datagrams has
-    # left (the kernel frees the sent buffer), so a registration that kept
-    # EPOLLOUT woke the loop, or ended its spin, once per datagram sent
-    cdef bint out_armed
-
-    cdef void _arm_out(self, bint on):
-        cdef epoll_event ev
-        ev.events = EPOLLIN | EPOLLET | (EPOLLOUT if on else 0)
-        ev.data.ptr = <void*>self
-        if epoll_ctl(self.loop.epfd, EPOLL_CTL_MOD, self.fd, &ev) == 0:
-            self.out_armed = on
 
     cdef unsigned int _rx_fill(self):
         """Lay out the loop's recvmmsg array over its receive chunk for this
@@ -484,7 +501,7 @@ cdef class EpollListener(Listener):
     cdef Bind _new_conn(self, int fd, handler):
         cdef EpollStream b = EpollStream.__new__(EpollStream)
         b._setup(self.loop, fd, self.backend, True, handler, self.framer, self.limits)
-        self.loop._ep_add(b, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+        b._register(EPOLLIN | EPOLLRDHUP | EPOLLET, False)
         return b
 
     cdef void _release(self):
@@ -529,7 +546,8 @@ def stream(LoopCore loop, int fd, str backend, handler, Framer framer, Limits li
     """A Bind for a connected or connecting stream socket (nonblocking)."""
     cdef EpollStream b = EpollStream.__new__(EpollStream)
     b._setup(loop, fd, backend, True, handler, framer, limits)
-    loop._ep_add(b, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+    # (EPOLLOUT while connecting: it reports the connect's outcome)
+    b._register(EPOLLIN | EPOLLRDHUP | EPOLLET, connecting)
     b._adopt_stream(peer, connecting, connect_errno)
     return b
 
@@ -541,7 +559,7 @@ def datagram(LoopCore loop, int fd, str backend, handler, Limits limits, bint gs
     sockets only); ``peer``: the socket is connected to it."""
     cdef EpollDatagram b = EpollDatagram.__new__(EpollDatagram)
     b._setup(loop, fd, backend, False, handler, None, limits)
-    loop._ep_add(b, fd, EPOLLIN | EPOLLET)        # EPOLLOUT: see out_armed
+    b._register(EPOLLIN | EPOLLET, False)        # EPOLLOUT: see out_armed
     b._adopt_datagram(gso, peer, b.stride >= 65536)
     return b
 
