@@ -89,7 +89,7 @@ def test_small_elapsed_scales_the_step() -> None:
 def test_rate_stays_within_bounds() -> None:
     t = make(min_rate=100e6)
     for i in range(200):
-        t.update(50_000 * US, 1.0 + i * 1e-3)   # 50 ms RTTs: keep decreasing
+        t.update(50_000 * US, 1.0 + i * 0.06)   # 50 ms RTTs, one an RTT: keep decreasing
     assert t.rate == 100e6
     for i in range(5000):
         t.update(5 * US, 2.0 + i * 1e-3)
