@@ -7,7 +7,9 @@ host: a server process (core 0) answers 8 MiB responses (``--size``) in
 1472-byte datagrams, a client process (core 1) makes one call at a time for
 ``--duration`` seconds, and this driver stops the server (or the client,
 ``--target client``) with SIGSTOP for ``--stall`` ms every ``--every`` ms,
-then SIGCONT. ``--stall 0`` is the quiet baseline.
+then SIGCONT. ``--stall 0`` is the quiet baseline. ``--hog`` instead (or
+as well) runs a busy loop pinned to the server's core, so that the
+scheduler shares that core between the two in slices of milliseconds.
 
 Printed per run (one JSON line per run, then the medians): goodput, per-call
 latency (median and worst), rollbacks (``retransmits``) and duplicate
@@ -18,6 +20,7 @@ the server's duplicates and RFRs answered::
     flock /tmp/evpl-bench.lock python benchmarks/drpc_stall.py
     python benchmarks/drpc_stall.py --stall 20 --every 200 --repeat 3
     python benchmarks/drpc_stall.py --stall 0            # the same, no stalls
+    python benchmarks/drpc_stall.py --stall 0 --hog      # a CPU hog on the server's core
 
 The library under test is whatever ``import evpl`` finds (``PYTHONPATH``
 selects another tree for an A/B run).
@@ -62,13 +65,14 @@ def serve(size: int) -> None:
     print(json.dumps(server.stats()), flush=True)
 
 
-def client(port: int, size: int, duration: float, cc: bool = True) -> dict[str, Any]:
+def client(port: int, size: int, duration: float, cc: bool = True,
+           timely: dict[str, Any] | None = None) -> dict[str, Any]:
     """The client role: one call at a time for ``duration`` seconds."""
     import evpl
     from evpl.drpc import Client
 
     loop = evpl.Loop()
-    c = Client(loop, "udp", ("127.0.0.1", port), peer_timeout=10.0, cc=cc)
+    c = Client(loop, "udp", ("127.0.0.1", port), peer_timeout=10.0, cc=cc, timely=timely)
     c.wait(c.call(1, b"warm-up"))
     base = c.stats()
     clock = time.perf_counter
@@ -118,8 +122,11 @@ def client(port: int, size: int, duration: float, cc: bool = True) -> dict[str, 
 
 
 def measure(size: int, duration: float, stall_ms: float, every_ms: float,
-            target: str, cc: bool = True) -> dict[str, Any]:
+            target: str, cc: bool = True, hog: bool = False,
+            timely: str | None = None) -> dict[str, Any]:
     """One run: a fresh server and client, the stalls from here."""
+    hogp = subprocess.Popen(["taskset", "-c", str(SERVER_CORE), sys.executable, "-c",
+                             "while True: pass"]) if hog else None
     server = subprocess.Popen(["taskset", "-c", str(SERVER_CORE), sys.executable, str(HERE),
                                "--role", "server", "--size", str(size)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -132,7 +139,8 @@ def measure(size: int, duration: float, stall_ms: float, every_ms: float,
         port = int(line.split()[1])
         cl = subprocess.Popen(["taskset", "-c", str(CLIENT_CORE), sys.executable, str(HERE),
                                "--role", "client", "--port", str(port), "--size", str(size),
-                               "--duration", str(duration), *([] if cc else ["--no-cc"])],
+                               "--duration", str(duration), *([] if cc else ["--no-cc"]),
+                               *([] if timely is None else ["--timely", timely])],
                               stdout=subprocess.PIPE, text=True)
         victim = server if target == "server" else cl
         stalls = 0
@@ -156,7 +164,7 @@ def measure(size: int, duration: float, stall_ms: float, every_ms: float,
         out["server_rfr"] = sstats["rfr"]
         return out
     finally:
-        for p in (cl, server):
+        for p in (cl, server, hogp):
             if p is not None and p.poll() is None:
                 os.kill(p.pid, signal.SIGCONT)
                 p.kill()
@@ -179,6 +187,9 @@ def main() -> None:
     ap.add_argument("--target", choices=["server", "client"], default="server")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-cc", action="store_true", help="the client without Timely (cc=False)")
+    ap.add_argument("--hog", action="store_true", help="a busy loop on the server's core")
+    ap.add_argument("--timely", default=None,
+                    help='Timely parameters for the client, as JSON: \'{"alpha": 0.46}\'')
     ap.add_argument("--role", choices=["driver", "server", "client"], default="driver",
                     help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -187,17 +198,20 @@ def main() -> None:
         serve(args.size)
         return
     if args.role == "client":
-        print(json.dumps(client(args.port, args.size, args.duration, not args.no_cc)),
+        timely = json.loads(args.timely) if args.timely else None
+        print(json.dumps(client(args.port, args.size, args.duration, not args.no_cc, timely)),
               flush=True)
         return
     runs = []
     for r in range(args.repeat):
         out = measure(args.size, args.duration, args.stall, args.every, args.target,
-                      not args.no_cc)
+                      not args.no_cc, args.hog, args.timely)
         runs.append(out)
         print(f"run {r + 1}: " + json.dumps({k: round(out[k], 3) for k in KEYS}), flush=True)
     med = {k: round(statistics.median(o[k] for o in runs), 3) for k in KEYS}
-    print(f"median ({args.target} stopped {args.stall:g} ms every {args.every:g} ms): " +
+    what = f"{args.target} stopped {args.stall:g} ms every {args.every:g} ms" + \
+        (", a hog on the server's core" if args.hog else "")
+    print(f"median ({what}): " +
           json.dumps(med), flush=True)
 
 

@@ -137,9 +137,11 @@ def test_a_stall_costs_one_decrease_and_the_rate_comes_back() -> None:
     """The peer stops for 30 ms (a descheduled process): the packets that
     were in flight are answered when it runs again, in a few read batches
     (one sample each), with RTTs of 30 ms and more. With the kernel-socket
-    parameters the client uses, that is one decrease, by less than half
-    (each batch was one before), and the normal samples after it bring the
-    rate back to the link rate within 30 updates (0.1 Gbit/s each)."""
+    parameters the client uses, that is one decrease, by less than half, at
+    the second batch (the first is one late sample, which alone is not a
+    queue), where each batch was one before; and the normal samples after it
+    bring the rate back to the link rate within 30 updates (0.1 Gbit/s
+    each)."""
     from evpl.drpc.client import KERNEL_TIMELY
 
     t = Timely(10e9, **KERNEL_TIMELY)
@@ -153,13 +155,38 @@ def test_a_stall_costs_one_decrease_and_the_rate_comes_back() -> None:
     for _ in range(4):                        # the stalled flight, 200 us a batch
         now += 200 * US
         t.sample(now - sent, now)
-    assert t.decreases == 1 and t.held == 3 and t.rate >= 5e9
+    assert t.decreases == 1 and t.held == 2 and t.rate >= 5e9
     n = 0
     while not t.uncongested and n < 100:
         now += 1e-3
         t.sample(300 * US, now)
         n += 1
     assert t.uncongested and n <= 30 and t.decreases == 1
+
+
+def test_one_late_sample_is_not_a_queue_two_are() -> None:
+    """Against t_low and t_high the RTT counts as the smaller of the last
+    two samples: one sample far above t_high among normal ones (the peer
+    was off the CPU while one read batch waited) moves nothing but the
+    gradient's average; two in a row are a queue and cut the rate."""
+    t = make()
+    t.rate = 5e9
+    now = 1.0
+    for _ in range(10):
+        now += 1e-3
+        t.update(20 * US, now)                # below t_low: additive increase
+    before, decreases = t.rate, t.decreases
+    now += 1e-3
+    t.update(5000 * US, now)                  # 5 ms once
+    assert t.rate >= before and t.decreases == decreases
+    now += 1e-3
+    t.update(20 * US, now)
+    assert t.decreases == decreases
+    now += 10e-3
+    t.update(5000 * US, now)
+    now += 10e-3
+    t.update(5000 * US, now)                  # twice: a decrease
+    assert t.decreases == decreases + 1
 
 
 def test_one_late_sample_among_normal_ones_is_not_a_trend() -> None:

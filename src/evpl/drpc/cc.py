@@ -18,9 +18,14 @@ Every change is scaled by the time since the previous update over the
 minimum RTT (at most 1), so the rate moves at the same speed whatever the
 number of samples, and kept within ``[min_rate, link_rate]``.
 
-Two limits on decreases keep one delay spike from sinking the rate (a host
-that deschedules a process for milliseconds makes every packet in flight
-look late at once, with no queue anywhere):
+Three rules keep a delay spike from sinking the rate (a host that
+deschedules a process for milliseconds makes every packet in flight look
+late at once, with no queue anywhere):
+
+* the RTT compared with ``t_low`` and ``t_high`` is the smaller of the last
+  two samples: a queue builds and drains over several samples, a peer off
+  the CPU makes one sample late, so one late sample alone changes nothing
+  (the gradient still takes it, weighted by ``alpha``);
 
 * one update cuts the rate to half at most (eRPC's rule; the gradient
   branch alone could take it to the floor on a single sample, since a
@@ -138,11 +143,15 @@ class Timely:
         elapsed = now - self.last_update if self.last_update else self.min_rtt
         self.last_update = now
         scale = min(max(elapsed, 0.0) / self.min_rtt, 1.0)
+        # the RTT's level, against the thresholds: the smaller of the last
+        # two samples, so that one late sample alone (a descheduled peer)
+        # is not read as a queue, which cannot vanish between two samples
+        level = rtt if rtt < prev else prev
         rate = self.rate
-        if rtt < self.t_low:
+        if level < self.t_low:
             self.neg_count = 0
             rate += self.add_rate * scale
-        elif rtt <= self.t_high and gradient <= 0:
+        elif level <= self.t_high and gradient <= 0:
             self.neg_count += 1
             steps = self.hai_factor if self.neg_count >= self.hai_threshold else 1
             rate += steps * self.add_rate * scale
@@ -151,8 +160,8 @@ class Timely:
             if now - rtt < self.last_decrease:
                 self.held += 1              # sent before the last decrease took effect
                 return rate
-            if rtt > self.t_high:
-                rate *= 1 - self.beta * (1 - self.t_high / rtt) * scale
+            if level > self.t_high:
+                rate *= 1 - self.beta * (1 - self.t_high / level) * scale
             else:
                 rate *= 1 - self.beta * gradient * scale
             rate = max(rate, 0.5 * self.rate)

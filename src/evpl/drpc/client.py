@@ -128,7 +128,9 @@ class Client:
 
     ``window``, ``credits``, ``max_message``, ``max_datagram``: what the
     client asks for (the server may grant less; see ``stats()``).
-    ``rto``: retransmission timeout in seconds (eRPC: 5 ms).
+    ``rto``: retransmission timeout in seconds (eRPC: 5 ms); the session
+    uses its smoothed RTT plus four deviations when that is longer, and
+    doubles a request's timeout per rollback without progress.
     ``peer_timeout``: seconds without a packet from the server, while calls
     are outstanding or while connecting, after which the session is declared
     dead and its calls fail with :class:`PeerDead`.

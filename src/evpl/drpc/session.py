@@ -17,9 +17,11 @@ Client side (:class:`ClientSession`), per eRPC:
   first response packet; response packets 2..M are pulled one by one with
   requests-for-response (RFR). The client's packets and the server's answers
   are numbered alike (``num_tx``, ``num_rx``), which makes loss recovery
-  go-back-N: after ``rto`` without progress the client rolls ``num_tx`` back
-  to ``num_rx`` and sends again, unless packets of that request still wait in
-  the pacing wheel;
+  go-back-N: after the retransmission timeout without progress the client
+  rolls ``num_tx`` back to ``num_rx`` and sends again, unless packets of
+  that request still wait in the pacing wheel. The timeout is ``rto`` or
+  srtt + 4 rttvar if longer, doubled per rollback of the slot without
+  progress (a stalled peer gets a few rollbacks, not one per ``rto``);
 * answers out of order, duplicated or for an older request are dropped and
   counted; no packet from the server for ``peer_timeout`` while requests are
   outstanding fails them all (:class:`PeerDead`).
