@@ -258,3 +258,17 @@ def test_the_rto_follows_a_slow_rtt_with_5_ms_as_its_floor() -> None:
     for i in range(200):
         client.sample_rtt(50_000, 100 + i)
     assert client.rto() == RTO
+
+
+def test_a_client_that_did_not_run_does_not_count_that_time() -> None:
+    """A client stopped for 20 ms (its Client sees a tick that late and
+    calls ``pause``): the server's silence in that time was not heard, so
+    the first check after it rolls nothing back; the same silence while
+    the client was running is a timeout."""
+    client, _, to_server, _ = _connected_pair()
+    client.submit(1, b"q", lambda r, e: None, 1_000_000)
+    client.pause(20_000_000)
+    client.tick(21_500_000)
+    assert client.retransmits == 0
+    client.tick(27_000_000)                    # 5 ms of silence heard after it
+    assert client.retransmits == 1 and len(to_server) == 2

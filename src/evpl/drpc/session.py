@@ -486,6 +486,18 @@ class ClientSession(ClientCore):
             self.pump(now_ns)
         return None
 
+    def pause(self, gap_ns: int) -> None:
+        """This end did not run for ``gap_ns`` (its process was stopped or
+        descheduled): what it could not hear in that time says nothing of
+        the server, so every slot's timeout, and the dead-peer clock, start
+        that much later. (Else a client stopped for longer than the timeout
+        rolls back when it runs again, before it reads the answers that
+        came meanwhile, or before the packets they answer have left.)"""
+        self.last_rx += gap_ns
+        for slot in self.slots:
+            if slot.busy:
+                slot.progress += gap_ns
+
     def rto(self) -> int:
         """The retransmission timeout (ns) of a slot's first rollback:
         ``rto_ns`` (eRPC's 5 ms), or the smoothed RTT plus four mean
