@@ -26,7 +26,6 @@ late at once, with no queue anywhere):
   two samples: a queue builds and drains over several samples, a peer off
   the CPU makes one sample late, so one late sample alone changes nothing
   (the gradient still takes it, weighted by ``alpha``);
-
 * one update cuts the rate to half at most (eRPC's rule; the gradient
   branch alone could take it to the floor on a single sample, since a
   millisecond's jump over a 50 µs ``min_rtt`` is a gradient of 20);
