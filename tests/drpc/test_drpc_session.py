@@ -202,3 +202,73 @@ def test_a_slots_packets_leave_in_order_behind_paced_ones() -> None:
     assert not sent and len(wheel) == 2 and slot.queued == 2
     nums = [int.from_bytes(p[20:24], "big") for p, _ in wheel]
     assert nums == [4, 5] and wheel[0][1] <= wheel[1][1]
+
+
+def _connected_pair(window: int = 2, credits: int = 4
+                    ) -> tuple[ClientSession, ServerEndpoint, list[bytes], list[bytes]]:
+    to_server: list[bytes] = []
+    to_client: list[bytes] = []
+    client = ClientSession(lambda d: to_server.append(bytes(d)), lambda *a: None,
+                           client_session=7, window=window, credits=credits,
+                           max_datagram=28 + 100, rto_ns=RTO, peer_timeout_ns=10**15)
+    server = ServerEndpoint(lambda d, a: to_client.append(bytes(d)), lambda *a: None,
+                            lambda req, exc: None, max_datagram=28 + 100)
+    server.handlers[1] = lambda req: bytes(req.body)[::-1]
+    server.receive([(client.connect_packet(1), PEER)], 1)
+    client.receive([(p, PEER) for p in to_client], 1)
+    to_client.clear()
+    assert client.state == "connected"
+    return client, server, to_server, to_client
+
+
+def test_rollbacks_back_off_while_the_server_is_silent() -> None:
+    """A server that answers nothing for a second (stopped, not gone: the
+    peer timeout is longer) gets a rollback after 5 ms, then after 10, 20,
+    40... ms (each rollback without progress doubles the slot's timeout, up
+    to 64 times): 8 in that second, not 200. The packets were only late:
+    once they arrive the call completes, and the back-off starts over."""
+    client, server, to_server, to_client = _connected_pair()
+    got: list[bytes] = []
+    client.submit(1, bytes(range(200)), lambda r, e: got.append(bytes(r)), 1)  # 2 packets
+    late = list(to_server)                     # what the stopped server will read
+    to_server.clear()
+    slot = client.slots[0]
+    for now in range(1_000_000, 1_000_000_001, 1_000_000):     # ticks every ms for 1 s
+        client.tick(now)
+    assert client.retransmits == 8 and slot.backoff == 6
+    assert client.stats()["rto_us"] == RTO / 1000
+    server.receive([(p, PEER) for p in late + to_server], 1_000_000_001)
+    client.receive([(p, PEER) for p in to_client], 1_000_000_002)
+    to_client.clear()
+    server.receive([(p, PEER) for p in to_server], 1_000_000_003)
+    client.receive([(p, PEER) for p in to_client], 1_000_000_004)
+    assert got == [bytes(range(200))[::-1]] and slot.backoff == 0
+
+
+def test_the_rto_follows_a_slow_rtt_with_5_ms_as_its_floor() -> None:
+    """The timeout is the larger of rto_ns and srtt + 4 rttvar (RFC 6298's
+    estimator): RTT samples of 10-30 ms (a host that deschedules its
+    processes for that long) push it past them; fast samples bring it back
+    down to rto_ns, never below."""
+    client, _, _, _ = _connected_pair()
+    assert client.rto() == RTO
+    for i in range(20):
+        client.sample_rtt(10_000_000 + (i % 3) * 10_000_000, i)
+    assert client.rto() > 30_000_000
+    for i in range(200):
+        client.sample_rtt(50_000, 100 + i)
+    assert client.rto() == RTO
+
+
+def test_a_client_that_did_not_run_does_not_count_that_time() -> None:
+    """A client stopped for 20 ms (its Client sees a tick that late and
+    calls ``pause``): the server's silence in that time was not heard, so
+    the first check after it rolls nothing back; the same silence while
+    the client was running is a timeout."""
+    client, _, to_server, _ = _connected_pair()
+    client.submit(1, b"q", lambda r, e: None, 1_000_000)
+    client.pause(20_000_000)
+    client.tick(21_500_000)
+    assert client.retransmits == 0
+    client.tick(27_000_000)                    # 5 ms of silence heard after it
+    assert client.retransmits == 1 and len(to_server) == 2

@@ -25,6 +25,7 @@ class ClientSlot:
     resp_flags: int
     resp_size: int
     retransmits: int
+    backoff: int
     resp_view: Any
     def __init__(self, index: int, window: int) -> None: ...
 
@@ -104,6 +105,8 @@ class ClientCore:
     rtt_sum: int
     rtt_samples: int
     min_rtt_ns: int
+    srtt_ns: int
+    rttvar_ns: int
     starved: bool
     cc: Any
     @property

@@ -202,6 +202,7 @@ cdef class ClientSlot:
     cdef public int resp_flags
     cdef public int64_t resp_size
     cdef public int64_t retransmits
+    cdef public int64_t backoff         # rollbacks since the slot's last progress
     cdef object _resp_view
     cdef Py_buffer _view            # of resp_view, held while it is set
     cdef bint _held
@@ -338,6 +339,7 @@ cdef class ClientCore:
     cdef public int64_t requests, completed, stale, duplicates, out_of_order, malformed
     cdef public int64_t bad_session, last_rx, next_tx, session_timeout_ns
     cdef public int64_t rtt_ns, rtt_sum, rtt_samples, min_rtt_ns
+    cdef public int64_t srtt_ns, rttvar_ns  # smoothed RTT and its mean deviation (the RTO's)
     cdef public bint starved
     cdef object _cc
     cdef double cc_t_low_ns
@@ -380,11 +382,23 @@ cdef class ClientCore:
         self._done(slot, now_ns)
 
     cdef int _sample(self, int64_t rtt, int64_t now_ns) except -1:
+        cdef int64_t dev
         self.rtt_ns = rtt
         self.rtt_sum += rtt
         self.rtt_samples += 1
         if rtt < self.min_rtt_ns or not self.min_rtt_ns:
             self.min_rtt_ns = rtt
+        # the smoothed RTT and its mean deviation, with TCP's gains (1/8,
+        # 1/4; RFC 6298): the retransmission timeout is never below
+        # srtt + 4 rttvar, so a host whose RTT swings by milliseconds does
+        # not take every swing for a loss
+        if self.srtt_ns:
+            dev = rtt - self.srtt_ns
+            self.srtt_ns += dev // 8
+            self.rttvar_ns += ((dev if dev >= 0 else -dev) - self.rttvar_ns) // 4
+        else:
+            self.srtt_ns = rtt
+            self.rttvar_ns = rtt // 2
         self.batch_rtt = rtt
         return 0
 
@@ -442,6 +456,7 @@ cdef class ClientCore:
         slot.resp = None                    # (a free slot has no resp_view)
         slot.num_tx = slot.num_rx = 0
         slot.progress = now_ns
+        slot.backoff = 0
         slot.done = done
         return 0
 
@@ -570,6 +585,7 @@ cdef class ClientCore:
             slot.num_tx = j + 1             # answer to a packet sent before a rollback
         slot.num_rx = j + 1
         slot.progress = now_ns
+        slot.backoff = 0                    # the path works: the next RTO is the base one
         return 0
 
     def _answer_slot(self, ClientSlot slot, int64_t j, int64_t now_ns):

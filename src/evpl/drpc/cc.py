@@ -18,6 +18,22 @@ Every change is scaled by the time since the previous update over the
 minimum RTT (at most 1), so the rate moves at the same speed whatever the
 number of samples, and kept within ``[min_rate, link_rate]``.
 
+Three rules keep a delay spike from sinking the rate (a host that
+deschedules a process for milliseconds makes every packet in flight look
+late at once, with no queue anywhere):
+
+* the RTT compared with ``t_low`` and ``t_high`` is the smaller of the last
+  two samples: a queue builds and drains over several samples, a peer off
+  the CPU makes one sample late, so one late sample alone changes nothing
+  (the gradient still takes it, weighted by ``alpha``);
+* one update cuts the rate to half at most (eRPC's rule; the gradient
+  branch alone could take it to the floor on a single sample, since a
+  millisecond's jump over a 50 µs ``min_rtt`` is a gradient of 20);
+* a sample decreases the rate only if its packet left after the last
+  decrease: the packets sent before it could not see it, so their delays
+  say nothing new (at most one decrease per RTT, as a window-based sender
+  halves once per window). Such samples are counted as ``held``.
+
 eRPC's common-case optimisation: a session at the link rate whose RTT is
 below ``t_low`` is uncongested, so :meth:`Timely.sample` skips the update
 and the caller skips pacing (:attr:`Timely.uncongested`).
@@ -33,10 +49,14 @@ __all__ = ["Timely"]
 class Timely:
     """One session's Timely state. Rates in bits per second, times in seconds.
 
-    Defaults are eRPC's (``t_low`` 50 µs, ``t_high`` 1 ms, EWMA 0.46,
-    beta 0.26, 5 Mbit/s additive step, hyperactive increase after 5
-    negative gradients) with ``min_rtt`` and ``link_rate`` left to the user
-    (kernel UDP sockets have a larger floor RTT than a DPDK NIC).
+    Defaults are eRPC's (``t_low`` 50 µs, ``t_high`` 1 ms, EWMA weight
+    0.02, 5 Mbit/s additive step, hyperactive increase after 5 negative
+    gradients) with a gentler ``beta`` (0.26; eRPC's is 0.8) and
+    ``min_rtt`` and ``link_rate`` left to the user (kernel UDP sockets have
+    a larger floor RTT than a DPDK NIC). The EWMA weight of 0.02 (also what
+    Timely's authors recommend) averages the gradient over some fifty
+    samples: with a weight near one half, one late sample among normal ones
+    was a gradient steep enough to halve the rate.
     """
 
     __slots__ = (
@@ -47,7 +67,9 @@ class Timely:
         "decreases",
         "hai_factor",
         "hai_threshold",
+        "held",
         "increases",
+        "last_decrease",
         "last_update",
         "link_rate",
         "min_rate",
@@ -62,7 +84,7 @@ class Timely:
     )
 
     def __init__(self, link_rate: float = 10e9, *, t_low: float = 50e-6, t_high: float = 1e-3,
-                 min_rtt: float = 10e-6, alpha: float = 0.46, beta: float = 0.26,
+                 min_rtt: float = 10e-6, alpha: float = 0.02, beta: float = 0.26,
                  add_rate: float = 5e6, hai_threshold: int = 5, hai_factor: int = 5,
                  min_rate: float = 15e6) -> None:
         if not 0 < min_rate <= link_rate:
@@ -92,6 +114,8 @@ class Timely:
         self.skipped = 0
         self.increases = 0
         self.decreases = 0
+        self.held = 0
+        self.last_decrease = 0.0
 
     @property
     def uncongested(self) -> bool:
@@ -108,7 +132,8 @@ class Timely:
         self.update(rtt, now)
 
     def update(self, rtt: float, now: float) -> float:
-        """Move the rate for one RTT sample taken at ``now``; returns it."""
+        """Move the rate for one RTT sample taken at ``now`` (of a packet
+        sent at ``now - rtt``); returns it."""
         self.updates += 1
         prev = self.prev_rtt or rtt
         self.prev_rtt = rtt
@@ -117,20 +142,29 @@ class Timely:
         elapsed = now - self.last_update if self.last_update else self.min_rtt
         self.last_update = now
         scale = min(max(elapsed, 0.0) / self.min_rtt, 1.0)
+        # the RTT's level, against the thresholds: the smaller of the last
+        # two samples, so that one late sample alone (a descheduled peer)
+        # is not read as a queue, which cannot vanish between two samples
+        level = rtt if rtt < prev else prev
         rate = self.rate
-        if rtt < self.t_low:
+        if level < self.t_low:
             self.neg_count = 0
             rate += self.add_rate * scale
-        elif rtt > self.t_high:
-            self.neg_count = 0
-            rate *= 1 - self.beta * (1 - self.t_high / rtt) * scale
-        elif gradient <= 0:
+        elif level <= self.t_high and gradient <= 0:
             self.neg_count += 1
             steps = self.hai_factor if self.neg_count >= self.hai_threshold else 1
             rate += steps * self.add_rate * scale
         else:
             self.neg_count = 0
-            rate *= 1 - min(self.beta * gradient, 1.0 - self.min_rate / max(rate, 1.0)) * scale
+            if now - rtt < self.last_decrease:
+                self.held += 1              # sent before the last decrease took effect
+                return rate
+            if level > self.t_high:
+                rate *= 1 - self.beta * (1 - self.t_high / level) * scale
+            else:
+                rate *= 1 - self.beta * gradient * scale
+            rate = max(rate, 0.5 * self.rate)
+            self.last_decrease = now
         rate = min(max(rate, self.min_rate), self.link_rate)
         if rate > self.rate:
             self.increases += 1
@@ -140,7 +174,8 @@ class Timely:
         return rate
 
     def stats(self) -> dict[str, float]:
-        """Rate, last RTT and update counters."""
+        """Rate, last RTT and update counters (``held``: decreases not
+        made, the sample's packet having left before the last one)."""
         return {"rate": self.rate, "rtt": self.prev_rtt, "updates": self.updates,
                 "skipped": self.skipped, "increases": self.increases,
-                "decreases": self.decreases}
+                "decreases": self.decreases, "held": self.held}

@@ -128,7 +128,9 @@ class Client:
 
     ``window``, ``credits``, ``max_message``, ``max_datagram``: what the
     client asks for (the server may grant less; see ``stats()``).
-    ``rto``: retransmission timeout in seconds (eRPC: 5 ms).
+    ``rto``: retransmission timeout in seconds (eRPC: 5 ms); the session
+    uses its smoothed RTT plus four deviations when that is longer, and
+    doubles a request's timeout per rollback without progress.
     ``peer_timeout``: seconds without a packet from the server, while calls
     are outstanding or while connecting, after which the session is declared
     dead and its calls fail with :class:`PeerDead`.
@@ -206,6 +208,7 @@ class Client:
         self._send(self.session.connect_packet(self._started))
         self._connect_timer = loop.call_later(self._connect_wait, self._retry_connect)
         self._ticker: Any = None
+        self._ticked = 0                    # when _tick last ran (ns)
 
     def __repr__(self) -> str:
         return (f"<drpc.Client {self.bind.backend} {self.address!r} "
@@ -240,6 +243,7 @@ class Client:
             self._reconnect(now)
         self._submit(req_type, payload, callback, now)
         if self._ticker is None and not self.closed:
+            self._ticked = self._now()
             self._ticker = self.loop.call_every(self.rto / 2, self._tick)
             self._caller.ticking = True
         return call
@@ -357,7 +361,17 @@ class Client:
         self._send(pkt)
 
     def _tick(self) -> None:
-        err = self.session.tick(self._now())
+        now = self._now()
+        period = self.rto * 5e8
+        late = now - self._ticked - period
+        self._ticked = now
+        if late > period:
+            # this process did not run for a while (stopped, descheduled):
+            # the server's silence in that time was not heard, and the
+            # answers that came may still be unread, or the packets it
+            # answers may have left only now
+            self.session.pause(int(late))
+        err = self.session.tick(now)
         if err is not None:
             self._stop(err)
         elif (self.session.busy == 0 and not self.session.backlog and not self._connecting

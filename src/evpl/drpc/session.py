@@ -17,9 +17,11 @@ Client side (:class:`ClientSession`), per eRPC:
   first response packet; response packets 2..M are pulled one by one with
   requests-for-response (RFR). The client's packets and the server's answers
   are numbered alike (``num_tx``, ``num_rx``), which makes loss recovery
-  go-back-N: after ``rto`` without progress the client rolls ``num_tx`` back
-  to ``num_rx`` and sends again, unless packets of that request still wait in
-  the pacing wheel;
+  go-back-N: after the retransmission timeout without progress the client
+  rolls ``num_tx`` back to ``num_rx`` and sends again, unless packets of
+  that request still wait in the pacing wheel. The timeout is ``rto`` or
+  srtt + 4 rttvar if longer, doubled per rollback of the slot without
+  progress (a stalled peer gets a few rollbacks, not one per ``rto``);
 * answers out of order, duplicated or for an older request are dropped and
   counted; no packet from the server for ``peer_timeout`` while requests are
   outstanding fails them all (:class:`PeerDead`).
@@ -116,6 +118,10 @@ class CallTimeout(DrpcError, TimeoutError):
 
 # -- client ---------------------------------------------------------------------
 
+# a slot's RTO doubles with each rollback without progress, up to 2**6 times
+# the base one (5 ms: 320 ms; peer_timeout still ends a dead session)
+MAX_BACKOFF = 6
+
 Done = Callable[[Any, BaseException | None], Any]
 
 
@@ -183,6 +189,8 @@ class ClientSession(ClientCore):
         self.rtt_sum = 0
         self.rtt_samples = 0
         self.min_rtt_ns = 0
+        self.srtt_ns = 0
+        self.rttvar_ns = 0
         self.max_inflight = 0
         self.max_busy = 0
 
@@ -461,19 +469,45 @@ class ClientSession(ClientCore):
             self.fail(err)
             return err
         rolled = False
+        rto = self.rto()
         for slot in self.slots:
             if slot.busy and slot.num_tx > slot.num_rx and slot.queued == 0 and \
-                    now_ns - slot.progress >= self.rto_ns:
+                    now_ns - slot.progress >= rto << slot.backoff:
                 self.credits += slot.num_tx - slot.num_rx
                 slot.num_tx = slot.num_rx
                 slot.retransmits += 1
                 self.retransmits += 1
                 slot.progress = now_ns
+                if slot.backoff < MAX_BACKOFF:
+                    slot.backoff += 1
                 rolled = True
         if rolled:
             self.starved = True
             self.pump(now_ns)
         return None
+
+    def pause(self, gap_ns: int) -> None:
+        """This end did not run for ``gap_ns`` (its process was stopped or
+        descheduled): what it could not hear in that time says nothing of
+        the server, so every slot's timeout, and the dead-peer clock, start
+        that much later. (Else a client stopped for longer than the timeout
+        rolls back when it runs again, before it reads the answers that
+        came meanwhile, or before the packets they answer have left.)"""
+        self.last_rx += gap_ns
+        for slot in self.slots:
+            if slot.busy:
+                slot.progress += gap_ns
+
+    def rto(self) -> int:
+        """The retransmission timeout (ns) of a slot's first rollback:
+        ``rto_ns`` (eRPC's 5 ms), or the smoothed RTT plus four mean
+        deviations if that is longer (TCP's estimate, RFC 6298): on a host
+        whose RTT swings by milliseconds (processes descheduled) a swing is
+        not a loss. Each further rollback of a slot without progress doubles
+        it (``backoff``), so a peer stopped for a while gets a few rollbacks
+        rather than one per ``rto_ns``."""
+        est = self.srtt_ns + 4 * self.rttvar_ns
+        return est if est > self.rto_ns else self.rto_ns
 
     def fail(self, error: BaseException) -> None:
         """Close the session: every outstanding and queued call fails with
@@ -523,6 +557,8 @@ class ClientSession(ClientCore):
             "no_memory": self.no_memory,
             "bad_session": self.bad_session,
             "bad_type": self.bad_type,
+            "rto_us": self.rto() / 1000,
+            "srtt_us": self.srtt_ns / 1000,
             "rtt_us": self.rtt_ns / 1000,
             "min_rtt_us": self.min_rtt_ns / 1000,
             "mean_rtt_us": self.rtt_sum / self.rtt_samples / 1000 if self.rtt_samples else 0.0,
