@@ -7,6 +7,7 @@ losses no network produces on demand.)"""
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from evpl.drpc.cc import Timely
 from evpl.drpc.session import ClientSession, ServerEndpoint
+from evpl.drpc.wire import PacketType, parse_header
 
 PEER = ("10.0.0.1", 1)
 RTO = 5_000_000
@@ -202,6 +204,44 @@ def test_a_slots_packets_leave_in_order_behind_paced_ones() -> None:
     assert not sent and len(wheel) == 2 and slot.queued == 2
     nums = [int.from_bytes(p[20:24], "big") for p, _ in wheel]
     assert nums == [4, 5] and wheel[0][1] <= wheel[1][1]
+
+
+def test_requests_for_response_are_paced_by_the_answer_they_pull() -> None:
+    """Below the link rate the client spaces its packets by what they cost
+    the path: a request-for-response by the ``max_datagram`` answer it asks
+    for, not by its own 28 bytes (which let a large response arrive at some
+    fifty times the session's rate)."""
+    sent: list[bytes] = []
+    wheel: list[tuple[bytes, int]] = []
+    to_client: list[bytes] = []
+
+    def pace(data: object, tag: object, when: int) -> None:
+        wheel.append((bytes(data), when))     # type: ignore[arg-type]
+        tag.queued += 1                       # type: ignore[attr-defined]
+
+    cc = Timely(10e9, t_low=50e-6, t_high=1e-3, min_rtt=10e-6, min_rate=1e6)
+    client = ClientSession(lambda d: sent.append(bytes(d)), pace, client_session=7, window=1,
+                           credits=8, max_datagram=1472, rto_ns=RTO, peer_timeout_ns=10**15,
+                           cc=cc)
+    server = ServerEndpoint(lambda d, a: to_client.append(bytes(d)),
+                            lambda *a: None, lambda req, exc: None, max_datagram=1472)
+    server.handlers[1] = lambda req: bytes(64 << 10)      # 46 packets
+    server.receive([(client.connect_packet(1), PEER)], 1)
+    client.receive([(p, PEER) for p in to_client], 1)
+    to_client.clear()
+    cc.rate = 1e9                           # congested: the client paces
+    client.submit(1, b"q", lambda r, e: None, 1_000)
+    server.receive([(p, PEER) for p in sent], 1_000)
+    sent.clear()
+    client.receive([(to_client.pop(0), PEER)], 11_000)   # answer 0, 10 µs RTT
+    # answer 0 returns the credits: RFRs for answers 1-8, the first leaves
+    # at once, the others wait in the wheel, spaced
+    assert len(sent) == 1 and len(wheel) == 7
+    assert all(parse_header(p)[0] == PacketType.RFR for p in [*sent, *(p for p, _ in wheel)])
+    whens = [11_000, *(when for _, when in wheel)]
+    gaps = [b - a for a, b in itertools.pairwise(whens)]
+    # (the rate may have grown a little with the sample: allow up to 2 Gbit/s)
+    assert min(gaps) >= 1472 * 8e9 / 2e9, gaps
 
 
 def _connected_pair(window: int = 2, credits: int = 4

@@ -297,6 +297,10 @@ class ClientSession(ClientCore):
             else:
                 data = _pack(MAGIC, RFR, slot.req_type, 0, self.server_session, slot.req_num,
                              0, i - n_req + 1, ts)
+            # what this packet costs the path: a request-for-response pulls
+            # a whole answer (eRPC paces the client's packets so that the
+            # answers arrive at the session's rate)
+            wire = len(data) if i < n_req else self.max_datagram
             slot.num_tx = i + 1
             self.credits -= 1
             cc = self.cc
@@ -307,7 +311,7 @@ class ClientSession(ClientCore):
                 self.send_now(data)
             else:
                 t = self.next_tx if self.next_tx > now_ns else now_ns
-                self.next_tx = t + int(len(data) * 8e9 / cc.rate)  # type: ignore[union-attr]
+                self.next_tx = t + int(wire * 8e9 / cc.rate)  # type: ignore[union-attr]
                 if t <= now_ns and not slot.queued:
                     self.send_now(data)
                 else:
