@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from core.helpers import TIMEOUT
+from drpc_server_script import counters, server_process
 
 from evpl.drpc import Client
 
@@ -165,21 +166,10 @@ def test_incast_with_timely(loop, datagram_backend) -> None:
     fills: the mean RTT of a run without and one with Timely is printed (a
     measurement, not asserted: on the shared VM it moves 2x between runs);
     every request completes either way."""
-    server = subprocess.Popen([sys.executable, str(HERE / "drpc_server_script.py"),
-                               "--backend", datagram_backend], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None and server.stdin is not None
-        port = int(server.stdout.readline())
+    with server_process(datagram_backend) as (server, port):
         without, _ = _incast(loop, datagram_backend, port, False)
         with_cc, stats = _incast(loop, datagram_backend, port, True)
-        server.stdin.close()
-        served = json.loads(server.stdout.readline())
-        server.wait(10)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        served = counters(server)
     print(f"\nincast over {datagram_backend}, mean RTT: without Timely {without:.0f} us, "
           f"with Timely {with_cc:.0f} us; Timely rates (Mbit/s): "
           f"{[round(s['rate_bps'] / 1e6) for s in stats]}")

@@ -151,11 +151,11 @@ def test_malformed_response_packets_are_dropped() -> None:
     assert got == [bytes(range(250))]
 
 
-def test_a_slots_packets_leave_in_order_behind_paced_ones() -> None:
-    """While a slot has packets in the pacing wheel, its next packets go
-    behind them even once the session is uncongested again: one sent at
-    once would overtake them, and its answer, out of order, would be
-    dropped and cost a retransmission timeout."""
+def _paced_pair(credits: int, max_datagram: int) -> tuple[
+        ClientSession, ServerEndpoint, Timely, list[bytes], list[tuple[bytes, int]], list[bytes]]:
+    """A client with Timely (one request slot) and a server, not connected:
+    what the client sends at once goes to ``sent``, what it paces to
+    ``wheel`` as ``(packet, when)``, the server's answers to ``to_client``."""
     sent: list[bytes] = []
     wheel: list[tuple[bytes, int]] = []
     to_client: list[bytes] = []
@@ -166,10 +166,19 @@ def test_a_slots_packets_leave_in_order_behind_paced_ones() -> None:
 
     cc = Timely(10e9, t_low=50e-6, t_high=1e-3, min_rtt=10e-6, min_rate=1e6)
     client = ClientSession(lambda d: sent.append(bytes(d)), pace, client_session=7, window=1,
-                           credits=2, max_datagram=28 + 100, rto_ns=RTO, peer_timeout_ns=10**15,
-                           cc=cc)
+                           credits=credits, max_datagram=max_datagram, rto_ns=RTO,
+                           peer_timeout_ns=10**15, cc=cc)
     server = ServerEndpoint(lambda d, a: to_client.append(bytes(d)),
-                            lambda *a: None, lambda req, exc: None, max_datagram=28 + 100)
+                            lambda *a: None, lambda req, exc: None, max_datagram=max_datagram)
+    return client, server, cc, sent, wheel, to_client
+
+
+def test_a_slots_packets_leave_in_order_behind_paced_ones() -> None:
+    """While a slot has packets in the pacing wheel, its next packets go
+    behind them even once the session is uncongested again: one sent at
+    once would overtake them, and its answer, out of order, would be
+    dropped and cost a retransmission timeout."""
+    client, server, cc, sent, wheel, to_client = _paced_pair(credits=2, max_datagram=28 + 100)
     server.handlers[1] = lambda req: bytes(1000)          # 14 packets
 
     def to_server(now: int) -> None:
@@ -211,20 +220,7 @@ def test_requests_for_response_are_paced_by_the_answer_they_pull() -> None:
     the path: a request-for-response by the ``max_datagram`` answer it asks
     for, not by its own 28 bytes (which let a large response arrive at some
     fifty times the session's rate)."""
-    sent: list[bytes] = []
-    wheel: list[tuple[bytes, int]] = []
-    to_client: list[bytes] = []
-
-    def pace(data: object, tag: object, when: int) -> None:
-        wheel.append((bytes(data), when))     # type: ignore[arg-type]
-        tag.queued += 1                       # type: ignore[attr-defined]
-
-    cc = Timely(10e9, t_low=50e-6, t_high=1e-3, min_rtt=10e-6, min_rate=1e6)
-    client = ClientSession(lambda d: sent.append(bytes(d)), pace, client_session=7, window=1,
-                           credits=8, max_datagram=1472, rto_ns=RTO, peer_timeout_ns=10**15,
-                           cc=cc)
-    server = ServerEndpoint(lambda d, a: to_client.append(bytes(d)),
-                            lambda *a: None, lambda req, exc: None, max_datagram=1472)
+    client, server, cc, sent, wheel, to_client = _paced_pair(credits=8, max_datagram=1472)
     server.handlers[1] = lambda req: bytes(64 << 10)      # 46 packets
     server.receive([(client.connect_packet(1), PEER)], 1)
     client.receive([(p, PEER) for p in to_client], 1)

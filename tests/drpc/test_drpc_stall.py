@@ -9,32 +9,23 @@ its window every ``rto`` through the stall (its timeout backs off).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from core.helpers import TIMEOUT
+from drpc_server_script import counters, server_process
 
 from evpl.drpc import Client
 
-HERE = Path(__file__).resolve().parent
 ECHO = 2                                    # drpc_server_script.py's echo
 pytestmark = pytest.mark.timeout(120)
 
 
 def test_stopped_server_costs_a_few_rollbacks_and_no_call(loop, datagram_backend) -> None:
-    server = subprocess.Popen([sys.executable, str(HERE / "drpc_server_script.py"),
-                               "--backend", datagram_backend], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None and server.stdin is not None
-        port = int(server.stdout.readline())
+    with server_process(datagram_backend) as (server, port):
         client = Client(loop, datagram_backend, ("127.0.0.1", port), peer_timeout=60.0)
         assert bytes(client.wait(client.call(ECHO, b"up"), TIMEOUT)) == b"up"
         rnd = random.Random(3)
@@ -59,14 +50,7 @@ def test_stopped_server_costs_a_few_rollbacks_and_no_call(loop, datagram_backend
         loop.run_until(lambda: len(answers) == len(bodies), timeout=TIMEOUT)
         st = client.stats()
         client.close()
-        server.stdin.close()
-        served = json.loads(server.stdout.readline())
-        server.wait(10)
-    finally:
-        if server.poll() is None:
-            os.kill(server.pid, signal.SIGCONT)
-            server.kill()
-            server.wait()
+        served = counters(server)
     # every call completed once, with its own bytes; no handler ran twice
     assert sorted(i for i, _, _ in answers) == list(range(len(bodies)))
     assert all(e is None and r == bodies[i] for i, r, e in answers)
