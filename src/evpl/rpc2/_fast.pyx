@@ -27,6 +27,8 @@ from cpython.unicode cimport PyUnicode_AsUTF8String
 from libc.stdint cimport uint32_t
 from libc.string cimport memcpy, memset
 
+from evpl.errors import ProtocolError
+
 cdef uint32_t AUTH_NONE_FLAVOR = 0
 cdef uint32_t AUTH_SYS_FLAVOR = 1
 cdef Py_ssize_t MAX_AUTH = 400          # RFC 5531: an opaque_auth body is at most 400 bytes
@@ -116,7 +118,51 @@ def pack_string(buf, s, unsigned long long maxlen=0xFFFFFFFF):
     _pack_counted(buf, s, maxlen, "string")
 
 
-# -- the client's call message and reply head ----------------------------------
+# -- the client's call table, call message and reply head ----------------------
+
+@cython.final
+cdef class XidTable:
+    """Client-side xids: allocates unused ones and matches replies to pending calls.
+
+    ``add(value)`` returns a fresh xid remembered with ``value``;
+    ``pop(xid)`` returns the value for a reply's xid, or ``None`` for a
+    reply nobody waits for (late, duplicated or forged). (In C: the client
+    asks it two or three times per call.)
+    """
+
+    cdef uint32_t _next
+    cdef dict _pending
+
+    def __init__(self, unsigned long long start=1):
+        self._next = <uint32_t>(start & 0xFFFFFFFF)
+        self._pending = {}
+
+    def __len__(self):
+        return len(self._pending)
+
+    def add(self, value):
+        """Remember ``value`` under a new xid and return the xid."""
+        cdef uint32_t xid = self._next
+        if len(self._pending) >= 0xFFFFFFFF:
+            raise ProtocolError("every xid is in use")
+        while xid in self._pending:
+            xid += 1                                # (wraps: uint32)
+        self._next = xid + 1
+        self._pending[xid] = value
+        return xid
+
+    def pop(self, xid):
+        """The value waiting for ``xid`` (now forgotten), or ``None``."""
+        return self._pending.pop(xid, None)
+
+    def get(self, xid):
+        """The value waiting for ``xid`` (kept), or ``None``."""
+        return self._pending.get(xid)
+
+    def pending(self):
+        """The xids still waiting for a reply."""
+        return list(self._pending)
+
 
 def call_message(uint32_t xid, uint32_t prog, uint32_t vers, uint32_t proc, bytes auth,
                  args):

@@ -15,12 +15,13 @@ Malformed messages raise :class:`~evpl.rpc2.xdr.XdrError` (a
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 from evpl.errors import FramingError, ProtocolError
+from evpl.rpc2._fast import XidTable
 from evpl.rpc2.xdr import (
     UINT,
     XdrError,
@@ -507,44 +508,3 @@ class RecordReader:
                     yield record
         finally:
             del buf[:pos]
-
-
-class XidTable:
-    """Client-side xids: allocates unused ones and matches replies to pending calls.
-
-    ``add(value)`` returns a fresh xid remembered with ``value``;
-    ``pop(xid)`` returns the value for a reply's xid, or ``None`` for a
-    reply nobody waits for (late, duplicated or forged).
-    """
-
-    __slots__ = ("_next", "_pending")
-
-    def __init__(self, start: int = 1) -> None:
-        self._next = start & 0xFFFFFFFF
-        self._pending: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def add(self, value: Any) -> int:
-        """Remember ``value`` under a new xid and return the xid."""
-        if len(self._pending) >= 0xFFFFFFFF:
-            raise ProtocolError("every xid is in use")
-        xid = self._next
-        while xid in self._pending:
-            xid = (xid + 1) & 0xFFFFFFFF
-        self._next = (xid + 1) & 0xFFFFFFFF
-        self._pending[xid] = value
-        return xid
-
-    def pop(self, xid: int) -> Any:
-        """The value waiting for ``xid`` (now forgotten), or ``None``."""
-        return self._pending.pop(xid, None)
-
-    def get(self, xid: int) -> Any:
-        """The value waiting for ``xid`` (kept), or ``None``."""
-        return self._pending.get(xid)
-
-    def pending(self) -> Sequence[int]:
-        """The xids still waiting for a reply."""
-        return list(self._pending)
