@@ -77,7 +77,18 @@ cdef class EpollBind(Bind):
     cdef int _send_queued(self) except -1:
         if not txq_empty(&self.txq) and not self.tx_blocked:
             self._write()
+        if self.tx_blocked != self.out_armed and self.state == S_OPEN:
+            # watch write space exactly while a send is blocked (ET: arming
+            # reports at once if the socket is writable already)
+            self._arm_out(self.tx_blocked)
         return 1
+
+    cdef void _read_more(self):
+        """The spin's direct read filled what it offered, met the end or
+        a signal: the ordinary read path takes it from here."""
+        if self.state == S_OPEN:
+            self.rx_ready = True
+            self.loop._queue_read(self)
 
     cdef int _arm_reading(self) except -1:
         if self.rx_ready:
@@ -214,17 +225,27 @@ cdef class EpollStream(EpollBind):
                 if self._rx_error(n):
                     return
                 continue
-            loop.spin_src = self
-            loop.rx_used += n
-            loop.stat_bytes_in += n
-            self._arrived(loop.rx_chunk, p, n, loop.rx_chunk.size - loop.rx_used)
-            if timed:
-                self._timestamps(part0, m0)
-            if <size_t>n < space and not self.hup:
-                self.rx_ready = False
+            if self._took(p, n, space, part0, m0):
                 return
         if self.rx_ready and self.state == S_OPEN and not self.reading_paused and not self.eof:
             loop._queue_read(self)
+
+    cdef bint _took(self, char* p, size_t n, size_t space, size_t part0, size_t m0):
+        """Hand over the ``n`` bytes a read of ``space`` bytes put at ``p``
+        (the cursor of the loop's receive chunk); ``part0``, ``m0``: the
+        partial length and message count before it. True if that drained
+        the socket."""
+        cdef LoopCore loop = self.loop
+        loop.spin_src = self
+        loop.rx_used += n
+        loop.stat_bytes_in += n
+        self._arrived(loop.rx_chunk, p, n, loop.rx_chunk.size - loop.rx_used)
+        if self.idle_ns or self.msg_ns:
+            self._timestamps(part0, m0)
+        if n < space and not self.hup:
+            self.rx_ready = False
+            return True
+        return False
 
     cdef unsigned int _spin_prepare(self):
         # read directly only what _read_socket's plain case reads: an open,
@@ -247,29 +268,16 @@ cdef class EpollStream(EpollBind):
 
     cdef void _spin_deliver(self, int n, unsigned int vlen, int err):
         cdef LoopCore loop = self.loop
-        cdef size_t got
-        cdef size_t m0 = loop.stat_messages_in
         if n == 1 and loop.mmsg[0].msg_len > 0:
-            got = loop.mmsg[0].msg_len
-            loop.rx_used += got
-            loop.stat_bytes_in += got
-            self._arrived(loop.rx_chunk, <char*>loop.iov[0].iov_base, got,
-                          loop.rx_chunk.size - loop.rx_used)
-            if self.idle_ns or self.msg_ns:
-                self._timestamps(0, m0)
-            if got < loop.iov[0].iov_len and not self.hup:
-                self.rx_ready = False
+            if self._took(<char*>loop.iov[0].iov_base, loop.mmsg[0].msg_len,
+                          loop.iov[0].iov_len, 0, loop.stat_messages_in):
                 return
         elif n < 0 and err != EINTR:
             # (a reset is reported once: read again, it would look like EOF)
             errno = err
             self._rx_error(-1)
             return
-        # a full read, the end of the stream or a signal: the read path
-        # takes it from here
-        if self.state == S_OPEN:
-            self.rx_ready = True
-            loop._queue_read(self)
+        self._read_more()
 
     cdef void _write(self):
         cdef iovec* iov = self.loop.iov
@@ -285,8 +293,6 @@ cdef class EpollStream(EpollBind):
             if n < 0:
                 if errno == EAGAIN:
                     self.tx_blocked = True
-                    if not self.out_armed:
-                        self._arm_out(True)     # (ET: reports at once if writable)
                     return
                 if errno == EINTR:
                     continue
@@ -294,8 +300,6 @@ cdef class EpollStream(EpollBind):
                 return
             self.loop.stat_bytes_out += n
             self.queued_bytes -= txq_retire(&self.txq, n, None)
-        if self.out_armed and self.state != S_CONNECTING:
-            self._arm_out(False)
 
 
 @cython.final
@@ -420,10 +424,7 @@ cdef class EpollDatagram(EpollBind):
         elif err != EINTR:
             # ICMP errors (port unreachable) surface here, as in _read_socket
             self._dgram_error(err)
-        # a full batch, an error or a signal: more may be waiting
-        if self.state == S_OPEN:
-            self.rx_ready = True
-            self.loop._queue_read(self)
+        self._read_more()
 
     cdef void _write(self):
         """Send the queue with sendmmsg: one message per datagram, or per GSO
@@ -462,8 +463,6 @@ cdef class EpollDatagram(EpollBind):
             if n < 0:
                 if errno == EAGAIN or errno == ENOBUFS:
                     self.tx_blocked = True
-                    if not self.out_armed:
-                        self._arm_out(True)     # (ET: reports at once if writable)
                     return
                 if errno == EINTR:
                     continue
@@ -485,8 +484,6 @@ cdef class EpollDatagram(EpollBind):
                 loop.stat_datagrams_out += g
                 self._retire(g)
         q.head = q.tail = 0
-        if self.out_armed:
-            self._arm_out(False)
 
     cdef void _retire(self, unsigned int g):
         cdef size_t n = txq_dg_retire(&self.txq, g)

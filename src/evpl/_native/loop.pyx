@@ -41,8 +41,8 @@ cdef enum:
     # connection's pipelined requests) runs this many rounds in one
     # iteration; then sends go out and I/O is polled again
     DEFER_ROUNDS = 16
-    # while the spin reads its datagram socket directly and nothing else is
-    # in the epoll set, epoll_wait runs once in this many rounds
+    # while the spin reads its socket directly and nothing else is in the
+    # epoll set, epoll_wait runs once in this many rounds
     SPIN_EPOLL_EVERY = 16
     # a direct read that missed this many spins in a row, each ended by
     # epoll reporting other sources (a server with many connections), stops
