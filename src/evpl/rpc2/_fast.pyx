@@ -208,23 +208,32 @@ def success_xid(msg):
 
 # -- the batch loop ------------------------------------------------------------
 
-cdef object _raw_reply(object head, object result):
-    """The reply of a raw procedure: ``head`` (24 bytes) and the encoded
-    result (bytes-like, or None for no result) as one message; a large
-    ``bytes`` result stays a reference, sent next to the head."""
+cdef object _reply_bytes(uint32_t xid, Py_ssize_t extra):
+    """A ``bytes`` of 24 + ``extra`` bytes starting with the head of an
+    accepted reply with a null verifier: xid, REPLY, MSG_ACCEPTED,
+    AUTH_NONE, 0, SUCCESS (the ``extra`` bytes are the caller's to fill)."""
+    cdef object out = PyBytes_FromStringAndSize(NULL, 24 + extra)
+    cdef char* h = PyBytes_AS_STRING(out)
+    put32(h, xid)
+    put32(h + 4, 1)
+    memset(h + 8, 0, 16)
+    return out
+
+
+cdef object _raw_reply(uint32_t xid, object result):
+    """The reply of a raw procedure: the head and the encoded result
+    (bytes-like, or None for no result) as one message, the result copied
+    after the head, or a large ``bytes`` result left a reference next to it."""
     cdef Py_buffer view
     cdef object out
-    cdef char* q
     if result is None:
-        return head
+        return _reply_bytes(xid, 0)
     if type(result) is bytes and PyBytes_GET_SIZE(result) >= scatter_min:
-        return (head, result)
+        return (_reply_bytes(xid, 0), result)
     PyObject_GetBuffer(result, &view, PyBUF_SIMPLE)
     try:
-        out = PyBytes_FromStringAndSize(NULL, 24 + view.len)
-        q = PyBytes_AS_STRING(out)
-        memcpy(q, PyBytes_AS_STRING(head), 24)
-        memcpy(q + 24, view.buf, view.len)
+        out = _reply_bytes(xid, view.len)
+        memcpy(PyBytes_AS_STRING(out) + 24, view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
     return out
@@ -338,7 +347,6 @@ cdef class FastPath:
         cdef uint32_t xid, prog, vers, procno
         cdef Proc proc
         cdef object cred, args, result, pack, ctx, head
-        cdef char* h
         cdef PyObject* found
         for msg in msgs:
             proc = None
@@ -413,25 +421,16 @@ cdef class FastPath:
                 else:
                     ctx.reply(result)
                 continue
-            # an accepted reply with a null verifier: xid, REPLY, MSG_ACCEPTED,
-            # AUTH_NONE, 0, SUCCESS
-            head = PyBytes_FromStringAndSize(NULL, 24)
-            h = PyBytes_AS_STRING(head)
-            put32(h, xid)
-            put32(h + 4, 1)
-            put32(h + 8, 0)
-            put32(h + 12, 0)
-            put32(h + 16, 0)
-            put32(h + 20, 0)
-            if pack is self.pack_void:
-                replies.append(head)               # sent as it is, no copy
-                continue
             if proc.raw:
                 try:
-                    replies.append(_raw_reply(head, result))
+                    replies.append(_raw_reply(xid, result))
                 except TypeError:
                     conn.in_flight += 1
                     cur.context().reply(result)    # logs, answers SYSTEM_ERR
+                continue
+            head = _reply_bytes(xid, 0)
+            if pack is self.pack_void:
+                replies.append(head)               # sent as it is, no copy
                 continue
             buf = self.scatter_buf(head)
             try:

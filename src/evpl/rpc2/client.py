@@ -420,38 +420,32 @@ class Client:
     def _on_reply(self, msg: Any) -> None:
         xid = success_xid(msg)
         if xid >= 0:
-            # the common reply, its head read in C: results from byte 24
-            rpc = self._xids.pop(xid)
-            if rpc is None:
-                return  # late, duplicated or unknown reply
+            results = memoryview(msg)[24:]      # the common reply, its head read in C
+        else:
             try:
-                value = rpc.decode(memoryview(msg)[24:])
-            except Exception as exc:
-                rpc._set(None, exc)
+                reply = decode_reply(msg)
+            except ProtocolError as exc:
+                if len(msg) >= 4:
+                    (xid,) = struct.unpack_from(">I", msg, 0)
+                    rpc = self._xids.pop(xid)
+                    if rpc is not None:
+                        rpc._set(None, exc)
                 return
-            rpc._set(value, None)
-            return
-        try:
-            reply = decode_reply(msg)
-        except ProtocolError as exc:
-            if len(msg) >= 4:
-                (xid,) = struct.unpack_from(">I", msg, 0)
-                rpc = self._xids.pop(xid)
+            if reply.accept_stat is not AcceptStat.SUCCESS:
+                rpc = self._xids.pop(reply.xid)
                 if rpc is not None:
-                    rpc._set(None, exc)
-            return
-        rpc = self._xids.pop(reply.xid)
+                    rpc._set(None, reply_error(reply))
+                return
+            xid, results = reply.xid, reply.results
+        rpc = self._xids.pop(xid)
         if rpc is None:
             return  # late, duplicated or unknown reply
-        if reply.accept_stat is AcceptStat.SUCCESS:
-            try:
-                value = rpc.decode(reply.results)
-            except Exception as exc:
-                rpc._set(None, exc)
-                return
-            rpc._set(value, None)
-        else:
-            rpc._set(None, reply_error(reply))
+        try:
+            value = rpc.decode(results)
+        except Exception as exc:
+            rpc._set(None, exc)
+            return
+        rpc._set(value, None)
 
     def _on_closed(self, error: EvplError | None) -> None:
         self.connected = False
