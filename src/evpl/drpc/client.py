@@ -243,7 +243,7 @@ class Client:
             self._reconnect(now)
         self._submit(req_type, payload, callback, now)
         if self._ticker is None and not self.closed:
-            self._ticked = self._now()
+            self._ticked = now
             self._ticker = self.loop.call_every(self.rto / 2, self._tick)
             self._caller.ticking = True
         return call
@@ -362,7 +362,7 @@ class Client:
 
     def _tick(self) -> None:
         now = self._now()
-        period = self.rto * 5e8
+        period = self.rto * 5e8                 # ns: call_every's rto / 2
         late = now - self._ticked - period
         self._ticked = now
         if late > period:
