@@ -140,7 +140,6 @@ def test_timer_precision_while_sleeping(make_loop):
         after = loop.stats()
         rounds.append((after["sleeps"] - before["sleeps"],
                        after["iterations"] - before["iterations"]))
-        assert t.deadline_ns >= deadline
     assert early == [False] * 7
     # medians: a round in which the thread lost the CPU for 2 ms before
     # run_until finds its timer already due and needs no sleep

@@ -125,15 +125,18 @@ def test_a_reset_met_by_the_direct_read_closes_with_connection_reset(make_loop):
 
 
 def test_an_eof_met_by_the_direct_read_ends_the_stream(make_loop):
-    """A FIN after data: the data arrives, then on_eof, then a clean close."""
+    """A FIN after data: the direct read takes the data, then meets the end
+    (a read of 0 bytes); on_eof, then a clean close."""
     loop, server, listener = serve(make_loop)
     peer = connect(loop, server, listener)
     try:
         peer.sendall(frame(b"first"))
         loop.run_until(lambda: server.msgs, timeout=TIMEOUT)
+        hits = loop.stats()["spin_hits"]
         peer.sendall(frame(b"last"))
         peer.shutdown(socket.SHUT_WR)
         loop.run_until(lambda: server.closed, timeout=TIMEOUT)
+        assert loop.stats()["spin_hits"] - hits == 2    # the data, then the end
         assert [m for _, m in server.msgs] == [b"first", b"last"]
         assert server.eofs == 1 and server.closed == [None]
         assert peer.recv(64) == b""                 # the Bind finished its side
