@@ -63,16 +63,24 @@ def connect(loop, server, listener) -> socket.socket:
     return peer
 
 
+def receiving(make_loop):
+    """A polling framed server whose one connection just received a first
+    message (epoll reported it; the connection is the loop's last
+    receiver now): the loop, the server and the peer."""
+    loop, server, listener = serve(make_loop)
+    peer = connect(loop, server, listener)
+    peer.sendall(frame(b"first"))
+    loop.run_until(lambda: server.msgs, timeout=TIMEOUT)
+    return loop, server, peer
+
+
 def test_messages_arrive_through_the_direct_read(make_loop):
     """After a first message makes the connection the loop's last receiver,
     the spin reads it straight away: messages sent one at a time, and a
     burst larger than one read, arrive whole and in order, and the loop
     counts direct hits."""
-    loop, server, listener = serve(make_loop)
-    peer = connect(loop, server, listener)
+    loop, server, peer = receiving(make_loop)
     try:
-        peer.sendall(frame(b"first"))
-        loop.run_until(lambda: server.msgs, timeout=TIMEOUT)
         hits = loop.stats()["spin_hits"]
         events = loop.stats()["events"]
         for i in range(20):
@@ -112,10 +120,7 @@ def test_bytes_through_the_direct_read(make_loop):
 def test_a_reset_met_by_the_direct_read_closes_with_connection_reset(make_loop):
     """The kernel reports a reset once: the direct read that meets it closes
     the Bind with ConnectionReset (read again, it would look like EOF)."""
-    loop, server, listener = serve(make_loop)
-    peer = connect(loop, server, listener)
-    peer.sendall(frame(b"first"))
-    loop.run_until(lambda: server.msgs, timeout=TIMEOUT)
+    loop, server, peer = receiving(make_loop)
     hits = loop.stats()["spin_hits"]
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     peer.close()                                    # RST
@@ -127,11 +132,8 @@ def test_a_reset_met_by_the_direct_read_closes_with_connection_reset(make_loop):
 def test_an_eof_met_by_the_direct_read_ends_the_stream(make_loop):
     """A FIN after data: the direct read takes the data, then meets the end
     (a read of 0 bytes); on_eof, then a clean close."""
-    loop, server, listener = serve(make_loop)
-    peer = connect(loop, server, listener)
+    loop, server, peer = receiving(make_loop)
     try:
-        peer.sendall(frame(b"first"))
-        loop.run_until(lambda: server.msgs, timeout=TIMEOUT)
         hits = loop.stats()["spin_hits"]
         peer.sendall(frame(b"last"))
         peer.shutdown(socket.SHUT_WR)
