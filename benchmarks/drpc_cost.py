@@ -3,13 +3,14 @@
 Wall-clock rates on a shared VM move by 2x between runs; instruction counts
 do not. This runs a client and a server in one process and one Loop (event
 mode, so no spinning is counted; drpc with ``cc=False``: pacing only runs
-under congestion), 8 calls in flight, 32-byte requests and responses, under
+under congestion), 8 calls in flight (``--depth``; 1 is the latency load's
+shape), 32-byte requests and responses, under
 ``valgrind --tool=callgrind`` for N and 2N calls: the difference over N is
 the user-space instructions one call costs both ends together (the
 kernel's share is not counted).
 
     python benchmarks/drpc_cost.py                 # needs valgrind
-    python benchmarks/drpc_cost.py --calls 4000
+    python benchmarks/drpc_cost.py --calls 4000 --depth 1
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 
-def run_calls(stack: str, n: int) -> None:
+def run_calls(stack: str, n: int, depth: int) -> None:
     import evpl
 
     loop = evpl.Loop(poll_mode="event")
@@ -61,16 +62,17 @@ def run_calls(stack: str, n: int) -> None:
                 if done[0] < n:
                     issue()
             rclient.call(7, 1, 1, payload, len).add_done_callback(cb)
-    for _ in range(8):
+    for _ in range(depth):
         issue()
     loop.run_until(lambda: done[0] >= n, 600)
 
 
-def instructions(stack: str, n: int) -> int:
+def instructions(stack: str, n: int, depth: int) -> int:
     with tempfile.TemporaryDirectory() as d:
         res = subprocess.run(["valgrind", "--tool=callgrind",
                               f"--callgrind-out-file={Path(d) / 'cg.out'}", sys.executable,
-                              __file__, "--run", stack, "--calls", str(n)],
+                              __file__, "--run", stack, "--calls", str(n),
+                              "--depth", str(depth)],
                              capture_output=True, text=True, check=True)
     m = re.search(r"Collected : (\d+)", res.stderr)
     if m is None:
@@ -81,15 +83,16 @@ def instructions(stack: str, n: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=2000, help="N (the runs make N and 2N calls)")
+    ap.add_argument("--depth", type=int, default=8, help="calls in flight (default 8)")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
-        run_calls(args.run, args.calls)
+        run_calls(args.run, args.calls, args.depth)
         return
     per = {}
     for stack in ("drpc", "rpc2-tcp"):
-        a = instructions("drpc" if stack == "drpc" else "rpc2", args.calls)
-        b = instructions("drpc" if stack == "drpc" else "rpc2", 2 * args.calls)
+        a = instructions("drpc" if stack == "drpc" else "rpc2", args.calls, args.depth)
+        b = instructions("drpc" if stack == "drpc" else "rpc2", 2 * args.calls, args.depth)
         per[stack] = (b - a) / args.calls
         print(f"{stack:9} {per[stack]:>9,.0f} instructions per call (client + server)")
     print(f"rpc2-tcp / drpc: {per['rpc2-tcp'] / per['drpc']:.2f}x")

@@ -181,16 +181,14 @@ def test_trains_from_a_kernel_socket(loop, datagram_backend):
 
 
 def test_no_gro_without_room_for_a_train(make_loop, datagram_backend):
-    """When a receive slot could not hold a whole train (epoll: slots are
-    max_datagram rounded up; io_uring: slots come from pool buffers) GRO
-    stays off and the kernel delivers the datagrams one by one."""
-    if datagram_backend.startswith("io_uring"):
-        pool = evpl.Pool(slab_size=1 << 20, buffer_size=64 << 10)
-        loop, options = make_loop(pool=pool), {}
-    else:
-        loop, options = make_loop(), {"max_datagram": 2000}
+    """When a receive slot could not hold a whole train (pool buffers
+    smaller than 64 KiB on epoll; smaller than 65600 bytes on io_uring,
+    whose slots are cut from them) GRO stays off and the kernel delivers
+    the datagrams one by one."""
+    size = 64 << 10 if datagram_backend.startswith("io_uring") else 32 << 10
+    loop = make_loop(pool=evpl.Pool(slab_size=1 << 20, buffer_size=size))
     rec = Collect()
-    rx = loop.bind(datagram_backend, ("127.0.0.1", 0), rec, **options)
+    rx = loop.bind(datagram_backend, ("127.0.0.1", 0), rec, max_datagram=2000)
     tx = loop.bind(datagram_backend, ("127.0.0.1", 0), evpl.Handler())
     payloads = [bytes([i]) * 500 for i in range(40)]
     for p in payloads:
@@ -198,3 +196,60 @@ def test_no_gro_without_room_for_a_train(make_loop, datagram_backend):
     loop.run_until(lambda: len(rec.got) >= len(payloads), timeout=TIMEOUT)
     assert [p for p, _ in rec.got] == payloads
     assert loop.stats()["gro_receives"] == 0
+
+
+def _kernel_train(seg: int, data: bytes, addr) -> None:
+    """Send ``data`` as one UDP_SEGMENT train of ``seg``-byte datagrams from
+    a plain kernel socket."""
+    import socket
+    import struct
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendmsg([data], [(socket.IPPROTO_UDP, 103, struct.pack("H", seg))], 0, addr)
+    s.close()
+
+
+def test_gro_with_a_small_max_datagram(loop):
+    """On epoll GRO does not depend on max_datagram: a Bind that accepts
+    1472-byte datagrams still takes a train in one receive (the slot is 64
+    KiB), and each datagram of a train is held to max_datagram."""
+    rec = Collect()
+    rx = loop.bind("udp", ("127.0.0.1", 0), rec, max_datagram=1472)
+    data = bytes(range(256)) * 20
+    _kernel_train(1000, data, rx.local_address)
+    loop.run_until(lambda: len(rec.got) >= 6, timeout=TIMEOUT)
+    assert [p for p, _ in rec.got] == [data[i:i + 1000] for i in range(0, len(data), 1000)]
+    assert loop.stats()["gro_receives"] == 1
+    # datagrams over the limit are dropped and counted, the one under it delivered
+    _kernel_train(1500, bytes(3100), rx.local_address)
+    loop.run_until(lambda: loop.stats()["datagrams_in"] >= 9, timeout=TIMEOUT)
+    assert loop.stats()["truncated"] == 2
+    assert [len(p) for p, _ in rec.got[6:]] == [100]
+
+
+def test_separate_datagrams_share_a_pool_buffer(make_loop):
+    """GRO's 64 KiB receive slots do not cost a slot's worth of pool memory
+    per datagram: short datagrams received in one batch are packed together,
+    so 100 of them held by the application take one pool buffer (unpacked
+    they would take four: 32 slots of 64 KiB per 2 MiB buffer)."""
+    import socket
+    loop = make_loop()
+
+    class Hold(evpl.Handler):
+        def __init__(self):
+            self.got: list = []
+
+        def on_datagram(self, bind, buf, addr):
+            self.got.append(buf)
+
+    rec = Hold()
+    rx = loop.bind("udp", ("127.0.0.1", 0), rec, max_datagram=1472)
+    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(100)]
+    in_use = loop.pool.stats()["buffers_in_use"]
+    for i, s in enumerate(senders):      # 100 sources: nothing to coalesce
+        s.sendto(b"%03d" % i * 30, rx.local_address)
+    loop.run_until(lambda: len(rec.got) >= 100, timeout=TIMEOUT)
+    assert sorted(bytes(b) for b in rec.got) == sorted(b"%03d" % i * 30 for i in range(100))
+    assert loop.stats()["gro_receives"] == 0
+    assert loop.pool.stats()["buffers_in_use"] - in_use <= 1
+    for s in senders:
+        s.close()

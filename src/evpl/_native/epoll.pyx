@@ -18,7 +18,7 @@ cimport cython
 from cpython.ref cimport PyObject
 from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from libc.stdint cimport uint32_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 from posix.unistd cimport close as c_close
 from posix.uio cimport iovec
 
@@ -33,6 +33,8 @@ from evpl.errors import transport_error
 
 cdef enum:
     RX_MIN = 8          # the fewest messages a datagram read offers (EpollDatagram.rx_want)
+    GRO_SLOT = 65536    # a receive slot that holds any UDP GRO train
+    PACK_MAX = 2048     # _rx_deliver moves a datagram this short next to the one before
 
 
 cdef class EpollBind(Bind):
@@ -351,13 +353,29 @@ cdef class EpollDatagram(EpollBind):
         ``_rx_fill`` laid out (``vlen`` messages) received."""
         cdef LoopCore loop = self.loop
         cdef mmsghdr* mm = loop.mmsg
+        cdef iovec* iov = loop.iov
         cdef sockaddr_in6* names = loop.names
         cdef unsigned int i
-        cdef size_t stride = self.stride
-        cdef size_t seg
-        cdef char* base = loop.rx_chunk.data + loop.rx_used
+        cdef size_t seg, length = 0
+        cdef char* p = NULL
+        cdef char* end = loop.rx_chunk.data + loop.rx_used
         cdef object addr
-        loop.rx_used += (n - 1) * stride + mm[n - 1].msg_len
+        if self.gro:
+            # 64 KiB slots: a short datagram moves down next to the one
+            # before it (a copy of at most PACK_MAX bytes), so a batch of
+            # separate datagrams fills the chunk as densely as slots of
+            # max_datagram would; a long one (a train) stays where it landed
+            for i in range(<unsigned int>n):
+                p = <char*>iov[i].iov_base
+                length = mm[i].msg_len
+                if length <= PACK_MAX and p != end:
+                    memmove(end, p, length)
+                    p = end
+                    iov[i].iov_base = p
+                end = p + ((length + 63) & ~(<size_t>63))
+            loop.rx_used = p + length - loop.rx_chunk.data
+        else:
+            loop.rx_used += (n - 1) * self.stride + mm[n - 1].msg_len
         loop.spin_src = self
         # (a full batch: the next offers all; else twice this one)
         self.rx_want = (MAX_MMSG if <unsigned int>n >= vlen
@@ -372,7 +390,7 @@ cdef class EpollDatagram(EpollBind):
             if self.gro and mm[i].msg_hdr.msg_controllen:
                 seg = evpl_gro_size(&loop.dg_rctl[i * 3], mm[i].msg_hdr.msg_controllen)
             addr = self._rx_address(<sockaddr*>&names[i], mm[i].msg_hdr.msg_namelen)
-            self._datagrams(loop.rx_chunk, base + i * stride, mm[i].msg_len, seg, addr)
+            self._datagrams(loop.rx_chunk, <char*>iov[i].iov_base, mm[i].msg_len, seg, addr)
             if self.state != S_OPEN:
                 return
 
@@ -557,7 +575,11 @@ def datagram(LoopCore loop, int fd, str backend, handler, Limits limits, bint gs
     cdef EpollDatagram b = EpollDatagram.__new__(EpollDatagram)
     b._setup(loop, fd, backend, False, handler, None, limits)
     b._register(EPOLLIN | EPOLLET, False)        # EPOLLOUT: see out_armed
-    b._adopt_datagram(gso, peer, b.stride >= 65536)
+    b._adopt_datagram(gso, peer, gso and loop.pool.buffer_size >= GRO_SLOT)
+    if b.gro:
+        # a coalesced train fills up to 64 KiB whatever max_datagram says
+        # (each datagram of it is still held to max_datagram)
+        b.stride = GRO_SLOT
     return b
 
 
