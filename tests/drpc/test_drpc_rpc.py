@@ -209,6 +209,37 @@ def test_handler_errors_and_unknown_types(loop, datagram_backend) -> None:
     server.close()
 
 
+def test_requests_kept_while_reading_is_paused(loop, datagram_backend) -> None:
+    """A handler that pauses its Bind's reading: the requests already read
+    in the same batch are kept by the Bind and served, once each, when
+    reading resumes (they reach the endpoint through ``on_datagrams``, the
+    batch path, instead of one by one in C)."""
+    server = Server(loop, datagram_backend, ("127.0.0.1", 0))
+    runs: list[bytes] = []
+
+    def pausing(req):
+        runs.append(bytes(req.body))
+        if len(runs) == 1:
+            server.bind.pause_reading()
+            loop.call_later(0.01, server.bind.resume_reading)
+        return req.body
+
+    server.register(ECHO, pausing)
+    client = Client(loop, datagram_backend, server.address)
+    assert bytes(client.wait(client.call(ECHO, b"up"), TIMEOUT)) == b"up"
+    runs.clear()
+    before = loop.stats()["receive_calls"]
+    payloads = [b"%d" % i * 10 for i in range(8)]     # one window, sent in one iteration
+    results = run_calls(loop, client, [(ECHO, p) for p in payloads])
+    assert results == [(p, None) for p in payloads]
+    assert sorted(runs) == sorted(payloads)
+    # the seven kept requests came back as one batch (drpc's own datagrams
+    # otherwise make no Python receive call)
+    assert loop.stats()["receive_calls"] - before == 1
+    client.close()
+    server.close()
+
+
 def test_dead_server_fails_outstanding_calls(loop, datagram_backend) -> None:
     """A server that stops answering (hung: it reads nothing more) fails
     the session's outstanding calls with PeerDead within peer_timeout."""

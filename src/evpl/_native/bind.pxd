@@ -33,6 +33,15 @@ cdef class Limits:
     cdef readonly double message_timeout
 
 
+cdef class DatagramSink:
+    # A handler base for protocols written in C (drpc): a datagram Bind
+    # whose handler is one hands each received datagram to dg_take and ends
+    # each read batch with dg_end, instead of a Python call per batch
+    # (on_datagrams) with a list of (Buffer, address) tuples
+    cdef int dg_take(self, object bind, Buffer buf, object addr) except -1
+    cdef int dg_end(self, object bind) except -1
+
+
 cdef class Bind(_Source):
     # the pool the partial message's chunk goes back to, held by the Bind
     # itself: its __dealloc__ must not depend on the loop's attributes (when
@@ -47,6 +56,8 @@ cdef class Bind(_Source):
     cdef object cb_paused, cb_writable, cb_sent, cb_eof, cb_closed
     cdef object cb_messages, cb_datagrams     # batch delivery, when the handler has them
     cdef list dg_batch          # datagrams of the current read batch (on_datagrams)
+    cdef DatagramSink sink      # the handler, when it takes datagrams in C
+    cdef bint sink_batch        # the sink has had datagrams of this read batch
     # framing and reassembly (stream Binds)
     cdef Framer framer
     cdef int fr_kind
@@ -145,6 +156,7 @@ cdef class Bind(_Source):
     cdef void _drain(self)
     cdef object _rx_address(self, sockaddr* name, socklen_t namelen)
     cdef void _datagrams(self, Chunk* c, char* p, size_t n, size_t seg, addr)
+    cdef void _dg_hand(self, Buffer buf, addr)
     cdef void _call_datagrams(self, list batch)
     cdef bint _gso_refused(self, int err, size_t seg) noexcept
     cdef void _dgram_error(self, int err)

@@ -125,6 +125,17 @@ cdef class Limits:
                 f"idle_timeout={self.idle_timeout}, message_timeout={self.message_timeout})")
 
 
+cdef class DatagramSink:
+    """Base of handlers whose datagrams are taken in C (see bind.pxd); a
+    subclass overrides both methods."""
+
+    cdef int dg_take(self, object bind, Buffer buf, object addr) except -1:
+        raise NotImplementedError
+
+    cdef int dg_end(self, object bind) except -1:
+        return 0
+
+
 @cython.no_gc_clear
 cdef class Bind(_Source):
     """One connection or datagram socket, whatever the backend.
@@ -194,6 +205,8 @@ cdef class Bind(_Source):
             self.cb_messages = handler.on_messages
         if base is not None and getattr(cls, "on_datagrams", None) is not base.on_datagrams:
             self.cb_datagrams = handler.on_datagrams
+        if isinstance(handler, DatagramSink):
+            self.sink = <DatagramSink>handler
         self.framer = framer
         self.fr_kind = framer.kind if framer is not None else F_NONE
         self.max_message = framer.max_message if framer is not None else 0
@@ -1143,31 +1156,53 @@ cdef class Bind(_Source):
             else:
                 loop.stat_bytes_in += k
                 buf = make_buffer(loop.pool, c, p + off, k)
-                if self.reading_paused or self.backlog:
-                    if self.backlog is None:
-                        self.backlog = []
-                    self.backlog.append((buf, addr))
-                elif self.cb_datagrams is not None:
-                    # delivered with the rest of the read batch (_flush_batch)
-                    if self.dg_batch is None:
-                        self.dg_batch = []
-                        loop.batches.append(self)
-                    self.dg_batch.append((buf, addr))
-                else:
-                    try:
-                        self.loop.stat_py_calls += 1
-                        self.cb_datagram(self, buf, addr)
-                    except Exception as exc:
-                        loop._callback_error(exc, self)
-                    if self.state != S_OPEN:
-                        return
+                self._dg_hand(buf, addr)
+                if self.state != S_OPEN:
+                    return
             off += k
             if off >= n:
                 return
 
+    cdef void _dg_hand(self, Buffer buf, addr):
+        """Hand a received datagram on: kept while reading is paused (or
+        behind kept ones), to the sink (C), into the read batch for
+        ``on_datagrams``, or to ``on_datagram``."""
+        cdef LoopCore loop = self.loop
+        if self.reading_paused or self.backlog:
+            if self.backlog is None:
+                self.backlog = []
+            self.backlog.append((buf, addr))
+        elif self.sink is not None:
+            if not self.sink_batch:             # dg_end at the batch's end
+                self.sink_batch = True
+                loop.batches.append(self)
+            try:
+                self.sink.dg_take(self, buf, addr)
+            except Exception as exc:
+                loop._callback_error(exc, self)
+        elif self.cb_datagrams is not None:
+            # delivered with the rest of the read batch (_flush_batch)
+            if self.dg_batch is None:
+                self.dg_batch = []
+                loop.batches.append(self)
+            self.dg_batch.append((buf, addr))
+        else:
+            try:
+                loop.stat_py_calls += 1
+                self.cb_datagram(self, buf, addr)
+            except Exception as exc:
+                loop._callback_error(exc, self)
+
     cdef void _flush_batch(self):
         """End of a read batch: hand the datagrams collected for
-        ``on_datagrams`` over in one call."""
+        ``on_datagrams`` over in one call (a sink: end its batch)."""
+        if self.sink_batch:
+            self.sink_batch = False
+            if self.state == S_OPEN:
+                try:
+                    self.sink.dg_end(self)
+                except Exception as exc:
+                    self.loop._callback_error(exc, self)
         batch = self.dg_batch
         self.dg_batch = None
         if batch and self.state == S_OPEN:

@@ -811,7 +811,6 @@ cdef class XdpDatagram(Bind):
         """Deliver one received datagram (``Bind._datagrams`` without GRO
         trains, its Buffer on the UMEM's pool)."""
         cdef LoopCore loop = self.loop
-        cdef Buffer buf
         if self.idle_ns:
             self.last_rx = evpl_now_ns()
         loop.stat_datagrams_in += 1
@@ -819,22 +818,7 @@ cdef class XdpDatagram(Bind):
             loop.stat_truncated += 1
             return
         loop.stat_bytes_in += n
-        buf = make_buffer(self.drv.upool, c, p, n)
-        if self.reading_paused or self.backlog:
-            if self.backlog is None:
-                self.backlog = []
-            self.backlog.append((buf, addr))
-        elif self.cb_datagrams is not None:
-            if self.dg_batch is None:           # handed over at the batch's end
-                self.dg_batch = []
-                loop.batches.append(self)
-            self.dg_batch.append((buf, addr))
-        else:
-            try:
-                loop.stat_py_calls += 1
-                self.cb_datagram(self, buf, addr)
-            except Exception as exc:
-                loop._callback_error(exc, self)
+        self._dg_hand(make_buffer(self.drv.upool, c, p, n), addr)
 
     cdef int _send_queued(self) except -1:
         """Write each queued datagram into a frame (its own when it can) and

@@ -38,6 +38,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from evpl._native.bind cimport DatagramSink
 from evpl._native.buffers cimport Buffer, make_buffer
 
 from evpl.errors import EvplError, SendQueueFull
@@ -165,15 +166,42 @@ cdef inline int64_t monotonic_ns() noexcept:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-cdef class Port:
+cdef class Port(DatagramSink):
     """The read-batch callback of a drpc Bind, in C (the base of the
-    client's and the server's Handler): ``on_datagrams`` hands the batch to
-    ``core`` (a ``ClientCore`` or ``ServerCore``) with the time, without a
-    Python frame, then calls ``after()`` if it is set (the client, while it
-    connects)."""
+    client's and the server's Handler). The engine hands it each datagram
+    (``dg_take``) and the end of each read batch (``dg_end``) without a
+    Python call; it passes them to ``core`` (a ``ClientCore`` or
+    ``ServerCore``) with the time of the batch's first datagram, then calls
+    ``after()`` if it is set (the client, while it connects).
+    ``on_datagrams`` does the same for a batch the Bind kept while reading
+    was paused."""
 
     cdef public object core
     cdef public object after
+    cdef int64_t now            # the clock when the batch's first datagram came
+    cdef bint in_batch
+
+    cdef int dg_take(self, object bind, Buffer buf, object addr) except -1:
+        core = self.core
+        if not self.in_batch:
+            self.in_batch = True
+            self.now = monotonic_ns()
+            if isinstance(core, ClientCore):
+                (<ClientCore>core).batch_rtt = -1
+        if isinstance(core, ServerCore):
+            (<ServerCore>core)._item(buf, addr, buf.ptr, buf.length, self.now)
+        elif core is not None:
+            (<ClientCore>core)._item(buf, addr, buf.ptr, buf.length, self.now)
+        return 0
+
+    cdef int dg_end(self, object bind) except -1:
+        core = self.core
+        self.in_batch = False
+        if isinstance(core, ClientCore):
+            (<ClientCore>core)._end(self.now)
+        if self.after is not None:
+            self.after()
+        return 0
 
     def on_datagrams(self, bind, list datagrams):
         core = self.core
@@ -499,31 +527,42 @@ cdef class ClientCore:
         self._batch(batch, now_ns)
 
     cdef int _batch(self, list batch, int64_t now_ns) except -1:
+        """A read batch of (datagram, address) (what Port.on_datagrams
+        gets; the engine's usual path is _item per datagram, then _end)."""
         cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
-        cdef object item, buf, addr
-        self.batch_rtt = -1
+        cdef object item, buf
         cdef Py_buffer view
         cdef const char* data
         cdef Py_ssize_t length
-        cdef uint32_t now_us = <uint32_t>(now_ns // 1000)
-        cdef bint fast
+        self.batch_rtt = -1
         for i in range(n):
             item = <object>PyList_GET_ITEM(batch, i)
             buf = <object>PyTuple_GET_ITEM(item, 0)
-            addr = <object>PyTuple_GET_ITEM(item, 1)
-            fast = (self.peer is None or addr is self.peer
-                    or PyObject_RichCompareBool(addr, self.peer, Py_EQ))
-            if fast:
-                if plain_bytes(buf, &data, &length):
-                    fast = self._take(buf, data, length, now_ns, now_us)
-                else:
-                    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-                    try:
-                        fast = self._take(buf, <const char*>view.buf, view.len, now_ns, now_us)
-                    finally:
-                        PyBuffer_Release(&view)
-            if not fast:
-                self._receive([item], now_ns)
+            if plain_bytes(buf, &data, &length):
+                self._item(buf, <object>PyTuple_GET_ITEM(item, 1), data, length, now_ns)
+            else:
+                PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+                try:
+                    self._item(buf, <object>PyTuple_GET_ITEM(item, 1), <const char*>view.buf,
+                               view.len, now_ns)
+                finally:
+                    PyBuffer_Release(&view)
+        return self._end(now_ns)
+
+    cdef int _item(self, object buf, object addr, const char* data, Py_ssize_t length,
+                   int64_t now_ns) except -1:
+        """One received datagram: the C path when it is a response packet
+        from the server, else the session's Python path."""
+        if (self.peer is None or addr is self.peer
+                or PyObject_RichCompareBool(addr, self.peer, Py_EQ)):
+            if self._take(buf, data, length, now_ns, <uint32_t>(now_ns // 1000)):
+                return 0
+        self._receive([(buf, addr)], now_ns)
+        return 0
+
+    cdef int _end(self, int64_t now_ns) except -1:
+        """The end of a read batch: one Timely update from the batch's
+        smallest RTT sample; queued requests may go out on returned credits."""
         if self.batch_rtt >= 0 and self._cc is not None:
             self._timely(self.batch_rtt, now_ns)
         if self.starved and self.credits:
@@ -696,27 +735,34 @@ cdef class ServerCore:
         self._batch(batch, now_ns)
 
     cdef int _batch(self, list batch, int64_t now_ns) except -1:
+        """A read batch of (datagram, address) (what Port.on_datagrams
+        gets; the engine's usual path is _item per datagram)."""
         cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
         cdef object item, buf
         cdef Py_buffer view
         cdef const char* data
         cdef Py_ssize_t length
-        cdef int r
-        self.packets += n
         for i in range(n):
             item = <object>PyList_GET_ITEM(batch, i)
             buf = <object>PyTuple_GET_ITEM(item, 0)
             if plain_bytes(buf, &data, &length):
-                r = self._take(buf, <object>PyTuple_GET_ITEM(item, 1), data, length, now_ns)
+                self._item(buf, <object>PyTuple_GET_ITEM(item, 1), data, length, now_ns)
             else:
                 PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
                 try:
-                    r = self._take(buf, <object>PyTuple_GET_ITEM(item, 1),
-                                   <const char*>view.buf, view.len, now_ns)
+                    self._item(buf, <object>PyTuple_GET_ITEM(item, 1), <const char*>view.buf,
+                               view.len, now_ns)
                 finally:
                     PyBuffer_Release(&view)
-            if r == 0:
-                self._receive([item], now_ns)
+        return 0
+
+    cdef int _item(self, object buf, object addr, const char* data, Py_ssize_t length,
+                   int64_t now_ns) except -1:
+        """One received datagram: the C path for a one-packet request or an
+        RFR, else the endpoint's Python path."""
+        self.packets += 1
+        if self._take(buf, addr, data, length, now_ns) == 0:
+            self._receive([(buf, addr)], now_ns)
         return 0
 
     cdef int _take(self, object buf, object addr, const char* data, Py_ssize_t length,
