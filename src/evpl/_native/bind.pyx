@@ -1175,7 +1175,7 @@ cdef class Bind(_Source):
         elif self.sink is not None:
             if not self.sink_batch:             # dg_end at the batch's end
                 self.sink_batch = True
-                loop.batches.append(self)
+                loop._add_batch(self)
             try:
                 self.sink.dg_take(self, buf, addr)
             except Exception as exc:
@@ -1184,7 +1184,7 @@ cdef class Bind(_Source):
             # delivered with the rest of the read batch (_flush_batch)
             if self.dg_batch is None:
                 self.dg_batch = []
-                loop.batches.append(self)
+                loop._add_batch(self)
             self.dg_batch.append((buf, addr))
         else:
             try:

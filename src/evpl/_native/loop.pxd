@@ -133,7 +133,11 @@ cdef class LoopCore:
     cdef int ndrv
     cdef readonly object base_on_sent
     cdef readonly object base_handler
-    cdef list batches           # sources with a read batch to hand over (_flush_batch)
+    # sources with a read batch to hand over (_flush_batch): the first in
+    # batch_one (usually the only one: no list made and freed per
+    # iteration), the others in batches
+    cdef _Source batch_one
+    cdef list batches
     # the socket that received last: the spin reads it directly
     # (_Source._spin_prepare / _spin_deliver), see LoopCore._iterate;
     # spin_miss counts the spins in a row epoll ended for other sources
@@ -168,6 +172,7 @@ cdef class LoopCore:
     cdef int64_t _wait_budget(self, int64_t max_wait) except? -2
     cdef int _iterate(self, int64_t max_wait) except -1
     cdef void _after_events(self) except *
+    cdef void _add_batch(self, _Source b)
     cdef void _flush_batches(self) except *
     cdef void _run_timers(self) except *
     cdef int _theap_push(self, Timer t) except -1

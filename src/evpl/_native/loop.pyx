@@ -838,7 +838,7 @@ cdef class LoopCore:
         cdef list batch
         cdef int rounds = 0
         cdef bint sent = False
-        if self.batches:
+        if self.batch_one is not None:
             self._flush_batches()
         if self.pending_read:
             batch = self.pending_read
@@ -846,7 +846,7 @@ cdef class LoopCore:
             for b in batch:
                 b.rx_queued = False
                 b._read()
-            if self.batches:
+            if self.batch_one is not None:
                 self._flush_batches()
         for d in self.drv_list:
             d._after_events()
@@ -856,7 +856,7 @@ cdef class LoopCore:
             self.starved = []
             for b in batch:
                 b._read()
-            if self.batches:
+            if self.batch_one is not None:
                 self._flush_batches()
         if self.tcount:
             self._run_timers()
@@ -886,12 +886,23 @@ cdef class LoopCore:
             # finish it next iteration
             self.last_active = evpl_now_ns()
 
+    cdef void _add_batch(self, _Source b):
+        """``b`` has a read batch to hand over at the end of this read."""
+        if self.batch_one is None:
+            self.batch_one = b
+        else:
+            self.batches.append(b)
+
     cdef void _flush_batches(self) except *:
-        cdef _Source b
-        cdef list batch = self.batches
-        self.batches = []
-        for b in batch:
-            b._flush_batch()
+        cdef _Source b = self.batch_one
+        cdef list more
+        self.batch_one = None           # (batches made meanwhile: next time)
+        b._flush_batch()
+        if self.batches:
+            more = self.batches
+            self.batches = []
+            for b in more:
+                b._flush_batch()
 
     cdef void _run_timers(self) except *:
         cdef int64_t now = evpl_now_ns()
@@ -1069,6 +1080,7 @@ cdef class LoopCore:
         self.deferred = []
         self.pending_read = []
         self.starved = []
+        self.batch_one = None
         self.batches = []
         self.spin_src = None
         for d in self.drv_list:
