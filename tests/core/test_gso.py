@@ -224,6 +224,15 @@ def test_gro_with_a_small_max_datagram(loop):
     loop.run_until(lambda: loop.stats()["datagrams_in"] >= 9, timeout=TIMEOUT)
     assert loop.stats()["truncated"] == 2
     assert [len(p) for p, _ in rec.got[6:]] == [100]
+    # so is a lone datagram over the limit (it fits the 64 KiB slot whole)
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(bytes(40000), rx.local_address)
+    s.sendto(b"after", rx.local_address)
+    s.close()
+    loop.run_until(lambda: len(rec.got) >= 8, timeout=TIMEOUT)
+    assert loop.stats()["truncated"] == 3
+    assert [p for p, _ in rec.got[7:]] == [b"after"]
 
 
 def test_separate_datagrams_share_a_pool_buffer(make_loop):
