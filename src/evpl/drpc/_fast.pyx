@@ -30,10 +30,9 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM
 from cpython.object cimport PyObject_RichCompareBool, Py_EQ
 from cpython.ref cimport PyObject
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -181,36 +180,59 @@ cdef class Port(DatagramSink):
     cdef int64_t now            # the clock when the batch's first datagram came
     cdef bint in_batch
 
-    cdef int dg_take(self, object bind, Buffer buf, object addr) except -1:
-        core = self.core
+    cdef void _begin(self):
+        """The batch's first datagram: its time, and no RTT sample yet."""
         if not self.in_batch:
             self.in_batch = True
             self.now = monotonic_ns()
-            if isinstance(core, ClientCore):
-                (<ClientCore>core).batch_rtt = -1
-        if isinstance(core, ServerCore):
-            (<ServerCore>core)._item(buf, addr, buf.ptr, buf.length, self.now)
-        elif core is not None:
-            (<ClientCore>core)._item(buf, addr, buf.ptr, buf.length, self.now)
-        return 0
+            if isinstance(self.core, ClientCore):
+                (<ClientCore>self.core).batch_rtt = -1
+
+    cdef int dg_take(self, object bind, Buffer buf, object addr) except -1:
+        self._begin()
+        return item(self.core, buf, addr, buf.ptr, buf.length, self.now)
 
     cdef int dg_end(self, object bind) except -1:
         core = self.core
-        self.in_batch = False
-        if isinstance(core, ClientCore):
-            (<ClientCore>core)._end(self.now)
+        if self.in_batch:
+            self.in_batch = False
+            if isinstance(core, ClientCore):
+                (<ClientCore>core)._end(self.now)
         if self.after is not None:
             self.after()
         return 0
 
     def on_datagrams(self, bind, list datagrams):
-        core = self.core
-        if isinstance(core, ServerCore):
-            (<ServerCore>core)._batch(datagrams, monotonic_ns())
-        elif core is not None:
-            (<ClientCore>core)._batch(datagrams, monotonic_ns())
-        if self.after is not None:
-            self.after()
+        self._begin()
+        feed(self.core, datagrams, self.now)
+        self.dg_end(bind)
+
+
+cdef inline int item(object core, object buf, object addr, const char* data,
+                     Py_ssize_t length, int64_t now_ns) except -1:
+    """One received datagram to ``core`` (a ClientCore or ServerCore)."""
+    if isinstance(core, ServerCore):
+        return (<ServerCore>core)._item(buf, addr, data, length, now_ns)
+    if core is not None:
+        return (<ClientCore>core)._item(buf, addr, data, length, now_ns)
+    return 0
+
+
+cdef int feed(object core, list batch, int64_t now_ns) except -1:
+    """Each (datagram, address) of ``batch`` to ``core``."""
+    cdef Py_buffer view
+    cdef const char* data
+    cdef Py_ssize_t length
+    for buf, addr in batch:
+        if plain_bytes(buf, &data, &length):
+            item(core, buf, addr, data, length, now_ns)
+        else:
+            PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+            try:
+                item(core, buf, addr, <const char*>view.buf, view.len, now_ns)
+            finally:
+                PyBuffer_Release(&view)
+    return 0
 
 
 # -- state objects ---------------------------------------------------------------
@@ -524,30 +546,9 @@ cdef class ClientCore:
 
     def receive(self, list batch, int64_t now_ns):
         """Every datagram of one read batch (``(data, addr)`` pairs)."""
-        self._batch(batch, now_ns)
-
-    cdef int _batch(self, list batch, int64_t now_ns) except -1:
-        """A read batch of (datagram, address) (what Port.on_datagrams
-        gets; the engine's usual path is _item per datagram, then _end)."""
-        cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
-        cdef object item, buf
-        cdef Py_buffer view
-        cdef const char* data
-        cdef Py_ssize_t length
         self.batch_rtt = -1
-        for i in range(n):
-            item = <object>PyList_GET_ITEM(batch, i)
-            buf = <object>PyTuple_GET_ITEM(item, 0)
-            if plain_bytes(buf, &data, &length):
-                self._item(buf, <object>PyTuple_GET_ITEM(item, 1), data, length, now_ns)
-            else:
-                PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-                try:
-                    self._item(buf, <object>PyTuple_GET_ITEM(item, 1), <const char*>view.buf,
-                               view.len, now_ns)
-                finally:
-                    PyBuffer_Release(&view)
-        return self._end(now_ns)
+        feed(self, batch, now_ns)
+        self._end(now_ns)
 
     cdef int _item(self, object buf, object addr, const char* data, Py_ssize_t length,
                    int64_t now_ns) except -1:
@@ -732,29 +733,7 @@ cdef class ServerCore:
 
     def receive(self, list batch, int64_t now_ns):
         """Every datagram of one read batch."""
-        self._batch(batch, now_ns)
-
-    cdef int _batch(self, list batch, int64_t now_ns) except -1:
-        """A read batch of (datagram, address) (what Port.on_datagrams
-        gets; the engine's usual path is _item per datagram)."""
-        cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
-        cdef object item, buf
-        cdef Py_buffer view
-        cdef const char* data
-        cdef Py_ssize_t length
-        for i in range(n):
-            item = <object>PyList_GET_ITEM(batch, i)
-            buf = <object>PyTuple_GET_ITEM(item, 0)
-            if plain_bytes(buf, &data, &length):
-                self._item(buf, <object>PyTuple_GET_ITEM(item, 1), data, length, now_ns)
-            else:
-                PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-                try:
-                    self._item(buf, <object>PyTuple_GET_ITEM(item, 1), <const char*>view.buf,
-                               view.len, now_ns)
-                finally:
-                    PyBuffer_Release(&view)
-        return 0
+        feed(self, batch, now_ns)
 
     cdef int _item(self, object buf, object addr, const char* data, Py_ssize_t length,
                    int64_t now_ns) except -1:
