@@ -189,7 +189,7 @@ def test_no_gro_without_room_for_a_train(make_loop, datagram_backend):
     loop = make_loop(pool=evpl.Pool(slab_size=1 << 20, buffer_size=size))
     rec = Collect()
     rx = loop.bind(datagram_backend, ("127.0.0.1", 0), rec, max_datagram=2000)
-    tx = loop.bind(datagram_backend, ("127.0.0.1", 0), evpl.Handler())
+    tx = loop.bind(datagram_backend, ("127.0.0.1", 0), evpl.Handler(), max_datagram=2000)
     payloads = [bytes([i]) * 500 for i in range(40)]
     for p in payloads:
         tx.sendto(p, rx.local_address)
@@ -262,3 +262,16 @@ def test_separate_datagrams_share_a_pool_buffer(make_loop):
     assert loop.pool.stats()["buffers_in_use"] - in_use <= 1
     for s in senders:
         s.close()
+
+
+def test_max_datagram_must_fit_a_pool_buffer(make_loop, datagram_backend):
+    """Each datagram is received into one pool buffer: a max_datagram that
+    no buffer holds is refused when the Bind is made (it used to make a Bind
+    that could never read and starved silently)."""
+    loop = make_loop(pool=evpl.Pool(slab_size=1 << 20, buffer_size=32 << 10))
+    with pytest.raises(evpl.ConfigError, match="does not fit one buffer"):
+        loop.bind(datagram_backend, ("127.0.0.1", 0), evpl.Handler())
+    with pytest.raises(evpl.ConfigError, match="does not fit one buffer"):
+        loop.connect(datagram_backend, ("127.0.0.1", 9), evpl.Handler(), max_datagram=40000)
+    rx = loop.bind(datagram_backend, ("127.0.0.1", 0), Collect(), max_datagram=32 << 10)
+    assert rx.local_address[1] > 0

@@ -307,8 +307,19 @@ class Loop(LoopCore):
         return _backends.native(info.name).stream(self, sock.detach(), info.name, h, framing,
                                                   limits, connecting, sa, connect_errno)
 
+    def _fits_pool(self, limits: Limits) -> None:
+        """A kernel datagram Bind receives each datagram into one pool
+        buffer: ``max_datagram`` must fit one (else nothing could be read)."""
+        size = self.pool.buffer_size
+        if (limits.max_datagram + 63) & ~63 > size:
+            raise ConfigError(
+                f"max_datagram ({limits.max_datagram}) does not fit one buffer of this loop's "
+                f"pool (buffer_size {size}): lower max_datagram or use a pool with larger "
+                f"buffers")
+
     def _connect_datagram(self, info: _backends.BackendInfo, address: Any, handler: Any,
                           limits: Limits, options: dict[str, Any]) -> Bind:
+        self._fits_pool(limits)
         gso = _gso(options)
         h = _make_handler(handler)
         sock, sa = self._socket(info, address, socket.SOCK_DGRAM, options)
@@ -334,6 +345,7 @@ class Loop(LoopCore):
                             _limits(options, False), options)
         info = _backends.get(backend, "datagram")
         limits = _limits(options, False)
+        self._fits_pool(limits)
         gso = _gso(options)
         h = _make_handler(handler)
         if "interface" in options:
