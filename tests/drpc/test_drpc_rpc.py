@@ -281,6 +281,25 @@ def test_nobody_there(loop, datagram_backend) -> None:
     client.close()
 
 
+def test_refusal_and_connect_retry_in_the_same_iteration(loop, datagram_backend) -> None:
+    """The port's refusal closes the Bind while the connect's retry timer is
+    due in the same loop iteration (the loop did not run for a while, as on
+    a slow or stalled host): the timer does not send on the closed Bind;
+    the call fails with ConnectionRefused and no callback raises."""
+    import time
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    port = sink.getsockname()
+    sink.close()
+    client = Client(loop, datagram_backend, port, peer_timeout=5, rto=0.001)
+    call = client.call(ECHO, b"x")
+    loop.run_once(0)              # the connect packet leaves; the refusal comes back
+    time.sleep(0.05)              # not a synchronisation: the retry (10 ms) is overdue
+    with pytest.raises(evpl.ConnectionRefused):
+        client.wait(call, TIMEOUT)
+    client.close()
+
+
 def test_closed_client_and_rejected_session(loop, datagram_backend) -> None:
     server = serve(loop, datagram_backend, max_sessions=1)
     a = Client(loop, datagram_backend, server.address)
@@ -424,7 +443,10 @@ def test_full_send_queue_drops_packets_not_the_server(loop, datagram_backend) ->
     packets cannot all be queued, and every large response still arrives."""
     server = serve(loop, datagram_backend, max_datagram=65507, high_water=65536,
                    hard_limit=200_000)
-    client = Client(loop, datagram_backend, server.address, max_datagram=65507)
+    # (peer_timeout: the test is not about a dead server; under valgrind a
+    # server with dropped packets to resend can be silent for over a second)
+    client = Client(loop, datagram_backend, server.address, max_datagram=65507,
+                    peer_timeout=TIMEOUT)
     msgs = [random.Random(i).randbytes(4 << 20) for i in range(3)]
     for m in msgs:
         resp = client.wait(client.call(REVERSE, m), TIMEOUT * 6)

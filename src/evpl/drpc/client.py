@@ -361,6 +361,8 @@ class Client:
         self._send(pkt)
 
     def _tick(self) -> None:
+        if self.bind.closed:            # on_closed will stop the client
+            return
         now = self._now()
         period = self.rto * 5e8                 # ns: call_every's rto / 2
         late = now - self._ticked - period
@@ -391,7 +393,9 @@ class Client:
         self._connect_timer = self.loop.call_later(self._connect_wait, self._retry_connect)
 
     def _retry_connect(self) -> None:
-        if self.closed or not self._connecting:
+        # (a Bind closed in this iteration, by the port's refusal say, has
+        # its on_closed still to come: it stops the client with the error)
+        if self.closed or not self._connecting or self.bind.closed:
             return
         now = self._now()
         if now - self._started >= self.peer_timeout * 1e9:
