@@ -127,7 +127,8 @@ cdef class Limits:
 
 cdef class DatagramSink:
     """Base of handlers whose datagrams are taken in C (see bind.pxd); a
-    subclass overrides both methods."""
+    subclass overrides ``dg_take``, and ``dg_end`` if it acts once per
+    read batch."""
 
     cdef int dg_take(self, object bind, Buffer buf, object addr) except -1:
         raise NotImplementedError
