@@ -240,6 +240,83 @@ def test_requests_kept_while_reading_is_paused(loop, datagram_backend) -> None:
     server.close()
 
 
+def test_flush_from_a_handler_leaves_the_read_batch_intact(loop, datagram_backend) -> None:
+    """A handler that sends on its own and flushes the loop while the rest
+    of its read batch waits to be handed over: the requests after it are
+    served intact (sends have their own system-call arrays; they shared the
+    receive's once, and the flush overwrote the batch's later entries)."""
+    server = Server(loop, datagram_backend, ("127.0.0.1", 0))
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    runs: list[bytes] = []
+
+    def flushing(req):
+        runs.append(bytes(req.body))
+        if len(runs) == 1:
+            # datagrams of different sizes: one sendmmsg message each
+            for k in range(8):
+                server.bind.sendto(b"n" * (100 + k), sink.getsockname())
+            loop.flush()
+        return req.body
+
+    server.register(ECHO, flushing)
+    client = Client(loop, datagram_backend, server.address)
+    try:
+        assert bytes(client.wait(client.call(ECHO, b"up"), TIMEOUT)) == b"up"
+        runs.clear()
+        before = server.stats()
+        # one window of requests of different sizes, sent in one iteration:
+        # separate datagrams (no GRO train), read in one batch
+        payloads = [b"%d" % i * (10 + i) for i in range(8)]
+        results = run_calls(loop, client, [(ECHO, p) for p in payloads])
+        assert results == [(p, None) for p in payloads]
+        assert sorted(runs) == sorted(payloads)
+        after = server.stats()
+        # before the fix the later entries were the flushed datagrams: seven
+        # packets of "n"s read as garbage, the requests served only after
+        # the client's retransmission
+        for counter in ("bad_magic", "malformed", "bad_type", "bad_session"):
+            assert after[counter] == before[counter], counter
+        assert after["requests"] - before["requests"] == 8
+        sink.settimeout(TIMEOUT)
+        assert sorted(len(sink.recv(200)) for _ in range(8)) == [100 + k for k in range(8)]
+    finally:
+        sink.close()
+        client.close()
+        server.close()
+
+
+def test_answers_leave_during_a_long_read_batch(loop) -> None:
+    """A read batch of 32 requests: the first 16 answers are sent while the
+    rest are still being served (the engine flushes a sink's Bind every 16
+    queued datagrams), so the client can work on them meanwhile; before,
+    all 32 left at the end of the batch. (udp: there a flush is a
+    ``sendmmsg``; io_uring submits its sends at the end of the iteration.)"""
+    server = Server(loop, "udp", ("127.0.0.1", 0), window=32)
+    seen: list[int] = []
+
+    def echo(req):
+        seen.append(loop.stats()["datagrams_out"])
+        return req.body
+
+    server.register(ECHO, echo)
+    client = Client(loop, "udp", server.address, window=32)
+    try:
+        assert bytes(client.wait(client.call(ECHO, b"up"), TIMEOUT)) == b"up"
+        seen.clear()
+        # different sizes: separate datagrams, all in the server's socket
+        # before it reads (one sendmmsg of the client's)
+        payloads = [b"p" * (10 + i) for i in range(32)]
+        results = run_calls(loop, client, [(ECHO, p) for p in payloads])
+        assert results == [(p, None) for p in payloads]
+        assert len(seen) == 32
+        assert seen[15] == seen[0]                  # nothing sent before 16 were queued
+        assert seen[16] - seen[0] == 16             # then those 16, before the 17th ran
+    finally:
+        client.close()
+        server.close()
+
+
 def test_dead_server_fails_outstanding_calls(loop, datagram_backend) -> None:
     """A server that stops answering (hung: it reads nothing more) fails
     the session's outstanding calls with PeerDead within peer_timeout."""

@@ -125,6 +125,10 @@ cdef class Limits:
                 f"idle_timeout={self.idle_timeout}, message_timeout={self.message_timeout})")
 
 
+# datagrams a sink may queue during a read batch before they are sent
+DEF SINK_FLUSH = 16
+
+
 cdef class DatagramSink:
     """Base of handlers whose datagrams are taken in C (see bind.pxd); a
     subclass overrides ``dg_take``, and ``dg_end`` if it acts once per
@@ -1181,6 +1185,12 @@ cdef class Bind(_Source):
                 self.sink.dg_take(self, buf, addr)
             except Exception as exc:
                 loop._callback_error(exc, self)
+            if self.txq.tail - self.txq.head >= SINK_FLUSH and self.state == S_OPEN:
+                # what the sink answered so far leaves now, not at the end of
+                # the batch: the peer works on it while this side takes the
+                # rest (a large drpc transfer otherwise alternates, each side
+                # idle while the other handles a whole window)
+                self._flush()
         elif self.cb_datagrams is not None:
             # delivered with the rest of the read batch (_flush_batch)
             if self.dg_batch is None:

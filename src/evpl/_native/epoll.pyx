@@ -282,7 +282,7 @@ cdef class EpollStream(EpollBind):
         self._read_more()
 
     cdef void _write(self):
-        cdef iovec* iov = self.loop.iov
+        cdef iovec* iov = self.loop.tx_iov
         cdef msghdr mh
         cdef int cnt
         cdef ssize_t n
@@ -448,8 +448,8 @@ cdef class EpollDatagram(EpollBind):
         """Send the queue with sendmmsg: one message per datagram, or per GSO
         train of datagrams to one peer (see txq_dg_group)."""
         cdef LoopCore loop = self.loop
-        cdef mmsghdr* mm = loop.mmsg
-        cdef iovec* iov = loop.iov
+        cdef mmsghdr* mm = loop.tx_mmsg
+        cdef iovec* iov = loop.tx_iov
         cdef unsigned int cnt, k, nio, g, j
         cdef size_t i
         cdef int n, err

@@ -98,10 +98,14 @@ cdef class LoopCore:
     cdef size_t rx_used
     cdef size_t min_space
     cdef size_t asm_threshold
-    # scratch arrays for one system call at a time
+    # scratch arrays for one system call at a time; sends have their own
+    # (tx_*): a send may happen while a receive's array is being delivered
+    # (Loop.flush from a DatagramSink's dg_take)
     cdef epoll_event* events
     cdef iovec* iov
     cdef mmsghdr* mmsg
+    cdef iovec* tx_iov
+    cdef mmsghdr* tx_mmsg
     cdef sockaddr_in6* names
     cdef uint64_t dg_ctl[MAX_MMSG * 3]        # UDP_SEGMENT control messages
     cdef unsigned int dg_group[MAX_MMSG]      # datagrams in each sendmmsg message

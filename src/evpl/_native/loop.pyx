@@ -326,9 +326,13 @@ cdef class LoopCore:
         self.iov = <iovec*>PyMem_Malloc(MAX_IOV * sizeof(iovec))
         self.mmsg = <mmsghdr*>PyMem_Malloc(MAX_MMSG * sizeof(mmsghdr))
         self.names = <sockaddr_in6*>PyMem_Malloc(MAX_MMSG * sizeof(sockaddr_in6))
-        if not self.events or not self.iov or not self.mmsg or not self.names:
+        self.tx_iov = <iovec*>PyMem_Malloc(MAX_IOV * sizeof(iovec))
+        self.tx_mmsg = <mmsghdr*>PyMem_Malloc(MAX_MMSG * sizeof(mmsghdr))
+        if not self.events or not self.iov or not self.mmsg or not self.names or \
+                not self.tx_iov or not self.tx_mmsg:
             raise MemoryError()
         memset(self.mmsg, 0, MAX_MMSG * sizeof(mmsghdr))
+        memset(self.tx_mmsg, 0, MAX_MMSG * sizeof(mmsghdr))
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1")
@@ -368,6 +372,8 @@ cdef class LoopCore:
         PyMem_Free(self.theap)
         PyMem_Free(self.mmsg)
         PyMem_Free(self.names)
+        PyMem_Free(self.tx_iov)
+        PyMem_Free(self.tx_mmsg)
 
     # ---- configuration ---------------------------------------------------
 
