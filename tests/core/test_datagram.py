@@ -282,6 +282,30 @@ def test_connected_client_refused(loop, dgram_net):
     assert c.closed
 
 
+def test_close_found_by_io_is_reported_before_due_timers(loop, datagram_backend):
+    """A refusal closes the Bind in the same iteration as a timer is due
+    (the loop did not run for a while, as on a stalled host): on_closed
+    runs before the timer, so the timer sees the close reported. (Kernel
+    socket backends on loopback, where the send itself queues the refusal;
+    across veth the kernel rate-limits ICMP, and the loop order under test
+    is the same for every backend.)"""
+    import time
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()
+    s.close()
+    rec = DgramRecorder()
+    c = loop.connect(datagram_backend, dead, rec)
+    c.send(b"hello?")
+    loop.flush()                    # sent: the refusal is on its way back
+    seen: list[list[object]] = []
+    loop.call_later(0.001, lambda: seen.append(list(rec.closed)))
+    time.sleep(0.05)                # not a synchronisation: the timer is overdue
+    loop.run_until(lambda: seen, timeout=TIMEOUT)
+    assert rec.closed and isinstance(rec.closed[0], evpl.ConnectionRefused)
+    assert seen[0] == rec.closed    # reported before the timer ran
+
+
 class ErrorRecorder(DgramRecorder):
     def __init__(self):
         super().__init__()

@@ -865,6 +865,12 @@ cdef class LoopCore:
             if self.batch_one is not None:
                 self._flush_batches()
         if self.tcount:
+            if self.closing:
+                # closes this iteration's I/O found are reported before the
+                # timers run: a protocol's timer (a retry, a keep-alive) then
+                # finds its Bind already handled by on_closed, not closed
+                # behind its back and unreported
+                self._run_closing()
             self._run_timers()
         while rounds < DEFER_ROUNDS and (self.deferred or self.closing or self.dirty):
             rounds += 1
