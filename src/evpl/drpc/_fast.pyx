@@ -38,9 +38,9 @@ from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from evpl._native.bind cimport DatagramSink
-from evpl._native.buffers cimport Buffer, make_buffer
+from evpl._native.buffers cimport Buffer, PacketArena, make_buffer
 
-from evpl.errors import EvplError, SendQueueFull
+from evpl.errors import SendQueueFull
 
 DEF HEADER_SIZE = 28
 DEF MAGIC = 0xD7
@@ -56,7 +56,6 @@ DEF FREE = 0
 DEF RECEIVING = 1
 DEF RUNNING = 2
 DEF DONE = 3
-DEF BIG_PACKET = 16384            # session.BIG_PACKET: such packets are built in pool buffers
 
 cdef int64_t INT64_MAX = 0x7FFFFFFFFFFFFFFF
 
@@ -709,7 +708,10 @@ cdef class ServerCore:
     """The state of a server endpoint that the C path uses, and that path;
     ``session.ServerEndpoint`` is the rest (Python).
 
-    ``packet_alloc(n)``: see ``ServerEndpoint``.
+    ``packet_alloc(n)``: see ``ServerEndpoint``. ``arena``, if set (a
+    ``PacketArena`` of the loop's pool), is where the C path builds the
+    response packets it sends for RFRs (``bytes`` without one, or when the
+    pool is at its limit).
     ``sendto(packet, addr)``, if set, sends a packet and may raise
     ``SendQueueFull`` (counted in ``send_queue_full``, the packet dropped
     as the network would drop it); unset, packets go to ``out``."""
@@ -717,6 +719,7 @@ cdef class ServerCore:
     cdef public object out
     cdef public object sendto
     cdef public object packet_alloc
+    cdef public PacketArena arena
     cdef public dict sessions
     cdef public dict handlers
     cdef public int64_t packets, requests, responses, rfr, send_queue_full
@@ -781,24 +784,15 @@ cdef class ServerCore:
                     slot.resp_size - off
                 if off + size > rview.len:
                     return 0
-                pkt = None
-                if sess.payload >= BIG_PACKET and self.packet_alloc is not None:
-                    # a large packet in a pool buffer (mapped memory: see
-                    # ServerEndpoint), or bytes if the pool is exhausted
-                    try:
-                        pkt = self.packet_alloc(HEADER_SIZE + size)
-                    except (EvplError, MemoryError):
-                        pkt = None
-                    if type(pkt) is Buffer and (<Buffer>pkt).writable and \
-                            (<Buffer>pkt).length == HEADER_SIZE + size:
-                        put_header(<unsigned char*>(<Buffer>pkt).ptr, RESP, slot.req_type,
-                                   slot.flags, sess.client_session, h.req_num,
-                                   <uint32_t>slot.resp_size, h.pkt_num, h.ts)
-                        memcpy((<Buffer>pkt).ptr + HEADER_SIZE, <const char*>rview.buf + off,
-                               size)
-                    else:
-                        pkt = None
-                if pkt is None:
+                # the packet in pool memory (mapped, no malloc: see
+                # PacketArena), or bytes if the pool is at its limit
+                pkt = self.arena.take(HEADER_SIZE + size) if self.arena is not None else None
+                if pkt is not None:
+                    put_header(<unsigned char*>(<Buffer>pkt).ptr, RESP, slot.req_type,
+                               slot.flags, sess.client_session, h.req_num,
+                               <uint32_t>slot.resp_size, h.pkt_num, h.ts)
+                    memcpy((<Buffer>pkt).ptr + HEADER_SIZE, <const char*>rview.buf + off, size)
+                else:
                     pkt = packet(RESP, slot.req_type, slot.flags, sess.client_session,
                                  h.req_num, <uint32_t>slot.resp_size, h.pkt_num, h.ts,
                                  <const char*>rview.buf + off, size)

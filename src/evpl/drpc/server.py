@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from evpl._native.buffers import PacketArena
 from evpl.core.handler import Handler
 from evpl.core.loop import engine_loop
 from evpl.drpc._fast import Port
@@ -101,11 +102,14 @@ class Server:
         self.closed = False
         self._now = loop.now_ns
         self.bind: Any = None
+        # response packets are carved from pool buffers, not malloc'd
+        arena = PacketArena(loop.pool)
         self._endpoint = ServerEndpoint(
             self._sendto, self._dispatch, self._failed, window=window, credits=credits,
             max_message=max_message, max_datagram=max_datagram, max_sessions=max_sessions,
             session_timeout_ns=int(session_timeout * 1e9), max_assembly=max_assembly,
-            alloc=message_allocator(loop.pool), packet_alloc=loop.pool.allocate)
+            alloc=message_allocator(loop.pool), packet_alloc=arena.allocate)
+        self._endpoint.arena = arena
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
         self._endpoint.sendto = self.bind.sendto    # the C path's (it counts SendQueueFull)
@@ -230,6 +234,7 @@ class Server:
             self._endpoint._drop(sess)
         if not self.bind.closed:
             self.bind.close()
+        self._endpoint.arena.release()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
