@@ -519,6 +519,28 @@ def test_idle_client_connects_again_after_the_server_forgot_it(loop, datagram_ba
     server.close()
 
 
+def test_request_on_a_forgotten_session_is_not_served(loop, datagram_backend) -> None:
+    """A request that names a session the server has forgotten (expired),
+    from that session's own client, is dropped and counted as bad_session:
+    the server's C path remembers the last session it served, and must not
+    serve a closed one from that memory."""
+    server = serve(loop, datagram_backend, session_timeout=1.0)
+    client = Client(loop, datagram_backend, server.address)
+    assert bytes(client.wait(client.call(ECHO, b"one"), TIMEOUT)) == b"one"
+    number = server.sessions()[0]["session"]
+    loop.run_until(lambda: server.stats()["sessions_expired"] == 1, timeout=TIMEOUT)
+    before = server.stats()
+    # the next request of the old session, as its client would have sent it
+    client.bind.send(pack_header(PacketType.REQ, ECHO, number, 1, 3) + b"two")
+    loop.run_until(lambda: server.stats()["bad_session"] > before["bad_session"],
+                   timeout=TIMEOUT)
+    after = server.stats()
+    assert after["bad_session"] == before["bad_session"] + 1
+    assert after["requests"] == before["requests"] and after["responses"] == before["responses"]
+    client.close()
+    server.close()
+
+
 def test_full_send_queue_drops_packets_not_the_server(loop, datagram_backend) -> None:
     """A server whose send queue is at its hard limit drops response
     packets (counted; the client pulls them again) instead of failing its

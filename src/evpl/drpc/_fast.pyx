@@ -720,6 +720,7 @@ cdef class ServerCore:
     cdef public object sendto
     cdef public object packet_alloc
     cdef public PacketArena arena
+    cdef ServerSession last_sess    # the session of the last packet taken
     cdef public dict sessions
     cdef public dict handlers
     cdef public int64_t packets, requests, responses, rfr, send_queue_full
@@ -763,10 +764,15 @@ cdef class ServerCore:
         if not parse(<const unsigned char*>data, length, &h) or \
                 (h.ptype != REQ and h.ptype != RFR) or h.req_num > <uint64_t>INT64_MAX:
             return 0
-        found = PyDict_GetItem(self.sessions, h.session)
-        if found is NULL:
-            return 0
-        sess = <ServerSession>found
+        # packets come in runs from one session: the last one's, unless it
+        # closed (only ``_drop`` removes a session, and it marks it closed)
+        sess = self.last_sess
+        if sess is None or sess.closed or sess.number != h.session:
+            found = PyDict_GetItem(self.sessions, h.session)
+            if found is NULL:
+                return 0
+            sess = <ServerSession>found
+            self.last_sess = sess
         if sess.peer is not addr and not PyObject_RichCompareBool(sess.peer, addr, Py_EQ):
             return 0
         if sess.window <= 0:
