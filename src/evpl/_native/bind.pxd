@@ -161,6 +161,7 @@ cdef class Bind(_Source):
     cdef bint _gso_refused(self, int err, size_t seg) noexcept
     cdef void _dgram_error(self, int err)
     cdef int _send_data(self, data) except -1
+    cdef int _sendto_data(self, data, addr) except -1
 
 
 cdef class Listener(_Source):

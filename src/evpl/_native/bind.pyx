@@ -408,6 +408,11 @@ cdef class Bind(_Source):
 
     def sendto(self, data, addr) -> None:
         """Queue one datagram to ``addr``; sent with the iteration's batch."""
+        self._sendto_data(data, addr)
+
+    cdef int _sendto_data(self, data, addr) except -1:
+        """``sendto`` for compiled callers (drpc's server core): no Python
+        method call."""
         cdef TxEntry* e
         cdef TxMark m
         cdef sockaddr_in6 sa
@@ -430,6 +435,7 @@ cdef class Bind(_Source):
         memcpy(&e.sa, &self.tx_sa, self.tx_salen)
         e.salen = self.tx_salen
         self._queued(e.len, m)
+        return 0
 
     def close(self) -> None:
         """Close now; queued sends are dropped. ``on_closed(bind, None)``

@@ -37,7 +37,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from evpl._native.bind cimport DatagramSink
+from evpl._native.bind cimport Bind, DatagramSink
 from evpl._native.buffers cimport Buffer, PacketArena, make_buffer
 
 from evpl.errors import SendQueueFull
@@ -378,6 +378,7 @@ cdef class ClientCore:
     ``session.ClientSession`` is the rest (Python)."""
 
     cdef public object send_now
+    cdef public Bind send_bind      # if set, send_now is its send: called in C
     cdef public object peer
     cdef public object state
     cdef public list slots
@@ -538,7 +539,7 @@ cdef class ClientCore:
         inflight = self.credits_total - self.credits
         if inflight > self.max_inflight:
             self.max_inflight = inflight
-        self.send_now(packet(REQ, rt, 0, <uint32_t>self.server_session,
+        self._send_now(packet(REQ, rt, 0, <uint32_t>self.server_session,
                              <uint64_t>slot.req_num, <uint32_t>size, 0,
                              <uint32_t>(now_ns // 1000), data, size))
         return 0
@@ -631,6 +632,13 @@ cdef class ClientCore:
         """``_answered`` for session.py."""
         self._answered(slot, j, now_ns)
 
+    cdef int _send_now(self, object pkt) except -1:
+        if self.send_bind is not None:
+            self.send_bind._send_data(pkt)
+        else:
+            self.send_now(pkt)
+        return 0
+
     cdef int _pull(self, ClientSlot slot, int64_t now_ns) except -1:
         """Ask for the response packets the credits allow (RFRs), unpaced;
         paced ones go through ``_push``."""
@@ -642,7 +650,7 @@ cdef class ClientCore:
             return 0
         while self.credits and slot.num_tx < total:
             self.credits -= 1
-            self.send_now(packet(RFR, slot.req_type, 0, <uint32_t>self.server_session,
+            self._send_now(packet(RFR, slot.req_type, 0, <uint32_t>self.server_session,
                                  <uint64_t>slot.req_num, 0,
                                  <uint32_t>(slot.num_tx - slot.n_req + 1), ts, NULL, 0))
             slot.num_tx += 1
@@ -718,6 +726,7 @@ cdef class ServerCore:
 
     cdef public object out
     cdef public object sendto
+    cdef public Bind send_bind      # if set, sendto is its sendto: called in C
     cdef public object packet_alloc
     cdef public PacketArena arena
     cdef ServerSession last_sess    # the session of the last packet taken
@@ -730,7 +739,10 @@ cdef class ServerCore:
             self.out(pkt, addr)
             return 0
         try:
-            self.sendto(pkt, addr)
+            if self.send_bind is not None:
+                self.send_bind._sendto_data(pkt, addr)
+            else:
+                self.sendto(pkt, addr)
         except SendQueueFull:
             self.send_queue_full += 1
         return 0

@@ -195,6 +195,8 @@ class Client:
             window=window, credits=credits, max_message=max_message, max_datagram=max_datagram,
             rto_ns=int(rto * 1e9), peer_timeout_ns=int(peer_timeout * 1e9), cc=timely_cc,
             alloc=message_allocator(loop.pool))
+        if local_address is None:
+            self.session.send_bind = self.bind      # its send, called in C
         self._submit = self.session.submit
         self._handler.core = self.session
         self._handler.after = self._after_batch

@@ -113,6 +113,7 @@ class Server:
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
         self._endpoint.sendto = self.bind.sendto    # the C path's (it counts SendQueueFull)
+        self._endpoint.send_bind = self.bind        # ... called in C
         self._expiry = loop.call_every(min(1.0, session_timeout / 4), self._expire)
 
     @property
