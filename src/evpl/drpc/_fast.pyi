@@ -77,6 +77,7 @@ class Request:
 
 class ClientCore:
     send_now: Any
+    send_bind: Any
     peer: Any
     state: str
     slots: list[ClientSlot]
@@ -126,8 +127,8 @@ class Caller:
 
 class ServerCore:
     out: Any
-    sendto: Any
-    packet_alloc: Any
+    send_bind: Any
+    arena: Any
     sessions: dict[int, ServerSession]
     handlers: dict[int, Any]
     packets: int

@@ -716,18 +716,17 @@ cdef class ServerCore:
     """The state of a server endpoint that the C path uses, and that path;
     ``session.ServerEndpoint`` is the rest (Python).
 
-    ``packet_alloc(n)``: see ``ServerEndpoint``. ``arena``, if set (a
-    ``PacketArena`` of the loop's pool), is where the C path builds the
-    response packets it sends for RFRs (``bytes`` without one, or when the
-    pool is at its limit).
-    ``sendto(packet, addr)``, if set, sends a packet and may raise
-    ``SendQueueFull`` (counted in ``send_queue_full``, the packet dropped
-    as the network would drop it); unset, packets go to ``out``."""
+    ``arena``, if set (a ``PacketArena`` of the loop's pool), is where
+    response packets are built (``bytes`` without one, or when the pool is
+    at its limit): every packet the C path sends for an RFR, and the large
+    ones of ``ServerEndpoint``'s path.
+    ``send_bind``, if set, is the datagram Bind the C path sends on (its
+    ``sendto``, called in C); a send refused with ``SendQueueFull`` is
+    counted in ``send_queue_full`` and the packet dropped, as the network
+    would drop it. Unset, packets go to ``out``."""
 
     cdef public object out
-    cdef public object sendto
-    cdef public Bind send_bind      # if set, sendto is its sendto: called in C
-    cdef public object packet_alloc
+    cdef public Bind send_bind
     cdef public PacketArena arena
     cdef ServerSession last_sess    # the session of the last packet taken
     cdef public dict sessions
@@ -735,14 +734,11 @@ cdef class ServerCore:
     cdef public int64_t packets, requests, responses, rfr, send_queue_full
 
     cdef int _send(self, object pkt, object addr) except -1:
-        if self.sendto is None:
+        if self.send_bind is None:
             self.out(pkt, addr)
             return 0
         try:
-            if self.send_bind is not None:
-                self.send_bind._sendto_data(pkt, addr)
-            else:
-                self.sendto(pkt, addr)
+            self.send_bind._sendto_data(pkt, addr)
         except SendQueueFull:
             self.send_queue_full += 1
         return 0

@@ -102,18 +102,15 @@ class Server:
         self.closed = False
         self._now = loop.now_ns
         self.bind: Any = None
-        # response packets are carved from pool buffers, not malloc'd
-        arena = PacketArena(loop.pool)
         self._endpoint = ServerEndpoint(
             self._sendto, self._dispatch, self._failed, window=window, credits=credits,
             max_message=max_message, max_datagram=max_datagram, max_sessions=max_sessions,
             session_timeout_ns=int(session_timeout * 1e9), max_assembly=max_assembly,
-            alloc=message_allocator(loop.pool), packet_alloc=arena.allocate)
-        self._endpoint.arena = arena
+            alloc=message_allocator(loop.pool),
+            arena=PacketArena(loop.pool))       # response packets in pool memory
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
-        self._endpoint.sendto = self.bind.sendto    # the C path's (it counts SendQueueFull)
-        self._endpoint.send_bind = self.bind        # ... called in C
+        self._endpoint.send_bind = self.bind        # the C path's (it counts SendQueueFull)
         self._expiry = loop.call_every(min(1.0, session_timeout / 4), self._expire)
 
     @property

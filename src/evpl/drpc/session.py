@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from evpl._native.buffers import PacketArena
 from evpl.drpc._fast import ClientCore, ClientSlot, Request, ServerCore, ServerSession, ServerSlot
 from evpl.drpc.cc import Timely
 from evpl.drpc.wire import (
@@ -600,11 +601,12 @@ class ServerEndpoint(ServerCore):
     body)``, which returns the response or ``None`` (answered later with
     :meth:`respond`). ``failed(request, exc)`` is told when a handler
     raises (it answers with an error). ``alloc(n)`` returns a writable
-    buffer for a multi-packet request. ``packet_alloc(n)``, if given,
-    returns a writable buffer for a response packet of ``n`` bytes when
-    packets are large (``BIG_PACKET`` or more): evpl's pool, whose memory
-    stays mapped (a fresh 64 KB bytes object per packet made glibc hand
-    memory back and fault it in again: a fifth of the server's time).
+    buffer for a multi-packet request. ``arena`` (a ``PacketArena``), if
+    given, is where response packets are built: here when packets are
+    large (``BIG_PACKET`` or more), in the C path for every RFR's packet;
+    its pool memory stays mapped (a fresh 64 KB bytes object per packet made
+    glibc hand memory back and fault it in again: a fifth of the server's
+    time).
     """
 
     def __init__(self, out: Callable[[Any, Any], Any],
@@ -614,9 +616,9 @@ class ServerEndpoint(ServerCore):
                  max_datagram: int = 1472, max_sessions: int = 4096,
                  session_timeout_ns: int = 60_000_000_000, max_assembly: int = 256 << 20,
                  alloc: Callable[[int], Any] = bytearray,
-                 packet_alloc: Callable[[int], Any] | None = None) -> None:
+                 arena: PacketArena | None = None) -> None:
         self.out = out
-        self.packet_alloc = packet_alloc
+        self.arena = arena
         self.dispatch = dispatch
         self.failed = failed
         self.handlers: dict[int, Callable[[Request], Any]] = {}
@@ -671,7 +673,7 @@ class ServerEndpoint(ServerCore):
                         continue
                     c["rfr"] += 1
                     off = pkt_num * sess.payload
-                    if sess.payload >= BIG_PACKET and self.packet_alloc is not None:
+                    if sess.payload >= BIG_PACKET and self.arena is not None:
                         out(self._big_packet(sess, slot, slot.flags, pkt_num, ts), addr)
                         continue
                     out(_pack(MAGIC, RESP, slot.req_type, slot.flags, sess.client_session,
@@ -933,7 +935,7 @@ class ServerEndpoint(ServerCore):
         head = (MAGIC, RESP, slot.req_type, flags, sess.client_session, slot.req_num,
                 slot.resp_size, pkt_num, ts)
         try:
-            pkt = self.packet_alloc(HEADER_SIZE + len(chunk))  # type: ignore[misc]
+            pkt = self.arena.allocate(HEADER_SIZE + len(chunk))  # type: ignore[union-attr]
         except (EvplError, MemoryError):
             return _pack(*head) + chunk
         _pack_into(pkt, 0, *head)
@@ -942,7 +944,7 @@ class ServerEndpoint(ServerCore):
 
     def _send_first(self, sess: ServerSession, slot: ServerSlot, sample: bool) -> None:
         data = slot.resp
-        if slot.n_resp > 1 and sess.payload >= BIG_PACKET and self.packet_alloc is not None:
+        if slot.n_resp > 1 and sess.payload >= BIG_PACKET and self.arena is not None:
             self.out(self._big_packet(sess, slot, slot.flags | (0 if sample else FLAG_NO_RTT),
                                       0, slot.ts), sess.peer)
             return
