@@ -112,44 +112,6 @@ def test_pool_exhaustion():
     check_pool(pool)
 
 
-def test_packet_arena_carves_pool_buffers():
-    """A PacketArena cuts packets one after the other out of one pool
-    buffer at a time (64-byte aligned, each its own writable memory); a
-    pool buffer goes back once the arena moved on and its packets are gone;
-    at the pool's limit it raises PoolExhausted and works again once
-    buffers come back."""
-    from evpl._native.buffers import PacketArena
-    pool = small_pool(max_bytes=256 << 10)         # one slab of 4 buffers of 64 KiB
-    arena = PacketArena(pool)
-    per = (64 << 10) // 1536                       # 1500-byte packets per buffer (42)
-    pkts = [arena.allocate(1500) for _ in range(per + 1)]
-    assert all(len(p) == 1500 and not p.readonly for p in pkts)
-    for i in range(len(pkts)):
-        memoryview(pkts[i])[:] = bytes([i]) * 1500
-    assert all(bytes(p) == bytes([i]) * 1500 for i, p in enumerate(pkts))
-    assert pool.stats()["buffers_in_use"] == 2     # the 43rd needed a second buffer
-    del pkts[:per]                                 # the first buffer's packets sent
-    assert pool.stats()["buffers_in_use"] == 1     # ... so it went back
-    more = [arena.allocate(64 << 10) for _ in range(3)]     # a whole buffer each
-    with pytest.raises(evpl.PoolExhausted):
-        arena.allocate(1)
-    with pytest.raises(ValueError):
-        arena.allocate((64 << 10) + 1)             # larger than a pool buffer
-    del more, pkts
-    assert len(arena.allocate(100)) == 100         # buffers came back
-    # with its packets gone, the arena carves from the front of its buffer
-    # again: the same memory
-    a = arena.allocate(100)
-    memoryview(a)[:4] = b"mark"
-    del a
-    assert bytes(arena.allocate(100))[:4] == b"mark"
-    assert arena.carved == per + 1 + 3 + 3
-    assert pool.stats()["buffers_in_use"] == 1     # the arena's current buffer
-    arena.release()
-    assert pool.stats()["buffers_in_use"] == 0
-    check_pool(pool)
-
-
 @pytest.mark.parametrize("kwargs", [
     {"buffer_size": 1000},
     {"buffer_size": 0},

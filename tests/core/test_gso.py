@@ -76,6 +76,68 @@ def test_trains_over_ipv6(loop, datagram_backend):
     r.close()
 
 
+def test_header_pieces_join_their_data_in_trains(loop, datagram_backend):
+    """``sendto(data, addr, header=h)`` sends one datagram ``h + data``; a
+    train may mix datagrams with and without a header piece as long as
+    their whole sizes match, and the receiver cannot tell them apart."""
+    r, addr = receiver()
+    bind = loop.bind(datagram_backend, ("127.0.0.1", 0), evpl.Handler())
+    big = bytes(range(256)) * 40
+    items = []
+    for i in range(100):
+        hdr = b"%04d:" % i + b"h" * (i % 20)            # 5..24 bytes
+        off = i * 50
+        data = big[off:off + 300 - len(hdr)]            # 300 B in all: one train
+        items.append((hdr, data) if i % 3 else (b"", hdr + data))
+    items += [(b"tail", b"-short"), (b"H" * 32, b""), (b"", b"")]
+    before = loop.stats()["datagrams_out"]
+    for hdr, data in items:
+        if hdr:
+            bind.sendto(data, addr, header=hdr)
+        else:
+            bind.sendto(data, addr)
+    assert bind.queued_bytes == sum(len(h) + len(d) for h, d in items)
+    loop.run_until(lambda: loop.stats()["datagrams_out"] - before >= len(items),
+                   timeout=TIMEOUT)
+    assert [r.recv(70000) for _ in items] == [h + d for h, d in items]
+    assert bind.queued_bytes == 0
+    stats = loop.stats()
+    assert stats["gso_sends"] >= 2 and stats["datagram_errors"] == 0
+    r.close()
+
+
+def test_header_piece_checks(loop, datagram_backend):
+    r, addr = receiver()
+    bind = loop.bind(datagram_backend, ("127.0.0.1", 0), evpl.Handler())
+    with pytest.raises(ValueError, match="at most 32"):
+        bind.sendto(b"x", addr, header=b"h" * 33)
+    with pytest.raises(ValueError, match="exceeds the UDP maximum"):
+        bind.sendto(b"x" * 65500, addr, header=b"h" * 8)
+    assert bind.queued_bytes == 0
+    with pytest.raises(evpl.EvplError, match="use sendto"):
+        bind.send(b"x", header=b"h")
+    # mutable memory is copied when queued; a Buffer is sent where it lies
+    data = bytearray(b"before")
+    bind.sendto(data, addr, header=b"1:")
+    data[:] = b"after!"
+    buf = loop.pool.allocate(5)
+    memoryview(buf)[:] = b"pool!"
+    bind.sendto(buf, addr, header=b"2:")
+    del buf
+    loop.run_until(lambda: bind.queued_bytes == 0, timeout=TIMEOUT)
+    assert [r.recv(100), r.recv(100)] == [b"1:before", b"2:pool!"]
+    # a connected Bind: send() takes the header too
+    conn = loop.connect(datagram_backend, addr, evpl.Handler())
+    conn.send(memoryview(b"data"), header=bytearray(b"head:"))
+    loop.run_until(lambda: conn.queued_bytes == 0, timeout=TIMEOUT)
+    assert r.recv(100) == b"head:data"
+    listener = loop.listen("tcp", ("127.0.0.1", 0), evpl.Handler())
+    stream = loop.connect("tcp", listener.address, evpl.Handler())
+    with pytest.raises(evpl.EvplError, match="header= is for datagram Binds"):
+        stream.send(b"x", header=b"h")
+    r.close()
+
+
 def test_gso_off(loop, datagram_backend):
     r, addr = receiver()
     bind = loop.bind(datagram_backend, ("127.0.0.1", 0), evpl.Handler(), gso=False)
@@ -105,8 +167,11 @@ FALLBACK = textwrap.dedent("""
         # refused, one at a time they go out as IP fragments
         payloads = [bytes([i]) * 2000 for i in range(8)] + [bytes([9]) * 100] * 8
         for round in (1, 2):
-            for p in payloads:
-                bind.sendto(p, r.getsockname())
+            for i, p in enumerate(payloads):
+                if i % 2:               # half of them in two pieces
+                    bind.sendto(p[7:], r.getsockname(), header=p[:7])
+                else:
+                    bind.sendto(p, r.getsockname())
             loop.run_until(lambda: loop.stats()["datagrams_out"] >= round * len(payloads),
                            timeout=10)
             got = [r.recv(4000) for _ in payloads]

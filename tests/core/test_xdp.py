@@ -239,6 +239,23 @@ def test_over_mtu_send_is_refused(loop, net):
     s.close()
 
 
+def test_header_pieces_are_copied_into_the_frame(loop, net):
+    """A datagram sent as a header and data (drpc's packets) leaves as one
+    frame holding both; the MTU check counts the header."""
+    b = xbind(loop, net, Recorder())
+    s = peer(net)
+    with pytest.raises(ValueError, match="MTU 1500"):
+        b.sendto(b"x" * 1460, s.getsockname(), header=b"h" * 13)
+    payloads = [(b"%02d:" % i + b"h" * i, os.urandom(1472 - 3 - 2 * i)) for i in range(12)]
+    for hdr, data in payloads:
+        b.sendto(data, s.getsockname(), header=hdr)
+    t = InThread(loop, lambda: [s.recvfrom(2048)[0] for _ in payloads])
+    loop.run_until(t.done, timeout=TIMEOUT)
+    assert t.get() == [h + d for h, d in payloads]
+    assert b.queued_bytes == 0
+    s.close()
+
+
 def test_bind_errors(loop, net):
     with pytest.raises(evpl.ConfigError, match="interface"):
         loop.bind("xdp_udp", (net.ip["a"], 0), Recorder())

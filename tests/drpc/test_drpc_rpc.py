@@ -63,16 +63,10 @@ def test_round_trips_from_empty_to_max_message(loop, datagram_backend) -> None:
     # the multi-packet messages went in credit returns and requests for response
     assert server.stats()["credit_returns"] > 0 and server.stats()["rfr"] > 0
     assert server.stats()["requests"] == len(sizes)
-    # the response packets the RFRs asked for were built in pool memory
-    # (a PacketArena), not malloc'd one by one, and it lets go on close
-    arena = server._endpoint.arena
-    assert arena.carved > 0
     with pytest.raises(ValueError, match="exceeds max_message"):
         client.call(ECHO, bytes((1 << 20) + 1))
     client.close()
-    in_use = loop.pool.stats()["buffers_in_use"]
     server.close()
-    assert loop.pool.stats()["buffers_in_use"] == in_use - 1
 
 
 def test_eight_megabytes_both_ways_with_jumbo_datagrams(loop, datagram_backend) -> None:

@@ -2,7 +2,7 @@
 cimport cython
 """The Bind and Listener bases every backend fills (see bind.pyx)."""
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t
 from evpl._native.buffers cimport Pool, Buffer, Chunk
 from evpl._native.framing cimport Framer
 from evpl._native.loop cimport _Source, LoopCore, Timer
@@ -162,6 +162,15 @@ cdef class Bind(_Source):
     cdef void _dgram_error(self, int err)
     cdef int _send_data(self, data) except -1
     cdef int _sendto_data(self, data, addr) except -1
+    cdef int _sendto_parts(self, const unsigned char* hdr, uint8_t hdrlen, object owner,
+                           const char* ptr, size_t n, addr) except -1
+    cdef int _send_parts(self, const unsigned char* hdr, uint8_t hdrlen, object owner,
+                         const char* ptr, size_t n) except -1
+    cdef TxEntry* _push_parts(self, const unsigned char* hdr, uint8_t hdrlen, object owner,
+                              const char* ptr, size_t n) except NULL
+    cdef int _sendto_check(self, addr) except -1
+    cdef int _send_with_header(self, header, data, addr, bint to) except -1
+    cdef int _sendto_queued(self, TxEntry* e, TxMark m) except -1
 
 
 cdef class Listener(_Source):

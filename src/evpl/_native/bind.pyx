@@ -29,7 +29,9 @@ own, which a backend may read straight into (``part_asm``).
 
 cimport cython
 from cpython.ref cimport PyObject, Py_DECREF
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.errno cimport ECONNREFUSED, EINVAL, EIO, EMSGSIZE
 from libc.string cimport memcpy, memcmp, memset, strerror, strlen
 from posix.unistd cimport close as c_close
@@ -284,11 +286,19 @@ cdef class Bind(_Source):
     def high_water(self) -> int:
         return self.high_water
 
-    def send(self, data) -> None:
+    def send(self, data, header=None) -> None:
         """Queue ``data`` (a message on a framed Bind; a datagram to the peer
         on a connected datagram Bind) for sending at the end of this loop
-        iteration. Raises SendQueueFull past the hard limit."""
-        self._send_data(data)
+        iteration. Raises SendQueueFull past the hard limit.
+
+        ``header`` (datagram Binds only; at most 32 bytes, copied) goes in
+        front of ``data`` in the same datagram, so a protocol can put its
+        header on a payload it holds without building ``header + data``:
+        a Buffer or bytes payload is sent from where it lies."""
+        if header is None:
+            self._send_data(data)
+        else:
+            self._send_with_header(header, data, None, False)
 
     cdef int _send_data(self, data) except -1:
         """``send`` for compiled callers (evpl.aio's transport write): no
@@ -394,9 +404,10 @@ cdef class Bind(_Source):
 
     cdef int _check_datagram(self, TxEntry* e) except -1:
         """Refuse (and drop) a queued datagram larger than UDP allows."""
-        if e.len > 65507:
+        cdef size_t n = txq_dg_size(e)
+        if n > 65507:
             txq_unpush_from(&self.txq, e)
-            raise ValueError(f"datagram of {e.len} bytes exceeds the UDP maximum (65507)")
+            raise ValueError(f"datagram of {n} bytes exceeds the UDP maximum (65507)")
         return 0
 
     cdef int _can_send(self) except -1:
@@ -406,15 +417,94 @@ cdef class Bind(_Source):
             raise EvplError("datagram Bind: use sendto(data, addr)")
         return 0
 
-    def sendto(self, data, addr) -> None:
-        """Queue one datagram to ``addr``; sent with the iteration's batch."""
-        self._sendto_data(data, addr)
+    def sendto(self, data, addr, header=None) -> None:
+        """Queue one datagram to ``addr``; sent with the iteration's batch.
+        ``header``: as for ``send``."""
+        if header is None:
+            self._sendto_data(data, addr)
+        else:
+            self._send_with_header(header, data, addr, True)
+
+    cdef int _send_with_header(self, header, data, addr, bint to) except -1:
+        """``send``/``sendto`` (``to``) with a header piece."""
+        cdef Py_buffer hv
+        cdef const char* p
+        cdef Py_ssize_t n
+        if self.stream:
+            raise EvplError("header= is for datagram Binds (a stream's framing adds its own)")
+        if type(data) is Buffer:
+            p = (<Buffer>data).ptr
+            n = (<Buffer>data).length
+        else:
+            if not PyBytes_CheckExact(data):
+                data = bytes(data)          # mutable or foreign memory: a copy
+            p = PyBytes_AS_STRING(data)
+            n = PyBytes_GET_SIZE(data)
+        PyObject_GetBuffer(header, &hv, PyBUF_SIMPLE)
+        try:
+            if hv.len > TX_HDR:
+                raise ValueError(f"header of {hv.len} bytes: at most {TX_HDR}")
+            if to:
+                self._sendto_parts(<const unsigned char*>hv.buf, <uint8_t>hv.len, data, p, n,
+                                   addr)
+            else:
+                self._send_parts(<const unsigned char*>hv.buf, <uint8_t>hv.len, data, p, n)
+        finally:
+            PyBuffer_Release(&hv)
+        return 0
 
     cdef int _sendto_data(self, data, addr) except -1:
         """``sendto`` for compiled callers (drpc's server core): no Python
         method call."""
-        cdef TxEntry* e
         cdef TxMark m
+        cdef TxEntry* e
+        self._sendto_check(addr)
+        m = txq_mark(&self.txq)
+        e = txq_push(&self.txq, data)
+        return self._sendto_queued(e, m)
+
+    cdef int _sendto_parts(self, const unsigned char* hdr, uint8_t hdrlen, object owner,
+                           const char* ptr, size_t n, addr) except -1:
+        """``_send_parts`` to ``addr`` on an unconnected datagram Bind."""
+        cdef TxMark m
+        self._sendto_check(addr)
+        m = txq_mark(&self.txq)
+        return self._sendto_queued(self._push_parts(hdr, hdrlen, owner, ptr, n), m)
+
+    cdef int _send_parts(self, const unsigned char* hdr, uint8_t hdrlen, object owner,
+                         const char* ptr, size_t n) except -1:
+        """Queue one datagram to the connected peer made of two pieces:
+        ``hdrlen`` (at most TX_HDR) bytes of ``hdr``, copied into the queue,
+        then ``n`` bytes at ``ptr``, sent from where they lie: ``owner``
+        keeps them valid and unchanged until sent (None if ``n`` is 0). So
+        a protocol that puts its own header on a payload it already holds
+        (drpc's packets: a request's body, a slice of a large response)
+        sends it with no packet object built and no copy in user space."""
+        cdef TxMark m
+        cdef TxEntry* e
+        self._can_send()
+        if self.stream:
+            raise EvplError("stream Bind: datagram pieces need a datagram Bind")
+        m = txq_mark(&self.txq)
+        e = self._push_parts(hdr, hdrlen, owner, ptr, n)
+        self._check_datagram(e)
+        e.salen = 0                         # to the connected peer
+        self._queued(txq_dg_size(e), m)
+        return 0
+
+    cdef TxEntry* _push_parts(self, const unsigned char* hdr, uint8_t hdrlen, object owner,
+                              const char* ptr, size_t n) except NULL:
+        cdef TxEntry* e
+        if hdrlen > TX_HDR:
+            raise ValueError(f"header of {hdrlen} bytes: at most {TX_HDR}")
+        e = txq_push_ref(&self.txq, owner, ptr, n)
+        memcpy(e.hdr, hdr, hdrlen)
+        e.hdrlen = hdrlen
+        return e
+
+    cdef int _sendto_check(self, addr) except -1:
+        """Refuse a sendto this Bind cannot take; make ``addr`` the one the
+        next entries are stamped with."""
         cdef sockaddr_in6 sa
         cdef socklen_t salen
         if self.state == S_CLOSED:
@@ -429,12 +519,14 @@ cdef class Bind(_Source):
                 memcpy(&self.tx_sa, &sa, salen)
                 self.tx_salen = salen
             self.tx_addr = addr
-        m = txq_mark(&self.txq)
-        e = txq_push(&self.txq, data)
+        return 0
+
+    cdef int _sendto_queued(self, TxEntry* e, TxMark m) except -1:
+        """Check and address the datagram just pushed, and count it."""
         self._check_datagram(e)
         memcpy(&e.sa, &self.tx_sa, self.tx_salen)
         e.salen = self.tx_salen
-        self._queued(e.len, m)
+        self._queued(txq_dg_size(e), m)
         return 0
 
     def close(self) -> None:

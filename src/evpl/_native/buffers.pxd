@@ -79,14 +79,6 @@ cdef class Buffer:
 cdef Buffer make_buffer(Pool pool, Chunk* c, char* ptr, Py_ssize_t n)
 
 
-cdef class PacketArena:
-    cdef readonly Pool pool
-    cdef Buffer anchor          # the whole current chunk: keeps it while carving
-    cdef size_t used            # bytes of it carved so far
-    cdef readonly size_t carved # Buffers made
-    cdef Buffer take(self, Py_ssize_t n)
-
-
 cdef inline void chunk_unref(Pool pool, Chunk* c) noexcept:
     c.refs -= 1
     if c.refs == 0:

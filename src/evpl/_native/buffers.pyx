@@ -432,68 +432,6 @@ cdef Buffer make_buffer(Pool pool, Chunk* c, char* ptr, Py_ssize_t n):
     return r
 
 
-cdef class PacketArena:
-    """Small send buffers carved one after the other from one pool buffer
-    at a time: a protocol that builds a packet per datagram (drpc's
-    response packets) gets mapped pool memory for each without a whole
-    pool buffer each (``Pool.allocate``) or a ``malloc`` each (a ``bytes``
-    of 1.5 KB is past glibc's per-thread cache: ~500 instructions to make
-    and free). A pool buffer goes back to the pool once the arena has
-    moved on from it and every Buffer carved from it is gone (sent); while
-    the arena still holds it and its packets are all gone, carving starts
-    at its front again (a server that sends each batch's packets before
-    the next batch reuses the same few warm kilobytes)."""
-
-    def __init__(self, Pool pool) -> None:
-        self.pool = pool
-        self.anchor = None
-        self.used = 0
-        self.carved = 0
-
-    cdef Buffer take(self, Py_ssize_t n):
-        """A writable Buffer of ``n`` bytes, or None when ``n`` is larger
-        than a pool buffer or the pool is at its limit."""
-        cdef Chunk* c
-        cdef Buffer b
-        if n < 0 or <size_t>n > self.pool.buffer_size:
-            return None
-        if self.anchor is not None and self.anchor.chunk.refs == 1:
-            # every packet carved so far is gone (sent): start over at the
-            # front, whose cache lines are still warm, instead of walking
-            # through the whole buffer and on to the next
-            self.used = 0
-        if self.anchor is None or self.used + <size_t>n > self.anchor.chunk.size:
-            self.anchor = None          # the old chunk lives on in its packets
-            c = self.pool.get()
-            if c == NULL:
-                return None
-            self.anchor = make_buffer(self.pool, c, c.data, <Py_ssize_t>c.size)
-            chunk_unref(self.pool, c)   # the anchor's reference is the arena's
-            self.used = 0
-        b = make_buffer(self.pool, self.anchor.chunk, self.anchor.chunk.data + self.used, n)
-        b.writable = True
-        self.used += (<size_t>n + 63) & ~(<size_t>63)
-        self.carved += 1
-        return b
-
-    def release(self) -> None:
-        """Let go of the current pool buffer (it goes back once its packets
-        are gone); the next packet starts a new one. For an owner that
-        closes."""
-        self.anchor = None
-
-    def allocate(self, Py_ssize_t size) -> Buffer:
-        """``take`` for Python: a writable Buffer of ``size`` bytes; raises
-        PoolExhausted at the pool's limit (or ValueError past a pool
-        buffer's size)."""
-        if size < 0 or <size_t>size > self.pool.buffer_size:
-            raise ValueError(f"size must be 0..{self.pool.buffer_size}, got {size}")
-        b = self.take(size)
-        if b is None:
-            raise PoolExhausted(f"buffer pool limit reached ({self.pool.max_bytes} bytes)")
-        return b
-
-
 cdef Buffer _new_buffer(Pool pool, Chunk* c, char* ptr, Py_ssize_t n):
     """make_buffer with an empty free list: a fresh object."""
     cdef Buffer b = Buffer.__new__(Buffer)

@@ -459,22 +459,28 @@ cdef class EpollDatagram(EpollBind):
             cnt = 0
             nio = 0
             i = q.head
-            while i != q.tail and cnt < MAX_MMSG and nio + GSO_SEGS <= MAX_IOV:
+            while i != q.tail and cnt < MAX_MMSG and nio + 2 * GSO_SEGS <= MAX_IOV:
                 g = txq_dg_group(q, i, self.gso_limit)
                 e = &q.e[i]
                 memset(&mm[cnt].msg_hdr, 0, sizeof(msghdr))
-                for j in range(g):
-                    iov[nio + j].iov_base = e[j].ptr
-                    iov[nio + j].iov_len = e[j].len
                 mm[cnt].msg_hdr.msg_iov = &iov[nio]
-                mm[cnt].msg_hdr.msg_iovlen = g
+                # the kernel reads the headers during sendmmsg: they may
+                # stay in the entries
+                for j in range(g):
+                    if e[j].hdrlen:
+                        iov[nio].iov_base = e[j].hdr
+                        iov[nio].iov_len = e[j].hdrlen
+                        nio += 1
+                    iov[nio].iov_base = e[j].ptr
+                    iov[nio].iov_len = e[j].len
+                    nio += 1
+                mm[cnt].msg_hdr.msg_iovlen = &iov[nio] - mm[cnt].msg_hdr.msg_iov
                 if e.salen:
                     mm[cnt].msg_hdr.msg_name = &e.sa
                     mm[cnt].msg_hdr.msg_namelen = e.salen
                 if g > 1:
-                    evpl_set_gso(&mm[cnt].msg_hdr, &loop.dg_ctl[cnt * 3], e.len)
+                    evpl_set_gso(&mm[cnt].msg_hdr, &loop.dg_ctl[cnt * 3], txq_dg_size(e))
                 loop.dg_group[cnt] = g
-                nio += g
                 i += g
                 cnt += 1
             n = sendmmsg(self.fd, mm, cnt, MSG_NOSIGNAL | MSG_DONTWAIT)
@@ -484,7 +490,7 @@ cdef class EpollDatagram(EpollBind):
                     return
                 if errno == EINTR:
                     continue
-                if loop.dg_group[0] > 1 and self._gso_refused(errno, q.e[q.head].len):
+                if loop.dg_group[0] > 1 and self._gso_refused(errno, txq_dg_size(&q.e[q.head])):
                     continue                # again, without that train
                 # this datagram cannot be sent (unreachable, bad address...):
                 # drop it, count it, go on with the rest

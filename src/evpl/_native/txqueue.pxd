@@ -11,13 +11,16 @@ from evpl._native.buffers cimport Buffer
 cdef enum:
     GSO_SEGS = 64           # datagrams per UDP GSO send (UDP_MAX_SEGMENTS >= 64)
     GSO_BYTES = 65507       # payload per UDP GSO send (one IPv4 datagram's worth)
+    TX_HDR = 32             # header bytes an entry carries: a stream's framing
+                            # (at most 8), or a datagram's first part (txq_push_ref)
 
 
 cdef struct TxEntry:
     PyObject* owner         # the object whose memory is sent (a reference is held)
     char* ptr
     size_t len
-    unsigned char hdr[8]    # framing header sent before ptr[0:len]
+    unsigned char hdr[TX_HDR]   # header sent before ptr[0:len] (framing, or a
+                                # datagram's own header: one datagram, two pieces)
     uint8_t hdrlen
     socklen_t salen         # datagrams: the destination
     sockaddr_in6 sa
@@ -39,6 +42,7 @@ cdef struct TxMark:
 
 
 cdef TxEntry* txq_push(TxQueue* q, object data) except NULL
+cdef TxEntry* txq_push_ref(TxQueue* q, object owner, const char* ptr, size_t n) except NULL
 cdef Py_ssize_t txq_merge(TxQueue* q, Buffer b, Framer f) except -2
 cdef int txq_frame(TxQueue* q, TxEntry* e, Framer f, size_t total) except -1
 cdef void txq_unpush_from(TxQueue* q, TxEntry* e) noexcept
@@ -71,3 +75,8 @@ cdef inline TxEntry* txq_since(TxQueue* q, TxMark m) noexcept:
 cdef inline bint txq_changed(TxQueue* q, TxMark m) noexcept:
     """Something was queued since ``m`` (an entry pushed, or one extended)."""
     return q.tail - q.head != m.n or (m.n and q.e[q.tail - 1].len != m.last_len)
+
+
+cdef inline size_t txq_dg_size(TxEntry* e) noexcept:
+    """A queued datagram's size: its header piece, then its data."""
+    return e.hdrlen + e.len

@@ -27,11 +27,9 @@ from evpl._native.sys cimport evpl_load_uint, evpl_store_uint
 from evpl.errors import FramingError
 
 
-cdef TxEntry* txq_push(TxQueue* q, object data) except NULL:
-    """Append one entry that references (or copies) ``data``."""
+cdef TxEntry* txq_slot(TxQueue* q) except NULL:
+    """Room for one more entry at the tail (not yet counted)."""
     cdef TxEntry* e
-    cdef Buffer b
-    cdef Py_buffer view
     cdef size_t cap, n
     if q.tail == q.cap:
         if q.head > 0:
@@ -46,7 +44,14 @@ cdef TxEntry* txq_push(TxQueue* q, object data) except NULL:
                 raise MemoryError()
             q.e = e
             q.cap = cap
-    e = &q.e[q.tail]
+    return &q.e[q.tail]
+
+
+cdef TxEntry* txq_push(TxQueue* q, object data) except NULL:
+    """Append one entry that references (or copies) ``data``."""
+    cdef TxEntry* e = txq_slot(q)
+    cdef Buffer b
+    cdef Py_buffer view
     if type(data) is Buffer:
         b = <Buffer>data
         e.ptr = b.ptr
@@ -69,6 +74,20 @@ cdef TxEntry* txq_push(TxQueue* q, object data) except NULL:
         e.len = PyBytes_GET_SIZE(copy)
         e.owner = <PyObject*>copy
         Py_INCREF(copy)
+    e.hdrlen = 0
+    q.tail += 1
+    return e
+
+
+cdef TxEntry* txq_push_ref(TxQueue* q, object owner, const char* ptr, size_t n) except NULL:
+    """Append an entry for ``n`` bytes at ``ptr``, memory that ``owner``
+    keeps valid and unchanged until it is sent (a reference is held): a
+    slice of a larger object, sent without a copy or a slice object."""
+    cdef TxEntry* e = txq_slot(q)
+    e.ptr = <char*>ptr
+    e.len = n
+    e.owner = <PyObject*>owner
+    Py_INCREF(owner)
     e.hdrlen = 0
     q.tail += 1
     return e
@@ -254,21 +273,23 @@ cdef int txq_dg_group(TxQueue* q, size_t i, size_t gso_limit) noexcept:
     """How many queued datagrams from e[i] on leave as one UDP GSO send:
     same address, same size (a shorter one may end the train), at most
     GSO_SEGS of them and GSO_BYTES in all. One if the size is at or above
-    ``gso_limit`` (0: GSO off; lowered when a path refused a train)."""
+    ``gso_limit`` (0: GSO off; lowered when a path refused a train). A
+    datagram's size counts its header piece (``txq_dg_size``)."""
     cdef TxEntry* first = &q.e[i]
     cdef TxEntry* e
-    cdef size_t seg = first.len, total = first.len
+    cdef size_t seg = txq_dg_size(first), total = seg, size
     cdef int n = 1
     if seg == 0 or seg >= gso_limit:
         return 1
     while n < GSO_SEGS and i + n != q.tail:
         e = &q.e[i + n]
-        if (e.len == 0 or e.len > seg or total + e.len > GSO_BYTES or e.salen != first.salen
+        size = txq_dg_size(e)
+        if (size == 0 or size > seg or total + size > GSO_BYTES or e.salen != first.salen
                 or memcmp(&e.sa, &first.sa, e.salen) != 0):
             break
-        total += e.len
+        total += size
         n += 1
-        if e.len < seg:
+        if size < seg:
             break
     return n
 
@@ -280,7 +301,7 @@ cdef size_t txq_dg_retire(TxQueue* q, unsigned int g) noexcept:
     cdef size_t n = 0
     for k in range(g):
         e = &q.e[q.head]
-        n += e.len
+        n += txq_dg_size(e)
         Py_DECREF(<object>e.owner)
         q.head += 1
     return n

@@ -94,11 +94,13 @@ cdef enum:
 
 cdef struct UrDgSend:
     msghdr mh
-    iovec* iov          # n entries: &iov1 for one datagram, else a heap block
-    PyObject** owners   # n data owners, laid out like iov
-    iovec iov1
+    iovec* iov          # n * per entries: iov1 for one datagram, else a heap block
+    PyObject** owners   # n data owners (owner1, or in the heap block after iov)
+    iovec iov1[2]
     PyObject* owner1
+    unsigned char hdr1[TX_HDR]
     int n
+    int per             # iovecs per datagram: 2 when they have header pieces
     PyObject* bind
     size_t len
     sockaddr_in6 sa
@@ -750,7 +752,9 @@ cdef class UringDatagram(UringBind):
         cdef UrDgSend* s
         cdef TxEntry* e
         cdef TxQueue* q = &self.txq
-        cdef int i = 0, k, n
+        cdef iovec* v
+        cdef unsigned char* hdrs
+        cdef int i = 0, k, n, per
         if self.dg == NULL:
             self.dg = <UrDgSend*>PyMem_Malloc(UR_DG_INFLIGHT * sizeof(UrDgSend))
             if self.dg == NULL:
@@ -763,33 +767,51 @@ cdef class UringDatagram(UringBind):
             e = &q.e[q.head]
             n = txq_dg_group(q, q.head, self.gso_limit)
             memset(&s.mh, 0, sizeof(msghdr))
+            per = 1
+            for k in range(n):
+                if e[k].hdrlen:
+                    per = 2
             if n == 1:
-                s.iov = &s.iov1
+                s.iov = s.iov1
                 s.owners = &s.owner1
+                hdrs = s.hdr1
             else:
-                s.iov = <iovec*>PyMem_Malloc(n * (sizeof(iovec) + sizeof(PyObject*)))
+                # the kernel reads the headers after this returns, and the
+                # entries holding them move when the queue grows: copies
+                s.iov = <iovec*>PyMem_Malloc(n * (per * sizeof(iovec) + sizeof(PyObject*)
+                                                  + (TX_HDR if per == 2 else 0)))
                 if s.iov == NULL:
                     raise MemoryError()
-                s.owners = <PyObject**>(s.iov + n)
-                evpl_set_gso(&s.mh, s.ctl, e.len)
+                s.owners = <PyObject**>(s.iov + n * per)
+                hdrs = <unsigned char*>(s.owners + n)
+                evpl_set_gso(&s.mh, s.ctl, txq_dg_size(e))
             if e.salen:
                 memcpy(&s.sa, &e.sa, e.salen)
                 s.mh.msg_name = &s.sa
                 s.mh.msg_namelen = e.salen
             s.mh.msg_iov = s.iov
-            s.mh.msg_iovlen = n
+            s.mh.msg_iovlen = n * per
             s.len = 0
+            v = s.iov
             for k in range(n):
-                s.iov[k].iov_base = e[k].ptr
-                s.iov[k].iov_len = e[k].len
+                if per == 2:
+                    memcpy(hdrs, e[k].hdr, e[k].hdrlen)
+                    v.iov_base = hdrs
+                    v.iov_len = e[k].hdrlen
+                    hdrs += TX_HDR
+                    v += 1
+                v.iov_base = e[k].ptr
+                v.iov_len = e[k].len
+                v += 1
                 s.owners[k] = e[k].owner      # the queue's reference moves here
-                s.len += e[k].len
+                s.len += txq_dg_size(&e[k])
             if evpl_uring_sendmsg_dgram(self.drv.ur, self.fd, &s.mh,
                                         (<uint64_t><void*>s) | OP_DGSEND) < 0:
                 if n > 1:
                     PyMem_Free(s.iov)
                 raise OSError(EBUSY, "io_uring submission queue full")
             s.n = n
+            s.per = per
             s.bind = <PyObject*>self
             Py_INCREF(self)
             s.busy = 1
@@ -866,6 +888,12 @@ cdef class UringDatagram(UringBind):
         self._close_fd()
 
 
+cdef inline size_t _dg_len(UrDgSend* s, int k) noexcept:
+    """The size of the k-th datagram of a send (its pieces together)."""
+    cdef iovec* v = &s.iov[k * s.per]
+    return v[0].iov_len + (v[1].iov_len if s.per == 2 else 0)
+
+
 cdef void _dg_done(LoopCore loop, UrDgSend* s, int res):
     """Completion of one datagram (or GSO train) sendmsg: count it, release
     its owners. A train the path refuses to segment is sent again one
@@ -876,13 +904,13 @@ cdef void _dg_done(LoopCore loop, UrDgSend* s, int res):
     b.dg_inflight -= 1
     if b.state != S_CLOSED:
         b.queued_bytes -= s.len
-    if res < 0 and s.n > 1 and b.state == S_OPEN and b._gso_refused(-res, s.iov[0].iov_len):
+    if res < 0 and s.n > 1 and b.state == S_OPEN and b._gso_refused(-res, _dg_len(s, 0)):
         for k in range(s.n):
-            s.mh.msg_iov = &s.iov[k]
-            s.mh.msg_iovlen = 1
+            s.mh.msg_iov = &s.iov[k * s.per]
+            s.mh.msg_iovlen = s.per
             s.mh.msg_control = NULL
             s.mh.msg_controllen = 0
-            b._sent_one(sendmsg(b.fd, &s.mh, MSG_NOSIGNAL | MSG_DONTWAIT), s.iov[k].iov_len)
+            b._sent_one(sendmsg(b.fd, &s.mh, MSG_NOSIGNAL | MSG_DONTWAIT), _dg_len(s, k))
     elif res >= 0:
         loop.stat_datagrams_out += s.n
         loop.stat_bytes_out += s.len

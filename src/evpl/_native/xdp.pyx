@@ -565,12 +565,12 @@ cdef class XdpDriver(Driver):
 
     cdef int _frame_for(self, TxEntry* e, uint32_t hdr, uint32_t* fi_out) noexcept:
         """The frame to send ``e`` from: its own (1) when it is the payload of
-        a received frame not already being sent, with ``hdr`` bytes of room
+        a received frame not already being sent (and has no header piece), with ``hdr`` bytes of room
         for the headers before it, else a send frame (0) it must be copied
         into; -1 if none is free."""
         cdef size_t off
         cdef uint32_t fi, fo
-        if e.ptr >= self.base and e.ptr < self.base + UMEM_BYTES:
+        if e.hdrlen == 0 and e.ptr >= self.base and e.ptr < self.base + UMEM_BYTES:
             off = <size_t>(e.ptr - self.base)
             fi = <uint32_t>(off // FRAME)
             fo = <uint32_t>(off % FRAME)
@@ -788,9 +788,10 @@ cdef class XdpDatagram(Bind):
 
     cdef int _check_datagram(self, TxEntry* e) except -1:
         cdef size_t most = <size_t>(self.drv.mtu - (48 if self.family == 6 else 28))
-        if e.len > most:
+        cdef size_t n = txq_dg_size(e)
+        if n > most:
             txq_unpush_from(&self.txq, e)
-            raise ValueError(f"datagram of {e.len} bytes exceeds what one frame on "
+            raise ValueError(f"datagram of {n} bytes exceeds what one frame on "
                              f"{self.drv.link.name} carries ({most} bytes: MTU "
                              f"{self.drv.mtu} less the IPv{self.family} and UDP headers); "
                              f"xdp_udp does not fragment")
@@ -835,6 +836,7 @@ cdef class XdpDatagram(Bind):
         cdef const uint8_t* src6
         cdef uint64_t faddr
         cdef uint8_t* h
+        cdef size_t size
         cdef int r, zc
         if d.x == NULL:
             return 1
@@ -869,13 +871,16 @@ cdef class XdpDatagram(Bind):
                 h = <uint8_t*>(e.ptr - hdr)
             else:
                 h = <uint8_t*>(d.base + <size_t>fi * FRAME)
-                memcpy(h + hdr, e.ptr, e.len)
+                if e.hdrlen:
+                    memcpy(h + hdr, e.hdr, e.hdrlen)
+                memcpy(h + hdr + e.hdrlen, e.ptr, e.len)
+            size = txq_dg_size(e)
             faddr = <uint64_t>(<char*>h - d.base)
             if self.family == 4:
                 saddr = self.laddr if self.laddr else d.src_ip
                 d.ip_id += 1
                 evpl_xdp_build(h, dmac, d.mac, saddr, daddr, self.lport, sa.sin_port,
-                               <uint32_t>e.len, d.ip_id)
+                               <uint32_t>size, d.ip_id)
             else:
                 if memcmp(self.laddr6, ZERO16, 16) != 0:
                     src6 = self.laddr6
@@ -884,9 +889,9 @@ cdef class XdpDatagram(Bind):
                 else:
                     src6 = d.src6
                 evpl_xdp_build6(h, dmac, d.mac, src6, sa6.sin6_addr.s6_addr, self.lport,
-                                sa6.sin6_port, <uint32_t>e.len)
+                                sa6.sin6_port, <uint32_t>size)
                 d.st_tx6 += 1
-            if not evpl_xdp_tx(d.x, 0, faddr, <uint32_t>(e.len + hdr)):
+            if not evpl_xdp_tx(d.x, 0, faddr, <uint32_t>(size + hdr)):
                 d.st_ring_full += 1
                 if self.family == 6:
                     d.st_tx6 -= 1
@@ -905,8 +910,8 @@ cdef class XdpDatagram(Bind):
             d.st_tx += 1
             d.tx_dirty = True
             self.loop.stat_datagrams_out += 1
-            self.loop.stat_bytes_out += e.len
-            self.queued_bytes -= e.len
+            self.loop.stat_bytes_out += size
+            self.queued_bytes -= size
             q.head += 1
         if txq_empty(q):
             q.head = q.tail = 0

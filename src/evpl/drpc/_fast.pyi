@@ -128,7 +128,6 @@ class Caller:
 class ServerCore:
     out: Any
     send_bind: Any
-    arena: Any
     sessions: dict[int, ServerSession]
     handlers: dict[int, Any]
     packets: int
@@ -136,4 +135,7 @@ class ServerCore:
     responses: int
     rfr: int
     send_queue_full: int
+    def send_slice(self, ptype: int, req_type: int, flags: int, session: int, req_num: int,
+                   msg_size: int, pkt_num: int, ts: int, data: Any, off: int, n: int,
+                   addr: Any) -> None: ...
     def receive(self, batch: list[tuple[Any, Any]], now_ns: int) -> None: ...

@@ -38,7 +38,7 @@ from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from evpl._native.bind cimport Bind, DatagramSink
-from evpl._native.buffers cimport Buffer, PacketArena, make_buffer
+from evpl._native.buffers cimport Buffer, make_buffer
 
 from evpl.errors import SendQueueFull
 
@@ -539,9 +539,8 @@ cdef class ClientCore:
         inflight = self.credits_total - self.credits
         if inflight > self.max_inflight:
             self.max_inflight = inflight
-        self._send_now(packet(REQ, rt, 0, <uint32_t>self.server_session,
-                             <uint64_t>slot.req_num, <uint32_t>size, 0,
-                             <uint32_t>(now_ns // 1000), data, size))
+        self._send_packet(REQ, rt, <uint64_t>slot.req_num, <uint32_t>size, 0,
+                          <uint32_t>(now_ns // 1000), payload, data, size)
         return 0
 
     def receive(self, list batch, int64_t now_ns):
@@ -632,11 +631,20 @@ cdef class ClientCore:
         """``_answered`` for session.py."""
         self._answered(slot, j, now_ns)
 
-    cdef int _send_now(self, object pkt) except -1:
-        if self.send_bind is not None:
-            self.send_bind._send_data(pkt)
-        else:
-            self.send_now(pkt)
+    cdef int _send_packet(self, int ptype, int req_type, uint64_t req_num, uint32_t msg_size,
+                          uint32_t pkt_num, uint32_t ts, object owner, const char* data,
+                          Py_ssize_t n) except -1:
+        """Send a packet to the server now: on ``send_bind`` as a header and
+        ``n`` bytes of ``data`` (which ``owner`` holds) in two pieces, no
+        packet object; else as ``bytes`` through ``send_now``."""
+        cdef unsigned char hdr[HEADER_SIZE]
+        if self.send_bind is None:
+            self.send_now(packet(ptype, req_type, 0, <uint32_t>self.server_session, req_num,
+                                 msg_size, pkt_num, ts, data, n))
+            return 0
+        put_header(hdr, ptype, req_type, 0, <uint32_t>self.server_session, req_num,
+                   msg_size, pkt_num, ts)
+        self.send_bind._send_parts(hdr, HEADER_SIZE, owner, data, n)
         return 0
 
     cdef int _pull(self, ClientSlot slot, int64_t now_ns) except -1:
@@ -650,9 +658,8 @@ cdef class ClientCore:
             return 0
         while self.credits and slot.num_tx < total:
             self.credits -= 1
-            self._send_now(packet(RFR, slot.req_type, 0, <uint32_t>self.server_session,
-                                 <uint64_t>slot.req_num, 0,
-                                 <uint32_t>(slot.num_tx - slot.n_req + 1), ts, NULL, 0))
+            self._send_packet(RFR, slot.req_type, <uint64_t>slot.req_num, 0,
+                              <uint32_t>(slot.num_tx - slot.n_req + 1), ts, None, NULL, 0)
             slot.num_tx += 1
         if slot.num_tx < total:
             self.starved = True             # out of credits: pump() when they return
@@ -716,32 +723,56 @@ cdef class ServerCore:
     """The state of a server endpoint that the C path uses, and that path;
     ``session.ServerEndpoint`` is the rest (Python).
 
-    ``arena``, if set (a ``PacketArena`` of the loop's pool), is where
-    response packets are built (``bytes`` without one, or when the pool is
-    at its limit): every packet the C path sends for an RFR, and the large
-    ones of ``ServerEndpoint``'s path.
-    ``send_bind``, if set, is the datagram Bind the C path sends on (its
-    ``sendto``, called in C); a send refused with ``SendQueueFull`` is
-    counted in ``send_queue_full`` and the packet dropped, as the network
-    would drop it. Unset, packets go to ``out``."""
+    ``send_bind``, if set, is the datagram Bind the C path sends on: each
+    packet as two pieces, its header and the payload where it lies (the
+    request's Buffer, the response), so no packet object is built and no
+    payload copied; a send refused with ``SendQueueFull`` is counted in
+    ``send_queue_full`` and the packet dropped, as the network would drop
+    it. Unset, packets go to ``out`` as ``bytes``."""
 
     cdef public object out
     cdef public Bind send_bind
-    cdef public PacketArena arena
     cdef ServerSession last_sess    # the session of the last packet taken
     cdef public dict sessions
     cdef public dict handlers
     cdef public int64_t packets, requests, responses, rfr, send_queue_full
 
-    cdef int _send(self, object pkt, object addr) except -1:
+    cdef int _send_packet(self, int ptype, int req_type, int flags, uint32_t session,
+                          uint64_t req_num, uint32_t msg_size, uint32_t pkt_num, uint32_t ts,
+                          object owner, const char* data, Py_ssize_t n, object addr) except -1:
+        """Send a packet to ``addr``: on ``send_bind`` as a header and ``n``
+        bytes of ``data`` (which ``owner`` holds: the response) in two
+        pieces, with no packet built and no copy; else as ``bytes`` to
+        ``out``."""
+        cdef unsigned char hdr[HEADER_SIZE]
         if self.send_bind is None:
-            self.out(pkt, addr)
+            self.out(packet(ptype, req_type, flags, session, req_num, msg_size, pkt_num, ts,
+                            data, n), addr)
             return 0
+        put_header(hdr, ptype, req_type, flags, session, req_num, msg_size, pkt_num, ts)
         try:
-            self.send_bind._sendto_data(pkt, addr)
+            self.send_bind._sendto_parts(hdr, HEADER_SIZE, owner, data, n, addr)
         except SendQueueFull:
             self.send_queue_full += 1
         return 0
+
+    def send_slice(self, int ptype, int req_type, int flags, uint32_t session, uint64_t req_num,
+                   uint32_t msg_size, uint32_t pkt_num, uint32_t ts, object data,
+                   Py_ssize_t off, Py_ssize_t n, object addr):
+        """Send a packet whose payload is ``data[off:off + n]`` to ``addr``,
+        without copying it on ``send_bind`` (the Python path's packets of a
+        multi-packet response). ``data`` must keep its memory unchanged
+        until sent: bytes, a Buffer, or a memoryview (which pins a
+        bytearray's)."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if off < 0 or n < 0 or off + n > view.len:
+                raise ValueError(f"slice [{off}:{off + n}] of {view.len} bytes")
+            self._send_packet(ptype, req_type, flags, session, req_num, msg_size, pkt_num, ts,
+                              data, <const char*>view.buf + off, n, addr)
+        finally:
+            PyBuffer_Release(&view)
 
     def receive(self, list batch, int64_t now_ns):
         """Every datagram of one read batch."""
@@ -798,23 +829,15 @@ cdef class ServerCore:
                     slot.resp_size - off
                 if off + size > rview.len:
                     return 0
-                # the packet in pool memory (mapped, no malloc: see
-                # PacketArena), or bytes if the pool is at its limit
-                pkt = self.arena.take(HEADER_SIZE + size) if self.arena is not None else None
-                if pkt is not None:
-                    put_header(<unsigned char*>(<Buffer>pkt).ptr, RESP, slot.req_type,
-                               slot.flags, sess.client_session, h.req_num,
-                               <uint32_t>slot.resp_size, h.pkt_num, h.ts)
-                    memcpy((<Buffer>pkt).ptr + HEADER_SIZE, <const char*>rview.buf + off, size)
-                else:
-                    pkt = packet(RESP, slot.req_type, slot.flags, sess.client_session,
-                                 h.req_num, <uint32_t>slot.resp_size, h.pkt_num, h.ts,
-                                 <const char*>rview.buf + off, size)
+                sess.last_rx = now_ns
+                self.rfr += 1
+                # the slice leaves from the response itself (held by the
+                # send queue until sent)
+                self._send_packet(RESP, slot.req_type, slot.flags, sess.client_session,
+                                  h.req_num, <uint32_t>slot.resp_size, h.pkt_num, h.ts,
+                                  slot.resp, <const char*>rview.buf + off, size, addr)
             finally:
                 PyBuffer_Release(&rview)
-            sess.last_rx = now_ns
-            self.rfr += 1
-            self._send(pkt, addr)
             return 1
         if <int64_t>h.req_num == slot.req_num or h.pkt_num != 0 or \
                 h.msg_size > sess.payload or nbody != h.msg_size or \
@@ -860,8 +883,8 @@ cdef class ServerCore:
             slot.n_resp = 1
             slot.state = DONE
             self.responses += 1
-            self._send(packet(RESP, h.req_type, 0, sess.client_session, h.req_num,
-                              <uint32_t>size, 0, h.ts, rdata, size), addr)
+            self._send_packet(RESP, h.req_type, 0, sess.client_session, h.req_num,
+                              <uint32_t>size, 0, h.ts, resp, rdata, size, addr)
         else:
             self.respond(sess, slot, h.req_num, resp, 0, True)
         return 1

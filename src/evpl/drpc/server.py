@@ -29,7 +29,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from evpl._native.buffers import PacketArena
 from evpl.core.handler import Handler
 from evpl.core.loop import engine_loop
 from evpl.drpc._fast import Port
@@ -106,8 +105,7 @@ class Server:
             self._sendto, self._dispatch, self._failed, window=window, credits=credits,
             max_message=max_message, max_datagram=max_datagram, max_sessions=max_sessions,
             session_timeout_ns=int(session_timeout * 1e9), max_assembly=max_assembly,
-            alloc=message_allocator(loop.pool),
-            arena=PacketArena(loop.pool))       # response packets in pool memory
+            alloc=message_allocator(loop.pool))
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
         self._endpoint.send_bind = self.bind        # the C path's (it counts SendQueueFull)
@@ -232,7 +230,6 @@ class Server:
             self._endpoint._drop(sess)
         if not self.bind.closed:
             self.bind.close()
-        self._endpoint.arena.release()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -40,7 +40,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from evpl._native.buffers import PacketArena
 from evpl.drpc._fast import ClientCore, ClientSlot, Request, ServerCore, ServerSession, ServerSlot
 from evpl.drpc.cc import Timely
 from evpl.drpc.wire import (
@@ -585,11 +584,6 @@ _REASONS = {int(r) for r in RejectReason}
 
 FREE, RECEIVING, RUNNING, DONE = 0, 1, 2, 3
 
-# response packets with this much payload or more are built in pool buffers
-# (see ServerEndpoint); smaller ones as bytes, which cost less
-BIG_PACKET = 16384
-
-
 class ServerEndpoint(ServerCore):
     """The server end of every session of one socket (the common case of
     ``receive`` is in ``ServerCore``, in C; this is everything else).
@@ -601,12 +595,9 @@ class ServerEndpoint(ServerCore):
     body)``, which returns the response or ``None`` (answered later with
     :meth:`respond`). ``failed(request, exc)`` is told when a handler
     raises (it answers with an error). ``alloc(n)`` returns a writable
-    buffer for a multi-packet request. ``arena`` (a ``PacketArena``), if
-    given, is where response packets are built: here when packets are
-    large (``BIG_PACKET`` or more), in the C path for every RFR's packet;
-    its pool memory stays mapped (a fresh 64 KB bytes object per packet made
-    glibc hand memory back and fault it in again: a fifth of the server's
-    time).
+    buffer for a multi-packet request. The packets of a multi-packet
+    response leave as slices of it (``ServerCore.send_slice``): on a Bind,
+    not copied.
     """
 
     def __init__(self, out: Callable[[Any, Any], Any],
@@ -615,10 +606,8 @@ class ServerEndpoint(ServerCore):
                  window: int = 8, credits: int = 32, max_message: int = 8 << 20,
                  max_datagram: int = 1472, max_sessions: int = 4096,
                  session_timeout_ns: int = 60_000_000_000, max_assembly: int = 256 << 20,
-                 alloc: Callable[[int], Any] = bytearray,
-                 arena: PacketArena | None = None) -> None:
+                 alloc: Callable[[int], Any] = bytearray) -> None:
         self.out = out
-        self.arena = arena
         self.dispatch = dispatch
         self.failed = failed
         self.handlers: dict[int, Callable[[Request], Any]] = {}
@@ -673,12 +662,9 @@ class ServerEndpoint(ServerCore):
                         continue
                     c["rfr"] += 1
                     off = pkt_num * sess.payload
-                    if sess.payload >= BIG_PACKET and self.arena is not None:
-                        out(self._big_packet(sess, slot, slot.flags, pkt_num, ts), addr)
-                        continue
-                    out(_pack(MAGIC, RESP, slot.req_type, slot.flags, sess.client_session,
-                              req_num, slot.resp_size, pkt_num, ts) +
-                        slot.resp[off:off + sess.payload], addr)
+                    self.send_slice(RESP, slot.req_type, slot.flags, sess.client_session,
+                                    req_num, slot.resp_size, pkt_num, ts, slot.resp, off,
+                                    min(sess.payload, slot.resp_size - off), addr)
                     continue
                 if req_num == slot.req_num:
                     self._current(sess, slot, req_num, msg_size, pkt_num, ts, buf, addr)
@@ -925,33 +911,15 @@ class ServerEndpoint(ServerCore):
         self._send_first(sess, slot, at_once)
         return True
 
-    def _big_packet(self, sess: ServerSession, slot: ServerSlot, flags: int, pkt_num: int,
-                    ts: int) -> Any:
-        """Response packet ``pkt_num`` of a multi-packet response with large
-        packets, built in a pool buffer (bytes if the pool is exhausted)."""
-        payload = sess.payload
-        off = pkt_num * payload
-        chunk = slot.resp[off:off + payload]
-        head = (MAGIC, RESP, slot.req_type, flags, sess.client_session, slot.req_num,
-                slot.resp_size, pkt_num, ts)
-        try:
-            pkt = self.arena.allocate(HEADER_SIZE + len(chunk))  # type: ignore[union-attr]
-        except (EvplError, MemoryError):
-            return _pack(*head) + chunk
-        _pack_into(pkt, 0, *head)
-        memoryview(pkt)[HEADER_SIZE:] = chunk
-        return pkt
-
     def _send_first(self, sess: ServerSession, slot: ServerSlot, sample: bool) -> None:
-        data = slot.resp
-        if slot.n_resp > 1 and sess.payload >= BIG_PACKET and self.arena is not None:
-            self.out(self._big_packet(sess, slot, slot.flags | (0 if sample else FLAG_NO_RTT),
-                                      0, slot.ts), sess.peer)
+        flags = slot.flags | (0 if sample else FLAG_NO_RTT)
+        if slot.n_resp > 1:
+            # the first slice of the kept memoryview, not copied
+            self.send_slice(RESP, slot.req_type, flags, sess.client_session, slot.req_num,
+                            slot.resp_size, 0, slot.ts, slot.resp, 0, sess.payload, sess.peer)
             return
-        head = _pack(MAGIC, RESP, slot.req_type, slot.flags | (0 if sample else FLAG_NO_RTT),
-                     sess.client_session, slot.req_num, slot.resp_size, 0, slot.ts)
-        self.out(head + (data if slot.n_resp == 1 else memoryview(data)[:sess.payload]),
-                 sess.peer)
+        self.out(_pack(MAGIC, RESP, slot.req_type, flags, sess.client_session, slot.req_num,
+                       slot.resp_size, 0, slot.ts) + slot.resp, sess.peer)
 
     # -- time --
 
