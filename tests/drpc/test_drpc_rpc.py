@@ -195,6 +195,46 @@ def test_background_handlers(loop, datagram_backend) -> None:
     server.close()
 
 
+def test_background_handlers_on_a_full_pool_pause_the_server(loop, datagram_backend) -> None:
+    """Background handlers run through ``Loop.offload``: with the pool's one
+    worker held and its queue full, the server stops reading (the requests
+    already read wait their turn); once the worker is free every call is
+    answered, each handler run once, and the caller's pool stays open."""
+    import threading
+
+    from evpl.threads import WorkerPool
+
+    release = threading.Event()
+    ran: list[bytes] = []
+
+    def slow(req):
+        body = bytes(req.body)
+        ran.append(body)
+        if body == b"block":
+            release.wait(TIMEOUT)
+        return body * 2
+
+    workers = WorkerPool(1, max_queued=2)
+    server = serve(loop, datagram_backend, workers=workers)
+    server.register(SLOW, slow, background=True)
+    client = Client(loop, datagram_backend, server.address)
+    bodies = [b"block"] + [b"%d" % i for i in range(5)]
+    calls = [client.call(SLOW, b) for b in bodies]
+    # one running, two queued: the rest cannot be queued, so reading stops
+    loop.run_until(lambda: not server.bind.reading, timeout=TIMEOUT)
+    release.set()
+    loop.run_until(lambda: all(c.done for c in calls), timeout=TIMEOUT)
+    assert [bytes(c.result()) for c in calls] == [b * 2 for b in bodies]
+    assert sorted(ran) == sorted(bodies)                # once each
+    assert server.bind.reading
+    client.close()
+    server.close()
+    fut = loop.offload(str, 7, workers=workers)     # not the server's to close
+    loop.run_until(fut.done, timeout=TIMEOUT)
+    assert fut.result() == "7"
+    workers.close()
+
+
 def test_handler_errors_and_unknown_types(loop, datagram_backend) -> None:
     server = serve(loop, datagram_backend)
     server.register(BOOM, lambda req: 1 / 0)

@@ -480,6 +480,35 @@ def test_offload_full_raises_busy(no_leaks):
         assert [f.result(TIMEOUT) for f in futs] == ["first", "0", "1"]
 
 
+def test_close_cancels_the_jobs_not_started(no_leaks):
+    """``close(cancel=True)``: queued jobs never run, their Futures are
+    cancelled; the running one finishes."""
+    with LoopThread() as lt:
+        workers = WorkerPool(1, max_queued=4)
+        release, started = threading.Event(), threading.Event()
+        ran = []
+
+        def block():
+            started.set()
+            release.wait(TIMEOUT)
+            return "first"
+
+        def fill():
+            first = lt.loop.offload(block, workers=workers)
+            assert started.wait(TIMEOUT)
+            rest = [lt.loop.offload(ran.append, i, workers=workers) for i in range(3)]
+            workers.close(wait=False, cancel=True)
+            return first, rest
+
+        first, rest = lt.call(fill).result(TIMEOUT)
+        assert all(f.cancelled() for f in rest)
+        release.set()
+        assert first.result(TIMEOUT) == "first"
+        for t in workers._threads:
+            t.join(TIMEOUT)
+        assert ran == []
+
+
 def test_offload_full_pauses_the_bind(no_leaks):
     """on_full='pause': the 4th request pauses reading; when room comes back
     the Bind resumes and every request is answered, in order."""

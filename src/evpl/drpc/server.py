@@ -11,11 +11,11 @@ A handler gets a :class:`Request` (``body`` is an ``evpl.Buffer``: a slice of
 the received packet for a single-packet request, no copy; the assembled
 message otherwise) and either returns the response (any bytes-like object),
 or returns ``None`` and calls ``request.respond(data)`` later, from any loop
-callback, in any order. A background handler runs on the server's worker
-pool; what it returns is handed back to the loop through a Doorbell and sent
-from there. A handler that raises answers the call with a
-:class:`~evpl.drpc.RemoteError` (the exception's text) instead of leaving the
-client to time out.
+callback, in any order. A background handler runs on a worker thread
+(``Loop.offload`` on the server's ``WorkerPool``); what it returns comes
+back to the loop through the loop's call queue and is sent from there. A
+handler that raises answers the call with a :class:`~evpl.drpc.RemoteError`
+(the exception's text) instead of leaving the client to time out.
 
 The whole read batch of the socket reaches the protocol core in one Python
 call (``on_datagrams``); see docs/drpc.md for the protocol and the limits.
@@ -23,10 +23,9 @@ call (``on_datagrams``); see docs/drpc.md for the protocol and the limits.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from evpl.core.handler import Handler
@@ -36,6 +35,7 @@ from evpl.drpc.client import message_allocator
 from evpl.drpc.session import Request, ServerEndpoint, ServerSession, ServerSlot
 from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE, MAX_REQ_TYPE
 from evpl.errors import ConfigError, EvplError, SendQueueFull
+from evpl.threads.workers import WorkerPool
 
 __all__ = ["Request", "Server"]
 
@@ -69,7 +69,11 @@ class Server:
     are told, and connect again after half of it idle); ``max_assembly``
     bounds the memory of multi-packet requests being received (beyond it
     new ones are dropped and retransmitted by their clients). ``workers``:
-    threads of the pool that runs background handlers. ``rcvbuf`` (default
+    where background handlers run, an ``evpl.threads.WorkerPool`` (shared,
+    left open by ``close``) or the number of threads of one the server
+    makes on first use (1024 jobs queued at most; when it is full the
+    server stops reading until a worker takes a job, and its clients see
+    that as delay). ``rcvbuf`` (default
     4 MiB) sizes the socket's receive buffer, which must hold the packets
     the sessions' credits allow in flight. Other keyword options go to
     ``Loop.bind``.
@@ -78,13 +82,16 @@ class Server:
     def __init__(self, loop: Any, backend: str, address: Any, *, window: int = 8,
                  credits: int = 32, max_message: int = 8 << 20, max_datagram: int = 1472,
                  max_sessions: int = 4096, session_timeout: float = 60.0,
-                 max_assembly: int = 256 << 20, workers: int = 4,
+                 max_assembly: int = 256 << 20, workers: int | WorkerPool = 4,
                  rcvbuf: int = 4 << 20, **options: Any) -> None:
-        for name, v, lo, hi in (("window", window, 1, 1024), ("credits", credits, 1, 65535),
-                                ("max_message", max_message, 0, 0xFFFFFFFF),
-                                ("max_datagram", max_datagram, HEADER_SIZE + 1, 65507),
-                                ("max_sessions", max_sessions, 1, 1 << 24),
-                                ("workers", workers, 1, 1024)):
+        limits: list[tuple[str, Any, int, int]] = [
+            ("window", window, 1, 1024), ("credits", credits, 1, 65535),
+            ("max_message", max_message, 0, 0xFFFFFFFF),
+            ("max_datagram", max_datagram, HEADER_SIZE + 1, 65507),
+            ("max_sessions", max_sessions, 1, 1 << 24)]
+        if not isinstance(workers, WorkerPool):
+            limits.append(("workers", workers, 1, 1024))
+        for name, v, lo, hi in limits:
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ConfigError(f"{name} must be an int in {lo}..{hi}, got {v!r}")
         if not session_timeout >= 1:
@@ -93,9 +100,9 @@ class Server:
         self.loop = loop
         self.workers = workers
         self._handlers: dict[int, tuple[Callable[[Request], Any], bool]] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._done: deque[tuple[Request, Any, BaseException | None]] = deque()
-        self._doorbell: Any = None
+        # the pool background handlers run on: the caller's, or one made on
+        # first use (and closed with the server)
+        self._pool: WorkerPool | None = workers if isinstance(workers, WorkerPool) else None
         self.handler_errors = 0
         self.send_queue_full = 0
         self.closed = False
@@ -170,33 +177,23 @@ class Server:
                               f"{type(exc).__name__}: {exc}".encode(), FLAG_ERROR)
 
     def _background(self, handler: Callable[[Request], Any], req: Request) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="drpc-worker")
-            self._doorbell = self.loop.doorbell(self._collect)
-        done = self._done
-        ring = self._doorbell.ring
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = WorkerPool(self.workers, name="drpc-worker")
+        fut = self.loop.offload(handler, req, workers=pool, on_full="pause", bind=self.bind)
+        fut.add_done_callback(lambda f: self._finished(req, f))
 
-        def run() -> None:
-            try:
-                result, error = handler(req), None
-            except Exception as exc:
-                result, error = None, exc
-            done.append((req, result, error))       # deque.append is thread-safe
-            ring()
-
-        self._pool.submit(run)
-
-    def _collect(self) -> None:
-        """On the loop: send what background handlers returned."""
-        done = self._done
-        while done:
-            req, result, error = done.popleft()
-            if error is not None:
-                self._failed(req, error)
-            elif result is None:
-                self._failed(req, EvplError("a background handler must return the response"))
-            else:
-                req.respond(result)
+    def _finished(self, req: Request, fut: concurrent.futures.Future[Any]) -> None:
+        """On the loop: send what a background handler returned."""
+        if fut.cancelled():
+            return                          # the server closed before it ran
+        error = fut.exception()
+        if error is not None:
+            self._failed(req, error)
+        elif (result := fut.result()) is None:
+            self._failed(req, EvplError("a background handler must return the response"))
+        else:
+            req.respond(result)
 
     def _expire(self) -> None:
         self._endpoint.expire(self._now())
@@ -230,13 +227,9 @@ class Server:
             self._endpoint._drop(sess)
         if not self.bind.closed:
             self.bind.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None and not isinstance(self.workers, WorkerPool):
+            self._pool.close(wait=True, cancel=True)    # queued handlers do not run
             self._pool = None
-        if self._doorbell is not None:
-            self._doorbell.close()
-            self._doorbell = None
-        self._done.clear()
 
     def _closed(self, error: EvplError | None) -> None:
         if error is not None and not self.closed:

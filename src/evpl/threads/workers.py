@@ -86,6 +86,9 @@ class WorkerPool:
                 # the loop is gone (its queue closed): nobody can take the result
                 if fut.set_running_or_notify_cancel():
                     fut.set_exception(EvplError("the loop stopped before the job finished"))
+            # an idle worker keeps nothing of its last job alive (its
+            # arguments may hold pool buffers, its result a large object)
+            job = fut = fn = args = calls = outcome = result = None
 
     def _room(self) -> None:
         """A job left the queue: tell loops with paused Binds there is room."""
@@ -116,11 +119,20 @@ class WorkerPool:
         if not self._jobs.full():
             self._room()            # a worker took a job while we parked
 
-    def close(self, wait: bool = True) -> None:
-        """Let the workers finish the queued jobs and end (``wait``: join them)."""
+    def close(self, wait: bool = True, cancel: bool = False) -> None:
+        """Let the workers finish the queued jobs and end (``wait``: join
+        them). ``cancel``: drop the jobs no worker has started instead (their
+        Futures are cancelled, on this thread; call it on the loop's)."""
         if self._closed:
             return
         self._closed = True
+        while cancel:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not _STOP:
+                job[0].cancel()
         for _ in self._threads:
             self._jobs.put(_STOP)
         if wait:
@@ -156,6 +168,11 @@ class _Parked:
         self.binds: list[Any] = []
 
     def retry(self) -> None:
+        if self.workers._closed:
+            # the pool closed while these waited for room: they never run
+            for fut, _fn, _args in self.jobs:
+                fut.cancel()
+            self.jobs.clear()
         while self.jobs:
             fut, fn, args = self.jobs[0]
             if not self.workers.submit(self.calls, fn, args, fut):
