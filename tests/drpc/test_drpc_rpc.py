@@ -21,9 +21,17 @@ from evpl.drpc import (
     SessionClosed,
     SessionRejected,
 )
-from evpl.drpc.wire import HEADER_SIZE, MAGIC, Connect, PacketType, pack_header
+from evpl.drpc.wire import (
+    FLAG_RFR_RANGE,
+    HEADER_SIZE,
+    MAGIC,
+    Connect,
+    PacketType,
+    pack_header,
+    parse_header,
+)
 
-ECHO, REVERSE, LATE, SLOW, BOOM = 1, 2, 3, 4, 5
+ECHO, REVERSE, LATE, SLOW, BOOM, BIG = 1, 2, 3, 4, 5, 6
 
 
 def serve(loop: evpl.Loop, backend: str, **kw) -> Server:
@@ -80,6 +88,63 @@ def test_eight_megabytes_both_ways_with_jumbo_datagrams(loop, datagram_backend) 
     assert len(resp) == len(msg) and bytes(resp) == msg[::-1]
     del resp
     client.close()
+    server.close()
+
+
+def test_ranged_rfrs(loop, datagram_backend) -> None:
+    """A client whose server's CONNECT_OK carried FLAG_RFR_RANGE asks for a
+    multi-packet response's packets several at a time (one RFR per read
+    batch, or per 16 credits back); one whose server did not, one RFR per
+    packet. The bytes are the same."""
+    body = random.Random(3).randbytes(1 << 20)
+    n = -(-len(body) // (1472 - HEADER_SIZE))           # packets per response
+    for ranged in (True, False):
+        server = serve(loop, datagram_backend, max_message=1 << 21)
+        server._endpoint.rfr_range = ranged
+        server.register(BIG, lambda req: body)
+        client = Client(loop, datagram_backend, server.address, max_message=1 << 21)
+        for _ in range(3):
+            assert bytes(client.wait(client.call(BIG, b""), TIMEOUT)) == body
+        assert client.session.rfr_range is ranged
+        rfr = server.stats()["rfr"]
+        if ranged:
+            assert rfr < 3 * (n - 1) // 2, rfr
+        else:
+            assert rfr >= 3 * (n - 1), rfr      # (more if a packet was asked again)
+        client.close()
+        server.close()
+
+
+def test_a_ranged_rfr_gets_at_most_the_credits(loop, datagram_backend) -> None:
+    """An RFR asking for 2**32 - 1 packets is answered with the session's
+    credits' worth, in order, and nothing after them."""
+    server = serve(loop, datagram_backend)
+    server.register(BIG, lambda req: bytes(100 * 1444))
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.bind(("127.0.0.1", 0))
+    raw.setblocking(False)
+    replies: list[bytes] = []
+    watch = loop.watch_fd(raw.fileno(), on_readable=lambda: replies.append(raw.recv(2048)))
+    try:
+        raw.sendto(pack_header(PacketType.CONNECT, 0, 0, 42) +
+                   Connect(77, 1 << 20, 1472, 8, 32).pack(), server.address)
+        loop.run_until(lambda: replies, timeout=TIMEOUT)
+        ok = replies.pop()
+        assert ok[3] & FLAG_RFR_RANGE
+        (mine,) = struct.unpack_from(">I", ok, HEADER_SIZE)
+        raw.sendto(pack_header(PacketType.REQ, BIG, mine, 0, 0, 0), server.address)
+        loop.run_until(lambda: replies, timeout=TIMEOUT)
+        assert parse_header(replies.pop())[6] == 0             # the first packet
+        raw.sendto(pack_header(PacketType.RFR, BIG, mine, 0, 0xFFFFFFFF, 1), server.address)
+        # then a request whose answer comes after anything the RFR caused
+        raw.sendto(pack_header(PacketType.REQ, ECHO, mine, 1, 3, 0) + b"end", server.address)
+        loop.run_until(lambda: replies and replies[-1].endswith(b"end"), timeout=TIMEOUT)
+    finally:
+        watch.cancel()
+        raw.close()
+    heads = [parse_header(r) for r in replies[:-1]]
+    assert [h[4] for h in heads] == [0] * 32                   # request 0...
+    assert [h[6] for h in heads] == list(range(1, 33))         # ...packets 1..32
     server.close()
 
 

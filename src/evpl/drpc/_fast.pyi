@@ -109,6 +109,7 @@ class ClientCore:
     srtt_ns: int
     rttvar_ns: int
     starved: bool
+    rfr_range: bool
     cc: Any
     @property
     def uncongested(self) -> bool: ...

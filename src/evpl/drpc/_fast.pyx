@@ -14,8 +14,8 @@ paths nearly every packet takes:
 
 * the client starts a one-packet request with a credit free and no pacing
   (``ClientCore.submit``), and takes the one-packet response that answers
-  it, or the next packet of a multi-packet response and asks for the one
-  after (``ClientCore.receive``);
+  it, or the next packet of a multi-packet response and asks for more
+  (``ClientCore.receive``: one ranged RFR per read batch, see docs/drpc.md);
 * the server runs a new one-packet request through its dispatch handler
   and answers it in one packet, and answers a request-for-response from the
   response it keeps (``ServerCore.receive``).
@@ -50,6 +50,7 @@ DEF RFR = 3
 DEF FLAG_ERROR = 0x01
 DEF FLAG_NO_RTT = 0x02
 DEF MAX_REQ_TYPE = 255
+DEF RFR_BATCH = 16      # credits a ranged RFR waits for before it is sent mid-batch
 
 # server slot states (session.py names them)
 DEF FREE = 0
@@ -391,6 +392,8 @@ cdef class ClientCore:
     cdef public int64_t rtt_ns, rtt_sum, rtt_samples, min_rtt_ns
     cdef public int64_t srtt_ns, rttvar_ns  # smoothed RTT and its mean deviation (the RTO's)
     cdef public bint starved
+    cdef public bint rfr_range          # the server answers ranged RFRs (CONNECT_OK)
+    cdef ClientSlot pull_slot           # asks for its next packets at the batch's end
     cdef object _cc
     cdef double cc_t_low_ns
     cdef bint cc_uncongested            # at the link rate: no pacing, samples skipped
@@ -562,9 +565,14 @@ cdef class ClientCore:
 
     cdef int _end(self, int64_t now_ns) except -1:
         """The end of a read batch: one Timely update from the batch's
-        smallest RTT sample; queued requests may go out on returned credits."""
+        smallest RTT sample; the deferred ranged RFR; queued requests may go
+        out on returned credits."""
         if self.batch_rtt >= 0 and self._cc is not None:
             self._timely(self.batch_rtt, now_ns)
+        if self.pull_slot is not None:
+            if self.pull_slot.busy and self.credits:
+                self._pull(self.pull_slot, now_ns)
+            self.pull_slot = None
         if self.starved and self.credits:
             self.pump(now_ns)
         return 0
@@ -611,7 +619,14 @@ cdef class ClientCore:
         if slot.num_rx == slot.n_req + slot.n_resp - 1:
             self._done(slot, now_ns)
         elif self.credits:
-            self._pull(slot, now_ns)
+            if self.rfr_range and self.credits < RFR_BATCH:
+                # one ranged RFR for the credits this batch returns, at its
+                # end (or once RFR_BATCH of them are back)
+                if self.pull_slot is not None and self.pull_slot is not slot:
+                    self._pull(self.pull_slot, now_ns)
+                self.pull_slot = slot
+            else:
+                self._pull(slot, now_ns)
         return True
 
     cdef int _answered(self, ClientSlot slot, int64_t j, int64_t now_ns) except -1:
@@ -651,11 +666,25 @@ cdef class ClientCore:
         """Ask for the response packets the credits allow (RFRs), unpaced;
         paced ones go through ``_push``."""
         cdef int64_t total = slot.n_req + slot.n_resp - 1
-        cdef int64_t inflight
+        cdef int64_t inflight, n
         cdef uint32_t ts = <uint32_t>(now_ns // 1000)
+        if slot is self.pull_slot:
+            self.pull_slot = None
         if not (self._cc is None or self.cc_uncongested) or slot.queued:
             self._push(slot, now_ns)        # paced (or behind its packets in the wheel)
             return 0
+        if self.rfr_range and self.credits > 1 and slot.num_tx + 1 < total:
+            # one RFR for as many packets as the credits allow; sent now,
+            # so the server starts on them while this side takes the rest
+            # of its read batch (the engine flushes a sink's 16 datagrams,
+            # which ranged RFRs no longer add up to)
+            n = min(self.credits, total - slot.num_tx)
+            self.credits -= n
+            self._send_packet(RFR, slot.req_type, <uint64_t>slot.req_num, <uint32_t>n,
+                              <uint32_t>(slot.num_tx - slot.n_req + 1), ts, None, NULL, 0)
+            slot.num_tx += n
+            if self.send_bind is not None and n >= RFR_BATCH:
+                self.send_bind._flush()
         while self.credits and slot.num_tx < total:
             self.credits -= 1
             self._send_packet(RFR, slot.req_type, <uint64_t>slot.req_num, 0,
@@ -795,7 +824,7 @@ cdef class ServerCore:
         cdef ServerSession sess
         cdef ServerSlot slot
         cdef PyObject* found
-        cdef int64_t expected, off
+        cdef int64_t expected, off, k, last
         cdef Py_ssize_t size, nbody = length - HEADER_SIZE
         cdef const char* rdata
         cdef Py_buffer rview
@@ -824,18 +853,25 @@ cdef class ServerCore:
             # the response is a memoryview (session.respond): its memory
             PyObject_GetBuffer(slot.resp, &rview, PyBUF_SIMPLE)
             try:
-                off = <int64_t>h.pkt_num * sess.payload
-                size = sess.payload if off + sess.payload <= slot.resp_size else \
-                    slot.resp_size - off
-                if off + size > rview.len:
+                if slot.resp_size > rview.len:
                     return 0
                 sess.last_rx = now_ns
                 self.rfr += 1
-                # the slice leaves from the response itself (held by the
-                # send queue until sent)
-                self._send_packet(RESP, slot.req_type, slot.flags, sess.client_session,
-                                  h.req_num, <uint32_t>slot.resp_size, h.pkt_num, h.ts,
-                                  slot.resp, <const char*>rview.buf + off, size, addr)
+                # packets pkt_num.. of a ranged RFR (msg_size of them, at
+                # most the session's credits); each slice leaves from the
+                # response itself (held by the send queue until sent)
+                last = h.pkt_num + (h.msg_size if h.msg_size > 1 else 1)
+                if last > <int64_t>h.pkt_num + sess.credits:
+                    last = h.pkt_num + sess.credits
+                if last > slot.n_resp:
+                    last = slot.n_resp
+                for k in range(h.pkt_num, last):
+                    off = k * sess.payload
+                    size = sess.payload if off + sess.payload <= slot.resp_size else \
+                        slot.resp_size - off
+                    self._send_packet(RESP, slot.req_type, slot.flags, sess.client_session,
+                                      h.req_num, <uint32_t>slot.resp_size, <uint32_t>k, h.ts,
+                                      slot.resp, <const char*>rview.buf + off, size, addr)
             finally:
                 PyBuffer_Release(&rview)
             return 1

@@ -45,6 +45,7 @@ from evpl.drpc.cc import Timely
 from evpl.drpc.wire import (
     FLAG_ERROR,
     FLAG_NO_RTT,
+    FLAG_RFR_RANGE,
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -202,10 +203,14 @@ class ClientSession(ClientCore):
             Connect(self.client_session, self.max_message, self.max_datagram,
                     self.want_window, self.want_credits).pack()
 
-    def _connected(self, ok: ConnectOk, now_ns: int) -> None:
+    def _connected(self, ok: ConnectOk, now_ns: int, rfr_range: bool = False) -> None:
+        """The server's CONNECT_OK: its limits; ``rfr_range``, its header's
+        FLAG_RFR_RANGE (the C path may then ask for several response packets
+        in one RFR)."""
         if ok.window > self.want_window or ok.credits > self.want_credits or \
                 ok.max_datagram > self.max_datagram:
             raise ProtocolError(f"the server's limits exceed what was asked for: {ok}")
+        self.rfr_range = rfr_range
         self.server_session = ok.server_session
         self.window = ok.window
         self.credits_total = self.credits = ok.credits
@@ -390,7 +395,8 @@ class ClientSession(ClientCore):
             elif ptype == CONNECT_OK:
                 if self.state == "connecting" and req_num == self.nonce:
                     try:
-                        self._connected(ConnectOk.unpack(buf[HEADER_SIZE:]), now_ns)
+                        self._connected(ConnectOk.unpack(buf[HEADER_SIZE:]), now_ns,
+                                        bool(flags & FLAG_RFR_RANGE))
                     except ProtocolError as exc:
                         self.fail(exc)
                 else:
@@ -608,6 +614,8 @@ class ServerEndpoint(ServerCore):
                  session_timeout_ns: int = 60_000_000_000, max_assembly: int = 256 << 20,
                  alloc: Callable[[int], Any] = bytearray) -> None:
         self.out = out
+        # CONNECT_OK says ranged RFRs are answered (the C path and this one do)
+        self.rfr_range = True
         self.dispatch = dispatch
         self.failed = failed
         self.handlers: dict[int, Callable[[Request], Any]] = {}
@@ -661,10 +669,14 @@ class ServerEndpoint(ServerCore):
                         c["stale" if req_num < slot.req_num else "out_of_window"] += 1
                         continue
                     c["rfr"] += 1
-                    off = pkt_num * sess.payload
-                    self.send_slice(RESP, slot.req_type, slot.flags, sess.client_session,
-                                    req_num, slot.resp_size, pkt_num, ts, slot.resp, off,
-                                    min(sess.payload, slot.resp_size - off), addr)
+                    # a ranged RFR asks for msg_size packets (at most the
+                    # session's credits: no more can be in flight)
+                    last = min(slot.n_resp, pkt_num + min(max(msg_size, 1), sess.credits))
+                    for k in range(pkt_num, last):
+                        off = k * sess.payload
+                        self.send_slice(RESP, slot.req_type, slot.flags, sess.client_session,
+                                        req_num, slot.resp_size, k, ts, slot.resp, off,
+                                        min(sess.payload, slot.resp_size - off), addr)
                     continue
                 if req_num == slot.req_num:
                     self._current(sess, slot, req_num, msg_size, pkt_num, ts, buf, addr)
@@ -868,8 +880,8 @@ class ServerEndpoint(ServerCore):
     def _send_ok(self, sess: ServerSession, addr: Any) -> None:
         ok = ConnectOk(sess.number, sess.max_message, sess.max_datagram, sess.window,
                        sess.credits, self.session_timeout_ns // 1_000_000_000)
-        self.out(_pack(MAGIC, CONNECT_OK, 0, 0, sess.client_session, sess.nonce, 0, 0, 0) +
-                 ok.pack(), addr)
+        self.out(_pack(MAGIC, CONNECT_OK, 0, FLAG_RFR_RANGE if self.rfr_range else 0,
+                       sess.client_session, sess.nonce, 0, 0, 0) + ok.pack(), addr)
 
     def _drop(self, sess: ServerSession) -> None:
         sess.closed = True

@@ -8,10 +8,15 @@ fields are big-endian (network order)::
     1      1    type       PacketType
     2      1    req_type   the request type (handler number), 0 for control packets
     3      1    flags      RESP: FLAG_ERROR (the payload is an error text),
-                           FLAG_NO_RTT (answered late: ts is no RTT sample)
+                           FLAG_NO_RTT (answered late: ts is no RTT sample);
+                           CONNECT_OK: FLAG_RFR_RANGE (the server answers
+                           ranged RFRs)
     4      4    session    the RECEIVER's session number
     8      8    req_num    request number; req_num % window is the request slot
-    16     4    msg_size   size of the whole message (REQ and RESP), else 0
+    16     4    msg_size   size of the whole message (REQ and RESP); in an
+                           RFR the number of packets asked for, from pkt_num
+                           on (0 or 1: one; more only to a server whose
+                           CONNECT_OK had FLAG_RFR_RANGE); else 0
     20     4    pkt_num    packet number within the message (REQ, RESP), the
                            response packet asked for (RFR), or the request
                            packet acknowledged (CR)
@@ -39,6 +44,7 @@ from evpl.errors import ProtocolError
 __all__ = [
     "FLAG_ERROR",
     "FLAG_NO_RTT",
+    "FLAG_RFR_RANGE",
     "HEADER",
     "HEADER_SIZE",
     "MAGIC",
@@ -62,6 +68,7 @@ TS_OFFSET = 24                     # where ts lies (a paced packet is stamped as
 MAX_REQ_TYPE = 255
 FLAG_ERROR = 0x01                  # RESP: the payload is a UTF-8 error text
 FLAG_NO_RTT = 0x02                 # RESP: answered late (ts is no RTT sample)
+FLAG_RFR_RANGE = 0x04              # CONNECT_OK: an RFR may ask for several packets
 U32 = 0xFFFFFFFF
 
 
@@ -70,7 +77,7 @@ class PacketType(IntEnum):
 
     REQ = 1             # client -> server: a request packet
     RESP = 2            # server -> client: a response packet
-    RFR = 3             # client -> server: request for response packet pkt_num
+    RFR = 3             # client -> server: request for response packets pkt_num.. (msg_size)
     CR = 4              # server -> client: credit return for request packet pkt_num
     CONNECT = 5         # client -> server: open a session (payload: Connect)
     CONNECT_OK = 6      # server -> client: the session (payload: ConnectOk)
