@@ -116,6 +116,10 @@ def test_header_piece_checks(loop, datagram_backend):
     assert bind.queued_bytes == 0
     with pytest.raises(evpl.EvplError, match="use sendto"):
         bind.send(b"x", header=b"h")
+    with pytest.raises(TypeError):
+        bind.sendto(3, addr, header=b"h")               # not 3 zero bytes
+    with pytest.raises(TypeError):
+        bind.sendto(b"x", addr, header="text")
     # mutable memory is copied when queued; a Buffer is sent where it lies
     data = bytearray(b"before")
     bind.sendto(data, addr, header=b"1:")

@@ -437,7 +437,9 @@ cdef class Bind(_Source):
             n = (<Buffer>data).length
         else:
             if not PyBytes_CheckExact(data):
-                data = bytes(data)          # mutable or foreign memory: a copy
+                # mutable or foreign memory: a copy (memoryview: only objects
+                # with the buffer protocol, as send; bytes(3) would be 3 zeros)
+                data = bytes(memoryview(data))
             p = PyBytes_AS_STRING(data)
             n = PyBytes_GET_SIZE(data)
         PyObject_GetBuffer(header, &hv, PyBUF_SIMPLE)
