@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+from typing import Any
 
 import pytest
 from core.helpers import TIMEOUT
@@ -39,6 +40,17 @@ def serve(loop: evpl.Loop, backend: str, **kw) -> Server:
     server.register(ECHO, lambda req: req.body)
     server.register(REVERSE, lambda req: bytes(req.body)[::-1])
     return server
+
+
+def raw_peer(loop: evpl.Loop) -> tuple[socket.socket, list[bytes], Any]:
+    """A plain UDP socket that ``loop`` watches (a hand-made drpc peer):
+    what it receives is appended to the list; cancel the watch, then close."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.bind(("127.0.0.1", 0))
+    raw.setblocking(False)
+    replies: list[bytes] = []
+    watch = loop.watch_fd(raw.fileno(), on_readable=lambda: replies.append(raw.recv(2048)))
+    return raw, replies, watch
 
 
 def run_calls(loop: evpl.Loop, client: Client, calls: list[tuple[int, bytes]]
@@ -120,11 +132,7 @@ def test_a_ranged_rfr_gets_at_most_the_credits(loop, datagram_backend) -> None:
     credits' worth, in order, and nothing after them."""
     server = serve(loop, datagram_backend)
     server.register(BIG, lambda req: bytes(100 * 1444))
-    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    raw.bind(("127.0.0.1", 0))
-    raw.setblocking(False)
-    replies: list[bytes] = []
-    watch = loop.watch_fd(raw.fileno(), on_readable=lambda: replies.append(raw.recv(2048)))
+    raw, replies, watch = raw_peer(loop)
     try:
         raw.sendto(pack_header(PacketType.CONNECT, 0, 0, 42) +
                    Connect(77, 1 << 20, 1472, 8, 32).pack(), server.address)
@@ -504,11 +512,7 @@ def test_hostile_packets_are_dropped_and_counted(loop, datagram_backend) -> None
     client = Client(loop, datagram_backend, server.address)
     assert bytes(client.wait(client.call(ECHO, b"ok"), TIMEOUT)) == b"ok"
     sid = server.sessions()[0]["session"]
-    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    raw.bind(("127.0.0.1", 0))
-    raw.setblocking(False)
-    replies: list[bytes] = []
-    watch = loop.watch_fd(raw.fileno(), on_readable=lambda: replies.append(raw.recv(2048)))
+    raw, replies, watch = raw_peer(loop)
     try:
         def req(session: int, req_num: int, size: int, pkt: int, body: bytes,
                 ptype: int = PacketType.REQ) -> bytes:
