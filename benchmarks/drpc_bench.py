@@ -35,7 +35,8 @@ floor for a round trip, with no RPC and no Python.
 Loads: ``small`` (32-byte request and response, ``--depth`` calls in flight,
 default 8), ``latency`` (one call in flight; both loops in poll mode where
 the stack has one: ``poll_mode="always"``), ``large`` (a 32-byte request,
-an 8 MiB response, one call in flight).
+an 8 MiB response, one call in flight), ``upload`` (an 8 MiB request, a
+32-byte response, one call in flight).
 
 As benchmarks/run.py: server pinned to core 0, client to core 1
 (``taskset``), a fresh server per measurement, repetitions interleaved,
@@ -80,10 +81,11 @@ VETH_STACKS = ["drpc-udp", "drpc-uring", "drpc-xdp", "rpc2-tcp", "rpc2-udp"]
 # where this process binds and which interface it uses (set from the options)
 HOST = {"server": "127.0.0.1", "client": "127.0.0.1"}
 IFACE: dict[str, str] = {}
-LOADS = ["small", "latency", "large"]
+LOADS = ["small", "latency", "large", "upload"]
 # which stacks make sense for which load
 SKIP = {("drpc-udp-64k", "small"), ("drpc-udp-64k", "latency"),
-        ("asyncio-udp", "large"), ("uvloop-udp", "large"), ("rpc2-udp", "large")}
+        ("asyncio-udp", "large"), ("uvloop-udp", "large"), ("rpc2-udp", "large"),
+        ("asyncio-udp", "upload"), ("uvloop-udp", "upload"), ("rpc2-udp", "upload")}
 BASELINE = "rpc2-tcp"
 
 
@@ -205,8 +207,10 @@ class Meter:
 def client(stack: str, load: str, port: int, depth: int, warmup: float, duration: float,
            poll: bool) -> dict[str, Any]:
     expect = len(response_for(load))
+    # what one call moves: the response, or for ``upload`` the request
+    counted = LARGE if load == "upload" else expect
     meter = Meter(warmup, duration)
-    payload = b"q" * SMALL
+    payload = response_for("large") if load == "upload" else b"q" * SMALL
     clock = time.perf_counter
     if stack.startswith("drpc") or stack.startswith("rpc2"):
         import evpl
@@ -230,7 +234,7 @@ def client(stack: str, load: str, port: int, depth: int, warmup: float, duration
                 def cb(resp: Any, err: Any) -> None:
                     if err is not None or len(resp) != expect:
                         finished.append(f"bad response {err!r}")
-                    elif meter.done(t0, expect):
+                    elif meter.done(t0, counted):
                         issue()
                     elif not finished:
                         finished.append(None)
@@ -253,7 +257,7 @@ def client(stack: str, load: str, port: int, depth: int, warmup: float, duration
                         return
                     if n != expect:
                         finished.append(f"bad response length {n}")
-                    elif meter.done(t0, expect):
+                    elif meter.done(t0, counted):
                         issue()
                     elif not finished:
                         finished.append(None)
@@ -276,7 +280,7 @@ def client(stack: str, load: str, port: int, depth: int, warmup: float, duration
             uvloop.install()
         return asyncio.run(_udp_client(port, depth, meter, payload, expect))
     if stack == "grpc":
-        return asyncio.run(_grpc_client(port, depth, meter, payload, expect))
+        return asyncio.run(_grpc_client(port, depth, meter, payload, expect, counted))
     raise SystemExit(f"unknown stack {stack}")
 
 
@@ -328,11 +332,12 @@ async def _udp_client(port: int, depth: int, meter: Meter, payload: bytes,
 
 
 async def _grpc_client(port: int, depth: int, meter: Meter, payload: bytes,
-                       expect: int) -> dict[str, Any]:
+                       expect: int, counted: int) -> dict[str, Any]:
     import grpc
 
     async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20),
+                                          ("grpc.max_send_message_length", 64 << 20)]
     ) as channel:
         call = channel.unary_unary("/bench.Bench/Call")
         clock = time.perf_counter
@@ -343,7 +348,7 @@ async def _grpc_client(port: int, depth: int, meter: Meter, payload: bytes,
                 resp = await call(payload)
                 if len(resp) != expect:
                     raise SystemExit(f"bad response length {len(resp)}")
-                if not meter.done(t0, expect):
+                if not meter.done(t0, counted):
                     return
 
         await asyncio.gather(*(worker() for _ in range(depth)))
@@ -422,7 +427,7 @@ def run(stacks: list[str], loads: list[str], repeat: int, depth: int, warmup: fl
             for stack in stacks:
                 if (stack, load) in SKIP:
                     continue
-                d = 1 if load in ("latency", "large") else depth
+                d = 1 if load in ("latency", "large", "upload") else depth
                 out = measure(stack, load, d, warmup, duration, load == "latency")
                 results.setdefault(load, {}).setdefault(stack, []).append(out)
                 print(f"  run {r + 1}/{repeat} {load:8} {stack:13} {_short(out)}", flush=True)
@@ -453,6 +458,7 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]], baseline: str = B
         "small": ("calls_per_s", "calls/s", lambda v: f"{v:,.0f}", True),
         "latency": ("p50_us", "p50 round trip (us)", lambda v: f"{v:.1f}", False),
         "large": ("gbit_per_s", "Gbit/s (8 MiB responses)", lambda v: f"{v:.2f}", True),
+        "upload": ("gbit_per_s", "Gbit/s (8 MiB requests)", lambda v: f"{v:.2f}", True),
     }
     lines = [f"| load | stack | median | spread | vs {baseline} | vs grpc |",
              "| --- | --- | --- | --- | --- | --- |"]

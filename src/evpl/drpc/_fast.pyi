@@ -135,6 +135,7 @@ class ServerCore:
     requests: int
     responses: int
     rfr: int
+    credit_returns: int
     send_queue_full: int
     def send_slice(self, ptype: int, req_type: int, flags: int, session: int, req_num: int,
                    msg_size: int, pkt_num: int, ts: int, data: Any, off: int, n: int,

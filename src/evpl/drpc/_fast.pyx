@@ -47,6 +47,7 @@ DEF MAGIC = 0xD7
 DEF REQ = 1
 DEF RESP = 2
 DEF RFR = 3
+DEF CR = 4
 DEF FLAG_ERROR = 0x01
 DEF FLAG_NO_RTT = 0x02
 DEF MAX_REQ_TYPE = 255
@@ -579,19 +580,33 @@ cdef class ClientCore:
 
     cdef bint _take(self, object buf, const char* data, Py_ssize_t length, int64_t now_ns,
                     uint32_t now_us) except -1:
-        """A RESP that completes a one-packet exchange, or the next packet of
-        a multi-packet response; False for any other packet."""
+        """A RESP that completes a one-packet exchange, the next packet of a
+        multi-packet response, or the credit return for a packet of a
+        multi-packet request; False for any other packet."""
         cdef Header h
         cdef ClientSlot slot
         cdef int64_t off, j, rtt
         cdef Py_ssize_t nbody = length - HEADER_SIZE
-        if not parse(<const unsigned char*>data, length, &h) or h.ptype != RESP or \
+        if not parse(<const unsigned char*>data, length, &h) or \
+                (h.ptype != RESP and h.ptype != CR) or \
                 h.session != self.client_session or h.req_num > <uint64_t>INT64_MAX or \
                 h.flags & FLAG_ERROR or not self.slots or self.window <= 0:
             return False
         slot = <ClientSlot>PyList_GET_ITEM(self.slots, <Py_ssize_t>(h.req_num % <uint64_t>self.window))
         if not slot.busy or slot.req_num != <int64_t>h.req_num:
             return False
+        if h.ptype == CR:
+            # request packet pkt_num arrived: its credit comes back, and the
+            # next request packets may go
+            if <int64_t>h.pkt_num + 1 >= slot.n_req or <int64_t>h.pkt_num != slot.num_rx or \
+                    nbody != 0:
+                return False
+            self._answered(slot, h.pkt_num, now_ns)
+            if not h.flags & FLAG_NO_RTT:
+                self._sample(<int64_t>(<uint32_t>(now_us - h.ts)) * 1000, now_ns)
+            if self.credits and slot.num_tx < slot.n_req:
+                self._send_request(slot, now_ns)
+            return True
         j = slot.n_req - 1 + h.pkt_num
         if j != slot.num_rx:
             return False
@@ -660,6 +675,33 @@ cdef class ClientCore:
         put_header(hdr, ptype, req_type, 0, <uint32_t>self.server_session, req_num,
                    msg_size, pkt_num, ts)
         self.send_bind._send_parts(hdr, HEADER_SIZE, owner, data, n)
+        return 0
+
+    cdef int _send_request(self, ClientSlot slot, int64_t now_ns) except -1:
+        """Send the next packets of the slot's multi-packet request that the
+        credits allow, unpaced, each a header and a slice of the request
+        (bytes or a Buffer, which the send queue holds); paced ones, or a
+        request in other memory, go through ``_push``."""
+        cdef const char* data
+        cdef Py_ssize_t size, off, n
+        cdef int64_t inflight
+        cdef uint32_t ts = <uint32_t>(now_ns // 1000)
+        if not (self._cc is None or self.cc_uncongested) or slot.queued or \
+                not plain_bytes(slot.req, &data, &size) or size != slot.req_size:
+            self._push(slot, now_ns)
+            return 0
+        while self.credits and slot.num_tx < slot.n_req:
+            off = slot.num_tx * self.payload
+            n = min(self.payload, size - off)
+            self.credits -= 1
+            self._send_packet(REQ, slot.req_type, <uint64_t>slot.req_num, <uint32_t>size,
+                              <uint32_t>slot.num_tx, ts, slot.req, data + off, n)
+            slot.num_tx += 1
+        if slot.num_tx < slot.n_req:
+            self.starved = True             # out of credits: pump() when they return
+        inflight = self.credits_total - self.credits
+        if inflight > self.max_inflight:
+            self.max_inflight = inflight
         return 0
 
     cdef int _pull(self, ClientSlot slot, int64_t now_ns) except -1:
@@ -764,7 +806,7 @@ cdef class ServerCore:
     cdef ServerSession last_sess    # the session of the last packet taken
     cdef public dict sessions
     cdef public dict handlers
-    cdef public int64_t packets, requests, responses, rfr, send_queue_full
+    cdef public int64_t packets, requests, responses, rfr, credit_returns, send_queue_full
 
     cdef int _send_packet(self, int ptype, int req_type, int flags, uint32_t session,
                           uint64_t req_num, uint32_t msg_size, uint32_t pkt_num, uint32_t ts,
@@ -818,8 +860,9 @@ cdef class ServerCore:
 
     cdef int _take(self, object buf, object addr, const char* data, Py_ssize_t length,
                    int64_t now_ns) except -1:
-        """A new one-packet request for a dispatch handler, or an RFR of a
-        kept response: 1 if taken, 0 for the Python path."""
+        """A new one-packet request for a dispatch handler, the next (not
+        last) packet of a multi-packet request, or an RFR of a kept
+        response: 1 if taken, 0 for the Python path."""
         cdef Header h
         cdef ServerSession sess
         cdef ServerSlot slot
@@ -874,6 +917,26 @@ cdef class ServerCore:
                                       slot.resp, <const char*>rview.buf + off, size, addr)
             finally:
                 PyBuffer_Release(&rview)
+            return 1
+        if <int64_t>h.req_num == slot.req_num and slot.state == RECEIVING:
+            # the next packet of a multi-packet request, not its last: into
+            # the assembly buffer, and a credit return (header only)
+            if h.pkt_num != slot.num_rx or h.pkt_num + 1 >= slot.n_req or \
+                    h.msg_size != slot.req_size or nbody != sess.payload or slot.asm is None:
+                return 0
+            PyObject_GetBuffer(slot.asm, &rview, PyBUF_WRITABLE)
+            try:
+                off = <int64_t>h.pkt_num * sess.payload
+                if off + nbody > rview.len:
+                    return 0
+                memcpy(<char*>rview.buf + off, data + HEADER_SIZE, nbody)
+            finally:
+                PyBuffer_Release(&rview)
+            sess.last_rx = now_ns
+            slot.num_rx = h.pkt_num + 1
+            self.credit_returns += 1
+            self._send_packet(CR, slot.req_type, 0, sess.client_session, h.req_num, 0,
+                              h.pkt_num, h.ts, None, NULL, 0, addr)
             return 1
         if <int64_t>h.req_num == slot.req_num or h.pkt_num != 0 or \
                 h.msg_size > sess.payload or nbody != h.msg_size or \

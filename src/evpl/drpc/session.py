@@ -954,6 +954,7 @@ class ServerEndpoint(ServerCore):
         s["requests"] += self.requests          # (and the C path's counts)
         s["responses"] += self.responses
         s["rfr"] += self.rfr
+        s["credit_returns"] += self.credit_returns
         s["sessions"] = len(self.sessions)
         s["assembling_bytes"] = self.assembling
         return s
