@@ -29,7 +29,6 @@ own, which a backend may read straight into (``part_asm``).
 
 cimport cython
 from cpython.ref cimport PyObject, Py_DECREF
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.errno cimport ECONNREFUSED, EINVAL, EIO, EMSGSIZE
@@ -429,19 +428,10 @@ cdef class Bind(_Source):
         """``send``/``sendto`` (``to``) with a header piece."""
         cdef Py_buffer hv
         cdef const char* p
-        cdef Py_ssize_t n
+        cdef size_t n
         if self.stream:
             raise EvplError("header= is for datagram Binds (a stream's framing adds its own)")
-        if type(data) is Buffer:
-            p = (<Buffer>data).ptr
-            n = (<Buffer>data).length
-        else:
-            if not PyBytes_CheckExact(data):
-                # mutable or foreign memory: a copy (memoryview: only objects
-                # with the buffer protocol, as send; bytes(3) would be 3 zeros)
-                data = bytes(memoryview(data))
-            p = PyBytes_AS_STRING(data)
-            n = PyBytes_GET_SIZE(data)
+        data = txq_memory(data, &p, &n)     # referenced, or copied, as send does
         PyObject_GetBuffer(header, &hv, PyBUF_SIMPLE)
         try:
             if hv.len > TX_HDR:

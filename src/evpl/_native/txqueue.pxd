@@ -41,6 +41,7 @@ cdef struct TxMark:
     size_t last_len         # the last of them's length then (txq_merge extends it)
 
 
+cdef object txq_memory(object data, const char** ptr, size_t* n)
 cdef TxEntry* txq_push(TxQueue* q, object data) except NULL
 cdef TxEntry* txq_push_ref(TxQueue* q, object owner, const char* ptr, size_t n) except NULL
 cdef Py_ssize_t txq_merge(TxQueue* q, Buffer b, Framer f) except -2

@@ -47,36 +47,33 @@ cdef TxEntry* txq_slot(TxQueue* q) except NULL:
     return &q.e[q.tail]
 
 
-cdef TxEntry* txq_push(TxQueue* q, object data) except NULL:
-    """Append one entry that references (or copies) ``data``."""
-    cdef TxEntry* e = txq_slot(q)
-    cdef Buffer b
+cdef object txq_memory(object data, const char** ptr, size_t* n):
+    """The memory a send of ``data`` goes out from, and its owner: a Buffer
+    or bytes where it lies (itself the owner); mutable or foreign memory
+    copied once into a bytes, so the caller may reuse it (TypeError for an
+    object without the buffer protocol)."""
     cdef Py_buffer view
     if type(data) is Buffer:
-        b = <Buffer>data
-        e.ptr = b.ptr
-        e.len = b.length
-        e.owner = <PyObject*>data
-        Py_INCREF(data)
-    elif PyBytes_CheckExact(data):
-        e.ptr = PyBytes_AS_STRING(data)
-        e.len = PyBytes_GET_SIZE(data)
-        e.owner = <PyObject*>data
-        Py_INCREF(data)
-    else:
-        # mutable or foreign memory: copy, so the caller may reuse it
+        ptr[0] = (<Buffer>data).ptr
+        n[0] = (<Buffer>data).length
+        return data
+    if not PyBytes_CheckExact(data):
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            copy = (<char*>view.buf)[:view.len]
+            data = (<char*>view.buf)[:view.len]
         finally:
             PyBuffer_Release(&view)
-        e.ptr = PyBytes_AS_STRING(copy)
-        e.len = PyBytes_GET_SIZE(copy)
-        e.owner = <PyObject*>copy
-        Py_INCREF(copy)
-    e.hdrlen = 0
-    q.tail += 1
-    return e
+    ptr[0] = PyBytes_AS_STRING(data)
+    n[0] = PyBytes_GET_SIZE(data)
+    return data
+
+
+cdef TxEntry* txq_push(TxQueue* q, object data) except NULL:
+    """Append one entry that references (or copies) ``data``."""
+    cdef const char* ptr
+    cdef size_t n
+    owner = txq_memory(data, &ptr, &n)
+    return txq_push_ref(q, owner, ptr, n)
 
 
 cdef TxEntry* txq_push_ref(TxQueue* q, object owner, const char* ptr, size_t n) except NULL:

@@ -526,7 +526,6 @@ cdef class ClientCore:
         cdef const char* data
         cdef Py_ssize_t size
         cdef ClientSlot slot
-        cdef int64_t inflight
         cdef int rt
         if not (self.free and self.credits and (self._cc is None or self.cc_uncongested)
                 and self.state == "connected" and type(req_type) is int
@@ -540,9 +539,7 @@ cdef class ClientCore:
         self._occupy(slot, rt, payload, size, 1, done, now_ns)
         slot.num_tx = 1
         self.credits -= 1
-        inflight = self.credits_total - self.credits
-        if inflight > self.max_inflight:
-            self.max_inflight = inflight
+        self._sent_upto(slot, 1)
         self._send_packet(REQ, rt, <uint64_t>slot.req_num, <uint32_t>size, 0,
                           <uint32_t>(now_ns // 1000), payload, data, size)
         return 0
@@ -684,7 +681,6 @@ cdef class ClientCore:
         request in other memory, go through ``_push``."""
         cdef const char* data
         cdef Py_ssize_t size, off, n
-        cdef int64_t inflight
         cdef uint32_t ts = <uint32_t>(now_ns // 1000)
         if not (self._cc is None or self.cc_uncongested) or slot.queued or \
                 not plain_bytes(slot.req, &data, &size) or size != slot.req_size:
@@ -697,18 +693,14 @@ cdef class ClientCore:
             self._send_packet(REQ, slot.req_type, <uint64_t>slot.req_num, <uint32_t>size,
                               <uint32_t>slot.num_tx, ts, slot.req, data + off, n)
             slot.num_tx += 1
-        if slot.num_tx < slot.n_req:
-            self.starved = True             # out of credits: pump() when they return
-        inflight = self.credits_total - self.credits
-        if inflight > self.max_inflight:
-            self.max_inflight = inflight
+        self._sent_upto(slot, slot.n_req)
         return 0
 
     cdef int _pull(self, ClientSlot slot, int64_t now_ns) except -1:
         """Ask for the response packets the credits allow (RFRs), unpaced;
         paced ones go through ``_push``."""
         cdef int64_t total = slot.n_req + slot.n_resp - 1
-        cdef int64_t inflight, n
+        cdef int64_t n
         cdef uint32_t ts = <uint32_t>(now_ns // 1000)
         if slot is self.pull_slot:
             self.pull_slot = None
@@ -732,12 +724,18 @@ cdef class ClientCore:
             self._send_packet(RFR, slot.req_type, <uint64_t>slot.req_num, 0,
                               <uint32_t>(slot.num_tx - slot.n_req + 1), ts, None, NULL, 0)
             slot.num_tx += 1
+        self._sent_upto(slot, total)
+        return 0
+
+    cdef inline void _sent_upto(self, ClientSlot slot, int64_t total) noexcept:
+        """After sending the slot's packets towards ``total``: out of credits
+        short of it, the session is starved (``pump()`` when they return);
+        and the most packets in flight so far."""
+        cdef int64_t inflight = self.credits_total - self.credits
         if slot.num_tx < total:
-            self.starved = True             # out of credits: pump() when they return
-        inflight = self.credits_total - self.credits
+            self.starved = True
         if inflight > self.max_inflight:
             self.max_inflight = inflight
-        return 0
 
     cdef int _done(self, ClientSlot slot, int64_t now_ns) except -1:
         cdef int flags = slot.resp_flags
