@@ -702,3 +702,38 @@ def test_backends_registry():
     assert evpl.select(stream=True) in names
     with pytest.raises(evpl.BackendUnavailable):
         evpl.select(stream=True, require={"no-such-capability"})
+
+
+@pytest.mark.parametrize("mode", ["event", "hybrid"])
+def test_keep_polling_spins_past_spin_ns(make_loop, mode):
+    """``keep_polling(ns)``: a protocol that expects its peer within ``ns``
+    keeps a hybrid loop polling that long, however short ``spin_ns`` is
+    (here 1 µs: without it the loop would sleep until its timer); an event
+    loop still sleeps."""
+    loop = make_loop(poll_mode=mode, spin_ns=1_000)
+    loop.run_once(0.002)                    # idle for longer than spin_ns
+    before = loop.stats()
+    loop.keep_polling(60_000_000_000)       # a minute: far past the 5 ms timer
+    t = loop.call_later(5e-3, lambda: None)
+    loop.run_until(lambda: not t.active, timeout=TIMEOUT)
+    after = loop.stats()
+    if mode == "event":
+        assert after["sleeps"] > before["sleeps"]
+        assert after["polls"] == before["polls"]
+    else:
+        assert after["sleeps"] == before["sleeps"]
+        assert after["polls"] > before["polls"]
+
+
+def test_keep_polling_in_the_past_changes_nothing(make_loop):
+    """A deadline already past (0 or negative ns) leaves a hybrid loop as it
+    was: idle, it sleeps."""
+    loop = make_loop(poll_mode="hybrid", spin_ns=1_000)
+    loop.run_once(0.002)
+    loop.keep_polling(0)
+    loop.keep_polling(-1_000_000)
+    before = loop.stats()
+    loop.run_once(0.002)
+    after = loop.stats()
+    assert after["sleeps"] == before["sleeps"] + 1
+    assert after["polls"] == before["polls"]

@@ -113,6 +113,7 @@ cdef class LoopCore:
     cdef int64_t spin_ns
     cdef bint poll_always
     cdef int64_t last_active
+    cdef int64_t poll_until     # keep_polling: a hybrid loop spins until then
     cdef int64_t trim_mark      # last_active when idle memory was last given back
     cdef bint running
     cdef bint closed
@@ -188,3 +189,10 @@ cdef class LoopCore:
     cdef int _drivers_process(self) except -1
     cdef void _trim_idle(self)
     cdef int _drivers_before_sleep(self) except -1
+
+
+cdef inline void loop_poll_until(LoopCore loop, int64_t until) noexcept:
+    """``Loop.keep_polling`` for C callers, with a deadline on the loop's
+    clock (CLOCK_MONOTONIC ns): a hybrid loop polls until then."""
+    if until > loop.poll_until:
+        loop.poll_until = until

@@ -395,6 +395,16 @@ cdef class LoopCore:
             raise ValueError("spin_ns must be >= 0")
         self.spin_ns = value
 
+    def keep_polling(self, int64_t ns) -> None:
+        """Expect traffic within ``ns`` nanoseconds from now: a hybrid loop
+        keeps polling until then even if that is longer than ``spin_ns``
+        since the last activity (no effect with ``spin_ns=0`` or
+        ``poll_mode="event"``; ``poll_mode="always"`` polls anyway). For a
+        protocol that knows its peer is about to answer: a transfer whose
+        next packets the peer sends as it takes the last ones, where a
+        sleep would cost a wake-up per gap."""
+        loop_poll_until(self, evpl_now_ns() + ns)
+
     @property
     def poll_always(self) -> bool:
         return self.poll_always
@@ -729,13 +739,16 @@ cdef class LoopCore:
             d._submit()             # work queued outside an iteration (listen, connect...)
         wait = self._wait_budget(max_wait)
         now = evpl_now_ns()
-        poll = self.poll_always or (self.spin_ns > 0 and now - self.last_active < self.spin_ns)
+        poll = self.poll_always or (self.spin_ns > 0 and (now - self.last_active < self.spin_ns
+                                                          or now < self.poll_until))
         if wait != 0 and poll:
             # hybrid: spin without the GIL, then sleep for what is left
             if self.poll_always:
                 spin_end = now + 20_000_000
             else:
                 spin_end = self.last_active + self.spin_ns
+                if spin_end < self.poll_until:
+                    spin_end = self.poll_until
             if wait > 0 and now + wait < spin_end:
                 spin_end = now + wait
             for d in self.drv_list:

@@ -39,6 +39,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from evpl._native.bind cimport Bind, DatagramSink
 from evpl._native.buffers cimport Buffer, make_buffer
+from evpl._native.loop cimport loop_poll_until
 
 from evpl.errors import SendQueueFull
 
@@ -52,6 +53,13 @@ DEF FLAG_ERROR = 0x01
 DEF FLAG_NO_RTT = 0x02
 DEF MAX_REQ_TYPE = 255
 DEF RFR_BATCH = 16      # credits a ranged RFR waits for before it is sent mid-batch
+# how long a hybrid loop keeps polling after this end sent packets of a
+# transfer whose next ones the peer sends as it takes these (RFRs, credit
+# returns, the response packets they ask for): the gap is the peer's work
+# on a window of packets, often longer than the loop's spin_ns, and
+# sleeping through it costs a wake-up per window (on a VM, tens to hundreds
+# of microseconds each)
+DEF TRANSFER_POLL_NS = 1_000_000
 
 # server slot states (session.py names them)
 DEF FREE = 0
@@ -164,6 +172,14 @@ cdef inline int64_t monotonic_ns() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline void transfer_goes_on(Bind bind, int64_t now_ns) noexcept:
+    """This end just sent packets of a transfer that the peer answers as it
+    takes them (RFRs, credit returns, response packets asked for): keep
+    ``bind``'s loop polling for the answers (``Loop.keep_polling``)."""
+    if bind is not None:
+        loop_poll_until(bind.loop, now_ns + TRANSFER_POLL_NS)
 
 
 cdef class Port(DatagramSink):
@@ -694,6 +710,7 @@ cdef class ClientCore:
                               <uint32_t>slot.num_tx, ts, slot.req, data + off, n)
             slot.num_tx += 1
         self._sent_upto(slot, slot.n_req)
+        transfer_goes_on(self.send_bind, now_ns)   # credit returns follow
         return 0
 
     cdef int _pull(self, ClientSlot slot, int64_t now_ns) except -1:
@@ -725,6 +742,7 @@ cdef class ClientCore:
                               <uint32_t>(slot.num_tx - slot.n_req + 1), ts, None, NULL, 0)
             slot.num_tx += 1
         self._sent_upto(slot, total)
+        transfer_goes_on(self.send_bind, now_ns)   # the packets asked for follow
         return 0
 
     cdef inline void _sent_upto(self, ClientSlot slot, int64_t total) noexcept:
@@ -840,6 +858,8 @@ cdef class ServerCore:
                 raise ValueError(f"slice [{off}:{off + n}] of {view.len} bytes")
             self._send_packet(ptype, req_type, flags, session, req_num, msg_size, pkt_num, ts,
                               data, <const char*>view.buf + off, n, addr)
+            if off + n < view.len:
+                transfer_goes_on(self.send_bind, monotonic_ns())    # RFRs for the rest follow
         finally:
             PyBuffer_Release(&view)
 
@@ -915,6 +935,8 @@ cdef class ServerCore:
                                       slot.resp, <const char*>rview.buf + off, size, addr)
             finally:
                 PyBuffer_Release(&rview)
+            if last < slot.n_resp:
+                transfer_goes_on(self.send_bind, now_ns)    # RFRs for the rest follow
             return 1
         if <int64_t>h.req_num == slot.req_num and slot.state == RECEIVING:
             # the next packet of a multi-packet request, not its last: into
@@ -935,6 +957,7 @@ cdef class ServerCore:
             self.credit_returns += 1
             self._send_packet(CR, slot.req_type, 0, sess.client_session, h.req_num, 0,
                               h.pkt_num, h.ts, None, NULL, 0, addr)
+            transfer_goes_on(self.send_bind, now_ns)    # the request's next packets follow
             return 1
         if <int64_t>h.req_num == slot.req_num or h.pkt_num != 0 or \
                 h.msg_size > sess.payload or nbody != h.msg_size or \
