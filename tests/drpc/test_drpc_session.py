@@ -281,6 +281,72 @@ def test_rollbacks_back_off_while_the_server_is_silent() -> None:
     assert got == [bytes(range(200))[::-1]] and slot.backoff == 0
 
 
+def _settle(client: ClientSession, server: ServerEndpoint, to_server: list[bytes],
+            to_client: list[bytes], now: int) -> list[bytes]:
+    """Deliver both ways until nothing is left to deliver (no loss); every
+    packet the client sent meanwhile."""
+    sent: list[bytes] = []
+    while to_server or to_client:
+        now += 10
+        batch = list(to_server)
+        sent += batch
+        to_server.clear()
+        server.receive([(p, PEER) for p in batch], now)
+        batch = list(to_client)
+        to_client.clear()
+        client.receive([(p, PEER) for p in batch], now)
+    return sent
+
+
+def test_a_timeout_resends_one_packet_and_a_late_answer_resends_nothing() -> None:
+    """A timeout while the server is only slow (its answers are late, not
+    lost): the client resends the first unanswered packet alone, not the
+    window; the original's answer (its echoed send time is older than the
+    resend's) then marks the timeout spurious, and nothing more is resent:
+    the call goes on from where it was, and the resend's own answer is a
+    duplicate."""
+    client, server, to_server, to_client = _connected_pair(window=1, credits=4)
+    got: list[bytes] = []
+    body = bytes(range(250))                    # 3 request packets, 3 response packets
+    client.submit(1, body, lambda r, e: got.append(bytes(r)), 1_000)
+    first = list(to_server)
+    assert [parse_header(p)[6] for p in first] == [0, 1, 2]
+    to_server.clear()
+    client.tick(1_000 + RTO)
+    assert client.retransmits == 1
+    assert [parse_header(p)[6] for p in to_server] == [0]      # one packet, not three
+    probe = to_server.pop()
+    to_server.extend(first)                     # the originals, late
+    sent = _settle(client, server, to_server, to_client, 1_000 + RTO)
+    assert got == [body[::-1]]
+    assert client.stats()["spurious_timeouts"] == 1
+    assert [parse_header(p)[0] for p in sent[3:]] == [PacketType.RFR] * 2  # no REQ again
+    to_server.append(probe)                     # the resend, late too
+    _settle(client, server, to_server, to_client, 2_000 + RTO)
+    assert client.duplicates + client.stale == 1 and got == [body[::-1]]
+
+
+def test_a_timeout_whose_resend_is_answered_goes_back_n() -> None:
+    """The first packet was lost: the resend after the timeout is answered
+    (the answer echoes its send time), which shows the loss, and the client
+    goes back N: the packets after it are sent again at once, before any
+    further timeout."""
+    client, server, to_server, to_client = _connected_pair(window=1, credits=4)
+    got: list[bytes] = []
+    body = bytes(range(250))                    # 3 request packets
+    client.submit(1, body, lambda r, e: got.append(bytes(r)), 1_000)
+    to_server.clear()                           # all three lost
+    client.tick(1_000 + RTO)
+    assert len(to_server) == 1
+    server.receive([(to_server.pop(), PEER)], 1_000 + RTO + 10)
+    assert len(to_client) == 1                  # its credit return
+    client.receive([(to_client.pop(), PEER)], 1_000 + RTO + 20)
+    assert client.stats()["spurious_timeouts"] == 0
+    assert [parse_header(p)[6] for p in to_server] == [1, 2]   # the rest, again
+    _settle(client, server, to_server, to_client, 1_000 + RTO + 30)
+    assert got == [body[::-1]] and client.retransmits == 1
+
+
 def test_the_rto_follows_a_slow_rtt_with_5_ms_as_its_floor() -> None:
     """The timeout is the larger of rto_ns and srtt + 4 rttvar (RFC 6298's
     estimator): RTT samples of 10-30 ms (a host that deschedules its

@@ -4,7 +4,9 @@ continued, as a shared host deschedules a process.
 
 Nothing is lost, only late: every call must complete once with the right
 bytes, each handler having run once, and the client must not have resent
-its window every ``rto`` through the stall (its timeout backs off).
+its window every ``rto`` through the stall (its timeout backs off), nor
+the window at all: each timeout resends one packet, and the late
+originals' answers show the timeouts spurious.
 """
 
 from __future__ import annotations
@@ -61,7 +63,13 @@ def test_stopped_server_costs_a_few_rollbacks_and_no_call(loop, datagram_backend
     # rto >= 5 ms, where a fixed timeout made one every 5 ms (60 or more)
     bound = 1 + math.log2(stall / 0.005 + 1)
     print(f"\nserver stopped {stall * 1e3:.0f} ms: rollbacks per slot {rollbacks} "
-          f"(bound {bound:.1f}); client duplicates {st['duplicates']}, server duplicates "
-          f"{served['duplicates']}, resent from the cache {served['retransmitted_responses']}")
+          f"(bound {bound:.1f}); spurious {st['spurious_timeouts']}, client duplicates "
+          f"{st['duplicates']}, server duplicates "
+          f"{served['duplicates']}, resent from the cache {served['retransmitted_responses']}; "
+          f"retransmits {st['retransmits']}, stale {st['stale']}")
     assert max(rollbacks) >= 1 and served["duplicates"] > 0
     assert max(rollbacks) <= bound
+    # each timeout resent one packet, which is answered once at most: no
+    # window came back twice
+    assert st["spurious_timeouts"] >= 1
+    assert st["duplicates"] + st["stale"] <= st["retransmits"], st

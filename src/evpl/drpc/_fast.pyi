@@ -26,6 +26,8 @@ class ClientSlot:
     resp_size: int
     retransmits: int
     backoff: int
+    probing: bool
+    probe_ts: int
     resp_view: Any
     def __init__(self, index: int, window: int) -> None: ...
 
@@ -97,6 +99,7 @@ class ClientCore:
     completed: int
     stale: int
     duplicates: int
+    spurious_timeouts: int
     out_of_order: int
     malformed: int
     bad_session: int

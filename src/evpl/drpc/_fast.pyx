@@ -269,7 +269,13 @@ cdef class ClientSlot:
     cdef public int resp_flags
     cdef public int64_t resp_size
     cdef public int64_t retransmits
-    cdef public int64_t backoff         # rollbacks since the slot's last progress
+    cdef public int64_t backoff         # timeouts since the slot's last progress
+    # after a timeout the slot resends only its first unanswered packet and
+    # waits for that packet's answer: one echoing probe_ts or later answers
+    # a resend (the original was lost: go back N), an earlier ts the
+    # original (it was only late: nothing more is resent)
+    cdef public bint probing
+    cdef public uint32_t probe_ts
     cdef object _resp_view
     cdef Py_buffer _view            # of resp_view, held while it is set
     cdef bint _held
@@ -405,6 +411,7 @@ cdef class ClientCore:
     cdef public int64_t client_session, server_session, window, credits, credits_total
     cdef public int64_t payload, max_message, busy, max_busy, max_inflight
     cdef public int64_t requests, completed, stale, duplicates, out_of_order, malformed
+    cdef public int64_t spurious_timeouts   # timeouts whose packets were only late
     cdef public int64_t bad_session, last_rx, next_tx, session_timeout_ns
     cdef public int64_t rtt_ns, rtt_sum, rtt_samples, min_rtt_ns
     cdef public int64_t srtt_ns, rttvar_ns  # smoothed RTT and its mean deviation (the RTO's)
@@ -527,6 +534,7 @@ cdef class ClientCore:
         slot.num_tx = slot.num_rx = 0
         slot.progress = now_ns
         slot.backoff = 0
+        slot.probing = False
         slot.done = done
         return 0
 
@@ -608,6 +616,8 @@ cdef class ClientCore:
         slot = <ClientSlot>PyList_GET_ITEM(self.slots, <Py_ssize_t>(h.req_num % <uint64_t>self.window))
         if not slot.busy or slot.req_num != <int64_t>h.req_num:
             return False
+        if slot.probing:
+            return False                    # after a timeout: session.py's
         if h.ptype == CR:
             # request packet pkt_num arrived: its credit comes back, and the
             # next request packets may go

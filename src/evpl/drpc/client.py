@@ -130,7 +130,9 @@ class Client:
     client asks for (the server may grant less; see ``stats()``).
     ``rto``: retransmission timeout in seconds (eRPC: 5 ms); the session
     uses its smoothed RTT plus four deviations when that is longer, and
-    doubles a request's timeout per rollback without progress.
+    doubles a request's timeout per timeout without progress. A timeout
+    resends the first unanswered packet; the rest only if its answer shows
+    the original lost (docs/drpc.md, loss recovery).
     ``peer_timeout``: seconds without a packet from the server, while calls
     are outstanding or while connecting, after which the session is declared
     dead and its calls fail with :class:`PeerDead`.

@@ -18,10 +18,13 @@ Client side (:class:`ClientSession`), per eRPC:
   requests-for-response (RFR). The client's packets and the server's answers
   are numbered alike (``num_tx``, ``num_rx``), which makes loss recovery
   go-back-N: after the retransmission timeout without progress the client
-  rolls ``num_tx`` back to ``num_rx`` and sends again, unless packets of
-  that request still wait in the pacing wheel. The timeout is ``rto`` or
-  srtt + 4 rttvar if longer, doubled per rollback of the slot without
-  progress (a stalled peer gets a few rollbacks, not one per ``rto``);
+  resends the first unanswered packet (unless packets of that request
+  still wait in the pacing wheel); if the answer is to that resend (its
+  echoed ``ts``), the original was lost and the client rolls ``num_tx``
+  back to ``num_rx`` and sends again; if it is to the original, the
+  timeout was spurious and nothing more is resent. The timeout is ``rto``
+  or srtt + 4 rttvar if longer, doubled per timeout of the slot without
+  progress (a stalled peer gets a few resends, not one per ``rto``);
 * answers out of order, duplicated or for an older request are dropped and
   counted; no packet from the server for ``peer_timeout`` while requests are
   outstanding fails them all (:class:`PeerDead`).
@@ -119,7 +122,7 @@ class CallTimeout(DrpcError, TimeoutError):
 
 # -- client ---------------------------------------------------------------------
 
-# a slot's RTO doubles with each rollback without progress, up to 2**6 times
+# a slot's RTO doubles with each timeout without progress, up to 2**6 times
 # the base one (5 ms: 320 ms; peer_timeout still ends a dead session)
 MAX_BACKOFF = 6
 
@@ -290,18 +293,7 @@ class ClientSession(ClientCore):
         ts = (now_ns // 1000) & U32
         while self.credits and slot.num_tx < total:
             i = slot.num_tx
-            if i < n_req:
-                if n_req == 1:
-                    data = _pack(MAGIC, REQ, slot.req_type, 0, self.server_session,
-                                 slot.req_num, slot.req_size, 0, ts) + slot.req
-                else:
-                    off = i * self.payload
-                    data = _pack(MAGIC, REQ, slot.req_type, 0, self.server_session,
-                                 slot.req_num, slot.req_size, i, ts) + \
-                        memoryview(slot.req)[off:off + self.payload]
-            else:
-                data = _pack(MAGIC, RFR, slot.req_type, 0, self.server_session, slot.req_num,
-                             0, i - n_req + 1, ts)
+            data = self._packet(slot, i, ts)
             # what this packet costs the path: a request-for-response pulls
             # a whole answer (eRPC paces the client's packets so that the
             # answers arrive at the session's rate)
@@ -326,6 +318,20 @@ class ClientSession(ClientCore):
         inflight = self.credits_total - self.credits
         if inflight > self.max_inflight:
             self.max_inflight = inflight
+
+    def _packet(self, slot: ClientSlot, i: int, ts: int) -> bytes:
+        """The slot's packet ``i``: request packet ``i``, or past the
+        request an RFR for response packet ``i - n_req + 1``."""
+        n_req = slot.n_req
+        if i >= n_req:
+            return _pack(MAGIC, RFR, slot.req_type, 0, self.server_session, slot.req_num,
+                         0, i - n_req + 1, ts)
+        head = _pack(MAGIC, REQ, slot.req_type, 0, self.server_session, slot.req_num,
+                     slot.req_size, i, ts)
+        if n_req == 1:
+            return head + slot.req
+        off = i * self.payload
+        return head + memoryview(slot.req)[off:off + self.payload]
 
     def pump(self, now_ns: int) -> None:
         """Let the slots that ran out of credits send what the returned
@@ -386,6 +392,8 @@ class ClientSession(ClientCore):
                 if ptype == RESP and self._response(slot, flags, msg_size, pkt_num, buf):
                     continue
                 self._answer_slot(slot, j, now_ns)    # its credit comes back
+                if slot.probing:
+                    self._probe_answered(slot, ts)
                 if not flags & FLAG_NO_RTT:
                     self.sample_rtt(((now_us - ts) & U32) * 1000, now_ns)
                 if slot.n_resp and slot.num_rx == slot.n_req + slot.n_resp - 1:
@@ -467,8 +475,9 @@ class ClientSession(ClientCore):
     # -- time --
 
     def tick(self, now_ns: int) -> BaseException | None:
-        """Retransmission timeouts (go-back-N) and dead-peer detection; returns
-        the error that killed the session, if it died."""
+        """Retransmission timeouts (a probe per slot, go-back-N once it shows
+        a loss) and dead-peer detection; returns the error that killed the
+        session, if it died."""
         if self.state != "connected":
             return None
         if self.busy and now_ns - self.last_rx >= self.peer_timeout_ns:
@@ -478,23 +487,39 @@ class ClientSession(ClientCore):
                            f"the server is gone or unreachable")
             self.fail(err)
             return err
-        rolled = False
         rto = self.rto()
+        ts = (now_ns // 1000) & U32
         for slot in self.slots:
             if slot.busy and slot.num_tx > slot.num_rx and slot.queued == 0 and \
                     now_ns - slot.progress >= rto << slot.backoff:
-                self.credits += slot.num_tx - slot.num_rx
-                slot.num_tx = slot.num_rx
+                # resend the first unanswered packet only (with its credit
+                # still counted in flight): its answer tells a loss, which
+                # rolls the rest back, from a late original (a stalled
+                # server or host), which resends nothing more
+                if not slot.probing:
+                    slot.probing = True
+                    slot.probe_ts = ts
+                self.send_now(self._packet(slot, slot.num_rx, ts))
                 slot.retransmits += 1
                 self.retransmits += 1
                 slot.progress = now_ns
                 if slot.backoff < MAX_BACKOFF:
                     slot.backoff += 1
-                rolled = True
-        if rolled:
-            self.starved = True
-            self.pump(now_ns)
         return None
+
+    def _probe_answered(self, slot: ClientSlot, ts: int) -> None:
+        """The packet a timeout resent was answered (``ts``: the echoed
+        send time of the packet answered). The answer to a resend (sent at
+        ``probe_ts`` or later; 32-bit µs clock) means the original was lost:
+        go back N, the packets after it are resent. The original's answer
+        means the timeout was spurious: what is in flight is still coming."""
+        slot.probing = False
+        if (ts - slot.probe_ts) & U32 < 0x80000000:
+            self.credits += slot.num_tx - slot.num_rx
+            slot.num_tx = slot.num_rx
+            self.starved = True
+        else:
+            self.spurious_timeouts += 1
 
     def pause(self, gap_ns: int) -> None:
         """This end did not run for ``gap_ns`` (its process was stopped or
@@ -509,12 +534,12 @@ class ClientSession(ClientCore):
                 slot.progress += gap_ns
 
     def rto(self) -> int:
-        """The retransmission timeout (ns) of a slot's first rollback:
+        """The retransmission timeout (ns) of a slot's first timeout:
         ``rto_ns`` (eRPC's 5 ms), or the smoothed RTT plus four mean
         deviations if that is longer (TCP's estimate, RFC 6298): on a host
         whose RTT swings by milliseconds (processes descheduled) a swing is
-        not a loss. Each further rollback of a slot without progress doubles
-        it (``backoff``), so a peer stopped for a while gets a few rollbacks
+        not a loss. Each further timeout of a slot without progress doubles
+        it (``backoff``), so a peer stopped for a while gets a few resends
         rather than one per ``rto_ns``."""
         est = self.srtt_ns + 4 * self.rttvar_ns
         return est if est > self.rto_ns else self.rto_ns
@@ -560,6 +585,7 @@ class ClientSession(ClientCore):
             "withdrawn": self.withdrawn,
             "reconnects": self.reconnects,
             "retransmits": self.retransmits,
+            "spurious_timeouts": self.spurious_timeouts,
             "duplicates": self.duplicates,
             "stale": self.stale,
             "out_of_order": self.out_of_order,
