@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--peer-timeout", type=float, default=5.0)
     ap.add_argument("--cc", type=int, default=1)
     ap.add_argument("--limit", type=float, default=120.0, help="give up after this (s)")
+    ap.add_argument("--max-datagram", type=int, default=1472)
+    ap.add_argument("--window", type=int, default=8, help="calls in flight per session")
     args = ap.parse_args()
 
     loop = evpl.Loop()
@@ -51,7 +53,8 @@ def main() -> None:
         runs[n] += 1
         return struct.pack(">I", runs[n]) + bytes(req.body)[::-1]
 
-    server = Server(loop, args.backend, ("127.0.0.1", 0), gso=False)
+    server = Server(loop, args.backend, ("127.0.0.1", 0), gso=False,
+                    max_datagram=args.max_datagram)
     server.register(APPLY, apply)
     target = server.address
     if args.relay:
@@ -59,7 +62,8 @@ def main() -> None:
         host, port = sys.stdin.readline().strip().rsplit(":", 1)
         target = (host, int(port))
     clients = [Client(loop, args.backend, target, peer_timeout=args.peer_timeout,
-                      cc=bool(args.cc), gso=False) for _ in range(args.sessions)]
+                      cc=bool(args.cc), gso=False, max_datagram=args.max_datagram,
+                      window=args.window) for _ in range(args.sessions)]
     sizes = [int(s) for s in args.sizes.split(",")]
     rnd = random.Random(5)
     expected: dict[int, bytes] = {}
@@ -97,6 +101,7 @@ def main() -> None:
         "client_out_of_order": sum(s["out_of_order"] for s in stats),
         "client_stale": sum(s["stale"] for s in stats),
         "max_inflight": max(s["max_inflight"] for s in stats),
+        "placed": loop.stats()["placed"],
         "server": server.stats(),
         "elapsed": round(elapsed, 3),
         "goodput_mbit": round(payload_bytes * 8 / elapsed / 1e6, 2) if elapsed else 0,

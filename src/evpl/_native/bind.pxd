@@ -40,6 +40,16 @@ cdef class DatagramSink:
     # (on_datagrams) with a list of (Buffer, address) tuples
     cdef int dg_take(self, object bind, Buffer buf, object addr) except -1
     cdef int dg_end(self, object bind) except -1
+    # scatter receive (epoll udp): before a receive, dg_place says where the
+    # payload of its i-th datagram should land (after ``head`` bytes of
+    # header, which stay in the receive buffer), 0 bytes: in the receive
+    # buffer as usual (and for every later datagram of that receive); a
+    # datagram that landed there whole goes to dg_placed, which returns 1
+    # if it took it, 0 to have it put back together and given to dg_take
+    cdef Py_ssize_t dg_place(self, object bind, unsigned int i, char** dst,
+                             Py_ssize_t* head) noexcept
+    cdef int dg_placed(self, object bind, const char* hdr, Py_ssize_t length, char* dst,
+                       object addr) except -1
 
 
 cdef class Bind(_Source):
@@ -157,6 +167,8 @@ cdef class Bind(_Source):
     cdef object _rx_address(self, sockaddr* name, socklen_t namelen)
     cdef void _datagrams(self, Chunk* c, char* p, size_t n, size_t seg, addr)
     cdef void _dg_hand(self, Buffer buf, addr)
+    cdef bint _dg_placed(self, char* hdr, size_t n, char* dst, addr)
+    cdef void _sink_took(self)
     cdef void _call_datagrams(self, list batch)
     cdef bint _gso_refused(self, int err, size_t seg) noexcept
     cdef void _dgram_error(self, int err)

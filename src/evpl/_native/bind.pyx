@@ -141,6 +141,14 @@ cdef class DatagramSink:
     cdef int dg_end(self, object bind) except -1:
         return 0
 
+    cdef Py_ssize_t dg_place(self, object bind, unsigned int i, char** dst,
+                             Py_ssize_t* head) noexcept:
+        return 0
+
+    cdef int dg_placed(self, object bind, const char* hdr, Py_ssize_t length, char* dst,
+                       object addr) except -1:
+        return 0
+
 
 @cython.no_gc_clear
 cdef class Bind(_Source):
@@ -1275,12 +1283,7 @@ cdef class Bind(_Source):
                 self.sink.dg_take(self, buf, addr)
             except Exception as exc:
                 loop._callback_error(exc, self)
-            if self.txq.tail - self.txq.head >= SINK_FLUSH and self.state == S_OPEN:
-                # what the sink answered so far leaves now, not at the end of
-                # the batch: the peer works on it while this side takes the
-                # rest (a large drpc transfer otherwise alternates, each side
-                # idle while the other handles a whole window)
-                self._flush()
+            self._sink_took()
         elif self.cb_datagrams is not None:
             # delivered with the rest of the read batch (_flush_batch)
             if self.dg_batch is None:
@@ -1293,6 +1296,42 @@ cdef class Bind(_Source):
                 self.cb_datagram(self, buf, addr)
             except Exception as exc:
                 loop._callback_error(exc, self)
+
+    cdef void _sink_took(self):
+        """After the sink took a datagram: what it answered so far leaves
+        now once SINK_FLUSH datagrams wait, not at the end of the batch: the
+        peer works on them while this side takes the rest (a large drpc
+        transfer otherwise alternates, each side idle while the other
+        handles a whole window)."""
+        if self.txq.tail - self.txq.head >= SINK_FLUSH and self.state == S_OPEN:
+            self._flush()
+
+    cdef bint _dg_placed(self, char* hdr, size_t n, char* dst, addr):
+        """A datagram of ``n`` bytes that a scatter receive put where the
+        sink asked (its header at ``hdr``, the rest at ``dst``): True if the
+        sink took it as it lies; False (reading paused, or not what the
+        sink expected) to have it put back together and handed on as usual."""
+        cdef LoopCore loop = self.loop
+        cdef int took = 0
+        if self.reading_paused or self.backlog or self.sink is None:
+            return False
+        if not self.sink_batch:
+            self.sink_batch = True
+            loop._add_batch(self)
+        try:
+            took = self.sink.dg_placed(self, hdr, n, dst, addr)
+        except Exception as exc:
+            loop._callback_error(exc, self)
+            took = 1                        # (as dg_take's errors: the datagram is gone)
+        if not took:
+            return False
+        loop.stat_datagrams_in += 1
+        loop.stat_bytes_in += n
+        loop.stat_placed += 1
+        if self.idle_ns:
+            self.last_rx = evpl_now_ns()
+        self._sink_took()
+        return True
 
     cdef void _flush_batch(self):
         """End of a read batch: hand the datagrams collected for

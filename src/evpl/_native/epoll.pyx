@@ -313,17 +313,31 @@ cdef class EpollDatagram(EpollBind):
     # one. Each message offered is a header to fill: a one-at-a-time
     # request/response load filled 64 of them per datagram
     cdef unsigned int rx_want
+    # scatter receive: where the sink asked each datagram of the laid-out
+    # receive to land (after place_head bytes), NULL where it did not
+    cdef char* place_dst[MAX_MMSG]
+    cdef Py_ssize_t place_len[MAX_MMSG]
+    cdef Py_ssize_t place_head
+    cdef bint placing
 
     cdef unsigned int _rx_fill(self):
         """Lay out the loop's recvmmsg array over its receive chunk for this
-        socket; the number of messages offered (0: no pool memory)."""
+        socket; the number of messages offered (0: no pool memory). A sink
+        that asks for it (``dg_place``) gets a datagram's payload straight
+        where it wants it: the message's iovecs are the header's bytes in
+        the chunk, the sink's memory, then the rest of the chunk slot."""
         cdef LoopCore loop = self.loop
         cdef mmsghdr* mm = loop.mmsg
         cdef iovec* iov = loop.iov
         cdef sockaddr_in6* names = loop.names
-        cdef unsigned int vlen, i, want
+        cdef unsigned int vlen, i, want, nio = 0
         cdef size_t stride = self.stride
+        cdef size_t room = stride if self.gro else self.max_datagram
         cdef char* base
+        cdef char* slot
+        cdef char* dst = NULL
+        cdef Py_ssize_t dlen, head = 0
+        cdef bint placing = self.sink is not None
         if loop._rx_reserve(stride) < 0:
             return 0
         base = loop.rx_chunk.data + loop.rx_used
@@ -331,12 +345,38 @@ cdef class EpollDatagram(EpollBind):
         want = self.rx_want if self.rx_want else MAX_MMSG
         if vlen > want:
             vlen = want
+        self.placing = False
         for i in range(vlen):
-            iov[i].iov_base = base + i * stride
-            # with GRO a train may fill the whole slot
-            iov[i].iov_len = stride if self.gro else self.max_datagram
-            mm[i].msg_hdr.msg_iov = &iov[i]
-            mm[i].msg_hdr.msg_iovlen = 1
+            slot = base + i * stride
+            mm[i].msg_hdr.msg_iov = &iov[nio]
+            dlen = 0
+            if placing:
+                dlen = self.sink.dg_place(self, i, &dst, &head)
+                # (the slot keeps room for the whole datagram, put back
+                # together, if it is not what the sink expected)
+                if dlen <= 0 or head < 0 or <size_t>(head + dlen) > room:
+                    placing = False
+                    dlen = 0
+            if dlen:
+                self.placing = True
+                self.place_head = head
+                self.place_dst[i] = dst
+                self.place_len[i] = dlen
+                iov[nio].iov_base = slot
+                iov[nio].iov_len = head
+                iov[nio + 1].iov_base = dst
+                iov[nio + 1].iov_len = dlen
+                iov[nio + 2].iov_base = slot + head
+                iov[nio + 2].iov_len = room - head - dlen
+                mm[i].msg_hdr.msg_iovlen = 3
+                nio += 3
+            else:
+                self.place_dst[i] = NULL
+                iov[nio].iov_base = slot
+                # with GRO a train may fill the whole slot
+                iov[nio].iov_len = room
+                mm[i].msg_hdr.msg_iovlen = 1
+                nio += 1
             mm[i].msg_hdr.msg_name = &names[i]
             mm[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
             if self.gro:
@@ -353,25 +393,27 @@ cdef class EpollDatagram(EpollBind):
         ``_rx_fill`` laid out (``vlen`` messages) received."""
         cdef LoopCore loop = self.loop
         cdef mmsghdr* mm = loop.mmsg
-        cdef iovec* iov = loop.iov
         cdef sockaddr_in6* names = loop.names
         cdef unsigned int i
-        cdef size_t seg, length = 0
+        cdef size_t seg, length = 0, k, over
         cdef char* p = NULL
         cdef char* end = loop.rx_chunk.data + loop.rx_used
         cdef object addr
-        if self.gro:
+        if self.placing:
+            # slots as laid out (no packing: these datagrams are large)
+            loop.rx_used += (n - 1) * self.stride + mm[n - 1].msg_len
+        elif self.gro:
             # 64 KiB slots: a short datagram moves down next to the one
             # before it (a copy of at most PACK_MAX bytes), so a batch of
             # separate datagrams fills the chunk as densely as slots of
             # max_datagram would; a long one (a train) stays where it landed
             for i in range(<unsigned int>n):
-                p = <char*>iov[i].iov_base
+                p = <char*>mm[i].msg_hdr.msg_iov[0].iov_base
                 length = mm[i].msg_len
                 if length <= PACK_MAX and p != end:
                     memmove(end, p, length)
                     p = end
-                    iov[i].iov_base = p
+                    mm[i].msg_hdr.msg_iov[0].iov_base = p
                 end = p + ((length + 63) & ~(<size_t>63))
             loop.rx_used = p + length - loop.rx_chunk.data
         else:
@@ -390,7 +432,23 @@ cdef class EpollDatagram(EpollBind):
             if self.gro and mm[i].msg_hdr.msg_controllen:
                 seg = evpl_gro_size(&loop.dg_rctl[i * 3], mm[i].msg_hdr.msg_controllen)
             addr = self._rx_address(<sockaddr*>&names[i], mm[i].msg_hdr.msg_namelen)
-            self._datagrams(loop.rx_chunk, <char*>iov[i].iov_base, mm[i].msg_len, seg, addr)
+            p = <char*>mm[i].msg_hdr.msg_iov[0].iov_base
+            length = mm[i].msg_len
+            if self.placing and self.place_dst[i] != NULL and \
+                    length > <size_t>self.place_head:
+                k = length - self.place_head
+                if k > <size_t>self.place_len[i]:
+                    k = self.place_len[i]
+                over = length - self.place_head - k
+                if over == 0 and (seg == 0 or seg >= length) and \
+                        self._dg_placed(p, length, self.place_dst[i], addr):
+                    if self.state != S_OPEN:
+                        return
+                    continue
+                # not what the sink expected: whole again in the slot
+                memmove(p + self.place_head + k, p + self.place_head, over)
+                memcpy(p + self.place_head, self.place_dst[i], k)
+            self._datagrams(loop.rx_chunk, p, length, seg, addr)
             if self.state != S_OPEN:
                 return
 

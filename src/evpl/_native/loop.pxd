@@ -156,6 +156,7 @@ cdef class LoopCore:
     cdef size_t stat_truncated, stat_partial_copies, stat_callback_errors, stat_paused
     cdef size_t stat_accept_errors, stat_starved, stat_timers_fired, stat_zc_sends
     cdef size_t stat_gso_sends, stat_gso_refused, stat_gro_receives, stat_timeouts
+    cdef size_t stat_placed      # datagrams a scatter receive put where the sink asked
     cdef size_t stat_idle_trims
     cdef size_t stat_spin_reads # spin rounds that read a socket directly
     cdef size_t stat_spin_hits  # ... and found data (or an error) there

@@ -1147,6 +1147,7 @@ cdef class LoopCore:
             "gso_sends": self.stat_gso_sends,
             "gso_refused": self.stat_gso_refused,
             "gro_receives": self.stat_gro_receives,
+            "placed": self.stat_placed,
             "completions": 0,
             "ring_buffers": 0,
             "ring_rearm": 0,

@@ -60,6 +60,10 @@ DEF RFR_BATCH = 16      # credits a ranged RFR waits for before it is sent mid-b
 # sleeping through it costs a wake-up per window (on a VM, tens to hundreds
 # of microseconds each)
 DEF TRANSFER_POLL_NS = 1_000_000
+# scatter receive: response packets land straight in the message when the
+# session's packets carry more than this (two of them never share one
+# receive, which UDP GRO could otherwise coalesce)
+DEF PLACE_MIN = 32767
 
 # server slot states (session.py names them)
 DEF FREE = 0
@@ -209,8 +213,23 @@ cdef class Port(DatagramSink):
         self._begin()
         return item(self.core, buf, addr, buf.ptr, buf.length, self.now)
 
+    cdef Py_ssize_t dg_place(self, object bind, unsigned int i, char** dst,
+                             Py_ssize_t* head) noexcept:
+        if isinstance(self.core, ClientCore):
+            return (<ClientCore>self.core)._place(i, dst, head)
+        return 0
+
+    cdef int dg_placed(self, object bind, const char* hdr, Py_ssize_t length, char* dst,
+                       object addr) except -1:
+        self._begin()
+        if isinstance(self.core, ClientCore):
+            return (<ClientCore>self.core)._take_placed(hdr, length, dst, self.now)
+        return 0
+
     cdef int dg_end(self, object bind) except -1:
         core = self.core
+        if isinstance(core, ClientCore):
+            (<ClientCore>core).place_hold = None
         if self.in_batch:
             self.in_batch = False
             if isinstance(core, ClientCore):
@@ -418,6 +437,8 @@ cdef class ClientCore:
     cdef public bint starved
     cdef public bint rfr_range          # the server answers ranged RFRs (CONNECT_OK)
     cdef ClientSlot pull_slot           # asks for its next packets at the batch's end
+    cdef ClientSlot place_slot          # the slot a scatter receive is laid out for
+    cdef object place_hold              # its response Buffer, alive until delivered
     cdef object _cc
     cdef double cc_t_low_ns
     cdef bint cc_uncongested            # at the link rate: no pacing, samples skipped
@@ -606,7 +627,7 @@ cdef class ClientCore:
         multi-packet request; False for any other packet."""
         cdef Header h
         cdef ClientSlot slot
-        cdef int64_t off, j, rtt
+        cdef int64_t off, j
         cdef Py_ssize_t nbody = length - HEADER_SIZE
         if not parse(<const unsigned char*>data, length, &h) or \
                 (h.ptype != RESP and h.ptype != CR) or \
@@ -650,10 +671,17 @@ cdef class ClientCore:
                     or off + nbody > slot._view.len:
                 return False
             memcpy(<char*>slot._view.buf + off, data + HEADER_SIZE, nbody)
+        self._next(slot, j, h.flags, h.ts, now_ns, now_us)
+        return True
+
+    cdef int _next(self, ClientSlot slot, int64_t j, int flags, uint32_t ts, int64_t now_ns,
+                   uint32_t now_us) except -1:
+        """Answer ``j`` of the slot came in order and is in its place: the
+        credit back, the RTT sample, then the call done or its next packets
+        asked for."""
         self._answered(slot, j, now_ns)
-        if not h.flags & FLAG_NO_RTT:
-            rtt = <int64_t>(<uint32_t>(now_us - h.ts)) * 1000
-            self._sample(rtt, now_ns)
+        if not flags & FLAG_NO_RTT:
+            self._sample(<int64_t>(<uint32_t>(now_us - ts)) * 1000, now_ns)
         if slot.num_rx == slot.n_req + slot.n_resp - 1:
             self._done(slot, now_ns)
         elif self.credits:
@@ -665,7 +693,67 @@ cdef class ClientCore:
                 self.pull_slot = slot
             else:
                 self._pull(slot, now_ns)
-        return True
+        return 0
+
+    cdef Py_ssize_t _place(self, unsigned int i, char** dst, Py_ssize_t* head) noexcept:
+        """Scatter receive (``Port.dg_place``): where the payload of the
+        ``i``-th datagram of the next receive should land, when one slot is
+        pulling a response of large packets into a pool Buffer: the place
+        of its ``i``-th packet still to come (0: nowhere)."""
+        cdef ClientSlot slot, s
+        cdef Py_ssize_t k
+        cdef int64_t j, pkt, off
+        if i == 0:
+            self.place_slot = None
+            self.place_hold = None
+            if self.payload <= PLACE_MIN or self.send_bind is None or self.slots is None:
+                return 0
+            for k in range(len(self.slots)):
+                s = <ClientSlot>PyList_GET_ITEM(self.slots, k)
+                if s.busy and s.n_resp > 1 and s._held and not s.probing and \
+                        s.num_rx >= s.n_req and s.num_tx > s.num_rx and type(s.resp) is Buffer:
+                    if self.place_slot is not None:
+                        self.place_slot = None      # two pulling: their packets mix
+                        return 0
+                    self.place_slot = s
+            if self.place_slot is None:
+                return 0
+            self.place_hold = self.place_slot.resp
+        slot = self.place_slot
+        if slot is None:
+            return 0
+        j = slot.num_rx + i
+        pkt = j - slot.n_req + 1
+        off = pkt * self.payload
+        if j >= slot.num_tx or pkt < 1 or pkt >= slot.n_resp or off >= slot.resp_size or \
+                slot.resp_size > slot._view.len:
+            return 0
+        dst[0] = <char*>slot._view.buf + off
+        head[0] = HEADER_SIZE
+        return self.payload if off + self.payload <= slot.resp_size else slot.resp_size - off
+
+    cdef int _take_placed(self, const char* hdr, Py_ssize_t length, char* dst,
+                          int64_t now_ns) except -1:
+        """A datagram a scatter receive laid out as ``_place`` asked (header
+        at ``hdr``, payload at ``dst``): 1 if it is that packet, in order,
+        and so already where it belongs; 0 for the usual path."""
+        cdef Header h
+        cdef ClientSlot slot = self.place_slot
+        cdef int64_t j, off
+        cdef Py_ssize_t nbody = length - HEADER_SIZE
+        if slot is None or not parse(<const unsigned char*>hdr, length, &h) or \
+                h.ptype != RESP or h.session != self.client_session or \
+                h.flags & FLAG_ERROR or not slot.busy or slot.probing or not slot._held or \
+                <int64_t>h.req_num != slot.req_num:
+            return 0
+        j = slot.n_req - 1 + h.pkt_num
+        off = <int64_t>h.pkt_num * self.payload
+        if j != slot.num_rx or h.pkt_num == 0 or h.pkt_num >= slot.n_resp or \
+                h.msg_size != slot.resp_size or dst != <char*>slot._view.buf + off or \
+                nbody != (self.payload if off + self.payload <= h.msg_size else h.msg_size - off):
+            return 0
+        self._next(slot, j, h.flags, h.ts, now_ns, <uint32_t>(now_ns // 1000))
+        return 1
 
     cdef int _answered(self, ClientSlot slot, int64_t j, int64_t now_ns) except -1:
         """Packet ``j`` of the slot's call was answered, in order (the C path
