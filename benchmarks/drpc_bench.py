@@ -272,6 +272,7 @@ def client(stack: str, load: str, port: int, depth: int, warmup: float, duration
             st = c.stats()          # what the wall clock alone does not say
             out["retransmits"] = st["retransmits"]
             out["rate_gbps"] = st["rate_bps"] / 1e9
+        out["loop_sleeps"] = loop.stats()["sleeps"]     # the client's hybrid loop
         return out
     if stack in ("asyncio-udp", "uvloop-udp"):
         if stack == "uvloop-udp":
@@ -440,7 +441,8 @@ def _short(out: dict[str, Any]) -> str:
     return (f"{out['calls_per_s']:,.0f} calls/s  {out['gbit_per_s']:.2f} Gbit/s  "
             f"p50 {out['p50_us']:.0f} us  p99 {out['p99_us']:.0f} us" +
             (f"  retransmits {out['retransmits']}  rate {out['rate_gbps']:.1f} Gbit/s"
-             if "retransmits" in out else ""))
+             if "retransmits" in out else "") +
+            (f"  client sleeps {out['loop_sleeps']}" if "loop_sleeps" in out else ""))
 
 
 def _ratios(med: dict[str, float], stack: str, higher: bool) -> Callable[[str], str]:
