@@ -689,3 +689,24 @@ def test_large_response_packets_land_in_the_message(loop, datagram_backend) -> N
         assert placed == 0
     client.close()
     server.close()
+
+
+def test_credits_are_capped_at_inflight_bytes(loop) -> None:
+    """A session keeps at most ``inflight_bytes`` (1 MiB) of datagrams in
+    flight: 16 credits of 64 KB datagrams, not the 32 granted; 1472-byte
+    datagrams keep all 32; a larger cap uses every credit granted. The cap
+    holds in flight (``max_inflight``) and the responses are exact."""
+    server = serve(loop, "udp", max_datagram=65507)
+    cases = [(65507, None, 16), (65507, 4 << 20, 32), (65507, 100_000, 1), (1472, None, 32)]
+    for dgram, cap, credits in cases:
+        extra = {} if cap is None else {"inflight_bytes": cap}
+        client = Client(loop, "udp", server.address, max_datagram=dgram, **extra)
+        m = random.Random(dgram).randbytes(3 << 20)
+        assert bytes(client.wait(client.call(REVERSE, m), TIMEOUT * 6)) == m[::-1]
+        st = client.stats()
+        assert st["credits"] == credits, (dgram, cap, st["credits"])
+        assert 1 <= st["max_inflight"] <= credits
+        client.close()
+    with pytest.raises(evpl.ConfigError):
+        Client(loop, "udp", server.address, inflight_bytes=0)
+    server.close()

@@ -128,6 +128,10 @@ class Client:
 
     ``window``, ``credits``, ``max_message``, ``max_datagram``: what the
     client asks for (the server may grant less; see ``stats()``).
+    ``inflight_bytes`` (1 MiB) caps the credits the session uses at that
+    many bytes of datagrams in flight: 16 of 64 KB datagrams rather than
+    32, whose 2 MiB queued on the path is delay that Timely reads as
+    congestion (32 of 1472 bytes are 46 KB: no cap).
     ``rto``: retransmission timeout in seconds (eRPC: 5 ms); the session
     uses its smoothed RTT plus four deviations when that is longer, and
     doubles a request's timeout per timeout without progress. A timeout
@@ -153,9 +157,11 @@ class Client:
                  credits: int = 32, max_message: int = 8 << 20, max_datagram: int = 1472,
                  rto: float = 0.005, peer_timeout: float = 1.0, cc: bool = True,
                  link_rate: float = 10e9, timely: dict[str, Any] | None = None,
-                 local_address: Any = None, **options: Any) -> None:
+                 local_address: Any = None, inflight_bytes: int = 1 << 20,
+                 **options: Any) -> None:
         loop = engine_loop(loop, "drpc")
         for name, v, lo, hi in (("window", window, 1, 1024), ("credits", credits, 1, 65535),
+                                ("inflight_bytes", inflight_bytes, 1, 1 << 40),
                                 ("max_message", max_message, 0, 0xFFFFFFFF),
                                 ("max_datagram", max_datagram, HEADER_SIZE + 1, 65507)):
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
@@ -175,7 +181,8 @@ class Client:
         # session; its receive buffer holds a window's worth of answers
         # (each packet in flight can bring one back), else the kernel drops
         # them and the session waits for its retransmission timeout
-        options.setdefault("rcvbuf", min(max(256 << 10, 2 * credits * (max_datagram + 1024)),
+        used = min(credits, max(1, inflight_bytes // max_datagram))   # (see inflight_bytes)
+        options.setdefault("rcvbuf", min(max(256 << 10, 2 * used * (max_datagram + 1024)),
                                          16 << 20))
         self._handler = _Handler(self)
         if local_address is None:
@@ -196,7 +203,7 @@ class Client:
             self._send, self._out, peer=peer, client_session=random.getrandbits(32) or 1,
             window=window, credits=credits, max_message=max_message, max_datagram=max_datagram,
             rto_ns=int(rto * 1e9), peer_timeout_ns=int(peer_timeout * 1e9), cc=timely_cc,
-            alloc=message_allocator(loop.pool))
+            alloc=message_allocator(loop.pool), inflight_bytes=inflight_bytes)
         if local_address is None:
             self.session.send_bind = self.bind      # its send, called in C
         self._submit = self.session.submit

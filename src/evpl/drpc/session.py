@@ -139,7 +139,8 @@ class ClientSession(ClientCore):
     of ``n`` bytes for a multi-packet response. ``cc`` is the session's
     Timely (``None``: no congestion control). ``peer``: the server's
     address, for a socket that may receive from others (packets from
-    anywhere else are dropped as ``bad_session``).
+    anywhere else are dropped as ``bad_session``). ``inflight_bytes``
+    caps the credits used to that many bytes of datagrams in flight.
     """
 
     def __init__(self, send_now: Callable[[Any], Any], out: Callable[[Any, Any, int], Any], *,
@@ -147,8 +148,10 @@ class ClientSession(ClientCore):
                  window: int = 8, credits: int = 32, max_message: int = 8 << 20,
                  max_datagram: int = 1472, rto_ns: int = 5_000_000,
                  peer_timeout_ns: int = 1_000_000_000, cc: Timely | None = None,
-                 alloc: Callable[[int], Any] = bytearray, peer: Any = None) -> None:
+                 alloc: Callable[[int], Any] = bytearray, peer: Any = None,
+                 inflight_bytes: int = 1 << 20) -> None:
         self.peer = peer                    # not None: drop packets from other addresses
+        self.inflight_bytes = inflight_bytes
         self.send_now = send_now
         self.out = out
         self.alloc = alloc
@@ -216,7 +219,11 @@ class ClientSession(ClientCore):
         self.rfr_range = rfr_range
         self.server_session = ok.server_session
         self.window = ok.window
-        self.credits_total = self.credits = ok.credits
+        # at most inflight_bytes in flight: 16 credits of 64 KB datagrams,
+        # not 32 (2 MiB queued on a path is milliseconds of delay, which
+        # Timely reads as congestion)
+        self.credits_total = self.credits = min(ok.credits,
+                                                max(1, self.inflight_bytes // ok.max_datagram))
         self.max_message = min(self.max_message, ok.max_message)
         self.max_datagram = ok.max_datagram
         self.payload = ok.max_datagram - HEADER_SIZE
