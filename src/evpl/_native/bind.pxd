@@ -168,6 +168,7 @@ cdef class Bind(_Source):
     cdef void _datagrams(self, Chunk* c, char* p, size_t n, size_t seg, addr)
     cdef void _dg_hand(self, Buffer buf, addr)
     cdef bint _dg_placed(self, char* hdr, size_t n, char* dst, addr)
+    cdef void _sink_batch(self)
     cdef void _sink_took(self)
     cdef void _call_datagrams(self, list batch)
     cdef bint _gso_refused(self, int err, size_t seg) noexcept

@@ -1276,9 +1276,7 @@ cdef class Bind(_Source):
                 self.backlog = []
             self.backlog.append((buf, addr))
         elif self.sink is not None:
-            if not self.sink_batch:             # dg_end at the batch's end
-                self.sink_batch = True
-                loop._add_batch(self)
+            self._sink_batch()
             try:
                 self.sink.dg_take(self, buf, addr)
             except Exception as exc:
@@ -1296,6 +1294,13 @@ cdef class Bind(_Source):
                 self.cb_datagram(self, buf, addr)
             except Exception as exc:
                 loop._callback_error(exc, self)
+
+    cdef void _sink_batch(self):
+        """A datagram for the sink: the read batch it belongs to ends with
+        the sink's dg_end."""
+        if not self.sink_batch:
+            self.sink_batch = True
+            self.loop._add_batch(self)
 
     cdef void _sink_took(self):
         """After the sink took a datagram: what it answered so far leaves
@@ -1315,9 +1320,7 @@ cdef class Bind(_Source):
         cdef int took = 0
         if self.reading_paused or self.backlog or self.sink is None:
             return False
-        if not self.sink_batch:
-            self.sink_batch = True
-            loop._add_batch(self)
+        self._sink_batch()
         try:
             took = self.sink.dg_placed(self, hdr, n, dst, addr)
         except Exception as exc:

@@ -178,6 +178,12 @@ cdef inline int64_t monotonic_ns() noexcept:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+cdef inline int64_t packet_len(int64_t payload, int64_t off, int64_t size) noexcept:
+    """The payload bytes of the packet at ``off`` of a ``size``-byte
+    message cut into ``payload``-byte packets (the last may be shorter)."""
+    return payload if off + payload <= size else size - off
+
+
 cdef inline void transfer_goes_on(Bind bind, int64_t now_ns) noexcept:
     """This end just sent packets of a transfer that the peer answers as it
     takes them (RFRs, credit returns, response packets asked for): keep
@@ -645,9 +651,7 @@ cdef class ClientCore:
             if <int64_t>h.pkt_num + 1 >= slot.n_req or <int64_t>h.pkt_num != slot.num_rx or \
                     nbody != 0:
                 return False
-            self._answered(slot, h.pkt_num, now_ns)
-            if not h.flags & FLAG_NO_RTT:
-                self._sample(<int64_t>(<uint32_t>(now_us - h.ts)) * 1000, now_ns)
+            self._answer(slot, h.pkt_num, h.flags, h.ts, now_ns, now_us)
             if self.credits and slot.num_tx < slot.n_req:
                 self._send_request(slot, now_ns)
             return True
@@ -667,8 +671,7 @@ cdef class ClientCore:
                     h.pkt_num >= slot.n_resp or slot.resp_flags & FLAG_ERROR:
                 return False
             off = <int64_t>h.pkt_num * self.payload
-            if nbody != (self.payload if off + self.payload <= h.msg_size else h.msg_size - off) \
-                    or off + nbody > slot._view.len:
+            if nbody != packet_len(self.payload, off, h.msg_size) or off + nbody > slot._view.len:
                 return False
             memcpy(<char*>slot._view.buf + off, data + HEADER_SIZE, nbody)
         self._next(slot, j, h.flags, h.ts, now_ns, now_us)
@@ -679,9 +682,7 @@ cdef class ClientCore:
         """Answer ``j`` of the slot came in order and is in its place: the
         credit back, the RTT sample, then the call done or its next packets
         asked for."""
-        self._answered(slot, j, now_ns)
-        if not flags & FLAG_NO_RTT:
-            self._sample(<int64_t>(<uint32_t>(now_us - ts)) * 1000, now_ns)
+        self._answer(slot, j, flags, ts, now_ns, now_us)
         if slot.num_rx == slot.n_req + slot.n_resp - 1:
             self._done(slot, now_ns)
         elif self.credits:
@@ -693,6 +694,15 @@ cdef class ClientCore:
                 self.pull_slot = slot
             else:
                 self._pull(slot, now_ns)
+        return 0
+
+    cdef inline int _answer(self, ClientSlot slot, int64_t j, int flags, uint32_t ts,
+                            int64_t now_ns, uint32_t now_us) except -1:
+        """Answer ``j`` came in order: its credit back, and its RTT sample
+        unless the server flagged it late."""
+        self._answered(slot, j, now_ns)
+        if not flags & FLAG_NO_RTT:
+            self._sample(<int64_t>(<uint32_t>(now_us - ts)) * 1000, now_ns)
         return 0
 
     cdef Py_ssize_t _place(self, unsigned int i, char** dst, Py_ssize_t* head) noexcept:
@@ -711,7 +721,8 @@ cdef class ClientCore:
             for k in range(len(self.slots)):
                 s = <ClientSlot>PyList_GET_ITEM(self.slots, k)
                 if s.busy and s.n_resp > 1 and s._held and not s.probing and \
-                        s.num_rx >= s.n_req and s.num_tx > s.num_rx and type(s.resp) is Buffer:
+                        s.num_rx >= s.n_req and s.num_tx > s.num_rx and \
+                        type(s.resp) is Buffer and s._view.len >= s.resp_size:
                     if self.place_slot is not None:
                         self.place_slot = None      # two pulling: their packets mix
                         return 0
@@ -725,12 +736,11 @@ cdef class ClientCore:
         j = slot.num_rx + i
         pkt = j - slot.n_req + 1
         off = pkt * self.payload
-        if j >= slot.num_tx or pkt < 1 or pkt >= slot.n_resp or off >= slot.resp_size or \
-                slot.resp_size > slot._view.len:
+        if j >= slot.num_tx or pkt < 1 or pkt >= slot.n_resp or off >= slot.resp_size:
             return 0
         dst[0] = <char*>slot._view.buf + off
         head[0] = HEADER_SIZE
-        return self.payload if off + self.payload <= slot.resp_size else slot.resp_size - off
+        return packet_len(self.payload, off, slot.resp_size)
 
     cdef int _take_placed(self, const char* hdr, Py_ssize_t length, char* dst,
                           int64_t now_ns) except -1:
@@ -750,7 +760,7 @@ cdef class ClientCore:
         off = <int64_t>h.pkt_num * self.payload
         if j != slot.num_rx or h.pkt_num == 0 or h.pkt_num >= slot.n_resp or \
                 h.msg_size != slot.resp_size or dst != <char*>slot._view.buf + off or \
-                nbody != (self.payload if off + self.payload <= h.msg_size else h.msg_size - off):
+                nbody != packet_len(self.payload, off, h.msg_size):
             return 0
         self._next(slot, j, h.flags, h.ts, now_ns, <uint32_t>(now_ns // 1000))
         return 1
@@ -1026,8 +1036,7 @@ cdef class ServerCore:
                     last = slot.n_resp
                 for k in range(h.pkt_num, last):
                     off = k * sess.payload
-                    size = sess.payload if off + sess.payload <= slot.resp_size else \
-                        slot.resp_size - off
+                    size = packet_len(sess.payload, off, slot.resp_size)
                     self._send_packet(RESP, slot.req_type, slot.flags, sess.client_session,
                                       h.req_num, <uint32_t>slot.resp_size, <uint32_t>k, h.ts,
                                       slot.resp, <const char*>rview.buf + off, size, addr)

@@ -39,7 +39,13 @@ from evpl.core.handler import Handler
 from evpl.core.loop import engine_loop, running_aio_loop
 from evpl.drpc._fast import Caller, Port
 from evpl.drpc.cc import Timely
-from evpl.drpc.session import CallTimeout, ClientSession, PeerDead, SessionClosed
+from evpl.drpc.session import (
+    CallTimeout,
+    ClientSession,
+    PeerDead,
+    SessionClosed,
+    credits_used,
+)
 from evpl.drpc.wire import HEADER_SIZE, TS_OFFSET
 from evpl.errors import ConfigError, EvplError
 
@@ -181,7 +187,7 @@ class Client:
         # session; its receive buffer holds a window's worth of answers
         # (each packet in flight can bring one back), else the kernel drops
         # them and the session waits for its retransmission timeout
-        used = min(credits, max(1, inflight_bytes // max_datagram))   # (see inflight_bytes)
+        used = credits_used(credits, inflight_bytes, max_datagram)
         options.setdefault("rcvbuf", min(max(256 << 10, 2 * used * (max_datagram + 1024)),
                                          16 << 20))
         self._handler = _Handler(self)

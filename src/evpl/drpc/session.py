@@ -122,6 +122,14 @@ class CallTimeout(DrpcError, TimeoutError):
 
 # -- client ---------------------------------------------------------------------
 
+def credits_used(credits: int, inflight_bytes: int, max_datagram: int) -> int:
+    """The credits a client session uses of ``credits``: at most
+    ``inflight_bytes`` of ``max_datagram``-byte datagrams in flight (16 of
+    64 KB datagrams, not 32: 2 MiB queued on a path is milliseconds of
+    delay, which Timely reads as congestion), at least one."""
+    return min(credits, max(1, inflight_bytes // max_datagram))
+
+
 # a slot's RTO doubles with each timeout without progress, up to 2**6 times
 # the base one (5 ms: 320 ms; peer_timeout still ends a dead session)
 MAX_BACKOFF = 6
@@ -219,11 +227,8 @@ class ClientSession(ClientCore):
         self.rfr_range = rfr_range
         self.server_session = ok.server_session
         self.window = ok.window
-        # at most inflight_bytes in flight: 16 credits of 64 KB datagrams,
-        # not 32 (2 MiB queued on a path is milliseconds of delay, which
-        # Timely reads as congestion)
-        self.credits_total = self.credits = min(ok.credits,
-                                                max(1, self.inflight_bytes // ok.max_datagram))
+        self.credits_total = self.credits = credits_used(ok.credits, self.inflight_bytes,
+                                                         ok.max_datagram)
         self.max_message = min(self.max_message, ok.max_message)
         self.max_datagram = ok.max_datagram
         self.payload = ok.max_datagram - HEADER_SIZE
