@@ -710,3 +710,34 @@ def test_credits_are_capped_at_inflight_bytes(loop) -> None:
     with pytest.raises(evpl.ConfigError):
         Client(loop, "udp", server.address, inflight_bytes=0)
     server.close()
+
+
+def test_paced_packets_are_built_when_they_leave(loop, datagram_backend) -> None:
+    """With Timely held below the link rate (every RTT above ``t_high``)
+    the client paces every packet through the loop's timing wheel: multi-
+    packet requests in bytes and in a Buffer, and the RFRs of multi-packet
+    responses. The wheel holds references, not packets: each packet is
+    built when it leaves. Both ways the bytes are exact."""
+    server = serve(loop, datagram_backend)
+    slow = {"t_low": 0.0, "t_high": 1e-9, "min_rate": 50e6}
+    client = Client(loop, datagram_backend, server.address, link_rate=1e9, timely=slow)
+    sess = client.session
+    sess.cc.rate = 100e6                    # congested from the start
+    sess.cc = sess.cc
+    assert not sess.uncongested
+    rnd = random.Random(5)
+    m = rnd.randbytes(300_000)
+    buf = loop.pool.allocate(100_000)
+    body = rnd.randbytes(100_000)
+    memoryview(buf)[:] = body
+    calls = [client.call(REVERSE, m), client.call(ECHO, buf), client.call(ECHO, b"small")]
+    del buf                                 # the call holds it until done
+    got = [bytes(client.wait(c, TIMEOUT * 6)) for c in calls]
+    assert got == [m[::-1], body, b"small"]
+    wheel = loop._drpc_wheel
+    # 279 request packets and 276 RFRs (1444-byte payloads), all paced
+    # but the few sent at once
+    assert wheel.sent > 400 and wheel.failed == 0, wheel.stats()
+    assert not sess.uncongested
+    client.close()
+    server.close()

@@ -33,8 +33,8 @@ def exchange(seed: int, loss: float, dup: float, late: float, sizes: list[int],
     def to_server(data: object) -> None:
         wire.append(("s", bytes(data)))       # type: ignore[arg-type]
 
-    def paced(data: object, tag: object, when: int) -> None:
-        to_server(data)                       # no pacing here: cc is off
+    def paced(item: object, tag: object, when: int) -> None:
+        client.send_paced(item, when)         # no pacing here: cc is off
 
     def to_client(data: object, addr: object) -> None:
         wire.append(("c", bytes(data)))       # type: ignore[arg-type]
@@ -160,12 +160,20 @@ def _paced_pair(credits: int, max_datagram: int) -> tuple[
     wheel: list[tuple[bytes, int]] = []
     to_client: list[bytes] = []
 
-    def pace(data: object, tag: object, when: int) -> None:
-        wheel.append((bytes(data), when))     # type: ignore[arg-type]
+    def pace(item: object, tag: object, when: int) -> None:
+        # the packet the pacer will send (send_paced builds it then)
+        out: list[bytes] = []
+        client.send_now = lambda d: out.append(bytes(d))
+        client.send_paced(item, when)
+        client.send_now = send_now
+        wheel.append((out[0], when))
         tag.queued += 1                       # type: ignore[attr-defined]
 
+    def send_now(data: object) -> None:
+        sent.append(bytes(data))              # type: ignore[arg-type]
+
     cc = Timely(10e9, t_low=50e-6, t_high=1e-3, min_rtt=10e-6, min_rate=1e6)
-    client = ClientSession(lambda d: sent.append(bytes(d)), pace, client_session=7, window=1,
+    client = ClientSession(send_now, pace, client_session=7, window=1,
                            credits=credits, max_datagram=max_datagram, rto_ns=RTO,
                            peer_timeout_ns=10**15, cc=cc)
     server = ServerEndpoint(lambda d, a: to_client.append(bytes(d)),
@@ -374,3 +382,34 @@ def test_a_client_that_did_not_run_does_not_count_that_time() -> None:
     assert client.retransmits == 0
     client.tick(27_000_000)                    # 5 ms of silence heard after it
     assert client.retransmits == 1 and len(to_server) == 2
+
+
+def test_a_paced_packet_is_built_when_it_leaves() -> None:
+    """The pacer holds ``(slot, req_num, i)``, not a packet: ``send_paced``
+    builds request packet ``i`` when its time comes, stamped with that
+    time (the RTT must not count the wait), and sends nothing once the
+    call is over (here: the session failed)."""
+    items: list[tuple[object, int]] = []
+
+    def pace(item: object, tag: object, when: int) -> None:
+        items.append((item, when))
+        tag.queued += 1                       # type: ignore[attr-defined]
+
+    client, _server, to_server, _ = _connected_pair(window=1, credits=4)
+    client.out = pace
+    cc = Timely(10e9, t_low=50e-6, t_high=1e-3, min_rtt=10e-6, min_rate=1e6)
+    cc.rate = 1e9
+    client.cc = cc
+    to_server.clear()
+    body = bytes(range(250))                  # 3 packets of up to 100 bytes
+    client.submit(1, body, lambda r, e: None, 1_000)
+    assert len(to_server) == 1 and [w for _, w in items] == [1_000 + 1024, 1_000 + 2048]
+    to_server.clear()
+    client.send_paced(items[0][0], 77_000)
+    (pkt,) = to_server
+    ptype, _rt, _flags, _sess, _req, size, pkt_num, ts = parse_header(pkt)
+    assert (ptype, size, pkt_num, ts) == (PacketType.REQ, 250, 1, 77)
+    assert pkt[28:] == body[100:200]
+    client.fail(RuntimeError("gone"))
+    client.send_paced(items[1][0], 80_000)
+    assert len(to_server) == 1

@@ -798,24 +798,55 @@ cdef class ClientCore:
         self.send_bind._send_parts(hdr, HEADER_SIZE, owner, data, n)
         return 0
 
+    def send_one(self, ClientSlot slot, int64_t i, int64_t now_ns):
+        """Send the slot's packet ``i`` now, stamped ``now_ns``: request
+        packet ``i``, or past the request an RFR for response packet
+        ``i - n_req + 1`` (session.py's sends: its unpaced packets and a
+        timeout's probe)."""
+        self._send_one(slot, i, now_ns)
+
+    def send_paced(self, tuple item, int64_t now_ns=-1):
+        """Send a packet the pacer held (``out(item, slot, when_ns)``:
+        ``item`` is ``(slot, req_num, i)``) once its time has come, stamped
+        ``now_ns`` (-1: the loop's clock), so that the RTT does not count
+        its wait. Built only now: a request's payload goes out from where
+        it lies. Nothing is sent if the slot has moved on to another call
+        meanwhile (the session failed, or a go-back-N resent the packet and
+        the call completed)."""
+        cdef ClientSlot slot = <ClientSlot>item[0]
+        if not slot.busy or slot.req_num != <int64_t>item[1]:
+            return
+        if now_ns < 0:
+            now_ns = monotonic_ns()
+        self._send_one(slot, <int64_t>item[2], now_ns)
+        transfer_goes_on(self.send_bind, now_ns)   # its answer follows
+
+    cdef int _send_one(self, ClientSlot slot, int64_t i, int64_t now_ns) except -1:
+        cdef const char* data
+        cdef Py_ssize_t size, off
+        cdef uint32_t ts = <uint32_t>(now_ns // 1000)
+        if i >= slot.n_req:
+            self._send_packet(RFR, slot.req_type, <uint64_t>slot.req_num, 0,
+                              <uint32_t>(i - slot.n_req + 1), ts, None, NULL, 0)
+        elif plain_bytes(slot.req, &data, &size) and size == slot.req_size:
+            off = i * self.payload
+            self._send_packet(REQ, slot.req_type, <uint64_t>slot.req_num, <uint32_t>size,
+                              <uint32_t>i, ts, slot.req, data + off,
+                              packet_len(self.payload, off, size))
+        else:
+            self.send_now(self._packet(slot, i, ts))    # other memory: copied
+        return 0
+
     cdef int _send_request(self, ClientSlot slot, int64_t now_ns) except -1:
         """Send the next packets of the slot's multi-packet request that the
         credits allow, unpaced, each a header and a slice of the request
-        (bytes or a Buffer, which the send queue holds); paced ones, or a
-        request in other memory, go through ``_push``."""
-        cdef const char* data
-        cdef Py_ssize_t size, off, n
-        cdef uint32_t ts = <uint32_t>(now_ns // 1000)
-        if not (self._cc is None or self.cc_uncongested) or slot.queued or \
-                not plain_bytes(slot.req, &data, &size) or size != slot.req_size:
+        (``_send_one``); paced ones go through ``_push``."""
+        if not (self._cc is None or self.cc_uncongested) or slot.queued:
             self._push(slot, now_ns)
             return 0
         while self.credits and slot.num_tx < slot.n_req:
-            off = slot.num_tx * self.payload
-            n = min(self.payload, size - off)
             self.credits -= 1
-            self._send_packet(REQ, slot.req_type, <uint64_t>slot.req_num, <uint32_t>size,
-                              <uint32_t>slot.num_tx, ts, slot.req, data + off, n)
+            self._send_one(slot, slot.num_tx, now_ns)
             slot.num_tx += 1
         self._sent_upto(slot, slot.n_req)
         transfer_goes_on(self.send_bind, now_ns)   # credit returns follow

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -46,12 +45,10 @@ from evpl.drpc.session import (
     SessionClosed,
     credits_used,
 )
-from evpl.drpc.wire import HEADER_SIZE, TS_OFFSET
+from evpl.drpc.wire import HEADER_SIZE
 from evpl.errors import ConfigError, EvplError
 
 __all__ = ["KERNEL_TIMELY", "Call", "Client", "loop_wheel", "message_allocator"]
-
-_TS = struct.Struct(">I")
 
 # Timely for kernel-socket paths. eRPC's constants (T_low 50 us, T_high 1 ms,
 # minimum RTT 2 us, 5 Mbit/s steps) assume a NIC driven from user space.
@@ -368,14 +365,9 @@ class Client:
 
     # -- internals --
 
-    def _out(self, data: Any, tag: Any, when_ns: int) -> None:
-        # stamped again when it leaves: the RTT must not count pacing
-        self._wheel.insert(when_ns, self._send_paced, bytearray(data),  # type: ignore[union-attr]
-                           tag)
-
-    def _send_paced(self, pkt: bytearray) -> None:
-        _TS.pack_into(pkt, TS_OFFSET, (self._now() // 1000) & 0xFFFFFFFF)
-        self._send(pkt)
+    def _out(self, item: Any, tag: Any, when_ns: int) -> None:
+        # built and stamped when it leaves (the RTT must not count pacing)
+        self._wheel.insert(when_ns, self.session.send_paced, item, tag)  # type: ignore[union-attr]
 
     def _tick(self) -> None:
         if self.bind.closed:            # on_closed will stop the client

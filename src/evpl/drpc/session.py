@@ -141,9 +141,11 @@ class ClientSession(ClientCore):
     """The client end of one session (the common case of ``submit`` and
     ``receive`` is in ``ClientCore``, in C; this is everything else).
 
-    ``send_now(packet)`` sends a packet; ``out(packet, tag, when_ns)`` paces
-    one to leave at ``when_ns`` (``tag`` is the request slot, whose
-    ``queued`` the pacer maintains). ``alloc(n)`` returns a writable buffer
+    ``send_now(packet)`` sends a packet; ``out(item, tag, when_ns)`` paces
+    one to leave at ``when_ns``: the pacer then calls
+    ``send_paced(item, now_ns)``, which builds and sends it (``item`` is
+    ``(slot, req_num, i)``, packet ``i`` of the call in ``slot``; ``tag`` is
+    the slot, whose ``queued`` the pacer maintains). ``alloc(n)`` returns a writable buffer
     of ``n`` bytes for a multi-packet response. ``cc`` is the session's
     Timely (``None``: no congestion control). ``peer``: the server's
     address, for a socket that may receive from others (packets from
@@ -302,14 +304,16 @@ class ClientSession(ClientCore):
         """Send what the slot may send with the credits left."""
         n_req = slot.n_req
         total = n_req + slot.n_resp - 1 if slot.n_resp else n_req
-        ts = (now_ns // 1000) & U32
         while self.credits and slot.num_tx < total:
             i = slot.num_tx
-            data = self._packet(slot, i, ts)
             # what this packet costs the path: a request-for-response pulls
             # a whole answer (eRPC paces the client's packets so that the
             # answers arrive at the session's rate)
-            wire = len(data) if i < n_req else self.max_datagram
+            if i < n_req:
+                off = i * self.payload
+                wire = HEADER_SIZE + min(self.payload, slot.req_size - off)
+            else:
+                wire = self.max_datagram
             slot.num_tx = i + 1
             self.credits -= 1
             cc = self.cc
@@ -317,14 +321,14 @@ class ClientSession(ClientCore):
             # pacing wheel: then this one is paced behind it, so that the
             # slot's packets leave (and are answered) in order
             if (cc is None or cc.rate >= cc.link_rate) and not slot.queued:
-                self.send_now(data)
+                self.send_one(slot, i, now_ns)
             else:
                 t = self.next_tx if self.next_tx > now_ns else now_ns
                 self.next_tx = t + int(wire * 8e9 / cc.rate)  # type: ignore[union-attr]
                 if t <= now_ns and not slot.queued:
-                    self.send_now(data)
+                    self.send_one(slot, i, now_ns)
                 else:
-                    self.out(data, slot, t)
+                    self.out((slot, slot.req_num, i), slot, t)
         if slot.num_tx < total:
             self.starved = True             # out of credits: pump() when they return
         inflight = self.credits_total - self.credits
@@ -332,16 +336,11 @@ class ClientSession(ClientCore):
             self.max_inflight = inflight
 
     def _packet(self, slot: ClientSlot, i: int, ts: int) -> bytes:
-        """The slot's packet ``i``: request packet ``i``, or past the
-        request an RFR for response packet ``i - n_req + 1``."""
-        n_req = slot.n_req
-        if i >= n_req:
-            return _pack(MAGIC, RFR, slot.req_type, 0, self.server_session, slot.req_num,
-                         0, i - n_req + 1, ts)
+        """Request packet ``i`` of the slot as one ``bytes`` (``send_one``'s
+        way for a request in memory other than bytes, bytearray or a
+        Buffer, which it cannot send from where it lies)."""
         head = _pack(MAGIC, REQ, slot.req_type, 0, self.server_session, slot.req_num,
                      slot.req_size, i, ts)
-        if n_req == 1:
-            return head + slot.req
         off = i * self.payload
         return head + memoryview(slot.req)[off:off + self.payload]
 
@@ -511,7 +510,7 @@ class ClientSession(ClientCore):
                 if not slot.probing:
                     slot.probing = True
                     slot.probe_ts = ts
-                self.send_now(self._packet(slot, slot.num_rx, ts))
+                self.send_one(slot, slot.num_rx, now_ns)
                 slot.retransmits += 1
                 self.retransmits += 1
                 slot.progress = now_ns

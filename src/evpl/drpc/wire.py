@@ -49,7 +49,6 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_REQ_TYPE",
-    "TS_OFFSET",
     "Connect",
     "ConnectOk",
     "ConnectReject",
@@ -64,7 +63,6 @@ __all__ = [
 MAGIC = 0xD7
 HEADER = struct.Struct(">BBBBIQIII")
 HEADER_SIZE = HEADER.size          # 28
-TS_OFFSET = 24                     # where ts lies (a paced packet is stamped as it leaves)
 MAX_REQ_TYPE = 255
 FLAG_ERROR = 0x01                  # RESP: the payload is a UTF-8 error text
 FLAG_NO_RTT = 0x02                 # RESP: answered late (ts is no RTT sample)
