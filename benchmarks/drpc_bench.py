@@ -12,6 +12,9 @@ Stacks (each a server process and a client process of this file):
 * ``asyncio-udp``, ``uvloop-udp``: a DatagramProtocol request-response pair
   written in its fastest idiomatic form (a 4-byte id; a request unanswered
   for 50 ms is replaced, nothing more: no sessions, no flow control);
+* ``evpl-udp``: the same pair on evpl's own udp Binds (``on_datagrams``,
+  the id sent as a ``header=``): what drpc's sessions, flow control and
+  loss recovery cost over evpl's datagrams with Python at both ends;
 * ``grpc``: grpcio's asyncio API, unary calls of raw bytes (no protobuf),
   the same concurrency as everyone else (one task per call in flight).
 
@@ -72,7 +75,7 @@ LARGE = 8 << 20
 PROG, VERS, PROC = 0x20000999, 1, 1
 
 STACKS = ["drpc-udp", "drpc-uring", "drpc-udp-64k", "drpc-xdp", "rpc2-tcp", "rpc2-udp",
-          "asyncio-udp", "uvloop-udp", "grpc"]
+          "asyncio-udp", "uvloop-udp", "evpl-udp", "grpc"]
 # --veth: the namespaces, interfaces and addresses of the two sides
 VETH_NS = {"server": "evx-drpcb-a", "client": "evx-drpcb-b"}
 VETH_IF = {"server": "evx-drpcb-a", "client": "evx-drpcb-b"}
@@ -85,7 +88,8 @@ LOADS = ["small", "latency", "large", "upload"]
 # which stacks make sense for which load
 SKIP = {("drpc-udp-64k", "small"), ("drpc-udp-64k", "latency"),
         ("asyncio-udp", "large"), ("uvloop-udp", "large"), ("rpc2-udp", "large"),
-        ("asyncio-udp", "upload"), ("uvloop-udp", "upload"), ("rpc2-udp", "upload")}
+        ("asyncio-udp", "upload"), ("uvloop-udp", "upload"), ("rpc2-udp", "upload"),
+        ("evpl-udp", "large"), ("evpl-udp", "upload")}
 BASELINE = "rpc2-tcp"
 
 
@@ -130,6 +134,20 @@ def serve(stack: str, load: str, poll: bool) -> None:
                 port = rserver.bind_udp((HOST["server"], 0)).local_address[1]
         print(f"ready {port}", flush=True)
         loop.run()
+        return
+    if stack == "evpl-udp":
+        import evpl
+
+        eloop = evpl.Loop(poll_mode="always" if poll else "hybrid")
+
+        class EvplEcho(evpl.Handler):
+            def on_datagrams(self, bind: Any, datagrams: list[tuple[Any, Any]]) -> None:
+                for buf, addr in datagrams:
+                    bind.sendto(resp, addr, header=buf[:4])
+
+        ebind = eloop.bind("udp", (HOST["server"], 0), EvplEcho())
+        print(f"ready {ebind.local_address[1]}", flush=True)
+        eloop.run()
         return
     if stack in ("asyncio-udp", "uvloop-udp"):
         if stack == "uvloop-udp":
@@ -280,6 +298,8 @@ def client(stack: str, load: str, port: int, depth: int, warmup: float, duration
 
             uvloop.install()
         return asyncio.run(_udp_client(port, depth, meter, payload, expect))
+    if stack == "evpl-udp":
+        return _evpl_udp_client(port, depth, meter, payload, expect, poll)
     if stack == "grpc":
         return asyncio.run(_grpc_client(port, depth, meter, payload, expect, counted))
     raise SystemExit(f"unknown stack {stack}")
@@ -330,6 +350,53 @@ async def _udp_client(port: int, depth: int, meter: Meter, payload: bytes,
     await asyncio.wait_for(done, meter.end - time.perf_counter() + 30)
     transport.close()
     return meter.result()
+
+
+def _evpl_udp_client(port: int, depth: int, meter: Meter, payload: bytes, expect: int,
+                     poll: bool) -> dict[str, Any]:
+    """``_udp_client`` on evpl: a connected udp Bind, one callback per read
+    batch, the request id sent as a header in front of the payload."""
+    import evpl
+
+    loop = evpl.Loop(poll_mode="always" if poll else "hybrid")
+    started: dict[int, float] = {}
+    seq = [0]
+    finished: list[None] = []
+    clock = time.perf_counter
+
+    def send() -> None:
+        seq[0] += 1
+        n = seq[0] & 0xFFFFFFFF
+        started[n] = clock()
+        bind.send(payload, header=n.to_bytes(4, "big"))
+
+    def resend_lost() -> None:
+        """As _udp_client: a request unanswered for 50 ms is replaced."""
+        old = clock() - 0.05
+        for n in [n for n, t0 in started.items() if t0 < old]:
+            del started[n]
+            send()
+
+    class Client(evpl.Handler):
+        def on_datagrams(self, bind: Any, datagrams: list[tuple[Any, Any]]) -> None:
+            for buf, _addr in datagrams:
+                t0 = started.pop(int.from_bytes(buf[:4], "big"), None)
+                if t0 is None or len(buf) - 4 != expect:
+                    continue
+                if meter.done(t0, expect):
+                    send()
+                elif not finished:
+                    finished.append(None)
+
+    bind = loop.connect("udp", (HOST["server"], port), Client())
+    for _ in range(depth):
+        send()
+    ticker = loop.call_every(0.01, resend_lost)
+    loop.run_until(lambda: finished, timeout=meter.end - time.perf_counter() + 30)
+    ticker.cancel()
+    out = meter.result()
+    out["loop_sleeps"] = loop.stats()["sleeps"]
+    return out
 
 
 async def _grpc_client(port: int, depth: int, meter: Meter, payload: bytes,
