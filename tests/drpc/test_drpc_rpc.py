@@ -109,25 +109,30 @@ def test_eight_megabytes_both_ways_with_jumbo_datagrams(loop, datagram_backend) 
 def test_ranged_rfrs(loop, datagram_backend) -> None:
     """A client whose server's CONNECT_OK carried FLAG_RFR_RANGE asks for a
     multi-packet response's packets several at a time (one RFR per read
-    batch, or per 16 credits back); one whose server did not, one RFR per
-    packet. The bytes are the same."""
+    batch, or per 16 credits back: 44 with 128 credits, a 64 KB train of
+    1472-byte packets); one whose server did not, one RFR per packet. The
+    bytes are the same."""
     body = random.Random(3).randbytes(1 << 20)
     n = -(-len(body) // (1472 - HEADER_SIZE))           # packets per response
-    for ranged in (True, False):
-        server = serve(loop, datagram_backend, max_message=1 << 21)
+    rfrs = {}
+    for ranged, credits in ((True, 32), (True, 128), (False, 32)):
+        server = serve(loop, datagram_backend, max_message=1 << 21, credits=credits)
         server._endpoint.rfr_range = ranged
         server.register(BIG, lambda req: body)
-        client = Client(loop, datagram_backend, server.address, max_message=1 << 21)
+        client = Client(loop, datagram_backend, server.address, max_message=1 << 21,
+                        credits=credits)
         for _ in range(3):
             assert bytes(client.wait(client.call(BIG, b""), TIMEOUT)) == body
         assert client.session.rfr_range is ranged
-        rfr = server.stats()["rfr"]
+        assert client.session.rfr_batch == (44 if credits == 128 else 16)
+        rfr = rfrs[ranged, credits] = server.stats()["rfr"]
         if ranged:
             assert rfr < 3 * (n - 1) // 2, rfr
         else:
             assert rfr >= 3 * (n - 1), rfr      # (more if a packet was asked again)
         client.close()
         server.close()
+    print(f"\nRFRs for three 1 MiB responses: {rfrs}")
 
 
 def test_a_ranged_rfr_gets_at_most_the_credits(loop, datagram_backend) -> None:

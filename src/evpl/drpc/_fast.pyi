@@ -113,6 +113,7 @@ class ClientCore:
     rttvar_ns: int
     starved: bool
     rfr_range: bool
+    rfr_batch: int
     cc: Any
     @property
     def uncongested(self) -> bool: ...

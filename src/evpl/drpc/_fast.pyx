@@ -52,7 +52,6 @@ DEF CR = 4
 DEF FLAG_ERROR = 0x01
 DEF FLAG_NO_RTT = 0x02
 DEF MAX_REQ_TYPE = 255
-DEF RFR_BATCH = 16      # credits a ranged RFR waits for before it is sent mid-batch
 # how long a hybrid loop keeps polling after this end sent packets of a
 # transfer whose next ones the peer sends as it takes these (RFRs, credit
 # returns, the response packets they ask for): the gap is the peer's work
@@ -442,6 +441,7 @@ cdef class ClientCore:
     cdef public int64_t srtt_ns, rttvar_ns  # smoothed RTT and its mean deviation (the RTO's)
     cdef public bint starved
     cdef public bint rfr_range          # the server answers ranged RFRs (CONNECT_OK)
+    cdef public int64_t rfr_batch       # credits a ranged RFR waits for mid-batch
     cdef ClientSlot pull_slot           # asks for its next packets at the batch's end
     cdef ClientSlot place_slot          # the slot a scatter receive is laid out for
     cdef object place_hold              # its response Buffer, alive until delivered
@@ -686,9 +686,9 @@ cdef class ClientCore:
         if slot.num_rx == slot.n_req + slot.n_resp - 1:
             self._done(slot, now_ns)
         elif self.credits:
-            if self.rfr_range and self.credits < RFR_BATCH:
+            if self.rfr_range and self.credits < self.rfr_batch:
                 # one ranged RFR for the credits this batch returns, at its
-                # end (or once RFR_BATCH of them are back)
+                # end (or once rfr_batch of them are back)
                 if self.pull_slot is not None and self.pull_slot is not slot:
                     self._pull(self.pull_slot, now_ns)
                 self.pull_slot = slot
@@ -873,7 +873,7 @@ cdef class ClientCore:
             self._send_packet(RFR, slot.req_type, <uint64_t>slot.req_num, <uint32_t>n,
                               <uint32_t>(slot.num_tx - slot.n_req + 1), ts, None, NULL, 0)
             slot.num_tx += n
-            if self.send_bind is not None and n >= RFR_BATCH:
+            if self.send_bind is not None and n >= self.rfr_batch:
                 self.send_bind._flush()
         while self.credits and slot.num_tx < total:
             self.credits -= 1
