@@ -84,6 +84,8 @@ VETH_STACKS = ["drpc-udp", "drpc-uring", "drpc-xdp", "rpc2-tcp", "rpc2-udp"]
 # where this process binds and which interface it uses (set from the options)
 HOST = {"server": "127.0.0.1", "client": "127.0.0.1"}
 IFACE: dict[str, str] = {}
+# drpc's credits on both ends (--credits; None: the defaults, 32)
+DRPC: dict[str, int] = {}
 LOADS = ["small", "latency", "large", "upload"]
 # which stacks make sense for which load
 SKIP = {("drpc-udp-64k", "small"), ("drpc-udp-64k", "latency"),
@@ -120,7 +122,8 @@ def serve(stack: str, load: str, poll: bool) -> None:
             backend = _drpc_backend(stack)
             dgram = 65507 if stack.endswith("64k") else 1472
             xdp = {"interface": IFACE["server"]} if backend == "xdp_udp" else {}
-            server = Server(loop, backend, (HOST["server"], 0), max_datagram=dgram, **xdp)
+            server = Server(loop, backend, (HOST["server"], 0), max_datagram=dgram, **xdp,
+                            **DRPC)
             server.register(1, lambda req: resp)
             port = server.address[1]
         else:
@@ -242,7 +245,7 @@ def client(stack: str, load: str, port: int, depth: int, warmup: float, duration
             dgram = 65507 if stack.endswith("64k") else 1472
             xdp = ({"interface": IFACE["client"], "local_address": (HOST["client"], 0)}
                    if backend == "xdp_udp" else {})
-            c = Client(loop, backend, (HOST["server"], port), window=max(8, depth),
+            c = Client(loop, backend, (HOST["server"], port), window=max(8, depth), **DRPC,
                        max_datagram=dgram, **xdp)
             call = c.call
 
@@ -460,6 +463,8 @@ def measure(stack: str, load: str, depth: int, warmup: float, duration: float,
         cmd.append("--poll")
     if VETH:
         cmd.append("--veth")
+    if DRPC:
+        cmd += ["--credits", str(DRPC["credits"])]
     server = subprocess.Popen([*_netns("server"), "taskset", "-c", str(SERVER_CORE), *cmd],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -476,6 +481,8 @@ def measure(stack: str, load: str, depth: int, warmup: float, duration: float,
             ccmd.append("--poll")
         if VETH:
             ccmd.append("--veth")
+        if DRPC:
+            ccmd += ["--credits", str(DRPC["credits"])]
         res = subprocess.run([*_netns("client"), "taskset", "-c", str(CLIENT_CORE), *ccmd],
                              capture_output=True,
                              text=True, timeout=warmup + duration + 120)
@@ -615,6 +622,9 @@ def main() -> None:
     ap.add_argument("--veth", action="store_true",
                     help="server and client in two network namespaces joined by a veth pair "
                          "(root; needed by drpc-xdp); ratios to drpc-udp")
+    ap.add_argument("--credits", type=int, default=None,
+                    help="drpc's session credits on both ends (default: drpc's 32; bulk "
+                         "transfers in 1472-byte datagrams gain from 128)")
     ap.add_argument("--role", choices=["driver", "server", "client"], default="driver",
                     help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -630,6 +640,8 @@ def main() -> None:
             ap.error(f"unknown load {ld!r}")
     global VETH
     VETH = args.veth
+    if args.credits is not None:
+        DRPC["credits"] = args.credits
     if VETH:
         HOST.update(VETH_IP)
         IFACE.update(VETH_IF)
