@@ -844,13 +844,7 @@ cdef class ClientCore:
         if not (self._cc is None or self.cc_uncongested) or slot.queued:
             self._push(slot, now_ns)
             return 0
-        while self.credits and slot.num_tx < slot.n_req:
-            self.credits -= 1
-            self._send_one(slot, slot.num_tx, now_ns)
-            slot.num_tx += 1
-        self._sent_upto(slot, slot.n_req)
-        transfer_goes_on(self.send_bind, now_ns)   # credit returns follow
-        return 0
+        return self._send_upto(slot, slot.n_req, now_ns)     # credit returns follow
 
     cdef int _pull(self, ClientSlot slot, int64_t now_ns) except -1:
         """Ask for the response packets the credits allow (RFRs), unpaced;
@@ -875,13 +869,18 @@ cdef class ClientCore:
             slot.num_tx += n
             if self.send_bind is not None and n >= self.rfr_batch:
                 self.send_bind._flush()
+        return self._send_upto(slot, total, now_ns)     # the packets asked for follow
+
+    cdef int _send_upto(self, ClientSlot slot, int64_t total, int64_t now_ns) except -1:
+        """Send the slot's packets towards ``total`` (``_send_one`` each) while
+        credits last; the peer answers them as it takes them, so the loop
+        keeps polling for the answers."""
         while self.credits and slot.num_tx < total:
             self.credits -= 1
-            self._send_packet(RFR, slot.req_type, <uint64_t>slot.req_num, 0,
-                              <uint32_t>(slot.num_tx - slot.n_req + 1), ts, None, NULL, 0)
+            self._send_one(slot, slot.num_tx, now_ns)
             slot.num_tx += 1
         self._sent_upto(slot, total)
-        transfer_goes_on(self.send_bind, now_ns)   # the packets asked for follow
+        transfer_goes_on(self.send_bind, now_ns)
         return 0
 
     cdef inline void _sent_upto(self, ClientSlot slot, int64_t total) noexcept:
