@@ -1338,7 +1338,10 @@ cdef class Bind(_Source):
 
     cdef void _flush_batch(self):
         """End of a read batch: hand the datagrams collected for
-        ``on_datagrams`` over in one call (a sink: end its batch)."""
+        ``on_datagrams`` over in one call (a sink: end its batch, and send
+        what it answered now, not after the loop's timers and deferred
+        callbacks: a round trip's reply leaves a few hundred nanoseconds
+        sooner, and it is still one send for the whole batch)."""
         if self.sink_batch:
             self.sink_batch = False
             if self.state == S_OPEN:
@@ -1346,6 +1349,8 @@ cdef class Bind(_Source):
                     self.sink.dg_end(self)
                 except Exception as exc:
                     self.loop._callback_error(exc, self)
+                if self.dirty and self.state == S_OPEN:
+                    self._flush()
         batch = self.dg_batch
         self.dg_batch = None
         if batch and self.state == S_OPEN:

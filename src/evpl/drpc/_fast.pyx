@@ -26,6 +26,7 @@ have the whole state machine: this module only takes the packets for which
 those rules come down to the few lines here. docs/drpc.md has the protocol.
 """
 
+cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -318,14 +319,18 @@ cdef class ClientSlot:
 
     @resp_view.setter
     def resp_view(self, view):
-        if self._held:
-            PyBuffer_Release(&self._view)
-            self._held = False
-        self._resp_view = None
+        self._drop_view()
         if view is not None:
             PyObject_GetBuffer(view, &self._view, PyBUF_SIMPLE | PyBUF_WRITABLE)
             self._held = True
             self._resp_view = view
+
+    cdef inline void _drop_view(self):
+        """``resp_view = None`` without the attribute machinery."""
+        if self._held:
+            PyBuffer_Release(&self._view)
+            self._held = False
+        self._resp_view = None
 
     def __dealloc__(self):
         if self._held:
@@ -382,6 +387,7 @@ cdef class ServerSession:
         self.closed = False
 
 
+@cython.freelist(16)
 cdef class Request:
     """One request being served: ``req_type``, ``body`` (an ``evpl.Buffer``
     slicing the packet for a one-packet request, the assembled message
@@ -392,11 +398,11 @@ cdef class Request:
     cdef public ServerSession _sess
     cdef public ServerSlot _slot
     cdef public int req_type
-    cdef public object req_num
+    cdef public uint64_t req_num
     cdef public object body
 
-    def __init__(self, endpoint, ServerSession sess, ServerSlot slot, int req_type, req_num,
-                 body):
+    def __init__(self, endpoint, ServerSession sess, ServerSlot slot, int req_type,
+                 uint64_t req_num, body):
         self._endpoint = endpoint
         self._sess = sess
         self._slot = slot
@@ -901,7 +907,7 @@ cdef class ClientCore:
         slot.done = None
         slot.req = b""
         slot.resp = None
-        slot.resp_view = None
+        slot._drop_view()
         self.busy -= 1
         self.completed += 1
         if self.backlog:
