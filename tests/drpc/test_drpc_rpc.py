@@ -23,6 +23,7 @@ from evpl.drpc import (
     SessionRejected,
 )
 from evpl.drpc.wire import (
+    FLAG_CR_RANGE,
     FLAG_RFR_RANGE,
     HEADER_SIZE,
     MAGIC,
@@ -161,6 +162,69 @@ def test_a_ranged_rfr_gets_at_most_the_credits(loop, datagram_backend) -> None:
     heads = [parse_header(r) for r in replies[:-1]]
     assert [h[4] for h in heads] == [0] * 32                   # request 0...
     assert [h[6] for h in heads] == list(range(1, 33))         # ...packets 1..32
+    server.close()
+
+
+def test_ranged_credit_returns(loop, datagram_backend) -> None:
+    """A client's CONNECT carries FLAG_CR_RANGE: a server that honours it
+    returns a multi-packet request's credits several packets at a time
+    (one CR per read batch, or per half the credits); one that does not,
+    one CR per packet. The server gets the same bytes either way."""
+    body = random.Random(5).randbytes(1 << 20)
+    n = -(-len(body) // (1472 - HEADER_SIZE))           # packets per request
+    crs = {}
+    for ranged in (True, False):
+        server = serve(loop, datagram_backend, max_message=1 << 21)
+        server._endpoint.cr_range = ranged
+        server.register(BIG, lambda req: bytes(req.body)[-64:] + len(req.body).to_bytes(4, "big"))
+        client = Client(loop, datagram_backend, server.address, max_message=1 << 21)
+        for _ in range(3):
+            resp = client.wait(client.call(BIG, body), TIMEOUT)
+            assert bytes(resp) == body[-64:] + len(body).to_bytes(4, "big")
+        (sess,) = server._endpoint.sessions.values()
+        assert sess.cr_range is ranged
+        cr = crs[ranged] = server.stats()["credit_returns"]
+        if ranged:
+            assert cr < 3 * (n - 1) // 4, cr
+        else:
+            assert cr >= 3 * (n - 1), cr        # (more if a packet came twice)
+        client.close()
+        server.close()
+    print(f"\nCRs for three 1 MiB requests: {crs}")
+
+
+@pytest.mark.parametrize("flags", [0, FLAG_CR_RANGE])
+def test_a_ranged_credit_return_leaves_before_the_response(loop, datagram_backend,
+                                                           flags) -> None:
+    """A hand-made client sends a four-packet request at once. Without
+    FLAG_CR_RANGE in its CONNECT it gets a CR for packets 0, 1 and 2; with
+    it, a CR for packet 0 (taken alone, as a new request) and one for
+    packets 1-2 (msg_size 2, pkt_num 2), ahead of the response."""
+    server = serve(loop, datagram_backend)
+    payload = 1472 - HEADER_SIZE
+    body = random.Random(6).randbytes(3 * payload) + b"end"         # four packets
+    size = len(body)
+    raw, replies, watch = raw_peer(loop)
+    try:
+        raw.sendto(pack_header(PacketType.CONNECT, 0, 0, 42, flags=flags) +
+                   Connect(77, 1 << 20, 1472, 8, 32).pack(), server.address)
+        loop.run_until(lambda: replies, timeout=TIMEOUT)
+        (mine,) = struct.unpack_from(">I", replies.pop(), HEADER_SIZE)
+        for k in range(4):      # all queued before the server reads: one batch
+            raw.sendto(pack_header(PacketType.REQ, REVERSE, mine, 0, size, k) +
+                       body[k * payload:(k + 1) * payload], server.address)
+        loop.run_until(lambda: replies and parse_header(replies[-1])[0] == PacketType.RESP,
+                       timeout=TIMEOUT)
+    finally:
+        watch.cancel()
+        raw.close()
+    heads = [parse_header(r) for r in replies]
+    crs = [(h[6], h[5]) for h in heads if h[0] == PacketType.CR]
+    assert heads[-1][0] == PacketType.RESP and heads[-1][4] == 0 and heads[-1][5] == size
+    if flags:
+        assert crs == [(0, 0), (2, 2)]
+    else:
+        assert crs == [(0, 0), (1, 0), (2, 0)]
     server.close()
 
 

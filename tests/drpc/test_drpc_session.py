@@ -74,6 +74,9 @@ def exchange(seed: int, loss: float, dup: float, late: float, sizes: list[int],
                 wire.append(("s", client.connect_packet(now)))
             continue
         now += 1000
+        # each end reads what reached it this round as one batch (the
+        # server's credit returns for it then cover several packets)
+        to: dict[str, list[tuple[bytes, object]]] = {"s": [], "c": []}
         for dest, pkt in batch:
             r = rnd.random()
             if r < loss:
@@ -81,12 +84,11 @@ def exchange(seed: int, loss: float, dup: float, late: float, sizes: list[int],
             if r < loss + late:
                 held.append((dest, pkt))
                 continue
-            copies = 2 if rnd.random() < dup else 1
-            for _ in range(copies):
-                if dest == "s":
-                    server.receive([(pkt, PEER)], now)
-                else:
-                    client.receive([(pkt, PEER)], now)
+            to[dest] += [(pkt, PEER)] * (2 if rnd.random() < dup else 1)
+        if to["s"]:
+            server.receive(to["s"], now)
+        if to["c"]:
+            client.receive(to["c"], now)
         client.tick(now)
     return got, runs, client
 

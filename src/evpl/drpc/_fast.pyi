@@ -45,6 +45,8 @@ class ServerSlot:
     resp: Any
     flags: int
     ts: int
+    cr_count: int
+    cr_ts: int
     def __init__(self, index: int) -> None: ...
 
 class ServerSession:
@@ -61,6 +63,7 @@ class ServerSession:
     last_rx: int
     requests: int
     closed: bool
+    cr_range: bool
     def __init__(self, number: int, peer: Any, nonce: int, client_session: int, window: int,
                  credits: int, max_message: int, max_datagram: int, now_ns: int) -> None: ...
 

@@ -240,6 +240,8 @@ cdef class Port(DatagramSink):
             self.in_batch = False
             if isinstance(core, ClientCore):
                 (<ClientCore>core)._end(self.now)
+            elif isinstance(core, ServerCore):
+                (<ServerCore>core)._end()
         if self.after is not None:
             self.after()
         return 0
@@ -350,6 +352,10 @@ cdef class ServerSlot:
     cdef public object resp
     cdef public int flags
     cdef public uint32_t ts
+    # request packets taken whose credit return waits for the batch's end
+    # (a ranged CR), and the ts of the last of them
+    cdef public int64_t cr_count
+    cdef public uint32_t cr_ts
 
     def __init__(self, Py_ssize_t index):
         self.index = index
@@ -368,6 +374,7 @@ cdef class ServerSession:
     cdef public list slots
     cdef public int64_t last_rx, requests
     cdef public bint closed
+    cdef public bint cr_range     # the client's CONNECT had FLAG_CR_RANGE
 
     def __init__(self, uint32_t number, peer, nonce, uint32_t client_session,
                  Py_ssize_t window, int64_t credits, int64_t max_message,
@@ -652,11 +659,14 @@ cdef class ClientCore:
         if slot.probing:
             return False                    # after a timeout: session.py's
         if h.ptype == CR:
-            # request packet pkt_num arrived: its credit comes back, and the
-            # next request packets may go
-            if <int64_t>h.pkt_num + 1 >= slot.n_req or <int64_t>h.pkt_num != slot.num_rx or \
+            # request packets up to pkt_num arrived (a ranged CR covers
+            # several): their credits come back, and the next request
+            # packets may go
+            if <int64_t>h.pkt_num + 1 >= slot.n_req or <int64_t>h.pkt_num < slot.num_rx or \
                     nbody != 0:
                 return False
+            while slot.num_rx < <int64_t>h.pkt_num:
+                self._answered(slot, slot.num_rx, now_ns)
             self._answer(slot, h.pkt_num, h.flags, h.ts, now_ns, now_us)
             if self.credits and slot.num_tx < slot.n_req:
                 self._send_request(slot, now_ns)
@@ -967,6 +977,10 @@ cdef class ServerCore:
     cdef public dict sessions
     cdef public dict handlers
     cdef public int64_t packets, requests, responses, rfr, credit_returns, send_queue_full
+    cdef list cr_pending            # (session, slot) with a ranged CR to send
+
+    def __cinit__(self):
+        self.cr_pending = []
 
     cdef int _send_packet(self, int ptype, int req_type, int flags, uint32_t session,
                           uint64_t req_num, uint32_t msg_size, uint32_t pkt_num, uint32_t ts,
@@ -1010,6 +1024,7 @@ cdef class ServerCore:
     def receive(self, list batch, int64_t now_ns):
         """Every datagram of one read batch."""
         feed(self, batch, now_ns)
+        self._end()
 
     cdef int _item(self, object buf, object addr, const char* data, Py_ssize_t length,
                    int64_t now_ns) except -1:
@@ -1017,7 +1032,38 @@ cdef class ServerCore:
         RFR, else the endpoint's Python path."""
         self.packets += 1
         if self._take(buf, addr, data, length, now_ns) == 0:
+            if self.cr_pending:
+                self._send_crs()            # (they go before anything it answers)
             self._receive([(buf, addr)], now_ns)
+        return 0
+
+    cdef int _end(self) except -1:
+        """The end of a read batch: the ranged credit returns it owes."""
+        if self.cr_pending:
+            self._send_crs()
+        return 0
+
+    cdef int _send_crs(self) except -1:
+        """Send every pending ranged credit return."""
+        cdef list pending = self.cr_pending
+        self.cr_pending = []
+        for sess, slot in pending:
+            self._send_cr(<ServerSession>sess, <ServerSlot>slot)
+        return 0
+
+    cdef int _send_cr(self, ServerSession sess, ServerSlot slot) except -1:
+        """One CR for the slot's request packets taken since its last: up
+        to ``num_rx - 1``, ``msg_size`` of them, echoing the last one's ts."""
+        cdef int64_t k = slot.cr_count
+        if k == 0:
+            return 0
+        slot.cr_count = 0
+        if sess.closed or slot.state != RECEIVING:
+            return 0
+        self.credit_returns += 1
+        self._send_packet(CR, slot.req_type, 0, sess.client_session, <uint64_t>slot.req_num,
+                          <uint32_t>k, <uint32_t>(slot.num_rx - 1), slot.cr_ts, None, NULL, 0,
+                          sess.peer)
         return 0
 
     cdef int _take(self, object buf, object addr, const char* data, Py_ssize_t length,
@@ -1097,9 +1143,22 @@ cdef class ServerCore:
                 PyBuffer_Release(&rview)
             sess.last_rx = now_ns
             slot.num_rx = h.pkt_num + 1
-            self.credit_returns += 1
-            self._send_packet(CR, slot.req_type, 0, sess.client_session, h.req_num, 0,
-                              h.pkt_num, h.ts, None, NULL, 0, addr)
+            if sess.cr_range:
+                # one CR for this batch's packets (at its end, or once
+                # half the session's credits wait for it: sent now, so the
+                # client sends more while this side takes the rest)
+                slot.cr_count += 1
+                slot.cr_ts = h.ts
+                if slot.cr_count == 1:
+                    self.cr_pending.append((sess, slot))
+                if slot.cr_count >= sess.credits // 2:
+                    self._send_cr(sess, slot)
+                    if self.send_bind is not None:
+                        self.send_bind._flush()
+            else:
+                self.credit_returns += 1
+                self._send_packet(CR, slot.req_type, 0, sess.client_session, h.req_num, 0,
+                                  h.pkt_num, h.ts, None, NULL, 0, addr)
             transfer_goes_on(self.send_bind, now_ns)    # the request's next packets follow
             return 1
         if <int64_t>h.req_num == slot.req_num or h.pkt_num != 0 or \

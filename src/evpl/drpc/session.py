@@ -46,6 +46,7 @@ from typing import Any
 from evpl.drpc._fast import ClientCore, ClientSlot, Request, ServerCore, ServerSession, ServerSlot
 from evpl.drpc.cc import Timely
 from evpl.drpc.wire import (
+    FLAG_CR_RANGE,
     FLAG_ERROR,
     FLAG_NO_RTT,
     FLAG_RFR_RANGE,
@@ -224,7 +225,8 @@ class ClientSession(ClientCore):
 
     def connect_packet(self, now_ns: int) -> bytes:
         """The CONNECT packet (sent again until answered)."""
-        return _pack(MAGIC, CONNECT, 0, 0, 0, self.nonce, 0, 0, (now_ns // 1000) & U32) + \
+        return _pack(MAGIC, CONNECT, 0, FLAG_CR_RANGE, 0, self.nonce, 0, 0,
+                     (now_ns // 1000) & U32) + \
             Connect(self.client_session, self.max_message, self.max_datagram,
                     self.want_window, self.want_credits).pack()
 
@@ -402,6 +404,10 @@ class ClientSession(ClientCore):
                         self.malformed += 1
                         continue
                     j = pkt_num
+                    # request packets up to pkt_num arrived (a ranged CR
+                    # covers several): the ones before it are answered too
+                    while slot.num_rx < j:
+                        self._answer_slot(slot, slot.num_rx, now_ns)
                 else:
                     j = slot.n_req - 1 + pkt_num
                 if j != slot.num_rx:
@@ -663,6 +669,8 @@ class ServerEndpoint(ServerCore):
         self.out = out
         # CONNECT_OK says ranged RFRs are answered (the C path and this one do)
         self.rfr_range = True
+        # a client whose CONNECT has FLAG_CR_RANGE gets ranged credit returns
+        self.cr_range = True
         self.dispatch = dispatch
         self.failed = failed
         self.handlers: dict[int, Callable[[Request], Any]] = {}
@@ -695,7 +703,7 @@ class ServerEndpoint(ServerCore):
         out = self.out
         for buf, addr in batch:
             try:
-                magic, ptype, req_type, _flags, sid, req_num, msg_size, pkt_num, ts = \
+                magic, ptype, req_type, flags, sid, req_num, msg_size, pkt_num, ts = \
                     _unpack(buf)
             except _struct_error:
                 c["truncated"] += 1
@@ -807,7 +815,7 @@ class ServerEndpoint(ServerCore):
                 out(_pack(MAGIC, CR, req_type, 0, sess.client_session, req_num, 0, 0, ts), addr)
                 continue
             if ptype == CONNECT:
-                self._connect(buf, addr, req_num, now_ns)
+                self._connect(buf, addr, req_num, now_ns, flags)
             elif ptype == DISCONNECT:
                 sess = sessions.get(sid)
                 if sess is not None and (sess.peer is addr or sess.peer == addr):
@@ -883,7 +891,7 @@ class ServerEndpoint(ServerCore):
         if resp is not None:
             self.respond(sess, slot, req_num, resp, 0, True)
 
-    def _connect(self, buf: Any, addr: Any, nonce: int, now_ns: int) -> None:
+    def _connect(self, buf: Any, addr: Any, nonce: int, now_ns: int, flags: int = 0) -> None:
         c = self.c
         try:
             req = Connect.unpack(buf[HEADER_SIZE:])
@@ -919,6 +927,7 @@ class ServerEndpoint(ServerCore):
                              min(self.window, req.window), min(self.credits, req.credits),
                              min(self.max_message, req.max_message),
                              min(self.max_datagram, req.max_datagram), now_ns)
+        sess.cr_range = self.cr_range and bool(flags & FLAG_CR_RANGE)
         self.sessions[number] = sess
         self.by_client[key] = sess
         c["sessions_opened"] += 1

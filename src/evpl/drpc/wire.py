@@ -10,16 +10,21 @@ fields are big-endian (network order)::
     3      1    flags      RESP: FLAG_ERROR (the payload is an error text),
                            FLAG_NO_RTT (answered late: ts is no RTT sample);
                            CONNECT_OK: FLAG_RFR_RANGE (the server answers
-                           ranged RFRs)
+                           ranged RFRs); CONNECT: FLAG_CR_RANGE (the
+                           client takes ranged credit returns)
     4      4    session    the RECEIVER's session number
     8      8    req_num    request number; req_num % window is the request slot
     16     4    msg_size   size of the whole message (REQ and RESP); in an
                            RFR the number of packets asked for, from pkt_num
                            on (0 or 1: one; more only to a server whose
-                           CONNECT_OK had FLAG_RFR_RANGE); else 0
+                           CONNECT_OK had FLAG_RFR_RANGE); in a CR the number
+                           of request packets it returns credits for, ending
+                           at pkt_num (0 or 1: one; more only to a client
+                           whose CONNECT had FLAG_CR_RANGE); else 0
     20     4    pkt_num    packet number within the message (REQ, RESP), the
-                           response packet asked for (RFR), or the request
-                           packet acknowledged (CR)
+                           response packet asked for (RFR), or the last
+                           request packet acknowledged (CR: every packet of
+                           the request up to it has arrived)
     24     4    ts         the client's clock in microseconds (mod 2**32) when
                            it sent a REQ or RFR; the server echoes it in the CR
                            or RESP that answers, which gives the client an RTT
@@ -42,6 +47,7 @@ from enum import IntEnum
 from evpl.errors import ProtocolError
 
 __all__ = [
+    "FLAG_CR_RANGE",
     "FLAG_ERROR",
     "FLAG_NO_RTT",
     "FLAG_RFR_RANGE",
@@ -67,6 +73,7 @@ MAX_REQ_TYPE = 255
 FLAG_ERROR = 0x01                  # RESP: the payload is a UTF-8 error text
 FLAG_NO_RTT = 0x02                 # RESP: answered late (ts is no RTT sample)
 FLAG_RFR_RANGE = 0x04              # CONNECT_OK: an RFR may ask for several packets
+FLAG_CR_RANGE = 0x08               # CONNECT: a CR may return several packets' credits
 U32 = 0xFFFFFFFF
 
 
