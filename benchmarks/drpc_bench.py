@@ -84,7 +84,8 @@ VETH_STACKS = ["drpc-udp", "drpc-uring", "drpc-xdp", "rpc2-tcp", "rpc2-udp"]
 # where this process binds and which interface it uses (set from the options)
 HOST = {"server": "127.0.0.1", "client": "127.0.0.1"}
 IFACE: dict[str, str] = {}
-# drpc's credits on both ends (--credits; None: the defaults, 32)
+# drpc's credits on both ends (--credits; None: the defaults, 128 capped by
+# the server's receive buffer)
 DRPC: dict[str, int] = {}
 LOADS = ["small", "latency", "large", "upload"]
 # which stacks make sense for which load
@@ -623,8 +624,8 @@ def main() -> None:
                     help="server and client in two network namespaces joined by a veth pair "
                          "(root; needed by drpc-xdp); ratios to drpc-udp")
     ap.add_argument("--credits", type=int, default=None,
-                    help="drpc's session credits on both ends (default: drpc's 32; bulk "
-                         "transfers in 1472-byte datagrams gain from 128)")
+                    help="drpc's session credits on both ends (default: drpc's 128, "
+                         "capped by what the server's receive buffer holds)")
     ap.add_argument("--role", choices=["driver", "server", "client"], default="driver",
                     help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

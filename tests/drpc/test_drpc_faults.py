@@ -37,6 +37,9 @@ SCRIPT = HERE / "drpc_fault_script.py"
 # eRPC's floor and step: eight senders at the kernel default's 100 Mbit/s floor
 # still overrun one Python server
 INCAST_TIMELY = {"min_rate": 15e6, "add_rate": 5e6}
+# per client: enough that the transfer lasts many RTTs with 128 credits in
+# flight (Timely updates once per read batch)
+INCAST_REQUESTS = 96
 RELAY = HERE / "udp_relay.py"
 pytestmark = pytest.mark.timeout(180)
 
@@ -142,16 +145,16 @@ def test_duplication() -> None:
 
 
 def _incast(loop, backend: str, port: int, cc: bool) -> tuple[float, list[dict]]:
-    """Eight clients, 24 requests of 48 KB each, all at once; returns the
+    """Eight clients, INCAST_REQUESTS requests of 48 KB each, all at once; returns the
     clients' mean RTT (us) and their stats."""
     clients = [Client(loop, backend, ("127.0.0.1", port), cc=cc, timely=INCAST_TIMELY)
                for _ in range(8)]
     rnd = random.Random(9)
     done: list = []
     for c in clients:
-        for _ in range(24):
+        for _ in range(INCAST_REQUESTS):
             c.call(1, rnd.randbytes(48_000), lambda r, e: done.append(e))
-    loop.run_until(lambda: len(done) == 8 * 24, timeout=TIMEOUT * 12)
+    loop.run_until(lambda: len(done) == 8 * INCAST_REQUESTS, timeout=TIMEOUT * 12)
     assert [e for e in done if e is not None] == []
     stats = [c.stats() for c in clients]
     for c in clients:
@@ -173,7 +176,7 @@ def test_incast_with_timely(loop, datagram_backend) -> None:
     print(f"\nincast over {datagram_backend}, mean RTT: without Timely {without:.0f} us, "
           f"with Timely {with_cc:.0f} us; Timely rates (Mbit/s): "
           f"{[round(s['rate_bps'] / 1e6) for s in stats]}")
-    assert served["requests"] >= 2 * 8 * 24
+    assert served["requests"] >= 2 * 8 * INCAST_REQUESTS
     # Timely reacted to the queueing: it cut the clients' rates below the link
     assert sum(s["timely"]["decreases"] for s in stats) > 0
 

@@ -22,6 +22,7 @@ from evpl.drpc import (
     SessionClosed,
     SessionRejected,
 )
+from evpl.drpc.session import socket_credits
 from evpl.drpc.wire import (
     FLAG_CR_RANGE,
     FLAG_RFR_RANGE,
@@ -762,14 +763,24 @@ def test_large_response_packets_land_in_the_message(loop, datagram_backend) -> N
 
 def test_credits_are_capped_at_inflight_bytes(loop) -> None:
     """A session keeps at most ``inflight_bytes`` (1 MiB) of datagrams in
-    flight: 16 credits of 64 KB datagrams, not the 32 granted; 1472-byte
-    datagrams keep all 32; a larger cap uses every credit granted. The cap
-    holds in flight (``max_inflight``) and the responses are exact."""
-    server = serve(loop, "udp", max_datagram=65507)
-    cases = [(65507, None, 16), (65507, 4 << 20, 32), (65507, 100_000, 1), (1472, None, 32)]
+    flight: 16 credits of 64 KB datagrams, fewer than granted; 1472-byte
+    datagrams keep all granted; a larger cap uses every credit granted. The
+    server grants what it offers (``credits``, here 32) and no more than
+    its socket's receive buffer holds (read back from the kernel: it
+    depends on ``net.core.rmem_max``). The cap holds in flight
+    (``max_inflight``) and the responses are exact."""
+    server = serve(loop, "udp", max_datagram=65507, credits=32, rcvbuf=16 << 20)
+    rcvbuf = server.stats()["rcvbuf"]
+    assert rcvbuf > 0
+
+    def granted(dgram: int) -> int:
+        return min(32, socket_credits(rcvbuf, dgram))
+
+    cases = [(65507, None, min(16, granted(65507))), (65507, 4 << 20, granted(65507)),
+             (65507, 100_000, 1), (1472, None, granted(1472))]
     for dgram, cap, credits in cases:
         extra = {} if cap is None else {"inflight_bytes": cap}
-        client = Client(loop, "udp", server.address, max_datagram=dgram, **extra)
+        client = Client(loop, "udp", server.address, max_datagram=dgram, credits=32, **extra)
         m = random.Random(dgram).randbytes(3 << 20)
         assert bytes(client.wait(client.call(REVERSE, m), TIMEOUT * 6)) == m[::-1]
         st = client.stats()
@@ -778,6 +789,35 @@ def test_credits_are_capped_at_inflight_bytes(loop) -> None:
         client.close()
     with pytest.raises(evpl.ConfigError):
         Client(loop, "udp", server.address, inflight_bytes=0)
+    server.close()
+
+
+def _udp_drops(port: int) -> int:
+    """The kernel's drop counter of the IPv4 UDP socket bound to ``port``."""
+    with open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port:
+                return int(fields[-1])
+    raise AssertionError(f"no UDP socket on port {port}")
+
+
+def test_credits_fit_the_servers_receive_buffer(loop, datagram_backend) -> None:
+    """A server whose socket has a small receive buffer (64 KiB, which the
+    kernel counts as 128 KiB) grants a client asking for 128 credits of
+    1472-byte datagrams only what half of it holds (28); 1 MiB both ways
+    then arrives exact and the server's socket drops nothing."""
+    server = serve(loop, datagram_backend, max_message=1 << 21, rcvbuf=64 << 10)
+    rcvbuf = server.stats()["rcvbuf"]
+    assert rcvbuf == 128 << 10
+    client = Client(loop, datagram_backend, server.address, max_message=1 << 21, credits=128)
+    body = random.Random(9).randbytes(1 << 20)
+    for _ in range(3):
+        assert bytes(client.wait(client.call(REVERSE, body), TIMEOUT)) == body[::-1]
+    assert client.stats()["credits"] == socket_credits(rcvbuf, 1472) == 28
+    assert server.sessions()[0]["credits"] == 28
+    assert _udp_drops(server.address[1]) == 0
+    client.close()
     server.close()
 
 

@@ -129,12 +129,12 @@ class Client:
     """A drpc session to ``address`` over ``backend`` (``udp``,
     ``io_uring_udp``, ``xdp_udp``...).
 
-    ``window``, ``credits``, ``max_message``, ``max_datagram``: what the
-    client asks for (the server may grant less; see ``stats()``).
-    ``inflight_bytes`` (1 MiB) caps the credits the session uses at that
-    many bytes of datagrams in flight: 16 of 64 KB datagrams rather than
-    32, whose 2 MiB queued on the path is delay that Timely reads as
-    congestion (32 of 1472 bytes are 46 KB: no cap).
+    ``window``, ``credits`` (128; eRPC: 32), ``max_message``,
+    ``max_datagram``: what the client asks for (the server may grant less;
+    see ``stats()``). ``inflight_bytes`` (1 MiB) caps the credits the
+    session uses at that many bytes of datagrams in flight: 16 of 64 KB
+    datagrams, whose 2 MiB queued on the path would be delay that Timely
+    reads as congestion (128 of 1472 bytes are 184 KB: no cap).
     ``rto``: retransmission timeout in seconds (eRPC: 5 ms); the session
     uses its smoothed RTT plus four deviations when that is longer, and
     doubles a request's timeout per timeout without progress. A timeout
@@ -157,7 +157,7 @@ class Client:
     """
 
     def __init__(self, loop: Any, backend: str, address: Any, *, window: int = 8,
-                 credits: int = 32, max_message: int = 8 << 20, max_datagram: int = 1472,
+                 credits: int = 128, max_message: int = 8 << 20, max_datagram: int = 1472,
                  rto: float = 0.005, peer_timeout: float = 1.0, cc: bool = True,
                  link_rate: float = 10e9, timely: dict[str, Any] | None = None,
                  local_address: Any = None, inflight_bytes: int = 1 << 20,

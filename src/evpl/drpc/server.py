@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +62,10 @@ class Server:
     ``io_uring_udp``, ``xdp_udp``...) bound to ``address``.
 
     Limits it offers every session (a client may ask for less): ``window``
-    requests outstanding (eRPC: 8), ``credits`` packets in flight (eRPC: 32),
+    requests outstanding (eRPC: 8), ``credits`` packets in flight (128;
+    eRPC: 32; on kernel sockets at most what half the receive buffer the
+    kernel granted holds, ``session.socket_credits``: 92 of 1472 bytes
+    under a stock ``net.core.rmem_max`` of 208 KiB, 3 of 64 KB),
     ``max_message`` bytes per request or response (eRPC: 8 MiB),
     ``max_datagram`` bytes per packet including the 28-byte header (1472
     fits a 1500-byte Ethernet MTU; up to 65507 on loopback or jumbo paths).
@@ -80,7 +85,7 @@ class Server:
     """
 
     def __init__(self, loop: Any, backend: str, address: Any, *, window: int = 8,
-                 credits: int = 32, max_message: int = 8 << 20, max_datagram: int = 1472,
+                 credits: int = 128, max_message: int = 8 << 20, max_datagram: int = 1472,
                  max_sessions: int = 4096, session_timeout: float = 60.0,
                  max_assembly: int = 256 << 20, workers: int | WorkerPool = 4,
                  rcvbuf: int = 4 << 20, **options: Any) -> None:
@@ -116,6 +121,11 @@ class Server:
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
         self._endpoint.send_bind = self.bind        # the C path's (it counts SendQueueFull)
+        if backend in ("udp", "io_uring_udp"):
+            # sessions get no more credits than the socket's receive buffer
+            # holds (at their datagram size)
+            with socket.socket(fileno=os.dup(self.bind.fileno())) as sock:
+                self._endpoint.rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self._expiry = loop.call_every(min(1.0, session_timeout / 4), self._expire)
 
     @property
