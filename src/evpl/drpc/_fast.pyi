@@ -133,7 +133,7 @@ class Caller:
     core: ClientCore | None
     slow: Any
     ticking: bool
-    def __call__(self, req_type: int, payload: Any = ..., callback: Any = ...) -> Any: ...
+    def call(self, req_type: int, payload: Any = ..., callback: Any = ...) -> Any: ...
 
 class ServerCore:
     out: Any

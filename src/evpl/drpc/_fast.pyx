@@ -933,18 +933,19 @@ cdef class ClientCore:
 
 
 cdef class Caller:
-    """``Client.call`` in C for its common case (the Client makes one and
-    puts it in its instance's ``call``): a callback given, a ``bytes`` or
-    ``Buffer`` payload, the RTO ticker running (``ticking``, kept by the
-    Client) and the session not idle past half the server's timeout; the
-    request then goes to ``ClientCore.submit``. Anything else goes to
-    ``slow`` (the Client's Python ``call``, which has it all)."""
+    """``Client.call`` in C for its common case (the Client puts ``call``,
+    a bound method, in its instance's ``call``: Python calls it without
+    an argument tuple): a callback given, a ``bytes`` or ``Buffer``
+    payload, the RTO ticker running (``ticking``, kept by the Client) and
+    the session not idle past half the server's timeout; the request then
+    goes to ``ClientCore._start_call``. Anything else goes to ``slow`` (the
+    Client's Python ``call``, which has it all)."""
 
     cdef public ClientCore core
     cdef public object slow
     cdef public bint ticking
 
-    def __call__(self, req_type, payload=b"", callback=None):
+    def call(self, req_type, payload=b"", callback=None):
         cdef ClientCore core = self.core
         cdef int64_t now
         if callback is None or not self.ticking or core is None or \

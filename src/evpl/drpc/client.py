@@ -216,7 +216,7 @@ class Client:
         self._caller = Caller()
         self._caller.core = self.session
         self._caller.slow = Client.call.__get__(self, Client)
-        self.call = self._caller  # type: ignore[method-assign]
+        self.call = self._caller.call  # type: ignore[method-assign]
         self._started = self._now()
         self._connect_wait = max(rto, 0.01)
         self._send(self.session.connect_packet(self._started))
@@ -244,7 +244,7 @@ class Client:
         window wait in order. The payload is kept (for retransmissions) until
         the call completes; a mutable one is copied first.
 
-        (Each Client's ``call`` attribute is a ``_fast.Caller``: C for the
+        (Each Client's ``call`` attribute is a ``_fast.Caller``'s: C for the
         common case, a callback and a ``bytes``/``Buffer`` payload on a
         busy or fresh session; everything else comes here.)"""
         if type(payload) is not bytes and type(payload) is not Buffer:
