@@ -22,7 +22,7 @@ from evpl.drpc import (
     SessionClosed,
     SessionRejected,
 )
-from evpl.drpc.session import socket_credits
+from evpl.drpc.session import rx_truesize, socket_credits
 from evpl.drpc.wire import (
     FLAG_CR_RANGE,
     FLAG_RFR_RANGE,
@@ -772,18 +772,18 @@ def test_credits_are_capped_at_inflight_bytes(loop) -> None:
     server = serve(loop, "udp", max_datagram=65507, credits=32, rcvbuf=16 << 20)
     rcvbuf = server.stats()["rcvbuf"]
     assert rcvbuf > 0
-
-    def granted(dgram: int) -> int:
-        return min(32, socket_credits(rcvbuf, dgram))
-
-    cases = [(65507, None, min(16, granted(65507))), (65507, 4 << 20, granted(65507)),
-             (65507, 100_000, 1), (1472, None, granted(1472))]
-    for dgram, cap, credits in cases:
+    cases = [(65507, None, 16), (65507, 4 << 20, 64), (65507, 100_000, 1), (1472, None, 712)]
+    for dgram, cap, by_bytes in cases:
         extra = {} if cap is None else {"inflight_bytes": cap}
-        client = Client(loop, "udp", server.address, max_datagram=dgram, credits=32, **extra)
+        client = Client(loop, "udp", server.address, max_datagram=dgram, credits=32,
+                        rcvbuf=16 << 20, **extra)
         m = random.Random(dgram).randbytes(3 << 20)
         assert bytes(client.wait(client.call(REVERSE, m), TIMEOUT * 6)) == m[::-1]
         st = client.stats()
+        # what the server grants, what the bytes allow, what the client's
+        # own socket holds (both buffers depend on net.core.rmem_max)
+        credits = min(32, socket_credits(rcvbuf, dgram), by_bytes,
+                      st["rcvbuf"] // rx_truesize(dgram))
         assert st["credits"] == credits, (dgram, cap, st["credits"])
         assert 1 <= st["max_inflight"] <= credits
         client.close()
@@ -817,6 +817,26 @@ def test_credits_fit_the_servers_receive_buffer(loop, datagram_backend) -> None:
     assert client.stats()["credits"] == socket_credits(rcvbuf, 1472) == 28
     assert server.sessions()[0]["credits"] == 28
     assert _udp_drops(server.address[1]) == 0
+    client.close()
+    server.close()
+
+
+def test_credits_fit_the_clients_receive_buffer(loop, datagram_backend) -> None:
+    """A client whose socket has a small receive buffer (128 KiB, counted
+    as 256 KiB) keeps no more 64 KB datagrams in flight than it holds
+    answers to (3), whatever the server grants: 1 MiB both ways arrives
+    exact and the client's socket drops nothing."""
+    server = serve(loop, datagram_backend, max_message=1 << 21, max_datagram=65507)
+    client = Client(loop, datagram_backend, server.address, max_message=1 << 21,
+                    max_datagram=65507, rcvbuf=128 << 10)
+    body = random.Random(10).randbytes(1 << 20)
+    for _ in range(3):
+        assert bytes(client.wait(client.call(REVERSE, body), TIMEOUT)) == body[::-1]
+    st = client.stats()
+    assert st["rcvbuf"] == 256 << 10
+    assert st["credits"] == (256 << 10) // rx_truesize(65507) == 3
+    assert st["max_inflight"] <= 3
+    assert _udp_drops(client.bind.local_address[1]) == 0
     client.close()
     server.close()
 

@@ -26,6 +26,7 @@ and one read batch reaches the protocol core in one Python call.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 from collections.abc import Callable
@@ -89,6 +90,16 @@ def message_allocator(pool: Any) -> Callable[[int], Any]:
         return allocate(n) if n >= threshold else bytearray(n)
 
     return alloc
+
+
+def kernel_rcvbuf(bind: Any, backend: str) -> int:
+    """The receive buffer of ``bind``'s socket as the kernel counts it (twice
+    what was set, capped by ``net.core.rmem_max``) on ``udp`` and
+    ``io_uring_udp``; 0 on other backends (no such kernel buffer)."""
+    if backend not in ("udp", "io_uring_udp"):
+        return 0
+    with socket.socket(fileno=os.dup(bind.fileno())) as sock:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
 
 def _numeric(address: Any) -> Any:
@@ -207,6 +218,7 @@ class Client:
             window=window, credits=credits, max_message=max_message, max_datagram=max_datagram,
             rto_ns=int(rto * 1e9), peer_timeout_ns=int(peer_timeout * 1e9), cc=timely_cc,
             alloc=message_allocator(loop.pool), inflight_bytes=inflight_bytes)
+        self.session.rcvbuf = kernel_rcvbuf(self.bind, backend)
         if local_address is None:
             self.session.send_bind = self.bind      # its send, called in C
         self._submit = self.session.submit

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
 from evpl.core.handler import Handler
 from evpl.core.loop import engine_loop
 from evpl.drpc._fast import Port
-from evpl.drpc.client import message_allocator
+from evpl.drpc.client import kernel_rcvbuf, message_allocator
 from evpl.drpc.session import Request, ServerEndpoint, ServerSession, ServerSlot
 from evpl.drpc.wire import FLAG_ERROR, HEADER_SIZE, MAX_REQ_TYPE
 from evpl.errors import ConfigError, EvplError, SendQueueFull
@@ -121,11 +119,9 @@ class Server:
         self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
         self._endpoint.send_bind = self.bind        # the C path's (it counts SendQueueFull)
-        if backend in ("udp", "io_uring_udp"):
-            # sessions get no more credits than the socket's receive buffer
-            # holds (at their datagram size)
-            with socket.socket(fileno=os.dup(self.bind.fileno())) as sock:
-                self._endpoint.rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        # sessions get no more credits than the socket's receive buffer holds
+        # (at their datagram size)
+        self._endpoint.rcvbuf = kernel_rcvbuf(self.bind, backend)
         self._expiry = loop.call_every(min(1.0, session_timeout / 4), self._expire)
 
     @property

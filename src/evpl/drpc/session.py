@@ -153,12 +153,17 @@ def socket_credits(rcvbuf: int, max_datagram: int) -> int:
     return max(1, rcvbuf // rx_truesize(max_datagram) // 2)
 
 
-def credits_used(credits: int, inflight_bytes: int, max_datagram: int) -> int:
+def credits_used(credits: int, inflight_bytes: int, max_datagram: int, rcvbuf: int = 0) -> int:
     """The credits a client session uses of ``credits``: at most
     ``inflight_bytes`` of ``max_datagram``-byte datagrams in flight (16 of
     64 KB datagrams, not 32: 2 MiB queued on a path is milliseconds of
-    delay, which Timely reads as congestion), at least one."""
-    return min(credits, max(1, inflight_bytes // max_datagram))
+    delay, which Timely reads as congestion), and no more answers than its
+    socket's receive buffer holds (``rcvbuf`` as the kernel counts it; 0:
+    unknown), at least one."""
+    n = min(credits, max(1, inflight_bytes // max_datagram))
+    if rcvbuf:
+        n = min(n, max(1, rcvbuf // rx_truesize(max_datagram)))
+    return n
 
 
 # a slot's RTO doubles with each timeout without progress, up to 2**6 times
@@ -193,6 +198,10 @@ class ClientSession(ClientCore):
                  inflight_bytes: int = 1 << 20) -> None:
         self.peer = peer                    # not None: drop packets from other addresses
         self.inflight_bytes = inflight_bytes
+        # the socket's receive buffer as the kernel counts it (set by the
+        # Client on kernel sockets; 0: unknown): no more credits than the
+        # answers it holds
+        self.rcvbuf = 0
         self.send_now = send_now
         self.out = out
         self.alloc = alloc
@@ -262,7 +271,7 @@ class ClientSession(ClientCore):
         self.server_session = ok.server_session
         self.window = ok.window
         self.credits_total = self.credits = credits_used(ok.credits, self.inflight_bytes,
-                                                         ok.max_datagram)
+                                                         ok.max_datagram, self.rcvbuf)
         self.rfr_batch = rfr_batch_for(self.credits_total, ok.max_datagram)
         self.max_message = min(self.max_message, ok.max_message)
         self.max_datagram = ok.max_datagram
@@ -624,6 +633,7 @@ class ClientSession(ClientCore):
             "window": self.window,
             "credits": self.credits_total,
             "credits_available": self.credits,
+            "rcvbuf": self.rcvbuf,
             "max_inflight": self.max_inflight,
             "max_outstanding": self.max_busy,
             "outstanding": self.busy,
