@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from evpl.drpc.cc import Timely
 from evpl.drpc.session import ClientSession, ServerEndpoint
-from evpl.drpc.wire import PacketType, parse_header
+from evpl.drpc.wire import PacketType, pack_header, parse_header
 
 PEER = ("10.0.0.1", 1)
 RTO = 5_000_000
@@ -265,6 +265,35 @@ def _connected_pair(window: int = 2, credits: int = 4
     to_client.clear()
     assert client.state == "connected"
     return client, server, to_server, to_client
+
+
+def test_credit_returns_count_up_to_their_packet() -> None:
+    """A CR says every request packet up to its ``pkt_num`` arrived: the
+    server's ranged CR for packets 1.. returns their credits and, its CR
+    for packet 0 lost, that one's too; a CR for a packet the client has not
+    sent is dropped (out of order) and returns nothing; a late one is a
+    duplicate. The request then completes with the right bytes."""
+    client, server, to_server, to_client = _connected_pair(window=1, credits=2)
+    got: list[bytes] = []
+    body = bytes(range(250)) + bytes(150)               # 4 packets of 100 bytes
+    client.submit(1, body, lambda r, e: got.append(bytes(r)), 1)
+    slot = client.slots[0]
+    assert slot.num_tx == 2 and client.credits == 0
+    forged = pack_header(PacketType.CR, 1, client.client_session, slot.req_num, 0, 2)
+    client.receive([(forged, PEER)], 2)                 # packet 2 was never sent
+    assert client.stats()["out_of_order"] == 1 and slot.num_rx == 0 and client.credits == 0
+    server.receive([(p, PEER) for p in to_server], 3)   # packets 0 and 1, one batch
+    to_server.clear()
+    crs = [parse_header(p) for p in to_client]
+    assert [(h[0], h[6], h[5]) for h in crs] == [(PacketType.CR, 0, 0), (PacketType.CR, 1, 1)]
+    first, ranged = to_client
+    to_client.clear()
+    client.receive([(ranged, PEER)], 4)                 # the CR for packet 0 was lost
+    assert slot.num_rx == 2 and slot.num_tx == 4        # both credits back: 2 and 3 sent
+    client.receive([(first, PEER)], 5)
+    assert client.stats()["duplicates"] == 1
+    _settle(client, server, to_server, to_client, 6)
+    assert got == [body[::-1]] and client.credits == client.credits_total
 
 
 def test_rollbacks_back_off_while_the_server_is_silent() -> None:

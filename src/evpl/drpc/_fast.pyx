@@ -665,8 +665,11 @@ cdef class ClientCore:
             if <int64_t>h.pkt_num + 1 >= slot.n_req or <int64_t>h.pkt_num < slot.num_rx or \
                     nbody != 0:
                 return False
-            while slot.num_rx < <int64_t>h.pkt_num:
-                self._answered(slot, slot.num_rx, now_ns)
+            if slot.num_rx < <int64_t>h.pkt_num:
+                if <int64_t>h.pkt_num >= slot.num_tx:
+                    return False            # never one that was not sent: session.py's
+                while slot.num_rx < <int64_t>h.pkt_num:
+                    self._answered(slot, slot.num_rx, now_ns)
             self._answer(slot, h.pkt_num, h.flags, h.ts, now_ns, now_us)
             if self.credits and slot.num_tx < slot.n_req:
                 self._send_request(slot, now_ns)

@@ -434,10 +434,15 @@ class ClientSession(ClientCore):
                         self.malformed += 1
                         continue
                     j = pkt_num
-                    # request packets up to pkt_num arrived (a ranged CR
-                    # covers several): the ones before it are answered too
-                    while slot.num_rx < j:
-                        self._answer_slot(slot, slot.num_rx, now_ns)
+                    if slot.num_rx < j:
+                        # request packets up to pkt_num arrived (a ranged
+                        # CR covers several): the ones before it are
+                        # answered too; never one that was not sent
+                        if j >= slot.num_tx:
+                            self.out_of_order += 1
+                            continue
+                        while slot.num_rx < j:
+                            self._answer_slot(slot, slot.num_rx, now_ns)
                 else:
                     j = slot.n_req - 1 + pkt_num
                 if j != slot.num_rx:
