@@ -160,7 +160,8 @@ class Client:
     ``t_high``, ``min_rtt``...; defaults: ``KERNEL_TIMELY``, eRPC's
     thresholds scaled to kernel sockets). ``rcvbuf`` defaults to twice
     what ``credits`` packets of ``max_datagram`` bytes take (the kernel caps
-    it at ``net.core.rmem_max``). ``local_address``: use an unconnected
+    it at ``net.core.rmem_max``); the session uses no more credits than the
+    buffer the kernel granted holds answers. ``local_address``: use an unconnected
     socket bound there (``Loop.bind``) and ``sendto`` instead of a connected
     one (``Loop.connect``), for a client that must use a given local address
     and port; packets from any other address are dropped. Other
