@@ -27,6 +27,10 @@ __all__ = ["ShardGroup", "run", "start"]
 _log = logging.getLogger("evpl")
 
 _PARENT_CHECK_S = 0.1   # a polling shard looks at its parent's pidfd this often
+# the parent's waits for its shards return at least this often: a stop()
+# from a signal handler during a select (which PEP 475 resumes with the
+# timeout it began with) then gets its grace period enforced
+_WAIT_SLICE_S = 0.25
 
 
 def _readable(fd: int) -> bool:
@@ -253,7 +257,7 @@ class ShardGroup:
             if not self.restart:
                 self._close_sockets()
             while len(ready) < self.n and self.running and not self._stopping:
-                r, _, _ = select.select([self._ready_r, *self._pidfds], [], [])
+                r, _, _ = select.select([self._ready_r, *self._pidfds], [], [], _WAIT_SLICE_S)
                 if self._ready_r in r:
                     ready.update(os.read(self._ready_r, 64))
                 for fd in r:
@@ -326,9 +330,9 @@ class ShardGroup:
         try:
             while self._pidfds:
                 now = time.monotonic()
-                limits = [t for t in (deadline, self._kill_at) if t is not None]
-                wait = max(0.0, min(limits) - now) if limits else None
-                r, _, _ = select.select(list(self._pidfds), [], [], wait)
+                limits = [t for t in (deadline, self._kill_at, now + _WAIT_SLICE_S)
+                          if t is not None]
+                r, _, _ = select.select(list(self._pidfds), [], [], max(0.0, min(limits) - now))
                 for fd in r:
                     if fd in self._pidfds:
                         self._reap(fd)
