@@ -527,19 +527,19 @@ def test_steering_to_the_cpu_that_received():
         assert group.wait(TIMEOUT) == [0, 0]
 
 
-def test_sigterm_to_the_parent(tmp_path):
+def _sigterm_parent(*args: str, timeout: float) -> tuple[int, str, str, list[int]]:
+    """Run run_shards.py with ``args``, SIGTERM it once both shards are up;
+    its exit status, stdout and stderr, and the shards' pids (none is left
+    running, whatever happened)."""
     script = os.path.join(os.path.dirname(__file__), "run_shards.py")
-    proc = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     pids: list[int] = []
     try:
         for _ in range(2):
             pids.append(int(proc.stdout.readline().split()[1]))
         proc.send_signal(signal.SIGTERM)
-        # (a shard that did not stop is killed after the 10 s grace: the
-        # parent then prints its status, and its log says which)
-        out, err = proc.communicate(timeout=3 * TIMEOUT)
-        assert proc.returncode == 0, err
+        out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -547,34 +547,25 @@ def test_sigterm_to_the_parent(tmp_path):
         for pid in pids:            # a failed run leaves no shard behind either
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
-    assert "statuses [0, 0]" in out, (out, err)
+    return proc.returncode, out, err, pids
+
+
+def test_sigterm_to_the_parent():
+    # (a shard that did not stop is killed after the 10 s grace: the
+    # parent then prints its status, and its log says which)
+    code, out, err, pids = _sigterm_parent(timeout=3 * TIMEOUT)
+    assert code == 0 and "statuses [0, 0]" in out, (out, err)
     assert all(_gone(p) for p in pids)
 
 
 def test_shards_that_ignore_sigterm_are_killed_after_the_grace():
-    """SIGTERM to the parent while it waits for its shards, which block
-    SIGTERM: they are killed once the grace period (0.5 s here) is over,
-    although the parent's wait began before the signal and no shard exits
-    to end it (a wait without a timeout, resumed by PEP 475, would never
-    enforce the grace), and the parent exits."""
-    script = os.path.join(os.path.dirname(__file__), "run_shards.py")
-    proc = subprocess.Popen([sys.executable, script, "hybrid", "stubborn"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pids: list[int] = []
-    try:
-        for _ in range(2):
-            pids.append(int(proc.stdout.readline().split()[1]))
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=TIMEOUT)
-        assert proc.returncode == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in pids:
-            if not _gone(pid):
-                os.kill(pid, signal.SIGKILL)
-    assert "statuses [-9, -9]" in out, (out, err)
+    """SIGTERM to the parent of shards that block SIGTERM: they are killed
+    once the grace period (0.5 s here) is over, wherever the signal finds
+    the parent (still starting them, or already waiting: a wait without a
+    timeout, which PEP 475 resumes as it was, hung there, since no shard
+    exits to end it), and the parent exits."""
+    code, out, err, pids = _sigterm_parent("hybrid", "stubborn", timeout=TIMEOUT)
+    assert code == 0 and "statuses [-9, -9]" in out, (out, err)
     assert "still running [0, 1] after SIGTERM" in err
     assert all(_gone(p) for p in pids)
 
