@@ -22,7 +22,7 @@ from evpl.drpc import (
     SessionClosed,
     SessionRejected,
 )
-from evpl.drpc.session import rx_truesize, socket_credits
+from evpl.drpc.session import socket_credits
 from evpl.drpc.wire import (
     FLAG_CR_RANGE,
     FLAG_RFR_RANGE,
@@ -783,7 +783,7 @@ def test_credits_are_capped_at_inflight_bytes(loop) -> None:
         # what the server grants, what the bytes allow, what the client's
         # own socket holds (both buffers depend on net.core.rmem_max)
         credits = min(32, socket_credits(rcvbuf, dgram), by_bytes,
-                      st["rcvbuf"] // rx_truesize(dgram))
+                      socket_credits(st["rcvbuf"], dgram))
         assert st["credits"] == credits, (dgram, cap, st["credits"])
         assert 1 <= st["max_inflight"] <= credits
         client.close()
@@ -822,19 +822,19 @@ def test_credits_fit_the_servers_receive_buffer(loop, datagram_backend) -> None:
 
 
 def test_credits_fit_the_clients_receive_buffer(loop, datagram_backend) -> None:
-    """A client whose socket has a small receive buffer (128 KiB, counted
-    as 256 KiB) keeps no more 64 KB datagrams in flight than it holds
-    answers to (3), whatever the server grants: 1 MiB both ways arrives
-    exact and the client's socket drops nothing."""
+    """A client whose socket has a small receive buffer (208 KiB, a stock
+    ``rmem_max``, counted as 416 KiB) keeps no more 64 KB datagrams in
+    flight than half the answers it holds (3), whatever the server grants:
+    1 MiB both ways arrives exact and the client's socket drops nothing."""
     server = serve(loop, datagram_backend, max_message=1 << 21, max_datagram=65507)
     client = Client(loop, datagram_backend, server.address, max_message=1 << 21,
-                    max_datagram=65507, rcvbuf=128 << 10)
+                    max_datagram=65507, rcvbuf=208 << 10)
     body = random.Random(10).randbytes(1 << 20)
     for _ in range(3):
         assert bytes(client.wait(client.call(REVERSE, body), TIMEOUT)) == body[::-1]
     st = client.stats()
-    assert st["rcvbuf"] == 256 << 10
-    assert st["credits"] == (256 << 10) // rx_truesize(65507) == 3
+    assert st["rcvbuf"] == 416 << 10
+    assert st["credits"] == socket_credits(416 << 10, 65507) == 3
     assert st["max_inflight"] <= 3
     assert _udp_drops(client.bind.local_address[1]) == 0
     client.close()

@@ -241,7 +241,7 @@ cdef class Port(DatagramSink):
             if isinstance(core, ClientCore):
                 (<ClientCore>core)._end(self.now)
             elif isinstance(core, ServerCore):
-                (<ServerCore>core)._end()
+                (<ServerCore>core)._send_crs()
         if self.after is not None:
             self.after()
         return 0
@@ -1028,7 +1028,7 @@ cdef class ServerCore:
     def receive(self, list batch, int64_t now_ns):
         """Every datagram of one read batch."""
         feed(self, batch, now_ns)
-        self._end()
+        self._send_crs()
 
     cdef int _item(self, object buf, object addr, const char* data, Py_ssize_t length,
                    int64_t now_ns) except -1:
@@ -1036,20 +1036,16 @@ cdef class ServerCore:
         RFR, else the endpoint's Python path."""
         self.packets += 1
         if self._take(buf, addr, data, length, now_ns) == 0:
-            if self.cr_pending:
-                self._send_crs()            # (they go before anything it answers)
+            self._send_crs()                # (they go before anything it answers)
             self._receive([(buf, addr)], now_ns)
         return 0
 
-    cdef int _end(self) except -1:
-        """The end of a read batch: the ranged credit returns it owes."""
-        if self.cr_pending:
-            self._send_crs()
-        return 0
-
     cdef int _send_crs(self) except -1:
-        """Send every pending ranged credit return."""
+        """Send every pending ranged credit return (at the end of a read
+        batch, and before the Python path answers anything)."""
         cdef list pending = self.cr_pending
+        if not pending:
+            return 0
         self.cr_pending = []
         for sess, slot in pending:
             self._send_cr(<ServerSession>sess, <ServerSlot>slot)

@@ -92,11 +92,11 @@ def message_allocator(pool: Any) -> Callable[[int], Any]:
     return alloc
 
 
-def kernel_rcvbuf(bind: Any, backend: str) -> int:
+def kernel_rcvbuf(bind: Any) -> int:
     """The receive buffer of ``bind``'s socket as the kernel counts it (twice
     what was set, capped by ``net.core.rmem_max``) on ``udp`` and
     ``io_uring_udp``; 0 on other backends (no such kernel buffer)."""
-    if backend not in ("udp", "io_uring_udp"):
+    if bind.backend not in ("udp", "io_uring_udp"):
         return 0
     with socket.socket(fileno=os.dup(bind.fileno())) as sock:
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
@@ -160,8 +160,8 @@ class Client:
     ``t_high``, ``min_rtt``...; defaults: ``KERNEL_TIMELY``, eRPC's
     thresholds scaled to kernel sockets). ``rcvbuf`` defaults to twice
     what ``credits`` packets of ``max_datagram`` bytes take (the kernel caps
-    it at ``net.core.rmem_max``); the session uses no more credits than the
-    buffer the kernel granted holds answers. ``local_address``: use an unconnected
+    it at ``net.core.rmem_max``); the session uses no more credits than half
+    the answers the buffer the kernel granted holds. ``local_address``: use an unconnected
     socket bound there (``Loop.bind``) and ``sendto`` instead of a connected
     one (``Loop.connect``), for a client that must use a given local address
     and port; packets from any other address are dropped. Other
@@ -219,7 +219,7 @@ class Client:
             window=window, credits=credits, max_message=max_message, max_datagram=max_datagram,
             rto_ns=int(rto * 1e9), peer_timeout_ns=int(peer_timeout * 1e9), cc=timely_cc,
             alloc=message_allocator(loop.pool), inflight_bytes=inflight_bytes)
-        self.session.rcvbuf = kernel_rcvbuf(self.bind, backend)
+        self.session.rcvbuf = kernel_rcvbuf(self.bind)
         if local_address is None:
             self.session.send_bind = self.bind      # its send, called in C
         self._submit = self.session.submit

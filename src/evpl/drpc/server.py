@@ -121,7 +121,7 @@ class Server:
         self._endpoint.send_bind = self.bind        # the C path's (it counts SendQueueFull)
         # sessions get no more credits than the socket's receive buffer holds
         # (at their datagram size)
-        self._endpoint.rcvbuf = kernel_rcvbuf(self.bind, backend)
+        self._endpoint.rcvbuf = kernel_rcvbuf(self.bind)
         self._expiry = loop.call_every(min(1.0, session_timeout / 4), self._expire)
 
     @property

@@ -145,11 +145,12 @@ def rx_truesize(max_datagram: int) -> int:
 
 
 def socket_credits(rcvbuf: int, max_datagram: int) -> int:
-    """The credits a server offers a session when its socket's receive
-    buffer is ``rcvbuf`` bytes as the kernel counts it (``getsockopt``
-    reports twice what was set): half of the datagrams it holds, so one
-    session's packets in flight, and as many from another, fit (eRPC: the
-    server never drops for lack of receive buffers)."""
+    """The most credits a session may have when the socket that receives
+    their answers has a receive buffer of ``rcvbuf`` bytes as the kernel
+    counts it (``getsockopt`` reports twice what was set): half of the
+    datagrams it holds, so that they fit with as many again (another
+    session's on a server; duplicates, answers to a timeout's probe, on a
+    client). eRPC: a server never drops for lack of receive buffers."""
     return max(1, rcvbuf // rx_truesize(max_datagram) // 2)
 
 
@@ -157,12 +158,12 @@ def credits_used(credits: int, inflight_bytes: int, max_datagram: int, rcvbuf: i
     """The credits a client session uses of ``credits``: at most
     ``inflight_bytes`` of ``max_datagram``-byte datagrams in flight (16 of
     64 KB datagrams, not 32: 2 MiB queued on a path is milliseconds of
-    delay, which Timely reads as congestion), and no more answers than its
-    socket's receive buffer holds (``rcvbuf`` as the kernel counts it; 0:
-    unknown), at least one."""
+    delay, which Timely reads as congestion), and no more than its socket's
+    receive buffer allows (``socket_credits``; ``rcvbuf`` 0: unknown), at
+    least one."""
     n = min(credits, max(1, inflight_bytes // max_datagram))
     if rcvbuf:
-        n = min(n, max(1, rcvbuf // rx_truesize(max_datagram)))
+        n = min(n, socket_credits(rcvbuf, max_datagram))
     return n
 
 
