@@ -155,6 +155,8 @@ def test_gso_off(loop, datagram_backend):
 def test_gso_option_checked(loop):
     with pytest.raises(evpl.ConfigError, match="gso must be a bool"):
         loop.bind("udp", ("127.0.0.1", 0), evpl.Handler(), gso="yes")
+    with pytest.raises(evpl.ConfigError, match="gro must be a bool"):
+        loop.bind("udp", ("127.0.0.1", 0), evpl.Handler(), gro=1)
 
 
 FALLBACK = textwrap.dedent("""
@@ -247,6 +249,42 @@ def test_trains_from_a_kernel_socket(loop, datagram_backend):
     assert [p for p, _ in rec.got] == [data[i:i + seg] for i in range(0, len(data), seg)]
     assert loop.stats()["gro_receives"] == 1
     s.close()
+
+
+def test_gro_off_until_set(loop, datagram_backend):
+    """``gro=False``: the kernel cuts a train into datagrams (none arrives
+    whole) until ``Bind.gro`` is set; after that one receive takes it. The
+    datagrams are the same either way, and clearing it works too."""
+    data = bytes(range(256)) * 20                 # 5 of 1000 bytes and one of 120
+    want = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+    rec = Collect()
+    rx = loop.bind(datagram_backend, ("127.0.0.1", 0), rec, gro=False)
+    assert rx.gro is False
+    _kernel_train(1000, data, rx.local_address)
+    loop.run_until(lambda: len(rec.got) >= 6, timeout=TIMEOUT)
+    assert loop.stats()["gro_receives"] == 0
+    rx.gro = True
+    assert rx.gro is True
+    _kernel_train(1000, data, rx.local_address)
+    loop.run_until(lambda: len(rec.got) >= 12, timeout=TIMEOUT)
+    assert loop.stats()["gro_receives"] == 1
+    rx.gro = False
+    _kernel_train(1000, data, rx.local_address)
+    loop.run_until(lambda: len(rec.got) >= 18, timeout=TIMEOUT)
+    assert loop.stats()["gro_receives"] == 1
+    assert [p for p, _ in rec.got] == want * 3
+
+
+def test_gro_cannot_be_set_without_room_for_a_train(loop, datagram_backend):
+    """A Bind made with ``gso=False`` (or whose slots cannot hold a train)
+    has no GRO to turn on: setting it says so instead of switching the
+    kernel to trains the receive could not hold."""
+    rx = loop.bind(datagram_backend, ("127.0.0.1", 0), evpl.Handler(), gso=False)
+    assert rx.gro is False
+    with pytest.raises(evpl.EvplError, match="cannot take UDP GRO trains"):
+        rx.gro = True
+    rx.gro = False                                # (nothing to clear)
+    assert rx.gro is False
 
 
 def test_no_gro_without_room_for_a_train(make_loop, datagram_backend):

@@ -166,6 +166,45 @@ def test_a_ranged_rfr_gets_at_most_the_credits(loop, datagram_backend) -> None:
     server.close()
 
 
+def test_gro_turns_on_at_the_first_batch_of_two(loop, datagram_backend) -> None:
+    """drpc's Binds start with the kernel's UDP GRO off (every received
+    packet pays for it, and one call at a time never receives a train) and
+    turn it on at the first read batch of two packets or more: calls in
+    parallel or a multi-packet message, which the peer sends as GSO trains.
+    From then on those trains arrive whole. ``gro=True`` keeps it on
+    throughout."""
+    server = serve(loop, datagram_backend, max_message=1 << 21)
+    server.register(BIG, lambda req: len(req.body).to_bytes(4, "big"))
+    client = Client(loop, datagram_backend, server.address, max_message=1 << 21)
+    for i in range(20):                           # one at a time
+        assert bytes(client.wait(client.call(ECHO, b"%d" % i), TIMEOUT)) == b"%d" % i
+    assert (server.bind.gro, client.bind.gro) == (False, False)
+    body = random.Random(7).randbytes(1 << 20)
+    assert bytes(client.wait(client.call(BIG, body), TIMEOUT)) == len(body).to_bytes(4, "big")
+    assert server.bind.gro
+    assert bytes(client.wait(client.call(REVERSE, body), TIMEOUT)) == body[::-1]
+    assert client.bind.gro
+    before = loop.stats()["gro_receives"]
+    assert bytes(client.wait(client.call(REVERSE, body), TIMEOUT)) == body[::-1]
+    assert loop.stats()["gro_receives"] > before
+    client.close()
+    server.close()
+    # eight calls in flight: trains of requests and of responses
+    server = serve(loop, datagram_backend)
+    client = Client(loop, datagram_backend, server.address)
+    calls = [(ECHO, b"%d" % i) for i in range(8)] * 4
+    assert [r for r, _ in run_calls(loop, client, calls)] == [c[1] for c in calls]
+    assert (server.bind.gro, client.bind.gro) == (True, True)
+    client.close()
+    server.close()
+    server = serve(loop, datagram_backend, gro=True)
+    client = Client(loop, datagram_backend, server.address, gro=True)
+    assert client.wait(client.call(ECHO, b"hi"), TIMEOUT) == b"hi"
+    assert (server.bind.gro, client.bind.gro) == (True, True)
+    client.close()
+    server.close()
+
+
 def test_ranged_credit_returns(loop, datagram_backend) -> None:
     """A client's CONNECT carries FLAG_CR_RANGE: a server that honours it
     returns a multi-packet request's credits several packets at a time

@@ -107,7 +107,8 @@ cdef class Bind(_Source):
     cdef sockaddr_in6 rx_sa
     cdef socklen_t rx_salen
     cdef size_t gso_limit
-    cdef bint gro               # UDP_GRO is on: a receive may be a train of datagrams
+    cdef bint gro               # receives are laid out for UDP GRO trains (slots hold one)
+    cdef bint gro_on            # the kernel's UDP_GRO is set: a receive may be a train
     cdef object close_error
     cdef object _peer
     # timeouts
@@ -129,7 +130,8 @@ cdef class Bind(_Source):
     cdef void _setup(self, LoopCore loop, int fd, str backend, bint stream, handler,
                      Framer framer, Limits limits)
     cdef void _adopt_stream(self, peer, bint connecting, int connect_errno)
-    cdef void _adopt_datagram(self, bint gso, peer, bint gro_fits)
+    cdef void _adopt_datagram(self, bint gso, peer, bint gro_fits, bint gro=*)
+    cdef bint _set_gro(self, bint on) noexcept
     cdef int _can_send(self) except -1
     cdef int _queued(self, size_t n, TxMark m) except -1
     cdef bint _frames_sends(self)

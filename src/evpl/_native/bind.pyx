@@ -241,19 +241,33 @@ cdef class Bind(_Source):
         elif not connecting:
             self._connected()
 
-    cdef void _adopt_datagram(self, bint gso, peer, bint gro_fits):
+    cdef void _adopt_datagram(self, bint gso, peer, bint gro_fits, bint gro=True):
         """A backend's adoption of a datagram socket, after ``_setup``:
         ``gso`` sends trains to one peer with UDP GSO and accepts them with
         UDP GRO when ``gro_fits`` (every receive slot holds a whole train);
+        ``gro`` false lays the receives out for trains but leaves the
+        kernel's UDP_GRO off until ``_set_gro`` (the ``gro`` property);
         ``peer``: the socket is connected to it."""
-        cdef int one = 1
         self.gso_limit = 65536 if gso else 0
         if peer is not None:
             self._peer = peer
             self.dgram_connected = True
         if gso and gro_fits:
-            self.gro = setsockopt(self.fd, IPPROTO_UDP, UDP_GRO, &one, sizeof(one)) == 0
+            self.gro = True
+            if gro and not self._set_gro(True):
+                self.gro = False        # (refused: datagrams arrive one by one)
         self._connected()
+
+    cdef bint _set_gro(self, bint on) noexcept:
+        """Set or clear the kernel's UDP_GRO on a Bind laid out for trains;
+        whether it is now set. Clearing it saves the kernel ~0.1 µs per
+        datagram received (measured over loopback), which matters to
+        request-response traffic that never sees a train."""
+        cdef int v = on
+        if self.gro and on != self.gro_on and self.state != S_CLOSED and \
+                setsockopt(self.fd, IPPROTO_UDP, UDP_GRO, &v, sizeof(v)) == 0:
+            self.gro_on = on
+        return self.gro_on
 
     # ---- public API ------------------------------------------------------
 
@@ -267,6 +281,23 @@ cdef class Bind(_Source):
     @property
     def connected(self) -> bool:
         return self.state == S_OPEN
+
+    @property
+    def gro(self) -> bool:
+        """Whether the kernel hands this datagram Bind trains of datagrams
+        whole (UDP GRO; each is still delivered datagram by datagram).
+        Settable: a Bind made with ``gro=False`` may turn it on once it
+        expects trains; False on a Bind whose receive slots cannot hold a
+        train (see ``gso`` in docs/api.md)."""
+        return self.gro_on
+
+    @gro.setter
+    def gro(self, bint on) -> None:
+        if on and not self.gro:
+            raise EvplError("this Bind cannot take UDP GRO trains (a backend or receive "
+                            "slots without room for one, or gso=False)")
+        if self._set_gro(on) != on and self.state != S_CLOSED:
+            raise EvplError(f"setting UDP_GRO to {int(on)} failed")
 
     @property
     def framed(self) -> bool:

@@ -632,14 +632,15 @@ def stream(LoopCore loop, int fd, str backend, handler, Framer framer, Limits li
 
 
 def datagram(LoopCore loop, int fd, str backend, handler, Limits limits, bint gso=False,
-             peer=None):
+             peer=None, bint gro=True):
     """A Bind for a bound datagram socket (nonblocking); ``gso``: send trains
     of datagrams to one peer with UDP GSO, accept them with UDP GRO (UDP
-    sockets only); ``peer``: the socket is connected to it."""
+    sockets only; ``gro`` false: not until ``Bind.gro`` is set); ``peer``:
+    the socket is connected to it."""
     cdef EpollDatagram b = EpollDatagram.__new__(EpollDatagram)
     b._setup(loop, fd, backend, False, handler, None, limits)
     b._register(EPOLLIN | EPOLLET, False)        # EPOLLOUT: see out_armed
-    b._adopt_datagram(gso, peer, gso and loop.pool.buffer_size >= GRO_SLOT)
+    b._adopt_datagram(gso, peer, gso and loop.pool.buffer_size >= GRO_SLOT, gro)
     if b.gro:
         # a coalesced train fills up to 64 KiB whatever max_datagram says
         # (each datagram of it is still held to max_datagram)

@@ -1000,13 +1000,13 @@ def stream(LoopCore loop, int fd, str backend, handler, Framer framer, Limits li
 
 
 def datagram(LoopCore loop, int fd, str backend, handler, Limits limits, bint gso=False,
-             peer=None):
+             peer=None, bint gro=True):
     """A Bind for a bound datagram socket (see ``evpl._native.epoll.datagram``)."""
     cdef UringDatagram b = UringDatagram.__new__(UringDatagram)
     b.drv = driver_for(loop)
     b.drv._dg_setup()
     b._setup(loop, fd, backend, False, handler, None, limits)
-    b._adopt_datagram(gso, peer, b.drv.dg_slot - UR_DG_HDR >= 65535 - 8)
+    b._adopt_datagram(gso, peer, b.drv.dg_slot - UR_DG_HDR >= 65535 - 8, gro)
     return b
 
 

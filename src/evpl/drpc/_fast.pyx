@@ -200,10 +200,18 @@ cdef class Port(DatagramSink):
     ``ServerCore``) with the time of the batch's first datagram, then calls
     ``after()`` if it is set (the client, while it connects).
     ``on_datagrams`` does the same for a batch the Bind kept while reading
-    was paused."""
+    was paused.
+
+    drpc makes its Binds with the kernel's UDP GRO off (it costs every
+    received packet ~0.1 µs, which one call at a time never wins back) and,
+    when ``gro_later`` is set, turns it on at the first read batch of two
+    datagrams or more: calls in parallel and multi-packet messages, whose
+    packets the peer sends as GSO trains (taken whole, a train is one
+    receive instead of one per packet: 8 calls in flight go 2x faster)."""
 
     cdef public object core
     cdef public object after
+    cdef public bint gro_later
     cdef int64_t now            # the clock when the batch's first datagram came
     cdef bint in_batch
 
@@ -216,6 +224,9 @@ cdef class Port(DatagramSink):
                 (<ClientCore>self.core).batch_rtt = -1
 
     cdef int dg_take(self, object bind, Buffer buf, object addr) except -1:
+        if self.in_batch and self.gro_later:
+            self.gro_later = False
+            (<Bind>bind)._set_gro(True)
         self._begin()
         return item(self.core, buf, addr, buf.ptr, buf.length, self.now)
 
