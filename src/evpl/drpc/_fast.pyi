@@ -5,7 +5,6 @@ from typing import Any
 class Port:
     core: Any
     after: Any
-    gro_later: bool
     def on_datagrams(self, bind: Any, datagrams: list[tuple[Any, Any]]) -> None: ...
 
 class ClientSlot:

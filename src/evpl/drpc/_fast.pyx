@@ -203,17 +203,21 @@ cdef class Port(DatagramSink):
     was paused.
 
     drpc makes its Binds with the kernel's UDP GRO off (it costs every
-    received packet ~0.1 µs, which one call at a time never wins back) and,
-    when ``gro_later`` is set, turns it on at the first read batch of two
-    datagrams or more: calls in parallel and multi-packet messages, whose
-    packets the peer sends as GSO trains (taken whole, a train is one
-    receive instead of one per packet: 8 calls in flight go 2x faster)."""
+    received packet ~0.1 µs, which one call at a time never wins back) and
+    the Port turns it on at the first read batch of two datagrams or more:
+    calls in parallel and multi-packet messages, whose packets the peer
+    sends as GSO trains (taken whole, a train is one receive instead of one
+    per packet: 8 calls in flight go 2x faster). On a Bind made with
+    ``gro=True``, or one that cannot take trains, that does nothing."""
 
     cdef public object core
     cdef public object after
-    cdef public bint gro_later
+    cdef bint gro_later         # GRO not yet turned on (see above)
     cdef int64_t now            # the clock when the batch's first datagram came
     cdef bint in_batch
+
+    def __cinit__(self):
+        self.gro_later = True
 
     cdef void _begin(self):
         """The batch's first datagram: its time, and no RTT sample yet."""

@@ -200,7 +200,7 @@ class Client:
         options.setdefault("rcvbuf", min(max(256 << 10, 2 * used * (max_datagram + 1024)),
                                          16 << 20))
         self._handler = _Handler(self)
-        options.setdefault("gro", False)        # on at a batch of two packets (Port.gro_later)
+        options.setdefault("gro", False)        # on at a batch of two packets (Port)
         if local_address is None:
             self.bind = loop.connect(backend, address, self._handler,
                                      max_datagram=max_datagram, **options)
@@ -215,8 +215,6 @@ class Client:
                                   max_datagram=max_datagram, **options)
             sendto = self.bind.sendto
             self._send = lambda data: sendto(data, peer)
-        if not self.bind.gro:
-            self._handler.gro_later = True
         self.session = ClientSession(
             self._send, self._out, peer=peer, client_session=random.getrandbits(32) or 1,
             window=window, credits=credits, max_message=max_message, max_datagram=max_datagram,

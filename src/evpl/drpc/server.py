@@ -116,12 +116,9 @@ class Server:
             max_message=max_message, max_datagram=max_datagram, max_sessions=max_sessions,
             session_timeout_ns=int(session_timeout * 1e9), max_assembly=max_assembly,
             alloc=message_allocator(loop.pool))
-        handler = _Handler(self)
-        options.setdefault("gro", False)        # on at a batch of two packets (Port.gro_later)
-        self.bind = loop.bind(backend, address, handler, rcvbuf=rcvbuf,
+        options.setdefault("gro", False)        # on at a batch of two packets (Port)
+        self.bind = loop.bind(backend, address, _Handler(self), rcvbuf=rcvbuf,
                               max_datagram=max_datagram, **options)
-        if not self.bind.gro:
-            handler.gro_later = True
         self._endpoint.send_bind = self.bind        # the C path's (it counts SendQueueFull)
         # sessions get no more credits than the socket's receive buffer holds
         # (at their datagram size)
